@@ -1,0 +1,347 @@
+//! Write batches: what a caller builds, and its encoding into a record body. Encoding
+//! (copy, LZ4, body CRC) runs on the submitting thread so the I/O thread only validates,
+//! places and writes.
+
+use bytes::Bytes;
+
+use crate::LogId;
+use crate::config::{META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, WRITE_BATCH_OPS_MAX};
+use crate::error::{Error, Result};
+use crate::format::{BODY_PREFIX_BYTES, OP_HEADER_BYTES, OpHeader, OpKind, RECORD_FLAG_LZ4};
+
+/// One operation being built.
+#[derive(Debug, Clone)]
+struct OpDraft {
+    kind: OpKind,
+    log_id: LogId,
+    index: u64,
+    aux: u64,
+    /// Entry end offsets relative to `payload_start` (entries ops only).
+    ends: Vec<u32>,
+    /// Where this op's bytes start in `WriteBatch::payload`.
+    payload_start: usize,
+    /// Key length for meta ops.
+    key_len: usize,
+}
+
+/// A set of operations on many logs, written as one record: all of it is durable, or none.
+///
+/// Operations apply in the order they were added. Appends to a log must continue it
+/// (`first_index == last + 1`, or any index for a log that never held an entry);
+/// `truncate_after` first if a suffix must be replaced.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    ops: Vec<OpDraft>,
+    payload: Vec<u8>,
+    entries: usize,
+}
+
+/// What the I/O thread needs to know of one op to validate it and update the index.
+#[derive(Debug, Clone)]
+pub(crate) struct OpSummary {
+    pub kind: OpKind,
+    pub log_id: LogId,
+    pub index: u64,
+    pub count: u32,
+    pub aux: u64,
+    /// Meta key and value (empty for other ops).
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// A batch encoded as a record body, ready for the I/O thread.
+#[derive(Debug)]
+pub(crate) struct EncodedBatch {
+    pub body: Vec<u8>,
+    pub raw_len: u32,
+    pub flags: u8,
+    pub body_crc: u32,
+    pub ops: Vec<OpSummary>,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// True if the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Number of entries appended, rewritten or redacted in the batch.
+    pub fn entry_count(&self) -> usize {
+        self.entries
+    }
+
+    /// Raw bytes the encoded body will take (before compression).
+    pub fn encoded_len(&self) -> usize {
+        BODY_PREFIX_BYTES + self.ops.len() * OP_HEADER_BYTES + self.payload.len() + self.entries * 4
+    }
+
+    /// Appends one entry at `index` to `log`. Consecutive entries of one log in one batch
+    /// share an operation.
+    pub fn append(&mut self, log: LogId, index: u64, payload: &[u8]) {
+        self.push_entry(OpKind::Append, log, index, 0, payload);
+    }
+
+    /// Appends entries at `first_index`, `first_index + 1`, …
+    pub fn append_many<I, P>(&mut self, log: LogId, first_index: u64, payloads: I)
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        for (k, p) in payloads.into_iter().enumerate() {
+            self.append(log, first_index + k as u64, p.as_ref());
+        }
+    }
+
+    /// Removes every entry after `index` (keeps `index`).
+    pub fn truncate_after(&mut self, log: LogId, index: u64) {
+        self.push_plain(OpKind::TruncateAfter, log, index);
+    }
+
+    /// Removes every entry before `index` (keeps `index`). Purging past the end leaves the
+    /// log empty, to continue at `index`.
+    pub fn purge_before(&mut self, log: LogId, index: u64) {
+        self.push_plain(OpKind::PurgeBefore, log, index);
+    }
+
+    /// Replaces the payload of entry `index`. The old bytes leave the disk when their
+    /// segment is compacted.
+    pub fn redact(&mut self, log: LogId, index: u64, payload: &[u8]) {
+        self.push_entry(OpKind::Redact, log, index, 0, payload);
+        // A redact never merges with a neighbour: each is its own op.
+        self.ops.last_mut().expect("just pushed").aux = 0;
+    }
+
+    /// Sets a small durable metadata value of `log` (a Raft vote, a checkpoint mark).
+    pub fn put_meta(&mut self, log: LogId, key: &[u8], value: &[u8]) {
+        self.push_meta(OpKind::PutMeta, log, key, value);
+    }
+
+    /// Removes a metadata key of `log`.
+    pub fn delete_meta(&mut self, log: LogId, key: &[u8]) {
+        self.push_meta(OpKind::DeleteMeta, log, key, &[]);
+    }
+
+    /// Compaction: rewrites entries of `log` that live in segment `source` here.
+    pub(crate) fn rewrite(&mut self, log: LogId, index: u64, source: u64, payload: &[u8]) {
+        self.push_entry(OpKind::Rewrite, log, index, source, payload);
+    }
+
+    fn push_entry(&mut self, kind: OpKind, log: LogId, index: u64, aux: u64, payload: &[u8]) {
+        let extend = kind != OpKind::Redact
+            && self.ops.last().is_some_and(|op| {
+                op.kind == kind
+                    && op.log_id == log
+                    && op.aux == aux
+                    && op.index + op.ends.len() as u64 == index
+            });
+        if !extend {
+            self.ops.push(OpDraft {
+                kind,
+                log_id: log,
+                index,
+                aux,
+                ends: Vec::new(),
+                payload_start: self.payload.len(),
+                key_len: 0,
+            });
+        }
+        self.payload.extend_from_slice(payload);
+        let op = self.ops.last_mut().expect("an op exists");
+        let end = self.payload.len() - op.payload_start;
+        op.ends.push(u32::try_from(end).unwrap_or(u32::MAX));
+        self.entries += 1;
+    }
+
+    fn push_plain(&mut self, kind: OpKind, log: LogId, index: u64) {
+        self.ops.push(OpDraft {
+            kind,
+            log_id: log,
+            index,
+            aux: 0,
+            ends: Vec::new(),
+            payload_start: self.payload.len(),
+            key_len: 0,
+        });
+    }
+
+    fn push_meta(&mut self, kind: OpKind, log: LogId, key: &[u8], value: &[u8]) {
+        let payload_start = self.payload.len();
+        self.payload.extend_from_slice(key);
+        self.payload.extend_from_slice(value);
+        self.ops.push(OpDraft {
+            kind,
+            log_id: log,
+            index: 0,
+            aux: 0,
+            ends: Vec::new(),
+            payload_start,
+            key_len: key.len(),
+        });
+    }
+
+    /// Checks limits and encodes the body. `bytes_max` is the raw body limit of the engine.
+    pub(crate) fn encode(&self, bytes_max: usize, compress_min: usize) -> Result<EncodedBatch> {
+        let raw_len = self.encoded_len();
+        if raw_len > bytes_max {
+            return Err(Error::TooLarge {
+                what: "write batch",
+                size: raw_len as u64,
+                limit: bytes_max as u64,
+            });
+        }
+        if self.ops.len() > WRITE_BATCH_OPS_MAX {
+            return Err(Error::TooLarge {
+                what: "write batch op count",
+                size: self.ops.len() as u64,
+                limit: WRITE_BATCH_OPS_MAX as u64,
+            });
+        }
+        let mut body = vec![0u8; raw_len];
+        body[0..4].copy_from_slice(&(self.ops.len() as u32).to_le_bytes());
+        let mut data_at = BODY_PREFIX_BYTES + self.ops.len() * OP_HEADER_BYTES;
+        let mut ops = Vec::with_capacity(self.ops.len());
+        for (i, (op, next_start)) in self
+            .ops
+            .iter()
+            .zip(
+                self.ops
+                    .iter()
+                    .skip(1)
+                    .map(|o| o.payload_start)
+                    .chain([self.payload.len()]),
+            )
+            .enumerate()
+        {
+            let bytes = &self.payload[op.payload_start..next_start];
+            let data_start = data_at;
+            let (count, key, value) = match op.kind {
+                OpKind::Append | OpKind::Rewrite | OpKind::Redact => {
+                    for end in &op.ends {
+                        body[data_at..data_at + 4].copy_from_slice(&end.to_le_bytes());
+                        data_at += 4;
+                    }
+                    (op.ends.len() as u32, Bytes::new(), Bytes::new())
+                }
+                OpKind::PutMeta | OpKind::DeleteMeta => {
+                    let (k, v) = bytes.split_at(op.key_len);
+                    if k.len() > META_KEY_BYTES_MAX || k.is_empty() {
+                        return Err(Error::InvalidWrite {
+                            log: op.log_id,
+                            reason: format!(
+                                "meta key of {} bytes (must be 1..={META_KEY_BYTES_MAX})",
+                                k.len()
+                            ),
+                        });
+                    }
+                    if v.len() > META_VALUE_BYTES_MAX {
+                        return Err(Error::TooLarge {
+                            what: "meta value",
+                            size: v.len() as u64,
+                            limit: META_VALUE_BYTES_MAX as u64,
+                        });
+                    }
+                    (
+                        k.len() as u32,
+                        Bytes::copy_from_slice(k),
+                        Bytes::copy_from_slice(v),
+                    )
+                }
+                OpKind::TruncateAfter | OpKind::PurgeBefore => (0, Bytes::new(), Bytes::new()),
+            };
+            body[data_at..data_at + bytes.len()].copy_from_slice(bytes);
+            data_at += bytes.len();
+            let header = OpHeader {
+                kind: op.kind,
+                count,
+                log_id: op.log_id,
+                index: op.index,
+                aux: op.aux,
+                data_offset: data_start as u32,
+                data_len: (data_at - data_start) as u32,
+            };
+            header.encode_into(&mut body[BODY_PREFIX_BYTES + i * OP_HEADER_BYTES..]);
+            ops.push(OpSummary {
+                kind: op.kind,
+                log_id: op.log_id,
+                index: op.index,
+                count,
+                aux: op.aux,
+                key,
+                value,
+            });
+        }
+        debug_assert_eq!(data_at, raw_len);
+        let mut flags = 0;
+        if compress_min > 0 && raw_len >= compress_min {
+            let compressed = lz4_flex::block::compress(&body);
+            // Keep it only if it saves at least an eighth: otherwise reads pay for nothing.
+            if compressed.len() <= raw_len - raw_len / 8 {
+                body = compressed;
+                flags |= RECORD_FLAG_LZ4;
+            }
+        }
+        let body_crc = crc32fast::hash(&body);
+        Ok(EncodedBatch {
+            body,
+            raw_len: raw_len as u32,
+            flags,
+            body_crc,
+            ops,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BatchBody;
+
+    #[test]
+    fn encoded_batch_parses_back() {
+        let mut b = WriteBatch::new();
+        b.append(7, 1, b"one");
+        b.append(7, 2, b"two");
+        b.append(9, 5, b"");
+        b.put_meta(7, b"vote", b"\x01\x02");
+        b.truncate_after(9, 5);
+        b.redact(7, 1, b"x");
+        let e = b.encode(1 << 20, 0).expect("encodes");
+        let body = BatchBody::parse(Bytes::from(e.body)).expect("parses");
+        assert_eq!(body.op_count(), 5);
+        let op = body.op(0);
+        assert_eq!(
+            (op.kind, op.log_id, op.index, op.count),
+            (OpKind::Append, 7, 1, 2)
+        );
+        assert_eq!(&body.entry(&op, 0)[..], b"one");
+        assert_eq!(&body.entry(&op, 1)[..], b"two");
+        let op = body.op(1);
+        assert_eq!(&body.entry(&op, 0)[..], b"");
+        let (k, v) = body.meta(&body.op(2));
+        assert_eq!((&k[..], &v[..]), (&b"vote"[..], &b"\x01\x02"[..]));
+        assert_eq!(body.op(3).kind, OpKind::TruncateAfter);
+        assert_eq!(&body.entry(&body.op(4), 0)[..], b"x");
+    }
+
+    #[test]
+    fn oversize_batch_is_refused_before_encoding() {
+        let mut b = WriteBatch::new();
+        b.append(1, 1, &[0u8; 2000]);
+        assert!(matches!(b.encode(1000, 0), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn compressible_batches_are_compressed() {
+        let mut b = WriteBatch::new();
+        for i in 0..100 {
+            b.append(1, i + 1, &[b'a'; 300]);
+        }
+        let e = b.encode(1 << 20, 1024).expect("encodes");
+        assert_eq!(e.flags & RECORD_FLAG_LZ4, RECORD_FLAG_LZ4);
+        assert!(e.body.len() < e.raw_len as usize / 4);
+    }
+}

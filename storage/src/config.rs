@@ -1,0 +1,165 @@
+//! Engine configuration and the limits every buffer, batch and queue obeys.
+
+use std::path::PathBuf;
+
+use crate::format::{RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+
+/// Largest raw (uncompressed) body of one write batch. One batch is one record on disk and
+/// is decoded whole when read, so this bounds the memory a single read can pin; 16 MiB is
+/// well above the 64 KiB–1 MiB batches group commit produces.
+pub const WRITE_BATCH_BYTES_MAX: usize = 16 << 20;
+/// Most operations in one write batch: the index names an operation with a `u16`.
+pub const WRITE_BATCH_OPS_MAX: usize = u16::MAX as usize;
+/// Longest per-log metadata key: keys are short names ("vote", "committed").
+pub const META_KEY_BYTES_MAX: usize = 255;
+/// Largest per-log metadata value: metadata is for small durable facts, not data; the
+/// checkpoint carries all of it.
+pub const META_VALUE_BYTES_MAX: usize = 64 << 10;
+/// Smallest segment accepted: below this, rotation overhead dominates (tests use it to
+/// exercise rotation and compaction quickly).
+pub const SEGMENT_BYTES_MIN: u64 = 256 << 10;
+/// Largest segment accepted: offsets inside a segment are `u32`.
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
+/// Bytes kept free at the end of every segment for its seal record.
+pub const SEAL_RESERVE_BYTES: u64 = 64;
+
+const _: () = assert!(SEGMENT_BYTES_MIN > SEGMENT_HEADER_BYTES as u64 + SEAL_RESERVE_BYTES);
+const _: () = assert!(SEAL_RESERVE_BYTES >= RECORD_HEADER_BYTES as u64 + 16);
+const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64 + 1);
+
+/// How writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, otherwise plain syscalls. The choice is logged
+    /// and reported by [`crate::Engine::io_backend`].
+    Auto,
+    /// io_uring or fail to open.
+    Uring,
+    /// pwrite + fdatasync.
+    Syscall,
+}
+
+/// The I/O backend an engine actually runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoBackend {
+    /// A ring owned by the I/O thread: each group commit is a write linked to an fdatasync.
+    Uring,
+    /// pwrite followed by fdatasync.
+    Syscall,
+}
+
+impl std::fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoBackend::Uring => "io_uring",
+            IoBackend::Syscall => "pwrite+fdatasync",
+        })
+    }
+}
+
+/// How much damage recovery accepts when it opens the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// A torn tail (records of the last write, which was never acknowledged because its
+    /// fdatasync did not finish) is cut off. Any other bad record stops the open with an
+    /// error naming file and offset.
+    TolerateTornTail,
+    /// Even a torn tail is an error: for forensics, to open a data directory read as-is.
+    Strict,
+}
+
+/// Engine configuration. `Config::new(dir)` gives the defaults described on each field.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding segments, index files and the checkpoint. Created if missing.
+    pub dir: PathBuf,
+    /// Size of each preallocated segment file. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Which I/O backend to use. Default [`IoMode::Auto`].
+    pub io_mode: IoMode,
+    /// What recovery tolerates. Default [`RecoveryMode::TolerateTornTail`].
+    pub recovery_mode: RecoveryMode,
+    /// Batches whose raw body is at least this large are LZ4-compressed (kept only if that
+    /// saves an eighth or more). 0 disables compression. Default 16 KiB.
+    pub compression_bytes_min: usize,
+    /// Bytes of records one group commit gathers before it writes and syncs. Default 4 MiB.
+    pub group_commit_bytes_max: usize,
+    /// Write batches that may wait for the I/O thread; submitters wait beyond it.
+    /// Default 4096.
+    pub queue_len_max: usize,
+    /// With io_uring, how long the I/O thread polls for the fdatasync completion before it
+    /// sleeps in the kernel. A halted vCPU makes fdatasync ~20x slower here, so a short
+    /// spin pays off; 0 disables. Default 2000 µs (see `benches/RESULTS.md`).
+    pub sync_spin_us: u32,
+    /// Segments whose live bytes are below this share of their size are rewritten by
+    /// compaction. Default 0.5.
+    pub compaction_live_ratio_max: f64,
+    /// Compaction rewrites at most this many bytes per second. Default 32 MiB/s.
+    pub compaction_bytes_per_sec: u64,
+    /// How often the maintenance thread looks for segments to compact. Default 10 s.
+    pub compaction_interval_ms: u64,
+    /// Dead segment files kept for reuse, so new segments need no zero-filling. Default 4.
+    pub recycle_segments_max: usize,
+    /// Whether a group commit is followed by fdatasync. Default true. `false` exists only
+    /// to measure the buffered write path against peers in benchmarks: writes are then
+    /// reported "durable" after the write alone and a crash can lose them. Nothing in the
+    /// server or CLI sets it.
+    pub sync_on_commit: bool,
+}
+
+impl Config {
+    /// Defaults for a data directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            io_mode: IoMode::Auto,
+            recovery_mode: RecoveryMode::TolerateTornTail,
+            compression_bytes_min: 16 << 10,
+            group_commit_bytes_max: 4 << 20,
+            queue_len_max: 4096,
+            sync_spin_us: 2000,
+            compaction_live_ratio_max: 0.5,
+            compaction_bytes_per_sec: 32 << 20,
+            compaction_interval_ms: 10_000,
+            recycle_segments_max: 4,
+            sync_on_commit: true,
+        }
+    }
+
+    /// Largest raw write batch this configuration accepts: it must fit an empty segment.
+    pub fn write_batch_bytes_max(&self) -> usize {
+        let room = self.segment_bytes
+            - SEGMENT_HEADER_BYTES as u64
+            - SEAL_RESERVE_BYTES
+            - RECORD_HEADER_BYTES as u64
+            - 8;
+        (room.min(WRITE_BATCH_BYTES_MAX as u64)) as usize
+    }
+
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        let fail = |m: String| Err(crate::Error::Config(m));
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return fail(format!(
+                "segment_bytes {} is outside [{SEGMENT_BYTES_MIN}, {SEGMENT_BYTES_MAX}]",
+                self.segment_bytes
+            ));
+        }
+        if !self.segment_bytes.is_multiple_of(4096) {
+            return fail(format!(
+                "segment_bytes {} is not a multiple of 4096",
+                self.segment_bytes
+            ));
+        }
+        if self.queue_len_max == 0 {
+            return fail("queue_len_max must be at least 1".into());
+        }
+        if self.group_commit_bytes_max == 0 {
+            return fail("group_commit_bytes_max must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.compaction_live_ratio_max) {
+            return fail("compaction_live_ratio_max must be within [0, 1]".into());
+        }
+        Ok(())
+    }
+}

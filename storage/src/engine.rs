@@ -1,0 +1,666 @@
+//! The engine handle: opening (recovery), submitting writes to the I/O thread, reading
+//! checked entries, and the counters it reports. The I/O thread lives in `writer.rs`, the
+//! maintenance and segment-preparing threads in `maintenance.rs`, recovery in
+//! `recovery.rs`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::LogId;
+use crate::batch::{EncodedBatch, WriteBatch};
+use crate::config::{Config, IoBackend};
+use crate::error::{Error, Result};
+use crate::format::{BatchBody, OpKind};
+use crate::fs::{FileSystem, StdFileSystem};
+use crate::index::{Index, Location, Lookup};
+use crate::maintenance::{self, Job};
+use crate::segment::Segment;
+use crate::{recovery, writer};
+
+/// Called once with the outcome of a submitted write: `Ok` only after fdatasync.
+pub type Durable = Box<dyn FnOnce(Result<()>) + Send + 'static>;
+
+pub(crate) enum Msg {
+    Write(EncodedBatch, Durable),
+    /// Seal the active segment now (compaction uses it to make old segments deletable).
+    Rotate(Durable),
+    /// Flush what is queued before this and stop.
+    Shutdown,
+}
+
+/// Counters since open.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub records: AtomicU64,
+    pub entries: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_ns_total: AtomicU64,
+    pub compacted_bytes: AtomicU64,
+    pub segments_deleted: AtomicU64,
+    pub segments_recycled: AtomicU64,
+}
+
+/// State shared by the handle and the engine's threads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub fs: Arc<dyn FileSystem>,
+    pub index: RwLock<Index>,
+    pub segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    pub failed: OnceLock<Arc<Error>>,
+    pub tx: mpsc::Sender<Msg>,
+    pub jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    pub backend: IoBackend,
+    pub batch_bytes_max: usize,
+    pub counters: Counters,
+    /// Dead segment files waiting to be reused.
+    pub recycle: Mutex<Vec<PathBuf>>,
+    /// Segments below this are covered by the durable checkpoint.
+    pub checkpointed_before: AtomicU64,
+    /// The segment the I/O thread appends to.
+    pub active: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn fail(&self, e: Error) -> Arc<Error> {
+        let cause = Arc::new(e);
+        if self.failed.set(cause.clone()).is_ok() {
+            tracing::error!(error = %cause, "storage engine stopped: no further writes");
+        }
+        self.failed.get().expect("just set").clone()
+    }
+
+    pub(crate) fn stopped(&self) -> Option<Error> {
+        self.failed
+            .get()
+            .map(|c| Error::Stopped { cause: c.clone() })
+    }
+
+    pub(crate) fn segment(&self, id: u64) -> Option<Arc<Segment>> {
+        self.segments
+            .read()
+            .expect("segments lock")
+            .get(&id)
+            .cloned()
+    }
+
+    pub(crate) fn send_job(&self, job: Job) {
+        // The maintenance thread outlives every sender but the last; a send can only
+        // fail during shutdown, when the job no longer matters.
+        let _ = self.jobs.lock().expect("jobs lock").send(job);
+    }
+}
+
+/// A multi-log segment storage engine. See the crate docs.
+#[derive(Debug)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A snapshot of what the engine holds and has done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    /// The I/O backend in use.
+    pub backend: IoBackend,
+    /// Segment files in use.
+    pub segments: usize,
+    /// Bytes of those files on disk.
+    pub segment_bytes: u64,
+    /// Logs known.
+    pub logs: usize,
+    /// Entries currently held across all logs.
+    pub entries: u64,
+    /// Heap bytes of the index (spans, overrides, metadata, run tables, fence keys).
+    pub index_memory_bytes: usize,
+    /// Records written since open.
+    pub records_written: u64,
+    /// Bytes written since open (records, including headers and padding).
+    pub bytes_written: u64,
+    /// fdatasync calls since open.
+    pub syncs: u64,
+    /// Mean fdatasync (write + sync for io_uring) time since open, in microseconds.
+    pub sync_mean_us: f64,
+    /// Bytes rewritten by compaction since open.
+    pub compacted_bytes: u64,
+    /// Segment files deleted or recycled since open.
+    pub segments_freed: u64,
+}
+
+/// What a compaction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Segments whose live entries were rewritten.
+    pub segments_rewritten: usize,
+    /// Entries rewritten.
+    pub entries_rewritten: u64,
+    /// Payload bytes rewritten.
+    pub bytes_rewritten: u64,
+}
+
+/// First index and one past the last index of a log; empty when equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    pub first: u64,
+    pub next: u64,
+}
+
+impl LogBounds {
+    pub fn is_empty(&self) -> bool {
+        self.first == self.next
+    }
+    /// The last index held, if any.
+    pub fn last(&self) -> Option<u64> {
+        (!self.is_empty()).then(|| self.next - 1)
+    }
+}
+
+impl Engine {
+    /// Opens (recovering) or creates the engine in `config.dir` on the real file system.
+    pub fn open(config: Config) -> Result<Engine> {
+        Engine::open_with(config, Arc::new(StdFileSystem))
+    }
+
+    /// Opens the engine on the given file system.
+    pub fn open_with(config: Config, fs: Arc<dyn FileSystem>) -> Result<Engine> {
+        config.validate()?;
+        let started = std::time::Instant::now();
+        let writer = crate::io::Writer::new(config.io_mode, config.sync_spin_us)
+            .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
+        let recovered = recovery::recover(&config, fs.as_ref())?;
+        let (tx, rx) = mpsc::channel(config.queue_len_max);
+        let (job_tx, job_rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            batch_bytes_max: config.write_batch_bytes_max(),
+            backend: writer.backend(),
+            fs,
+            index: RwLock::new(recovered.index),
+            segments: RwLock::new(recovered.segments),
+            failed: OnceLock::new(),
+            tx,
+            jobs: Mutex::new(job_tx),
+            counters: Counters::default(),
+            recycle: Mutex::new(recovered.recycle),
+            checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
+            active: AtomicU64::new(0),
+            config,
+        });
+        let (prep_tx, prep_rx) = std::sync::mpsc::sync_channel(0);
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        let next_id = recovered.next_segment_id;
+        threads.push(spawn("chatlog-prepare", move || {
+            maintenance::prepare_loop(s, next_id, prep_tx)
+        })?);
+        let s = shared.clone();
+        threads.push(spawn("chatlog-maint", move || {
+            maintenance::maintenance_loop(s, job_rx)
+        })?);
+        let start = writer::Start {
+            tail: recovered.tail,
+            next_record_seq: recovered.next_record_seq,
+            sealed_pending: recovered.sealed_pending,
+        };
+        let s = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        threads.push(spawn("chatlog-io", move || {
+            writer::io_loop(s, rx, prep_rx, writer, start, ready_tx)
+        })?);
+        let mut engine = Engine { shared, threads };
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                engine.shutdown();
+                return Err(e);
+            }
+            Err(_) => {
+                engine.shutdown();
+                return Err(Error::Closed);
+            }
+        }
+        tracing::info!(
+            dir = %engine.shared.config.dir.display(),
+            backend = %engine.shared.backend,
+            open_ms = started.elapsed().as_millis() as u64,
+            "storage engine open"
+        );
+        Ok(engine)
+    }
+
+    /// The I/O backend chosen at open.
+    pub fn io_backend(&self) -> IoBackend {
+        self.shared.backend
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Largest raw write batch accepted.
+    pub fn write_batch_bytes_max(&self) -> usize {
+        self.shared.batch_bytes_max
+    }
+
+    fn encode(&self, batch: &WriteBatch) -> Result<EncodedBatch> {
+        encode(&self.shared, batch)
+    }
+
+    /// Queues a batch, waiting for queue space; `on_durable` is called exactly once, on
+    /// the I/O thread, after the batch's fdatasync (or with the error that refused or
+    /// lost it). An `Err` here means the batch was not queued and `on_durable` is dropped
+    /// uncalled. Keep `on_durable` short: it runs on the write path.
+    pub async fn submit(&self, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
+        let encoded = self.encode(batch)?;
+        self.shared
+            .tx
+            .send(Msg::Write(encoded, on_durable))
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Writes a batch and returns once it is durable.
+    pub async fn write(&self, batch: &WriteBatch) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(batch, Box::new(move |r| drop(tx.send(r))))
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Like [`Engine::write`], blocking the calling thread. Not for use inside an async
+    /// runtime's worker threads.
+    pub fn write_blocking(&self, batch: &WriteBatch) -> Result<()> {
+        write_blocking(&self.shared, batch)
+    }
+
+    /// Seals the active segment and starts a new one, returning once the seal is durable.
+    pub fn rotate_blocking(&self) -> Result<()> {
+        rotate_blocking(&self.shared)
+    }
+
+    /// The bounds of a log, or `None` if the engine never heard of it.
+    pub fn bounds(&self, log: LogId) -> Option<LogBounds> {
+        let index = self.shared.index.read().expect("index lock");
+        index.logs.get(&log).map(|l| LogBounds {
+            first: l.bounds.first,
+            next: l.bounds.next,
+        })
+    }
+
+    /// A metadata value of a log.
+    pub fn meta(&self, log: LogId, key: &[u8]) -> Option<Bytes> {
+        let index = self.shared.index.read().expect("index lock");
+        index.logs.get(&log).and_then(|l| l.meta.get(key).cloned())
+    }
+
+    /// Every log the engine knows (including logs that hold only metadata).
+    pub fn logs(&self) -> Vec<LogId> {
+        let index = self.shared.index.read().expect("index lock");
+        let mut v: Vec<LogId> = index.logs.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Entry `index` of `log`, checked.
+    pub fn get(&self, log: LogId, index: u64) -> Result<Bytes> {
+        let mut cache = None;
+        read_entry(&self.shared, log, index, &mut cache)
+    }
+
+    /// Entries of `log` in `range`, in order, stopping early once `bytes_max` payload bytes
+    /// are gathered (at least one entry is returned if the range is not empty). Errors if
+    /// the start is not held; a range reaching past the end is cut at the end.
+    pub fn read(&self, log: LogId, range: Range<u64>, bytes_max: usize) -> Result<Vec<Bytes>> {
+        let mut out = Vec::new();
+        if range.is_empty() {
+            return Ok(out);
+        }
+        let end = match self.bounds(log) {
+            Some(b) => range.end.min(b.next),
+            None => range.end,
+        };
+        let mut cache = None;
+        let mut bytes = 0usize;
+        for index in range.start..end.max(range.start + 1) {
+            let e = read_entry(&self.shared, log, index, &mut cache)?;
+            bytes += e.len();
+            out.push(e);
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rewrites mostly-dead segments now (the maintenance thread also does it on its own
+    /// schedule), then rotates so the rewritten segments can be freed, and returns once
+    /// they are. Returns what was rewritten.
+    pub fn compact_now(&self) -> Result<CompactionReport> {
+        if let Some(e) = self.shared.stopped() {
+            return Err(e);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.send_job(Job::Compact(tx));
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let index = self.shared.index.read().expect("index lock");
+        let segments = self.shared.segments.read().expect("segments lock");
+        let mut memory = 0usize;
+        let mut entries = 0u64;
+        for l in index.logs.values() {
+            memory += 64 + l.spans.len() * 24 + l.overrides.len() * 48;
+            memory += l
+                .meta
+                .iter()
+                .map(|(k, v)| 64 + k.len() + v.len())
+                .sum::<usize>();
+            entries += l.bounds.next - l.bounds.first;
+        }
+        for runs in index.runs.values() {
+            memory += runs.values().map(|v| 48 + v.capacity() * 24).sum::<usize>();
+        }
+        memory += segments
+            .values()
+            .map(|s| s.idx_memory_bytes() + 32)
+            .sum::<usize>();
+        let syncs = c.syncs.load(Ordering::Relaxed);
+        Stats {
+            backend: self.shared.backend,
+            segments: segments.len(),
+            segment_bytes: segments.values().map(|s| s.len).sum(),
+            logs: index.logs.len(),
+            entries,
+            index_memory_bytes: memory,
+            records_written: c.records.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            syncs,
+            sync_mean_us: if syncs == 0 {
+                0.0
+            } else {
+                c.sync_ns_total.load(Ordering::Relaxed) as f64 / syncs as f64 / 1000.0
+            },
+            compacted_bytes: c.compacted_bytes.load(Ordering::Relaxed),
+            segments_freed: c.segments_deleted.load(Ordering::Relaxed)
+                + c.segments_recycled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the threads, returning the error that stopped the engine, if any.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown();
+        match self.shared.failed.get() {
+            Some(cause) => Err(Error::Stopped {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        // try_send rather than blocking_send: an engine may be dropped inside an async
+        // runtime, where blocking_send panics. The queue drains quickly, so waiting for a
+        // free slot is short.
+        let mut msg = Msg::Shutdown;
+        loop {
+            match self.shared.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+        self.shared.send_job(Job::Shutdown);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io("spawning thread", name, e))
+}
+
+fn encode(shared: &Shared, batch: &WriteBatch) -> Result<EncodedBatch> {
+    if let Some(e) = shared.stopped() {
+        return Err(e);
+    }
+    batch.encode(shared.batch_bytes_max, shared.config.compression_bytes_min)
+}
+
+pub(crate) fn write_blocking(shared: &Shared, batch: &WriteBatch) -> Result<()> {
+    let encoded = encode(shared, batch)?;
+    let (tx, rx) = oneshot::channel();
+    shared
+        .tx
+        .blocking_send(Msg::Write(encoded, Box::new(move |r| drop(tx.send(r)))))
+        .map_err(|_| Error::Closed)?;
+    rx.blocking_recv().map_err(|_| Error::Closed)?
+}
+
+pub(crate) fn rotate_blocking(shared: &Shared) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .tx
+        .blocking_send(Msg::Rotate(Box::new(move |r| drop(tx.send(r)))))
+        .map_err(|_| Error::Closed)?;
+    rx.blocking_recv().map_err(|_| Error::Closed)?
+}
+
+/// Reads one checked entry. `cache` holds the last decoded record so a range read decodes
+/// each record once.
+pub(crate) fn read_entry(
+    shared: &Shared,
+    log: LogId,
+    index: u64,
+    cache: &mut Option<(u64, u32, BatchBody)>,
+) -> Result<Bytes> {
+    // A segment can be freed between the lookup and the read (compaction moved the
+    // entry); looking up again then finds the new home.
+    for _ in 0..3 {
+        let lookup = shared
+            .index
+            .read()
+            .expect("index lock")
+            .locate(log, index)?;
+        let (segment_id, known) = match lookup {
+            Lookup::At(loc) => (loc.segment, Some(loc)),
+            Lookup::InIndexFile { segment } => (segment, None),
+        };
+        let Some(segment) = shared.segment(segment_id) else {
+            continue;
+        };
+        let result = (|| {
+            let loc = match known {
+                Some(loc) => loc,
+                None => {
+                    let idx = segment.idx(shared.fs.as_ref(), &shared.config.dir)?;
+                    let run = idx.find(log, index)?.ok_or_else(|| {
+                        Error::corruption(
+                            crate::segment::idx_path(&shared.config.dir, segment_id),
+                            0,
+                            format!("no run for log {log} index {index}"),
+                        )
+                    })?;
+                    Location {
+                        segment: segment_id,
+                        offset: run.offset,
+                        op: run.op,
+                    }
+                }
+            };
+            let hit = matches!(cache, Some((s, o, _)) if *s == loc.segment && *o == loc.offset);
+            if !hit {
+                *cache = Some((
+                    loc.segment,
+                    loc.offset,
+                    segment.batch_at(loc.offset as u64)?,
+                ));
+            }
+            let body = &cache.as_ref().expect("filled").2;
+            entry_of(body, loc, log, index)
+                .map_err(|d| Error::corruption(&segment.path, loc.offset as u64, d))
+        })();
+        return match result {
+            Err(e) if e.is_corruption() => {
+                let cause = Arc::new(e.clone());
+                let mut idx = shared.index.write().expect("index lock");
+                if let Some(l) = idx.logs.get_mut(&log) {
+                    l.failed.get_or_insert(cause);
+                }
+                tracing::error!(log, index, error = %e, "corruption: log stopped");
+                Err(e)
+            }
+            other => other,
+        };
+    }
+    Err(Error::Closed)
+}
+
+/// Pair check of a read: the op the index points at must be the log's entries op that
+/// covers `index`.
+fn entry_of(body: &BatchBody, loc: Location, log: LogId, index: u64) -> Result<Bytes, String> {
+    if loc.op as usize >= body.op_count() {
+        return Err(format!(
+            "index points at op {} of a {}-op record",
+            loc.op,
+            body.op_count()
+        ));
+    }
+    let op = body.op(loc.op as usize);
+    if !op.kind.carries_entries() || op.log_id != log {
+        return Err(format!(
+            "op {} holds {:?} of log {}, not log {log}",
+            loc.op, op.kind, op.log_id
+        ));
+    }
+    if index < op.index || index >= op.index + op.count as u64 {
+        return Err(format!(
+            "op {} covers [{}, +{}), not index {index}",
+            loc.op, op.index, op.count
+        ));
+    }
+    let k = if op.kind == OpKind::Redact {
+        0
+    } else {
+        (index - op.index) as usize
+    };
+    Ok(body.entry(&op, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let mut c = Config::new(dir);
+        c.segment_bytes = 256 << 10;
+        c.compaction_interval_ms = 3_600_000;
+        c
+    }
+
+    fn payload(log: u64, index: u64) -> Vec<u8> {
+        format!("log={log} index={index} {}", "x".repeat(200)).into_bytes()
+    }
+
+    fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
+        std::fs::read_dir(dir).unwrap().any(|e| {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+    }
+
+    #[test]
+    fn compaction_frees_purged_segments_and_erases_redacted_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let e = Engine::open(cfg.clone()).unwrap();
+        for round in 1..=400u64 {
+            let mut b = WriteBatch::new();
+            for log in 0..8u64 {
+                b.append(log, round, &payload(log, round));
+            }
+            e.write_blocking(&b).unwrap();
+        }
+        let before = e.stats();
+        assert!(before.segments >= 3, "expected rotation, got {before:?}");
+        // Keep only the last 40 entries of logs 0..7, except log 0 which keeps everything.
+        let mut b = WriteBatch::new();
+        for log in 1..8u64 {
+            b.purge_before(log, 361);
+        }
+        let secret = b"SECRET-BODY-TO-ERASE";
+        b.redact(0, 5, b"tombstone");
+        e.write_blocking(&b).unwrap();
+        // The original body of log 0 index 5 is on disk until compaction rewrites its segment.
+        let original = payload(0, 5);
+        assert!(dir_contains(dir.path(), &original));
+        let _ = secret;
+        let report = e.compact_now().unwrap();
+        assert!(report.segments_rewritten > 0, "{report:?}");
+        let after = e.stats();
+        assert!(after.segments_freed > 0, "{after:?}");
+        assert!(
+            !dir_contains(dir.path(), &original),
+            "redacted bytes survived compaction"
+        );
+        let check = |e: &Engine| {
+            assert_eq!(&e.get(0, 5).unwrap()[..], b"tombstone");
+            for index in 1..=400u64 {
+                if index != 5 {
+                    assert_eq!(e.get(0, index).unwrap(), payload(0, index));
+                }
+            }
+            for log in 1..8u64 {
+                assert_eq!(
+                    e.bounds(log),
+                    Some(LogBounds {
+                        first: 361,
+                        next: 401
+                    })
+                );
+                assert!(matches!(e.get(log, 360), Err(Error::OutOfRange { .. })));
+                for index in 361..=400u64 {
+                    assert_eq!(e.get(log, index).unwrap(), payload(log, index));
+                }
+            }
+        };
+        check(&e);
+        e.close().unwrap();
+        let e = Engine::open(cfg).unwrap();
+        check(&e);
+        // Appends continue after reopen, and truncation then re-append replaces a suffix.
+        let mut b = WriteBatch::new();
+        b.truncate_after(1, 390);
+        b.append(1, 391, b"replaced");
+        e.write_blocking(&b).unwrap();
+        assert_eq!(&e.get(1, 391).unwrap()[..], b"replaced");
+        assert!(matches!(e.get(1, 392), Err(Error::OutOfRange { .. })));
+        e.close().unwrap();
+    }
+}

@@ -1,0 +1,372 @@
+//! Opening a data directory: load the checkpoint, check the segments it names, replay the
+//! segments written since, and decide what the tail's last bytes are — a torn write that
+//! was never acknowledged (cut off) or damage inside synced data (an error naming file and
+//! offset). Restart reads the checkpoint plus at most the segments written since the last
+//! seal, so its time does not grow with the data retained.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::batch::OpSummary;
+use crate::checkpoint::Checkpoint;
+use crate::config::{Config, RecoveryMode};
+use crate::error::{Error, Result};
+use crate::format::{
+    BatchBody, OpKind, RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL,
+    RecordHeader, SEGMENT_HEADER_BYTES,
+};
+use crate::fs::{FileSystem, read_file};
+use crate::index::{Index, Location};
+use crate::maintenance::CHECKPOINT_FILE;
+use crate::segment::{Segment, idx_path, parse_name, segment_path};
+use crate::writer::Tail;
+
+/// Bytes scanned at a time when looking past a bad record for later valid ones.
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub index: Index,
+    pub segments: BTreeMap<u64, Arc<Segment>>,
+    pub recycle: Vec<PathBuf>,
+    pub checkpointed_before: u64,
+    pub next_segment_id: u64,
+    pub next_record_seq: u64,
+    pub tail: Option<Tail>,
+    pub sealed_pending: bool,
+}
+
+/// Op summaries of a parsed body, as the I/O thread had them.
+pub(crate) fn summaries(body: &BatchBody) -> Vec<OpSummary> {
+    (0..body.op_count())
+        .map(|k| {
+            let op = body.op(k);
+            let (key, value) = match op.kind {
+                OpKind::PutMeta | OpKind::DeleteMeta => body.meta(&op),
+                _ => Default::default(),
+            };
+            OpSummary {
+                kind: op.kind,
+                log_id: op.log_id,
+                index: op.index,
+                count: op.count,
+                aux: op.aux,
+                key,
+                value,
+            }
+        })
+        .collect()
+}
+
+enum SegmentEnd {
+    /// Ended with a seal record.
+    Sealed,
+    /// No valid record at this offset.
+    Open { end: u64 },
+}
+
+pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered> {
+    let dir = &config.dir;
+    fs.create_dir_all(dir)
+        .map_err(|e| Error::io("creating data directory", dir, e))?;
+    let names = fs
+        .list(dir)
+        .map_err(|e| Error::io("listing data directory", dir, e))?;
+    let mut seg_ids = Vec::new();
+    let mut recycle = Vec::new();
+    let mut max_id = 0u64;
+    for name in &names {
+        let path = dir.join(name);
+        if name.ends_with(".tmp") {
+            fs.remove(&path)
+                .map_err(|e| Error::io("removing temporary file", &path, e))?;
+        } else if let Some(id) = parse_name(name, "seg") {
+            seg_ids.push(id);
+            max_id = max_id.max(id);
+        } else if name.starts_with("recycle-") {
+            recycle.push(path);
+        }
+    }
+    seg_ids.sort_unstable();
+
+    let cp_path = dir.join(CHECKPOINT_FILE);
+    let has_checkpoint = names.iter().any(|n| n == CHECKPOINT_FILE);
+    let cp = if has_checkpoint {
+        let bytes =
+            read_file(fs, &cp_path).map_err(|e| Error::io("reading checkpoint", &cp_path, e))?;
+        Checkpoint::decode(&cp_path, &bytes)?
+    } else {
+        Checkpoint {
+            next_record_seq: 1,
+            ..Checkpoint::default()
+        }
+    };
+    max_id = max_id.max(cp.counts.keys().next_back().copied().unwrap_or(0));
+    let mut index = Index {
+        logs: cp.logs,
+        counts: cp.counts,
+        runs: Default::default(),
+    };
+    let mut segments = BTreeMap::new();
+
+    // Segments the checkpoint covers: they must be there and sound, unless dead.
+    for &id in seg_ids.iter().filter(|id| **id < cp.replay_from) {
+        if !index.counts.contains_key(&id) {
+            // Freed after the checkpoint was taken, deletion interrupted.
+            let path = segment_path(dir, id);
+            fs.remove(&path)
+                .map_err(|e| Error::io("removing dead segment", &path, e))?;
+            let _ = fs.remove(&idx_path(dir, id));
+            continue;
+        }
+        let seg = Segment::open(fs, dir, id)?.ok_or_else(|| {
+            Error::corruption(segment_path(dir, id), 0, "segment header check failed")
+        })?;
+        segments.insert(id, Arc::new(seg));
+    }
+    // Replay what came after the checkpoint.
+    let replay: Vec<u64> = seg_ids
+        .iter()
+        .copied()
+        .filter(|id| *id >= cp.replay_from)
+        .collect();
+    let mut expected_seq = cp.next_record_seq;
+    let mut tail: Option<Tail> = None;
+    let mut open_tail_seen = false;
+    for (k, &id) in replay.iter().enumerate() {
+        let path = segment_path(dir, id);
+        let later_have_records = |ids: &[u64]| -> Result<bool> {
+            for &later in ids {
+                if let Some(s) = Segment::open(fs, dir, later)? {
+                    let s = Arc::new(s);
+                    if s.header_at(SEGMENT_HEADER_BYTES as u64)?.is_some() {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        };
+        if open_tail_seen {
+            // Segments after an unsealed one were prepared but never written: drop them.
+            fs.remove(&path)
+                .map_err(|e| Error::io("removing unused segment", &path, e))?;
+            continue;
+        }
+        let Some(seg) = Segment::open(fs, dir, id)? else {
+            if later_have_records(&replay[k + 1..])? {
+                return Err(Error::corruption(&path, 0, "segment header check failed"));
+            }
+            // An interrupted creation at the end.
+            fs.remove(&path)
+                .map_err(|e| Error::io("removing unfinished segment", &path, e))?;
+            continue;
+        };
+        let seg = Arc::new(seg);
+        let (end, records) = replay_segment(config, &seg, &mut index, &mut expected_seq)?;
+        segments.insert(id, seg.clone());
+        match end {
+            SegmentEnd::Sealed => {}
+            SegmentEnd::Open { end } => {
+                if records == 0 && tail.is_some() {
+                    // A second empty prepared segment: not needed.
+                    segments.remove(&id);
+                    fs.remove(&path)
+                        .map_err(|e| Error::io("removing unused segment", &path, e))?;
+                    continue;
+                }
+                if records > 0 && later_have_records(&replay[k + 1..])? {
+                    return Err(Error::corruption(
+                        &path,
+                        end,
+                        "segment ends without a seal but later segments hold records",
+                    ));
+                }
+                open_tail_seen = records > 0;
+                tail = Some(Tail {
+                    segment: seg,
+                    end,
+                    has_records: records > 0,
+                });
+            }
+        }
+    }
+    // Segments freed after the checkpoint was taken are missing; that is fine once the
+    // replay has shown them dead (a purge after the checkpoint killed them).
+    let missing: Vec<(u64, u64)> = index
+        .counts
+        .iter()
+        .filter(|(id, _)| !segments.contains_key(id))
+        .map(|(id, c)| (*id, c.live))
+        .collect();
+    for (id, live) in missing {
+        if live > 0 {
+            return Err(Error::corruption(
+                segment_path(dir, id),
+                0,
+                format!("segment holding {live} live entries is missing"),
+            ));
+        }
+        index.counts.remove(&id);
+    }
+
+    let sealed_pending = !has_checkpoint
+        || index
+            .runs
+            .keys()
+            .any(|id| tail.as_ref().is_none_or(|t| t.segment.id != *id));
+    let next_segment_id = max_id + 1;
+    Ok(Recovered {
+        index,
+        segments,
+        recycle,
+        checkpointed_before: cp.replay_from,
+        next_segment_id,
+        next_record_seq: expected_seq,
+        tail,
+        sealed_pending,
+    })
+}
+
+/// Replays one segment's records into the index. Returns how it ended and how many batch
+/// records it held.
+fn replay_segment(
+    config: &Config,
+    seg: &Arc<Segment>,
+    index: &mut Index,
+    expected_seq: &mut u64,
+) -> Result<(SegmentEnd, u64)> {
+    let mut offset = SEGMENT_HEADER_BYTES as u64;
+    let mut records = 0u64;
+    loop {
+        let Some(header) = seg.header_at(offset)? else {
+            check_tail(config, seg, offset, None)?;
+            return Ok((SegmentEnd::Open { end: offset }, records));
+        };
+        if header.record_seq != *expected_seq {
+            return Err(Error::corruption(
+                &seg.path,
+                offset,
+                format!(
+                    "record sequence {} where {} was expected",
+                    header.record_seq, expected_seq
+                ),
+            ));
+        }
+        let body = match seg.body_at(offset, &header) {
+            Ok(b) => b,
+            Err(e) if e.is_corruption() => {
+                check_tail(config, seg, offset, Some(e))?;
+                return Ok((SegmentEnd::Open { end: offset }, records));
+            }
+            Err(e) => return Err(e),
+        };
+        *expected_seq += 1;
+        match header.kind {
+            RECORD_KIND_SEAL => return Ok((SegmentEnd::Sealed, records)),
+            RECORD_KIND_BATCH => {
+                let body =
+                    BatchBody::parse(body).map_err(|d| Error::corruption(&seg.path, offset, d))?;
+                for (k, op) in summaries(&body).iter().enumerate() {
+                    let bounds = index
+                        .logs
+                        .get(&op.log_id)
+                        .map(|l| l.bounds)
+                        .unwrap_or_default();
+                    if let Err(reason) = bounds.after(op) {
+                        return Err(Error::corruption(
+                            &seg.path,
+                            offset,
+                            format!("replayed op breaks log {}: {reason}", op.log_id),
+                        ));
+                    }
+                    let loc = Location {
+                        segment: seg.id,
+                        offset: offset as u32,
+                        op: k as u16,
+                    };
+                    index.apply(op, loc);
+                }
+                records += 1;
+            }
+            other => {
+                return Err(Error::corruption(
+                    &seg.path,
+                    offset,
+                    format!("unknown record kind {other}"),
+                ));
+            }
+        }
+        offset += header.record_bytes() as u64;
+    }
+}
+
+/// Decides what the bytes at `bad` (no valid record there) are. Records found further on
+/// that belong to a later write prove the bad record was synced: damage. Records from the
+/// same write (their write began at or before `bad`) mean a torn, unacknowledged write.
+fn check_tail(
+    config: &Config,
+    seg: &Arc<Segment>,
+    bad: u64,
+    body_error: Option<Error>,
+) -> Result<()> {
+    let (found_same_write, found_later_write) = scan_beyond(seg, bad)?;
+    if let Some(write_offset) = found_later_write {
+        return Err(Error::corruption(
+            &seg.path,
+            bad,
+            format!(
+                "bad record followed by a valid record of a later write (begun at {write_offset}): \
+                 synced data is damaged"
+            ),
+        ));
+    }
+    let torn = found_same_write || body_error.is_some();
+    if torn {
+        if config.recovery_mode == RecoveryMode::Strict {
+            return Err(body_error.unwrap_or_else(|| {
+                Error::corruption(&seg.path, bad, "torn write at the tail (strict recovery)")
+            }));
+        }
+        tracing::warn!(file = %seg.path.display(), offset = bad, "cut a torn, unacknowledged tail");
+    }
+    Ok(())
+}
+
+/// Looks for valid record headers after `bad`: whether any belongs to the write that was
+/// torn, and the write offset of the first one that belongs to a later write.
+fn scan_beyond(seg: &Arc<Segment>, bad: u64) -> Result<(bool, Option<u32>)> {
+    let mut same = false;
+    let mut at = bad + RECORD_ALIGN as u64;
+    while at + RECORD_HEADER_BYTES as u64 <= seg.len {
+        let chunk_len = ((seg.len - at) as usize).min(SCAN_CHUNK_BYTES + RECORD_HEADER_BYTES);
+        let chunk = seg_bytes(seg, at, chunk_len)?;
+        let mut k = 0usize;
+        while k + RECORD_HEADER_BYTES <= chunk.len() && k < SCAN_CHUNK_BYTES {
+            if chunk[k..k + 4] == crate::format::RECORD_MAGIC.to_le_bytes()
+                && let Some(h) = RecordHeader::decode(seg.salt, &chunk[k..])
+            {
+                if h.write_offset as u64 > bad {
+                    return Ok((same, Some(h.write_offset)));
+                }
+                same = true;
+            }
+            k += RECORD_ALIGN;
+        }
+        at += SCAN_CHUNK_BYTES as u64;
+    }
+    Ok((same, None))
+}
+
+fn seg_bytes(seg: &Arc<Segment>, at: u64, len: usize) -> Result<Vec<u8>> {
+    match &seg.map {
+        Some(m) => Ok(m[at as usize..at as usize + len].to_vec()),
+        None => {
+            let mut buf = vec![0u8; len];
+            seg.file
+                .read_exact_at(&mut buf, at)
+                .map_err(|e| Error::io("scanning segment", &seg.path, e))?;
+            Ok(buf)
+        }
+    }
+}
