@@ -61,6 +61,7 @@ pub(crate) struct Shared {
     pub backend: IoBackend,
     pub batch_bytes_max: usize,
     pub counters: Counters,
+    pub cache: crate::cache::RecordCache,
     /// Dead segment files waiting to be reused.
     pub recycle: Mutex<Vec<PathBuf>>,
     /// Segments below this are covered by the durable checkpoint.
@@ -121,6 +122,8 @@ pub struct Stats {
     pub entries: u64,
     /// Heap bytes of the index (spans, overrides, metadata, run tables, fence keys).
     pub index_memory_bytes: usize,
+    /// Heap bytes of checked records held for reads (bounded by `read_cache_bytes`).
+    pub read_cache_bytes: usize,
     /// Records written since open.
     pub records_written: u64,
     /// Bytes written since open (records, including headers and padding).
@@ -188,6 +191,7 @@ impl Engine {
             tx,
             jobs: Mutex::new(job_tx),
             counters: Counters::default(),
+            cache: crate::cache::RecordCache::new(config.read_cache_bytes),
             recycle: Mutex::new(recovered.recycle),
             checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
             active: AtomicU64::new(0),
@@ -375,6 +379,7 @@ impl Engine {
             .values()
             .map(|s| s.idx_memory_bytes() + 32)
             .sum::<usize>();
+        let read_cache_bytes = self.shared.cache.memory_bytes();
         let syncs = c.syncs.load(Ordering::Relaxed);
         Stats {
             backend: self.shared.backend,
@@ -383,6 +388,7 @@ impl Engine {
             logs: index.logs.len(),
             entries,
             index_memory_bytes: memory,
+            read_cache_bytes,
             records_written: c.records.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
             syncs,
@@ -516,11 +522,15 @@ pub(crate) fn read_entry(
             };
             let hit = matches!(cache, Some((s, o, _)) if *s == loc.segment && *o == loc.offset);
             if !hit {
-                *cache = Some((
-                    loc.segment,
-                    loc.offset,
-                    segment.batch_at(loc.offset as u64)?,
-                ));
+                let body = match shared.cache.get(loc.segment, loc.offset) {
+                    Some(body) => body,
+                    None => {
+                        let body = segment.batch_at(loc.offset as u64)?;
+                        shared.cache.insert(loc.segment, loc.offset, body.clone());
+                        body
+                    }
+                };
+                *cache = Some((loc.segment, loc.offset, body));
             }
             let body = &cache.as_ref().expect("filled").2;
             entry_of(body, loc, log, index)

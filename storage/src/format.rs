@@ -349,6 +349,16 @@ impl BatchBody {
         self.op_count
     }
 
+    /// Bytes of the raw body.
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// True for a body of no bytes (never the case for a parsed body).
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
     pub fn op(&self, i: usize) -> OpHeader {
         self.op_unchecked(i)
             .expect("op kinds were checked by parse")

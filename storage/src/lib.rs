@@ -24,6 +24,7 @@
 //! ```
 
 mod batch;
+mod cache;
 mod checkpoint;
 mod config;
 mod engine;

@@ -184,16 +184,14 @@ impl Segment {
         }))
     }
 
-    /// `len` bytes at `offset`, zero-copy from the mapping when there is one. Bounds are
+    /// `len` bytes at `offset`, copied out of the mapping (or read, without one). Copied
+    /// before they are checked, so what was checked is exactly what gets used: a page
+    /// that changes under a mapping after its check cannot slip through. Bounds are
     /// checked by the caller against `self.len`.
-    fn bytes_at(self: &Arc<Segment>, offset: u64, len: usize) -> Result<Bytes> {
-        if self.map.is_some() {
+    fn bytes_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if let Some(map) = &self.map {
             let start = offset as usize;
-            return Ok(Bytes::from_owner(MapSlice {
-                segment: self.clone(),
-                start,
-                end: start + len,
-            }));
+            return Ok(Bytes::copy_from_slice(&map[start..start + len]));
         }
         let mut buf = vec![0u8; len];
         self.file
@@ -263,23 +261,5 @@ impl Segment {
     /// Heap bytes held by this segment's loaded index file.
     pub(crate) fn idx_memory_bytes(&self) -> usize {
         self.idx.get().map_or(0, |i| i.memory_bytes())
-    }
-}
-
-/// A slice of a segment mapping that owns a reference to the segment.
-struct MapSlice {
-    segment: Arc<Segment>,
-    start: usize,
-    end: usize,
-}
-
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        let map = self
-            .segment
-            .map
-            .as_ref()
-            .expect("MapSlice is only made for mapped segments");
-        &map[self.start..self.end]
     }
 }
