@@ -87,9 +87,14 @@ pub struct Config {
     /// Write batches that may wait for the I/O thread; submitters wait beyond it.
     /// Default 4096.
     pub queue_len_max: usize,
+    /// Bytes of encoded batches that may wait for the I/O thread; submitters wait beyond
+    /// it. Raised to one largest batch if set lower. Default 64 MiB.
+    pub queue_bytes_max: usize,
     /// With io_uring, how long the I/O thread polls for the fdatasync completion before it
-    /// sleeps in the kernel. A halted vCPU makes fdatasync ~20x slower here, so a short
-    /// spin pays off; 0 disables. Default 2000 µs (see `benches/RESULTS.md`).
+    /// sleeps in the kernel. Measured on the 2-vCPU machines this project runs on, a
+    /// 2,000 µs spin cost 13–20% of durable throughput (the spinning thread starves the
+    /// writers and the io_uring worker) and fdatasync stayed ~0.2 ms without it, so the
+    /// default is 0 (off); see `benches/RESULTS.md`.
     pub sync_spin_us: u32,
     /// Segments whose live bytes are below this share of their size are rewritten by
     /// compaction. Default 0.5.
@@ -123,7 +128,8 @@ impl Config {
             compression_bytes_min: 16 << 10,
             group_commit_bytes_max: 4 << 20,
             queue_len_max: 4096,
-            sync_spin_us: 2000,
+            queue_bytes_max: 64 << 20,
+            sync_spin_us: 0,
             compaction_live_ratio_max: 0.5,
             compaction_bytes_per_sec: 32 << 20,
             compaction_interval_ms: 10_000,

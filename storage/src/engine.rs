@@ -62,6 +62,10 @@ pub(crate) struct Shared {
     pub batch_bytes_max: usize,
     pub counters: Counters,
     pub cache: crate::cache::RecordCache,
+    /// Bytes of queued batches still allowed (permits are bytes).
+    pub queue_budget: tokio::sync::Semaphore,
+    /// The byte budget of the queue: `queue_bytes_max`, but never below one batch.
+    pub queue_bytes_max: u32,
     /// Dead segment files waiting to be reused.
     pub recycle: Mutex<Vec<PathBuf>>,
     /// Segments below this are covered by the durable checkpoint.
@@ -180,6 +184,10 @@ impl Engine {
             .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
         let recovered = recovery::recover(&config, fs.as_ref())?;
         let (tx, rx) = mpsc::channel(config.queue_len_max);
+        let queue_bytes_max = config
+            .queue_bytes_max
+            .max(config.write_batch_bytes_max() + crate::format::RECORD_HEADER_BYTES)
+            .min(u32::MAX as usize) as u32;
         let (job_tx, job_rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             batch_bytes_max: config.write_batch_bytes_max(),
@@ -192,6 +200,8 @@ impl Engine {
             jobs: Mutex::new(job_tx),
             counters: Counters::default(),
             cache: crate::cache::RecordCache::new(config.read_cache_bytes),
+            queue_budget: tokio::sync::Semaphore::new(queue_bytes_max as usize),
+            queue_bytes_max,
             recycle: Mutex::new(recovered.recycle),
             checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
             active: AtomicU64::new(0),
@@ -254,33 +264,21 @@ impl Engine {
         self.shared.batch_bytes_max
     }
 
-    fn encode(&self, batch: &WriteBatch) -> Result<EncodedBatch> {
-        encode(&self.shared, batch)
-    }
-
     /// Queues a batch, waiting for queue space; `on_durable` is called exactly once, on
     /// the I/O thread, after the batch's fdatasync (or with the error that refused or
     /// lost it). An `Err` here means the batch was not queued and `on_durable` is dropped
     /// uncalled. Keep `on_durable` short: it runs on the write path.
     pub async fn submit(&self, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
-        let encoded = self.encode(batch)?;
-        self.shared
-            .tx
-            .send(Msg::Write(encoded, on_durable))
-            .await
-            .map_err(|_| Error::Closed)
+        submit(&self.shared, batch, on_durable).await
     }
 
     /// Writes a batch and returns once it is durable.
     pub async fn write(&self, batch: &WriteBatch) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.submit(batch, Box::new(move |r| drop(tx.send(r))))
-            .await?;
-        rx.await.map_err(|_| Error::Closed)?
+        write(&self.shared, batch).await
     }
 
-    /// Like [`Engine::write`], blocking the calling thread. Not for use inside an async
-    /// runtime's worker threads.
+    /// Like [`Engine::write`], blocking the calling thread (inside an async runtime it
+    /// blocks a worker thread: use [`Engine::write`] there).
     pub fn write_blocking(&self, batch: &WriteBatch) -> Result<()> {
         write_blocking(&self.shared, batch)
     }
@@ -459,23 +457,71 @@ fn encode(shared: &Shared, batch: &WriteBatch) -> Result<EncodedBatch> {
     batch.encode(shared.batch_bytes_max, shared.config.compression_bytes_min)
 }
 
-pub(crate) fn write_blocking(shared: &Shared, batch: &WriteBatch) -> Result<()> {
+/// Bytes a queued batch holds against `queue_bytes_max` until the I/O thread takes it.
+pub(crate) fn queued_bytes(batch: &EncodedBatch) -> u32 {
+    // Batches are at most WRITE_BATCH_BYTES_MAX (16 MiB) raw, so this cannot truncate.
+    (batch.body.len() + crate::format::RECORD_HEADER_BYTES) as u32
+}
+
+async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
     let encoded = encode(shared, batch)?;
-    let (tx, rx) = oneshot::channel();
+    // Queue space is counted in bytes as well as batches: 4,096 queued batches of 16 MiB
+    // would otherwise be 64 GiB. The I/O thread gives the bytes back as it takes a batch.
+    let bytes = queued_bytes(&encoded).min(shared.queue_bytes_max);
+    shared
+        .queue_budget
+        .acquire_many(bytes)
+        .await
+        .map_err(|_| Error::Closed)?
+        .forget();
     shared
         .tx
-        .blocking_send(Msg::Write(encoded, Box::new(move |r| drop(tx.send(r)))))
-        .map_err(|_| Error::Closed)?;
-    rx.blocking_recv().map_err(|_| Error::Closed)?
+        .send(Msg::Write(encoded, on_durable))
+        .await
+        .map_err(|_| Error::Closed)
+}
+
+async fn write(shared: &Shared, batch: &WriteBatch) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    submit(shared, batch, Box::new(move |r| drop(tx.send(r)))).await?;
+    rx.await.map_err(|_| Error::Closed)?
+}
+
+pub(crate) fn write_blocking(shared: &Shared, batch: &WriteBatch) -> Result<()> {
+    block_on(write(shared, batch))
 }
 
 pub(crate) fn rotate_blocking(shared: &Shared) -> Result<()> {
-    let (tx, rx) = oneshot::channel();
-    shared
-        .tx
-        .blocking_send(Msg::Rotate(Box::new(move |r| drop(tx.send(r)))))
-        .map_err(|_| Error::Closed)?;
-    rx.blocking_recv().map_err(|_| Error::Closed)?
+    block_on(async {
+        let (tx, rx) = oneshot::channel();
+        let done: Durable = Box::new(move |r| drop(tx.send(r)));
+        shared
+            .tx
+            .send(Msg::Rotate(done))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    })
+}
+
+/// Runs a future to completion on the calling thread, parking between polls. The engine's
+/// futures only wait on its own channels, woken by its threads, so no runtime is needed.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct ThreadWaker(std::thread::Thread);
+    impl std::task::Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut future = std::pin::pin!(future);
+    let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 /// Reads one checked entry. `cache` holds the last decoded record so a range read decodes
@@ -672,5 +718,33 @@ mod tests {
         assert_eq!(&e.get(1, 391).unwrap()[..], b"replaced");
         assert!(matches!(e.get(1, 392), Err(Error::OutOfRange { .. })));
         e.close().unwrap();
+    }
+
+    #[test]
+    fn a_tiny_queue_budget_still_admits_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        // Raised to one largest batch: writers take turns, none is refused or stuck.
+        cfg.queue_bytes_max = 1;
+        let e = Arc::new(Engine::open(cfg).unwrap());
+        let writers: Vec<_> = (0..4u64)
+            .map(|log| {
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    for index in 1..=50u64 {
+                        let mut b = WriteBatch::new();
+                        b.append(log, index, &payload(log, index));
+                        e.write_blocking(&b).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        for log in 0..4u64 {
+            assert_eq!(e.read(log, 1..51, usize::MAX).unwrap().len(), 50);
+        }
+        assert_eq!(e.shared.queue_budget.available_permits(), e.shared.queue_bytes_max as usize);
     }
 }

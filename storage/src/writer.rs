@@ -102,7 +102,11 @@ pub(crate) fn io_loop(
         }
         for msg in msgs.drain(..) {
             match msg {
-                Msg::Write(batch, done) => t.add(batch, done),
+                Msg::Write(batch, done) => {
+                    let bytes = crate::engine::queued_bytes(&batch).min(t.shared.queue_bytes_max);
+                    t.add(batch, done);
+                    t.shared.queue_budget.add_permits(bytes as usize);
+                }
                 Msg::Rotate(done) => {
                     t.flush();
                     let r = if t.shared.failed.get().is_some() {
