@@ -3,8 +3,8 @@
 //! Scenarios: `append_durable` (one writer, each batch durable before the next),
 //! `append_durable_8w` (8 writers, each batch durable before it counts),
 //! `append_buffered` (see below), `read_recent` (the newest page of 100 entries of a random
-//! log, page cache hot), `read_cold` (the same after dropping the page cache before every
-//! page), `recover` (open time of a store holding ~160k entries that was written, then
+//! log, page cache hot), `read_cold` (the same after a reopen and a page-cache drop before
+//! every page), `recover` (open time of a store holding ~160k entries that was written, then
 //! appended to once more, then closed).
 //!
 //! Engines: `chatlog`; `bound`, the simplest durable loop (encode, one `write_all` at the end
@@ -29,7 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use criterion::{
+    BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+    measurement::WallTime,
+};
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group.sample_size(10);
@@ -42,7 +45,11 @@ fn append_durable(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_durable");
     configure(&mut group);
     group.throughput(Throughput::Elements(BATCH_ENTRIES as u64));
-    let kinds = [&[Kind::Chatlog, Kind::Bound, Kind::BoundPrealloc][..], PEERS].concat();
+    let kinds = [
+        &[Kind::Chatlog, Kind::Bound, Kind::BoundPrealloc][..],
+        PEERS,
+    ]
+    .concat();
     for size in ENTRY_SIZES {
         for &kind in &kinds {
             let mut state: Option<(tempfile::TempDir, Box<dyn Store>, Workload)> = None;
@@ -53,7 +60,12 @@ fn append_durable(c: &mut Criterion) {
                     (dir, store, Workload::new(size))
                 });
                 b.iter_custom(|iters| {
-                    run_writers(store.as_ref(), std::slice::from_mut(wl), &Stop::Batches(iters)).elapsed
+                    run_writers(
+                        store.as_ref(),
+                        std::slice::from_mut(wl),
+                        &Stop::Batches(iters),
+                    )
+                    .elapsed
                 });
             });
             drop(state);
@@ -67,8 +79,16 @@ fn append_durable_8w(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_durable_8w");
     configure(&mut group);
     group.throughput(Throughput::Elements(BATCH_ENTRIES as u64));
-    let kinds =
-        [&[Kind::Chatlog, Kind::ChatlogTokio, Kind::Bound, Kind::BoundPrealloc][..], PEERS].concat();
+    let kinds = [
+        &[
+            Kind::Chatlog,
+            Kind::ChatlogTokio,
+            Kind::Bound,
+            Kind::BoundPrealloc,
+        ][..],
+        PEERS,
+    ]
+    .concat();
     for size in ENTRY_SIZES {
         for &kind in &kinds {
             let mut state: Option<(tempfile::TempDir, Box<dyn Store>, Vec<Workload>)> = None;
@@ -112,7 +132,12 @@ fn append_buffered(c: &mut Criterion) {
                     (dir, store, Workload::new(size))
                 });
                 b.iter_custom(|iters| {
-                    run_writers(store.as_ref(), std::slice::from_mut(wl), &Stop::Batches(iters)).elapsed
+                    run_writers(
+                        store.as_ref(),
+                        std::slice::from_mut(wl),
+                        &Stop::Batches(iters),
+                    )
+                    .elapsed
                 });
             });
             drop(state);
@@ -129,7 +154,11 @@ fn filled(kind: Kind, size: usize) -> (tempfile::TempDir, Box<dyn Store>, Worklo
     let dir = scratch(kind.name());
     let store = open_store(kind, dir.path(), false);
     let mut wl = Workload::new(size);
-    run_writers(store.as_ref(), std::slice::from_mut(&mut wl), &Stop::Batches(READ_FILL_BATCHES));
+    run_writers(
+        store.as_ref(),
+        std::slice::from_mut(&mut wl),
+        &Stop::Batches(READ_FILL_BATCHES),
+    );
     store.flush();
     (dir, store, wl)
 }
@@ -159,28 +188,36 @@ fn read_recent(c: &mut Criterion) {
     group.finish();
 }
 
-/// Reopened stores; the page cache is dropped before every timed page.
+/// A restarted process with an empty page cache: before every timed page the store is
+/// reopened (a process's mapped pages and any in-process record cache survive a
+/// drop_caches) and the page cache dropped.
 fn read_cold(c: &mut Criterion) {
     let mut group = c.benchmark_group("read_cold");
     configure(&mut group);
+    // Each timed page costs an open and a page-cache drop besides: as few iterations as
+    // criterion takes.
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(2));
     group.throughput(Throughput::Elements(PAGE_ENTRIES));
     let kinds = [&[Kind::Chatlog][..], PEERS].concat();
     for size in ENTRY_SIZES {
         for &kind in &kinds {
             let mut state = None;
             group.bench_function(format!("{}/{size}", kind.name()), |b| {
-                let (dir, store, wl) = state.get_or_insert_with(|| {
+                let (dir, wl) = state.get_or_insert_with(|| {
                     let (dir, store, wl) = filled(kind, size);
                     drop(store);
-                    let store = open_store(kind, dir.path(), true);
-                    (dir, store, wl)
+                    (dir, wl)
                 });
-                let _ = dir;
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let (log, range) = wl.recent_page();
-                        assert!(drop_page_cache(), "read_cold needs root to drop the page cache");
+                        let store = open_store(kind, dir.path(), true);
+                        assert!(
+                            drop_page_cache(),
+                            "read_cold needs root to drop the page cache"
+                        );
                         let started = Instant::now();
                         std::hint::black_box(store.read_page(log, range));
                         total += started.elapsed();
@@ -199,6 +236,9 @@ fn read_cold(c: &mut Criterion) {
 fn recover(c: &mut Criterion) {
     let mut group = c.benchmark_group("recover");
     configure(&mut group);
+    // Each timed open costs an untimed open, append and close besides.
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(2));
     let kinds = [&[Kind::Chatlog][..], PEERS].concat();
     for size in ENTRY_SIZES {
         for &kind in &kinds {

@@ -22,11 +22,17 @@ use chatlog_storage::{Config, IoMode};
 use common::*;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     if args.first().map(String::as_str) == Some("child") {
         child(&args[1], args[2].parse().expect("GiB"));
         return;
@@ -51,14 +57,22 @@ fn main() {
 
 /// Prints what the figures were measured on.
 fn conditions() {
-    let uname = std::process::Command::new("uname").arg("-srm").output().map(|o| o.stdout);
-    let kernel = String::from_utf8_lossy(uname.as_deref().unwrap_or(b"?")).trim().to_string();
+    let uname = std::process::Command::new("uname")
+        .arg("-srm")
+        .output()
+        .map(|o| o.stdout);
+    let kernel = String::from_utf8_lossy(uname.as_deref().unwrap_or(b"?"))
+        .trim()
+        .to_string();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| m.lines().next().map(str::to_string))
         .unwrap_or_default();
-    println!("# conditions: kernel {kernel}; {cpus} cpus; {mem}; data in {}", bench_root().display());
+    println!(
+        "# conditions: kernel {kernel}; {cpus} cpus; {mem}; data in {}",
+        bench_root().display()
+    );
     println!(
         "# run {} s after 0.5 s warm-up, median of {} runs, fresh store per run",
         env_u64("CHATLOG_FIGURES_SECS", 3),
@@ -98,7 +112,9 @@ fn run_once(kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Con
     let dir = scratch(kind.name());
     let durable = scenario != Scenario::Buffered;
     let segment_mb = env_u64("CHATLOG_FIGURES_SEGMENT_MB", 0);
-    let spin_us = std::env::var("CHATLOG_FIGURES_SPIN_US").ok().and_then(|v| v.parse().ok());
+    let spin_us = std::env::var("CHATLOG_FIGURES_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let tweak = |c: &mut Config| {
         if segment_mb > 0 {
             c.segment_bytes = segment_mb << 20;
@@ -110,17 +126,32 @@ fn run_once(kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Con
     };
     let store = open_store_with(kind, dir.path(), durable, &tweak);
     // Lets background work started by open (chatlog prepares its next segment) finish first.
-    std::thread::sleep(Duration::from_secs(env_u64("CHATLOG_FIGURES_SETTLE_SECS", 0)));
-    let mut wls = Workload::split(size, if scenario == Scenario::Durable8w { WRITERS } else { 1 });
+    std::thread::sleep(Duration::from_secs(env_u64(
+        "CHATLOG_FIGURES_SETTLE_SECS",
+        0,
+    )));
+    let mut wls = Workload::split(
+        size,
+        if scenario == Scenario::Durable8w {
+            WRITERS
+        } else {
+            1
+        },
+    );
     let go = |wls: &mut [Workload], d: Duration| match (kind, scenario) {
-        (Kind::ChatlogTokio, _) => {
-            run_chatlog_tokio(store.chatlog_engine().expect("chatlog"), wls, Arc::new(Stop::after(d)))
-        }
+        (Kind::ChatlogTokio, _) => run_chatlog_tokio(
+            store.chatlog_engine().expect("chatlog"),
+            wls,
+            Arc::new(Stop::after(d)),
+        ),
         _ => run_writers(store.as_ref(), wls, &Stop::after(d)),
     };
     go(&mut wls, Duration::from_millis(500));
     let before = store.chatlog_engine().map(|e| e.stats());
-    let run = go(&mut wls, Duration::from_secs(env_u64("CHATLOG_FIGURES_SECS", 3)));
+    let run = go(
+        &mut wls,
+        Duration::from_secs(env_u64("CHATLOG_FIGURES_SECS", 3)),
+    );
     let after = store.chatlog_engine().map(|e| e.stats());
     let (syncs, records, sync_us_total) = match (before, after) {
         (Some(b), Some(a)) => (
@@ -131,7 +162,12 @@ fn run_once(kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Con
         _ => (0, 0, 0.0),
     };
     drop(store);
-    Measured { run, syncs, records, sync_us_total }
+    Measured {
+        run,
+        syncs,
+        records,
+        sync_us_total,
+    }
 }
 
 fn median_index(v: &[f64]) -> usize {
@@ -143,9 +179,17 @@ fn median_index(v: &[f64]) -> usize {
 const ROW_HEADER: &str = "| scenario | engine | bytes | entries/s (median) | min–max | MB/s | p50 ms | p99 ms | syncs/s | batches/sync | sync µs |\n|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// Repeats a run and prints the median row; returns the median entries/s.
-fn figure(label: &str, kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Config)) -> f64 {
+fn figure(
+    label: &str,
+    kind: Kind,
+    scenario: Scenario,
+    size: usize,
+    tweak: &dyn Fn(&mut Config),
+) -> f64 {
     let repeats = env_u64("CHATLOG_FIGURES_REPEATS", 3).max(1);
-    let runs: Vec<Measured> = (0..repeats).map(|_| run_once(kind, scenario, size, tweak)).collect();
+    let runs: Vec<Measured> = (0..repeats)
+        .map(|_| run_once(kind, scenario, size, tweak))
+        .collect();
     let rates: Vec<f64> = runs.iter().map(|m| m.run.entries_per_sec()).collect();
     let m = &runs[median_index(&rates)];
     let lo = rates.iter().copied().fold(f64::MAX, f64::min);
@@ -177,18 +221,29 @@ fn write_section() {
     println!("\n## write throughput and batch latency\n\n{ROW_HEADER}");
     let none: &dyn Fn(&mut Config) = &|_| {};
     let sizes: Vec<usize> = match std::env::var("CHATLOG_FIGURES_SIZES") {
-        Ok(v) => v.split(',').map(|s| s.parse().expect("entry size")).collect(),
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.parse().expect("entry size"))
+            .collect(),
         Err(_) => ENTRY_SIZES.to_vec(),
     };
     let only: Option<String> = std::env::var("CHATLOG_FIGURES_ENGINES").ok();
-    let wanted = |k: &Kind| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == k.name()));
+    let wanted = |k: &Kind| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n == k.name()))
+    };
     for size in sizes {
         let mut kinds = vec![Kind::Chatlog, Kind::Bound, Kind::BoundPrealloc];
         kinds.extend_from_slice(PEERS);
         for &kind in kinds.iter().filter(|k| wanted(k)) {
             figure(kind.name(), kind, Scenario::Durable, size, none);
         }
-        let mut kinds = vec![Kind::Chatlog, Kind::ChatlogTokio, Kind::Bound, Kind::BoundPrealloc];
+        let mut kinds = vec![
+            Kind::Chatlog,
+            Kind::ChatlogTokio,
+            Kind::Bound,
+            Kind::BoundPrealloc,
+        ];
         kinds.extend_from_slice(PEERS);
         for &kind in kinds.iter().filter(|k| wanted(k)) {
             figure(kind.name(), kind, Scenario::Durable8w, size, none);
@@ -213,17 +268,27 @@ fn knobs_section() {
                     continue;
                 }
                 let label = format!("chatlog {mode_name} spin={spin}us");
-                figure(&label, Kind::Chatlog, scenario, 256, &move |c: &mut Config| {
-                    c.io_mode = mode;
-                    c.sync_spin_us = spin;
-                });
+                figure(
+                    &label,
+                    Kind::Chatlog,
+                    scenario,
+                    256,
+                    &move |c: &mut Config| {
+                        c.io_mode = mode;
+                        c.sync_spin_us = spin;
+                    },
+                );
             }
         }
     }
     for size in [256, 4096] {
-        figure("chatlog compression off", Kind::Chatlog, Scenario::Durable, size, &|c: &mut Config| {
-            c.compression_bytes_min = 0
-        });
+        figure(
+            "chatlog compression off",
+            Kind::Chatlog,
+            Scenario::Durable,
+            size,
+            &|c: &mut Config| c.compression_bytes_min = 0,
+        );
     }
 }
 
@@ -232,7 +297,9 @@ fn read_section() {
         "\n## reads: newest page of up to {PAGE_ENTRIES} entries of a random log, \
          640 batches (~164 entries per log) retained\n"
     );
-    println!("| scenario | engine | bytes | pages/s | entries/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|");
+    println!(
+        "| scenario | engine | bytes | pages/s | entries/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|"
+    );
     let mut kinds = vec![Kind::Chatlog];
     kinds.extend_from_slice(PEERS);
     for size in ENTRY_SIZES {
@@ -241,7 +308,11 @@ fn read_section() {
             let mut wl = Workload::new(size);
             {
                 let store = open_store(kind, dir.path(), false);
-                run_writers(store.as_ref(), std::slice::from_mut(&mut wl), &Stop::Batches(640));
+                run_writers(
+                    store.as_ref(),
+                    std::slice::from_mut(&mut wl),
+                    &Stop::Batches(640),
+                );
                 store.flush();
             }
             let store = open_store(kind, dir.path(), true);
@@ -262,29 +333,58 @@ fn read_section() {
                 pages += 1;
             }
             let secs = started.elapsed().as_secs_f64();
-            print_read_row("read_recent", kind, size, pages as f64 / secs, entries as f64 / secs, &hist);
-            // Cold: drop the page cache before each page.
+            print_read_row(
+                "read_recent",
+                kind,
+                size,
+                pages as f64 / secs,
+                entries as f64 / secs,
+                &hist,
+            );
+            // Cold: a restarted process with an empty page cache. Reopen before each page
+            // (pages a process has mapped, and any in-process record cache, survive a
+            // drop_caches), then drop the page cache; only the read is timed.
+            drop(store);
             let mut hist = histogram();
             let mut busy = Duration::ZERO;
             let mut entries = 0;
-            let pages = 40;
+            let pages = 20;
             let mut dropped = true;
             for _ in 0..pages {
                 let (log, range) = wl.recent_page();
+                let store = open_store(kind, dir.path(), true);
                 dropped &= drop_page_cache();
                 let t = Instant::now();
                 entries += store.read_page(log, range);
                 busy += t.elapsed();
                 record(&mut hist, t.elapsed());
             }
-            let label = if dropped { "read_cold" } else { "read_cold (page cache NOT dropped)" };
+            let label = if dropped {
+                "read_cold"
+            } else {
+                "read_cold (page cache NOT dropped)"
+            };
             let secs = busy.as_secs_f64();
-            print_read_row(label, kind, size, pages as f64 / secs, entries as f64 / secs, &hist);
+            print_read_row(
+                label,
+                kind,
+                size,
+                pages as f64 / secs,
+                entries as f64 / secs,
+                &hist,
+            );
         }
     }
 }
 
-fn print_read_row(label: &str, kind: Kind, size: usize, pages: f64, entries: f64, hist: &hdrhistogram::Histogram<u64>) {
+fn print_read_row(
+    label: &str,
+    kind: Kind,
+    size: usize,
+    pages: f64,
+    entries: f64,
+    hist: &hdrhistogram::Histogram<u64>,
+) {
     println!(
         "| {label} | {} | {size} | {pages:.0} | {entries:.0} | {:.3} | {:.3} |",
         kind.name(),
@@ -329,7 +429,11 @@ fn child(engine: &str, gib: u64) {
     trim_heap();
     let rss_before = rss_anon_bytes();
     let started = Instant::now();
-    run_writers(store.as_ref(), std::slice::from_mut(&mut wl), &Stop::Batches(batches));
+    run_writers(
+        store.as_ref(),
+        std::slice::from_mut(&mut wl),
+        &Stop::Batches(batches),
+    );
     store.flush();
     let fill = started.elapsed().as_secs_f64();
     // Let maintenance write index files and the checkpoint of sealed segments.

@@ -39,7 +39,9 @@ pub const SEED: u64 = 0xC4A7_1096;
 
 /// Where benchmark data goes: `$CHATLOG_BENCH_DIR`, else the system temp dir.
 pub fn bench_root() -> PathBuf {
-    std::env::var_os("CHATLOG_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+    std::env::var_os("CHATLOG_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// A fresh, empty directory under [`bench_root`], removed when dropped.
@@ -93,7 +95,9 @@ impl Workload {
             .map(|w| Workload {
                 pool: pool.clone(),
                 entry_bytes,
-                logs: (1..=LOGS).filter(|l| (*l as usize) % writers == w).collect(),
+                logs: (1..=LOGS)
+                    .filter(|l| (*l as usize) % writers == w)
+                    .collect(),
                 next: vec![1; LOGS as usize + 1],
                 rng: SmallRng::seed_from_u64(SEED + 1 + w as u64),
             })
@@ -102,15 +106,20 @@ impl Workload {
 
     /// The next batch: 256 entries on logs drawn uniformly from this writer's logs.
     pub fn next_batch(&mut self) -> BatchSpec {
-        let mut picks: Vec<u64> =
-            (0..BATCH_ENTRIES).map(|_| self.logs[self.rng.random_range(0..self.logs.len())]).collect();
+        let mut picks: Vec<u64> = (0..BATCH_ENTRIES)
+            .map(|_| self.logs[self.rng.random_range(0..self.logs.len())])
+            .collect();
         picks.sort_unstable();
         let entries = picks
             .into_iter()
             .map(|log| {
                 let index = self.next[log as usize];
                 self.next[log as usize] += 1;
-                EntrySpec { log, index, payload_at: self.rng.random_range(0..POOL_BYTES) }
+                EntrySpec {
+                    log,
+                    index,
+                    payload_at: self.rng.random_range(0..POOL_BYTES),
+                }
             })
             .collect();
         BatchSpec { entries }
@@ -177,7 +186,10 @@ pub enum Stop {
 
 impl Stop {
     pub fn after(d: Duration) -> Stop {
-        Stop::Deadline { at: Instant::now() + d, flag: AtomicBool::new(false) }
+        Stop::Deadline {
+            at: Instant::now() + d,
+            flag: AtomicBool::new(false),
+        }
     }
 
     pub fn done(&self, batches: u64) -> bool {
@@ -247,8 +259,10 @@ pub fn run_writers(store: &dyn Store, workloads: &mut [Workload], stop: &Stop) -
             .collect();
         barrier.wait();
         let started = Instant::now();
-        let results: Vec<(u64, Histogram<u64>)> =
-            handles.into_iter().map(|h| h.join().expect("writer thread")).collect();
+        let results: Vec<(u64, Histogram<u64>)> = handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread"))
+            .collect();
         (started.elapsed(), results)
     });
     let mut latency = histogram();
@@ -258,7 +272,13 @@ pub fn run_writers(store: &dyn Store, workloads: &mut [Workload], stop: &Stop) -
         latency.add(&h).expect("same histogram bounds");
     }
     let entries = batches * BATCH_ENTRIES as u64;
-    RunResult { batches, entries, payload_bytes: entries * entry_bytes, elapsed, latency }
+    RunResult {
+        batches,
+        entries,
+        payload_bytes: entries * entry_bytes,
+        elapsed,
+        latency,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -305,10 +325,19 @@ pub fn open_store(kind: Kind, dir: &Path, durable: bool) -> Box<dyn Store> {
 }
 
 /// Like [`open_store`], with chatlog's configuration adjusted by `tweak`.
-pub fn open_store_with(kind: Kind, dir: &Path, durable: bool, tweak: &dyn Fn(&mut Config)) -> Box<dyn Store> {
+pub fn open_store_with(
+    kind: Kind,
+    dir: &Path,
+    durable: bool,
+    tweak: &dyn Fn(&mut Config),
+) -> Box<dyn Store> {
     match kind {
         Kind::Chatlog | Kind::ChatlogTokio => {
-            let mode = if durable { ChatlogMode::Blocking } else { ChatlogMode::Pipelined };
+            let mode = if durable {
+                ChatlogMode::Blocking
+            } else {
+                ChatlogMode::Pipelined
+            };
             let mut config = Config::new(dir);
             tweak(&mut config);
             Box::new(Chatlog::open(config, mode))
@@ -343,12 +372,18 @@ pub struct Chatlog {
 
 impl Chatlog {
     pub fn open(config: Config, mode: ChatlogMode) -> Chatlog {
-        Chatlog { engine: Arc::new(Engine::open(config).expect("opening chatlog")), mode }
+        Chatlog {
+            engine: Arc::new(Engine::open(config).expect("opening chatlog")),
+            mode,
+        }
     }
 
     /// Closes the engine (every task holding it has finished).
     pub fn close(self) {
-        Arc::into_inner(self.engine).expect("no task holds the engine").close().expect("close");
+        Arc::into_inner(self.engine)
+            .expect("no task holds the engine")
+            .close()
+            .expect("close");
     }
 }
 
@@ -362,11 +397,16 @@ pub fn chatlog_batch(wl: &Workload, batch: &BatchSpec) -> WriteBatch {
 
 impl Store for Chatlog {
     fn append(&self, wl: &Workload, batch: &BatchSpec) {
-        self.engine.write_blocking(&chatlog_batch(wl, batch)).expect("chatlog write");
+        self.engine
+            .write_blocking(&chatlog_batch(wl, batch))
+            .expect("chatlog write");
     }
 
     fn read_page(&self, log: u64, range: Range<u64>) -> usize {
-        self.engine.read(log, range, usize::MAX).expect("chatlog read").len()
+        self.engine
+            .read(log, range, usize::MAX)
+            .expect("chatlog read")
+            .len()
     }
 
     fn chatlog_engine(&self) -> Option<&Arc<Engine>> {
@@ -386,7 +426,9 @@ impl Store for Chatlog {
             return batches;
         }
         let (tx, rx) = std::sync::mpsc::channel::<Duration>();
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         let submitted = rt.block_on(async {
             let mut batches = 0u64;
             while !stop.done(batches) {
@@ -398,7 +440,10 @@ impl Store for Chatlog {
                     r.expect("chatlog pipelined write");
                     let _ = tx.send(started.elapsed());
                 });
-                self.engine.submit(&batch, done).await.expect("chatlog submit");
+                self.engine
+                    .submit(&batch, done)
+                    .await
+                    .expect("chatlog submit");
                 batches += 1;
             }
             batches
@@ -416,7 +461,11 @@ impl Store for Chatlog {
 
 /// Writers as tokio tasks on a two-worker runtime (one per core), each `write().await`ing
 /// its batch before building the next: how a server drives the engine.
-pub fn run_chatlog_tokio(engine: &Arc<Engine>, workloads: &mut [Workload], stop: Arc<Stop>) -> RunResult {
+pub fn run_chatlog_tokio(
+    engine: &Arc<Engine>,
+    workloads: &mut [Workload],
+    stop: Arc<Stop>,
+) -> RunResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
@@ -459,7 +508,13 @@ pub fn run_chatlog_tokio(engine: &Arc<Engine>, workloads: &mut [Workload], stop:
         latency.add(&h).expect("same bounds");
     }
     let entries = batches * BATCH_ENTRIES as u64;
-    RunResult { batches, entries, payload_bytes: entries * entry_bytes, elapsed, latency }
+    RunResult {
+        batches,
+        entries,
+        payload_bytes: entries * entry_bytes,
+        elapsed,
+        latency,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -506,7 +561,12 @@ impl Bound {
                 file.sync_all().expect("sync");
             }
         }
-        Bound { file, end: AtomicU64::new(0), sync, prealloc_bytes }
+        Bound {
+            file,
+            end: AtomicU64::new(0),
+            sync,
+            prealloc_bytes,
+        }
     }
 }
 
@@ -578,20 +638,29 @@ pub mod peer {
 
     impl std::fmt::Debug for RaftEngine {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("RaftEngine").field("sync", &self.sync).finish()
+            f.debug_struct("RaftEngine")
+                .field("sync", &self.sync)
+                .finish()
         }
     }
 
     /// raft-engine's defaults (format V2, LZ4 above 8 KiB, 128 MiB files, recycling on),
     /// in `dir`.
     pub fn config(dir: &Path) -> raft_engine::Config {
-        raft_engine::Config { dir: dir.display().to_string(), ..Default::default() }
+        raft_engine::Config {
+            dir: dir.display().to_string(),
+            ..Default::default()
+        }
     }
 
     impl RaftEngine {
         pub fn open(dir: &Path, sync: bool) -> RaftEngine {
             let engine = raft_engine::Engine::open(config(dir)).expect("opening raft-engine");
-            RaftEngine { engine, sync, dir: dir.to_path_buf() }
+            RaftEngine {
+                engine,
+                sync,
+                dir: dir.to_path_buf(),
+            }
         }
     }
 
@@ -617,7 +686,9 @@ pub mod peer {
             if !run.is_empty() {
                 lb.add_entries::<EntryType>(log, &run).expect("add_entries");
             }
-            self.engine.write(&mut lb, self.sync).expect("raft-engine write");
+            self.engine
+                .write(&mut lb, self.sync)
+                .expect("raft-engine write");
         }
 
         fn read_page(&self, log: u64, range: Range<u64>) -> usize {
@@ -651,7 +722,11 @@ pub fn rss_anon_bytes() -> u64 {
 /// Resident pages of this process from /proc/self/statm (anonymous and file), bytes.
 pub fn rss_statm_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("statm");
     pages * 4096
 }
 

@@ -571,8 +571,12 @@ pub(crate) fn read_entry(
                 let body = match shared.cache.get(loc.segment, loc.offset) {
                     Some(body) => body,
                     None => {
-                        let body = segment.batch_at(loc.offset as u64)?;
-                        shared.cache.insert(loc.segment, loc.offset, body.clone());
+                        let (body, private) = segment.batch_at(loc.offset as u64)?;
+                        // Only private copies are cached: a large uncompressed body is a
+                        // slice of the mapping and must be checked again on each read.
+                        if private {
+                            shared.cache.insert(loc.segment, loc.offset, body.clone());
+                        }
                         body
                     }
                 };
@@ -745,6 +749,9 @@ mod tests {
         for log in 0..4u64 {
             assert_eq!(e.read(log, 1..51, usize::MAX).unwrap().len(), 50);
         }
-        assert_eq!(e.shared.queue_budget.available_permits(), e.shared.queue_bytes_max as usize);
+        assert_eq!(
+            e.shared.queue_budget.available_permits(),
+            e.shared.queue_bytes_max as usize
+        );
     }
 }

@@ -14,6 +14,10 @@ use crate::format::{
 use crate::fs::{File, FileSystem};
 use crate::idx::IdxFile;
 
+/// Record bodies up to this size are copied out of the mapping for a read (then checked
+/// and cacheable); larger ones are checked in place on every read.
+pub(crate) const COPY_BYTES_MAX: usize = 256 << 10;
+
 /// Zero-fill chunk for fresh segments: large enough for sequential speed, small enough
 /// not to matter as memory.
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
@@ -184,13 +188,22 @@ impl Segment {
         }))
     }
 
-    /// `len` bytes at `offset`, copied out of the mapping (or read, without one). Copied
-    /// before they are checked, so what was checked is exactly what gets used: a page
-    /// that changes under a mapping after its check cannot slip through. Bounds are
-    /// checked by the caller against `self.len`.
-    fn bytes_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+    /// `len` bytes at `offset`. Up to [`COPY_BYTES_MAX`] they are copied out of the
+    /// mapping before they are checked, so what was checked is exactly what gets used
+    /// (and can be cached). Larger spans are zero-copy slices of the mapping, checked on
+    /// every read and never cached: copying a 1 MiB record per entry read made pages of
+    /// large entries 7x slower. Without a mapping they are read. Bounds are checked by
+    /// the caller against `self.len`.
+    fn bytes_at(self: &Arc<Segment>, offset: u64, len: usize) -> Result<Bytes> {
         if let Some(map) = &self.map {
             let start = offset as usize;
+            if len > COPY_BYTES_MAX {
+                return Ok(Bytes::from_owner(MapSlice {
+                    segment: self.clone(),
+                    start,
+                    end: start + len,
+                }));
+            }
             return Ok(Bytes::copy_from_slice(&map[start..start + len]));
         }
         let mut buf = vec![0u8; len];
@@ -228,8 +241,11 @@ impl Segment {
         decode_body(header, on_disk).map_err(|d| Error::corruption(&self.path, offset, d))
     }
 
-    /// Reads the batch record at `offset`: header, body CRC, decompression, structure.
-    pub(crate) fn batch_at(self: &Arc<Segment>, offset: u64) -> Result<BatchBody> {
+    /// Reads the batch record at `offset` (header, body CRC, decompression, structure),
+    /// also saying whether the body is a private copy (copied, decompressed or read)
+    /// rather than a slice of the mapping; only private copies may be cached, since a
+    /// mapping's page is checked only when read.
+    pub(crate) fn batch_at(self: &Arc<Segment>, offset: u64) -> Result<(BatchBody, bool)> {
         let header = self
             .header_at(offset)?
             .ok_or_else(|| Error::corruption(&self.path, offset, "record header check failed"))?;
@@ -241,7 +257,11 @@ impl Segment {
             ));
         }
         let raw = self.body_at(offset, &header)?;
-        BatchBody::parse(raw).map_err(|d| Error::corruption(&self.path, offset, d))
+        let private = self.map.is_none()
+            || header.body_len as usize <= COPY_BYTES_MAX
+            || header.flags & crate::format::RECORD_FLAG_LZ4 != 0;
+        let body = BatchBody::parse(raw).map_err(|d| Error::corruption(&self.path, offset, d))?;
+        Ok((body, private))
     }
 
     /// The segment's index file, opened on first use.
@@ -261,5 +281,23 @@ impl Segment {
     /// Heap bytes held by this segment's loaded index file.
     pub(crate) fn idx_memory_bytes(&self) -> usize {
         self.idx.get().map_or(0, |i| i.memory_bytes())
+    }
+}
+
+/// A slice of a segment mapping that keeps the segment (and its mapping) alive.
+struct MapSlice {
+    segment: Arc<Segment>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        let map = self
+            .segment
+            .map
+            .as_ref()
+            .expect("MapSlice is only made for mapped segments");
+        &map[self.start..self.end]
     }
 }
