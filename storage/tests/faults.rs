@@ -775,7 +775,10 @@ fn interrupted_recycling_leaves_an_openable_directory() {
         .max()
         .unwrap();
     // The crash: the recycle file got the next segment's header, the rename never ran.
-    let header = chatlog_storage::format::SegmentHeader { segment_id: last_id + 1, salt: 7 };
+    let header = chatlog_storage::format::SegmentHeader {
+        segment_id: last_id + 1,
+        salt: 7,
+    };
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -796,12 +799,17 @@ fn interrupted_recycling_leaves_an_openable_directory() {
         .unwrap()
         .filter_map(|e| {
             let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_suffix(".seg").map(|s| u64::from_str_radix(s, 16).unwrap())
+            n.strip_suffix(".seg")
+                .map(|s| u64::from_str_radix(s, 16).unwrap())
         })
         .collect();
     ids.sort_unstable();
     let (first, last) = (ids[0], *ids.last().unwrap());
-    std::fs::copy(segment_path(dir.path(), first), segment_path(dir.path(), last)).unwrap();
+    std::fs::copy(
+        segment_path(dir.path(), first),
+        segment_path(dir.path(), last),
+    )
+    .unwrap();
     let err = Engine::open(cfg).expect_err("a misnamed segment must be refused");
     assert!(err.is_corruption(), "{err}");
 }
