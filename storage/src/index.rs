@@ -168,6 +168,14 @@ pub(crate) struct Index {
 }
 
 impl Index {
+    fn runs_mut(&mut self, segment: u64, log: LogId) -> &mut Vec<Run> {
+        self.runs
+            .entry(segment)
+            .or_default()
+            .entry(log)
+            .or_default()
+    }
+
     fn live_add(&mut self, segment: u64, n: u64) {
         self.counts.entry(segment).or_default().live += n;
     }
@@ -199,12 +207,7 @@ impl Index {
                 let c = self.counts.entry(loc.segment).or_default();
                 c.total += op.count as u64;
                 c.live += op.count as u64;
-                let runs = self
-                    .runs
-                    .entry(loc.segment)
-                    .or_default()
-                    .entry(log)
-                    .or_default();
+                let runs = self.runs_mut(loc.segment, log);
                 append_run(runs, op, loc.offset, loc.op);
             }
             OpKind::TruncateAfter => {
@@ -383,12 +386,7 @@ impl Index {
             self.live_sub(source, moved);
             self.live_add(loc.segment, moved);
         }
-        let runs = self
-            .runs
-            .entry(loc.segment)
-            .or_default()
-            .entry(log)
-            .or_default();
+        let runs = self.runs_mut(loc.segment, log);
         let at = runs.partition_point(|r| r.first < op.index);
         runs.insert(
             at,

@@ -11,6 +11,8 @@
 //! Seeded: `CHATLOG_TEST_SEED=<n>` replays the writers' choices (thread timing is not
 //! replayable); the seed is printed.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -167,15 +169,7 @@ fn check_exact(engine: &Engine, states: &[WriterState], seed: u64, when: &str) {
 
 #[test]
 fn readers_writers_and_compaction_agree() {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .map(|v| v.parse().expect("a u64 seed"))
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed();
     eprintln!("concurrent: seed={seed} (CHATLOG_TEST_SEED)");
     let dir = tempfile::tempdir().unwrap();
     let engine = Arc::new(Engine::open(config(dir.path())).unwrap());

@@ -14,6 +14,8 @@
 //!
 //! Seeded parts print `seed=`; `CHATLOG_TEST_SEED=<n>` replays them.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,15 +43,7 @@ fn config(dir: &Path) -> Config {
 }
 
 fn seed() -> u64 {
-    std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .map(|v| v.parse().expect("a u64 seed"))
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
+    common::seed()
 }
 
 fn entry(log: u64, index: u64, len: usize) -> Vec<u8> {

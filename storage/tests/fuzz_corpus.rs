@@ -10,6 +10,8 @@
 //!
 //! A panic on any thread (the engine's included) fails the test: a hook records it.
 
+mod common;
+
 #[path = "../../fuzz/segment_check.rs"]
 mod segment_check;
 
@@ -163,15 +165,7 @@ fn mutate(rng: &mut StdRng, data: &mut Vec<u8>, others: &[(String, Vec<u8>)]) ->
 
 #[test]
 fn mutated_corpus_inputs_pass() {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .map(|v| v.parse().expect("a u64 seed"))
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed();
     let count = std::env::var("CHATLOG_FUZZ_MUTATIONS")
         .ok()
         .map_or(DEFAULT_MUTATIONS, |v| v.parse().expect("a count"));
