@@ -1,2 +1,27 @@
-//! chatlog-raft: openraft glue (log store, state machine, transport, multi-group manager)
-//! over `chatlog-storage`. Not yet written: see issue "Replicated chat logs".
+//! chatlog-raft: replicated chat logs. openraft glue over `chatlog-storage`.
+//!
+//! What it owns: the openraft type configuration (`types`, the only module that names
+//! openraft's generic types), where a group's Raft state lives in the node's one storage
+//! engine (`ids`) and its bytes (`codec`), the per-group Raft log store (`log_store`)
+//! and state machine (`state_machine`). Still to come (issue "Replicated chat logs",
+//! `raft/PLAN.md`): chat semantics in apply, checkpoints and streamed snapshots, the
+//! node-to-node transport and the multi-group manager. What it must not do: know about
+//! clients, sessions or the gateway protocol.
+//!
+//! Architecture invariant: one `chatlog_storage::Engine` per node is shared by every
+//! group; a group's log store never waits for an fdatasync of its own in `append`.
+
+pub mod codec;
+pub mod error;
+pub mod ids;
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use log_store::{LogReader, LogStore};
+pub use state_machine::{ChatSnapshotBuilder, ChatStateMachine};
+pub use types::{ChatBatch, ChatBatchReply, GroupId, NodeId, TypeConfig};
+
+/// A Raft group handle as chatlog runs it.
+pub type ChatRaft = openraft::Raft<TypeConfig, ChatStateMachine>;

@@ -1,0 +1,73 @@
+//! Where a group's state lives in the shared storage engine: engine log ids, the Raft
+//! index ↔ engine index mapping, and metadata key names.
+//!
+//! What it owns: the layout of engine names, so that no other module does arithmetic on
+//! them. What it must not do: touch the engine.
+//!
+//! Layout. Group `g` owns the engine logs `g << 2 | k`:
+//!
+//! | k | log                                                               |
+//! |---|-------------------------------------------------------------------|
+//! | 0 | the Raft log (entries, and meta `vote`, `committed`, `purged`)    |
+//! | 1 | reserved: state-machine checkpoints (state too big for meta)      |
+//! | 2 | reserved: snapshot staging while a snapshot is received           |
+//! | 3 | reserved                                                          |
+//!
+//! Raft index `i` is stored at engine index `i + 1`. Openraft starts logs at index 0 and
+//! asks for `truncate_after(None)` (delete everything), while the engine's
+//! `truncate_after(log, i)` keeps `i`; with the shift, engine index 0 is never used and
+//! "delete everything" is `truncate_after(log, 0)` (raft/PLAN.md, P3).
+
+use crate::types::GroupId;
+
+/// Engine logs per group (the low bits of an engine log id).
+const LOGS_PER_GROUP_SHIFT: u32 = 2;
+
+/// Largest group id whose engine log ids fit in a `u64`.
+pub const GROUP_ID_MAX: GroupId = u64::MAX >> LOGS_PER_GROUP_SHIFT;
+
+/// Meta key of the Raft log: the persisted vote (`codec::encode_vote`).
+pub const META_VOTE: &[u8] = b"vote";
+/// Meta key of the Raft log: the last committed log id known (`codec::encode_log_id`).
+/// Absent means none.
+pub const META_COMMITTED: &[u8] = b"committed";
+/// Meta key of the Raft log: the last purged log id (`codec::encode_log_id`). Absent
+/// means nothing was ever purged.
+pub const META_PURGED: &[u8] = b"purged";
+
+/// The engine log holding group `group`'s Raft log, or `None` if the id is too large.
+pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {
+    (group <= GROUP_ID_MAX).then_some(group << LOGS_PER_GROUP_SHIFT)
+}
+
+/// Engine index of Raft index `raft_index`.
+pub fn engine_index(raft_index: u64) -> u64 {
+    raft_index + 1
+}
+
+/// Raft index of engine index `engine_index` (which is never 0).
+pub fn raft_index(engine_index: u64) -> u64 {
+    debug_assert!(engine_index > 0, "engine index 0 holds no Raft entry");
+    engine_index - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_logs_do_not_overlap() {
+        assert_eq!(raft_log(0), Some(0));
+        assert_eq!(raft_log(1), Some(4));
+        assert_eq!(raft_log(GROUP_ID_MAX), Some(u64::MAX - 3));
+        assert_eq!(raft_log(GROUP_ID_MAX + 1), None);
+    }
+
+    #[test]
+    fn index_mapping_round_trips() {
+        for i in [0, 1, 41, u64::MAX - 1] {
+            assert_eq!(raft_index(engine_index(i)), i);
+        }
+        assert_eq!(engine_index(0), 1);
+    }
+}

@@ -1,0 +1,636 @@
+//! One group's Raft log over the node's shared storage engine: openraft's
+//! `RaftLogStorage` (`LogStore`) and `RaftLogReader` (`LogReader`).
+//!
+//! What it owns: the group's engine log (see `ids` for the layout and the index shift),
+//! the vote, committed and purged marks in that log's metadata, and the **unflushed
+//! tail**. What it must not do: wait for an fdatasync in `append` (one sync must cover
+//! many groups' appends), report an append flushed before the engine said so, or let
+//! writes of one group reach the disk out of order.
+//!
+//! The unflushed tail. Openraft reads an entry as soon as `append` returns, before its
+//! flush callback (replication sends it to followers in parallel with the leader's own
+//! fdatasync; apply may run once followers made it durable). The engine makes entries
+//! readable only once durable, so entries handed to the engine are also kept here until
+//! their batch's durable callback fires, which happens after the engine indexed them.
+//! Readers take an index from the tail if it is there, else from the engine. The tail is
+//! a contiguous run of the log's newest entries; its size is bounded by what openraft
+//! submits before a flush completes, which the engine's queue bounds in turn
+//! (`Config::queue_len_max` batches and `queue_bytes_max` bytes; `submit` waits beyond
+//! them).
+//!
+//! Ordering. Every write of a group goes through the one engine queue in call order
+//! (openraft serializes a group's storage calls), and the engine reports durability in
+//! submission order, so `IOFlushed` callbacks fire in order and exactly once.
+//! `truncate_after`, `purge` and `save_vote` wait for durability (rare operations), which
+//! also means no append is pending across them.
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use chatlog_storage::{Durable, Engine, WriteBatch};
+use openraft::OptionalSend;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::ids::{self, engine_index, raft_index};
+use crate::types::{Entry, EntryPayload, GroupId, LogId, TypeConfig, Vote};
+
+/// Payload bytes one `limited_get_log_entries` call (replication) gathers before it
+/// returns a prefix of the range. Keeps one AppendEntries well under the node frame limit
+/// (16 MiB) and its send time under the heartbeat-sized RPC deadline (PLAN.md, P8).
+pub const REPLICATION_READ_BYTES_MAX: usize = 4 << 20;
+
+/// Engine body bytes an entry may cost beyond its payload when a batch is split: an op
+/// header (when the entry starts a new op) plus its 4-byte end offset.
+const APPEND_OVERHEAD_BYTES: usize = chatlog_storage::format::OP_HEADER_BYTES + 4;
+
+/// The Raft log storage of one group. Openraft owns it and calls it serially.
+#[derive(Debug)]
+pub struct LogStore {
+    shared: Arc<GroupLog>,
+}
+
+/// A reader of one group's Raft log; sees every entry `append` accepted, durable or not.
+#[derive(Debug, Clone)]
+pub struct LogReader {
+    shared: Arc<GroupLog>,
+}
+
+#[derive(Debug)]
+struct GroupLog {
+    group: GroupId,
+    /// The engine log holding the Raft log.
+    log: chatlog_storage::LogId,
+    engine: Arc<Engine>,
+    /// Shared with the engine's durable callbacks, which must not hold the engine: the
+    /// last handle of an engine dropped on its own I/O thread would join itself.
+    state: Arc<Mutex<State>>,
+}
+
+/// What readers and writers agree on. Updated when an operation is submitted; the engine
+/// catches up when it is durable.
+#[derive(Debug, Default)]
+struct State {
+    /// The vote, as durable (updated after its write returns).
+    vote: Option<Vote>,
+    /// The last committed log id saved (possibly not durable yet: losing it only makes
+    /// the committed mark after a restart smaller, which openraft allows).
+    committed: Option<LogId>,
+    /// The last purged log id.
+    purged: Option<LogId>,
+    /// Raft index of the first entry held. Meaningful only while `last` is `Some`.
+    first_index: u64,
+    /// The last entry held (durable or in `unflushed`), `None` if the log holds none.
+    last: Option<LogId>,
+    /// Entries submitted to the engine whose batch is not durable yet, in index order.
+    unflushed: VecDeque<Unflushed>,
+    /// Number of the next engine batch this group submits an append in.
+    next_batch: u64,
+}
+
+#[derive(Debug)]
+struct Unflushed {
+    /// The engine batch carrying it.
+    batch: u64,
+    entry: Entry,
+}
+
+impl LogStore {
+    /// Opens group `group`'s Raft log in `engine`, recovering vote, committed and purged
+    /// marks and the last entry.
+    pub fn open(engine: Arc<Engine>, group: GroupId) -> Result<LogStore> {
+        let log = ids::raft_log(group).ok_or(Error::GroupIdTooLarge {
+            group,
+            max: ids::GROUP_ID_MAX,
+        })?;
+        let decode_err = |subject: &str| {
+            let subject = subject.to_string();
+            move |source: codec::DecodeError| Error::Decode {
+                group,
+                subject,
+                source,
+            }
+        };
+        let vote = engine
+            .meta(log, ids::META_VOTE)
+            .map(|b| codec::decode_vote(&b))
+            .transpose()
+            .map_err(decode_err("the vote"))?;
+        let committed = engine
+            .meta(log, ids::META_COMMITTED)
+            .map(|b| codec::decode_log_id(&b))
+            .transpose()
+            .map_err(decode_err("the committed log id"))?;
+        let purged = engine
+            .meta(log, ids::META_PURGED)
+            .map(|b| codec::decode_log_id(&b))
+            .transpose()
+            .map_err(decode_err("the purged log id"))?;
+        let mut state = State {
+            vote,
+            committed,
+            purged,
+            ..State::default()
+        };
+        let shared = GroupLog {
+            group,
+            log,
+            engine,
+            state: Arc::default(),
+        };
+        if let Some(bounds) = shared.engine.bounds(log)
+            && let Some(last) = bounds.last()
+        {
+            let bytes = shared.engine.get(log, last).map_err(|source| {
+                shared.storage_err("reading", "the last log entry".into(), source)
+            })?;
+            let entry = shared.decode_at(&bytes, raft_index(last))?;
+            let first = raft_index(bounds.first.max(1));
+            let first = purged.map_or(first, |p| first.max(p.index + 1));
+            // Entries at or below the purge mark are not part of the log.
+            if first <= entry.log_id.index {
+                state.first_index = first;
+                state.last = Some(entry.log_id);
+            }
+        }
+        *shared.lock() = state;
+        Ok(LogStore {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The group this log belongs to.
+    pub fn group(&self) -> GroupId {
+        self.shared.group
+    }
+}
+
+impl GroupLog {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn storage_err(
+        &self,
+        verb: &'static str,
+        subject: String,
+        source: chatlog_storage::Error,
+    ) -> Error {
+        Error::Storage {
+            group: self.group,
+            verb,
+            subject,
+            source,
+        }
+    }
+
+    /// Decodes an entry read from the engine and checks it sits where it was read
+    /// (the pair of the index written into it by `codec::encode_entry`).
+    fn decode_at(&self, bytes: &bytes::Bytes, index: u64) -> Result<Entry> {
+        let entry = codec::decode_entry(bytes).map_err(|source| Error::Decode {
+            group: self.group,
+            subject: format!("log entry {index}"),
+            source,
+        })?;
+        if entry.log_id.index != index {
+            return Err(Error::Inconsistent {
+                group: self.group,
+                detail: format!(
+                    "log entry read at index {index} says it is {}",
+                    entry.log_id
+                ),
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Entries with index in `[start, end)` that the log holds, in order. Stops early,
+    /// returning a non-empty prefix, once `bytes_max` payload bytes are gathered.
+    fn read(&self, start: u64, end: u64, bytes_max: usize) -> Result<Vec<Entry>> {
+        // Decide under the lock what comes from where; read the engine outside it so the
+        // engine's durable callbacks (which take this lock) never wait for a disk read.
+        let (lo, hi, disk_hi, tail) = {
+            let st = self.lock();
+            let Some(last) = st.last else {
+                return Ok(Vec::new());
+            };
+            let lo = start.max(st.first_index);
+            let hi = end.min(last.index + 1);
+            if lo >= hi {
+                return Ok(Vec::new());
+            }
+            let tail_first = st.unflushed.front().map_or(hi, |u| u.entry.log_id.index);
+            let disk_hi = tail_first.clamp(lo, hi);
+            let tail: Vec<Entry> = st
+                .unflushed
+                .iter()
+                .map(|u| &u.entry)
+                .filter(|e| (disk_hi..hi).contains(&e.log_id.index))
+                .cloned()
+                .collect();
+            (lo, hi, disk_hi, tail)
+        };
+        let mut out = Vec::with_capacity(((hi - lo) as usize).min(1024));
+        let mut bytes = 0usize;
+        if lo < disk_hi {
+            let got = self
+                .engine
+                .read(self.log, engine_index(lo)..engine_index(disk_hi), bytes_max)
+                .map_err(|source| {
+                    self.storage_err("reading", format!("log entries [{lo}, {disk_hi})"), source)
+                })?;
+            for (k, b) in got.iter().enumerate() {
+                bytes += b.len();
+                out.push(self.decode_at(b, lo + k as u64)?);
+            }
+            if out.len() < (disk_hi - lo) as usize {
+                if bytes >= bytes_max {
+                    return Ok(out);
+                }
+                return Err(Error::Inconsistent {
+                    group: self.group,
+                    detail: format!(
+                        "log entries [{lo}, {disk_hi}) should be held but the engine has only {}",
+                        out.len()
+                    ),
+                });
+            }
+        }
+        for entry in tail {
+            if bytes >= bytes_max && !out.is_empty() {
+                break;
+            }
+            bytes += payload_bytes(&entry);
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    async fn append(&self, entries: Vec<Entry>, callback: IOFlushed<TypeConfig>) -> Result<()> {
+        let group = self.group;
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            // Nothing to write, but IOFlushed is a watermark: completing now could mark
+            // earlier, still pending appends flushed. Queue an empty batch behind them.
+            let on_durable: Durable = Box::new(move |r: chatlog_storage::Result<()>| {
+                callback.io_completed(r.map_err(|source| {
+                    io::Error::from(Error::Storage {
+                        group,
+                        verb: "flushing",
+                        subject: "an empty append".into(),
+                        source,
+                    })
+                }))
+            });
+            return self
+                .engine
+                .submit(&WriteBatch::new(), on_durable)
+                .await
+                .map_err(|source| self.storage_err("appending", "no entries".into(), source));
+        };
+        let (first, last) = (first.log_id.index, last.log_id);
+        let mut encoded = Vec::with_capacity(entries.len());
+        for (k, e) in entries.iter().enumerate() {
+            if e.log_id.index != first + k as u64 {
+                return Err(Error::Inconsistent {
+                    group,
+                    detail: format!(
+                        "append of non-consecutive entries: {} at position {k}",
+                        e.log_id
+                    ),
+                });
+            }
+            encoded.push(codec::encode_entry(e));
+        }
+
+        // Split into engine batches under the engine's batch limit; remember where each
+        // ends. A single entry over the limit goes alone and the engine refuses it.
+        let limit = self.engine.write_batch_bytes_max();
+        let mut batches: Vec<(WriteBatch, usize)> = Vec::new();
+        let mut batch = WriteBatch::new();
+        let anchor = {
+            let st = self.lock();
+            match st.last {
+                Some(held) if held.index + 1 != first => {
+                    return Err(Error::Inconsistent {
+                        group,
+                        detail: format!(
+                            "append at {first} does not continue the log ending at {held}"
+                        ),
+                    });
+                }
+                Some(_) => false,
+                None => {
+                    if let Some(p) = st.purged
+                        && first <= p.index
+                    {
+                        return Err(Error::Inconsistent {
+                            group,
+                            detail: format!("append at {first} is at or below the purged {p}"),
+                        });
+                    }
+                    true
+                }
+            }
+        };
+        if anchor {
+            // The log holds no entry: make the engine log continue at `first` (a no-op if
+            // it already does; anchors a never-written log).
+            batch.purge_before(self.log, engine_index(first));
+        }
+        for (k, bytes) in encoded.iter().enumerate() {
+            // Rare: openraft's appends are usually far below the limit.
+            if batch.entry_count() > 0
+                && batch.encoded_len() + bytes.len() + APPEND_OVERHEAD_BYTES > limit
+            {
+                batches.push((std::mem::take(&mut batch), k));
+            }
+            batch.append(self.log, engine_index(first + k as u64), bytes);
+        }
+        batches.push((batch, encoded.len()));
+        drop(encoded);
+
+        // Publish to readers before submitting: the callback may fire right after.
+        let first_batch = {
+            let mut st = self.lock();
+            let first_batch = st.next_batch;
+            st.next_batch += batches.len() as u64;
+            let mut entries = entries.into_iter();
+            let mut taken = 0;
+            for (b, (_, end)) in batches.iter().enumerate() {
+                for entry in entries.by_ref().take(end - taken) {
+                    st.unflushed.push_back(Unflushed {
+                        batch: first_batch + b as u64,
+                        entry,
+                    });
+                }
+                taken = *end;
+            }
+            if st.last.is_none() {
+                st.first_index = first;
+            }
+            st.last = Some(last);
+            first_batch
+        };
+
+        // The first failure of any batch of this append, reported by the last callback.
+        let failure: Arc<OnceLock<chatlog_storage::Error>> = Arc::new(OnceLock::new());
+        let batch_count = batches.len();
+        let mut callback = Some(callback);
+        for (b, (batch, _)) in batches.into_iter().enumerate() {
+            let state = Arc::clone(&self.state);
+            let failure = Arc::clone(&failure);
+            let done = if b + 1 == batch_count {
+                callback.take()
+            } else {
+                None
+            };
+            let batch_id = first_batch + b as u64;
+            let on_durable: Durable = Box::new(move |result: chatlog_storage::Result<()>| {
+                match result {
+                    Ok(()) if failure.get().is_none() => flushed(&state, batch_id),
+                    // After a failure the group stops (openraft makes it fatal); what the
+                    // tail holds no longer matters.
+                    Ok(()) => {}
+                    Err(e) => {
+                        // Only the first failure is kept; a later one adds nothing.
+                        let _ = failure.set(e);
+                    }
+                }
+                if let Some(done) = done {
+                    let outcome = match failure.get() {
+                        None => Ok(()),
+                        Some(source) => Err(io::Error::from(Error::Storage {
+                            group,
+                            verb: "flushing",
+                            subject: format!("log entries [{first}, {}]", last.index),
+                            source: source.clone(),
+                        })),
+                    };
+                    done.io_completed(outcome);
+                }
+            });
+            // On `Err` the batch was not queued and `on_durable` (and with the last batch,
+            // the IOFlushed) is dropped uncalled; returning the error stops the group.
+            self.engine
+                .submit(&batch, on_durable)
+                .await
+                .map_err(|source| {
+                    self.storage_err(
+                        "appending",
+                        format!("log entries [{first}, {}]", last.index),
+                        source,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&self, keep: Option<LogId>) -> Result<()> {
+        let keep_engine = {
+            let mut st = self.lock();
+            let Some(last) = st.last else {
+                return Ok(());
+            };
+            if keep.is_some_and(|k| k.index >= last.index) {
+                return Ok(());
+            }
+            let keep_index = keep.map(|k| k.index);
+            while st
+                .unflushed
+                .back()
+                .is_some_and(|u| Some(u.entry.log_id.index) > keep_index)
+            {
+                st.unflushed.pop_back();
+            }
+            // Never ask the engine to cut below its first entry (it refuses): keep at least
+            // engine index `first_index`, the one just below it.
+            let first_index = st.first_index;
+            let keep_engine = keep_index.map_or(0, engine_index).max(first_index);
+            st.last = keep.filter(|k| k.index >= first_index);
+            keep_engine
+        };
+        let mut batch = WriteBatch::new();
+        batch.truncate_after(self.log, keep_engine);
+        self.engine.write(&batch).await.map_err(|source| {
+            self.storage_err("truncating", format!("log entries after {keep:?}"), source)
+        })
+    }
+
+    async fn purge(&self, upto: LogId) -> Result<()> {
+        {
+            let mut st = self.lock();
+            if st.purged.is_some_and(|p| p.index >= upto.index) {
+                return Ok(());
+            }
+            st.purged = Some(upto);
+            match st.last {
+                Some(last) if last.index > upto.index => {
+                    st.first_index = st.first_index.max(upto.index + 1);
+                }
+                _ => st.last = None,
+            }
+            while st
+                .unflushed
+                .front()
+                .is_some_and(|u| u.entry.log_id.index <= upto.index)
+            {
+                st.unflushed.pop_front();
+            }
+        }
+        let mut batch = WriteBatch::new();
+        batch.purge_before(self.log, engine_index(upto.index + 1));
+        batch.put_meta(self.log, ids::META_PURGED, &codec::encode_log_id(&upto));
+        self.engine.write(&batch).await.map_err(|source| {
+            self.storage_err("purging", format!("log entries up to {upto}"), source)
+        })
+    }
+
+    async fn save_vote(&self, vote: &Vote) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        batch.put_meta(self.log, ids::META_VOTE, &codec::encode_vote(vote));
+        self.engine
+            .write(&batch)
+            .await
+            .map_err(|source| self.storage_err("saving", format!("the vote {vote}"), source))?;
+        self.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&self, committed: Option<LogId>) -> Result<()> {
+        self.lock().committed = committed;
+        let mut batch = WriteBatch::new();
+        match &committed {
+            Some(c) => batch.put_meta(self.log, ids::META_COMMITTED, &codec::encode_log_id(c)),
+            None => batch.delete_meta(self.log, ids::META_COMMITTED),
+        }
+        // Queued behind the appends it refers to, not awaited: openraft calls this on every
+        // apply round, and a lost update only lowers the committed mark after a crash. A
+        // failed write stops the engine, which fails every later write of the group.
+        let on_durable: Durable = Box::new(|_: chatlog_storage::Result<()>| {});
+        self.engine
+            .submit(&batch, on_durable)
+            .await
+            .map_err(|source| {
+                self.storage_err(
+                    "saving",
+                    format!("the committed log id {committed:?}"),
+                    source,
+                )
+            })
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Critical sections only move plain values; a panic inside one is a bug that already
+    // stopped the group.
+    state.lock().expect("log state lock")
+}
+
+/// The durable callback of engine batch `batch` fired with success: its entries are now
+/// readable from the engine (it indexes a batch before calling back).
+fn flushed(state: &Mutex<State>, batch: u64) {
+    let mut st = lock(state);
+    while st.unflushed.front().is_some_and(|u| u.batch <= batch) {
+        st.unflushed.pop_front();
+    }
+}
+
+/// Payload bytes an entry holds (for read limits).
+fn payload_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(batch) => batch.0.len() + codec::ENTRY_HEADER_BYTES,
+        _ => codec::ENTRY_HEADER_BYTES,
+    }
+}
+
+/// `[start, end)` of a range of indexes.
+fn index_range(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = index_range(&range);
+        Ok(self.shared.read(start, end, usize::MAX)?)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.shared.lock().vote)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(self.shared.read(start, end, REPLICATION_READ_BYTES_MAX)?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let st = self.shared.lock();
+        Ok(LogState {
+            last_purged_log_id: st.purged,
+            last_log_id: st.last.or(st.purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        LogReader {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        Ok(self.shared.save_vote(vote).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        Ok(self.shared.save_committed(committed).await?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.shared.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        Ok(self.shared.append(entries, callback).await?)
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        Ok(self.shared.truncate_after(last_log_id).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        Ok(self.shared.purge(log_id).await?)
+    }
+}

@@ -1,0 +1,202 @@
+//! What the conformance suite does not exercise: normal (chat batch) entries, reading
+//! entries before they are durable, and everything surviving a restart of the engine.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chatlog_raft::types::{Entry, EntryPayload, LogId, Membership, Vote, log_id};
+use chatlog_raft::{ChatBatch, GroupId, LogStore, TypeConfig};
+use chatlog_storage::{Config, Engine};
+use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftLogStorageExt};
+use openraft::type_config::TypeConfigExt;
+
+const GROUP: GroupId = 3;
+
+fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
+    let mut config = Config::new(dir);
+    config.segment_bytes = 1 << 20;
+    let engine = Arc::new(Engine::open(config).expect("engine opens"));
+    let store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store opens");
+    (engine, store)
+}
+
+/// Drops the store and closes the engine, checking it stopped cleanly. Every reader of
+/// the store must be dropped first.
+fn close(engine: Arc<Engine>, store: LogStore) {
+    drop(store);
+    let engine = Arc::try_unwrap(engine).expect("the store held the only other handle");
+    engine.close().expect("engine closes cleanly");
+}
+
+fn normal(term: u64, index: u64, body: &str) -> Entry {
+    Entry {
+        log_id: log_id(term, 1, index),
+        payload: EntryPayload::Normal(ChatBatch(Bytes::from(body.to_string()))),
+    }
+}
+
+fn membership(term: u64, index: u64, voters: &[u64]) -> Entry {
+    let voters: BTreeSet<u64> = voters.iter().copied().collect();
+    Entry {
+        log_id: log_id(term, 1, index),
+        payload: EntryPayload::Membership(Membership::new_with_defaults(vec![voters], [])),
+    }
+}
+
+async fn read_all(store: &mut LogStore) -> Vec<Entry> {
+    let mut reader = store.get_log_reader().await;
+    reader.try_get_log_entries(0..).await.expect("reads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let entries = vec![
+        membership(1, 0, &[1, 2, 3]),
+        normal(1, 1, "one"),
+        normal(1, 2, "two"),
+        normal(2, 3, "three"),
+        normal(2, 4, "four"),
+        normal(2, 5, "five"),
+    ];
+    let vote = Vote::new_committed(2, 1);
+    let committed: LogId = log_id(2, 1, 4);
+    let purged: LogId = log_id(1, 1, 1);
+    {
+        let (engine, mut store) = open(dir.path());
+        store
+            .blocking_append(entries.clone())
+            .await
+            .expect("appends");
+        store.save_vote(&vote).await.expect("saves vote");
+        store
+            .save_committed(Some(committed))
+            .await
+            .expect("saves committed");
+        store.purge(purged).await.expect("purges");
+        close(engine, store);
+    }
+    let (engine, mut store) = open(dir.path());
+    let state = store.get_log_state().await.expect("log state");
+    assert_eq!(state.last_purged_log_id, Some(purged));
+    assert_eq!(state.last_log_id, Some(log_id(2, 1, 5)));
+    assert_eq!(
+        store.read_committed().await.expect("committed"),
+        Some(committed)
+    );
+    let mut reader = store.get_log_reader().await;
+    assert_eq!(reader.read_vote().await.expect("vote"), Some(vote));
+    drop(reader);
+    assert_eq!(read_all(&mut store).await, entries[2..].to_vec());
+    // The log continues where it ended.
+    store
+        .blocking_append([normal(3, 6, "six")])
+        .await
+        .expect("appends after restart");
+    assert_eq!(read_all(&mut store).await.len(), 5);
+    close(engine, store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_entries_are_readable_before_their_flush_is_reported() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, mut store) = open(dir.path());
+    let mut reader = store.get_log_reader().await;
+    let mut expected = Vec::new();
+    let mut pending = Vec::new();
+    // Many appends in a row without waiting: later ones are submitted while earlier ones
+    // are still being synced, so reads mix durable entries and the unflushed tail.
+    for index in 0..200u64 {
+        let entry = normal(1, index, &format!("message {index}"));
+        expected.push(entry.clone());
+        let (tx, rx) = TypeConfig::oneshot();
+        store
+            .append([entry], IOFlushed::signal(tx))
+            .await
+            .expect("append is accepted");
+        pending.push(rx);
+        let got = reader
+            .try_get_log_entries(0..=index)
+            .await
+            .expect("reads right after append");
+        assert_eq!(got, expected, "after appending {index}");
+    }
+    for rx in pending {
+        let flushed: Result<(), io::Error> = rx.await.expect("callback is called");
+        flushed.expect("flush succeeds");
+    }
+    assert_eq!(read_all(&mut store).await, expected);
+    // An empty append still gets its flush report (queued behind earlier writes).
+    let (tx, rx) = TypeConfig::oneshot();
+    store
+        .append(Vec::<Entry>::new(), IOFlushed::signal(tx))
+        .await
+        .expect("empty append is accepted");
+    let flushed: Result<(), io::Error> = rx.await.expect("callback is called");
+    flushed.expect("empty flush succeeds");
+    drop(reader);
+    close(engine, store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncation_then_append_replaces_the_suffix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (engine, mut store) = open(dir.path());
+        let first: Vec<Entry> = (0..6).map(|i| normal(1, i, "old")).collect();
+        store.blocking_append(first.clone()).await.expect("appends");
+        store
+            .truncate_after(Some(log_id(1, 1, 2)))
+            .await
+            .expect("truncates");
+        let replacement: Vec<Entry> = (3..5).map(|i| normal(2, i, "new")).collect();
+        store
+            .blocking_append(replacement.clone())
+            .await
+            .expect("appends after truncation");
+        let mut expected = first[..3].to_vec();
+        expected.extend(replacement);
+        assert_eq!(read_all(&mut store).await, expected);
+        close(engine, store);
+    }
+    let (engine, mut store) = open(dir.path());
+    let got = read_all(&mut store).await;
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[4].log_id, log_id(2, 1, 4));
+    // Truncating everything, then starting again at 0.
+    store.truncate_after(None).await.expect("truncates all");
+    assert!(read_all(&mut store).await.is_empty());
+    store
+        .blocking_append([normal(3, 0, "again")])
+        .await
+        .expect("appends at 0");
+    assert_eq!(read_all(&mut store).await.len(), 1);
+    close(engine, store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_appends_are_split_and_limited_reads_return_a_prefix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, mut store) = open(dir.path());
+    // 12 entries of 512 KiB in one append: over the engine's batch limit with 1 MiB
+    // segments, so the append goes out as several batches with one flush report.
+    let body = "x".repeat(512 << 10);
+    let entries: Vec<Entry> = (0..12).map(|i| normal(1, i, &body)).collect();
+    assert!(12 * body.len() > engine.write_batch_bytes_max());
+    store
+        .blocking_append(entries.clone())
+        .await
+        .expect("appends");
+    assert_eq!(read_all(&mut store).await, entries);
+    // The replication read limit (4 MiB) cuts the range after 8 entries.
+    let mut reader = store.get_log_reader().await;
+    let got = reader.limited_get_log_entries(0, 12).await.expect("reads");
+    assert_eq!(got, entries[..8].to_vec());
+    let got = reader.limited_get_log_entries(11, 12).await.expect("reads");
+    assert_eq!(got.len(), 1);
+    drop(reader);
+    close(engine, store);
+}
