@@ -231,6 +231,28 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// Adds up the writers' (batches, latency) results of one timed run.
+    pub fn merge(
+        results: Vec<(u64, Histogram<u64>)>,
+        entry_bytes: u64,
+        elapsed: Duration,
+    ) -> RunResult {
+        let mut latency = histogram();
+        let mut batches = 0;
+        for (n, h) in results {
+            batches += n;
+            latency.add(&h).expect("same histogram bounds");
+        }
+        let entries = batches * BATCH_ENTRIES as u64;
+        RunResult {
+            batches,
+            entries,
+            payload_bytes: entries * entry_bytes,
+            elapsed,
+            latency,
+        }
+    }
+
     pub fn entries_per_sec(&self) -> f64 {
         self.entries as f64 / self.elapsed.as_secs_f64()
     }
@@ -265,20 +287,7 @@ pub fn run_writers(store: &dyn Store, workloads: &mut [Workload], stop: &Stop) -
             .collect();
         (started.elapsed(), results)
     });
-    let mut latency = histogram();
-    let mut batches = 0;
-    for (n, h) in results {
-        batches += n;
-        latency.add(&h).expect("same histogram bounds");
-    }
-    let entries = batches * BATCH_ENTRIES as u64;
-    RunResult {
-        batches,
-        entries,
-        payload_bytes: entries * entry_bytes,
-        elapsed,
-        latency,
-    }
+    RunResult::merge(results, entry_bytes, elapsed)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -501,20 +510,7 @@ pub fn run_chatlog_tokio(
         out
     });
     let elapsed = started.elapsed();
-    let mut latency = histogram();
-    let mut batches = 0;
-    for (n, h) in results {
-        batches += n;
-        latency.add(&h).expect("same bounds");
-    }
-    let entries = batches * BATCH_ENTRIES as u64;
-    RunResult {
-        batches,
-        entries,
-        payload_bytes: entries * entry_bytes,
-        elapsed,
-        latency,
-    }
+    RunResult::merge(results, entry_bytes, elapsed)
 }
 
 // ---------------------------------------------------------------------------------------
