@@ -39,7 +39,6 @@ pub(crate) enum Msg {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub records: AtomicU64,
-    pub entries: AtomicU64,
     pub bytes_written: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_ns_total: AtomicU64,

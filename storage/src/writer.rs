@@ -59,7 +59,8 @@ struct IoThread {
     offset: u64,
     next_record_seq: u64,
     buf: Vec<u8>,
-    /// Where the buffered write will start (`offset` when the buffer was empty).
+    /// Each buffered record's offset in the active segment and its ops, applied to the
+    /// index once the group is durable.
     pending: Vec<(u32, Vec<OpSummary>)>,
     callbacks: Vec<Durable>,
     overlay: HashMap<LogId, Bounds>,
@@ -276,21 +277,14 @@ impl IoThread {
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match result {
             Ok(()) => {
-                let mut entries = 0u64;
                 {
                     let mut index = self.shared.index.write().expect("index lock");
                     for (at, ops) in self.pending.drain(..) {
-                        entries += ops
-                            .iter()
-                            .filter(|op| op.kind.carries_entries())
-                            .map(|op| op.count as u64)
-                            .sum::<u64>();
                         index.apply_record(self.active.id, at, &ops);
                     }
                 }
                 c.records
                     .fetch_add(self.callbacks.len() as u64, Ordering::Relaxed);
-                c.entries.fetch_add(entries, Ordering::Relaxed);
                 c.bytes_written
                     .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
                 self.offset += self.buf.len() as u64;
@@ -305,13 +299,7 @@ impl IoThread {
                 let cause =
                     self.shared
                         .fail(Error::io("writing and syncing", &self.active.path, e));
-                self.pending.clear();
-                self.buf.clear();
-                for done in self.callbacks.drain(..) {
-                    done(Err(Error::Stopped {
-                        cause: cause.clone(),
-                    }));
-                }
+                self.flush_failed(&cause);
             }
         }
     }
