@@ -60,7 +60,8 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(what: &'static str, detail: impl Into<String>) -> DecodeError {
+    /// A failed check of `what`.
+    pub fn new(what: &'static str, detail: impl Into<String>) -> DecodeError {
         DecodeError {
             what,
             detail: detail.into(),
@@ -247,6 +248,55 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
+    }
+
+    /// `n` raw bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        self.take(n)
+    }
+
+    /// A u32 length, checked against `max` and the bytes left, then that many bytes.
+    pub fn len_prefixed(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(DecodeError::new(
+                self.what,
+                format!(
+                    "length {n} at offset {} is over the limit {max}",
+                    self.at - 4
+                ),
+            ));
+        }
+        self.take(n)
+    }
+
+    /// A u32-length-prefixed UTF-8 string of at most `max` bytes.
+    pub fn string(&mut self, max: usize) -> Result<String, DecodeError> {
+        let at = self.at;
+        let b = self.len_prefixed(max)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| DecodeError::new(self.what, format!("invalid UTF-8 at offset {at}")))
+    }
+
+    /// A u32 count of items of at least `item_bytes` each, checked against `max` and
+    /// against the bytes left, so a caller may allocate for it.
+    pub fn item_count(&mut self, item_bytes: usize, max: usize) -> Result<usize, DecodeError> {
+        let n = self.count(item_bytes.max(1))?;
+        if n > max {
+            return Err(DecodeError::new(
+                self.what,
+                format!(
+                    "count {n} at offset {} is over the limit {max}",
+                    self.at - 4
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Bytes not consumed yet.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
     }
 
     /// A `LogId`.

@@ -50,6 +50,12 @@ pub enum Error {
         /// What does not add up.
         detail: String,
     },
+    /// A configuration that cannot work (Raft timing, placement).
+    #[error("invalid configuration: {detail}")]
+    Config {
+        /// What is wrong.
+        detail: String,
+    },
     /// The group id cannot be mapped to engine logs.
     #[error("group id {group} is above the largest supported group id {max}")]
     GroupIdTooLarge {

@@ -9,7 +9,7 @@
 //! | k | log                                                               |
 //! |---|-------------------------------------------------------------------|
 //! | 0 | the Raft log (entries, and meta `vote`, `committed`, `purged`)    |
-//! | 1 | reserved: state-machine checkpoints (state too big for meta)      |
+//! | 1 | state-machine checkpoints (chunks, and meta `checkpoint`)         |
 //! | 2 | reserved: snapshot staging while a snapshot is received           |
 //! | 3 | reserved                                                          |
 //!
@@ -34,6 +34,15 @@ pub const META_COMMITTED: &[u8] = b"committed";
 /// Meta key of the Raft log: the last purged log id (`codec::encode_log_id`). Absent
 /// means nothing was ever purged.
 pub const META_PURGED: &[u8] = b"purged";
+
+/// Meta key of the checkpoint log: where the latest checkpoint's chunks are
+/// (`state_machine::encode_pointer`). Absent means none was written.
+pub const META_CHECKPOINT: &[u8] = b"checkpoint";
+
+/// The engine log holding group `group`'s state-machine checkpoints.
+pub fn checkpoint_log(group: GroupId) -> Option<chatlog_storage::LogId> {
+    raft_log(group).map(|l| l | 1)
+}
 
 /// The engine log holding group `group`'s Raft log, or `None` if the id is too large.
 pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {

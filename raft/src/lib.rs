@@ -11,10 +11,12 @@
 //! Architecture invariant: one `chatlog_storage::Engine` per node is shared by every
 //! group; a group's log store never waits for an fdatasync of its own in `append`.
 
+pub mod chat;
 pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod log_store;
+pub mod node;
 pub mod state_machine;
 pub mod types;
 

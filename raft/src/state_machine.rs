@@ -1,36 +1,46 @@
-//! A group's state machine: openraft's `RaftStateMachine` and `RaftSnapshotBuilder`.
+//! A group's state machine: openraft's `RaftStateMachine` and `RaftSnapshotBuilder` over
+//! the chat rules in `chat/`.
 //!
-//! What it owns today: the applied state openraft needs (last applied log id, last
-//! membership) plus a count of applied chat batches, and snapshots of exactly that
-//! state. What it must not do: block on I/O in `apply`, or reorder entries.
+//! What it owns: driving `chat::GroupState` with committed entries (each `ChatBatch` is a
+//! batch of chat commands; the reply lists one `Outcome` per command), the applied log
+//! id and membership, durable checkpoints of the whole state in the group's checkpoint
+//! log, and snapshots. It shares the state with readers through [`GroupShared`], so a
+//! history read never queues behind `apply`. What it must not do: wait for an fdatasync
+//! on the common path (only a checkpoint, every [`SmConfig::checkpoint_every_entries`]
+//! entries, waits), or reorder entries.
 //!
-//! Deliberately small, and **in memory only**: after a restart `applied_state` reports
-//! nothing and openraft re-applies the log from the start (`(applied, committed]`), which
-//! works only while nothing below the committed mark was purged. The chat semantics (seq
-//! assignment, membership and role checks, de-duplication, the per-chat index) and
-//! checkpoints through the engine's metadata replace this in the next slices; the trait
-//! plumbing and the snapshot format here stay.
+//! Checkpoints. The state is encoded (`GroupState::encode`) into the engine log
+//! `ids::checkpoint_log(g)` as chunks, then one batch sets the meta key
+//! `ids::META_CHECKPOINT` to point at them and purges older chunks; the engine makes a
+//! batch durable only after the ones before it, so the pointer never names missing
+//! chunks. On open the state machine loads the checkpoint and reports its applied id;
+//! openraft re-applies `(checkpoint, committed]` from the log (`save_committed`).
 //!
-//! Snapshot bytes (`SnapshotData`), little-endian:
+//! Snapshot bytes (`SnapshotData`): the checkpoint header followed by the state bytes.
 //!
 //! ```text
-//! 0 version u8 (= SNAPSHOT_VERSION)
-//! 1 has_applied u8 (0/1) [| applied LogId, 24 bytes]
-//!   has_membership_log_id u8 (0/1) [| membership LogId, 24 bytes]
-//!   Membership (codec)
-//!   batches_applied u64 | batch_bytes_applied u64
+//! version u8 | has_applied u8 [| LogId] | has_membership_log_id u8 [| LogId]
+//! | Membership (codec) | state_len u64 | state bytes
 //! ```
+//!
+//! Known gap: a snapshot carries the state but not the retained log range, so a
+//! follower that installs one cannot serve history older than the snapshot until it is
+//! streamed too (raft/PLAN.md §5.2).
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
+use chatlog_storage::{Engine, WriteBatch};
 use futures_util::{Stream, StreamExt};
 use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use tokio::sync::watch;
 
+use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
+use crate::ids;
 use crate::types::{
     ChatBatchReply, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StoredMembership,
     TypeConfig,
@@ -39,82 +49,95 @@ use crate::types::{
 /// The bytes of a snapshot (see the module docs for the format).
 pub type SnapshotData = Bytes;
 
-/// Version byte of the snapshot format.
-pub const SNAPSHOT_VERSION: u8 = 1;
+/// Version byte of the snapshot and checkpoint header.
+pub const SNAPSHOT_VERSION: u8 = 2;
+/// Bytes of state per checkpoint chunk (one engine entry each).
+pub const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
 
-/// What applying the log so far has produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AppliedState {
-    /// The last applied entry.
-    pub last_applied: Option<LogId>,
-    /// The last membership applied, with the id of its entry.
-    pub last_membership: StoredMembership,
-    /// Normal (chat batch) entries applied.
-    pub batches_applied: u64,
-    /// Payload bytes of those entries.
-    pub batch_bytes_applied: u64,
+/// Knobs of a group's state machine.
+#[derive(Debug, Clone, Copy)]
+pub struct SmConfig {
+    /// Entries applied between two checkpoints. A restart re-applies at most about this
+    /// many entries per group (plus what arrived since the last one).
+    pub checkpoint_every_entries: u64,
 }
 
-impl AppliedState {
-    /// Encodes the state as snapshot bytes.
-    pub fn encode(&self) -> Bytes {
-        let mut out = vec![SNAPSHOT_VERSION];
+impl Default for SmConfig {
+    fn default() -> SmConfig {
+        SmConfig {
+            checkpoint_every_entries: 20_000,
+        }
+    }
+}
+
+/// What readers share with the state machine of one group.
+#[derive(Debug)]
+pub struct GroupShared {
+    group: GroupId,
+    state: RwLock<GroupState>,
+    /// The last applied Raft index (0 before anything), for waiters and subscribers.
+    applied: watch::Sender<u64>,
+}
+
+impl GroupShared {
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// Read access to the applied state. Hold it briefly: `apply` waits for it.
+    pub fn read(&self) -> RwLockReadGuard<'_, GroupState> {
+        // A poisoned lock means apply panicked; the group is stopped anyway.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches the last applied Raft index.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+}
+
+/// The durable part of the state's header: applied id and membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Header {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+impl Header {
+    fn encode_with(&self, state: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(state.len() + 128);
+        out.push(SNAPSHOT_VERSION);
         put_optional_log_id(&mut out, self.last_applied.as_ref());
         put_optional_log_id(&mut out, self.last_membership.log_id().as_ref());
         codec::put_membership(&mut out, self.last_membership.membership());
-        out.extend_from_slice(&self.batches_applied.to_le_bytes());
-        out.extend_from_slice(&self.batch_bytes_applied.to_le_bytes());
-        Bytes::from(out)
+        out.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        out.extend_from_slice(state);
+        out
     }
 
-    /// Decodes snapshot bytes made by [`AppliedState::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<AppliedState, DecodeError> {
+    fn decode(bytes: &[u8]) -> Result<(Header, GroupState), DecodeError> {
         let mut r = Reader::new("snapshot", bytes);
         let version = r.u8()?;
         if version != SNAPSHOT_VERSION {
-            return Err(DecodeError {
-                what: "snapshot",
-                detail: format!("version {version}, expected {SNAPSHOT_VERSION}"),
-            });
+            return Err(DecodeError::new(
+                "snapshot",
+                format!("version {version}, expected {SNAPSHOT_VERSION}"),
+            ));
         }
         let last_applied = optional_log_id(&mut r)?;
         let membership_log_id = optional_log_id(&mut r)?;
         let membership = r.membership()?;
-        let batches_applied = r.u64()?;
-        let batch_bytes_applied = r.u64()?;
+        let len = r.u64()? as usize;
+        let state = GroupState::decode(r.bytes(len)?)?;
         r.finish()?;
-        Ok(AppliedState {
-            last_applied,
-            last_membership: StoredMembership::new(membership_log_id, membership),
-            batches_applied,
-            batch_bytes_applied,
-        })
-    }
-
-    /// Applies one entry; entries must come in strictly increasing index order.
-    fn apply(&mut self, group: GroupId, entry: Entry) -> Result<ChatBatchReply, Error> {
-        if let Some(applied) = self.last_applied
-            && entry.log_id.index <= applied.index
-        {
-            return Err(Error::Inconsistent {
-                group,
-                detail: format!("apply of {} after {applied}", entry.log_id),
-            });
-        }
-        match entry.payload {
-            EntryPayload::Blank => {}
-            EntryPayload::Normal(batch) => {
-                self.batches_applied += 1;
-                self.batch_bytes_applied += batch.0.len() as u64;
-            }
-            EntryPayload::Membership(m) => {
-                self.last_membership = StoredMembership::new(Some(entry.log_id), m);
-            }
-        }
-        self.last_applied = Some(entry.log_id);
-        Ok(ChatBatchReply {
-            log_index: entry.log_id.index,
-        })
+        Ok((
+            Header {
+                last_applied,
+                last_membership: StoredMembership::new(membership_log_id, membership),
+            },
+            state,
+        ))
     }
 
     fn snapshot_meta(&self) -> SnapshotMeta {
@@ -143,42 +166,212 @@ fn optional_log_id(r: &mut Reader<'_>) -> Result<Option<LogId>, DecodeError> {
     }
 }
 
-/// The latest snapshot, shared between a state machine and its builders.
-type CurrentSnapshot = Arc<Mutex<Option<Snapshot<SnapshotData>>>>;
-
-fn lock(current: &CurrentSnapshot) -> MutexGuard<'_, Option<Snapshot<SnapshotData>>> {
-    // Held only to swap or clone a value; poisoning would mean a bug already stopped us.
-    current.lock().expect("snapshot lock")
+/// Where a checkpoint's chunks live: `count` entries from engine index `first`.
+fn encode_pointer(first: u64, count: u64, bytes: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&first.to_le_bytes());
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(&bytes.to_le_bytes());
+    v
 }
+
+fn decode_pointer(b: &[u8]) -> Result<(u64, u64, u64), DecodeError> {
+    let mut r = Reader::new("checkpoint pointer", b);
+    let v = (r.u64()?, r.u64()?, r.u64()?);
+    r.finish()?;
+    Ok(v)
+}
+
+type CurrentSnapshot = Arc<Mutex<Option<Snapshot<SnapshotData>>>>;
 
 /// The state machine of one group.
 #[derive(Debug)]
 pub struct ChatStateMachine {
     group: GroupId,
-    applied: AppliedState,
+    engine: Arc<Engine>,
+    config: SmConfig,
+    header: Header,
+    shared: Arc<GroupShared>,
+    applied_since_checkpoint: u64,
     current_snapshot: CurrentSnapshot,
 }
 
 impl ChatStateMachine {
-    /// A state machine with nothing applied.
-    pub fn new(group: GroupId) -> ChatStateMachine {
-        ChatStateMachine {
+    /// Opens group `group`'s state machine, loading its latest checkpoint if any.
+    pub fn open(engine: Arc<Engine>, group: GroupId, config: SmConfig) -> Result<Self, Error> {
+        let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
             group,
-            applied: AppliedState::default(),
-            current_snapshot: CurrentSnapshot::default(),
+            max: ids::GROUP_ID_MAX,
+        })?;
+        let (header, state) = match engine.meta(log, ids::META_CHECKPOINT) {
+            None => (Header::default(), GroupState::new(group)),
+            Some(ptr) => {
+                let decode_err = |subject: &str| {
+                    let subject = subject.to_string();
+                    move |source| Error::Decode {
+                        group,
+                        subject,
+                        source,
+                    }
+                };
+                let (first, count, bytes) =
+                    decode_pointer(&ptr).map_err(decode_err("the checkpoint pointer"))?;
+                let mut data = Vec::with_capacity(bytes as usize);
+                let mut next = first;
+                while next < first + count {
+                    let chunks =
+                        engine
+                            .read(log, next..first + count, 16 << 20)
+                            .map_err(|source| Error::Storage {
+                                group,
+                                verb: "reading",
+                                subject: format!("checkpoint chunks from {next}"),
+                                source,
+                            })?;
+                    if chunks.is_empty() {
+                        return Err(Error::Inconsistent {
+                            group,
+                            detail: format!("checkpoint chunk {next} is missing"),
+                        });
+                    }
+                    next += chunks.len() as u64;
+                    for c in chunks {
+                        data.extend_from_slice(&c);
+                    }
+                }
+                if data.len() as u64 != bytes {
+                    return Err(Error::Inconsistent {
+                        group,
+                        detail: format!(
+                            "checkpoint holds {} bytes, its pointer says {bytes}",
+                            data.len()
+                        ),
+                    });
+                }
+                Header::decode(&data).map_err(decode_err("the checkpoint"))?
+            }
+        };
+        if state.group() != group {
+            return Err(Error::Inconsistent {
+                group,
+                detail: format!("checkpoint belongs to group {}", state.group()),
+            });
         }
+        let applied_index = header.last_applied.map_or(0, |l| l.index);
+        Ok(ChatStateMachine {
+            group,
+            engine,
+            config,
+            header,
+            shared: Arc::new(GroupShared {
+                group,
+                state: RwLock::new(state),
+                applied: watch::Sender::new(applied_index),
+            }),
+            applied_since_checkpoint: 0,
+            current_snapshot: CurrentSnapshot::default(),
+        })
     }
 
-    /// The state applied so far.
-    pub fn applied(&self) -> &AppliedState {
-        &self.applied
+    /// What readers share with this state machine.
+    pub fn shared(&self) -> Arc<GroupShared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.header.last_applied
+    }
+
+    fn encode_snapshot(&self) -> Bytes {
+        let state = self.shared.read().encode();
+        Bytes::from(self.header.encode_with(&state))
+    }
+
+    /// Writes the current state as the group's checkpoint and waits until it is durable.
+    pub async fn checkpoint(&mut self) -> Result<(), Error> {
+        let bytes = self.encode_snapshot();
+        self.write_checkpoint(&bytes).await?;
+        self.applied_since_checkpoint = 0;
+        Ok(())
+    }
+
+    async fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
+        let group = self.group;
+        let log = ids::checkpoint_log(group).expect("checked at open");
+        let storage_err = |source| Error::Storage {
+            group,
+            verb: "writing",
+            subject: "a checkpoint".into(),
+            source,
+        };
+        let first = self.engine.bounds(log).map_or(1, |b| b.next.max(1));
+        let chunk = CHECKPOINT_CHUNK_BYTES.min(self.engine.write_batch_bytes_max() / 4);
+        let per_batch = (self.engine.write_batch_bytes_max() / 2 / chunk).max(1);
+        let chunks: Vec<&[u8]> = bytes.chunks(chunk.max(1)).collect();
+        let mut index = first;
+        for group_of_chunks in chunks.chunks(per_batch) {
+            let mut batch = WriteBatch::new();
+            batch.append_many(log, index, group_of_chunks.iter().copied());
+            self.engine.write(&batch).await.map_err(storage_err)?;
+            index += group_of_chunks.len() as u64;
+        }
+        let mut batch = WriteBatch::new();
+        batch.put_meta(
+            log,
+            ids::META_CHECKPOINT,
+            &encode_pointer(first, chunks.len() as u64, bytes.len() as u64),
+        );
+        batch.purge_before(log, first);
+        self.engine.write(&batch).await.map_err(storage_err)
+    }
+
+    fn apply_entry(&mut self, entry: Entry) -> Result<ChatBatchReply, Error> {
+        if let Some(applied) = self.header.last_applied
+            && entry.log_id.index <= applied.index
+        {
+            return Err(Error::Inconsistent {
+                group: self.group,
+                detail: format!("apply of {} after {applied}", entry.log_id),
+            });
+        }
+        let index = entry.log_id.index;
+        let outcomes = match entry.payload {
+            EntryPayload::Blank => Vec::new(),
+            EntryPayload::Membership(m) => {
+                self.header.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                Vec::new()
+            }
+            EntryPayload::Normal(batch) => match DecodedBatch::parse(batch.0) {
+                // Proposers always encode valid batches; a bad one is refused as a whole
+                // (deterministically, on every replica) rather than stopping the group.
+                Err(e) => vec![Outcome::refused(RefusalCode::BadRequest, e.to_string())],
+                Ok(batch) => {
+                    let mut out = Vec::with_capacity(batch.len());
+                    let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
+                    for pos in 0..batch.len() {
+                        out.push(match batch.command(pos) {
+                            Ok(cmd) => state.apply(&cmd, batch.timestamp_ms, index, pos),
+                            Err(e) => Outcome::refused(RefusalCode::BadRequest, e.to_string()),
+                        });
+                    }
+                    out
+                }
+            },
+        };
+        self.header.last_applied = Some(entry.log_id);
+        self.applied_since_checkpoint += 1;
+        Ok(ChatBatchReply {
+            log_index: index,
+            outcomes,
+        })
     }
 }
 
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
 pub struct ChatSnapshotBuilder {
-    applied: AppliedState,
+    snapshot: Snapshot<SnapshotData>,
     current_snapshot: CurrentSnapshot,
 }
 
@@ -186,12 +379,11 @@ impl RaftSnapshotBuilder<TypeConfig> for ChatSnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, io::Error> {
-        let snapshot = Snapshot {
-            meta: self.applied.snapshot_meta(),
-            snapshot: self.applied.encode(),
-        };
-        *lock(&self.current_snapshot) = Some(snapshot.clone());
-        Ok(snapshot)
+        *self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(self.snapshot.clone());
+        Ok(self.snapshot.clone())
     }
 }
 
@@ -201,8 +393,8 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         Ok((
-            self.applied.last_applied,
-            self.applied.last_membership.clone(),
+            self.header.last_applied,
+            self.header.last_membership.clone(),
         ))
     }
 
@@ -212,17 +404,24 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let reply = self.applied.apply(self.group, entry)?;
+            let reply = self.apply_entry(entry)?;
+            self.shared.applied.send_replace(reply.log_index);
             if let Some(responder) = responder {
                 responder.send(reply);
             }
+        }
+        if self.applied_since_checkpoint >= self.config.checkpoint_every_entries {
+            self.checkpoint().await?;
         }
         Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         ChatSnapshotBuilder {
-            applied: self.applied.clone(),
+            snapshot: Snapshot {
+                meta: self.header.snapshot_meta(),
+                snapshot: self.encode_snapshot(),
+            },
             current_snapshot: Arc::clone(&self.current_snapshot),
         }
     }
@@ -232,23 +431,35 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let state = AppliedState::decode(&snapshot).map_err(|source| Error::Decode {
+        let (header, state) = Header::decode(&snapshot).map_err(|source| Error::Decode {
             group: self.group,
             subject: format!("the snapshot at {:?}", meta.last_log_id),
             source,
         })?;
-        if state.snapshot_meta() != *meta {
+        if header.snapshot_meta() != *meta || state.group() != self.group {
             return Err(Error::Inconsistent {
                 group: self.group,
                 detail: format!(
-                    "snapshot data says {:?} / {:?}, its meta says {meta}",
-                    state.last_applied, state.last_membership
+                    "snapshot data says {:?} / {:?} of group {}, its meta says {meta}",
+                    header.last_applied,
+                    header.last_membership,
+                    state.group()
                 ),
             }
             .into());
         }
-        self.applied = state;
-        *lock(&self.current_snapshot) = Some(Snapshot {
+        // Durable first: a crash after this point restarts from the installed state.
+        self.write_checkpoint(&snapshot).await?;
+        *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.header = header;
+        self.applied_since_checkpoint = 0;
+        self.shared
+            .applied
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        *self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Snapshot {
             meta: meta.clone(),
             snapshot,
         });
@@ -256,62 +467,10 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<SnapshotData>>, io::Error> {
-        Ok(lock(&self.current_snapshot).clone())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-    use crate::types::{ChatBatch, Membership, log_id};
-
-    #[test]
-    fn snapshot_bytes_round_trip() {
-        let mut state = AppliedState::default();
-        assert_eq!(AppliedState::decode(&state.encode()), Ok(state.clone()));
-        let voters: BTreeSet<u64> = [1, 2, 3].into_iter().collect();
-        state
-            .apply(
-                0,
-                Entry {
-                    log_id: log_id(1, 1, 0),
-                    payload: EntryPayload::Membership(Membership::new_with_defaults(
-                        vec![voters],
-                        [7],
-                    )),
-                },
-            )
-            .expect("applies");
-        state
-            .apply(
-                0,
-                Entry {
-                    log_id: log_id(1, 1, 1),
-                    payload: EntryPayload::Normal(ChatBatch(Bytes::from_static(b"abc"))),
-                },
-            )
-            .expect("applies");
-        assert_eq!(state.batches_applied, 1);
-        assert_eq!(state.batch_bytes_applied, 3);
-        let bytes = state.encode();
-        assert_eq!(AppliedState::decode(&bytes), Ok(state.clone()));
-        for len in 0..bytes.len() {
-            assert!(AppliedState::decode(&bytes[..len]).is_err());
-        }
-    }
-
-    #[test]
-    fn apply_refuses_entries_out_of_order() {
-        let mut state = AppliedState::default();
-        let blank = |index| Entry {
-            log_id: log_id(1, 1, index),
-            payload: EntryPayload::Blank,
-        };
-        state.apply(0, blank(5)).expect("applies");
-        assert!(state.apply(0, blank(5)).is_err());
-        assert!(state.apply(0, blank(4)).is_err());
-        assert!(state.apply(0, blank(6)).is_ok());
+        Ok(self
+            .current_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
 }

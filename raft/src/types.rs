@@ -61,9 +61,8 @@ pub fn log_id(term: u64, node_id: NodeId, index: u64) -> LogId {
 
 /// The application payload of one Raft entry: an encoded batch of chat commands.
 ///
-/// Opaque for now: the command encoding and its semantics (seq assignment, membership
-/// checks, de-duplication) arrive with the state machine proper. Kept as `Bytes` so an
-/// entry's payload is the same buffer from proposal to disk to the wire.
+/// The bytes are a `chat::Batch` (`chat/command.rs`). Kept as `Bytes` so an entry's
+/// payload is the same buffer from proposal to disk to the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatBatch(pub Bytes);
 
@@ -73,12 +72,12 @@ impl fmt::Display for ChatBatch {
     }
 }
 
-/// The reply to one applied `ChatBatch`.
-///
-/// For now it only says where the batch lives in the group's log; per-command results
-/// (seq, timestamp, duplicate flag) come with the chat semantics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The reply to one applied `ChatBatch`: where it lives and one outcome per command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatBatchReply {
     /// Raft log index of the entry that carried the batch.
     pub log_index: u64,
+    /// What each command of the batch produced, in order (empty for blank and membership
+    /// entries).
+    pub outcomes: Vec<crate::chat::Outcome>,
 }

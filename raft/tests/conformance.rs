@@ -7,6 +7,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use chatlog_raft::state_machine::SmConfig;
 use chatlog_raft::{ChatStateMachine, GroupId, LogStore, TypeConfig};
 use chatlog_storage::{Config, Engine};
 use openraft::testing::log::{StoreBuilder, Suite};
@@ -36,10 +37,13 @@ impl StoreBuilder<TypeConfig, LogStore, ChatStateMachine, TempDir> for Builder {
         let dir = tempfile::tempdir().map_err(|e| store_error(ErrorVerb::Write, e))?;
         let engine = Engine::open(engine_config(dir.path()))
             .map_err(|e| store_error(ErrorVerb::Read, io::Error::other(e)))?;
-        let store =
-            LogStore::open(Arc::new(engine), GROUP).map_err(|e| store_error(ErrorVerb::Read, e))?;
+        let engine = Arc::new(engine);
+        let store = LogStore::open(Arc::clone(&engine), GROUP)
+            .map_err(|e| store_error(ErrorVerb::Read, e))?;
         // The store (holding the engine) is dropped before the directory guard.
-        Ok((dir, store, ChatStateMachine::new(GROUP)))
+        let sm = ChatStateMachine::open(engine, GROUP, SmConfig::default())
+            .map_err(|e| store_error(ErrorVerb::Read, e))?;
+        Ok((dir, store, sm))
     }
 }
 

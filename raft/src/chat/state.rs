@@ -1,0 +1,1336 @@
+//! A group's applied chat state and the rules that change it.
+//!
+//! What it owns: users (handles, login token hashes, sessions, read markers, chat lists),
+//! chats (kind, title, members and roles, bans, pins), the per-chat index
+//! `seq → (raft index, position in entry)`, the per-user log index, and the window of
+//! recent `(chat, sender, client message id)` sends. The message bytes are NOT here: the
+//! index points into the Raft log, which is the message log (DESIGN.md, decision 1).
+//! What it must not do: anything non-deterministic (iteration order of a hash map into
+//! an outcome or the encoding, clocks, randomness).
+//!
+//! Checkpoint bytes (`encode`/`decode`) are the whole state, little-endian, versioned;
+//! maps are written in key order, so two replicas with the same history write the same
+//! bytes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use crate::chat::command::{
+    ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
+    role_from,
+};
+use crate::chat::{ChatId, UserId, make_id};
+use crate::codec::{DecodeError, Reader};
+use crate::types::GroupId;
+
+/// Version byte of the checkpoint encoding.
+pub const STATE_VERSION: u8 = 1;
+/// Longest user handle.
+pub const USER_NAME_BYTES_MAX: usize = 32;
+/// Sessions a user may hold; a login beyond it ends the oldest.
+pub const SESSIONS_PER_USER_MAX: usize = 64;
+/// Recent sends remembered for de-duplication, per group.
+pub const DEDUPE_ENTRIES_MAX: usize = 256 * 1024;
+/// How long a send is remembered for de-duplication (by batch timestamps).
+pub const DEDUPE_WINDOW_MS: u64 = 15 * 60 * 1000;
+/// Largest Raft index an event location can name (40 bits).
+pub const EVENT_RAFT_INDEX_MAX: u64 = (1 << 40) - 1;
+/// Longest string decoded from a checkpoint.
+const STATE_STRING_BYTES_MAX: usize = 64 * 1024;
+
+/// What kind of event a log position holds, kept in the index so rules such as "only a
+/// message can be edited" need no log read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EventKind {
+    /// Chat: created.
+    ChatCreated = 1,
+    /// Chat: a message.
+    MessagePosted = 2,
+    /// Chat: an edit.
+    MessageEdited = 3,
+    /// Chat: a deletion.
+    MessageDeleted = 4,
+    /// Chat: a reaction change.
+    ReactionChanged = 5,
+    /// Chat: a pin change.
+    PinChanged = 6,
+    /// Chat: a member joined.
+    MemberJoined = 7,
+    /// Chat: a member left.
+    MemberLeft = 8,
+    /// Chat: a member was removed.
+    MemberRemoved = 9,
+    /// Chat: a user was banned.
+    MemberBanned = 10,
+    /// Chat: a ban was lifted.
+    MemberUnbanned = 11,
+    /// Chat: a role changed.
+    RoleChanged = 12,
+    /// User log: a read marker moved.
+    ReadMarkerMoved = 20,
+    /// User log: the user joined a chat.
+    ChatAdded = 21,
+    /// User log: the user left a chat.
+    ChatRemoved = 22,
+    /// User log: a session was revoked.
+    SessionRevoked = 23,
+}
+
+impl EventKind {
+    fn from_u8(b: u8) -> Option<EventKind> {
+        use EventKind::*;
+        Some(match b {
+            1 => ChatCreated,
+            2 => MessagePosted,
+            3 => MessageEdited,
+            4 => MessageDeleted,
+            5 => ReactionChanged,
+            6 => PinChanged,
+            7 => MemberJoined,
+            8 => MemberLeft,
+            9 => MemberRemoved,
+            10 => MemberBanned,
+            11 => MemberUnbanned,
+            12 => RoleChanged,
+            20 => ReadMarkerMoved,
+            21 => ChatAdded,
+            22 => ChatRemoved,
+            23 => SessionRevoked,
+            _ => return None,
+        })
+    }
+}
+
+/// Where one event lives: the Raft entry and the command's position in it, plus what
+/// the rules need without reading the log (kind, sender, erased flag). 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLoc {
+    /// raft index (40 bits) | position (16) | kind (7) | erased (1).
+    packed: u64,
+    /// The user who caused the event.
+    pub sender: UserId,
+}
+
+impl EventLoc {
+    fn new(raft_index: u64, pos: usize, kind: EventKind, sender: UserId) -> EventLoc {
+        debug_assert!(raft_index <= EVENT_RAFT_INDEX_MAX && pos < (1 << 16));
+        EventLoc {
+            packed: (raft_index << 24) | ((pos as u64) << 8) | ((kind as u64) << 1),
+            sender,
+        }
+    }
+    /// The Raft index of the entry holding the event's command.
+    pub fn raft_index(&self) -> u64 {
+        self.packed >> 24
+    }
+    /// The command's position in that entry's batch.
+    pub fn pos(&self) -> usize {
+        ((self.packed >> 8) & 0xffff) as usize
+    }
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        EventKind::from_u8(((self.packed >> 1) & 0x7f) as u8).expect("kind checked on decode")
+    }
+    /// True once a message was deleted: its body must not be served.
+    pub fn erased(&self) -> bool {
+        self.packed & 1 == 1
+    }
+    fn erase(&mut self) {
+        self.packed |= 1;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    device_id: String,
+    device_name: String,
+    token_hash: TokenHash,
+    created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct User {
+    name: String,
+    login_token_hash: TokenHash,
+    created_ms: u64,
+    next_session: u64,
+    sessions: BTreeMap<u64, Session>,
+    chats: BTreeSet<ChatId>,
+    read: BTreeMap<ChatId, u64>,
+    /// The user's own log (read markers, chat list changes, revoked sessions).
+    log: Vec<EventLoc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MemberInfo {
+    role: Role,
+    joined_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chat {
+    kind: ChatKind,
+    title: String,
+    created_ms: u64,
+    members: BTreeMap<UserId, MemberInfo>,
+    banned: BTreeSet<UserId>,
+    pinned: BTreeSet<u64>,
+    /// `events[seq - 1]` is where event `seq` lives.
+    events: Vec<EventLoc>,
+}
+
+/// A chat as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatView {
+    /// The chat.
+    pub chat: ChatId,
+    /// Its kind.
+    pub kind: ChatKind,
+    /// Its title.
+    pub title: String,
+    /// Its newest seq.
+    pub head_seq: u64,
+    /// How many members it has.
+    pub member_count: u64,
+}
+
+/// One member as a reader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberView {
+    /// The user.
+    pub user: UserId,
+    /// Their role.
+    pub role: Role,
+    /// The seq of the event that made them a member.
+    pub joined_seq: u64,
+}
+
+/// A user's own state as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserView {
+    /// The user.
+    pub user: UserId,
+    /// The handle.
+    pub name: String,
+    /// The head of the user's own log.
+    pub log_head: u64,
+}
+
+/// Sessions of a user as a reader sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    /// The session's id.
+    pub session_id: u64,
+    /// The device id given at login.
+    pub device_id: String,
+    /// The device name given at login.
+    pub device_name: String,
+    /// When it was created.
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct DedupeKey {
+    chat: ChatId,
+    sender: UserId,
+    client_message_id: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Dedupe {
+    order: VecDeque<(u64, DedupeKey)>,
+    seqs: HashMap<DedupeKey, (u64, u64)>,
+}
+
+impl Dedupe {
+    fn get(&self, key: &DedupeKey) -> Option<(u64, u64)> {
+        self.seqs.get(key).copied()
+    }
+
+    fn insert(&mut self, key: DedupeKey, seq: u64, ts: u64) {
+        while self.order.len() >= DEDUPE_ENTRIES_MAX
+            || self
+                .order
+                .front()
+                .is_some_and(|(t, _)| t.saturating_add(DEDUPE_WINDOW_MS) < ts)
+        {
+            let Some((_, old)) = self.order.pop_front() else {
+                break;
+            };
+            self.seqs.remove(&old);
+        }
+        self.order.push_back((ts, key));
+        self.seqs.insert(key, (seq, ts));
+    }
+}
+
+/// The applied chat state of one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    group: GroupId,
+    next_user: u64,
+    next_chat: u64,
+    users: BTreeMap<UserId, User>,
+    chats: BTreeMap<ChatId, Chat>,
+    /// Derived: handle → user.
+    names: HashMap<String, UserId>,
+    /// Derived: the direct chat of a pair of users (smaller id first).
+    directs: HashMap<(UserId, UserId), ChatId>,
+    dedupe: Dedupe,
+    /// Events appended (chat and user logs), for metrics.
+    events_applied: u64,
+}
+
+fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
+    Outcome::refused(code, msg)
+}
+
+/// Checks a handle: 1 to 32 bytes of lowercase ASCII letters, digits and underscore.
+pub fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= USER_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl GroupState {
+    /// The empty state of group `group`.
+    pub fn new(group: GroupId) -> GroupState {
+        GroupState {
+            group,
+            next_user: 1,
+            next_chat: 1,
+            users: BTreeMap::new(),
+            chats: BTreeMap::new(),
+            names: HashMap::new(),
+            directs: HashMap::new(),
+            dedupe: Dedupe::default(),
+            events_applied: 0,
+        }
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// Events appended to chat and user logs so far.
+    pub fn events_applied(&self) -> u64 {
+        self.events_applied
+    }
+
+    /// Applies command `pos` of the batch in Raft entry `raft_index`, stamped `ts`.
+    pub fn apply(&mut self, cmd: &Command, ts: u64, raft_index: u64, pos: usize) -> Outcome {
+        if raft_index > EVENT_RAFT_INDEX_MAX {
+            // Unreachable in practice (a trillion entries); refuse rather than corrupt.
+            return refuse(RefusalCode::BadRequest, "raft index beyond the event index");
+        }
+        let at = |kind, sender| EventLoc::new(raft_index, pos, kind, sender);
+        match cmd {
+            Command::CreateUser {
+                name,
+                login_token_hash,
+            } => {
+                if !valid_user_name(name) {
+                    return refuse(
+                        RefusalCode::BadRequest,
+                        format!(
+                            "user name {name:?} is not 1 to {USER_NAME_BYTES_MAX} bytes of a-z, 0-9 and _"
+                        ),
+                    );
+                }
+                if self.names.contains_key(name) {
+                    return refuse(
+                        RefusalCode::Conflict,
+                        format!("user name {name:?} is taken"),
+                    );
+                }
+                let id = make_id(self.group, self.next_user);
+                self.next_user += 1;
+                self.users.insert(
+                    id,
+                    User {
+                        name: name.clone(),
+                        login_token_hash: *login_token_hash,
+                        created_ms: ts,
+                        next_session: 1,
+                        sessions: BTreeMap::new(),
+                        chats: BTreeSet::new(),
+                        read: BTreeMap::new(),
+                        log: Vec::new(),
+                    },
+                );
+                self.names.insert(name.clone(), id);
+                Outcome::UserCreated { user: id }
+            }
+            Command::Login {
+                user,
+                login_token_hash,
+                device_id,
+                device_name,
+                session_token_hash,
+            } => {
+                let Some(u) = self.users.get_mut(user) else {
+                    return refuse(RefusalCode::Unauthenticated, "unknown user or wrong token");
+                };
+                if u.login_token_hash != *login_token_hash {
+                    return refuse(RefusalCode::Unauthenticated, "unknown user or wrong token");
+                }
+                if device_id.is_empty() {
+                    return refuse(RefusalCode::BadRequest, "device id is empty");
+                }
+                u.sessions.retain(|_, s| s.device_id != *device_id);
+                while u.sessions.len() >= SESSIONS_PER_USER_MAX {
+                    u.sessions.pop_first();
+                }
+                let session_id = u.next_session;
+                u.next_session += 1;
+                u.sessions.insert(
+                    session_id,
+                    Session {
+                        device_id: device_id.clone(),
+                        device_name: device_name.clone(),
+                        token_hash: *session_token_hash,
+                        created_ms: ts,
+                    },
+                );
+                Outcome::LoggedIn {
+                    user: *user,
+                    session_id,
+                }
+            }
+            Command::RevokeSession { user, session_id } => {
+                let Some(u) = self.users.get_mut(user) else {
+                    return refuse(RefusalCode::NotFound, format!("no user {user}"));
+                };
+                if u.sessions.remove(session_id).is_none() {
+                    return refuse(RefusalCode::NotFound, format!("no session {session_id}"));
+                }
+                u.log.push(at(EventKind::SessionRevoked, *user));
+                self.events_applied += 1;
+                Outcome::UserEvent {
+                    user: *user,
+                    seq: u.log.len() as u64,
+                    read_seq: 0,
+                }
+            }
+            Command::CreateChat {
+                creator,
+                kind,
+                title,
+                members,
+            } => self.create_chat(*creator, *kind, title, members, ts, at),
+            Command::MarkRead { user, chat, seq } => {
+                let Some(u) = self.users.get_mut(user) else {
+                    return refuse(RefusalCode::NotFound, format!("no user {user}"));
+                };
+                let current = u.read.get(chat).copied().unwrap_or(0);
+                if *seq <= current {
+                    return Outcome::UserEvent {
+                        user: *user,
+                        seq: 0,
+                        read_seq: current,
+                    };
+                }
+                u.read.insert(*chat, *seq);
+                u.log.push(at(EventKind::ReadMarkerMoved, *user));
+                self.events_applied += 1;
+                Outcome::UserEvent {
+                    user: *user,
+                    seq: u.log.len() as u64,
+                    read_seq: *seq,
+                }
+            }
+            Command::UserChatAdded { user, chat } | Command::UserChatRemoved { user, chat } => {
+                let added = matches!(cmd, Command::UserChatAdded { .. });
+                let Some(u) = self.users.get_mut(user) else {
+                    return refuse(RefusalCode::NotFound, format!("no user {user}"));
+                };
+                let changed = if added {
+                    u.chats.insert(*chat)
+                } else {
+                    u.chats.remove(chat)
+                };
+                if !changed {
+                    return Outcome::UserEvent {
+                        user: *user,
+                        seq: 0,
+                        read_seq: 0,
+                    };
+                }
+                let kind = if added {
+                    EventKind::ChatAdded
+                } else {
+                    EventKind::ChatRemoved
+                };
+                u.log.push(at(kind, *user));
+                self.events_applied += 1;
+                Outcome::UserEvent {
+                    user: *user,
+                    seq: u.log.len() as u64,
+                    read_seq: 0,
+                }
+            }
+            _ => self.apply_chat_command(cmd, ts, at),
+        }
+    }
+
+    fn create_chat(
+        &mut self,
+        creator: UserId,
+        kind: ChatKind,
+        title: &str,
+        members: &[UserId],
+        ts: u64,
+        at: impl Fn(EventKind, UserId) -> EventLoc,
+    ) -> Outcome {
+        let mut others: Vec<UserId> = members.iter().copied().filter(|m| *m != creator).collect();
+        others.sort_unstable();
+        others.dedup();
+        if others.contains(&0) || creator == 0 {
+            return refuse(RefusalCode::BadRequest, "user id 0 is not a user");
+        }
+        let pair = if kind == ChatKind::Direct {
+            if others.len() != 1 || !title.is_empty() {
+                return refuse(
+                    RefusalCode::BadRequest,
+                    "a direct chat has exactly one other member and no title",
+                );
+            }
+            let pair = (creator.min(others[0]), creator.max(others[0]));
+            if let Some(&chat) = self.directs.get(&pair) {
+                return Outcome::Event {
+                    chat,
+                    seq: 1,
+                    timestamp_ms: self.chats[&chat].created_ms,
+                    deduplicated: true,
+                };
+            }
+            Some(pair)
+        } else {
+            if title.is_empty() {
+                return refuse(RefusalCode::BadRequest, "a group or channel needs a title");
+            }
+            None
+        };
+        let id = make_id(self.group, self.next_chat);
+        self.next_chat += 1;
+        let creator_role = if kind == ChatKind::Direct {
+            Role::Member
+        } else {
+            Role::Owner
+        };
+        let mut chat = Chat {
+            kind,
+            title: title.to_string(),
+            created_ms: ts,
+            members: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            pinned: BTreeSet::new(),
+            events: vec![at(EventKind::ChatCreated, creator)],
+        };
+        chat.members.insert(
+            creator,
+            MemberInfo {
+                role: creator_role,
+                joined_seq: 1,
+            },
+        );
+        for m in others {
+            chat.members.insert(
+                m,
+                MemberInfo {
+                    role: Role::Member,
+                    joined_seq: 1,
+                },
+            );
+        }
+        self.chats.insert(id, chat);
+        if let Some(pair) = pair {
+            self.directs.insert(pair, id);
+        }
+        self.events_applied += 1;
+        Outcome::Event {
+            chat: id,
+            seq: 1,
+            timestamp_ms: ts,
+            deduplicated: false,
+        }
+    }
+
+    fn apply_chat_command(
+        &mut self,
+        cmd: &Command,
+        ts: u64,
+        at: impl Fn(EventKind, UserId) -> EventLoc,
+    ) -> Outcome {
+        let Some(chat_id) = cmd.chat() else {
+            return refuse(RefusalCode::BadRequest, "not a chat command");
+        };
+        // A retried post returns its original seq whatever changed since.
+        if let Command::Post {
+            sender,
+            client_message_id,
+            ..
+        } = cmd
+            && let Some((seq, ts)) = self.dedupe.get(&DedupeKey {
+                chat: chat_id,
+                sender: *sender,
+                client_message_id: *client_message_id,
+            })
+        {
+            return Outcome::Event {
+                chat: chat_id,
+                seq,
+                timestamp_ms: ts,
+                deduplicated: true,
+            };
+        }
+        let Some(chat) = self.chats.get_mut(&chat_id) else {
+            return refuse(RefusalCode::NotFound, format!("no chat {chat_id}"));
+        };
+        let (kind, sender) = match check_chat_command(chat, cmd) {
+            Ok(v) => v,
+            Err(o) => return o,
+        };
+        let seq = chat.events.len() as u64 + 1;
+        // The change itself, now that every check passed.
+        match cmd {
+            Command::Invite { user, .. } | Command::Join { actor: user, .. } => {
+                chat.members.insert(
+                    *user,
+                    MemberInfo {
+                        role: Role::Member,
+                        joined_seq: seq,
+                    },
+                );
+            }
+            Command::RemoveMember { user, .. } | Command::Leave { actor: user, .. } => {
+                chat.members.remove(user);
+            }
+            Command::Ban { user, .. } => {
+                chat.members.remove(user);
+                chat.banned.insert(*user);
+            }
+            Command::Unban { user, .. } => {
+                chat.banned.remove(user);
+            }
+            Command::SetRole { user, role, .. } => {
+                if let Some(m) = chat.members.get_mut(user) {
+                    m.role = *role;
+                }
+            }
+            Command::Delete { target, .. } => {
+                chat.events[*target as usize - 1].erase();
+                chat.pinned.remove(target);
+            }
+            Command::Pin { target, pin, .. } => {
+                if *pin {
+                    chat.pinned.insert(*target);
+                } else {
+                    chat.pinned.remove(target);
+                }
+            }
+            Command::Post {
+                client_message_id, ..
+            } => {
+                self.dedupe.insert(
+                    DedupeKey {
+                        chat: chat_id,
+                        sender,
+                        client_message_id: *client_message_id,
+                    },
+                    seq,
+                    ts,
+                );
+            }
+            _ => {}
+        }
+        let chat = self.chats.get_mut(&chat_id).expect("checked above");
+        chat.events.push(at(kind, sender));
+        self.events_applied += 1;
+        Outcome::Event {
+            chat: chat_id,
+            seq,
+            timestamp_ms: ts,
+            deduplicated: false,
+        }
+    }
+
+    // ---- reads -------------------------------------------------------------------
+
+    /// A chat's summary.
+    pub fn chat(&self, chat: ChatId) -> Option<ChatView> {
+        self.chats.get(&chat).map(|c| ChatView {
+            chat,
+            kind: c.kind,
+            title: c.title.clone(),
+            head_seq: c.events.len() as u64,
+            member_count: c.members.len() as u64,
+        })
+    }
+
+    /// A user's role in a chat, `None` if not a member (or no such chat).
+    pub fn role(&self, chat: ChatId, user: UserId) -> Option<Role> {
+        self.chats.get(&chat)?.members.get(&user).map(|m| m.role)
+    }
+
+    /// True if `user` is banned from `chat`.
+    pub fn is_banned(&self, chat: ChatId, user: UserId) -> bool {
+        self.chats
+            .get(&chat)
+            .is_some_and(|c| c.banned.contains(&user))
+    }
+
+    /// Members of a chat after user id `after`, at most `limit`, and whether more follow.
+    pub fn members(
+        &self,
+        chat: ChatId,
+        after: UserId,
+        limit: usize,
+    ) -> Option<(Vec<MemberView>, bool)> {
+        let c = self.chats.get(&chat)?;
+        let mut it = c
+            .members
+            .range(after.saturating_add(1)..)
+            .map(|(u, m)| MemberView {
+                user: *u,
+                role: m.role,
+                joined_seq: m.joined_seq,
+            });
+        let page: Vec<_> = it.by_ref().take(limit).collect();
+        Some((page, it.next().is_some()))
+    }
+
+    /// Where events `from..=to` of a chat live (clamped to what exists).
+    pub fn chat_events(&self, chat: ChatId, from: u64, to: u64) -> Option<Vec<(u64, EventLoc)>> {
+        let c = self.chats.get(&chat)?;
+        let head = c.events.len() as u64;
+        let from = from.max(1);
+        let to = to.min(head);
+        if from > to {
+            return Some(Vec::new());
+        }
+        Some((from..=to).map(|s| (s, c.events[s as usize - 1])).collect())
+    }
+
+    /// A user's summary.
+    pub fn user(&self, user: UserId) -> Option<UserView> {
+        self.users.get(&user).map(|u| UserView {
+            user,
+            name: u.name.clone(),
+            log_head: u.log.len() as u64,
+        })
+    }
+
+    /// The user whose handle is `name`, if it lives in this group.
+    pub fn user_by_name(&self, name: &str) -> Option<UserId> {
+        self.names.get(name).copied()
+    }
+
+    /// The session of `user` whose token hashes to `token_hash`.
+    pub fn session_by_token(&self, user: UserId, token_hash: &TokenHash) -> Option<u64> {
+        self.users
+            .get(&user)?
+            .sessions
+            .iter()
+            .find(|(_, s)| s.token_hash == *token_hash)
+            .map(|(id, _)| *id)
+    }
+
+    /// The live sessions of a user, oldest first.
+    pub fn sessions(&self, user: UserId) -> Vec<SessionView> {
+        self.users.get(&user).map_or_else(Vec::new, |u| {
+            u.sessions
+                .iter()
+                .map(|(id, s)| SessionView {
+                    session_id: *id,
+                    device_id: s.device_id.clone(),
+                    device_name: s.device_name.clone(),
+                    created_ms: s.created_ms,
+                })
+                .collect()
+        })
+    }
+
+    /// The chats a user's own log lists, after `after`, at most `limit`.
+    pub fn user_chats(&self, user: UserId, after: ChatId, limit: usize) -> (Vec<ChatId>, bool) {
+        let Some(u) = self.users.get(&user) else {
+            return (Vec::new(), false);
+        };
+        let mut it = u.chats.range(after.saturating_add(1)..).copied();
+        let page: Vec<_> = it.by_ref().take(limit).collect();
+        (page, it.next().is_some())
+    }
+
+    /// A user's read marker in a chat (0 for none).
+    pub fn read_marker(&self, user: UserId, chat: ChatId) -> u64 {
+        self.users
+            .get(&user)
+            .and_then(|u| u.read.get(&chat).copied())
+            .unwrap_or(0)
+    }
+
+    /// Where events `from..=to` of a user's own log live.
+    pub fn user_events(&self, user: UserId, from: u64, to: u64) -> Option<Vec<(u64, EventLoc)>> {
+        let u = self.users.get(&user)?;
+        let to = to.min(u.log.len() as u64);
+        let from = from.max(1);
+        Some(
+            (from..=to)
+                .filter(|_| from <= to)
+                .map(|s| (s, u.log[s as usize - 1]))
+                .collect(),
+        )
+    }
+
+    /// Counts of users and chats (for status output).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.users.len(), self.chats.len())
+    }
+}
+
+/// Checks one chat command against the chat; on success returns the event kind and the
+/// sender to record.
+fn check_chat_command(chat: &Chat, cmd: &Command) -> Result<(EventKind, UserId), Outcome> {
+    let role_of = |u: &UserId| chat.members.get(u).map(|m| m.role);
+    let must_be_member = |u: &UserId| {
+        role_of(u).ok_or_else(|| {
+            refuse(
+                RefusalCode::PermissionDenied,
+                format!("user {u} is not a member of this chat"),
+            )
+        })
+    };
+    let must_be_admin = |u: &UserId| -> Result<Role, Outcome> {
+        if chat.kind == ChatKind::Direct {
+            return Err(refuse(
+                RefusalCode::BadRequest,
+                "a direct chat has no admins, invites or bans",
+            ));
+        }
+        let r = must_be_member(u)?;
+        if r < Role::Admin {
+            return Err(refuse(
+                RefusalCode::PermissionDenied,
+                format!("user {u} is not an admin of this chat"),
+            ));
+        }
+        Ok(r)
+    };
+    let message = |target: &u64| -> Result<&EventLoc, Outcome> {
+        let loc = (*target >= 1)
+            .then(|| chat.events.get(*target as usize - 1))
+            .flatten()
+            .filter(|l| l.kind() == EventKind::MessagePosted)
+            .ok_or_else(|| refuse(RefusalCode::NotFound, format!("no message at seq {target}")))?;
+        if loc.erased() {
+            return Err(refuse(
+                RefusalCode::NotFound,
+                format!("the message at seq {target} was deleted"),
+            ));
+        }
+        Ok(loc)
+    };
+    match cmd {
+        Command::Invite { actor, user, .. } => {
+            must_be_admin(actor)?;
+            if chat.banned.contains(user) {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    format!("user {user} is banned from this chat"),
+                ));
+            }
+            if *user == 0 {
+                return Err(refuse(RefusalCode::BadRequest, "user id 0 is not a user"));
+            }
+            if role_of(user).is_some() {
+                return Err(refuse(
+                    RefusalCode::Conflict,
+                    format!("user {user} is already a member"),
+                ));
+            }
+            Ok((EventKind::MemberJoined, *actor))
+        }
+        Command::RemoveMember { actor, user, .. } | Command::Ban { actor, user, .. } => {
+            let actor_role = must_be_admin(actor)?;
+            let banning = matches!(cmd, Command::Ban { .. });
+            match role_of(user) {
+                Some(Role::Owner) => {
+                    return Err(refuse(
+                        RefusalCode::PermissionDenied,
+                        "the owner cannot be removed or banned",
+                    ));
+                }
+                Some(Role::Admin) if actor_role != Role::Owner => {
+                    return Err(refuse(
+                        RefusalCode::PermissionDenied,
+                        "only the owner removes or bans an admin",
+                    ));
+                }
+                None if !banning => {
+                    return Err(refuse(
+                        RefusalCode::NotFound,
+                        format!("user {user} is not a member"),
+                    ));
+                }
+                _ => {}
+            }
+            if banning && chat.banned.contains(user) {
+                return Err(refuse(
+                    RefusalCode::Conflict,
+                    format!("user {user} is already banned"),
+                ));
+            }
+            let kind = if banning {
+                EventKind::MemberBanned
+            } else {
+                EventKind::MemberRemoved
+            };
+            Ok((kind, *actor))
+        }
+        Command::Leave { actor, .. } => {
+            let r = must_be_member(actor)?;
+            if chat.kind == ChatKind::Direct {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    "nobody leaves a direct chat",
+                ));
+            }
+            if r == Role::Owner {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "the owner cannot leave the chat",
+                ));
+            }
+            Ok((EventKind::MemberLeft, *actor))
+        }
+        Command::Unban { actor, user, .. } => {
+            must_be_admin(actor)?;
+            if !chat.banned.contains(user) {
+                return Err(refuse(
+                    RefusalCode::Conflict,
+                    format!("user {user} is not banned"),
+                ));
+            }
+            Ok((EventKind::MemberUnbanned, *actor))
+        }
+        Command::SetRole {
+            actor, user, role, ..
+        } => {
+            if must_be_admin(actor)? != Role::Owner {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only the owner changes roles",
+                ));
+            }
+            if *role == Role::Owner {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    "ownership cannot be given away",
+                ));
+            }
+            match role_of(user) {
+                None => {
+                    return Err(refuse(
+                        RefusalCode::NotFound,
+                        format!("user {user} is not a member"),
+                    ));
+                }
+                Some(Role::Owner) => {
+                    return Err(refuse(
+                        RefusalCode::BadRequest,
+                        "the owner's role cannot change",
+                    ));
+                }
+                Some(r) if r == *role => {
+                    return Err(refuse(
+                        RefusalCode::Conflict,
+                        format!("user {user} already has that role"),
+                    ));
+                }
+                _ => {}
+            }
+            Ok((EventKind::RoleChanged, *actor))
+        }
+        Command::Join { actor, .. } => {
+            if chat.kind != ChatKind::Channel {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only channels can be joined; groups need an invitation",
+                ));
+            }
+            if chat.banned.contains(actor) {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    format!("user {actor} is banned from this chat"),
+                ));
+            }
+            if role_of(actor).is_some() {
+                return Err(refuse(
+                    RefusalCode::Conflict,
+                    format!("user {actor} is already a member"),
+                ));
+            }
+            Ok((EventKind::MemberJoined, *actor))
+        }
+        Command::Post {
+            sender,
+            client_message_id,
+            text,
+            media,
+            reply_to,
+            ..
+        } => {
+            let r = must_be_member(sender)?;
+            if chat.kind == ChatKind::Channel && r < Role::Admin {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only admins post in a channel",
+                ));
+            }
+            if *client_message_id == 0 {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    "client message id must not be 0",
+                ));
+            }
+            if text.is_empty() && media.is_none() {
+                return Err(refuse(
+                    RefusalCode::BadRequest,
+                    "a message needs text or media",
+                ));
+            }
+            if *reply_to > chat.events.len() as u64 {
+                return Err(refuse(
+                    RefusalCode::NotFound,
+                    format!("no event at seq {reply_to} to reply to"),
+                ));
+            }
+            Ok((EventKind::MessagePosted, *sender))
+        }
+        Command::Edit {
+            sender,
+            target,
+            text,
+            ..
+        } => {
+            must_be_member(sender)?;
+            let loc = message(target)?;
+            if loc.sender != *sender {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only its sender edits a message",
+                ));
+            }
+            if text.is_empty() {
+                return Err(refuse(RefusalCode::BadRequest, "the new text is empty"));
+            }
+            Ok((EventKind::MessageEdited, *sender))
+        }
+        Command::Delete { sender, target, .. } => {
+            let r = must_be_member(sender)?;
+            let loc = message(target)?;
+            if loc.sender != *sender && (chat.kind == ChatKind::Direct || r < Role::Admin) {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only its sender or an admin deletes a message",
+                ));
+            }
+            Ok((EventKind::MessageDeleted, *sender))
+        }
+        Command::React {
+            sender,
+            target,
+            reaction,
+            ..
+        } => {
+            must_be_member(sender)?;
+            message(target)?;
+            if reaction.is_empty() {
+                return Err(refuse(RefusalCode::BadRequest, "the reaction is empty"));
+            }
+            Ok((EventKind::ReactionChanged, *sender))
+        }
+        Command::Pin {
+            sender,
+            target,
+            pin,
+            ..
+        } => {
+            let r = must_be_member(sender)?;
+            if chat.kind != ChatKind::Direct && r < Role::Admin {
+                return Err(refuse(
+                    RefusalCode::PermissionDenied,
+                    "only admins pin in a group or channel",
+                ));
+            }
+            message(target)?;
+            if *pin == chat.pinned.contains(target) {
+                let what = if *pin { "already" } else { "not" };
+                return Err(refuse(
+                    RefusalCode::Conflict,
+                    format!("the message at seq {target} is {what} pinned"),
+                ));
+            }
+            Ok((EventKind::PinChanged, *sender))
+        }
+        _ => Err(refuse(RefusalCode::BadRequest, "not a chat command")),
+    }
+}
+
+// ---- checkpoint encoding -----------------------------------------------------------
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u32(s.len() as u32);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn locs(&mut self, locs: &[EventLoc]) {
+        self.u64(locs.len() as u64);
+        for l in locs {
+            self.u64(l.packed);
+            self.u64(l.sender);
+        }
+    }
+}
+
+fn read_locs(r: &mut Reader<'_>) -> Result<Vec<EventLoc>, DecodeError> {
+    let n = r.u64()? as usize;
+    if n.saturating_mul(16) > r.remaining() {
+        return Err(DecodeError::new(
+            "chat state",
+            format!("{n} event locations exceed the bytes left"),
+        ));
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let packed = r.u64()?;
+        let sender = r.u64()?;
+        if EventKind::from_u8(((packed >> 1) & 0x7f) as u8).is_none() {
+            return Err(DecodeError::new(
+                "chat state",
+                format!("event location {packed:#x} names no event kind"),
+            ));
+        }
+        v.push(EventLoc { packed, sender });
+    }
+    Ok(v)
+}
+
+fn read_count(r: &mut Reader<'_>, item_bytes: usize) -> Result<usize, DecodeError> {
+    let n = r.u64()? as usize;
+    if n.saturating_mul(item_bytes) > r.remaining() {
+        return Err(DecodeError::new(
+            "chat state",
+            format!("count {n} exceeds the bytes left"),
+        ));
+    }
+    Ok(n)
+}
+
+fn read_hash(r: &mut Reader<'_>) -> Result<TokenHash, DecodeError> {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(r.bytes(32)?);
+    Ok(h)
+}
+
+impl GroupState {
+    /// The whole state as checkpoint bytes (deterministic).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64 + self.events_applied as usize * 16));
+        w.u8(STATE_VERSION);
+        w.u64(self.group);
+        w.u64(self.next_user);
+        w.u64(self.next_chat);
+        w.u64(self.events_applied);
+        w.u64(self.users.len() as u64);
+        for (id, u) in &self.users {
+            w.u64(*id);
+            w.str(&u.name);
+            w.0.extend_from_slice(&u.login_token_hash);
+            w.u64(u.created_ms);
+            w.u64(u.next_session);
+            w.u64(u.sessions.len() as u64);
+            for (sid, s) in &u.sessions {
+                w.u64(*sid);
+                w.str(&s.device_id);
+                w.str(&s.device_name);
+                w.0.extend_from_slice(&s.token_hash);
+                w.u64(s.created_ms);
+            }
+            w.u64(u.chats.len() as u64);
+            for c in &u.chats {
+                w.u64(*c);
+            }
+            w.u64(u.read.len() as u64);
+            for (c, s) in &u.read {
+                w.u64(*c);
+                w.u64(*s);
+            }
+            w.locs(&u.log);
+        }
+        w.u64(self.chats.len() as u64);
+        for (id, c) in &self.chats {
+            w.u64(*id);
+            w.u8(kind_byte(c.kind));
+            w.str(&c.title);
+            w.u64(c.created_ms);
+            w.u64(c.members.len() as u64);
+            for (u, m) in &c.members {
+                w.u64(*u);
+                w.u8(role_byte(m.role));
+                w.u64(m.joined_seq);
+            }
+            w.u64(c.banned.len() as u64);
+            for u in &c.banned {
+                w.u64(*u);
+            }
+            w.u64(c.pinned.len() as u64);
+            for s in &c.pinned {
+                w.u64(*s);
+            }
+            w.locs(&c.events);
+        }
+        w.u64(self.dedupe.order.len() as u64);
+        for (ts, k) in &self.dedupe.order {
+            let (seq, _) = self.dedupe.seqs[k];
+            w.u64(*ts);
+            w.u64(k.chat);
+            w.u64(k.sender);
+            w.u64(k.client_message_id);
+            w.u64(seq);
+        }
+        w.0
+    }
+
+    /// Decodes checkpoint bytes made by [`GroupState::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<GroupState, DecodeError> {
+        let mut r = Reader::new("chat state", bytes);
+        let version = r.u8()?;
+        if version != STATE_VERSION {
+            return Err(DecodeError::new(
+                "chat state",
+                format!("version {version}, expected {STATE_VERSION}"),
+            ));
+        }
+        let s = STATE_STRING_BYTES_MAX;
+        let mut st = GroupState::new(r.u64()?);
+        st.next_user = r.u64()?;
+        st.next_chat = r.u64()?;
+        st.events_applied = r.u64()?;
+        for _ in 0..read_count(&mut r, 8)? {
+            let id = r.u64()?;
+            let name = r.string(s)?;
+            let login_token_hash = read_hash(&mut r)?;
+            let created_ms = r.u64()?;
+            let next_session = r.u64()?;
+            let mut sessions = BTreeMap::new();
+            for _ in 0..read_count(&mut r, 8)? {
+                let sid = r.u64()?;
+                sessions.insert(
+                    sid,
+                    Session {
+                        device_id: r.string(s)?,
+                        device_name: r.string(s)?,
+                        token_hash: read_hash(&mut r)?,
+                        created_ms: r.u64()?,
+                    },
+                );
+            }
+            let mut chats = BTreeSet::new();
+            for _ in 0..read_count(&mut r, 8)? {
+                chats.insert(r.u64()?);
+            }
+            let mut read = BTreeMap::new();
+            for _ in 0..read_count(&mut r, 16)? {
+                read.insert(r.u64()?, r.u64()?);
+            }
+            let log = read_locs(&mut r)?;
+            st.names.insert(name.clone(), id);
+            st.users.insert(
+                id,
+                User {
+                    name,
+                    login_token_hash,
+                    created_ms,
+                    next_session,
+                    sessions,
+                    chats,
+                    read,
+                    log,
+                },
+            );
+        }
+        for _ in 0..read_count(&mut r, 8)? {
+            let id = r.u64()?;
+            let kind = kind_from(&mut r)?;
+            let title = r.string(s)?;
+            let created_ms = r.u64()?;
+            let mut members = BTreeMap::new();
+            for _ in 0..read_count(&mut r, 17)? {
+                let u = r.u64()?;
+                let role = role_from(&mut r)?;
+                members.insert(
+                    u,
+                    MemberInfo {
+                        role,
+                        joined_seq: r.u64()?,
+                    },
+                );
+            }
+            let mut banned = BTreeSet::new();
+            for _ in 0..read_count(&mut r, 8)? {
+                banned.insert(r.u64()?);
+            }
+            let mut pinned = BTreeSet::new();
+            for _ in 0..read_count(&mut r, 8)? {
+                pinned.insert(r.u64()?);
+            }
+            let events = read_locs(&mut r)?;
+            if kind == ChatKind::Direct {
+                let ids: Vec<_> = members.keys().copied().collect();
+                if let [a, b] = ids[..] {
+                    st.directs.insert((a.min(b), a.max(b)), id);
+                }
+            }
+            st.chats.insert(
+                id,
+                Chat {
+                    kind,
+                    title,
+                    created_ms,
+                    members,
+                    banned,
+                    pinned,
+                    events,
+                },
+            );
+        }
+        for _ in 0..read_count(&mut r, 40)? {
+            let ts = r.u64()?;
+            let key = DedupeKey {
+                chat: r.u64()?,
+                sender: r.u64()?,
+                client_message_id: r.u64()?,
+            };
+            let seq = r.u64()?;
+            st.dedupe.order.push_back((ts, key));
+            st.dedupe.seqs.insert(key, (seq, ts));
+        }
+        r.finish()?;
+        Ok(st)
+    }
+}
