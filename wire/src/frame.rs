@@ -249,6 +249,17 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the payload limit for frames whose prefix has not started arriving yet,
+    /// for example once a handshake has told what the peer enforces.
+    ///
+    /// # Panics
+    ///
+    /// If `frame_bytes_max` is 0.
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
+        assert!(frame_bytes_max > 0, "a frame limit of 0 accepts nothing");
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
     /// Bytes of an incomplete frame held, prefix included; 0 between frames.
     pub fn buffered_bytes(&self) -> usize {
         match &self.state {
@@ -387,6 +398,89 @@ where
     let mut frame = BytesMut::new();
     encode_message(message, frame_bytes_max, &mut frame)?;
     write_all(writer, &frame).await
+}
+
+/// Bytes [`FrameReader`] asks the stream for in one `read`.
+///
+/// Why: large enough that a burst of small pipelined frames (~500 bytes each) costs one
+/// system call per hundred-odd frames, small enough to keep per connection.
+pub const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Reads frames from a stream through a [`FrameDecoder`], so that reading is
+/// cancel-safe: use [`FrameReader::next_frame`] inside `select!` or under a timeout, and a
+/// cancelled call loses nothing (a partial frame stays in the decoder, unread input in
+/// the reader's fixed buffer).
+///
+/// Memory per reader: one [`READ_CHUNK_BYTES`] buffer plus at most one incomplete frame.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    /// The stream.
+    reader: R,
+    /// Where frames are cut out of the input.
+    decoder: FrameDecoder,
+    /// Input read but not yet decoded is `buf[start..end]`.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of frames of at most `frame_bytes_max` payload bytes from `reader`.
+    pub fn new(reader: R, frame_bytes_max: u32) -> Self {
+        FrameReader {
+            reader,
+            decoder: FrameDecoder::new(frame_bytes_max),
+            buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next frame's payload; `Ok(None)` when the stream ends cleanly between frames.
+    ///
+    /// Errors as [`FrameDecoder::decode`] and [`FrameDecoder::finish`] do, or with
+    /// [`Error::Io`]. After an error the stream is out of step: drop it. Cancel-safe.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if self.start < self.end {
+                let mut input = &self.buf[self.start..self.end];
+                let decoded = self.decoder.decode(&mut input);
+                self.start = self.end - input.len();
+                if let Some(payload) = decoded? {
+                    return Ok(Some(payload));
+                }
+                debug_assert_eq!(self.start, self.end, "decoder left input unconsumed");
+            }
+            // The only await point; `AsyncRead::read` is cancel-safe.
+            let read = read_some(&mut self.reader, &mut self.buf).await?;
+            if read == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            self.start = 0;
+            self.end = read;
+        }
+    }
+
+    /// Reads the next frame and decodes it as `M`; `Ok(None)` at a clean end of stream.
+    /// Cancel-safe. A [`Error::Decode`] leaves the stream in step.
+    pub async fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>> {
+        match self.next_frame().await? {
+            Some(payload) => decode_message(payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Changes the payload limit from the next frame on; see
+    /// [`FrameDecoder::set_frame_bytes_max`].
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: u32) {
+        self.decoder.set_frame_bytes_max(frame_bytes_max);
+    }
+
+    /// The stream, for example to shut it down after the last frame.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.reader
+    }
 }
 
 /// One `read`, retried when interrupted by a signal.

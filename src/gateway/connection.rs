@@ -1,0 +1,823 @@
+//! One client connection: handshake, the read loop, request tasks, the outbox and its
+//! writer task, pushes, and closing.
+//!
+//! Everything a connection sends goes through its [`Outbox`]: one bounded queue drained
+//! by one writer task. The queue never fills, because each kind of frame has its own
+//! budget, checked before it is queued: responses one per request in flight (a request
+//! leaves the in-flight table only when the writer has taken its response), the gateway's
+//! own answers [`IMMEDIATE_RESPONSES_MAX`] (a semaphore; the read loop waits for it), and
+//! pushes `push_queue_len_max` (beyond, the connection is closed as a slow reader).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use chatlog_wire::frame::{FrameReader, decode_message, encode_message};
+use chatlog_wire::limits::CLIENT_NAME_BYTES_MAX;
+use chatlog_wire::proto::v1::{self, ErrorCode, frame, push, request, response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+
+use super::{
+    ConnCtx, GatewayLimits, IMMEDIATE_RESPONSES_MAX, IN_FLIGHT_RETRY_AFTER_MS, LINGER_BYTES_MAX,
+    LINGER_TIMEOUT, PROTOCOL_VERSIONS, Principal, REFUSED_RETRY_AFTER_MS, SERVER_NAME, Service,
+    WRITE_BATCH_BYTES_MAX, configure,
+};
+
+/// Why a push was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The connection has closed (or is closing).
+    #[error("the connection is closed")]
+    Closed,
+    /// The connection's push queue was full: the connection is being closed with
+    /// `Disconnect(RATE_LIMITED)`.
+    #[error("the client reads too slowly; its connection is being closed")]
+    SlowReader,
+    /// The push does not fit in one frame; nothing was sent, the connection is fine.
+    #[error("the push is over the frame limit")]
+    TooLarge,
+}
+
+/// Sends pushes to one connection. Cheap to clone; never blocks and never buffers past
+/// the connection's `push_queue_len_max`.
+#[derive(Debug, Clone)]
+pub struct PushSender {
+    outbox: Arc<Outbox>,
+}
+
+impl PushSender {
+    /// Queues a push: `request_id` is the subscribe request's id for a subscription's
+    /// pushes, 0 for the others. A full queue closes the connection
+    /// ([`PushError::SlowReader`]); the caller should forget the connection then.
+    pub fn push(&self, request_id: u64, kind: push::Kind) -> Result<(), PushError> {
+        self.outbox.push(request_id, kind)
+    }
+
+    /// True once the connection is closing or closed; pushes then fail.
+    pub fn is_closed(&self) -> bool {
+        self.outbox.state().closed
+    }
+
+    pub(super) fn disconnect(&self, reason: v1::Error) {
+        self.outbox.close(Close::Disconnect(reason));
+    }
+}
+
+/// How a connection ends.
+#[derive(Debug, Clone)]
+enum Close {
+    /// Write what is queued (responses, not pushes), then this `Disconnect`.
+    Disconnect(v1::Error),
+    /// Just close: the peer is gone or the stream is out of step mid-frame.
+    Silent,
+}
+
+/// A frame waiting for the writer task, with what to do once it is taken.
+#[derive(Debug)]
+enum Outgoing {
+    /// The response to a request in flight.
+    Response {
+        request_id: u64,
+        frame: Bytes,
+        after: AfterResponse,
+    },
+    /// A push; `ends_subscription` for a `SubscriptionEnded`.
+    Push {
+        frame: Bytes,
+        ends_subscription: Option<u64>,
+    },
+    /// An answer of the gateway's own; the permit is its slot.
+    Immediate {
+        frame: Bytes,
+        _slot: OwnedSemaphorePermit,
+    },
+}
+
+/// What a response does to the in-flight table when written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterResponse {
+    /// The request is done.
+    Done,
+    /// A subscription started: the id stays in flight until it ends.
+    Subscribed,
+    /// A subscription ended by `unsubscribe`: that id leaves too.
+    Unsubscribed(u64),
+}
+
+/// A request id's state in the in-flight table.
+#[derive(Debug)]
+enum InFlight {
+    /// Its handler runs; pushes for it wait here until its response is queued.
+    Running { held: Vec<(Bytes, Option<u64>)> },
+    /// Its response is queued.
+    Answered,
+    /// A live subscription.
+    Subscribed,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    /// Requests in flight by id; at most `requests_in_flight_max` entries.
+    requests: HashMap<u64, InFlight>,
+    /// Pushes queued or held; at most `push_queue_len_max`.
+    pushes_queued: usize,
+    closed: bool,
+}
+
+/// What one connection sends, and the accounting that bounds it.
+#[derive(Debug)]
+struct Outbox {
+    queue: mpsc::Sender<Outgoing>,
+    state: Mutex<OutboxState>,
+    immediate_slots: Arc<Semaphore>,
+    close: watch::Sender<Option<Close>>,
+    requests_in_flight_max: usize,
+    push_queue_len_max: usize,
+    frame_bytes_max: u32,
+}
+
+impl Outbox {
+    fn state(&self) -> MutexGuard<'_, OutboxState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts closing; the first reason wins.
+    fn close(&self, reason: Close) {
+        self.state().closed = true;
+        self.close.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+    }
+
+    /// Queues a frame that has a budget. The budgets make the queue's capacity enough,
+    /// so a full queue is a bug; it closes the connection rather than wait.
+    fn enqueue(&self, outgoing: Outgoing) {
+        if let Err(error) = self.queue.try_send(outgoing) {
+            debug_assert!(
+                matches!(error, mpsc::error::TrySendError::Closed(_)),
+                "the outbox queue overflowed its budgets"
+            );
+            self.close(Close::Silent);
+        }
+    }
+
+    /// Encodes a frame, or `None` when it is over the frame limit.
+    fn encode(&self, frame: &v1::Frame) -> Option<Bytes> {
+        let mut bytes = BytesMut::new();
+        encode_message(frame, self.frame_bytes_max, &mut bytes).ok()?;
+        Some(bytes.freeze())
+    }
+
+    /// Registers a new request; an error is its immediate answer or a reason to close.
+    fn begin_request(&self, request_id: u64) -> Result<(), BeginError> {
+        let mut state = self.state();
+        if state.requests.contains_key(&request_id) {
+            return Err(BeginError::Duplicate);
+        }
+        if state.requests.len() >= self.requests_in_flight_max {
+            return Err(BeginError::Full);
+        }
+        state
+            .requests
+            .insert(request_id, InFlight::Running { held: Vec::new() });
+        Ok(())
+    }
+
+    /// Queues the response of a request begun with [`Outbox::begin_request`], and the
+    /// pushes held for it.
+    fn respond(
+        &self,
+        request_id: u64,
+        result: Result<response::Kind, v1::Error>,
+        unsubscribes: Option<u64>,
+    ) {
+        let (frame, after) = match result {
+            Ok(kind) => {
+                let after = match (&kind, unsubscribes) {
+                    (response::Kind::Subscribe(_), _) => AfterResponse::Subscribed,
+                    (response::Kind::Unsubscribe(_), Some(id)) => AfterResponse::Unsubscribed(id),
+                    _ => AfterResponse::Done,
+                };
+                match self.encode(&v1::Frame::response(request_id, kind)) {
+                    Some(frame) => (frame, after),
+                    None => (
+                        self.error_frame(
+                            request_id,
+                            v1::Error::new(
+                                ErrorCode::Internal,
+                                "the response is over the frame limit",
+                            ),
+                        ),
+                        AfterResponse::Done,
+                    ),
+                }
+            }
+            Err(error) => (self.error_frame(request_id, error), AfterResponse::Done),
+        };
+        let mut state = self.state();
+        if state.closed {
+            return;
+        }
+        let held = match state.requests.get_mut(&request_id) {
+            Some(entry @ InFlight::Running { .. }) => {
+                match std::mem::replace(entry, InFlight::Answered) {
+                    InFlight::Running { held } => held,
+                    _ => unreachable!("matched Running above"),
+                }
+            }
+            other => {
+                debug_assert!(false, "request {request_id} answered twice: {other:?}");
+                return;
+            }
+        };
+        self.enqueue(Outgoing::Response {
+            request_id,
+            frame,
+            after,
+        });
+        if after == AfterResponse::Subscribed {
+            for (frame, ends_subscription) in held {
+                self.enqueue(Outgoing::Push {
+                    frame,
+                    ends_subscription,
+                });
+            }
+        } else {
+            // The subscription never started: its early pushes mean nothing.
+            state.pushes_queued -= held.len();
+        }
+    }
+
+    fn error_frame(&self, request_id: u64, error: v1::Error) -> Bytes {
+        let frame = v1::Frame::response(request_id, response::Kind::Error(error));
+        self.encode(&frame).unwrap_or_else(|| {
+            self.encode(&v1::Frame::response(
+                request_id,
+                response::Kind::Error(v1::Error::new(ErrorCode::Internal, "error too large")),
+            ))
+            .expect("a short error fits in any frame")
+        })
+    }
+
+    fn push(&self, request_id: u64, kind: push::Kind) -> Result<(), PushError> {
+        let ends_subscription =
+            matches!(kind, push::Kind::SubscriptionEnded(_)).then_some(request_id);
+        let frame = self
+            .encode(&v1::Frame::push(request_id, kind))
+            .ok_or(PushError::TooLarge)?;
+        let mut state = self.state();
+        if state.closed {
+            return Err(PushError::Closed);
+        }
+        if state.pushes_queued >= self.push_queue_len_max {
+            drop(state);
+            self.close(Close::Disconnect(v1::Error::new(
+                ErrorCode::RateLimited,
+                "the connection reads too slowly",
+            )));
+            return Err(PushError::SlowReader);
+        }
+        state.pushes_queued += 1;
+        if request_id != 0
+            && let Some(InFlight::Running { held }) = state.requests.get_mut(&request_id)
+        {
+            held.push((frame, ends_subscription));
+            return Ok(());
+        }
+        self.enqueue(Outgoing::Push {
+            frame,
+            ends_subscription,
+        });
+        Ok(())
+    }
+
+    /// Bookkeeping once the writer has taken `outgoing` off the queue.
+    fn taken(&self, outgoing: &Outgoing) {
+        match outgoing {
+            Outgoing::Response {
+                request_id, after, ..
+            } => {
+                let mut state = self.state();
+                match after {
+                    AfterResponse::Subscribed => {
+                        state.requests.insert(*request_id, InFlight::Subscribed);
+                    }
+                    AfterResponse::Done => {
+                        state.requests.remove(request_id);
+                    }
+                    AfterResponse::Unsubscribed(subscription) => {
+                        state.requests.remove(request_id);
+                        if let Some(InFlight::Subscribed) = state.requests.get(subscription) {
+                            state.requests.remove(subscription);
+                        }
+                    }
+                }
+            }
+            Outgoing::Push {
+                ends_subscription, ..
+            } => {
+                let mut state = self.state();
+                state.pushes_queued -= 1;
+                if let Some(subscription) = ends_subscription
+                    && let Some(InFlight::Subscribed) = state.requests.get(subscription)
+                {
+                    state.requests.remove(subscription);
+                }
+            }
+            Outgoing::Immediate { .. } => {}
+        }
+    }
+}
+
+enum BeginError {
+    /// The id is in flight already: a protocol violation.
+    Duplicate,
+    /// The in-flight limit is reached.
+    Full,
+}
+
+/// Tells a connection over the limit why it is refused, then closes it.
+pub(super) async fn refuse(mut stream: TcpStream, write_timeout: Duration) {
+    configure(&stream);
+    let reason = v1::Error {
+        code: ErrorCode::Unavailable.into(),
+        message: "too many connections".into(),
+        retry_after_ms: REFUSED_RETRY_AFTER_MS,
+    };
+    let mut bytes = BytesMut::new();
+    encode_message(
+        &disconnect_frame(reason),
+        chatlog_wire::limits::FRAME_BYTES_MAX,
+        &mut bytes,
+    )
+    .expect("a disconnect fits in a frame");
+    if timeout(write_timeout, stream.write_all(&bytes))
+        .await
+        .is_ok()
+    {
+        let (mut read_half, mut write_half) = stream.into_split();
+        let _ = write_half.shutdown().await;
+        linger(&mut read_half).await;
+    }
+}
+
+fn disconnect_frame(reason: v1::Error) -> v1::Frame {
+    v1::Frame::push(
+        0,
+        push::Kind::Disconnect(v1::Disconnect {
+            reason: Some(reason),
+        }),
+    )
+}
+
+/// After the last frame was sent and the write side shut: reads and discards until the
+/// peer closes (bounded in time and bytes), so that the peer reads our last frame instead
+/// of a reset caused by its unread bytes.
+async fn linger(read_half: &mut OwnedReadHalf) {
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    let mut discarded = 0;
+    let mut buf = [0u8; 4096];
+    while discarded < LINGER_BYTES_MAX {
+        match tokio::time::timeout_at(deadline, read_half.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(read)) => discarded += read,
+        }
+    }
+}
+
+/// Completes when the gateway shuts down.
+async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the gateway is gone, which is a shutdown too.
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+fn error_kind(code: ErrorCode, message: &str) -> response::Kind {
+    response::Kind::Error(v1::Error::new(code, message))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// Serves one accepted connection until it closes.
+pub(super) async fn run<S: Service>(
+    id: u64,
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    service: Arc<S>,
+    limits: Arc<GatewayLimits>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    configure(&stream);
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half, limits.frame_bytes_max);
+
+    let principal = tokio::select! {
+        result = handshake(&mut reader, &mut write_half, &*service, &limits) => result,
+        () = shutting_down(&mut shutdown) => Err(Some(v1::Error {
+            code: ErrorCode::Unavailable.into(),
+            message: "the server is shutting down".into(),
+            retry_after_ms: REFUSED_RETRY_AFTER_MS,
+        })),
+    };
+    let principal = match principal {
+        Ok(principal) => principal,
+        Err(reason) => {
+            if let Some(reason) = reason {
+                let _ = write_frame(&mut write_half, &disconnect_frame(reason), &limits).await;
+            }
+            let _ = write_half.shutdown().await;
+            linger(reader.get_mut()).await;
+            return;
+        }
+    };
+
+    let queue_len = limits.requests_in_flight_max as usize
+        + IMMEDIATE_RESPONSES_MAX
+        + limits.push_queue_len_max;
+    let (queue, queued) = mpsc::channel(queue_len);
+    let (close_sender, close_receiver) = watch::channel(None);
+    let outbox = Arc::new(Outbox {
+        queue,
+        state: Mutex::new(OutboxState::default()),
+        immediate_slots: Arc::new(Semaphore::new(IMMEDIATE_RESPONSES_MAX)),
+        close: close_sender,
+        requests_in_flight_max: limits.requests_in_flight_max as usize,
+        push_queue_len_max: limits.push_queue_len_max,
+        frame_bytes_max: limits.frame_bytes_max,
+    });
+    let ctx = Arc::new(ConnCtx {
+        id,
+        peer_addr,
+        principal: Mutex::new(principal),
+        pushes: PushSender {
+            outbox: Arc::clone(&outbox),
+        },
+    });
+    tracing::debug!(connection = id, %peer_addr, "connection open");
+
+    let writer = tokio::spawn(write_loop(
+        write_half,
+        queued,
+        Arc::clone(&outbox),
+        close_receiver.clone(),
+        limits.write_timeout,
+    ));
+    let mut handlers = JoinSet::new();
+    let mut handler_requests = HashMap::new();
+    let mut close_receiver = close_receiver;
+    let mut idle_deadline = Instant::now() + limits.idle_timeout;
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = close_receiver.changed() => break,
+            () = shutting_down(&mut shutdown) => {
+                outbox.close(Close::Disconnect(v1::Error {
+                    code: ErrorCode::Unavailable.into(),
+                    message: "the server is shutting down".into(),
+                    retry_after_ms: REFUSED_RETRY_AFTER_MS,
+                }));
+                break;
+            }
+            Some(joined) = handlers.join_next_with_id(), if !handlers.is_empty() => {
+                let (task_id, panicked) = match joined {
+                    Ok((task_id, ())) => (task_id, false),
+                    Err(error) => (error.id(), error.is_panic()),
+                };
+                let request_id = handler_requests.remove(&task_id);
+                if panicked && let Some(request_id) = request_id {
+                    tracing::error!(connection = id, request_id, "request handler panicked");
+                    outbox.respond(
+                        request_id,
+                        Err(v1::Error::new(ErrorCode::Internal, "the request failed unexpectedly")),
+                        None,
+                    );
+                }
+            }
+            () = tokio::time::sleep_until(idle_deadline) => {
+                outbox.close(Close::Disconnect(v1::Error::new(
+                    ErrorCode::Timeout,
+                    "the connection was idle too long",
+                )));
+                break;
+            }
+            next = reader.next_frame() => {
+                let payload = match next {
+                    Ok(Some(payload)) => payload,
+                    Ok(None) => {
+                        outbox.close(Close::Silent);
+                        break;
+                    }
+                    Err(error @ chatlog_wire::Error::Io { .. }) => {
+                        tracing::debug!(connection = id, %error, "read failed");
+                        outbox.close(Close::Silent);
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(connection = id, %error, "bad framing");
+                        outbox.close(Close::Disconnect(v1::Error::new(
+                            error.protocol_code(),
+                            error.to_string(),
+                        )));
+                        break;
+                    }
+                };
+                idle_deadline = Instant::now() + limits.idle_timeout;
+                let frame: v1::Frame = match decode_message(payload) {
+                    Ok(frame) => frame,
+                    Err(error) => {
+                        outbox.close(Close::Disconnect(v1::Error::new(
+                            ErrorCode::BadRequest,
+                            error.to_string(),
+                        )));
+                        break;
+                    }
+                };
+                let request_id = frame.request_id;
+                let kind = match frame.body {
+                    Some(frame::Body::Request(request)) => request.kind,
+                    _ => {
+                        outbox.close(Close::Disconnect(v1::Error::new(
+                            ErrorCode::BadRequest,
+                            "clients send only requests",
+                        )));
+                        break;
+                    }
+                };
+                let immediate = match (request_id, kind) {
+                    (0, _) => error_kind(ErrorCode::BadRequest, "request id 0"),
+                    (_, None) => error_kind(
+                        ErrorCode::UnknownRequest,
+                        "a request kind this server does not know",
+                    ),
+                    (_, Some(request::Kind::Handshake(_))) => {
+                        error_kind(ErrorCode::BadRequest, "the handshake was done already")
+                    }
+                    (_, Some(request::Kind::Ping(ping))) => response::Kind::Ping(v1::PingResponse {
+                        nonce: ping.nonce,
+                        server_time_ms: now_ms(),
+                    }),
+                    (_, Some(kind)) => match outbox.begin_request(request_id) {
+                        Err(BeginError::Duplicate) => {
+                            outbox.close(Close::Disconnect(v1::Error::new(
+                                ErrorCode::BadRequest,
+                                format!("request id {request_id} is already in flight"),
+                            )));
+                            break;
+                        }
+                        Err(BeginError::Full) => response::Kind::Error(v1::Error {
+                            code: ErrorCode::RateLimited.into(),
+                            message: "too many requests in flight".into(),
+                            retry_after_ms: IN_FLIGHT_RETRY_AFTER_MS,
+                        }),
+                        Ok(()) => {
+                            let unsubscribes = match &kind {
+                                request::Kind::Unsubscribe(unsubscribe) => {
+                                    Some(unsubscribe.subscription_id)
+                                }
+                                _ => None,
+                            };
+                            let service = Arc::clone(&service);
+                            let ctx = Arc::clone(&ctx);
+                            let outbox = Arc::clone(&outbox);
+                            let task = handlers.spawn(async move {
+                                let result = service.handle(&ctx, kind).await;
+                                outbox.respond(request_id, result, unsubscribes);
+                            });
+                            handler_requests.insert(task.id(), request_id);
+                            continue;
+                        }
+                    },
+                };
+                // An answer of the gateway's own: wait for a slot (not reading meanwhile)
+                // unless the connection closes first.
+                let slot = tokio::select! {
+                    slot = Arc::clone(&outbox.immediate_slots).acquire_owned() => {
+                        slot.expect("the immediate semaphore is never closed")
+                    }
+                    _ = close_receiver.changed() => break,
+                };
+                let frame = v1::Frame::response(request_id, immediate);
+                let frame = outbox.encode(&frame).expect("the gateway's answers are small");
+                outbox.enqueue(Outgoing::Immediate { frame, _slot: slot });
+            }
+        }
+    }
+
+    // Handlers still running are cancelled; their answers would not be sent anyway.
+    handlers.shutdown().await;
+    outbox.close(Close::Silent);
+    let _ = writer.await;
+    linger(reader.get_mut()).await;
+    service.connection_closed(&ctx);
+    tracing::debug!(connection = id, "connection closed");
+}
+
+/// Reads and answers the handshake. `Ok` is the authenticated principal, if any; `Err`
+/// means close, after sending the `Disconnect` reason when there is one (the error
+/// responses are written here).
+async fn handshake<S: Service>(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    write_half: &mut OwnedWriteHalf,
+    service: &S,
+    limits: &GatewayLimits,
+) -> Result<Option<Principal>, Option<v1::Error>> {
+    let payload = match timeout(limits.handshake_timeout, reader.next_frame()).await {
+        Err(_) => {
+            return Err(Some(v1::Error::new(
+                ErrorCode::Timeout,
+                "no handshake in time",
+            )));
+        }
+        Ok(Ok(Some(payload))) => payload,
+        Ok(Ok(None)) | Ok(Err(chatlog_wire::Error::Io { .. })) => return Err(None),
+        Ok(Err(error)) => {
+            return Err(Some(v1::Error::new(
+                error.protocol_code(),
+                error.to_string(),
+            )));
+        }
+    };
+    let frame: v1::Frame = decode_message(payload)
+        .map_err(|error| Some(v1::Error::new(ErrorCode::BadRequest, error.to_string())))?;
+    let request_id = frame.request_id;
+    let Some(frame::Body::Request(v1::Request {
+        kind: Some(request::Kind::Handshake(handshake)),
+    })) = frame.body
+    else {
+        return Err(Some(v1::Error::new(
+            ErrorCode::BadRequest,
+            "the first request must be a handshake",
+        )));
+    };
+
+    let refuse = async |error: v1::Error,
+                        write_half: &mut OwnedWriteHalf|
+           -> Result<Option<Principal>, Option<v1::Error>> {
+        let frame = v1::Frame::response(request_id, response::Kind::Error(error));
+        let _ = write_frame(write_half, &frame, limits).await;
+        // Answered already: close without a Disconnect.
+        Err(None)
+    };
+    let lowest = PROTOCOL_VERSIONS[0];
+    if handshake.protocol_version < lowest {
+        return refuse(
+            v1::Error::new(
+                ErrorCode::UnsupportedVersion,
+                format!("this server speaks protocol versions {PROTOCOL_VERSIONS:?}"),
+            ),
+            write_half,
+        )
+        .await;
+    }
+    if handshake.client_name.len() > CLIENT_NAME_BYTES_MAX as usize {
+        return refuse(
+            v1::Error::new(
+                ErrorCode::TooLarge,
+                format!("client_name is over {CLIENT_NAME_BYTES_MAX} bytes"),
+            ),
+            write_half,
+        )
+        .await;
+    }
+    let version = *PROTOCOL_VERSIONS
+        .iter()
+        .rev()
+        .find(|version| **version <= handshake.protocol_version)
+        .expect("at least the lowest version is spoken");
+    let token = (!handshake.session_token.is_empty()).then_some(handshake.session_token.as_str());
+    let principal = match service.authenticate(token).await {
+        Ok(principal) => principal,
+        Err(error) => return refuse(error, write_half).await,
+    };
+    let ok = v1::HandshakeOk {
+        protocol_version: version,
+        server_name: SERVER_NAME.into(),
+        node_id: service.node_id(),
+        user_id: principal.as_ref().map_or(0, |principal| principal.user_id),
+        session_id: principal
+            .as_ref()
+            .map_or(0, |principal| principal.session_id),
+        limits: Some(limits.to_proto()),
+    };
+    let frame = v1::Frame::response(request_id, response::Kind::HandshakeOk(ok));
+    write_frame(write_half, &frame, limits)
+        .await
+        .map_err(|()| None)?;
+    Ok(principal)
+}
+
+/// Writes one frame directly (before the writer task exists), within the write timeout.
+async fn write_frame(
+    write_half: &mut OwnedWriteHalf,
+    frame: &v1::Frame,
+    limits: &GatewayLimits,
+) -> Result<(), ()> {
+    let mut bytes = BytesMut::new();
+    encode_message(frame, limits.frame_bytes_max, &mut bytes).map_err(|_| ())?;
+    match timeout(limits.write_timeout, write_half.write_all(&bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// The writer task: takes queued frames, coalesces them into one `write`, and on close
+/// writes the queued responses and the `Disconnect`.
+async fn write_loop(
+    mut write_half: OwnedWriteHalf,
+    mut queued: mpsc::Receiver<Outgoing>,
+    outbox: Arc<Outbox>,
+    mut close: watch::Receiver<Option<Close>>,
+    write_timeout: Duration,
+) {
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES_MAX);
+    // False once a write was cut short: the stream is then mid-frame and nothing more
+    // may be written.
+    let mut in_step = true;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = close.changed() => break,
+            first = queued.recv() => first,
+        };
+        let Some(first) = first else { break };
+        take_into(&outbox, first, &mut batch);
+        while batch.len() < WRITE_BATCH_BYTES_MAX {
+            match queued.try_recv() {
+                Ok(outgoing) => take_into(&outbox, outgoing, &mut batch),
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            biased;
+            _ = close.changed() => None,
+            written = timeout(write_timeout, write_half.write_all(&batch)) => Some(written),
+        };
+        match written {
+            Some(Ok(Ok(()))) => batch.clear(),
+            Some(_) => {
+                // Failed, or no progress for the write timeout: the peer is gone or does
+                // not read.
+                outbox.close(Close::Silent);
+                in_step = false;
+                break;
+            }
+            None => {
+                in_step = false;
+                break;
+            }
+        }
+    }
+
+    let reason = close.borrow().clone();
+    if in_step && let Some(Close::Disconnect(reason)) = reason {
+        // Responses already queued go out first; pushes are dropped (a slow reader is
+        // being cut off, and subscriptions end with the connection anyway).
+        batch.clear();
+        while batch.len() < WRITE_BATCH_BYTES_MAX {
+            match queued.try_recv() {
+                Ok(outgoing @ (Outgoing::Response { .. } | Outgoing::Immediate { .. })) => {
+                    take_into(&outbox, outgoing, &mut batch)
+                }
+                Ok(Outgoing::Push { .. }) => {}
+                Err(_) => break,
+            }
+        }
+        let mut disconnect = BytesMut::new();
+        encode_message(
+            &disconnect_frame(reason),
+            outbox.frame_bytes_max,
+            &mut disconnect,
+        )
+        .expect("a disconnect fits in a frame");
+        batch.extend_from_slice(&disconnect);
+        let _ = timeout(LINGER_TIMEOUT, write_half.write_all(&batch)).await;
+    }
+    let _ = timeout(LINGER_TIMEOUT, write_half.shutdown()).await;
+}
+
+fn take_into(outbox: &Outbox, outgoing: Outgoing, batch: &mut BytesMut) {
+    outbox.taken(&outgoing);
+    let frame = match &outgoing {
+        Outgoing::Response { frame, .. }
+        | Outgoing::Push { frame, .. }
+        | Outgoing::Immediate { frame, .. } => frame,
+    };
+    batch.extend_from_slice(frame);
+}
