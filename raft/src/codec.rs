@@ -91,26 +91,26 @@ pub fn decode_log_id(bytes: &[u8]) -> Result<LogId, DecodeError> {
     Ok(id)
 }
 
-/// `vote` as a meta value.
-pub fn encode_vote(vote: &Vote) -> Vec<u8> {
-    let mut out = Vec::with_capacity(VOTE_BYTES);
+/// Appends `vote` to `out`.
+pub fn put_vote(out: &mut Vec<u8>, vote: &Vote) {
     out.extend_from_slice(&vote.leader_id.term.to_le_bytes());
     out.extend_from_slice(&vote.leader_id.node_id.to_le_bytes());
     out.push(u8::from(vote.committed));
+}
+
+/// `vote` as a meta value.
+pub fn encode_vote(vote: &Vote) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VOTE_BYTES);
+    put_vote(&mut out, vote);
     out
 }
 
 /// Decodes a value made by [`encode_vote`].
 pub fn decode_vote(bytes: &[u8]) -> Result<Vote, DecodeError> {
     let mut r = Reader::new("vote", bytes);
-    let term = r.u64()?;
-    let node_id = r.u64()?;
-    let committed = r.bool()?;
+    let vote = r.vote()?;
     r.finish()?;
-    Ok(Vote {
-        leader_id: LeaderId { term, node_id },
-        committed,
-    })
+    Ok(vote)
 }
 
 /// Appends `membership` to `out`.
@@ -206,7 +206,18 @@ impl<'a> Reader<'a> {
         Reader { what, bytes, at: 0 }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> usize {
+        self.at
+    }
+
+    /// An error about the structure being decoded, for checks made by the caller.
+    pub fn error(&self, detail: impl Into<String>) -> DecodeError {
+        DecodeError::new(self.what, detail)
+    }
+
+    /// The next `n` bytes, as they are.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let left = self.bytes.len() - self.at;
         if n > left {
             return Err(DecodeError::new(
@@ -307,9 +318,20 @@ impl<'a> Reader<'a> {
         Ok(crate::types::log_id(term, node_id, index))
     }
 
-    /// A count of `item_bytes`-sized items, checked against the bytes left before the
-    /// caller allocates for them.
-    fn count(&mut self, item_bytes: usize) -> Result<usize, DecodeError> {
+    /// A `Vote`.
+    pub fn vote(&mut self) -> Result<Vote, DecodeError> {
+        let term = self.u64()?;
+        let node_id = self.u64()?;
+        let committed = self.bool()?;
+        Ok(Vote {
+            leader_id: LeaderId { term, node_id },
+            committed,
+        })
+    }
+
+    /// A count (u32) of items of at least `item_bytes` bytes each, checked against the
+    /// bytes left before the caller allocates for them.
+    pub fn count(&mut self, item_bytes: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
         let left = self.bytes.len() - self.at;
         if n.saturating_mul(item_bytes) > left {

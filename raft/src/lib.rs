@@ -3,9 +3,10 @@
 //! What it owns: the openraft type configuration (`types`, the only module that names
 //! openraft's generic types), where a group's Raft state lives in the node's one storage
 //! engine (`ids`) and its bytes (`codec`), the per-group Raft log store (`log_store`)
-//! and state machine (`state_machine`). Still to come (issue "Replicated chat logs",
-//! `raft/PLAN.md`): chat semantics in apply, checkpoints and streamed snapshots, the
-//! node-to-node transport and the multi-group manager. What it must not do: know about
+//! and state machine (`state_machine`), and the node-to-node transport (`network`: one
+//! TCP connection per peer node shared by every group). Still to come (issue "Replicated
+//! chat logs", `raft/PLAN.md`): chat semantics in apply, checkpoints and streamed
+//! snapshots, and the multi-group manager. What it must not do: know about
 //! clients, sessions or the gateway protocol.
 //!
 //! Architecture invariant: one `chatlog_storage::Engine` per node is shared by every
@@ -16,12 +17,14 @@ pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod log_store;
+pub mod network;
 pub mod node;
 pub mod state_machine;
 pub mod types;
 
 pub use error::{Error, Result};
 pub use log_store::{LogReader, LogStore};
+pub use network::{GroupDirectory, NetworkFactory, NodeIdentity, Router, serve};
 pub use state_machine::{ChatSnapshotBuilder, ChatStateMachine};
 pub use types::{ChatBatch, ChatBatchReply, GroupId, NodeId, TypeConfig};
 

@@ -1,0 +1,557 @@
+//! The server side of the node-to-node transport: [`serve`] accepts peers' connections
+//! and hands each request to the `Raft` of its group.
+//!
+//! What it owns: per connection, the handshake state, the frame decoder, the requests
+//! being served, the snapshots being reassembled and the coalescing writer of responses.
+//! What it must not do: let one group's slow request hold back another's (each request
+//! runs in its own task, at most [`REQUESTS_IN_FLIGHT_MAX`] per connection), trust the
+//! peer (every frame is checked: cluster, receiver, group, payload), or grow without a
+//! bound (see the constants). Bad input is answered with a `NodeError`; only a broken
+//! stream (bad framing), a wrong cluster or receiver, or a failed handshake closes the
+//! connection, and nothing a peer sends stops the node.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chatlog_wire::FrameDecoder;
+use chatlog_wire::frame::decode_message;
+use chatlog_wire::limits::{NODE_FRAME_BYTES_MAX, NODE_PROTOCOL_VERSION};
+use chatlog_wire::proto::node::v1::{NodeErrorCode, NodeFrame, NodeHelloOk, node_frame::Payload};
+use openraft::raft::SnapshotResponse;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::codec;
+use super::sink::FrameSink;
+use super::{NodeIdentity, Rpc, encode_frame, node_error, node_frame};
+use crate::ChatRaft;
+use crate::types::{GroupId, NodeId, Snapshot, SnapshotMeta, Vote};
+
+/// Peer connections served at once. A cluster has a handful of nodes, each dialling us
+/// once (plus a re-dial overlapping a dying connection); more means a misconfiguration
+/// or an attack, and further connections are closed at once.
+pub const CONNECTIONS_MAX: usize = 256;
+
+/// Requests served at once on one connection; a request beyond it is answered with
+/// `NODE_ERROR_CODE_UNAVAILABLE`. openraft keeps about one request in flight per group
+/// and direction, so this allows a few thousand groups per node pair with room.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
+
+/// Bytes of partially received snapshots held per connection, all groups together:
+/// 256 MiB. A snapshot larger than this cannot be received (it is refused with
+/// `NODE_ERROR_CODE_UNAVAILABLE`); today's snapshots are a few hundred bytes of chat
+/// state. Streaming snapshots into the engine's staging log will lift this.
+pub const SNAPSHOT_REASSEMBLY_BYTES_MAX: usize = 256 << 20;
+
+/// Bytes read from the socket per `read` call.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
+/// Pause after a failed `accept` (out of file descriptors, …) before the next, so a
+/// persistent failure does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the transport needs from the group manager: the `Raft` of a group this node holds.
+pub trait GroupDirectory: Send + Sync + 'static {
+    /// The local replica of `group`, or `None` if this node holds none.
+    fn raft(&self, group: GroupId) -> Option<ChatRaft>;
+}
+
+struct Context {
+    identity: NodeIdentity,
+    groups: Arc<dyn GroupDirectory>,
+}
+
+/// Serves peers' connections on `listener` until `shutdown` completes, then closes every
+/// connection (requests being served are dropped) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    identity: NodeIdentity,
+    groups: Arc<dyn GroupDirectory>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let context = Arc::new(Context { identity, groups });
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    if connections.len() >= CONNECTIONS_MAX {
+                        tracing::warn!(%addr, "node server: too many connections; closing the new one");
+                        continue;
+                    }
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::debug!(%addr, %error, "node server: set_nodelay failed");
+                    }
+                    connections.spawn(serve_connection(stream, Arc::clone(&context)));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "node server: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+    connections.shutdown().await;
+}
+
+/// What to do with the connection after a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Close,
+}
+
+/// A snapshot being received for one group.
+struct PartialSnapshot {
+    vote: Vote,
+    meta: SnapshotMeta,
+    data: BytesMut,
+}
+
+/// One accepted connection.
+struct Connection {
+    context: Arc<Context>,
+    sink: FrameSink,
+    /// The peer, once its hello was accepted.
+    peer: Option<NodeId>,
+    handlers: JoinSet<()>,
+    snapshots: HashMap<GroupId, PartialSnapshot>,
+    /// Bytes held in `snapshots`.
+    snapshot_bytes: usize,
+}
+
+async fn serve_connection(stream: TcpStream, context: Arc<Context>) {
+    let (mut reader, writer) = stream.into_split();
+    let mut conn = Connection {
+        context,
+        sink: FrameSink::spawn(writer),
+        peer: None,
+        handlers: JoinSet::new(),
+        snapshots: HashMap::new(),
+        snapshot_bytes: 0,
+    };
+    let mut decoder = FrameDecoder::new(NODE_FRAME_BYTES_MAX);
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    'read: loop {
+        tokio::select! {
+            Some(joined) = conn.handlers.join_next(), if !conn.handlers.is_empty() => {
+                if let Err(error) = joined {
+                    tracing::error!(%error, "node server: a request handler failed");
+                }
+            }
+            read = reader.read(&mut buf) => {
+                let read = match read {
+                    Ok(0) => break 'read,
+                    Ok(read) => read,
+                    Err(error) => {
+                        tracing::debug!(%error, peer = ?conn.peer, "node server: read failed");
+                        break 'read;
+                    }
+                };
+                let mut input = &buf[..read];
+                loop {
+                    match decoder.decode(&mut input) {
+                        Ok(Some(frame)) => {
+                            if conn.on_frame(frame).await == Next::Close {
+                                break 'read;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, peer = ?conn.peer, "node server: bad framing; closing");
+                            let to = conn.peer.unwrap_or(0);
+                            conn.reply(to, 0, 0, node_error(
+                                NodeErrorCode::BadRequest,
+                                format!("bad framing: {error}"),
+                            )).await;
+                            break 'read;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Dropping `conn` aborts its handlers and ends the writer once it wrote what is
+    // queued (an error frame, say), which then closes the socket.
+    if decoder.finish().is_err() {
+        tracing::debug!(peer = ?conn.peer, "node server: connection ended inside a frame");
+    }
+}
+
+impl Connection {
+    /// Queues a frame to `to`; a closed writer means the connection is going away anyway.
+    async fn reply(&self, to: NodeId, group: GroupId, request_id: u64, payload: Payload) {
+        send(
+            &self.sink,
+            self.context.identity,
+            to,
+            group,
+            request_id,
+            payload,
+        )
+        .await;
+    }
+
+    async fn on_frame(&mut self, bytes: Bytes) -> Next {
+        let frame: NodeFrame = match decode_message(bytes) {
+            Ok(frame) => frame,
+            Err(error) => {
+                // The framing is intact, so the stream can go on.
+                tracing::warn!(%error, peer = ?self.peer, "node server: undecodable frame");
+                self.reply(
+                    self.peer.unwrap_or(0),
+                    0,
+                    0,
+                    node_error(
+                        NodeErrorCode::BadRequest,
+                        format!("undecodable frame: {error}"),
+                    ),
+                )
+                .await;
+                return Next::Continue;
+            }
+        };
+        let identity = self.context.identity;
+        let (from, group, request_id) = (frame.from_node_id, frame.group_id, frame.request_id);
+        if frame.cluster_id != identity.cluster_id {
+            tracing::warn!(
+                cluster_id = frame.cluster_id,
+                from,
+                "node server: frame from another cluster; closing"
+            );
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::WrongCluster,
+                    format!(
+                        "this node is in cluster {}, not {}",
+                        identity.cluster_id, frame.cluster_id
+                    ),
+                ),
+            )
+            .await;
+            return Next::Close;
+        }
+        if frame.to_node_id != identity.node_id {
+            tracing::warn!(
+                to_node_id = frame.to_node_id,
+                from,
+                "node server: frame for another node; closing"
+            );
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::WrongNode,
+                    format!(
+                        "this is node {}, not {}",
+                        identity.node_id, frame.to_node_id
+                    ),
+                ),
+            )
+            .await;
+            return Next::Close;
+        }
+        let Some(payload) = frame.payload else {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(NodeErrorCode::BadRequest, "a frame without a payload"),
+            )
+            .await;
+            return Next::Continue;
+        };
+        if self.peer.is_none() {
+            return self.on_hello(from, group, request_id, payload).await;
+        }
+        let Some((rpc, body)) = Rpc::of_request(&payload) else {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::BadRequest,
+                    "only requests are accepted after the handshake",
+                ),
+            )
+            .await;
+            return Next::Continue;
+        };
+        let Some(raft) = self.context.groups.raft(group) else {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::UnknownGroup,
+                    format!(
+                        "node {} holds no replica of group {group}",
+                        identity.node_id
+                    ),
+                ),
+            )
+            .await;
+            return Next::Continue;
+        };
+        while let Some(joined) = self.handlers.try_join_next() {
+            if let Err(error) = joined {
+                tracing::error!(%error, "node server: a request handler failed");
+            }
+        }
+        if self.handlers.len() >= REQUESTS_IN_FLIGHT_MAX {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::Unavailable,
+                    format!("{REQUESTS_IN_FLIGHT_MAX} requests in flight on this connection"),
+                ),
+            )
+            .await;
+            return Next::Continue;
+        }
+        let work = if rpc == Rpc::InstallSnapshot {
+            match self.on_snapshot_chunk(group, &body) {
+                Ok(Some(work)) => work,
+                Ok(None) => {
+                    // Not the last chunk: acknowledge it so the sender sends the next.
+                    let vote = self.snapshots.get(&group).map(|p| p.vote);
+                    let ack = vote.map_or_else(
+                        || node_error(NodeErrorCode::Internal, "snapshot state lost"),
+                        |vote| {
+                            rpc.response(codec::encode_snapshot_response(&SnapshotResponse {
+                                vote,
+                            }))
+                        },
+                    );
+                    self.reply(from, group, request_id, ack).await;
+                    return Next::Continue;
+                }
+                Err(error) => {
+                    self.reply(from, group, request_id, error).await;
+                    return Next::Continue;
+                }
+            }
+        } else {
+            Work::Request(rpc, body)
+        };
+        let sink = self.sink.clone();
+        self.handlers.spawn(async move {
+            let payload = match work.run(raft).await {
+                Ok(body) => rpc.response(body),
+                Err(error) => error,
+            };
+            send(&sink, identity, from, group, request_id, payload).await;
+        });
+        Next::Continue
+    }
+
+    async fn on_hello(
+        &mut self,
+        from: NodeId,
+        group: GroupId,
+        request_id: u64,
+        payload: Payload,
+    ) -> Next {
+        let Payload::Hello(hello) = payload else {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(NodeErrorCode::BadRequest, "the first frame must be a hello"),
+            )
+            .await;
+            return Next::Close;
+        };
+        if hello.protocol_version < NODE_PROTOCOL_VERSION {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::UnsupportedVersion,
+                    format!(
+                        "this node speaks node protocol version {NODE_PROTOCOL_VERSION}, the peer at most {}",
+                        hello.protocol_version
+                    ),
+                ),
+            )
+            .await;
+            return Next::Close;
+        }
+        self.peer = Some(from);
+        self.reply(
+            from,
+            group,
+            request_id,
+            Payload::HelloOk(NodeHelloOk {
+                protocol_version: NODE_PROTOCOL_VERSION,
+            }),
+        )
+        .await;
+        Next::Continue
+    }
+
+    /// Adds a chunk to its group's snapshot. Returns the install to run after the last
+    /// chunk, `None` after any other, or the error to answer.
+    fn on_snapshot_chunk(&mut self, group: GroupId, body: &Bytes) -> Result<Option<Work>, Payload> {
+        let chunk = codec::decode_snapshot_chunk(body)
+            .map_err(|e| node_error(NodeErrorCode::BadRequest, e.to_string()))?;
+        if let Some(meta) = chunk.meta {
+            // A new snapshot replaces whatever was being received for the group.
+            self.drop_snapshot(group);
+            self.snapshots.insert(
+                group,
+                PartialSnapshot {
+                    vote: chunk.vote,
+                    meta,
+                    data: BytesMut::new(),
+                },
+            );
+        }
+        let Some(partial) = self.snapshots.get_mut(&group) else {
+            return Err(node_error(
+                NodeErrorCode::BadRequest,
+                format!(
+                    "a snapshot chunk at offset {} with no snapshot started",
+                    chunk.offset
+                ),
+            ));
+        };
+        if partial.data.len() as u64 != chunk.offset || partial.vote != chunk.vote {
+            let error = format!(
+                "a snapshot chunk at offset {} from {}, expected offset {} from {}",
+                chunk.offset,
+                chunk.vote,
+                partial.data.len(),
+                partial.vote
+            );
+            self.drop_snapshot(group);
+            return Err(node_error(NodeErrorCode::BadRequest, error));
+        }
+        if self.snapshot_bytes + chunk.data.len() > SNAPSHOT_REASSEMBLY_BYTES_MAX {
+            self.drop_snapshot(group);
+            return Err(node_error(
+                NodeErrorCode::Unavailable,
+                format!(
+                    "snapshots being received on this connection would exceed {SNAPSHOT_REASSEMBLY_BYTES_MAX} bytes"
+                ),
+            ));
+        }
+        partial.data.extend_from_slice(&chunk.data);
+        self.snapshot_bytes += chunk.data.len();
+        if !chunk.done {
+            return Ok(None);
+        }
+        let partial = self
+            .snapshots
+            .remove(&group)
+            .expect("the snapshot was just extended");
+        self.snapshot_bytes -= partial.data.len();
+        Ok(Some(Work::InstallSnapshot {
+            vote: partial.vote,
+            snapshot: Snapshot {
+                meta: partial.meta,
+                snapshot: partial.data.freeze(),
+            },
+        }))
+    }
+
+    fn drop_snapshot(&mut self, group: GroupId) {
+        if let Some(old) = self.snapshots.remove(&group) {
+            self.snapshot_bytes -= old.data.len();
+        }
+    }
+}
+
+/// Queues one frame; failures mean the connection is closing, which its reader notices.
+async fn send(
+    sink: &FrameSink,
+    identity: NodeIdentity,
+    to: NodeId,
+    group: GroupId,
+    request_id: u64,
+    payload: Payload,
+) {
+    let frame = node_frame(identity, to, group, request_id, payload);
+    match encode_frame(&frame) {
+        Ok(bytes) => {
+            // A closed sink: the connection is going away and the peer's request with it.
+            let _ = sink.send(bytes).await;
+        }
+        Err(error) => {
+            tracing::error!(%error, to, group, "node server: a response does not fit in a frame");
+        }
+    }
+}
+
+/// One request to serve.
+enum Work {
+    Request(Rpc, Bytes),
+    InstallSnapshot {
+        vote: Vote,
+        snapshot: Snapshot<crate::state_machine::SnapshotData>,
+    },
+}
+
+impl Work {
+    /// Decodes the request, hands it to `raft`, and encodes the answer (or the error
+    /// payload to send instead).
+    async fn run(self, raft: ChatRaft) -> Result<Bytes, Payload> {
+        let bad_request =
+            |e: codec::DecodeError| node_error(NodeErrorCode::BadRequest, e.to_string());
+        let unavailable =
+            |e: &dyn std::fmt::Display| node_error(NodeErrorCode::Unavailable, e.to_string());
+        match self {
+            Work::Request(Rpc::AppendEntries, body) => {
+                let req = codec::decode_append_entries_request(&body).map_err(bad_request)?;
+                let resp = raft
+                    .append_entries(req)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                Ok(codec::encode_append_entries_response(&resp))
+            }
+            Work::Request(Rpc::Vote, body) => {
+                let req = codec::decode_vote_request(&body).map_err(bad_request)?;
+                let resp = raft.vote(req).await.map_err(|e| unavailable(&e))?;
+                Ok(codec::encode_vote_response(&resp))
+            }
+            Work::Request(Rpc::PreVote, body) => {
+                let req = codec::decode_vote_request(&body).map_err(bad_request)?;
+                let resp = raft.pre_vote(req).await.map_err(|e| unavailable(&e))?;
+                Ok(codec::encode_vote_response(&resp))
+            }
+            Work::Request(Rpc::TransferLeader, body) => {
+                let req = codec::decode_transfer_leader_request(&body).map_err(bad_request)?;
+                let resp = raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                Ok(codec::encode_transfer_leader_response(&resp))
+            }
+            Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
+                NodeErrorCode::Internal,
+                "snapshot chunks are reassembled before they are served",
+            )),
+            Work::InstallSnapshot { vote, snapshot } => {
+                let resp = raft
+                    .install_full_snapshot(vote, snapshot)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                Ok(codec::encode_snapshot_response(&resp))
+            }
+        }
+    }
+}
