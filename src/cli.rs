@@ -17,6 +17,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a server node: the embedded single-node default, or one node of a cluster.
+    Serve(crate::serve::ServeArgs),
     /// Work with the storage engine directly (no server needed).
     #[command(subcommand)]
     Storage(crate::storage_cmd::StorageCommand),
@@ -28,6 +30,7 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => crate::storage_cmd::run(cmd),
+        Command::Serve(args) => crate::serve::run(args),
     }
 }
 

@@ -1,7 +1,9 @@
-//! The chatlog server and CLI. Today it holds the command line, the storage commands and
-//! the gateway's connection layer; the service behind the gateway, fan-out, sync and
-//! media layers arrive with their issues.
+//! The chatlog server and CLI: the command line (`cli`), `chatlog serve` (`serve`), the
+//! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`)
+//! and the storage commands. Fan-out, sync and media layers arrive with their issues.
 
 pub mod cli;
 pub mod gateway;
+pub mod serve;
+pub mod service;
 pub mod storage_cmd;

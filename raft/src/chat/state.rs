@@ -739,6 +739,13 @@ impl GroupState {
             .map(|(id, _)| *id)
     }
 
+    /// True while `user` holds session `session_id`.
+    pub fn has_session(&self, user: UserId, session_id: u64) -> bool {
+        self.users
+            .get(&user)
+            .is_some_and(|u| u.sessions.contains_key(&session_id))
+    }
+
     /// The live sessions of a user, oldest first.
     pub fn sessions(&self, user: UserId) -> Vec<SessionView> {
         self.users.get(&user).map_or_else(Vec::new, |u| {

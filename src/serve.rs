@@ -1,0 +1,200 @@
+//! `chatlog serve`: one node of a cluster, or the embedded single-node default.
+//!
+//! What it owns: turning flags into a `NodeConfig`, starting the node (storage engine
+//! and every local group replica), the client gateway and, in a cluster, the peer
+//! listener; announcing the bound addresses on stdout (scripts and tests read them);
+//! and an orderly stop on SIGINT or SIGTERM (stop accepting, stop groups, close the
+//! engine). What it must not do: implement any of those parts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatlog_raft::chat::GROUPS_MAX;
+use chatlog_raft::node::{NoPeers, Node, NodeConfig};
+use clap::{ArgAction, Args};
+
+use crate::cli::CliError;
+use crate::gateway::{self, GatewayLimits};
+use crate::service::ChatService;
+
+/// Default client address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default number of chat groups.
+pub const DEFAULT_GROUPS: u64 = 16;
+
+/// Flags of `chatlog serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where this node keeps its data (created if missing). Restarting with the same
+    /// directory recovers everything acknowledged.
+    #[arg(long, default_value = "chatlog-data")]
+    pub data_dir: PathBuf,
+    /// Address for client connections (port 0 picks a free port; the bound address is
+    /// printed as `clients: ADDR`).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// This node's id in the cluster.
+    #[arg(long, default_value_t = 1)]
+    pub node_id: u64,
+    /// Every node of the initial cluster as `ID=HOST:PORT,...` (peer addresses). Without
+    /// it the node runs alone with every group local (replication factor 1).
+    #[arg(long, value_delimiter = ',')]
+    pub initial_cluster: Vec<String>,
+    /// Address for node-to-node traffic (defaults to this node's entry in
+    /// `--initial-cluster`).
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
+    /// Chat groups in the cluster (fixed at creation; every node must agree).
+    #[arg(long, default_value_t = DEFAULT_GROUPS)]
+    pub groups: u64,
+    /// Replicas per group (default: 3 in a cluster, 1 alone).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// Development mode: user creation needs no session and returns a login token.
+    /// A real deployment turns it off and delivers login codes out of band.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub dev_mode: bool,
+    /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+}
+
+fn parse_cluster(entries: &[String]) -> Result<BTreeMap<u64, SocketAddr>, CliError> {
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let (id, addr) = e
+            .split_once('=')
+            .ok_or_else(|| format!("--initial-cluster entry {e:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| format!("--initial-cluster entry {e:?}: {id:?} is not a node id"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("--initial-cluster entry {e:?}: {addr:?} is not HOST:PORT"))?;
+        if id == 0 || out.insert(id, addr).is_some() {
+            return Err(format!("--initial-cluster names node {id} twice or uses id 0").into());
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `chatlog serve` until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    if args.groups == 0 || args.groups >= GROUPS_MAX {
+        return Err(format!("--groups must be 1 to {}", GROUPS_MAX - 1).into());
+    }
+    let cluster = parse_cluster(&args.initial_cluster)?;
+    if !cluster.is_empty() && !cluster.contains_key(&args.node_id) {
+        return Err(format!(
+            "--initial-cluster does not name this node ({})",
+            args.node_id
+        )
+        .into());
+    }
+    let members: BTreeSet<u64> = if cluster.is_empty() {
+        BTreeSet::from([args.node_id])
+    } else {
+        cluster.keys().copied().collect()
+    };
+    let replicas = args
+        .replicas
+        .unwrap_or(if cluster.is_empty() { 1 } else { 3 })
+        .min(members.len());
+    if replicas == 0 {
+        return Err("--replicas must be at least 1".into());
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    let config = NodeConfig {
+        node_id: args.node_id,
+        data_dir: args.data_dir.clone(),
+        groups: args.groups,
+        replicas,
+        members,
+        sm: Default::default(),
+        segment_bytes: None,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chatlog")
+        .build()?;
+    runtime.block_on(serve(args, config, cluster))
+}
+
+async fn serve(
+    args: ServeArgs,
+    config: NodeConfig,
+    cluster: BTreeMap<u64, SocketAddr>,
+) -> Result<(), CliError> {
+    if !cluster.is_empty() {
+        let _ = args.peer_listen;
+        return Err("clusters need the node-to-node transport, which this build lacks".into());
+    }
+    let started = std::time::Instant::now();
+    let node = Node::start(config, |_| NoPeers).await?;
+    node.wait_for_leaders(Duration::from_secs(30)).await?;
+    let node = Arc::new(node);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("binding the client address {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        node = node.node_id(),
+        groups = args.groups,
+        data_dir = %args.data_dir.display(),
+        io = ?node.engine().io_backend(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "node started"
+    );
+    // Scripts and tests read this line to find the port.
+    println!("clients: {addr}");
+    let service = Arc::new(ChatService::new(Arc::clone(&node), args.dev_mode));
+    gateway::serve(
+        listener,
+        service,
+        GatewayLimits::default(),
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("stopping");
+    match Arc::try_unwrap(node) {
+        Ok(node) => node.shutdown().await?,
+        Err(node) => {
+            // A request task still holds it: stop the groups; the engine flushes and
+            // closes when the last handle drops.
+            tracing::warn!("node still referenced at shutdown; stopping groups only");
+            for g in node.groups() {
+                let _ = g.raft().shutdown().await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,994 @@
+//! The Raft-backed service behind the gateway: what each client request means.
+//!
+//! What it owns: validating request fields against the protocol's limits, sessions
+//! (token format, hashing, checking on every request), routing a request to the group
+//! that owns its chat or user (ids carry their group), turning requests into chat
+//! commands and outcomes into responses, linearizable history reads rebuilt from the
+//! Raft log, read markers and unread counts, and live subscriptions. What it must not
+//! do: frame bytes or manage connections (the gateway does), or decide chat rules (the
+//! state machine in `chatlog-raft` does, identically on every replica).
+//!
+//! Tokens. A login token is 32 random bytes in hex; a session token is
+//! `"{user_id}.{64 hex digits}"`, so the user (and with it the group holding the
+//! session) is known before any lookup. Only SHA-256 hashes of tokens enter the log.
+//!
+//! Cross-group effects (a user's list of chats lives in the user's group, the chat in
+//! its own) are proposed after the chat command commits. A crash between the two leaves
+//! the user's list short by that chat until the next membership change; the chat's own
+//! membership, which every permission check reads, is always right.
+
+pub mod convert;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chatlog_raft::chat::command::TokenHash;
+use chatlog_raft::chat::{
+    self, ChatId, ChatKind, Command, EventKind, EventLoc, Outcome, UserId, group_of, group_of_name,
+};
+use chatlog_raft::node::{Group, Node};
+use chatlog_wire::limits::{
+    DEVICE_ID_BYTES_MAX, PAGE_ITEMS_MAX, REACTION_BYTES_MAX, TEXT_BYTES_MAX, TITLE_BYTES_MAX,
+};
+use chatlog_wire::proto::v1::{self, ErrorCode, request::Kind as Req, response::Kind as Resp};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::gateway::{ConnCtx, Principal, Service};
+use convert::{bad, error, propose_error, refusal};
+
+/// Events per `ChatEvents` push of a subscription.
+pub const SUBSCRIPTION_PUSH_EVENTS_MAX: usize = 100;
+/// Bytes of events per history page or push, kept under the client frame limit with
+/// room for the envelope.
+pub const PAGE_BYTES_MAX: usize = 768 * 1024;
+
+/// The chat service of one node.
+#[derive(Debug)]
+pub struct ChatService {
+    node: Arc<Node>,
+    groups: u64,
+    dev_mode: bool,
+    /// Live subscriptions: (connection id, subscribe request id) → its task.
+    subscriptions: Mutex<HashMap<(u64, u64), tokio::task::AbortHandle>>,
+}
+
+fn hash_token(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unauthenticated() -> v1::Error {
+    error(
+        ErrorCode::Unauthenticated,
+        "this request needs a session: log in first",
+    )
+}
+
+fn check_len(what: &str, s: &str, max: u32) -> Result<(), v1::Error> {
+    if s.len() > max as usize {
+        return Err(error(
+            ErrorCode::TooLarge,
+            format!("{what} is {} bytes, over the limit of {max}", s.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_limit(limit: u32) -> Result<usize, v1::Error> {
+    if limit == 0 || limit > PAGE_ITEMS_MAX {
+        return Err(bad(format!("limit {limit} is not 1 to {PAGE_ITEMS_MAX}")));
+    }
+    Ok(limit as usize)
+}
+
+impl ChatService {
+    /// A service over a started node. `dev_mode` returns login tokens from user
+    /// creation and lets anonymous connections create users.
+    pub fn new(node: Arc<Node>, dev_mode: bool) -> ChatService {
+        let groups = node.config().groups;
+        ChatService {
+            node,
+            groups,
+            dev_mode,
+            subscriptions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node behind the service.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The local replica of the group owning id `id` (a user or chat id).
+    fn group_for(&self, id: u64, what: &str) -> Result<&Group, v1::Error> {
+        let g = group_of(id);
+        if id == 0 || g == 0 || g > self.groups {
+            return Err(error(ErrorCode::NotFound, format!("no {what} {id}")));
+        }
+        self.node.group(g).ok_or_else(|| {
+            let mut e = error(
+                ErrorCode::Unavailable,
+                format!("{what} {id} lives in group {g}, which this node does not host"),
+            );
+            e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
+            e
+        })
+    }
+
+    async fn propose(&self, group: &Group, cmd: Command) -> Result<Outcome, v1::Error> {
+        match group.propose(cmd).await.map_err(propose_error)? {
+            Outcome::Refused(r) => Err(refusal(r)),
+            o => Ok(o),
+        }
+    }
+
+    /// Records a membership change in the user's own log (best effort; see module docs).
+    async fn note_user_chat(&self, user: UserId, chat: ChatId, added: bool) {
+        let Ok(group) = self.group_for(user, "user") else {
+            return;
+        };
+        let cmd = if added {
+            Command::UserChatAdded { user, chat }
+        } else {
+            Command::UserChatRemoved { user, chat }
+        };
+        if let Err(e) = group.propose(cmd).await {
+            tracing::warn!(user, chat, error = %e, "could not record a chat list change");
+        }
+    }
+
+    fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
+        let p = conn.principal().ok_or_else(unauthenticated)?;
+        // A revoked session stops working at once, not only on the next connection.
+        let group = self.group_for(p.user_id, "user")?;
+        if !group.shared().read().has_session(p.user_id, p.session_id) {
+            return Err(error(
+                ErrorCode::Unauthenticated,
+                "this session was revoked or has expired",
+            ));
+        }
+        Ok(p)
+    }
+
+    fn event_ack(o: Outcome) -> Result<Resp, v1::Error> {
+        match o {
+            Outcome::Event {
+                chat,
+                seq,
+                timestamp_ms,
+                ..
+            } => Ok(Resp::EventAck(v1::EventAck {
+                chat_id: chat,
+                seq,
+                timestamp_ms,
+            })),
+            o => Err(error(
+                ErrorCode::Internal,
+                format!("unexpected outcome {o:?}"),
+            )),
+        }
+    }
+
+    /// Reads events `from..=to` of a chat as protocol events, at most `PAGE_BYTES_MAX`
+    /// of them (the last ones are dropped first when going forward).
+    async fn read_events(
+        &self,
+        group: &Group,
+        chat: ChatId,
+        locs: Vec<(u64, EventLoc)>,
+    ) -> Result<Vec<v1::Event>, v1::Error> {
+        let rows = group
+            .read_commands(&locs)
+            .await
+            .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        for (seq, loc, cmd, ts) in rows {
+            let ev = convert::chat_event(chat, seq, &loc, &cmd, ts).ok_or_else(|| {
+                error(
+                    ErrorCode::Internal,
+                    format!("event {seq} of chat {chat} does not match its command"),
+                )
+            })?;
+            bytes += prost::Message::encoded_len(&ev) + 8;
+            if bytes > PAGE_BYTES_MAX && !out.is_empty() {
+                break;
+            }
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    /// Messages by others in `(after, head]` of a chat.
+    fn unread(group: &Group, chat: ChatId, user: UserId, after: u64) -> u64 {
+        let state = group.shared().read();
+        state.chat_events(chat, after + 1, u64::MAX).map_or(0, |v| {
+            v.iter()
+                .filter(|(_, l)| l.kind() == EventKind::MessagePosted && l.sender != user)
+                .count() as u64
+        })
+    }
+
+    fn member_check(
+        group: &Group,
+        chat: ChatId,
+        user: UserId,
+    ) -> Result<chat::ChatView, v1::Error> {
+        let state = group.shared().read();
+        let view = state
+            .chat(chat)
+            .ok_or_else(|| error(ErrorCode::NotFound, format!("no chat {chat}")))?;
+        if state.role(chat, user).is_none() {
+            return Err(error(
+                ErrorCode::PermissionDenied,
+                format!("user {user} is not a member of chat {chat}"),
+            ));
+        }
+        Ok(view)
+    }
+
+    async fn dispatch(&self, conn: &ConnCtx, request_id: u64, req: Req) -> Result<Resp, v1::Error> {
+        match req {
+            Req::Handshake(_) | Req::Ping(_) => Err(bad("handled by the gateway")),
+            Req::CreateUser(r) => {
+                if !self.dev_mode && conn.principal().is_none() {
+                    return Err(unauthenticated());
+                }
+                if !chat::state::valid_user_name(&r.name) {
+                    return Err(bad(format!(
+                        "user name {:?} is not 1 to 32 bytes of a-z, 0-9 and _",
+                        r.name
+                    )));
+                }
+                let g = 1 + group_of_name(&r.name, self.groups);
+                let group = self.node.group(g).ok_or_else(|| {
+                    error(
+                        ErrorCode::Unavailable,
+                        format!("group {g} is not on this node"),
+                    )
+                })?;
+                let token = random_hex();
+                match self
+                    .propose(
+                        group,
+                        Command::CreateUser {
+                            name: r.name,
+                            login_token_hash: hash_token(&token),
+                        },
+                    )
+                    .await?
+                {
+                    Outcome::UserCreated { user } => Ok(Resp::CreateUser(v1::CreateUserResponse {
+                        user_id: user,
+                        login_token: if self.dev_mode { token } else { String::new() },
+                    })),
+                    o => Err(error(ErrorCode::Internal, format!("unexpected {o:?}"))),
+                }
+            }
+            Req::Login(r) => {
+                check_len("device id", &r.device_id, DEVICE_ID_BYTES_MAX)?;
+                check_len("device name", &r.device_name, DEVICE_ID_BYTES_MAX)?;
+                if r.device_id.is_empty() {
+                    return Err(bad("device id is empty"));
+                }
+                let group = self.group_for(r.user_id, "user").map_err(|_| {
+                    error(ErrorCode::Unauthenticated, "unknown user or wrong token")
+                })?;
+                let session_token = format!("{}.{}", r.user_id, random_hex());
+                match self
+                    .propose(
+                        group,
+                        Command::Login {
+                            user: r.user_id,
+                            login_token_hash: hash_token(&r.login_token),
+                            device_id: r.device_id,
+                            device_name: r.device_name,
+                            session_token_hash: hash_token(&session_token),
+                        },
+                    )
+                    .await?
+                {
+                    Outcome::LoggedIn { user, session_id } => {
+                        conn.set_principal(Some(Principal {
+                            user_id: user,
+                            session_id,
+                        }));
+                        Ok(Resp::Login(v1::LoginResponse {
+                            user_id: user,
+                            session_id,
+                            session_token,
+                        }))
+                    }
+                    o => Err(error(ErrorCode::Internal, format!("unexpected {o:?}"))),
+                }
+            }
+            other => {
+                let me = self.caller(conn)?;
+                self.dispatch_authenticated(conn, request_id, me, other)
+                    .await
+            }
+        }
+    }
+
+    async fn dispatch_authenticated(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        me: Principal,
+        req: Req,
+    ) -> Result<Resp, v1::Error> {
+        let user = me.user_id;
+        match req {
+            Req::ListSessions(_) => {
+                let group = self.group_for(user, "user")?;
+                let sessions = group.shared().read().sessions(user);
+                Ok(Resp::ListSessions(v1::ListSessionsResponse {
+                    sessions: sessions
+                        .into_iter()
+                        .map(|s| v1::Session {
+                            session_id: s.session_id,
+                            current: s.session_id == me.session_id,
+                            device_id: s.device_id,
+                            device_name: s.device_name,
+                            created_at_ms: s.created_ms,
+                            last_seen_at_ms: s.created_ms,
+                        })
+                        .collect(),
+                }))
+            }
+            Req::RevokeSession(r) => {
+                let group = self.group_for(user, "user")?;
+                self.propose(
+                    group,
+                    Command::RevokeSession {
+                        user,
+                        session_id: r.session_id,
+                    },
+                )
+                .await?;
+                Ok(Resp::RevokeSession(v1::RevokeSessionResponse {}))
+            }
+            Req::CreateChat(r) => {
+                let kind = convert::kind_from_proto(r.kind)?;
+                check_len("title", &r.title, TITLE_BYTES_MAX)?;
+                if r.member_ids.len() > PAGE_ITEMS_MAX as usize {
+                    return Err(error(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "{} initial members, at most {PAGE_ITEMS_MAX}",
+                            r.member_ids.len()
+                        ),
+                    ));
+                }
+                for m in &r.member_ids {
+                    self.group_for(*m, "user")?;
+                    let exists = self
+                        .group_for(*m, "user")?
+                        .shared()
+                        .read()
+                        .user(*m)
+                        .is_some();
+                    if !exists {
+                        return Err(error(ErrorCode::NotFound, format!("no user {m}")));
+                    }
+                }
+                // A direct chat lives with the smaller of its two users, so both find it.
+                let home = match (kind, r.member_ids.first()) {
+                    (ChatKind::Direct, Some(other)) => user.min(*other),
+                    _ => user,
+                };
+                let group = self.group_for(home, "user")?;
+                let outcome = self
+                    .propose(
+                        group,
+                        Command::CreateChat {
+                            creator: user,
+                            kind,
+                            title: r.title,
+                            members: r.member_ids.clone(),
+                        },
+                    )
+                    .await?;
+                let Outcome::Event {
+                    chat,
+                    seq,
+                    deduplicated,
+                    ..
+                } = outcome
+                else {
+                    return Err(error(
+                        ErrorCode::Internal,
+                        format!("unexpected {outcome:?}"),
+                    ));
+                };
+                if !deduplicated {
+                    self.note_user_chat(user, chat, true).await;
+                    for m in r.member_ids.iter().filter(|m| **m != user) {
+                        self.note_user_chat(*m, chat, true).await;
+                    }
+                }
+                Ok(Resp::CreateChat(v1::CreateChatResponse {
+                    chat_id: chat,
+                    seq,
+                }))
+            }
+            Req::Invite(r) => {
+                self.membership_change(
+                    Command::Invite {
+                        chat: r.chat_id,
+                        actor: user,
+                        user: r.user_id,
+                    },
+                    r.user_id,
+                    Some(true),
+                )
+                .await
+            }
+            Req::RemoveMember(r) => {
+                self.membership_change(
+                    Command::RemoveMember {
+                        chat: r.chat_id,
+                        actor: user,
+                        user: r.user_id,
+                    },
+                    r.user_id,
+                    Some(false),
+                )
+                .await
+            }
+            Req::LeaveChat(r) => {
+                self.membership_change(
+                    Command::Leave {
+                        chat: r.chat_id,
+                        actor: user,
+                    },
+                    user,
+                    Some(false),
+                )
+                .await
+            }
+            Req::Ban(r) => {
+                self.membership_change(
+                    Command::Ban {
+                        chat: r.chat_id,
+                        actor: user,
+                        user: r.user_id,
+                    },
+                    r.user_id,
+                    Some(false),
+                )
+                .await
+            }
+            Req::Unban(r) => {
+                self.membership_change(
+                    Command::Unban {
+                        chat: r.chat_id,
+                        actor: user,
+                        user: r.user_id,
+                    },
+                    r.user_id,
+                    None,
+                )
+                .await
+            }
+            Req::SetRole(r) => {
+                let role = convert::role_from_proto(r.role)?;
+                self.membership_change(
+                    Command::SetRole {
+                        chat: r.chat_id,
+                        actor: user,
+                        user: r.user_id,
+                        role,
+                    },
+                    r.user_id,
+                    None,
+                )
+                .await
+            }
+            Req::JoinChat(r) => {
+                self.membership_change(
+                    Command::Join {
+                        chat: r.chat_id,
+                        actor: user,
+                    },
+                    user,
+                    Some(true),
+                )
+                .await
+            }
+            Req::ListChats(r) => {
+                let limit = check_limit(r.limit)?;
+                let ugroup = self.group_for(user, "user")?;
+                let (ids, has_more) =
+                    ugroup
+                        .shared()
+                        .read()
+                        .user_chats(user, r.after_chat_id, limit);
+                let mut chats = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let read_seq = ugroup.shared().read().read_marker(user, id);
+                    let Ok(group) = self.group_for(id, "chat") else {
+                        continue;
+                    };
+                    let (view, role) = {
+                        let st = group.shared().read();
+                        (st.chat(id), st.role(id, user))
+                    };
+                    let (Some(view), Some(role)) = (view, role) else {
+                        continue;
+                    };
+                    chats.push(v1::ChatSummary {
+                        chat_id: id,
+                        kind: convert::kind_to_proto(view.kind),
+                        title: view.title,
+                        role: convert::role_to_proto(role),
+                        head_seq: view.head_seq,
+                        read_seq,
+                        unread_count: Self::unread(group, id, user, read_seq),
+                        member_count: view.member_count,
+                    });
+                }
+                Ok(Resp::ListChats(v1::ListChatsResponse { chats, has_more }))
+            }
+            Req::ListMembers(r) => {
+                let limit = check_limit(r.limit)?;
+                let group = self.group_for(r.chat_id, "chat")?;
+                Self::member_check(group, r.chat_id, user)?;
+                let (members, has_more) = group
+                    .shared()
+                    .read()
+                    .members(r.chat_id, r.after_user_id, limit)
+                    .unwrap_or_default();
+                Ok(Resp::ListMembers(v1::ListMembersResponse {
+                    members: members
+                        .into_iter()
+                        .map(|m| v1::Member {
+                            user_id: m.user,
+                            role: convert::role_to_proto(m.role),
+                            joined_seq: m.joined_seq,
+                        })
+                        .collect(),
+                    has_more,
+                }))
+            }
+            Req::SendMessage(r) => {
+                check_len("text", &r.text, TEXT_BYTES_MAX)?;
+                if r.client_message_id == 0 {
+                    return Err(bad("client_message_id must not be 0"));
+                }
+                let media = r.media.map(convert::media_from_proto).transpose()?;
+                if r.text.is_empty() && media.is_none() {
+                    return Err(bad("a message needs text or media"));
+                }
+                let group = self.group_for(r.chat_id, "chat")?;
+                match self
+                    .propose(
+                        group,
+                        Command::Post {
+                            chat: r.chat_id,
+                            sender: user,
+                            client_message_id: r.client_message_id,
+                            text: r.text,
+                            media,
+                            reply_to: r.reply_to_seq,
+                        },
+                    )
+                    .await?
+                {
+                    Outcome::Event {
+                        chat,
+                        seq,
+                        timestamp_ms,
+                        deduplicated,
+                    } => Ok(Resp::SendMessage(v1::SendMessageResponse {
+                        chat_id: chat,
+                        seq,
+                        timestamp_ms,
+                        deduplicated,
+                    })),
+                    o => Err(error(ErrorCode::Internal, format!("unexpected {o:?}"))),
+                }
+            }
+            Req::EditMessage(r) => {
+                check_len("text", &r.text, TEXT_BYTES_MAX)?;
+                let group = self.group_for(r.chat_id, "chat")?;
+                let o = self
+                    .propose(
+                        group,
+                        Command::Edit {
+                            chat: r.chat_id,
+                            sender: user,
+                            target: r.seq,
+                            text: r.text,
+                        },
+                    )
+                    .await?;
+                Self::event_ack(o)
+            }
+            Req::DeleteMessage(r) => {
+                let group = self.group_for(r.chat_id, "chat")?;
+                let o = self
+                    .propose(
+                        group,
+                        Command::Delete {
+                            chat: r.chat_id,
+                            sender: user,
+                            target: r.seq,
+                        },
+                    )
+                    .await?;
+                Self::event_ack(o)
+            }
+            Req::React(r) => {
+                check_len("reaction", &r.reaction, REACTION_BYTES_MAX)?;
+                let add = match v1::ReactionChange::try_from(r.change) {
+                    Ok(v1::ReactionChange::Add) => true,
+                    Ok(v1::ReactionChange::Remove) => false,
+                    _ => return Err(bad("reaction change must be add or remove")),
+                };
+                let group = self.group_for(r.chat_id, "chat")?;
+                let o = self
+                    .propose(
+                        group,
+                        Command::React {
+                            chat: r.chat_id,
+                            sender: user,
+                            target: r.seq,
+                            reaction: r.reaction,
+                            add,
+                        },
+                    )
+                    .await?;
+                Self::event_ack(o)
+            }
+            Req::Pin(r) => {
+                let pin = match v1::PinChange::try_from(r.change) {
+                    Ok(v1::PinChange::Pin) => true,
+                    Ok(v1::PinChange::Unpin) => false,
+                    _ => return Err(bad("pin change must be pin or unpin")),
+                };
+                let group = self.group_for(r.chat_id, "chat")?;
+                let o = self
+                    .propose(
+                        group,
+                        Command::Pin {
+                            chat: r.chat_id,
+                            sender: user,
+                            target: r.seq,
+                            pin,
+                        },
+                    )
+                    .await?;
+                Self::event_ack(o)
+            }
+            Req::History(r) => {
+                let limit = check_limit(r.limit)? as u64;
+                let group = self.group_for(r.chat_id, "chat")?;
+                // Linearizable: a client that got seq N from a send then reads sees N.
+                group.read_barrier().await.map_err(propose_error)?;
+                let view = Self::member_check(group, r.chat_id, user)?;
+                let head = view.head_seq;
+                let backward = match v1::Direction::try_from(r.direction) {
+                    Ok(v1::Direction::Forward) => false,
+                    Ok(v1::Direction::Backward) => true,
+                    _ => return Err(bad("direction must be forward or backward")),
+                };
+                let (from, to) = if backward {
+                    let top = if r.from_seq == 0 {
+                        head
+                    } else {
+                        r.from_seq.min(head)
+                    };
+                    (top.saturating_sub(limit - 1).max(1), top)
+                } else {
+                    let from = r.from_seq.max(1);
+                    (from, from.saturating_add(limit - 1).min(head))
+                };
+                let locs = group
+                    .shared()
+                    .read()
+                    .chat_events(r.chat_id, from, to)
+                    .unwrap_or_default();
+                let mut events = self.read_events(group, r.chat_id, locs.clone()).await?;
+                if backward && events.len() < locs.len() {
+                    // Over the byte budget going backward: keep the newest ones.
+                    let keep = events.len();
+                    let tail = locs[locs.len() - keep..].to_vec();
+                    events = self.read_events(group, r.chat_id, tail).await?;
+                }
+                let has_more = match (backward, events.first(), events.last()) {
+                    (true, Some(first), _) => first.seq > 1,
+                    (false, _, Some(last)) => last.seq < head,
+                    _ => false,
+                };
+                Ok(Resp::History(v1::HistoryResponse {
+                    events,
+                    head_seq: head,
+                    has_more,
+                }))
+            }
+            Req::GetBySeq(r) => {
+                if r.seqs.is_empty() || r.seqs.len() > PAGE_ITEMS_MAX as usize {
+                    return Err(bad(format!("ask for 1 to {PAGE_ITEMS_MAX} seqs")));
+                }
+                let group = self.group_for(r.chat_id, "chat")?;
+                group.read_barrier().await.map_err(propose_error)?;
+                let view = Self::member_check(group, r.chat_id, user)?;
+                let mut locs = Vec::with_capacity(r.seqs.len());
+                {
+                    let st = group.shared().read();
+                    for s in &r.seqs {
+                        if *s == 0 || *s > view.head_seq {
+                            return Err(error(
+                                ErrorCode::NotFound,
+                                format!(
+                                    "chat {} has no seq {s} (head {})",
+                                    r.chat_id, view.head_seq
+                                ),
+                            ));
+                        }
+                        locs.extend(st.chat_events(r.chat_id, *s, *s).unwrap_or_default());
+                    }
+                }
+                let events = self.read_events(group, r.chat_id, locs).await?;
+                Ok(Resp::GetBySeq(v1::GetBySeqResponse { events }))
+            }
+            Req::MarkRead(r) => {
+                let group = self.group_for(r.chat_id, "chat")?;
+                let view = Self::member_check(group, r.chat_id, user)?;
+                if r.seq > view.head_seq {
+                    return Err(bad(format!(
+                        "seq {} is beyond the chat's head {}",
+                        r.seq, view.head_seq
+                    )));
+                }
+                let ugroup = self.group_for(user, "user")?;
+                match self
+                    .propose(
+                        ugroup,
+                        Command::MarkRead {
+                            user,
+                            chat: r.chat_id,
+                            seq: r.seq,
+                        },
+                    )
+                    .await?
+                {
+                    Outcome::UserEvent { read_seq, .. } => {
+                        Ok(Resp::MarkRead(v1::MarkReadResponse {
+                            chat_id: r.chat_id,
+                            read_seq,
+                            unread_count: Self::unread(group, r.chat_id, user, read_seq),
+                        }))
+                    }
+                    o => Err(error(ErrorCode::Internal, format!("unexpected {o:?}"))),
+                }
+            }
+            Req::GetUnreadCounts(r) => {
+                if r.chat_ids.len() > PAGE_ITEMS_MAX as usize {
+                    return Err(bad(format!("ask for at most {PAGE_ITEMS_MAX} chats")));
+                }
+                let ugroup = self.group_for(user, "user")?;
+                let ids = if r.chat_ids.is_empty() {
+                    ugroup.shared().read().user_chats(user, 0, usize::MAX).0
+                } else {
+                    let mut ids = r.chat_ids.clone();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids
+                };
+                let mut counts = Vec::new();
+                for id in ids {
+                    let group = self.group_for(id, "chat")?;
+                    let view = Self::member_check(group, id, user)?;
+                    let read_seq = ugroup.shared().read().read_marker(user, id);
+                    let unread_count = Self::unread(group, id, user, read_seq);
+                    if r.chat_ids.is_empty() && unread_count == 0 {
+                        continue;
+                    }
+                    counts.push(v1::UnreadCount {
+                        chat_id: id,
+                        read_seq,
+                        head_seq: view.head_seq,
+                        unread_count,
+                    });
+                }
+                Ok(Resp::GetUnreadCounts(v1::GetUnreadCountsResponse {
+                    counts,
+                }))
+            }
+            Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
+            Req::Unsubscribe(r) => {
+                let key = (conn.connection_id(), r.subscription_id);
+                let task = self
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                match task {
+                    Some(t) => {
+                        t.abort();
+                        Ok(Resp::Unsubscribe(v1::UnsubscribeResponse {}))
+                    }
+                    None => Err(error(
+                        ErrorCode::NotFound,
+                        format!("no subscription {} on this connection", r.subscription_id),
+                    )),
+                }
+            }
+            Req::Handshake(_) | Req::Ping(_) | Req::CreateUser(_) | Req::Login(_) => {
+                Err(bad("handled before authentication"))
+            }
+        }
+    }
+
+    async fn membership_change(
+        &self,
+        cmd: Command,
+        affected: UserId,
+        added: Option<bool>,
+    ) -> Result<Resp, v1::Error> {
+        let chat = cmd.chat().expect("membership commands name a chat");
+        let group = self.group_for(chat, "chat")?;
+        let o = self.propose(group, cmd).await?;
+        if let Some(added) = added {
+            self.note_user_chat(affected, chat, added).await;
+        }
+        Self::event_ack(o)
+    }
+
+    fn subscribe(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        user: UserId,
+        r: v1::SubscribeRequest,
+    ) -> Result<Resp, v1::Error> {
+        let group = self.group_for(r.chat_id, "chat")?.clone();
+        let view = Self::member_check(&group, r.chat_id, user)?;
+        let chat = r.chat_id;
+        let mut next = if r.from_seq == 0 {
+            view.head_seq + 1
+        } else {
+            r.from_seq
+        };
+        let pushes = conn.pushes().clone();
+        let key = (conn.connection_id(), request_id);
+        let task = tokio::spawn(async move {
+            let mut applied = group.shared().applied();
+            loop {
+                let (head, member) = {
+                    let st = group.shared().read();
+                    (
+                        st.chat(chat).map_or(0, |c| c.head_seq),
+                        st.role(chat, user).is_some(),
+                    )
+                };
+                if !member {
+                    let _ = pushes.push(
+                        request_id,
+                        v1::push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
+                            chat_id: chat,
+                            next_seq: next,
+                            reason: Some(error(
+                                ErrorCode::PermissionDenied,
+                                "no longer a member of this chat",
+                            )),
+                        }),
+                    );
+                    return;
+                }
+                if next <= head {
+                    let to = head.min(next + SUBSCRIPTION_PUSH_EVENTS_MAX as u64 - 1);
+                    let locs = group
+                        .shared()
+                        .read()
+                        .chat_events(chat, next, to)
+                        .unwrap_or_default();
+                    let rows = match group.read_commands(&locs).await {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            let _ = pushes.push(
+                                request_id,
+                                v1::push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
+                                    chat_id: chat,
+                                    next_seq: next,
+                                    reason: Some(error(ErrorCode::Internal, e.to_string())),
+                                }),
+                            );
+                            return;
+                        }
+                    };
+                    let events: Vec<v1::Event> = rows
+                        .iter()
+                        .filter_map(|(s, l, c, ts)| convert::chat_event(chat, *s, l, c, *ts))
+                        .collect();
+                    next += events.len().max(1) as u64;
+                    if pushes
+                        .push(
+                            request_id,
+                            v1::push::Kind::ChatEvents(v1::ChatEvents { events }),
+                        )
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, task.abort_handle());
+        Ok(Resp::Subscribe(v1::SubscribeResponse {
+            chat_id: chat,
+            head_seq: view.head_seq,
+        }))
+    }
+}
+
+impl Service for ChatService {
+    async fn authenticate(&self, token: Option<&str>) -> Result<Option<Principal>, v1::Error> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let bad_token = || {
+            error(
+                ErrorCode::Unauthenticated,
+                "unknown or revoked session token",
+            )
+        };
+        let user: UserId = token
+            .split_once('.')
+            .and_then(|(u, _)| u.parse().ok())
+            .ok_or_else(bad_token)?;
+        let group = self.group_for(user, "user").map_err(|_| bad_token())?;
+        let session = group
+            .shared()
+            .read()
+            .session_by_token(user, &hash_token(token))
+            .ok_or_else(bad_token)?;
+        Ok(Some(Principal {
+            user_id: user,
+            session_id: session,
+        }))
+    }
+
+    async fn handle(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        request: Req,
+    ) -> Result<Resp, v1::Error> {
+        self.dispatch(conn, request_id, request).await
+    }
+
+    fn node_id(&self) -> u64 {
+        self.node.node_id()
+    }
+
+    fn connection_closed(&self, conn: &ConnCtx) {
+        let id = conn.connection_id();
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(c, _), t| {
+                if *c == id {
+                    t.abort();
+                    false
+                } else {
+                    true
+                }
+            });
+    }
+}
