@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatlog_raft::chat::GROUPS_MAX;
-use chatlog_raft::node::{NoPeers, Node, NodeConfig};
+use chatlog_raft::network::{GroupDirectory, NodeIdentity, Router};
+use chatlog_raft::node::{GroupRegistry, NoPeers, Node, NodeConfig};
 use clap::{ArgAction, Args};
 
 use crate::cli::CliError;
@@ -22,6 +23,8 @@ use crate::service::ChatService;
 
 /// Default client address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// How long startup waits for every local group to have a leader before serving anyway.
+const LEADER_WAIT: Duration = Duration::from_secs(20);
 /// Default number of chat groups.
 pub const DEFAULT_GROUPS: u64 = 16;
 
@@ -125,18 +128,63 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     runtime.block_on(serve(args, config, cluster))
 }
 
+/// The cluster id every node of an initial cluster derives alike: FNV-1a over the
+/// sorted `id=addr` entries. Frames between nodes of different clusters are refused.
+fn cluster_id(cluster: &BTreeMap<u64, SocketAddr>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, addr) in cluster {
+        for b in format!("{id}={addr};").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
 async fn serve(
     args: ServeArgs,
     config: NodeConfig,
     cluster: BTreeMap<u64, SocketAddr>,
 ) -> Result<(), CliError> {
-    if !cluster.is_empty() {
-        let _ = args.peer_listen;
-        return Err("clusters need the node-to-node transport, which this build lacks".into());
-    }
     let started = std::time::Instant::now();
-    let node = Node::start(config, |_| NoPeers).await?;
-    node.wait_for_leaders(Duration::from_secs(30)).await?;
+    let registry = Arc::new(GroupRegistry::default());
+    let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
+    let mut peer_server = None;
+    let node = if cluster.is_empty() {
+        Node::start(config, |_| NoPeers, Arc::clone(&registry)).await?
+    } else {
+        let identity = NodeIdentity {
+            cluster_id: cluster_id(&cluster),
+            node_id: args.node_id,
+        };
+        let router = Router::new(identity);
+        for (id, addr) in &cluster {
+            if *id != args.node_id {
+                router.set_peer_addr(*id, *addr);
+            }
+        }
+        let peer_addr = args.peer_listen.unwrap_or(cluster[&args.node_id]);
+        let listener = tokio::net::TcpListener::bind(peer_addr)
+            .await
+            .map_err(|e| format!("binding the peer address {peer_addr}: {e}"))?;
+        println!("peers: {}", listener.local_addr()?);
+        let directory: Arc<dyn GroupDirectory> = registry.clone();
+        let mut stopped = peers_stopped.clone();
+        peer_server = Some(tokio::spawn(chatlog_raft::network::serve(
+            listener,
+            identity,
+            directory,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        )));
+        let r = router.clone();
+        Node::start(config, move |g| r.network_factory(g), Arc::clone(&registry)).await?
+    };
+    if let Err(e) = node.wait_for_leaders(LEADER_WAIT).await {
+        // In a cluster the other nodes may still be starting; the groups keep trying.
+        tracing::warn!(error = %e, "not every group has a leader yet");
+    }
     let node = Arc::new(node);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -153,13 +201,7 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let service = Arc::new(ChatService::new(Arc::clone(&node), args.dev_mode));
-    gateway::serve(
-        listener,
-        service,
-        GatewayLimits::default(),
-        shutdown_signal(),
-    )
-    .await;
+    gateway::serve(listener, service, GatewayLimits::default(), shutdown_signal()).await;
     tracing::info!("stopping");
     match Arc::try_unwrap(node) {
         Ok(node) => node.shutdown().await?,
@@ -171,6 +213,10 @@ async fn serve(
                 let _ = g.raft().shutdown().await;
             }
         }
+    }
+    let _ = stop_peers.send(true);
+    if let Some(p) = peer_server {
+        let _ = p.await;
     }
     Ok(())
 }

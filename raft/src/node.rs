@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chatlog_storage::Engine;
@@ -392,6 +392,32 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The groups of a node as the peer server finds them. Filled while the node starts, so
+/// the peer server can run (and answer peers' votes) before every group is built.
+#[derive(Debug, Default)]
+pub struct GroupRegistry {
+    groups: RwLock<BTreeMap<GroupId, ChatRaft>>,
+}
+
+impl GroupRegistry {
+    fn insert(&self, g: GroupId, raft: ChatRaft) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(g, raft);
+    }
+}
+
+impl crate::network::GroupDirectory for GroupRegistry {
+    fn raft(&self, group: GroupId) -> Option<ChatRaft> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+}
+
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -402,8 +428,13 @@ pub struct Node {
 
 impl Node {
     /// Opens the engine, builds and starts every local replica, and initializes the
-    /// groups this node is first replica of. `network(g)` gives group `g`'s network.
-    pub async fn start<N, F>(config: NodeConfig, mut network: F) -> Result<Node, Error>
+    /// groups this node is first replica of. `network(g)` gives group `g`'s network;
+    /// each group is entered in `registry` as soon as it runs.
+    pub async fn start<N, F>(
+        config: NodeConfig,
+        mut network: F,
+        registry: Arc<GroupRegistry>,
+    ) -> Result<Node, Error>
     where
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: openraft::network::NetSnapshot<
@@ -442,6 +473,7 @@ impl Node {
                         group: g,
                         detail: format!("starting the Raft group: {e}"),
                     })?;
+            registry.insert(g, raft.clone());
             let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
             tokio::spawn(run_batcher(g, raft.clone(), rx));
             groups.insert(
