@@ -597,7 +597,7 @@ pub(super) async fn run<S: Service>(
                             let ctx = Arc::clone(&ctx);
                             let outbox = Arc::clone(&outbox);
                             let task = handlers.spawn(async move {
-                                let result = service.handle(&ctx, kind).await;
+                                let result = service.handle(&ctx, request_id, kind).await;
                                 outbox.respond(request_id, result, unsubscribes);
                             });
                             handler_requests.insert(task.id(), request_id);
