@@ -101,7 +101,7 @@ impl Service for Fixture {
                     if let Some(original) = sent.get(&key) {
                         return Ok(response::Kind::SendMessage(v1::SendMessageResponse {
                             deduplicated: true,
-                            ..original.clone()
+                            ..*original
                         }));
                     }
                     let mut heads = self.heads.lock().unwrap();
@@ -113,7 +113,7 @@ impl Service for Fixture {
                         timestamp_ms: principal.user_id,
                         deduplicated: false,
                     };
-                    sent.insert(key, committed.clone());
+                    sent.insert(key, committed);
                     committed
                 };
                 if self.drop_next_send.swap(false, Ordering::SeqCst) {
