@@ -189,8 +189,8 @@ pub trait Service: Send + Sync + 'static {
         token: Option<&str>,
     ) -> impl Future<Output = Result<Option<Principal>, v1::Error>> + Send;
 
-    /// Answers one request (`request_id` is the client's id for it, which also names a
-    /// subscription's pushes). Never a `handshake` or `ping` (the gateway answers those),
+    /// Answers one request; `request_id` is the client's id for it, which the pushes of
+    /// a subscription carry. Never a `handshake` or `ping` (the gateway answers those),
     /// never an empty kind (`UNKNOWN_REQUEST`). The service checks everything else:
     /// fields, limits, whether the connection is authenticated ([`ConnCtx::principal`];
     /// a login sets it with [`ConnCtx::set_principal`]) and permissions.

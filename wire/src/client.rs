@@ -266,20 +266,17 @@ pub struct PushReceiver {
 impl PushReceiver {
     /// The next push; `None` once the client is dropped and every push was received.
     pub async fn recv(&mut self) -> Option<PushItem> {
-        loop {
-            match self.receiver.try_recv() {
-                Ok(item) => return Some(item),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            // Drained: report the gap before anything that arrives after it.
-            let dropped = self.shared.dropped.swap(0, Ordering::AcqRel);
-            if dropped > 0 {
-                return Some(PushItem::Lagged { dropped });
-            }
-            let item = self.receiver.recv().await?;
-            return Some(item);
+        match self.receiver.try_recv() {
+            Ok(item) => return Some(item),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
         }
+        // Drained: report the gap before anything that arrives after it.
+        let dropped = self.shared.dropped.swap(0, Ordering::AcqRel);
+        if dropped > 0 {
+            return Some(PushItem::Lagged { dropped });
+        }
+        self.receiver.recv().await
     }
 }
 

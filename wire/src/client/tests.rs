@@ -1,1 +1,281 @@
+//! The client against scripted servers on 127.0.0.1: each test's server answers frames
+//! as the test says, so the client's side of pushes, retries, timeouts and refusals can
+//! be checked exactly. The gateway's tests (`tests/gateway.rs` in the root package) run
+//! the client against the real server.
 
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::frame::write_message;
+
+/// Limit on every wait, so that a bug fails the test instead of hanging it.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a scripted server does with one request frame: the frames to send back.
+type Script = Box<dyn FnMut(u64, request::Kind) -> Vec<v1::Frame> + Send>;
+
+/// Starts a server that accepts one connection, answers its handshake with
+/// `handshake_reply` (given the handshake's request id), then each request with
+/// `script`. Returns its address.
+async fn scripted_server(handshake_reply: fn(u64) -> v1::Frame, mut script: Script) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read_half, mut write_half) = stream.into_split();
+        let mut reader = FrameReader::new(read_half, FRAME_BYTES_MAX);
+        let handshake: v1::Frame = reader.next_message().await.unwrap().unwrap();
+        let reply = handshake_reply(handshake.request_id);
+        write_message(&mut write_half, &reply, FRAME_BYTES_MAX)
+            .await
+            .unwrap();
+        while let Ok(Some(frame)) = reader.next_message::<v1::Frame>().await {
+            let Some(v1::frame::Body::Request(v1::Request { kind: Some(kind) })) = frame.body
+            else {
+                panic!("the client sent {frame:?}");
+            };
+            for reply in script(frame.request_id, kind) {
+                write_message(&mut write_half, &reply, FRAME_BYTES_MAX)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    addr
+}
+
+fn handshake_ok(request_id: u64) -> v1::Frame {
+    v1::Frame::response(
+        request_id,
+        response::Kind::HandshakeOk(v1::HandshakeOk {
+            protocol_version: PROTOCOL_VERSION,
+            limits: Some(v1::Limits {
+                frame_bytes_max: FRAME_BYTES_MAX,
+                requests_in_flight_max: 8,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    )
+}
+
+fn user_event(seq: u64) -> v1::Frame {
+    v1::Frame::push(
+        0,
+        push::Kind::UserEvent(v1::UserEvent {
+            user_id: 1,
+            seq,
+            ..Default::default()
+        }),
+    )
+}
+
+fn pong(request_id: u64, nonce: u64) -> v1::Frame {
+    v1::Frame::response(
+        request_id,
+        response::Kind::Ping(v1::PingResponse {
+            nonce,
+            server_time_ms: 0,
+        }),
+    )
+}
+
+async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_TIMEOUT, future)
+        .await
+        .expect("the test timed out")
+}
+
+fn pushed_seq(item: Option<PushItem>) -> u64 {
+    match item {
+        Some(PushItem::Push {
+            push: push::Kind::UserEvent(event),
+            ..
+        }) => event.seq,
+        other => panic!("expected a user event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn push_overflow_is_reported_once_in_place_of_the_gap() {
+    let addr = scripted_server(
+        handshake_ok,
+        Box::new(|request_id, kind| match kind {
+            // Ten pushes, then the answer: by the time the call returns, the client has
+            // routed all ten.
+            request::Kind::Ping(ping) if ping.nonce == 1 => {
+                let mut frames: Vec<_> = (1..=10).map(user_event).collect();
+                frames.push(pong(request_id, 1));
+                frames
+            }
+            request::Kind::Ping(ping) => vec![user_event(100), pong(request_id, ping.nonce)],
+            other => panic!("unexpected {other:?}"),
+        }),
+    )
+    .await;
+    let options = ClientOptions {
+        push_queue_len_max: 4,
+        ..ClientOptions::default()
+    };
+    let client = within(Client::connect(&addr, options)).await.unwrap();
+    let mut pushes = client.pushes().unwrap();
+    assert!(client.pushes().is_none(), "the receiver is handed out once");
+
+    within(client.ping(v1::PingRequest { nonce: 1 }))
+        .await
+        .unwrap();
+    for seq in 1..=4 {
+        assert_eq!(pushed_seq(within(pushes.recv()).await), seq);
+    }
+    assert_eq!(
+        within(pushes.recv()).await,
+        Some(PushItem::Lagged { dropped: 6 })
+    );
+    within(client.ping(v1::PingRequest { nonce: 2 }))
+        .await
+        .unwrap();
+    assert_eq!(pushed_seq(within(pushes.recv()).await), 100);
+}
+
+#[tokio::test]
+async fn rate_limited_requests_are_repeated_and_unanswered_ones_time_out() {
+    let mut refused_once = false;
+    let addr = scripted_server(
+        handshake_ok,
+        Box::new(move |request_id, kind| match kind {
+            request::Kind::History(_) if !refused_once => {
+                refused_once = true;
+                vec![v1::Frame::response(
+                    request_id,
+                    response::Kind::Error(v1::Error {
+                        code: v1::ErrorCode::RateLimited.into(),
+                        message: "slow down".into(),
+                        retry_after_ms: 1,
+                    }),
+                )]
+            }
+            request::Kind::History(_) => vec![v1::Frame::response(
+                request_id,
+                response::Kind::History(v1::HistoryResponse {
+                    head_seq: 5,
+                    ..Default::default()
+                }),
+            )],
+            // Never answered.
+            request::Kind::GetBySeq(_) => Vec::new(),
+            request::Kind::CreateChat(_) => vec![v1::Frame::response(
+                request_id,
+                response::Kind::Error(v1::Error::new(v1::ErrorCode::PermissionDenied, "no")),
+            )],
+            // The wrong kind of answer.
+            request::Kind::Ping(_) => vec![v1::Frame::response(
+                request_id,
+                response::Kind::Unsubscribe(v1::UnsubscribeResponse {}),
+            )],
+            other => panic!("unexpected {other:?}"),
+        }),
+    )
+    .await;
+    let options = ClientOptions {
+        request_timeout: Duration::from_millis(200),
+        ..ClientOptions::default()
+    };
+    let client = within(Client::connect(&addr, options)).await.unwrap();
+
+    let page = within(client.history(v1::HistoryRequest::default()))
+        .await
+        .unwrap();
+    assert_eq!(page.head_seq, 5);
+
+    let timed_out = within(client.get_by_seq(v1::GetBySeqRequest::default()))
+        .await
+        .unwrap_err();
+    assert!(matches!(timed_out, ClientError::Timeout), "{timed_out}");
+
+    let refused = within(client.create_chat(v1::CreateChatRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(v1::ErrorCode::PermissionDenied));
+
+    let confused = within(client.ping(v1::PingRequest::default()))
+        .await
+        .unwrap_err();
+    assert!(matches!(confused, ClientError::Protocol(_)), "{confused}");
+
+    let handshake = within(client.call(request::Kind::Handshake(v1::Handshake::default())))
+        .await
+        .unwrap_err();
+    assert!(matches!(handshake, ClientError::Protocol(_)), "{handshake}");
+}
+
+#[tokio::test]
+async fn refused_handshakes_are_typed_errors() {
+    let addr = scripted_server(
+        |request_id| {
+            v1::Frame::response(
+                request_id,
+                response::Kind::Error(v1::Error::new(
+                    v1::ErrorCode::UnsupportedVersion,
+                    "speaks [1]",
+                )),
+            )
+        },
+        Box::new(|_, _| Vec::new()),
+    )
+    .await;
+    let refused = within(Client::connect(&addr, ClientOptions::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(v1::ErrorCode::UnsupportedVersion));
+
+    let addr = scripted_server(
+        |_| {
+            v1::Frame::push(
+                0,
+                push::Kind::Disconnect(v1::Disconnect {
+                    reason: Some(v1::Error {
+                        code: v1::ErrorCode::Unavailable.into(),
+                        message: "full".into(),
+                        retry_after_ms: 1000,
+                    }),
+                }),
+            )
+        },
+        Box::new(|_, _| Vec::new()),
+    )
+    .await;
+    match within(Client::connect(&addr, ClientOptions::default())).await {
+        Err(ClientError::Server {
+            code: v1::ErrorCode::Unavailable,
+            retry_after,
+            ..
+        }) => assert_eq!(retry_after, Some(Duration::from_secs(1))),
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_dead_address_is_an_io_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let error = within(Client::connect(&addr, ClientOptions::default()))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ClientError::Io(_)), "{error}");
+}
+
+#[test]
+fn backoff_doubles_up_to_its_maximum() {
+    let policy = ReconnectPolicy {
+        attempts_max: 10,
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+    };
+    let waits: Vec<_> = (0..6).map(|attempt| policy.backoff(attempt)).collect();
+    let ms = |ms| Duration::from_millis(ms);
+    assert_eq!(waits, [ms(0), ms(10), ms(20), ms(40), ms(50), ms(50)]);
+    assert_eq!(policy.backoff(u32::MAX), ms(50));
+}
