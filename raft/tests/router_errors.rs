@@ -1,17 +1,20 @@
 //! How the `Router` reports failures to openraft, over real sockets: a peer that cannot
 //! be reached (no address, nothing listening, a handshake refused, an error frame) is
 //! `Unreachable`, so openraft backs off; a peer that accepted the request but did not
-//! answer within the deadline is `Timeout`.
+//! answer within the deadline is `Timeout`; a snapshot transfer whose replication was
+//! cancelled stops with `StreamingError::Closed` instead of running to its deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chatlog_raft::types::Vote;
+use chatlog_raft::types::{Snapshot, SnapshotMeta};
 use chatlog_raft::{ChatRaft, GroupDirectory, GroupId, NodeIdentity, Router, serve};
 use chatlog_wire::frame::{read_message, write_message};
 use chatlog_wire::limits::{NODE_FRAME_BYTES_MAX, NODE_PROTOCOL_VERSION};
 use chatlog_wire::proto::node::v1::{NodeFrame, NodeHelloOk, node_frame::Payload};
-use openraft::error::RPCError;
+use openraft::error::{RPCError, ReplicationClosed, StreamingError};
 use openraft::network::RPCOption;
 use openraft::raft::VoteRequest;
 use openraft_multi::GroupRouter;
@@ -130,12 +133,12 @@ async fn unreachable_peers_are_reported_as_unreachable() {
     empty.await.expect("server task");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_times_out() {
-    // A peer that completes the handshake and then never answers.
+/// A peer that completes the handshake and then never answers; ends when the router
+/// closes the connection.
+async fn spawn_silent_peer() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let silent = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.expect("accept");
         let hello: NodeFrame = read_message(&mut stream, NODE_FRAME_BYTES_MAX)
             .await
@@ -159,6 +162,12 @@ async fn a_silent_peer_times_out() {
             read_message::<NodeFrame, _>(&mut stream, NODE_FRAME_BYTES_MAX).await
         {}
     });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_out() {
+    let (addr, silent) = spawn_silent_peer().await;
     let router = Router::new(identity(1));
     router.set_peer_addr(2, addr);
     let started = Instant::now();
@@ -170,6 +179,48 @@ async fn a_silent_peer_times_out() {
     // soft_ttl is 3/4 of the 200 ms hard TTL.
     assert!(
         started.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        started.elapsed()
+    );
+    router.shutdown();
+    timeout(WAIT, silent)
+        .await
+        .expect("the silent peer sees the connection close")
+        .expect("peer task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
+    let (addr, silent) = spawn_silent_peer().await;
+    let router = Router::new(identity(1));
+    router.set_peer_addr(2, addr);
+    let snapshot = Snapshot {
+        meta: SnapshotMeta::default(),
+        snapshot: Bytes::from(vec![7u8; 3 << 20]),
+    };
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ReplicationClosed::new("the test cancelled it")
+    };
+    // A deadline far beyond the cancel, so only the cancel can end the transfer early.
+    let started = Instant::now();
+    let err = timeout(
+        WAIT,
+        router.full_snapshot(
+            2,
+            1,
+            Vote::new_committed(1, 1),
+            snapshot,
+            cancel,
+            RPCOption::new(Duration::from_secs(8)),
+        ),
+    )
+    .await
+    .expect("cancelled in time")
+    .expect_err("cancelled");
+    assert!(matches!(err, StreamingError::Closed(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
