@@ -30,8 +30,10 @@ use chatlog_wire::limits::NODE_FRAME_BYTES_MAX;
 use chatlog_wire::proto::node::v1::{NodeError, NodeErrorCode, NodeFrame, node_frame::Payload};
 use openraft::network::RPCTypes;
 
-pub use router::{NetworkFactory, Router};
-pub use server::{GroupDirectory, serve};
+pub use router::{CONNECT_TIMEOUT, NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router};
+pub use server::{
+    CONNECTIONS_MAX, GroupDirectory, REQUESTS_IN_FLIGHT_MAX, SNAPSHOT_REASSEMBLY_BYTES_MAX, serve,
+};
 
 use crate::types::{GroupId, NodeId};
 

@@ -457,6 +457,14 @@ async fn dial(
         .await
         .map_err(|e| e.to_string())?
         .ok_or("closed during the handshake")?;
+    // A refusal first: it says why, whatever envelope it came in.
+    if let Some(Payload::Error(e)) = &reply.payload {
+        return Err(format!(
+            "handshake refused: {:?}: {}",
+            NodeErrorCode::try_from(e.code).unwrap_or(NodeErrorCode::Unspecified),
+            e.message
+        ));
+    }
     if reply.cluster_id != identity.cluster_id {
         return Err(format!(
             "the peer is in cluster {}, not {}",
@@ -472,13 +480,6 @@ async fn dial(
     match reply.payload {
         Some(Payload::HelloOk(NodeHelloOk { protocol_version }))
             if protocol_version == NODE_PROTOCOL_VERSION => {}
-        Some(Payload::Error(e)) => {
-            return Err(format!(
-                "handshake refused: {:?}: {}",
-                NodeErrorCode::try_from(e.code).unwrap_or(NodeErrorCode::Unspecified),
-                e.message
-            ));
-        }
         other => {
             return Err(format!(
                 "unexpected handshake answer {}",

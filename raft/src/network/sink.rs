@@ -167,3 +167,67 @@ async fn write_frames(
     queue_bytes.close();
     rx.close();
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Frames queued while the writer is busy (here: not yet scheduled, on a
+    /// current-thread runtime) go out together, in order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn queued_frames_are_coalesced_into_few_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_reader, writer) = client.into_split();
+        let sink = FrameSink::spawn(writer);
+        // Few enough sends that tokio's cooperative budget does not force a yield.
+        let frames = 40u8;
+        for i in 0..frames {
+            sink.send(Bytes::from(vec![i; 10])).await.expect("queued");
+        }
+        let mut received = vec![0u8; usize::from(frames) * 10];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.read_exact(&mut received),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        let expected: Vec<u8> = (0..frames).flat_map(|i| [i; 10]).collect();
+        assert_eq!(received, expected);
+        let stats = sink.stats();
+        assert_eq!(stats.frames.load(Ordering::Relaxed), u64::from(frames));
+        let writes = stats.writes.load(Ordering::Relaxed);
+        assert!(writes <= 2, "{frames} frames took {writes} writes");
+    }
+
+    /// After the peer goes away the writer stops and senders see it, instead of queueing
+    /// forever.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_connection_closes_the_sink() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        drop(server);
+        let (_reader, writer) = client.into_split();
+        let sink = FrameSink::spawn(writer);
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if sink.send(Bytes::from(vec![0u8; 64 << 10])).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "sends kept succeeding on a dead connection");
+        assert!(sink.is_closed());
+    }
+}

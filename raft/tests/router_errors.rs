@@ -1,0 +1,232 @@
+//! How the `Router` reports failures to openraft, over real sockets: a peer that cannot
+//! be reached (no address, nothing listening, a handshake refused, an error frame) is
+//! `Unreachable`, so openraft backs off; a peer that accepted the request but did not
+//! answer within the deadline is `Timeout`; a snapshot transfer whose replication was
+//! cancelled stops with `StreamingError::Closed` instead of running to its deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatlog_raft::types::Vote;
+use chatlog_raft::types::{Snapshot, SnapshotMeta};
+use chatlog_raft::{ChatRaft, GroupDirectory, GroupId, NodeIdentity, Router, serve};
+use chatlog_wire::frame::{read_message, write_message};
+use chatlog_wire::limits::{NODE_FRAME_BYTES_MAX, NODE_PROTOCOL_VERSION};
+use chatlog_wire::proto::node::v1::{NodeFrame, NodeHelloOk, node_frame::Payload};
+use openraft::error::{RPCError, ReplicationClosed, StreamingError};
+use openraft::network::RPCOption;
+use openraft::raft::VoteRequest;
+use openraft_multi::GroupRouter;
+use tokio::net::TcpListener;
+use tokio::time::{Instant, timeout};
+
+const CLUSTER_ID: u64 = 41;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn identity(node_id: u64) -> NodeIdentity {
+    NodeIdentity {
+        cluster_id: CLUSTER_ID,
+        node_id,
+    }
+}
+
+fn vote_request() -> VoteRequest<chatlog_raft::TypeConfig> {
+    VoteRequest::new(Vote::new(1, 1), None)
+}
+
+fn option() -> RPCOption {
+    RPCOption::new(Duration::from_millis(200))
+}
+
+/// Holds no groups: every request is answered with UNKNOWN_GROUP.
+struct NoGroups;
+
+impl GroupDirectory for NoGroups {
+    fn raft(&self, _group: GroupId) -> Option<ChatRaft> {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peers_are_reported_as_unreachable() {
+    let router = Router::new(identity(1));
+
+    // No address known.
+    let err = router
+        .vote(2, 1, vote_request(), option())
+        .await
+        .expect_err("no address");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+
+    // Nothing listening: the dial fails, and the next request fails at once (backoff).
+    let free = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    router.set_peer_addr(2, addr);
+    let err = router
+        .vote(2, 1, vote_request(), option())
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    let started = Instant::now();
+    let err = router
+        .vote(2, 1, vote_request(), option())
+        .await
+        .expect_err("backing off");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "waited during backoff"
+    );
+
+    // A node of another cluster refuses the handshake.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let other_cluster = NodeIdentity {
+        cluster_id: CLUSTER_ID + 1,
+        node_id: 3,
+    };
+    let (stop_other, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = tokio::spawn(serve(listener, other_cluster, Arc::new(NoGroups), async {
+        let _ = stopped.await;
+    }));
+    router.set_peer_addr(3, addr);
+    let err = router
+        .vote(3, 1, vote_request(), option())
+        .await
+        .expect_err("wrong cluster");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    assert!(err.to_string().contains("WrongCluster"), "{err}");
+
+    // A node of our cluster without the group answers UNKNOWN_GROUP.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_empty, stopped) = tokio::sync::oneshot::channel::<()>();
+    let empty = tokio::spawn(serve(listener, identity(4), Arc::new(NoGroups), async {
+        let _ = stopped.await;
+    }));
+    router.set_peer_addr(4, addr);
+    let err = timeout(WAIT, router.vote(4, 9, vote_request(), option()))
+        .await
+        .expect("answered in time")
+        .expect_err("unknown group");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    assert!(err.to_string().contains("UnknownGroup"), "{err}");
+    // The connection survives the error: a second request on it is answered the same way.
+    let (frames_before, _) = router.connection_stats(4).expect("connected");
+    let err = router
+        .pre_vote(4, 9, vote_request(), option())
+        .await
+        .expect_err("unknown group");
+    assert!(err.to_string().contains("UnknownGroup"), "{err}");
+    let (frames_after, _) = router.connection_stats(4).expect("still connected");
+    assert_eq!(
+        frames_after,
+        frames_before + 1,
+        "the same connection carried it"
+    );
+
+    let _ = stop_other.send(());
+    let _ = stop_empty.send(());
+    other.await.expect("server task");
+    empty.await.expect("server task");
+}
+
+/// A peer that completes the handshake and then never answers; ends when the router
+/// closes the connection.
+async fn spawn_silent_peer() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let hello: NodeFrame = read_message(&mut stream, NODE_FRAME_BYTES_MAX)
+            .await
+            .expect("read")
+            .expect("hello");
+        let ok = NodeFrame {
+            cluster_id: CLUSTER_ID,
+            from_node_id: 2,
+            to_node_id: hello.from_node_id,
+            group_id: 0,
+            request_id: 0,
+            payload: Some(Payload::HelloOk(NodeHelloOk {
+                protocol_version: NODE_PROTOCOL_VERSION,
+            })),
+        };
+        write_message(&mut stream, &ok, NODE_FRAME_BYTES_MAX)
+            .await
+            .expect("write");
+        // Read (and ignore) requests until the router goes away.
+        while let Ok(Some(_)) =
+            read_message::<NodeFrame, _>(&mut stream, NODE_FRAME_BYTES_MAX).await
+        {}
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_out() {
+    let (addr, silent) = spawn_silent_peer().await;
+    let router = Router::new(identity(1));
+    router.set_peer_addr(2, addr);
+    let started = Instant::now();
+    let err = timeout(WAIT, router.vote(2, 1, vote_request(), option()))
+        .await
+        .expect("the deadline fires")
+        .expect_err("no answer");
+    assert!(matches!(err, RPCError::Timeout(_)), "{err}");
+    // soft_ttl is 3/4 of the 200 ms hard TTL.
+    assert!(
+        started.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        started.elapsed()
+    );
+    router.shutdown();
+    timeout(WAIT, silent)
+        .await
+        .expect("the silent peer sees the connection close")
+        .expect("peer task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
+    let (addr, silent) = spawn_silent_peer().await;
+    let router = Router::new(identity(1));
+    router.set_peer_addr(2, addr);
+    let snapshot = Snapshot {
+        meta: SnapshotMeta::default(),
+        snapshot: Bytes::from(vec![7u8; 3 << 20]),
+    };
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ReplicationClosed::new("the test cancelled it")
+    };
+    // A deadline far beyond the cancel, so only the cancel can end the transfer early.
+    let started = Instant::now();
+    let err = timeout(
+        WAIT,
+        router.full_snapshot(
+            2,
+            1,
+            Vote::new_committed(1, 1),
+            snapshot,
+            cancel,
+            RPCOption::new(Duration::from_secs(8)),
+        ),
+    )
+    .await
+    .expect("cancelled in time")
+    .expect_err("cancelled");
+    assert!(matches!(err, StreamingError::Closed(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    router.shutdown();
+    timeout(WAIT, silent)
+        .await
+        .expect("the silent peer sees the connection close")
+        .expect("peer task");
+}
