@@ -201,7 +201,13 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let service = Arc::new(ChatService::new(Arc::clone(&node), args.dev_mode));
-    gateway::serve(listener, service, GatewayLimits::default(), shutdown_signal()).await;
+    gateway::serve(
+        listener,
+        service,
+        GatewayLimits::default(),
+        shutdown_signal(),
+    )
+    .await;
     tracing::info!("stopping");
     match Arc::try_unwrap(node) {
         Ok(node) => node.shutdown().await?,

@@ -16,10 +16,13 @@ async fn start(dir: &std::path::Path, checkpoint_every: u64) -> Node {
     config.sm = SmConfig {
         checkpoint_every_entries: checkpoint_every,
     };
-    let node = tokio::time::timeout(Duration::from_secs(30), Node::start(config, |_| NoPeers, Default::default()))
-        .await
-        .expect("start in time")
-        .expect("node starts");
+    let node = tokio::time::timeout(
+        Duration::from_secs(30),
+        Node::start(config, |_| NoPeers, Default::default()),
+    )
+    .await
+    .expect("start in time")
+    .expect("node starts");
     node.wait_for_leaders(Duration::from_secs(10))
         .await
         .expect("every group elects itself");

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use chatlog_raft::chat::{Batch, Command};
 use chatlog_raft::network::codec;
+use chatlog_raft::state_machine::SmConfig;
 use chatlog_raft::types::Vote;
 use chatlog_raft::{
     ChatBatch, ChatRaft, ChatStateMachine, GroupDirectory, GroupId, LogStore, NodeId, NodeIdentity,
@@ -106,7 +108,8 @@ impl TestNode {
                 Arc::clone(&config),
                 router.network_factory(group),
                 store,
-                ChatStateMachine::new(group),
+                ChatStateMachine::open(Arc::clone(&engine), group, SmConfig::default())
+                    .expect("state machine opens"),
             )
             .await
             .expect("raft starts");
@@ -246,7 +249,7 @@ async fn write(nodes: &[&TestNode], group: GroupId, body: &str) -> u64 {
             let node = nodes.iter().find(|n| n.id == leader_id).expect("live");
             match node
                 .raft(group)
-                .client_write(ChatBatch(Bytes::from(body.to_string())))
+                .client_write(ChatBatch(user_batch(body)))
                 .await
             {
                 Ok(resp) => return resp.log_id.index,
@@ -274,11 +277,28 @@ async fn applied_everywhere(nodes: &[&TestNode], group: GroupId, index: u64) {
     }
 }
 
-/// Chat batches applied by `node`'s replica of `group`.
+/// A batch creating one user named after `body`, so each distinct body written counts
+/// once in the state (a retried write is refused as a duplicate name).
+fn user_batch(body: &str) -> Bytes {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Batch {
+        timestamp_ms: 1,
+        commands: vec![Command::CreateUser {
+            name: format!("u{h:016x}"),
+            login_token_hash: [0; 32],
+        }],
+    }
+    .encode()
+}
+
+/// Distinct batches (users) applied by `node`'s replica of `group`.
 async fn batches_applied(node: &TestNode, group: GroupId) -> u64 {
     node.raft(group)
         .with_state_machine(|sm: &mut ChatStateMachine| {
-            let n = sm.applied().batches_applied;
+            let n = sm.shared().read().counts().0 as u64;
             Box::pin(async move { n })
         })
         .await
