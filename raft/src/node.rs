@@ -145,8 +145,8 @@ pub enum ProposeError {
 }
 
 struct Proposal {
-    command: Command,
-    bytes: usize,
+    /// The command, encoded once here (`Command::encode_into`).
+    encoded: Vec<u8>,
     reply: oneshot::Sender<Result<Outcome, ProposeError>>,
 }
 
@@ -162,7 +162,7 @@ pub struct Group {
 
 impl std::fmt::Debug for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Proposal({:?})", self.command)
+        write!(f, "Proposal({} bytes)", self.encoded.len())
     }
 }
 
@@ -190,18 +190,14 @@ impl Group {
     /// Proposes one command and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
         let (tx, rx) = oneshot::channel();
-        let mut bytes = Vec::new();
-        command.encode_into(&mut bytes);
+        let mut encoded = Vec::with_capacity(64);
+        command.encode_into(&mut encoded);
         let unavailable = |detail: &str| ProposeError::Unavailable {
             group: self.id,
             detail: detail.into(),
         };
         self.proposals
-            .send(Proposal {
-                command,
-                bytes: bytes.len() + 4,
-                reply: tx,
-            })
+            .send(Proposal { encoded, reply: tx })
             .await
             .map_err(|_| unavailable("the group is stopped"))?;
         rx.await
@@ -296,12 +292,12 @@ impl Group {
 async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Proposal>) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = rx.recv().await {
+        let mut bytes = first.encoded.len() + 4;
         let mut batch = vec![first];
-        let mut bytes = batch[0].bytes;
         while batch.len() < ENTRY_COMMANDS_MAX && bytes < ENTRY_BYTES_MAX {
             match rx.try_recv() {
                 Ok(p) => {
-                    bytes += p.bytes;
+                    bytes += p.encoded.len() + 4;
                     batch.push(p);
                 }
                 Err(_) => break,
@@ -310,13 +306,10 @@ async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Prop
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
             return;
         };
-        let (commands, replies): (Vec<Command>, Vec<_>) =
-            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-        let payload = Batch {
-            timestamp_ms: now_ms(),
-            commands,
-        }
-        .encode();
+        let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
+            batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
+        let payload = Batch::encode_encoded(now_ms(), &commands);
+        drop(commands);
         let fail = |replies: Vec<oneshot::Sender<Result<Outcome, ProposeError>>>,
                     e: ProposeError| {
             for r in replies {

@@ -600,16 +600,30 @@ pub struct Batch {
 impl Batch {
     /// Encodes the batch.
     pub fn encode(&self) -> Bytes {
-        let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + 64 * self.commands.len());
+        let encoded: Vec<Vec<u8>> = self
+            .commands
+            .iter()
+            .map(|c| {
+                let mut v = Vec::new();
+                c.encode_into(&mut v);
+                v
+            })
+            .collect();
+        Batch::encode_encoded(self.timestamp_ms, &encoded)
+    }
+
+    /// Encodes a batch from commands already encoded with [`Command::encode_into`]
+    /// (proposers encode each command once, when it is queued).
+    pub fn encode_encoded<C: AsRef<[u8]>>(timestamp_ms: u64, commands: &[C]) -> Bytes {
+        let body: usize = commands.iter().map(|c| 4 + c.as_ref().len()).sum();
+        let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + body);
         out.push(BATCH_VERSION);
-        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
-        out.extend_from_slice(&(self.commands.len() as u32).to_le_bytes());
-        for c in &self.commands {
-            let at = out.len();
-            out.extend_from_slice(&[0; 4]);
-            c.encode_into(&mut out);
-            let len = (out.len() - at - 4) as u32;
-            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&timestamp_ms.to_le_bytes());
+        out.extend_from_slice(&(commands.len() as u32).to_le_bytes());
+        for c in commands {
+            let c = c.as_ref();
+            out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            out.extend_from_slice(c);
         }
         Bytes::from(out)
     }

@@ -1,0 +1,411 @@
+//! Commit throughput and latency of the replicated core (issue "Replicated chat logs"):
+//! 256-byte posts to 1,000 chats spread over 16 groups, through `Node` and its proposal
+//! batcher, every post acknowledged only after it is durable and applied.
+//!
+//! `cargo bench --bench raft_figures -- [r1] [r3]`:
+//! - `r1`: one node, replication factor 1, in this process.
+//! - `r3`: three nodes in this process, each with its own engine and data directory,
+//!   talking over the real TCP transport on 127.0.0.1 (replication factor 3). One process
+//!   stands in for three on this 2-core machine; the transport, fsyncs and Raft work are
+//!   the same, the scheduler is shared.
+//!
+//! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
+//! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
+//! times (default 3) on a fresh directory, and reports the median; then an open loop at
+//! half the measured throughput for the p99 commit latency target.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatlog_raft::chat::{ChatKind, Command, Outcome};
+use chatlog_raft::network::{GroupDirectory, NodeIdentity, Router};
+use chatlog_raft::node::{GroupRegistry, NoPeers, Node, NodeConfig};
+use hdrhistogram::Histogram;
+
+const GROUPS: u64 = 16;
+const CHATS: usize = 1_000;
+const TEXT_BYTES: usize = 256;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let sections: Vec<&str> = if args.is_empty() {
+        vec!["r1", "r3"]
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "| scenario | posts/s (median) | min–max | p50 ms | p99 ms | half-load posts/s | half-load p50 ms | half-load p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in sections {
+        let replicas = match s {
+            "r1" => 1,
+            "r3" => 3,
+            other => panic!("unknown section {other}"),
+        };
+        rt.block_on(scenario(s, replicas));
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Arc<Node>>,
+    _dirs: Vec<tempfile::TempDir>,
+    stops: Vec<tokio::sync::watch::Sender<bool>>,
+}
+
+async fn start(replicas: usize) -> Cluster {
+    let mut dirs = Vec::new();
+    let mut nodes = Vec::new();
+    let mut stops = Vec::new();
+    if replicas == 1 {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+        let config = NodeConfig::single(dir.path(), GROUPS);
+        let node = Node::start(config, |_| NoPeers, Default::default())
+            .await
+            .expect("node starts");
+        nodes.push(Arc::new(node));
+        dirs.push(dir);
+    } else {
+        let ids: Vec<u64> = (1..=replicas as u64).collect();
+        let listeners: Vec<tokio::net::TcpListener> = futures_util::future::join_all(
+            ids.iter()
+                .map(|_| tokio::net::TcpListener::bind("127.0.0.1:0")),
+        )
+        .await
+        .into_iter()
+        .map(|l| l.expect("bind"))
+        .collect();
+        let addrs: Vec<_> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        let mut starts = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let id = ids[i];
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+            let mut config = NodeConfig::single(dir.path(), GROUPS);
+            config.node_id = id;
+            config.members = ids.iter().copied().collect();
+            config.replicas = replicas;
+            let identity = NodeIdentity {
+                cluster_id: 42,
+                node_id: id,
+            };
+            let router = Router::new(identity);
+            for (j, other) in ids.iter().enumerate() {
+                if *other != id {
+                    router.set_peer_addr(*other, addrs[j]);
+                }
+            }
+            let registry = Arc::new(GroupRegistry::default());
+            let (stop, mut stopped) = tokio::sync::watch::channel(false);
+            let directory: Arc<dyn GroupDirectory> = registry.clone();
+            tokio::spawn(chatlog_raft::network::serve(
+                listener,
+                identity,
+                directory,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ));
+            stops.push(stop);
+            dirs.push(dir);
+            starts.push(tokio::spawn(async move {
+                let r = router.clone();
+                Node::start(config, move |g| r.network_factory(g), registry)
+                    .await
+                    .expect("node starts")
+            }));
+        }
+        for s in starts {
+            nodes.push(Arc::new(s.await.expect("start task")));
+        }
+    }
+    for n in &nodes {
+        n.wait_for_leaders(Duration::from_secs(60))
+            .await
+            .expect("leaders");
+    }
+    Cluster {
+        nodes,
+        _dirs: dirs,
+        stops,
+    }
+}
+
+impl Cluster {
+    /// The node leading group `g`.
+    fn leader_of(&self, g: u64) -> Arc<Node> {
+        let id = self.nodes[0]
+            .group(g)
+            .expect("group")
+            .leader()
+            .expect("leader");
+        Arc::clone(
+            self.nodes
+                .iter()
+                .find(|n| n.node_id() == id)
+                .expect("leader node"),
+        )
+    }
+
+    async fn stop(self) {
+        for s in &self.stops {
+            let _ = s.send(true);
+        }
+        for n in self.nodes {
+            if let Ok(n) = Arc::try_unwrap(n) {
+                let _ = n.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Creates one user per group and 1,000 group chats; returns (chat, group, sender).
+async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
+    let mut users = Vec::new();
+    for g in 1..=GROUPS {
+        let node = cluster.leader_of(g);
+        match node
+            .group(g)
+            .expect("group")
+            .propose(Command::CreateUser {
+                name: format!("bench{g}"),
+                login_token_hash: [0; 32],
+            })
+            .await
+            .expect("user")
+        {
+            Outcome::UserCreated { user } => users.push(user),
+            o => panic!("{o:?}"),
+        }
+    }
+    let mut chats = Vec::new();
+    for i in 0..CHATS {
+        let g = 1 + (i as u64 % GROUPS);
+        let user = users[(g - 1) as usize];
+        let node = cluster.leader_of(g);
+        match node
+            .group(g)
+            .expect("group")
+            .propose(Command::CreateChat {
+                creator: user,
+                kind: ChatKind::Group,
+                title: format!("chat {i}"),
+                members: vec![],
+            })
+            .await
+            .expect("chat")
+        {
+            Outcome::Event { chat, .. } => chats.push((chat, g, user)),
+            o => panic!("{o:?}"),
+        }
+    }
+    chats
+}
+
+/// A 256-byte text whose first digits are `i` (cheap: the client's cost is not the
+/// server's).
+fn text(i: u64) -> String {
+    const FILL: &str = "abcdefghijklmnopqrstuvwxyz";
+    let mut s = String::with_capacity(TEXT_BYTES);
+    s.push_str(&i.to_string());
+    while s.len() < TEXT_BYTES {
+        let n = (TEXT_BYTES - s.len()).min(FILL.len());
+        s.push_str(&FILL[..n]);
+    }
+    s
+}
+
+struct Run {
+    posts_per_sec: f64,
+    hist: Histogram<u64>,
+}
+
+/// Closed loop: `inflight` workers post back to back for `secs`.
+async fn closed_loop(
+    cluster: &Cluster,
+    chats: &[(u64, u64, u64)],
+    secs: u64,
+    inflight: u64,
+) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let next_id = Arc::new(AtomicU64::new(1));
+    let leaders: Vec<_> = (1..=GROUPS).map(|g| cluster.leader_of(g)).collect();
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let stop = Arc::clone(&stop);
+        let measuring = Arc::clone(&measuring);
+        let done = Arc::clone(&done);
+        let next_id = Arc::clone(&next_id);
+        let chats = chats.to_vec();
+        let leaders = leaders.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("hist");
+            let mut k = w as usize * 7919;
+            while !stop.load(Ordering::Relaxed) {
+                k = (k + 104_729) % chats.len();
+                let (chat, g, sender) = chats[k];
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let out = leaders[(g - 1) as usize]
+                    .group(g)
+                    .expect("group")
+                    .propose(Command::Post {
+                        chat,
+                        sender,
+                        client_message_id: id,
+                        text: text(id),
+                        media: None,
+                        reply_to: 0,
+                    })
+                    .await
+                    .expect("post commits");
+                assert!(
+                    matches!(
+                        out,
+                        Outcome::Event {
+                            deduplicated: false,
+                            ..
+                        }
+                    ),
+                    "{out:?}"
+                );
+                if measuring.load(Ordering::Relaxed) {
+                    hist.record(t.elapsed().as_micros() as u64).expect("record");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            hist
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let posts = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3).expect("hist");
+    for t in tasks {
+        hist.add(t.await.expect("worker")).expect("merge");
+    }
+    Run {
+        posts_per_sec: posts as f64 / elapsed,
+        hist,
+    }
+}
+
+/// Open loop: posts issued at `rate`/s regardless of completions; latency counted from
+/// the intended start.
+async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate: f64) -> Run {
+    let leaders: Vec<_> = (1..=GROUPS).map(|g| cluster.leader_of(g)).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let total = (rate * secs as f64) as u64;
+    let t0 = Instant::now();
+    let base_id = 1u64 << 40;
+    let mut k = 0usize;
+    for i in 0..total {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        k = (k + 104_729) % chats.len();
+        let (chat, g, sender) = chats[k];
+        let node = Arc::clone(&leaders[(g - 1) as usize]);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            node.group(g)
+                .expect("group")
+                .propose(Command::Post {
+                    chat,
+                    sender,
+                    client_message_id: base_id + i,
+                    text: text(i),
+                    media: None,
+                    reply_to: 0,
+                })
+                .await
+                .expect("post commits");
+            let _ = tx.send(due.elapsed().as_micros() as u64);
+        });
+    }
+    drop(tx);
+    let mut hist = Histogram::<u64>::new(3).expect("hist");
+    while let Some(us) = rx.recv().await {
+        hist.record(us).expect("record");
+    }
+    Run {
+        posts_per_sec: total as f64 / t0.elapsed().as_secs_f64(),
+        hist,
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+async fn scenario(name: &str, replicas: usize) {
+    let secs = env_u64("CHATLOG_RAFT_SECS", 5);
+    let repeats = env_u64("CHATLOG_RAFT_REPEATS", 3).max(1);
+    let inflight = env_u64("CHATLOG_RAFT_INFLIGHT", 2048);
+    let mut runs = Vec::new();
+    let mut half = None;
+    for r in 0..repeats {
+        let cluster = start(replicas).await;
+        let chats = setup(&cluster).await;
+        let run = closed_loop(&cluster, &chats, secs, inflight).await;
+        eprintln!(
+            "{name} run {r}: {:.0} posts/s, p50 {:.2} ms, p99 {:.2} ms",
+            run.posts_per_sec,
+            ms(run.hist.value_at_quantile(0.5)),
+            ms(run.hist.value_at_quantile(0.99))
+        );
+        if r == repeats - 1 {
+            let mut rates: Vec<f64> = runs
+                .iter()
+                .map(|r: &Run| r.posts_per_sec)
+                .chain([run.posts_per_sec])
+                .collect();
+            rates.sort_by(f64::total_cmp);
+            let median = rates[rates.len() / 2];
+            half = Some(open_loop(&cluster, &chats, secs, median / 2.0).await);
+        }
+        runs.push(run);
+        cluster.stop().await;
+    }
+    runs.sort_by(|a, b| a.posts_per_sec.total_cmp(&b.posts_per_sec));
+    let median = &runs[runs.len() / 2];
+    let half = half.expect("half-load run");
+    println!(
+        "| {name} ({replicas} replica{}, {GROUPS} groups, {CHATS} chats, {TEXT_BYTES} B, {inflight} in flight) | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+        if replicas == 1 { "" } else { "s" },
+        median.posts_per_sec,
+        runs[0].posts_per_sec,
+        runs[runs.len() - 1].posts_per_sec,
+        ms(median.hist.value_at_quantile(0.5)),
+        ms(median.hist.value_at_quantile(0.99)),
+        half.posts_per_sec,
+        ms(half.hist.value_at_quantile(0.5)),
+        ms(half.hist.value_at_quantile(0.99)),
+    );
+}
