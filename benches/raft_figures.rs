@@ -9,6 +9,9 @@
 //!   stands in for three on this 2-core machine; the transport, fsyncs and Raft work are
 //!   the same, the scheduler is shared.
 //!
+//! - `idle`: three nodes in this process holding 1,001 groups × 3 replicas, idle: CPU and
+//!   resident memory per group replica (not in the default set).
+//!
 //! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
 //! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
 //! times (default 3) on a fresh directory, and reports the median; then an open loop at
@@ -48,18 +51,93 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!(
-        "| scenario | posts/s (median) | min–max | p50 ms | p99 ms | half-load posts/s | half-load p50 ms | half-load p99 ms |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
+    let mut header = false;
     for s in sections {
         let replicas = match s {
             "r1" => 1,
             "r3" => 3,
+            "idle" => {
+                rt.block_on(idle());
+                continue;
+            }
             other => panic!("unknown section {other}"),
         };
+        if !header {
+            header = true;
+            println!(
+                "| scenario | posts/s (median) | min–max | p50 ms | p99 ms | half-load posts/s | half-load p50 ms | half-load p99 ms |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+        }
         rt.block_on(scenario(s, replicas));
     }
+}
+
+/// CPU seconds this process used so far (user + system).
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Resident memory of this process in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Idle cost per group replica: three nodes in this process with `CHATLOG_RAFT_IDLE_GROUPS`
+/// groups (default 1,000) × 3 replicas, heartbeats as `node::timing` derives them, CPU and
+/// resident memory measured over `CHATLOG_RAFT_SECS` × 2 of idling.
+async fn idle() {
+    let groups = env_u64("CHATLOG_RAFT_IDLE_GROUPS", 1_000);
+    let secs = env_u64("CHATLOG_RAFT_SECS", 5) * 2;
+    let rss0 = rss_bytes();
+    let t = Instant::now();
+    let cluster = start_with(3, groups).await;
+    let started = t.elapsed();
+    let mut leaders = std::collections::BTreeMap::new();
+    for g in 0..=groups {
+        *leaders
+            .entry(
+                cluster.nodes[0]
+                    .group(g)
+                    .and_then(|x| x.leader())
+                    .unwrap_or(0),
+            )
+            .or_insert(0) += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = rss_bytes();
+    let (c0, t0) = (cpu_secs(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let cpu = (cpu_secs() - c0) / t0.elapsed().as_secs_f64();
+    let replicas = 3 * (groups + 1);
+    let hb = chatlog_raft::node::timing((groups + 1) as usize, None)
+        .expect("timing")
+        .heartbeat_interval;
+    println!(
+        "| groups × replicas | heartbeat ms | start s | leaders per node | idle CPU (cores) | CPU per 1,000 replicas | RSS growth | RSS per replica |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} × 3 | {hb} | {:.1} | {:?} | {:.3} | {:.3} | {:.0} MiB | {:.0} KiB |",
+        groups + 1,
+        started.as_secs_f64(),
+        leaders,
+        cpu,
+        cpu * 1000.0 / replicas as f64,
+        (rss1.saturating_sub(rss0)) as f64 / (1 << 20) as f64,
+        (rss1.saturating_sub(rss0)) as f64 / 1024.0 / replicas as f64,
+    );
+    cluster.stop().await;
 }
 
 struct Cluster {
@@ -69,12 +147,16 @@ struct Cluster {
 }
 
 async fn start(replicas: usize) -> Cluster {
+    start_with(replicas, GROUPS).await
+}
+
+async fn start_with(replicas: usize, groups: u64) -> Cluster {
     let mut dirs = Vec::new();
     let mut nodes = Vec::new();
     let mut stops = Vec::new();
     if replicas == 1 {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-        let config = NodeConfig::single(dir.path(), GROUPS);
+        let config = NodeConfig::single(dir.path(), groups);
         let node = Node::start(config, |_| NoPeers, Default::default())
             .await
             .expect("node starts");
@@ -98,7 +180,7 @@ async fn start(replicas: usize) -> Cluster {
         for (i, listener) in listeners.into_iter().enumerate() {
             let id = ids[i];
             let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-            let mut config = NodeConfig::single(dir.path(), GROUPS);
+            let mut config = NodeConfig::single(dir.path(), groups);
             config.node_id = id;
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;
