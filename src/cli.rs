@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 /// chatlog: a message-log server for messengers.
 #[derive(Debug, Parser)]
-#[command(name = "chatlog", version, about, long_about = None)]
+#[command(name = "chatlog", version, about, long_about = None, after_help = crate::client_cmd::AFTER_HELP)]
 pub struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]

@@ -31,6 +31,15 @@ use output::{Printer, chat_kind_name, role_name};
 /// The client name sent in every handshake.
 const CLIENT_NAME: &str = concat!("chatlog-cli/", env!("CARGO_PKG_VERSION"));
 
+/// The end of `chatlog --help`: what every client command shares.
+pub const AFTER_HELP: &str = "\
+Client commands (user, login, sessions, chat, send, history, tail, edit, delete, react,
+pin, read, unread) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
+--token TOKEN (or CHATLOG_TOKEN; the session token `user create` and `login` print)
+and --json (JSON for scripts; its shape is in each command's --help).
+A refused request exits with status 1 and prints `error: CODE: message` on stderr;
+a usage error exits with status 2.";
+
 /// Default for `--device` of `user create` and `login`.
 pub const DEFAULT_DEVICE: &str = "cli";
 
@@ -158,7 +167,8 @@ pub enum SessionsCommand {
 pub enum ChatCommand {
     /// Create a group, channel or direct chat; you become its owner.
     ///
-    /// group and channel: NAME is the title (required), --members the initial members.
+    /// group, channel: NAME is the title (required), --members the initial members.
+    ///
     /// direct: a chat with exactly one other user, given by --members ID or, without
     /// --members, as NAME (`chat create --kind direct 65538`); direct chats have no
     /// title. Creating a direct chat that exists returns the existing one.
