@@ -47,6 +47,8 @@ pub async fn run(a: TailArgs) -> CmdResult {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut first = true;
+    // The seq at which a subscription last jumped ahead, if any.
+    let mut gap_at: Option<u64> = None;
 
     loop {
         let subscribed = tokio::select! {
@@ -87,7 +89,19 @@ pub async fn run(a: TailArgs) -> CmdResult {
                         }
                         if e.seq > want {
                             // Never expected within one subscription; resume from the
-                            // gap rather than print past it.
+                            // gap rather than print past it. A server that skips the
+                            // same seq again would make that a busy loop: stop instead.
+                            if gap_at == Some(want) {
+                                return Err(CmdError::new(
+                                    "PROTOCOL",
+                                    format!(
+                                        "the server's subscription skipped seq {want} twice \
+                                         (it sent seq {} next)",
+                                        e.seq
+                                    ),
+                                ));
+                            }
+                            gap_at = Some(want);
                             stop = Some(Stop::Resubscribe);
                             break;
                         }
