@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 /// chatlog: a message-log server for messengers.
 #[derive(Debug, Parser)]
-#[command(name = "chatlog", version, about, long_about = None)]
+#[command(name = "chatlog", version, about, long_about = None, after_help = crate::client_cmd::AFTER_HELP)]
 pub struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
@@ -22,6 +22,9 @@ pub enum Command {
     /// Work with the storage engine directly (no server needed).
     #[command(subcommand)]
     Storage(crate::storage_cmd::StorageCommand),
+    /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
+    #[command(flatten)]
+    Client(crate::client_cmd::ClientCommand),
 }
 
 /// Errors reaching `main`: printed, exit status 1.
@@ -31,6 +34,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => crate::storage_cmd::run(cmd),
         Command::Serve(args) => crate::serve::run(args),
+        Command::Client(cmd) => crate::client_cmd::run(cmd),
     }
 }
 

@@ -3,6 +3,7 @@
 //! and the storage commands. Fan-out, sync and media layers arrive with their issues.
 
 pub mod cli;
+pub mod client_cmd;
 pub mod gateway;
 pub mod serve;
 pub mod service;
