@@ -130,7 +130,12 @@ async fn setup() -> Setup {
 }
 
 /// Posts through the protocol: `conns` connections × `in_flight` callers each.
-async fn through_gateway(s: &Setup, conns: usize, in_flight: usize, secs: u64) -> (f64, Histogram<u64>) {
+async fn through_gateway(
+    s: &Setup,
+    conns: usize,
+    in_flight: usize,
+    secs: u64,
+) -> (f64, Histogram<u64>) {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -190,7 +195,8 @@ async fn in_process(s: &Setup, callers: usize, secs: u64) -> (f64, Histogram<u64
         let node = Arc::clone(&s.node);
         let chats = s.chats.clone();
         let sender = s.users[w % s.users.len()].1;
-        let (stop, measuring, done) = (Arc::clone(&stop), Arc::clone(&measuring), Arc::clone(&done));
+        let (stop, measuring, done) =
+            (Arc::clone(&stop), Arc::clone(&measuring), Arc::clone(&done));
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
             let mut k = (w * 7919) % chats.len();

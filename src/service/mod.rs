@@ -891,25 +891,33 @@ impl ChatService {
                         .read()
                         .chat_events(chat, next, to)
                         .unwrap_or_default();
+                    let ended = |message: String| {
+                        v1::push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
+                            chat_id: chat,
+                            next_seq: next,
+                            reason: Some(error(ErrorCode::Internal, message)),
+                        })
+                    };
                     let rows = match group.read_commands(&locs).await {
                         Ok(rows) => rows,
                         Err(e) => {
-                            let _ = pushes.push(
-                                request_id,
-                                v1::push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
-                                    chat_id: chat,
-                                    next_seq: next,
-                                    reason: Some(error(ErrorCode::Internal, e.to_string())),
-                                }),
-                            );
+                            let _ = pushes.push(request_id, ended(e.to_string()));
                             return;
                         }
                     };
-                    let events: Vec<v1::Event> = rows
+                    // Every seq in order or the subscription ends: a client must never
+                    // see a gap it cannot tell from a dropped push.
+                    let events: Option<Vec<v1::Event>> = rows
                         .iter()
-                        .filter_map(|(s, l, c, ts)| convert::chat_event(chat, *s, l, c, *ts))
+                        .map(|(s, l, c, ts)| convert::chat_event(chat, *s, l, c, *ts))
                         .collect();
-                    next += events.len().max(1) as u64;
+                    let Some(events) = events.filter(|e| !e.is_empty() && e.len() == locs.len())
+                    else {
+                        let what = format!("events from seq {next} of chat {chat} are unreadable");
+                        let _ = pushes.push(request_id, ended(what));
+                        return;
+                    };
+                    next += events.len() as u64;
                     if pushes
                         .push(
                             request_id,
