@@ -889,6 +889,110 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_work_round_trips() {
+        let commands = vec![
+            Command::Post {
+                chat: 7,
+                sender: 3,
+                client_message_id: 9,
+                text: "héllo".into(),
+                media: None,
+                reply_to: 0,
+            },
+            Command::MarkRead {
+                user: 3,
+                chat: 7,
+                seq: 2,
+            },
+        ];
+        let bytes = encode_propose_request(&commands);
+        assert_eq!(decode_propose_request(&bytes), Ok(commands));
+        refuses_damage(&bytes, |b| decode_propose_request(b));
+        assert!(
+            decode_propose_request(&[0, 0, 0, 0]).is_err(),
+            "no commands"
+        );
+
+        let results: Vec<ProposeResult> = vec![
+            Ok(Outcome::Event {
+                chat: 7,
+                seq: 4,
+                timestamp_ms: 99,
+                deduplicated: true,
+            }),
+            Ok(Outcome::UserCreated { user: 5 }),
+            Ok(Outcome::LoggedIn {
+                user: 5,
+                session_id: 2,
+            }),
+            Ok(Outcome::UserEvent {
+                user: 5,
+                seq: 3,
+                read_seq: 1,
+            }),
+            Ok(Outcome::Refused(Refusal {
+                code: RefusalCode::Conflict,
+                message: "taken".into(),
+            })),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: Some(2),
+            }),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: None,
+            }),
+            Err(ProposeError::Unknown {
+                group: 4,
+                detail: "discarded".into(),
+            }),
+            Err(ProposeError::Unavailable {
+                group: 4,
+                detail: "stopped".into(),
+            }),
+        ];
+        let bytes = encode_propose_response(17, &results);
+        assert_eq!(decode_propose_response(4, &bytes), Ok((17, results)));
+        refuses_damage(&bytes, |b| decode_propose_response(4, b));
+
+        // A long text is cut at a character boundary, within the limit.
+        let long = Err(ProposeError::Unavailable {
+            group: 1,
+            detail: "é".repeat(FORWARD_TEXT_BYTES_MAX),
+        });
+        let bytes = encode_propose_response(0, &[long]);
+        match &decode_propose_response(1, &bytes).expect("decodes").1[..] {
+            [Err(ProposeError::Unavailable { detail, .. })] => {
+                assert!(detail.len() <= FORWARD_TEXT_BYTES_MAX && detail.len() > 4000)
+            }
+            other => panic!("{other:?}"),
+        }
+
+        assert_eq!(
+            decode_read_index_request(&encode_read_index_request()),
+            Ok(())
+        );
+        assert!(decode_read_index_request(&[0]).is_err());
+        for result in [
+            Ok(42),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: Some(3),
+            }),
+            Err(ProposeError::Unavailable {
+                group: 4,
+                detail: "no quorum".into(),
+            }),
+        ] {
+            let bytes = encode_read_index_response(&result);
+            assert_eq!(decode_read_index_response(4, &bytes), Ok(result));
+            refuses_damage(&bytes, |b| decode_read_index_response(4, b));
+        }
+        // Unknown outcome is not a read-index answer.
+        assert!(decode_read_index_response(4, &[RESULT_UNKNOWN, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
     fn garbage_is_refused_without_panics_or_huge_allocations() {
         // A cheap deterministic generator (xorshift), so a failure names its input.
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -910,6 +1014,9 @@ mod tests {
             let _ = decode_snapshot_response(&bytes);
             let _ = decode_transfer_leader_request(&bytes);
             let _ = decode_transfer_leader_response(&bytes);
+            let _ = decode_propose_request(&bytes);
+            let _ = decode_propose_response(1, &bytes);
+            let _ = decode_read_index_response(1, &bytes);
             let _ = round;
         }
         // A request announcing u32::MAX entries is refused by the count check.
