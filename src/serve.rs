@@ -179,7 +179,11 @@ async fn serve(
             },
         )));
         let r = router.clone();
-        Node::start(config, move |g| r.network_factory(g), Arc::clone(&registry)).await?
+        let mut node =
+            Node::start(config, move |g| r.network_factory(g), Arc::clone(&registry)).await?;
+        // Proposals and reads for groups this node does not lead go to their leader.
+        node.set_router(router);
+        node
     };
     if let Err(e) = node.wait_for_leaders(LEADER_WAIT).await {
         // In a cluster the other nodes may still be starting; the groups keep trying.

@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::chat::{Batch, Command, DecodedBatch, EventLoc, Outcome};
 use crate::log_store::{LogReader, LogStore};
+use crate::network::{ForwardError, Router};
 use crate::state_machine::{ChatStateMachine, GroupShared, SmConfig};
 use crate::types::{ChatBatch, EntryPayload, GroupId, NodeId, TypeConfig};
 use crate::{ChatRaft, error::Error};
@@ -42,6 +43,20 @@ pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 64;
 /// Groups started per wave at startup.
 const START_WAVE_GROUPS: usize = 32;
+/// Longest one forwarded proposal or read index may take, per hop. Under the client's
+/// default request timeout (10 s) so the client hears a typed error, not its own timeout;
+/// long enough for an election (at most 8 heartbeats of at most 1 s).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
+/// Leader hints a proposal follows before giving up (each hop means the leader moved
+/// while the request travelled; more than a few means an election storm).
+pub const FORWARD_HOPS_MAX: usize = 3;
+/// Forwarded requests in flight from one node at once; further ones wait (at most
+/// [`FORWARD_TIMEOUT`]). Leaves most of a peer's per-connection request budget
+/// (`network::REQUESTS_IN_FLIGHT_MAX`, 4096) to Raft's own messages.
+pub const FORWARDS_IN_FLIGHT_MAX: usize = 1024;
+/// Longest a follower waits to apply the leader's read index before a read fails as
+/// unavailable (it is a heartbeat behind normally; a follower catching up may take longer).
+pub const READ_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a node is told at start.
 #[derive(Debug, Clone)]
@@ -147,7 +162,8 @@ pub enum ProposeError {
 struct Proposal {
     /// The command, encoded once here (`Command::encode_into`).
     encoded: Vec<u8>,
-    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    /// The outcome and the Raft index of the entry that carried the command.
+    reply: oneshot::Sender<Result<(Outcome, u64), ProposeError>>,
 }
 
 /// One local replica of a group.
@@ -189,6 +205,12 @@ impl Group {
 
     /// Proposes one command and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        self.propose_indexed(command).await.map(|(o, _)| o)
+    }
+
+    /// [`Group::propose`], also returning the Raft index of the entry that carried the
+    /// command (a replica that has applied it sees the command's effect).
+    pub async fn propose_indexed(&self, command: Command) -> Result<(Outcome, u64), ProposeError> {
         let (tx, rx) = oneshot::channel();
         let mut encoded = Vec::with_capacity(64);
         command.encode_into(&mut encoded);
@@ -310,7 +332,7 @@ async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Prop
             batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
         let payload = Batch::encode_encoded(now_ms(), &commands);
         drop(commands);
-        let fail = |replies: Vec<oneshot::Sender<Result<Outcome, ProposeError>>>,
+        let fail = |replies: Vec<oneshot::Sender<Result<(Outcome, u64), ProposeError>>>,
                     e: ProposeError| {
             for r in replies {
                 let _ = r.send(Err(e.clone()));
@@ -334,48 +356,149 @@ async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Prop
             let mut stream = stream;
             let result = stream.next().await;
             drop(permit);
-            let err = match result {
-                Some(Ok(Ok(resp))) => {
-                    let outcomes = resp.response.outcomes;
-                    if outcomes.len() == replies.len() {
-                        for (r, o) in replies.into_iter().zip(outcomes) {
-                            let _ = r.send(Ok(o));
-                        }
-                        return;
-                    }
-                    ProposeError::Unknown {
-                        group,
-                        detail: format!(
-                            "entry {} answered {} outcomes for {} commands",
-                            resp.log_id.index,
-                            outcomes.len(),
-                            replies.len()
-                        ),
+            match write_outcomes(group, result, replies.len()) {
+                Ok((outcomes, index)) => {
+                    for (r, o) in replies.into_iter().zip(outcomes) {
+                        let _ = r.send(Ok((o, index)));
                     }
                 }
-                Some(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => ProposeError::NotLeader {
-                    group,
-                    leader: f.leader_id,
-                },
-                Some(Ok(Err(ClientWriteError::LogEntryDiscarded(f)))) => ProposeError::Unknown {
-                    group,
-                    detail: format!("the entry was discarded by a leader change ({f})"),
-                },
-                Some(Ok(Err(e))) => ProposeError::Unavailable {
-                    group,
-                    detail: e.to_string(),
-                },
-                Some(Err(fatal)) => ProposeError::Unavailable {
-                    group,
-                    detail: fatal.to_string(),
-                },
-                None => ProposeError::Unknown {
-                    group,
-                    detail: "the write stream ended without a result".into(),
-                },
-            };
-            fail(replies, err);
+                Err(e) => fail(replies, e),
+            }
         });
+    }
+}
+
+/// The outcomes of one proposed entry of `n` commands and the entry's index, from the
+/// first item of `client_write_many`'s stream.
+fn write_outcomes(
+    group: GroupId,
+    result: Option<
+        Result<openraft::raft::WriteResult<TypeConfig>, openraft::error::Fatal<TypeConfig>>,
+    >,
+    n: usize,
+) -> Result<(Vec<Outcome>, u64), ProposeError> {
+    Err(match result {
+        Some(Ok(Ok(resp))) => {
+            let outcomes = resp.response.outcomes;
+            if outcomes.len() == n {
+                return Ok((outcomes, resp.log_id.index));
+            }
+            ProposeError::Unknown {
+                group,
+                detail: format!(
+                    "entry {} answered {} outcomes for {n} commands",
+                    resp.log_id.index,
+                    outcomes.len(),
+                ),
+            }
+        }
+        Some(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => ProposeError::NotLeader {
+            group,
+            leader: f.leader_id,
+        },
+        Some(Ok(Err(ClientWriteError::LogEntryDiscarded(f)))) => ProposeError::Unknown {
+            group,
+            detail: format!("the entry was discarded by a leader change ({f})"),
+        },
+        Some(Ok(Err(e))) => ProposeError::Unavailable {
+            group,
+            detail: e.to_string(),
+        },
+        Some(Err(fatal)) => ProposeError::Unavailable {
+            group,
+            detail: fatal.to_string(),
+        },
+        None => ProposeError::Unknown {
+            group,
+            detail: "the write stream ended without a result".into(),
+        },
+    })
+}
+
+/// Proposes `commands` in `group` as one entry of their own, bypassing any batcher: for
+/// a peer server whose group directory has no batcher (tests). Commands beyond
+/// [`ENTRY_COMMANDS_MAX`] are answered `Unavailable`. Returns one result per command
+/// and the entry's Raft index (0 if none was committed).
+pub async fn propose_unbatched(
+    group: GroupId,
+    raft: ChatRaft,
+    commands: Vec<Command>,
+) -> (Vec<Result<Outcome, ProposeError>>, u64) {
+    use futures_util::StreamExt;
+    let n = commands.len();
+    let all = |e: ProposeError| (vec![Err(e); n], 0);
+    if n > ENTRY_COMMANDS_MAX {
+        return all(ProposeError::Unavailable {
+            group,
+            detail: format!("{n} commands, more than one entry's {ENTRY_COMMANDS_MAX}"),
+        });
+    }
+    let payload = Batch {
+        timestamp_ms: now_ms(),
+        commands,
+    }
+    .encode();
+    let mut stream = match raft.client_write_many([ChatBatch(payload)]).await {
+        Ok(s) => s,
+        Err(fatal) => {
+            return all(ProposeError::Unavailable {
+                group,
+                detail: fatal.to_string(),
+            });
+        }
+    };
+    match write_outcomes(group, stream.next().await, n) {
+        Ok((outcomes, index)) => (outcomes.into_iter().map(Ok).collect(), index),
+        Err(e) => all(e),
+    }
+}
+
+/// Confirms this replica leads `group` (openraft's ReadIndex: a heartbeat round to a
+/// quorum) and returns the log index a linearizable read must wait for, on any replica.
+/// Does not wait for this replica to apply it.
+pub async fn read_index(group: GroupId, raft: &ChatRaft) -> Result<u64, ProposeError> {
+    match raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+        Ok(linearizer) => Ok(linearizer.read_log_id().index()),
+        Err(RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(f))) => {
+            Err(ProposeError::NotLeader {
+                group,
+                leader: f.leader_id,
+            })
+        }
+        Err(e) => Err(ProposeError::Unavailable {
+            group,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Logs (at info) each time this replica of `group` becomes leader, with its term: the
+/// operator's (and the cluster tests') record of where leadership is. Ends with the group.
+async fn log_leadership(
+    group: GroupId,
+    node: NodeId,
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::metrics::RaftServerMetrics<TypeConfig>,
+    >,
+) {
+    use openraft::async_runtime::WatchReceiver;
+    let mut leading = false;
+    loop {
+        let (now_leading, term) = {
+            let m = metrics.borrow_watched();
+            (
+                m.state == openraft::ServerState::Leader,
+                m.vote.leader_id.term,
+            )
+        };
+        if now_leading && !leading {
+            tracing::info!(group, node, term, "leadership: this node leads the group");
+        }
+        leading = now_leading;
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -389,25 +512,57 @@ fn now_ms() -> u64 {
 /// the peer server can run (and answer peers' votes) before every group is built.
 #[derive(Debug, Default)]
 pub struct GroupRegistry {
-    groups: RwLock<BTreeMap<GroupId, ChatRaft>>,
+    groups: RwLock<BTreeMap<GroupId, Group>>,
 }
 
 impl GroupRegistry {
-    fn insert(&self, g: GroupId, raft: ChatRaft) {
+    fn insert(&self, group: Group) {
         self.groups
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(g, raft);
+            .insert(group.id, group);
+    }
+
+    fn group(&self, g: GroupId) -> Option<Group> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .cloned()
     }
 }
 
 impl crate::network::GroupDirectory for GroupRegistry {
     fn raft(&self, group: GroupId) -> Option<ChatRaft> {
-        self.groups
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&group)
-            .cloned()
+        self.group(group).map(|g| g.raft)
+    }
+
+    /// Forwarded commands go through the group's batcher, like local clients' commands.
+    fn propose(
+        &self,
+        group: GroupId,
+        raft: ChatRaft,
+        commands: Vec<Command>,
+    ) -> futures_util::future::BoxFuture<'static, (Vec<Result<Outcome, ProposeError>>, u64)> {
+        match self.group(group) {
+            Some(g) => Box::pin(async move {
+                let proposals: Vec<_> =
+                    commands.into_iter().map(|c| g.propose_indexed(c)).collect();
+                let mut index = 0;
+                let results = futures_util::future::join_all(proposals)
+                    .await
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|(o, i)| {
+                            index = index.max(i);
+                            o
+                        })
+                    })
+                    .collect();
+                (results, index)
+            }),
+            None => Box::pin(propose_unbatched(group, raft, commands)),
+        }
     }
 }
 
@@ -417,6 +572,10 @@ pub struct Node {
     config: NodeConfig,
     engine: Arc<Engine>,
     groups: BTreeMap<GroupId, Group>,
+    /// Where forwarded proposals and read indexes go; `None` alone (nothing to forward).
+    router: Option<Router>,
+    /// Forwarded requests in flight from this node ([`FORWARDS_IN_FLIGHT_MAX`]).
+    forwards: Arc<Semaphore>,
 }
 
 impl Node {
@@ -466,19 +625,18 @@ impl Node {
                         group: g,
                         detail: format!("starting the Raft group: {e}"),
                     })?;
-            registry.insert(g, raft.clone());
             let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
             tokio::spawn(run_batcher(g, raft.clone(), rx));
-            groups.insert(
-                g,
-                Group {
-                    id: g,
-                    raft,
-                    shared,
-                    reader,
-                    proposals: tx,
-                },
-            );
+            tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
+            let group = Group {
+                id: g,
+                raft,
+                shared,
+                reader,
+                proposals: tx,
+            };
+            registry.insert(group.clone());
+            groups.insert(g, group);
             if (i + 1) % START_WAVE_GROUPS == 0 {
                 // Stagger: groups started together would time out together.
                 tokio::time::sleep(Duration::from_millis(raft_config.heartbeat_interval / 4)).await;
@@ -488,6 +646,8 @@ impl Node {
             config,
             engine,
             groups,
+            router: None,
+            forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
         };
         node.initialize().await?;
         Ok(node)
@@ -551,6 +711,168 @@ impl Node {
         self.groups.values()
     }
 
+    /// Lets this node forward proposals and read indexes to peers over `router` (the
+    /// router whose network factories the groups use). Without it, a node answers
+    /// `NotLeader` for groups it does not lead.
+    pub fn set_router(&mut self, router: Router) {
+        self.router = Some(router);
+    }
+
+    /// Proposes `command` in group `g` from any node: through the local replica when it
+    /// leads, otherwise forwarded to the leader over the node-to-node connection
+    /// (following at most [`FORWARD_HOPS_MAX`] leader hints, each hop within
+    /// [`FORWARD_TIMEOUT`]). A node without a replica of `g` asks the group's replicas
+    /// in placement order.
+    ///
+    /// Errors: `NotLeader` when no leader is known (retry after an election);
+    /// `Unavailable` when nothing was proposed (safe to retry anywhere); `Unknown` when
+    /// the command may have been applied (retry only if it is idempotent, such as a
+    /// post with its client message id).
+    pub async fn propose(&self, g: GroupId, command: Command) -> Result<Outcome, ProposeError> {
+        let me = self.config.node_id;
+        let hosted = self.groups.contains_key(&g);
+        let mut candidates: Vec<NodeId> = self
+            .config
+            .placement(g)
+            .into_iter()
+            .filter(|n| *n != me)
+            .collect();
+        candidates.reverse();
+        let mut next = hosted.then_some(me);
+        let mut last = ProposeError::Unavailable {
+            group: g,
+            detail: "no replica of the group could be asked".into(),
+        };
+        for _ in 0..=FORWARD_HOPS_MAX {
+            let Some(target) = next.take().or_else(|| candidates.pop()) else {
+                break;
+            };
+            let result = if target == me {
+                match self.groups.get(&g) {
+                    Some(group) => group.propose(command.clone()).await,
+                    None => continue,
+                }
+            } else {
+                match self.forward_propose(target, g, &command).await {
+                    Ok(result) => result,
+                    Err(ForwardError::NotSent(detail)) => {
+                        last = ProposeError::Unavailable {
+                            group: g,
+                            detail: format!("forwarding to node {target}: {detail}"),
+                        };
+                        if hosted {
+                            // We know the leader hint was ours; do not guess further.
+                            return Err(last);
+                        }
+                        continue;
+                    }
+                    Err(ForwardError::Unknown(detail)) => {
+                        return Err(ProposeError::Unknown {
+                            group: g,
+                            detail: format!("forwarded to node {target}: {detail}"),
+                        });
+                    }
+                }
+            };
+            match result {
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                    ..
+                }) if leader != target && (leader != me || hosted) => {
+                    last = ProposeError::NotLeader {
+                        group: g,
+                        leader: Some(leader),
+                    };
+                    next = Some(leader);
+                }
+                Err(e @ ProposeError::NotLeader { leader: None, .. }) if !hosted => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    async fn forward_propose(
+        &self,
+        target: NodeId,
+        g: GroupId,
+        command: &Command,
+    ) -> Result<Result<Outcome, ProposeError>, ForwardError> {
+        let Some(router) = &self.router else {
+            return Err(ForwardError::NotSent("this node runs without peers".into()));
+        };
+        let _permit = tokio::time::timeout(FORWARD_TIMEOUT, self.forwards.acquire())
+            .await
+            .map_err(|_| {
+                ForwardError::NotSent(format!(
+                    "{FORWARDS_IN_FLIGHT_MAX} forwarded requests in flight"
+                ))
+            })?
+            .map_err(|_| ForwardError::NotSent("the node is stopping".into()))?;
+        let (index, mut results) = router
+            .propose(target, g, std::slice::from_ref(command), FORWARD_TIMEOUT)
+            .await?;
+        // The router checked there is one result per command.
+        let result = results.pop().unwrap_or_else(|| {
+            Err(ProposeError::Unknown {
+                group: g,
+                detail: format!("node {target} answered no result"),
+            })
+        });
+        if let (Ok(_), Some(group)) = (&result, self.groups.get(&g)) {
+            // Read your writes on this node too: what the client does next here (a
+            // session check, a membership check) reads the local replica.
+            let mut applied = group.shared().applied();
+            if tokio::time::timeout(READ_APPLY_TIMEOUT, applied.wait_for(|a| *a >= index))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    group = g,
+                    index,
+                    "a forwarded write committed but this replica has not applied it yet"
+                );
+            }
+        }
+        Ok(result)
+    }
+
+    /// Waits until the local replica of `g` has applied everything committed before the
+    /// call, as confirmed by a quorum: openraft's ReadIndex on the leader; on a follower,
+    /// the leader's read index fetched over the transport, then a wait (at most
+    /// [`READ_APPLY_TIMEOUT`]) until this replica applied it. A node without a replica
+    /// of `g` cannot read it: `Unavailable`.
+    pub async fn read_barrier(&self, g: GroupId) -> Result<(), ProposeError> {
+        let me = self.config.node_id;
+        let Some(group) = self.groups.get(&g) else {
+            return Err(ProposeError::Unavailable {
+                group: g,
+                detail: format!("node {me} holds no replica of the group"),
+            });
+        };
+        let leader = match group.read_barrier().await {
+            Err(ProposeError::NotLeader {
+                leader: Some(leader),
+                ..
+            }) if leader != me && self.router.is_some() => leader,
+            other => return other,
+        };
+        let unavailable = |detail: String| ProposeError::Unavailable { group: g, detail };
+        let router = self.router.as_ref().expect("checked above");
+        let index = match router.read_index(leader, g, FORWARD_TIMEOUT).await {
+            Ok(result) => result?,
+            Err(e) => return Err(unavailable(format!("read index from node {leader}: {e}"))),
+        };
+        let mut applied = group.shared().applied();
+        match tokio::time::timeout(READ_APPLY_TIMEOUT, applied.wait_for(|a| *a >= index)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(unavailable("the group stopped".into())),
+            Err(_) => Err(unavailable(format!(
+                "this replica did not apply index {index} within {READ_APPLY_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// Waits until every local group has a leader, or `timeout` passes.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), Error> {
         for (g, group) in &self.groups {
@@ -569,7 +891,13 @@ impl Node {
 
     /// Stops every group, then closes the engine (flushing what is queued).
     pub async fn shutdown(self) -> Result<(), Error> {
-        let Node { engine, groups, .. } = self;
+        let Node {
+            engine,
+            groups,
+            router,
+            ..
+        } = self;
+        drop(router);
         for (g, group) in groups {
             if let Err(e) = group.raft.shutdown().await {
                 tracing::warn!(group = g, error = %e, "group did not shut down cleanly");

@@ -4,10 +4,11 @@
 //!
 //! Covered: replication of chat batches to every node, fail-over when the leader's node
 //! stops and catch-up when it restarts from its data directory; bad input on the peer
-//! port (garbage bytes, a wrong cluster, an unknown group, an undecodable payload) refused
-//! while the cluster keeps committing; a snapshot sent in chunks to a new learner after
-//! the leader purged its log; leadership transfer over the wire. Every wait has a
-//! deadline, so a bug fails the test instead of hanging it.
+//! port (garbage bytes, a wrong cluster, an unknown group, an undecodable payload, bad
+//! forwarded proposals and read-index requests) refused while the cluster keeps
+//! committing; forwarded proposals and read indexes answered; a snapshot sent in chunks
+//! to a new learner after the leader purged its log; leadership transfer over the wire.
+//! Every wait has a deadline, so a bug fails the test instead of hanging it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -16,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use chatlog_raft::chat::{Batch, Command};
+use chatlog_raft::chat::{Batch, Command, Outcome, RefusalCode};
 use chatlog_raft::network::codec;
+use chatlog_raft::node::ProposeError;
 use chatlog_raft::state_machine::SmConfig;
 use chatlog_raft::types::Vote;
 use chatlog_raft::{
@@ -629,6 +631,93 @@ async fn bad_input_is_refused_and_the_cluster_keeps_serving() {
         "{answer:?}"
     );
     keeps_serving("undecodable payload").await;
+
+    // (e) Forwarded client work: bad payloads and unknown groups are refused, the
+    // connection stays usable, and good requests are answered.
+    let bad_forwards = [
+        Payload::ProposeRequest(Bytes::from_static(b"not commands")),
+        // A count of zero commands.
+        Payload::ProposeRequest(Bytes::from_static(&[0, 0, 0, 0])),
+        // One command whose bytes are an unknown tag.
+        Payload::ProposeRequest(Bytes::from_static(&[1, 0, 0, 0, 1, 0, 0, 0, 0xee])),
+        Payload::ReadIndexRequest(Bytes::from_static(b"x")),
+    ];
+    for (i, payload) in bad_forwards.into_iter().enumerate() {
+        let request_id = 20 + i as u64;
+        raw.send(&frame(target.id, CLUSTER_ID, 1, request_id, payload))
+            .await;
+        let refused = raw.expect_error(NodeErrorCode::BadRequest).await;
+        assert_eq!(refused.request_id, request_id);
+    }
+    // A post to a chat that does not exist: refused by the state machine, so it
+    // changes nothing the other checks count.
+    let post = Command::Post {
+        chat: 12345,
+        sender: 1,
+        client_message_id: 1,
+        text: "hello".into(),
+        media: None,
+        reply_to: 0,
+    };
+    for (request_id, payload) in [
+        (
+            30,
+            Payload::ProposeRequest(codec::encode_propose_request(std::slice::from_ref(&post))),
+        ),
+        (
+            31,
+            Payload::ReadIndexRequest(codec::encode_read_index_request()),
+        ),
+    ] {
+        raw.send(&frame(target.id, CLUSTER_ID, 999, request_id, payload))
+            .await;
+        let refused = raw.expect_error(NodeErrorCode::UnknownGroup).await;
+        assert_eq!((refused.request_id, refused.group_id), (request_id, 999));
+    }
+    let leader_of_1 = leader(&all, 1).await;
+    raw.send(&frame(
+        target.id,
+        CLUSTER_ID,
+        1,
+        32,
+        Payload::ProposeRequest(codec::encode_propose_request(&[post])),
+    ))
+    .await;
+    let answer = raw.recv().await.expect("propose answer");
+    assert_eq!(answer.request_id, 32);
+    let Some(Payload::ProposeResponse(body)) = answer.payload else {
+        panic!("expected a propose response, got {answer:?}");
+    };
+    let (_, results) = codec::decode_propose_response(1, &body).expect("decodes");
+    match &results[..] {
+        [Ok(Outcome::Refused(r))] => assert_eq!(r.code, RefusalCode::NotFound, "{r:?}"),
+        [Err(ProposeError::NotLeader { leader, .. })] if target.id != leader_of_1 => {
+            assert!(leader.is_some(), "a follower names the leader")
+        }
+        other => panic!("node {} (leader {leader_of_1}): {other:?}", target.id),
+    }
+    raw.send(&frame(
+        target.id,
+        CLUSTER_ID,
+        1,
+        33,
+        Payload::ReadIndexRequest(codec::encode_read_index_request()),
+    ))
+    .await;
+    let answer = raw.recv().await.expect("read-index answer");
+    assert_eq!(answer.request_id, 33);
+    let Some(Payload::ReadIndexResponse(body)) = answer.payload else {
+        panic!("expected a read-index response, got {answer:?}");
+    };
+    match codec::decode_read_index_response(1, &body).expect("decodes") {
+        Ok(index) => assert!(index > 0 && target.id == leader_of_1, "index {index}"),
+        Err(ProposeError::NotLeader { leader, .. }) => {
+            assert_ne!(target.id, leader_of_1);
+            assert!(leader.is_some(), "a follower names the leader");
+        }
+        Err(e) => panic!("read index: {e}"),
+    }
+    keeps_serving("forwarded work").await;
 
     drop(raw);
     drop(all);

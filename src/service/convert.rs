@@ -43,9 +43,9 @@ pub fn propose_error(e: ProposeError) -> v1::Error {
             let mut err = error(
                 ErrorCode::Unavailable,
                 match leader {
-                    Some(l) => {
-                        format!("group {group} is led by node {l}; this node cannot serve it")
-                    }
+                    Some(l) => format!(
+                        "group {group} is led by node {l}, which did not take the request; retry"
+                    ),
                     None => format!("group {group} has no leader right now"),
                 },
             );

@@ -22,6 +22,7 @@ pub mod convert;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use chatlog_raft::GroupId;
 use chatlog_raft::chat::command::TokenHash;
 use chatlog_raft::chat::{
     self, ChatId, ChatKind, Command, EventKind, EventLoc, Outcome, UserId, group_of, group_of_name,
@@ -105,24 +106,47 @@ impl ChatService {
         &self.node
     }
 
-    /// The local replica of the group owning id `id` (a user or chat id).
-    fn group_for(&self, id: u64, what: &str) -> Result<&Group, v1::Error> {
+    /// The group owning id `id` (a user or chat id), wherever it is hosted.
+    fn group_id_for(&self, id: u64, what: &str) -> Result<GroupId, v1::Error> {
         let g = group_of(id);
         if id == 0 || g == 0 || g > self.groups {
             return Err(error(ErrorCode::NotFound, format!("no {what} {id}")));
         }
+        Ok(g)
+    }
+
+    /// The local replica of the group owning id `id` (a user or chat id), for reads.
+    /// Writes go through [`ChatService::propose`], which forwards to the group's leader
+    /// on any node; reads need a local replica: a node without one answers
+    /// `UNAVAILABLE` naming the nodes that host it (reconnect there; forwarding reads
+    /// is future work).
+    fn group_for(&self, id: u64, what: &str) -> Result<&Group, v1::Error> {
+        let g = self.group_id_for(id, what)?;
         self.node.group(g).ok_or_else(|| {
+            let hosts: Vec<String> = self
+                .node
+                .config()
+                .placement(g)
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
             let mut e = error(
                 ErrorCode::Unavailable,
-                format!("{what} {id} lives in group {g}, which this node does not host"),
+                format!(
+                    "{what} {id} lives in group {g}, which this node does not host; \
+                     nodes {} do",
+                    hosts.join(", ")
+                ),
             );
             e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
             e
         })
     }
 
-    async fn propose(&self, group: &Group, cmd: Command) -> Result<Outcome, v1::Error> {
-        match group.propose(cmd).await.map_err(propose_error)? {
+    /// Proposes `cmd` in group `g` from this node: locally when this node leads the
+    /// group, otherwise forwarded to the leader (`Node::propose`).
+    async fn propose(&self, g: GroupId, cmd: Command) -> Result<Outcome, v1::Error> {
+        match self.node.propose(g, cmd).await.map_err(propose_error)? {
             Outcome::Refused(r) => Err(refusal(r)),
             o => Ok(o),
         }
@@ -130,7 +154,7 @@ impl ChatService {
 
     /// Records a membership change in the user's own log (best effort; see module docs).
     async fn note_user_chat(&self, user: UserId, chat: ChatId, added: bool) {
-        let Ok(group) = self.group_for(user, "user") else {
+        let Ok(group) = self.group_id_for(user, "user") else {
             return;
         };
         let cmd = if added {
@@ -138,7 +162,7 @@ impl ChatService {
         } else {
             Command::UserChatRemoved { user, chat }
         };
-        if let Err(e) = group.propose(cmd).await {
+        if let Err(e) = self.node.propose(group, cmd).await {
             tracing::warn!(user, chat, error = %e, "could not record a chat list change");
         }
     }
@@ -247,12 +271,7 @@ impl ChatService {
                     )));
                 }
                 let g = 1 + group_of_name(&r.name, self.groups);
-                let group = self.node.group(g).ok_or_else(|| {
-                    error(
-                        ErrorCode::Unavailable,
-                        format!("group {g} is not on this node"),
-                    )
-                })?;
+                let group = g;
                 let token = random_hex();
                 match self
                     .propose(
@@ -277,7 +296,7 @@ impl ChatService {
                 if r.device_id.is_empty() {
                     return Err(bad("device id is empty"));
                 }
-                let group = self.group_for(r.user_id, "user").map_err(|_| {
+                let group = self.group_id_for(r.user_id, "user").map_err(|_| {
                     error(ErrorCode::Unauthenticated, "unknown user or wrong token")
                 })?;
                 let session_token = format!("{}.{}", r.user_id, random_hex());
@@ -343,7 +362,7 @@ impl ChatService {
                 }))
             }
             Req::RevokeSession(r) => {
-                let group = self.group_for(user, "user")?;
+                let group = self.group_id_for(user, "user")?;
                 self.propose(
                     group,
                     Command::RevokeSession {
@@ -383,7 +402,7 @@ impl ChatService {
                     (ChatKind::Direct, Some(other)) => user.min(*other),
                     _ => user,
                 };
-                let group = self.group_for(home, "user")?;
+                let group = self.group_id_for(home, "user")?;
                 let outcome = self
                     .propose(
                         group,
@@ -566,7 +585,7 @@ impl ChatService {
                 if r.text.is_empty() && media.is_none() {
                     return Err(bad("a message needs text or media"));
                 }
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = self.group_id_for(r.chat_id, "chat")?;
                 match self
                     .propose(
                         group,
@@ -597,7 +616,7 @@ impl ChatService {
             }
             Req::EditMessage(r) => {
                 check_len("text", &r.text, TEXT_BYTES_MAX)?;
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = self.group_id_for(r.chat_id, "chat")?;
                 let o = self
                     .propose(
                         group,
@@ -612,7 +631,7 @@ impl ChatService {
                 Self::event_ack(o)
             }
             Req::DeleteMessage(r) => {
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = self.group_id_for(r.chat_id, "chat")?;
                 let o = self
                     .propose(
                         group,
@@ -632,7 +651,7 @@ impl ChatService {
                     Ok(v1::ReactionChange::Remove) => false,
                     _ => return Err(bad("reaction change must be add or remove")),
                 };
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = self.group_id_for(r.chat_id, "chat")?;
                 let o = self
                     .propose(
                         group,
@@ -653,7 +672,7 @@ impl ChatService {
                     Ok(v1::PinChange::Unpin) => false,
                     _ => return Err(bad("pin change must be pin or unpin")),
                 };
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = self.group_id_for(r.chat_id, "chat")?;
                 let o = self
                     .propose(
                         group,
@@ -671,7 +690,10 @@ impl ChatService {
                 let limit = check_limit(r.limit)? as u64;
                 let group = self.group_for(r.chat_id, "chat")?;
                 // Linearizable: a client that got seq N from a send then reads sees N.
-                group.read_barrier().await.map_err(propose_error)?;
+                self.node
+                    .read_barrier(group.id())
+                    .await
+                    .map_err(propose_error)?;
                 let view = Self::member_check(group, r.chat_id, user)?;
                 let head = view.head_seq;
                 let backward = match v1::Direction::try_from(r.direction) {
@@ -718,7 +740,10 @@ impl ChatService {
                     return Err(bad(format!("ask for 1 to {PAGE_ITEMS_MAX} seqs")));
                 }
                 let group = self.group_for(r.chat_id, "chat")?;
-                group.read_barrier().await.map_err(propose_error)?;
+                self.node
+                    .read_barrier(group.id())
+                    .await
+                    .map_err(propose_error)?;
                 let view = Self::member_check(group, r.chat_id, user)?;
                 let mut locs = Vec::with_capacity(r.seqs.len());
                 {
@@ -748,7 +773,7 @@ impl ChatService {
                         r.seq, view.head_seq
                     )));
                 }
-                let ugroup = self.group_for(user, "user")?;
+                let ugroup = self.group_id_for(user, "user")?;
                 match self
                     .propose(
                         ugroup,
@@ -835,7 +860,7 @@ impl ChatService {
         added: Option<bool>,
     ) -> Result<Resp, v1::Error> {
         let chat = cmd.chat().expect("membership commands name a chat");
-        let group = self.group_for(chat, "chat")?;
+        let group = self.group_id_for(chat, "chat")?;
         let o = self.propose(group, cmd).await?;
         if let Some(added) = added {
             self.note_user_chat(affected, chat, added).await;

@@ -33,6 +33,29 @@
 //!
 //! A snapshot chunk carries the meta exactly when its offset is 0 (the first chunk);
 //! the decoder enforces that pairing.
+//!
+//! Forwarded client work (not openraft messages; the group is the frame's `group_id`):
+//!
+//! ```text
+//! ProposeRequest     count u32 (1..=FORWARD_COMMANDS_MAX)
+//!                    | per command: len u32 | Command (chat::Command::encode_into)
+//! ProposeResponse    index u64 | count u32 | per command: ProposeResult
+//!                    (index: the highest Raft index that carried one of the commands,
+//!                    0 if none; a replica that applied it sees every result's effect)
+//!   ProposeResult    kind u8: 0 Event | chat u64 | seq u64 | timestamp_ms u64 | dedup u8
+//!                             1 UserCreated | user u64
+//!                             2 LoggedIn | user u64 | session_id u64
+//!                             3 UserEvent | user u64 | seq u64 | read_seq u64
+//!                             4 Refused | code u8 (1..=5) | message Str
+//!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
+//!                             6 Unknown | detail Str
+//!                             7 Unavailable | detail Str
+//! ReadIndexRequest   (empty)
+//! ReadIndexResponse  kind u8: 0 Ok | index u64
+//!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
+//!                             7 Unavailable | detail Str
+//! Str                len u32 (at most FORWARD_TEXT_BYTES_MAX) | UTF-8 bytes
+//! ```
 
 use bytes::Bytes;
 use openraft::raft::{
@@ -40,11 +63,13 @@ use openraft::raft::{
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
+use crate::chat::{Command, Outcome, Refusal, RefusalCode};
 pub use crate::codec::DecodeError;
 use crate::codec::{
     ENTRY_HEADER_BYTES, Reader, decode_entry, encode_entry, put_log_id, put_membership, put_vote,
 };
-use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use crate::node::ProposeError;
+use crate::types::{GroupId, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
 /// One chunk of a snapshot in transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,6 +387,293 @@ pub fn decode_transfer_leader_response(
     Ok(resp)
 }
 
+/// Commands in one forwarded proposal at most.
+///
+/// Why: the receiver proposes each through its batcher at once; 4096 is one full Raft
+/// entry ([`crate::node::ENTRY_COMMANDS_MAX`]), and a larger request would only wait
+/// in the batcher's queue holding a connection slot.
+pub const FORWARD_COMMANDS_MAX: usize = 4096;
+
+/// Bytes of one text field (a refusal message, an error detail) in a forwarded answer.
+/// Longer texts are cut by the encoder at a character boundary.
+pub const FORWARD_TEXT_BYTES_MAX: usize = 4096;
+
+/// One command's result as the leader reports it.
+pub type ProposeResult = Result<Outcome, ProposeError>;
+
+const RESULT_EVENT: u8 = 0;
+const RESULT_USER_CREATED: u8 = 1;
+const RESULT_LOGGED_IN: u8 = 2;
+const RESULT_USER_EVENT: u8 = 3;
+const RESULT_REFUSED: u8 = 4;
+const RESULT_NOT_LEADER: u8 = 5;
+const RESULT_UNKNOWN: u8 = 6;
+const RESULT_UNAVAILABLE: u8 = 7;
+const RESULT_READ_INDEX: u8 = 0;
+
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    let mut end = text.len().min(FORWARD_TEXT_BYTES_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    put_u32_len(out, end);
+    out.extend_from_slice(&text.as_bytes()[..end]);
+}
+
+fn refusal_code_byte(code: RefusalCode) -> u8 {
+    match code {
+        RefusalCode::BadRequest => 1,
+        RefusalCode::Unauthenticated => 2,
+        RefusalCode::PermissionDenied => 3,
+        RefusalCode::NotFound => 4,
+        RefusalCode::Conflict => 5,
+    }
+}
+
+fn refusal_code(r: &mut Reader<'_>) -> Result<RefusalCode, DecodeError> {
+    Ok(match r.u8()? {
+        1 => RefusalCode::BadRequest,
+        2 => RefusalCode::Unauthenticated,
+        3 => RefusalCode::PermissionDenied,
+        4 => RefusalCode::NotFound,
+        5 => RefusalCode::Conflict,
+        other => return Err(r.error(format!("unknown refusal code {other}"))),
+    })
+}
+
+/// Encodes the errors a forwarded proposal or read index can answer (kinds 5 to 7).
+fn put_propose_error(out: &mut Vec<u8>, e: &ProposeError) {
+    match e {
+        ProposeError::NotLeader { leader, .. } => {
+            out.push(RESULT_NOT_LEADER);
+            match leader {
+                Some(l) => {
+                    out.push(1);
+                    out.extend_from_slice(&l.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        ProposeError::Unknown { detail, .. } => {
+            out.push(RESULT_UNKNOWN);
+            put_text(out, detail);
+        }
+        ProposeError::Unavailable { detail, .. } => {
+            out.push(RESULT_UNAVAILABLE);
+            put_text(out, detail);
+        }
+    }
+}
+
+/// Decodes the error of kind `kind` (5 to 7) for `group`; `None` for another kind.
+fn propose_error(
+    r: &mut Reader<'_>,
+    kind: u8,
+    group: GroupId,
+) -> Result<Option<ProposeError>, DecodeError> {
+    Ok(Some(match kind {
+        RESULT_NOT_LEADER => ProposeError::NotLeader {
+            group,
+            leader: if r.bool()? { Some(r.u64()?) } else { None },
+        },
+        RESULT_UNKNOWN => ProposeError::Unknown {
+            group,
+            detail: r.string(FORWARD_TEXT_BYTES_MAX)?,
+        },
+        RESULT_UNAVAILABLE => ProposeError::Unavailable {
+            group,
+            detail: r.string(FORWARD_TEXT_BYTES_MAX)?,
+        },
+        _ => return Ok(None),
+    }))
+}
+
+/// Encodes a forwarded proposal.
+///
+/// # Panics
+///
+/// If `commands` is empty or longer than [`FORWARD_COMMANDS_MAX`]: the forwarding node
+/// builds the list, and a bad one is a bug there.
+pub fn encode_propose_request(commands: &[Command]) -> Bytes {
+    assert!(
+        !commands.is_empty() && commands.len() <= FORWARD_COMMANDS_MAX,
+        "a forwarded proposal carries 1 to {FORWARD_COMMANDS_MAX} commands, not {}",
+        commands.len()
+    );
+    let mut out = Vec::with_capacity(4 + 64 * commands.len());
+    put_u32_len(&mut out, commands.len());
+    for c in commands {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        c.encode_into(&mut out);
+        let len = out.len() - at - 4;
+        let len = u32::try_from(len).expect("a command inside one node frame fits in u32");
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Decodes a request made by [`encode_propose_request`], checking every command.
+pub fn decode_propose_request(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
+    let mut r = Reader::new("propose request", bytes);
+    // A command is at least its tag byte.
+    let count = r.item_count(4 + 1, FORWARD_COMMANDS_MAX)?;
+    if count == 0 {
+        return Err(r.error("no commands"));
+    }
+    let mut commands = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = r.u32()? as usize;
+        commands.push(Command::decode(r.take(len)?)?);
+    }
+    r.finish()?;
+    Ok(commands)
+}
+
+/// Encodes the answer to a forwarded proposal: the highest Raft index that carried one
+/// of the commands, and one result per command.
+pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
+    let mut out = Vec::with_capacity(12 + 34 * results.len());
+    out.extend_from_slice(&index.to_le_bytes());
+    put_u32_len(&mut out, results.len());
+    for result in results {
+        match result {
+            Ok(Outcome::Event {
+                chat,
+                seq,
+                timestamp_ms,
+                deduplicated,
+            }) => {
+                out.push(RESULT_EVENT);
+                for v in [chat, seq, timestamp_ms] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                out.push(u8::from(*deduplicated));
+            }
+            Ok(Outcome::UserCreated { user }) => {
+                out.push(RESULT_USER_CREATED);
+                out.extend_from_slice(&user.to_le_bytes());
+            }
+            Ok(Outcome::LoggedIn { user, session_id }) => {
+                out.push(RESULT_LOGGED_IN);
+                out.extend_from_slice(&user.to_le_bytes());
+                out.extend_from_slice(&session_id.to_le_bytes());
+            }
+            Ok(Outcome::UserEvent {
+                user,
+                seq,
+                read_seq,
+            }) => {
+                out.push(RESULT_USER_EVENT);
+                for v in [user, seq, read_seq] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Ok(Outcome::Refused(refusal)) => {
+                out.push(RESULT_REFUSED);
+                out.push(refusal_code_byte(refusal.code));
+                put_text(&mut out, &refusal.message);
+            }
+            Err(e) => put_propose_error(&mut out, e),
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Decodes an answer made by [`encode_propose_response`] for a proposal to `group`.
+pub fn decode_propose_response(
+    group: GroupId,
+    bytes: &[u8],
+) -> Result<(u64, Vec<ProposeResult>), DecodeError> {
+    let mut r = Reader::new("propose response", bytes);
+    let index = r.u64()?;
+    // Every result is at least its kind byte and a flag or length.
+    let count = r.item_count(2, FORWARD_COMMANDS_MAX)?;
+    let mut results = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = r.u8()?;
+        let result = match kind {
+            RESULT_EVENT => Ok(Outcome::Event {
+                chat: r.u64()?,
+                seq: r.u64()?,
+                timestamp_ms: r.u64()?,
+                deduplicated: r.bool()?,
+            }),
+            RESULT_USER_CREATED => Ok(Outcome::UserCreated { user: r.u64()? }),
+            RESULT_LOGGED_IN => Ok(Outcome::LoggedIn {
+                user: r.u64()?,
+                session_id: r.u64()?,
+            }),
+            RESULT_USER_EVENT => Ok(Outcome::UserEvent {
+                user: r.u64()?,
+                seq: r.u64()?,
+                read_seq: r.u64()?,
+            }),
+            RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
+                code: refusal_code(&mut r)?,
+                message: r.string(FORWARD_TEXT_BYTES_MAX)?,
+            })),
+            other => match propose_error(&mut r, other, group)? {
+                Some(e) => Err(e),
+                None => return Err(r.error(format!("unknown result kind {other}"))),
+            },
+        };
+        results.push(result);
+    }
+    r.finish()?;
+    Ok((index, results))
+}
+
+/// Encodes a read-index request (empty: the group is the frame's).
+pub fn encode_read_index_request() -> Bytes {
+    Bytes::new()
+}
+
+/// Checks a read-index request: it must be empty.
+pub fn decode_read_index_request(bytes: &[u8]) -> Result<(), DecodeError> {
+    Reader::new("read-index request", bytes).finish()
+}
+
+/// Encodes the answer to a read-index request: the index, or why there is none.
+///
+/// # Panics
+///
+/// On [`ProposeError::Unknown`], which a read index never answers (a bug at the caller).
+pub fn encode_read_index_response(result: &Result<u64, ProposeError>) -> Bytes {
+    let mut out = Vec::with_capacity(9);
+    match result {
+        Ok(index) => {
+            out.push(RESULT_READ_INDEX);
+            out.extend_from_slice(&index.to_le_bytes());
+        }
+        Err(e @ ProposeError::Unknown { .. }) => {
+            panic!("a read index is never of unknown outcome: {e}")
+        }
+        Err(e) => put_propose_error(&mut out, e),
+    }
+    Bytes::from(out)
+}
+
+/// Decodes an answer made by [`encode_read_index_response`] for `group`.
+pub fn decode_read_index_response(
+    group: GroupId,
+    bytes: &[u8],
+) -> Result<Result<u64, ProposeError>, DecodeError> {
+    let mut r = Reader::new("read-index response", bytes);
+    let result = match r.u8()? {
+        RESULT_READ_INDEX => Ok(r.u64()?),
+        kind @ (RESULT_NOT_LEADER | RESULT_UNAVAILABLE) => {
+            match propose_error(&mut r, kind, group)? {
+                Some(e) => Err(e),
+                None => return Err(r.error(format!("unknown response kind {kind}"))),
+            }
+        }
+        other => return Err(r.error(format!("unknown response kind {other}"))),
+    };
+    r.finish()?;
+    Ok(result)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -577,6 +889,110 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_work_round_trips() {
+        let commands = vec![
+            Command::Post {
+                chat: 7,
+                sender: 3,
+                client_message_id: 9,
+                text: "héllo".into(),
+                media: None,
+                reply_to: 0,
+            },
+            Command::MarkRead {
+                user: 3,
+                chat: 7,
+                seq: 2,
+            },
+        ];
+        let bytes = encode_propose_request(&commands);
+        assert_eq!(decode_propose_request(&bytes), Ok(commands));
+        refuses_damage(&bytes, |b| decode_propose_request(b));
+        assert!(
+            decode_propose_request(&[0, 0, 0, 0]).is_err(),
+            "no commands"
+        );
+
+        let results: Vec<ProposeResult> = vec![
+            Ok(Outcome::Event {
+                chat: 7,
+                seq: 4,
+                timestamp_ms: 99,
+                deduplicated: true,
+            }),
+            Ok(Outcome::UserCreated { user: 5 }),
+            Ok(Outcome::LoggedIn {
+                user: 5,
+                session_id: 2,
+            }),
+            Ok(Outcome::UserEvent {
+                user: 5,
+                seq: 3,
+                read_seq: 1,
+            }),
+            Ok(Outcome::Refused(Refusal {
+                code: RefusalCode::Conflict,
+                message: "taken".into(),
+            })),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: Some(2),
+            }),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: None,
+            }),
+            Err(ProposeError::Unknown {
+                group: 4,
+                detail: "discarded".into(),
+            }),
+            Err(ProposeError::Unavailable {
+                group: 4,
+                detail: "stopped".into(),
+            }),
+        ];
+        let bytes = encode_propose_response(17, &results);
+        assert_eq!(decode_propose_response(4, &bytes), Ok((17, results)));
+        refuses_damage(&bytes, |b| decode_propose_response(4, b));
+
+        // A long text is cut at a character boundary, within the limit.
+        let long = Err(ProposeError::Unavailable {
+            group: 1,
+            detail: "é".repeat(FORWARD_TEXT_BYTES_MAX),
+        });
+        let bytes = encode_propose_response(0, &[long]);
+        match &decode_propose_response(1, &bytes).expect("decodes").1[..] {
+            [Err(ProposeError::Unavailable { detail, .. })] => {
+                assert!(detail.len() <= FORWARD_TEXT_BYTES_MAX && detail.len() > 4000)
+            }
+            other => panic!("{other:?}"),
+        }
+
+        assert_eq!(
+            decode_read_index_request(&encode_read_index_request()),
+            Ok(())
+        );
+        assert!(decode_read_index_request(&[0]).is_err());
+        for result in [
+            Ok(42),
+            Err(ProposeError::NotLeader {
+                group: 4,
+                leader: Some(3),
+            }),
+            Err(ProposeError::Unavailable {
+                group: 4,
+                detail: "no quorum".into(),
+            }),
+        ] {
+            let bytes = encode_read_index_response(&result);
+            assert_eq!(decode_read_index_response(4, &bytes), Ok(result));
+            refuses_damage(&bytes, |b| decode_read_index_response(4, b));
+        }
+        // Unknown outcome is not a read-index answer.
+        assert!(decode_read_index_response(4, &[RESULT_UNKNOWN, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
     fn garbage_is_refused_without_panics_or_huge_allocations() {
         // A cheap deterministic generator (xorshift), so a failure names its input.
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -598,6 +1014,9 @@ mod tests {
             let _ = decode_snapshot_response(&bytes);
             let _ = decode_transfer_leader_request(&bytes);
             let _ = decode_transfer_leader_response(&bytes);
+            let _ = decode_propose_request(&bytes);
+            let _ = decode_propose_response(1, &bytes);
+            let _ = decode_read_index_response(1, &bytes);
             let _ = round;
         }
         // A request announcing u32::MAX entries is refused by the count check.

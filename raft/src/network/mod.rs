@@ -30,9 +30,12 @@ use chatlog_wire::limits::NODE_FRAME_BYTES_MAX;
 use chatlog_wire::proto::node::v1::{NodeError, NodeErrorCode, NodeFrame, node_frame::Payload};
 use openraft::network::RPCTypes;
 
-pub use router::{CONNECT_TIMEOUT, NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router};
+pub use router::{
+    CONNECT_TIMEOUT, ForwardError, NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router,
+};
 pub use server::{
-    CONNECTIONS_MAX, GroupDirectory, REQUESTS_IN_FLIGHT_MAX, SNAPSHOT_REASSEMBLY_BYTES_MAX, serve,
+    CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory, REQUESTS_IN_FLIGHT_MAX,
+    SNAPSHOT_REASSEMBLY_BYTES_MAX, serve,
 };
 
 use crate::types::{GroupId, NodeId};
@@ -65,6 +68,10 @@ enum Rpc {
     PreVote,
     InstallSnapshot,
     TransferLeader,
+    /// Forwarded client commands (not an openraft RPC).
+    Propose,
+    /// A read index asked of the leader (not an openraft RPC).
+    ReadIndex,
 }
 
 impl Rpc {
@@ -76,6 +83,8 @@ impl Rpc {
             Rpc::PreVote => Payload::PreVoteRequest(body),
             Rpc::InstallSnapshot => Payload::InstallSnapshotRequest(body),
             Rpc::TransferLeader => Payload::TransferLeaderRequest(body),
+            Rpc::Propose => Payload::ProposeRequest(body),
+            Rpc::ReadIndex => Payload::ReadIndexRequest(body),
         }
     }
 
@@ -87,6 +96,8 @@ impl Rpc {
             Rpc::PreVote => Payload::PreVoteResponse(body),
             Rpc::InstallSnapshot => Payload::InstallSnapshotResponse(body),
             Rpc::TransferLeader => Payload::TransferLeaderResponse(body),
+            Rpc::Propose => Payload::ProposeResponse(body),
+            Rpc::ReadIndex => Payload::ReadIndexResponse(body),
         }
     }
 
@@ -97,7 +108,9 @@ impl Rpc {
             | (Rpc::Vote, Payload::VoteResponse(b))
             | (Rpc::PreVote, Payload::PreVoteResponse(b))
             | (Rpc::InstallSnapshot, Payload::InstallSnapshotResponse(b))
-            | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b)) => Ok(b),
+            | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b))
+            | (Rpc::Propose, Payload::ProposeResponse(b))
+            | (Rpc::ReadIndex, Payload::ReadIndexResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -110,14 +123,17 @@ impl Rpc {
             Payload::PreVoteRequest(b) => Some((Rpc::PreVote, b.clone())),
             Payload::InstallSnapshotRequest(b) => Some((Rpc::InstallSnapshot, b.clone())),
             Payload::TransferLeaderRequest(b) => Some((Rpc::TransferLeader, b.clone())),
+            Payload::ProposeRequest(b) => Some((Rpc::Propose, b.clone())),
+            Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
             _ => None,
         }
     }
 
-    /// openraft's name for the RPC, for `Timeout` errors.
+    /// openraft's name for the RPC, for `Timeout` errors. Forwarded client work never
+    /// reaches openraft; it is named as the append it turns into.
     fn action(self) -> RPCTypes {
         match self {
-            Rpc::AppendEntries => RPCTypes::AppendEntries,
+            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

@@ -42,9 +42,11 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::codec::{self, SnapshotChunk};
+use super::codec::{self, ProposeResult, SnapshotChunk};
 use super::sink::FrameSink;
 use super::{NodeIdentity, Rpc, SNAPSHOT_CHUNK_BYTES_MAX, encode_frame, node_frame};
+use crate::chat::Command;
+use crate::node::ProposeError;
 use crate::state_machine::SnapshotData;
 use crate::types::{GroupId, Node, NodeId, Snapshot, TypeConfig, Vote};
 
@@ -161,8 +163,36 @@ impl Drop for WaitGuard<'_> {
 
 /// Why a request failed, before it is named in openraft's terms.
 enum CallError {
+    /// The peer did not act on the request: no connection, a failed dial, a frame that
+    /// never left this node, or an error frame (the peer refuses before serving).
+    NotSent(String),
+    /// The request may have been served: the connection failed after the frame was
+    /// queued, or the peer answered with the wrong payload.
     Unreachable(String),
     Timeout(Duration),
+}
+
+/// Why a forwarded request ([`Router::propose`], [`Router::read_index`]) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The peer did not act on it (not connected, refused with an error frame); trying
+    /// another node is safe.
+    #[error("not delivered: {0}")]
+    NotSent(String),
+    /// It may or may not have been served (connection lost after sending, deadline
+    /// passed, an undecodable answer).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+impl From<CallError> for ForwardError {
+    fn from(e: CallError) -> ForwardError {
+        match e {
+            CallError::NotSent(m) => ForwardError::NotSent(m),
+            CallError::Unreachable(m) => ForwardError::Unknown(m),
+            CallError::Timeout(t) => ForwardError::Unknown(format!("no answer within {t:?}")),
+        }
+    }
 }
 
 impl Router {
@@ -274,7 +304,7 @@ impl Router {
                 requests.insert(request_id, tx);
             }
             None => {
-                return Err(CallError::Unreachable(format!(
+                return Err(CallError::NotSent(format!(
                     "the connection to node {target} closed"
                 )));
             }
@@ -291,12 +321,12 @@ impl Router {
             rpc.request(body),
         );
         let frame = encode_frame(&frame).map_err(|e| {
-            CallError::Unreachable(format!("encoding a {rpc:?} request for node {target}: {e}"))
+            CallError::NotSent(format!("encoding a {rpc:?} request for node {target}: {e}"))
         })?;
         match tokio::time::timeout_at(deadline, conn.sink.send(frame)).await {
             Err(_) => return Err(CallError::Timeout(ttl)),
             Ok(Err(closed)) => {
-                return Err(CallError::Unreachable(format!("node {target}: {closed}")));
+                return Err(CallError::NotSent(format!("node {target}: {closed}")));
             }
             Ok(Ok(())) => {}
         }
@@ -311,7 +341,7 @@ impl Router {
         };
         match rpc.response_body(payload) {
             Ok(body) => Ok(body),
-            Err(Payload::Error(e)) => Err(CallError::Unreachable(format!(
+            Err(Payload::Error(e)) => Err(CallError::NotSent(format!(
                 "node {target} refused a {rpc:?} request for group {group}: {:?}: {}",
                 NodeErrorCode::try_from(e.code).unwrap_or(NodeErrorCode::Unspecified),
                 e.message
@@ -331,14 +361,12 @@ impl Router {
         deadline: Instant,
     ) -> Result<Arc<Connection>, CallError> {
         if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(CallError::Unreachable(
-                "this node's router is shut down".into(),
-            ));
+            return Err(CallError::NotSent("this node's router is shut down".into()));
         }
         let peer = lock(&self.inner.peers)
             .get(&target)
             .cloned()
-            .ok_or_else(|| CallError::Unreachable(format!("no address for node {target}")))?;
+            .ok_or_else(|| CallError::NotSent(format!("no address for node {target}")))?;
         let dial = {
             let mut state = lock(&peer.state);
             match &state.link {
@@ -355,7 +383,7 @@ impl Router {
                     if let Some(at) = retry_at
                         && Instant::now() < *at
                     {
-                        return Err(CallError::Unreachable(format!(
+                        return Err(CallError::NotSent(format!(
                             "node {target} at {}: {last_error} (next dial in {:?})",
                             state.addr,
                             at.saturating_duration_since(Instant::now())
@@ -366,10 +394,10 @@ impl Router {
             }
         };
         match tokio::time::timeout_at(deadline, dial).await {
-            Err(_) => Err(CallError::Unreachable(format!(
+            Err(_) => Err(CallError::NotSent(format!(
                 "node {target}: still connecting"
             ))),
-            Ok(Err(error)) => Err(CallError::Unreachable(format!("node {target}: {error}"))),
+            Ok(Err(error)) => Err(CallError::NotSent(format!("node {target}: {error}"))),
             Ok(Ok(conn)) => Ok(conn),
         }
     }
@@ -581,6 +609,10 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::PreVoteResponse(_) => "pre_vote_response",
         Payload::TransferLeaderRequest(_) => "transfer_leader_request",
         Payload::TransferLeaderResponse(_) => "transfer_leader_response",
+        Payload::ProposeRequest(_) => "propose_request",
+        Payload::ProposeResponse(_) => "propose_response",
+        Payload::ReadIndexRequest(_) => "read_index_request",
+        Payload::ReadIndexResponse(_) => "read_index_response",
         Payload::Error(_) => "error",
     }
 }
@@ -588,7 +620,7 @@ fn payload_name(payload: &Payload) -> &'static str {
 impl CallError {
     fn into_rpc(self, rpc: Rpc, from: NodeId, target: NodeId) -> RPCError<TypeConfig> {
         match self {
-            CallError::Unreachable(message) => {
+            CallError::NotSent(message) | CallError::Unreachable(message) => {
                 RPCError::Unreachable(Unreachable::from_string(message))
             }
             CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
@@ -621,6 +653,49 @@ impl Router {
             Err(e) => Err(e),
         };
         result.map_err(|e| e.into_rpc(rpc, self.inner.identity.node_id, target))
+    }
+}
+
+/// Forwarded client work: what a node that does not lead a group asks of its leader.
+impl Router {
+    /// Sends `commands` for `group` to `target`, which proposes them through its own
+    /// batcher, and returns the highest Raft index that carried one of them (0 if none)
+    /// and one result per command. Waits at most `ttl`.
+    pub async fn propose(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        commands: &[Command],
+        ttl: Duration,
+    ) -> Result<(u64, Vec<ProposeResult>), ForwardError> {
+        let body = codec::encode_propose_request(commands);
+        let answer = self.call(target, group, Rpc::Propose, body, ttl).await?;
+        let (index, results) = codec::decode_propose_response(group, &answer).map_err(|e| {
+            ForwardError::Unknown(format!("node {target} answered a proposal with {e}"))
+        })?;
+        if results.len() != commands.len() {
+            return Err(ForwardError::Unknown(format!(
+                "node {target} answered {} results for {} commands",
+                results.len(),
+                commands.len()
+            )));
+        }
+        Ok((index, results))
+    }
+
+    /// Asks `target` for a read index of `group`: the log index a replica must have
+    /// applied before a read is linearizable. Waits at most `ttl`.
+    pub async fn read_index(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        ttl: Duration,
+    ) -> Result<Result<u64, ProposeError>, ForwardError> {
+        let body = codec::encode_read_index_request();
+        let answer = self.call(target, group, Rpc::ReadIndex, body, ttl).await?;
+        codec::decode_read_index_response(group, &answer).map_err(|e| {
+            ForwardError::Unknown(format!("node {target} answered a read index with {e}"))
+        })
     }
 }
 

@@ -25,10 +25,14 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::codec;
+use futures_util::future::BoxFuture;
+
+use super::codec::{self, ProposeResult};
 use super::sink::FrameSink;
 use super::{NodeIdentity, Rpc, encode_frame, node_error, node_frame};
 use crate::ChatRaft;
+use crate::chat::Command;
+use crate::node::ProposeError;
 use crate::types::{GroupId, NodeId, Snapshot, SnapshotMeta, Vote};
 
 /// Peer connections served at once. A cluster has a handful of nodes, each dialling us
@@ -54,10 +58,28 @@ const READ_BUFFER_BYTES: usize = 64 << 10;
 /// persistent failure does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// Longest a forwarded proposal or read index is served before it is answered as
+/// failed (unknown outcome, unavailable): a little over the forwarder's own deadline
+/// (`node::FORWARD_TIMEOUT`), so a handler never outlives the wait it serves by much.
+pub const FORWARDED_WORK_TIMEOUT: Duration = Duration::from_secs(12);
+
 /// What the transport needs from the group manager: the `Raft` of a group this node holds.
 pub trait GroupDirectory: Send + Sync + 'static {
     /// The local replica of `group`, or `None` if this node holds none.
     fn raft(&self, group: GroupId) -> Option<ChatRaft>;
+
+    /// Proposes `commands` (forwarded by a peer) in `group`, whose replica is `raft`,
+    /// and returns one result per command and the highest Raft index that carried one.
+    /// The group manager sends them through the group's batcher; this default proposes
+    /// them as one entry of their own.
+    fn propose(
+        &self,
+        group: GroupId,
+        raft: ChatRaft,
+        commands: Vec<Command>,
+    ) -> BoxFuture<'static, (Vec<ProposeResult>, u64)> {
+        Box::pin(crate::node::propose_unbatched(group, raft, commands))
+    }
 }
 
 struct Context {
@@ -348,8 +370,9 @@ impl Connection {
             Work::Request(rpc, body)
         };
         let sink = self.sink.clone();
+        let directory = Arc::clone(&self.context.groups);
         self.handlers.spawn(async move {
-            let payload = match work.run(raft).await {
+            let payload = match work.run(group, raft, directory).await {
                 Ok(body) => rpc.response(body),
                 Err(error) => error,
             };
@@ -509,7 +532,12 @@ enum Work {
 impl Work {
     /// Decodes the request, hands it to `raft`, and encodes the answer (or the error
     /// payload to send instead).
-    async fn run(self, raft: ChatRaft) -> Result<Bytes, Payload> {
+    async fn run(
+        self,
+        group: GroupId,
+        raft: ChatRaft,
+        directory: Arc<dyn GroupDirectory>,
+    ) -> Result<Bytes, Payload> {
         let bad_request =
             |e: codec::DecodeError| node_error(NodeErrorCode::BadRequest, e.to_string());
         let unavailable =
@@ -540,6 +568,43 @@ impl Work {
                     .await
                     .map_err(|e| unavailable(&e))?;
                 Ok(codec::encode_transfer_leader_response(&resp))
+            }
+            Work::Request(Rpc::Propose, body) => {
+                let commands = codec::decode_propose_request(&body).map_err(bad_request)?;
+                let n = commands.len();
+                let (results, index) = match tokio::time::timeout(
+                    FORWARDED_WORK_TIMEOUT,
+                    directory.propose(group, raft, commands),
+                )
+                .await
+                {
+                    Ok(results) => results,
+                    Err(_) => {
+                        let e = ProposeError::Unknown {
+                            group,
+                            detail: format!("not applied within {FORWARDED_WORK_TIMEOUT:?}"),
+                        };
+                        (vec![Err(e); n], 0)
+                    }
+                };
+                Ok(codec::encode_propose_response(index, &results))
+            }
+            Work::Request(Rpc::ReadIndex, body) => {
+                codec::decode_read_index_request(&body).map_err(bad_request)?;
+                let result = tokio::time::timeout(
+                    FORWARDED_WORK_TIMEOUT,
+                    crate::node::read_index(group, &raft),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProposeError::Unavailable {
+                        group,
+                        detail: format!(
+                            "leadership not confirmed within {FORWARDED_WORK_TIMEOUT:?}"
+                        ),
+                    })
+                });
+                Ok(codec::encode_read_index_response(&result))
             }
             Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
                 NodeErrorCode::Internal,
