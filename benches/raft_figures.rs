@@ -378,13 +378,32 @@ async fn closed_loop(
             hist
         }));
     }
+    let applied = |leaders: &[Arc<Node>]| -> u64 {
+        (1..=GROUPS)
+            .map(|g| {
+                *leaders[(g - 1) as usize]
+                    .group(g)
+                    .expect("group")
+                    .shared()
+                    .applied()
+                    .borrow()
+            })
+            .sum()
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
+    let entries0 = applied(&leaders);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     measuring.store(false, Ordering::Relaxed);
+    let entries = applied(&leaders) - entries0;
     let elapsed = t0.elapsed().as_secs_f64();
     let posts = done.load(Ordering::Relaxed);
+    eprintln!(
+        "  {entries} entries applied: {:.0} entries/s, {:.1} posts per entry",
+        entries as f64 / elapsed,
+        posts as f64 / entries.max(1) as f64
+    );
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("hist");
     for t in tasks {
