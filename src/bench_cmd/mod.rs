@@ -118,7 +118,12 @@ pub struct BenchArgs {
     pub scenario: Scenario,
     /// Drive the server at this client address (what `chatlog serve` prints as
     /// `clients: ADDR`). Nothing else is contacted.
-    #[arg(long, value_name = "ADDR", conflicts_with = "embedded", required_unless_present = "embedded")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "embedded",
+        required_unless_present = "embedded"
+    )]
     pub server: Option<String>,
     /// Start a single-node server in this process, in a temporary directory removed
     /// afterwards, on 127.0.0.1; its CPU time and memory are reported.
@@ -350,7 +355,9 @@ struct Embedded {
 
 impl Embedded {
     async fn start(groups: u64) -> Result<Embedded, CliError> {
-        let dir = tempfile::Builder::new().prefix("chatlog-bench-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("chatlog-bench-")
+            .tempdir()?;
         let node = Node::start(
             NodeConfig::single(dir.path(), groups),
             |_| NoPeers,

@@ -330,7 +330,11 @@ impl Report {
             row(k, compact(v));
         }
         let total: u64 = self.errors.values().sum();
-        let kinds: Vec<String> = self.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let kinds: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
         row(
             "errors",
             if kinds.is_empty() {

@@ -560,7 +560,11 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
         rounds_done += 1;
         // Every acknowledged post must have reached the devices of its chat.
         for device in &devices {
-            if posted.acked.get(&device.chat).is_some_and(|&seq| device.pos < seq) {
+            if posted
+                .acked
+                .get(&device.chat)
+                .is_some_and(|&seq| device.pos < seq)
+            {
                 stats.error("MISSING");
             }
         }
@@ -609,9 +613,14 @@ pub async fn fanout(args: &BenchArgs, world: &World, embedded: bool) -> Result<R
     let warm_end_us = Arc::new(AtomicU64::new(u64::MAX));
     for s in 0..args.subscribers {
         let user = &world.users[s % world.users.len()];
-        let client = login(&world.addr, user, &format!("bench-sub-{s}"), world.chats.len() + 8)
-            .await
-            .map_err(|e| super::setup_error("logging a subscriber in", e))?;
+        let client = login(
+            &world.addr,
+            user,
+            &format!("bench-sub-{s}"),
+            world.chats.len() + 8,
+        )
+        .await
+        .map_err(|e| super::setup_error("logging a subscriber in", e))?;
         let Some(mut pushes) = client.pushes() else {
             return Err("setup: the subscriber's pushes were taken".into());
         };
