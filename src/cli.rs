@@ -22,6 +22,9 @@ pub enum Command {
     /// Work with the storage engine directly (no server needed).
     #[command(subcommand)]
     Storage(crate::storage_cmd::StorageCommand),
+    /// Load generator: drive a server (or an embedded one) and report throughput and
+    /// latency (send, sync, mixed, fanout; media not available yet).
+    Bench(crate::bench_cmd::BenchArgs),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
     #[command(flatten)]
     Client(crate::client_cmd::ClientCommand),
@@ -35,13 +38,31 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Storage(cmd) => crate::storage_cmd::run(cmd),
         Command::Serve(args) => crate::serve::run(args),
         Command::Client(cmd) => crate::client_cmd::run(cmd),
+        Command::Bench(args) => crate::bench_cmd::run(args),
+    }
+}
+
+impl Cli {
+    /// The log filter when `RUST_LOG` is unset: `info`, but for `bench` only errors, so
+    /// an embedded server's start-up and shutdown chatter stays out of the report.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Bench(_) => "error",
+            _ => "info",
+        }
     }
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing(json: bool) {
+    init_tracing_with(json, "info");
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `default_filter`).
+pub fn init_tracing_with(json: bool, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -2,6 +2,7 @@
 //! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`)
 //! and the storage commands. Fan-out, sync and media layers arrive with their issues.
 
+pub mod bench_cmd;
 pub mod cli;
 pub mod client_cmd;
 pub mod gateway;

@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = chatlog::cli::Cli::parse();
-    chatlog::cli::init_tracing(cli.log_json);
+    chatlog::cli::init_tracing_with(cli.log_json, cli.default_log_filter());
     match chatlog::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,335 @@
+//! Black-box: `chatlog bench` runs each scenario briefly, against a server it embeds and
+//! against a separate `chatlog serve` process on 127.0.0.1, and its `--json` report is
+//! checked: non-zero throughput, ordered percentiles, zero errors, and a config that
+//! echoes the flags.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_chatlog");
+
+/// Runs `chatlog bench ARGS --json`, which must succeed; its JSON report.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("chatlog runs");
+    assert!(
+        out.status.success(),
+        "chatlog bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "chatlog bench {args:?} printed no JSON ({e}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The checks every report must pass.
+fn sane(r: &Value, scenario: &str) {
+    assert_eq!(r["scenario"], scenario, "{r}");
+    assert_eq!(r["config"]["scenario"], scenario, "{r}");
+    assert!(r["throughput_ops"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["throughput_mb"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["measured_secs"].as_f64().unwrap() > 0.0, "{r}");
+    let lat = &r["latency_us"];
+    let p = |k: &str| {
+        lat[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency_us.{k}: {r}"))
+    };
+    assert!(p("p50") > 0, "{r}");
+    assert!(
+        p("p50") <= p("p90") && p("p90") <= p("p99") && p("p99") <= p("p999"),
+        "{r}"
+    );
+    assert!(p("p999") <= p("max"), "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["errors_by_kind"], json!({}), "{r}");
+    assert!(
+        r["command"].as_str().unwrap().starts_with("chatlog bench"),
+        "{r}"
+    );
+}
+
+fn embedded_server_figures(r: &Value) {
+    let server = &r["server"];
+    assert!(server["cpu_secs"].as_f64().unwrap() >= 0.0, "{r}");
+    assert!(server["rss_bytes"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn send_embedded_zipf() {
+    let r = bench(&[
+        "send",
+        "--embedded",
+        "--groups",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+        "--chats",
+        "8",
+        "--size",
+        "100",
+        "--distribution",
+        "zipf:1.1",
+    ]);
+    sane(&r, "send");
+    embedded_server_figures(&r);
+    let c = &r["config"];
+    assert_eq!(c["embedded"], true);
+    assert_eq!(c["groups"], 4);
+    assert_eq!(c["connections"], 2);
+    assert_eq!(c["in_flight"], 4);
+    assert_eq!(c["chats"], 8);
+    assert_eq!(c["size"], 100);
+    assert_eq!(c["distribution"], "zipf:1.1");
+    assert_eq!(c["duration"], 1.0);
+    assert_eq!(c["warmup"], 0.2);
+    assert_eq!(c["rate"], Value::Null);
+    // 100-byte messages: MB/s is ops/s × 100 bytes.
+    let (ops, mb) = (
+        r["throughput_ops"].as_f64().unwrap(),
+        r["throughput_mb"].as_f64().unwrap(),
+    );
+    assert!((mb - ops * 100.0 / 1e6).abs() < 0.01, "{r}");
+}
+
+#[test]
+fn send_to_a_separate_server_open_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--groups",
+            "4",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("chatlog serve starts");
+    let server = Reaper(&mut child);
+    let stdout = server.0.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server announces its address before exiting")
+            .expect("stdout reads");
+        if let Some(a) = line.strip_prefix("clients: ") {
+            break a.trim().to_owned();
+        }
+    };
+    // Open loop: 150 measured sends at 300/s after 0.2 s of warm-up.
+    let r = bench(&[
+        "send",
+        "--server",
+        &addr,
+        "--rate",
+        "300",
+        "--count",
+        "150",
+        "--duration",
+        "5",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "2",
+        "--in-flight",
+        "8",
+        "--chats",
+        "5",
+    ]);
+    sane(&r, "send");
+    assert_eq!(r["ops"], 150, "{r}");
+    assert!(
+        r.get("server").is_none(),
+        "no server figures for --server: {r}"
+    );
+    assert_eq!(r["config"]["server"], addr.as_str());
+    assert_eq!(r["config"]["rate"], 300.0);
+    assert_eq!(r["config"]["count"], 150);
+    assert_eq!(r["latency_of"], "intended start to response");
+    // 150 sends at 300/s take about half a second, not the 5 s limit.
+    let secs = r["measured_secs"].as_f64().unwrap();
+    assert!((0.3..3.0).contains(&secs), "{r}");
+    // A second run against the same server: its users and chats are new.
+    let again = bench(&["send", "--server", &addr, "--count", "20", "--warmup", "0"]);
+    sane(&again, "send");
+    assert_eq!(again["ops"], 20, "{again}");
+}
+
+/// Kills and reaps the server however the test ends.
+struct Reaper<'a>(&'a mut Child);
+
+impl Drop for Reaper<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sync_devices_catch_up_without_gaps() {
+    let r = bench(&[
+        "sync",
+        "--embedded",
+        "--groups",
+        "4",
+        "--devices",
+        "3",
+        "--chats",
+        "3",
+        "--backlog",
+        "200",
+        "--rounds",
+        "2",
+        "--page",
+        "20",
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+    ]);
+    sane(&r, "sync");
+    embedded_server_figures(&r);
+    // One device per chat: each posted message is caught up exactly once.
+    assert_eq!(r["ops"], 400, "{r}");
+    let s = &r["sync"];
+    assert_eq!(s["rounds"], 2, "{r}");
+    assert_eq!(s["events"], 400, "{r}");
+    assert!(s["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(s["catch_up_us"]["count"], 6, "{r}");
+    let c = &r["config"];
+    assert_eq!(c["devices"], 3);
+    assert_eq!(c["backlog"], 200);
+    assert_eq!(c["rounds"], 2);
+    assert_eq!(c["page"], 20);
+}
+
+#[test]
+fn mixed_runs_every_kind() {
+    let r = bench(&[
+        "mixed",
+        "--embedded",
+        "--groups",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+        "--chats",
+        "4",
+        "--mix",
+        "send=50,history=30,sync=20",
+    ]);
+    sane(&r, "mixed");
+    embedded_server_figures(&r);
+    assert_eq!(r["config"]["mix"], "send=50,history=30,sync=20");
+    let mut total = 0;
+    for kind in ["send", "history", "sync"] {
+        let ops = r["by_kind"][kind]["ops"].as_u64().unwrap_or(0);
+        assert!(ops > 0, "no {kind} ops: {r}");
+        total += ops;
+    }
+    assert_eq!(r["ops"].as_u64().unwrap(), total, "{r}");
+}
+
+#[test]
+fn fanout_delivers_every_post_to_every_subscriber() {
+    let r = bench(&[
+        "fanout",
+        "--embedded",
+        "--groups",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--rate",
+        "100",
+        "--subscribers",
+        "2",
+        "--chats",
+        "4",
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+    ]);
+    sane(&r, "fanout");
+    let f = &r["fanout"];
+    assert!(f["posts"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(f["deliveries"], f["deliveries_expected"], "{r}");
+    assert_eq!(f["subscriptions"], 8, "{r}");
+    assert_eq!(r["config"]["subscribers"], 2);
+}
+
+#[test]
+fn media_is_not_available_yet_and_help_names_every_flag() {
+    let out = Command::new(BIN)
+        .args(["bench", "media", "--embedded"])
+        .output()
+        .expect("chatlog runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not available yet: needs"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["bench", "--help"])
+        .output()
+        .expect("chatlog runs");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--server",
+        "--embedded",
+        "--groups",
+        "--connections",
+        "--in-flight",
+        "--size",
+        "--chats",
+        "--distribution",
+        "--count",
+        "--duration",
+        "--rate",
+        "--warmup",
+        "--mix",
+        "--page",
+        "--devices",
+        "--backlog",
+        "--rounds",
+        "--subscribers",
+        "--seed",
+        "--json",
+        "media",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+}
