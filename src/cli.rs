@@ -22,6 +22,9 @@ pub enum Command {
     /// Work with the storage engine directly (no server needed).
     #[command(subcommand)]
     Storage(crate::storage_cmd::StorageCommand),
+    /// Operator commands against a node's HTTP port (`--server HTTP_ADDR`).
+    #[command(subcommand)]
+    Admin(crate::admin_cmd::AdminCommand),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
     #[command(flatten)]
     Client(crate::client_cmd::ClientCommand),
@@ -34,6 +37,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => crate::storage_cmd::run(cmd),
         Command::Serve(args) => crate::serve::run(args),
+        Command::Admin(cmd) => crate::admin_cmd::run(cmd),
         Command::Client(cmd) => crate::client_cmd::run(cmd),
     }
 }
