@@ -50,8 +50,10 @@ pub enum AdminCommand {
     /// "last_ack_ms": N|null}, …], "fatal": "…"|null, "elections": N,
     /// "leader_changes": N}, …], "summary": "…"}
     Status(StatusArgs),
-    /// Moves a group's leadership to another of its replicas. Ask the node that leads
-    /// the group (another answers NOT_LEADER naming the leader).
+    /// Moves a group's leadership to another of its replicas.
+    ///
+    /// Ask the node that leads the group (another answers NOT_LEADER naming the
+    /// leader); the command waits up to 10 s for the new leader.
     ///
     /// --json: {"group": G, "previous_leader": N, "leader": N, "term": N, "moved": BOOL}
     LeaderTransfer(TransferArgs),
