@@ -25,6 +25,9 @@ pub enum Command {
     /// Load generator: drive a server (or an embedded one) and report throughput and
     /// latency (send, sync, mixed, fanout; media not available yet).
     Bench(crate::bench_cmd::BenchArgs),
+    /// Operator commands against a node's HTTP port (`--server HTTP_ADDR`).
+    #[command(subcommand)]
+    Admin(crate::admin_cmd::AdminCommand),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
     #[command(flatten)]
     Client(crate::client_cmd::ClientCommand),
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Storage(cmd) => crate::storage_cmd::run(cmd),
         Command::Serve(args) => crate::serve::run(args),
+        Command::Admin(cmd) => crate::admin_cmd::run(cmd),
         Command::Client(cmd) => crate::client_cmd::run(cmd),
         Command::Bench(args) => crate::bench_cmd::run(args),
     }

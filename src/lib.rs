@@ -2,10 +2,12 @@
 //! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`)
 //! and the storage commands. Fan-out, sync and media layers arrive with their issues.
 
+pub mod admin_cmd;
 pub mod bench_cmd;
 pub mod cli;
 pub mod client_cmd;
 pub mod gateway;
+pub mod http;
 pub mod serve;
 pub mod service;
 pub mod storage_cmd;

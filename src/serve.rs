@@ -2,14 +2,15 @@
 //!
 //! What it owns: turning flags into a `NodeConfig`, starting the node (storage engine
 //! and every local group replica), the client gateway and, in a cluster, the peer
-//! listener; announcing the bound addresses on stdout (scripts and tests read them);
+//! listener, and the HTTP port (`crate::http`: health, readiness, metrics, admin);
+//! announcing the bound addresses on stdout (scripts and tests read them);
 //! and an orderly stop on SIGINT or SIGTERM (stop accepting, stop groups, close the
 //! engine). What it must not do: implement any of those parts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chatlog_raft::chat::GROUPS_MAX;
@@ -19,12 +20,15 @@ use clap::{ArgAction, Args};
 
 use crate::cli::CliError;
 use crate::gateway::{self, GatewayLimits};
+use crate::http::{ClientCounters, CountedService, HttpContext, LeaderChanges};
 use crate::service::ChatService;
 
 /// Default client address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// How long startup waits for every local group to have a leader before serving anyway.
 const LEADER_WAIT: Duration = Duration::from_secs(20);
+/// Longest shutdown waits for HTTP requests in progress (each is bounded anyway).
+const HTTP_STOP_WAIT: Duration = Duration::from_secs(5);
 /// Default number of chat groups.
 pub const DEFAULT_GROUPS: u64 = 16;
 
@@ -63,6 +67,32 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Address of the HTTP port: `/health`, `/ready`, `/metrics`, `/admin/…` (default: the
+    /// client address with its port + 80, so 127.0.0.1:7480 for the default 7400, and
+    /// port 0 when the client port is 0). The bound address is printed as `http: ADDR`.
+    /// A busy address stops startup.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// Token the admin endpoints (`/admin/…`) require as `Authorization: Bearer TOKEN`.
+    /// Without one they answer only peers on a loopback address.
+    #[arg(long, env = "CHATLOG_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+/// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
+fn http_addr(args: &ServeArgs) -> Result<SocketAddr, CliError> {
+    if let Some(a) = args.http {
+        return Ok(a);
+    }
+    let mut a = args.listen;
+    if a.port() != 0 {
+        let port = a
+            .port()
+            .checked_add(crate::http::DEFAULT_PORT_OFFSET)
+            .ok_or("--listen port too high to derive the HTTP port: pass --http")?;
+        a.set_port(port);
+    }
+    Ok(a)
 }
 
 fn parse_cluster(entries: &[String]) -> Result<BTreeMap<u64, SocketAddr>, CliError> {
@@ -147,6 +177,9 @@ async fn serve(
     cluster: BTreeMap<u64, SocketAddr>,
 ) -> Result<(), CliError> {
     let started = std::time::Instant::now();
+    // Bound first, so a busy HTTP address stops startup before any data is opened.
+    let http_listener = crate::http::bind(http_addr(&args)?).await?;
+    let http_addr = http_listener.local_addr()?;
     let registry = Arc::new(GroupRegistry::default());
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
     let mut peer_server = None;
@@ -185,11 +218,33 @@ async fn serve(
         node.set_router(router);
         node
     };
+    let node = Arc::new(node);
+    // The HTTP port answers from here on: `/ready` says when the groups have leaders.
+    let clients = Arc::new(ClientCounters::default());
+    let http_ctx = Arc::new(HttpContext {
+        node: Arc::clone(&node),
+        peers: cluster.clone(),
+        clients_addr: OnceLock::new(),
+        http_addr,
+        admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
+        clients: Arc::clone(&clients),
+        changes: LeaderChanges::watch(&node),
+        started,
+    });
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let http_server = tokio::spawn(crate::http::serve(
+        http_listener,
+        Arc::clone(&http_ctx),
+        async move {
+            let mut stopped = http_stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    println!("http: {http_addr}");
     if let Err(e) = node.wait_for_leaders(LEADER_WAIT).await {
         // In a cluster the other nodes may still be starting; the groups keep trying.
         tracing::warn!(error = %e, "not every group has a leader yet");
     }
-    let node = Arc::new(node);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("binding the client address {}: {e}", args.listen))?;
@@ -204,7 +259,11 @@ async fn serve(
     );
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
-    let service = Arc::new(ChatService::new(Arc::clone(&node), args.dev_mode));
+    let _ = http_ctx.clients_addr.set(addr);
+    let service = Arc::new(CountedService::new(
+        ChatService::new(Arc::clone(&node), args.dev_mode),
+        clients,
+    ));
     gateway::serve(
         listener,
         service,
@@ -213,6 +272,15 @@ async fn serve(
     )
     .await;
     tracing::info!("stopping");
+    let _ = stop_http.send(true);
+    drop(http_ctx);
+    let mut http_server = http_server;
+    if tokio::time::timeout(HTTP_STOP_WAIT, &mut http_server)
+        .await
+        .is_err()
+    {
+        http_server.abort();
+    }
     match Arc::try_unwrap(node) {
         Ok(node) => node.shutdown().await?,
         Err(node) => {

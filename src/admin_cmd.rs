@@ -1,0 +1,284 @@
+//! `chatlog admin …`: operator commands against a node's HTTP port (`crate::http`).
+//!
+//! What it owns: the flags and help of `admin status` and `admin leader-transfer`, one
+//! HTTP call each (`crate::http::client`), and printing the answer for people (a summary
+//! line and a table) or, with `--json`, the server's JSON as it came. Errors print as
+//! `error: CODE: message` (exit status 1), `CODE` being the server's error code or
+//! `CONNECT_FAILED` / `PROTOCOL` for the client's own failures.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::cli::CliError;
+use crate::http::client::{HttpResponse, request};
+
+/// Default `--server` of admin commands: the default `--http` of `chatlog serve`.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7480";
+
+/// Bound of one status call (the server answers within 5 s or says it timed out).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of one leader transfer (the server waits up to 10 s for the new leader).
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Flags every admin command takes.
+#[derive(Debug, Clone, Args)]
+pub struct AdminConn {
+    /// The node's HTTP address (what `chatlog serve` prints as `http: ADDR`).
+    #[arg(long, value_name = "HTTP_ADDR", env = "CHATLOG_ADMIN_SERVER", default_value = DEFAULT_HTTP)]
+    pub server: String,
+    /// The node's admin token (its `--admin-token`); not needed on loopback when the node
+    /// runs without one.
+    #[arg(long, env = "CHATLOG_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Print the server's JSON instead of lines for people.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Operator commands (the node's HTTP port, not the client port).
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Groups of one node: leader, term, commit and applied index, follower lag.
+    ///
+    /// --json: {"node": {"id": N, "version": "…", "clients_addr": "…", "http_addr": "…",
+    /// …}, "nodes": [{"id": N, "self": BOOL, "up": BOOL|null, "peer_addr": "…"|null}, …],
+    /// "groups": [{"id": G, "role": "leader"|"follower"|…, "leader": N|null, "term": N,
+    /// "last_log_index": N|null, "committed": N|null, "applied": N|null, "replicas": [N, …],
+    /// "learners": [N, …], "followers": [{"node": N, "matched": N|null, "lag": N,
+    /// "last_ack_ms": N|null}, …], "fatal": "…"|null, "elections": N,
+    /// "leader_changes": N}, …], "summary": "…"}
+    Status(StatusArgs),
+    /// Moves a group's leadership to another of its replicas.
+    ///
+    /// Ask the node that leads the group (another answers NOT_LEADER naming the
+    /// leader); the command waits up to 10 s for the new leader.
+    ///
+    /// --json: {"group": G, "previous_leader": N, "leader": N, "term": N, "moved": BOOL}
+    LeaderTransfer(TransferArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The group.
+    #[arg(long)]
+    pub group: u64,
+    /// The node that should lead it (one of its replicas).
+    #[arg(long)]
+    pub to: u64,
+}
+
+/// An admin command's failure: `CODE: message`.
+#[derive(Debug)]
+struct AdminError {
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+fn fail(code: &str, message: impl Into<String>) -> CliError {
+    Box::new(AdminError {
+        code: code.into(),
+        message: message.into(),
+    })
+}
+
+/// Runs one admin command on its own single-threaded runtime.
+pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cmd {
+            AdminCommand::Status(a) => status(a).await,
+            AdminCommand::LeaderTransfer(a) => leader_transfer(a).await,
+        }
+    })
+}
+
+/// Makes the call; a 2xx answer's JSON body, or the server's error as `CODE: message`.
+async fn call(
+    conn: &AdminConn,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    timeout: Duration,
+) -> Result<Value, CliError> {
+    let token = conn.admin_token.as_deref().filter(|t| !t.is_empty());
+    let body = body.map(|b| b.to_string().into_bytes());
+    let r: HttpResponse = request(&conn.server, method, path, token, body.as_deref(), timeout)
+        .await
+        .map_err(|e| fail("CONNECT_FAILED", e))?;
+    let value: Option<Value> = serde_json::from_slice(&r.body).ok();
+    if (200..300).contains(&r.status) {
+        return value.ok_or_else(|| {
+            fail(
+                "PROTOCOL",
+                format!("{} answered {} without JSON", conn.server, r.status),
+            )
+        });
+    }
+    let (code, message) = match &value {
+        Some(v) => (
+            v.get("code")
+                .and_then(Value::as_str)
+                .unwrap_or("HTTP_ERROR")
+                .to_owned(),
+            v.get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| v.to_string(), str::to_owned),
+        ),
+        None => ("HTTP_ERROR".to_owned(), r.text().trim().to_owned()),
+    };
+    Err(fail(&code, format!("{message} (HTTP {})", r.status)))
+}
+
+fn opt(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    }
+}
+
+async fn status(a: StatusArgs) -> Result<(), CliError> {
+    let v = call(&a.conn, "GET", "/admin/status", None, STATUS_TIMEOUT).await?;
+    if a.conn.json {
+        println!("{v}");
+        return Ok(());
+    }
+    print!("{}", render_status(&v));
+    Ok(())
+}
+
+/// The human rendering: the summary line, then one row per group.
+fn render_status(v: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(v["summary"].as_str().unwrap_or("(no summary)"));
+    out.push('\n');
+    let rows: Vec<[String; 8]> = v["groups"]
+        .as_array()
+        .map(|gs| {
+            gs.iter()
+                .map(|g| {
+                    let replicas: Vec<String> = g["replicas"]
+                        .as_array()
+                        .map(|r| r.iter().map(opt).collect())
+                        .unwrap_or_default();
+                    let followers = g["followers"].as_array().cloned().unwrap_or_default();
+                    let lag = if followers.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        followers
+                            .iter()
+                            .map(|f| format!("{}:{}", opt(&f["node"]), opt(&f["lag"])))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    [
+                        opt(&g["id"]),
+                        opt(&g["leader"]),
+                        g["role"].as_str().unwrap_or("?").to_owned(),
+                        opt(&g["term"]),
+                        opt(&g["committed"]),
+                        opt(&g["applied"]),
+                        replicas.join(","),
+                        lag,
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let header = [
+        "GROUP", "LEADER", "ROLE", "TERM", "COMMIT", "APPLIED", "REPLICAS", "LAG",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    out.push_str(&line(header.to_vec()));
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+async fn leader_transfer(a: TransferArgs) -> Result<(), CliError> {
+    let body = json!({"group": a.group, "to": a.to});
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/leader-transfer",
+        Some(body),
+        TRANSFER_TIMEOUT,
+    )
+    .await?;
+    if a.conn.json {
+        println!("{v}");
+    } else if v["moved"].as_bool() == Some(false) && v["leader"] == v["previous_leader"] {
+        println!(
+            "group {}: node {} already leads (term {})",
+            a.group,
+            opt(&v["leader"]),
+            opt(&v["term"])
+        );
+    } else {
+        println!(
+            "group {}: leader moved from node {} to node {} (term {})",
+            a.group,
+            opt(&v["previous_leader"]),
+            opt(&v["leader"]),
+            opt(&v["term"])
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let v = json!({"summary": "node 1: 1 groups", "groups": [
+            {"id": 0, "leader": 1, "role": "leader", "term": 2, "committed": 5,
+             "applied": 5, "replicas": [1, 2], "followers": [{"node": 2, "lag": 0}]}]});
+        let text = render_status(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "node 1: 1 groups");
+        assert!(lines[1].starts_with("GROUP  LEADER  ROLE"));
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["0", "1", "leader", "2", "5", "5", "1,2", "2:0"]
+        );
+    }
+}
