@@ -350,6 +350,12 @@ impl ChatStateMachine {
                     let mut out = Vec::with_capacity(batch.len());
                     let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
                     for pos in 0..batch.len() {
+                        // Posts, the bulk of the log, are applied from their fields in
+                        // place; everything else is decoded.
+                        if let Some(post) = batch.post_fields(pos) {
+                            out.push(state.apply_post(&post, batch.timestamp_ms, index, pos));
+                            continue;
+                        }
                         out.push(match batch.command(pos) {
                             Ok(cmd) => state.apply(&cmd, batch.timestamp_ms, index, pos),
                             Err(e) => Outcome::refused(RefusalCode::BadRequest, e.to_string()),

@@ -677,6 +677,39 @@ impl DecodedBatch {
         self.ranges.is_empty()
     }
 
+    /// The fields the rules need of the command at `pos` if it is a post, read in place
+    /// (no text is copied); `None` for another kind or bytes that do not decode as a
+    /// post (the caller then decodes the whole command, which reports the error).
+    pub fn post_fields(&self, pos: usize) -> Option<crate::chat::state::PostFields> {
+        let (a, b) = *self.ranges.get(pos)?;
+        let bytes = &self.bytes[a as usize..b as usize];
+        let mut r = Reader::new("chat command", bytes);
+        if r.u8().ok()? != tag::POST {
+            return None;
+        }
+        let chat = r.u64().ok()?;
+        let sender = r.u64().ok()?;
+        let client_message_id = r.u64().ok()?;
+        let reply_to = r.u64().ok()?;
+        let text = r.len_prefixed(COMMAND_STRING_BYTES_MAX).ok()?;
+        std::str::from_utf8(text).ok()?;
+        let has_media = r.bool().ok()?;
+        if has_media {
+            r.bytes(32).ok()?;
+            r.u64().ok()?;
+            std::str::from_utf8(r.len_prefixed(COMMAND_STRING_BYTES_MAX).ok()?).ok()?;
+            std::str::from_utf8(r.len_prefixed(COMMAND_STRING_BYTES_MAX).ok()?).ok()?;
+        }
+        r.finish().ok()?;
+        Some(crate::chat::state::PostFields {
+            chat,
+            sender,
+            client_message_id,
+            has_body: !text.is_empty() || has_media,
+            reply_to,
+        })
+    }
+
     /// Decodes the command at `pos`.
     pub fn command(&self, pos: usize) -> Result<Command, DecodeError> {
         let (a, b) = *self.ranges.get(pos).ok_or_else(|| {

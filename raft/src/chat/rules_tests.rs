@@ -368,8 +368,8 @@ fn read_markers_only_move_forward() {
     assert_eq!(t.st.user(a).expect("user").log_head, 2);
 }
 
-/// Random command streams: two replicas applying the same stream reach byte-identical
-/// checkpoints, decoding a checkpoint gives back the state, and every chat's seqs are
+/// Random command streams: two replicas applying the same stream (one of them taking the
+/// in-place path for posts) reach byte-identical checkpoints, decoding a checkpoint gives back the state, and every chat's seqs are
 /// dense.
 #[test]
 fn random_streams_are_deterministic_and_checkpoints_round_trip() {
@@ -461,7 +461,31 @@ fn random_streams_are_deterministic_and_checkpoints_round_trip() {
             c => c,
         };
         let oa = a.run(cmd.clone());
-        let ob = b.apply(&cmd, a.ts, a.index, 0);
+        // Replica b applies posts through the in-place fast path, from the batch bytes.
+        let batch = super::command::DecodedBatch::parse(
+            super::command::Batch {
+                timestamp_ms: a.ts,
+                commands: vec![cmd.clone()],
+            }
+            .encode(),
+        )
+        .expect("parses");
+        let ob = match batch.post_fields(0) {
+            Some(p) => {
+                assert!(
+                    matches!(cmd, Command::Post { .. }),
+                    "fast path only for posts"
+                );
+                b.apply_post(&p, a.ts, a.index, 0)
+            }
+            None => {
+                assert!(
+                    !matches!(cmd, Command::Post { .. }),
+                    "every post takes the fast path"
+                );
+                b.apply(&cmd, a.ts, a.index, 0)
+            }
+        };
         assert_eq!(oa, ob, "step {step}: replicas disagree");
         if let Outcome::Event {
             chat,

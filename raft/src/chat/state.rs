@@ -658,6 +658,49 @@ impl GroupState {
         }
     }
 
+    /// Applies a post known by its fields alone (the hot path: no text is decoded).
+    /// Same rules and outcome as applying the full `Command::Post`.
+    pub fn apply_post(&mut self, p: &PostFields, ts: u64, raft_index: u64, pos: usize) -> Outcome {
+        if raft_index > EVENT_RAFT_INDEX_MAX {
+            return refuse(RefusalCode::BadRequest, "raft index beyond the event index");
+        }
+        let key = DedupeKey {
+            chat: p.chat,
+            sender: p.sender,
+            client_message_id: p.client_message_id,
+        };
+        // A retried post returns its original seq whatever changed since.
+        if let Some((seq, ts)) = self.dedupe.get(&key) {
+            return Outcome::Event {
+                chat: p.chat,
+                seq,
+                timestamp_ms: ts,
+                deduplicated: true,
+            };
+        }
+        let Some(chat) = self.chats.get_mut(&p.chat) else {
+            return refuse(RefusalCode::NotFound, format!("no chat {}", p.chat));
+        };
+        if let Err(o) = check_post(chat, p) {
+            return o;
+        }
+        let seq = chat.events.len() as u64 + 1;
+        chat.events.push(EventLoc::new(
+            raft_index,
+            pos,
+            EventKind::MessagePosted,
+            p.sender,
+        ));
+        self.dedupe.insert(key, seq, ts);
+        self.events_applied += 1;
+        Outcome::Event {
+            chat: p.chat,
+            seq,
+            timestamp_ms: ts,
+            deduplicated: false,
+        }
+    }
+
     // ---- reads -------------------------------------------------------------------
 
     /// A chat's summary.
@@ -796,6 +839,56 @@ impl GroupState {
     pub fn counts(&self) -> (usize, usize) {
         (self.users.len(), self.chats.len())
     }
+}
+
+/// What the rules need of a post: everything but its bytes, so the state machine can
+/// apply a post without building its text (`DecodedBatch::post_fields`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostFields {
+    /// The chat.
+    pub chat: ChatId,
+    /// The author.
+    pub sender: UserId,
+    /// The client's id for the message.
+    pub client_message_id: u64,
+    /// True when the post has text or media.
+    pub has_body: bool,
+    /// The seq replied to, 0 for none.
+    pub reply_to: u64,
+}
+
+fn check_post(chat: &Chat, p: &PostFields) -> Result<(), Outcome> {
+    let Some(role) = chat.members.get(&p.sender).map(|m| m.role) else {
+        return Err(refuse(
+            RefusalCode::PermissionDenied,
+            format!("user {} is not a member of this chat", p.sender),
+        ));
+    };
+    if chat.kind == ChatKind::Channel && role < Role::Admin {
+        return Err(refuse(
+            RefusalCode::PermissionDenied,
+            "only admins post in a channel",
+        ));
+    }
+    if p.client_message_id == 0 {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            "client message id must not be 0",
+        ));
+    }
+    if !p.has_body {
+        return Err(refuse(
+            RefusalCode::BadRequest,
+            "a message needs text or media",
+        ));
+    }
+    if p.reply_to > chat.events.len() as u64 {
+        return Err(refuse(
+            RefusalCode::NotFound,
+            format!("no event at seq {} to reply to", p.reply_to),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks one chat command against the chat; on success returns the event kind and the
@@ -989,34 +1082,17 @@ fn check_chat_command(chat: &Chat, cmd: &Command) -> Result<(EventKind, UserId),
             media,
             reply_to,
             ..
-        } => {
-            let r = must_be_member(sender)?;
-            if chat.kind == ChatKind::Channel && r < Role::Admin {
-                return Err(refuse(
-                    RefusalCode::PermissionDenied,
-                    "only admins post in a channel",
-                ));
-            }
-            if *client_message_id == 0 {
-                return Err(refuse(
-                    RefusalCode::BadRequest,
-                    "client message id must not be 0",
-                ));
-            }
-            if text.is_empty() && media.is_none() {
-                return Err(refuse(
-                    RefusalCode::BadRequest,
-                    "a message needs text or media",
-                ));
-            }
-            if *reply_to > chat.events.len() as u64 {
-                return Err(refuse(
-                    RefusalCode::NotFound,
-                    format!("no event at seq {reply_to} to reply to"),
-                ));
-            }
-            Ok((EventKind::MessagePosted, *sender))
-        }
+        } => check_post(
+            chat,
+            &PostFields {
+                chat: 0,
+                sender: *sender,
+                client_message_id: *client_message_id,
+                has_body: !text.is_empty() || media.is_some(),
+                reply_to: *reply_to,
+            },
+        )
+        .map(|()| (EventKind::MessagePosted, *sender)),
         Command::Edit {
             sender,
             target,
