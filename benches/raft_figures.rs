@@ -12,6 +12,8 @@
 //! - `idle`: three nodes in this process holding 1,001 groups × 3 replicas, idle: CPU and
 //!   resident memory per group replica (not in the default set).
 //!
+//! `CHATLOG_RAFT_SEGMENT_MB` sets the engine's segment size (for investigations).
+//!
 //! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
 //! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
 //! times (default 3) on a fresh directory, and reports the median; then an open loop at
@@ -71,6 +73,14 @@ fn main() {
         }
         rt.block_on(scenario(s, replicas));
     }
+}
+
+/// `CHATLOG_RAFT_SEGMENT_MB`: the engine's segment size (default: the engine's).
+fn segment_bytes() -> Option<u64> {
+    std::env::var("CHATLOG_RAFT_SEGMENT_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|mb| mb << 20)
 }
 
 /// CPU seconds this process used so far (user + system).
@@ -156,7 +166,8 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
     let mut stops = Vec::new();
     if replicas == 1 {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-        let config = NodeConfig::single(dir.path(), groups);
+        let mut config = NodeConfig::single(dir.path(), groups);
+        config.segment_bytes = segment_bytes();
         let node = Node::start(config, |_| NoPeers, Default::default())
             .await
             .expect("node starts");
@@ -182,6 +193,7 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
             let mut config = NodeConfig::single(dir.path(), groups);
             config.node_id = id;
+            config.segment_bytes = segment_bytes();
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;
             let identity = NodeIdentity {
