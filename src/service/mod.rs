@@ -18,6 +18,7 @@
 //! membership, which every permission check reads, is always right.
 
 pub mod convert;
+pub mod ratelimit;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
