@@ -79,8 +79,9 @@ impl Buckets {
         let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.rate;
         b.tokens = (b.tokens + refill).min(cap);
         b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        // The epsilon absorbs rounding: a retry at exactly the advertised time fits.
+        if b.tokens >= 1.0 - 1e-9 {
+            b.tokens = (b.tokens - 1.0).max(0.0);
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
