@@ -84,7 +84,10 @@ impl Buckets {
             b.tokens = (b.tokens - 1.0).max(0.0);
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
+            // Rounded up, so waiting exactly this long is always enough.
+            Err(Duration::from_nanos(
+                ((1.0 - b.tokens) / self.rate * 1e9).ceil() as u64,
+            ))
         }
     }
 
@@ -140,7 +143,10 @@ mod tests {
             assert!(b.take(7, t0).is_ok(), "request {i} of the burst");
         }
         let wait = b.take(7, t0).expect_err("over the limit");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(34), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(34),
+            "{wait:?}"
+        );
         // Another key is not affected.
         assert!(b.take(8, t0).is_ok());
         // After the wait, one more fits; a second later, a full burst again.
