@@ -103,7 +103,9 @@ impl File for StdFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
+        // `write_all_at` already retries on EINTR (std does); fdatasync must too, or a
+        // stop/continue signal would count as a failed sync and stop the engine.
+        crate::io::retry_interrupted(|| self.file.sync_data())
     }
 
     fn len(&self) -> io::Result<u64> {

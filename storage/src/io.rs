@@ -154,7 +154,7 @@ fn uring_write_and_sync(
             sq.push(&sync)
                 .map_err(|_| io::Error::other("submission queue full"))?;
         }
-        ring.submit()?;
+        retry_interrupted(|| ring.submit())?;
         let mut write_result: Option<i32> = None;
         let mut sync_result: Option<i32> = None;
         let mut seen = 0;
@@ -176,7 +176,10 @@ fn uring_write_and_sync(
                 if started.elapsed() < spin {
                     std::hint::spin_loop();
                 } else {
-                    ring.submit_and_wait(1)?;
+                    // A signal (SIGSTOP/SIGCONT, a profiler) interrupts the wait, not
+                    // the I/O: the submissions are in the kernel and their completions
+                    // still come. Waiting again is right; failing the batch is not.
+                    retry_interrupted(|| ring.submit_and_wait(1))?;
                 }
             }
         }
@@ -201,5 +204,41 @@ fn uring_write_and_sync(
             return Err(io::Error::from_raw_os_error(-sync_res));
         }
         return Ok(());
+    }
+}
+
+/// Runs `f` again while it fails with `EINTR`: an interrupted system call did not fail.
+pub(crate) fn retry_interrupted<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_calls_are_retried_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r = retry_interrupted(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(io::Error::from(io::ErrorKind::Interrupted))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.expect("third call succeeds"), 3);
+        let mut calls = 0;
+        let r: io::Result<()> = retry_interrupted(|| {
+            calls += 1;
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        });
+        assert_eq!(r.expect_err("fails").kind(), io::ErrorKind::StorageFull);
+        assert_eq!(calls, 1);
     }
 }
