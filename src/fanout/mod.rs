@@ -35,7 +35,7 @@ use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
-use crate::gateway::{PushSender, Principal};
+use crate::gateway::{Principal, PushSender};
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
@@ -221,7 +221,12 @@ impl Hub {
             for batch in split_by_bytes(events) {
                 for r in &recipients {
                     // A full queue disconnects that session only (slow reader).
-                    let _ = r.push(0, push::Kind::ChatEvents(v1::ChatEvents { events: batch.clone() }));
+                    let _ = r.push(
+                        0,
+                        push::Kind::ChatEvents(v1::ChatEvents {
+                            events: batch.clone(),
+                        }),
+                    );
                 }
             }
         }
@@ -308,21 +313,19 @@ impl Hub {
                 })
             }
             Command::UserChatAdded { chat, .. } => Body::ChatAdded(v1::ChatAdded {
-                chat: Some(
-                    service::chat_summary(&self.node, *chat, user).unwrap_or(v1::ChatSummary {
+                chat: Some(service::chat_summary(&self.node, *chat, user).unwrap_or(
+                    v1::ChatSummary {
                         chat_id: *chat,
                         ..Default::default()
-                    }),
-                ),
+                    },
+                )),
             }),
             Command::UserChatRemoved { chat, .. } => {
                 Body::ChatRemoved(v1::ChatRemoved { chat_id: *chat })
             }
-            Command::RevokeSession { session_id, .. } => {
-                Body::SessionRevoked(v1::SessionRevoked {
-                    session_id: *session_id,
-                })
-            }
+            Command::RevokeSession { session_id, .. } => Body::SessionRevoked(v1::SessionRevoked {
+                session_id: *session_id,
+            }),
             _ => return None,
         };
         Some(v1::UserEvent {
