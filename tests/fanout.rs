@@ -341,16 +341,9 @@ async fn posts_and_user_events_reach_every_online_device_and_slow_ones_resync() 
         receive_until(pushes, chat, copy, head).await;
         assert_eq!(message_text(&copy.events[&head]), Some("marker"));
     }
-    // The non-member's device got no chat events at all.
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), c1_pushes.recv()).await {
-            Err(_) => break,
-            Ok(Some(PushItem::Push {
-                push: push::Kind::ChatEvents(ev),
-                ..
-            })) => panic!("a non-member got events {ev:?}"),
-            Ok(other) => panic!("a non-member got {other:?}"),
-        }
+    // The non-member's device got nothing at all.
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(300), c1_pushes.recv()).await {
+        panic!("a non-member's device got {item:?}");
     }
 
     // Reading on the phone clears the badge on the laptop.
@@ -441,12 +434,13 @@ async fn posts_and_user_events_reach_every_online_device_and_slow_ones_resync() 
     let (frames, closed) = slow.read_frames(usize::MAX).await;
     assert!(closed, "the server closed the slow device's connection");
     // What the slow device did get is dense from where it started.
-    let mut slow_copy = ChatCopy::default();
-    slow_copy.events = copies[2]
-        .events
-        .range(..=start)
-        .map(|(s, e)| (*s, e.clone()))
-        .collect();
+    let mut slow_copy = ChatCopy {
+        events: copies[2]
+            .events
+            .range(..=start)
+            .map(|(s, e)| (*s, e.clone()))
+            .collect(),
+    };
     for frame in frames {
         if let Some(v1::frame::Body::Push(v1::Push {
             kind: Some(push::Kind::ChatEvents(ev)),
@@ -529,11 +523,7 @@ async fn a_device_offline_across_500_posts_and_a_restart_syncs_exactly_the_missi
         .expect("listed");
     assert_eq!(diff.head_seq, head + 500);
     assert!(diff.too_long, "500 events do not fit in a page of 10");
-    assert_eq!(
-        diff.unread_count,
-        500 + 5 - 0,
-        "bob read nothing; alice posted 505"
-    );
+    assert_eq!(diff.unread_count, 505, "bob read nothing; alice posted 505");
 
     let synced_head = catch_up(&b2, chat, &mut copy).await;
     assert_eq!(synced_head, head + 500);
