@@ -1,11 +1,12 @@
 //! The chatlog server and CLI: the command line (`cli`), `chatlog serve` (`serve`), the
-//! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`)
-//! and the storage commands. Fan-out, sync and media layers arrive with their issues.
+//! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`),
+//! the fan-out hub (`fanout`) and the storage commands. Media arrives with its issue.
 
 pub mod admin_cmd;
 pub mod bench_cmd;
 pub mod cli;
 pub mod client_cmd;
+pub mod fanout;
 pub mod gateway;
 pub mod http;
 pub mod serve;

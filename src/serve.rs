@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// Without one they answer only peers on a loopback address.
     #[arg(long, env = "CHATLOG_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Most pushes (live events, user events) queued for one connection; a connection
+    /// further behind is closed with `Disconnect(RATE_LIMITED)` and catches up with
+    /// `sync` after reconnecting.
+    #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
+    pub push_queue_len: usize,
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -267,7 +272,10 @@ async fn serve(
     gateway::serve(
         listener,
         service,
-        GatewayLimits::default(),
+        GatewayLimits {
+            push_queue_len_max: args.push_queue_len.max(1),
+            ..GatewayLimits::default()
+        },
         shutdown_signal(),
     )
     .await;

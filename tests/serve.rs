@@ -242,6 +242,8 @@ async fn a_real_server_serves_chats_and_survives_sigkill() {
             .expect("pushes keep coming")
             .expect("client alive");
         match item {
+            // Live fan-out (request id 0) reaches every member's connection too.
+            PushItem::Push { request_id: 0, .. } => {}
             PushItem::Push {
                 request_id,
                 push: v1::push::Kind::ChatEvents(ev),

@@ -65,7 +65,9 @@ impl PushSender {
         self.outbox.state().closed
     }
 
-    pub(super) fn disconnect(&self, reason: v1::Error) {
+    /// Closes the connection: queued responses are written, then a `Disconnect` with
+    /// `reason` (what [`ConnCtx::disconnect`] does, for holders of a sender only).
+    pub fn disconnect(&self, reason: v1::Error) {
         self.outbox.close(Close::Disconnect(reason));
     }
 }
@@ -470,6 +472,7 @@ pub(super) async fn run<S: Service>(
         },
     });
     tracing::debug!(connection = id, %peer_addr, "connection open");
+    service.connection_opened(&ctx);
 
     let writer = tokio::spawn(write_loop(
         write_half,

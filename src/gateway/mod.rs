@@ -211,6 +211,14 @@ pub trait Service: Send + Sync + 'static {
         0
     }
 
+    /// Called once when a connection has completed its handshake, before its first
+    /// request is read; [`ConnCtx::principal`] is set when the handshake carried a valid
+    /// session token. For example, to register an authenticated connection with a
+    /// fan-out hub.
+    fn connection_opened(&self, conn: &ConnCtx) {
+        let _ = conn;
+    }
+
     /// Called once when a connection that completed its handshake has closed, for
     /// example to drop its subscriptions from a fan-out hub. Its pushes fail from then on.
     fn connection_closed(&self, conn: &ConnCtx) {

@@ -72,6 +72,10 @@ impl<S: Service> Service for CountedService<S> {
         self.inner.node_id()
     }
 
+    fn connection_opened(&self, conn: &ConnCtx) {
+        self.inner.connection_opened(conn);
+    }
+
     fn connection_closed(&self, conn: &ConnCtx) {
         self.counters
             .connections_closed

@@ -20,7 +20,7 @@
 pub mod convert;
 pub mod ratelimit;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use chatlog_raft::GroupId;
@@ -36,6 +36,7 @@ use chatlog_wire::proto::v1::{self, ErrorCode, request::Kind as Req, response::K
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use crate::fanout::Hub;
 use crate::gateway::{ConnCtx, Principal, Service};
 use convert::{bad, error, propose_error, refusal};
 
@@ -53,6 +54,41 @@ pub struct ChatService {
     dev_mode: bool,
     /// Live subscriptions: (connection id, subscribe request id) → its task.
     subscriptions: Mutex<HashMap<(u64, u64), tokio::task::AbortHandle>>,
+    /// Live delivery to every authenticated connection of this node.
+    hub: Arc<Hub>,
+}
+
+/// Messages by others in `(after, head]` of a chat, from a local replica of its group.
+pub(crate) fn unread_count(group: &Group, chat: ChatId, user: UserId, after: u64) -> u64 {
+    let state = group.shared().read();
+    state.chat_events(chat, after + 1, u64::MAX).map_or(0, |v| {
+        v.iter()
+            .filter(|(_, l)| l.kind() == EventKind::MessagePosted && l.sender != user)
+            .count() as u64
+    })
+}
+
+/// A chat as `user` sees it, when this node hosts the chat's and the user's groups and
+/// the user is a member.
+pub(crate) fn chat_summary(node: &Node, chat: ChatId, user: UserId) -> Option<v1::ChatSummary> {
+    let group = node.group(group_of(chat))?;
+    let read_seq = node
+        .group(group_of(user))
+        .map_or(0, |g| g.shared().read().read_marker(user, chat));
+    let (view, role) = {
+        let st = group.shared().read();
+        (st.chat(chat)?, st.role(chat, user)?)
+    };
+    Some(v1::ChatSummary {
+        chat_id: chat,
+        kind: convert::kind_to_proto(view.kind),
+        title: view.title,
+        role: convert::role_to_proto(role),
+        head_seq: view.head_seq,
+        read_seq,
+        unread_count: unread_count(group, chat, user, read_seq),
+        member_count: view.member_count,
+    })
 }
 
 fn hash_token(token: &str) -> TokenHash {
@@ -91,15 +127,23 @@ fn check_limit(limit: u32) -> Result<usize, v1::Error> {
 
 impl ChatService {
     /// A service over a started node. `dev_mode` returns login tokens from user
-    /// creation and lets anonymous connections create users.
+    /// creation and lets anonymous connections create users. Starts the node's fan-out
+    /// hub, so call it within a tokio runtime.
     pub fn new(node: Arc<Node>, dev_mode: bool) -> ChatService {
         let groups = node.config().groups;
+        let hub = Hub::start(Arc::clone(&node));
         ChatService {
             node,
             groups,
             dev_mode,
             subscriptions: Mutex::new(HashMap::new()),
+            hub,
         }
+    }
+
+    /// The node's fan-out hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     /// The node behind the service.
@@ -232,12 +276,7 @@ impl ChatService {
 
     /// Messages by others in `(after, head]` of a chat.
     fn unread(group: &Group, chat: ChatId, user: UserId, after: u64) -> u64 {
-        let state = group.shared().read();
-        state.chat_events(chat, after + 1, u64::MAX).map_or(0, |v| {
-            v.iter()
-                .filter(|(_, l)| l.kind() == EventKind::MessagePosted && l.sender != user)
-                .count() as u64
-        })
+        unread_count(group, chat, user, after)
     }
 
     fn member_check(
@@ -315,10 +354,13 @@ impl ChatService {
                     .await?
                 {
                     Outcome::LoggedIn { user, session_id } => {
-                        conn.set_principal(Some(Principal {
+                        let principal = Principal {
                             user_id: user,
                             session_id,
-                        }));
+                        };
+                        self.hub
+                            .register(&principal, conn.connection_id(), conn.pushes().clone());
+                        conn.set_principal(Some(principal));
                         Ok(Resp::Login(v1::LoginResponse {
                             user_id: user,
                             session_id,
@@ -830,6 +872,7 @@ impl ChatService {
                 }))
             }
             Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
+            Req::Sync(r) => self.sync(user, r).await,
             Req::Unsubscribe(r) => {
                 let key = (conn.connection_id(), r.subscription_id);
                 let task = self
@@ -867,6 +910,108 @@ impl ChatService {
             self.note_user_chat(affected, chat, added).await;
         }
         Self::event_ack(o)
+    }
+
+    /// Answers `sync` (see `SyncRequest` in the protocol): per chat, a bounded page of
+    /// the events after the device's position, with head, read marker and unread count;
+    /// `too_long` when the page stops short of the head. One byte budget
+    /// ([`PAGE_BYTES_MAX`]) covers the whole answer so that it fits one frame.
+    async fn sync(&self, user: UserId, r: v1::SyncRequest) -> Result<Resp, v1::Error> {
+        if r.chats.len() > PAGE_ITEMS_MAX as usize {
+            return Err(bad(format!("sync at most {PAGE_ITEMS_MAX} chats at once")));
+        }
+        let per_chat = match r.events_per_chat_max {
+            0 => PAGE_ITEMS_MAX as u64,
+            n => check_limit(n)? as u64,
+        };
+        let ugroup = self.group_for(user, "user")?;
+        let all = r.chats.is_empty();
+        let (positions, has_more): (Vec<(ChatId, u64)>, bool) = if all {
+            let st = ugroup.shared().read();
+            let (ids, more) = st.user_chats(user, r.after_chat_id, PAGE_ITEMS_MAX as usize);
+            let positions = ids
+                .into_iter()
+                .map(|c| (c, st.read_marker(user, c)))
+                .collect();
+            (positions, more)
+        } else {
+            let mut v: Vec<_> = r.chats.iter().map(|p| (p.chat_id, p.last_seq)).collect();
+            v.sort_unstable();
+            v.dedup_by_key(|p| p.0);
+            (v, false)
+        };
+        let mut barriers = BTreeSet::new();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (chat, last) in positions {
+            let group = self.group_for(chat, "chat")?;
+            if barriers.insert(group.id()) {
+                // Linearizable, like history: a send acknowledged before is in the answer.
+                self.node
+                    .read_barrier(group.id())
+                    .await
+                    .map_err(propose_error)?;
+            }
+            let view = {
+                let st = group.shared().read();
+                st.chat(chat).filter(|_| st.role(chat, user).is_some())
+            };
+            let Some(view) = view else {
+                out.push(v1::ChatDifference {
+                    chat_id: chat,
+                    not_member: true,
+                    ..Default::default()
+                });
+                continue;
+            };
+            let head = view.head_seq;
+            if !all && head <= last {
+                continue;
+            }
+            let read_seq = ugroup.shared().read().read_marker(user, chat);
+            let mut events = Vec::new();
+            if last < head && bytes < PAGE_BYTES_MAX {
+                let to = head.min(last + per_chat);
+                let locs = group
+                    .shared()
+                    .read()
+                    .chat_events(chat, last + 1, to)
+                    .unwrap_or_default();
+                let rows = group
+                    .read_commands(&locs)
+                    .await
+                    .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+                for (seq, loc, cmd, ts) in rows {
+                    let ev = convert::chat_event(chat, seq, &loc, &cmd, ts).ok_or_else(|| {
+                        error(
+                            ErrorCode::Internal,
+                            format!("event {seq} of chat {chat} does not match its command"),
+                        )
+                    })?;
+                    let len = prost::Message::encoded_len(&ev) + 8;
+                    if bytes + len > PAGE_BYTES_MAX {
+                        bytes = PAGE_BYTES_MAX;
+                        break;
+                    }
+                    bytes += len;
+                    events.push(ev);
+                }
+            }
+            let reached = events.last().map_or(last, |e| e.seq);
+            out.push(v1::ChatDifference {
+                chat_id: chat,
+                head_seq: head,
+                read_seq,
+                unread_count: Self::unread(group, chat, user, read_seq),
+                too_long: reached < head,
+                events,
+                not_member: false,
+            });
+        }
+        Ok(Resp::Sync(v1::SyncResponse {
+            chats: out,
+            has_more,
+        }))
     }
 
     fn subscribe(
@@ -1011,7 +1156,15 @@ impl Service for ChatService {
         self.node.node_id()
     }
 
+    fn connection_opened(&self, conn: &ConnCtx) {
+        if let Some(principal) = conn.principal() {
+            self.hub
+                .register(&principal, conn.connection_id(), conn.pushes().clone());
+        }
+    }
+
     fn connection_closed(&self, conn: &ConnCtx) {
+        self.hub.unregister(conn.connection_id());
         let id = conn.connection_id();
         self.subscriptions
             .lock()

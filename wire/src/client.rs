@@ -564,6 +564,9 @@ typed_requests! {
     subscribe(Subscribe: v1::SubscribeRequest) -> Subscribe(v1::SubscribeResponse);
     /// Ends a subscription.
     unsubscribe(Unsubscribe: v1::UnsubscribeRequest) -> Unsubscribe(v1::UnsubscribeResponse);
+    /// Catches a device up: per chat, the events after the seq it holds (a bounded page,
+    /// with `too_long` when the rest must be paged with history), head and unread count.
+    sync(Sync: v1::SyncRequest) -> Sync(v1::SyncResponse);
 }
 
 impl Client {
@@ -616,6 +619,7 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::GetUnreadCounts(_) => "get_unread_counts",
         Kind::Subscribe(_) => "subscribe",
         Kind::Unsubscribe(_) => "unsubscribe",
+        Kind::Sync(_) => "sync",
     }
 }
 
@@ -633,7 +637,8 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::GetUnreadCounts(_)
         | Kind::ListChats(_)
         | Kind::ListMembers(_)
-        | Kind::ListSessions(_) => true,
+        | Kind::ListSessions(_)
+        | Kind::Sync(_) => true,
         _ => false,
     }
 }

@@ -1,0 +1,420 @@
+//! The fan-out hub of one node: live delivery of new chat events and of a user's own
+//! changes to every online session on this node, unasked.
+//!
+//! What it owns: the registry of authenticated connections by user (filled after a login
+//! or a handshake with a session token, emptied when a connection closes), and one
+//! watcher task per local group replica. A watcher follows the group's applied-index
+//! watch; after each wake-up it finds the chats whose head moved past what it already
+//! pushed, reads each chat's new events from the Raft log **once**, and pushes them as
+//! `ChatEvents` (`request_id` 0) to every online session of every member, in seq order,
+//! several events per push. It does the same for the per-user logs of online users whose
+//! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
+//! revoked session at once.
+//!
+//! What it must not do: work on the write path. Apply is untouched; a post to a chat
+//! with 200,000 members costs one append, and only members with an online session here
+//! cost a push. A watcher never blocks on a session: the gateway's `PushSender` is
+//! bounded, and a session whose queue is full is disconnected as a slow reader
+//! (`Disconnect(RATE_LIMITED)`); it reconnects and catches up with `sync` from the seqs
+//! it holds. Other sessions are unaffected.
+//!
+//! Limits of this first slice (see `ARCHITECTURE.md`):
+//! - Only chats and users whose group has a replica on this node are covered; sessions on
+//!   a node without one get no live pushes for them yet (cross-node fan-out is future work).
+//! - A watcher finds moved chats by comparing every chat's head in its group with its
+//!   cursor after each wake-up: O(chats in the group) per applied batch, with no log read
+//!   for chats without news or without online members. A feed of changed chats from apply
+//!   (in `chatlog-raft`) would remove the scan.
+//! - Each push is encoded once per session.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use chatlog_raft::GroupId;
+use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
+use chatlog_raft::node::{Group, Node};
+use chatlog_wire::proto::v1::{self, ErrorCode, push};
+
+use crate::gateway::{Principal, PushSender};
+use crate::service::{self, PAGE_BYTES_MAX, convert};
+
+/// Events read from the log per read by a watcher (one `read_commands` call), and the
+/// most events in one `ChatEvents` push. Why: a history page's worth; pushes are also cut
+/// at [`PAGE_BYTES_MAX`] so that any push fits in one frame.
+pub const FANOUT_READ_EVENTS_MAX: u64 = 100;
+
+/// One authenticated connection in the registry.
+#[derive(Debug, Clone)]
+struct Conn {
+    connection_id: u64,
+    session_id: u64,
+    pushes: PushSender,
+}
+
+/// A user with at least one connection on this node.
+#[derive(Debug)]
+struct OnlineUser {
+    conns: Vec<Conn>,
+    /// The head of the user's own log already pushed (or current when the user came
+    /// online): the watcher pushes what lies beyond.
+    log_pushed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Online {
+    users: HashMap<UserId, OnlineUser>,
+    user_of_connection: HashMap<u64, UserId>,
+    /// Online users by the group holding their own log, for that group's watcher.
+    users_by_group: HashMap<GroupId, BTreeSet<UserId>>,
+}
+
+impl Online {
+    fn remove(&mut self, connection_id: u64) -> Option<Conn> {
+        let user = self.user_of_connection.remove(&connection_id)?;
+        let entry = self.users.get_mut(&user)?;
+        let at = entry
+            .conns
+            .iter()
+            .position(|c| c.connection_id == connection_id)?;
+        let conn = entry.conns.swap_remove(at);
+        if entry.conns.is_empty() {
+            self.users.remove(&user);
+            if let Some(set) = self.users_by_group.get_mut(&group_of(user)) {
+                set.remove(&user);
+            }
+        }
+        Some(conn)
+    }
+}
+
+/// The fan-out hub of one node. Its watchers stop when it is dropped.
+#[derive(Debug)]
+pub struct Hub {
+    node: Arc<Node>,
+    online: RwLock<Online>,
+    watchers: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        for w in self.watchers.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            w.abort();
+        }
+    }
+}
+
+impl Hub {
+    /// Starts the hub and one watcher per local group. Call from within a tokio runtime.
+    pub fn start(node: Arc<Node>) -> Arc<Hub> {
+        let hub = Arc::new(Hub {
+            node,
+            online: RwLock::new(Online::default()),
+            watchers: Mutex::new(Vec::new()),
+        });
+        let mut watchers = Vec::new();
+        for group in hub.node.groups() {
+            let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
+            watchers.push(task.abort_handle());
+        }
+        *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
+        hub
+    }
+
+    fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {
+        self.online.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn online_mut(&self) -> std::sync::RwLockWriteGuard<'_, Online> {
+        self.online.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an authenticated connection under its user (again after a second login
+    /// on the same connection: the earlier registration is replaced).
+    pub fn register(&self, principal: &Principal, connection_id: u64, pushes: PushSender) {
+        let user = principal.user_id;
+        // Read before taking the registry lock: lock order is group state, then registry.
+        let log_head = self
+            .node
+            .group(group_of(user))
+            .and_then(|g| g.shared().read().user(user))
+            .map_or(0, |u| u.log_head);
+        let mut online = self.online_mut();
+        online.remove(connection_id);
+        let entry = online.users.entry(user).or_insert_with(|| OnlineUser {
+            conns: Vec::new(),
+            log_pushed: log_head,
+        });
+        entry.conns.push(Conn {
+            connection_id,
+            session_id: principal.session_id,
+            pushes,
+        });
+        online.user_of_connection.insert(connection_id, user);
+        online
+            .users_by_group
+            .entry(group_of(user))
+            .or_default()
+            .insert(user);
+    }
+
+    /// Forgets a connection (it closed).
+    pub fn unregister(&self, connection_id: u64) {
+        self.online_mut().remove(connection_id);
+    }
+
+    /// Registered connections, for tests and metrics.
+    pub fn connections_online(&self) -> usize {
+        self.online().user_of_connection.len()
+    }
+
+    /// The push senders of the online sessions of `chat`'s members. Iterates whichever
+    /// is smaller: the chat's members or the online users.
+    fn recipients(&self, group: &Group, chat: ChatId) -> Vec<PushSender> {
+        let st = group.shared().read();
+        let Some(view) = st.chat(chat) else {
+            return Vec::new();
+        };
+        let online = self.online();
+        let mut out = Vec::new();
+        let mut add = |user: UserId| {
+            if let Some(u) = online.users.get(&user) {
+                out.extend(u.conns.iter().map(|c| c.pushes.clone()));
+            }
+        };
+        if (online.users.len() as u64) < view.member_count {
+            for user in online.users.keys() {
+                if st.role(chat, *user).is_some() {
+                    add(*user);
+                }
+            }
+        } else if let Some((members, _)) = st.members(chat, 0, usize::MAX) {
+            for m in members {
+                add(m.user);
+            }
+        }
+        out
+    }
+
+    /// Pushes the events `(pushed, head]` of one chat to its online members' sessions.
+    async fn push_chat(&self, group: &Group, chat: ChatId, pushed: u64, head: u64) {
+        let recipients = self.recipients(group, chat);
+        if recipients.is_empty() {
+            return;
+        }
+        let mut next = pushed + 1;
+        while next <= head {
+            let to = head.min(next + FANOUT_READ_EVENTS_MAX - 1);
+            let locs = group
+                .shared()
+                .read()
+                .chat_events(chat, next, to)
+                .unwrap_or_default();
+            let events = match read_chat_events(group, chat, &locs).await {
+                Some(events) => events,
+                None => {
+                    // Sessions see the gap in seqs at their next push and sync.
+                    tracing::error!(chat, from = next, to, "fan-out could not read events");
+                    return;
+                }
+            };
+            next = to + 1;
+            for batch in split_by_bytes(events) {
+                for r in &recipients {
+                    // A full queue disconnects that session only (slow reader).
+                    let _ = r.push(
+                        0,
+                        push::Kind::ChatEvents(v1::ChatEvents {
+                            events: batch.clone(),
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Pushes the new entries of the own logs of online users living in `group`.
+    async fn push_user_events(&self, group: &Group) {
+        let due: Vec<(UserId, u64, u64)> = {
+            let st = group.shared().read();
+            let online = self.online();
+            let Some(users) = online.users_by_group.get(&group.id()) else {
+                return;
+            };
+            users
+                .iter()
+                .filter_map(|u| {
+                    let pushed = online.users.get(u)?.log_pushed;
+                    let head = st.user(*u)?.log_head;
+                    (head > pushed).then_some((*u, pushed, head))
+                })
+                .collect()
+        };
+        for (user, pushed, head) in due {
+            let locs = group
+                .shared()
+                .read()
+                .user_events(user, pushed + 1, head)
+                .unwrap_or_default();
+            let mut events = Vec::with_capacity(locs.len());
+            match group.read_commands(&locs).await {
+                Ok(rows) => {
+                    for (seq, _, cmd, ts) in rows {
+                        if let Some(e) = self.user_event(user, seq, &cmd, ts) {
+                            events.push(e);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(user, error = %e, "fan-out could not read a user log"),
+            }
+            let mut online = self.online_mut();
+            let Some(entry) = online.users.get_mut(&user) else {
+                continue;
+            };
+            entry.log_pushed = head;
+            let mut revoked = Vec::new();
+            for e in events {
+                if let Some(v1::user_event::Body::SessionRevoked(r)) = &e.body {
+                    revoked.push(r.session_id);
+                }
+                for c in &entry.conns {
+                    let _ = c.pushes.push(0, push::Kind::UserEvent(e.clone()));
+                }
+            }
+            let gone: Vec<u64> = entry
+                .conns
+                .iter()
+                .filter(|c| revoked.contains(&c.session_id))
+                .map(|c| c.connection_id)
+                .collect();
+            for id in gone {
+                if let Some(c) = online.remove(id) {
+                    c.pushes.disconnect(convert::error(
+                        ErrorCode::Unauthenticated,
+                        "this session was revoked",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One entry of a user's own log as a protocol `UserEvent`.
+    fn user_event(&self, user: UserId, seq: u64, cmd: &Command, ts: u64) -> Option<v1::UserEvent> {
+        use v1::user_event::Body;
+        let body = match cmd {
+            Command::MarkRead { chat, seq, .. } => {
+                let unread_count = self
+                    .node
+                    .group(group_of(*chat))
+                    .map_or(0, |g| service::unread_count(g, *chat, user, *seq));
+                Body::ReadMarkerMoved(v1::ReadMarkerMoved {
+                    chat_id: *chat,
+                    read_seq: *seq,
+                    unread_count,
+                })
+            }
+            Command::UserChatAdded { chat, .. } => Body::ChatAdded(v1::ChatAdded {
+                chat: Some(service::chat_summary(&self.node, *chat, user).unwrap_or(
+                    v1::ChatSummary {
+                        chat_id: *chat,
+                        ..Default::default()
+                    },
+                )),
+            }),
+            Command::UserChatRemoved { chat, .. } => {
+                Body::ChatRemoved(v1::ChatRemoved { chat_id: *chat })
+            }
+            Command::RevokeSession { session_id, .. } => Body::SessionRevoked(v1::SessionRevoked {
+                session_id: *session_id,
+            }),
+            _ => return None,
+        };
+        Some(v1::UserEvent {
+            user_id: user,
+            seq,
+            timestamp_ms: ts,
+            body: Some(body),
+        })
+    }
+}
+
+/// Reads the events at `locs` of one chat, all of them in order, or `None`.
+async fn read_chat_events(
+    group: &Group,
+    chat: ChatId,
+    locs: &[(u64, EventLoc)],
+) -> Option<Vec<v1::Event>> {
+    let rows = group.read_commands(locs).await.ok()?;
+    let events: Option<Vec<v1::Event>> = rows
+        .iter()
+        .map(|(s, l, c, ts)| convert::chat_event(chat, *s, l, c, *ts))
+        .collect();
+    events.filter(|e| e.len() == locs.len())
+}
+
+/// Cuts consecutive events into pushes of at most [`PAGE_BYTES_MAX`] bytes each.
+fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for e in events {
+        let len = prost::Message::encoded_len(&e) + 8;
+        if bytes + len > PAGE_BYTES_MAX && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += len;
+        current.push(e);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Heads already pushed, per chat of one group (`pushed[local - 1]`; chat ids of a group
+/// are dense and chats are never removed).
+fn chat_heads(group: &Group, pushed: &mut Vec<u64>) -> Vec<(ChatId, u64, u64)> {
+    let st = group.shared().read();
+    let mut moved = Vec::new();
+    let mut local = 1u64;
+    loop {
+        let chat = make_id(group.id(), local);
+        let Some(view) = st.chat(chat) else { break };
+        let i = local as usize - 1;
+        if i == pushed.len() {
+            // A chat created since the last look: its events from seq 1 are new.
+            pushed.push(0);
+        }
+        if view.head_seq > pushed[i] {
+            moved.push((chat, pushed[i], view.head_seq));
+            pushed[i] = view.head_seq;
+        }
+        local += 1;
+    }
+    moved
+}
+
+/// The watcher of one local group replica (see the module docs).
+async fn watch_group(hub: Weak<Hub>, group: Group) {
+    let mut applied = group.shared().applied();
+    // What exists at start is history, not news: start from the current heads.
+    let mut pushed = Vec::new();
+    let _ = chat_heads(&group, &mut pushed);
+    let mut events_seen = group.shared().read().events_applied();
+    loop {
+        {
+            let Some(hub) = hub.upgrade() else { return };
+            let events_applied = group.shared().read().events_applied();
+            if events_applied != events_seen {
+                events_seen = events_applied;
+                for (chat, from, head) in chat_heads(&group, &mut pushed) {
+                    hub.push_chat(&group, chat, from, head).await;
+                }
+            }
+            hub.push_user_events(&group).await;
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
