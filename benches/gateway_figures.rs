@@ -65,7 +65,15 @@ async fn setup() -> Setup {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let service = Arc::new(ChatService::new(Arc::clone(&node), true));
+    let service = Arc::new(ChatService::with_limits(
+        Arc::clone(&node),
+        true,
+        // A load generator measures the server, not its rate limits.
+        chatlog::service::ratelimit::RateLimits {
+            user_sends_per_sec: 0.0,
+            conn_requests_per_sec: 0.0,
+        },
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gateway::serve(
         listener,

@@ -67,6 +67,14 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Messages (sends, edits, deletes, reactions, pins, new chats) per second per user,
+    /// with a burst of as many; over it a request gets RATE_LIMITED with a retry-after.
+    /// 0 turns the limit off (load tests).
+    #[arg(long, default_value_t = crate::service::ratelimit::USER_SENDS_PER_SEC)]
+    pub user_sends_per_sec: f64,
+    /// Requests per second per connection, with a burst of as many; 0 turns it off.
+    #[arg(long, default_value_t = crate::service::ratelimit::CONN_REQUESTS_PER_SEC)]
+    pub conn_requests_per_sec: f64,
     /// Address of the HTTP port: `/health`, `/ready`, `/metrics`, `/admin/…` (default: the
     /// client address with its port + 80, so 127.0.0.1:7480 for the default 7400, and
     /// port 0 when the client port is 0). The bound address is printed as `http: ADDR`.
@@ -266,7 +274,14 @@ async fn serve(
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
     let service = Arc::new(CountedService::new(
-        ChatService::new(Arc::clone(&node), args.dev_mode),
+        ChatService::with_limits(
+            Arc::clone(&node),
+            args.dev_mode,
+            crate::service::ratelimit::RateLimits {
+                user_sends_per_sec: args.user_sends_per_sec,
+                conn_requests_per_sec: args.conn_requests_per_sec,
+            },
+        ),
         clients,
     ));
     gateway::serve(

@@ -122,6 +122,8 @@ fn send_to_a_separate_server_open_loop() {
             "--data-dir",
         ])
         .arg(dir.path())
+        // A load generator measures the server, not its rate limits.
+        .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

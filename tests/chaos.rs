@@ -328,6 +328,8 @@ impl Cluster {
             .args(["--listen", &node.listen, "--http", "127.0.0.1:0"])
             .args(["--peer-listen", &node.peer_listen.to_string()])
             .args(["--initial-cluster", &initial, "--groups", GROUPS])
+            // The load here is many users' worth; rate limits have their own test.
+            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
             .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
             .arg(&node.dir)
             .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")

@@ -138,6 +138,8 @@ impl Cluster {
                 &node.listen,
             ])
             .args(["--initial-cluster", &initial, "--groups", GROUPS])
+            // The load here is many users' worth; rate limits have their own test.
+            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
             .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
             .arg(&node.dir)
             .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")

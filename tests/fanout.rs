@@ -38,6 +38,8 @@ impl Server {
     fn start(dir: &Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
             .args(["serve", "--listen", "127.0.0.1:0", "--groups", "4"])
+            // The load here is many users' worth; rate limits have their own test.
+            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
             .args(["--push-queue-len", PUSH_QUEUE_LEN, "--data-dir"])
             .arg(dir)
             .env("RUST_LOG", "warn")

@@ -18,6 +18,14 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
+        // The load here is many users' worth; rate limits have their own test.
+        Server::start_with(
+            dir,
+            &["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"],
+        )
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
             .args([
                 "serve",
@@ -28,6 +36,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -339,4 +348,81 @@ async fn a_real_server_serves_chats_and_survives_sigkill() {
         .expect("retry after restart");
     assert!(again.deduplicated, "the dedupe window survives a restart");
     drop(server);
+}
+
+/// Sends over a user's rate are refused with RATE_LIMITED and a retry-after, never
+/// dropped or queued; another user is not affected; after the advertised wait a send fits
+/// again; and the client library, allowed to retry, gets through by waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_over_the_rate_limit_are_refused_with_a_retry_after() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_with(dir.path(), &["--user-sends-per-sec", "5"]);
+    let addr = server.addr.clone();
+    let (_alice, alice_token, _) = account(&addr, "alice").await;
+    let (bob, bob_token, _) = account(&addr, "bob").await;
+    let no_retries = |token: String| ClientOptions {
+        token: Some(token),
+        retries_max: 0,
+        ..ClientOptions::default()
+    };
+    let a = Client::connect(&addr, no_retries(alice_token.clone()))
+        .await
+        .expect("connects");
+    let b = Client::connect(&addr, no_retries(bob_token))
+        .await
+        .expect("connects");
+    let chat = a
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "limits".into(),
+            member_ids: vec![bob],
+        })
+        .await
+        .expect("chat")
+        .chat_id;
+    let (mut ok, mut limited, mut retry_after) = (0, 0, None);
+    for i in 0..20 {
+        match send(&a, chat, 100 + i, "fast").await {
+            Ok(_) => ok += 1,
+            Err(ClientError::Server {
+                code: ErrorCode::RateLimited,
+                retry_after: r,
+                ..
+            }) => {
+                limited += 1;
+                retry_after = r;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    // A burst of 5 tokens, one already spent on creating the chat, plus what refilled
+    // while the sends ran.
+    assert!((4..20).contains(&ok), "{ok} sends went through");
+    assert_eq!(ok + limited, 20);
+    let wait = retry_after.expect("a refusal says when to retry");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(200),
+        "{wait:?}"
+    );
+    // Bob has his own budget.
+    send(&b, chat, 1, "bob is fine")
+        .await
+        .expect("another user is not limited");
+    tokio::time::sleep(wait).await;
+    send(&a, chat, 500, "after the wait")
+        .await
+        .expect("fits after the wait");
+    // With retries allowed the client waits the advertised time and gets through.
+    let patient = client(&addr, Some(alice_token)).await;
+    for i in 0..10 {
+        send(&patient, chat, 600 + i, "patient")
+            .await
+            .expect("retried through");
+    }
+    let head = history(&patient, chat, 1, 100).await.head_seq;
+    assert_eq!(
+        head,
+        1 + ok + 1 + 1 + 10,
+        "every accepted send, none of the refused"
+    );
 }

@@ -368,7 +368,15 @@ impl Embedded {
         let node = Arc::new(node);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
-        let service = Arc::new(ChatService::new(Arc::clone(&node), true));
+        let service = Arc::new(ChatService::with_limits(
+            Arc::clone(&node),
+            true,
+            // A load generator measures the server, not its rate limits.
+            crate::service::ratelimit::RateLimits {
+                user_sends_per_sec: 0.0,
+                conn_requests_per_sec: 0.0,
+            },
+        ));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let gateway = tokio::spawn(gateway::serve(
             listener,

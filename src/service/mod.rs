@@ -56,6 +56,17 @@ pub struct ChatService {
     subscriptions: Mutex<HashMap<(u64, u64), tokio::task::AbortHandle>>,
     /// Live delivery to every authenticated connection of this node.
     hub: Arc<Hub>,
+    /// Token buckets per user (sends) and per connection (requests).
+    limiter: ratelimit::Limiter,
+}
+
+fn rate_limited(what: &str, retry_after: std::time::Duration) -> v1::Error {
+    let mut e = error(
+        ErrorCode::RateLimited,
+        format!("too many {what}; retry later"),
+    );
+    e.retry_after_ms = (retry_after.as_millis() as u64).max(1);
+    e
 }
 
 /// Messages by others in `(after, head]` of a chat, from a local replica of its group.
@@ -130,6 +141,15 @@ impl ChatService {
     /// creation and lets anonymous connections create users. Starts the node's fan-out
     /// hub, so call it within a tokio runtime.
     pub fn new(node: Arc<Node>, dev_mode: bool) -> ChatService {
+        ChatService::with_limits(node, dev_mode, ratelimit::RateLimits::default())
+    }
+
+    /// [`ChatService::new`] with rate limits other than the defaults (0 turns one off).
+    pub fn with_limits(
+        node: Arc<Node>,
+        dev_mode: bool,
+        limits: ratelimit::RateLimits,
+    ) -> ChatService {
         let groups = node.config().groups;
         let hub = Hub::start(Arc::clone(&node));
         ChatService {
@@ -138,6 +158,7 @@ impl ChatService {
             dev_mode,
             subscriptions: Mutex::new(HashMap::new()),
             hub,
+            limiter: ratelimit::Limiter::new(limits),
         }
     }
 
@@ -298,6 +319,9 @@ impl ChatService {
     }
 
     async fn dispatch(&self, conn: &ConnCtx, request_id: u64, req: Req) -> Result<Resp, v1::Error> {
+        self.limiter
+            .conn_request(conn.connection_id())
+            .map_err(|after| rate_limited("requests on this connection", after))?;
         match req {
             Req::Handshake(_) | Req::Ping(_) => Err(bad("handled by the gateway")),
             Req::CreateUser(r) => {
@@ -372,6 +396,21 @@ impl ChatService {
             }
             other => {
                 let me = self.caller(conn)?;
+                // Requests that create messages count against the user's send rate,
+                // across all of the user's connections on this node.
+                if matches!(
+                    other,
+                    Req::SendMessage(_)
+                        | Req::EditMessage(_)
+                        | Req::DeleteMessage(_)
+                        | Req::React(_)
+                        | Req::Pin(_)
+                        | Req::CreateChat(_)
+                ) {
+                    self.limiter
+                        .user_send(me.user_id)
+                        .map_err(|after| rate_limited("messages from this user", after))?;
+                }
                 self.dispatch_authenticated(conn, request_id, me, other)
                     .await
             }
@@ -1165,6 +1204,7 @@ impl Service for ChatService {
 
     fn connection_closed(&self, conn: &ConnCtx) {
         self.hub.unregister(conn.connection_id());
+        self.limiter.conn_closed(conn.connection_id());
         let id = conn.connection_id();
         self.subscriptions
             .lock()
