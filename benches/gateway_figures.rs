@@ -43,7 +43,8 @@ struct Setup {
     addr: String,
     /// (session token, user id) per connection.
     users: Vec<(String, u64)>,
-    chats: Vec<u64>,
+    /// The chats of each connection's user.
+    chats: Vec<Vec<u64>>,
     stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -105,27 +106,32 @@ async fn setup() -> Setup {
             .expect("login");
         users.push((login.session_token, created.user_id));
     }
-    let owner = Client::connect(
-        &addr,
-        ClientOptions {
-            token: Some(users[0].0.clone()),
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .expect("connect");
-    let members: Vec<u64> = users[1..].iter().map(|u| u.1).collect();
-    let mut chats = Vec::new();
-    for i in 0..CHATS {
-        let c = owner
-            .create_chat(v1::CreateChatRequest {
-                kind: v1::ChatKind::Group.into(),
-                title: format!("chat {i}"),
-                member_ids: members.clone(),
-            })
-            .await
-            .expect("chat");
-        chats.push(c.chat_id);
+    // Each connection's user owns a quarter of the chats, alone: every post is then
+    // pushed once, to its sender's own connection (live fan-out to the sender's devices),
+    // and the figure is the protocol's cost, not a fan-out multiple of it (members on
+    // other connections would each receive every post too).
+    let mut chats = vec![Vec::new(); CONNECTIONS];
+    for (c, (token, _)) in users.iter().enumerate() {
+        let owner = Client::connect(
+            &addr,
+            ClientOptions {
+                token: Some(token.clone()),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        for i in 0..CHATS / CONNECTIONS {
+            let chat = owner
+                .create_chat(v1::CreateChatRequest {
+                    kind: v1::ChatKind::Group.into(),
+                    title: format!("chat {c}.{i}"),
+                    member_ids: vec![],
+                })
+                .await
+                .expect("chat");
+            chats[c].push(chat.chat_id);
+        }
     }
     Setup {
         node,
@@ -160,7 +166,7 @@ async fn through_gateway(
         .expect("connect");
         for w in 0..in_flight {
             let client = client.clone();
-            let chats = s.chats.clone();
+            let chats = s.chats[c].clone();
             let (stop, measuring, done) =
                 (Arc::clone(&stop), Arc::clone(&measuring), Arc::clone(&done));
             tasks.push(tokio::spawn(async move {
@@ -201,7 +207,7 @@ async fn in_process(s: &Setup, callers: usize, secs: u64) -> (f64, Histogram<u64
     let mut tasks = Vec::new();
     for w in 0..callers {
         let node = Arc::clone(&s.node);
-        let chats = s.chats.clone();
+        let chats = s.chats[w % s.users.len()].clone();
         let sender = s.users[w % s.users.len()].1;
         let (stop, measuring, done) =
             (Arc::clone(&stop), Arc::clone(&measuring), Arc::clone(&done));

@@ -244,7 +244,7 @@ impl Hub {
                 .iter()
                 .filter_map(|u| {
                     let pushed = online.users.get(u)?.log_pushed;
-                    let head = st.user(*u)?.log_head;
+                    let head = st.user_log_head(*u)?;
                     (head > pushed).then_some((*u, pushed, head))
                 })
                 .collect()
@@ -379,15 +379,15 @@ fn chat_heads(group: &Group, pushed: &mut Vec<u64>) -> Vec<(ChatId, u64, u64)> {
     let mut local = 1u64;
     loop {
         let chat = make_id(group.id(), local);
-        let Some(view) = st.chat(chat) else { break };
+        let Some(head) = st.head_seq(chat) else { break };
         let i = local as usize - 1;
         if i == pushed.len() {
             // A chat created since the last look: its events from seq 1 are new.
             pushed.push(0);
         }
-        if view.head_seq > pushed[i] {
-            moved.push((chat, pushed[i], view.head_seq));
-            pushed[i] = view.head_seq;
+        if head > pushed[i] {
+            moved.push((chat, pushed[i], head));
+            pushed[i] = head;
         }
         local += 1;
     }

@@ -714,6 +714,17 @@ impl GroupState {
         })
     }
 
+    /// A chat's newest seq, `None` if there is no such chat. Cheap (no copy), for
+    /// watchers that poll many chats.
+    pub fn head_seq(&self, chat: ChatId) -> Option<u64> {
+        self.chats.get(&chat).map(|c| c.events.len() as u64)
+    }
+
+    /// The head of a user's own log, `None` if there is no such user. Cheap (no copy).
+    pub fn user_log_head(&self, user: UserId) -> Option<u64> {
+        self.users.get(&user).map(|u| u.log.len() as u64)
+    }
+
     /// A user's role in a chat, `None` if not a member (or no such chat).
     pub fn role(&self, chat: ChatId, user: UserId) -> Option<Role> {
         self.chats.get(&chat)?.members.get(&user).map(|m| m.role)
