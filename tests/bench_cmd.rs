@@ -3,8 +3,11 @@
 //! checked: non-zero throughput, ordered percentiles, zero errors, and a config that
 //! echoes the flags.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "common/server.rs"]
+mod server;
+
+use server::{NO_RATE_LIMITS, Server};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
@@ -112,35 +115,9 @@ fn send_embedded_zipf() {
 #[test]
 fn send_to_a_separate_server_open_loop() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--groups",
-            "4",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        // A load generator measures the server, not its rate limits.
-        .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("chatlog serve starts");
-    let server = Reaper(&mut child);
-    let stdout = server.0.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server announces its address before exiting")
-            .expect("stdout reads");
-        if let Some(a) = line.strip_prefix("clients: ") {
-            break a.trim().to_owned();
-        }
-    };
+    // A load generator measures the server, not its rate limits.
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
+    let addr = server.addr.clone();
     // Open loop: 150 measured sends at 300/s after 0.2 s of warm-up.
     let r = bench(&[
         "send",
@@ -181,14 +158,6 @@ fn send_to_a_separate_server_open_loop() {
 }
 
 /// Kills and reaps the server however the test ends.
-struct Reaper<'a>(&'a mut Child);
-
-impl Drop for Reaper<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn sync_devices_catch_up_without_gaps() {

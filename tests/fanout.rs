@@ -11,9 +11,7 @@
 //!   restarted catches up seq by seq with `sync`, then receives live pushes again.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -29,49 +27,17 @@ const PUSH_QUEUE_LEN: &str = "16";
 /// Longest wait for anything the test expects to happen.
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+#[path = "common/server.rs"]
+mod server;
 
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--groups", "4"])
-            // The load here is many users' worth; rate limits have their own test.
-            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-            .args(["--push-queue-len", PUSH_QUEUE_LEN, "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("chatlog serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server announces its address before exiting")
-                .expect("stdout reads");
-            if let Some(a) = line.strip_prefix("clients: ") {
-                break a.trim().to_string();
-            }
-        };
-        Server { child, addr }
-    }
+use server::{NO_RATE_LIMITS, Server};
 
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The server with a small push queue (slow readers are cut off early) and no rate
+/// limits (the load here is many users' worth).
+fn start_server(dir: &Path) -> Server {
+    let mut args = NO_RATE_LIMITS.to_vec();
+    args.extend(["--push-queue-len", PUSH_QUEUE_LEN]);
+    Server::start(dir, &args)
 }
 
 async fn client(addr: &str, token: Option<String>) -> Client {
@@ -297,7 +263,7 @@ impl RawDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_and_user_events_reach_every_online_device_and_slow_ones_resync() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path());
+    let server = start_server(dir.path());
     let addr = server.addr.clone();
 
     let alice = user(&addr, "alice").await;
@@ -471,7 +437,7 @@ async fn posts_and_user_events_reach_every_online_device_and_slow_ones_resync() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_offline_across_500_posts_and_a_restart_syncs_exactly_the_missing_events() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path());
+    let server = start_server(dir.path());
     let addr = server.addr.clone();
 
     let alice = user(&addr, "alice").await;
@@ -504,7 +470,7 @@ async fn a_device_offline_across_500_posts_and_a_restart_syncs_exactly_the_missi
     }
     drop(a1);
     server.kill();
-    let server = Server::start(dir.path());
+    let server = start_server(dir.path());
     let addr = server.addr.clone();
 
     // Back online with the same session: sync, then history pages, seq by seq.

@@ -3,72 +3,15 @@
 //! concurrent senders), history, refusals, subscriptions, and a SIGKILL + restart that
 //! loses nothing acknowledged.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chatlog_wire::client::{Client, ClientError, ClientOptions, PushItem};
 use chatlog_wire::proto::v1::{self, ErrorCode, event::Body};
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+#[path = "common/server.rs"]
+mod server;
 
-impl Server {
-    fn start(dir: &Path) -> Server {
-        // The load here is many users' worth; rate limits have their own test.
-        Server::start_with(
-            dir,
-            &["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"],
-        )
-    }
-
-    fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--groups",
-                "4",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("chatlog serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server announces its address before exiting")
-                .expect("stdout reads");
-            if let Some(a) = line.strip_prefix("clients: ") {
-                break a.trim().to_string();
-            }
-        };
-        Server { child, addr }
-    }
-
-    fn kill(mut self) {
-        // SIGKILL: no shutdown path runs.
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use server::{NO_RATE_LIMITS, Server};
 
 async fn client(addr: &str, token: Option<String>) -> Client {
     let options = ClientOptions {
@@ -136,7 +79,7 @@ async fn history(c: &Client, chat: u64, from: u64, limit: u32) -> v1::HistoryRes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_server_serves_chats_and_survives_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path());
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
     let addr = server.addr.clone();
 
     let (alice, alice_token, a) = account(&addr, "alice").await;
@@ -326,7 +269,7 @@ async fn a_real_server_serves_chats_and_survives_sigkill() {
     // sessions still authenticate.
     drop((a, b, c, anon, pushes));
     server.kill();
-    let server = Server::start(dir.path());
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
     let a = client(&server.addr, Some(alice_token)).await;
     let b = client(&server.addr, Some(bob_token)).await;
     let mut all = Vec::new();
@@ -356,7 +299,7 @@ async fn a_real_server_serves_chats_and_survives_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_over_the_rate_limit_are_refused_with_a_retry_after() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start_with(dir.path(), &["--user-sends-per-sec", "5"]);
+    let server = Server::start(dir.path(), &["--user-sends-per-sec", "5"]);
     let addr = server.addr.clone();
     let (_alice, alice_token, _) = account(&addr, "alice").await;
     let (bob, bob_token, _) = account(&addr, "bob").await;

@@ -1,0 +1,69 @@
+//! A real `chatlog serve` process for black-box tests: started on 127.0.0.1 port 0 with
+//! its own data directory, its client address read from the `clients: ADDR` line it
+//! prints, killed (SIGKILL) and reaped when dropped.
+//!
+//! Included with `#[path = "common/server.rs"] mod server;` by the tests that need it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A running server process.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// Its client address.
+    pub addr: String,
+}
+
+/// Flags that turn the rate limits off: tests that put many users' worth of load on one
+/// user or connection use them (the limits have their own test in `tests/serve.rs`).
+pub const NO_RATE_LIMITS: [&str; 4] = ["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"];
+
+impl Server {
+    /// `chatlog serve --listen 127.0.0.1:0 --groups 4 --data-dir DIR EXTRA...`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--groups",
+                "4",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("chatlog serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server announces its address before exiting")
+                .expect("stdout reads");
+            if let Some(a) = line.strip_prefix("clients: ") {
+                break a.trim().to_string();
+            }
+        };
+        Server { child, addr }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    #[allow(dead_code)]
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
