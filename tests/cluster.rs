@@ -270,10 +270,22 @@ async fn connect(addr: &str, token: Option<String>) -> Client {
 /// Creates a user through node `addr` and logs in there: (user id, token, client).
 async fn account(addr: &str, name: &str) -> (u64, String, Client) {
     let c = connect(addr, None).await;
-    let created = c
-        .create_user(v1::CreateUserRequest { name: name.into() })
-        .await
-        .expect("user created");
+    // Right after start a group may still be electing (slower on a loaded CI machine):
+    // UNAVAILABLE means nothing was proposed, so asking again is safe.
+    let deadline = Instant::now() + WAIT;
+    let created = loop {
+        match c
+            .create_user(v1::CreateUserRequest { name: name.into() })
+            .await
+        {
+            Ok(created) => break created,
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                eprintln!("creating {name} through {addr}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("user created: {e}"),
+        }
+    };
     let login = c
         .login(v1::LoginRequest {
             user_id: created.user_id,
