@@ -697,6 +697,7 @@ fn help_of_every_command_exits_zero() {
         &["pin"],
         &["read"],
         &["unread"],
+        &["sync"],
         &["serve"],
         &["storage"],
     ];
@@ -718,4 +719,60 @@ fn help_of_every_command_exits_zero() {
     // A usage error is clap's: status 2.
     let out = chatlog().args(["send"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `sync`: what changed since a device's position, per chat, with the too-long flag when
+/// one answer cannot hold the gap; a malformed position is a usage error.
+#[test]
+fn sync_reports_what_changed_since_a_position() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let (_alice, alice_token, _) = user(&addr, "alice");
+    let (bob, bob_token, _) = user(&addr, "bob");
+    let chat = u(
+        &ok(
+            &addr,
+            Some(&alice_token),
+            &["chat", "create", "team", "--members", &bob.to_string()],
+        ),
+        "chat_id",
+    );
+    for i in 0..3 {
+        send(&addr, &alice_token, chat, &format!("m{i}"));
+    }
+    // No positions: every chat of bob's, from his read marker (none yet).
+    let all = ok(&addr, Some(&bob_token), &["sync"]);
+    let chats = all["chats"].as_array().expect("chats");
+    assert_eq!(chats.len(), 1, "{all}");
+    assert_eq!(u(&chats[0], "chat_id"), chat);
+    assert_eq!(u(&chats[0], "head_seq"), 4);
+    assert_eq!(u(&chats[0], "unread_count"), 3);
+    let seqs: Vec<u64> = chats[0]["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| u(e, "seq"))
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    // From seq 2 with room for one event: seq 3 only, and the answer says more follow.
+    let position = format!("{chat}=2");
+    let one = ok(
+        &addr,
+        Some(&bob_token),
+        &["sync", &position, "--limit", "1"],
+    );
+    let d = &one["chats"][0];
+    assert_eq!(d["too_long"], true, "{one}");
+    let events = d["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(u(&events[0], "seq"), 3);
+    assert_eq!(s(&events[0], "text"), "m1");
+    let usage = refused(
+        &addr,
+        Some(&bob_token),
+        &["sync", "not-a-position"],
+        "USAGE",
+    );
+    assert!(usage.contains("CHAT=SEQ"), "{usage}");
 }

@@ -131,6 +131,18 @@ pub enum ClientCommand {
     /// --json: {"counts": [{"chat_id": N, "read_seq": N, "head_seq": N,
     /// "unread_count": N}, …]}
     Unread(UnreadArgs),
+    /// What changed since a device last looked: per chat, the events after the device's
+    /// position (a bounded page), the head, the read marker and the unread count.
+    ///
+    /// Positions are CHAT=SEQ (the last seq the device holds); with none, every chat of
+    /// yours is answered from its read marker (one page of chats; --after pages on).
+    /// A chat whose gap is longer than one answer says "too_long": page the rest with
+    /// `history CHAT --from SEQ`.
+    ///
+    /// --json: {"chats": [{"chat_id": N, "head_seq": N, "read_seq": N,
+    /// "unread_count": N, "too_long": B, "not_member": B, "events": [EVENT, …]}, …],
+    /// "has_more": B}
+    Sync(SyncArgs),
 }
 
 /// `chatlog user …`
@@ -466,6 +478,21 @@ pub struct PinArgs {
     conn: Conn,
 }
 
+/// Flags of `sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Positions as CHAT=SEQ (the last seq held; 0 for none).
+    positions: Vec<String>,
+    /// Most events per chat (1 to 100; default 100).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// With no positions: start after this chat id.
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
 /// Flags of `unread`.
 #[derive(Debug, Args)]
 pub struct UnreadArgs {
@@ -687,6 +714,71 @@ async fn dispatch(cmd: ClientCommand) -> CmdResult {
                     )
                 },
             );
+            Ok(())
+        }
+        ClientCommand::Sync(a) => {
+            let mut chats = Vec::with_capacity(a.positions.len());
+            for p in &a.positions {
+                let parsed = p
+                    .split_once('=')
+                    .and_then(|(c, s)| Some((c.parse().ok()?, s.parse().ok()?)));
+                let Some((chat_id, last_seq)) = parsed else {
+                    return Err(CmdError {
+                        code: "USAGE".into(),
+                        message: format!("position {p:?} is not CHAT=SEQ"),
+                    });
+                };
+                chats.push(v1::ChatPosition { chat_id, last_seq });
+            }
+            let c = connect(&a.conn, true).await?;
+            let r = c
+                .sync(v1::SyncRequest {
+                    chats,
+                    events_per_chat_max: a.limit,
+                    after_chat_id: a.after,
+                })
+                .await?;
+            let p = Printer::new(&a.conn);
+            let chats: Vec<Value> = r
+                .chats
+                .iter()
+                .map(|d| {
+                    json!({"chat_id": d.chat_id, "head_seq": d.head_seq,
+                           "read_seq": d.read_seq, "unread_count": d.unread_count,
+                           "too_long": d.too_long, "not_member": d.not_member,
+                           "events": d.events.iter().map(output::event_json).collect::<Vec<_>>()})
+                })
+                .collect();
+            p.result(&json!({ "chats": chats, "has_more": r.has_more }), || {
+                if r.chats.is_empty() {
+                    return "nothing new".to_owned();
+                }
+                let mut out = Vec::new();
+                for d in &r.chats {
+                    if d.not_member {
+                        out.push(format!("chat {}: no longer a member", d.chat_id));
+                        continue;
+                    }
+                    out.push(format!(
+                        "chat {}: head #{}, read #{}, {} unread{}",
+                        d.chat_id,
+                        d.head_seq,
+                        d.read_seq,
+                        d.unread_count,
+                        if d.too_long {
+                            ", more than one page behind"
+                        } else {
+                            ""
+                        }
+                    ));
+                    out.extend(
+                        d.events
+                            .iter()
+                            .map(|e| format!("  {}", output::event_line(e))),
+                    );
+                }
+                out.join("\n")
+            });
             Ok(())
         }
         ClientCommand::Unread(a) => {
