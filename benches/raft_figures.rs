@@ -12,7 +12,8 @@
 //! - `idle`: three nodes in this process holding 1,001 groups × 3 replicas, idle: CPU and
 //!   resident memory per group replica (not in the default set).
 //!
-//! `CHATLOG_RAFT_SEGMENT_MB` sets the engine's segment size (for investigations).
+//! `CHATLOG_RAFT_SEGMENT_MB` sets the engine's segment size and `CHATLOG_RAFT_OPEN_RATE`
+//! the open loop's rate instead of half the median (for investigations).
 //!
 //! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
 //! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
@@ -501,7 +502,12 @@ async fn scenario(name: &str, replicas: usize) {
                 .collect();
             rates.sort_by(f64::total_cmp);
             let median = rates[rates.len() / 2];
-            half = Some(open_loop(&cluster, &chats, secs, median / 2.0).await);
+            // `CHATLOG_RAFT_OPEN_RATE` replaces half the median by a fixed rate.
+            let rate = std::env::var("CHATLOG_RAFT_OPEN_RATE")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(median / 2.0);
+            half = Some(open_loop(&cluster, &chats, secs, rate).await);
         }
         runs.push(run);
         cluster.stop().await;
