@@ -47,12 +47,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 impl Cli {
-    /// The log filter when `RUST_LOG` is unset: `info`, but for `bench` only errors, so
-    /// an embedded server's start-up and shutdown chatter stays out of the report.
+    /// The log filter when `RUST_LOG` is unset: `info` for chatlog's own lines and
+    /// `warn` for openraft's (its per-group start-up and shutdown lines run to thousands
+    /// with many groups); for `bench` only errors, so an embedded server's chatter stays
+    /// out of the report.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Bench(_) => "error",
-            _ => "info",
+            _ => "info,openraft=warn",
         }
     }
 }
