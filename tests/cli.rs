@@ -3,7 +3,6 @@
 //! is checked against the shapes scripts rely on (`chatlog <command> --help`).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -12,48 +11,10 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatlog");
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+#[path = "common/server.rs"]
+mod server;
 
-impl Server {
-    /// Starts `chatlog serve` on `listen` (port 0 picks one) and waits for its address.
-    fn start(dir: &Path, listen: &str) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", listen, "--groups", "4", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("chatlog serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server announces its address before exiting")
-                .expect("stdout reads");
-            if let Some(a) = line.strip_prefix("clients: ") {
-                break a.trim().to_string();
-            }
-        };
-        Server { child, addr }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use server::Server;
 
 /// The binary with a clean environment: no token or server from the caller's shell.
 fn chatlog() -> Command {
@@ -154,7 +115,7 @@ fn history(addr: &str, token: &str, chat: u64, from: u64, limit: u32) -> Vec<Val
 #[test]
 fn every_command_against_a_real_server() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let server = Server::start_on(dir.path(), "127.0.0.1:0", &[]);
     let addr = server.addr.as_str();
 
     let (alice, a_tok, a_login) = user(addr, "alice");
@@ -545,7 +506,7 @@ fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
 #[test]
 fn tail_follows_a_chat_live_across_a_server_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let server = Server::start_on(dir.path(), "127.0.0.1:0", &[]);
     let addr = server.addr.clone();
     let (_, tok, _) = user(&addr, "alice");
     let chat = u(
@@ -589,7 +550,7 @@ fn tail_follows_a_chat_live_across_a_server_restart() {
     // SIGKILL the server and start it again on the same address: tail reconnects and
     // resumes from seq 4, with no gap and no duplicate.
     server.kill();
-    let server = Server::start(dir.path(), &addr);
+    let server = Server::start_on(dir.path(), &addr, &[]);
     assert_eq!(server.addr, addr);
     for text in ["after one", "after two", "after three"] {
         send(&addr, &tok, chat, text);
@@ -610,7 +571,7 @@ fn tail_follows_a_chat_live_across_a_server_restart() {
 #[test]
 fn tail_without_from_starts_after_the_head() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let server = Server::start_on(dir.path(), "127.0.0.1:0", &[]);
     let addr = server.addr.as_str();
     let (_, tok, _) = user(addr, "alice");
     let chat = u(
@@ -726,7 +687,7 @@ fn help_of_every_command_exits_zero() {
 #[test]
 fn sync_reports_what_changed_since_a_position() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = Server::start(dir.path(), "127.0.0.1:0");
+    let server = Server::start_on(dir.path(), "127.0.0.1:0", &[]);
     let addr = server.addr.clone();
     let (_alice, alice_token, _) = user(&addr, "alice");
     let (bob, bob_token, _) = user(&addr, "bob");

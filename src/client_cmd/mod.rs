@@ -22,6 +22,7 @@ use std::time::Duration;
 use chatlog_wire::client::{Client, ClientError, ClientOptions};
 use chatlog_wire::limits::PAGE_ITEMS_MAX;
 use chatlog_wire::proto::v1;
+use chatlog_wire::proto::v1::request::Kind as Req;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
@@ -614,6 +615,21 @@ fn ack_json(a: &v1::EventAck) -> Value {
 }
 
 /// Prints an `EventAck`: `what` says what happened, for people.
+/// Sends a request answered with an `EventAck` and prints it (`what` for people).
+async fn ack_command(conn: &Conn, req: Req, what: &str) -> CmdResult {
+    let c = connect(conn, true).await?;
+    let ack = match c.call(req).await? {
+        v1::response::Kind::EventAck(ack) => ack,
+        other => {
+            return Err(
+                ClientError::Protocol(format!("expected an event ack, got {other:?}")).into(),
+            );
+        }
+    };
+    print_ack(&Printer::new(conn), &ack, what);
+    Ok(())
+}
+
 fn print_ack(p: &Printer, a: &v1::EventAck, what: &str) {
     p.result(&ack_json(a), || {
         format!("{what}: event #{} in chat {}", a.seq, a.chat_id)
@@ -944,86 +960,53 @@ async fn chat(cmd: ChatCommand) -> CmdResult {
         ChatCommand::List(a) => chat_list(a).await,
         ChatCommand::Members(a) => chat_members(a).await,
         ChatCommand::Invite(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c
-                .invite(v1::InviteRequest {
-                    chat_id: a.chat,
-                    user_id: a.user,
-                })
-                .await?;
-            print_ack(&Printer::new(&a.conn), &ack, &format!("invited {}", a.user));
-            Ok(())
+            let req = Req::Invite(v1::InviteRequest {
+                chat_id: a.chat,
+                user_id: a.user,
+            });
+            ack_command(&a.conn, req, &format!("invited {}", a.user)).await
         }
         ChatCommand::Remove(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c
-                .remove_member(v1::RemoveMemberRequest {
-                    chat_id: a.chat,
-                    user_id: a.user,
-                })
-                .await?;
-            print_ack(&Printer::new(&a.conn), &ack, &format!("removed {}", a.user));
-            Ok(())
+            let req = Req::RemoveMember(v1::RemoveMemberRequest {
+                chat_id: a.chat,
+                user_id: a.user,
+            });
+            ack_command(&a.conn, req, &format!("removed {}", a.user)).await
         }
         ChatCommand::Leave(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c
-                .leave_chat(v1::LeaveChatRequest { chat_id: a.chat })
-                .await?;
-            print_ack(&Printer::new(&a.conn), &ack, "left");
-            Ok(())
+            let req = Req::LeaveChat(v1::LeaveChatRequest { chat_id: a.chat });
+            ack_command(&a.conn, req, "left").await
         }
         ChatCommand::Ban(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c
-                .ban(v1::BanRequest {
-                    chat_id: a.chat,
-                    user_id: a.user,
-                })
-                .await?;
-            print_ack(&Printer::new(&a.conn), &ack, &format!("banned {}", a.user));
-            Ok(())
+            let req = Req::Ban(v1::BanRequest {
+                chat_id: a.chat,
+                user_id: a.user,
+            });
+            ack_command(&a.conn, req, &format!("banned {}", a.user)).await
         }
         ChatCommand::Unban(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c
-                .unban(v1::UnbanRequest {
-                    chat_id: a.chat,
-                    user_id: a.user,
-                })
-                .await?;
-            print_ack(
-                &Printer::new(&a.conn),
-                &ack,
-                &format!("unbanned {}", a.user),
-            );
-            Ok(())
+            let req = Req::Unban(v1::UnbanRequest {
+                chat_id: a.chat,
+                user_id: a.user,
+            });
+            ack_command(&a.conn, req, &format!("unbanned {}", a.user)).await
         }
         ChatCommand::Join(a) => {
-            let c = connect(&a.conn, true).await?;
-            let ack = c.join_chat(v1::JoinChatRequest { chat_id: a.chat }).await?;
-            print_ack(&Printer::new(&a.conn), &ack, "joined");
-            Ok(())
+            let req = Req::JoinChat(v1::JoinChatRequest { chat_id: a.chat });
+            ack_command(&a.conn, req, "joined").await
         }
         ChatCommand::Role(a) => {
-            let c = connect(&a.conn, true).await?;
             let role = match a.role {
                 RoleArg::Member => v1::MemberRole::Member,
                 RoleArg::Admin => v1::MemberRole::Admin,
             };
-            let ack = c
-                .set_role(v1::SetRoleRequest {
-                    chat_id: a.chat,
-                    user_id: a.user,
-                    role: role.into(),
-                })
-                .await?;
-            print_ack(
-                &Printer::new(&a.conn),
-                &ack,
-                &format!("{} is now {}", a.user, role_name(role.into())),
-            );
-            Ok(())
+            let req = Req::SetRole(v1::SetRoleRequest {
+                chat_id: a.chat,
+                user_id: a.user,
+                role: role.into(),
+            });
+            let done = format!("{} is now {}", a.user, role_name(role.into()));
+            ack_command(&a.conn, req, &done).await
         }
     }
 }

@@ -295,11 +295,6 @@ impl ChatService {
         Ok(out)
     }
 
-    /// Messages by others in `(after, head]` of a chat.
-    fn unread(group: &Group, chat: ChatId, user: UserId, after: u64) -> u64 {
-        unread_count(group, chat, user, after)
-    }
-
     fn member_check(
         group: &Group,
         chat: ChatId,
@@ -468,7 +463,6 @@ impl ChatService {
                     ));
                 }
                 for m in &r.member_ids {
-                    self.group_for(*m, "user")?;
                     let exists = self
                         .group_for(*m, "user")?
                         .shared()
@@ -631,7 +625,7 @@ impl ChatService {
                         role: convert::role_to_proto(role),
                         head_seq: view.head_seq,
                         read_seq,
-                        unread_count: Self::unread(group, id, user, read_seq),
+                        unread_count: unread_count(group, id, user, read_seq),
                         member_count: view.member_count,
                     });
                 }
@@ -871,7 +865,7 @@ impl ChatService {
                         Ok(Resp::MarkRead(v1::MarkReadResponse {
                             chat_id: r.chat_id,
                             read_seq,
-                            unread_count: Self::unread(group, r.chat_id, user, read_seq),
+                            unread_count: unread_count(group, r.chat_id, user, read_seq),
                         }))
                     }
                     o => Err(error(ErrorCode::Internal, format!("unexpected {o:?}"))),
@@ -895,7 +889,7 @@ impl ChatService {
                     let group = self.group_for(id, "chat")?;
                     let view = Self::member_check(group, id, user)?;
                     let read_seq = ugroup.shared().read().read_marker(user, id);
-                    let unread_count = Self::unread(group, id, user, read_seq);
+                    let unread_count = unread_count(group, id, user, read_seq);
                     if r.chat_ids.is_empty() && unread_count == 0 {
                         continue;
                     }
@@ -1041,7 +1035,7 @@ impl ChatService {
                 chat_id: chat,
                 head_seq: head,
                 read_seq,
-                unread_count: Self::unread(group, chat, user, read_seq),
+                unread_count: unread_count(group, chat, user, read_seq),
                 too_long: reached < head,
                 events,
                 not_member: false,

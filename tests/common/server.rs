@@ -2,7 +2,9 @@
 //! its own data directory, its client address read from the `clients: ADDR` line it
 //! prints, killed (SIGKILL) and reaped when dropped.
 //!
-//! Included with `#[path = "common/server.rs"] mod server;` by the tests that need it.
+//! Included with `#[path = "common/server.rs"] mod server;` by the tests that need it;
+//! not every test uses every item.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -23,15 +25,13 @@ pub const NO_RATE_LIMITS: [&str; 4] = ["--user-sends-per-sec", "0", "--conn-requ
 impl Server {
     /// `chatlog serve --listen 127.0.0.1:0 --groups 4 --data-dir DIR EXTRA...`.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_on(dir, "127.0.0.1:0", extra)
+    }
+
+    /// The same on client address `listen` (to restart a server where it was).
+    pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--groups",
-                "4",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", listen, "--groups", "4", "--data-dir"])
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -54,7 +54,6 @@ impl Server {
     }
 
     /// SIGKILL: no shutdown path runs.
-    #[allow(dead_code)]
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("reaped");

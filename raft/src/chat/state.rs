@@ -837,10 +837,8 @@ impl GroupState {
     pub fn user_events(&self, user: UserId, from: u64, to: u64) -> Option<Vec<(u64, EventLoc)>> {
         let u = self.users.get(&user)?;
         let to = to.min(u.log.len() as u64);
-        let from = from.max(1);
         Some(
-            (from..=to)
-                .filter(|_| from <= to)
+            (from.max(1)..=to)
                 .map(|s| (s, u.log[s as usize - 1]))
                 .collect(),
         )
