@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
+    /// Bytes of pushes queued per connection (one push is always taken): a live push
+    /// beyond closes the connection as a slow reader; a subscription catching up waits.
+    #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
+    pub push_queue_bytes: usize,
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -289,6 +293,7 @@ async fn serve(
         service,
         GatewayLimits {
             push_queue_len_max: args.push_queue_len.max(1),
+            push_queue_bytes_max: args.push_queue_bytes.max(1),
             ..GatewayLimits::default()
         },
         shutdown_signal(),
