@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
+    /// segment is preallocated in full, so a small disk wants small segments.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
+    pub segment_mb: Option<u64>,
     /// Messages (sends, edits, deletes, reactions, pins, new chats) per second per user,
     /// with a burst of as many; over it a request gets RATE_LIMITED with a retry-after.
     /// 0 turns the limit off (load tests).
@@ -165,7 +169,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         replicas,
         members,
         sm: Default::default(),
-        segment_bytes: None,
+        segment_bytes: args.segment_mb.map(|mb| mb << 20),
         heartbeat_ms: args.heartbeat_ms,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
