@@ -12,6 +12,8 @@
 //! mounting is not allowed, the test says so on stderr and passes without running;
 //! `CHATLOG_REQUIRE_MOUNT=1` makes that a failure instead.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/server.rs"]
 mod server;
 
@@ -31,6 +33,8 @@ const SMALL_MB: u64 = 24;
 const GROWN_MB: u64 = 96;
 /// Message size: fills the disk in a few seconds.
 const TEXT_BYTES: usize = 4096;
+/// Sends acknowledged by the other two nodes after one node's disk filled.
+const SENDS_AFTER_FULL: usize = 1_000;
 /// Longest the disk may take to fill.
 const FILL_WAIT: Duration = Duration::from_secs(60);
 
@@ -119,18 +123,28 @@ fn send(chat: u64, cmid: u64) -> v1::SendMessageRequest {
     }
 }
 
+/// Every event of `chat`. A read is idempotent, so a dropped connection (a node that
+/// just caught up pushes its backlog to the session, which may cut it off as a slow
+/// reader) is retried.
 async fn history(c: &Client, chat: u64) -> Vec<v1::Event> {
     let mut all: Vec<v1::Event> = Vec::new();
+    let deadline = Instant::now() + FILL_WAIT;
     loop {
-        let page = c
-            .history(v1::HistoryRequest {
-                chat_id: chat,
-                from_seq: all.last().map_or(1, |e| e.seq + 1),
-                direction: v1::Direction::Forward.into(),
-                limit: 100,
-            })
-            .await
-            .expect("history");
+        let request = v1::HistoryRequest {
+            chat_id: chat,
+            from_seq: all.last().map_or(1, |e| e.seq + 1),
+            direction: v1::Direction::Forward.into(),
+            limit: 100,
+        };
+        let page = match c.history(request).await {
+            Ok(page) => page,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("history: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => panic!("history: {e}"),
+        };
         all.extend(page.events);
         if !page.has_more {
             return all;
@@ -320,5 +334,158 @@ async fn a_full_disk_stops_writes_with_a_clear_error_and_loses_nothing() {
         events.len(),
         acked.len(),
         r.seq
+    );
+}
+
+/// Sends `cmid` until acknowledged, through `clients` in turn (nodes that can serve),
+/// always with the same client message id.
+async fn send_until_acked(clients: &[Client], chat: u64, cmid: u64) -> u64 {
+    let deadline = Instant::now() + FILL_WAIT;
+    let mut at = cmid as usize;
+    loop {
+        match clients[at % clients.len()]
+            .send_message(send(chat, cmid))
+            .await
+        {
+            Ok(r) => return r.seq,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("send {cmid}: {e}; retrying on the next node");
+                at += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("send {cmid} never acknowledged: {e}"),
+        }
+    }
+}
+
+/// One node of three fills its disk: the other two go on acknowledging writes (they are
+/// a majority of every group), the full node refuses and reports not ready, and once it
+/// has space again and restarts it catches up to the same log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_one_node_of_three_loses_nothing_and_the_others_serve() {
+    let fs = match Tmpfs::new(SMALL_MB / 2) {
+        Ok(fs) => fs,
+        Err(e) if std::env::var("CHATLOG_REQUIRE_MOUNT").as_deref() != Ok("1") => {
+            eprintln!("NOT RUN: cannot mount a tmpfs here ({e}); needs CAP_SYS_ADMIN");
+            return;
+        }
+        Err(e) => panic!("cannot mount a tmpfs: {e}"),
+    };
+    let root = tempfile::tempdir().expect("temp dir");
+    let full = 3u64;
+    let cluster_options = cluster::Options {
+        http: true,
+        groups: 2,
+        extra: vec!["--segment-mb".into(), "1".into()],
+        dirs: Some(vec![
+            root.path().join("node-1"),
+            root.path().join("node-2"),
+            fs.path().join("node-3"),
+        ]),
+        ..cluster::Options::default()
+    };
+    let mut nodes = tokio::task::block_in_place(|| cluster::Cluster::start(cluster_options));
+    let anon = cluster::connect_with(&nodes.addr(1), options(None)).await;
+    let (_, token) = cluster::create_and_login(&anon, "filler", "d").await;
+    let clients = vec![
+        cluster::connect_with(&nodes.addr(1), options(Some(token.clone()))).await,
+        cluster::connect_with(&nodes.addr(2), options(Some(token.clone()))).await,
+    ];
+    let chat = clients[0]
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "full".into(),
+            member_ids: Vec::new(),
+        })
+        .await
+        .expect("chat")
+        .chat_id;
+
+    // Write through nodes 1 and 2 until node 3 reports its disk full, then some more: the
+    // cluster keeps acknowledging.
+    let started = Instant::now();
+    let http3 = nodes.http_addr(full);
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut next = 1u64;
+    let mut full_at: Option<usize> = None;
+    loop {
+        assert!(
+            started.elapsed() < FILL_WAIT,
+            "node {full}'s disk did not fill"
+        );
+        let batch: Vec<u64> = (next..next + 16).collect();
+        next += 16;
+        let seqs = futures_util::future::join_all(
+            batch
+                .iter()
+                .map(|cmid| send_until_acked(&clients, chat, *cmid)),
+        )
+        .await;
+        for (cmid, seq) in batch.iter().zip(seqs) {
+            assert!(acked.insert(seq, *cmid).is_none(), "seq {seq} twice");
+        }
+        if let Some(at) = full_at {
+            if acked.len() >= at + SENDS_AFTER_FULL {
+                break;
+            }
+        } else {
+            let ready = request(&http3, "GET", "/ready", None, None, Duration::from_secs(5))
+                .await
+                .expect("/ready answers");
+            if ready.status == 503 {
+                eprintln!(
+                    "node {full} not ready after {} sends in {:?}: {}",
+                    acked.len(),
+                    started.elapsed(),
+                    ready.text()
+                );
+                full_at = Some(acked.len());
+            }
+        }
+    }
+    eprintln!(
+        "{} sends acknowledged by nodes 1 and 2 in {:?}, {} after node {full} filled",
+        acked.len(),
+        started.elapsed(),
+        acked.len() - full_at.expect("set")
+    );
+
+    // Space again, restart: node 3 catches up to the same log.
+    nodes.kill(full);
+    fs.grow(GROWN_MB);
+    tokio::task::block_in_place(|| nodes.restart(full));
+    let c3 = cluster::connect_with(&nodes.addr(full), options(Some(token.clone()))).await;
+    let head = acked.keys().max().copied().expect("acked");
+    let deadline = Instant::now() + FILL_WAIT;
+    let on_full = loop {
+        let events = history(&c3, chat).await;
+        if events.last().map(|e| e.seq) >= Some(head) {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "node {full} did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let on_1 = history(&clients[0], chat).await;
+    assert!(on_full == on_1, "node {full}'s log differs from node 1's");
+    let posted: BTreeMap<u64, u64> = on_1
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(Body::MessagePosted(m)) => Some((e.seq, m.client_message_id)),
+            _ => None,
+        })
+        .collect();
+    for (i, e) in on_1.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "dense seqs");
+    }
+    for (seq, cmid) in &acked {
+        assert_eq!(
+            posted.get(seq),
+            Some(cmid),
+            "acknowledged {cmid} at seq {seq}"
+        );
+    }
+    eprintln!(
+        "node {full} caught up: {} events identical on nodes 1 and {full}",
+        on_1.len()
     );
 }

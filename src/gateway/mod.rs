@@ -64,10 +64,10 @@ pub const PUSH_QUEUE_LEN_MAX: usize = 1024;
 /// count alone does not bound them (a push may be up to a frame, 1 MiB). A live push that
 /// would take a connection's queue past this is refused and the connection is closed as
 /// a slow reader (the queue always takes one push, however large); a subscription's
-/// catch-up waits for room instead. With [`CONNECTIONS_MAX`] connections this is at most
-/// ~10 GiB in the pathological case where every client stops reading at once, and the
-/// kernel's socket buffers (not counted here) absorb ordinary bursts.
-pub const PUSH_QUEUE_BYTES_MAX: usize = 1 << 20;
+/// catch-up waits for room instead. Live pushes share their bytes between connections
+/// (`SharedPush`), so many slow connections of one busy chat hold little more than one
+/// copy; 4 MiB is ~4,000 typical messages, or 256 of the largest, of lag before a cut-off.
+pub const PUSH_QUEUE_BYTES_MAX: usize = 4 << 20;
 
 /// Default for [`GatewayLimits::handshake_timeout`]: a client that connects must
 /// introduce itself promptly, or it only holds a connection slot.

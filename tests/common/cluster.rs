@@ -51,6 +51,10 @@ pub struct Options {
     pub peer_routes: Option<Vec<(SocketAddr, SocketAddr)>>,
     /// More flags for every node.
     pub extra: Vec<String>,
+    /// Data directories by node (index 0 is node 1), for a node that must live on a
+    /// file system of its own; `None` (or a missing entry): under the cluster's temporary
+    /// directory.
+    pub dirs: Option<Vec<PathBuf>>,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             http: false,
             peer_routes: None,
             extra: Vec::new(),
+            dirs: None,
         }
     }
 }
@@ -162,7 +167,11 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, (peer_listen, _))| Node {
-                dir: root.path().join(format!("node-{}", i + 1)),
+                dir: options
+                    .dirs
+                    .as_ref()
+                    .and_then(|d| d.get(i).cloned())
+                    .unwrap_or_else(|| root.path().join(format!("node-{}", i + 1))),
                 listen: "127.0.0.1:0".into(),
                 http: None,
                 peer_listen: *peer_listen,
