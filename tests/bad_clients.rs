@@ -43,12 +43,18 @@ const HALF_OPEN: usize = 200;
 const SLOW_READERS: usize = 20;
 /// Connections flooding tiny frames.
 const FLOODERS: usize = 4;
-/// How long the offenders keep at it while the good client works.
+/// How long the offenders keep at it while the good client works, at least.
 const ABUSE: Duration = Duration::from_secs(8);
+/// Sends of the good client, at least, before the abuse ends: ~10 MiB of pushes per slow
+/// reader, more than the loopback socket buffers and the 1 MiB push queue (set below)
+/// take, so the slow readers are cut off however slow the machine is.
+const ABUSE_SENDS_MIN: u64 = 640;
+/// Longest the abuse may last.
+const ABUSE_MAX: Duration = Duration::from_secs(90);
 /// Longest any one call of the good client may take before the test fails.
 const CALL: Duration = Duration::from_secs(10);
 /// Most the server's RSS may grow over its baseline while under abuse. Why this figure:
-/// measured 46–67 MiB of growth here (1,520 extra connections, 320 sessions that never
+/// measured 34–67 MiB of growth here (1,520 extra connections, 320 sessions that never
 /// read with their push queues full at 1 MiB each but sharing the fan-out's frames, the
 /// good client's data); about twice that is the bound. Before push queues were bounded in bytes and
 /// live pushes shared, the same run grew by ~800 MiB: the 300 silent sessions of the
@@ -136,9 +142,13 @@ async fn answer_or_disconnect(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_neither_grow_memory_nor_starve_a_good_client() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // Default limits except the per-user send rate: the good client posts big messages
-    // as fast as it can to give the slow readers something not to read.
-    let srv = Server::start(dir.path(), &["--user-sends-per-sec", "0"]);
+    // Default limits except the per-user send rate (the good client posts big messages
+    // as fast as it can to give the slow readers something not to read) and the push
+    // queue (1 MiB instead of 4, so slow readers are cut off sooner).
+    let srv = Server::start(
+        dir.path(),
+        &["--user-sends-per-sec", "0", "--push-queue-bytes", "1048576"],
+    );
     let pid = srv.child.id();
     let addr = srv.addr.clone();
 
@@ -298,7 +308,11 @@ async fn bad_clients_neither_grow_memory_nor_starve_a_good_client() {
     let started = Instant::now();
     let (mut sends, mut reads) = (0u64, 0u64);
     let mut slowest = Duration::ZERO;
-    while started.elapsed() < ABUSE {
+    while started.elapsed() < ABUSE || sends < ABUSE_SENDS_MIN {
+        assert!(
+            started.elapsed() < ABUSE_MAX,
+            "only {sends} sends in {ABUSE_MAX:?}"
+        );
         let t = Instant::now();
         let r = good
             .send_message(v1::SendMessageRequest {
