@@ -135,6 +135,29 @@ fn parse_cluster(entries: &[String]) -> Result<BTreeMap<u64, SocketAddr>, CliErr
     Ok(out)
 }
 
+/// Fault injection for tests (`tests/clock_jump.rs`): names a file holding a signed
+/// number of milliseconds that the node adds to its wall clock, re-read every
+/// [`FAULT_CLOCK_POLL`]; writing to the file makes the node's clock jump. Never set it
+/// in production.
+pub const FAULT_CLOCK_ENV: &str = "CHATLOG_FAULT_CLOCK_OFFSET_FILE";
+/// How often the file named by [`FAULT_CLOCK_ENV`] is read.
+const FAULT_CLOCK_POLL: Duration = Duration::from_millis(20);
+
+/// Follows the fault clock file on a thread of its own for the life of the process.
+fn follow_fault_clock(path: PathBuf) {
+    tracing::warn!(file = %path.display(), "fault injection: the wall clock follows an offset file");
+    std::thread::spawn(move || {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(offset) = text.trim().parse::<i64>()
+            {
+                chatlog_raft::clock::set_fault_offset_ms(offset);
+            }
+            std::thread::sleep(FAULT_CLOCK_POLL);
+        }
+    });
+}
+
 /// Runs `chatlog serve` until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
     if args.groups == 0 || args.groups >= GROUPS_MAX {
@@ -162,6 +185,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    if let Some(path) = std::env::var_os(FAULT_CLOCK_ENV) {
+        follow_fault_clock(PathBuf::from(path));
+    }
     let config = NodeConfig {
         node_id: args.node_id,
         data_dir: args.data_dir.clone(),

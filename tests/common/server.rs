@@ -32,10 +32,16 @@ impl Server {
 
     /// The same on client address `listen` (to restart a server where it was).
     pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Server::start_env(dir, listen, extra, &[])
+    }
+
+    /// The same with more environment variables.
+    pub fn start_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
             .args(["serve", "--listen", listen, "--groups", "4", "--data-dir"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
