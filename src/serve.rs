@@ -21,6 +21,7 @@ use clap::{ArgAction, Args};
 use crate::cli::CliError;
 use crate::gateway::{self, GatewayLimits};
 use crate::http::{ClientCounters, CountedService, HttpContext, LeaderChanges};
+use crate::notify::{Notifier, NotifyConfig};
 use crate::service::ChatService;
 
 /// Default client address.
@@ -98,6 +99,31 @@ pub struct ServeArgs {
     /// beyond closes the connection as a slow reader; a subscription catching up waits.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_bytes: usize,
+    /// Push notifications for members without an online session: POSTed as JSON to this
+    /// `http://host:port/path` (where a deployment plugs in APNs or FCM), collapsed per
+    /// user and chat, kept in a durable outbox until the webhook answers 2xx. Off when
+    /// not given. Notifications carry counts and seqs, never message text.
+    #[arg(long, value_name = "URL")]
+    pub push_webhook: Option<String>,
+    /// Sent to the push webhook as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "CHATLOG_PUSH_WEBHOOK_TOKEN", hide_env_values = true)]
+    pub push_webhook_token: Option<String>,
+    /// Notifications of one user and chat within this many milliseconds become one.
+    #[arg(long, default_value_t = crate::notify::COLLAPSE_DEFAULT.as_millis() as u64)]
+    pub push_collapse_ms: u64,
+}
+
+/// The push notifier's configuration, if `--push-webhook` is given.
+fn notify_config(args: &ServeArgs) -> Result<Option<NotifyConfig>, CliError> {
+    let Some(url) = &args.push_webhook else {
+        return Ok(None);
+    };
+    let collapse = Duration::from_millis(args.push_collapse_ms.max(1));
+    Ok(Some(NotifyConfig::parse(
+        url,
+        args.push_webhook_token.clone(),
+        collapse,
+    )?))
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -163,6 +189,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     if args.groups == 0 || args.groups >= GROUPS_MAX {
         return Err(format!("--groups must be 1 to {}", GROUPS_MAX - 1).into());
     }
+    notify_config(&args)?;
     let cluster = parse_cluster(&args.initial_cluster)?;
     if !cluster.is_empty() && !cluster.contains_key(&args.node_id) {
         return Err(format!(
@@ -307,17 +334,21 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
-    let service = Arc::new(CountedService::new(
-        ChatService::with_limits(
-            Arc::clone(&node),
-            args.dev_mode,
-            crate::service::ratelimit::RateLimits {
-                user_sends_per_sec: args.user_sends_per_sec,
-                conn_requests_per_sec: args.conn_requests_per_sec,
-            },
-        ),
-        clients,
-    ));
+    let chat_service = ChatService::with_limits(
+        Arc::clone(&node),
+        args.dev_mode,
+        crate::service::ratelimit::RateLimits {
+            user_sends_per_sec: args.user_sends_per_sec,
+            conn_requests_per_sec: args.conn_requests_per_sec,
+        },
+    );
+    if let Some(config) = notify_config(&args)? {
+        tracing::info!(webhook = %args.push_webhook.as_deref().unwrap_or_default(), "push notifications on");
+        chat_service
+            .hub()
+            .set_notifier(Notifier::start(Arc::clone(&node), config));
+    }
+    let service = Arc::new(CountedService::new(chat_service, clients));
     gateway::serve(
         listener,
         service,

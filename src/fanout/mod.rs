@@ -28,7 +28,7 @@
 //!   (in `chatlog-raft`) would remove the scan.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use chatlog_raft::GroupId;
 use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
@@ -36,6 +36,7 @@ use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
 use crate::gateway::{Principal, PushSender, SharedPush};
+use crate::notify::Notifier;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
@@ -93,6 +94,8 @@ pub struct Hub {
     node: Arc<Node>,
     online: RwLock<Online>,
     watchers: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Push notifications for members without an online session (`--push-webhook`).
+    notifier: OnceLock<Arc<Notifier>>,
 }
 
 impl Drop for Hub {
@@ -110,6 +113,7 @@ impl Hub {
             node,
             online: RwLock::new(Online::default()),
             watchers: Mutex::new(Vec::new()),
+            notifier: OnceLock::new(),
         });
         let mut watchers = Vec::new();
         for group in hub.node.groups() {
@@ -118,6 +122,16 @@ impl Hub {
         }
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
+    }
+
+    /// Sends notifications of new messages to members who are not online here.
+    pub fn set_notifier(&self, notifier: Arc<Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Whether `user` has an authenticated connection on this node.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.online().users.contains_key(&user)
     }
 
     fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {
@@ -411,6 +425,9 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 events_seen = events_applied;
                 for (chat, from, head) in chat_heads(&group, &mut pushed) {
                     hub.push_chat(&group, chat, from, head).await;
+                    if let Some(n) = hub.notifier.get() {
+                        n.chat_moved(&group, chat, from, head, &|u| hub.is_online(u));
+                    }
                 }
             }
             hub.push_user_events(&group).await;
