@@ -37,7 +37,10 @@ use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
 use crate::gateway::{Principal, PushSender, SharedPush};
 use crate::notify::Notifier;
+
+mod presence;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
+pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
 
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
 /// most events in one `ChatEvents` push. Why: a history page's worth; pushes are also cut
@@ -96,6 +99,8 @@ pub struct Hub {
     watchers: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Push notifications for members without an online session (`--push-webhook`).
     notifier: OnceLock<Arc<Notifier>>,
+    /// Last-seen times and presence followers (`presence.rs`).
+    presence: Mutex<presence::Presence>,
 }
 
 impl Drop for Hub {
@@ -114,6 +119,7 @@ impl Hub {
             online: RwLock::new(Online::default()),
             watchers: Mutex::new(Vec::new()),
             notifier: OnceLock::new(),
+            presence: Mutex::default(),
         });
         let mut watchers = Vec::new();
         for group in hub.node.groups() {
@@ -154,6 +160,7 @@ impl Hub {
             .map_or(0, |u| u.log_head);
         let mut online = self.online_mut();
         online.remove(connection_id);
+        let came_online = !online.users.contains_key(&user);
         let entry = online.users.entry(user).or_insert_with(|| OnlineUser {
             conns: Vec::new(),
             log_pushed: log_head,
@@ -169,11 +176,24 @@ impl Hub {
             .entry(group_of(user))
             .or_default()
             .insert(user);
+        drop(online);
+        if came_online {
+            self.presence_changed(user, true);
+        }
     }
 
     /// Forgets a connection (it closed).
     pub fn unregister(&self, connection_id: u64) {
-        self.online_mut().remove(connection_id);
+        let went_offline = {
+            let mut online = self.online_mut();
+            let user = online.user_of_connection.get(&connection_id).copied();
+            online.remove(connection_id);
+            user.filter(|u| !online.users.contains_key(u))
+        };
+        self.presence_forget(connection_id);
+        if let Some(user) = went_offline {
+            self.presence_changed(user, false);
+        }
     }
 
     /// Registered connections, for tests and metrics.
@@ -184,6 +204,11 @@ impl Hub {
     /// The push senders of the online sessions of `chat`'s members. Iterates whichever
     /// is smaller: the chat's members or the online users.
     fn recipients(&self, group: &Group, chat: ChatId) -> Vec<PushSender> {
+        self.recipients_except(group, chat, 0)
+    }
+
+    /// [`Hub::recipients`] without the sessions of user `except` (0: none).
+    fn recipients_except(&self, group: &Group, chat: ChatId, except: UserId) -> Vec<PushSender> {
         let st = group.shared().read();
         let Some(view) = st.chat(chat) else {
             return Vec::new();
@@ -191,6 +216,9 @@ impl Hub {
         let online = self.online();
         let mut out = Vec::new();
         let mut add = |user: UserId| {
+            if user == except {
+                return;
+            }
             if let Some(u) = online.users.get(&user) {
                 out.extend(u.conns.iter().map(|c| c.pushes.clone()));
             }

@@ -904,6 +904,31 @@ impl ChatService {
                     counts,
                 }))
             }
+            Req::Typing(r) => {
+                let group = self.group_for(r.chat_id, "chat")?;
+                let view = Self::member_check(group, r.chat_id, user)?;
+                let role = group.shared().read().role(r.chat_id, user);
+                if view.kind == ChatKind::Channel && role < Some(chat::Role::Admin) {
+                    return Err(error(
+                        ErrorCode::PermissionDenied,
+                        "only admins post, or type, in a channel",
+                    ));
+                }
+                self.hub.typing(group, r.chat_id, user, r.typing);
+                Ok(Resp::Typing(v1::TypingResponse {}))
+            }
+            Req::GetPresence(r) => {
+                if r.user_ids.len() > PAGE_ITEMS_MAX as usize {
+                    return Err(bad(format!(
+                        "{} users asked about, more than {PAGE_ITEMS_MAX}",
+                        r.user_ids.len()
+                    )));
+                }
+                let presences =
+                    self.hub
+                        .get_presence(conn.connection_id(), conn.pushes(), &r.user_ids);
+                Ok(Resp::GetPresence(v1::GetPresenceResponse { presences }))
+            }
             Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
             Req::Sync(r) => self.sync(user, r).await,
             Req::Unsubscribe(r) => {
