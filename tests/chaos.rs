@@ -2,7 +2,9 @@
 //! on every node keep sending, then every chat read from every node and checked by the
 //! history checkers (`tests/common/history.rs`).
 //!
-//! Faults, one at a time, each followed by a heal and a short calm:
+//! Faults, one at a time (one time in four with a second at once on another node: its
+//! links slowed or cut one way; `CHATLOG_CHAOS_MULTI=0` turns that off), each followed by
+//! a heal and a short calm:
 //! - SIGKILL of a node (the leader of a written group more often than not), restarted on
 //!   the same data directory and addresses after a while;
 //! - SIGSTOP of a node, SIGCONT after a while;
@@ -477,8 +479,8 @@ fn seed() -> u64 {
 
 // ---- Faults ---------------------------------------------------------------------------
 
-/// Runs seeded faults one at a time until `until`, healing after each; returns how many
-/// of each kind were injected.
+/// Runs seeded faults until `until`, healing after each (one time in four with a second
+/// fault on another node at the same time); returns how many of each kind were injected.
 fn inject_faults(
     cluster: &mut Cluster,
     net: &Net,
@@ -490,6 +492,7 @@ fn inject_faults(
     let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
     let started = Instant::now();
     let pauses = std::env::var("CHATLOG_CHAOS_PAUSE").map_or(true, |v| v != "0");
+    let multi = std::env::var("CHATLOG_CHAOS_MULTI").map_or(true, |v| v != "0");
     while Instant::now() < until {
         let random_node = rng.random_range(1..=NODES);
         let group = groups[rng.random_range(0..groups.len())];
@@ -515,6 +518,22 @@ fn inject_faults(
             started.elapsed()
         );
         *faults.entry(kind).or_default() += 1;
+        // Several faults at once: one time in four, a second node's links are slowed or
+        // cut one way for the same time (two of three nodes impaired: a group may lose
+        // its majority for a while, which costs availability, never data).
+        if multi && rng.random_bool(0.25) {
+            let other = (victim % NODES) + 1;
+            let second = if rng.random_bool(0.5) {
+                let delay = rng.random_range(20..250);
+                net.each_link_of(other, false, |l| l.delay_ms = delay);
+                "also: delay"
+            } else {
+                net.each_link_of(other, true, |l| l.blackhole = true);
+                "also: partition (one way)"
+            };
+            eprintln!("[chaos]   and at once: {second} on node {other}");
+            *faults.entry(second).or_default() += 1;
+        }
         match kind {
             "kill -9" => {
                 cluster.kill(victim);
