@@ -567,6 +567,12 @@ typed_requests! {
     /// Catches a device up: per chat, the events after the seq it holds (a bounded page,
     /// with `too_long` when the rest must be paged with history), head and unread count.
     sync(Sync: v1::SyncRequest) -> Sync(v1::SyncResponse);
+    /// Creates a bot owned by the caller; the answer carries its API token.
+    create_bot(CreateBot: v1::CreateBotRequest) -> CreateBot(v1::CreateBotResponse);
+    /// Lists the caller's bots.
+    list_bots(ListBots: v1::ListBotsRequest) -> ListBots(v1::ListBotsResponse);
+    /// Replaces one of the caller's bots' token.
+    reset_bot_token(ResetBotToken: v1::ResetBotTokenRequest) -> ResetBotToken(v1::CreateBotResponse);
 }
 
 impl Client {
@@ -620,6 +626,9 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::Subscribe(_) => "subscribe",
         Kind::Unsubscribe(_) => "unsubscribe",
         Kind::Sync(_) => "sync",
+        Kind::CreateBot(_) => "create_bot",
+        Kind::ListBots(_) => "list_bots",
+        Kind::ResetBotToken(_) => "reset_bot_token",
     }
 }
 
@@ -638,6 +647,7 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::ListChats(_)
         | Kind::ListMembers(_)
         | Kind::ListSessions(_)
+        | Kind::ListBots(_)
         | Kind::Sync(_) => true,
         _ => false,
     }
