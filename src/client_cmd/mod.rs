@@ -13,7 +13,7 @@
 //! one of the client's own: `NO_TOKEN`, `CONNECT_FAILED`, `TIMEOUT`, `DISCONNECTED`,
 //! `PROTOCOL`. Usage errors exit with status 2 (clap).
 
-mod output;
+pub(crate) mod output;
 mod tail;
 
 use std::fmt;
@@ -548,7 +548,7 @@ impl From<ClientError> for CmdError {
     }
 }
 
-type CmdResult<T = ()> = Result<T, CmdError>;
+pub(crate) type CmdResult<T = ()> = Result<T, CmdError>;
 
 /// Runs one client command on its own single-threaded runtime.
 pub fn run(cmd: ClientCommand) -> Result<(), CliError> {
@@ -561,7 +561,7 @@ pub fn run(cmd: ClientCommand) -> Result<(), CliError> {
 }
 
 /// Connects to `conn.server`, authenticated when a token is given.
-async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> {
+pub(crate) async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> {
     let token = conn.token.clone().filter(|t| !t.is_empty());
     if need_token && token.is_none() {
         return Err(CmdError::new(
