@@ -63,7 +63,11 @@ impl Answer {
         assert_eq!(self.status, status, "{:?}", self.body);
         assert_eq!(self.body["ok"], false, "{:?}", self.body);
         assert_eq!(self.body["error_code"], status, "{:?}", self.body);
-        assert!(self.body["description"].as_str().is_some_and(|d| !d.is_empty()));
+        assert!(
+            self.body["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty())
+        );
         self
     }
 }
@@ -127,7 +131,8 @@ async fn http(
     let body = if rest.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&rest).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&rest).into()))
+        serde_json::from_slice(&rest)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&rest).into()))
     };
     Ok(Answer {
         status,
@@ -309,10 +314,16 @@ async fn an_echo_bot_answers_users_over_long_polling() {
     assert_eq!(echoed, 10, "every message answered");
 
     // Update ids increase; seqs per chat increase; the bot saw its own join first.
-    let ids: Vec<u64> = seen.iter().map(|u| u["update_id"].as_u64().expect("id")).collect();
+    let ids: Vec<u64> = seen
+        .iter()
+        .map(|u| u["update_id"].as_u64().expect("id"))
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
     let seqs: Vec<u64> = seen.iter().map(|u| named(u).1).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs increase: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs increase: {seqs:?}"
+    );
     assert_eq!(named(&seen[0]).2, "member_joined");
 
     // The users see each echo once, replying to the right message.
@@ -333,12 +344,19 @@ async fn an_echo_bot_answers_users_over_long_polling() {
             by_seq.insert(e.seq, m.text.clone());
             if let Some(original) = m.text.strip_prefix("echo: ") {
                 assert_eq!(e.sender_id, bot);
-                assert_eq!(by_seq.get(&m.reply_to_seq).map(String::as_str), Some(original));
+                assert_eq!(
+                    by_seq.get(&m.reply_to_seq).map(String::as_str),
+                    Some(original)
+                );
             }
         }
     }
     for i in 0..10 {
-        assert_eq!(texts.get(&format!("echo: hello {i}")), Some(&1), "{texts:?}");
+        assert_eq!(
+            texts.get(&format!("echo: hello {i}")),
+            Some(&1),
+            "{texts:?}"
+        );
     }
 
     // Idempotent send: the same key twice posts once.
@@ -383,7 +401,10 @@ async fn an_echo_bot_answers_users_over_long_polling() {
     .await;
     assert!(deleted.result()["event_seq"].as_u64() > edited.result()["event_seq"].as_u64());
     // Someone else's message: only its sender or an admin deletes it.
-    let alices = *by_seq.keys().find(|s| by_seq[s] == "hello 0").expect("hello 0");
+    let alices = *by_seq
+        .keys()
+        .find(|s| by_seq[s] == "hello 0")
+        .expect("hello 0");
     call(
         &server.http,
         &token,
@@ -408,8 +429,18 @@ async fn an_echo_bot_answers_users_over_long_polling() {
         .map(|u| named(u).2)
         .collect();
     // The last echoes may come first; the send, edit and delete end the list, in order.
-    assert!(kinds.ends_with(&["message".into(), "edit".into(), "delete".into()]), "{kinds:?}");
-    let edit = rest.result().as_array().expect("array").iter().find(|u| named(u).2 == "edit").cloned().expect("edit");
+    assert!(
+        kinds.ends_with(&["message".into(), "edit".into(), "delete".into()]),
+        "{kinds:?}"
+    );
+    let edit = rest
+        .result()
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|u| named(u).2 == "edit")
+        .cloned()
+        .expect("edit");
     assert_eq!(edit["edited_message"]["message_id"], seq);
     assert_eq!(edit["edited_message"]["text"], "twice");
 }
@@ -438,11 +469,20 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
         .iter()
         .map(|u| (u["update_id"].as_u64().expect("id"), named(u)))
         .collect();
-    assert_eq!(names.keys().copied().collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    assert_eq!(
+        names.keys().copied().collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
     // Confirm 1..=3: 4..=6 come back, the same.
     let again = call(&server.http, &token, "getUpdates", json!({"offset": 4})).await;
     let again: Vec<Value> = again.result().as_array().expect("array").clone();
-    assert_eq!(again.iter().map(|u| u["update_id"].as_u64().expect("id")).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert_eq!(
+        again
+            .iter()
+            .map(|u| u["update_id"].as_u64().expect("id"))
+            .collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
     for u in &again {
         assert_eq!(names[&u["update_id"].as_u64().expect("id")], named(u));
     }
@@ -453,16 +493,29 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     let after = call(&server.http, &token, "getUpdates", json!({"offset": 4})).await;
     let after: Vec<Value> = after.result().as_array().expect("array").clone();
     assert_eq!(
-        after.iter().map(|u| u["update_id"].as_u64().expect("id")).collect::<Vec<_>>(),
+        after
+            .iter()
+            .map(|u| u["update_id"].as_u64().expect("id"))
+            .collect::<Vec<_>>(),
         vec![4, 5, 6],
         "the same ids after the restart"
     );
     for u in &after {
-        assert_eq!(names[&u["update_id"].as_u64().expect("id")], named(u), "the same events");
+        assert_eq!(
+            names[&u["update_id"].as_u64().expect("id")],
+            named(u),
+            "the same events"
+        );
     }
     // A bot that asks with an old offset gets nothing it confirmed.
     let old = call(&server.http, &token, "getUpdates", json!({"offset": 2})).await;
-    assert!(old.result().as_array().expect("array").iter().all(|u| u["update_id"].as_u64() >= Some(4)));
+    assert!(
+        old.result()
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|u| u["update_id"].as_u64() >= Some(4))
+    );
 
     // A long poll that confirms everything, cut by a SIGKILL while it waits.
     let http_addr = server.http.clone();
@@ -484,7 +537,11 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
         if info.result()["pending_update_count"] == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the poll never confirmed: {:?}", info.body);
+        assert!(
+            Instant::now() < deadline,
+            "the poll never confirmed: {:?}",
+            info.body
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!poll.is_finished(), "the long poll is still waiting");
@@ -506,7 +563,13 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     let mut got = Vec::new();
     let deadline = Instant::now() + WAIT;
     while got.len() < 3 && Instant::now() < deadline {
-        let a = call(&server.http, &token, "getUpdates", json!({"offset": offset, "timeout": 5})).await;
+        let a = call(
+            &server.http,
+            &token,
+            "getUpdates",
+            json!({"offset": offset, "timeout": 5}),
+        )
+        .await;
         for u in a.result().as_array().expect("array") {
             let id = u["update_id"].as_u64().expect("id");
             assert!(id >= offset, "id {id} was confirmed already");
@@ -518,11 +581,19 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     }
     assert_eq!(
         got.iter().map(|n| (n.1, n.3.clone())).collect::<Vec<_>>(),
-        posted.iter().zip(0..).map(|(s, i)| (*s, format!("after {i}"))).collect::<Vec<_>>(),
+        posted
+            .iter()
+            .zip(0..)
+            .map(|(s, i)| (*s, format!("after {i}")))
+            .collect::<Vec<_>>(),
         "every post after the restart, once, in order"
     );
     // Every message was delivered under exactly one id.
-    let messages: BTreeSet<u64> = names.values().filter(|n| n.2 == "message").map(|n| n.1).collect();
+    let messages: BTreeSet<u64> = names
+        .values()
+        .filter(|n| n.2 == "message")
+        .map(|n| n.1)
+        .collect();
     assert_eq!(messages.len(), 8);
     assert_eq!(names.values().filter(|n| n.2 == "message").count(), 8);
 }
@@ -562,10 +633,16 @@ fn receiver(failures: usize) -> (String, mpsc::Receiver<(u16, Option<String>, Va
             reader.read_exact(&mut body).expect("body");
             let status = if served < failures { 500 } else { 204 };
             served += 1;
-            let reason = if status == 500 { "Internal Server Error" } else { "No Content" };
+            let reason = if status == 500 {
+                "Internal Server Error"
+            } else {
+                "No Content"
+            };
             let _ = stream.write_all(
-                format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
             );
             let body: Value = serde_json::from_slice(&body).expect("JSON update");
             if tx.send((status, secret, body)).is_err() {
@@ -590,9 +667,14 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     let (bot, token) = (created.user_id, created.token);
     let (hook_addr, deliveries) = receiver(3);
     let url = format!("http://{hook_addr}/hook");
-    call(&server.http, &token, "setWebhook", json!({"url": "https://example.org/x"}))
-        .await
-        .refused(400);
+    call(
+        &server.http,
+        &token,
+        "setWebhook",
+        json!({"url": "https://example.org/x"}),
+    )
+    .await
+    .refused(400);
     let set = call(
         &server.http,
         &token,
@@ -601,7 +683,9 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     )
     .await;
     assert_eq!(set.result(), &json!(true));
-    call(&server.http, &token, "getUpdates", json!({})).await.refused(409);
+    call(&server.http, &token, "getUpdates", json!({}))
+        .await
+        .refused(409);
 
     let chat_a = chat_with(&alice, "a", Some(bot)).await;
     let chat_b = chat_with(&alice, "b", Some(bot)).await;
@@ -620,7 +704,11 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
         let (status, secret, body) = deliveries
             .recv_timeout(left)
             .unwrap_or_else(|_| panic!("only {} updates delivered: {ok:?}", ok.len()));
-        assert_eq!(secret.as_deref(), Some("s3cret_token-1"), "the secret header");
+        assert_eq!(
+            secret.as_deref(),
+            Some("s3cret_token-1"),
+            "the secret header"
+        );
         if status == 500 {
             failed.push(body);
         } else {
@@ -629,15 +717,35 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     }
     assert_eq!(failed.len(), 3);
     // The failed update was retried until it went through, and it went first.
-    assert!(failed.iter().all(|f| f["update_id"] == ok[0]["update_id"]), "{failed:?}");
-    let ids: Vec<u64> = ok.iter().map(|u| u["update_id"].as_u64().expect("id")).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "each delivered once, in order: {ids:?}");
+    assert!(
+        failed.iter().all(|f| f["update_id"] == ok[0]["update_id"]),
+        "{failed:?}"
+    );
+    let ids: Vec<u64> = ok
+        .iter()
+        .map(|u| u["update_id"].as_u64().expect("id"))
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "each delivered once, in order: {ids:?}"
+    );
     for chat in [chat_a, chat_b] {
-        let seqs: Vec<u64> = ok.iter().map(named).filter(|n| n.0 == chat).map(|n| n.1).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "chat {chat} in order: {seqs:?}");
+        let seqs: Vec<u64> = ok
+            .iter()
+            .map(named)
+            .filter(|n| n.0 == chat)
+            .map(|n| n.1)
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "chat {chat} in order: {seqs:?}"
+        );
         assert_eq!(seqs.len(), if chat == chat_a { 6 } else { 4 });
     }
-    let texts: BTreeSet<String> = ok.iter().filter_map(|u| u["message"]["text"].as_str().map(str::to_owned)).collect();
+    let texts: BTreeSet<String> = ok
+        .iter()
+        .filter_map(|u| u["message"]["text"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(texts.len(), 8);
 
     // getWebhookInfo: the URL, nothing pending once confirmed, the last error.
@@ -647,21 +755,36 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
         if info.result()["pending_update_count"] == 0 {
             break info;
         }
-        assert!(Instant::now() < deadline, "never confirmed: {:?}", info.body);
+        assert!(
+            Instant::now() < deadline,
+            "never confirmed: {:?}",
+            info.body
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(info.result()["url"], url.as_str());
     assert!(
-        info.result()["last_error_message"].as_str().is_some_and(|m| m.contains("500")),
+        info.result()["last_error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("500")),
         "{:?}",
         info.body
     );
     assert!(info.result()["last_error_date"].as_u64().is_some());
 
     // Without the webhook, getUpdates works again and has nothing left over.
-    assert_eq!(call(&server.http, &token, "deleteWebhook", json!({})).await.result(), &json!(true));
+    assert_eq!(
+        call(&server.http, &token, "deleteWebhook", json!({}))
+            .await
+            .result(),
+        &json!(true)
+    );
     let left = call(&server.http, &token, "getUpdates", json!({})).await;
-    assert_eq!(left.result(), &json!([]), "every delivered update was confirmed");
+    assert_eq!(
+        left.result(),
+        &json!([]),
+        "every delivered update was confirmed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -680,15 +803,35 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     let bot = created.user_id;
     let wrong_secret = format!("{bot}:{}", "0".repeat(64));
     for bad in [wrong_secret.as_str(), "garbage", "1:x", ""] {
-        call(&server.http, bad, "getMe", json!({})).await.refused(401);
+        call(&server.http, bad, "getMe", json!({}))
+            .await
+            .refused(401);
     }
-    call(&server.http, &token, "noSuchMethod", json!({})).await.refused(404);
-    call(&server.http, &token, "sendMessage", json!({"text": "no chat"})).await.refused(400);
-    call(&server.http, &token, "getUpdates", json!({"limit": 1000})).await.refused(400);
-    call(&server.http, &token, "getUpdates", json!({"timeout": 3600})).await.refused(400);
-    call(&server.http, &token, "sendMedia", json!({"chat_id": 1, "media_id": "ab"}))
+    call(&server.http, &token, "noSuchMethod", json!({}))
+        .await
+        .refused(404);
+    call(
+        &server.http,
+        &token,
+        "sendMessage",
+        json!({"text": "no chat"}),
+    )
+    .await
+    .refused(400);
+    call(&server.http, &token, "getUpdates", json!({"limit": 1000}))
         .await
         .refused(400);
+    call(&server.http, &token, "getUpdates", json!({"timeout": 3600}))
+        .await
+        .refused(400);
+    call(
+        &server.http,
+        &token,
+        "sendMedia",
+        json!({"chat_id": 1, "media_id": "ab"}),
+    )
+    .await
+    .refused(400);
     let broken = http(
         &server.http,
         "POST",
@@ -700,7 +843,8 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     .expect("answer");
     broken.refused(400);
     // The body limit.
-    let huge = json!({"chat_id": 1, "text": "x".repeat(chatlog::bot::REQUEST_BODY_BYTES_MAX)}).to_string();
+    let huge =
+        json!({"chat_id": 1, "text": "x".repeat(chatlog::bot::REQUEST_BODY_BYTES_MAX)}).to_string();
     let over = http(
         &server.http,
         "POST",
@@ -713,9 +857,14 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     over.refused(413);
     // A chat the bot is not in.
     let stranger = chat_with(&alice, "private", None).await;
-    call(&server.http, &token, "sendMessage", json!({"chat_id": stranger, "text": "hi"}))
-        .await
-        .refused(403);
+    call(
+        &server.http,
+        &token,
+        "sendMessage",
+        json!({"chat_id": stranger, "text": "hi"}),
+    )
+    .await
+    .refused(403);
     // A media id nobody uploaded (until media exists, every id).
     call(
         &server.http,
@@ -726,16 +875,31 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     .await
     .refused(400);
     // Over the send rate: 429, retry_after in the body and the header.
-    let flood = call(&server.http, &token, "sendMessage", json!({"chat_id": stranger, "text": "hi"})).await;
+    let flood = call(
+        &server.http,
+        &token,
+        "sendMessage",
+        json!({"chat_id": stranger, "text": "hi"}),
+    )
+    .await;
     flood.refused(429);
-    assert!(flood.body["parameters"]["retry_after"].as_u64() >= Some(1), "{:?}", flood.body);
-    assert!(flood.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok()));
+    assert!(
+        flood.body["parameters"]["retry_after"].as_u64() >= Some(1),
+        "{:?}",
+        flood.body
+    );
+    assert!(
+        flood
+            .header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().is_ok())
+    );
     // A second long poll of the same bot while one waits: 409.
     let http_addr = server.http.clone();
     let t = token.clone();
-    let first = tokio::spawn(async move {
-        call(&http_addr, &t, "getUpdates", json!({"timeout": 3})).await
-    });
+    let first =
+        tokio::spawn(
+            async move { call(&http_addr, &t, "getUpdates", json!({"timeout": 3})).await },
+        );
     let deadline = Instant::now() + WAIT;
     loop {
         let second = call(&server.http, &token, "getUpdates", json!({"timeout": 0})).await;
@@ -761,7 +925,11 @@ async fn the_openapi_document_describes_every_method_and_the_cli_makes_bots() {
             .args(["--server", &server.addr, "--token", &alice_token, "--json"])
             .output()
             .expect("runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).expect("JSON")
     };
     let made = run(&["bot", "create", "cli_bot"]);
@@ -773,21 +941,44 @@ async fn the_openapi_document_describes_every_method_and_the_cli_makes_bots() {
     // A new token replaces the old one.
     let renewed = run(&["bot", "token", &bot.to_string()]);
     let new_token = renewed["token"].as_str().expect("token").to_string();
-    call(&server.http, &token, "getMe", json!({})).await.refused(401);
+    call(&server.http, &token, "getMe", json!({}))
+        .await
+        .refused(401);
     let token = new_token;
-    assert_eq!(call(&server.http, &token, "getMe", json!({})).await.result()["id"], bot);
+    assert_eq!(
+        call(&server.http, &token, "getMe", json!({}))
+            .await
+            .result()["id"],
+        bot
+    );
 
-    let doc = http(&server.http, "GET", "/bot/openapi.json", &[], b"").await.expect("GET");
+    let doc = http(&server.http, "GET", "/bot/openapi.json", &[], b"")
+        .await
+        .expect("GET");
     assert_eq!(doc.status, 200);
-    assert!(doc.body["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    assert!(
+        doc.body["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3."))
+    );
     let described: BTreeSet<String> = doc.body["paths"]
         .as_object()
         .expect("paths")
         .keys()
-        .map(|p| p.strip_prefix("/bot{token}/").expect("method path").to_string())
+        .map(|p| {
+            p.strip_prefix("/bot{token}/")
+                .expect("method path")
+                .to_string()
+        })
         .collect();
-    let implemented: BTreeSet<String> = chatlog::bot::METHODS.iter().map(|m| m.to_string()).collect();
-    assert_eq!(described, implemented, "every implemented method is described, and only those");
+    let implemented: BTreeSet<String> = chatlog::bot::METHODS
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(
+        described, implemented,
+        "every implemented method is described, and only those"
+    );
     for path in doc.body["paths"].as_object().expect("paths").values() {
         for verb in ["get", "post"] {
             let op = &path[verb];

@@ -120,10 +120,9 @@ async fn dispatch(cmd: BotCommand) -> CmdResult {
             let r = c
                 .reset_bot_token(v1::ResetBotTokenRequest { bot_id: a.bot_id })
                 .await?;
-            Printer::new(&a.conn).result(
-                &json!({"user_id": r.user_id, "token": r.token}),
-                || format!("bot {} has a new token: {}", r.user_id, r.token),
-            );
+            Printer::new(&a.conn).result(&json!({"user_id": r.user_id, "token": r.token}), || {
+                format!("bot {} has a new token: {}", r.user_id, r.token)
+            });
         }
     }
     Ok(())

@@ -201,7 +201,9 @@ pub(crate) async fn send_media(
         ));
     }
     let caption = text_param(p, "caption", false)?;
-    let media = api.media.resolve_media(bot, &media_id.to_ascii_lowercase())?;
+    let media = api
+        .media
+        .resolve_media(bot, &media_id.to_ascii_lowercase())?;
     post(api, bot, p, header, caption, Some(media)).await
 }
 
@@ -213,17 +215,15 @@ fn ack_json(o: Outcome, target: u64) -> Result<Value, BotError> {
             seq,
             timestamp_ms,
             ..
-        } => Ok(json!({"chat": chat_json(chat), "message_id": target, "event_seq": seq,
-                        "date": timestamp_ms / 1000, "timestamp_ms": timestamp_ms})),
+        } => Ok(
+            json!({"chat": chat_json(chat), "message_id": target, "event_seq": seq,
+                        "date": timestamp_ms / 1000, "timestamp_ms": timestamp_ms}),
+        ),
         o => Err(BotError::new(500, format!("unexpected outcome {o:?}"))),
     }
 }
 
-pub(crate) async fn edit_message(
-    api: &BotApi,
-    bot: UserId,
-    p: &Params,
-) -> Result<Value, BotError> {
+pub(crate) async fn edit_message(api: &BotApi, bot: UserId, p: &Params) -> Result<Value, BotError> {
     let chat = required_u64(p, "chat_id")?;
     let target = required_u64(p, "message_id")?;
     let text = text_param(p, "text", true)?;
@@ -287,11 +287,7 @@ pub(crate) fn check_webhook_url(url: &str) -> Result<(), BotError> {
     Ok(())
 }
 
-pub(crate) async fn set_webhook(
-    api: &BotApi,
-    bot: UserId,
-    p: &Params,
-) -> Result<Value, BotError> {
+pub(crate) async fn set_webhook(api: &BotApi, bot: UserId, p: &Params) -> Result<Value, BotError> {
     let url = str_param(p, "url")?.unwrap_or_default();
     if !url.is_empty() {
         check_webhook_url(&url)?;

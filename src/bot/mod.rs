@@ -120,7 +120,8 @@ impl BotError {
 
     /// The JSON body.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({"ok": false, "error_code": self.status, "description": self.description});
+        let mut v =
+            json!({"ok": false, "error_code": self.status, "description": self.description});
         if let Some(s) = self.retry_after_s {
             v["parameters"] = json!({"retry_after": s});
         }
@@ -328,7 +329,10 @@ impl BotApi {
             if method.eq_ignore_ascii_case("editMessageText") {
                 return methods::edit_message(self, bot, params).await;
             }
-            return Err(BotError::new(404, format!("method {method:?} does not exist")));
+            return Err(BotError::new(
+                404,
+                format!("method {method:?} does not exist"),
+            ));
         };
         match *canonical {
             "getMe" => methods::get_me(self, bot),
@@ -350,7 +354,10 @@ impl BotApi {
             "setWebhook" => methods::set_webhook(self, bot, params).await,
             "deleteWebhook" => methods::delete_webhook(self, bot, params).await,
             "getWebhookInfo" => methods::get_webhook_info(self, bot),
-            other => Err(BotError::new(404, format!("method {other:?} does not exist"))),
+            other => Err(BotError::new(
+                404,
+                format!("method {other:?} does not exist"),
+            )),
         }
     }
 }

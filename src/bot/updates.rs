@@ -43,8 +43,13 @@ impl Update {
         let mut v = json!({"update_id": self.update_id, "event": event_json(e)});
         match &e.body {
             Some(Body::MessagePosted(m)) => {
-                let mut msg =
-                    super::methods::message_json(e.chat_id, e.seq, e.sender_id, e.timestamp_ms, &m.text);
+                let mut msg = super::methods::message_json(
+                    e.chat_id,
+                    e.seq,
+                    e.sender_id,
+                    e.timestamp_ms,
+                    &m.text,
+                );
                 msg["from"]["is_bot"] = json!(false);
                 if m.reply_to_seq != 0 {
                     msg["reply_to_message_id"] = json!(m.reply_to_seq);
@@ -251,11 +256,7 @@ pub(crate) async fn next_updates(
 
 /// `getUpdates`: `offset` (confirms every id below it), `limit` (1 to 100, default
 /// 100), `timeout` (seconds of long poll, 0 to [`LONG_POLL_TIMEOUT_S_MAX`]).
-pub(crate) async fn get_updates(
-    api: &BotApi,
-    bot: UserId,
-    p: &Params,
-) -> Result<Value, BotError> {
+pub(crate) async fn get_updates(api: &BotApi, bot: UserId, p: &Params) -> Result<Value, BotError> {
     if let Some(Value::Number(n)) = p.get("offset")
         && n.as_i64().is_some_and(|o| o < 0)
     {
@@ -293,4 +294,3 @@ pub(crate) async fn get_updates(
     let updates = next_updates(api, bot, offset, limit, Duration::from_secs(timeout)).await?;
     Ok(Value::Array(updates.iter().map(Update::to_json).collect()))
 }
-

@@ -161,8 +161,7 @@ async fn delivery_loop(api: Weak<BotApi>, bot: UserId) {
                         let Some(strong) = api.upgrade() else {
                             return;
                         };
-                        if let Err(e) = updates::confirm(&strong, bot, update.update_id + 1).await
-                        {
+                        if let Err(e) = updates::confirm(&strong, bot, update.update_id + 1).await {
                             // Not confirmed: it will be delivered again (at least once).
                             tracing::warn!(bot, error = %e.description, "confirming a delivered update failed");
                         }
@@ -254,7 +253,9 @@ async fn deliver(url: &str, secret: &str, update: &Update) -> Result<(), String>
             Ok(())
         } else {
             let reason = line.splitn(3, ' ').nth(2).unwrap_or_default();
-            Err(format!("Wrong response from the webhook: {status} {reason}"))
+            Err(format!(
+                "Wrong response from the webhook: {status} {reason}"
+            ))
         }
     };
     match tokio::time::timeout(DELIVERY_TIMEOUT, attempt).await {

@@ -31,18 +31,15 @@ pub(super) fn routes() -> Router<Ctx> {
 }
 
 async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
 fn answer(result: Result<Value, BotError>) -> Response {
     match result {
         Ok(v) => axum::Json(json!({"ok": true, "result": v})).into_response(),
         Err(e) => {
-            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let status =
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut r = (status, axum::Json(e.to_json())).into_response();
             if let Some(s) = e.retry_after_s
                 && let Ok(v) = HeaderValue::from_str(&s.to_string())

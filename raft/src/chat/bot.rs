@@ -446,7 +446,8 @@ impl Bots {
                 let Some(b) = self.bots.get_mut(bot) else {
                     return refuse(RefusalCode::NotFound, format!("no bot {bot}"));
                 };
-                if url.len() > WEBHOOK_URL_BYTES_MAX || secret_token.len() > WEBHOOK_SECRET_BYTES_MAX
+                if url.len() > WEBHOOK_URL_BYTES_MAX
+                    || secret_token.len() > WEBHOOK_SECRET_BYTES_MAX
                 {
                     return refuse(
                         RefusalCode::BadRequest,
@@ -663,7 +664,11 @@ mod tests {
             b.apply(&BotCommand::Confirm { bot: 8, offset: 1 }),
             Outcome::Refused(r) if r.code == RefusalCode::NotFound
         ));
-        assert_eq!(b.get(7).expect("bot").next_update_id(), 1, "nothing changed");
+        assert_eq!(
+            b.get(7).expect("bot").next_update_id(),
+            1,
+            "nothing changed"
+        );
     }
 
     #[test]
