@@ -54,8 +54,38 @@ pub const UPDATES_LIMIT_MAX: u64 = chatlog_raft::chat::bot::HANDOUT_UPDATES_MAX;
 /// Longest idempotency key accepted (`idempotency_key` or the `Idempotency-Key` header).
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 /// Bots with a long-poll slot remembered per node; beyond, idle slots are forgotten
-/// first (a slot is an `Arc<Mutex>`, re-created on the next poll).
+/// first (a slot is small and re-created on the next poll).
 pub const POLL_SLOTS_MAX: usize = 1 << 16;
+/// Longest a `getUpdates` waits for the poll it supersedes to finish answering (it is
+/// told at once; this only bounds a slow read of its events).
+pub const POLL_TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// One bot's long-poll slot: one poll at a time; a new poll supersedes the running one,
+/// which answers 409 (as Telegram's "terminated by other getUpdates request"), so a
+/// client that gave up on a poll is never locked out by it.
+#[derive(Debug)]
+struct PollSlot {
+    lock: tokio::sync::Mutex<()>,
+    /// Bumped by every new poll; a poll whose number is no longer current stops.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for PollSlot {
+    fn default() -> Self {
+        PollSlot {
+            lock: tokio::sync::Mutex::new(()),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+/// The error of a superseded poll.
+pub(crate) fn superseded() -> BotError {
+    BotError::new(
+        409,
+        "terminated by other getUpdates request; make sure that only one bot instance is          running",
+    )
+}
 
 /// The methods this API implements, as their names are spelled in URLs (matched without
 /// regard to case, like Telegram's). The OpenAPI document describes each one.
@@ -189,8 +219,8 @@ pub struct BotApi {
     /// Bumped after any local group applied something: long polls and webhook loops
     /// wait on it (the "tiny notification hook": one forwarding task per group).
     applied: watch::Receiver<u64>,
-    /// One long poll at a time per bot (Telegram answers a second one with 409).
-    polls: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One long poll at a time per bot; a new one supersedes the running one.
+    polls: Mutex<HashMap<UserId, Arc<PollSlot>>>,
     pub(crate) webhook_status: Mutex<HashMap<UserId, WebhookStatus>>,
 }
 
@@ -302,7 +332,7 @@ impl BotApi {
     }
 
     /// The bot's long-poll slot.
-    fn poll_slot(&self, bot: UserId) -> Arc<tokio::sync::Mutex<()>> {
+    fn poll_slot(&self, bot: UserId) -> Arc<PollSlot> {
         let mut polls = lock(&self.polls);
         if polls.len() >= POLL_SLOTS_MAX && !polls.contains_key(&bot) {
             polls.retain(|_, m| Arc::strong_count(m) > 1);
@@ -338,14 +368,17 @@ impl BotApi {
             "getMe" => methods::get_me(self, bot),
             "getUpdates" => {
                 let slot = self.poll_slot(bot);
-                let Ok(_held) = slot.try_lock() else {
-                    return Err(BotError::new(
-                        409,
-                        "terminated by other getUpdates request; make sure that only one bot \
-                         instance is running",
-                    ));
+                let mut generation = slot.generation.subscribe();
+                slot.generation.send_modify(|g| *g = g.wrapping_add(1));
+                let mine = *generation.borrow_and_update();
+                let Ok(_held) = tokio::time::timeout(POLL_TAKEOVER_WAIT, slot.lock.lock()).await
+                else {
+                    return Err(superseded());
                 };
-                updates::get_updates(self, bot, params).await
+                if *generation.borrow() != mine {
+                    return Err(superseded());
+                }
+                updates::get_updates(self, bot, params, Some(generation)).await
             }
             "sendMessage" => methods::send_message(self, bot, params, idempotency_header).await,
             "editMessage" => methods::edit_message(self, bot, params).await,

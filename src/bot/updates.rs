@@ -19,6 +19,7 @@ use chatlog_raft::chat::bot::{BotCommand, HANDOUT_RANGES_MAX, HandOutRange, Pend
 use chatlog_raft::chat::{Command, UserId};
 use chatlog_wire::proto::v1::{self, event::Body};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use super::methods::u64_param;
 use super::{BotApi, BotError, LONG_POLL_TIMEOUT_S_MAX, Params, UPDATES_LIMIT_MAX, bot_chats};
@@ -223,13 +224,15 @@ pub(crate) async fn confirm(api: &BotApi, bot: UserId, offset: u64) -> Result<()
 }
 
 /// Waits for the next batch of updates from `offset` on (confirming those below it),
-/// until `timeout`; an empty list when none came.
+/// until `timeout`; an empty list when none came. A change of `superseded` (a newer poll
+/// of the same bot) ends the wait with 409.
 pub(crate) async fn next_updates(
     api: &BotApi,
     bot: UserId,
     offset: u64,
     limit: u64,
     timeout: Duration,
+    mut superseded: Option<watch::Receiver<u64>>,
 ) -> Result<Vec<Update>, BotError> {
     let deadline = tokio::time::Instant::now() + timeout;
     confirm(api, bot, offset).await?;
@@ -245,18 +248,33 @@ pub(crate) async fn next_updates(
         } else if hand_out(api, bot, limit).await? {
             continue;
         }
-        if tokio::time::timeout_at(deadline, applied.changed())
-            .await
-            .is_err()
-        {
-            return Ok(Vec::new());
+        let newer = async {
+            match superseded.as_mut() {
+                Some(s) => {
+                    let _ = s.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            waited = tokio::time::timeout_at(deadline, applied.changed()) => {
+                if waited.is_err() {
+                    return Ok(Vec::new());
+                }
+            }
+            () = newer => return Err(super::superseded()),
         }
     }
 }
 
 /// `getUpdates`: `offset` (confirms every id below it), `limit` (1 to 100, default
 /// 100), `timeout` (seconds of long poll, 0 to [`LONG_POLL_TIMEOUT_S_MAX`]).
-pub(crate) async fn get_updates(api: &BotApi, bot: UserId, p: &Params) -> Result<Value, BotError> {
+pub(crate) async fn get_updates(
+    api: &BotApi,
+    bot: UserId,
+    p: &Params,
+    superseded: Option<watch::Receiver<u64>>,
+) -> Result<Value, BotError> {
     if let Some(Value::Number(n)) = p.get("offset")
         && n.as_i64().is_some_and(|o| o < 0)
     {
@@ -291,6 +309,7 @@ pub(crate) async fn get_updates(api: &BotApi, bot: UserId, p: &Params) -> Result
             ));
         }
     }
-    let updates = next_updates(api, bot, offset, limit, Duration::from_secs(timeout)).await?;
+    let timeout = Duration::from_secs(timeout);
+    let updates = next_updates(api, bot, offset, limit, timeout, superseded).await?;
     Ok(Value::Array(updates.iter().map(Update::to_json).collect()))
 }

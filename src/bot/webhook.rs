@@ -134,8 +134,8 @@ async fn delivery_loop(api: Weak<BotApi>, bot: UserId) {
             if webhook_here(&strong, bot).is_none() {
                 return;
             }
-            updates::next_updates(&strong, bot, 0, DELIVERY_BATCH_UPDATES_MAX, SUPERVISOR_TICK)
-                .await
+            let (batch, tick) = (DELIVERY_BATCH_UPDATES_MAX, SUPERVISOR_TICK);
+            updates::next_updates(&strong, bot, 0, batch, tick, None).await
         };
         let batch = match batch {
             Ok(b) => b,
