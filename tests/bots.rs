@@ -905,7 +905,11 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     while !first.is_finished() {
         let newer = call(&server.http, &token, "getUpdates", json!({"timeout": 0})).await;
         // 409 too when the first poll started after this one and superseded it.
-        assert!(newer.status == 200 || newer.status == 409, "{:?}", newer.body);
+        assert!(
+            newer.status == 200 || newer.status == 409,
+            "{:?}",
+            newer.body
+        );
         assert!(
             Instant::now() < deadline,
             "the first poll was never superseded"

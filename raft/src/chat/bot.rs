@@ -694,6 +694,94 @@ mod tests {
     }
 
     #[test]
+    fn bots_are_users_with_an_owner_a_session_and_checkpointed_cursors() {
+        use crate::chat::command::Command;
+        use crate::chat::state::GroupState;
+        let mut st = GroupState::new(2);
+        let mut index = 0;
+        let mut run = |st: &mut GroupState, c: BotCommand| {
+            index += 1;
+            st.apply(&Command::Bot(c), 1_000 + index, index, 0)
+        };
+        let Outcome::UserCreated { user: bot } = run(
+            &mut st,
+            BotCommand::Create {
+                owner: 99,
+                name: "echo_bot".into(),
+                token_hash: [7; 32],
+            },
+        ) else {
+            panic!("bot created");
+        };
+        // A user like any other: the handle is taken, the token is a session.
+        assert_eq!(st.user_by_name("echo_bot"), Some(bot));
+        let session = st.session_by_token(bot, &[7; 32]).expect("API session");
+        assert!(matches!(
+            run(
+                &mut st,
+                BotCommand::Create {
+                    owner: 99,
+                    name: "echo_bot".into(),
+                    token_hash: [8; 32],
+                }
+            ),
+            Outcome::Refused(r) if r.code == RefusalCode::Conflict
+        ));
+        // Only the owner replaces the token; the old session ends.
+        assert!(matches!(
+            run(&mut st, BotCommand::SetToken { bot, owner: 98, token_hash: [9; 32] }),
+            Outcome::Refused(r) if r.code == RefusalCode::PermissionDenied
+        ));
+        assert!(matches!(
+            run(
+                &mut st,
+                BotCommand::SetToken {
+                    bot,
+                    owner: 99,
+                    token_hash: [9; 32]
+                }
+            ),
+            Outcome::BotDone { .. }
+        ));
+        assert!(!st.has_session(bot, session));
+        assert!(st.session_by_token(bot, &[7; 32]).is_none());
+        assert!(st.session_by_token(bot, &[9; 32]).is_some());
+        run(
+            &mut st,
+            BotCommand::HandOut {
+                bot,
+                ranges: vec![HandOutRange {
+                    chat: 5,
+                    from_seq: 2,
+                    to_seq: 4,
+                }],
+            },
+        );
+        run(
+            &mut st,
+            BotCommand::SetWebhook {
+                bot,
+                url: "http://127.0.0.1:9/h".into(),
+                secret_token: "s".into(),
+            },
+        );
+        // The checkpoint carries the bots, byte-identically.
+        let bytes = st.encode();
+        let back = GroupState::decode(&bytes).expect("decodes");
+        assert_eq!(back, st);
+        assert_eq!(back.encode(), bytes);
+        let b = back.bots().get(bot).expect("bot");
+        assert_eq!(
+            (b.owner(), b.next_update_id(), b.cursor(5)),
+            (99, 4, Some(4))
+        );
+        assert_eq!(
+            b.webhook().map(|w| w.url.as_str()),
+            Some("http://127.0.0.1:9/h")
+        );
+    }
+
+    #[test]
     fn commands_round_trip() {
         let cmds = [
             BotCommand::Create {
