@@ -325,6 +325,11 @@ async fn an_echo_bot_answers_users_over_long_polling() {
         "seqs increase: {seqs:?}"
     );
     assert_eq!(named(&seen[0]).2, "member_joined");
+    // The bot's own echoes are updates too, marked as a bot's.
+    for u in seen.iter().filter(|u| u.get("message").is_some()) {
+        let from = &u["message"]["from"];
+        assert_eq!(from["is_bot"], from["id"] == bot, "{u:?}");
+    }
 
     // The users see each echo once, replying to the right message.
     let history = alice

@@ -283,12 +283,19 @@ impl BotApi {
         &self.node
     }
 
-    /// The local replica of the group of `id`, or 503/400.
-    pub(crate) fn group(&self, id: u64, what: &str) -> Result<&Group, BotError> {
+    /// Checks that `id` can name a user or chat of this cluster (400 if not).
+    pub(crate) fn check_id(&self, id: u64, what: &str) -> Result<(), BotError> {
         let g = group_of(id);
         if id == 0 || g == 0 || g > self.groups {
             return Err(BotError::bad(format!("{what} not found: {id}")));
         }
+        Ok(())
+    }
+
+    /// The local replica of the group of `id`, or 503/400.
+    pub(crate) fn group(&self, id: u64, what: &str) -> Result<&Group, BotError> {
+        self.check_id(id, what)?;
+        let g = group_of(id);
         self.node.group(g).ok_or_else(|| {
             BotError::new(
                 503,

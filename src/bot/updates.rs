@@ -10,8 +10,14 @@
 //! consecutive and in seq order, and a chat's next range starts after its cursor, so a
 //! bot reading ids in order reads every chat's events in order.
 //!
-//! Not covered: a bot removed from a chat no longer gets that chat's events, including
-//! (usually) the removal itself, since hand-outs happen while the bot is a member.
+//! Limits of this slice: a bot removed from a chat no longer gets that chat's events,
+//! including (usually) the removal itself, since hand-outs happen while the bot is a
+//! member. A waiting poll (or webhook loop) wakes after every apply of any local group
+//! and compares each of its chats' heads with its cursor: O(chats of the bot) per
+//! wake-up, no log read without news; a feed of changed chats from apply would remove
+//! the scan (the fan-out hub has the same one). A chat joins the bot's list through the
+//! bot user's own log, which the service updates after the invite commits (see
+//! `service/mod.rs`: a crash in between leaves the chat out until the next change).
 
 use std::time::Duration;
 
@@ -33,6 +39,9 @@ pub struct Update {
     pub update_id: u64,
     /// The chat event.
     pub event: v1::Event,
+    /// Whether the event's sender is a bot (as far as this node can tell: its group is
+    /// hosted here).
+    pub sender_is_bot: bool,
 }
 
 impl Update {
@@ -51,7 +60,7 @@ impl Update {
                     e.timestamp_ms,
                     &m.text,
                 );
-                msg["from"]["is_bot"] = json!(false);
+                msg["from"]["is_bot"] = json!(self.sender_is_bot);
                 if m.reply_to_seq != 0 {
                     msg["reply_to_message_id"] = json!(m.reply_to_seq);
                 }
@@ -68,7 +77,7 @@ impl Update {
                     e.timestamp_ms,
                     &m.text,
                 );
-                msg["from"]["is_bot"] = json!(false);
+                msg["from"]["is_bot"] = json!(self.sender_is_bot);
                 msg["edit_date"] = json!(e.timestamp_ms / 1000);
                 v["edited_message"] = msg;
             }
@@ -122,9 +131,13 @@ async fn read_pending(
                     format!("event {seq} of chat {chat} does not match its command"),
                 )
             })?;
+            let sender_is_bot = api
+                .group(event.sender_id, "user")
+                .is_ok_and(|g| g.shared().read().bots().get(event.sender_id).is_some());
             out.push(Update {
                 update_id: p.first_update_id + (seq - p.range.from_seq),
                 event,
+                sender_is_bot,
             });
         }
     }
