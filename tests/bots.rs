@@ -8,7 +8,8 @@
 //!   and events, confirmed ones never do; a long poll cut by the kill loses nothing.
 //! - Webhooks: a receiver on 127.0.0.1 that fails its first answers gets every update,
 //!   retried, in order per chat, with the secret header; getUpdates is refused (409)
-//!   while the webhook is set; `getWebhookInfo` reports the failures.
+//!   while the webhook is set; `getWebhookInfo` reports the failures; after a SIGKILL
+//!   and restart delivery resumes with the next ids, repeating nothing confirmed.
 //! - Refusals: bad tokens (401), a chat the bot is not in (403), unknown methods (404),
 //!   bad input (400), the body limit (413), the send rate (429 with `retry_after` and
 //!   `Retry-After`).
@@ -665,7 +666,7 @@ fn receiver(failures: usize) -> (String, mpsc::Receiver<(u16, Option<String>, Va
 async fn a_webhook_gets_every_update_in_order_with_retries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &NO_RATE_LIMITS);
-    let (_, _, alice) = user(&server.addr, "alice").await;
+    let (_, alice_token, alice) = user(&server.addr, "alice").await;
     let created = alice
         .create_bot(v1::CreateBotRequest {
             name: "hook_bot".into(),
@@ -779,6 +780,26 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
         info.body
     );
     assert!(info.result()["last_error_date"].as_u64().is_some());
+
+    // SIGKILL and restart with the webhook set: delivery resumes with the next ids and
+    // sends nothing that was confirmed.
+    server.kill();
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
+    let alice = client(&server.addr, Some(alice_token)).await;
+    let seqs = [
+        post(&alice, chat_a, "after restart 1", 50).await,
+        post(&alice, chat_a, "after restart 2", 51).await,
+    ];
+    let mut later = Vec::new();
+    while later.len() < 2 {
+        let (status, _, body) = deliveries
+            .recv_timeout(WAIT)
+            .expect("delivered after the restart");
+        assert_eq!(status, 204);
+        later.push((body["update_id"].as_u64().expect("id"), named(&body).1));
+    }
+    let last = *ids.last().expect("ids");
+    assert_eq!(later, vec![(last + 1, seqs[0]), (last + 2, seqs[1])]);
 
     // Without the webhook, getUpdates works again and has nothing left over.
     assert_eq!(

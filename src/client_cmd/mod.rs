@@ -35,7 +35,7 @@ const CLIENT_NAME: &str = concat!("chatlog-cli/", env!("CARGO_PKG_VERSION"));
 /// The end of `chatlog --help`: what every client command shares.
 pub const AFTER_HELP: &str = "\
 Client commands (user, login, sessions, chat, send, history, tail, edit, delete, react,
-pin, read, unread) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
+pin, read, unread, bot) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
 --token TOKEN (or CHATLOG_TOKEN; the session token `user create` and `login` print)
 and --json (JSON for scripts; its shape is in each command's --help).
 A refused request exits with status 1 and prints `error: CODE: message` on stderr;
