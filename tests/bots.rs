@@ -1130,6 +1130,14 @@ async fn call_until_ok(http_addr: &str, token: &str, method: &str, params: Value
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
     let cluster = start_cluster();
+    // Every node's groups have a leader before the first write.
+    for h in &cluster.https {
+        let deadline = Instant::now() + WAIT;
+        while http(h, "GET", "/ready", &[], b"").await.map(|a| a.status) != Ok(200) {
+            assert!(Instant::now() < deadline, "{h} never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let (_, _, alice) = user(&cluster.clients[0], "alice").await;
     let created = alice
         .create_bot(v1::CreateBotRequest {
