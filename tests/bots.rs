@@ -36,6 +36,19 @@ mod server;
 
 use server::{NO_RATE_LIMITS, Server};
 
+/// The HTTP address a server printed.
+trait HttpAddr {
+    fn h(&self) -> &str;
+}
+
+impl HttpAddr for Server {
+    fn h(&self) -> &str {
+        self.http
+            .as_deref()
+            .expect("the server prints its HTTP address")
+    }
+}
+
 /// Longest wait for anything the test expects to happen.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -251,12 +264,12 @@ async fn an_echo_bot_answers_users_over_long_polling() {
         token.starts_with(&format!("{bot}:")) && token.len() == bot.to_string().len() + 65,
         "token {token:?} is USER_ID:64 hex digits"
     );
-    let me = call(&server.http, &token, "getMe", json!({})).await;
+    let me = call(server.h(), &token, "getMe", json!({})).await;
     assert_eq!(me.result()["id"], bot);
     assert_eq!(me.result()["username"], "echo_bot");
     assert_eq!(me.result()["is_bot"], true);
     // GET with a query string works too.
-    let me = http(&server.http, "GET", &format!("/bot{token}/getme"), &[], b"")
+    let me = http(server.h(), "GET", &format!("/bot{token}/getme"), &[], b"")
         .await
         .expect("GET");
     assert_eq!(me.result()["id"], bot);
@@ -271,7 +284,7 @@ async fn an_echo_bot_answers_users_over_long_polling() {
         .expect("bob invited");
 
     // The bot: long polls, answers every message of a user with "echo: TEXT".
-    let http_addr = server.http.clone();
+    let http_addr = server.h().to_string();
     let bot_token = token.clone();
     let echo = tokio::spawn(async move {
         let mut offset = 0u64;
@@ -370,14 +383,14 @@ async fn an_echo_bot_answers_users_over_long_polling() {
 
     // Idempotent send: the same key twice posts once.
     let first = call(
-        &server.http,
+        server.h(),
         &token,
         "sendMessage",
         json!({"chat_id": chat, "text": "once", "idempotency_key": "k-1"}),
     )
     .await;
     let again = http(
-        &server.http,
+        server.h(),
         "POST",
         &format!("/bot{token}/sendMessage"),
         &[
@@ -394,7 +407,7 @@ async fn an_echo_bot_answers_users_over_long_polling() {
     // Edit and delete the bot's own message; the updates show them.
     let seq = first.result()["message_id"].as_u64().expect("seq");
     let edited = call(
-        &server.http,
+        server.h(),
         &token,
         "editMessage",
         json!({"chat_id": chat, "message_id": seq, "text": "twice"}),
@@ -402,7 +415,7 @@ async fn an_echo_bot_answers_users_over_long_polling() {
     .await;
     assert_eq!(edited.result()["message_id"], seq);
     let deleted = call(
-        &server.http,
+        server.h(),
         &token,
         "deleteMessage",
         json!({"chat_id": chat, "message_id": seq}),
@@ -415,7 +428,7 @@ async fn an_echo_bot_answers_users_over_long_polling() {
         .find(|s| by_seq[s] == "hello 0")
         .expect("hello 0");
     call(
-        &server.http,
+        server.h(),
         &token,
         "deleteMessage",
         json!({"chat_id": chat, "message_id": alices}),
@@ -424,7 +437,7 @@ async fn an_echo_bot_answers_users_over_long_polling() {
     .refused(403);
     let offset = ids.last().expect("ids") + 1;
     let rest = call(
-        &server.http,
+        server.h(),
         &token,
         "getUpdates",
         json!({"offset": offset, "timeout": 5}),
@@ -471,7 +484,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
         post(&alice, chat, &format!("before {i}"), 1 + i).await;
     }
     // Handed out: the join and five messages, ids 1..=6.
-    let first = call(&server.http, &token, "getUpdates", json!({})).await;
+    let first = call(server.h(), &token, "getUpdates", json!({})).await;
     let first: Vec<Value> = first.result().as_array().expect("array").clone();
     assert_eq!(first.len(), 6, "{first:?}");
     let mut names: BTreeMap<u64, (u64, u64, String, String)> = first
@@ -483,7 +496,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
         (1..=6).collect::<Vec<_>>()
     );
     // Confirm 1..=3: 4..=6 come back, the same.
-    let again = call(&server.http, &token, "getUpdates", json!({"offset": 4})).await;
+    let again = call(server.h(), &token, "getUpdates", json!({"offset": 4})).await;
     let again: Vec<Value> = again.result().as_array().expect("array").clone();
     assert_eq!(
         again
@@ -499,7 +512,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     // SIGKILL with 4..=6 handed out and not confirmed.
     server.kill();
     let server = Server::start(dir.path(), &NO_RATE_LIMITS);
-    let after = call(&server.http, &token, "getUpdates", json!({"offset": 4})).await;
+    let after = call(server.h(), &token, "getUpdates", json!({"offset": 4})).await;
     let after: Vec<Value> = after.result().as_array().expect("array").clone();
     assert_eq!(
         after
@@ -517,7 +530,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
         );
     }
     // A bot that asks with an old offset gets nothing it confirmed.
-    let old = call(&server.http, &token, "getUpdates", json!({"offset": 2})).await;
+    let old = call(server.h(), &token, "getUpdates", json!({"offset": 2})).await;
     assert!(
         old.result()
             .as_array()
@@ -527,7 +540,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     );
 
     // A long poll that confirms everything, cut by a SIGKILL while it waits.
-    let http_addr = server.http.clone();
+    let http_addr = server.h().to_string();
     let poll_token = token.clone();
     let poll = tokio::spawn(async move {
         http(
@@ -542,7 +555,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     // Wait until its confirmation is committed (nothing pending any more).
     let deadline = Instant::now() + WAIT;
     loop {
-        let info = call(&server.http, &token, "getWebhookInfo", json!({})).await;
+        let info = call(server.h(), &token, "getWebhookInfo", json!({})).await;
         if info.result()["pending_update_count"] == 0 {
             break;
         }
@@ -573,7 +586,7 @@ async fn a_restart_loses_no_update_and_repeats_no_confirmed_one() {
     let deadline = Instant::now() + WAIT;
     while got.len() < 3 && Instant::now() < deadline {
         let a = call(
-            &server.http,
+            server.h(),
             &token,
             "getUpdates",
             json!({"offset": offset, "timeout": 5}),
@@ -677,7 +690,7 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     let (hook_addr, deliveries) = receiver(3);
     let url = format!("http://{hook_addr}/hook");
     call(
-        &server.http,
+        server.h(),
         &token,
         "setWebhook",
         json!({"url": "https://example.org/x"}),
@@ -685,14 +698,14 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     .await
     .refused(400);
     let set = call(
-        &server.http,
+        server.h(),
         &token,
         "setWebhook",
         json!({"url": url, "secret_token": "s3cret_token-1"}),
     )
     .await;
     assert_eq!(set.result(), &json!(true));
-    call(&server.http, &token, "getUpdates", json!({}))
+    call(server.h(), &token, "getUpdates", json!({}))
         .await
         .refused(409);
 
@@ -760,7 +773,7 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     // getWebhookInfo: the URL, nothing pending once confirmed, the last error.
     let deadline = Instant::now() + WAIT;
     let info = loop {
-        let info = call(&server.http, &token, "getWebhookInfo", json!({})).await;
+        let info = call(server.h(), &token, "getWebhookInfo", json!({})).await;
         if info.result()["pending_update_count"] == 0 {
             break info;
         }
@@ -803,12 +816,12 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
 
     // Without the webhook, getUpdates works again and has nothing left over.
     assert_eq!(
-        call(&server.http, &token, "deleteWebhook", json!({}))
+        call(server.h(), &token, "deleteWebhook", json!({}))
             .await
             .result(),
         &json!(true)
     );
-    let left = call(&server.http, &token, "getUpdates", json!({})).await;
+    let left = call(server.h(), &token, "getUpdates", json!({})).await;
     assert_eq!(
         left.result(),
         &json!([]),
@@ -832,29 +845,27 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     let bot = created.user_id;
     let wrong_secret = format!("{bot}:{}", "0".repeat(64));
     for bad in [wrong_secret.as_str(), "garbage", "1:x", ""] {
-        call(&server.http, bad, "getMe", json!({}))
-            .await
-            .refused(401);
+        call(server.h(), bad, "getMe", json!({})).await.refused(401);
     }
-    call(&server.http, &token, "noSuchMethod", json!({}))
+    call(server.h(), &token, "noSuchMethod", json!({}))
         .await
         .refused(404);
     call(
-        &server.http,
+        server.h(),
         &token,
         "sendMessage",
         json!({"text": "no chat"}),
     )
     .await
     .refused(400);
-    call(&server.http, &token, "getUpdates", json!({"limit": 1000}))
+    call(server.h(), &token, "getUpdates", json!({"limit": 1000}))
         .await
         .refused(400);
-    call(&server.http, &token, "getUpdates", json!({"timeout": 3600}))
+    call(server.h(), &token, "getUpdates", json!({"timeout": 3600}))
         .await
         .refused(400);
     call(
-        &server.http,
+        server.h(),
         &token,
         "sendMedia",
         json!({"chat_id": 1, "media_id": "ab"}),
@@ -862,7 +873,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     .await
     .refused(400);
     let broken = http(
-        &server.http,
+        server.h(),
         "POST",
         &format!("/bot{token}/getMe"),
         &[("Content-Type", "application/json")],
@@ -875,7 +886,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     let huge =
         json!({"chat_id": 1, "text": "x".repeat(chatlog::bot::REQUEST_BODY_BYTES_MAX)}).to_string();
     let over = http(
-        &server.http,
+        server.h(),
         "POST",
         &format!("/bot{token}/sendMessage"),
         &[("Content-Type", "application/json")],
@@ -887,7 +898,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     // A chat the bot is not in.
     let stranger = chat_with(&alice, "private", None).await;
     call(
-        &server.http,
+        server.h(),
         &token,
         "sendMessage",
         json!({"chat_id": stranger, "text": "hi"}),
@@ -896,7 +907,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     .refused(403);
     // A media id nobody uploaded (until media exists, every id).
     call(
-        &server.http,
+        server.h(),
         &token,
         "sendMedia",
         json!({"chat_id": stranger, "media_id": "ab".repeat(32)}),
@@ -905,7 +916,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     .refused(400);
     // Over the send rate: 429, retry_after in the body and the header.
     let flood = call(
-        &server.http,
+        server.h(),
         &token,
         "sendMessage",
         json!({"chat_id": stranger, "text": "hi"}),
@@ -924,7 +935,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     );
     // A newer long poll of the same bot supersedes the waiting one, which answers 409
     // (a client that gave up on a poll is never locked out by it).
-    let http_addr = server.http.clone();
+    let http_addr = server.h().to_string();
     let t = token.clone();
     let first =
         tokio::spawn(
@@ -932,7 +943,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
         );
     let deadline = Instant::now() + WAIT;
     while !first.is_finished() {
-        let newer = call(&server.http, &token, "getUpdates", json!({"timeout": 0})).await;
+        let newer = call(server.h(), &token, "getUpdates", json!({"timeout": 0})).await;
         // 409 too when the first poll started after this one and superseded it.
         assert!(
             newer.status == 200 || newer.status == 409,
@@ -975,18 +986,16 @@ async fn the_openapi_document_describes_every_method_and_the_cli_makes_bots() {
     // A new token replaces the old one.
     let renewed = run(&["bot", "token", &bot.to_string()]);
     let new_token = renewed["token"].as_str().expect("token").to_string();
-    call(&server.http, &token, "getMe", json!({}))
+    call(server.h(), &token, "getMe", json!({}))
         .await
         .refused(401);
     let token = new_token;
     assert_eq!(
-        call(&server.http, &token, "getMe", json!({}))
-            .await
-            .result()["id"],
+        call(server.h(), &token, "getMe", json!({})).await.result()["id"],
         bot
     );
 
-    let doc = http(&server.http, "GET", "/bot/openapi.json", &[], b"")
+    let doc = http(server.h(), "GET", "/bot/openapi.json", &[], b"")
         .await
         .expect("GET");
     assert_eq!(doc.status, 200);
@@ -1022,7 +1031,7 @@ async fn the_openapi_document_describes_every_method_and_the_cli_makes_bots() {
         }
     }
     for m in &described {
-        let a = call(&server.http, &token, m, json!({})).await;
+        let a = call(server.h(), &token, m, json!({})).await;
         assert_ne!(a.status, 404, "{m} answers: {:?}", a.body);
         assert!(a.body["ok"].is_boolean(), "{m}: {:?}", a.body);
     }

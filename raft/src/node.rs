@@ -175,6 +175,8 @@ struct Proposal {
 #[derive(Debug, Clone)]
 pub struct Group {
     id: GroupId,
+    node_id: NodeId,
+    engine: Arc<Engine>,
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     reader: LogReader,
@@ -229,6 +231,20 @@ impl Group {
             .map_err(|_| unavailable("the group is stopped"))?;
         rx.await
             .map_err(|_| unavailable("the group stopped before answering"))?
+            .map_err(|e| self.with_storage_cause(e))
+    }
+
+    /// An `Unavailable` error names the storage failure when the node's engine stopped
+    /// (a full disk, a failed fsync): openraft reports only "raft stopped", which tells
+    /// an operator nothing.
+    fn with_storage_cause(&self, e: ProposeError) -> ProposeError {
+        match (e, self.engine.stopped()) {
+            (ProposeError::Unavailable { group, .. }, Some(cause)) => ProposeError::Unavailable {
+                group,
+                detail: format!("node {}: {cause}", self.node_id),
+            },
+            (e, _) => e,
+        }
     }
 
     /// Waits until this replica has applied everything committed before the call, as
@@ -242,10 +258,10 @@ impl Group {
                 group: self.id,
                 leader: f.leader_id,
             }),
-            Err(e) => Err(ProposeError::Unavailable {
+            Err(e) => Err(self.with_storage_cause(ProposeError::Unavailable {
                 group: self.id,
                 detail: e.to_string(),
-            }),
+            })),
         }
     }
 
@@ -316,7 +332,12 @@ impl Group {
 
 /// The batcher of one group: drains queued proposals into entries and hands them to
 /// openraft in order, with at most [`ENTRIES_IN_FLIGHT_MAX`] entries awaiting apply.
-async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Proposal>) {
+async fn run_batcher(
+    group: GroupId,
+    raft: ChatRaft,
+    shared: Arc<GroupShared>,
+    mut rx: mpsc::Receiver<Proposal>,
+) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = rx.recv().await {
         let mut bytes = first.encoded.len() + 4;
@@ -335,7 +356,7 @@ async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Prop
         };
         let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
             batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
-        let payload = Batch::encode_encoded(now_ms(), &commands);
+        let payload = Batch::encode_encoded(shared.clock().next(), &commands);
         drop(commands);
         let fail = |replies: Vec<oneshot::Sender<Result<(Outcome, u64), ProposeError>>>,
                     e: ProposeError| {
@@ -438,8 +459,10 @@ pub async fn propose_unbatched(
             detail: format!("{n} commands, more than one entry's {ENTRY_COMMANDS_MAX}"),
         });
     }
+    // No group clock here (a peer server without a batcher, in tests): the smoothed
+    // process clock still never goes back or jumps ahead.
     let payload = Batch {
-        timestamp_ms: now_ms(),
+        timestamp_ms: crate::clock::now_ms(),
         commands,
     }
     .encode();
@@ -505,12 +528,6 @@ async fn log_leadership(
             return;
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The groups of a node as the peer server finds them. Filled while the node starts, so
@@ -631,10 +648,12 @@ impl Node {
                         detail: format!("starting the Raft group: {e}"),
                     })?;
             let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
-            tokio::spawn(run_batcher(g, raft.clone(), rx));
+            tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
             tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
             let group = Group {
                 id: g,
+                node_id: config.node_id,
+                engine: Arc::clone(&engine),
                 raft,
                 shared,
                 reader,

@@ -7,7 +7,8 @@
 //! watch; after each wake-up it finds the chats whose head moved past what it already
 //! pushed, reads each chat's new events from the Raft log **once**, and pushes them as
 //! `ChatEvents` (`request_id` 0) to every online session of every member, in seq order,
-//! several events per push. It does the same for the per-user logs of online users whose
+//! several events per push, each push encoded once and its bytes shared by every
+//! recipient's queue. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
 //! revoked session at once.
 //!
@@ -25,17 +26,17 @@
 //!   cursor after each wake-up: O(chats in the group) per applied batch, with no log read
 //!   for chats without news or without online members. A feed of changed chats from apply
 //!   (in `chatlog-raft`) would remove the scan.
-//! - Each push is encoded once per session.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use chatlog_raft::GroupId;
 use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
-use crate::gateway::{Principal, PushSender};
+use crate::gateway::{Principal, PushSender, SharedPush};
+use crate::notify::Notifier;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
@@ -93,6 +94,8 @@ pub struct Hub {
     node: Arc<Node>,
     online: RwLock<Online>,
     watchers: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Push notifications for members without an online session (`--push-webhook`).
+    notifier: OnceLock<Arc<Notifier>>,
 }
 
 impl Drop for Hub {
@@ -110,6 +113,7 @@ impl Hub {
             node,
             online: RwLock::new(Online::default()),
             watchers: Mutex::new(Vec::new()),
+            notifier: OnceLock::new(),
         });
         let mut watchers = Vec::new();
         for group in hub.node.groups() {
@@ -118,6 +122,16 @@ impl Hub {
         }
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
+    }
+
+    /// Sends notifications of new messages to members who are not online here.
+    pub fn set_notifier(&self, notifier: Arc<Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Whether `user` has an authenticated connection on this node.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.online().users.contains_key(&user)
     }
 
     fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {
@@ -219,14 +233,16 @@ impl Hub {
             };
             next = to + 1;
             for batch in split_by_bytes(events) {
+                // Encoded once; every recipient's queue shares the bytes.
+                let Some(frame) =
+                    SharedPush::new(push::Kind::ChatEvents(v1::ChatEvents { events: batch }))
+                else {
+                    tracing::error!(chat, "fan-out push over the frame limit");
+                    return;
+                };
                 for r in &recipients {
                     // A full queue disconnects that session only (slow reader).
-                    let _ = r.push(
-                        0,
-                        push::Kind::ChatEvents(v1::ChatEvents {
-                            events: batch.clone(),
-                        }),
-                    );
+                    let _ = r.push_shared(&frame);
                 }
             }
         }
@@ -352,7 +368,7 @@ async fn read_chat_events(
 }
 
 /// Cuts consecutive events into pushes of at most [`PAGE_BYTES_MAX`] bytes each.
-fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
+pub(crate) fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
@@ -409,6 +425,9 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 events_seen = events_applied;
                 for (chat, from, head) in chat_heads(&group, &mut pushed) {
                     hub.push_chat(&group, chat, from, head).await;
+                    if let Some(n) = hub.notifier.get() {
+                        n.chat_moved(&group, chat, from, head, &|u| hub.is_online(u));
+                    }
                 }
             }
             hub.push_user_events(&group).await;
