@@ -36,6 +36,11 @@ mod server;
 
 use server::{NO_RATE_LIMITS, Server};
 
+#[path = "common/cluster.rs"]
+mod cluster;
+
+use cluster::Cluster;
+
 /// The HTTP address a server printed.
 trait HttpAddr {
     fn h(&self) -> &str;
@@ -813,6 +818,19 @@ async fn a_webhook_gets_every_update_in_order_with_retries() {
     }
     let last = *ids.last().expect("ids");
     assert_eq!(later, vec![(last + 1, seqs[0]), (last + 2, seqs[1])]);
+    // Confirmed after the receiver's answer: wait for it before looking with getUpdates.
+    let deadline = Instant::now() + WAIT;
+    while call(server.h(), &token, "getWebhookInfo", json!({}))
+        .await
+        .result()["pending_update_count"]
+        != 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the last delivery was never confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Without the webhook, getUpdates works again and has nothing left over.
     assert_eq!(
@@ -1037,87 +1055,6 @@ async fn the_openapi_document_describes_every_method_and_the_cli_makes_bots() {
     }
 }
 
-/// Three `chatlog serve` processes forming one cluster: (processes, client addresses,
-/// HTTP addresses). Killed when the processes drop.
-struct Cluster {
-    children: Vec<std::process::Child>,
-    clients: Vec<String>,
-    https: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_cluster() -> Cluster {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = || {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let initial: Vec<String> = (1..=3)
-        .map(|id| format!("{id}=127.0.0.1:{}", port()))
-        .collect();
-    let mut children = Vec::new();
-    let mut announced = Vec::new();
-    for id in 1..=3 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args([
-                "serve",
-                "--node-id",
-                &id.to_string(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--initial-cluster", &initial.join(","), "--groups", "4"])
-            .args(["--heartbeat-ms", "100", "--http", "127.0.0.1:0"])
-            .args(NO_RATE_LIMITS)
-            .arg("--data-dir")
-            .arg(dir.path().join(format!("node-{id}")))
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("chatlog serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining after the announcements, so the process never blocks.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        children.push(child);
-        announced.push(rx);
-    }
-    let (mut clients, mut https) = (Vec::new(), Vec::new());
-    for rx in announced {
-        let (mut client, mut http) = (None, None);
-        while client.is_none() {
-            let line = rx.recv_timeout(Duration::from_secs(60)).expect("announced");
-            if let Some(a) = line.strip_prefix("http: ") {
-                http = Some(a.trim().to_string());
-            }
-            if let Some(a) = line.strip_prefix("clients: ") {
-                client = Some(a.trim().to_string());
-            }
-        }
-        clients.push(client.expect("client address"));
-        https.push(http.expect("http address"));
-    }
-    Cluster {
-        children,
-        clients,
-        https,
-        _dir: dir,
-    }
-}
-
 /// A call retried while a follower has not applied what the leader just committed (a
 /// bot created a heartbeat ago answers 401 there).
 async fn call_until_ok(http_addr: &str, token: &str, method: &str, params: Value) -> Value {
@@ -1138,16 +1075,28 @@ async fn call_until_ok(http_addr: &str, token: &str, method: &str, params: Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
-    let cluster = start_cluster();
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(cluster::Options {
+            http: true,
+            ..cluster::Options::default()
+        })
+    });
+    let https: Vec<String> = cluster.ids().map(|id| cluster.http_addr(id)).collect();
     // Every node's groups have a leader before the first write.
-    for h in &cluster.https {
+    for h in &https {
         let deadline = Instant::now() + WAIT;
         while http(h, "GET", "/ready", &[], b"").await.map(|a| a.status) != Ok(200) {
             assert!(Instant::now() < deadline, "{h} never ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let (_, _, alice) = user(&cluster.clients[0], "alice").await;
+    let anon = cluster::connect_with(
+        &cluster.addr(1),
+        cluster::client_options(None, Duration::from_secs(10), 0),
+    )
+    .await;
+    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
+    let alice = client(&cluster.addr(1), Some(alice_token)).await;
     let created = alice
         .create_bot(v1::CreateBotRequest {
             name: "cluster_bot".into(),
@@ -1157,7 +1106,7 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
     let (bot, token) = (created.user_id, created.token);
     let chat = chat_with(&alice, "c", Some(bot)).await;
     // Every node knows the bot.
-    for h in &cluster.https {
+    for h in &https {
         assert_eq!(
             call_until_ok(h, &token, "getMe", json!({})).await["id"],
             bot
@@ -1166,7 +1115,7 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
     let (hook_addr, deliveries) = receiver(1);
     let url = format!("http://{hook_addr}/hook");
     call_until_ok(
-        &cluster.https[1],
+        &https[1],
         &token,
         "setWebhook",
         json!({"url": url, "secret_token": "c1"}),
@@ -1201,12 +1150,12 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
     assert_eq!(ids, (1..=7).collect::<Vec<_>>());
     // getUpdates through a follower once the webhook is gone: nothing left over, and a
     // new post arrives there.
-    call_until_ok(&cluster.https[2], &token, "deleteWebhook", json!({})).await;
+    call_until_ok(&https[2], &token, "deleteWebhook", json!({})).await;
     let seq = post(&alice, chat, "after", 100).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let got = call(
-            &cluster.https[2],
+            &https[2],
             &token,
             "getUpdates",
             json!({"offset": 8, "timeout": 5}),
