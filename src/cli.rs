@@ -28,6 +28,10 @@ pub enum Command {
     /// Operator commands against a node's HTTP port (`--server HTTP_ADDR`).
     #[command(subcommand)]
     Admin(crate::admin_cmd::AdminCommand),
+    /// Bots: create them, list them, replace their tokens (the bot API is on the HTTP
+    /// port: docs/bots.md).
+    #[command(subcommand)]
+    Bot(crate::bot::cli::BotCommand),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
     #[command(flatten)]
     Client(crate::client_cmd::ClientCommand),
@@ -43,6 +47,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Admin(cmd) => crate::admin_cmd::run(cmd),
         Command::Client(cmd) => crate::client_cmd::run(cmd),
         Command::Bench(args) => crate::bench_cmd::run(args),
+        Command::Bot(cmd) => crate::bot::cli::run(cmd),
     }
 }
 

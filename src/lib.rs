@@ -1,12 +1,13 @@
 //! The chatlog server and CLI: the command line (`cli`), `chatlog serve` (`serve`), the
 //! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`),
 //! the fan-out hub (`fanout`), push notifications for offline members (`notify`), the HTTP
-//! port (`http`), and the client, admin, load
+//! port (`http`), the HTTP bot API (`bot`), and the client, admin, load
 //! generator and storage commands (`client_cmd`, `admin_cmd`, `bench_cmd`,
 //! `storage_cmd`). Media arrives with its issue.
 
 pub mod admin_cmd;
 pub mod bench_cmd;
+pub mod bot;
 pub mod cli;
 pub mod client_cmd;
 pub mod fanout;

@@ -295,6 +295,10 @@ async fn serve(
     let node = Arc::new(node);
     // The HTTP port answers from here on: `/ready` says when the groups have leaders.
     let clients = Arc::new(ClientCounters::default());
+    let rate_limits = crate::service::ratelimit::RateLimits {
+        user_sends_per_sec: args.user_sends_per_sec,
+        conn_requests_per_sec: args.conn_requests_per_sec,
+    };
     let http_ctx = Arc::new(HttpContext {
         node: Arc::clone(&node),
         peers: cluster.clone(),
@@ -304,6 +308,7 @@ async fn serve(
         clients: Arc::clone(&clients),
         changes: LeaderChanges::watch(&node),
         started,
+        bots: crate::bot::BotApi::start(Arc::clone(&node), rate_limits),
     });
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http_server = tokio::spawn(crate::http::serve(

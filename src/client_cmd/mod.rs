@@ -13,7 +13,7 @@
 //! one of the client's own: `NO_TOKEN`, `CONNECT_FAILED`, `TIMEOUT`, `DISCONNECTED`,
 //! `PROTOCOL`. Usage errors exit with status 2 (clap).
 
-mod output;
+pub(crate) mod output;
 mod tail;
 
 use std::fmt;
@@ -35,7 +35,7 @@ const CLIENT_NAME: &str = concat!("chatlog-cli/", env!("CARGO_PKG_VERSION"));
 /// The end of `chatlog --help`: what every client command shares.
 pub const AFTER_HELP: &str = "\
 Client commands (user, login, sessions, chat, send, history, tail, edit, delete, react,
-pin, read, unread) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
+pin, read, unread, bot) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
 --token TOKEN (or CHATLOG_TOKEN; the session token `user create` and `login` print)
 and --json (JSON for scripts; its shape is in each command's --help).
 A refused request exits with status 1 and prints `error: CODE: message` on stderr;
@@ -548,7 +548,7 @@ impl From<ClientError> for CmdError {
     }
 }
 
-type CmdResult<T = ()> = Result<T, CmdError>;
+pub(crate) type CmdResult<T = ()> = Result<T, CmdError>;
 
 /// Runs one client command on its own single-threaded runtime.
 pub fn run(cmd: ClientCommand) -> Result<(), CliError> {
@@ -561,7 +561,7 @@ pub fn run(cmd: ClientCommand) -> Result<(), CliError> {
 }
 
 /// Connects to `conn.server`, authenticated when a token is given.
-async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> {
+pub(crate) async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> {
     let token = conn.token.clone().filter(|t| !t.is_empty());
     if need_token && token.is_none() {
         return Err(CmdError::new(

@@ -14,6 +14,8 @@
 //! - `GET /metrics`: Prometheus text (`metrics.rs` lists every metric).
 //! - `GET /admin/status`: `{"node": {…}, "nodes": […], "groups": […], "summary": "…"}`.
 //! - `POST /admin/leader-transfer` with `{"group": G, "to": N}`.
+//! - `GET|POST /bot{TOKEN}/{method}` and `GET /bot/openapi.json`: the HTTP bot API
+//!   (`bot.rs`, `crate::bot`, docs/bots.md); its errors have Telegram's shape instead.
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -25,6 +27,7 @@
 //! (plus `"leader"` for `NOT_LEADER`). Every handler is bounded by [`HANDLER_TIMEOUT`]
 //! (leader transfer by [`TRANSFER_WAIT`] on top).
 
+mod bot;
 pub mod client;
 mod counters;
 mod metrics;
@@ -81,6 +84,8 @@ pub struct HttpContext {
     pub clients: Arc<ClientCounters>,
     pub changes: LeaderChanges,
     pub started: Instant,
+    /// The HTTP bot API (`/bot{TOKEN}/{method}`).
+    pub bots: Arc<crate::bot::BotApi>,
 }
 
 type Ctx = Arc<HttpContext>;
@@ -100,6 +105,8 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/admin/status", get(admin_status))
         .route("/admin/leader-transfer", post(leader_transfer))
+        // The HTTP bot API (issue 11).
+        .merge(bot::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)

@@ -949,6 +949,12 @@ impl ChatService {
                     )),
                 }
             }
+            // Bots (issue 11): accounts are made here, the bot API is on the HTTP port.
+            Req::CreateBot(r) => crate::bot::account::create_bot(&self.node, user, r).await,
+            Req::ListBots(_) => crate::bot::account::list_bots(&self.node, user),
+            Req::ResetBotToken(r) => {
+                crate::bot::account::reset_bot_token(&self.node, user, r).await
+            }
             Req::Handshake(_) | Req::Ping(_) | Req::CreateUser(_) | Req::Login(_) => {
                 Err(bad("handled before authentication"))
             }

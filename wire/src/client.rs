@@ -571,6 +571,12 @@ typed_requests! {
     typing(Typing: v1::TypingRequest) -> Typing(v1::TypingResponse);
     /// Reads users' presence and follows it (changes arrive as presence pushes).
     get_presence(GetPresence: v1::GetPresenceRequest) -> GetPresence(v1::GetPresenceResponse);
+    /// Creates a bot owned by the caller; the answer carries its API token.
+    create_bot(CreateBot: v1::CreateBotRequest) -> CreateBot(v1::CreateBotResponse);
+    /// Lists the caller's bots.
+    list_bots(ListBots: v1::ListBotsRequest) -> ListBots(v1::ListBotsResponse);
+    /// Replaces one of the caller's bots' token.
+    reset_bot_token(ResetBotToken: v1::ResetBotTokenRequest) -> ResetBotToken(v1::CreateBotResponse);
 }
 
 impl Client {
@@ -626,6 +632,9 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::Sync(_) => "sync",
         Kind::Typing(_) => "typing",
         Kind::GetPresence(_) => "get_presence",
+        Kind::CreateBot(_) => "create_bot",
+        Kind::ListBots(_) => "list_bots",
+        Kind::ResetBotToken(_) => "reset_bot_token",
     }
 }
 
@@ -646,7 +655,8 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::ListSessions(_)
         | Kind::Sync(_)
         | Kind::Typing(_)
-        | Kind::GetPresence(_) => true,
+        | Kind::GetPresence(_)
+        | Kind::ListBots(_) => true,
         _ => false,
     }
 }

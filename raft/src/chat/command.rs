@@ -259,6 +259,8 @@ pub enum Command {
         /// The chat.
         chat: ChatId,
     },
+    /// Bot accounts and their update cursors (tags 60-69, `bot.rs`).
+    Bot(crate::chat::bot::BotCommand),
 }
 
 mod tag {
@@ -441,6 +443,7 @@ impl Command {
                 w.u64(*user);
                 w.u64(*chat);
             }
+            Command::Bot(c) => c.encode_into(w.0),
         }
     }
 
@@ -576,6 +579,9 @@ impl Command {
                 user: r.u64()?,
                 chat: r.u64()?,
             },
+            t if crate::chat::bot::tag::RANGE.contains(&t) => {
+                Command::Bot(crate::chat::bot::BotCommand::decode(t, &mut r)?)
+            }
             other => {
                 return Err(DecodeError::new(
                     "chat command",
@@ -782,6 +788,14 @@ pub enum Outcome {
         /// The read marker after a mark-read.
         read_seq: u64,
     },
+    /// A bot command was applied (`bot.rs`); `value` is what the command says it
+    /// answers (the first update id of a hand-out, the confirmed offset, …).
+    BotDone {
+        /// The bot.
+        bot: UserId,
+        /// The command's answer.
+        value: u64,
+    },
     /// Refused; nothing changed.
     Refused(Refusal),
 }
@@ -971,6 +985,20 @@ mod tests {
             },
             Command::UserChatAdded { user: 1, chat: 2 },
             Command::UserChatRemoved { user: 1, chat: 2 },
+            Command::Bot(crate::chat::bot::BotCommand::Create {
+                owner: 1,
+                name: "echo_bot".into(),
+                token_hash: [3; 32],
+            }),
+            Command::Bot(crate::chat::bot::BotCommand::HandOut {
+                bot: 1,
+                ranges: vec![crate::chat::bot::HandOutRange {
+                    chat: 2,
+                    from_seq: 1,
+                    to_seq: 4,
+                }],
+            }),
+            Command::Bot(crate::chat::bot::BotCommand::Confirm { bot: 1, offset: 3 }),
         ]
     }
 

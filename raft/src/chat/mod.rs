@@ -12,6 +12,7 @@
 //! a request is a computation ([`group_of`]). Each group numbers its own users and chats
 //! from 1 in the high bits.
 
+pub mod bot;
 pub mod command;
 pub mod state;
 

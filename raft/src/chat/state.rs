@@ -279,6 +279,8 @@ pub struct GroupState {
     dedupe: Dedupe,
     /// Events appended (chat and user logs), for metrics.
     events_applied: u64,
+    /// Bots whose user lives in this group (`bot.rs`); encoded last.
+    bots: crate::chat::bot::Bots,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -307,6 +309,7 @@ impl GroupState {
             directs: HashMap::new(),
             dedupe: Dedupe::default(),
             events_applied: 0,
+            bots: crate::chat::bot::Bots::default(),
         }
     }
 
@@ -472,7 +475,78 @@ impl GroupState {
                     read_seq: 0,
                 }
             }
+            Command::Bot(c) => self.apply_bot(c, ts),
             _ => self.apply_chat_command(cmd, ts, at),
+        }
+    }
+
+    // ---- bots (issue 11): the commands of `bot.rs` that touch users ---------------
+
+    /// The group's bots.
+    pub fn bots(&self) -> &crate::chat::bot::Bots {
+        &self.bots
+    }
+
+    fn apply_bot(&mut self, cmd: &crate::chat::bot::BotCommand, ts: u64) -> Outcome {
+        use crate::chat::bot::{BOT_DEVICE_ID, BotCommand};
+        let api_session = |token_hash: TokenHash| Session {
+            device_id: BOT_DEVICE_ID.to_string(),
+            device_name: "bot API token".to_string(),
+            token_hash,
+            created_ms: ts,
+        };
+        match cmd {
+            BotCommand::Create {
+                owner,
+                name,
+                token_hash,
+            } => {
+                if *owner == 0 {
+                    return refuse(RefusalCode::BadRequest, "user id 0 is not a user");
+                }
+                // A bot is a user: same handle rules, same namespace. Its login token
+                // hash is all zeros, which no token hashes to: it has no login, only
+                // its API session.
+                let created = self.apply(
+                    &Command::CreateUser {
+                        name: name.clone(),
+                        login_token_hash: [0; 32],
+                    },
+                    ts,
+                    0,
+                    0,
+                );
+                let Outcome::UserCreated { user } = created else {
+                    return created;
+                };
+                let u = self.users.get_mut(&user).expect("just created");
+                u.sessions.insert(u.next_session, api_session(*token_hash));
+                u.next_session += 1;
+                self.bots.insert(user, *owner);
+                Outcome::UserCreated { user }
+            }
+            BotCommand::SetToken {
+                bot,
+                owner,
+                token_hash,
+            } => {
+                if self.bots.get(*bot).map(|b| b.owner()) != Some(*owner) {
+                    return refuse(
+                        RefusalCode::PermissionDenied,
+                        format!("user {owner} does not own a bot {bot}"),
+                    );
+                }
+                let u = self.users.get_mut(bot).expect("a bot is a user");
+                u.sessions.clear();
+                let session_id = u.next_session;
+                u.sessions.insert(session_id, api_session(*token_hash));
+                u.next_session += 1;
+                Outcome::BotDone {
+                    bot: *bot,
+                    value: session_id,
+                }
+            }
+            other => self.bots.apply(other),
         }
     }
 
@@ -1305,6 +1379,7 @@ impl GroupState {
             w.u64(k.client_message_id);
             w.u64(seq);
         }
+        self.bots.encode_into(&mut w.0);
         w.0
     }
 
@@ -1421,6 +1496,10 @@ impl GroupState {
             let seq = r.u64()?;
             st.dedupe.order.push_back((ts, key));
             st.dedupe.seqs.insert(key, (seq, ts));
+        }
+        // Checkpoints written before bots existed end here.
+        if r.remaining() > 0 {
+            st.bots = crate::chat::bot::Bots::decode(&mut r)?;
         }
         r.finish()?;
         Ok(st)

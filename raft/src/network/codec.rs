@@ -409,6 +409,7 @@ const RESULT_REFUSED: u8 = 4;
 const RESULT_NOT_LEADER: u8 = 5;
 const RESULT_UNKNOWN: u8 = 6;
 const RESULT_UNAVAILABLE: u8 = 7;
+const RESULT_BOT_DONE: u8 = 8;
 const RESULT_READ_INDEX: u8 = 0;
 
 fn put_text(out: &mut Vec<u8>, text: &str) {
@@ -569,6 +570,12 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
+            Ok(Outcome::BotDone { bot, value }) => {
+                out.push(RESULT_BOT_DONE);
+                for v in [bot, value] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -608,6 +615,10 @@ pub fn decode_propose_response(
                 user: r.u64()?,
                 seq: r.u64()?,
                 read_seq: r.u64()?,
+            }),
+            RESULT_BOT_DONE => Ok(Outcome::BotDone {
+                bot: r.u64()?,
+                value: r.u64()?,
             }),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
@@ -930,6 +941,7 @@ mod tests {
                 seq: 3,
                 read_seq: 1,
             }),
+            Ok(Outcome::BotDone { bot: 5, value: 8 }),
             Ok(Outcome::Refused(Refusal {
                 code: RefusalCode::Conflict,
                 message: "taken".into(),
