@@ -210,7 +210,17 @@ fn candidates(shared: &Shared) -> Vec<u64> {
         .counts
         .iter()
         .filter(|(id, c)| **id < active && c.total > 0 && c.live > 0)
-        .map(|(id, c)| (c.live as f64 / c.total as f64, *id))
+        // A segment holding bytes replaced by a redaction is rewritten whatever its live
+        // ratio: redacted bytes must leave the disk (secret chats count on it), not wait
+        // until the rest of the segment dies. Sorted first (ratio -1).
+        .map(|(id, c)| {
+            let r = if c.redacted > 0 {
+                -1.0
+            } else {
+                c.live as f64 / c.total as f64
+            };
+            (r, *id)
+        })
         .filter(|(r, _)| *r < ratio)
         .collect();
     c.sort_by(|a, b| a.0.total_cmp(&b.0));

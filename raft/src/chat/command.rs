@@ -19,6 +19,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::secret::{SecretApplied, SecretCommand};
 use crate::chat::{ChatId, UserId};
 use crate::codec::{DecodeError, Reader};
 
@@ -259,6 +260,9 @@ pub enum Command {
         /// The chat.
         chat: ChatId,
     },
+    // ---- secret chats (tags 50-59, `secret.rs`) ----
+    /// A secret-chat command.
+    Secret(SecretCommand),
 }
 
 mod tag {
@@ -441,6 +445,7 @@ impl Command {
                 w.u64(*user);
                 w.u64(*chat);
             }
+            Command::Secret(c) => c.encode_into(w.0),
         }
     }
 
@@ -576,6 +581,9 @@ impl Command {
                 user: r.u64()?,
                 chat: r.u64()?,
             },
+            t if SecretCommand::owns_tag(t) => {
+                Command::Secret(SecretCommand::decode_fields(t, &mut r)?)
+            }
             other => {
                 return Err(DecodeError::new(
                     "chat command",
@@ -710,6 +718,17 @@ impl DecodedBatch {
         })
     }
 
+    /// The bytes of the command at `pos` (tag and fields).
+    pub fn command_bytes(&self, pos: usize) -> Option<&[u8]> {
+        let (a, b) = *self.ranges.get(pos)?;
+        Some(&self.bytes[a as usize..b as usize])
+    }
+
+    /// Where the command at `pos` starts in the batch bytes.
+    pub fn command_offset(&self, pos: usize) -> Option<usize> {
+        self.ranges.get(pos).map(|(a, _)| *a as usize)
+    }
+
     /// Decodes the command at `pos`.
     pub fn command(&self, pos: usize) -> Result<Command, DecodeError> {
         let (a, b) = *self.ranges.get(pos).ok_or_else(|| {
@@ -784,6 +803,8 @@ pub enum Outcome {
     },
     /// Refused; nothing changed.
     Refused(Refusal),
+    /// A secret-chat command was applied (`secret.rs` says what `n` means).
+    Secret(SecretApplied),
 }
 
 impl Outcome {
@@ -972,6 +993,9 @@ mod tests {
             Command::UserChatAdded { user: 1, chat: 2 },
             Command::UserChatRemoved { user: 1, chat: 2 },
         ]
+        .into_iter()
+        .chain(crate::chat::secret::tests::every_secret_command().into_iter().map(Command::Secret))
+        .collect()
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! from 1 in the high bits.
 
 pub mod command;
+pub mod secret;
 pub mod state;
 
 pub use command::{
@@ -81,3 +82,5 @@ mod tests {
 
 #[cfg(test)]
 mod rules_tests;
+#[cfg(test)]
+mod secret_rules_tests;

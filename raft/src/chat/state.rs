@@ -18,6 +18,7 @@ use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
 };
+use crate::chat::secret::SecretState;
 use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
 use crate::types::GroupId;
@@ -279,6 +280,8 @@ pub struct GroupState {
     dedupe: Dedupe,
     /// Events appended (chat and user logs), for metrics.
     events_applied: u64,
+    /// Secret chats (`secret.rs`); encoded last in the checkpoint.
+    secret: SecretState,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -307,6 +310,7 @@ impl GroupState {
             directs: HashMap::new(),
             dedupe: Dedupe::default(),
             events_applied: 0,
+            secret: SecretState::default(),
         }
     }
 
@@ -472,8 +476,18 @@ impl GroupState {
                     read_seq: 0,
                 }
             }
+            Command::Secret(c) => {
+                let users = &self.users;
+                self.secret
+                    .apply(self.group, c, ts, raft_index, pos, |u| users.contains_key(&u))
+            }
             _ => self.apply_chat_command(cmd, ts, at),
         }
+    }
+
+    /// The secret-chat part of the state.
+    pub fn secret(&self) -> &SecretState {
+        &self.secret
     }
 
     fn create_chat(
@@ -1305,6 +1319,7 @@ impl GroupState {
             w.u64(k.client_message_id);
             w.u64(seq);
         }
+        self.secret.encode_into(&mut w.0);
         w.0
     }
 
@@ -1421,6 +1436,10 @@ impl GroupState {
             let seq = r.u64()?;
             st.dedupe.order.push_back((ts, key));
             st.dedupe.seqs.insert(key, (seq, ts));
+        }
+        // Checkpoints written before secret chats existed end here.
+        if r.remaining() > 0 {
+            st.secret = SecretState::decode_from(&mut r)?;
         }
         r.finish()?;
         Ok(st)
