@@ -620,6 +620,7 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::Subscribe(_) => "subscribe",
         Kind::Unsubscribe(_) => "unsubscribe",
         Kind::Sync(_) => "sync",
+        Kind::Secret(_) => "secret",
     }
 }
 
