@@ -38,6 +38,9 @@ use chatlog_wire::proto::v1::{self, ErrorCode, push};
 use crate::gateway::{Principal, PushSender};
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 
+mod secret;
+pub use secret::SECRET_TICK_INTERVAL;
+
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
 /// most events in one `ChatEvents` push. Why: a history page's worth; pushes are also cut
 /// at [`PAGE_BYTES_MAX`] so that any push fits in one frame.
@@ -48,6 +51,8 @@ pub const FANOUT_READ_EVENTS_MAX: u64 = 100;
 struct Conn {
     connection_id: u64,
     session_id: u64,
+    /// The device id the session was opened with: secret-chat messages go to one device.
+    device_id: String,
     pushes: PushSender,
 }
 
@@ -116,6 +121,7 @@ impl Hub {
             let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
             watchers.push(task.abort_handle());
         }
+        watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
     }
@@ -133,11 +139,19 @@ impl Hub {
     pub fn register(&self, principal: &Principal, connection_id: u64, pushes: PushSender) {
         let user = principal.user_id;
         // Read before taking the registry lock: lock order is group state, then registry.
-        let log_head = self
-            .node
-            .group(group_of(user))
-            .and_then(|g| g.shared().read().user(user))
-            .map_or(0, |u| u.log_head);
+        let (log_head, device_id) = self.node.group(group_of(user)).map_or_else(
+            || (0, String::new()),
+            |g| {
+                let st = g.shared().read();
+                let device = st
+                    .sessions(user)
+                    .into_iter()
+                    .find(|s| s.session_id == principal.session_id)
+                    .map(|s| s.device_id)
+                    .unwrap_or_default();
+                (st.user(user).map_or(0, |u| u.log_head), device)
+            },
+        );
         let mut online = self.online_mut();
         online.remove(connection_id);
         let entry = online.users.entry(user).or_insert_with(|| OnlineUser {
@@ -147,6 +161,7 @@ impl Hub {
         entry.conns.push(Conn {
             connection_id,
             session_id: principal.session_id,
+            device_id,
             pushes,
         });
         online.user_of_connection.insert(connection_id, user);
@@ -401,6 +416,8 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
     let mut pushed = Vec::new();
     let _ = chat_heads(&group, &mut pushed);
     let mut events_seen = group.shared().read().events_applied();
+    // Secret messages accepted before the start are fetched with `secret.pending`.
+    let mut secret_pushed = group.shared().read().secret().last_message_no();
     loop {
         {
             let Some(hub) = hub.upgrade() else { return };
@@ -412,6 +429,7 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 }
             }
             hub.push_user_events(&group).await;
+            hub.push_secret(&group, &mut secret_pushed).await;
         }
         if applied.changed().await.is_err() {
             return;

@@ -14,6 +14,8 @@
 //! - `GET /metrics`: Prometheus text (`metrics.rs` lists every metric).
 //! - `GET /admin/status`: `{"node": {…}, "nodes": […], "groups": […], "summary": "…"}`.
 //! - `POST /admin/leader-transfer` with `{"group": G, "to": N}`.
+//! - `POST /admin/compact` (secret chats): waits for the erasers, seals the active
+//!   segment, compacts; see `compact.rs`.
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -26,6 +28,7 @@
 //! (leader transfer by [`TRANSFER_WAIT`] on top).
 
 pub mod client;
+mod compact;
 mod counters;
 mod metrics;
 mod status;
@@ -100,6 +103,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/admin/status", get(admin_status))
         .route("/admin/leader-transfer", post(leader_transfer))
+        // ---- secret chats: forced erasure from disk (compact.rs) ----
+        .route("/admin/compact", post(admin_compact))
+        // ---- end secret chats ----
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)
@@ -309,6 +315,23 @@ fn transfer_request(body: &[u8]) -> Result<(u64, u64), Response> {
     };
     Ok((field("group")?, field("to")?))
 }
+
+// ---- secret chats: forced erasure from disk (compact.rs) ----
+async fn admin_compact(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&ctx, peer, &headers) {
+        return r;
+    }
+    bounded(
+        compact::ERASERS_WAIT + compact::COMPACT_WAIT + HANDLER_TIMEOUT,
+        compact::compact(ctx),
+    )
+    .await
+}
+// ---- end secret chats ----
 
 async fn leader_transfer(
     State(ctx): State<Ctx>,

@@ -19,6 +19,7 @@
 
 pub mod convert;
 pub mod ratelimit;
+pub mod secret;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -906,6 +907,8 @@ impl ChatService {
             }
             Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
             Req::Sync(r) => self.sync(user, r).await,
+            // Secret chats: `secret.rs`.
+            Req::Secret(r) => self.secret(me, r).await,
             Req::Unsubscribe(r) => {
                 let key = (conn.connection_id(), r.subscription_id);
                 let task = self

@@ -591,7 +591,7 @@ impl Client {
     }
 }
 
-fn unexpected_response(method: &str, response: &response::Kind) -> ClientError {
+pub(crate) fn unexpected_response(method: &str, response: &response::Kind) -> ClientError {
     ClientError::Protocol(format!(
         "{method} was answered with {}",
         response_name(response)
@@ -972,6 +972,9 @@ async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Connectio
     }
     shared.close();
 }
+
+mod secret;
+pub use secret::SecretFlowError;
 
 #[cfg(test)]
 mod tests;
