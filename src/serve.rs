@@ -90,6 +90,13 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
+    // ---- secret chats: small segments so erasure is quick to check ----
+    /// Size of the storage engine's segment files in MiB (default 64). Smaller segments
+    /// are sealed and compacted sooner, so redacted bytes (acknowledged or expired secret
+    /// messages) leave the disk sooner; tests use 1.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=2048))]
+    pub segment_mb: Option<u64>,
+    // ---- end secret chats ----
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -161,7 +168,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         replicas,
         members,
         sm: Default::default(),
-        segment_bytes: None,
+        segment_bytes: args.segment_mb.map(|m| m << 20),
         heartbeat_ms: args.heartbeat_ms,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
