@@ -240,3 +240,141 @@ pub async fn run_eraser(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::secret::SecretApplied;
+    use crate::chat::{Batch, GroupState, Outcome};
+    use crate::types::{ChatBatch, Entry, log_id};
+
+    const G: GroupId = 1;
+
+    fn batch(ts: u64, commands: Vec<SecretCommand>) -> Batch {
+        Batch {
+            timestamp_ms: ts,
+            commands: commands.into_iter().map(Command::Secret).collect(),
+        }
+    }
+
+    /// Applies a batch the way the state machine does (parse, decode each command).
+    fn apply(st: &mut GroupState, bytes: bytes::Bytes, index: u64) -> Vec<Outcome> {
+        let b = DecodedBatch::parse(bytes).expect("parses");
+        (0..b.len())
+            .map(|pos| st.apply(&b.command(pos).expect("decodes"), b.timestamp_ms, index, pos))
+            .collect()
+    }
+
+    fn setup() -> (Vec<SecretCommand>, SecretCommand) {
+        let start = SecretCommand::Start {
+            initiator: 1 << 16 | G,
+            initiator_device: "phone".into(),
+            initiator_key: [1; 32],
+            ephemeral_key: [2; 32],
+            responder: 2 << 16 | G,
+            responder_device: "laptop".into(),
+            responder_key: [3; 32],
+        };
+        let chat = crate::chat::make_id(G, 1);
+        let send = |counter| SecretCommand::Send {
+            chat,
+            sender: 1 << 16 | G,
+            sender_device: "phone".into(),
+            counter,
+            epoch: 0,
+            ttl_ms: 60_000,
+            self_destruct_s: 0,
+            ciphertext: vec![0x5a; 48],
+        };
+        let ack = SecretCommand::Ack {
+            chat,
+            user: 2 << 16 | G,
+            device: "laptop".into(),
+            counter: 2,
+        };
+        (vec![start, send(1), send(2)], ack)
+    }
+
+    #[tokio::test]
+    async fn erasing_zeroes_the_ciphertext_and_a_lagging_replica_converges() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = chatlog_storage::Config::new(dir.path());
+        config.segment_bytes = 256 << 10;
+        let engine = Engine::open(config).unwrap();
+        let (first, ack) = setup();
+        let entry = Entry {
+            log_id: log_id(1, 1, 7),
+            payload: EntryPayload::Normal(ChatBatch(batch(1_000, first).encode())),
+        };
+        let log = ids::raft_log(G).unwrap();
+        let mut w = WriteBatch::new();
+        // The log starts at Raft index 7 (engine index 8).
+        w.purge_before(log, ids::engine_index(7));
+        w.append(log, ids::engine_index(7), &codec::encode_entry(&entry));
+        engine.write(&w).await.unwrap();
+
+        // The leader applies the entry, then the ack, which erases both messages.
+        let mut leader = GroupState::new(G);
+        let original = engine.get(log, ids::engine_index(7)).unwrap();
+        let EntryPayload::Normal(b) = codec::decode_entry(&original).unwrap().payload else {
+            panic!("normal entry")
+        };
+        apply(&mut leader, b.0, 7);
+        assert_eq!(leader.secret().pending_count(), 2);
+        let ack_batch = batch(2_000, vec![ack]).encode();
+        let out = apply(&mut leader, ack_batch.clone(), 8);
+        assert!(matches!(out[0], Outcome::Secret(SecretApplied { n: 2, .. })));
+        let (erasures, _) = leader.secret().erasures_after(0);
+        for e in &erasures {
+            assert_eq!(
+                erase_send(&engine, G, e.raft_index, e.pos).await.unwrap(),
+                EraseResult::Zeroed
+            );
+        }
+        // Idempotent: a restarted eraser finds nothing left to do.
+        for e in &erasures {
+            assert_eq!(
+                erase_send(&engine, G, e.raft_index, e.pos).await.unwrap(),
+                EraseResult::AlreadyGone
+            );
+        }
+        // The stored entry keeps its length and header and still decodes; only the
+        // ciphertext bytes changed, to zeros.
+        let zeroed = engine.get(log, ids::engine_index(7)).unwrap();
+        assert_eq!(zeroed.len(), original.len());
+        let changed: Vec<usize> = (0..zeroed.len())
+            .filter(|i| zeroed[*i] != original[*i])
+            .collect();
+        assert_eq!(changed.len(), 2 * 48);
+        assert!(changed.iter().all(|i| zeroed[*i] == 0 && original[*i] == 0x5a));
+        let decoded = codec::decode_entry(&zeroed).unwrap();
+        assert_eq!(decoded.log_id, entry.log_id);
+        let EntryPayload::Normal(b) = decoded.payload else {
+            panic!("normal entry")
+        };
+
+        // A lagging follower receives the zeroed entry, then the ack: same state.
+        let mut follower = GroupState::new(G);
+        apply(&mut follower, b.0.clone(), 7);
+        assert_eq!(follower.secret().pending_count(), 2, "same rules, zeroed bytes");
+        apply(&mut follower, ack_batch, 8);
+        assert_eq!(follower.encode(), leader.encode());
+
+        // Readers never hand out a zeroed ciphertext.
+        let parsed = DecodedBatch::parse(b.0).unwrap();
+        match parsed.command(1).unwrap() {
+            Command::Secret(SecretCommand::Send { ciphertext, .. }) => {
+                assert!(ciphertext_is_erased(&ciphertext));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An entry purged from the log is already gone.
+        let mut w = WriteBatch::new();
+        w.purge_before(log, ids::engine_index(8));
+        engine.write(&w).await.unwrap();
+        assert_eq!(
+            erase_send(&engine, G, 7, 1).await.unwrap(),
+            EraseResult::AlreadyGone
+        );
+    }
+}
