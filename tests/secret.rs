@@ -47,7 +47,15 @@ impl Server {
     /// `chatlog serve` on `listen` (port 0 for any) with 1 MiB segments and no rate limits.
     fn start(dir: &Path, listen: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args(["serve", "--listen", listen, "--http", "127.0.0.1:0", "--groups", "4"])
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--http",
+                "127.0.0.1:0",
+                "--groups",
+                "4",
+            ])
             .args(["--segment-mb", "1"])
             .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
             .arg("--data-dir")
@@ -92,10 +100,22 @@ impl Server {
 
     /// `POST /admin/compact`: erasers caught up, active segment sealed, compacted.
     async fn compact(&self) -> Value {
-        let r = request(&self.http, "POST", "/admin/compact", None, Some(b"{}"), WAIT)
-            .await
-            .expect("compact answers");
-        assert_eq!(r.status, 200, "compact: {}", String::from_utf8_lossy(&r.body));
+        let r = request(
+            &self.http,
+            "POST",
+            "/admin/compact",
+            None,
+            Some(b"{}"),
+            WAIT,
+        )
+        .await
+        .expect("compact answers");
+        assert_eq!(
+            r.status,
+            200,
+            "compact: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let v: Value = serde_json::from_slice(&r.body).expect("JSON");
         assert_eq!(v["erasures_pending"], false, "{v}");
         v
@@ -104,7 +124,10 @@ impl Server {
 
 /// True if any file under `dir` (recursively, raw bytes) contains `needle`.
 fn disk_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
-    assert!(needle.len() >= 8, "a needle this short could match by chance");
+    assert!(
+        needle.len() >= 8,
+        "a needle this short could match by chance"
+    );
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).expect("read_dir") {
@@ -227,9 +250,11 @@ async fn next_secret(d: &mut Device) -> v1::SecretMessage {
 /// to their target were seen: a push to the wrong device would have come with them).
 async fn no_secret_pushed(d: &mut Device) {
     let deadline = Instant::now() + Duration::from_millis(300);
-    while let Ok(item) =
-        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), d.pushes.recv())
-            .await
+    while let Ok(item) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        d.pushes.recv(),
+    )
+    .await
     {
         if let Some(PushItem::Push {
             push: push::Kind::SecretMessage(m),
@@ -357,7 +382,11 @@ async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
         );
     }
     for p in &plaintexts {
-        assert_eq!(disk_contains(&data, p.as_bytes()), None, "plaintext on disk");
+        assert_eq!(
+            disk_contains(&data, p.as_bytes()),
+            None,
+            "plaintext on disk"
+        );
     }
     let pending = laptop
         .client
@@ -399,7 +428,11 @@ async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
         );
     }
     for p in &plaintexts {
-        assert_eq!(disk_contains(&data, p.as_bytes()), None, "plaintext on disk");
+        assert_eq!(
+            disk_contains(&data, p.as_bytes()),
+            None,
+            "plaintext on disk"
+        );
     }
     let after = laptop
         .client
@@ -415,7 +448,11 @@ async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
         .await
         .expect("send");
     let m = next_secret(&mut laptop).await;
-    let opened = laptop.client.secret_receive(&mut laptop.keys, &m).await.unwrap();
+    let opened = laptop
+        .client
+        .secret_receive(&mut laptop.keys, &m)
+        .await
+        .unwrap();
     assert_eq!(opened.text, text);
 }
 
@@ -506,7 +543,11 @@ async fn tampered_replayed_and_misrouted_ciphertexts_are_refused() {
     let mut s = phone.keys.seal(chat, "tamper me", 0, now_ms()).unwrap();
     let last = s.ciphertext.len() - 1;
     s.ciphertext[last] ^= 1;
-    phone.client.secret_send_request(raw(&s, chat)).await.unwrap();
+    phone
+        .client
+        .secret_send_request(raw(&s, chat))
+        .await
+        .unwrap();
     let m = next_secret(&mut laptop).await;
     match laptop.client.secret_receive(&mut laptop.keys, &m).await {
         Err(SecretFlowError::Device(SecretError::Tampered { .. })) => {}
@@ -530,7 +571,11 @@ async fn tampered_replayed_and_misrouted_ciphertexts_are_refused() {
     // A genuine one opens; relayed again it is a replay. The server refuses a reused
     // counter too.
     let s = phone.keys.seal(chat, "genuine", 0, now_ms()).unwrap();
-    phone.client.secret_send_request(raw(&s, chat)).await.unwrap();
+    phone
+        .client
+        .secret_send_request(raw(&s, chat))
+        .await
+        .unwrap();
     let m = next_secret(&mut laptop).await;
     let opened = laptop
         .client
@@ -671,7 +716,14 @@ async fn keys_are_rekeyed_after_n_messages_end_to_end() {
             sent += 1;
             phone
                 .client
-                .secret_send(&mut phone.keys, chat, &format!("n{sent}"), 600_000, 0, now_ms())
+                .secret_send(
+                    &mut phone.keys,
+                    chat,
+                    &format!("n{sent}"),
+                    600_000,
+                    0,
+                    now_ms(),
+                )
                 .await
                 .unwrap();
         }
@@ -741,7 +793,11 @@ fn cli_plain(args: &[&str]) -> Value {
         .env_remove("CHATLOG_TOKEN")
         .output()
         .expect("chatlog runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -751,21 +807,29 @@ async fn the_cli_starts_sends_and_tails() {
     let keys = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"), "127.0.0.1:0");
     let s = server.clients.as_str();
-    let alice = cli_plain(&["user", "create", "alice", "--device", "phone", "--server", s, "--json"]);
-    let bob = cli_plain(&["user", "create", "bob", "--device", "laptop", "--server", s, "--json"]);
+    let alice = cli_plain(&[
+        "user", "create", "alice", "--device", "phone", "--server", s, "--json",
+    ]);
+    let bob = cli_plain(&[
+        "user", "create", "bob", "--device", "laptop", "--server", s, "--json",
+    ]);
     let (at, bt) = (
         alice["token"].as_str().unwrap(),
         bob["token"].as_str().unwrap(),
     );
     let bob_id = bob["user_id"].as_u64().unwrap();
     // Bob's device publishes its key.
-    let key: Value =
-        serde_json::from_str(&cli(&["secret", "key", "--server", s, "--token", bt, "--json"], keys.path()))
-            .unwrap();
+    let key: Value = serde_json::from_str(&cli(
+        &["secret", "key", "--server", s, "--token", bt, "--json"],
+        keys.path(),
+    ))
+    .unwrap();
     assert_eq!(key["device_id"], "laptop");
     let peer = format!("{bob_id}/laptop");
     let started: Value = serde_json::from_str(&cli(
-        &["secret", "start", &peer, "--server", s, "--token", at, "--json"],
+        &[
+            "secret", "start", &peer, "--server", s, "--token", at, "--json",
+        ],
         keys.path(),
     ))
     .unwrap();
@@ -773,7 +837,16 @@ async fn the_cli_starts_sends_and_tails() {
     let text = marker("cli");
     let sent: Value = serde_json::from_str(&cli(
         &[
-            "secret", "send", &chat, &text, "--self-destruct", "10", "--server", s, "--token", at,
+            "secret",
+            "send",
+            &chat,
+            &text,
+            "--self-destruct",
+            "10",
+            "--server",
+            s,
+            "--token",
+            at,
             "--json",
         ],
         keys.path(),
@@ -781,7 +854,9 @@ async fn the_cli_starts_sends_and_tails() {
     .unwrap();
     assert_eq!(sent["counter"], 1);
     let tailed = cli(
-        &["secret", "tail", "--limit", "1", "--server", s, "--token", bt, "--json"],
+        &[
+            "secret", "tail", "--limit", "1", "--server", s, "--token", bt, "--json",
+        ],
         keys.path(),
     );
     let m: Value = serde_json::from_str(tailed.lines().next().unwrap()).unwrap();

@@ -215,7 +215,8 @@ impl Group {
     /// True when this replica's eraser has zeroed every secret message the applied
     /// state erased so far (`secret_log`).
     pub fn secret_erasures_settled(&self) -> bool {
-        self.secret_erased.load(std::sync::atomic::Ordering::Acquire)
+        self.secret_erased
+            .load(std::sync::atomic::Ordering::Acquire)
             >= self.shared.read().secret().erasures_total()
     }
 

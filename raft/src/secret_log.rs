@@ -261,7 +261,14 @@ mod tests {
     fn apply(st: &mut GroupState, bytes: bytes::Bytes, index: u64) -> Vec<Outcome> {
         let b = DecodedBatch::parse(bytes).expect("parses");
         (0..b.len())
-            .map(|pos| st.apply(&b.command(pos).expect("decodes"), b.timestamp_ms, index, pos))
+            .map(|pos| {
+                st.apply(
+                    &b.command(pos).expect("decodes"),
+                    b.timestamp_ms,
+                    index,
+                    pos,
+                )
+            })
             .collect()
     }
 
@@ -323,7 +330,10 @@ mod tests {
         assert_eq!(leader.secret().pending_count(), 2);
         let ack_batch = batch(2_000, vec![ack]).encode();
         let out = apply(&mut leader, ack_batch.clone(), 8);
-        assert!(matches!(out[0], Outcome::Secret(SecretApplied { n: 2, .. })));
+        assert!(matches!(
+            out[0],
+            Outcome::Secret(SecretApplied { n: 2, .. })
+        ));
         let (erasures, _) = leader.secret().erasures_after(0);
         for e in &erasures {
             assert_eq!(
@@ -346,7 +356,11 @@ mod tests {
             .filter(|i| zeroed[*i] != original[*i])
             .collect();
         assert_eq!(changed.len(), 2 * 48);
-        assert!(changed.iter().all(|i| zeroed[*i] == 0 && original[*i] == 0x5a));
+        assert!(
+            changed
+                .iter()
+                .all(|i| zeroed[*i] == 0 && original[*i] == 0x5a)
+        );
         let decoded = codec::decode_entry(&zeroed).unwrap();
         assert_eq!(decoded.log_id, entry.log_id);
         let EntryPayload::Normal(b) = decoded.payload else {
@@ -356,7 +370,11 @@ mod tests {
         // A lagging follower receives the zeroed entry, then the ack: same state.
         let mut follower = GroupState::new(G);
         apply(&mut follower, b.0.clone(), 7);
-        assert_eq!(follower.secret().pending_count(), 2, "same rules, zeroed bytes");
+        assert_eq!(
+            follower.secret().pending_count(),
+            2,
+            "same rules, zeroed bytes"
+        );
         apply(&mut follower, ack_batch, 8);
         assert_eq!(follower.encode(), leader.encode());
 

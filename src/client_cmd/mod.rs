@@ -1,5 +1,6 @@
 //! The `chatlog` binary's client commands: `user create`, `login`, `sessions`, `chat …`,
-//! `send`, `history`, `tail`, `edit`, `delete`, `react`, `pin`, `read`, `unread`.
+//! `send`, `history`, `tail`, `edit`, `delete`, `react`, `pin`, `read`, `unread`,
+//! `secret …` (`secret.rs`).
 //!
 //! What it owns: the flags and help text of these commands, turning them into requests
 //! through `chatlog_wire::Client`, and printing the answers, for people (one line per

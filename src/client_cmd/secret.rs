@@ -199,7 +199,11 @@ async fn open_device(c: &SecretConn) -> CmdResult<(Client, DeviceKeys)> {
     let up_to_date = matches!(&published, Ok(k) if k.public_key[..] == keys.public_key());
     if !up_to_date {
         match published {
-            Ok(_) | Err(ClientError::Server { code: v1::ErrorCode::NotFound, .. }) => {
+            Ok(_)
+            | Err(ClientError::Server {
+                code: v1::ErrorCode::NotFound,
+                ..
+            }) => {
                 client.secret_publish(&keys).await?;
             }
             Err(e) => return Err(e.into()),
@@ -261,14 +265,20 @@ pub async fn run(cmd: SecretCommand) -> CmdResult {
                 .chats
                 .iter()
                 .map(|s| {
-                    let started_here = s.initiator_user_id == keys.user
-                        && s.initiator_device_id == keys.device;
+                    let started_here =
+                        s.initiator_user_id == keys.user && s.initiator_device_id == keys.device;
                     let (pu, pd) = if started_here {
                         (s.responder_user_id, s.responder_device_id.clone())
                     } else {
                         (s.initiator_user_id, s.initiator_device_id.clone())
                     };
-                    (s.secret_chat_id, pu, pd, started_here, keys.chat(s.secret_chat_id).is_some())
+                    (
+                        s.secret_chat_id,
+                        pu,
+                        pd,
+                        started_here,
+                        keys.chat(s.secret_chat_id).is_some(),
+                    )
                 })
                 .collect();
             let value = json!({"chats": rows.iter().map(|(c, u, d, s, k)| json!({
@@ -290,7 +300,10 @@ pub async fn run(cmd: SecretCommand) -> CmdResult {
         }
         SecretCommand::Send(a) => {
             if a.ttl == 0 {
-                return Err(CmdError::new("BAD_REQUEST", "--ttl must be at least 1 second"));
+                return Err(CmdError::new(
+                    "BAD_REQUEST",
+                    "--ttl must be at least 1 second",
+                ));
             }
             let (client, mut keys) = open_device(&a.common).await?;
             let (counter, r) = client

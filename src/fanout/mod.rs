@@ -9,7 +9,8 @@
 //! `ChatEvents` (`request_id` 0) to every online session of every member, in seq order,
 //! several events per push. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
-//! revoked session at once.
+//! revoked session at once. Secret-chat messages go to the connections of their one
+//! target device only (`secret.rs`, which also runs the expiry ticker).
 //!
 //! What it must not do: work on the write path. Apply is untouched; a post to a chat
 //! with 200,000 members costs one append, and only members with an online session here

@@ -68,9 +68,12 @@ pub(crate) fn secret_message(
 }
 
 fn key_of(bytes: &[u8], what: &str) -> Result<[u8; PUBLIC_KEY_BYTES], v1::Error> {
-    bytes
-        .try_into()
-        .map_err(|_| bad(format!("{what} is {} bytes, not {PUBLIC_KEY_BYTES}", bytes.len())))
+    bytes.try_into().map_err(|_| {
+        bad(format!(
+            "{what} is {} bytes, not {PUBLIC_KEY_BYTES}",
+            bytes.len()
+        ))
+    })
 }
 
 fn secret(kind: SResp) -> Resp {
@@ -132,9 +135,9 @@ impl ChatService {
         me: Principal,
         req: v1::SecretRequest,
     ) -> Result<Resp, v1::Error> {
-        let kind = req.kind.ok_or_else(|| {
-            error(ErrorCode::UnknownRequest, "empty or unknown secret request")
-        })?;
+        let kind = req
+            .kind
+            .ok_or_else(|| error(ErrorCode::UnknownRequest, "empty or unknown secret request"))?;
         let user = me.user_id;
         let device = self.caller_device(&me)?;
         match kind {
@@ -270,7 +273,9 @@ impl ChatService {
                         .filter(|p| p.no == no)
                         .map_or(0, |p| p.deadline_ms)
                 });
-                Ok(secret(SResp::Send(v1::SecretSendResponse { expires_at_ms })))
+                Ok(secret(SResp::Send(v1::SecretSendResponse {
+                    expires_at_ms,
+                })))
             }
             SReq::Pending(r) => {
                 let chats = if r.secret_chat_id != 0 {

@@ -107,7 +107,9 @@ const FILE_VERSION: u8 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// The ciphertext or its metadata was altered, or sealed with another key.
-    #[error("secret message {counter} of chat {chat} does not authenticate (tampered or wrong key)")]
+    #[error(
+        "secret message {counter} of chat {chat} does not authenticate (tampered or wrong key)"
+    )]
     Tampered {
         /// The chat.
         chat: u64,
@@ -115,7 +117,9 @@ pub enum SecretError {
         counter: u64,
     },
     /// The counter is not above the last one opened: a replay or a reordering.
-    #[error("secret message {counter} of chat {chat} is not newer than {last}: replayed or reordered")]
+    #[error(
+        "secret message {counter} of chat {chat} is not newer than {last}: replayed or reordered"
+    )]
     Replayed {
         /// The chat.
         chat: u64,
@@ -354,8 +358,16 @@ impl ChatInfo {
         i.extend_from_slice(CHAT_INFO_LABEL);
         i.extend_from_slice(&self.chat.to_le_bytes());
         for (user, device, key) in [
-            (self.initiator_user, &self.initiator_device, &self.initiator_key),
-            (self.responder_user, &self.responder_device, &self.responder_key),
+            (
+                self.initiator_user,
+                &self.initiator_device,
+                &self.initiator_key,
+            ),
+            (
+                self.responder_user,
+                &self.responder_device,
+                &self.responder_key,
+            ),
         ] {
             i.extend_from_slice(&user.to_le_bytes());
             i.extend_from_slice(&(device.len() as u32).to_le_bytes());
@@ -456,7 +468,11 @@ impl DeviceKeys {
 
     /// Loads the key file at `path`, or creates and saves fresh keys if there is none.
     /// A file for another user or device is an error.
-    pub fn load_or_create(path: impl Into<PathBuf>, user: u64, device: &str) -> Result<DeviceKeys, SecretError> {
+    pub fn load_or_create(
+        path: impl Into<PathBuf>,
+        user: u64,
+        device: &str,
+    ) -> Result<DeviceKeys, SecretError> {
         let path = path.into();
         match fs::metadata(&path) {
             Ok(_) => {
@@ -538,8 +554,14 @@ impl DeviceKeys {
                 info.chat
             )));
         }
-        let dh1 = contributory(self.identity.diffie_hellman(&PublicKey::from(info.ephemeral_key)))?;
-        let dh2 = contributory(self.identity.diffie_hellman(&PublicKey::from(info.initiator_key)))?;
+        let dh1 = contributory(
+            self.identity
+                .diffie_hellman(&PublicKey::from(info.ephemeral_key)),
+        )?;
+        let dh2 = contributory(
+            self.identity
+                .diffie_hellman(&PublicKey::from(info.initiator_key)),
+        )?;
         let (a_to_b, b_to_a) = info.derive(dh1, dh2);
         self.insert(info, 1, a_to_b, b_to_a)
     }
@@ -557,9 +579,19 @@ impl DeviceKeys {
             )));
         }
         let (send, recv, peer_user, peer_device) = if side == 0 {
-            (a_to_b, b_to_a, info.responder_user, info.responder_device.clone())
+            (
+                a_to_b,
+                b_to_a,
+                info.responder_user,
+                info.responder_device.clone(),
+            )
         } else {
-            (b_to_a, a_to_b, info.initiator_user, info.initiator_device.clone())
+            (
+                b_to_a,
+                a_to_b,
+                info.initiator_user,
+                info.initiator_device.clone(),
+            )
         };
         let dir = |key| Direction {
             epoch: 0,
@@ -585,7 +617,13 @@ impl DeviceKeys {
     /// Seals `text` for chat `chat` at client time `now_ms`: takes the next counter and,
     /// when due, moves to the next epoch. Save the keys before sending the result, so a
     /// crash never reuses a counter.
-    pub fn seal(&mut self, chat: u64, text: &str, self_destruct_s: u32, now_ms: u64) -> Result<Sealed, SecretError> {
+    pub fn seal(
+        &mut self,
+        chat: u64,
+        text: &str,
+        self_destruct_s: u32,
+        now_ms: u64,
+    ) -> Result<Sealed, SecretError> {
         if text.len() > SECRET_TEXT_BYTES_MAX {
             return Err(SecretError::TooLarge(format!(
                 "the text is {} bytes, over {SECRET_TEXT_BYTES_MAX}",
@@ -593,7 +631,10 @@ impl DeviceKeys {
             )));
         }
         let (user, device) = (self.user, self.device.clone());
-        let keys = self.chats.get_mut(&chat).ok_or(SecretError::UnknownChat(chat))?;
+        let keys = self
+            .chats
+            .get_mut(&chat)
+            .ok_or(SecretError::UnknownChat(chat))?;
         let send = &mut keys.send;
         if send.epoch_messages == 0 && send.epoch_started_ms == 0 {
             send.epoch_started_ms = now_ms;
@@ -642,7 +683,10 @@ impl DeviceKeys {
     /// afterwards: the counter (and perhaps the epoch) moved.
     pub fn open(&mut self, m: &v1::SecretMessage) -> Result<Opened, SecretError> {
         let chat = m.secret_chat_id;
-        let keys = self.chats.get_mut(&chat).ok_or(SecretError::UnknownChat(chat))?;
+        let keys = self
+            .chats
+            .get_mut(&chat)
+            .ok_or(SecretError::UnknownChat(chat))?;
         if m.sender_user_id != keys.peer_user || m.sender_device_id != keys.peer_device {
             return Err(SecretError::Misrouted(format!(
                 "chat {chat} joins this device with user {} device {:?}, not user {} device {:?}",
@@ -809,7 +853,10 @@ impl DeviceKeys {
             return Err(corrupt("not a chatlog secret key file".into()));
         }
         if bytes[8] != FILE_VERSION {
-            return Err(corrupt(format!("version {}, expected {FILE_VERSION}", bytes[8])));
+            return Err(corrupt(format!(
+                "version {}, expected {FILE_VERSION}",
+                bytes[8]
+            )));
         }
         let len = u32::from_le_bytes(bytes[9..13].try_into().expect("4 bytes")) as usize;
         if 13 + len + 32 != bytes.len() {
@@ -899,10 +946,12 @@ impl<'a> Cursor<'a> {
         self.take(1).map(|s| s[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_le_bytes(s.try_into().expect("4")))
+        self.take(4)
+            .map(|s| u32::from_le_bytes(s.try_into().expect("4")))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|s| u64::from_le_bytes(s.try_into().expect("8")))
+        self.take(8)
+            .map(|s| u64::from_le_bytes(s.try_into().expect("8")))
     }
     fn key(&mut self) -> Option<[u8; 32]> {
         self.take(32).map(|s| s.try_into().expect("32"))

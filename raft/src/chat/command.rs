@@ -994,7 +994,11 @@ mod tests {
             Command::UserChatRemoved { user: 1, chat: 2 },
         ]
         .into_iter()
-        .chain(crate::chat::secret::tests::every_secret_command().into_iter().map(Command::Secret))
+        .chain(
+            crate::chat::secret::tests::every_secret_command()
+                .into_iter()
+                .map(Command::Secret),
+        )
         .collect()
     }
 

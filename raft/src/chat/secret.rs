@@ -502,7 +502,11 @@ impl SecretState {
                 }
                 let known = self.devices.contains_key(&(*user, device.clone()));
                 if !known
-                    && self.devices.range((*user, String::new())..).take_while(|((u, _), _)| u == user).count()
+                    && self
+                        .devices
+                        .range((*user, String::new())..)
+                        .take_while(|((u, _), _)| u == user)
+                        .count()
                         >= SECRET_DEVICES_PER_USER_MAX
                 {
                     return refuse(
@@ -510,10 +514,7 @@ impl SecretState {
                         format!("user {user} has {SECRET_DEVICES_PER_USER_MAX} devices with keys"),
                     );
                 }
-                self.devices
-                    .entry((*user, device.clone()))
-                    .or_default()
-                    .key = *public_key;
+                self.devices.entry((*user, device.clone())).or_default().key = *public_key;
                 applied(0, 0)
             }
             SecretCommand::DeviceChat { user, device, chat } => {
@@ -783,7 +784,11 @@ impl SecretState {
     /// last one ever made.
     pub fn erasures_after(&self, after: u64) -> (Vec<Erasure>, u64) {
         (
-            self.erasures.iter().filter(|e| e.no > after).copied().collect(),
+            self.erasures
+                .iter()
+                .filter(|e| e.no > after)
+                .copied()
+                .collect(),
             self.erasures_total,
         )
     }

@@ -168,7 +168,11 @@ fn only_the_two_devices_send_and_only_the_target_acknowledges() {
         device: device.into(),
         counter,
     };
-    assert_eq!(n(&t.run(ack(a, "phone", 5))), 1, "acks the one message to alice only");
+    assert_eq!(
+        n(&t.run(ack(a, "phone", 5))),
+        1,
+        "acks the one message to alice only"
+    );
     assert_eq!(t.st.secret().pending_to(chat, 1).len(), 2);
     assert_eq!(t.st.secret().pending_to(chat, 0).len(), 0);
     refused(&t.run(ack(b, "tablet", 5)), RefusalCode::PermissionDenied);
@@ -257,7 +261,11 @@ fn replicas_agree_and_checkpoints_round_trip_with_secret_state() {
     };
     let (one, two) = (run(), run());
     let bytes = one.encode();
-    assert_eq!(bytes, two.encode(), "two replicas wrote different checkpoints");
+    assert_eq!(
+        bytes,
+        two.encode(),
+        "two replicas wrote different checkpoints"
+    );
     let back = GroupState::decode(&bytes).expect("decodes");
     assert_eq!(back, one);
     assert_eq!(back.encode(), bytes);

@@ -478,8 +478,9 @@ impl GroupState {
             }
             Command::Secret(c) => {
                 let users = &self.users;
-                self.secret
-                    .apply(self.group, c, ts, raft_index, pos, |u| users.contains_key(&u))
+                self.secret.apply(self.group, c, ts, raft_index, pos, |u| {
+                    users.contains_key(&u)
+                })
             }
             _ => self.apply_chat_command(cmd, ts, at),
         }

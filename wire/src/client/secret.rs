@@ -140,7 +140,10 @@ impl Client {
 
     /// Learns the secret chats started with this device that `keys` does not hold yet
     /// (from `secret_list`), derives and saves their keys. Returns how many were added.
-    pub async fn secret_refresh_chats(&self, keys: &mut DeviceKeys) -> Result<usize, SecretFlowError> {
+    pub async fn secret_refresh_chats(
+        &self,
+        keys: &mut DeviceKeys,
+    ) -> Result<usize, SecretFlowError> {
         let list = self.secret_list(v1::SecretListRequest {}).await?;
         let mut added = 0;
         for c in &list.chats {

@@ -68,9 +68,7 @@ fn two_devices_exchange_messages_both_ways() {
             .seal(p.chat, &format!("hello bob {i}"), 0, 1000 + i)
             .unwrap();
         assert!(
-            !s.ciphertext
-                .windows(9)
-                .any(|w| w == b"hello bob"),
+            !s.ciphertext.windows(9).any(|w| w == b"hello bob"),
             "plaintext visible in the ciphertext"
         );
         let o = p.bob.open(&relay(&p.alice, &s)).unwrap();
@@ -135,10 +133,17 @@ fn replayed_and_reordered_messages_are_refused() {
     // Reordered: "one" arrives after "two".
     assert!(matches!(
         p.bob.open(&one),
-        Err(SecretError::Replayed { counter: 1, last: 2, .. })
+        Err(SecretError::Replayed {
+            counter: 1,
+            last: 2,
+            ..
+        })
     ));
     // Replayed: "two" again.
-    assert!(matches!(p.bob.open(&two), Err(SecretError::Replayed { .. })));
+    assert!(matches!(
+        p.bob.open(&two),
+        Err(SecretError::Replayed { .. })
+    ));
     assert_eq!(p.bob.open(&three).unwrap().text, "three");
 }
 
@@ -158,12 +163,18 @@ fn misrouted_messages_are_refused() {
     m.sender_device_id = "tablet".into();
     assert!(matches!(p.bob.open(&m), Err(SecretError::Misrouted(_))));
     // Delivered back to its sender.
-    assert!(matches!(p.alice.open(&good), Err(SecretError::Misrouted(_))));
+    assert!(matches!(
+        p.alice.open(&good),
+        Err(SecretError::Misrouted(_))
+    ));
     // A third device of bob's (own identity key) holds no keys for the chat, and cannot
     // derive them: the chat names bob's laptop.
     let dir = tempfile::tempdir().unwrap();
     let mut tablet = DeviceKeys::generate(dir.path().join("t"), BOB, "tablet");
-    assert!(matches!(tablet.open(&good), Err(SecretError::UnknownChat(7))));
+    assert!(matches!(
+        tablet.open(&good),
+        Err(SecretError::UnknownChat(7))
+    ));
     let info = ChatInfo {
         chat: 7,
         initiator_user: ALICE,
@@ -174,10 +185,16 @@ fn misrouted_messages_are_refused() {
         responder_key: p.bob.public_key(),
         ephemeral_key: [9; 32],
     };
-    assert!(matches!(tablet.add_joined(&info), Err(SecretError::Misrouted(_))));
+    assert!(matches!(
+        tablet.add_joined(&info),
+        Err(SecretError::Misrouted(_))
+    ));
     // Even claiming to be the laptop, its key is not the one the chat was started with.
     let mut pretender = DeviceKeys::generate(dir.path().join("p"), BOB, "laptop");
-    assert!(matches!(pretender.add_joined(&info), Err(SecretError::BadKey(_))));
+    assert!(matches!(
+        pretender.add_joined(&info),
+        Err(SecretError::BadKey(_))
+    ));
     assert_eq!(p.bob.open(&good).unwrap().text, "for chat 7");
 }
 
@@ -260,7 +277,10 @@ fn the_key_file_round_trips_and_refuses_damage() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(p.alice.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(p.alice.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "key file readable by others");
     }
     for at in (0..bytes.len()).step_by(7) {
@@ -268,7 +288,10 @@ fn the_key_file_round_trips_and_refuses_damage() {
         b[at] ^= 0x40;
         std::fs::write(p.alice.path(), &b).unwrap();
         assert!(
-            matches!(DeviceKeys::load(p.alice.path()), Err(SecretError::Corrupt { .. })),
+            matches!(
+                DeviceKeys::load(p.alice.path()),
+                Err(SecretError::Corrupt { .. })
+            ),
             "flip at {at} went unnoticed"
         );
     }
@@ -292,5 +315,8 @@ fn low_order_keys_are_refused() {
         responder_key: [0; 32],
         ephemeral_key: e.public(),
     };
-    assert!(matches!(alice.add_started(&info, e), Err(SecretError::BadKey(_))));
+    assert!(matches!(
+        alice.add_started(&info, e),
+        Err(SecretError::BadKey(_))
+    ));
 }
