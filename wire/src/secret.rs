@@ -489,7 +489,7 @@ impl DeviceKeys {
                 Ok(keys)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let keys = DeviceKeys::generate(path, user, device);
+                let mut keys = DeviceKeys::generate(path, user, device);
                 keys.save()?;
                 Ok(keys)
             }
@@ -616,7 +616,8 @@ impl DeviceKeys {
 
     /// Seals `text` for chat `chat` at client time `now_ms`: takes the next counter and,
     /// when due, moves to the next epoch. Save the keys before sending the result, so a
-    /// crash never reuses a counter.
+    /// crash never reuses a counter; with other processes using the same key file, seal
+    /// inside [`DeviceKeys::locked`].
     pub fn seal(
         &mut self,
         chat: u64,
@@ -800,9 +801,83 @@ impl DeviceKeys {
         out
     }
 
+    /// Runs `f` on the keys while holding the key file's lock, after merging in what
+    /// another process using the same file saved (newer counters and epochs win, chats
+    /// are united), and saves the result before releasing the lock. Sealing and opening
+    /// go through here ([`Client::secret_send`](crate::client::Client::secret_send),
+    /// [`Client::secret_receive`](crate::client::Client::secret_receive)): two processes
+    /// of one device (a `tail` and a `send`) then never seal twice with one counter, which
+    /// would reuse a nonce.
+    pub fn locked<T>(
+        &mut self,
+        f: impl FnOnce(&mut DeviceKeys) -> Result<T, SecretError>,
+    ) -> Result<T, SecretError> {
+        let io = |source| SecretError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io)?;
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path.with_extension("lock"))
+            .map_err(io)?;
+        lock.lock().map_err(io)?;
+        self.merge_saved()?;
+        let out = f(self)?;
+        self.write_file()?;
+        // Unlocked when `lock` is closed.
+        drop(lock);
+        Ok(out)
+    }
+
+    /// Merges the saved file into these keys (see [`DeviceKeys::locked`]).
+    fn merge_saved(&mut self) -> Result<(), SecretError> {
+        if !self.path.exists() {
+            return Ok(());
+        }
+        let saved = DeviceKeys::load(&self.path)?;
+        if saved.identity.to_bytes() != self.identity.to_bytes()
+            || saved.user != self.user
+            || saved.device != self.device
+        {
+            return Err(SecretError::Corrupt {
+                path: self.path.clone(),
+                detail: "now holds another device's keys".into(),
+            });
+        }
+        for (id, theirs) in saved.chats {
+            match self.chats.get_mut(&id) {
+                None => {
+                    self.chats.insert(id, theirs);
+                }
+                Some(mine) => {
+                    if (theirs.send.epoch, theirs.send.counter)
+                        > (mine.send.epoch, mine.send.counter)
+                    {
+                        mine.send = theirs.send;
+                    }
+                    if (theirs.recv.epoch, theirs.recv.counter)
+                        > (mine.recv.epoch, mine.recv.counter)
+                    {
+                        mine.recv = theirs.recv;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the keys: under the file's lock, merged with what another process saved.
+    pub fn save(&mut self) -> Result<(), SecretError> {
+        self.locked(|_| Ok(()))
+    }
+
     /// Writes the key file: a temporary file (mode 0600), fsync, rename over the old one,
     /// fsync of the directory.
-    pub fn save(&self) -> Result<(), SecretError> {
+    fn write_file(&self) -> Result<(), SecretError> {
         let io = |source| SecretError::Io {
             path: self.path.clone(),
             source,

@@ -456,6 +456,8 @@ pub struct SecretState {
     /// Published keys and secret chat lists of this group's users' devices.
     devices: BTreeMap<(UserId, String), Device>,
     chats: BTreeMap<ChatId, SecretChat>,
+    /// Derived: one-time key → chat, so a repeated start finds its chat.
+    by_ephemeral: BTreeMap<PublicKey, ChatId>,
     pending: BTreeMap<u64, PendingView>,
     /// Derived: `(chat, from_side, counter) → no`, for acks.
     by_chat: BTreeMap<(ChatId, u8, u64), u64>,
@@ -552,15 +554,12 @@ impl SecretState {
                     );
                 }
                 // A repeated start (same one-time key) returns the chat it made.
-                if let Some((id, _)) = self
-                    .chats
-                    .iter()
-                    .find(|(_, c)| c.view.ephemeral_key == *ephemeral_key)
-                {
+                if let Some(id) = self.by_ephemeral.get(ephemeral_key) {
                     return applied(*id, 0);
                 }
                 let id = make_id(group, self.next_chat.max(1));
                 self.next_chat = self.next_chat.max(1) + 1;
+                self.by_ephemeral.insert(*ephemeral_key, id);
                 self.chats.insert(
                     id,
                     SecretChat {
@@ -907,6 +906,7 @@ impl SecretState {
             let ephemeral_key = key(r)?;
             let last_counter = [r.u64()?, r.u64()?];
             let pending = [r.u64()?, r.u64()?];
+            st.by_ephemeral.insert(ephemeral_key, id);
             st.chats.insert(
                 id,
                 SecretChat {

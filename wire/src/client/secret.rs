@@ -123,8 +123,9 @@ impl Client {
         self_destruct_s: u32,
         now_ms: u64,
     ) -> Result<(u64, v1::SecretSendResponse), SecretFlowError> {
-        let sealed = keys.seal(chat, text, self_destruct_s, now_ms)?;
-        keys.save()?;
+        // Sealed and saved under the key file's lock: the counter is spent even if the
+        // send fails, and never reused by another process of this device.
+        let sealed = keys.locked(|k| k.seal(chat, text, self_destruct_s, now_ms))?;
         let r = self
             .secret_send_request(v1::SecretSendRequest {
                 secret_chat_id: chat,
@@ -173,8 +174,6 @@ impl Client {
         if keys.chat(message.secret_chat_id).is_none() {
             self.secret_refresh_chats(keys).await?;
         }
-        let opened = keys.open(message)?;
-        keys.save()?;
-        Ok(opened)
+        Ok(keys.locked(|k| k.open(message))?)
     }
 }

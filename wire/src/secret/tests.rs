@@ -320,3 +320,35 @@ fn low_order_keys_are_refused() {
         Err(SecretError::BadKey(_))
     ));
 }
+
+#[test]
+fn two_processes_of_one_device_never_reuse_a_counter() {
+    let mut p = pair();
+    p.alice.save().unwrap();
+    p.bob.save().unwrap();
+    // A `tail` and a `send` of the same device: two copies of the same key file.
+    let mut first = DeviceKeys::load(p.alice.path()).unwrap();
+    let mut second = DeviceKeys::load(p.alice.path()).unwrap();
+    let a = first
+        .locked(|k| k.seal(7, "from the first process", 0, 1))
+        .unwrap();
+    let b = second
+        .locked(|k| k.seal(7, "from the second, stale copy", 0, 2))
+        .unwrap();
+    assert_eq!(
+        (a.counter, b.counter),
+        (1, 2),
+        "a counter (and nonce) was reused"
+    );
+    // The first copy saves again (after opening something): it keeps the newer counter.
+    first.save().unwrap();
+    let c = first.locked(|k| k.seal(7, "third", 0, 3)).unwrap();
+    assert_eq!(c.counter, 3);
+    for (s, text) in [
+        (&a, "from the first process"),
+        (&b, "from the second, stale copy"),
+        (&c, "third"),
+    ] {
+        assert_eq!(p.bob.open(&relay(&p.alice, s)).unwrap().text, text);
+    }
+}
