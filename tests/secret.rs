@@ -11,6 +11,8 @@
 //!   the client library.
 //! - Pending messages survive a SIGKILL of the server and are delivered after restart.
 //! - Re-keying after `REKEY_MESSAGES` messages works end to end.
+//! - On three nodes, every replica holds the ciphertext while pending and erases its own
+//!   copy from disk after the acknowledgement.
 //! - The CLI: `secret start`, `send`, `tail`.
 
 use std::io::{BufRead, BufReader};
@@ -871,4 +873,181 @@ async fn the_cli_starts_sends_and_tails() {
     .unwrap();
     assert_eq!(list["chats"][0]["keys_here"], true);
     assert_eq!(list["chats"][0]["started_here"], false);
+}
+
+/// A free TCP port on 127.0.0.1 (for `--initial-cluster`, which names peer ports up front).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Three `chatlog serve` processes, every group replicated on all three.
+fn start_cluster(root: &Path) -> Vec<(Server, PathBuf)> {
+    let initial: Vec<String> = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
+        .collect();
+    let initial = initial.join(",");
+    let receivers: Vec<_> = (1..=3u64)
+        .map(|id| {
+            let dir = root.join(format!("node-{id}"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+                .args([
+                    "serve",
+                    "--node-id",
+                    &id.to_string(),
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
+                .args(["--http", "127.0.0.1:0", "--initial-cluster", &initial])
+                .args([
+                    "--groups",
+                    "4",
+                    "--heartbeat-ms",
+                    "100",
+                    "--segment-mb",
+                    "1",
+                ])
+                .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+                .arg("--data-dir")
+                .arg(&dir)
+                .env("RUST_LOG", "warn")
+                .env_remove("CHATLOG_ADMIN_TOKEN")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("chatlog serve starts");
+            let stdout = child.stdout.take().expect("stdout");
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            (child, dir, rx)
+        })
+        .collect();
+    receivers
+        .into_iter()
+        .map(|(child, dir, rx)| {
+            let (mut clients, mut http) = (None, None);
+            let deadline = Instant::now() + START_WAIT * 2;
+            while clients.is_none() || http.is_none() {
+                let line = rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .expect("the node announces its addresses in time");
+                if let Some(a) = line.strip_prefix("clients: ") {
+                    clients = Some(a.trim().to_string());
+                } else if let Some(a) = line.strip_prefix("http: ") {
+                    http = Some(a.trim().to_string());
+                }
+            }
+            let server = Server {
+                child,
+                clients: clients.expect("clients"),
+                http: http.expect("http"),
+            };
+            (server, dir)
+        })
+        .collect()
+}
+
+/// Waits until `GET /ready` answers 200: every local group knows its leader.
+async fn wait_ready(http: &str) {
+    let deadline = Instant::now() + WAIT * 3;
+    loop {
+        if let Ok(r) = request(http, "GET", "/ready", None, None, WAIT).await
+            && r.status == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{http} never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_erases_the_ciphertext() {
+    let root = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(root.path());
+    for (server, _) in &nodes {
+        wait_ready(&server.http).await;
+    }
+    let first = nodes[0].0.clients.clone();
+    let u = users(&first).await;
+    let (alice, bob) = (u.alice, u.bob);
+    // Alice on node 1, Bob's laptop on node 2.
+    let mut phone = device(&first, &alice, "phone", keys.path()).await;
+    let mut laptop = device(&nodes[1].0.clients, &bob, "laptop", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, bob.0, "laptop")
+        .await
+        .expect("start");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let text = marker(&format!("cluster-{i}"));
+        let sealed = phone.keys.seal(chat, &text, 0, now_ms()).unwrap();
+        phone
+            .client
+            .secret_send_request(v1::SecretSendRequest {
+                secret_chat_id: chat,
+                counter: sealed.counter,
+                epoch: sealed.epoch,
+                ttl_ms: 600_000,
+                self_destruct_s: 0,
+                ciphertext: sealed.ciphertext.clone().into(),
+            })
+            .await
+            .expect("send");
+        sent.push((text, sealed.ciphertext));
+    }
+    let pending = laptop
+        .client
+        .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+        .await
+        .expect("pending on node 2");
+    assert_eq!(pending.messages.len(), 3);
+    for (m, (text, _)) in pending.messages.iter().zip(&sent) {
+        let o = laptop
+            .client
+            .secret_receive(&mut laptop.keys, m)
+            .await
+            .unwrap();
+        assert_eq!(&o.text, text);
+    }
+    // Replicated: every node holds the ciphertexts (a majority at once, the third soon).
+    for (server, dir) in &nodes {
+        let deadline = Instant::now() + WAIT;
+        for (text, ct) in &sent {
+            while disk_contains(dir, ct).is_none() {
+                assert!(Instant::now() < deadline, "{} never got it", server.http);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(disk_contains(dir, text.as_bytes()), None);
+        }
+    }
+    laptop
+        .client
+        .secret_ack(v1::SecretAckRequest {
+            secret_chat_id: chat,
+            counter: 3,
+        })
+        .await
+        .expect("ack");
+    // Each node zeroes its own copy once it applied the ack; compaction removes it.
+    for (server, dir) in &nodes {
+        let deadline = Instant::now() + WAIT;
+        while sent.iter().any(|(_, ct)| disk_contains(dir, ct).is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "a ciphertext stayed on the disk of {}",
+                server.http
+            );
+            server.compact().await;
+        }
+        for (text, _) in &sent {
+            assert_eq!(disk_contains(dir, text.as_bytes()), None);
+        }
+    }
 }
