@@ -1000,6 +1000,85 @@ impl DeviceKeys {
     }
 }
 
+/// Read messages a device holds once they are shown. Why the bound: a device keeps
+/// what it can show; beyond 10,000 the oldest read is dropped first.
+pub const READ_MESSAGES_MAX: usize = 10_000;
+
+/// The messages a device has read, each kept until its sender's self-destruct timer runs
+/// out (counted from when it was read); then [`ReadMessages::purge`] drops it and zeroes
+/// its text. Messages without a timer stay until dropped by the bound. The server's copy
+/// is already gone: it was erased with the acknowledgement.
+#[derive(Debug, Default)]
+pub struct ReadMessages {
+    items: BTreeMap<(u64, u64), (Opened, Option<u64>, u64)>,
+    /// `(destruct_at_ms, chat, counter)` of the messages with a timer.
+    deadlines: std::collections::BTreeSet<(u64, u64, u64)>,
+    next_order: u64,
+}
+
+impl ReadMessages {
+    /// Keeps `o`, read at `read_at_ms`; returns when it must be deleted (`None`: kept).
+    pub fn insert(&mut self, o: Opened, read_at_ms: u64) -> Option<u64> {
+        let at = o.destruct_at_ms(read_at_ms);
+        let key = (o.chat, o.counter);
+        if self.items.len() >= READ_MESSAGES_MAX && !self.items.contains_key(&key) {
+            // Drop the message read first.
+            if let Some((&oldest, _)) = self.items.iter().min_by_key(|(_, (_, _, order))| *order) {
+                self.remove(oldest);
+            }
+        }
+        if let Some(d) = at {
+            self.deadlines.insert((d, key.0, key.1));
+        }
+        self.next_order += 1;
+        self.items.insert(key, (o, at, self.next_order));
+        at
+    }
+
+    fn remove(&mut self, key: (u64, u64)) {
+        if let Some((mut o, at, _)) = self.items.remove(&key) {
+            if let Some(d) = at {
+                self.deadlines.remove(&(d, key.0, key.1));
+            }
+            zeroize::Zeroize::zeroize(&mut o.text);
+        }
+    }
+
+    /// Deletes (and zeroes) every message whose timer ran out by `now_ms`; returns how
+    /// many.
+    pub fn purge(&mut self, now_ms: u64) -> usize {
+        let due: Vec<(u64, u64)> = self
+            .deadlines
+            .range(..=(now_ms, u64::MAX, u64::MAX))
+            .map(|(_, c, n)| (*c, *n))
+            .collect();
+        for key in &due {
+            self.remove(*key);
+        }
+        due.len()
+    }
+
+    /// The next time [`ReadMessages::purge`] has something to delete.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.deadlines.first().map(|(d, _, _)| *d)
+    }
+
+    /// A kept message.
+    pub fn get(&self, chat: u64, counter: u64) -> Option<&Opened> {
+        self.items.get(&(chat, counter)).map(|(o, _, _)| o)
+    }
+
+    /// How many messages are kept.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
 fn put_str16(b: &mut Vec<u8>, s: &str) {
     let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
     b.extend_from_slice(&(s.len() as u16).to_le_bytes());

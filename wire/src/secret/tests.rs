@@ -352,3 +352,22 @@ fn two_processes_of_one_device_never_reuse_a_counter() {
         assert_eq!(p.bob.open(&relay(&p.alice, s)).unwrap().text, text);
     }
 }
+
+#[test]
+fn read_messages_self_destruct_after_their_timer() {
+    let mut p = pair();
+    let mut read = ReadMessages::default();
+    let s = p.alice.seal(p.chat, "burn after reading", 5, 1).unwrap();
+    let o = p.bob.open(&relay(&p.alice, &s)).unwrap();
+    assert_eq!(read.insert(o, 10_000), Some(15_000));
+    let s = p.alice.seal(p.chat, "keep me", 0, 2).unwrap();
+    let o = p.bob.open(&relay(&p.alice, &s)).unwrap();
+    assert_eq!(read.insert(o, 10_000), None);
+    assert_eq!(read.next_deadline_ms(), Some(15_000));
+    assert_eq!(read.purge(14_999), 0);
+    assert_eq!(read.get(p.chat, 1).unwrap().text, "burn after reading");
+    assert_eq!(read.purge(15_000), 1);
+    assert!(read.get(p.chat, 1).is_none());
+    assert_eq!(read.get(p.chat, 2).unwrap().text, "keep me");
+    assert_eq!((read.len(), read.next_deadline_ms()), (1, None));
+}
