@@ -640,6 +640,9 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::ListMembers(_)
         | Kind::ListSessions(_)
         | Kind::Sync(_) => true,
+        // Secret chats: everything but `send` is safe to repeat (a repeated `start`
+        // carries the same one-time key and returns the same chat; `ack` is "up to").
+        Kind::Secret(s) => !matches!(s.kind, Some(v1::secret_request::Kind::Send(_)) | None),
         _ => false,
     }
 }

@@ -9,8 +9,10 @@
 //! (the caller acknowledges after it stored or showed the text; a message that does not
 //! open is left to expire, and reported).
 //!
-//! None of these requests is repeated after a drop (`send` and `start` are not safe to
-//! repeat blindly; the reads are cheap to ask again).
+//! Every `secret` request but `send` is repeated after a drop like the other safe
+//! requests (`Client::call`): a repeated `start` carries the same one-time key and gets
+//! the same chat, `ack` acknowledges "up to" a counter. A `send` is not: if the first
+//! attempt went through, the repeat would be refused as a reused counter.
 
 use crate::client::{Client, ClientError, unexpected_response};
 use crate::proto::v1::{self, request, response, secret_request, secret_response};
