@@ -5,7 +5,8 @@
 //! routing (a device's key and chat list live in its user's group; a secret chat and its
 //! pending messages in the group of the smaller of its two user ids), and turning pending
 //! locations back into `SecretMessage`s by reading the one Raft entry that holds each
-//! ciphertext (`chatlog_raft::secret_log`). What it must not do: look inside a ciphertext,
+//! ciphertext (`chatlog_raft::secret_log`). Reads go through a read barrier first, so a
+//! key or message written through another node is seen. What it must not do: look inside a ciphertext,
 //! keep a copy of one anywhere but the Raft log, or hand a message to any device but its
 //! target (another device of the same user gets `PERMISSION_DENIED` or nothing).
 //!
@@ -99,6 +100,13 @@ impl ChatService {
             })
     }
 
+    /// Waits until this node's replica of `id`'s group applied everything committed
+    /// before the call (keys and chat lists may have been written through another node).
+    async fn barrier(&self, id: u64, what: &str) -> Result<(), v1::Error> {
+        let g = self.group_for(id, what)?.id();
+        self.node.read_barrier(g).await.map_err(propose_error)
+    }
+
     fn device_key(&self, user: UserId, device: &str) -> Result<[u8; 32], v1::Error> {
         self.group_for(user, "user")?
             .shared()
@@ -157,6 +165,7 @@ impl ChatService {
             }
             SReq::GetKey(r) => {
                 check_len("device id", &r.device_id, DEVICE_ID_BYTES_MAX)?;
+                self.barrier(r.user_id, "user").await?;
                 let key = self.device_key(r.user_id, &r.device_id)?;
                 Ok(secret(SResp::GetKey(v1::SecretGetKeyResponse {
                     public_key: key.to_vec().into(),
@@ -169,6 +178,8 @@ impl ChatService {
                 }
                 let ephemeral_key = key_of(&r.ephemeral_key, "the one-time key")?;
                 let expected = key_of(&r.responder_key, "the responder's key")?;
+                self.barrier(user, "user").await?;
+                self.barrier(r.user_id, "user").await?;
                 let initiator_key = self.device_key(user, &device).map_err(|_| {
                     error(
                         ErrorCode::NotFound,
@@ -218,6 +229,7 @@ impl ChatService {
                 })))
             }
             SReq::List(_) => {
+                self.barrier(user, "user").await?;
                 let chats = self
                     .group_for(user, "user")?
                     .shared()
@@ -281,6 +293,7 @@ impl ChatService {
                 let chats = if r.secret_chat_id != 0 {
                     vec![r.secret_chat_id]
                 } else {
+                    self.barrier(user, "user").await?;
                     self.group_for(user, "user")?
                         .shared()
                         .read()
