@@ -1,6 +1,7 @@
 //! The chatlog server and CLI: the command line (`cli`), `chatlog serve` (`serve`), the
 //! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`),
-//! the fan-out hub (`fanout`), the HTTP port (`http`), and the client, admin, load
+//! the fan-out hub (`fanout`), push notifications for offline members (`notify`), the HTTP
+//! port (`http`), and the client, admin, load
 //! generator and storage commands (`client_cmd`, `admin_cmd`, `bench_cmd`,
 //! `storage_cmd`). Media arrives with its issue.
 
@@ -11,6 +12,7 @@ pub mod client_cmd;
 pub mod fanout;
 pub mod gateway;
 pub mod http;
+pub mod notify;
 pub mod serve;
 pub mod service;
 pub mod storage_cmd;

@@ -21,6 +21,7 @@ use clap::{ArgAction, Args};
 use crate::cli::CliError;
 use crate::gateway::{self, GatewayLimits};
 use crate::http::{ClientCounters, CountedService, HttpContext, LeaderChanges};
+use crate::notify::{Notifier, NotifyConfig};
 use crate::service::ChatService;
 
 /// Default client address.
@@ -67,6 +68,10 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
+    /// segment is preallocated in full, so a small disk wants small segments.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
+    pub segment_mb: Option<u64>,
     /// Messages (sends, edits, deletes, reactions, pins, new chats) per second per user,
     /// with a burst of as many; over it a request gets RATE_LIMITED with a retry-after.
     /// 0 turns the limit off (load tests).
@@ -90,13 +95,35 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
-    // ---- secret chats: small segments so erasure is quick to check ----
-    /// Size of the storage engine's segment files in MiB (default 64). Smaller segments
-    /// are sealed and compacted sooner, so redacted bytes (acknowledged or expired secret
-    /// messages) leave the disk sooner; tests use 1.
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=2048))]
-    pub segment_mb: Option<u64>,
-    // ---- end secret chats ----
+    /// Bytes of pushes queued per connection (one push is always taken): a live push
+    /// beyond closes the connection as a slow reader; a subscription catching up waits.
+    #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
+    pub push_queue_bytes: usize,
+    /// Push notifications for members without an online session: POSTed as JSON to this
+    /// `http://host:port/path` (where a deployment plugs in APNs or FCM), collapsed per
+    /// user and chat, kept in a durable outbox until the webhook answers 2xx. Off when
+    /// not given. Notifications carry counts and seqs, never message text.
+    #[arg(long, value_name = "URL")]
+    pub push_webhook: Option<String>,
+    /// Sent to the push webhook as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "CHATLOG_PUSH_WEBHOOK_TOKEN", hide_env_values = true)]
+    pub push_webhook_token: Option<String>,
+    /// Notifications of one user and chat within this many milliseconds become one.
+    #[arg(long, default_value_t = crate::notify::COLLAPSE_DEFAULT.as_millis() as u64)]
+    pub push_collapse_ms: u64,
+}
+
+/// The push notifier's configuration, if `--push-webhook` is given.
+fn notify_config(args: &ServeArgs) -> Result<Option<NotifyConfig>, CliError> {
+    let Some(url) = &args.push_webhook else {
+        return Ok(None);
+    };
+    let collapse = Duration::from_millis(args.push_collapse_ms.max(1));
+    Ok(Some(NotifyConfig::parse(
+        url,
+        args.push_webhook_token.clone(),
+        collapse,
+    )?))
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -134,11 +161,35 @@ fn parse_cluster(entries: &[String]) -> Result<BTreeMap<u64, SocketAddr>, CliErr
     Ok(out)
 }
 
+/// Fault injection for tests (`tests/clock_jump.rs`): names a file holding a signed
+/// number of milliseconds that the node adds to its wall clock, re-read every
+/// [`FAULT_CLOCK_POLL`]; writing to the file makes the node's clock jump. Never set it
+/// in production.
+pub const FAULT_CLOCK_ENV: &str = "CHATLOG_FAULT_CLOCK_OFFSET_FILE";
+/// How often the file named by [`FAULT_CLOCK_ENV`] is read.
+const FAULT_CLOCK_POLL: Duration = Duration::from_millis(20);
+
+/// Follows the fault clock file on a thread of its own for the life of the process.
+fn follow_fault_clock(path: PathBuf) {
+    tracing::warn!(file = %path.display(), "fault injection: the wall clock follows an offset file");
+    std::thread::spawn(move || {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(offset) = text.trim().parse::<i64>()
+            {
+                chatlog_raft::clock::set_fault_offset_ms(offset);
+            }
+            std::thread::sleep(FAULT_CLOCK_POLL);
+        }
+    });
+}
+
 /// Runs `chatlog serve` until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
     if args.groups == 0 || args.groups >= GROUPS_MAX {
         return Err(format!("--groups must be 1 to {}", GROUPS_MAX - 1).into());
     }
+    notify_config(&args)?;
     let cluster = parse_cluster(&args.initial_cluster)?;
     if !cluster.is_empty() && !cluster.contains_key(&args.node_id) {
         return Err(format!(
@@ -161,6 +212,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    if let Some(path) = std::env::var_os(FAULT_CLOCK_ENV) {
+        follow_fault_clock(PathBuf::from(path));
+    }
     let config = NodeConfig {
         node_id: args.node_id,
         data_dir: args.data_dir.clone(),
@@ -168,7 +222,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         replicas,
         members,
         sm: Default::default(),
-        segment_bytes: args.segment_mb.map(|m| m << 20),
+        segment_bytes: args.segment_mb.map(|mb| mb << 20),
         heartbeat_ms: args.heartbeat_ms,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -280,22 +334,27 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
-    let service = Arc::new(CountedService::new(
-        ChatService::with_limits(
-            Arc::clone(&node),
-            args.dev_mode,
-            crate::service::ratelimit::RateLimits {
-                user_sends_per_sec: args.user_sends_per_sec,
-                conn_requests_per_sec: args.conn_requests_per_sec,
-            },
-        ),
-        clients,
-    ));
+    let chat_service = ChatService::with_limits(
+        Arc::clone(&node),
+        args.dev_mode,
+        crate::service::ratelimit::RateLimits {
+            user_sends_per_sec: args.user_sends_per_sec,
+            conn_requests_per_sec: args.conn_requests_per_sec,
+        },
+    );
+    if let Some(config) = notify_config(&args)? {
+        tracing::info!(webhook = %args.push_webhook.as_deref().unwrap_or_default(), "push notifications on");
+        chat_service
+            .hub()
+            .set_notifier(Notifier::start(Arc::clone(&node), config));
+    }
+    let service = Arc::new(CountedService::new(chat_service, clients));
     gateway::serve(
         listener,
         service,
         GatewayLimits {
             push_queue_len_max: args.push_queue_len.max(1),
+            push_queue_bytes_max: args.push_queue_bytes.max(1),
             ..GatewayLimits::default()
         },
         shutdown_signal(),

@@ -13,6 +13,9 @@
 //! | 2 | reserved: snapshot staging while a snapshot is received           |
 //! | 3 | reserved                                                          |
 //!
+//! Node logs (not replicated, one node's own) live at `1 << 63 | k`: k = 0 is the push
+//! notification outbox.
+//!
 //! Raft index `i` is stored at engine index `i + 1`. Openraft starts logs at index 0 and
 //! asks for `truncate_after(None)` (delete everything), while the engine's
 //! `truncate_after(log, i)` keeps `i`; with the shift, engine index 0 is never used and
@@ -38,6 +41,18 @@ pub const META_PURGED: &[u8] = b"purged";
 /// Meta key of the checkpoint log: where the latest checkpoint's chunks are
 /// (`state_machine::encode_pointer`). Absent means none was written.
 pub const META_CHECKPOINT: &[u8] = b"checkpoint";
+
+/// Node logs: engine logs of one node that belong to no group (nothing replicates them),
+/// at `NODE_LOGS_BASE | k`. Group logs stay far below it: group ids are below
+/// `chat::GROUPS_MAX` (2^16), so their logs are below 2^18.
+const NODE_LOGS_BASE: u64 = 1 << 63;
+/// Node log `k`: the push-notification outbox (`src/notify`).
+pub const NODE_LOG_PUSH_OUTBOX: u64 = 0;
+
+/// The engine log id of node log `k`.
+pub fn node_log(k: u64) -> chatlog_storage::LogId {
+    NODE_LOGS_BASE | k
+}
 
 /// The engine log holding group `group`'s state-machine checkpoints.
 pub fn checkpoint_log(group: GroupId) -> Option<chatlog_storage::LogId> {

@@ -175,6 +175,8 @@ struct Proposal {
 #[derive(Debug, Clone)]
 pub struct Group {
     id: GroupId,
+    node_id: NodeId,
+    engine: Arc<Engine>,
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     reader: LogReader,
@@ -246,6 +248,20 @@ impl Group {
             .map_err(|_| unavailable("the group is stopped"))?;
         rx.await
             .map_err(|_| unavailable("the group stopped before answering"))?
+            .map_err(|e| self.with_storage_cause(e))
+    }
+
+    /// An `Unavailable` error names the storage failure when the node's engine stopped
+    /// (a full disk, a failed fsync): openraft reports only "raft stopped", which tells
+    /// an operator nothing.
+    fn with_storage_cause(&self, e: ProposeError) -> ProposeError {
+        match (e, self.engine.stopped()) {
+            (ProposeError::Unavailable { group, .. }, Some(cause)) => ProposeError::Unavailable {
+                group,
+                detail: format!("node {}: {cause}", self.node_id),
+            },
+            (e, _) => e,
+        }
     }
 
     /// Waits until this replica has applied everything committed before the call, as
@@ -259,10 +275,10 @@ impl Group {
                 group: self.id,
                 leader: f.leader_id,
             }),
-            Err(e) => Err(ProposeError::Unavailable {
+            Err(e) => Err(self.with_storage_cause(ProposeError::Unavailable {
                 group: self.id,
                 detail: e.to_string(),
-            }),
+            })),
         }
     }
 
@@ -333,7 +349,12 @@ impl Group {
 
 /// The batcher of one group: drains queued proposals into entries and hands them to
 /// openraft in order, with at most [`ENTRIES_IN_FLIGHT_MAX`] entries awaiting apply.
-async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Proposal>) {
+async fn run_batcher(
+    group: GroupId,
+    raft: ChatRaft,
+    shared: Arc<GroupShared>,
+    mut rx: mpsc::Receiver<Proposal>,
+) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = rx.recv().await {
         let mut bytes = first.encoded.len() + 4;
@@ -352,7 +373,7 @@ async fn run_batcher(group: GroupId, raft: ChatRaft, mut rx: mpsc::Receiver<Prop
         };
         let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
             batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
-        let payload = Batch::encode_encoded(now_ms(), &commands);
+        let payload = Batch::encode_encoded(shared.clock().next(), &commands);
         drop(commands);
         let fail = |replies: Vec<oneshot::Sender<Result<(Outcome, u64), ProposeError>>>,
                     e: ProposeError| {
@@ -455,8 +476,10 @@ pub async fn propose_unbatched(
             detail: format!("{n} commands, more than one entry's {ENTRY_COMMANDS_MAX}"),
         });
     }
+    // No group clock here (a peer server without a batcher, in tests): the smoothed
+    // process clock still never goes back or jumps ahead.
     let payload = Batch {
-        timestamp_ms: now_ms(),
+        timestamp_ms: crate::clock::now_ms(),
         commands,
     }
     .encode();
@@ -522,12 +545,6 @@ async fn log_leadership(
             return;
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The groups of a node as the peer server finds them. Filled while the node starts, so
@@ -648,7 +665,7 @@ impl Node {
                         detail: format!("starting the Raft group: {e}"),
                     })?;
             let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
-            tokio::spawn(run_batcher(g, raft.clone(), rx));
+            tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
             tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
             let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let secret_eraser = Arc::new(
@@ -662,6 +679,8 @@ impl Node {
             );
             let group = Group {
                 id: g,
+                node_id: config.node_id,
+                engine: Arc::clone(&engine),
                 raft,
                 shared,
                 reader,

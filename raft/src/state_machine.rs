@@ -38,6 +38,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use tokio::sync::watch;
 
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
+use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
 use crate::ids;
@@ -77,6 +78,8 @@ pub struct GroupShared {
     state: RwLock<GroupState>,
     /// The last applied Raft index (0 before anything), for waiters and subscribers.
     applied: watch::Sender<u64>,
+    /// Timestamps for the batches this replica proposes: never below an applied one.
+    clock: BatchClock,
 }
 
 impl GroupShared {
@@ -94,6 +97,11 @@ impl GroupShared {
     /// Watches the last applied Raft index.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// The clock that stamps this replica's proposals (`crate::clock`).
+    pub fn clock(&self) -> &BatchClock {
+        &self.clock
     }
 }
 
@@ -265,6 +273,7 @@ impl ChatStateMachine {
             header,
             shared: Arc::new(GroupShared {
                 group,
+                clock: BatchClock::new(),
                 state: RwLock::new(state),
                 applied: watch::Sender::new(applied_index),
             }),
@@ -347,6 +356,7 @@ impl ChatStateMachine {
                 // (deterministically, on every replica) rather than stopping the group.
                 Err(e) => vec![Outcome::refused(RefusalCode::BadRequest, e.to_string())],
                 Ok(batch) => {
+                    self.shared.clock.observe(batch.timestamp_ms);
                     let mut out = Vec::with_capacity(batch.len());
                     let mut state = self.shared.state.write().unwrap_or_else(|p| p.into_inner());
                     for pos in 0..batch.len() {

@@ -7,7 +7,8 @@
 //! watch; after each wake-up it finds the chats whose head moved past what it already
 //! pushed, reads each chat's new events from the Raft log **once**, and pushes them as
 //! `ChatEvents` (`request_id` 0) to every online session of every member, in seq order,
-//! several events per push. It does the same for the per-user logs of online users whose
+//! several events per push, each push encoded once and its bytes shared by every
+//! recipient's queue. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
 //! revoked session at once. Secret-chat messages go to the connections of their one
 //! target device only (`secret.rs`, which also runs the expiry ticker).
@@ -26,18 +27,21 @@
 //!   cursor after each wake-up: O(chats in the group) per applied batch, with no log read
 //!   for chats without news or without online members. A feed of changed chats from apply
 //!   (in `chatlog-raft`) would remove the scan.
-//! - Each push is encoded once per session.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use chatlog_raft::GroupId;
 use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
-use crate::gateway::{Principal, PushSender};
+use crate::gateway::{Principal, PushSender, SharedPush};
+use crate::notify::Notifier;
+
+mod presence;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
+pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
 
 mod secret;
 pub use secret::SECRET_TICK_INTERVAL;
@@ -99,6 +103,10 @@ pub struct Hub {
     node: Arc<Node>,
     online: RwLock<Online>,
     watchers: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Push notifications for members without an online session (`--push-webhook`).
+    notifier: OnceLock<Arc<Notifier>>,
+    /// Last-seen times and presence followers (`presence.rs`).
+    presence: Mutex<presence::Presence>,
 }
 
 impl Drop for Hub {
@@ -116,6 +124,8 @@ impl Hub {
             node,
             online: RwLock::new(Online::default()),
             watchers: Mutex::new(Vec::new()),
+            notifier: OnceLock::new(),
+            presence: Mutex::default(),
         });
         let mut watchers = Vec::new();
         for group in hub.node.groups() {
@@ -125,6 +135,16 @@ impl Hub {
         watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
+    }
+
+    /// Sends notifications of new messages to members who are not online here.
+    pub fn set_notifier(&self, notifier: Arc<Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Whether `user` has an authenticated connection on this node.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.online().users.contains_key(&user)
     }
 
     fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {
@@ -155,6 +175,7 @@ impl Hub {
         );
         let mut online = self.online_mut();
         online.remove(connection_id);
+        let came_online = !online.users.contains_key(&user);
         let entry = online.users.entry(user).or_insert_with(|| OnlineUser {
             conns: Vec::new(),
             log_pushed: log_head,
@@ -171,11 +192,24 @@ impl Hub {
             .entry(group_of(user))
             .or_default()
             .insert(user);
+        drop(online);
+        if came_online {
+            self.presence_changed(user, true);
+        }
     }
 
     /// Forgets a connection (it closed).
     pub fn unregister(&self, connection_id: u64) {
-        self.online_mut().remove(connection_id);
+        let went_offline = {
+            let mut online = self.online_mut();
+            let user = online.user_of_connection.get(&connection_id).copied();
+            online.remove(connection_id);
+            user.filter(|u| !online.users.contains_key(u))
+        };
+        self.presence_forget(connection_id);
+        if let Some(user) = went_offline {
+            self.presence_changed(user, false);
+        }
     }
 
     /// Registered connections, for tests and metrics.
@@ -186,6 +220,11 @@ impl Hub {
     /// The push senders of the online sessions of `chat`'s members. Iterates whichever
     /// is smaller: the chat's members or the online users.
     fn recipients(&self, group: &Group, chat: ChatId) -> Vec<PushSender> {
+        self.recipients_except(group, chat, 0)
+    }
+
+    /// [`Hub::recipients`] without the sessions of user `except` (0: none).
+    fn recipients_except(&self, group: &Group, chat: ChatId, except: UserId) -> Vec<PushSender> {
         let st = group.shared().read();
         let Some(view) = st.chat(chat) else {
             return Vec::new();
@@ -193,6 +232,9 @@ impl Hub {
         let online = self.online();
         let mut out = Vec::new();
         let mut add = |user: UserId| {
+            if user == except {
+                return;
+            }
             if let Some(u) = online.users.get(&user) {
                 out.extend(u.conns.iter().map(|c| c.pushes.clone()));
             }
@@ -235,14 +277,16 @@ impl Hub {
             };
             next = to + 1;
             for batch in split_by_bytes(events) {
+                // Encoded once; every recipient's queue shares the bytes.
+                let Some(frame) =
+                    SharedPush::new(push::Kind::ChatEvents(v1::ChatEvents { events: batch }))
+                else {
+                    tracing::error!(chat, "fan-out push over the frame limit");
+                    return;
+                };
                 for r in &recipients {
                     // A full queue disconnects that session only (slow reader).
-                    let _ = r.push(
-                        0,
-                        push::Kind::ChatEvents(v1::ChatEvents {
-                            events: batch.clone(),
-                        }),
-                    );
+                    let _ = r.push_shared(&frame);
                 }
             }
         }
@@ -368,7 +412,7 @@ async fn read_chat_events(
 }
 
 /// Cuts consecutive events into pushes of at most [`PAGE_BYTES_MAX`] bytes each.
-fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
+pub(crate) fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
@@ -427,6 +471,9 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 events_seen = events_applied;
                 for (chat, from, head) in chat_heads(&group, &mut pushed) {
                     hub.push_chat(&group, chat, from, head).await;
+                    if let Some(n) = hub.notifier.get() {
+                        n.chat_moved(&group, chat, from, head, &|u| hub.is_online(u));
+                    }
                 }
             }
             hub.push_user_events(&group).await;

@@ -11,11 +11,11 @@
 //! one no longer pending is skipped).
 //!
 //! A device offline when a message arrived gets it with `secret.pending` on reconnect.
-//! When push notifications exist (issue 5), a secret message may only produce a
-//! notification saying that something arrived; see `service/secret.rs`.
+//! Secret messages produce no push notification (`notify/` follows chat heads only); see
+//! `service/secret.rs` for what one may say if added.
 
 use std::sync::Weak;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chatlog_raft::chat::Command;
 use chatlog_raft::chat::secret::SecretCommand;
@@ -93,10 +93,10 @@ impl Hub {
     }
 }
 
+/// The clock batch timestamps come from (smoothed across wall-clock jumps), so a tick is
+/// proposed only when its batch will expire something.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    chatlog_raft::clock::now_ms()
 }
 
 /// The expiry ticker of one node (see the module docs). Stops when the hub is dropped.

@@ -906,6 +906,31 @@ impl ChatService {
                     counts,
                 }))
             }
+            Req::Typing(r) => {
+                let group = self.group_for(r.chat_id, "chat")?;
+                let view = Self::member_check(group, r.chat_id, user)?;
+                let role = group.shared().read().role(r.chat_id, user);
+                if view.kind == ChatKind::Channel && role < Some(chat::Role::Admin) {
+                    return Err(error(
+                        ErrorCode::PermissionDenied,
+                        "only admins post, or type, in a channel",
+                    ));
+                }
+                self.hub.typing(group, r.chat_id, user, r.typing);
+                Ok(Resp::Typing(v1::TypingResponse {}))
+            }
+            Req::GetPresence(r) => {
+                if r.user_ids.len() > PAGE_ITEMS_MAX as usize {
+                    return Err(bad(format!(
+                        "{} users asked about, more than {PAGE_ITEMS_MAX}",
+                        r.user_ids.len()
+                    )));
+                }
+                let presences =
+                    self.hub
+                        .get_presence(conn.connection_id(), conn.pushes(), &r.user_ids);
+                Ok(Resp::GetPresence(v1::GetPresenceResponse { presences }))
+            }
             Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
             Req::Sync(r) => self.sync(user, r).await,
             // Secret chats: `secret.rs`.
@@ -1126,14 +1151,18 @@ impl ChatService {
                         return;
                     };
                     next += events.len() as u64;
-                    if pushes
-                        .push(
+                    // Catching up is paced by the reader: wait for room rather than be
+                    // cut off as a slow reader for history it asked for. Pushes stay
+                    // under the frame limit whatever the events' sizes.
+                    for events in crate::fanout::split_by_bytes(events) {
+                        pushes.room().await;
+                        if let Err(e) = pushes.push(
                             request_id,
                             v1::push::Kind::ChatEvents(v1::ChatEvents { events }),
-                        )
-                        .is_err()
-                    {
-                        return;
+                        ) {
+                            tracing::debug!(chat, error = ?e, "subscription push refused");
+                            return;
+                        }
                     }
                     continue;
                 }

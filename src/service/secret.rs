@@ -10,10 +10,11 @@
 //! keep a copy of one anywhere but the Raft log, or hand a message to any device but its
 //! target (another device of the same user gets `PERMISSION_DENIED` or nothing).
 //!
-//! Push notifications (issue 5) do not exist yet. When they come, a secret message may
-//! only produce a notification that says that something arrived in a secret chat: no
-//! text (the server has none), no sender name, no chat id beyond what the device already
-//! knows. The one place that builds what a device receives is [`secret_message`].
+//! Push notifications (`notify/`) are driven by chat heads moving, which secret messages
+//! never do: an offline device gets no notification of a secret message today. If one is
+//! added, it may only say that something arrived for that device: no text (the server has
+//! none), no sender, no secret chat id, never sent for another device. The one place that
+//! builds what a device receives is [`secret_message`].
 
 use chatlog_raft::chat::secret::{
     PUBLIC_KEY_BYTES, PendingView, SECRET_CIPHERTEXT_BYTES_MAX, SecretChatView, SecretCommand,

@@ -16,6 +16,8 @@ pub struct Server {
     pub child: Child,
     /// Its client address.
     pub addr: String,
+    /// Its HTTP address, when started with `--http`.
+    pub http: Option<String>,
 }
 
 /// Flags that turn the rate limits off: tests that put many users' worth of load on one
@@ -30,10 +32,16 @@ impl Server {
 
     /// The same on client address `listen` (to restart a server where it was).
     pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Server::start_env(dir, listen, extra, &[])
+    }
+
+    /// The same with more environment variables.
+    pub fn start_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
             .args(["serve", "--listen", listen, "--groups", "4", "--data-dir"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -41,16 +49,19 @@ impl Server {
             .expect("chatlog serve starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut http = None;
         let addr = loop {
             let line = lines
                 .next()
                 .expect("the server announces its address before exiting")
                 .expect("stdout reads");
-            if let Some(a) = line.strip_prefix("clients: ") {
+            if let Some(a) = line.strip_prefix("http: ") {
+                http = Some(a.trim().to_string());
+            } else if let Some(a) = line.strip_prefix("clients: ") {
                 break a.trim().to_string();
             }
         };
-        Server { child, addr }
+        Server { child, addr, http }
     }
 
     /// SIGKILL: no shutdown path runs.

@@ -567,6 +567,10 @@ typed_requests! {
     /// Catches a device up: per chat, the events after the seq it holds (a bounded page,
     /// with `too_long` when the rest must be paged with history), head and unread count.
     sync(Sync: v1::SyncRequest) -> Sync(v1::SyncResponse);
+    /// Tells the chat's other online members that the caller is typing (or stopped).
+    typing(Typing: v1::TypingRequest) -> Typing(v1::TypingResponse);
+    /// Reads users' presence and follows it (changes arrive as presence pushes).
+    get_presence(GetPresence: v1::GetPresenceRequest) -> GetPresence(v1::GetPresenceResponse);
 }
 
 impl Client {
@@ -620,6 +624,8 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::Subscribe(_) => "subscribe",
         Kind::Unsubscribe(_) => "unsubscribe",
         Kind::Sync(_) => "sync",
+        Kind::Typing(_) => "typing",
+        Kind::GetPresence(_) => "get_presence",
         Kind::Secret(_) => "secret",
     }
 }
@@ -639,7 +645,9 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::ListChats(_)
         | Kind::ListMembers(_)
         | Kind::ListSessions(_)
-        | Kind::Sync(_) => true,
+        | Kind::Sync(_)
+        | Kind::Typing(_)
+        | Kind::GetPresence(_) => true,
         // Secret chats: everything but `send` is safe to repeat (a repeated `start`
         // carries the same one-time key and returns the same chat; `ack` is "up to").
         Kind::Secret(s) => !matches!(s.kind, Some(v1::secret_request::Kind::Send(_)) | None),
