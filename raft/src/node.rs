@@ -181,6 +181,10 @@ pub struct Group {
     shared: Arc<GroupShared>,
     reader: LogReader,
     proposals: mpsc::Sender<Proposal>,
+    /// The last secret erasure this replica's eraser handled (`secret_log`).
+    secret_erased: Arc<std::sync::atomic::AtomicU64>,
+    /// The eraser task, stopped at shutdown (it holds the engine).
+    secret_eraser: Arc<tokio::task::AbortHandle>,
 }
 
 impl std::fmt::Debug for Proposal {
@@ -203,6 +207,19 @@ impl Group {
     /// The applied state, shared with the state machine.
     pub fn shared(&self) -> &Arc<GroupShared> {
         &self.shared
+    }
+
+    /// A reader of the group's Raft log (entries durable or not), for secret chats.
+    pub fn log_reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// True when this replica's eraser has zeroed every secret message the applied
+    /// state erased so far (`secret_log`).
+    pub fn secret_erasures_settled(&self) -> bool {
+        self.secret_erased
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= self.shared.read().secret().erasures_total()
     }
 
     /// The leader as this replica knows it.
@@ -650,6 +667,16 @@ impl Node {
             let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
             tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
             tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
+            let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let secret_eraser = Arc::new(
+                tokio::spawn(crate::secret_log::run_eraser(
+                    g,
+                    Arc::clone(&engine),
+                    Arc::clone(&shared),
+                    Arc::clone(&secret_erased),
+                ))
+                .abort_handle(),
+            );
             let group = Group {
                 id: g,
                 node_id: config.node_id,
@@ -658,6 +685,8 @@ impl Node {
                 shared,
                 reader,
                 proposals: tx,
+                secret_erased,
+                secret_eraser,
             };
             registry.insert(group.clone());
             groups.insert(g, group);
@@ -923,6 +952,7 @@ impl Node {
         } = self;
         drop(router);
         for (g, group) in groups {
+            group.secret_eraser.abort();
             if let Err(e) = group.raft.shutdown().await {
                 tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
             }

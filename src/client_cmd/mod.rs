@@ -1,5 +1,6 @@
 //! The `chatlog` binary's client commands: `user create`, `login`, `sessions`, `chat …`,
-//! `send`, `history`, `tail`, `edit`, `delete`, `react`, `pin`, `read`, `unread`.
+//! `send`, `history`, `tail`, `edit`, `delete`, `react`, `pin`, `read`, `unread`,
+//! `secret …` (`secret.rs`).
 //!
 //! What it owns: the flags and help text of these commands, turning them into requests
 //! through `chatlog_wire::Client`, and printing the answers, for people (one line per
@@ -14,6 +15,7 @@
 //! `PROTOCOL`. Usage errors exit with status 2 (clap).
 
 pub(crate) mod output;
+mod secret;
 mod tail;
 
 use std::fmt;
@@ -35,7 +37,7 @@ const CLIENT_NAME: &str = concat!("chatlog-cli/", env!("CARGO_PKG_VERSION"));
 /// The end of `chatlog --help`: what every client command shares.
 pub const AFTER_HELP: &str = "\
 Client commands (user, login, sessions, chat, send, history, tail, edit, delete, react,
-pin, read, unread, bot) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
+pin, read, unread, bot, secret) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
 --token TOKEN (or CHATLOG_TOKEN; the session token `user create` and `login` print)
 and --json (JSON for scripts; its shape is in each command's --help).
 A refused request exits with status 1 and prints `error: CODE: message` on stderr;
@@ -144,6 +146,10 @@ pub enum ClientCommand {
     /// "unread_count": N, "too_long": B, "not_member": B, "events": [EVENT, …]}, …],
     /// "has_more": B}
     Sync(SyncArgs),
+    /// Secret chats: end-to-end encrypted between two devices (`secret start`, `send`,
+    /// `tail`, `list`, `key`). Keys stay on this device (--keys-dir).
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
 }
 
 /// `chatlog user …`
@@ -649,6 +655,7 @@ async fn dispatch(cmd: ClientCommand) -> CmdResult {
         ClientCommand::Send(a) => send(a).await,
         ClientCommand::History(a) => history(a).await,
         ClientCommand::Tail(a) => tail::run(a).await,
+        ClientCommand::Secret(c) => secret::run(c).await,
         ClientCommand::Edit(a) => {
             let c = connect(&a.conn, true).await?;
             let ack = c

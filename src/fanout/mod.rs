@@ -10,7 +10,8 @@
 //! several events per push, each push encoded once and its bytes shared by every
 //! recipient's queue. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
-//! revoked session at once.
+//! revoked session at once. Secret-chat messages go to the connections of their one
+//! target device only (`secret.rs`, which also runs the expiry ticker).
 //!
 //! What it must not do: work on the write path. Apply is untouched; a post to a chat
 //! with 200,000 members costs one append, and only members with an online session here
@@ -42,6 +43,9 @@ mod presence;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
 
+mod secret;
+pub use secret::SECRET_TICK_INTERVAL;
+
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
 /// most events in one `ChatEvents` push. Why: a history page's worth; pushes are also cut
 /// at [`PAGE_BYTES_MAX`] so that any push fits in one frame.
@@ -52,6 +56,8 @@ pub const FANOUT_READ_EVENTS_MAX: u64 = 100;
 struct Conn {
     connection_id: u64,
     session_id: u64,
+    /// The device id the session was opened with: secret-chat messages go to one device.
+    device_id: String,
     pushes: PushSender,
 }
 
@@ -126,6 +132,7 @@ impl Hub {
             let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
             watchers.push(task.abort_handle());
         }
+        watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
     }
@@ -153,11 +160,19 @@ impl Hub {
     pub fn register(&self, principal: &Principal, connection_id: u64, pushes: PushSender) {
         let user = principal.user_id;
         // Read before taking the registry lock: lock order is group state, then registry.
-        let log_head = self
-            .node
-            .group(group_of(user))
-            .and_then(|g| g.shared().read().user(user))
-            .map_or(0, |u| u.log_head);
+        let (log_head, device_id) = self.node.group(group_of(user)).map_or_else(
+            || (0, String::new()),
+            |g| {
+                let st = g.shared().read();
+                let device = st
+                    .sessions(user)
+                    .into_iter()
+                    .find(|s| s.session_id == principal.session_id)
+                    .map(|s| s.device_id)
+                    .unwrap_or_default();
+                (st.user(user).map_or(0, |u| u.log_head), device)
+            },
+        );
         let mut online = self.online_mut();
         online.remove(connection_id);
         let came_online = !online.users.contains_key(&user);
@@ -168,6 +183,7 @@ impl Hub {
         entry.conns.push(Conn {
             connection_id,
             session_id: principal.session_id,
+            device_id,
             pushes,
         });
         online.user_of_connection.insert(connection_id, user);
@@ -445,6 +461,8 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
     let mut pushed = Vec::new();
     let _ = chat_heads(&group, &mut pushed);
     let mut events_seen = group.shared().read().events_applied();
+    // Secret messages accepted before the start are fetched with `secret.pending`.
+    let mut secret_pushed = group.shared().read().secret().last_message_no();
     loop {
         {
             let Some(hub) = hub.upgrade() else { return };
@@ -459,6 +477,7 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 }
             }
             hub.push_user_events(&group).await;
+            hub.push_secret(&group, &mut secret_pushed).await;
         }
         if applied.changed().await.is_err() {
             return;

@@ -16,6 +16,8 @@
 //! - `POST /admin/leader-transfer` with `{"group": G, "to": N}`.
 //! - `GET|POST /bot{TOKEN}/{method}` and `GET /bot/openapi.json`: the HTTP bot API
 //!   (`bot.rs`, `crate::bot`, docs/bots.md); its errors have Telegram's shape instead.
+//! - `POST /admin/compact` (secret chats): waits for the erasers, seals the active
+//!   segment, compacts; see `compact.rs`.
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -29,6 +31,7 @@
 
 mod bot;
 pub mod client;
+mod compact;
 mod counters;
 mod metrics;
 mod status;
@@ -107,6 +110,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/admin/leader-transfer", post(leader_transfer))
         // The HTTP bot API (issue 11).
         .merge(bot::routes())
+        // ---- secret chats: forced erasure from disk (compact.rs) ----
+        .route("/admin/compact", post(admin_compact))
+        // ---- end secret chats ----
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)
@@ -316,6 +322,23 @@ fn transfer_request(body: &[u8]) -> Result<(u64, u64), Response> {
     };
     Ok((field("group")?, field("to")?))
 }
+
+// ---- secret chats: forced erasure from disk (compact.rs) ----
+async fn admin_compact(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&ctx, peer, &headers) {
+        return r;
+    }
+    bounded(
+        compact::ERASERS_WAIT + compact::COMPACT_WAIT + HANDLER_TIMEOUT,
+        compact::compact(ctx),
+    )
+    .await
+}
+// ---- end secret chats ----
 
 async fn leader_transfer(
     State(ctx): State<Ctx>,

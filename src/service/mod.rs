@@ -4,7 +4,8 @@
 //! (token format, hashing, checking on every request), routing a request to the group
 //! that owns its chat or user (ids carry their group), turning requests into chat
 //! commands and outcomes into responses, linearizable history reads rebuilt from the
-//! Raft log, read markers and unread counts, and live subscriptions. What it must not
+//! Raft log, read markers and unread counts, live subscriptions, and the relay of
+//! secret chats (`secret.rs`). What it must not
 //! do: frame bytes or manage connections (the gateway does), or decide chat rules (the
 //! state machine in `chatlog-raft` does, identically on every replica).
 //!
@@ -19,6 +20,7 @@
 
 pub mod convert;
 pub mod ratelimit;
+pub mod secret;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -931,6 +933,8 @@ impl ChatService {
             }
             Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
             Req::Sync(r) => self.sync(user, r).await,
+            // Secret chats: `secret.rs`.
+            Req::Secret(r) => self.secret(me, r).await,
             Req::Unsubscribe(r) => {
                 let key = (conn.connection_id(), r.subscription_id);
                 let task = self

@@ -661,6 +661,36 @@ mod tests {
     }
 
     #[test]
+    fn background_compaction_erases_redacted_bytes_of_the_active_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.compaction_interval_ms = 20;
+        let e = Engine::open(cfg).unwrap();
+        let mut b = WriteBatch::new();
+        for index in 1..=20u64 {
+            b.append(3, index, &payload(3, index));
+        }
+        e.write_blocking(&b).unwrap();
+        let original = payload(3, 7);
+        let mut b = WriteBatch::new();
+        b.redact(3, 7, &vec![0; original.len()]);
+        e.write_blocking(&b).unwrap();
+        // Nothing else is written: the segment would never fill and be sealed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while dir_contains(dir.path(), &original) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redacted bytes stayed on disk"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(&e.get(3, 7).unwrap()[..], &vec![0; original.len()][..]);
+        for index in (1..=20u64).filter(|i| *i != 7) {
+            assert_eq!(e.get(3, index).unwrap(), payload(3, index));
+        }
+    }
+
+    #[test]
     fn compaction_frees_purged_segments_and_erases_redacted_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());

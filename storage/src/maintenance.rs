@@ -60,7 +60,15 @@ pub(crate) fn maintenance_loop(shared: Arc<Shared>, jobs: Receiver<Job>) {
         let job = match jobs.recv_timeout(interval) {
             Ok(job) => job,
             Err(RecvTimeoutError::Timeout) => {
-                if shared.failed.get().is_none() && has_candidates(&shared) {
+                let redacted_active = active_holds_redactions(&shared);
+                if shared.failed.get().is_none() && (redacted_active || has_candidates(&shared)) {
+                    // Redacted bytes in the active segment leave the disk only once it is
+                    // sealed and rewritten: seal it now, so erasure takes at most about
+                    // one interval however slowly the segment fills.
+                    if redacted_active && let Err(e) = rotate_blocking(&shared) {
+                        tracing::warn!(error = %e, "sealing a segment with redacted bytes failed");
+                        continue;
+                    }
                     match compact(&shared, &jobs) {
                         Ok((_, true)) => return,
                         Ok(_) => {}
@@ -210,11 +218,28 @@ fn candidates(shared: &Shared) -> Vec<u64> {
         .counts
         .iter()
         .filter(|(id, c)| **id < active && c.total > 0 && c.live > 0)
-        .map(|(id, c)| (c.live as f64 / c.total as f64, *id))
+        // A segment holding bytes replaced by a redaction is rewritten whatever its live
+        // ratio: redacted bytes must leave the disk (secret chats count on it), not wait
+        // until the rest of the segment dies. Sorted first (ratio -1).
+        .map(|(id, c)| {
+            let r = if c.redacted > 0 {
+                -1.0
+            } else {
+                c.live as f64 / c.total as f64
+            };
+            (r, *id)
+        })
         .filter(|(r, _)| *r < ratio)
         .collect();
     c.sort_by(|a, b| a.0.total_cmp(&b.0));
     c.into_iter().map(|(_, id)| id).collect()
+}
+
+/// True when the active segment holds bytes replaced by a redaction.
+fn active_holds_redactions(shared: &Shared) -> bool {
+    let active = shared.active.load(Ordering::SeqCst);
+    let index = shared.index.read().expect("index lock");
+    index.counts.get(&active).is_some_and(|c| c.redacted > 0)
 }
 
 fn has_candidates(shared: &Shared) -> bool {

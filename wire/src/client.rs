@@ -601,7 +601,7 @@ impl Client {
     }
 }
 
-fn unexpected_response(method: &str, response: &response::Kind) -> ClientError {
+pub(crate) fn unexpected_response(method: &str, response: &response::Kind) -> ClientError {
     ClientError::Protocol(format!(
         "{method} was answered with {}",
         response_name(response)
@@ -635,6 +635,7 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::CreateBot(_) => "create_bot",
         Kind::ListBots(_) => "list_bots",
         Kind::ResetBotToken(_) => "reset_bot_token",
+        Kind::Secret(_) => "secret",
     }
 }
 
@@ -657,6 +658,9 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::Typing(_)
         | Kind::GetPresence(_)
         | Kind::ListBots(_) => true,
+        // Secret chats: everything but `send` is safe to repeat (a repeated `start`
+        // carries the same one-time key and returns the same chat; `ack` is "up to").
+        Kind::Secret(s) => !matches!(s.kind, Some(v1::secret_request::Kind::Send(_)) | None),
         _ => false,
     }
 }
@@ -989,6 +993,9 @@ async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Connectio
     }
     shared.close();
 }
+
+mod secret;
+pub use secret::SecretFlowError;
 
 #[cfg(test)]
 mod tests;

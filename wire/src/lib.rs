@@ -20,6 +20,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod proto;
+pub mod secret;
 
 pub use client::{Client, ClientError, ClientOptions};
 pub use error::{Error, Result};

@@ -19,6 +19,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::secret::{SecretApplied, SecretCommand};
 use crate::chat::{ChatId, UserId};
 use crate::codec::{DecodeError, Reader};
 
@@ -261,6 +262,9 @@ pub enum Command {
     },
     /// Bot accounts and their update cursors (tags 60-69, `bot.rs`).
     Bot(crate::chat::bot::BotCommand),
+    // ---- secret chats (tags 50-59, `secret.rs`) ----
+    /// A secret-chat command.
+    Secret(SecretCommand),
 }
 
 mod tag {
@@ -444,6 +448,7 @@ impl Command {
                 w.u64(*chat);
             }
             Command::Bot(c) => c.encode_into(w.0),
+            Command::Secret(c) => c.encode_into(w.0),
         }
     }
 
@@ -582,6 +587,9 @@ impl Command {
             t if crate::chat::bot::tag::RANGE.contains(&t) => {
                 Command::Bot(crate::chat::bot::BotCommand::decode(t, &mut r)?)
             }
+            t if SecretCommand::owns_tag(t) => {
+                Command::Secret(SecretCommand::decode_fields(t, &mut r)?)
+            }
             other => {
                 return Err(DecodeError::new(
                     "chat command",
@@ -716,6 +724,17 @@ impl DecodedBatch {
         })
     }
 
+    /// The bytes of the command at `pos` (tag and fields).
+    pub fn command_bytes(&self, pos: usize) -> Option<&[u8]> {
+        let (a, b) = *self.ranges.get(pos)?;
+        Some(&self.bytes[a as usize..b as usize])
+    }
+
+    /// Where the command at `pos` starts in the batch bytes.
+    pub fn command_offset(&self, pos: usize) -> Option<usize> {
+        self.ranges.get(pos).map(|(a, _)| *a as usize)
+    }
+
     /// Decodes the command at `pos`.
     pub fn command(&self, pos: usize) -> Result<Command, DecodeError> {
         let (a, b) = *self.ranges.get(pos).ok_or_else(|| {
@@ -798,6 +817,8 @@ pub enum Outcome {
     },
     /// Refused; nothing changed.
     Refused(Refusal),
+    /// A secret-chat command was applied (`secret.rs` says what `n` means).
+    Secret(SecretApplied),
 }
 
 impl Outcome {
@@ -1000,6 +1021,13 @@ mod tests {
             }),
             Command::Bot(crate::chat::bot::BotCommand::Confirm { bot: 1, offset: 3 }),
         ]
+        .into_iter()
+        .chain(
+            crate::chat::secret::tests::every_secret_command()
+                .into_iter()
+                .map(Command::Secret),
+        )
+        .collect()
     }
 
     #[test]

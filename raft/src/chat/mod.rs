@@ -14,6 +14,7 @@
 
 pub mod bot;
 pub mod command;
+pub mod secret;
 pub mod state;
 
 pub use command::{
@@ -82,3 +83,5 @@ mod tests {
 
 #[cfg(test)]
 mod rules_tests;
+#[cfg(test)]
+mod secret_rules_tests;

@@ -18,6 +18,7 @@ use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
 };
+use crate::chat::secret::SecretState;
 use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
 use crate::types::GroupId;
@@ -281,6 +282,8 @@ pub struct GroupState {
     events_applied: u64,
     /// Bots whose user lives in this group (`bot.rs`); encoded last.
     bots: crate::chat::bot::Bots,
+    /// Secret chats (`secret.rs`); encoded last in the checkpoint.
+    secret: SecretState,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -310,6 +313,7 @@ impl GroupState {
             dedupe: Dedupe::default(),
             events_applied: 0,
             bots: crate::chat::bot::Bots::default(),
+            secret: SecretState::default(),
         }
     }
 
@@ -476,6 +480,12 @@ impl GroupState {
                 }
             }
             Command::Bot(c) => self.apply_bot(c, ts),
+            Command::Secret(c) => {
+                let users = &self.users;
+                self.secret.apply(self.group, c, ts, raft_index, pos, |u| {
+                    users.contains_key(&u)
+                })
+            }
             _ => self.apply_chat_command(cmd, ts, at),
         }
     }
@@ -548,6 +558,11 @@ impl GroupState {
             }
             other => self.bots.apply(other),
         }
+    }
+
+    /// The secret-chat part of the state.
+    pub fn secret(&self) -> &SecretState {
+        &self.secret
     }
 
     fn create_chat(
@@ -1380,6 +1395,7 @@ impl GroupState {
             w.u64(seq);
         }
         self.bots.encode_into(&mut w.0);
+        self.secret.encode_into(&mut w.0);
         w.0
     }
 
@@ -1500,6 +1516,10 @@ impl GroupState {
         // Checkpoints written before bots existed end here.
         if r.remaining() > 0 {
             st.bots = crate::chat::bot::Bots::decode(&mut r)?;
+        }
+        // Checkpoints written before secret chats existed end here.
+        if r.remaining() > 0 {
+            st.secret = SecretState::decode_from(&mut r)?;
         }
         r.finish()?;
         Ok(st)

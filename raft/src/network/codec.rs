@@ -411,6 +411,8 @@ const RESULT_UNKNOWN: u8 = 6;
 const RESULT_UNAVAILABLE: u8 = 7;
 const RESULT_BOT_DONE: u8 = 8;
 const RESULT_READ_INDEX: u8 = 0;
+/// A secret-chat command's result (`Outcome::Secret`); 50 and up belong to secret chats.
+const RESULT_SECRET: u8 = 50;
 
 fn put_text(out: &mut Vec<u8>, text: &str) {
     let mut end = text.len().min(FORWARD_TEXT_BYTES_MAX);
@@ -576,6 +578,11 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
+            Ok(Outcome::Secret(a)) => {
+                out.push(RESULT_SECRET);
+                out.extend_from_slice(&a.chat.to_le_bytes());
+                out.extend_from_slice(&a.n.to_le_bytes());
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -620,6 +627,10 @@ pub fn decode_propose_response(
                 bot: r.u64()?,
                 value: r.u64()?,
             }),
+            RESULT_SECRET => Ok(Outcome::Secret(crate::chat::secret::SecretApplied {
+                chat: r.u64()?,
+                n: r.u64()?,
+            })),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
                 message: r.string(FORWARD_TEXT_BYTES_MAX)?,

@@ -1,0 +1,132 @@
+//! Device-targeted delivery of secret-chat messages, and the expiry ticker.
+//!
+//! What it owns: after each wake-up of a group's watcher, pushing every message accepted
+//! since the last look (`SecretState::pending_after`) as a `SecretMessage` to the
+//! connections of its one target device: the user **and** the device id of the session
+//! must match, so the target user's other devices and the sender's other devices get
+//! nothing. And the ticker: on the leader of a group whose earliest pending deadline has
+//! passed, it proposes a `Tick` so expiry (decided in apply, by batch timestamps) happens
+//! without other traffic. What it must not do: keep ciphertext (it is read from the log
+//! for the push and dropped), or push a message already erased (an all-zero ciphertext or
+//! one no longer pending is skipped).
+//!
+//! A device offline when a message arrived gets it with `secret.pending` on reconnect.
+//! Secret messages produce no push notification (`notify/` follows chat heads only); see
+//! `service/secret.rs` for what one may say if added.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use chatlog_raft::chat::Command;
+use chatlog_raft::chat::secret::SecretCommand;
+use chatlog_raft::node::Group;
+use chatlog_raft::secret_log;
+use chatlog_wire::proto::v1::push;
+
+use super::{FANOUT_READ_EVENTS_MAX, Hub};
+use crate::gateway::PushSender;
+use crate::service::secret::secret_message;
+
+/// How often the ticker looks for due secret messages. Why: a message is erased at most
+/// this long after its time-to-live ends; a quarter second is far below any TTL (at
+/// least a second) and one look costs a read lock per local group.
+pub const SECRET_TICK_INTERVAL: Duration = Duration::from_millis(250);
+
+impl Hub {
+    /// The push senders of `(user, device)`'s connections on this node.
+    fn device_conns(&self, user: u64, device: &str) -> Vec<PushSender> {
+        let online = self.online();
+        online.users.get(&user).map_or_else(Vec::new, |u| {
+            u.conns
+                .iter()
+                .filter(|c| c.device_id == device)
+                .map(|c| c.pushes.clone())
+                .collect()
+        })
+    }
+
+    /// Pushes the secret messages of `group` numbered after `cursor` to their target
+    /// devices, and moves `cursor`.
+    pub(super) async fn push_secret(&self, group: &Group, cursor: &mut u64) {
+        let last = group.shared().read().secret().last_message_no();
+        while *cursor < last {
+            let due: Vec<_> = {
+                let st = group.shared().read();
+                let s = st.secret();
+                s.pending_after(*cursor, FANOUT_READ_EVENTS_MAX as usize)
+                    .into_iter()
+                    .filter(|p| p.no <= last)
+                    .filter_map(|p| s.chat(p.chat).map(|v| (p, v)))
+                    .collect()
+            };
+            if due.is_empty() {
+                break;
+            }
+            for (p, view) in due {
+                *cursor = p.no;
+                let target = view.party(1 - p.from_side as usize);
+                let conns = self.device_conns(target.user, &target.device);
+                if conns.is_empty() {
+                    continue;
+                }
+                match secret_log::read_send(group.id(), group.log_reader(), p.raft_index, p.pos)
+                    .await
+                {
+                    Ok(Some(sent)) => {
+                        let m = secret_message(&view, &p, sent);
+                        for c in conns {
+                            // A full queue disconnects that session only; the device
+                            // fetches with `secret.pending` on reconnect.
+                            let _ = c.push(0, push::Kind::SecretMessage(m.clone()));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(
+                        group = group.id(),
+                        error = %e,
+                        "fan-out could not read a secret message"
+                    ),
+                }
+            }
+        }
+        *cursor = last;
+    }
+}
+
+/// The clock batch timestamps come from (smoothed across wall-clock jumps), so a tick is
+/// proposed only when its batch will expire something.
+fn now_ms() -> u64 {
+    chatlog_raft::clock::now_ms()
+}
+
+/// The expiry ticker of one node (see the module docs). Stops when the hub is dropped.
+pub(super) async fn run_ticker(hub: Weak<Hub>) {
+    let mut interval = tokio::time::interval(SECRET_TICK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        let now = now_ms();
+        let me = hub.node.node_id();
+        let due: Vec<u64> = hub
+            .node
+            .groups()
+            .filter(|g| g.leader() == Some(me))
+            .filter(|g| {
+                g.shared()
+                    .read()
+                    .secret()
+                    .earliest_deadline_ms()
+                    .is_some_and(|d| d <= now)
+            })
+            .map(|g| g.id())
+            .collect();
+        let node = std::sync::Arc::clone(&hub.node);
+        drop(hub);
+        for g in due {
+            if let Err(e) = node.propose(g, Command::Secret(SecretCommand::Tick)).await {
+                tracing::warn!(group = g, error = %e, "could not propose a secret expiry tick");
+            }
+        }
+    }
+}

@@ -1,0 +1,1053 @@
+//! Black-box: secret chats through a real `chatlog serve` process on 127.0.0.1.
+//!
+//! - Two devices exchange messages both ways; the server's data directory (every file,
+//!   raw bytes) never holds a plaintext, before or after compaction; a ciphertext is on
+//!   disk while pending and gone after acknowledgement + `POST /admin/compact`.
+//! - A message whose TTL passed is erased without any other traffic, and its bytes leave
+//!   the disk after compaction.
+//! - A third device of the same user (and another device of the sender) receives no push,
+//!   sees an empty `secret.pending`, and may neither read nor acknowledge.
+//! - Tampered, replayed and misrouted ciphertexts relayed by the server are refused by
+//!   the client library.
+//! - Pending messages survive a SIGKILL of the server and are delivered after restart.
+//! - Re-keying after `REKEY_MESSAGES` messages works end to end.
+//! - On three nodes, every replica holds the ciphertext while pending and erases its own
+//!   copy from disk after the acknowledgement.
+//! - The CLI: `secret start`, `send`, `tail`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chatlog::http::client::request;
+use chatlog_wire::client::{
+    Client, ClientError, ClientOptions, PushItem, PushReceiver, SecretFlowError,
+};
+use chatlog_wire::proto::v1::{self, push};
+use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
+use serde_json::Value;
+
+const START_WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Server {
+    child: Child,
+    clients: String,
+    http: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// `chatlog serve` on `listen` (port 0 for any) with 1 MiB segments and no rate limits.
+    fn start(dir: &Path, listen: &str) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--http",
+                "127.0.0.1:0",
+                "--groups",
+                "4",
+            ])
+            .args(["--segment-mb", "1"])
+            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("CHATLOG_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("chatlog serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut clients, mut http) = (None, None);
+        let deadline = Instant::now() + START_WAIT;
+        while clients.is_none() || http.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the server announces its addresses in time");
+            if let Some(a) = line.strip_prefix("clients: ") {
+                clients = Some(a.trim().to_string());
+            } else if let Some(a) = line.strip_prefix("http: ") {
+                http = Some(a.trim().to_string());
+            }
+        }
+        Server {
+            child,
+            clients: clients.expect("clients"),
+            http: http.expect("http"),
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+
+    /// `POST /admin/compact`: erasers caught up, active segment sealed, compacted.
+    async fn compact(&self) -> Value {
+        let r = request(
+            &self.http,
+            "POST",
+            "/admin/compact",
+            None,
+            Some(b"{}"),
+            WAIT,
+        )
+        .await
+        .expect("compact answers");
+        assert_eq!(
+            r.status,
+            200,
+            "compact: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+        assert_eq!(v["erasures_pending"], false, "{v}");
+        v
+    }
+}
+
+/// True if any file under `dir` (recursively, raw bytes) contains `needle`.
+fn disk_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
+    assert!(
+        needle.len() >= 8,
+        "a needle this short could match by chance"
+    );
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let path = e.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            // A file removed between the listing and the read (compaction) holds nothing.
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let first = needle[0];
+            let found = bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == first)
+                .any(|(i, _)| bytes[i..].starts_with(needle));
+            if found {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// A unique marker for a plaintext, so a match on disk can only be this test's.
+fn marker(what: &str) -> String {
+    format!("PLAINTEXT-{what}-{:016x}", rand::random::<u64>())
+}
+
+/// A logged-in device: its client, pushes, and keys in `keys_dir`.
+struct Device {
+    client: Client,
+    pushes: PushReceiver,
+    keys: DeviceKeys,
+}
+
+struct Users {
+    /// `(user id, login token)` by name.
+    alice: (u64, String),
+    bob: (u64, String),
+}
+
+async fn anonymous(addr: &str) -> Client {
+    Client::connect(addr, ClientOptions::default())
+        .await
+        .expect("connects")
+}
+
+async fn create_user(c: &Client, name: &str) -> (u64, String) {
+    let r = c
+        .create_user(v1::CreateUserRequest { name: name.into() })
+        .await
+        .expect("create user");
+    (r.user_id, r.login_token)
+}
+
+async fn users(addr: &str) -> Users {
+    let c = anonymous(addr).await;
+    Users {
+        alice: create_user(&c, "alice").await,
+        bob: create_user(&c, "bob").await,
+    }
+}
+
+/// Logs `user` in from `device`, opens its key file in `keys_dir` and publishes the key.
+async fn device(addr: &str, user: &(u64, String), device: &str, keys_dir: &Path) -> Device {
+    let client = anonymous(addr).await;
+    client
+        .login(v1::LoginRequest {
+            user_id: user.0,
+            login_token: user.1.clone(),
+            device_id: device.into(),
+            device_name: device.into(),
+        })
+        .await
+        .expect("login");
+    let pushes = client.pushes().expect("pushes");
+    let keys = DeviceKeys::load_or_create(
+        keys_dir.join(format!("{}-{device}.key", user.0)),
+        user.0,
+        device,
+    )
+    .expect("keys");
+    client.secret_publish(&keys).await.expect("publish");
+    Device {
+        client,
+        pushes,
+        keys,
+    }
+}
+
+/// The next secret message pushed to `d`, skipping other pushes.
+async fn next_secret(d: &mut Device) -> v1::SecretMessage {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match d.pushes.recv().await.expect("connection open") {
+                PushItem::Push {
+                    push: push::Kind::SecretMessage(m),
+                    ..
+                } => return m,
+                PushItem::Lagged { dropped } => panic!("lagged by {dropped}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a secret message is pushed in time")
+}
+
+/// Asserts that no secret message is pushed to `d` (after the messages that were pushed
+/// to their target were seen: a push to the wrong device would have come with them).
+async fn no_secret_pushed(d: &mut Device) {
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while let Ok(item) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        d.pushes.recv(),
+    )
+    .await
+    {
+        if let Some(PushItem::Push {
+            push: push::Kind::SecretMessage(m),
+            ..
+        }) = item
+        {
+            panic!("a secret message reached the wrong device: {m:?}");
+        }
+    }
+}
+
+fn server_code(e: ClientError) -> v1::ErrorCode {
+    match e {
+        ClientError::Server { code, .. } => code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    let mut desktop = device(&server.clients, &u.alice, "desktop", keys.path()).await;
+    let mut laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+    let mut tablet = device(&server.clients, &u.bob, "tablet", keys.path()).await;
+
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .expect("start");
+
+    // Alice → Bob, three messages; Bob → Alice, two. Each arrives as a push to its one
+    // target device and opens there.
+    let mut plaintexts = Vec::new();
+    let mut to_bob = Vec::new();
+    for i in 0..3 {
+        let text = marker(&format!("a2b-{i}"));
+        phone
+            .client
+            .secret_send(&mut phone.keys, chat, &text, 60_000, 0, now_ms())
+            .await
+            .expect("send");
+        let m = next_secret(&mut laptop).await;
+        let opened = laptop
+            .client
+            .secret_receive(&mut laptop.keys, &m)
+            .await
+            .expect("bob opens");
+        assert_eq!(opened.text, text);
+        assert_eq!((opened.sender_user, opened.counter), (u.alice.0, i + 1));
+        plaintexts.push(text);
+        to_bob.push(m);
+    }
+    let mut to_alice = Vec::new();
+    for i in 0..2 {
+        let text = marker(&format!("b2a-{i}"));
+        laptop
+            .client
+            .secret_send(&mut laptop.keys, chat, &text, 60_000, 30, now_ms())
+            .await
+            .expect("reply");
+        let m = next_secret(&mut phone).await;
+        let opened = phone
+            .client
+            .secret_receive(&mut phone.keys, &m)
+            .await
+            .expect("alice opens");
+        assert_eq!(opened.text, text);
+        assert_eq!(opened.self_destruct_s, 30);
+        plaintexts.push(text);
+        to_alice.push(m);
+    }
+
+    // The other devices of both users got nothing, see nothing and may do nothing.
+    no_secret_pushed(&mut tablet).await;
+    no_secret_pushed(&mut desktop).await;
+    for d in [&tablet, &desktop] {
+        let all = d
+            .client
+            .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+            .await
+            .expect("pending");
+        assert!(all.messages.is_empty(), "{:?}", all.messages);
+        let one = d
+            .client
+            .secret_pending(v1::SecretPendingRequest {
+                secret_chat_id: chat,
+            })
+            .await
+            .expect_err("another device reads the chat");
+        assert_eq!(server_code(one), v1::ErrorCode::PermissionDenied);
+        let ack = d
+            .client
+            .secret_ack(v1::SecretAckRequest {
+                secret_chat_id: chat,
+                counter: u64::MAX,
+            })
+            .await
+            .expect_err("another device acknowledges");
+        assert_eq!(server_code(ack), v1::ErrorCode::PermissionDenied);
+        let list = d
+            .client
+            .secret_list(v1::SecretListRequest {})
+            .await
+            .expect("list");
+        assert!(list.chats.is_empty());
+    }
+    // And the tablet cannot open what it might capture.
+    assert!(matches!(
+        tablet.keys.open(&to_bob[0]),
+        Err(SecretError::UnknownChat(_))
+    ));
+
+    // Still pending (nothing acknowledged): the ciphertexts are on disk, the plaintexts
+    // never are.
+    for m in to_bob.iter().chain(&to_alice) {
+        assert!(
+            disk_contains(&data, &m.ciphertext).is_some(),
+            "a pending ciphertext is not in the data directory: the scan would prove nothing"
+        );
+    }
+    for p in &plaintexts {
+        assert_eq!(
+            disk_contains(&data, p.as_bytes()),
+            None,
+            "plaintext on disk"
+        );
+    }
+    let pending = laptop
+        .client
+        .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+        .await
+        .expect("pending");
+    assert_eq!(pending.messages.len(), 3);
+    assert_eq!(pending.messages[2].ciphertext, to_bob[2].ciphertext);
+
+    // Acknowledged: erased from the state, zeroed in the log, gone after compaction.
+    let erased = laptop
+        .client
+        .secret_ack(v1::SecretAckRequest {
+            secret_chat_id: chat,
+            counter: 3,
+        })
+        .await
+        .expect("ack");
+    assert_eq!(erased.erased, 3);
+    let erased = phone
+        .client
+        .secret_ack(v1::SecretAckRequest {
+            secret_chat_id: chat,
+            counter: 2,
+        })
+        .await
+        .expect("ack");
+    assert_eq!(erased.erased, 2);
+    let report = server.compact().await;
+    assert!(
+        report["segments_rewritten"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    for m in to_bob.iter().chain(&to_alice) {
+        assert_eq!(
+            disk_contains(&data, &m.ciphertext),
+            None,
+            "an acknowledged ciphertext survived compaction"
+        );
+    }
+    for p in &plaintexts {
+        assert_eq!(
+            disk_contains(&data, p.as_bytes()),
+            None,
+            "plaintext on disk"
+        );
+    }
+    let after = laptop
+        .client
+        .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+        .await
+        .expect("pending");
+    assert!(after.messages.is_empty());
+    // The chat goes on after compaction.
+    let text = marker("after");
+    phone
+        .client
+        .secret_send(&mut phone.keys, chat, &text, 60_000, 0, now_ms())
+        .await
+        .expect("send");
+    let m = next_secret(&mut laptop).await;
+    let opened = laptop
+        .client
+        .secret_receive(&mut laptop.keys, &m)
+        .await
+        .unwrap();
+    assert_eq!(opened.text, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_erased_without_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    let laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    // Sealed here so the test knows the ciphertext bytes; a 1 s TTL.
+    let text = marker("expiring");
+    let sealed = phone.keys.seal(chat, &text, 0, now_ms()).unwrap();
+    let sent = phone
+        .client
+        .secret_send_request(v1::SecretSendRequest {
+            secret_chat_id: chat,
+            counter: sealed.counter,
+            epoch: sealed.epoch,
+            ttl_ms: 1000,
+            self_destruct_s: 0,
+            ciphertext: sealed.ciphertext.clone().into(),
+        })
+        .await
+        .expect("send");
+    assert!(sent.expires_at_ms > 0);
+    assert!(disk_contains(&data, &sealed.ciphertext).is_some());
+    // Nobody writes anything; the leader's tick expires it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let p = laptop
+            .client
+            .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+            .await
+            .unwrap();
+        if p.messages.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the message never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(now_ms() >= sent.expires_at_ms, "gone before its deadline");
+    server.compact().await;
+    assert_eq!(
+        disk_contains(&data, &sealed.ciphertext),
+        None,
+        "an expired ciphertext survived compaction"
+    );
+    assert_eq!(disk_contains(&data, text.as_bytes()), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_replayed_and_misrouted_ciphertexts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "127.0.0.1:0");
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    let mut laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    let other_chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    assert_ne!(chat, other_chat);
+    let raw = |s: &chatlog_wire::secret::Sealed, chat: u64| v1::SecretSendRequest {
+        secret_chat_id: chat,
+        counter: s.counter,
+        epoch: s.epoch,
+        ttl_ms: 60_000,
+        self_destruct_s: s.self_destruct_s,
+        ciphertext: s.ciphertext.clone().into(),
+    };
+
+    // Tampered on the way: one ciphertext byte flipped.
+    let mut s = phone.keys.seal(chat, "tamper me", 0, now_ms()).unwrap();
+    let last = s.ciphertext.len() - 1;
+    s.ciphertext[last] ^= 1;
+    phone
+        .client
+        .secret_send_request(raw(&s, chat))
+        .await
+        .unwrap();
+    let m = next_secret(&mut laptop).await;
+    match laptop.client.secret_receive(&mut laptop.keys, &m).await {
+        Err(SecretFlowError::Device(SecretError::Tampered { .. })) => {}
+        other => panic!("tampered: {other:?}"),
+    }
+
+    // Misrouted: sealed for one chat, relayed in the other.
+    let s = phone.keys.seal(chat, "wrong chat", 0, now_ms()).unwrap();
+    phone
+        .client
+        .secret_send_request(raw(&s, other_chat))
+        .await
+        .unwrap();
+    let m = next_secret(&mut laptop).await;
+    assert_eq!(m.secret_chat_id, other_chat);
+    match laptop.client.secret_receive(&mut laptop.keys, &m).await {
+        Err(SecretFlowError::Device(SecretError::Tampered { .. })) => {}
+        other => panic!("misrouted: {other:?}"),
+    }
+
+    // A genuine one opens; relayed again it is a replay. The server refuses a reused
+    // counter too.
+    let s = phone.keys.seal(chat, "genuine", 0, now_ms()).unwrap();
+    phone
+        .client
+        .secret_send_request(raw(&s, chat))
+        .await
+        .unwrap();
+    let m = next_secret(&mut laptop).await;
+    let opened = laptop
+        .client
+        .secret_receive(&mut laptop.keys, &m)
+        .await
+        .expect("genuine opens");
+    assert_eq!(opened.text, "genuine");
+    match laptop.client.secret_receive(&mut laptop.keys, &m).await {
+        Err(SecretFlowError::Device(SecretError::Replayed { .. })) => {}
+        other => panic!("replayed: {other:?}"),
+    }
+    let again = phone
+        .client
+        .secret_send_request(raw(&s, chat))
+        .await
+        .expect_err("a reused counter");
+    assert_eq!(server_code(again), v1::ErrorCode::Conflict);
+    // Reordered: an older message fetched after a newer one opened.
+    let pending = laptop
+        .client
+        .secret_pending(v1::SecretPendingRequest {
+            secret_chat_id: chat,
+        })
+        .await
+        .unwrap();
+    let older = pending
+        .messages
+        .iter()
+        .find(|m| m.counter < opened.counter)
+        .expect("the tampered one still waits (never acknowledged)");
+    assert!(matches!(
+        laptop.keys.open(older),
+        Err(SecretError::Replayed { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_messages_survive_a_sigkill_and_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let listen = server.clients.clone();
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    {
+        // Bob's laptop publishes its key, then goes offline.
+        let laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+        drop(laptop);
+    }
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    for i in 0..3 {
+        let text = marker(&format!("offline-{i}"));
+        phone
+            .client
+            .secret_send(&mut phone.keys, chat, &text, 600_000, 0, now_ms())
+            .await
+            .unwrap();
+        texts.push(text);
+    }
+    server.kill();
+    let server = Server::start(&data, &listen);
+    let mut laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+    let deadline = Instant::now() + WAIT;
+    let pending = loop {
+        match laptop
+            .client
+            .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+            .await
+        {
+            Ok(p) => break p,
+            // Leaders are still being elected after the restart.
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("pending after restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("pending after restart: {e}"),
+        }
+    };
+    assert_eq!(pending.messages.len(), 3);
+    for (m, text) in pending.messages.iter().zip(&texts) {
+        let o = laptop
+            .client
+            .secret_receive(&mut laptop.keys, m)
+            .await
+            .unwrap();
+        assert_eq!(&o.text, text);
+    }
+    laptop
+        .client
+        .secret_ack(v1::SecretAckRequest {
+            secret_chat_id: chat,
+            counter: 3,
+        })
+        .await
+        .unwrap();
+    assert!(
+        laptop
+            .client
+            .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_rekeyed_after_n_messages_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "127.0.0.1:0");
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    let mut laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    let total = REKEY_MESSAGES + 5;
+    laptop
+        .client
+        .secret_refresh_chats(&mut laptop.keys)
+        .await
+        .unwrap();
+    // Bob reads as the messages come, in pages, acknowledging each page.
+    let mut opened = 0u64;
+    let mut epochs = std::collections::BTreeSet::new();
+    let mut sent = 0u64;
+    while opened < total {
+        while sent < total && sent < opened + 300 {
+            sent += 1;
+            phone
+                .client
+                .secret_send(
+                    &mut phone.keys,
+                    chat,
+                    &format!("n{sent}"),
+                    600_000,
+                    0,
+                    now_ms(),
+                )
+                .await
+                .unwrap();
+        }
+        let page = laptop
+            .client
+            .secret_pending(v1::SecretPendingRequest {
+                secret_chat_id: chat,
+            })
+            .await
+            .unwrap();
+        for m in &page.messages {
+            let o = laptop.keys.open(m).expect("opens across epochs");
+            opened += 1;
+            assert_eq!(o.text, format!("n{opened}"));
+            epochs.insert(o.epoch);
+        }
+        if let Some(m) = page.messages.last() {
+            laptop
+                .client
+                .secret_ack(v1::SecretAckRequest {
+                    secret_chat_id: chat,
+                    counter: m.counter,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(epochs.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(laptop.keys.chat(chat).unwrap().recv_epoch(), 1);
+    // Pushes of the same messages arrived too; they are duplicates now.
+    while let Ok(Some(item)) =
+        tokio::time::timeout(Duration::from_millis(100), laptop.pushes.recv()).await
+    {
+        if let PushItem::Push {
+            push: push::Kind::SecretMessage(m),
+            ..
+        } = item
+        {
+            assert!(matches!(
+                laptop.keys.open(&m),
+                Err(SecretError::Replayed { .. })
+            ));
+        }
+    }
+}
+
+/// Runs the CLI; returns stdout, failing on a non-zero exit.
+fn cli(args: &[&str], keys: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+        .args(args)
+        .arg("--keys-dir")
+        .arg(keys)
+        .env_remove("CHATLOG_TOKEN")
+        .output()
+        .expect("chatlog runs");
+    assert!(
+        out.status.success(),
+        "chatlog {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cli_plain(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+        .args(args)
+        .env_remove("CHATLOG_TOKEN")
+        .output()
+        .expect("chatlog runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_sends_and_tails() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), "127.0.0.1:0");
+    let s = server.clients.as_str();
+    let alice = cli_plain(&[
+        "user", "create", "alice", "--device", "phone", "--server", s, "--json",
+    ]);
+    let bob = cli_plain(&[
+        "user", "create", "bob", "--device", "laptop", "--server", s, "--json",
+    ]);
+    let (at, bt) = (
+        alice["token"].as_str().unwrap(),
+        bob["token"].as_str().unwrap(),
+    );
+    let bob_id = bob["user_id"].as_u64().unwrap();
+    // Bob's device publishes its key.
+    let key: Value = serde_json::from_str(&cli(
+        &["secret", "key", "--server", s, "--token", bt, "--json"],
+        keys.path(),
+    ))
+    .unwrap();
+    assert_eq!(key["device_id"], "laptop");
+    let peer = format!("{bob_id}/laptop");
+    let started: Value = serde_json::from_str(&cli(
+        &[
+            "secret", "start", &peer, "--server", s, "--token", at, "--json",
+        ],
+        keys.path(),
+    ))
+    .unwrap();
+    let chat = started["secret_chat_id"].as_u64().unwrap().to_string();
+    let text = marker("cli");
+    let sent: Value = serde_json::from_str(&cli(
+        &[
+            "secret",
+            "send",
+            &chat,
+            &text,
+            "--self-destruct",
+            "10",
+            "--server",
+            s,
+            "--token",
+            at,
+            "--json",
+        ],
+        keys.path(),
+    ))
+    .unwrap();
+    assert_eq!(sent["counter"], 1);
+    let tailed = cli(
+        &[
+            "secret", "tail", "--limit", "1", "--server", s, "--token", bt, "--json",
+        ],
+        keys.path(),
+    );
+    let m: Value = serde_json::from_str(tailed.lines().next().unwrap()).unwrap();
+    assert_eq!(m["text"], text.as_str());
+    assert_eq!(m["self_destruct_s"], 10);
+    assert!(m["destruct_at_ms"].as_u64().is_some());
+    // Acknowledged by tail: nothing waits any more.
+    let list: Value = serde_json::from_str(&cli(
+        &["secret", "list", "--server", s, "--token", bt, "--json"],
+        keys.path(),
+    ))
+    .unwrap();
+    assert_eq!(list["chats"][0]["keys_here"], true);
+    assert_eq!(list["chats"][0]["started_here"], false);
+}
+
+/// A free TCP port on 127.0.0.1 (for `--initial-cluster`, which names peer ports up front).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Three `chatlog serve` processes, every group replicated on all three.
+fn start_cluster(root: &Path) -> Vec<(Server, PathBuf)> {
+    let initial: Vec<String> = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
+        .collect();
+    let initial = initial.join(",");
+    let receivers: Vec<_> = (1..=3u64)
+        .map(|id| {
+            let dir = root.join(format!("node-{id}"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
+                .args([
+                    "serve",
+                    "--node-id",
+                    &id.to_string(),
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
+                .args(["--http", "127.0.0.1:0", "--initial-cluster", &initial])
+                .args([
+                    "--groups",
+                    "4",
+                    "--heartbeat-ms",
+                    "100",
+                    "--segment-mb",
+                    "1",
+                ])
+                .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+                .arg("--data-dir")
+                .arg(&dir)
+                .env("RUST_LOG", "warn")
+                .env_remove("CHATLOG_ADMIN_TOKEN")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("chatlog serve starts");
+            let stdout = child.stdout.take().expect("stdout");
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            (child, dir, rx)
+        })
+        .collect();
+    receivers
+        .into_iter()
+        .map(|(child, dir, rx)| {
+            let (mut clients, mut http) = (None, None);
+            let deadline = Instant::now() + START_WAIT * 2;
+            while clients.is_none() || http.is_none() {
+                let line = rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .expect("the node announces its addresses in time");
+                if let Some(a) = line.strip_prefix("clients: ") {
+                    clients = Some(a.trim().to_string());
+                } else if let Some(a) = line.strip_prefix("http: ") {
+                    http = Some(a.trim().to_string());
+                }
+            }
+            let server = Server {
+                child,
+                clients: clients.expect("clients"),
+                http: http.expect("http"),
+            };
+            (server, dir)
+        })
+        .collect()
+}
+
+/// Waits until `GET /ready` answers 200: every local group knows its leader.
+async fn wait_ready(http: &str) {
+    let deadline = Instant::now() + WAIT * 3;
+    loop {
+        if let Ok(r) = request(http, "GET", "/ready", None, None, WAIT).await
+            && r.status == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{http} never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_erases_the_ciphertext() {
+    let root = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let nodes = start_cluster(root.path());
+    for (server, _) in &nodes {
+        wait_ready(&server.http).await;
+    }
+    let first = nodes[0].0.clients.clone();
+    let u = users(&first).await;
+    let (alice, bob) = (u.alice, u.bob);
+    // Alice on node 1, Bob's laptop on node 2.
+    let mut phone = device(&first, &alice, "phone", keys.path()).await;
+    let mut laptop = device(&nodes[1].0.clients, &bob, "laptop", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, bob.0, "laptop")
+        .await
+        .expect("start");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let text = marker(&format!("cluster-{i}"));
+        let sealed = phone.keys.seal(chat, &text, 0, now_ms()).unwrap();
+        phone
+            .client
+            .secret_send_request(v1::SecretSendRequest {
+                secret_chat_id: chat,
+                counter: sealed.counter,
+                epoch: sealed.epoch,
+                ttl_ms: 600_000,
+                self_destruct_s: 0,
+                ciphertext: sealed.ciphertext.clone().into(),
+            })
+            .await
+            .expect("send");
+        sent.push((text, sealed.ciphertext));
+    }
+    let pending = laptop
+        .client
+        .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+        .await
+        .expect("pending on node 2");
+    assert_eq!(pending.messages.len(), 3);
+    for (m, (text, _)) in pending.messages.iter().zip(&sent) {
+        let o = laptop
+            .client
+            .secret_receive(&mut laptop.keys, m)
+            .await
+            .unwrap();
+        assert_eq!(&o.text, text);
+    }
+    // Replicated: every node holds the ciphertexts (a majority at once, the third soon).
+    for (server, dir) in &nodes {
+        let deadline = Instant::now() + WAIT;
+        for (text, ct) in &sent {
+            while disk_contains(dir, ct).is_none() {
+                assert!(Instant::now() < deadline, "{} never got it", server.http);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(disk_contains(dir, text.as_bytes()), None);
+        }
+    }
+    laptop
+        .client
+        .secret_ack(v1::SecretAckRequest {
+            secret_chat_id: chat,
+            counter: 3,
+        })
+        .await
+        .expect("ack");
+    // Each node zeroes its own copy once it applied the ack; compaction removes it.
+    for (server, dir) in &nodes {
+        let deadline = Instant::now() + WAIT;
+        while sent.iter().any(|(_, ct)| disk_contains(dir, ct).is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "a ciphertext stayed on the disk of {}",
+                server.http
+            );
+            server.compact().await;
+        }
+        for (text, _) in &sent {
+            assert_eq!(disk_contains(dir, text.as_bytes()), None);
+        }
+    }
+}
