@@ -10,91 +10,19 @@
 
 #[path = "common/server.rs"]
 mod server;
+#[path = "common/webhook.rs"]
+mod webhook;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chatlog_wire::client::{Client, ClientOptions};
 use chatlog_wire::proto::v1;
-use serde_json::Value;
 use server::Server;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const TOKEN: &str = "push-secret";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The receiver: records every request's body and Authorization header; answers 500
-/// while `failing` is above zero (counting down), else 200.
-#[derive(Default)]
-struct Receiver {
-    requests: Mutex<Vec<(Option<String>, Value)>>,
-    failing: AtomicUsize,
-    refused: AtomicUsize,
-}
-
-async fn serve_receiver(listener: TcpListener, rx: Arc<Receiver>) {
-    loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            return;
-        };
-        let rx = Arc::clone(&rx);
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let (head, body_at) = loop {
-                let n = s.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break (String::from_utf8_lossy(&buf[..i]).into_owned(), i + 4);
-                }
-            };
-            let header = |name: &str| {
-                head.lines().find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                })
-            };
-            let len: usize = header("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            while buf.len() < body_at + len {
-                let n = s.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let body: Value = serde_json::from_slice(&buf[body_at..body_at + len])
-                .expect("the webhook body is JSON");
-            let fail = rx
-                .failing
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| f.checked_sub(1))
-                .is_ok();
-            let status = if fail {
-                rx.refused.fetch_add(1, Ordering::SeqCst);
-                "500 Internal Server Error"
-            } else {
-                rx.requests
-                    .lock()
-                    .expect("lock")
-                    .push((header("authorization"), body));
-                "200 OK"
-            };
-            let _ = s
-                .write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await;
-        });
-    }
-}
 
 fn options(token: Option<String>) -> ClientOptions {
     ClientOptions {
@@ -125,7 +53,7 @@ async fn account(c: &Client, name: &str) -> (u64, String) {
 type ByChat = BTreeMap<(u64, u64), (u64, u64, usize)>;
 
 /// Accepted notifications so far, and every notification id seen.
-fn accepted(rx: &Receiver) -> (ByChat, Vec<u64>) {
+fn accepted(rx: &webhook::Receiver) -> (ByChat, Vec<u64>) {
     let mut by = BTreeMap::new();
     let mut ids = Vec::new();
     for (auth, body) in rx.requests.lock().expect("lock").iter() {
@@ -159,12 +87,9 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_members_get_collapsed_durable_notifications() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}/push", listener.local_addr().expect("addr"));
-    let rx = Arc::new(Receiver::default());
+    let (hook, rx) = webhook::start().await;
     // The first two deliveries fail: the same notifications must come again.
     rx.failing.store(2, Ordering::SeqCst);
-    tokio::spawn(serve_receiver(listener, Arc::clone(&rx)));
 
     let dir = tempfile::tempdir().expect("temp dir");
     let flags = [

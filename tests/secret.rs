@@ -29,6 +29,9 @@ use chatlog_wire::proto::v1::{self, push};
 use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
 use serde_json::Value;
 
+#[path = "common/webhook.rs"]
+mod webhook;
+
 const START_WAIT: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -48,6 +51,11 @@ impl Drop for Server {
 impl Server {
     /// `chatlog serve` on `listen` (port 0 for any) with 1 MiB segments and no rate limits.
     fn start(dir: &Path, listen: &str) -> Server {
+        Server::start_with(dir, listen, &[])
+    }
+
+    /// The same with more flags.
+    fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
             .args([
                 "serve",
@@ -60,6 +68,7 @@ impl Server {
             ])
             .args(["--segment-mb", "1"])
             .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+            .args(extra)
             .arg("--data-dir")
             .arg(dir)
             .env("RUST_LOG", "warn")
@@ -1049,5 +1058,74 @@ async fn every_replica_erases_the_ciphertext() {
         for (text, _) in &sent {
             assert_eq!(disk_contains(dir, text.as_bytes()), None);
         }
+    }
+}
+
+/// With push notifications on, a secret message for a device that is offline yields a
+/// notification for that device that says only that something arrived: no text, no
+/// ciphertext, no sender, no secret chat; and none for the sender's or another device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_is_notified_that_something_arrived_and_nothing_more() {
+    let (hook, rx) = webhook::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--push-webhook", &hook, "--push-collapse-ms", "100"],
+    );
+    let u = users(&server.clients).await;
+    let mut phone = device(&server.clients, &u.alice, "phone", keys.path()).await;
+    {
+        // Bob's laptop publishes its key, then goes offline; his tablet stays online.
+        let laptop = device(&server.clients, &u.bob, "laptop", keys.path()).await;
+        drop(laptop);
+    }
+    let _tablet = device(&server.clients, &u.bob, "tablet", keys.path()).await;
+    let chat = phone
+        .client
+        .secret_start(&mut phone.keys, u.bob.0, "laptop")
+        .await
+        .unwrap();
+    let text = marker("notified");
+    phone
+        .client
+        .secret_send(&mut phone.keys, chat, &text, 600_000, 0, now_ms())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let found = loop {
+        let secret: Vec<Value> = rx
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, body)| {
+                body["notifications"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter(|n| n["kind"] == "secret")
+            .collect();
+        if !secret.is_empty() {
+            break secret;
+        }
+        assert!(Instant::now() < deadline, "no secret notification arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(found.len(), 1, "{found:?}");
+    let n = found[0].as_object().expect("an object");
+    assert_eq!(n["user_id"], u.bob.0);
+    assert_eq!(n["device_id"], "laptop", "for the target device only");
+    let mut fields: Vec<&str> = n.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        ["device_id", "id", "kind", "timestamp_ms", "user_id"],
+        "nothing but that something arrived"
+    );
+    for (_, body) in rx.requests.lock().unwrap().iter() {
+        assert!(!body.to_string().contains(&text), "no plaintext");
     }
 }

@@ -10,9 +10,9 @@
 //! for the push and dropped), or push a message already erased (an all-zero ciphertext or
 //! one no longer pending is skipped).
 //!
-//! A device offline when a message arrived gets it with `secret.pending` on reconnect.
-//! Secret messages produce no push notification (`notify/` follows chat heads only); see
-//! `service/secret.rs` for what one may say if added.
+//! A device offline when a message arrived gets it with `secret.pending` on reconnect;
+//! with push notifications on, the leader of the group notes a notification that says
+//! only that something arrived for that device (`Notifier::secret_arrived`), never what.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -67,6 +67,11 @@ impl Hub {
                 let target = view.party(1 - p.from_side as usize);
                 let conns = self.device_conns(target.user, &target.device);
                 if conns.is_empty() {
+                    // Offline here: a push notification that says only that something
+                    // arrived, for which device (`notify/`), if notifications are on.
+                    if let Some(n) = self.notifier.get() {
+                        n.secret_arrived(group, target.user, &target.device);
+                    }
                     continue;
                 }
                 match secret_log::read_send(group.id(), group.log_reader(), p.raft_index, p.pos)

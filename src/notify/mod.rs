@@ -19,9 +19,12 @@
 //! lost in a crash; everything in the outbox survives it.
 //!
 //! The webhook receives `POST` with `Content-Type: application/json` and
-//! `{"notifications": [{"id": N, "user_id": U, "chat_id": C, "new_messages": K,
-//! "last_seq": S, "timestamp_ms": T}, …]}`, at most [`DELIVERY_BATCH_MAX`] per request,
-//! and `Authorization: Bearer TOKEN` when configured.
+//! `{"notifications": [{"id": N, "kind": "chat", "user_id": U, "chat_id": C,
+//! "new_messages": K, "last_seq": S, "timestamp_ms": T}, …]}`, at most
+//! [`DELIVERY_BATCH_MAX`] per request, and `Authorization: Bearer TOKEN` when configured.
+//! A secret-chat message for a device that is not online says only that something
+//! arrived, for which device: `{"id": N, "kind": "secret", "user_id": U, "device_id": D,
+//! "timestamp_ms": T}` (no sender, no secret chat, no count: nothing of the message).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,11 +97,28 @@ impl NotifyConfig {
 }
 
 /// One notification waiting in the collapse window.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pending {
     new_messages: u64,
     last_seq: u64,
     timestamp_ms: u64,
+}
+
+/// A notification waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Record {
+    /// New messages in a chat.
+    Chat {
+        user: UserId,
+        chat: ChatId,
+        pending: Pending,
+    },
+    /// Something arrived in a secret chat for one device.
+    Secret {
+        user: UserId,
+        device: String,
+        timestamp_ms: u64,
+    },
 }
 
 /// What the notifier has done, for metrics and tests.
@@ -120,6 +140,8 @@ pub struct Notifier {
     node: Arc<Node>,
     config: NotifyConfig,
     pending: Mutex<HashMap<(UserId, ChatId), Pending>>,
+    /// Secret-chat arrivals waiting, by (user, device): when.
+    pending_secret: Mutex<HashMap<(UserId, String), u64>>,
     stats: Mutex<NotifyStats>,
     /// Woken when records were added to the outbox.
     written: Notify,
@@ -137,6 +159,7 @@ impl Notifier {
             node,
             config,
             pending: Mutex::new(HashMap::new()),
+            pending_secret: Mutex::new(HashMap::new()),
             stats: Mutex::new(NotifyStats::default()),
             written: Notify::new(),
         });
@@ -227,17 +250,59 @@ impl Notifier {
         }
     }
 
+    /// A secret-chat message arrived in `group` for `(user, device)`, which has no
+    /// connection here: notes a notification that says only that (collapsed per device;
+    /// which secret chat, from whom and what stay out of it). Only the group's leader
+    /// notifies.
+    pub fn secret_arrived(&self, group: &Group, user: UserId, device: &str) {
+        if group.leader() != Some(self.node.node_id()) {
+            return;
+        }
+        let mut p = self
+            .pending_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (user, device.to_string());
+        if p.len() >= PENDING_MAX && !p.contains_key(&key) {
+            drop(p);
+            self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += 1;
+            return;
+        }
+        p.insert(key, chatlog_raft::clock::now_ms());
+    }
+
     /// Writes what collapsed in the window to the outbox, durably.
     async fn flush(&self) -> Result<(), String> {
-        let pending: Vec<((UserId, ChatId), Pending)> = {
-            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if p.is_empty() {
-                return Ok(());
-            }
-            let mut all: Vec<_> = p.drain().collect();
-            all.sort_by_key(|(k, _)| *k);
-            all
-        };
+        let pending: Vec<Record> =
+            {
+                let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = self
+                    .pending_secret
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if p.is_empty() && s.is_empty() {
+                    return Ok(());
+                }
+                let mut chats: Vec<_> = p.drain().collect();
+                chats.sort_by_key(|(k, _)| *k);
+                let mut secrets: Vec<_> = s.drain().collect();
+                secrets.sort_by(|(a, _), (b, _)| a.cmp(b));
+                chats
+                    .into_iter()
+                    .map(|((user, chat), pending)| Record::Chat {
+                        user,
+                        chat,
+                        pending,
+                    })
+                    .chain(secrets.into_iter().map(|((user, device), timestamp_ms)| {
+                        Record::Secret {
+                            user,
+                            device,
+                            timestamp_ms,
+                        }
+                    }))
+                    .collect()
+            };
         let log = outbox_log();
         let bounds = self.engine().bounds(log);
         let (first, next) = bounds.map_or((1, 1), |b| (b.first, b.next.max(1)));
@@ -252,8 +317,8 @@ impl Notifier {
             return Ok(());
         }
         let mut batch = WriteBatch::new();
-        for (i, ((user, chat), p)) in pending.iter().take(take).enumerate() {
-            batch.append(log, next + i as u64, &encode_record(*user, *chat, p));
+        for (i, record) in pending.iter().take(take).enumerate() {
+            batch.append(log, next + i as u64, &encode_record(record));
         }
         self.engine()
             .write(&batch)
@@ -278,16 +343,34 @@ impl Notifier {
         let mut notifications = Vec::with_capacity(records.len());
         for (i, bytes) in records.iter().enumerate() {
             let id = bounds.first + i as u64;
-            let (user, chat, p) = decode_record(bytes)
+            let record = decode_record(bytes)
                 .ok_or_else(|| format!("push outbox record {id} is malformed"))?;
-            notifications.push(json!({
-                "id": id,
-                "user_id": user,
-                "chat_id": chat,
-                "new_messages": p.new_messages,
-                "last_seq": p.last_seq,
-                "timestamp_ms": p.timestamp_ms,
-            }));
+            notifications.push(match record {
+                Record::Chat {
+                    user,
+                    chat,
+                    pending: p,
+                } => json!({
+                    "id": id,
+                    "kind": "chat",
+                    "user_id": user,
+                    "chat_id": chat,
+                    "new_messages": p.new_messages,
+                    "last_seq": p.last_seq,
+                    "timestamp_ms": p.timestamp_ms,
+                }),
+                Record::Secret {
+                    user,
+                    device,
+                    timestamp_ms,
+                } => json!({
+                    "id": id,
+                    "kind": "secret",
+                    "user_id": user,
+                    "device_id": device,
+                    "timestamp_ms": timestamp_ms,
+                }),
+            });
         }
         let delivered = notifications.len() as u64;
         let body = serde_json::to_vec(&json!({ "notifications": notifications }))
@@ -361,34 +444,69 @@ async fn deliver_loop(notifier: std::sync::Weak<Notifier>) {
     }
 }
 
-/// Record bytes: version 1, user, chat, new messages, last seq, timestamp (u64 LE each).
-/// The engine checksums every record; the version guards a future layout.
-fn encode_record(user: UserId, chat: ChatId, p: &Pending) -> Vec<u8> {
-    let mut out = Vec::with_capacity(41);
-    out.push(1u8);
-    for v in [user, chat, p.new_messages, p.last_seq, p.timestamp_ms] {
-        out.extend_from_slice(&v.to_le_bytes());
+/// Record bytes (the engine checksums every record; the first byte names the layout):
+/// - 1, a chat record: user, chat, new messages, last seq, timestamp (u64 LE each);
+/// - 2, a secret arrival: user, timestamp (u64 LE each), device id length (u8) and
+///   bytes.
+fn encode_record(record: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    match record {
+        Record::Chat {
+            user,
+            chat,
+            pending: p,
+        } => {
+            out.push(1u8);
+            for v in [*user, *chat, p.new_messages, p.last_seq, p.timestamp_ms] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Record::Secret {
+            user,
+            device,
+            timestamp_ms,
+        } => {
+            out.push(2u8);
+            for v in [*user, *timestamp_ms] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            // Device ids are at most 64 bytes (the protocol's limit); cut defensively.
+            let d = &device.as_bytes()[..device.len().min(u8::MAX as usize)];
+            out.push(d.len() as u8);
+            out.extend_from_slice(d);
+        }
     }
     out
 }
 
-fn decode_record(bytes: &[u8]) -> Option<(UserId, ChatId, Pending)> {
-    if bytes.len() != 41 || bytes[0] != 1 {
-        return None;
-    }
-    let u = |i: usize| {
+fn decode_record(bytes: &[u8]) -> Option<Record> {
+    let u = |i: usize| -> Option<u64> {
         let at = 1 + 8 * i;
-        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
     };
-    Some((
-        u(0),
-        u(1),
-        Pending {
-            new_messages: u(2),
-            last_seq: u(3),
-            timestamp_ms: u(4),
-        },
-    ))
+    match *bytes.first()? {
+        1 if bytes.len() == 41 => Some(Record::Chat {
+            user: u(0)?,
+            chat: u(1)?,
+            pending: Pending {
+                new_messages: u(2)?,
+                last_seq: u(3)?,
+                timestamp_ms: u(4)?,
+            },
+        }),
+        2 => {
+            let len = *bytes.get(17)? as usize;
+            if bytes.len() != 18 + len {
+                return None;
+            }
+            Some(Record::Secret {
+                user: u(0)?,
+                timestamp_ms: u(1)?,
+                device: String::from_utf8(bytes[18..].to_vec()).ok()?,
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -397,21 +515,31 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_refuse_other_layouts() {
-        let p = Pending {
-            new_messages: 7,
-            last_seq: 42,
-            timestamp_ms: 1_700_000_000_000,
+        let chat = Record::Chat {
+            user: 3,
+            chat: 9,
+            pending: Pending {
+                new_messages: 7,
+                last_seq: 42,
+                timestamp_ms: 1_700_000_000_000,
+            },
         };
-        let bytes = encode_record(3, 9, &p);
-        let (u, c, q) = decode_record(&bytes).expect("decodes");
-        assert_eq!(
-            (u, c, q.new_messages, q.last_seq, q.timestamp_ms),
-            (3, 9, 7, 42, p.timestamp_ms)
-        );
-        assert!(decode_record(&bytes[..40]).is_none());
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
-        assert!(decode_record(&v2).is_none());
+        let secret = Record::Secret {
+            user: 5,
+            device: "phone".into(),
+            timestamp_ms: 1_700_000_000_001,
+        };
+        for r in [&chat, &secret] {
+            let bytes = encode_record(r);
+            assert_eq!(decode_record(&bytes).as_ref(), Some(r));
+            assert!(
+                decode_record(&bytes[..bytes.len() - 1]).is_none(),
+                "cut short"
+            );
+            let mut other = bytes.clone();
+            other[0] = 3;
+            assert!(decode_record(&other).is_none(), "unknown layout");
+        }
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //! keep a copy of one anywhere but the Raft log, or hand a message to any device but its
 //! target (another device of the same user gets `PERMISSION_DENIED` or nothing).
 //!
-//! Push notifications (`notify/`) are driven by chat heads moving, which secret messages
-//! never do: an offline device gets no notification of a secret message today. If one is
-//! added, it may only say that something arrived for that device: no text (the server has
-//! none), no sender, no secret chat id, never sent for another device. The one place that
+//! Push notifications (`notify/`, with `--push-webhook`): a secret message for a device
+//! with no connection says only that something arrived for that device: no text (the
+//! server has none), no sender, no secret chat id, never for another device
+//! (`Notifier::secret_arrived`, called from `fanout/secret.rs`). The one place that
 //! builds what a device receives is [`secret_message`].
 
 use chatlog_raft::chat::secret::{
