@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod codec;
+pub mod controller;
 pub mod error;
 pub mod ids;
 pub mod log_store;

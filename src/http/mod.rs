@@ -14,6 +14,8 @@
 //! - `GET /metrics`: Prometheus text (`metrics.rs` lists every metric).
 //! - `GET /admin/status`: `{"node": {…}, "nodes": […], "groups": […], "summary": "…"}`.
 //! - `POST /admin/leader-transfer` with `{"group": G, "to": N}`.
+//! - Cluster changes (`cluster.rs`): `GET /admin/cluster`, `POST /admin/node-add`,
+//!   `/admin/node-remove`, `/admin/replica-move`, `/admin/group-add`, `/admin/rebalance`.
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -26,6 +28,7 @@
 //! (leader transfer by [`TRANSFER_WAIT`] on top).
 
 pub mod client;
+pub mod cluster;
 mod counters;
 mod metrics;
 mod status;
@@ -81,6 +84,8 @@ pub struct HttpContext {
     pub clients: Arc<ClientCounters>,
     pub changes: LeaderChanges,
     pub started: Instant,
+    /// The cluster id peers check on every frame (a joining node asks for it).
+    pub cluster_id: u64,
 }
 
 type Ctx = Arc<HttpContext>;
@@ -100,6 +105,14 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/admin/status", get(admin_status))
         .route("/admin/leader-transfer", post(leader_transfer))
+        // ---- cluster changes (cluster.rs) ----
+        .route("/admin/cluster", get(cluster::cluster))
+        .route("/admin/node-add", post(cluster::node_add))
+        .route("/admin/node-remove", post(cluster::node_remove))
+        .route("/admin/replica-move", post(cluster::replica_move))
+        .route("/admin/group-add", post(cluster::group_add))
+        .route("/admin/rebalance", post(cluster::rebalance))
+        // ---- end cluster changes ----
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)
@@ -241,8 +254,14 @@ fn status_json(ctx: &HttpContext) -> Value {
     let stats = ctx.node.engine().stats();
     let mut nodes = Vec::new();
     let mut down = Vec::new();
-    for &id in &ctx.node.config().members {
-        let peer = ctx.peers.get(&id).map(|a| a.to_string());
+    let placement = ctx.node.placement();
+    for &id in placement.members.keys() {
+        let peer = placement
+            .members
+            .get(&id)
+            .map(|m| m.addr.clone())
+            .filter(|a| !a.is_empty())
+            .or_else(|| ctx.peers.get(&id).map(|a| a.to_string()));
         if id == me {
             nodes.push(
                 json!({"id": id, "self": true, "up": true, "peer_addr": peer,
@@ -257,7 +276,10 @@ fn status_json(ctx: &HttpContext) -> Value {
                               "last_ack_ms": last_ack_ms}));
         }
     }
-    let summary = status::summary(me, &groups, &down);
+    let mut summary = status::summary(me, &groups, &down);
+    if !placement.moves.is_empty() {
+        summary.push_str(&format!("; {} replica moves in progress", placement.moves.len()));
+    }
     json!({
         "node": {
             "id": me,
@@ -272,6 +294,7 @@ fn status_json(ctx: &HttpContext) -> Value {
         "nodes": nodes,
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),
         "summary": summary,
+        "placement": cluster::placement_json(&placement),
     })
 }
 
@@ -335,7 +358,7 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
             format!("group {g} has no replica on node {me}"),
         );
     };
-    let before = GroupView::of(group, &ctx.changes);
+    let before = GroupView::of(&group, &ctx.changes);
     if !before.replicas.contains(&to) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -378,7 +401,7 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
             "a new leader",
         )
         .await;
-    let after = GroupView::of(group, &ctx.changes);
+    let after = GroupView::of(&group, &ctx.changes);
     match waited {
         Ok(_) => axum::Json(
             json!({"group": g, "previous_leader": me, "leader": after.leader,

@@ -259,6 +259,9 @@ pub enum Command {
         /// The chat.
         chat: ChatId,
     },
+    // ---- cluster placement (controller group 0 only; tags 70-79) ----
+    /// A change to the cluster placement (`chat::placement`); refused outside group 0.
+    Placement(crate::chat::placement::PlacementCommand),
 }
 
 mod tag {
@@ -281,6 +284,7 @@ mod tag {
     pub const MARK_READ: u8 = 30;
     pub const USER_CHAT_ADDED: u8 = 31;
     pub const USER_CHAT_REMOVED: u8 = 32;
+    pub const PLACEMENT: u8 = 70;
 }
 
 impl Command {
@@ -441,6 +445,10 @@ impl Command {
                 w.u64(*user);
                 w.u64(*chat);
             }
+            Command::Placement(p) => {
+                w.u8(tag::PLACEMENT);
+                p.encode_into(w.0);
+            }
         }
     }
 
@@ -576,6 +584,9 @@ impl Command {
                 user: r.u64()?,
                 chat: r.u64()?,
             },
+            tag::PLACEMENT => {
+                Command::Placement(crate::chat::placement::PlacementCommand::decode(&mut r)?)
+            }
             other => {
                 return Err(DecodeError::new(
                     "chat command",
@@ -784,6 +795,13 @@ pub enum Outcome {
     },
     /// Refused; nothing changed.
     Refused(Refusal),
+    /// A placement command was applied (group 0).
+    Placement {
+        /// The placement's version after it.
+        version: u64,
+        /// False when the command changed nothing (a repeat).
+        changed: bool,
+    },
 }
 
 impl Outcome {

@@ -279,6 +279,8 @@ pub struct GroupState {
     dedupe: Dedupe,
     /// Events appended (chat and user logs), for metrics.
     events_applied: u64,
+    /// The cluster placement: group 0 only (`chat::placement`); empty elsewhere.
+    placement: crate::chat::placement::Placement,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -307,6 +309,7 @@ impl GroupState {
             directs: HashMap::new(),
             dedupe: Dedupe::default(),
             events_applied: 0,
+            placement: Default::default(),
         }
     }
 
@@ -320,6 +323,11 @@ impl GroupState {
         self.events_applied
     }
 
+    /// The cluster placement (bootstrapped in group 0 only).
+    pub fn placement(&self) -> &crate::chat::placement::Placement {
+        &self.placement
+    }
+
     /// Applies command `pos` of the batch in Raft entry `raft_index`, stamped `ts`.
     pub fn apply(&mut self, cmd: &Command, ts: u64, raft_index: u64, pos: usize) -> Outcome {
         if raft_index > EVENT_RAFT_INDEX_MAX {
@@ -328,6 +336,15 @@ impl GroupState {
         }
         let at = |kind, sender| EventLoc::new(raft_index, pos, kind, sender);
         match cmd {
+            Command::Placement(p) => {
+                if self.group != 0 {
+                    return refuse(
+                        RefusalCode::BadRequest,
+                        "placement commands belong to the controller group 0",
+                    );
+                }
+                self.placement.apply(p)
+            }
             Command::CreateUser {
                 name,
                 login_token_hash,
@@ -1305,6 +1322,8 @@ impl GroupState {
             w.u64(k.client_message_id);
             w.u64(seq);
         }
+        // Last, and nothing outside group 0: older checkpoints decode unchanged.
+        self.placement.encode_into(&mut w.0);
         w.0
     }
 
@@ -1422,6 +1441,7 @@ impl GroupState {
             st.dedupe.order.push_back((ts, key));
             st.dedupe.seqs.insert(key, (seq, ts));
         }
+        st.placement = crate::chat::placement::Placement::decode(&mut r)?;
         r.finish()?;
         Ok(st)
     }

@@ -409,6 +409,8 @@ const RESULT_REFUSED: u8 = 4;
 const RESULT_NOT_LEADER: u8 = 5;
 const RESULT_UNKNOWN: u8 = 6;
 const RESULT_UNAVAILABLE: u8 = 7;
+/// A placement command's outcome: version u64 | changed u8 (cluster changes, 50-59).
+const RESULT_PLACEMENT: u8 = 50;
 const RESULT_READ_INDEX: u8 = 0;
 
 fn put_text(out: &mut Vec<u8>, text: &str) {
@@ -569,6 +571,11 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
+            Ok(Outcome::Placement { version, changed }) => {
+                out.push(RESULT_PLACEMENT);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.push(u8::from(*changed));
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -608,6 +615,10 @@ pub fn decode_propose_response(
                 user: r.u64()?,
                 seq: r.u64()?,
                 read_seq: r.u64()?,
+            }),
+            RESULT_PLACEMENT => Ok(Outcome::Placement {
+                version: r.u64()?,
+                changed: r.bool()?,
             }),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
