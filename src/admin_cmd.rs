@@ -361,7 +361,7 @@ fn render_status(v: &Value) -> String {
                 format!(
                     "{}@{} ({} replicas{})",
                     opt(&m["id"]),
-                    m["addr"].as_str().unwrap_or("?"),
+                    m["addr"].as_str().filter(|a| !a.is_empty()).unwrap_or("-"),
                     opt(&m["replicas"]),
                     if m["draining"].as_bool() == Some(true) {
                         ", draining"
