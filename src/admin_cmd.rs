@@ -436,7 +436,14 @@ async fn node_command(c: NodeCommand) -> Result<(), CliError> {
     match c {
         NodeCommand::Add(a) => {
             let body = json!({"node": a.node, "addr": a.addr});
-            let v = call(&a.conn, "POST", "/admin/node-add", Some(body), STATUS_TIMEOUT).await?;
+            let v = call(
+                &a.conn,
+                "POST",
+                "/admin/node-add",
+                Some(body),
+                STATUS_TIMEOUT,
+            )
+            .await?;
             let line = if v["added"].as_bool() == Some(true) {
                 format!("node {} added at {}", a.node, a.addr)
             } else {
@@ -446,7 +453,14 @@ async fn node_command(c: NodeCommand) -> Result<(), CliError> {
         }
         NodeCommand::Remove(a) => {
             let body = json!({"node": a.node, "wait": !a.no_wait});
-            let v = call(&a.conn, "POST", "/admin/node-remove", Some(body), CHANGE_TIMEOUT).await?;
+            let v = call(
+                &a.conn,
+                "POST",
+                "/admin/node-remove",
+                Some(body),
+                CHANGE_TIMEOUT,
+            )
+            .await?;
             let line = if v["removed"].as_bool() == Some(true) {
                 format!(
                     "node {} drained and removed in {} ms",
@@ -464,7 +478,14 @@ async fn node_command(c: NodeCommand) -> Result<(), CliError> {
 
 async fn replica_move(a: MoveArgs) -> Result<(), CliError> {
     let body = json!({"group": a.group, "from": a.from, "to": a.to, "wait": !a.no_wait});
-    let v = call(&a.conn, "POST", "/admin/replica-move", Some(body), CHANGE_TIMEOUT).await?;
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/replica-move",
+        Some(body),
+        CHANGE_TIMEOUT,
+    )
+    .await?;
     let line = if v["done"].as_bool() == Some(true) {
         format!(
             "group {}: replica moved from node {} to node {} in {} ms (replicas {})",
@@ -486,7 +507,14 @@ async fn replica_move(a: MoveArgs) -> Result<(), CliError> {
 
 async fn group_add(a: GroupAddArgs) -> Result<(), CliError> {
     let body = json!({"count": a.count});
-    let v = call(&a.conn, "POST", "/admin/group-add", Some(body), STATUS_TIMEOUT).await?;
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/group-add",
+        Some(body),
+        STATUS_TIMEOUT,
+    )
+    .await?;
     let added: Vec<String> = v["added"]
         .as_array()
         .into_iter()
@@ -504,7 +532,14 @@ async fn group_add(a: GroupAddArgs) -> Result<(), CliError> {
 
 async fn rebalance(a: RebalanceArgs) -> Result<(), CliError> {
     let body = json!({"moves_max": a.moves_max, "wait": !a.no_wait});
-    let v = call(&a.conn, "POST", "/admin/rebalance", Some(body), CHANGE_TIMEOUT).await?;
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/rebalance",
+        Some(body),
+        CHANGE_TIMEOUT,
+    )
+    .await?;
     let moves: Vec<String> = v["moves"]
         .as_array()
         .into_iter()

@@ -270,7 +270,12 @@ fn run_joining(args: ServeArgs) -> Result<(), CliError> {
 
 /// Registers this joining node with the cluster (idempotent), retrying while group 0 is
 /// electing.
-async fn register(join: &str, token: Option<&str>, node: u64, addr: SocketAddr) -> Result<(), CliError> {
+async fn register(
+    join: &str,
+    token: Option<&str>,
+    node: u64,
+    addr: SocketAddr,
+) -> Result<(), CliError> {
     let body = serde_json::json!({"node": node, "addr": addr.to_string()}).to_string();
     let deadline = std::time::Instant::now() + LEADER_WAIT;
     loop {
@@ -353,10 +358,7 @@ async fn serve(
             },
         )));
         let r = router.clone();
-        let addrs = cluster
-            .iter()
-            .map(|(id, a)| (*id, a.to_string()))
-            .collect();
+        let addrs = cluster.iter().map(|(id, a)| (*id, a.to_string())).collect();
         // Proposals and reads for groups this node does not lead go to their leader.
         let node = Node::start_with(
             config,
@@ -368,7 +370,10 @@ async fn serve(
         .await?;
         if let Some(join) = &args.join {
             let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
-            let advertised = args.peer_listen.filter(|a| a.port() != 0).unwrap_or(bound_peer);
+            let advertised = args
+                .peer_listen
+                .filter(|a| a.port() != 0)
+                .unwrap_or(bound_peer);
             register(join, token, args.node_id, advertised).await?;
         }
         node

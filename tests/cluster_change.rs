@@ -3,8 +3,11 @@
 //! Covered, in one run of three processes plus a fourth started later: a node joins
 //! (`serve --join`, which registers it with `node add`); a replica of the busy group moves
 //! to it from the group's leader (`admin replica move`); leadership moves to it (`admin
-//! leader-transfer`); a node is drained and removed (`admin node remove`); a group is
-//! added (`admin group add`) and a new chat lands in it. Writers keep sending all along,
+//! leader-transfer`); `admin rebalance` moves another replica to it and the new node is
+//! SIGKILLed right after the move started, then restarted, and the move completes; a node
+//! is drained and removed (`admin node remove`); the node that gave up a replica restarts
+//! and runs exactly the replicas the placement gives it; a group is added (`admin group
+//! add`) and a new chat lands in it. Writers keep sending all along,
 //! retrying with the same client message id on another node after a retryable error.
 //! Afterwards every current replica of the busy group serves the same dense log holding
 //! every acknowledged send exactly once at its seq (the checks of `common/history.rs`),
@@ -334,9 +337,12 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     let mut windows = Vec::new();
 
     // 1. A fourth node joins through node 1's HTTP port.
-    let four = step("node join (serve --join, node add)", &acks, &mut windows, async {
-        tokio::task::block_in_place(|| cluster.join(1))
-    })
+    let four = step(
+        "node join (serve --join, node add)",
+        &acks,
+        &mut windows,
+        async { tokio::task::block_in_place(|| cluster.join(1)) },
+    )
     .await;
     let members: Vec<u64> = status(&http(&cluster, 1))["placement"]["members"]
         .as_array()
@@ -348,8 +354,16 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
 
     // Refusals: a move to a node nobody knows, and to a member that is down.
     let err = admin(&[
-        "replica", "move", "--server", &http(&cluster, 2), "--group", &busy.to_string(),
-        "--from", "1", "--to", "9",
+        "replica",
+        "move",
+        "--server",
+        &http(&cluster, 2),
+        "--group",
+        &busy.to_string(),
+        "--from",
+        "1",
+        "--to",
+        "9",
     ])
     .expect_err("a move to an unknown node is refused");
     assert!(err.contains("NOT_FOUND") && err.contains("node 9"), "{err}");
@@ -357,18 +371,37 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
 
     // 2. Move the busy group's replica away from its leader to the new node.
     let leader = tokio::task::block_in_place(|| cluster.leader(busy, 0)).0;
-    let moved = step("replica move (from the leader)", &acks, &mut windows, async {
-        admin(&[
-            "replica", "move", "--server", &http(&cluster, 2), "--group", &busy.to_string(),
-            "--from", &leader.to_string(), "--to", &four.to_string(),
-        ])
-    })
+    let moved = step(
+        "replica move (from the leader)",
+        &acks,
+        &mut windows,
+        async {
+            admin(&[
+                "replica",
+                "move",
+                "--server",
+                &http(&cluster, 2),
+                "--group",
+                &busy.to_string(),
+                "--from",
+                &leader.to_string(),
+                "--to",
+                &four.to_string(),
+            ])
+        },
+    )
     .await
     .expect("replica move");
     assert_eq!(moved["done"], true, "{moved}");
     let after_move = replicas(&http(&cluster, 1), busy);
-    assert!(after_move.contains(&four) && !after_move.contains(&leader), "{after_move:?}");
-    eprintln!("group {busy} moved from node {leader} to node {four} in {} ms", moved["elapsed_ms"]);
+    assert!(
+        after_move.contains(&four) && !after_move.contains(&leader),
+        "{after_move:?}"
+    );
+    eprintln!(
+        "group {busy} moved from node {leader} to node {four} in {} ms",
+        moved["elapsed_ms"]
+    );
     // The old replica is dropped on its node: its status no longer lists the group.
     let deadline = Instant::now() + WAIT;
     while status(&http(&cluster, leader))["groups"]
@@ -377,37 +410,122 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
         .iter()
         .any(|g| g["id"].as_u64() == Some(busy))
     {
-        assert!(Instant::now() < deadline, "node {leader} dropped its replica of {busy}");
+        assert!(
+            Instant::now() < deadline,
+            "node {leader} dropped its replica of {busy}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // 3. Leadership of the busy group moves to the new node.
     let current = leader_seen_by(&http(&cluster, four), busy).expect("a leader");
-    let transferred = step("leader transfer to the new node", &acks, &mut windows, async {
-        admin(&[
-            "leader-transfer", "--server", &http(&cluster, current), "--group",
-            &busy.to_string(), "--to", &four.to_string(),
-        ])
-    })
+    let transferred = step(
+        "leader transfer to the new node",
+        &acks,
+        &mut windows,
+        async {
+            admin(&[
+                "leader-transfer",
+                "--server",
+                &http(&cluster, current),
+                "--group",
+                &busy.to_string(),
+                "--to",
+                &four.to_string(),
+            ])
+        },
+    )
     .await
     .expect("leader transfer");
     assert_eq!(transferred["leader"].as_u64(), Some(four), "{transferred}");
 
-    // 4. Drain and remove a node that holds a replica of the busy group.
+    // 4. Rebalance moves one replica to the new node; the target is SIGKILLed right after
+    // the move started and restarted: the move resumes (run by the group's leader from the
+    // step recorded in group 0) and completes.
+    let plan = admin(&[
+        "rebalance",
+        "--moves-max",
+        "1",
+        "--no-wait",
+        "--server",
+        &http(&cluster, 2),
+    ])
+    .expect("rebalance");
+    let moves = plan["moves"].as_array().expect("moves").clone();
+    assert_eq!(moves.len(), 1, "one move toward the emptier node 4: {plan}");
+    let (rg, rto) = (
+        moves[0]["group"].as_u64().expect("group"),
+        moves[0]["to"].as_u64().expect("to"),
+    );
+    assert_eq!(rto, four, "{plan}");
+    step(
+        "rebalance move, target killed and restarted",
+        &acks,
+        &mut windows,
+        async {
+            tokio::task::block_in_place(|| cluster.kill(four));
+            let s = status(&http(&cluster, 2));
+            let during: Vec<String> = s["placement"]["moves"]
+                .as_array()
+                .expect("moves")
+                .iter()
+                .map(|m| format!("group {} step {}", m["group"], m["step"]))
+                .collect();
+            eprintln!("node {four} killed; moves in progress: {during:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::task::block_in_place(|| cluster.restart(four));
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let s = status(&http(&cluster, 2));
+                let done = s["placement"]["moves"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+                    && replicas(&http(&cluster, 2), rg).contains(&four);
+                if done {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the interrupted move completes: {}",
+                    s["placement"]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    eprintln!("group {rg} now on {:?}", replicas(&http(&cluster, 2), rg));
+
+    // 5. Drain and remove a node that holds a replica of the busy group.
     let gone = *after_move
         .iter()
         .find(|n| **n != four)
         .expect("another replica");
     let removed = step("node remove (drain)", &acks, &mut windows, async {
-        admin(&["node", "remove", &gone.to_string(), "--server", &http(&cluster, four)])
+        admin(&[
+            "node",
+            "remove",
+            &gone.to_string(),
+            "--server",
+            &http(&cluster, four),
+        ])
     })
     .await
     .expect("node remove");
     assert_eq!(removed["removed"], true, "{removed}");
     let placement = &status(&http(&cluster, four))["placement"];
     for g in placement["groups"].as_array().expect("groups") {
-        let r: Vec<u64> = g["replicas"].as_array().expect("r").iter().filter_map(Value::as_u64).collect();
-        assert!(!r.contains(&gone), "group {} still on removed node {gone}: {r:?}", g["id"]);
+        let r: Vec<u64> = g["replicas"]
+            .as_array()
+            .expect("r")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert!(
+            !r.contains(&gone),
+            "group {} still on removed node {gone}: {r:?}",
+            g["id"]
+        );
         assert_eq!(r.len(), 3, "group {} keeps 3 replicas: {r:?}", g["id"]);
     }
     tokio::task::block_in_place(|| cluster.kill(gone));
@@ -415,14 +533,72 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     eprintln!("node {gone} drained and removed; nodes now {alive:?}");
 
     // Refusal: removing another node would leave 2 nodes for groups of 3 replicas.
-    let err = admin(&["node", "remove", &alive[0].to_string(), "--server", &http(&cluster, four)])
-        .expect_err("a removal below the replication factor is refused");
-    assert!(err.contains("CONFLICT") && err.contains("add a node first"), "{err}");
+    let err = admin(&[
+        "node",
+        "remove",
+        &alive[0].to_string(),
+        "--server",
+        &http(&cluster, four),
+    ])
+    .expect_err("a removal below the replication factor is refused");
+    assert!(
+        err.contains("CONFLICT") && err.contains("add a node first"),
+        "{err}"
+    );
     eprintln!("refused as expected: {}", err.trim());
 
-    // 5. A new group; new chats spread over every group, so one lands in it.
+    // 6. The node that gave up its replica of the busy group restarts: it follows the
+    // placement in group 0, not the static flags, so the group stays away.
+    step(
+        "restart of a node that gave a replica away",
+        &acks,
+        &mut windows,
+        async {
+            tokio::task::block_in_place(|| {
+                cluster.kill(leader);
+                cluster.restart(leader);
+            });
+        },
+    )
+    .await;
+    let local: Vec<u64> = status(&http(&cluster, leader))["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter_map(|g| g["id"].as_u64())
+        .collect();
+    let expected: Vec<u64> = {
+        let p = &status(&http(&cluster, four))["placement"];
+        p["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .filter(|g| {
+                g["id"].as_u64() == Some(0)
+                    || g["replicas"]
+                        .as_array()
+                        .expect("r")
+                        .iter()
+                        .any(|n| n.as_u64() == Some(leader))
+            })
+            .filter_map(|g| g["id"].as_u64())
+            .collect()
+    };
+    assert_eq!(
+        local, expected,
+        "node {leader} runs the replicas the placement gives it"
+    );
+
+    // 7. A new group; new chats spread over every group, so one lands in it.
     let added = step("group add", &acks, &mut windows, async {
-        admin(&["group", "add", "--count", "1", "--server", &http(&cluster, alive[0])])
+        admin(&[
+            "group",
+            "add",
+            "--count",
+            "1",
+            "--server",
+            &http(&cluster, alive[0]),
+        ])
     })
     .await
     .expect("group add");
@@ -432,7 +608,10 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     let mut new_chat = None;
     let deadline = Instant::now() + WAIT;
     while new_chat.is_none() {
-        assert!(Instant::now() < deadline, "a chat lands in group {new_group}");
+        assert!(
+            Instant::now() < deadline,
+            "a chat lands in group {new_group}"
+        );
         match entry
             .create_chat(v1::CreateChatRequest {
                 kind: v1::ChatKind::Group.into(),
@@ -497,7 +676,7 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     assert!(!failed, "history checks");
     eprintln!("unavailability windows (longest gap between acknowledged writes per step):");
     for (name, took, gap) in &windows {
-        eprintln!("  {name:<40} took {took:>10.2?}  gap {gap:>10.2?}");
+        eprintln!("  {name:<46} took {took:>10.2?}  gap {gap:>10.2?}");
     }
     eprintln!("test took {:?}", started.elapsed());
 }

@@ -119,8 +119,13 @@ async fn tick(node: &Arc<Node>, busy: &Arc<Mutex<BTreeSet<GroupId>>>, last: &mut
         if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(*g) {
             continue;
         }
-        let (node, busy, placement, m, g) =
-            (Arc::clone(node), Arc::clone(busy), placement.clone(), *m, *g);
+        let (node, busy, placement, m, g) = (
+            Arc::clone(node),
+            Arc::clone(busy),
+            placement.clone(),
+            *m,
+            *g,
+        );
         tokio::spawn(async move {
             if let Err(e) = drive_move(&node, &group, &placement, m).await {
                 tracing::warn!(group = g, from = m.from, to = m.to, error = %e,
@@ -145,7 +150,10 @@ async fn reconcile_local(node: &Node, placement: &Placement) {
     for g in want.difference(&have) {
         match node.start_group(*g).await {
             Ok(()) => {
-                tracing::info!(group = g, "replica started: the placement gives it to this node");
+                tracing::info!(
+                    group = g,
+                    "replica started: the placement gives it to this node"
+                );
                 if let Err(e) = node.initialize(*g, placement).await {
                     tracing::warn!(group = g, error = %e, "could not initialize the new group");
                 }
@@ -182,7 +190,12 @@ async fn reconcile_local(node: &Node, placement: &Placement) {
 /// Group 0's leader: every member follows group 0 (as a voter by placement, else as a
 /// learner); removed members leave its membership.
 async fn follow_members(g0: &Group, placement: &Placement) {
-    let membership = g0.raft().metrics().borrow_watched().membership_config.clone();
+    let membership = g0
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
     let membership = membership.membership();
     if membership.get_joint_config().len() > 1 {
         return; // a change is in progress
@@ -235,9 +248,7 @@ pub async fn move_target(
     let mut candidates: Vec<(usize, NodeId)> = placement
         .members
         .iter()
-        .filter(|(n, m)| {
-            !m.draining && **n != exclude && !placement.replicas(g).contains(n)
-        })
+        .filter(|(n, m)| !m.draining && **n != exclude && !placement.replicas(g).contains(n))
         .map(|(n, _)| (load.get(n).copied().unwrap_or(0), *n))
         .collect();
     candidates.sort();
@@ -282,7 +293,11 @@ async fn drain(node: &Node, placement: &Placement) {
             continue;
         };
         let Some(to) = move_target(node, placement, g, *d).await else {
-            tracing::warn!(node = d, group = g, "cannot drain: no member can take the replica");
+            tracing::warn!(
+                node = d,
+                group = g,
+                "cannot drain: no member can take the replica"
+            );
             continue;
         };
         if let Err(e) = propose(
@@ -301,12 +316,22 @@ async fn drain(node: &Node, placement: &Placement) {
 }
 
 /// One step of the move of `group` (this node leads it).
-async fn drive_move(node: &Node, group: &Group, placement: &Placement, m: Move) -> Result<(), String> {
+async fn drive_move(
+    node: &Node,
+    group: &Group,
+    placement: &Placement,
+    m: Move,
+) -> Result<(), String> {
     let g = group.id();
     let me = node.node_id();
     match m.step {
         MoveStep::Learner => {
-            tracing::info!(group = g, from = m.from, to = m.to, "move: adding the learner");
+            tracing::info!(
+                group = g,
+                from = m.from,
+                to = m.to,
+                "move: adding the learner"
+            );
             match tokio::time::timeout(
                 LEARNER_CATCH_UP_WAIT,
                 group.raft().add_learner(m.to, openraft::EmptyNode {}, true),
@@ -346,7 +371,11 @@ async fn drive_move(node: &Node, group: &Group, placement: &Placement, m: Move) 
                 let Some(next) = voters.iter().copied().find(|v| *v != m.to && *v != me) else {
                     return Err("no other voter to lead while this node leaves".into());
                 };
-                tracing::info!(group = g, to = next, "move: leader leaves, transferring leadership");
+                tracing::info!(
+                    group = g,
+                    to = next,
+                    "move: leader leaves, transferring leadership"
+                );
                 return group
                     .raft()
                     .trigger()
@@ -355,7 +384,11 @@ async fn drive_move(node: &Node, group: &Group, placement: &Placement, m: Move) 
                     .map_err(|e| e.to_string());
             }
             // Group 0 keeps a member that stays in the cluster as a learner.
-            let retain = g == 0 && placement.members.get(&m.from).is_some_and(|mm| !mm.draining);
+            let retain = g == 0
+                && placement
+                    .members
+                    .get(&m.from)
+                    .is_some_and(|mm| !mm.draining);
             let current: BTreeSet<NodeId> = group
                 .raft()
                 .metrics()
@@ -417,7 +450,9 @@ pub async fn rebalance_plan(
     let mut taken: BTreeSet<GroupId> = placement.moves.keys().copied().collect();
     let mut plan = Vec::new();
     while plan.len() < moves_max {
-        let Some((&hi, &hi_load)) = load.iter().max_by_key(|(n, l)| (**l, std::cmp::Reverse(**n)))
+        let Some((&hi, &hi_load)) = load
+            .iter()
+            .max_by_key(|(n, l)| (**l, std::cmp::Reverse(**n)))
         else {
             break;
         };
@@ -435,7 +470,10 @@ pub async fn rebalance_plan(
             .groups
             .iter()
             .filter(|(g, p)| {
-                **g != 0 && !taken.contains(g) && p.replicas.contains(&hi) && !p.replicas.contains(&lo)
+                **g != 0
+                    && !taken.contains(g)
+                    && p.replicas.contains(&hi)
+                    && !p.replicas.contains(&lo)
             })
             .map(|(g, _)| *g)
             .next()

@@ -632,8 +632,10 @@ async fn build_group<N>(
 ) -> Result<Group, Error>
 where
     N: RaftNetworkFactory<TypeConfig>,
-    N::Network:
-        openraft::network::NetSnapshot<TypeConfig, SnapshotData = crate::state_machine::SnapshotData>,
+    N::Network: openraft::network::NetSnapshot<
+            TypeConfig,
+            SnapshotData = crate::state_machine::SnapshotData,
+        >,
 {
     let log_store = LogStore::open(Arc::clone(&engine), g)?;
     let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?;

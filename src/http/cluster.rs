@@ -192,7 +192,9 @@ pub(super) async fn node_add(
         return bad(format!("\"addr\" is missing; expected {shape}"));
     };
     if addr.parse::<SocketAddr>().is_err() {
-        return bad(format!("\"addr\" {addr:?} is not HOST:PORT (an IP address and port)"));
+        return bad(format!(
+            "\"addr\" {addr:?} is not HOST:PORT (an IP address and port)"
+        ));
     }
     bounded(HANDLER_TIMEOUT, async move {
         match propose(
@@ -246,7 +248,10 @@ pub(super) async fn replica_move(
         let Some(gp) = p.groups.get(&g) else {
             return not_found(format!("no group {g}"));
         };
-        let resuming = p.moves.get(&g).is_some_and(|m| m.from == from && m.to == to);
+        let resuming = p
+            .moves
+            .get(&g)
+            .is_some_and(|m| m.from == from && m.to == to);
         if !resuming {
             if !p.members.contains_key(&to) {
                 return not_found(format!(
@@ -261,7 +266,9 @@ pub(super) async fn replica_move(
                 ));
             }
             if !ctx.node.peer_answers(to, PROBE_WAIT).await {
-                return conflict(format!("node {to} does not answer on its peer port: it is down"));
+                return conflict(format!(
+                    "node {to} does not answer on its peer port: it is down"
+                ));
             }
             let after: Vec<NodeId> = gp
                 .replicas
@@ -287,7 +294,9 @@ pub(super) async fn replica_move(
             .into_response();
         }
         match wait_until(&ctx, |p| {
-            !p.moves.contains_key(&g) && p.replicas(g).contains(&to) && !p.replicas(g).contains(&from)
+            !p.moves.contains_key(&g)
+                && p.replicas(g).contains(&to)
+                && !p.replicas(g).contains(&from)
         })
         .await
         {
@@ -348,7 +357,10 @@ pub(super) async fn node_remove(
                          nodes {up:?} of its other replicas {others:?} answer"
                     ));
                 }
-                if controller::move_target(&ctx.node, &p, *g, node).await.is_none() {
+                if controller::move_target(&ctx.node, &p, *g, node)
+                    .await
+                    .is_none()
+                {
                     return conflict(format!(
                         "no live member can take node {node}'s replica of group {g}"
                     ));
@@ -437,7 +449,8 @@ pub(super) async fn rebalance(
         }
         if wait {
             let groups: Vec<GroupId> = plan.iter().map(|(g, _, _)| *g).collect();
-            if let Err(p) = wait_until(&ctx, |p| groups.iter().all(|g| !p.moves.contains_key(g))).await
+            if let Err(p) =
+                wait_until(&ctx, |p| groups.iter().all(|g| !p.moves.contains_key(g))).await
             {
                 return still_going("the rebalance".into(), &p);
             }

@@ -278,7 +278,10 @@ fn status_json(ctx: &HttpContext) -> Value {
     }
     let mut summary = status::summary(me, &groups, &down);
     if !placement.moves.is_empty() {
-        summary.push_str(&format!("; {} replica moves in progress", placement.moves.len()));
+        summary.push_str(&format!(
+            "; {} replica moves in progress",
+            placement.moves.len()
+        ));
     }
     json!({
         "node": {

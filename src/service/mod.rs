@@ -480,7 +480,9 @@ impl ChatService {
                 // twice finds the first one. Other chats go round-robin over every group
                 // from the creator's, so groups added later take their share.
                 let group = match (kind, r.member_ids.first()) {
-                    (ChatKind::Direct, Some(other)) => self.group_id_for(user.min(*other), "user")?,
+                    (ChatKind::Direct, Some(other)) => {
+                        self.group_id_for(user.min(*other), "user")?
+                    }
                     _ => {
                         let own = self.group_id_for(user, "user")?;
                         let groups = self.node.chat_groups().max(1);
@@ -1046,7 +1048,7 @@ impl ChatService {
                 chat_id: chat,
                 head_seq: head,
                 read_seq,
-                unread_count: unread_count(&group, chat, user, read_seq),
+                unread_count: unread_count(group, chat, user, read_seq),
                 too_long: reached < head,
                 events,
                 not_member: false,

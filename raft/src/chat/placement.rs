@@ -553,9 +553,10 @@ impl Placement {
                 match self.moves.get(group) {
                     Some(m) if m.from == *from && m.to == *to => {}
                     _ => {
-                        let done = self.groups.get(group).is_some_and(|p| {
-                            p.replicas.contains(to) && !p.replicas.contains(from)
-                        });
+                        let done = self
+                            .groups
+                            .get(group)
+                            .is_some_and(|p| p.replicas.contains(to) && !p.replicas.contains(from));
                         if done {
                             // Finished already (a retried finish).
                             return self.unchanged();
@@ -615,10 +616,7 @@ impl Placement {
                 );
             }
             Some(m) if m.draining => {
-                return refuse(
-                    RefusalCode::Conflict,
-                    format!("node {to} is being removed"),
-                );
+                return refuse(RefusalCode::Conflict, format!("node {to} is being removed"));
             }
             Some(_) => {}
         }
@@ -672,8 +670,7 @@ impl Placement {
             for n in &replicas {
                 *load.entry(*n).or_default() += 1;
             }
-            self.groups
-                .insert(g, GroupPlacement { replicas, epoch: 0 });
+            self.groups.insert(g, GroupPlacement { replicas, epoch: 0 });
         }
         self.changed()
     }
@@ -848,7 +845,9 @@ mod tests {
             node: 5,
             addr: "e:1".into(),
         });
-        assert!(!refused(&q.apply(&PlacementCommand::NodeRemove { node: 5 })));
+        assert!(!refused(
+            &q.apply(&PlacementCommand::NodeRemove { node: 5 })
+        ));
         assert!(!q.members.contains_key(&5));
     }
 
