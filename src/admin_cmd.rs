@@ -41,7 +41,8 @@ pub struct AdminConn {
 /// Operator commands (the node's HTTP port, not the client port).
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Groups of one node: leader, term, commit and applied index, follower lag.
+    /// Groups of one node: leader, term, commit and applied index, follower lag; and the
+    /// cluster's placement (members, replicas per group, moves in progress).
     ///
     /// --json: {"node": {"id": N, "version": "…", "clients_addr": "…", "http_addr": "…",
     /// …}, "nodes": [{"id": N, "self": BOOL, "up": BOOL|null, "peer_addr": "…"|null}, …],
@@ -49,7 +50,11 @@ pub enum AdminCommand {
     /// "last_log_index": N|null, "committed": N|null, "applied": N|null, "replicas": [N, …],
     /// "learners": [N, …], "followers": [{"node": N, "matched": N|null, "lag": N,
     /// "last_ack_ms": N|null}, …], "fatal": "…"|null, "elections": N,
-    /// "leader_changes": N}, …], "summary": "…"}
+    /// "leader_changes": N}, …], "summary": "…", "placement": {"version": N,
+    /// "bootstrapped": BOOL, "replication": N, "user_groups": N, "chat_groups": N,
+    /// "members": [{"id": N, "addr": "…", "draining": BOOL, "replicas": N}, …],
+    /// "groups": [{"id": G, "replicas": [N, …], "epoch": N}, …], "moves": [{"group": G,
+    /// "from": N, "to": N, "step": "learner"|"promote"}, …]}}
     Status(StatusArgs),
     /// Moves a group's leadership to another of its replicas.
     ///

@@ -528,6 +528,24 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
         );
         assert_eq!(r.len(), 3, "group {} keeps 3 replicas: {r:?}", g["id"]);
     }
+    // The drained node dropped every replica but its copy of group 0.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let local: Vec<u64> = status(&http(&cluster, gone))["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .filter_map(|g| g["id"].as_u64())
+            .collect();
+        if local == [0] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {gone} still runs groups {local:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::task::block_in_place(|| cluster.kill(gone));
     let alive: Vec<u64> = cluster.ids().filter(|n| *n != gone).collect();
     eprintln!("node {gone} drained and removed; nodes now {alive:?}");

@@ -279,9 +279,13 @@ async fn drain(node: &Node, placement: &Placement) {
             .filter(|(_, p)| p.replicas.contains(d))
             .map(|(g, _)| *g)
             .collect();
+        // Group 0 last: the node keeps following the placement (as a learner) until
+        // its other replicas are gone, so it drops them itself.
         let Some(g) = holding
             .iter()
             .copied()
+            .filter(|g| *g != 0)
+            .chain(holding.iter().copied().filter(|g| *g == 0))
             .find(|g| !placement.moves.contains_key(g))
         else {
             if holding.is_empty() {
@@ -383,12 +387,9 @@ async fn drive_move(
                     .await
                     .map_err(|e| e.to_string());
             }
-            // Group 0 keeps a member that stays in the cluster as a learner.
-            let retain = g == 0
-                && placement
-                    .members
-                    .get(&m.from)
-                    .is_some_and(|mm| !mm.draining);
+            // Group 0 keeps a node that is still a member as a learner (every member
+            // follows the placement; a drained one leaves when it is removed).
+            let retain = g == 0 && placement.members.contains_key(&m.from);
             let current: BTreeSet<NodeId> = group
                 .raft()
                 .metrics()

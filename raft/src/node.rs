@@ -8,10 +8,17 @@
 //! events back from the log. What it must not do: speak to clients, or know where peers
 //! are (the network factory given to [`Node::start`] does).
 //!
-//! Groups. Group 0 is the controller (cluster membership and placement; it carries no
-//! chats yet). Chat groups are `1..=groups`. Group `g`'s replicas are `replicas`
-//! consecutive nodes of the sorted member list starting at `g mod nodes`, so each node
-//! holds about `groups × replicas / nodes` replicas and each leads about a third.
+//! Groups. Group 0 is the controller: its state is the cluster placement
+//! (`chat::placement`: members, each group's replicas, moves in progress), and every
+//! node runs a replica of it (voter or learner). Chat groups are `1..=groups` at first
+//! and more can be added. Before group 0 holds a placement, the static one stands:
+//! group `g`'s replicas are `replicas` consecutive nodes of the sorted member list
+//! starting at `g mod nodes`, so each node holds about `groups × replicas / nodes`
+//! replicas and each leads about a third; the controller bootstraps group 0's placement
+//! from it. Local replicas start and stop while the node runs ([`Node::start_group`],
+//! [`Node::drop_group`], driven by `crate::controller`); a group is initialized only by
+//! the first replica of a group never moved, so a replica that moved away and came back
+//! (or a node that joined) learns the group from the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -1002,6 +1009,16 @@ impl Node {
     /// The local replica of group `g`.
     pub fn group(&self, g: GroupId) -> Option<Group> {
         self.read_groups().get(&g).cloned()
+    }
+
+    /// The local replica of group `g` if it may answer reads: one the placement counts
+    /// as a voter. A replica that a move is still adding holds only part of the group
+    /// (it may be empty), so it serves nothing until the move promoted it.
+    pub fn serving_group(&self, g: GroupId) -> Option<Group> {
+        if !self.placement().replicas(g).contains(&self.config.node_id) {
+            return None;
+        }
+        self.group(g)
     }
 
     /// Every local replica (as of the call: replicas start and stop with the placement).

@@ -140,7 +140,7 @@ impl Hub {
         // Read before taking the registry lock: lock order is group state, then registry.
         let log_head = self
             .node
-            .group(group_of(user))
+            .serving_group(group_of(user))
             .and_then(|g| g.shared().read().user(user))
             .map_or(0, |u| u.log_head);
         let mut online = self.online_mut();
@@ -309,7 +309,7 @@ impl Hub {
             Command::MarkRead { chat, seq, .. } => {
                 let unread_count = self
                     .node
-                    .group(group_of(*chat))
+                    .serving_group(group_of(*chat))
                     .map_or(0, |g| service::unread_count(&g, *chat, user, *seq));
                 Body::ReadMarkerMoved(v1::ReadMarkerMoved {
                     chat_id: *chat,

@@ -84,9 +84,9 @@ pub(crate) fn unread_count(group: &Group, chat: ChatId, user: UserId, after: u64
 /// A chat as `user` sees it, when this node hosts the chat's and the user's groups and
 /// the user is a member.
 pub(crate) fn chat_summary(node: &Node, chat: ChatId, user: UserId) -> Option<v1::ChatSummary> {
-    let group = node.group(group_of(chat))?;
+    let group = node.serving_group(group_of(chat))?;
     let read_seq = node
-        .group(group_of(user))
+        .serving_group(group_of(user))
         .map_or(0, |g| g.shared().read().read_marker(user, chat));
     let (view, role) = {
         let st = group.shared().read();
@@ -190,7 +190,7 @@ impl ChatService {
     /// is future work).
     fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
-        self.node.group(g).ok_or_else(|| {
+        self.node.serving_group(g).ok_or_else(|| {
             let hosts: Vec<String> = self
                 .node
                 .replicas_of(g)
@@ -234,11 +234,20 @@ impl ChatService {
         }
     }
 
-    fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
+    async fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
         let p = conn.principal().ok_or_else(unauthenticated)?;
         // A revoked session stops working at once, not only on the next connection.
         let group = &self.group_for(p.user_id, "user")?;
-        if !group.shared().read().has_session(p.user_id, p.session_id) {
+        let has = |g: &Group| g.shared().read().has_session(p.user_id, p.session_id);
+        // A replica that was just promoted by a replica move may not have applied the
+        // login yet: before refusing, catch up with the leader (a read barrier).
+        if !has(group) {
+            self.node
+                .read_barrier(group.id())
+                .await
+                .map_err(propose_error)?;
+        }
+        if !has(group) {
             return Err(error(
                 ErrorCode::Unauthenticated,
                 "this session was revoked or has expired",
@@ -393,7 +402,7 @@ impl ChatService {
                 }
             }
             other => {
-                let me = self.caller(conn)?;
+                let me = self.caller(conn).await?;
                 // Requests that create messages count against the user's send rate,
                 // across all of the user's connections on this node.
                 if matches!(

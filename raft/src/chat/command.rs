@@ -989,6 +989,11 @@ mod tests {
             },
             Command::UserChatAdded { user: 1, chat: 2 },
             Command::UserChatRemoved { user: 1, chat: 2 },
+            Command::Placement(crate::chat::placement::PlacementCommand::MoveStart {
+                group: 3,
+                from: 1,
+                to: 4,
+            }),
         ]
     }
 

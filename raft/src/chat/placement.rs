@@ -868,6 +868,26 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_carry_the_placement_in_group_0_only() {
+        use crate::chat::{Command, GroupState};
+        let cmd = Command::Placement(PlacementCommand::Bootstrap {
+            replication: 1,
+            user_groups: 1,
+            members: vec![(1, "a:1".into())],
+            groups: vec![(0, vec![1]), (1, vec![1])],
+        });
+        let mut controller = GroupState::new(0);
+        assert!(!refused(&controller.apply(&cmd, 5, 1, 0)));
+        assert!(controller.placement().is_bootstrapped());
+        let decoded = GroupState::decode(&controller.encode()).expect("decodes");
+        assert_eq!(decoded, controller);
+        let mut chats = GroupState::new(5);
+        let before = chats.encode();
+        assert!(refused(&chats.apply(&cmd, 5, 1, 0)));
+        assert_eq!(chats.encode(), before, "a refused command changes nothing");
+    }
+
+    #[test]
     fn commands_round_trip() {
         let cmds = vec![
             PlacementCommand::Bootstrap {

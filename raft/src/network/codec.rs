@@ -50,6 +50,7 @@
 //!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
 //!                             6 Unknown | detail Str
 //!                             7 Unavailable | detail Str
+//!                            50 Placement | version u64 | changed u8 (0/1)
 //! ReadIndexRequest   (empty)
 //! ReadIndexResponse  kind u8: 0 Ok | index u64
 //!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
@@ -940,6 +941,10 @@ mod tests {
                 user: 5,
                 seq: 3,
                 read_seq: 1,
+            }),
+            Ok(Outcome::Placement {
+                version: 9,
+                changed: true,
             }),
             Ok(Outcome::Refused(Refusal {
                 code: RefusalCode::Conflict,
