@@ -54,7 +54,8 @@ pub enum AdminCommand {
     /// "bootstrapped": BOOL, "replication": N, "user_groups": N, "chat_groups": N,
     /// "members": [{"id": N, "addr": "…", "draining": BOOL, "replicas": N}, …],
     /// "groups": [{"id": G, "replicas": [N, …], "epoch": N}, …], "moves": [{"group": G,
-    /// "from": N, "to": N, "step": "learner"|"promote"}, …]}}
+    /// "from": N, "to": N, "step": "learner"|"promote"}, …], "leader_transfers":
+    /// [{"group": G, "to": N}, …]}}
     Status(StatusArgs),
     /// Moves a group's leadership to another of its replicas.
     ///
@@ -73,10 +74,13 @@ pub enum AdminCommand {
     /// Adds chat groups.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Evens out replicas per node: moves from the most loaded nodes to the least loaded
-    /// ones, at most --moves-max at a time (run it again for more).
+    /// Evens out replicas per node (moves from the most loaded nodes to the least loaded
+    /// ones) and then leaders (transfers toward an even count of leaders per node, over
+    /// the groups the asked node hosts), at most --moves-max of each at a time (run it
+    /// again for more).
     ///
-    /// --json: {"moves": [{"group": G, "from": N, "to": N}, …], "done": BOOL}
+    /// --json: {"moves": [{"group": G, "from": N, "to": N}, …], "leader_transfers":
+    /// [{"group": G, "to": N}, …], "done": BOOL}
     Rebalance(RebalanceArgs),
 }
 
@@ -383,6 +387,13 @@ fn render_status(v: &Value) -> String {
             list.join(", ")
         ));
     }
+    for t in p["leader_transfers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "leader transfer: group {} to node {}\n",
+            opt(&t["group"]),
+            opt(&t["to"])
+        ));
+    }
     for m in p["moves"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "move: group {} from node {} to node {}, step {}\n",
@@ -558,10 +569,28 @@ async fn rebalance(a: RebalanceArgs) -> Result<(), CliError> {
             )
         })
         .collect();
-    let line = if moves.is_empty() {
+    let transfers: Vec<String> = v["leader_transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("group {} →{}", opt(&t["group"]), opt(&t["to"])))
+        .collect();
+    let line = if moves.is_empty() && transfers.is_empty() {
         "balanced: no move needed".to_owned()
     } else {
-        format!("moves: {}", moves.join(", "))
+        format!(
+            "moves: {}; leader transfers: {}",
+            if moves.is_empty() {
+                "none".to_owned()
+            } else {
+                moves.join(", ")
+            },
+            if transfers.is_empty() {
+                "none".to_owned()
+            } else {
+                transfers.join(", ")
+            }
+        )
     };
     print_or_json(&a.conn, &v, line);
     Ok(())

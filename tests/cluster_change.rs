@@ -7,7 +7,7 @@
 //! SIGKILLed right after the move started, then restarted, and the move completes; a node
 //! is drained and removed (`admin node remove`); the node that gave up a replica restarts
 //! and runs exactly the replicas the placement gives it; a group is added (`admin group
-//! add`) and a new chat lands in it. Writers keep sending all along,
+//! add`) and a new chat lands in it; `admin rebalance` spreads the leaders. Writers keep sending all along,
 //! retrying with the same client message id on another node after a retryable error.
 //! Afterwards every current replica of the busy group serves the same dense log holding
 //! every acknowledged send exactly once at its seq (the checks of `common/history.rs`),
@@ -655,6 +655,46 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
         new_acked.push(r.seq);
     }
     eprintln!("chat {new_chat} in new group {new_group}: seqs {new_acked:?}");
+
+    // 8. Rebalance spreads leaders: every chat group is on all three nodes now, so
+    // after it no node leads two chat groups more than another.
+    let via = http(&cluster, alive[0]);
+    let balanced = step("rebalance leaders", &acks, &mut windows, async {
+        let v = admin(&["rebalance", "--moves-max", "4", "--server", &via]).expect("rebalance");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = status(&via);
+            let pending = s["placement"]["leader_transfers"]
+                .as_array()
+                .map_or(0, Vec::len);
+            let mut led = std::collections::BTreeMap::<u64, usize>::new();
+            for n in &alive {
+                led.insert(*n, 0);
+            }
+            for g in s["groups"].as_array().expect("groups") {
+                if g["id"].as_u64() != Some(0)
+                    && let Some(l) = g["leader"].as_u64()
+                {
+                    *led.entry(l).or_default() += 1;
+                }
+            }
+            let (lo, hi) = (led.values().min().copied(), led.values().max().copied());
+            if pending == 0 && hi.unwrap_or(0) <= lo.unwrap_or(0) + 1 {
+                break (v, led);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leaders spread: {led:?}, {}",
+                s["placement"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "rebalance: {}; chat groups led per node {:?}",
+        balanced.0, balanced.1
+    );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);

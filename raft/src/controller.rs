@@ -36,6 +36,12 @@ pub const MEMBERSHIP_CHANGE_WAIT: Duration = Duration::from_secs(20);
 /// How long a peer has to answer before a drain treats it as down.
 pub const PEER_PROBE_WAIT: Duration = Duration::from_millis(500);
 
+/// How long a leader waits before asking for a requested leader transfer again.
+pub const TRANSFER_RETRY: Duration = Duration::from_secs(2);
+/// Marks leader-transfer entries in the set of groups being worked on (group ids stay
+/// far below it).
+const TRANSFER_KEY: GroupId = 1 << 63;
+
 /// Starts the loop for `node`; it ends when the node is dropped.
 pub fn spawn(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(node);
@@ -108,6 +114,35 @@ async fn tick(node: &Arc<Node>, busy: &Arc<Mutex<BTreeSet<GroupId>>>, last: &mut
         }
         follow_members(&g0, &placement).await;
         drain(node, &placement).await;
+    }
+    for (g, to) in &placement.leader_transfers {
+        let Some(group) = node.group(*g) else {
+            continue;
+        };
+        if !leads(&group, me) {
+            continue;
+        }
+        if *to == me {
+            if let Err(e) = propose(node, PlacementCommand::LeaderDone { group: *g, to: me }).await
+            {
+                tracing::warn!(group = g, error = %e, "recording a leader transfer");
+            }
+            continue;
+        }
+        // One trigger per group per TRANSFER_RETRY: an election takes a moment.
+        let key = *g | TRANSFER_KEY;
+        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+            continue;
+        }
+        let (busy, to, g) = (Arc::clone(busy), *to, *g);
+        tokio::spawn(async move {
+            tracing::info!(group = g, to, "rebalance: handing leadership over");
+            if let Err(e) = group.raft().trigger().transfer_leader(to).await {
+                tracing::warn!(group = g, to, error = %e, "leader transfer");
+            }
+            tokio::time::sleep(TRANSFER_RETRY).await;
+            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        });
     }
     for (g, m) in &placement.moves {
         let Some(group) = node.group(*g) else {
@@ -427,6 +462,65 @@ async fn drive_move(
             Ok(())
         }
     }
+}
+
+/// Leader transfers that even out leaders per member, as far as this node sees them
+/// (the groups it hosts, with the leader its replica knows): from the node leading the
+/// most to the replica of the group leading the fewest, at most `transfers_max`.
+pub fn leader_plan(
+    node: &Node,
+    placement: &Placement,
+    transfers_max: usize,
+) -> Vec<(GroupId, NodeId)> {
+    let mut led: BTreeMap<NodeId, Vec<GroupId>> = placement
+        .members
+        .iter()
+        .filter(|(_, m)| !m.draining)
+        .map(|(n, _)| (*n, Vec::new()))
+        .collect();
+    for group in node.groups() {
+        let g = group.id();
+        if g == 0 || placement.moves.contains_key(&g) || placement.leader_transfers.contains_key(&g)
+        {
+            continue;
+        }
+        if let Some(l) = group.leader()
+            && let Some(v) = led.get_mut(&l)
+        {
+            v.push(g);
+        }
+    }
+    let mut plan = Vec::new();
+    while plan.len() < transfers_max {
+        let Some((&hi, hi_groups)) = led
+            .iter()
+            .max_by_key(|(n, v)| (v.len(), std::cmp::Reverse(**n)))
+        else {
+            break;
+        };
+        let hi_count = hi_groups.len();
+        // The group of `hi` whose least-leading other replica leads the fewest.
+        let best = hi_groups
+            .iter()
+            .filter_map(|g| {
+                placement
+                    .replicas(*g)
+                    .iter()
+                    .filter(|r| **r != hi)
+                    .filter_map(|r| led.get(r).map(|v| (v.len(), *r)))
+                    .min()
+                    .map(|(count, r)| (count, *g, r))
+            })
+            .min();
+        let Some((lo_count, g, lo)) = best else { break };
+        if hi_count <= lo_count + 1 {
+            break;
+        }
+        plan.push((g, lo));
+        led.get_mut(&hi).expect("present").retain(|x| *x != g);
+        led.get_mut(&lo).expect("present").push(g);
+    }
+    plan
 }
 
 /// Moves that even out the replicas per member: from the most loaded to the least loaded

@@ -703,6 +703,7 @@ pub fn static_placement(config: &NodeConfig, addrs: &BTreeMap<NodeId, String>) -
             })
             .collect(),
         moves: BTreeMap::new(),
+        leader_transfers: BTreeMap::new(),
     }
 }
 

@@ -16,7 +16,9 @@
 //! - `POST /admin/node-remove` `{"node": N, "wait": BOOL}`.
 //! - `POST /admin/replica-move` `{"group": G, "from": N, "to": N, "wait": BOOL}`.
 //! - `POST /admin/group-add` `{"count": K}`.
-//! - `POST /admin/rebalance` `{"moves_max": N, "wait": BOOL}`.
+//! - `POST /admin/rebalance` `{"moves_max": N, "wait": BOOL}`: replica moves from the
+//!   most to the least loaded nodes, then leader transfers (as many at most) toward an
+//!   even count of leaders per node over the groups this node hosts.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -62,6 +64,9 @@ pub fn placement_json(p: &Placement) -> Value {
         })).collect::<Vec<_>>(),
         "moves": p.moves.iter().map(|(g, m)| json!({
             "group": g, "from": m.from, "to": m.to, "step": m.step.name(),
+        })).collect::<Vec<_>>(),
+        "leader_transfers": p.leader_transfers.iter().map(|(g, n)| json!({
+            "group": g, "to": n,
         })).collect::<Vec<_>>(),
     })
 }
@@ -447,6 +452,14 @@ pub(super) async fn rebalance(
                 Err(r) => return r,
             }
         }
+        // Then leaders, over the groups this node hosts (it knows their leaders).
+        let mut leaders = Vec::new();
+        for (g, to) in controller::leader_plan(&ctx.node, &p, moves_max) {
+            match propose(&ctx, PlacementCommand::LeaderWant { group: g, to }).await {
+                Ok(_) => leaders.push(json!({"group": g, "to": to})),
+                Err(r) => return r,
+            }
+        }
         if wait {
             let groups: Vec<GroupId> = plan.iter().map(|(g, _, _)| *g).collect();
             if let Err(p) =
@@ -455,7 +468,8 @@ pub(super) async fn rebalance(
                 return still_going("the rebalance".into(), &p);
             }
         }
-        axum::Json(json!({"moves": started, "done": wait})).into_response()
+        axum::Json(json!({"moves": started, "leader_transfers": leaders, "done": wait}))
+            .into_response()
     })
     .await
 }

@@ -3,7 +3,8 @@
 //! What it owns: the cluster's members (node id, peer address, draining flag), the
 //! replication factor, the number of chat groups and the groups user handles hash over,
 //! each group's replica set (in order: the first replica of a group that was never moved
-//! initializes it), the in-progress replica move of each group with its step, and the
+//! initializes it), the in-progress replica move of each group with its step, the leader
+//! transfers `rebalance` asked for, and the
 //! commands that change them ([`PlacementCommand`], carried as `Command::Placement`, tag
 //! 70) with their deterministic rules and bytes. What it must not do: read clocks, do
 //! I/O or talk to openraft; `crate::controller` watches this state and acts on it (starts
@@ -30,6 +31,7 @@
 //! members: count u64 × ( node u64 | addr (u32 len, UTF-8) | draining u8 )
 //! groups:  count u64 × ( group u64 | epoch u64 | replicas: count u64 × node u64 )
 //! moves:   count u64 × ( group u64 | from u64 | to u64 | step u8 )
+//! leader transfers: count u64 × ( group u64 | to u64 )
 //! ```
 
 use std::collections::BTreeMap;
@@ -131,6 +133,9 @@ pub struct Placement {
     pub groups: BTreeMap<GroupId, GroupPlacement>,
     /// The in-progress move of each group that has one.
     pub moves: BTreeMap<GroupId, Move>,
+    /// Leader transfers asked for (`rebalance`): group → the replica that should lead
+    /// it. The group's leader hands over; the new leader clears the entry.
+    pub leader_transfers: BTreeMap<GroupId, NodeId>,
 }
 
 /// A change to the placement (proposed in group 0 only).
@@ -199,6 +204,20 @@ pub enum PlacementCommand {
         /// How many.
         count: u64,
     },
+    /// Asks the leader of `group` to hand leadership to replica `to`.
+    LeaderWant {
+        /// The group.
+        group: GroupId,
+        /// The replica that should lead.
+        to: NodeId,
+    },
+    /// Records that `to` leads `group` now (clears the request).
+    LeaderDone {
+        /// The group.
+        group: GroupId,
+        /// The replica that leads.
+        to: NodeId,
+    },
 }
 
 mod sub {
@@ -210,6 +229,8 @@ mod sub {
     pub const MOVE_STEP: u8 = 6;
     pub const MOVE_FINISH: u8 = 7;
     pub const GROUPS_ADD: u8 = 8;
+    pub const LEADER_WANT: u8 = 9;
+    pub const LEADER_DONE: u8 = 10;
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -306,6 +327,16 @@ impl PlacementCommand {
                 out.push(sub::GROUPS_ADD);
                 put_u64(out, *count);
             }
+            PlacementCommand::LeaderWant { group, to } => {
+                out.push(sub::LEADER_WANT);
+                put_u64(out, *group);
+                put_u64(out, *to);
+            }
+            PlacementCommand::LeaderDone { group, to } => {
+                out.push(sub::LEADER_DONE);
+                put_u64(out, *group);
+                put_u64(out, *to);
+            }
         }
     }
 
@@ -354,6 +385,14 @@ impl PlacementCommand {
                 to: r.u64()?,
             },
             sub::GROUPS_ADD => PlacementCommand::GroupsAdd { count: r.u64()? },
+            sub::LEADER_WANT => PlacementCommand::LeaderWant {
+                group: r.u64()?,
+                to: r.u64()?,
+            },
+            sub::LEADER_DONE => PlacementCommand::LeaderDone {
+                group: r.u64()?,
+                to: r.u64()?,
+            },
             other => return Err(r.error(format!("unknown placement command {other}"))),
         })
     }
@@ -568,6 +607,9 @@ impl Placement {
                     }
                 }
                 self.moves.remove(group);
+                if self.leader_transfers.get(group) == Some(from) {
+                    self.leader_transfers.remove(group);
+                }
                 let p = self.groups.get_mut(group).expect("a move names a group");
                 for r in &mut p.replicas {
                     if *r == *from {
@@ -578,6 +620,26 @@ impl Placement {
                 self.changed()
             }
             P::GroupsAdd { count } => self.groups_add(*count),
+            P::LeaderWant { group, to } => {
+                if !self.replicas(*group).contains(to) {
+                    return refuse(
+                        RefusalCode::BadRequest,
+                        format!("node {to} is not a voter of group {group}"),
+                    );
+                }
+                if self.leader_transfers.get(group) == Some(to) {
+                    return self.unchanged();
+                }
+                self.leader_transfers.insert(*group, *to);
+                self.changed()
+            }
+            P::LeaderDone { group, to } => {
+                if self.leader_transfers.get(group) != Some(to) {
+                    return self.unchanged();
+                }
+                self.leader_transfers.remove(group);
+                self.changed()
+            }
         }
     }
 
@@ -703,6 +765,11 @@ impl Placement {
             put_u64(out, m.to);
             out.push(m.step.byte());
         }
+        put_u64(out, self.leader_transfers.len() as u64);
+        for (g, n) in &self.leader_transfers {
+            put_u64(out, *g);
+            put_u64(out, *n);
+        }
     }
 
     /// Decodes what [`Placement::encode_into`] wrote; no bytes left means none.
@@ -738,6 +805,10 @@ impl Placement {
             let to = r.u64()?;
             let step = MoveStep::from_byte(r.u8()?)?;
             p.moves.insert(g, Move { from, to, step });
+        }
+        for _ in 0..count(r, 16, GROUP_COUNT_MAX as usize + 1)? {
+            let g = r.u64()?;
+            p.leader_transfers.insert(g, r.u64()?);
         }
         if p.version == 0 {
             return Err(r.error("a placement with version 0"));
@@ -829,6 +900,16 @@ mod tests {
         assert_eq!(p.groups[&1].epoch, 1);
         assert!(p.moves.is_empty());
         round_trip(&p);
+        // Leader transfers name a voter; the new leader clears them.
+        assert!(refused(
+            &p.apply(&PlacementCommand::LeaderWant { group: 1, to: 1 })
+        ));
+        assert!(!refused(
+            &p.apply(&PlacementCommand::LeaderWant { group: 1, to: 4 })
+        ));
+        round_trip(&p);
+        p.apply(&PlacementCommand::LeaderDone { group: 1, to: 4 });
+        assert!(p.leader_transfers.is_empty());
     }
 
     #[test]
@@ -919,6 +1000,8 @@ mod tests {
                 to: 2,
             },
             PlacementCommand::GroupsAdd { count: 3 },
+            PlacementCommand::LeaderWant { group: 1, to: 2 },
+            PlacementCommand::LeaderDone { group: 1, to: 2 },
         ];
         for c in cmds {
             let mut bytes = Vec::new();
