@@ -760,9 +760,15 @@ impl Node {
                 source,
             })?,
         );
-        let static_local = (0..=config.groups)
-            .filter(|g| config.placement(*g).contains(&config.node_id))
-            .count();
+        let static_local = if config.members.contains(&config.node_id) {
+            (0..=config.groups)
+                .filter(|g| config.placement(*g).contains(&config.node_id))
+                .count()
+        } else {
+            // A joining node: time its groups like a member holding its share, so its
+            // election timeouts match the heartbeats of the nodes it replicates with.
+            (config.groups as usize + 1) * config.replicas / (config.members.len() + 1)
+        };
         let raft_config = Arc::new(timing(static_local.max(1), config.heartbeat_ms)?);
         let stagger = Duration::from_millis(raft_config.heartbeat_interval / 4);
         let network = Arc::new(std::sync::Mutex::new(network));
