@@ -12,8 +12,8 @@
 //! Afterwards every current replica of the busy group serves the same dense log holding
 //! every acknowledged send exactly once at its seq (the checks of `common/history.rs`),
 //! the removed node is gone from the placement, and the refusals answer clearly:
-//! removing a node when the rest could not hold every group's replicas, and moving to an
-//! unknown node. Each step's unavailability window (the
+//! removing a node when the rest could not hold every group's replicas, moving to an
+//! unknown node, and moving to a member that is down. Each step's unavailability window (the
 //! longest gap between acknowledged writes while it ran) is printed.
 //!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it. The seed
@@ -368,6 +368,23 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     .expect_err("a move to an unknown node is refused");
     assert!(err.contains("NOT_FOUND") && err.contains("node 9"), "{err}");
     eprintln!("refused as expected: {}", err.trim());
+    tokio::task::block_in_place(|| cluster.kill(four));
+    let err = admin(&[
+        "replica",
+        "move",
+        "--server",
+        &http(&cluster, 2),
+        "--group",
+        &busy.to_string(),
+        "--from",
+        "1",
+        "--to",
+        &four.to_string(),
+    ])
+    .expect_err("a move to a member that is down is refused");
+    assert!(err.contains("CONFLICT") && err.contains("down"), "{err}");
+    eprintln!("refused as expected: {}", err.trim());
+    tokio::task::block_in_place(|| cluster.restart(four));
 
     // 2. Move the busy group's replica away from its leader to the new node.
     let leader = tokio::task::block_in_place(|| cluster.leader(busy, 0)).0;
