@@ -214,7 +214,15 @@ async fn replica_move() {
     for n in cluster.ids() {
         clients.push(connect(&cluster.addr(n), Some(token.clone())).await);
     }
-    let text = "x".repeat(16 * 1024 - 64);
+    // Incompressible text (random letters), so neither LZ4 in the engine nor anything
+    // else shrinks what the move copies.
+    let text: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..16 * 1024 - 64)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect()
+    };
     let written = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(1));
     let started = Instant::now();
@@ -297,6 +305,44 @@ async fn replica_move() {
         bytes as f64 / (1 << 20) as f64,
         v["elapsed_ms"],
         times.len()
+    );
+    for n in cluster.ids() {
+        let out = Command::new("du")
+            .arg("-sm")
+            .arg(cluster.dir(n))
+            .output()
+            .expect("du runs");
+        print!(
+            "node {n} data dir: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The new replica holds the whole group: its disk, and the first and last events
+    // read through it (a read there needs its own copy).
+    let s4 =
+        tokio::task::block_in_place(|| admin(&["status", "--server", &cluster.http_addr(four)]));
+    let c4 = connect(&cluster.addr(four), Some(token.clone())).await;
+    let first = c4
+        .history(v1::HistoryRequest {
+            chat_id: chat,
+            from_seq: 2,
+            direction: v1::Direction::Forward.into(),
+            limit: 1,
+        })
+        .await
+        .expect("history on the new replica");
+    println!(
+        "node {four} after the move: {:.0} MiB on disk; head seq {}, seq 2 holds {} bytes of text",
+        s4["node"]["disk_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+        first.head_seq,
+        first
+            .events
+            .first()
+            .and_then(|e| match &e.body {
+                Some(v1::event::Body::MessagePosted(m)) => Some(m.text.len()),
+                _ => None,
+            })
+            .unwrap_or(0)
     );
 }
 

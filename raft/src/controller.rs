@@ -7,8 +7,8 @@
 //! group 0, proposing the bootstrap placement (from the static flags, once), keeping
 //! every member a voter or learner of group 0, and draining nodes marked for removal one
 //! move at a time; on the leader of a group with a move in progress, the move's steps
-//! (add the learner and wait for it to catch up, change the voters, record each step in
-//! group 0). Every step is idempotent and re-derived from the replicated placement, so a
+//! (add the learner and wait until it lags by at most `LEARNER_LAG_MAX` entries, change
+//! the voters, record each step in group 0). Every step is idempotent and re-derived from the replicated placement, so a
 //! move interrupted by a crash of any node resumes on whichever node leads the group next.
 //! What it must not do: decide placement rules (`chat::placement` does, deterministically)
 //! or hold state of its own beyond which groups it is working on.
@@ -31,6 +31,12 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 /// Longest a learner may take to catch up before the step is tried again. Why: a group
 /// holding a lot of history takes time to copy; the step restarts where it left off.
 pub const LEARNER_CATCH_UP_WAIT: Duration = Duration::from_secs(120);
+/// Entries a learner may still lag when it counts as caught up and is promoted. Why:
+/// under write load the log grows while the learner copies it; a few entries are one
+/// heartbeat's worth, so promotion does not leave the group with a replica far behind.
+pub const LEARNER_LAG_MAX: u64 = 64;
+/// How often the catch-up of a learner is looked at.
+const CATCH_UP_POLL: Duration = Duration::from_millis(50);
 /// Longest one membership change may take before it is tried again.
 pub const MEMBERSHIP_CHANGE_WAIT: Duration = Duration::from_secs(20);
 /// How long a peer has to answer before a drain treats it as down.
@@ -371,20 +377,58 @@ async fn drive_move(
                 to = m.to,
                 "move: adding the learner"
             );
+            // Not openraft's blocking `add_learner`: it counts a learner as caught up
+            // within `replication_lag_threshold` entries (a million here, so that
+            // followers catch up from the log), i.e. at once. Wait for the lag ourselves.
             match tokio::time::timeout(
-                LEARNER_CATCH_UP_WAIT,
-                group.raft().add_learner(m.to, openraft::EmptyNode {}, true),
+                MEMBERSHIP_CHANGE_WAIT,
+                group
+                    .raft()
+                    .add_learner(m.to, openraft::EmptyNode {}, false),
             )
             .await
             {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("adding node {} as a learner: {e}", m.to)),
-                Err(_) => {
+                Err(_) => return Err("adding the learner timed out".into()),
+            }
+            let started = std::time::Instant::now();
+            loop {
+                let (leading, last, matched) = {
+                    let metrics = group.raft().metrics();
+                    let x = metrics.borrow_watched();
+                    let matched = x
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&m.to).cloned().flatten())
+                        .map(|l| l.index);
+                    (
+                        x.state == openraft::ServerState::Leader,
+                        x.last_log_index,
+                        matched,
+                    )
+                };
+                if !leading {
+                    return Err("lost leadership while the learner caught up".into());
+                }
+                let lag = last.unwrap_or(0).saturating_sub(matched.unwrap_or(0));
+                if matched.is_some() && lag <= LEARNER_LAG_MAX {
+                    tracing::info!(
+                        group = g,
+                        to = m.to,
+                        lag,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "move: the learner caught up"
+                    );
+                    break;
+                }
+                if started.elapsed() > LEARNER_CATCH_UP_WAIT {
                     return Err(format!(
-                        "node {} did not catch up within {LEARNER_CATCH_UP_WAIT:?}",
+                        "node {} did not catch up within {LEARNER_CATCH_UP_WAIT:?} (lag {lag})",
                         m.to
                     ));
                 }
+                tokio::time::sleep(CATCH_UP_POLL).await;
             }
             propose(
                 node,
