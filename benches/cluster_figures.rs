@@ -10,7 +10,7 @@
 //!   with the killed node restarted in between; prints each and the median.
 //! - move: a 3-node cluster; one chat's group is filled for `CHATLOG_FILL_SECS` (60) or up
 //!   to `CHATLOG_FILL_BYTES` (1 GiB) of message text, whichever comes first (16 KiB
-//!   messages, 64 in flight); a 4th node joins and the group's replica moves to it
+//!   messages of random letters, each different, 64 in flight); a 4th node joins and the group's replica moves to it
 //!   (`admin replica move`, waiting) while a writer keeps sending; prints the bytes, the
 //!   move time and the longest gap between acknowledged writes during it.
 
@@ -214,30 +214,24 @@ async fn replica_move() {
     for n in cluster.ids() {
         clients.push(connect(&cluster.addr(n), Some(token.clone())).await);
     }
-    // Incompressible text (random letters), so neither LZ4 in the engine nor anything
-    // else shrinks what the move copies.
-    let text: String = {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        (0..16 * 1024 - 64)
-            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-            .collect()
-    };
+    // Every message its own random letters, so LZ4 in the engine (which compresses a
+    // batch of messages as one record) cannot shrink what the move copies.
+    const TEXT_BYTES: usize = 16 * 1024 - 64;
     let written = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(1));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..64usize {
-        let (clients, written, next, text) = (
-            clients.clone(),
-            Arc::clone(&written),
-            Arc::clone(&next),
-            text.clone(),
-        );
+        let (clients, written, next) = (clients.clone(), Arc::clone(&written), Arc::clone(&next));
         tasks.push(tokio::spawn(async move {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
             while started.elapsed() < Duration::from_secs(fill_secs)
                 && written.load(Ordering::Relaxed) < fill_bytes
             {
+                let text: String = (0..TEXT_BYTES)
+                    .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+                    .collect();
                 let id = next.fetch_add(1, Ordering::Relaxed);
                 send_acked(&clients, t, chat, id, &text).await;
                 written.fetch_add(text.len() as u64, Ordering::Relaxed);
