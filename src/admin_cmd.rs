@@ -1,6 +1,7 @@
 //! `chatlog admin …`: operator commands against a node's HTTP port (`crate::http`).
 //!
-//! What it owns: the flags and help of `admin status` and `admin leader-transfer`, one
+//! What it owns: the flags and help of `admin status`, `admin leader-transfer` and the
+//! cluster changes (`node add|remove`, `replica move`, `group add`, `rebalance`), one
 //! HTTP call each (`crate::http::client`), and printing the answer for people (a summary
 //! line and a table) or, with `--json`, the server's JSON as it came. Errors print as
 //! `error: CODE: message` (exit status 1), `CODE` being the server's error code or
@@ -40,7 +41,8 @@ pub struct AdminConn {
 /// Operator commands (the node's HTTP port, not the client port).
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Groups of one node: leader, term, commit and applied index, follower lag.
+    /// Groups of one node: leader, term, commit and applied index, follower lag; and the
+    /// cluster's placement (members, replicas per group, moves in progress).
     ///
     /// --json: {"node": {"id": N, "version": "…", "clients_addr": "…", "http_addr": "…",
     /// …}, "nodes": [{"id": N, "self": BOOL, "up": BOOL|null, "peer_addr": "…"|null}, …],
@@ -48,7 +50,12 @@ pub enum AdminCommand {
     /// "last_log_index": N|null, "committed": N|null, "applied": N|null, "replicas": [N, …],
     /// "learners": [N, …], "followers": [{"node": N, "matched": N|null, "lag": N,
     /// "last_ack_ms": N|null}, …], "fatal": "…"|null, "elections": N,
-    /// "leader_changes": N}, …], "summary": "…"}
+    /// "leader_changes": N}, …], "summary": "…", "placement": {"version": N,
+    /// "bootstrapped": BOOL, "replication": N, "user_groups": N, "chat_groups": N,
+    /// "members": [{"id": N, "addr": "…", "draining": BOOL, "replicas": N}, …],
+    /// "groups": [{"id": G, "replicas": [N, …], "epoch": N}, …], "moves": [{"group": G,
+    /// "from": N, "to": N, "step": "learner"|"promote"}, …], "leader_transfers":
+    /// [{"group": G, "to": N}, …]}}
     Status(StatusArgs),
     /// Moves a group's leadership to another of its replicas.
     ///
@@ -57,6 +64,127 @@ pub enum AdminCommand {
     ///
     /// --json: {"group": G, "previous_leader": N, "leader": N, "term": N, "moved": BOOL}
     LeaderTransfer(TransferArgs),
+    // ---- cluster changes (`crate::http::cluster`) ----
+    /// Adds or removes cluster members.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Moves group replicas between nodes.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// Adds chat groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Evens out replicas per node (moves from the most loaded nodes to the least loaded
+    /// ones) and then leaders (transfers toward an even count of leaders per node, over
+    /// the groups the asked node hosts), at most --moves-max of each at a time (run it
+    /// again for more).
+    ///
+    /// --json: {"moves": [{"group": G, "from": N, "to": N}, …], "leader_transfers":
+    /// [{"group": G, "to": N}, …], "done": BOOL}
+    Rebalance(RebalanceArgs),
+}
+
+/// `chatlog admin node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Registers a node (normally done by `chatlog serve --join`, which calls it itself).
+    /// The node then follows the controller group 0 and can receive replicas.
+    ///
+    /// --json: {"node": N, "addr": "HOST:PORT", "added": BOOL, "version": N}
+    Add(NodeAddArgs),
+    /// Drains a node (moves each of its replicas to the least-loaded other node, one at
+    /// a time) and then removes it. Refused when the remaining nodes are fewer than the
+    /// replicas per group, or when a group would lose its majority (its other replicas
+    /// down). Waits until the node is gone unless --no-wait.
+    ///
+    /// --json: {"node": N, "draining": BOOL, "removed": BOOL, "elapsed_ms": N}
+    Remove(NodeRemoveArgs),
+}
+
+/// `chatlog admin replica …`.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Moves group G's replica from node A to node B: B is added as a learner and caught
+    /// up, then promoted while A is removed; A deletes its copy. Every step is recorded in
+    /// the controller group, shown by `status`, and resumed after a crash (run the same
+    /// command again, or let the group's leader carry on). Refused when B is unknown or
+    /// down or when the move would break the group's majority. Waits until done unless
+    /// --no-wait.
+    ///
+    /// --json: {"group": G, "from": N, "to": N, "done": BOOL, "replicas": [N, …],
+    /// "elapsed_ms": N}
+    Move(MoveArgs),
+}
+
+/// `chatlog admin group …`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Adds K chat groups, each placed on the least-loaded nodes. New group and channel
+    /// chats are spread over every group from then on; existing chats stay where they are.
+    ///
+    /// --json: {"added": [{"id": G, "replicas": [N, …]}, …], "chat_groups": N}
+    Add(GroupAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeAddArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The new node's id.
+    pub node: u64,
+    /// Its peer address (HOST:PORT, what it passes as --peer-listen).
+    #[arg(long)]
+    pub addr: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeRemoveArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The node to drain and remove.
+    pub node: u64,
+    /// Return once the drain started instead of waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// The group.
+    #[arg(long)]
+    pub group: u64,
+    /// The node giving up its replica.
+    #[arg(long)]
+    pub from: u64,
+    /// The node receiving it.
+    #[arg(long)]
+    pub to: u64,
+    /// Return once the move started instead of waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GroupAddArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// How many groups to add (1 to 256).
+    #[arg(long)]
+    pub count: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    #[command(flatten)]
+    pub conn: AdminConn,
+    /// Moves to start at most (each copies a group to another node).
+    #[arg(long, default_value_t = 2)]
+    pub moves_max: u64,
+    /// Return once the moves started instead of waiting for them to finish.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +236,10 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
         match cmd {
             AdminCommand::Status(a) => status(a).await,
             AdminCommand::LeaderTransfer(a) => leader_transfer(a).await,
+            AdminCommand::Node(c) => node_command(c).await,
+            AdminCommand::Replica(ReplicaCommand::Move(a)) => replica_move(a).await,
+            AdminCommand::Group(GroupCommand::Add(a)) => group_add(a).await,
+            AdminCommand::Rebalance(a) => rebalance(a).await,
         }
     })
 }
@@ -229,6 +361,48 @@ fn render_status(v: &Value) -> String {
     for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
+    // The cluster's placement (replicated in group 0): members and moves in progress.
+    let p = &v["placement"];
+    if let Some(members) = p["members"].as_array() {
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}@{} ({} replicas{})",
+                    opt(&m["id"]),
+                    m["addr"].as_str().filter(|a| !a.is_empty()).unwrap_or("-"),
+                    opt(&m["replicas"]),
+                    if m["draining"].as_bool() == Some(true) {
+                        ", draining"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "placement v{}: {} chat groups; members {}\n",
+            opt(&p["version"]),
+            opt(&p["chat_groups"]),
+            list.join(", ")
+        ));
+    }
+    for t in p["leader_transfers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "leader transfer: group {} to node {}\n",
+            opt(&t["group"]),
+            opt(&t["to"])
+        ));
+    }
+    for m in p["moves"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "move: group {} from node {} to node {}, step {}\n",
+            opt(&m["group"]),
+            opt(&m["from"]),
+            opt(&m["to"]),
+            m["step"].as_str().unwrap_or("?")
+        ));
+    }
     out
 }
 
@@ -260,6 +434,165 @@ async fn leader_transfer(a: TransferArgs) -> Result<(), CliError> {
             opt(&v["term"])
         );
     }
+    Ok(())
+}
+
+/// Bound of a change that waits for its completion (the server waits up to 300 s).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(320);
+
+fn print_or_json(conn: &AdminConn, v: &Value, line: String) {
+    if conn.json {
+        println!("{v}");
+    } else {
+        println!("{line}");
+    }
+}
+
+async fn node_command(c: NodeCommand) -> Result<(), CliError> {
+    match c {
+        NodeCommand::Add(a) => {
+            let body = json!({"node": a.node, "addr": a.addr});
+            let v = call(
+                &a.conn,
+                "POST",
+                "/admin/node-add",
+                Some(body),
+                STATUS_TIMEOUT,
+            )
+            .await?;
+            let line = if v["added"].as_bool() == Some(true) {
+                format!("node {} added at {}", a.node, a.addr)
+            } else {
+                format!("node {} was already a member at {}", a.node, a.addr)
+            };
+            print_or_json(&a.conn, &v, line);
+        }
+        NodeCommand::Remove(a) => {
+            let body = json!({"node": a.node, "wait": !a.no_wait});
+            let v = call(
+                &a.conn,
+                "POST",
+                "/admin/node-remove",
+                Some(body),
+                CHANGE_TIMEOUT,
+            )
+            .await?;
+            let line = if v["removed"].as_bool() == Some(true) {
+                format!(
+                    "node {} drained and removed in {} ms",
+                    a.node,
+                    opt(&v["elapsed_ms"])
+                )
+            } else {
+                format!("node {} is draining (see `admin status`)", a.node)
+            };
+            print_or_json(&a.conn, &v, line);
+        }
+    }
+    Ok(())
+}
+
+async fn replica_move(a: MoveArgs) -> Result<(), CliError> {
+    let body = json!({"group": a.group, "from": a.from, "to": a.to, "wait": !a.no_wait});
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/replica-move",
+        Some(body),
+        CHANGE_TIMEOUT,
+    )
+    .await?;
+    let line = if v["done"].as_bool() == Some(true) {
+        format!(
+            "group {}: replica moved from node {} to node {} in {} ms (replicas {})",
+            a.group,
+            a.from,
+            a.to,
+            opt(&v["elapsed_ms"]),
+            v["replicas"]
+        )
+    } else {
+        format!(
+            "group {}: moving the replica from node {} to node {} (see `admin status`)",
+            a.group, a.from, a.to
+        )
+    };
+    print_or_json(&a.conn, &v, line);
+    Ok(())
+}
+
+async fn group_add(a: GroupAddArgs) -> Result<(), CliError> {
+    let body = json!({"count": a.count});
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/group-add",
+        Some(body),
+        STATUS_TIMEOUT,
+    )
+    .await?;
+    let added: Vec<String> = v["added"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| format!("{} on {}", opt(&g["id"]), g["replicas"]))
+        .collect();
+    let line = format!(
+        "added groups {}; {} chat groups now",
+        added.join(", "),
+        opt(&v["chat_groups"])
+    );
+    print_or_json(&a.conn, &v, line);
+    Ok(())
+}
+
+async fn rebalance(a: RebalanceArgs) -> Result<(), CliError> {
+    let body = json!({"moves_max": a.moves_max, "wait": !a.no_wait});
+    let v = call(
+        &a.conn,
+        "POST",
+        "/admin/rebalance",
+        Some(body),
+        CHANGE_TIMEOUT,
+    )
+    .await?;
+    let moves: Vec<String> = v["moves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "group {} {}→{}",
+                opt(&m["group"]),
+                opt(&m["from"]),
+                opt(&m["to"])
+            )
+        })
+        .collect();
+    let transfers: Vec<String> = v["leader_transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("group {} →{}", opt(&t["group"]), opt(&t["to"])))
+        .collect();
+    let line = if moves.is_empty() && transfers.is_empty() {
+        "balanced: no move needed".to_owned()
+    } else {
+        format!(
+            "moves: {}; leader transfers: {}",
+            if moves.is_empty() {
+                "none".to_owned()
+            } else {
+                moves.join(", ")
+            },
+            if transfers.is_empty() {
+                "none".to_owned()
+            } else {
+                transfers.join(", ")
+            }
+        )
+    };
+    print_or_json(&a.conn, &v, line);
     Ok(())
 }
 

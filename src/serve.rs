@@ -52,9 +52,17 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     pub initial_cluster: Vec<String>,
     /// Address for node-to-node traffic (defaults to this node's entry in
-    /// `--initial-cluster`).
+    /// `--initial-cluster`; with `--join`, required, and the address other nodes dial).
     #[arg(long)]
     pub peer_listen: Option<SocketAddr>,
+    /// Join a running cluster instead of starting one: the HTTP address of any of its
+    /// nodes. The node reads the cluster's id and members there, starts with no
+    /// replicas, registers itself (`admin node add` with its `--peer-listen` address)
+    /// and then follows the controller group 0; replicas come to it by `admin replica
+    /// move` or `admin rebalance`. Give the same flag on every restart. Needs
+    /// `--admin-token` if the cluster's nodes run with one.
+    #[arg(long, value_name = "HTTP_ADDR", conflicts_with = "initial_cluster")]
+    pub join: Option<String>,
     /// Chat groups in the cluster (fixed at creation; every node must agree).
     #[arg(long, default_value_t = DEFAULT_GROUPS)]
     pub groups: u64,
@@ -184,8 +192,59 @@ fn follow_fault_clock(path: PathBuf) {
     });
 }
 
+/// What a joining node learns from the cluster it joins (`GET /admin/cluster`).
+struct JoinInfo {
+    cluster_id: u64,
+    members: BTreeMap<u64, SocketAddr>,
+    user_groups: u64,
+    replication: usize,
+}
+
+/// Longest `--join` waits for the named node's answer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn join_info(http: &str, token: Option<&str>) -> Result<JoinInfo, CliError> {
+    let r = crate::http::client::request(http, "GET", "/admin/cluster", token, None, JOIN_TIMEOUT)
+        .await
+        .map_err(|e| format!("--join {http}: {e}"))?;
+    if r.status != 200 {
+        return Err(format!("--join {http}: HTTP {}: {}", r.status, r.text().trim()).into());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.body).map_err(|e| format!("--join {http}: not JSON: {e}"))?;
+    let p = &v["placement"];
+    let mut members = BTreeMap::new();
+    for m in p["members"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(addr)) = (
+            m["id"].as_u64(),
+            m["addr"].as_str().and_then(|a| a.parse().ok()),
+        ) {
+            members.insert(id, addr);
+        }
+    }
+    let (Some(cluster_id), Some(user_groups), Some(replication)) = (
+        v["cluster_id"].as_u64(),
+        p["user_groups"].as_u64(),
+        p["replication"].as_u64(),
+    ) else {
+        return Err(format!("--join {http}: the answer lacks the cluster id or placement").into());
+    };
+    if members.is_empty() {
+        return Err(format!("--join {http}: the cluster names no member with an address").into());
+    }
+    Ok(JoinInfo {
+        cluster_id,
+        members,
+        user_groups,
+        replication: replication as usize,
+    })
+}
+
 /// Runs `chatlog serve` until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    if args.join.is_some() {
+        return run_joining(args);
+    }
     if args.groups == 0 || args.groups >= GROUPS_MAX {
         return Err(format!("--groups must be 1 to {}", GROUPS_MAX - 1).into());
     }
@@ -229,7 +288,79 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .enable_all()
         .thread_name("chatlog")
         .build()?;
-    runtime.block_on(serve(args, config, cluster))
+    let id = cluster_id(&cluster);
+    runtime.block_on(serve(args, config, cluster, id))
+}
+
+/// `chatlog serve --join HTTP_ADDR`: a new member of a running cluster.
+fn run_joining(args: ServeArgs) -> Result<(), CliError> {
+    let join = args.join.clone().unwrap_or_default();
+    let Some(peer_listen) = args.peer_listen else {
+        return Err("--join needs --peer-listen ADDR (the address other nodes dial)".into());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chatlog")
+        .build()?;
+    let token = args.admin_token.clone().filter(|t| !t.is_empty());
+    let info = runtime.block_on(join_info(&join, token.as_deref()))?;
+    let mut cluster = info.members.clone();
+    // Its own address goes in the peer table too (the listener binds it).
+    cluster.insert(args.node_id, peer_listen);
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    let config = NodeConfig {
+        node_id: args.node_id,
+        data_dir: args.data_dir.clone(),
+        groups: info.user_groups,
+        replicas: info.replication,
+        // The members it found, without itself: a joining node never initializes a group
+        // from the static flags, it learns every group from the others.
+        members: info
+            .members
+            .keys()
+            .copied()
+            .filter(|n| *n != args.node_id)
+            .collect(),
+        sm: Default::default(),
+        segment_bytes: None,
+        heartbeat_ms: args.heartbeat_ms,
+    };
+    runtime.block_on(serve(args, config, cluster, info.cluster_id))
+}
+
+/// Registers this joining node with the cluster (idempotent), retrying while group 0 is
+/// electing.
+async fn register(
+    join: &str,
+    token: Option<&str>,
+    node: u64,
+    addr: SocketAddr,
+) -> Result<(), CliError> {
+    let body = serde_json::json!({"node": node, "addr": addr.to_string()}).to_string();
+    let deadline = std::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let r = crate::http::client::request(
+            join,
+            "POST",
+            "/admin/node-add",
+            token,
+            Some(body.as_bytes()),
+            JOIN_TIMEOUT,
+        )
+        .await;
+        match r {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) if r.status == 409 || r.status == 400 => {
+                return Err(format!("--join {join}: node add refused: {}", r.text().trim()).into());
+            }
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(r) => return Err(format!("--join {join}: node add: {}", r.text().trim()).into()),
+            Err(e) => return Err(format!("--join {join}: node add: {e}").into()),
+        }
+    }
 }
 
 /// The cluster id every node of an initial cluster derives alike: FNV-1a over the
@@ -249,6 +380,7 @@ async fn serve(
     args: ServeArgs,
     config: NodeConfig,
     cluster: BTreeMap<u64, SocketAddr>,
+    cluster_id: u64,
 ) -> Result<(), CliError> {
     let started = std::time::Instant::now();
     // Bound first, so a busy HTTP address stops startup before any data is opened.
@@ -261,7 +393,7 @@ async fn serve(
         Node::start(config, |_| NoPeers, Arc::clone(&registry)).await?
     } else {
         let identity = NodeIdentity {
-            cluster_id: cluster_id(&cluster),
+            cluster_id,
             node_id: args.node_id,
         };
         let router = Router::new(identity);
@@ -274,7 +406,8 @@ async fn serve(
         let listener = tokio::net::TcpListener::bind(peer_addr)
             .await
             .map_err(|e| format!("binding the peer address {peer_addr}: {e}"))?;
-        println!("peers: {}", listener.local_addr()?);
+        let bound_peer = listener.local_addr()?;
+        println!("peers: {bound_peer}");
         let directory: Arc<dyn GroupDirectory> = registry.clone();
         let mut stopped = peers_stopped.clone();
         peer_server = Some(tokio::spawn(chatlog_raft::network::serve(
@@ -286,13 +419,29 @@ async fn serve(
             },
         )));
         let r = router.clone();
-        let mut node =
-            Node::start(config, move |g| r.network_factory(g), Arc::clone(&registry)).await?;
+        let addrs = cluster.iter().map(|(id, a)| (*id, a.to_string())).collect();
         // Proposals and reads for groups this node does not lead go to their leader.
-        node.set_router(router);
+        let node = Node::start_with(
+            config,
+            move |g| r.network_factory(g),
+            Arc::clone(&registry),
+            Some(router),
+            addrs,
+        )
+        .await?;
+        if let Some(join) = &args.join {
+            let token = args.admin_token.as_deref().filter(|t| !t.is_empty());
+            let advertised = args
+                .peer_listen
+                .filter(|a| a.port() != 0)
+                .unwrap_or(bound_peer);
+            register(join, token, args.node_id, advertised).await?;
+        }
         node
     };
     let node = Arc::new(node);
+    // Follows the placement in group 0 and carries out cluster changes.
+    let controller = chatlog_raft::controller::spawn(&node);
     // The HTTP port answers from here on: `/ready` says when the groups have leaders.
     let clients = Arc::new(ClientCounters::default());
     let rate_limits = crate::service::ratelimit::RateLimits {
@@ -309,6 +458,7 @@ async fn serve(
         changes: LeaderChanges::watch(&node),
         started,
         bots: crate::bot::BotApi::start(Arc::clone(&node), rate_limits),
+        cluster_id,
     });
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http_server = tokio::spawn(crate::http::serve(
@@ -366,6 +516,8 @@ async fn serve(
     )
     .await;
     tracing::info!("stopping");
+    controller.abort();
+    let _ = controller.await;
     let _ = stop_http.send(true);
     drop(http_ctx);
     let mut http_server = http_server;

@@ -341,7 +341,9 @@ async fn single_node_http_port_health_ready_metrics_status() {
     let lines: Vec<&str> = human.lines().collect();
     assert!(lines[0].starts_with("node 1: 5 groups"), "{human}");
     assert!(lines[1].starts_with("GROUP"), "{human}");
-    assert_eq!(lines.len(), 2 + 5, "{human}");
+    // The summary, the header, one row per group, then the placement line.
+    assert_eq!(lines.len(), 2 + 5 + 1, "{human}");
+    assert!(lines[7].starts_with("placement v"), "{human}");
 
     // Bad input, unknown group, unknown path, transfer to the leader itself.
     let r = post(&http, "/admin/leader-transfer", "{\"group\": 1}").await;

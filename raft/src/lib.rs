@@ -15,6 +15,7 @@
 pub mod chat;
 pub mod clock;
 pub mod codec;
+pub mod controller;
 pub mod error;
 pub mod ids;
 pub mod log_store;

@@ -8,10 +8,17 @@
 //! events back from the log. What it must not do: speak to clients, or know where peers
 //! are (the network factory given to [`Node::start`] does).
 //!
-//! Groups. Group 0 is the controller (cluster membership and placement; it carries no
-//! chats yet). Chat groups are `1..=groups`. Group `g`'s replicas are `replicas`
-//! consecutive nodes of the sorted member list starting at `g mod nodes`, so each node
-//! holds about `groups × replicas / nodes` replicas and each leads about a third.
+//! Groups. Group 0 is the controller: its state is the cluster placement
+//! (`chat::placement`: members, each group's replicas, moves in progress), and every
+//! node runs a replica of it (voter or learner). Chat groups are `1..=groups` at first
+//! and more can be added. Before group 0 holds a placement, the static one stands:
+//! group `g`'s replicas are `replicas` consecutive nodes of the sorted member list
+//! starting at `g mod nodes`, so each node holds about `groups × replicas / nodes`
+//! replicas and each leads about a third; the controller bootstraps group 0's placement
+//! from it. Local replicas start and stop while the node runs ([`Node::start_group`],
+//! [`Node::drop_group`], driven by `crate::controller`); a group is initialized only by
+//! the first replica of a group never moved, so a replica that moved away and came back
+//! (or a node that joined) learns the group from the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -25,6 +32,7 @@ use openraft::storage::RaftLogReader;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::chat::placement::Placement;
 use crate::chat::{Batch, Command, DecodedBatch, EventLoc, Outcome};
 use crate::log_store::{LogReader, LogStore};
 use crate::network::{ForwardError, Router};
@@ -562,6 +570,13 @@ impl GroupRegistry {
             .insert(group.id, group);
     }
 
+    fn remove(&self, g: GroupId) {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&g);
+    }
+
     fn group(&self, g: GroupId) -> Option<Group> {
         self.groups
             .read()
@@ -605,34 +620,181 @@ impl crate::network::GroupDirectory for GroupRegistry {
     }
 }
 
+/// Builds one local replica of a group (the network factory and Raft configuration the
+/// node started with, captured once).
+type GroupBuilder = Arc<
+    dyn Fn(GroupId) -> futures_util::future::BoxFuture<'static, Result<Group, Error>> + Send + Sync,
+>;
+
 /// A running node.
-#[derive(Debug)]
 pub struct Node {
     config: NodeConfig,
     engine: Arc<Engine>,
-    groups: BTreeMap<GroupId, Group>,
+    /// Every local replica. Changes when the placement does (`crate::controller`).
+    groups: RwLock<BTreeMap<GroupId, Group>>,
+    /// The peer server's view of the local replicas.
+    registry: Arc<GroupRegistry>,
+    /// Builds a new local replica.
+    build: GroupBuilder,
     /// Where forwarded proposals and read indexes go; `None` alone (nothing to forward).
     router: Option<Router>,
     /// Forwarded requests in flight from this node ([`FORWARDS_IN_FLIGHT_MAX`]).
     forwards: Arc<Semaphore>,
+    /// The placement as group 0 last applied it here; before the controller bootstraps
+    /// it, the one computed from the static flags (version 0).
+    placement: RwLock<Arc<Placement>>,
+    /// Peer addresses of the initial members (the bootstrap placement records them).
+    member_addrs: BTreeMap<NodeId, String>,
+    /// Bumped each time a local replica starts or stops (the fan-out hub and the HTTP
+    /// port watch it to follow new groups).
+    local_changes: tokio::sync::watch::Sender<u64>,
+    /// One start or stop of a local replica at a time.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.config.node_id)
+            .field("groups", &self.read_groups().keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds and starts one local replica of group `g` and enters it in `registry`.
+async fn build_group<N>(
+    engine: Arc<Engine>,
+    g: GroupId,
+    node_id: NodeId,
+    raft_config: Arc<Config>,
+    sm_config: SmConfig,
+    network: N,
+    registry: Arc<GroupRegistry>,
+) -> Result<Group, Error>
+where
+    N: RaftNetworkFactory<TypeConfig>,
+    N::Network: openraft::network::NetSnapshot<
+            TypeConfig,
+            SnapshotData = crate::state_machine::SnapshotData,
+        >,
+{
+    let log_store = LogStore::open(Arc::clone(&engine), g)?;
+    let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?;
+    let shared = sm.shared();
+    let mut ls = log_store;
+    let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut ls).await;
+    let raft = openraft::Raft::new(node_id, raft_config, network, ls, sm)
+        .await
+        .map_err(|e| Error::Inconsistent {
+            group: g,
+            detail: format!("starting the Raft group: {e}"),
+        })?;
+    let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
+    tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
+    tokio::spawn(log_leadership(g, node_id, raft.server_metrics()));
+    let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let secret_eraser = Arc::new(
+        tokio::spawn(crate::secret_log::run_eraser(
+            g,
+            Arc::clone(&engine),
+            Arc::clone(&shared),
+            Arc::clone(&secret_erased),
+        ))
+        .abort_handle(),
+    );
+    let group = Group {
+        id: g,
+        node_id,
+        engine,
+        raft,
+        shared,
+        reader,
+        proposals: tx,
+        secret_erased,
+        secret_eraser,
+    };
+    registry.insert(group.clone());
+    Ok(group)
+}
+
+/// The placement the static flags describe (version 0: not bootstrapped): what a node
+/// runs until group 0 holds the replicated one, and what the controller bootstraps it
+/// from.
+pub fn static_placement(config: &NodeConfig, addrs: &BTreeMap<NodeId, String>) -> Placement {
+    use crate::chat::placement::{GroupPlacement, Member};
+    Placement {
+        version: 0,
+        replication: config.replicas.clamp(1, config.members.len().max(1)) as u64,
+        user_groups: config.groups,
+        members: config
+            .members
+            .iter()
+            .map(|n| {
+                (
+                    *n,
+                    Member {
+                        addr: addrs.get(n).cloned().unwrap_or_default(),
+                        draining: false,
+                    },
+                )
+            })
+            .collect(),
+        groups: (0..=config.groups)
+            .map(|g| {
+                (
+                    g,
+                    GroupPlacement {
+                        replicas: config.placement(g),
+                        epoch: 0,
+                    },
+                )
+            })
+            .collect(),
+        moves: BTreeMap::new(),
+        leader_transfers: BTreeMap::new(),
+    }
 }
 
 impl Node {
-    /// Opens the engine, builds and starts every local replica, and initializes the
-    /// groups this node is first replica of. `network(g)` gives group `g`'s network;
-    /// each group is entered in `registry` as soon as it runs.
+    /// Opens the engine, starts the controller group 0, then every replica the placement
+    /// gives this node (group 0's applied placement if it has one, else the static
+    /// flags'), and initializes the groups this node is first replica of (never-moved
+    /// groups only). `network(g)` gives group `g`'s network (kept, for groups started
+    /// later); each group is entered in `registry` as soon as it runs.
     pub async fn start<N, F>(
         config: NodeConfig,
-        mut network: F,
+        network: F,
         registry: Arc<GroupRegistry>,
     ) -> Result<Node, Error>
     where
-        N: RaftNetworkFactory<TypeConfig>,
+        N: RaftNetworkFactory<TypeConfig> + Send + 'static,
         N::Network: openraft::network::NetSnapshot<
                 TypeConfig,
                 SnapshotData = crate::state_machine::SnapshotData,
             >,
-        F: FnMut(GroupId) -> N,
+        F: FnMut(GroupId) -> N + Send + 'static,
+    {
+        Node::start_with(config, network, registry, None, BTreeMap::new()).await
+    }
+
+    /// [`Node::start`] for a cluster member: `router` forwards proposals and read indexes
+    /// to peers (the router whose network factories the groups use; without one a node
+    /// answers `NotLeader` for groups it does not lead), and `addrs` are the initial
+    /// members' peer addresses (recorded by the bootstrap placement).
+    pub async fn start_with<N, F>(
+        config: NodeConfig,
+        network: F,
+        registry: Arc<GroupRegistry>,
+        router: Option<Router>,
+        addrs: BTreeMap<NodeId, String>,
+    ) -> Result<Node, Error>
+    where
+        N: RaftNetworkFactory<TypeConfig> + Send + 'static,
+        N::Network: openraft::network::NetSnapshot<
+                TypeConfig,
+                SnapshotData = crate::state_machine::SnapshotData,
+            >,
+        F: FnMut(GroupId) -> N + Send + 'static,
     {
         let mut engine_config = chatlog_storage::Config::new(&config.data_dir);
         if let Some(s) = config.segment_bytes {
@@ -646,97 +808,243 @@ impl Node {
                 source,
             })?,
         );
-        let local: Vec<GroupId> = (0..=config.groups)
-            .filter(|g| config.placement(*g).contains(&config.node_id))
-            .collect();
-        let raft_config = Arc::new(timing(local.len(), config.heartbeat_ms)?);
-        let mut groups = BTreeMap::new();
-        for (i, g) in local.iter().copied().enumerate() {
-            let log_store = LogStore::open(Arc::clone(&engine), g)?;
-            let sm = ChatStateMachine::open(Arc::clone(&engine), g, config.sm)?;
-            let shared = sm.shared();
-            let mut ls = log_store;
-            let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut ls).await;
-            let raft =
-                openraft::Raft::new(config.node_id, Arc::clone(&raft_config), network(g), ls, sm)
-                    .await
-                    .map_err(|e| Error::Inconsistent {
-                        group: g,
-                        detail: format!("starting the Raft group: {e}"),
-                    })?;
-            let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
-            tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
-            tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
-            let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let secret_eraser = Arc::new(
-                tokio::spawn(crate::secret_log::run_eraser(
-                    g,
+        let static_local = if config.members.contains(&config.node_id) {
+            (0..=config.groups)
+                .filter(|g| config.placement(*g).contains(&config.node_id))
+                .count()
+        } else {
+            // A joining node: time its groups like a member holding its share, so its
+            // election timeouts match the heartbeats of the nodes it replicates with.
+            (config.groups as usize + 1) * config.replicas / (config.members.len() + 1)
+        };
+        let raft_config = Arc::new(timing(static_local.max(1), config.heartbeat_ms)?);
+        let stagger = Duration::from_millis(raft_config.heartbeat_interval / 4);
+        let network = Arc::new(std::sync::Mutex::new(network));
+        let build: GroupBuilder = {
+            let engine = Arc::clone(&engine);
+            let registry = Arc::clone(&registry);
+            let node_id = config.node_id;
+            let sm = config.sm;
+            Arc::new(move |g| {
+                let n = (network.lock().unwrap_or_else(|p| p.into_inner()))(g);
+                Box::pin(build_group(
                     Arc::clone(&engine),
-                    Arc::clone(&shared),
-                    Arc::clone(&secret_erased),
+                    g,
+                    node_id,
+                    Arc::clone(&raft_config),
+                    sm,
+                    n,
+                    Arc::clone(&registry),
                 ))
-                .abort_handle(),
-            );
-            let group = Group {
-                id: g,
-                node_id: config.node_id,
-                engine: Arc::clone(&engine),
-                raft,
-                shared,
-                reader,
-                proposals: tx,
-                secret_erased,
-                secret_eraser,
-            };
-            registry.insert(group.clone());
-            groups.insert(g, group);
-            if (i + 1) % START_WAVE_GROUPS == 0 {
-                // Stagger: groups started together would time out together.
-                tokio::time::sleep(Duration::from_millis(raft_config.heartbeat_interval / 4)).await;
-            }
-        }
+            })
+        };
+        let placement = static_placement(&config, &addrs);
         let node = Node {
             config,
             engine,
-            groups,
-            router: None,
+            groups: RwLock::new(BTreeMap::new()),
+            registry,
+            build,
+            router,
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
+            placement: RwLock::new(Arc::new(placement)),
+            member_addrs: addrs,
+            local_changes: tokio::sync::watch::channel(0).0,
+            changing: tokio::sync::Mutex::new(()),
         };
-        node.initialize().await?;
+        // The controller first: its applied state says which replicas this node holds.
+        node.start_group(0).await?;
+        let applied = node
+            .group(0)
+            .map(|g| g.shared().read().placement().clone())
+            .unwrap_or_default();
+        if applied.is_bootstrapped() {
+            node.set_placement(applied);
+        }
+        let placement = node.placement();
+        let me = node.config.node_id;
+        let local: Vec<GroupId> = placement
+            .groups
+            .keys()
+            .copied()
+            .filter(|g| *g != 0 && placement.hosts(me, *g))
+            .collect();
+        for (i, g) in local.iter().enumerate() {
+            node.start_group(*g).await?;
+            if (i + 1) % START_WAVE_GROUPS == 0 {
+                // Stagger: groups started together would time out together.
+                tokio::time::sleep(stagger).await;
+            }
+        }
+        for g in std::iter::once(0).chain(local) {
+            node.initialize(g, &placement).await?;
+        }
         Ok(node)
     }
 
-    async fn initialize(&self) -> Result<(), Error> {
-        for (g, group) in &self.groups {
-            let placement = self.config.placement(*g);
-            if placement.first() != Some(&self.config.node_id) {
-                continue;
+    /// Starts the local replica of `g` if it is not running (empty if it never ran here).
+    pub async fn start_group(&self, g: GroupId) -> Result<(), Error> {
+        let _changing = self.changing.lock().await;
+        if self.read_groups().contains_key(&g) {
+            return Ok(());
+        }
+        let group = (self.build)(g).await?;
+        self.write_groups().insert(g, group);
+        self.local_changes.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Stops the local replica of `g` and deletes its Raft log and checkpoints from the
+    /// engine (the space returns with compaction): the replica moved to another node.
+    pub async fn drop_group(&self, g: GroupId) -> Result<(), Error> {
+        let _changing = self.changing.lock().await;
+        let Some(group) = self.write_groups().remove(&g) else {
+            return Ok(());
+        };
+        self.registry.remove(g);
+        self.local_changes.send_modify(|v| *v += 1);
+        group.secret_eraser.abort();
+        if let Err(e) = group.raft.shutdown().await {
+            tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
+        }
+        drop(group);
+        let mut batch = chatlog_storage::WriteBatch::new();
+        for log in [crate::ids::raft_log(g), crate::ids::checkpoint_log(g)]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(b) = self.engine.bounds(log)
+                && !b.is_empty()
+            {
+                batch.truncate_after(log, b.first.saturating_sub(1));
             }
-            let initialized =
-                group
-                    .raft
-                    .is_initialized()
-                    .await
-                    .map_err(|e| Error::Inconsistent {
-                        group: *g,
-                        detail: format!("checking initialization: {e}"),
-                    })?;
-            if initialized {
-                continue;
-            }
-            let members: BTreeSet<NodeId> = placement.into_iter().collect();
-            match group.raft.initialize(members).await {
-                Ok(()) => {}
-                Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
-                Err(e) => {
-                    return Err(Error::Inconsistent {
-                        group: *g,
-                        detail: format!("initializing: {e}"),
-                    });
+            for key in [
+                crate::ids::META_VOTE,
+                crate::ids::META_COMMITTED,
+                crate::ids::META_PURGED,
+                crate::ids::META_CHECKPOINT,
+            ] {
+                if self.engine.meta(log, key).is_some() {
+                    batch.delete_meta(log, key);
                 }
             }
         }
+        if !batch.is_empty() {
+            self.engine
+                .write(&batch)
+                .await
+                .map_err(|source| Error::Storage {
+                    group: g,
+                    verb: "deleting",
+                    subject: "the logs of a replica that moved away".into(),
+                    source,
+                })?;
+        }
+        tracing::info!(group = g, "replica dropped: it moved to another node");
         Ok(())
+    }
+
+    /// Initializes group `g` from this node when `placement` makes it the first replica
+    /// of a group that was never moved and the local replica holds nothing yet.
+    pub async fn initialize(&self, g: GroupId, placement: &Placement) -> Result<(), Error> {
+        let me = self.config.node_id;
+        let Some(p) = placement.groups.get(&g) else {
+            return Ok(());
+        };
+        // Before the bootstrap, only a node of the static member list may initialize (a
+        // joining node learns everything from the others).
+        let may = p.epoch == 0
+            && p.replicas.first() == Some(&me)
+            && (placement.is_bootstrapped() || self.config.members.contains(&me));
+        let Some(group) = self.group(g) else {
+            return Ok(());
+        };
+        if !may {
+            return Ok(());
+        }
+        let initialized = group
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Inconsistent {
+                group: g,
+                detail: format!("checking initialization: {e}"),
+            })?;
+        if initialized {
+            return Ok(());
+        }
+        let members: BTreeSet<NodeId> = p.replicas.iter().copied().collect();
+        match group.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(Error::Inconsistent {
+                group: g,
+                detail: format!("initializing: {e}"),
+            }),
+        }
+    }
+
+    fn read_groups(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<GroupId, Group>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_groups(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<GroupId, Group>> {
+        self.groups.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The placement this node follows (see [`Node::set_placement`]).
+    pub fn placement(&self) -> Arc<Placement> {
+        Arc::clone(&self.placement.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Follows `placement` (group 0's, as applied here): routing, and the peer table for
+    /// members this node did not know.
+    pub fn set_placement(&self, placement: Placement) {
+        if let Some(router) = &self.router {
+            for (n, m) in &placement.members {
+                if *n != self.config.node_id
+                    && let Ok(addr) = m.addr.parse()
+                {
+                    router.set_peer_addr(*n, addr);
+                }
+            }
+        }
+        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placement);
+    }
+
+    /// The static placement with the initial members' addresses: what the controller
+    /// proposes as the bootstrap.
+    pub fn bootstrap_placement(&self) -> Placement {
+        static_placement(&self.config, &self.member_addrs)
+    }
+
+    /// The voters of group `g` as the placement has them.
+    pub fn replicas_of(&self, g: GroupId) -> Vec<NodeId> {
+        self.placement().replicas(g).to_vec()
+    }
+
+    /// Chat groups in the cluster now (ids `1..=chat_groups()`).
+    pub fn chat_groups(&self) -> u64 {
+        self.placement().chat_groups()
+    }
+
+    /// Changes each time a local replica starts or stops.
+    pub fn local_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local_changes.subscribe()
+    }
+
+    /// Whether peer `n` answers on its peer port within `timeout` (a read-index request
+    /// for group 0; any answer, even a refusal, means the process is up).
+    pub async fn peer_answers(&self, n: NodeId, timeout: Duration) -> bool {
+        if n == self.config.node_id {
+            return true;
+        }
+        match &self.router {
+            Some(router) => tokio::time::timeout(timeout, router.read_index(n, 0, timeout))
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            None => false,
+        }
     }
 
     /// This node's id.
@@ -755,13 +1063,23 @@ impl Node {
     }
 
     /// The local replica of group `g`.
-    pub fn group(&self, g: GroupId) -> Option<&Group> {
-        self.groups.get(&g)
+    pub fn group(&self, g: GroupId) -> Option<Group> {
+        self.read_groups().get(&g).cloned()
     }
 
-    /// Every local replica.
-    pub fn groups(&self) -> impl Iterator<Item = &Group> {
-        self.groups.values()
+    /// The local replica of group `g` if it may answer reads: one the placement counts
+    /// as a voter. A replica that a move is still adding holds only part of the group
+    /// (it may be empty), so it serves nothing until the move promoted it.
+    pub fn serving_group(&self, g: GroupId) -> Option<Group> {
+        if !self.placement().replicas(g).contains(&self.config.node_id) {
+            return None;
+        }
+        self.group(g)
+    }
+
+    /// Every local replica (as of the call: replicas start and stop with the placement).
+    pub fn groups(&self) -> Vec<Group> {
+        self.read_groups().values().cloned().collect()
     }
 
     /// Lets this node forward proposals and read indexes to peers over `router` (the
@@ -783,10 +1101,9 @@ impl Node {
     /// post with its client message id).
     pub async fn propose(&self, g: GroupId, command: Command) -> Result<Outcome, ProposeError> {
         let me = self.config.node_id;
-        let hosted = self.groups.contains_key(&g);
+        let hosted = self.read_groups().contains_key(&g);
         let mut candidates: Vec<NodeId> = self
-            .config
-            .placement(g)
+            .replicas_of(g)
             .into_iter()
             .filter(|n| *n != me)
             .collect();
@@ -801,7 +1118,7 @@ impl Node {
                 break;
             };
             let result = if target == me {
-                match self.groups.get(&g) {
+                match self.group(g) {
                     Some(group) => group.propose(command.clone()).await,
                     None => continue,
                 }
@@ -872,7 +1189,7 @@ impl Node {
                 detail: format!("node {target} answered no result"),
             })
         });
-        if let (Ok(_), Some(group)) = (&result, self.groups.get(&g)) {
+        if let (Ok(_), Some(group)) = (&result, self.group(g)) {
             // Read your writes on this node too: what the client does next here (a
             // session check, a membership check) reads the local replica.
             let mut applied = group.shared().applied();
@@ -897,7 +1214,7 @@ impl Node {
     /// of `g` cannot read it: `Unavailable`.
     pub async fn read_barrier(&self, g: GroupId) -> Result<(), ProposeError> {
         let me = self.config.node_id;
-        let Some(group) = self.groups.get(&g) else {
+        let Some(group) = self.group(g) else {
             return Err(ProposeError::Unavailable {
                 group: g,
                 detail: format!("node {me} holds no replica of the group"),
@@ -928,7 +1245,8 @@ impl Node {
 
     /// Waits until every local group has a leader, or `timeout` passes.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), Error> {
-        for (g, group) in &self.groups {
+        for group in self.groups() {
+            let g = &group.id;
             group
                 .raft
                 .wait(Some(timeout))
@@ -948,9 +1266,12 @@ impl Node {
             engine,
             groups,
             router,
+            build,
             ..
         } = self;
         drop(router);
+        drop(build);
+        let groups = groups.into_inner().unwrap_or_else(|p| p.into_inner());
         for (g, group) in groups {
             group.secret_eraser.abort();
             if let Err(e) = group.raft.shutdown().await {

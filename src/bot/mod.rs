@@ -293,7 +293,7 @@ impl BotApi {
     }
 
     /// The local replica of the group of `id`, or 503/400.
-    pub(crate) fn group(&self, id: u64, what: &str) -> Result<&Group, BotError> {
+    pub(crate) fn group(&self, id: u64, what: &str) -> Result<Group, BotError> {
         self.check_id(id, what)?;
         let g = group_of(id);
         self.node.group(g).ok_or_else(|| {

@@ -128,11 +128,16 @@ impl Hub {
             presence: Mutex::default(),
         });
         let mut watchers = Vec::new();
+        let mut watched = std::collections::BTreeMap::new();
+        let changes = hub.node.local_changes();
         for group in hub.node.groups() {
             let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
             watchers.push(task.abort_handle());
+            watched.insert(group.id(), task.abort_handle());
         }
         watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
+        let follow = tokio::spawn(follow_groups(Arc::downgrade(&hub), changes, watched));
+        watchers.push(follow.abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
     }
@@ -160,7 +165,7 @@ impl Hub {
     pub fn register(&self, principal: &Principal, connection_id: u64, pushes: PushSender) {
         let user = principal.user_id;
         // Read before taking the registry lock: lock order is group state, then registry.
-        let (log_head, device_id) = self.node.group(group_of(user)).map_or_else(
+        let (log_head, device_id) = self.node.serving_group(group_of(user)).map_or_else(
             || (0, String::new()),
             |g| {
                 let st = g.shared().read();
@@ -364,8 +369,8 @@ impl Hub {
             Command::MarkRead { chat, seq, .. } => {
                 let unread_count = self
                     .node
-                    .group(group_of(*chat))
-                    .map_or(0, |g| service::unread_count(g, *chat, user, *seq));
+                    .serving_group(group_of(*chat))
+                    .map_or(0, |g| service::unread_count(&g, *chat, user, *seq));
                 Body::ReadMarkerMoved(v1::ReadMarkerMoved {
                     chat_id: *chat,
                     read_seq: *seq,
@@ -455,6 +460,38 @@ fn chat_heads(group: &Group, pushed: &mut Vec<u64>) -> Vec<(ChatId, u64, u64)> {
 }
 
 /// The watcher of one local group replica (see the module docs).
+/// Follows the node's local replicas as the placement changes them (`admin group add`,
+/// replica moves): a watcher for each new one, none for one that moved away.
+async fn follow_groups(
+    hub: Weak<Hub>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    mut watched: std::collections::BTreeMap<chatlog_raft::GroupId, tokio::task::AbortHandle>,
+) {
+    while changes.changed().await.is_ok() {
+        let Some(h) = hub.upgrade() else { return };
+        let groups = h.node.groups();
+        let ids: std::collections::BTreeSet<_> = groups.iter().map(Group::id).collect();
+        watched.retain(|g, task| {
+            let keep = ids.contains(g);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for group in groups {
+            if !watched.contains_key(&group.id()) {
+                let id = group.id();
+                let task = tokio::spawn(watch_group(Weak::clone(&hub), group));
+                h.watchers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(task.abort_handle());
+                watched.insert(id, task.abort_handle());
+            }
+        }
+    }
+}
+
 async fn watch_group(hub: Weak<Hub>, group: Group) {
     let mut applied = group.shared().applied();
     // What exists at start is history, not news: start from the current heads.

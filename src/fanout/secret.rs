@@ -116,6 +116,7 @@ pub(super) async fn run_ticker(hub: Weak<Hub>) {
         let due: Vec<u64> = hub
             .node
             .groups()
+            .into_iter()
             .filter(|g| g.leader() == Some(me))
             .filter(|g| {
                 g.shared()

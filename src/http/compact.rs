@@ -28,7 +28,12 @@ pub const COMPACT_WAIT: Duration = Duration::from_secs(120);
 
 pub(super) async fn compact(ctx: Ctx) -> Response {
     let started = tokio::time::Instant::now();
-    let settled = || ctx.node.groups().all(|g| g.secret_erasures_settled());
+    let settled = || {
+        ctx.node
+            .groups()
+            .iter()
+            .all(|g| g.secret_erasures_settled())
+    };
     while !settled() && started.elapsed() < ERASERS_WAIT {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -18,6 +18,8 @@
 //!   (`bot.rs`, `crate::bot`, docs/bots.md); its errors have Telegram's shape instead.
 //! - `POST /admin/compact` (secret chats): waits for the erasers, seals the active
 //!   segment, compacts; see `compact.rs`.
+//! - Cluster changes (`cluster.rs`): `GET /admin/cluster`, `POST /admin/node-add`,
+//!   `/admin/node-remove`, `/admin/replica-move`, `/admin/group-add`, `/admin/rebalance`.
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -31,6 +33,7 @@
 
 mod bot;
 pub mod client;
+pub mod cluster;
 mod compact;
 mod counters;
 mod metrics;
@@ -89,6 +92,8 @@ pub struct HttpContext {
     pub started: Instant,
     /// The HTTP bot API (`/bot{TOKEN}/{method}`).
     pub bots: Arc<crate::bot::BotApi>,
+    /// The cluster id peers check on every frame (a joining node asks for it).
+    pub cluster_id: u64,
 }
 
 type Ctx = Arc<HttpContext>;
@@ -113,6 +118,14 @@ pub fn router(ctx: Ctx) -> Router {
         // ---- secret chats: forced erasure from disk (compact.rs) ----
         .route("/admin/compact", post(admin_compact))
         // ---- end secret chats ----
+        // ---- cluster changes (cluster.rs) ----
+        .route("/admin/cluster", get(cluster::cluster))
+        .route("/admin/node-add", post(cluster::node_add))
+        .route("/admin/node-remove", post(cluster::node_remove))
+        .route("/admin/replica-move", post(cluster::replica_move))
+        .route("/admin/group-add", post(cluster::group_add))
+        .route("/admin/rebalance", post(cluster::rebalance))
+        // ---- end cluster changes ----
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)
@@ -254,8 +267,14 @@ fn status_json(ctx: &HttpContext) -> Value {
     let stats = ctx.node.engine().stats();
     let mut nodes = Vec::new();
     let mut down = Vec::new();
-    for &id in &ctx.node.config().members {
-        let peer = ctx.peers.get(&id).map(|a| a.to_string());
+    let placement = ctx.node.placement();
+    for &id in placement.members.keys() {
+        let peer = placement
+            .members
+            .get(&id)
+            .map(|m| m.addr.clone())
+            .filter(|a| !a.is_empty())
+            .or_else(|| ctx.peers.get(&id).map(|a| a.to_string()));
         if id == me {
             nodes.push(
                 json!({"id": id, "self": true, "up": true, "peer_addr": peer,
@@ -270,7 +289,13 @@ fn status_json(ctx: &HttpContext) -> Value {
                               "last_ack_ms": last_ack_ms}));
         }
     }
-    let summary = status::summary(me, &groups, &down);
+    let mut summary = status::summary(me, &groups, &down);
+    if !placement.moves.is_empty() {
+        summary.push_str(&format!(
+            "; {} replica moves in progress",
+            placement.moves.len()
+        ));
+    }
     json!({
         "node": {
             "id": me,
@@ -285,6 +310,7 @@ fn status_json(ctx: &HttpContext) -> Value {
         "nodes": nodes,
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),
         "summary": summary,
+        "placement": cluster::placement_json(&placement),
     })
 }
 
@@ -365,7 +391,7 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
             format!("group {g} has no replica on node {me}"),
         );
     };
-    let before = GroupView::of(group, &ctx.changes);
+    let before = GroupView::of(&group, &ctx.changes);
     if !before.replicas.contains(&to) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -408,7 +434,7 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
             "a new leader",
         )
         .await;
-    let after = GroupView::of(group, &ctx.changes);
+    let after = GroupView::of(&group, &ctx.changes);
     match waited {
         Ok(_) => axum::Json(
             json!({"group": g, "previous_leader": me, "leader": after.leader,

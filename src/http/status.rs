@@ -204,7 +204,10 @@ impl GroupView {
 
 /// Every local group, in id order.
 pub fn groups(node: &Node, changes: &LeaderChanges) -> Vec<GroupView> {
-    node.groups().map(|g| GroupView::of(g, changes)).collect()
+    node.groups()
+        .iter()
+        .map(|g| GroupView::of(g, changes))
+        .collect()
 }
 
 /// Whether peer `id` looks up, judged from the heartbeats of the groups this node leads:

@@ -52,7 +52,9 @@ pub const PAGE_BYTES_MAX: usize = 768 * 1024;
 #[derive(Debug)]
 pub struct ChatService {
     node: Arc<Node>,
-    groups: u64,
+    /// Group and channel chats created on this node so far: a new one goes to the next
+    /// group round-robin, so groups added later (`admin group add`) get new chats.
+    chats_created: std::sync::atomic::AtomicU64,
     dev_mode: bool,
     /// Live subscriptions: (connection id, subscribe request id) → its task.
     subscriptions: Mutex<HashMap<(u64, u64), tokio::task::AbortHandle>>,
@@ -84,9 +86,9 @@ pub(crate) fn unread_count(group: &Group, chat: ChatId, user: UserId, after: u64
 /// A chat as `user` sees it, when this node hosts the chat's and the user's groups and
 /// the user is a member.
 pub(crate) fn chat_summary(node: &Node, chat: ChatId, user: UserId) -> Option<v1::ChatSummary> {
-    let group = node.group(group_of(chat))?;
+    let group = node.serving_group(group_of(chat))?;
     let read_seq = node
-        .group(group_of(user))
+        .serving_group(group_of(user))
         .map_or(0, |g| g.shared().read().read_marker(user, chat));
     let (view, role) = {
         let st = group.shared().read();
@@ -99,7 +101,7 @@ pub(crate) fn chat_summary(node: &Node, chat: ChatId, user: UserId) -> Option<v1
         role: convert::role_to_proto(role),
         head_seq: view.head_seq,
         read_seq,
-        unread_count: unread_count(group, chat, user, read_seq),
+        unread_count: unread_count(&group, chat, user, read_seq),
         member_count: view.member_count,
     })
 }
@@ -152,11 +154,10 @@ impl ChatService {
         dev_mode: bool,
         limits: ratelimit::RateLimits,
     ) -> ChatService {
-        let groups = node.config().groups;
         let hub = Hub::start(Arc::clone(&node));
         ChatService {
             node,
-            groups,
+            chats_created: std::sync::atomic::AtomicU64::new(0),
             dev_mode,
             subscriptions: Mutex::new(HashMap::new()),
             hub,
@@ -177,7 +178,8 @@ impl ChatService {
     /// The group owning id `id` (a user or chat id), wherever it is hosted.
     fn group_id_for(&self, id: u64, what: &str) -> Result<GroupId, v1::Error> {
         let g = group_of(id);
-        if id == 0 || g == 0 || g > self.groups {
+        // Groups can be added while the node runs (`admin group add`): ask the placement.
+        if id == 0 || g == 0 || g > self.node.chat_groups() {
             return Err(error(ErrorCode::NotFound, format!("no {what} {id}")));
         }
         Ok(g)
@@ -188,13 +190,12 @@ impl ChatService {
     /// on any node; reads need a local replica: a node without one answers
     /// `UNAVAILABLE` naming the nodes that host it (reconnect there; forwarding reads
     /// is future work).
-    fn group_for(&self, id: u64, what: &str) -> Result<&Group, v1::Error> {
+    fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
-        self.node.group(g).ok_or_else(|| {
+        self.node.serving_group(g).ok_or_else(|| {
             let hosts: Vec<String> = self
                 .node
-                .config()
-                .placement(g)
+                .replicas_of(g)
                 .iter()
                 .map(|n| n.to_string())
                 .collect();
@@ -235,11 +236,20 @@ impl ChatService {
         }
     }
 
-    fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
+    async fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
         let p = conn.principal().ok_or_else(unauthenticated)?;
         // A revoked session stops working at once, not only on the next connection.
-        let group = self.group_for(p.user_id, "user")?;
-        if !group.shared().read().has_session(p.user_id, p.session_id) {
+        let group = &self.group_for(p.user_id, "user")?;
+        let has = |g: &Group| g.shared().read().has_session(p.user_id, p.session_id);
+        // A replica that was just promoted by a replica move may not have applied the
+        // login yet: before refusing, catch up with the leader (a read barrier).
+        if !has(group) {
+            self.node
+                .read_barrier(group.id())
+                .await
+                .map_err(propose_error)?;
+        }
+        if !has(group) {
             return Err(error(
                 ErrorCode::Unauthenticated,
                 "this session was revoked or has expired",
@@ -331,7 +341,9 @@ impl ChatService {
                         r.name
                     )));
                 }
-                let g = 1 + group_of_name(&r.name, self.groups);
+                // Handles hash over the groups of the bootstrap only: a handle's
+                // uniqueness is checked in the one group its hash names.
+                let g = 1 + group_of_name(&r.name, self.node.placement().user_groups);
                 let group = g;
                 let token = random_hex();
                 match self
@@ -392,7 +404,7 @@ impl ChatService {
                 }
             }
             other => {
-                let me = self.caller(conn)?;
+                let me = self.caller(conn).await?;
                 // Requests that create messages count against the user's send rate,
                 // across all of the user's connections on this node.
                 if matches!(
@@ -424,7 +436,7 @@ impl ChatService {
         let user = me.user_id;
         match req {
             Req::ListSessions(_) => {
-                let group = self.group_for(user, "user")?;
+                let group = &self.group_for(user, "user")?;
                 let sessions = group.shared().read().sessions(user);
                 Ok(Resp::ListSessions(v1::ListSessionsResponse {
                     sessions: sessions
@@ -475,12 +487,22 @@ impl ChatService {
                         return Err(error(ErrorCode::NotFound, format!("no user {m}")));
                     }
                 }
-                // A direct chat lives with the smaller of its two users, so both find it.
-                let home = match (kind, r.member_ids.first()) {
-                    (ChatKind::Direct, Some(other)) => user.min(*other),
-                    _ => user,
+                // A direct chat lives with the smaller of its two users, so creating it
+                // twice finds the first one. Other chats go round-robin over every group
+                // from the creator's, so groups added later take their share.
+                let group = match (kind, r.member_ids.first()) {
+                    (ChatKind::Direct, Some(other)) => {
+                        self.group_id_for(user.min(*other), "user")?
+                    }
+                    _ => {
+                        let own = self.group_id_for(user, "user")?;
+                        let groups = self.node.chat_groups().max(1);
+                        let k = self
+                            .chats_created
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        1 + (own - 1 + k) % groups
+                    }
                 };
-                let group = self.group_id_for(home, "user")?;
                 let outcome = self
                     .propose(
                         group,
@@ -601,7 +623,7 @@ impl ChatService {
             }
             Req::ListChats(r) => {
                 let limit = check_limit(r.limit)?;
-                let ugroup = self.group_for(user, "user")?;
+                let ugroup = &self.group_for(user, "user")?;
                 let (ids, has_more) =
                     ugroup
                         .shared()
@@ -610,7 +632,7 @@ impl ChatService {
                 let mut chats = Vec::with_capacity(ids.len());
                 for id in ids {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
-                    let Ok(group) = self.group_for(id, "chat") else {
+                    let Ok(group) = &self.group_for(id, "chat") else {
                         continue;
                     };
                     let (view, role) = {
@@ -635,7 +657,7 @@ impl ChatService {
             }
             Req::ListMembers(r) => {
                 let limit = check_limit(r.limit)?;
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = &self.group_for(r.chat_id, "chat")?;
                 Self::member_check(group, r.chat_id, user)?;
                 let (members, has_more) = group
                     .shared()
@@ -766,7 +788,7 @@ impl ChatService {
             }
             Req::History(r) => {
                 let limit = check_limit(r.limit)? as u64;
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = &self.group_for(r.chat_id, "chat")?;
                 // Linearizable: a client that got seq N from a send then reads sees N.
                 self.node
                     .read_barrier(group.id())
@@ -817,7 +839,7 @@ impl ChatService {
                 if r.seqs.is_empty() || r.seqs.len() > PAGE_ITEMS_MAX as usize {
                     return Err(bad(format!("ask for 1 to {PAGE_ITEMS_MAX} seqs")));
                 }
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = &self.group_for(r.chat_id, "chat")?;
                 self.node
                     .read_barrier(group.id())
                     .await
@@ -843,7 +865,7 @@ impl ChatService {
                 Ok(Resp::GetBySeq(v1::GetBySeqResponse { events }))
             }
             Req::MarkRead(r) => {
-                let group = self.group_for(r.chat_id, "chat")?;
+                let group = &self.group_for(r.chat_id, "chat")?;
                 let view = Self::member_check(group, r.chat_id, user)?;
                 if r.seq > view.head_seq {
                     return Err(bad(format!(
@@ -877,7 +899,7 @@ impl ChatService {
                 if r.chat_ids.len() > PAGE_ITEMS_MAX as usize {
                     return Err(bad(format!("ask for at most {PAGE_ITEMS_MAX} chats")));
                 }
-                let ugroup = self.group_for(user, "user")?;
+                let ugroup = &self.group_for(user, "user")?;
                 let ids = if r.chat_ids.is_empty() {
                     ugroup.shared().read().user_chats(user, 0, usize::MAX).0
                 } else {
@@ -888,7 +910,7 @@ impl ChatService {
                 };
                 let mut counts = Vec::new();
                 for id in ids {
-                    let group = self.group_for(id, "chat")?;
+                    let group = &self.group_for(id, "chat")?;
                     let view = Self::member_check(group, id, user)?;
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let unread_count = unread_count(group, id, user, read_seq);
@@ -908,7 +930,7 @@ impl ChatService {
             }
             Req::Typing(r) => {
                 let group = self.group_for(r.chat_id, "chat")?;
-                let view = Self::member_check(group, r.chat_id, user)?;
+                let view = Self::member_check(&group, r.chat_id, user)?;
                 let role = group.shared().read().role(r.chat_id, user);
                 if view.kind == ChatKind::Channel && role < Some(chat::Role::Admin) {
                     return Err(error(
@@ -916,7 +938,7 @@ impl ChatService {
                         "only admins post, or type, in a channel",
                     ));
                 }
-                self.hub.typing(group, r.chat_id, user, r.typing);
+                self.hub.typing(&group, r.chat_id, user, r.typing);
                 Ok(Resp::Typing(v1::TypingResponse {}))
             }
             Req::GetPresence(r) => {
@@ -992,7 +1014,7 @@ impl ChatService {
             0 => PAGE_ITEMS_MAX as u64,
             n => check_limit(n)? as u64,
         };
-        let ugroup = self.group_for(user, "user")?;
+        let ugroup = &self.group_for(user, "user")?;
         let all = r.chats.is_empty();
         let (positions, has_more): (Vec<(ChatId, u64)>, bool) = if all {
             let st = ugroup.shared().read();
@@ -1012,7 +1034,7 @@ impl ChatService {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for (chat, last) in positions {
-            let group = self.group_for(chat, "chat")?;
+            let group = &self.group_for(chat, "chat")?;
             if barriers.insert(group.id()) {
                 // Linearizable, like history: a send acknowledged before is in the answer.
                 self.node
@@ -1089,7 +1111,7 @@ impl ChatService {
         user: UserId,
         r: v1::SubscribeRequest,
     ) -> Result<Resp, v1::Error> {
-        let group = self.group_for(r.chat_id, "chat")?.clone();
+        let group = self.group_for(r.chat_id, "chat")?;
         let view = Self::member_check(&group, r.chat_id, user)?;
         let chat = r.chat_id;
         let mut next = if r.from_seq == 0 {
@@ -1203,7 +1225,7 @@ impl Service for ChatService {
             .split_once('.')
             .and_then(|(u, _)| u.parse().ok())
             .ok_or_else(bad_token)?;
-        let group = self.group_for(user, "user").map_err(|_| bad_token())?;
+        let group = &self.group_for(user, "user").map_err(|_| bad_token())?;
         let session = group
             .shared()
             .read()

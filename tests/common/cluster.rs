@@ -80,6 +80,8 @@ pub struct Node {
     /// Its HTTP address, when started with [`Options::http`].
     pub http: Option<String>,
     peer_listen: Option<SocketAddr>,
+    /// `--join HTTP_ADDR` for a node added later ([`Cluster::join`]).
+    join: Option<String>,
     child: Option<Child>,
     paused: bool,
 }
@@ -175,6 +177,7 @@ impl Cluster {
                 listen: "127.0.0.1:0".into(),
                 http: None,
                 peer_listen: *peer_listen,
+                join: None,
                 child: None,
                 paused: false,
             })
@@ -196,9 +199,30 @@ impl Cluster {
         cluster
     }
 
-    /// The node ids, from 1.
+    /// The node ids, from 1 (nodes added with [`Cluster::join`] included).
     pub fn ids(&self) -> std::ops::RangeInclusive<u64> {
-        1..=self.options.nodes
+        1..=self.nodes.len() as u64
+    }
+
+    /// Starts one more node that joins the running cluster through node `via`'s HTTP port
+    /// (`chatlog serve --join`, which registers it with `node add`); returns its id. It
+    /// holds no replica until one is moved to it. Blocks. Needs [`Options::http`].
+    pub fn join(&mut self, via: u64) -> u64 {
+        let http = self.http_addr(via);
+        let id = self.nodes.len() as u64 + 1;
+        let peer = format!("127.0.0.1:{}", free_port());
+        self.nodes.push(Node {
+            dir: self._root.path().join(format!("node-{id}")),
+            listen: "127.0.0.1:0".into(),
+            http: None,
+            peer_listen: Some(peer.parse().expect("address")),
+            join: Some(http),
+            child: None,
+            paused: false,
+        });
+        let rx = self.spawn(id);
+        self.wait_announced(id, rx);
+        id
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -237,7 +261,6 @@ impl Cluster {
             "--listen",
             &node.listen,
         ])
-        .args(["--initial-cluster", &initial])
         .args(["--groups", &options.groups.to_string()])
         .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
         // The load here is many users' worth; rate limits have their own test.
@@ -250,6 +273,10 @@ impl Cluster {
         .env_remove("CHATLOG_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        match &node.join {
+            Some(http) => cmd.args(["--join", http]),
+            None => cmd.args(["--initial-cluster", &initial]),
+        };
         if options.http {
             // A restart keeps its HTTP address, like its client address.
             cmd.args(["--http", node.http.as_deref().unwrap_or("127.0.0.1:0")]);

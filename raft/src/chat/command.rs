@@ -265,6 +265,9 @@ pub enum Command {
     // ---- secret chats (tags 50-59, `secret.rs`) ----
     /// A secret-chat command.
     Secret(SecretCommand),
+    // ---- cluster placement (controller group 0 only; tags 70-79) ----
+    /// A change to the cluster placement (`chat::placement`); refused outside group 0.
+    Placement(crate::chat::placement::PlacementCommand),
 }
 
 mod tag {
@@ -287,6 +290,7 @@ mod tag {
     pub const MARK_READ: u8 = 30;
     pub const USER_CHAT_ADDED: u8 = 31;
     pub const USER_CHAT_REMOVED: u8 = 32;
+    pub const PLACEMENT: u8 = 70;
 }
 
 impl Command {
@@ -449,6 +453,10 @@ impl Command {
             }
             Command::Bot(c) => c.encode_into(w.0),
             Command::Secret(c) => c.encode_into(w.0),
+            Command::Placement(p) => {
+                w.u8(tag::PLACEMENT);
+                p.encode_into(w.0);
+            }
         }
     }
 
@@ -589,6 +597,9 @@ impl Command {
             }
             t if SecretCommand::owns_tag(t) => {
                 Command::Secret(SecretCommand::decode_fields(t, &mut r)?)
+            }
+            tag::PLACEMENT => {
+                Command::Placement(crate::chat::placement::PlacementCommand::decode(&mut r)?)
             }
             other => {
                 return Err(DecodeError::new(
@@ -819,6 +830,13 @@ pub enum Outcome {
     Refused(Refusal),
     /// A secret-chat command was applied (`secret.rs` says what `n` means).
     Secret(SecretApplied),
+    /// A placement command was applied (group 0).
+    Placement {
+        /// The placement's version after it.
+        version: u64,
+        /// False when the command changed nothing (a repeat).
+        changed: bool,
+    },
 }
 
 impl Outcome {
@@ -1020,6 +1038,11 @@ mod tests {
                 }],
             }),
             Command::Bot(crate::chat::bot::BotCommand::Confirm { bot: 1, offset: 3 }),
+            Command::Placement(crate::chat::placement::PlacementCommand::MoveStart {
+                group: 3,
+                from: 1,
+                to: 4,
+            }),
         ]
         .into_iter()
         .chain(

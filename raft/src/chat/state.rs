@@ -284,6 +284,8 @@ pub struct GroupState {
     bots: crate::chat::bot::Bots,
     /// Secret chats (`secret.rs`); encoded last in the checkpoint.
     secret: SecretState,
+    /// The cluster placement: group 0 only (`chat::placement`); empty elsewhere.
+    placement: crate::chat::placement::Placement,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -314,6 +316,7 @@ impl GroupState {
             events_applied: 0,
             bots: crate::chat::bot::Bots::default(),
             secret: SecretState::default(),
+            placement: Default::default(),
         }
     }
 
@@ -327,6 +330,11 @@ impl GroupState {
         self.events_applied
     }
 
+    /// The cluster placement (bootstrapped in group 0 only).
+    pub fn placement(&self) -> &crate::chat::placement::Placement {
+        &self.placement
+    }
+
     /// Applies command `pos` of the batch in Raft entry `raft_index`, stamped `ts`.
     pub fn apply(&mut self, cmd: &Command, ts: u64, raft_index: u64, pos: usize) -> Outcome {
         if raft_index > EVENT_RAFT_INDEX_MAX {
@@ -335,6 +343,15 @@ impl GroupState {
         }
         let at = |kind, sender| EventLoc::new(raft_index, pos, kind, sender);
         match cmd {
+            Command::Placement(p) => {
+                if self.group != 0 {
+                    return refuse(
+                        RefusalCode::BadRequest,
+                        "placement commands belong to the controller group 0",
+                    );
+                }
+                self.placement.apply(p)
+            }
             Command::CreateUser {
                 name,
                 login_token_hash,
@@ -1396,6 +1413,8 @@ impl GroupState {
         }
         self.bots.encode_into(&mut w.0);
         self.secret.encode_into(&mut w.0);
+        // Last, and nothing outside group 0: older checkpoints decode unchanged.
+        self.placement.encode_into(&mut w.0);
         w.0
     }
 
@@ -1521,6 +1540,7 @@ impl GroupState {
         if r.remaining() > 0 {
             st.secret = SecretState::decode_from(&mut r)?;
         }
+        st.placement = crate::chat::placement::Placement::decode(&mut r)?;
         r.finish()?;
         Ok(st)
     }

@@ -50,6 +50,7 @@
 //!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
 //!                             6 Unknown | detail Str
 //!                             7 Unavailable | detail Str
+//!                            50 Placement | version u64 | changed u8 (0/1)
 //! ReadIndexRequest   (empty)
 //! ReadIndexResponse  kind u8: 0 Ok | index u64
 //!                             5 NotLeader | has_leader u8 (0/1) [| leader u64]
@@ -410,6 +411,8 @@ const RESULT_NOT_LEADER: u8 = 5;
 const RESULT_UNKNOWN: u8 = 6;
 const RESULT_UNAVAILABLE: u8 = 7;
 const RESULT_BOT_DONE: u8 = 8;
+/// A placement command's outcome: version u64 | changed u8 (cluster changes, 70-79).
+const RESULT_PLACEMENT: u8 = 70;
 const RESULT_READ_INDEX: u8 = 0;
 /// A secret-chat command's result (`Outcome::Secret`); 50 and up belong to secret chats.
 const RESULT_SECRET: u8 = 50;
@@ -583,6 +586,11 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                 out.extend_from_slice(&a.chat.to_le_bytes());
                 out.extend_from_slice(&a.n.to_le_bytes());
             }
+            Ok(Outcome::Placement { version, changed }) => {
+                out.push(RESULT_PLACEMENT);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.push(u8::from(*changed));
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -631,6 +639,10 @@ pub fn decode_propose_response(
                 chat: r.u64()?,
                 n: r.u64()?,
             })),
+            RESULT_PLACEMENT => Ok(Outcome::Placement {
+                version: r.u64()?,
+                changed: r.bool()?,
+            }),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
                 message: r.string(FORWARD_TEXT_BYTES_MAX)?,
@@ -953,6 +965,10 @@ mod tests {
                 read_seq: 1,
             }),
             Ok(Outcome::BotDone { bot: 5, value: 8 }),
+            Ok(Outcome::Placement {
+                version: 9,
+                changed: true,
+            }),
             Ok(Outcome::Refused(Refusal {
                 code: RefusalCode::Conflict,
                 message: "taken".into(),
