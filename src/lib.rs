@@ -2,7 +2,7 @@
 //! gateway's connection layer (`gateway`), the Raft-backed service behind it (`service`),
 //! the fan-out hub (`fanout`), the HTTP port (`http`), and the client, admin, load
 //! generator and storage commands (`client_cmd`, `admin_cmd`, `bench_cmd`,
-//! `storage_cmd`). Media arrives with its issue.
+//! `storage_cmd`), and media uploads and downloads (`media`).
 
 pub mod admin_cmd;
 pub mod bench_cmd;
@@ -11,6 +11,7 @@ pub mod client_cmd;
 pub mod fanout;
 pub mod gateway;
 pub mod http;
+pub mod media;
 pub mod serve;
 pub mod service;
 pub mod storage_cmd;

@@ -544,6 +544,7 @@ impl From<ClientError> for CmdError {
             ClientError::Protocol(m) => CmdError::new("PROTOCOL", m),
             ClientError::Encode(inner) => CmdError::new("TOO_LARGE", inner.to_string()),
             ClientError::Io(inner) => CmdError::new("CONNECT_FAILED", inner.to_string()),
+            ClientError::LocalFile { .. } => CmdError::new("LOCAL_FILE", e.to_string()),
         }
     }
 }

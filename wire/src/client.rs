@@ -207,6 +207,17 @@ pub enum ClientError {
     /// Dialling failed.
     #[error("cannot connect: {0}")]
     Io(#[source] io::Error),
+    /// Reading or writing a local file of a media transfer failed (`client/media.rs`).
+    #[error("{action} {path}: {source}")]
+    LocalFile {
+        /// What was being done: "reading", "writing", "opening".
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ClientError {
@@ -567,6 +578,18 @@ typed_requests! {
     /// Catches a device up: per chat, the events after the seq it holds (a bounded page,
     /// with `too_long` when the rest must be paged with history), head and unread count.
     sync(Sync: v1::SyncRequest) -> Sync(v1::SyncResponse);
+    /// Opens a resumable media upload (see [`Client::upload_file`] for the whole flow).
+    media_upload_start(MediaUploadStart: v1::MediaUploadStartRequest) -> MediaUploadStart(v1::MediaUploadStartResponse);
+    /// Stores one part of an upload; answered once it is durable.
+    media_upload_part(MediaUploadPart: v1::MediaUploadPartRequest) -> MediaUploadPart(v1::MediaUploadPartResponse);
+    /// Which parts of an upload the server holds.
+    media_upload_status(MediaUploadStatus: v1::MediaUploadStatusRequest) -> MediaUploadStatus(v1::MediaUploadStatusResponse);
+    /// Checks the hash of a complete upload and stores the file.
+    media_upload_finish(MediaUploadFinish: v1::MediaUploadFinishRequest) -> MediaUploadFinish(v1::MediaUploadFinishResponse);
+    /// Reads a byte range of a stored file.
+    media_download(MediaDownload: v1::MediaDownloadRequest) -> MediaDownload(v1::MediaDownloadResponse);
+    /// Describes a stored file.
+    media_info(MediaInfo: v1::MediaInfoRequest) -> MediaInfo(v1::MediaInfoResponse);
 }
 
 impl Client {
@@ -620,6 +643,12 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::Subscribe(_) => "subscribe",
         Kind::Unsubscribe(_) => "unsubscribe",
         Kind::Sync(_) => "sync",
+        Kind::MediaUploadStart(_) => "media_upload_start",
+        Kind::MediaUploadPart(_) => "media_upload_part",
+        Kind::MediaUploadStatus(_) => "media_upload_status",
+        Kind::MediaUploadFinish(_) => "media_upload_finish",
+        Kind::MediaDownload(_) => "media_download",
+        Kind::MediaInfo(_) => "media_info",
     }
 }
 
@@ -638,7 +667,14 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         | Kind::ListChats(_)
         | Kind::ListMembers(_)
         | Kind::ListSessions(_)
-        | Kind::Sync(_) => true,
+        | Kind::Sync(_)
+        // Media: a part already held is acknowledged again; finishing a finished upload
+        // answers the same reference; the rest are reads.
+        | Kind::MediaUploadPart(_)
+        | Kind::MediaUploadStatus(_)
+        | Kind::MediaUploadFinish(_)
+        | Kind::MediaDownload(_)
+        | Kind::MediaInfo(_) => true,
         _ => false,
     }
 }
@@ -971,6 +1007,12 @@ async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Connectio
     }
     shared.close();
 }
+
+mod media;
+pub use media::{
+    DOWNLOAD_IN_FLIGHT_MAX, DownloadOptions, TransferProgress, UPLOAD_PARTS_IN_FLIGHT_MAX,
+    UploadOptions, media_id_hex, parse_media_id,
+};
 
 #[cfg(test)]
 mod tests;

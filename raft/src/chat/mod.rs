@@ -13,6 +13,7 @@
 //! from 1 in the high bits.
 
 pub mod command;
+pub mod media;
 pub mod state;
 
 pub use command::{

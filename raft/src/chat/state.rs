@@ -18,6 +18,7 @@ use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
 };
+use crate::chat::media::MediaState;
 use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
 use crate::types::GroupId;
@@ -279,6 +280,8 @@ pub struct GroupState {
     dedupe: Dedupe,
     /// Events appended (chat and user logs), for metrics.
     events_applied: u64,
+    /// Stored files of this group's users and media grants of its chats.
+    media: MediaState,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -307,6 +310,7 @@ impl GroupState {
             directs: HashMap::new(),
             dedupe: Dedupe::default(),
             events_applied: 0,
+            media: MediaState::default(),
         }
     }
 
@@ -472,6 +476,12 @@ impl GroupState {
                     read_seq: 0,
                 }
             }
+            Command::MediaStored { uploader, media } => {
+                if !self.users.contains_key(uploader) {
+                    return refuse(RefusalCode::NotFound, format!("no user {uploader}"));
+                }
+                self.media.apply_stored(*uploader, media, ts)
+            }
             _ => self.apply_chat_command(cmd, ts, at),
         }
     }
@@ -633,8 +643,13 @@ impl GroupState {
                 }
             }
             Command::Post {
-                client_message_id, ..
+                client_message_id,
+                media,
+                ..
             } => {
+                if let Some(m) = media {
+                    self.media.grant(&m.sha256, chat_id);
+                }
                 self.dedupe.insert(
                     DedupeKey {
                         chat: chat_id,
@@ -712,6 +727,11 @@ impl GroupState {
             head_seq: c.events.len() as u64,
             member_count: c.members.len() as u64,
         })
+    }
+
+    /// Stored files of this group's users and media grants of its chats.
+    pub fn media(&self) -> &MediaState {
+        &self.media
     }
 
     /// A chat's newest seq, `None` if there is no such chat. Cheap (no copy), for
@@ -1305,6 +1325,7 @@ impl GroupState {
             w.u64(k.client_message_id);
             w.u64(seq);
         }
+        self.media.encode_into(&mut w.0);
         w.0
     }
 
@@ -1422,6 +1443,7 @@ impl GroupState {
             st.dedupe.order.push_back((ts, key));
             st.dedupe.seqs.insert(key, (seq, ts));
         }
+        st.media = MediaState::decode_from(&mut r)?;
         r.finish()?;
         Ok(st)
     }

@@ -409,6 +409,7 @@ const RESULT_REFUSED: u8 = 4;
 const RESULT_NOT_LEADER: u8 = 5;
 const RESULT_UNKNOWN: u8 = 6;
 const RESULT_UNAVAILABLE: u8 = 7;
+const RESULT_MEDIA_STORED: u8 = 40;
 const RESULT_READ_INDEX: u8 = 0;
 
 fn put_text(out: &mut Vec<u8>, text: &str) {
@@ -569,6 +570,14 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
+            Ok(Outcome::MediaStored {
+                uploader,
+                first_upload,
+            }) => {
+                out.push(RESULT_MEDIA_STORED);
+                out.extend_from_slice(&uploader.to_le_bytes());
+                out.push(u8::from(*first_upload));
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -608,6 +617,10 @@ pub fn decode_propose_response(
                 user: r.u64()?,
                 seq: r.u64()?,
                 read_seq: r.u64()?,
+            }),
+            RESULT_MEDIA_STORED => Ok(Outcome::MediaStored {
+                uploader: r.u64()?,
+                first_upload: r.bool()?,
             }),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
@@ -921,6 +934,10 @@ mod tests {
                 deduplicated: true,
             }),
             Ok(Outcome::UserCreated { user: 5 }),
+            Ok(Outcome::MediaStored {
+                uploader: 5,
+                first_upload: true,
+            }),
             Ok(Outcome::LoggedIn {
                 user: 5,
                 session_id: 2,
