@@ -90,6 +90,14 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
+    /// Seconds after which an unfinished media upload is deleted and its disk space
+    /// freed (default one day).
+    #[arg(long, default_value_t = crate::media::store::UPLOAD_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub media_upload_ttl_secs: u64,
+    /// Bytes all unfinished media uploads on this node may reserve together; an upload
+    /// past it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = crate::media::store::RESERVED_BYTES_MAX)]
+    pub media_reserved_bytes: u64,
 }
 
 /// The HTTP address: `--http`, else the client address with port + 80 (0 stays 0).
@@ -274,12 +282,17 @@ async fn serve(
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
     let service = Arc::new(CountedService::new(
-        ChatService::with_limits(
+        ChatService::with_media(
             Arc::clone(&node),
             args.dev_mode,
             crate::service::ratelimit::RateLimits {
                 user_sends_per_sec: args.user_sends_per_sec,
                 conn_requests_per_sec: args.conn_requests_per_sec,
+            },
+            crate::media::store::StoreConfig {
+                upload_ttl: Duration::from_secs(args.media_upload_ttl_secs),
+                reserved_bytes_max: args.media_reserved_bytes,
+                ..Default::default()
             },
         ),
         clients,
