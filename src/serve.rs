@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
+    /// segment is preallocated in full, so a small disk wants small segments.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
+    pub segment_mb: Option<u64>,
     /// Messages (sends, edits, deletes, reactions, pins, new chats) per second per user,
     /// with a burst of as many; over it a request gets RATE_LIMITED with a retry-after.
     /// 0 turns the limit off (load tests).
@@ -90,6 +94,10 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
+    /// Bytes of pushes queued per connection (one push is always taken): a live push
+    /// beyond closes the connection as a slow reader; a subscription catching up waits.
+    #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
+    pub push_queue_bytes: usize,
     /// Seconds after which an unfinished media upload is deleted and its disk space
     /// freed (default one day).
     #[arg(long, default_value_t = crate::media::store::UPLOAD_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
@@ -169,7 +177,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         replicas,
         members,
         sm: Default::default(),
-        segment_bytes: None,
+        segment_bytes: args.segment_mb.map(|mb| mb << 20),
         heartbeat_ms: args.heartbeat_ms,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -302,6 +310,7 @@ async fn serve(
         service,
         GatewayLimits {
             push_queue_len_max: args.push_queue_len.max(1),
+            push_queue_bytes_max: args.push_queue_bytes.max(1),
             ..GatewayLimits::default()
         },
         shutdown_signal(),

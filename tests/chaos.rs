@@ -31,16 +31,15 @@
 //! length of the fault window (default 20 s, ~35 s for the whole test); `scripts/soak`
 //! runs the test repeatedly for as long as asked.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/history.rs"]
 mod history;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
@@ -48,6 +47,7 @@ use chatlog_wire::client::{Client, ClientError, ClientOptions, ReconnectPolicy};
 use chatlog_wire::limits::NODE_FRAME_BYTES_MAX;
 use chatlog_wire::proto::node::v1::NodeFrame;
 use chatlog_wire::proto::v1::{self, ErrorCode, event::Body};
+use cluster::{Cluster, Options};
 use history::{Event, History, Outcome, Read, Send};
 use prost::Message;
 use rand::rngs::StdRng;
@@ -56,8 +56,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const NODES: u64 = 3;
-const GROUPS: &str = "4";
-const HEARTBEAT_MS: &str = "100";
 const CHATS: usize = 4;
 const LANES_PER_USER: u64 = 2;
 /// Default length of the fault window.
@@ -220,216 +218,25 @@ async fn pump(
 
 // ---- The processes --------------------------------------------------------------------
 
-/// (group, term, node) of every "this node leads the group" line any node logged.
-type Leadership = Arc<Mutex<Vec<(u64, u64, u64)>>>;
-
-struct Node {
-    dir: PathBuf,
-    listen: String,
-    peer_listen: SocketAddr,
-    child: Option<Child>,
-    paused: bool,
-}
-
-struct Cluster {
-    _root: tempfile::TempDir,
-    initial: String,
-    nodes: Vec<Node>,
-    leadership: Leadership,
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
+/// Starts the proxies and three nodes whose `--initial-cluster` names the proxies; each
+/// node listens for peers on its own `--peer-listen` behind its proxy.
+async fn start_cluster(net: &Arc<Net>) -> Cluster {
+    let mut routes = Vec::new();
+    for id in 1..=NODES {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        let peer_listen: SocketAddr = format!("127.0.0.1:{}", cluster::free_port())
+            .parse()
+            .expect("address");
+        routes.push((peer_listen, proxy.local_addr().expect("proxy address")));
+        tokio::spawn(run_proxy(proxy, id, peer_listen, Arc::clone(net)));
     }
-    out
-}
-
-fn field(line: &str, name: &str) -> Option<u64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(child.id()).expect("pid");
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
-}
-
-impl Cluster {
-    /// Starts the proxies and three nodes whose `--initial-cluster` names the proxies.
-    async fn start(net: &Arc<Net>) -> Cluster {
-        let root = tempfile::tempdir().expect("temp dir");
-        let mut initial = Vec::new();
-        let mut nodes = Vec::new();
-        for id in 1..=NODES {
-            let proxy = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
-            let peer_listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            initial.push(format!("{id}={}", proxy.local_addr().unwrap()));
-            tokio::spawn(run_proxy(proxy, id, peer_listen, Arc::clone(net)));
-            nodes.push(Node {
-                dir: root.path().join(format!("node-{id}")),
-                listen: "127.0.0.1:0".into(),
-                peer_listen,
-                child: None,
-                paused: false,
-            });
-        }
-        let mut cluster = Cluster {
-            _root: root,
-            initial: initial.join(","),
-            nodes,
-            leadership: Arc::default(),
-        };
-        tokio::task::block_in_place(|| {
-            let announced: Vec<_> = (1..=NODES).map(|id| cluster.spawn(id)).collect();
-            for (id, rx) in (1..=NODES).zip(announced) {
-                cluster.wait_announced(id, rx);
-            }
-        });
-        cluster
-    }
-
-    fn node(&mut self, id: u64) -> &mut Node {
-        &mut self.nodes[(id - 1) as usize]
-    }
-
-    fn addr(&self, id: u64) -> String {
-        self.nodes[(id - 1) as usize].listen.clone()
-    }
-
-    fn spawn(&mut self, id: u64) -> mpsc::Receiver<String> {
-        let initial = self.initial.clone();
-        let leadership = Arc::clone(&self.leadership);
-        let node = self.node(id);
-        std::fs::create_dir_all(&node.dir).expect("data dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args(["serve", "--node-id", &id.to_string()])
-            .args(["--listen", &node.listen, "--http", "127.0.0.1:0"])
-            .args(["--peer-listen", &node.peer_listen.to_string()])
-            .args(["--initial-cluster", &initial, "--groups", GROUPS])
-            // The load here is many users' worth; rate limits have their own test.
-            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-            .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
-            .arg(&node.dir)
-            .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chatlog serve starts");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("clients: ") {
-                    let _ = tx.send(a.trim().to_string());
-                }
-            }
-        });
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            let mut printed = 0;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                if line.contains("leadership: this node leads the group")
-                    && let (Some(g), Some(t), Some(n)) = (
-                        field(&line, "group"),
-                        field(&line, "term"),
-                        field(&line, "node"),
-                    )
-                {
-                    leadership.lock().expect("lock").push((g, t, n));
-                    continue;
-                }
-                // Faults make nodes chatty; keep the first lines and anything alarming.
-                if printed < 50 || line.contains("panick") || line.contains("ERROR") {
-                    printed += 1;
-                    eprintln!("[node {id}] {line}");
-                }
-            }
-        });
-        node.child = Some(child);
-        node.paused = false;
-        rx
-    }
-
-    fn wait_announced(&mut self, id: u64, rx: mpsc::Receiver<String>) {
-        let addr = rx
-            .recv_timeout(START_WAIT)
-            .unwrap_or_else(|e| panic!("node {id} announced no client address: {e}"));
-        self.node(id).listen = addr;
-    }
-
-    fn kill(&mut self, id: u64) {
-        let node = self.node(id);
-        let mut child = node.child.take().expect("running");
-        child.kill().expect("kill");
-        child.wait().expect("reaped");
-        node.paused = false;
-    }
-
-    fn restart(&mut self, id: u64) {
-        let rx = self.spawn(id);
-        self.wait_announced(id, rx);
-    }
-
-    fn pause(&mut self, id: u64) {
-        let node = self.node(id);
-        signal(node.child.as_ref().expect("running"), libc::SIGSTOP);
-        node.paused = true;
-    }
-
-    fn resume(&mut self, id: u64) {
-        let node = self.node(id);
-        signal(node.child.as_ref().expect("running"), libc::SIGCONT);
-        node.paused = false;
-    }
-
-    /// The node that led `group` in the highest term logged so far.
-    fn leader(&self, group: u64) -> Option<u64> {
-        self.leadership
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(g, _, _)| *g == group)
-            .max_by_key(|(_, t, _)| *t)
-            .map(|(_, _, n)| *n)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                if node.paused {
-                    signal(&child, libc::SIGCONT);
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
+    let options = Options {
+        nodes: NODES,
+        http: true,
+        peer_routes: Some(routes),
+        ..Options::default()
+    };
+    tokio::task::block_in_place(|| Cluster::start(options))
 }
 
 // ---- Clients --------------------------------------------------------------------------
@@ -686,7 +493,7 @@ fn inject_faults(
     while Instant::now() < until {
         let random_node = rng.random_range(1..=NODES);
         let group = groups[rng.random_range(0..groups.len())];
-        let leader = cluster.leader(group).unwrap_or(random_node);
+        let leader = cluster.last_leader(group).unwrap_or(random_node);
         // Leaders more often: the node that leads a written group, two times in three.
         let victim = if rng.random_bool(2.0 / 3.0) {
             leader
@@ -759,8 +566,8 @@ async fn acknowledged_writes_survive_kills_pauses_and_partitions() {
         .unwrap_or(CHAOS_SECS);
     let mut rng = StdRng::seed_from_u64(seed);
     let net = Arc::new(Net::default());
-    let mut cluster = Cluster::start(&net).await;
-    eprintln!("cluster up in {:?}: {}", started.elapsed(), cluster.initial);
+    let mut cluster = start_cluster(&net).await;
+    eprintln!("cluster up in {:?}", started.elapsed());
 
     // One user per node; every user is in every chat.
     let mut users = Vec::new();
@@ -847,7 +654,7 @@ async fn acknowledged_writes_survive_kills_pauses_and_partitions() {
     let window_started = Instant::now();
     let until = window_started + Duration::from_secs(secs);
     eprintln!("[chaos] fault window of {secs} s starts after {before} sends");
-    let (mut cluster, faults) = {
+    let (cluster, faults) = {
         let net = Arc::clone(&net);
         let groups = groups.clone();
         tokio::task::spawn_blocking(move || {
@@ -889,7 +696,6 @@ async fn acknowledged_writes_survive_kills_pauses_and_partitions() {
         }
     }
     // Leave the processes running until the reads are done, then stop them.
-    cluster.nodes.iter_mut().for_each(|n| n.paused = false);
     drop(cluster);
 
     // Figures.

@@ -17,285 +17,42 @@
 //! seed (writer interleaving, which node each writer starts on) is printed; set
 //! `CHATLOG_TEST_SEED` to repeat a run.
 
+#[path = "common/cluster.rs"]
+mod cluster;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
-use chatlog_wire::client::{Client, ClientError, ClientOptions, ReconnectPolicy};
+use chatlog_wire::client::{Client, ClientError};
 use chatlog_wire::proto::v1::{self, ErrorCode, event::Body};
+use cluster::{Cluster, Options};
 use rand::{Rng, SeedableRng};
 
 const NODES: u64 = 3;
-const GROUPS: &str = "4";
-const HEARTBEAT_MS: &str = "100";
-/// Longest a node may take to announce its client address.
-const START_WAIT: Duration = Duration::from_secs(60);
 /// Longest anything that needs an election or a catch-up may take.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// (group, term, node) of every "this node leads the group" line any node logged.
-type Leadership = Arc<Mutex<Vec<(u64, u64, u64)>>>;
-
-struct Node {
-    dir: PathBuf,
-    listen: String,
-    child: Option<Child>,
+fn start_cluster() -> Cluster {
+    Cluster::start(Options::default())
 }
 
-struct Cluster {
-    _root: tempfile::TempDir,
-    initial: String,
-    nodes: Vec<Node>,
-    leadership: Leadership,
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Removes ANSI colour sequences (the log format may colour field names).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn field(line: &str, name: &str) -> Option<u64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
-impl Cluster {
-    /// Starts three nodes, each with its own data directory, and waits until each
-    /// announced its client address.
-    fn start() -> Cluster {
-        let root = tempfile::tempdir().expect("temp dir");
-        let initial: Vec<String> = (1..=NODES)
-            .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
-            .collect();
-        let mut cluster = Cluster {
-            initial: initial.join(","),
-            nodes: (1..=NODES)
-                .map(|id| Node {
-                    dir: root.path().join(format!("node-{id}")),
-                    listen: "127.0.0.1:0".into(),
-                    child: None,
-                })
-                .collect(),
-            _root: root,
-            leadership: Arc::default(),
-        };
-        // Start every process before waiting for any: a node announces its address
-        // only after its groups have leaders, which needs the others.
-        let announced: Vec<_> = (1..=NODES).map(|id| cluster.spawn(id)).collect();
-        for (id, rx) in (1..=NODES).zip(announced) {
-            cluster.wait_announced(id, rx);
-        }
-        cluster
-    }
-
-    fn node(&mut self, id: u64) -> &mut Node {
-        &mut self.nodes[(id - 1) as usize]
-    }
-
-    /// The client address of node `id`.
-    fn addr(&self, id: u64) -> String {
-        self.nodes[(id - 1) as usize].listen.clone()
-    }
-
-    fn spawn(&mut self, id: u64) -> mpsc::Receiver<String> {
-        let initial = self.initial.clone();
-        let leadership = Arc::clone(&self.leadership);
-        let node = self.node(id);
-        std::fs::create_dir_all(&node.dir).expect("data dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args([
-                "serve",
-                "--node-id",
-                &id.to_string(),
-                "--listen",
-                &node.listen,
-            ])
-            .args(["--initial-cluster", &initial, "--groups", GROUPS])
-            // The load here is many users' worth; rate limits have their own test.
-            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-            .args(["--heartbeat-ms", HEARTBEAT_MS, "--data-dir"])
-            .arg(&node.dir)
-            .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chatlog serve starts");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            // Keep draining after the announcement, so the process never blocks on stdout.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("clients: ") {
-                    let _ = tx.send(a.trim().to_string());
-                }
-            }
-        });
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                if line.contains("leadership: this node leads the group")
-                    && let (Some(g), Some(t), Some(n)) = (
-                        field(&line, "group"),
-                        field(&line, "term"),
-                        field(&line, "node"),
-                    )
-                {
-                    leadership.lock().expect("lock").push((g, t, n));
-                    continue;
-                }
-                eprintln!("[node {id}] {line}");
-            }
-        });
-        node.child = Some(child);
-        rx
-    }
-
-    fn wait_announced(&mut self, id: u64, rx: mpsc::Receiver<String>) {
-        let addr = rx
-            .recv_timeout(START_WAIT)
-            .unwrap_or_else(|e| panic!("node {id} announced no client address: {e}"));
-        // A restart listens on the same address, so clients redial it.
-        self.node(id).listen = addr;
-    }
-
-    /// SIGKILL: no shutdown path runs.
-    fn kill(&mut self, id: u64) {
-        let mut child = self.node(id).child.take().expect("running");
-        child.kill().expect("kill");
-        child.wait().expect("reaped");
-    }
-
-    /// Starts node `id` again on its data directory and client address.
-    fn restart(&mut self, id: u64) {
-        let rx = self.spawn(id);
-        self.wait_announced(id, rx);
-    }
-
-    /// The node that leads `group` in the highest term logged so far, once it is above
-    /// `above_term`; with its term.
-    fn leader(&self, group: u64, above_term: u64) -> (u64, u64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let best = self
-                .leadership
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter(|(g, t, _)| *g == group && *t > above_term)
-                .max_by_key(|(_, t, _)| *t)
-                .map(|(_, t, n)| (*n, *t));
-            if let Some(found) = best {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no leader of group {group} above term {above_term}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn options(token: Option<String>) -> ClientOptions {
-    ClientOptions {
-        token,
-        request_timeout: Duration::from_secs(10),
-        // The tests switch nodes themselves when one is down; no long redial loops.
-        reconnect: ReconnectPolicy {
-            attempts_max: 1,
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(100),
-        },
-        retries_max: 1,
-        ..ClientOptions::default()
-    }
-}
-
-/// Connects to `addr`, retrying while the node cannot authenticate the token yet (its
-/// replica of the user's group applies the login a heartbeat after the leader).
+/// Connects to `addr`, retrying while the node cannot authenticate the token yet.
 async fn connect(addr: &str, token: Option<String>) -> Client {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match Client::connect(addr, options(token.clone())).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("connecting to {addr}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("cannot connect to {addr}: {e}"),
-        }
-    }
+    cluster::connect_with(
+        addr,
+        cluster::client_options(token, Duration::from_secs(10), 1),
+    )
+    .await
 }
 
 /// Creates a user through node `addr` and logs in there: (user id, token, client).
 async fn account(addr: &str, name: &str) -> (u64, String, Client) {
     let c = connect(addr, None).await;
-    // Right after start a group may still be electing (slower on a loaded CI machine):
-    // UNAVAILABLE means nothing was proposed, so asking again is safe.
-    let deadline = Instant::now() + WAIT;
-    let created = loop {
-        match c
-            .create_user(v1::CreateUserRequest { name: name.into() })
-            .await
-        {
-            Ok(created) => break created,
-            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
-                eprintln!("creating {name} through {addr}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("user created: {e}"),
-        }
-    };
-    let login = c
-        .login(v1::LoginRequest {
-            user_id: created.user_id,
-            login_token: created.login_token,
-            device_id: "dev".into(),
-            device_name: format!("{name}'s device"),
-        })
-        .await
-        .expect("logged in");
-    (created.user_id, login.session_token, c)
+    let (user, token) = cluster::create_and_login(&c, name, "dev").await;
+    (user, token, c)
 }
 
 fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
@@ -431,7 +188,7 @@ async fn group_chat(client: &Client, members: Vec<u64>) -> u64 {
 async fn any_node_serves_and_a_killed_leader_loses_nothing_acknowledged() {
     let started = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let mut cluster = Cluster::start();
+    let mut cluster = tokio::task::block_in_place(start_cluster);
     eprintln!("cluster up in {:?}", started.elapsed());
 
     // One user per node, each created and logged in through its own node: creation,
@@ -463,7 +220,7 @@ async fn any_node_serves_and_a_killed_leader_loses_nothing_acknowledged() {
     }
 
     // Writers: each user gets clients on every node and keeps sending.
-    let (leader, term) = cluster.leader(group, 0);
+    let (leader, term) = tokio::task::block_in_place(|| cluster.leader(group, 0));
     eprintln!("group {group} (chat {chat}) is led by node {leader} in term {term}");
     let mut writer_clients = Vec::new();
     for (_, token, _) in &users {
@@ -559,11 +316,11 @@ async fn a_stopped_follower_catches_up_from_the_log() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(CATCHUP_MESSAGES);
-    let mut cluster = Cluster::start();
+    let mut cluster = tokio::task::block_in_place(start_cluster);
     let (alice, token, a) = account(&cluster.addr(1), "alice").await;
     let chat = group_chat(&a, Vec::new()).await;
     let group = group_of(chat);
-    let (leader, _) = cluster.leader(group, 0);
+    let (leader, _) = tokio::task::block_in_place(|| cluster.leader(group, 0));
     let follower = (1..=NODES).find(|n| *n != leader).expect("a follower");
     let other = (1..=NODES)
         .find(|n| *n != leader && *n != follower)

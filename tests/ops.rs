@@ -10,6 +10,9 @@
 //!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it.
 
+#[path = "common/cluster.rs"]
+mod cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use chatlog::http::client::{HttpResponse, request};
 use chatlog_wire::client::{Client, ClientOptions};
 use chatlog_wire::proto::v1;
+use cluster::{Cluster, Options};
 use serde_json::Value;
 
 /// Longest a node may take to announce its addresses.
@@ -453,46 +457,15 @@ fn a_busy_http_address_stops_startup() {
     assert!(err.contains("HTTP address") && err.contains(&addr), "{err}");
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_status_agrees_and_leader_transfer_moves_a_leader() {
-    let root = tempfile::tempdir().expect("temp dir");
-    let initial: Vec<String> = (1..=3)
-        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
-        .collect();
-    let initial = initial.join(",");
-    // Start every process before waiting for any: each announces its client address
-    // only once its groups have leaders, which needs the others.
-    let children: Vec<_> = (1..=3u64)
-        .map(|id| {
-            let dir = root.path().join(format!("node-{id}"));
-            std::fs::create_dir_all(&dir).expect("dir");
-            let extra = [
-                "--node-id".to_string(),
-                id.to_string(),
-                "--initial-cluster".into(),
-                initial.clone(),
-                "--groups".into(),
-                "2".into(),
-                "--heartbeat-ms".into(),
-                "100".into(),
-            ];
-            let dir2 = dir.clone();
-            std::thread::spawn(move || {
-                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-                start(&dir2, &extra, &[])
-            })
-        })
-        .collect();
-    let nodes: Vec<Server> = children
-        .into_iter()
-        .map(|h| h.join().expect("node started"))
-        .collect();
-    let http: Vec<String> = nodes.iter().map(|n| n.http.clone()).collect();
+    let options = Options {
+        groups: 2,
+        http: true,
+        ..Options::default()
+    };
+    let cluster = tokio::task::block_in_place(|| Cluster::start(options));
+    let http: Vec<String> = cluster.ids().map(|id| cluster.http_addr(id)).collect();
     for h in &http {
         wait_ready(h).await;
     }

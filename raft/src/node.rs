@@ -175,6 +175,8 @@ struct Proposal {
 #[derive(Debug, Clone)]
 pub struct Group {
     id: GroupId,
+    node_id: NodeId,
+    engine: Arc<Engine>,
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     reader: LogReader,
@@ -229,6 +231,20 @@ impl Group {
             .map_err(|_| unavailable("the group is stopped"))?;
         rx.await
             .map_err(|_| unavailable("the group stopped before answering"))?
+            .map_err(|e| self.with_storage_cause(e))
+    }
+
+    /// An `Unavailable` error names the storage failure when the node's engine stopped
+    /// (a full disk, a failed fsync): openraft reports only "raft stopped", which tells
+    /// an operator nothing.
+    fn with_storage_cause(&self, e: ProposeError) -> ProposeError {
+        match (e, self.engine.stopped()) {
+            (ProposeError::Unavailable { group, .. }, Some(cause)) => ProposeError::Unavailable {
+                group,
+                detail: format!("node {}: {cause}", self.node_id),
+            },
+            (e, _) => e,
+        }
     }
 
     /// Waits until this replica has applied everything committed before the call, as
@@ -242,10 +258,10 @@ impl Group {
                 group: self.id,
                 leader: f.leader_id,
             }),
-            Err(e) => Err(ProposeError::Unavailable {
+            Err(e) => Err(self.with_storage_cause(ProposeError::Unavailable {
                 group: self.id,
                 detail: e.to_string(),
-            }),
+            })),
         }
     }
 
@@ -635,6 +651,8 @@ impl Node {
             tokio::spawn(log_leadership(g, config.node_id, raft.server_metrics()));
             let group = Group {
                 id: g,
+                node_id: config.node_id,
+                engine: Arc::clone(&engine),
                 raft,
                 shared,
                 reader,

@@ -7,7 +7,8 @@
 //! watch; after each wake-up it finds the chats whose head moved past what it already
 //! pushed, reads each chat's new events from the Raft log **once**, and pushes them as
 //! `ChatEvents` (`request_id` 0) to every online session of every member, in seq order,
-//! several events per push. It does the same for the per-user logs of online users whose
+//! several events per push, each push encoded once and its bytes shared by every
+//! recipient's queue. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
 //! revoked session at once.
 //!
@@ -25,7 +26,6 @@
 //!   cursor after each wake-up: O(chats in the group) per applied batch, with no log read
 //!   for chats without news or without online members. A feed of changed chats from apply
 //!   (in `chatlog-raft`) would remove the scan.
-//! - Each push is encoded once per session.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -35,7 +35,7 @@ use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
-use crate::gateway::{Principal, PushSender};
+use crate::gateway::{Principal, PushSender, SharedPush};
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
@@ -219,14 +219,16 @@ impl Hub {
             };
             next = to + 1;
             for batch in split_by_bytes(events) {
+                // Encoded once; every recipient's queue shares the bytes.
+                let Some(frame) =
+                    SharedPush::new(push::Kind::ChatEvents(v1::ChatEvents { events: batch }))
+                else {
+                    tracing::error!(chat, "fan-out push over the frame limit");
+                    return;
+                };
                 for r in &recipients {
                     // A full queue disconnects that session only (slow reader).
-                    let _ = r.push(
-                        0,
-                        push::Kind::ChatEvents(v1::ChatEvents {
-                            events: batch.clone(),
-                        }),
-                    );
+                    let _ = r.push_shared(&frame);
                 }
             }
         }
@@ -352,7 +354,7 @@ async fn read_chat_events(
 }
 
 /// Cuts consecutive events into pushes of at most [`PAGE_BYTES_MAX`] bytes each.
-fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
+pub(crate) fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;

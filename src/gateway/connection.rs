@@ -6,7 +6,9 @@
 //! budget, checked before it is queued: responses one per request in flight (a request
 //! leaves the in-flight table only when the writer has taken its response), the gateway's
 //! own answers [`IMMEDIATE_RESPONSES_MAX`] (a semaphore; the read loop waits for it), and
-//! pushes `push_queue_len_max` (beyond, the connection is closed as a slow reader).
+//! pushes `push_queue_len_max` frames and `push_queue_bytes_max` bytes (beyond, the
+//! connection is closed as a slow reader; [`PushSender::room`] lets a sender that can
+//! wait, such as a subscription catching up, wait for room instead).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use chatlog_wire::frame::{FrameReader, decode_message, encode_message};
-use chatlog_wire::limits::CLIENT_NAME_BYTES_MAX;
+use chatlog_wire::limits::{CLIENT_NAME_BYTES_MAX, FRAME_PREFIX_BYTES};
 use chatlog_wire::proto::v1::{self, ErrorCode, frame, push, request, response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -60,6 +62,33 @@ impl PushSender {
         self.outbox.push(request_id, kind)
     }
 
+    /// Queues a push encoded once for many connections (live fan-out). The same as
+    /// [`PushSender::push`] with request id 0, without encoding it again per connection:
+    /// the connections share the frame's bytes.
+    pub fn push_shared(&self, push: &SharedPush) -> Result<(), PushError> {
+        self.outbox.push_frame(0, push.frame.clone(), None)
+    }
+
+    /// Waits until the connection's queued pushes take at most half of its byte budget
+    /// (or it closed: the next push then fails). For senders that can wait, such as a
+    /// subscription catching up from history, so that only live pushes, which cannot
+    /// wait, ever cut a connection off for reading slowly.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.outbox.room.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake between the two is not lost.
+            notified.as_mut().enable();
+            {
+                let state = self.outbox.state();
+                if state.closed || state.push_bytes_queued <= self.outbox.push_queue_bytes_max / 2 {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// True once the connection is closing or closed; pushes then fail.
     pub fn is_closed(&self) -> bool {
         self.outbox.state().closed
@@ -69,6 +98,30 @@ impl PushSender {
     /// `reason` (what [`ConnCtx::disconnect`] does, for holders of a sender only).
     pub fn disconnect(&self, reason: v1::Error) {
         self.outbox.close(Close::Disconnect(reason));
+    }
+}
+
+/// A live push (request id 0) encoded once, to be queued on many connections with
+/// [`PushSender::push_shared`]; its bytes are shared, not copied.
+#[derive(Debug, Clone)]
+pub struct SharedPush {
+    frame: Bytes,
+}
+
+impl SharedPush {
+    /// Encodes `kind` as a push frame with request id 0, or `None` when it is over the
+    /// protocol's frame limit (a connection with a lower limit refuses it as too large).
+    pub fn new(kind: push::Kind) -> Option<SharedPush> {
+        let mut bytes = BytesMut::new();
+        encode_message(
+            &v1::Frame::push(0, kind),
+            chatlog_wire::limits::FRAME_BYTES_MAX,
+            &mut bytes,
+        )
+        .ok()?;
+        Some(SharedPush {
+            frame: bytes.freeze(),
+        })
     }
 }
 
@@ -130,6 +183,8 @@ struct OutboxState {
     requests: HashMap<u64, InFlight>,
     /// Pushes queued or held; at most `push_queue_len_max`.
     pushes_queued: usize,
+    /// Their bytes; at most `push_queue_bytes_max` (or one push).
+    push_bytes_queued: usize,
     closed: bool,
 }
 
@@ -142,6 +197,9 @@ struct Outbox {
     close: watch::Sender<Option<Close>>,
     requests_in_flight_max: usize,
     push_queue_len_max: usize,
+    push_queue_bytes_max: usize,
+    /// Woken whenever the writer takes a push off the queue, and when the outbox closes.
+    room: tokio::sync::Notify,
     frame_bytes_max: u32,
 }
 
@@ -155,6 +213,7 @@ impl Outbox {
     /// Starts closing; the first reason wins.
     fn close(&self, reason: Close) {
         self.state().closed = true;
+        self.room.notify_waiters();
         self.close.send_if_modified(|current| {
             if current.is_some() {
                 return false;
@@ -260,6 +319,9 @@ impl Outbox {
         } else {
             // The subscription never started: its early pushes mean nothing.
             state.pushes_queued -= held.len();
+            state.push_bytes_queued -= held.iter().map(|(f, _)| f.len()).sum::<usize>();
+            drop(state);
+            self.room.notify_waiters();
         }
     }
 
@@ -280,11 +342,26 @@ impl Outbox {
         let frame = self
             .encode(&v1::Frame::push(request_id, kind))
             .ok_or(PushError::TooLarge)?;
+        self.push_frame(request_id, frame, ends_subscription)
+    }
+
+    /// Queues an encoded push frame; see [`Outbox::push`].
+    fn push_frame(
+        &self,
+        request_id: u64,
+        frame: Bytes,
+        ends_subscription: Option<u64>,
+    ) -> Result<(), PushError> {
+        if frame.len() > FRAME_PREFIX_BYTES + self.frame_bytes_max as usize {
+            return Err(PushError::TooLarge);
+        }
         let mut state = self.state();
         if state.closed {
             return Err(PushError::Closed);
         }
-        if state.pushes_queued >= self.push_queue_len_max {
+        let over_bytes = state.pushes_queued > 0
+            && state.push_bytes_queued + frame.len() > self.push_queue_bytes_max;
+        if state.pushes_queued >= self.push_queue_len_max || over_bytes {
             drop(state);
             self.close(Close::Disconnect(v1::Error::new(
                 ErrorCode::RateLimited,
@@ -293,6 +370,7 @@ impl Outbox {
             return Err(PushError::SlowReader);
         }
         state.pushes_queued += 1;
+        state.push_bytes_queued += frame.len();
         if request_id != 0
             && let Some(InFlight::Running { held }) = state.requests.get_mut(&request_id)
         {
@@ -329,15 +407,19 @@ impl Outbox {
                 }
             }
             Outgoing::Push {
-                ends_subscription, ..
+                frame,
+                ends_subscription,
             } => {
                 let mut state = self.state();
                 state.pushes_queued -= 1;
+                state.push_bytes_queued -= frame.len();
                 if let Some(subscription) = ends_subscription
                     && let Some(InFlight::Subscribed) = state.requests.get(subscription)
                 {
                     state.requests.remove(subscription);
                 }
+                drop(state);
+                self.room.notify_waiters();
             }
             Outgoing::Immediate { .. } => {}
         }
@@ -461,6 +543,8 @@ pub(super) async fn run<S: Service>(
         close: close_sender,
         requests_in_flight_max: limits.requests_in_flight_max as usize,
         push_queue_len_max: limits.push_queue_len_max,
+        push_queue_bytes_max: limits.push_queue_bytes_max,
+        room: tokio::sync::Notify::new(),
         frame_bytes_max: limits.frame_bytes_max,
     });
     let ctx = Arc::new(ConnCtx {

@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-pub use connection::{PushError, PushSender};
+pub use connection::{PushError, PushSender, SharedPush};
 
 /// Default for [`GatewayLimits::connections_max`].
 ///
@@ -57,6 +57,17 @@ pub const REQUESTS_IN_FLIGHT_MAX: u32 = 128;
 /// Why: ten history pages' worth of events may wait for one slow connection; a reader
 /// further behind than that is disconnected and resyncs by seq.
 pub const PUSH_QUEUE_LEN_MAX: usize = 1024;
+
+/// Default for [`GatewayLimits::push_queue_bytes_max`].
+///
+/// Why: the pushes one connection has not taken yet are the server's memory, and a
+/// count alone does not bound them (a push may be up to a frame, 1 MiB). A live push that
+/// would take a connection's queue past this is refused and the connection is closed as
+/// a slow reader (the queue always takes one push, however large); a subscription's
+/// catch-up waits for room instead. Live pushes share their bytes between connections
+/// (`SharedPush`), so many slow connections of one busy chat hold little more than one
+/// copy; 4 MiB is ~4,000 typical messages, or 256 of the largest, of lag before a cut-off.
+pub const PUSH_QUEUE_BYTES_MAX: usize = 4 << 20;
 
 /// Default for [`GatewayLimits::handshake_timeout`]: a client that connects must
 /// introduce itself promptly, or it only holds a connection slot.
@@ -115,6 +126,9 @@ pub struct GatewayLimits {
     pub frame_bytes_max: u32,
     /// Most pushes queued per connection; a push beyond disconnects it as a slow reader.
     pub push_queue_len_max: usize,
+    /// Most bytes of pushes queued per connection (one push is always taken); a live push
+    /// beyond disconnects it as a slow reader, a subscription's catch-up waits for room.
+    pub push_queue_bytes_max: usize,
     /// Time from accept to a complete handshake frame.
     pub handshake_timeout: Duration,
     /// A connection that sends no frame for this long is closed with
@@ -131,6 +145,7 @@ impl Default for GatewayLimits {
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX,
             frame_bytes_max: FRAME_BYTES_MAX,
             push_queue_len_max: PUSH_QUEUE_LEN_MAX,
+            push_queue_bytes_max: PUSH_QUEUE_BYTES_MAX,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             write_timeout: WRITE_TIMEOUT,
@@ -152,6 +167,10 @@ impl GatewayLimits {
         assert!(
             self.push_queue_len_max > 0,
             "push_queue_len_max must be positive"
+        );
+        assert!(
+            self.push_queue_bytes_max > 0,
+            "push_queue_bytes_max must be positive"
         );
     }
 

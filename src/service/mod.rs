@@ -1168,14 +1168,18 @@ impl ChatService {
                         return;
                     };
                     next += events.len() as u64;
-                    if pushes
-                        .push(
+                    // Catching up is paced by the reader: wait for room rather than be
+                    // cut off as a slow reader for history it asked for. Pushes stay
+                    // under the frame limit whatever the events' sizes.
+                    for events in crate::fanout::split_by_bytes(events) {
+                        pushes.room().await;
+                        if let Err(e) = pushes.push(
                             request_id,
                             v1::push::Kind::ChatEvents(v1::ChatEvents { events }),
-                        )
-                        .is_err()
-                    {
-                        return;
+                        ) {
+                            tracing::debug!(chat, error = ?e, "subscription push refused");
+                            return;
+                        }
                     }
                     continue;
                 }

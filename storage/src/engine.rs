@@ -400,6 +400,12 @@ impl Engine {
         }
     }
 
+    /// The failure that stopped the engine (a failed write, sync or preparation), if it
+    /// has stopped: every later write fails with [`Error::Stopped`] naming it.
+    pub fn stopped(&self) -> Option<Error> {
+        self.shared.stopped()
+    }
+
     /// Stops the threads, returning the error that stopped the engine, if any.
     pub fn close(mut self) -> Result<()> {
         self.shutdown();

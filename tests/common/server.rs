@@ -16,6 +16,8 @@ pub struct Server {
     pub child: Child,
     /// Its client address.
     pub addr: String,
+    /// Its HTTP address, when started with `--http`.
+    pub http: Option<String>,
 }
 
 /// Flags that turn the rate limits off: tests that put many users' worth of load on one
@@ -41,16 +43,19 @@ impl Server {
             .expect("chatlog serve starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut http = None;
         let addr = loop {
             let line = lines
                 .next()
                 .expect("the server announces its address before exiting")
                 .expect("stdout reads");
-            if let Some(a) = line.strip_prefix("clients: ") {
+            if let Some(a) = line.strip_prefix("http: ") {
+                http = Some(a.trim().to_string());
+            } else if let Some(a) = line.strip_prefix("clients: ") {
                 break a.trim().to_string();
             }
         };
-        Server { child, addr }
+        Server { child, addr, http }
     }
 
     /// SIGKILL: no shutdown path runs.

@@ -1,0 +1,479 @@
+//! A cluster of real `chatlog serve` processes on 127.0.0.1 for black-box tests: each node
+//! with its own data directory, killed (SIGKILL), paused (SIGSTOP), resumed and restarted on
+//! the same directory and client address, and stopped for good when the cluster is dropped.
+//!
+//! Where leadership is: each node logs "leadership: this node leads the group" with the
+//! group and term (`chatlog_raft::node`, at info); the harness reads those lines from the
+//! processes' stderr, and the line with the highest term names the current leader. Other
+//! stderr lines are echoed with a `[node N]` prefix (the first [`ECHO_LINES`] of each
+//! process, and anything alarming after that).
+//!
+//! Peers may talk through a fault-injecting proxy: [`Options::peer_routes`] gives, per node,
+//! the address it listens on for peers and the address the others dial (the proxy's).
+//!
+//! Included with `#[path = "common/cluster.rs"] mod cluster;` by the tests that need it;
+//! not every test uses every item.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use chatlog_wire::client::{Client, ClientError, ClientOptions, ReconnectPolicy};
+use chatlog_wire::proto::v1::{self, ErrorCode};
+
+/// Longest a node may take to announce its addresses.
+pub const START_WAIT: Duration = Duration::from_secs(60);
+/// Longest anything that needs an election may take.
+pub const LEADER_WAIT: Duration = Duration::from_secs(60);
+/// Stderr lines echoed per process before only alarming ones are.
+pub const ECHO_LINES: usize = 50;
+
+/// (group, term, node) of every "this node leads the group" line any node logged.
+type Leadership = Arc<Mutex<Vec<(u64, u64, u64)>>>;
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Nodes, numbered from 1.
+    pub nodes: u64,
+    /// `--groups`.
+    pub groups: u64,
+    /// `--heartbeat-ms`.
+    pub heartbeat_ms: u64,
+    /// Serve the HTTP port too (`--http 127.0.0.1:0`).
+    pub http: bool,
+    /// Per node (index 0 is node 1): (address it listens on for peers, address the others
+    /// dial). `None`: each node listens where the others dial.
+    pub peer_routes: Option<Vec<(SocketAddr, SocketAddr)>>,
+    /// More flags for every node.
+    pub extra: Vec<String>,
+    /// Data directories by node (index 0 is node 1), for a node that must live on a
+    /// file system of its own; `None` (or a missing entry): under the cluster's temporary
+    /// directory.
+    pub dirs: Option<Vec<PathBuf>>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            nodes: 3,
+            groups: 4,
+            heartbeat_ms: 100,
+            http: false,
+            peer_routes: None,
+            extra: Vec::new(),
+            dirs: None,
+        }
+    }
+}
+
+/// One node's process and addresses.
+pub struct Node {
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// Its client address (`127.0.0.1:0` until first announced).
+    pub listen: String,
+    /// Its HTTP address, when started with [`Options::http`].
+    pub http: Option<String>,
+    peer_listen: Option<SocketAddr>,
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// Running nodes; every process is killed when this is dropped.
+pub struct Cluster {
+    _root: tempfile::TempDir,
+    options: Options,
+    initial: String,
+    nodes: Vec<Node>,
+    leadership: Leadership,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Removes ANSI colour sequences (the log format may colour field names).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The number after `name=` in a log line.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Sends `sig` to a child process.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// Announcements a starting node prints on stdout.
+struct Announced {
+    clients: String,
+    http: Option<String>,
+}
+
+impl Cluster {
+    /// Starts every node, each with its own data directory, and waits until each announced
+    /// its addresses. Blocks: call it from `tokio::task::block_in_place` in async tests.
+    pub fn start(options: Options) -> Cluster {
+        let root = tempfile::tempdir().expect("temp dir");
+        let routes: Vec<(Option<SocketAddr>, String)> = match &options.peer_routes {
+            Some(routes) => {
+                assert_eq!(routes.len() as u64, options.nodes, "one route per node");
+                routes
+                    .iter()
+                    .map(|(listen, dial)| (Some(*listen), dial.to_string()))
+                    .collect()
+            }
+            None => (1..=options.nodes)
+                .map(|_| (None, format!("127.0.0.1:{}", free_port())))
+                .collect(),
+        };
+        let initial: Vec<String> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, (_, dial))| format!("{}={dial}", i + 1))
+            .collect();
+        let nodes = routes
+            .iter()
+            .enumerate()
+            .map(|(i, (peer_listen, _))| Node {
+                dir: options
+                    .dirs
+                    .as_ref()
+                    .and_then(|d| d.get(i).cloned())
+                    .unwrap_or_else(|| root.path().join(format!("node-{}", i + 1))),
+                listen: "127.0.0.1:0".into(),
+                http: None,
+                peer_listen: *peer_listen,
+                child: None,
+                paused: false,
+            })
+            .collect();
+        let mut cluster = Cluster {
+            _root: root,
+            options,
+            initial: initial.join(","),
+            nodes,
+            leadership: Arc::default(),
+        };
+        // Start every process before waiting for any: a node announces its address only
+        // after its groups have leaders, which needs the others.
+        let ids: Vec<u64> = (1..=cluster.options.nodes).collect();
+        let announced: Vec<_> = ids.iter().map(|id| cluster.spawn(*id)).collect();
+        for (id, rx) in ids.into_iter().zip(announced) {
+            cluster.wait_announced(id, rx);
+        }
+        cluster
+    }
+
+    /// The node ids, from 1.
+    pub fn ids(&self) -> std::ops::RangeInclusive<u64> {
+        1..=self.options.nodes
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// The client address of node `id`.
+    pub fn addr(&self, id: u64) -> String {
+        self.nodes[(id - 1) as usize].listen.clone()
+    }
+
+    /// The HTTP address of node `id` (started with [`Options::http`]).
+    pub fn http_addr(&self, id: u64) -> String {
+        self.nodes[(id - 1) as usize]
+            .http
+            .clone()
+            .expect("the cluster serves HTTP")
+    }
+
+    /// The data directory of node `id`.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.nodes[(id - 1) as usize].dir.clone()
+    }
+
+    fn spawn(&mut self, id: u64) -> mpsc::Receiver<Announced> {
+        let initial = self.initial.clone();
+        let leadership = Arc::clone(&self.leadership);
+        let options = self.options.clone();
+        let node = self.node(id);
+        std::fs::create_dir_all(&node.dir).expect("data dir");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatlog"));
+        cmd.args([
+            "serve",
+            "--node-id",
+            &id.to_string(),
+            "--listen",
+            &node.listen,
+        ])
+        .args(["--initial-cluster", &initial])
+        .args(["--groups", &options.groups.to_string()])
+        .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
+        // The load here is many users' worth; rate limits have their own test.
+        .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+        .args(&options.extra)
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")
+        .env("NO_COLOR", "1")
+        .env_remove("CHATLOG_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if options.http {
+            // A restart keeps its HTTP address, like its client address.
+            cmd.args(["--http", node.http.as_deref().unwrap_or("127.0.0.1:0")]);
+        }
+        if let Some(peer_listen) = node.peer_listen {
+            cmd.args(["--peer-listen", &peer_listen.to_string()]);
+        }
+        let mut child = cmd.spawn().expect("chatlog serve starts");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let want_http = options.http;
+        std::thread::spawn(move || {
+            // Keep draining after the announcement, so the process never blocks on stdout.
+            let mut http = None;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("http: ") {
+                    http = Some(a.trim().to_string());
+                } else if let Some(a) = line.strip_prefix("clients: ") {
+                    // "http: " is printed before "clients: ".
+                    assert!(!want_http || http.is_some(), "http announced first");
+                    let _ = tx.send(Announced {
+                        clients: a.trim().to_string(),
+                        http: http.take(),
+                    });
+                }
+            }
+        });
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            let mut echoed = 0;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if line.contains("leadership: this node leads the group")
+                    && let (Some(g), Some(t), Some(n)) = (
+                        field(&line, "group"),
+                        field(&line, "term"),
+                        field(&line, "node"),
+                    )
+                {
+                    leadership.lock().expect("lock").push((g, t, n));
+                    continue;
+                }
+                // Faults make nodes chatty; keep the first lines and anything alarming.
+                if echoed < ECHO_LINES || line.contains("panick") || line.contains("ERROR") {
+                    echoed += 1;
+                    eprintln!("[node {id}] {line}");
+                }
+            }
+        });
+        node.child = Some(child);
+        node.paused = false;
+        rx
+    }
+
+    fn wait_announced(&mut self, id: u64, rx: mpsc::Receiver<Announced>) {
+        let announced = rx
+            .recv_timeout(START_WAIT)
+            .unwrap_or_else(|e| panic!("node {id} announced no client address: {e}"));
+        // A restart listens on the same addresses, so clients redial them.
+        let node = self.node(id);
+        node.listen = announced.clients;
+        if announced.http.is_some() {
+            node.http = announced.http;
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self, id: u64) {
+        let node = self.node(id);
+        let mut child = node.child.take().expect("running");
+        if node.paused {
+            signal(&child, libc::SIGCONT);
+        }
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        node.paused = false;
+    }
+
+    /// Whether node `id` has a running (possibly paused) process.
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes[(id - 1) as usize].child.is_some()
+    }
+
+    /// Starts node `id` again on its data directory and addresses. Blocks.
+    pub fn restart(&mut self, id: u64) {
+        let rx = self.spawn(id);
+        self.wait_announced(id, rx);
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&mut self, id: u64) {
+        let node = self.node(id);
+        signal(node.child.as_ref().expect("running"), libc::SIGSTOP);
+        node.paused = true;
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, id: u64) {
+        let node = self.node(id);
+        signal(node.child.as_ref().expect("running"), libc::SIGCONT);
+        node.paused = false;
+    }
+
+    /// The node that led `group` in the highest term logged so far.
+    pub fn last_leader(&self, group: u64) -> Option<u64> {
+        self.leadership
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(g, _, _)| *g == group)
+            .max_by_key(|(_, t, _)| *t)
+            .map(|(_, _, n)| *n)
+    }
+
+    /// The node that leads `group` in the highest term logged so far, once that term is
+    /// above `above_term`; with the term. Waits up to [`LEADER_WAIT`]. Blocks.
+    pub fn leader(&self, group: u64, above_term: u64) -> (u64, u64) {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let best = self
+                .leadership
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(g, t, _)| *g == group && *t > above_term)
+                .max_by_key(|(_, t, _)| *t)
+                .map(|(_, t, n)| (*n, *t));
+            if let Some(found) = best {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader of group {group} above term {above_term}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                if node.paused {
+                    signal(&child, libc::SIGCONT);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+// ---- Clients --------------------------------------------------------------------------
+
+/// Client options for tests that switch nodes themselves: one redial per call, and
+/// `retries_max` automatic resends of a request (with the same client message id).
+pub fn client_options(
+    token: Option<String>,
+    request_timeout: Duration,
+    retries_max: u32,
+) -> ClientOptions {
+    ClientOptions {
+        token,
+        connect_timeout: Duration::from_secs(1),
+        request_timeout,
+        reconnect: ReconnectPolicy {
+            attempts_max: 1,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(100),
+        },
+        retries_max,
+        ..ClientOptions::default()
+    }
+}
+
+/// Connects to `addr` with `options`, retrying until [`START_WAIT`] while the node cannot
+/// take the connection or authenticate the token yet (its replica of the user's group
+/// applies a login a heartbeat after the leader).
+pub async fn connect_with(addr: &str, options: ClientOptions) -> Client {
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        match Client::connect(addr, options.clone()).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connecting to {addr}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot connect to {addr}: {e}"),
+        }
+    }
+}
+
+/// Creates a user through `client` and logs in with it on device `device`: (user id,
+/// session token). Right after start a group may still be electing (slower on a loaded
+/// machine): UNAVAILABLE means nothing was proposed, so asking again is safe.
+pub async fn create_and_login(client: &Client, name: &str, device: &str) -> (u64, String) {
+    let deadline = Instant::now() + LEADER_WAIT;
+    let created = loop {
+        match client
+            .create_user(v1::CreateUserRequest { name: name.into() })
+            .await
+        {
+            Ok(created) => break created,
+            Err(e) if retry_setup(&e) && Instant::now() < deadline => {
+                eprintln!("creating {name}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("user {name} created: {e}"),
+        }
+    };
+    let login = client
+        .login(v1::LoginRequest {
+            user_id: created.user_id,
+            login_token: created.login_token,
+            device_id: device.into(),
+            device_name: format!("{name}'s {device}"),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{name} logged in: {e}"));
+    (created.user_id, login.session_token)
+}
+
+/// Whether a failed setup call proposed nothing, so asking again is safe.
+fn retry_setup(e: &ClientError) -> bool {
+    e.code() == Some(ErrorCode::Unavailable)
+}
