@@ -210,6 +210,10 @@ async fn serve(
     let http_listener = crate::http::bind(http_addr(&args)?).await?;
     let http_addr = http_listener.local_addr()?;
     let registry = Arc::new(GroupRegistry::default());
+    // The peer server's view of the groups, plus media parts from other replicas.
+    let media_directory = Arc::new(crate::media::replicate::MediaDirectory::new(
+        registry.clone(),
+    ));
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
     let mut peer_server = None;
     let node = if cluster.is_empty() {
@@ -230,7 +234,7 @@ async fn serve(
             .await
             .map_err(|e| format!("binding the peer address {peer_addr}: {e}"))?;
         println!("peers: {}", listener.local_addr()?);
-        let directory: Arc<dyn GroupDirectory> = registry.clone();
+        let directory: Arc<dyn GroupDirectory> = media_directory.clone();
         let mut stopped = peers_stopped.clone();
         peer_server = Some(tokio::spawn(chatlog_raft::network::serve(
             listener,
@@ -289,8 +293,7 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
-    let service = Arc::new(CountedService::new(
-        ChatService::with_media(
+    let chat_service = ChatService::with_media(
             Arc::clone(&node),
             args.dev_mode,
             crate::service::ratelimit::RateLimits {
@@ -302,7 +305,10 @@ async fn serve(
                 reserved_bytes_max: args.media_reserved_bytes,
                 ..Default::default()
             },
-        ),
+        );
+    media_directory.set_media(std::sync::Arc::clone(chat_service.media()));
+    let service = Arc::new(CountedService::new(
+        chat_service,
         clients,
     ));
     gateway::serve(

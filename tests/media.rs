@@ -6,10 +6,14 @@
 //! resumed); ranged downloads; dedupe (stored once on disk); permission refusals; bad
 //! part checksums, out-of-range parts and a hash mismatch at finish, with nothing
 //! visible afterwards; limits answered with RESOURCE_EXHAUSTED; expiry of abandoned
-//! uploads freeing their files.
+//! uploads freeing their files; and a 3-node cluster whose leader of the uploader's group
+//! is killed mid-upload: every acknowledged part is on a surviving replica, and the
+//! upload resumes on a survivor and finishes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -599,4 +603,152 @@ async fn abandoned_uploads_expire_and_limits_refuse_with_resource_exhausted() {
         .await
         .expect("starts once the space is free");
     drop(server);
+}
+
+#[path = "common/cluster.rs"]
+mod cluster;
+
+/// The parts node `addr` holds of `upload_id` (as `alice`), or `None` when it answers no
+/// status.
+async fn held_on(addr: &str, token: &str, upload_id: u64) -> Option<Vec<u32>> {
+    let client = cluster::connect_with(
+        addr,
+        cluster::client_options(Some(token.to_string()), Duration::from_secs(10), 3),
+    )
+    .await;
+    let s = client
+        .media_upload_status(v1::MediaUploadStatusRequest { upload_id })
+        .await
+        .ok()?;
+    let missing: std::collections::BTreeSet<u32> = s.missing_parts.into_iter().collect();
+    Some((0..s.part_count).filter(|p| !missing.contains(p)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_mid_upload_loses_no_acknowledged_part_and_the_upload_finishes() {
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("clip.bin");
+    let data = random_file(&file, 16 * 1024 * 1024, seed);
+    let part_bytes = MEDIA_PART_BYTES as u64;
+    let mut cluster = cluster::Cluster::start(cluster::Options::default());
+    let anon = cluster::connect_with(
+        &cluster.addr(1),
+        cluster::client_options(None, Duration::from_secs(10), 3),
+    )
+    .await;
+    let (alice, token) = cluster::create_and_login(&anon, "alice", "dev").await;
+    let group = chatlog_raft::chat::group_of(alice);
+    let (leader, _) = tokio::task::block_in_place(|| cluster.leader(group, 0));
+    eprintln!("alice's group {group} is led by node {leader}");
+    let client = cluster::connect_with(
+        &cluster.addr(leader),
+        cluster::client_options(Some(token.clone()), Duration::from_secs(10), 1),
+    )
+    .await;
+
+    // Upload through the leader; kill it once a third of the parts are acknowledged.
+    let upload_id = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let upload = {
+        let (client, file, upload_id, acked) = (
+            client.clone(),
+            file.clone(),
+            Arc::clone(&upload_id),
+            Arc::clone(&acked),
+        );
+        tokio::spawn(async move {
+            client
+                .upload_file(
+                    &file,
+                    UploadOptions {
+                        parts_in_flight: 4,
+                        ..Default::default()
+                    },
+                    |p| {
+                        upload_id.store(p.upload_id, Ordering::Relaxed);
+                        acked.store(p.bytes_done, Ordering::Relaxed);
+                    },
+                )
+                .await
+        })
+    };
+    wait_for("a third of the parts acknowledged", async || {
+        (acked.load(Ordering::Relaxed) >= data.len() as u64 / 3).then_some(())
+    })
+    .await;
+    cluster.kill(leader);
+    let interrupted = upload.await.expect("the upload task ends");
+    let acked_bytes = acked.load(Ordering::Relaxed);
+    assert!(
+        interrupted.is_err() && acked_bytes < data.len() as u64,
+        "the upload was cut short by the kill"
+    );
+    let upload_id = upload_id.load(Ordering::Relaxed);
+    // Parts are acknowledged in order (the client pops them in order): 0..acked.
+    let acked_parts = (acked_bytes / part_bytes) as u32;
+    let survivors: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let mut union = std::collections::BTreeSet::new();
+    for n in &survivors {
+        if let Some(held) = held_on(&cluster.addr(*n), &token, upload_id).await {
+            union.extend(held);
+        }
+    }
+    for p in 0..acked_parts {
+        assert!(
+            union.contains(&p),
+            "acknowledged part {p} is on no surviving replica"
+        );
+    }
+
+    // Resume on a survivor: it sends only what that node lacks, and finishes.
+    let other = survivors[0];
+    let client = cluster::connect_with(
+        &cluster.addr(other),
+        cluster::client_options(Some(token.clone()), Duration::from_secs(10), 5),
+    )
+    .await;
+    let done = client
+        .upload_file(
+            &file,
+            UploadOptions {
+                resume_upload_id: Some(upload_id),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .expect("the resumed upload finishes on a surviving node");
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    assert_eq!(done.media_id, media_id_hex(&sha));
+    let copy = dir.path().join("copy.bin");
+    client
+        .download_file(sha, &copy, Default::default(), |_| {})
+        .await
+        .expect("downloads from the node that finished");
+    assert!(std::fs::read(&copy).expect("reads") == data);
+    // The other survivor serves the same bytes, or says it does not hold them.
+    let third = cluster::connect_with(
+        &cluster.addr(survivors[1]),
+        cluster::client_options(Some(token.clone()), Duration::from_secs(10), 5),
+    )
+    .await;
+    let copy3 = dir.path().join("copy3.bin");
+    let from_third = wait_for("the third node to know the upload", async || {
+        match third
+            .download_file(sha, &copy3, Default::default(), |_| {})
+            .await
+        {
+            Err(ClientError::Server {
+                code: ErrorCode::PermissionDenied | ErrorCode::NotFound,
+                ..
+            }) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    match from_third {
+        Ok(_) => assert!(std::fs::read(&copy3).expect("reads") == data),
+        Err(e) => assert_eq!(code(e), ErrorCode::Unavailable),
+    }
 }

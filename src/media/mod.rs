@@ -87,7 +87,7 @@ impl Media {
     pub fn start(node: Arc<Node>, config: StoreConfig) -> Arc<Media> {
         let dir = node.config().data_dir.join("media");
         let media = Arc::new(Media {
-            replicator: replicate::Replicator::new(&node),
+            replicator: replicate::Replicator::new(),
             node,
             dir,
             config,
@@ -256,7 +256,7 @@ impl Media {
                 });
                 // In a cluster the other replicas store it at the same time.
                 self.replicator
-                    .replicate_part(&upload.header, part, crc, r.data, local)
+                    .replicate_part(&self.node, &upload.header, part, crc, r.data, local)
                     .await
                     .map(|parts_held| {
                         Resp::MediaUploadPart(v1::MediaUploadPartResponse {
@@ -387,7 +387,7 @@ impl Media {
         }
         let (st, up) = (Arc::clone(store), Arc::clone(&upload));
         let finished = blocking(move || st.commit(&up, &s)).await?;
-        self.replicator.finish(&upload.header, s).await;
+        self.replicator.finish(&self.node, &upload.header, s).await;
         Ok(Resp::MediaUploadFinish(v1::MediaUploadFinishResponse {
             media: Some(v1::MediaRef {
                 sha256: Bytes::copy_from_slice(&s),

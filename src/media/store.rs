@@ -416,6 +416,9 @@ pub struct MediaStore {
     /// Finished files open for reading, with the tick they were last opened at.
     open: Mutex<HashMap<[u8; MEDIA_SHA256_BYTES], (u64, Arc<StoredFile>)>>,
     open_tick: std::sync::atomic::AtomicU64,
+    /// Held while an upload forwarded by a peer is created, so the parts of one new
+    /// upload arriving at once create it once.
+    creating: Mutex<()>,
 }
 
 impl MediaStore {
@@ -432,6 +435,7 @@ impl MediaStore {
             uploads: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             open_tick: Default::default(),
+            creating: Mutex::new(()),
         };
         let updir = dir.join("uploads");
         let entries = std::fs::read_dir(&updir).map_err(io_error("listing", &updir))?;
@@ -586,6 +590,7 @@ impl MediaStore {
     /// An upload by id alone, creating it from `header` when this node does not have it
     /// (a part forwarded by another node of the group). Blocking.
     pub fn upload_or_create(&self, header: Header) -> Result<Arc<Upload>, MediaError> {
+        let _creating = lock(&self.creating);
         if let Some(u) = lock(&self.uploads).get(&header.upload_id) {
             if u.header != header {
                 return Err(MediaError::Conflict(format!(
@@ -601,19 +606,7 @@ impl MediaStore {
         {
             return Err(MediaError::BadRequest("bad forwarded upload header".into()));
         }
-        let upload = match self.create_upload(header.clone()) {
-            Ok(u) => u,
-            // Created by a concurrent forwarded part of the same upload.
-            Err(MediaError::Io { ref source, .. })
-                if source.kind() == io::ErrorKind::AlreadyExists =>
-            {
-                return lock(&self.uploads)
-                    .get(&header.upload_id)
-                    .cloned()
-                    .ok_or_else(|| MediaError::Conflict("upload is being created".into()));
-            }
-            Err(e) => return Err(e),
-        };
+        let upload = self.create_upload(header.clone())?;
         lock(&self.uploads)
             .entry(header.upload_id)
             .or_insert(upload.clone());
