@@ -294,23 +294,20 @@ async fn serve(
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
     let chat_service = ChatService::with_media(
-            Arc::clone(&node),
-            args.dev_mode,
-            crate::service::ratelimit::RateLimits {
-                user_sends_per_sec: args.user_sends_per_sec,
-                conn_requests_per_sec: args.conn_requests_per_sec,
-            },
-            crate::media::store::StoreConfig {
-                upload_ttl: Duration::from_secs(args.media_upload_ttl_secs),
-                reserved_bytes_max: args.media_reserved_bytes,
-                ..Default::default()
-            },
-        );
+        Arc::clone(&node),
+        args.dev_mode,
+        crate::service::ratelimit::RateLimits {
+            user_sends_per_sec: args.user_sends_per_sec,
+            conn_requests_per_sec: args.conn_requests_per_sec,
+        },
+        crate::media::store::StoreConfig {
+            upload_ttl: Duration::from_secs(args.media_upload_ttl_secs),
+            reserved_bytes_max: args.media_reserved_bytes,
+            ..Default::default()
+        },
+    );
     media_directory.set_media(std::sync::Arc::clone(chat_service.media()));
-    let service = Arc::new(CountedService::new(
-        chat_service,
-        clients,
-    ));
+    let service = Arc::new(CountedService::new(chat_service, clients));
     gateway::serve(
         listener,
         service,

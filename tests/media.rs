@@ -132,7 +132,11 @@ async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 /// The upload id `chatlog upload` remembered in its resume directory.
 fn remembered_upload(resume_dir: &Path) -> Option<u64> {
     let entry = std::fs::read_dir(resume_dir).ok()?.next()?.ok()?;
-    std::fs::read_to_string(entry.path()).ok()?.trim().parse().ok()
+    std::fs::read_to_string(entry.path())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Parts of an upload the server holds, by the server's own status.
@@ -243,7 +247,10 @@ async fn a_100_mib_upload_survives_killed_clients_and_a_server_restart() {
     assert_eq!(media_id, media_id_hex(&Sha256::digest(&data)));
     assert_eq!(out["size_bytes"].as_u64(), Some(data.len() as u64));
     assert_eq!(out["mime_type"].as_str(), Some("video/mp4"));
-    assert!(files_in(&resume_dir).is_empty(), "the resume file is removed");
+    assert!(
+        files_in(&resume_dir).is_empty(),
+        "the resume file is removed"
+    );
     assert!(files_in(&data_dir.join("media/uploads")).is_empty());
 
     // 4. Downloaded (the first attempt killed midway, then resumed) and compared.
@@ -331,7 +338,10 @@ async fn ranges_dedupe_permissions_and_bad_input() {
         .await
         .expect("starts");
     assert_eq!(again.upload_id, 0);
-    assert_eq!(again.existing.map(|m| m.size_bytes), Some(data.len() as u64));
+    assert_eq!(
+        again.existing.map(|m| m.size_bytes),
+        Some(data.len() as u64)
+    );
 
     // Ranged downloads.
     let get = |client: &Client, offset: u64, length: u32| {
@@ -362,12 +372,10 @@ async fn ranges_dedupe_permissions_and_bad_input() {
         assert_eq!(r.crc32, crc32fast::hash(&r.data));
         assert_eq!(r.size_bytes, data.len() as u64);
     }
-    for (offset, length) in [
-        (data.len() as u64, 1),
-        (0, 0),
-        (0, MEDIA_PART_BYTES + 1),
-    ] {
-        let e = get(&alice.client, offset, length).await.expect_err("refused");
+    for (offset, length) in [(data.len() as u64, 1), (0, 0), (0, MEDIA_PART_BYTES + 1)] {
+        let e = get(&alice.client, offset, length)
+            .await
+            .expect_err("refused");
         assert_eq!(code(e), ErrorCode::BadRequest, "range {offset}+{length}");
     }
 
@@ -432,7 +440,9 @@ async fn ranges_dedupe_permissions_and_bad_input() {
         })
         .await
         .expect("alice sends her file");
-    let r = get(&carol.client, 0, 100).await.expect("carol now reads it");
+    let r = get(&carol.client, 0, 100)
+        .await
+        .expect("carol now reads it");
     assert!(r.data[..] == data[..100]);
     // And carol may now forward it.
     carol

@@ -104,7 +104,9 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
         })
     };
     let rss_before = rss_split();
-    let cpu0 = embedded.then(|| report::server_cpu_secs(CLIENT_THREADS)).flatten();
+    let cpu0 = embedded
+        .then(|| report::server_cpu_secs(CLIENT_THREADS))
+        .flatten();
     let in_flight = args.in_flight;
 
     // Upload: file i through connection i mod C, all at once.
@@ -219,14 +221,23 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     sample(&peaks);
-    let cpu = match (cpu0, embedded.then(|| report::server_cpu_secs(CLIENT_THREADS)).flatten()) {
+    let cpu = match (
+        cpu0,
+        embedded
+            .then(|| report::server_cpu_secs(CLIENT_THREADS))
+            .flatten(),
+    ) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
     drop(dir);
 
     let mb_s = |bytes: u64, secs: f64| {
-        report::round2(if secs > 0.0 { bytes as f64 / 1e6 / secs } else { 0.0 })
+        report::round2(if secs > 0.0 {
+            bytes as f64 / 1e6 / secs
+        } else {
+            0.0
+        })
     };
     let mut extra = Map::new();
     extra.insert(

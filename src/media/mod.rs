@@ -143,9 +143,16 @@ impl Media {
 
     /// The reference to send media `media_id_hex` (64 hex digits) in a message, when it
     /// is stored and `user` may use it: for features that send media by id (bots).
-    pub async fn media_ref(&self, user: UserId, media_id_hex: &str) -> Result<v1::MediaRef, v1::Error> {
-        let sha256 = chatlog_wire::client::parse_media_id(media_id_hex)
-            .ok_or_else(|| bad(format!("{media_id_hex:?} is not a media id (64 hex digits)")))?;
+    pub async fn media_ref(
+        &self,
+        user: UserId,
+        media_id_hex: &str,
+    ) -> Result<v1::MediaRef, v1::Error> {
+        let sha256 = chatlog_wire::client::parse_media_id(media_id_hex).ok_or_else(|| {
+            bad(format!(
+                "{media_id_hex:?} is not a media id (64 hex digits)"
+            ))
+        })?;
         self.readable_ref(user, &sha256).await
     }
 
@@ -246,7 +253,9 @@ impl Media {
                 }))
             }
             Req::MediaUploadPart(r) => {
-                let upload = store.upload(user, r.upload_id).ok_or_else(|| no_upload(r.upload_id))?;
+                let upload = store
+                    .upload(user, r.upload_id)
+                    .ok_or_else(|| no_upload(r.upload_id))?;
                 let st = Arc::clone(&store);
                 let up = Arc::clone(&upload);
                 let data = r.data.clone();
@@ -267,7 +276,9 @@ impl Media {
                     })
             }
             Req::MediaUploadStatus(r) => {
-                let upload = store.upload(user, r.upload_id).ok_or_else(|| no_upload(r.upload_id))?;
+                let upload = store
+                    .upload(user, r.upload_id)
+                    .ok_or_else(|| no_upload(r.upload_id))?;
                 let h = &upload.header;
                 let ttl = store.config().upload_ttl.as_millis() as u64;
                 Ok(Resp::MediaUploadStatus(v1::MediaUploadStatusResponse {
@@ -305,7 +316,9 @@ impl Media {
             Req::MediaInfo(r) => {
                 let s = sha(&r.sha256)?;
                 let media = self.readable_ref(user, &s).await?;
-                Ok(Resp::MediaInfo(v1::MediaInfoResponse { media: Some(media) }))
+                Ok(Resp::MediaInfo(v1::MediaInfoResponse {
+                    media: Some(media),
+                }))
             }
             other => Err(bad(format!("not a media request: {other:?}"))),
         }

@@ -36,8 +36,8 @@ use chatlog_wire::limits::{MEDIA_FILE_NAME_BYTES_MAX, MEDIA_MIME_TYPE_BYTES_MAX}
 use chatlog_wire::proto::v1::{self, ErrorCode};
 use tokio::task::JoinHandle;
 
-use super::store::{Header, MediaError};
 use super::Media;
+use super::store::{Header, MediaError};
 use crate::service::convert::error;
 
 /// How long a replica may take to store a part or finish an upload before the sender
@@ -95,10 +95,14 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn str(&mut self, max: u32) -> Result<String, String> {
         let n = self.u32()?;
@@ -459,7 +463,10 @@ mod tests {
                 crc32,
                 data,
             }) => {
-                assert_eq!((header, part, crc32, &data[..]), (h.clone(), 0, 5, &b"abc"[..]));
+                assert_eq!(
+                    (header, part, crc32, &data[..]),
+                    (h.clone(), 0, 5, &b"abc"[..])
+                );
             }
             _ => panic!("a part decodes as a part"),
         }
@@ -469,10 +476,16 @@ mod tests {
             Ok(Request::Finish { upload_id: 9, uploader: 65_537, sha256 }) if sha256 == [4; 32]
         ));
         for len in 0..fin.len() {
-            assert!(decode_request(&fin.slice(..len)).is_err(), "finish cut at {len}");
+            assert!(
+                decode_request(&fin.slice(..len)).is_err(),
+                "finish cut at {len}"
+            );
         }
         for len in 0..body.len() - 3 {
-            assert!(decode_request(&body.slice(..len)).is_err(), "part cut at {len}");
+            assert!(
+                decode_request(&body.slice(..len)).is_err(),
+                "part cut at {len}"
+            );
         }
         assert_eq!(decode_answer(2, &encode_answer(&Ok(7))).ok(), Some(7));
         let e = decode_answer(

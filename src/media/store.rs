@@ -143,7 +143,10 @@ pub enum MediaError {
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> MediaError {
     let path = path.display().to_string();
     move |source| {
-        if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        ) {
             MediaError::ResourceExhausted(format!("{action} {path}: the disk is full ({source})"))
         } else {
             MediaError::Io {
@@ -323,7 +326,11 @@ impl Upload {
 
     /// Parts held.
     pub fn held(&self) -> u32 {
-        lock(&self.state).parts.iter().filter(|p| p.is_some()).count() as u32
+        lock(&self.state)
+            .parts
+            .iter()
+            .filter(|p| p.is_some())
+            .count() as u32
     }
 }
 
@@ -407,6 +414,9 @@ pub struct Finished {
     pub deduplicated: bool,
 }
 
+/// A mapped finished file and the tick it was last opened at (for closing the oldest).
+type OpenFile = (u64, Arc<StoredFile>);
+
 /// The media store of one node.
 #[derive(Debug)]
 pub struct MediaStore {
@@ -414,7 +424,7 @@ pub struct MediaStore {
     config: StoreConfig,
     uploads: Mutex<HashMap<u64, Arc<Upload>>>,
     /// Finished files open for reading, with the tick they were last opened at.
-    open: Mutex<HashMap<[u8; MEDIA_SHA256_BYTES], (u64, Arc<StoredFile>)>>,
+    open: Mutex<HashMap<[u8; MEDIA_SHA256_BYTES], OpenFile>>,
     open_tick: std::sync::atomic::AtomicU64,
     /// Held while an upload forwarded by a peer is created, so the parts of one new
     /// upload arriving at once create it once.
@@ -555,7 +565,8 @@ impl MediaStore {
             .open(&path)
             .map_err(io_error("creating", &path))?;
         let result = (|| {
-            preallocate(&file, header.file_len()).map_err(io_error("reserving space for", &path))?;
+            preallocate(&file, header.file_len())
+                .map_err(io_error("reserving space for", &path))?;
             file.write_all_at(&header.encode(), 0)
                 .map_err(io_error("writing", &path))?;
             file.sync_all().map_err(io_error("syncing", &path))?;
@@ -693,7 +704,11 @@ impl MediaStore {
     /// The first half of finishing: every part held, and the content's SHA-256 equal to
     /// `sha256` (each part's CRC checked on the way). A hash mismatch deletes the upload.
     /// Nothing becomes visible. Blocking.
-    pub fn check(&self, upload: &Upload, sha256: &[u8; MEDIA_SHA256_BYTES]) -> Result<(), MediaError> {
+    pub fn check(
+        &self,
+        upload: &Upload,
+        sha256: &[u8; MEDIA_SHA256_BYTES],
+    ) -> Result<(), MediaError> {
         let h = &upload.header;
         let crcs: Vec<u32> = {
             let st = lock(&upload.state);
@@ -961,7 +976,9 @@ mod tests {
     use super::*;
 
     fn content(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     fn put_all(store: &MediaStore, up: &Upload, data: &[u8]) {
@@ -982,10 +999,14 @@ mod tests {
         let id;
         {
             let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
-            let up = store.start(5, data.len() as u64, "a/b", "f", now_ms()).expect("starts");
+            let up = store
+                .start(5, data.len() as u64, "a/b", "f", now_ms())
+                .expect("starts");
             id = up.header.upload_id;
             let p1 = &data[MEDIA_PART_BYTES as usize..2 * MEDIA_PART_BYTES as usize];
-            store.write_part(&up, 1, crc32fast::hash(p1), p1).expect("part 1");
+            store
+                .write_part(&up, 1, crc32fast::hash(p1), p1)
+                .expect("part 1");
             // Wrong CRC, wrong length, out of range: refused, nothing held.
             assert!(matches!(
                 store.write_part(&up, 0, 1, &data[..MEDIA_PART_BYTES as usize]),
@@ -1003,16 +1024,24 @@ mod tests {
         }
         let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("reopens");
         let up = store.upload(5, id).expect("upload survives");
-        assert!(store.upload(6, id).is_none(), "another user does not see it");
+        assert!(
+            store.upload(6, id).is_none(),
+            "another user does not see it"
+        );
         assert_eq!(up.missing(), vec![0, 2]);
         put_all(&store, &up, &data);
         assert!(matches!(
             store.finish(&up, &[0; 32]),
             Err(MediaError::BadRequest(_))
         ));
-        assert!(store.upload(5, id).is_none(), "a hash mismatch deletes the upload");
+        assert!(
+            store.upload(5, id).is_none(),
+            "a hash mismatch deletes the upload"
+        );
         assert!(store.file(&[0; 32]).expect("no error").is_none());
-        let up = store.start(5, data.len() as u64, "a/b", "f", now_ms()).expect("starts");
+        let up = store
+            .start(5, data.len() as u64, "a/b", "f", now_ms())
+            .expect("starts");
         put_all(&store, &up, &data);
         let f = store.finish(&up, &sha).expect("finishes");
         assert!(!f.deduplicated);
@@ -1022,15 +1051,21 @@ mod tests {
         let tail = data.len() as u64 - 10;
         assert_eq!(file.read(tail, 1000).expect("reads"), data[tail as usize..]);
         assert!(file.read(data.len() as u64, 1).is_err());
-        let up = store.start(6, data.len() as u64, "", "", now_ms()).expect("starts");
+        let up = store
+            .start(6, data.len() as u64, "", "", now_ms())
+            .expect("starts");
         put_all(&store, &up, &data);
         assert!(store.finish(&up, &sha).expect("finishes").deduplicated);
         assert_eq!(
-            std::fs::read_dir(dir.path().join("files")).expect("lists").count(),
+            std::fs::read_dir(dir.path().join("files"))
+                .expect("lists")
+                .count(),
             1
         );
         assert_eq!(
-            std::fs::read_dir(dir.path().join("uploads")).expect("lists").count(),
+            std::fs::read_dir(dir.path().join("uploads"))
+                .expect("lists")
+                .count(),
             0
         );
     }
@@ -1042,20 +1077,26 @@ mod tests {
         let sha: [u8; 32] = Sha256::digest(&data).into();
         {
             let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
-            let up = store.start(5, data.len() as u64, "", "", now_ms()).expect("starts");
+            let up = store
+                .start(5, data.len() as u64, "", "", now_ms())
+                .expect("starts");
             put_all(&store, &up, &data);
             store.finish(&up, &sha).expect("finishes");
         }
         let path = dir.path().join("files").join(hex(&sha));
         let f = OpenOptions::new().write(true).open(&path).expect("opens");
-        f.write_all_at(&[data[20] ^ 1], HEADER_BYTES + 20).expect("flips");
+        f.write_all_at(&[data[20] ^ 1], HEADER_BYTES + 20)
+            .expect("flips");
         drop(f);
         let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
         let file = store.file(&sha).expect("opens").expect("stored");
         assert!(matches!(file.read(0, 100), Err(MediaError::Corrupt { .. })));
         // The other part is still served.
         let second = MEDIA_PART_BYTES as u64;
-        assert_eq!(file.read(second, 10).expect("reads"), data[second as usize..]);
+        assert_eq!(
+            file.read(second, 10).expect("reads"),
+            data[second as usize..]
+        );
     }
 
     #[test]
@@ -1080,7 +1121,9 @@ mod tests {
         assert_eq!(store.expire(11_000), 1);
         assert_eq!(store.uploads_in_progress(), (1, 100));
         assert_eq!(
-            std::fs::read_dir(dir.path().join("uploads")).expect("lists").count(),
+            std::fs::read_dir(dir.path().join("uploads"))
+                .expect("lists")
+                .count(),
             1
         );
     }

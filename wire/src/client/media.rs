@@ -98,12 +98,18 @@ fn local(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Cl
 }
 
 /// Reads `len` bytes at `offset` of `file` on the blocking pool.
-async fn read_at(file: &Arc<File>, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
+async fn read_at(
+    file: &Arc<File>,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, ClientError> {
     let file = Arc::clone(file);
     let mut buf = vec![0u8; len];
-    let result = tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| buf))
-        .await
-        .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
+    let result =
+        tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| buf))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
     result.map_err(local("reading", path))
 }
 
@@ -173,7 +179,12 @@ impl Client {
                     })
                     .await?;
                 let all = (0..started.part_count).collect();
-                (started.upload_id, started.part_bytes, started.part_count, all)
+                (
+                    started.upload_id,
+                    started.part_bytes,
+                    started.part_count,
+                    all,
+                )
             }
         };
         if part_bytes == 0 || u64::from(part_count) != size.div_ceil(u64::from(part_bytes)) {
@@ -200,8 +211,10 @@ impl Client {
             n => n.min(UPLOAD_PARTS_IN_FLIGHT_MAX),
         };
         let mut hasher = Sha256::new();
-        let mut in_flight: VecDeque<(usize, JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>)> =
-            VecDeque::new();
+        let mut in_flight: VecDeque<(
+            usize,
+            JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>,
+        )> = VecDeque::new();
         let result: Result<(), ClientError> = async {
             for i in 0..part_count {
                 let len = part_len(i);
@@ -312,8 +325,10 @@ impl Client {
             0 => DOWNLOAD_IN_FLIGHT_MAX,
             n => n.min(DOWNLOAD_IN_FLIGHT_MAX),
         };
-        let mut in_flight: VecDeque<(u64, JoinHandle<Result<v1::MediaDownloadResponse, ClientError>>)> =
-            VecDeque::new();
+        let mut in_flight: VecDeque<(
+            u64,
+            JoinHandle<Result<v1::MediaDownloadResponse, ClientError>>,
+        )> = VecDeque::new();
         let mut next = start;
         let mut written = start;
         let result: Result<(), ClientError> = async {
