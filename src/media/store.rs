@@ -303,6 +303,29 @@ struct UploadState {
     finished: bool,
 }
 
+/// The SHA-256 of an upload's longest prefix of held parts, advanced as parts arrive, so
+/// finishing hashes only what is left instead of the whole file.
+struct Hashing {
+    sha: Sha256,
+    /// The first part not hashed yet.
+    next: u32,
+}
+
+impl std::fmt::Debug for Hashing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hashing").field("next", &self.next).finish()
+    }
+}
+
+impl Hashing {
+    fn new() -> Mutex<Hashing> {
+        Mutex::new(Hashing {
+            sha: Sha256::new(),
+            next: 0,
+        })
+    }
+}
+
 /// An upload in progress.
 #[derive(Debug)]
 pub struct Upload {
@@ -313,6 +336,7 @@ pub struct Upload {
     state: Mutex<UploadState>,
     /// Held while finishing, so two finishes of one upload do not race.
     finishing: tokio::sync::Mutex<()>,
+    hashing: Mutex<Hashing>,
 }
 
 impl Upload {
@@ -587,6 +611,7 @@ impl MediaStore {
                 finished: false,
             }),
             finishing: tokio::sync::Mutex::new(()),
+            hashing: Hashing::new(),
         }))
     }
 
@@ -686,9 +711,16 @@ impl MediaStore {
             )
             .map_err(io_error("writing", path))?;
         upload.file.sync_data().map_err(io_error("syncing", path))?;
-        let mut st = lock(&upload.state);
-        st.parts[part as usize] = Some(crc32);
-        Ok(st.parts.iter().filter(|p| p.is_some()).count() as u32)
+        let held = {
+            let mut st = lock(&upload.state);
+            st.parts[part as usize] = Some(crc32);
+            st.parts.iter().filter(|p| p.is_some()).count() as u32
+        };
+        // Hash on while the bytes are at hand, unless another part's writer is at it.
+        if let Err(e) = advance_hash(upload, Some((part, data)), false) {
+            tracing::warn!(error = %e, "hashing an upload's parts ahead of its finish");
+        }
+        Ok(held)
     }
 
     /// Finishes `upload` ([`MediaStore::check`], then [`MediaStore::commit`]). Blocking.
@@ -728,28 +760,24 @@ impl MediaStore {
             }
             st.parts.iter().map(|p| p.expect("all held")).collect()
         };
-        let path = &upload.path;
-        // SAFETY: the upload's file is ours; while finishing, no part is written to it
-        // (every part is held, and held parts are not rewritten).
-        let map = unsafe { Mmap::map(&upload.file) }.map_err(io_error("mapping", path))?;
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::Sequential);
-        let mut hasher = Sha256::new();
-        for (i, want) in crcs.iter().enumerate() {
-            let start = (HEADER_BYTES + i as u64 * u64::from(h.part_bytes)) as usize;
-            let bytes = &map[start..start + h.part_len(i as u32)];
-            // Hash what was checked: the CRC and the hash run over the same bytes of the
-            // mapping, which nothing writes to while finishing.
-            if crc32fast::hash(bytes) != *want {
+        debug_assert_eq!(crcs.len(), h.part_count() as usize);
+        // Every part was hashed as it arrived (checked against its CRC on receipt) or is
+        // read back now and checked against its slot's CRC; only the rest is hashed here.
+        advance_hash(upload, None, true)?;
+        let got: [u8; 32] = {
+            let hashing = lock(&upload.hashing);
+            if hashing.next != h.part_count() {
                 return Err(MediaError::Corrupt {
-                    path: path.display().to_string(),
-                    detail: format!("part {i} no longer matches its CRC"),
+                    path: upload.path.display().to_string(),
+                    detail: format!(
+                        "hashed {} of {} parts although all are held",
+                        hashing.next,
+                        h.part_count()
+                    ),
                 });
             }
-            hasher.update(bytes);
-        }
-        drop(map);
-        let got: [u8; 32] = hasher.finalize().into();
+            hashing.sha.clone().finalize().into()
+        };
         if &got != sha256 {
             self.remove_upload(h.upload_id);
             return Err(MediaError::BadRequest(format!(
@@ -883,6 +911,53 @@ impl MediaStore {
     }
 }
 
+/// Extends the upload's running hash over the held parts that follow its prefix: `just`
+/// is a part this thread just wrote (hashed from its buffer, checked on receipt), others
+/// are read back from the file and checked against their CRC. With `wait` false it
+/// returns at once when another thread is hashing (that one carries on). Blocking.
+fn advance_hash(upload: &Upload, just: Option<(u32, &[u8])>, wait: bool) -> Result<(), MediaError> {
+    let mut hashing = if wait {
+        lock(&upload.hashing)
+    } else {
+        match upload.hashing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        }
+    };
+    let h = &upload.header;
+    let mut buf = Vec::new();
+    while hashing.next < h.part_count() {
+        let i = hashing.next;
+        let Some(crc) = lock(&upload.state).parts[i as usize] else {
+            break;
+        };
+        match just {
+            Some((j, data)) if j == i => hashing.sha.update(data),
+            _ => {
+                let len = h.part_len(i);
+                buf.resize(len, 0);
+                upload
+                    .file
+                    .read_exact_at(
+                        &mut buf,
+                        HEADER_BYTES + u64::from(i) * u64::from(h.part_bytes),
+                    )
+                    .map_err(io_error("reading", &upload.path))?;
+                if crc32fast::hash(&buf) != crc {
+                    return Err(MediaError::Corrupt {
+                        path: upload.path.display().to_string(),
+                        detail: format!("part {i} no longer matches its CRC"),
+                    });
+                }
+                hashing.sha.update(&buf);
+            }
+        }
+        hashing.next += 1;
+    }
+    Ok(())
+}
+
 /// Loads an upload file after a restart: header, slots, and each slotted part's bytes
 /// checked against its CRC.
 fn load_upload(path: &Path) -> Result<Upload, MediaError> {
@@ -926,6 +1001,7 @@ fn load_upload(path: &Path) -> Result<Upload, MediaError> {
             finished: false,
         }),
         finishing: tokio::sync::Mutex::new(()),
+        hashing: Hashing::new(),
     })
 }
 

@@ -97,6 +97,28 @@ fn local(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Cl
     }
 }
 
+/// Reads `len` bytes at `offset` of `file` and feeds them to `hasher`, on the blocking
+/// pool (hashing there keeps the runtime's threads free for the connection).
+async fn read_hashed(
+    file: &Arc<File>,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    mut hasher: Sha256,
+) -> Result<(Vec<u8>, Sha256), ClientError> {
+    let file = Arc::clone(file);
+    let mut buf = vec![0u8; len];
+    let result = tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf, offset).map(|()| {
+            hasher.update(&buf);
+            (buf, hasher)
+        })
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
+    result.map_err(local("reading", path))
+}
+
 /// Reads `len` bytes at `offset` of `file` on the blocking pool.
 async fn read_at(
     file: &Arc<File>,
@@ -218,8 +240,15 @@ impl Client {
         let result: Result<(), ClientError> = async {
             for i in 0..part_count {
                 let len = part_len(i);
-                let data = read_at(&file, path, u64::from(i) * u64::from(part_bytes), len).await?;
-                hasher.update(&data);
+                let (data, h) = read_hashed(
+                    &file,
+                    path,
+                    u64::from(i) * u64::from(part_bytes),
+                    len,
+                    std::mem::take(&mut hasher),
+                )
+                .await?;
+                hasher = h;
                 if !missing.contains(&i) {
                     continue;
                 }
@@ -363,13 +392,17 @@ impl Client {
                         "chunk at offset {offset} fails its CRC-32"
                     )));
                 }
-                hasher.update(&got.data);
                 let f = Arc::clone(&file);
                 let data = got.data;
-                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
-                    .await
-                    .map_err(|e| ClientError::Protocol(format!("file writer task failed: {e}")))?
-                    .map_err(local("writing", path))?;
+                let h = std::mem::take(&mut hasher);
+                hasher = tokio::task::spawn_blocking(move || {
+                    let mut h = h;
+                    h.update(&data);
+                    f.write_all_at(&data, offset).map(|()| h)
+                })
+                .await
+                .map_err(|e| ClientError::Protocol(format!("file writer task failed: {e}")))?
+                .map_err(local("writing", path))?;
                 written += want as u64;
                 on_progress(TransferProgress {
                     upload_id: 0,
