@@ -762,3 +762,129 @@ async fn a_killed_leader_mid_upload_loses_no_acknowledged_part_and_the_upload_fi
         Err(e) => assert_eq!(code(e), ErrorCode::Unavailable),
     }
 }
+
+/// A tmpfs mounted on a temporary directory (needs CAP_SYS_ADMIN), unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(size_mb: u64) -> std::io::Result<Tmpfs> {
+        let dir = tempfile::tempdir()?;
+        let c = |s: &[u8]| std::ffi::CString::new(s).expect("no NUL");
+        let (src, target) = (c(b"tmpfs"), c(dir.path().as_os_str().as_encoded_bytes()));
+        let data = c(format!("size={size_mb}m").as_bytes());
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Tmpfs { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target =
+            std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).expect("no NUL");
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The disk fills while an upload is in progress: the upload's space was reserved when it
+/// started, so it still finishes; a new upload is refused with RESOURCE_EXHAUSTED and
+/// leaves nothing behind. (Mounts a tmpfs: where that is not allowed the test says so and
+/// passes without running; `CHATLOG_REQUIRE_MOUNT=1` makes that a failure.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_mid_upload_refuses_new_uploads_and_loses_nothing() {
+    let fs = match Tmpfs::new(400) {
+        Ok(fs) => fs,
+        Err(e) if std::env::var_os("CHATLOG_REQUIRE_MOUNT").is_none() => {
+            eprintln!("skipping: cannot mount a tmpfs ({e}); set CHATLOG_REQUIRE_MOUNT=1 to fail");
+            return;
+        }
+        Err(e) => panic!("cannot mount a tmpfs: {e}"),
+    };
+    let data_dir = fs.dir.path().join("data");
+    let server = Server::start(&data_dir, &["--segment-mb", "4"]);
+    let alice = user(&server.addr, "alice").await;
+    let data = vec![0x5au8; 3 * MEDIA_PART_BYTES as usize + 17];
+    let up = alice
+        .client
+        .media_upload_start(v1::MediaUploadStartRequest {
+            size_bytes: data.len() as u64,
+            ..Default::default()
+        })
+        .await
+        .expect("starts while there is room");
+    let part = |i: u32| {
+        let s = i as usize * MEDIA_PART_BYTES as usize;
+        let bytes = &data[s..(s + MEDIA_PART_BYTES as usize).min(data.len())];
+        v1::MediaUploadPartRequest {
+            upload_id: up.upload_id,
+            part_index: i,
+            crc32: crc32fast::hash(bytes),
+            data: Bytes::copy_from_slice(bytes),
+        }
+    };
+    alice
+        .client
+        .media_upload_part(part(0))
+        .await
+        .expect("a part is stored");
+    // Fill the file system with something else.
+    {
+        use std::io::Write;
+        let mut junk = std::fs::File::create(fs.dir.path().join("junk")).expect("creates");
+        let block = vec![1u8; 1 << 20];
+        while junk.write_all(&block).is_ok() {}
+        let _ = junk.sync_all();
+    }
+    for i in 1..4 {
+        alice
+            .client
+            .media_upload_part(part(i))
+            .await
+            .expect("a part of an upload whose space was reserved is stored on a full disk");
+    }
+    let done = alice
+        .client
+        .media_upload_finish(v1::MediaUploadFinishRequest {
+            upload_id: up.upload_id,
+            sha256: Bytes::copy_from_slice(&Sha256::digest(&data)),
+        })
+        .await
+        .expect("finishes on a full disk");
+    let e = alice
+        .client
+        .media_upload_start(v1::MediaUploadStartRequest {
+            size_bytes: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no room for another upload");
+    assert_eq!(code(e), ErrorCode::ResourceExhausted);
+    assert!(files_in(&data_dir.join("media/uploads")).is_empty());
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    assert_eq!(done.media_id, media_id_hex(&sha));
+    let r = alice
+        .client
+        .media_download(v1::MediaDownloadRequest {
+            sha256: Bytes::copy_from_slice(&sha),
+            offset: 3 * MEDIA_PART_BYTES as u64,
+            length: 100,
+        })
+        .await
+        .expect("reads the stored file");
+    assert!(r.data[..] == data[3 * MEDIA_PART_BYTES as usize..]);
+    drop(server);
+}
