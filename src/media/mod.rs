@@ -305,10 +305,10 @@ impl Media {
                 let file = self.readable_file(&store, user, &s).await?;
                 let size = file.header.size;
                 let (offset, len) = (r.offset, r.length as usize);
-                let data = blocking(move || file.read(offset, len)).await?;
+                let (data, crc32) = blocking(move || file.read(offset, len)).await?;
                 Ok(Resp::MediaDownload(v1::MediaDownloadResponse {
                     offset: r.offset,
-                    crc32: crc32fast::hash(&data),
+                    crc32,
                     data: Bytes::from(data),
                     size_bytes: size,
                 }))

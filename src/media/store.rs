@@ -371,8 +371,9 @@ pub struct StoredFile {
 
 impl StoredFile {
     /// Reads `len` bytes at `offset` (cut at the end of the file), after checking the
-    /// CRC of every part the range touches, on a private copy.
-    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, MediaError> {
+    /// CRC of every part the range touches, on a private copy; with the CRC-32 of the
+    /// bytes returned.
+    pub fn read(&self, offset: u64, len: usize) -> Result<(Vec<u8>, u32), MediaError> {
         let h = &self.header;
         if offset >= h.size || len == 0 {
             return Err(MediaError::BadRequest(format!(
@@ -411,6 +412,8 @@ impl StoredFile {
                 if crc32fast::hash(&out) != want {
                     return Err(corrupt(format!("part {part} fails its CRC")));
                 }
+                // A whole part: its checked CRC is the answer's.
+                return Ok((out, want));
             } else {
                 let copy = bytes.to_vec();
                 if crc32fast::hash(&copy) != want {
@@ -419,7 +422,8 @@ impl StoredFile {
                 out.extend_from_slice(&copy[from as usize..to as usize]);
             }
         }
-        Ok(out)
+        let crc = crc32fast::hash(&out);
+        Ok((out, crc))
     }
 }
 
@@ -1122,10 +1126,17 @@ mod tests {
         let f = store.finish(&up, &sha).expect("finishes");
         assert!(!f.deduplicated);
         let file = store.file(&sha).expect("reads").expect("stored");
-        assert_eq!(file.read(0, data.len()).expect("reads"), data);
-        assert_eq!(file.read(1000, 70_000).expect("reads"), data[1000..71_000]);
+        let read = |o: u64, l: usize| {
+            let (bytes, crc) = file.read(o, l).expect("reads");
+            assert_eq!(crc, crc32fast::hash(&bytes));
+            bytes
+        };
+        assert_eq!(read(0, data.len()), data);
+        let pb = MEDIA_PART_BYTES as usize;
+        assert_eq!(read(0, pb), data[..pb]);
+        assert_eq!(read(1000, 70_000), data[1000..71_000]);
         let tail = data.len() as u64 - 10;
-        assert_eq!(file.read(tail, 1000).expect("reads"), data[tail as usize..]);
+        assert_eq!(read(tail, 1000), data[tail as usize..]);
         assert!(file.read(data.len() as u64, 1).is_err());
         let up = store
             .start(6, data.len() as u64, "", "", now_ms())
@@ -1170,7 +1181,7 @@ mod tests {
         // The other part is still served.
         let second = MEDIA_PART_BYTES as u64;
         assert_eq!(
-            file.read(second, 10).expect("reads"),
+            file.read(second, 10).expect("reads").0,
             data[second as usize..]
         );
     }

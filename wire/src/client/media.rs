@@ -40,8 +40,9 @@ pub const DOWNLOAD_IN_FLIGHT_MAX: usize = 8;
 pub struct TransferProgress {
     /// The upload (0 for a download, or an upload that found the file already stored).
     pub upload_id: u64,
-    /// Bytes done so far: acknowledged by the server (upload) or written (download),
-    /// including bytes an earlier attempt already transferred.
+    /// Bytes done so far: acknowledged by the server (upload) or received, checked and
+    /// queued for writing in order (download), including bytes an earlier attempt
+    /// already transferred.
     pub bytes_done: u64,
     /// The file's size.
     pub bytes_total: u64,
@@ -360,6 +361,19 @@ impl Client {
         )> = VecDeque::new();
         let mut next = start;
         let mut written = start;
+        // One writer on the blocking pool hashes and writes the checked chunks in order,
+        // while this task keeps receiving; the channel holds at most `window` chunks.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(window);
+        let writer = {
+            let (f, mut h) = (Arc::clone(&file), std::mem::take(&mut hasher));
+            tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
+                while let Some((offset, data)) = rx.blocking_recv() {
+                    h.update(&data);
+                    f.write_all_at(&data, offset)?;
+                }
+                Ok(h)
+            })
+        };
         let result: Result<(), ClientError> = async {
             while written < size {
                 while next < size && in_flight.len() < window {
@@ -392,17 +406,10 @@ impl Client {
                         "chunk at offset {offset} fails its CRC-32"
                     )));
                 }
-                let f = Arc::clone(&file);
-                let data = got.data;
-                let h = std::mem::take(&mut hasher);
-                hasher = tokio::task::spawn_blocking(move || {
-                    let mut h = h;
-                    h.update(&data);
-                    f.write_all_at(&data, offset).map(|()| h)
-                })
-                .await
-                .map_err(|e| ClientError::Protocol(format!("file writer task failed: {e}")))?
-                .map_err(local("writing", path))?;
+                if tx.send((offset, got.data)).await.is_err() {
+                    // The writer stopped on an error, reported below.
+                    break;
+                }
                 written += want as u64;
                 on_progress(TransferProgress {
                     upload_id: 0,
@@ -413,12 +420,17 @@ impl Client {
             Ok(())
         }
         .await;
+        drop(tx);
+        let written_out = writer
+            .await
+            .map_err(|e| ClientError::Protocol(format!("file writer task failed: {e}")));
         if let Err(e) = result {
             for (_, handle) in in_flight {
                 handle.abort();
             }
             return Err(e);
         }
+        let hasher = written_out?.map_err(local("writing", path))?;
         if hasher.finalize()[..] != sha256[..] {
             return Err(ClientError::Protocol(format!(
                 "downloaded file {} does not hash to {}",
