@@ -23,7 +23,7 @@ pub enum Command {
     #[command(subcommand)]
     Storage(crate::storage_cmd::StorageCommand),
     /// Load generator: drive a server (or an embedded one) and report throughput and
-    /// latency (send, sync, mixed, fanout; media not available yet).
+    /// latency (send, sync, mixed, fanout, media).
     Bench(crate::bench_cmd::BenchArgs),
     /// Operator commands against a node's HTTP port (`--server HTTP_ADDR`).
     #[command(subcommand)]

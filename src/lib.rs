@@ -3,7 +3,7 @@
 //! the fan-out hub (`fanout`), push notifications for offline members (`notify`), the HTTP
 //! port (`http`), the HTTP bot API (`bot`), and the client, admin, load
 //! generator and storage commands (`client_cmd`, `admin_cmd`, `bench_cmd`,
-//! `storage_cmd`). Media arrives with its issue.
+//! `storage_cmd`), and media uploads and downloads (`media`).
 
 pub mod admin_cmd;
 pub mod bench_cmd;
@@ -13,6 +13,7 @@ pub mod client_cmd;
 pub mod fanout;
 pub mod gateway;
 pub mod http;
+pub mod media;
 pub mod notify;
 pub mod serve;
 pub mod service;

@@ -107,6 +107,14 @@ pub struct ServeArgs {
     /// beyond closes the connection as a slow reader; a subscription catching up waits.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_bytes: usize,
+    /// Seconds after which an unfinished media upload is deleted and its disk space
+    /// freed (default one day).
+    #[arg(long, default_value_t = crate::media::store::UPLOAD_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub media_upload_ttl_secs: u64,
+    /// Bytes all unfinished media uploads on this node may reserve together; an upload
+    /// past it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = crate::media::store::RESERVED_BYTES_MAX)]
+    pub media_reserved_bytes: u64,
     /// Push notifications for members without an online session: POSTed as JSON to this
     /// `http://host:port/path` (where a deployment plugs in APNs or FCM), collapsed per
     /// user and chat, kept in a durable outbox until the webhook answers 2xx. Off when
@@ -387,6 +395,12 @@ async fn serve(
     let http_listener = crate::http::bind(http_addr(&args)?).await?;
     let http_addr = http_listener.local_addr()?;
     let registry = Arc::new(GroupRegistry::default());
+    // The peer server's view of the groups, plus media parts from other replicas.
+    let media_directory = Arc::new(crate::media::replicate::MediaDirectory::new(
+        registry.clone(),
+    ));
+    // The bot API's way to media, bound once the chat service started the media side.
+    let media_link = Arc::new(crate::media::MediaLink::default());
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
     let mut peer_server = None;
     let node = if cluster.is_empty() {
@@ -408,7 +422,7 @@ async fn serve(
             .map_err(|e| format!("binding the peer address {peer_addr}: {e}"))?;
         let bound_peer = listener.local_addr()?;
         println!("peers: {bound_peer}");
-        let directory: Arc<dyn GroupDirectory> = registry.clone();
+        let directory: Arc<dyn GroupDirectory> = media_directory.clone();
         let mut stopped = peers_stopped.clone();
         peer_server = Some(tokio::spawn(chatlog_raft::network::serve(
             listener,
@@ -457,7 +471,11 @@ async fn serve(
         clients: Arc::clone(&clients),
         changes: LeaderChanges::watch(&node),
         started,
-        bots: crate::bot::BotApi::start(Arc::clone(&node), rate_limits),
+        bots: crate::bot::BotApi::start_with_media(
+            Arc::clone(&node),
+            rate_limits,
+            Arc::clone(&media_link) as Arc<dyn crate::bot::MediaResolver>,
+        ),
         cluster_id,
     });
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
@@ -489,14 +507,21 @@ async fn serve(
     // Scripts and tests read this line to find the port.
     println!("clients: {addr}");
     let _ = http_ctx.clients_addr.set(addr);
-    let chat_service = ChatService::with_limits(
+    let chat_service = ChatService::with_media(
         Arc::clone(&node),
         args.dev_mode,
         crate::service::ratelimit::RateLimits {
             user_sends_per_sec: args.user_sends_per_sec,
             conn_requests_per_sec: args.conn_requests_per_sec,
         },
+        crate::media::store::StoreConfig {
+            upload_ttl: Duration::from_secs(args.media_upload_ttl_secs),
+            reserved_bytes_max: args.media_reserved_bytes,
+            ..Default::default()
+        },
     );
+    media_directory.set_media(std::sync::Arc::clone(chat_service.media()));
+    media_link.set(Arc::clone(chat_service.media()));
     if let Some(config) = notify_config(&args)? {
         tracing::info!(webhook = %args.push_webhook.as_deref().unwrap_or_default(), "push notifications on");
         chat_service

@@ -260,15 +260,36 @@ fn fanout_delivers_every_post_to_every_subscriber() {
 }
 
 #[test]
-fn media_is_not_available_yet_and_help_names_every_flag() {
-    let out = Command::new(BIN)
-        .args(["bench", "media", "--embedded"])
-        .output()
-        .expect("chatlog runs");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not available yet: needs"), "{err}");
+fn media_uploads_and_downloads_through_the_protocol() {
+    let r = bench(&[
+        "media",
+        "--embedded",
+        "--groups",
+        "2",
+        "--connections",
+        "2",
+        "--chats",
+        "1",
+        "--count",
+        "3",
+        "--file-size",
+        "3000000",
+    ]);
+    sane(&r, "media");
+    embedded_server_figures(&r);
+    let m = &r["media"];
+    assert_eq!(r["ops"], 6, "3 uploads and 3 downloads: {r}");
+    assert_eq!(r["bytes"], 18_000_000, "{r}");
+    for phase in ["upload", "download"] {
+        assert_eq!(m[phase]["files"], 3, "{r}");
+        assert!(m[phase]["mb_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(m[phase]["rss_anon_peak_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(r["config"]["file_size"], 3_000_000, "{r}");
+}
 
+#[test]
+fn help_names_every_flag() {
     let out = Command::new(BIN)
         .args(["bench", "--help"])
         .output()
@@ -295,6 +316,7 @@ fn media_is_not_available_yet_and_help_names_every_flag() {
         "--rounds",
         "--subscribers",
         "--seed",
+        "--file-size",
         "--json",
         "media",
     ] {

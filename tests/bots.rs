@@ -923,7 +923,7 @@ async fn bad_tokens_strangers_bad_input_and_floods_are_refused() {
     )
     .await
     .refused(403);
-    // A media id nobody uploaded (until media exists, every id).
+    // A media id nobody uploaded.
     call(
         server.h(),
         &token,
@@ -1169,4 +1169,86 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
         }
         assert!(Instant::now() < deadline, "the post never arrived");
     }
+}
+
+/// `sendMedia` sends a file by its media id once the bot may read it: the file was sent to
+/// a chat the bot is in. Before that the same id is refused, and a user who is not in the
+/// chat cannot read the file the bot posts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_media_posts_a_file_the_bot_may_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
+    let (_, _, alice) = user(&server.addr, "alice").await;
+    let created = alice
+        .create_bot(v1::CreateBotRequest {
+            name: "media_bot".into(),
+        })
+        .await
+        .expect("bot created");
+    let (bot, token) = (created.user_id, created.token);
+    let with_bot = chat_with(&alice, "with bot", Some(bot)).await;
+    let private = chat_with(&alice, "private", None).await;
+
+    // Alice uploads a file and shares it only in her private chat.
+    let file = dir.path().join("photo.bin");
+    std::fs::write(
+        &file,
+        (0..300_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    )
+    .expect("file written");
+    let up = alice
+        .upload_file(
+            &file,
+            chatlog_wire::client::UploadOptions {
+                mime_type: "image/jpeg".into(),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .expect("uploaded");
+    alice
+        .send_message(v1::SendMessageRequest {
+            chat_id: private,
+            client_message_id: 1,
+            text: "mine".into(),
+            media: up.media.clone(),
+            reply_to_seq: 0,
+        })
+        .await
+        .expect("shared privately");
+    let params = json!({"chat_id": with_bot, "media_id": up.media_id, "caption": "look"});
+    call(server.h(), &token, "sendMedia", params.clone())
+        .await
+        .refused(403);
+
+    // Shared in the chat with the bot: now the bot may send it.
+    alice
+        .send_message(v1::SendMessageRequest {
+            chat_id: with_bot,
+            client_message_id: 2,
+            text: "for the bot".into(),
+            media: up.media.clone(),
+            reply_to_seq: 0,
+        })
+        .await
+        .expect("shared with the bot");
+    let sent = call(server.h(), &token, "sendMedia", params).await;
+    let seq = sent.result()["message_id"]
+        .as_u64()
+        .or_else(|| sent.result()["seq"].as_u64())
+        .unwrap_or_else(|| panic!("a message: {}", sent.body));
+    let page = alice
+        .get_by_seq(v1::GetBySeqRequest {
+            chat_id: with_bot,
+            seqs: vec![seq],
+        })
+        .await
+        .expect("read back");
+    let Some(v1::event::Body::MessagePosted(m)) = &page.events[0].body else {
+        panic!("a message at {seq}: {:?}", page.events);
+    };
+    assert_eq!(page.events[0].sender_id, bot, "posted by the bot");
+    assert_eq!(m.text, "look");
+    assert_eq!(m.media, up.media, "the bot's message carries the file");
 }

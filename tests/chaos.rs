@@ -317,7 +317,7 @@ fn retryable(e: &ClientError) -> bool {
             ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::RateLimited
         ),
         ClientError::Timeout | ClientError::Disconnected | ClientError::Io(_) => true,
-        ClientError::Protocol(_) | ClientError::Encode(_) => false,
+        ClientError::Protocol(_) | ClientError::Encode(_) | ClientError::LocalFile { .. } => false,
     }
 }
 

@@ -1089,6 +1089,11 @@ impl Node {
         self.router = Some(router);
     }
 
+    /// The router to peers, in a cluster (media parts travel over it too).
+    pub fn router(&self) -> Option<&Router> {
+        self.router.as_ref()
+    }
+
     /// Proposes `command` in group `g` from any node: through the local replica when it
     /// leads, otherwise forwarded to the leader over the node-to-node connection
     /// (following at most [`FORWARD_HOPS_MAX`] leader hints, each hop within

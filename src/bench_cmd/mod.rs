@@ -11,6 +11,7 @@
 //! fixed cap), or panic on a server's error (errors are counted by kind).
 
 mod dist;
+mod media;
 mod report;
 mod scenarios;
 
@@ -63,8 +64,13 @@ Scenarios:
   fanout  --subscribers connections subscribe to every one of --chats chats; the
           connections post (best with --rate) and every push is timed from its
           post's start to its arrival (post-to-push delivery latency).
-  media   not available yet: needs chunked media upload/download in the protocol
-          (the media issue); exits with status 2.
+  media   --count files (default: one per connection) of --file-size random bytes are
+          uploaded at once, file i through connection i mod --connections with
+          --in-flight parts in flight (at most 8), then downloaded again the same way
+          (every chunk CRC-checked, every file checked against its SHA-256). Reports
+          MB/s and per-file latency of each phase and the peak resident memory
+          (anonymous and file-backed: mapped media is page cache) under \"media\";
+          embedded, the memory is the process's, load generator included.
 
 Setup creates --connections users (dev mode: the server must run with its default
 --dev-mode true), logs each in, and creates --chats groups whose members are all of
@@ -93,7 +99,7 @@ pub enum Scenario {
     Mixed,
     /// Post-to-push delivery latency to --subscribers subscribers per chat.
     Fanout,
-    /// Concurrent media uploads and downloads (not available yet).
+    /// Concurrent media uploads, then downloads, of --file-size files.
     Media,
 }
 
@@ -185,6 +191,9 @@ pub struct BenchArgs {
     /// most 100).
     #[arg(long, default_value_t = 4)]
     pub subscribers: usize,
+    /// media: bytes of each file (1 to 4 GiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub file_size: u64,
     /// Seed of every random choice (chats, operations, message text).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -225,6 +234,15 @@ impl BenchArgs {
         }
         if self.count == Some(0) {
             return Err("--count must be at least 1".into());
+        }
+        if self.scenario == Scenario::Media {
+            let max = chatlog_wire::limits::MEDIA_FILE_BYTES_MAX;
+            if self.file_size == 0 || self.file_size > max {
+                return Err(format!("--file-size must be 1 to {max}"));
+            }
+            if self.count.is_some_and(|c| c > 1_000) {
+                return Err("media: --count must be at most 1000 files".into());
+            }
         }
         if self.scenario == Scenario::Fanout {
             if self.size < scenarios::STAMP_BYTES {
@@ -272,6 +290,9 @@ impl BenchArgs {
             Scenario::Fanout => {
                 c.insert("subscribers".into(), json!(self.subscribers));
             }
+            Scenario::Media => {
+                c.insert("file_size".into(), json!(self.file_size));
+            }
             _ => {}
         }
         c
@@ -297,13 +318,6 @@ impl BenchArgs {
 
 /// Runs `chatlog bench`.
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
-    if args.scenario == Scenario::Media {
-        eprintln!(
-            "error: NOT_AVAILABLE: scenario media is not available yet: needs chunked media \
-             upload and download in the protocol and server (the media issue)"
-        );
-        std::process::exit(EXIT_NOT_AVAILABLE);
-    }
     if let Err(e) = args.check() {
         eprintln!("error: {e}");
         std::process::exit(EXIT_NOT_AVAILABLE);
@@ -553,7 +567,7 @@ async fn bench(args: BenchArgs, addr: String, embedded: bool) -> Result<Report, 
         Scenario::Mixed => scenarios::send_or_mixed(&args, &world, true, embedded).await,
         Scenario::Sync => scenarios::sync(&args, &world, embedded).await?,
         Scenario::Fanout => scenarios::fanout(&args, &world, embedded).await?,
-        Scenario::Media => unreachable!("refused before setup"),
+        Scenario::Media => media::media(&args, &world, embedded).await?,
     };
     report.config = args.config();
     report.command = args.command();

@@ -202,9 +202,8 @@ pub(crate) async fn send_media(
         ));
     }
     let caption = text_param(p, "caption", false)?;
-    let media = api
-        .media
-        .resolve_media(bot, &media_id.to_ascii_lowercase())?;
+    let media_id = media_id.to_ascii_lowercase();
+    let media = api.media.resolve_media(bot, &media_id).await?;
     post(api, bot, p, header, caption, Some(media)).await
 }
 

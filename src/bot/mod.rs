@@ -183,21 +183,25 @@ impl From<v1::Error> for BotError {
 /// merged (the body wins). Values are JSON (strings from a query or form).
 pub type Params = serde_json::Map<String, Value>;
 
+/// What [`MediaResolver::resolve_media`] returns.
+pub type MediaFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<MediaRef, BotError>> + Send + 'a>>;
+
 /// Resolves a media id (hex SHA-256 of an uploaded file) into a reference `user` may
-/// send. The media issue provides the real one; until it is wired in, [`NoMedia`]
-/// answers "media not found".
+/// send: `chatlog serve` wires in the node's media side (`crate::media::MediaLink`);
+/// [`NoMedia`] (for a bot API without media) answers "media not found".
 pub trait MediaResolver: Send + Sync + std::fmt::Debug + 'static {
     /// The file named `media_id`, or why not.
-    fn resolve_media(&self, user: UserId, media_id: &str) -> Result<MediaRef, BotError>;
+    fn resolve_media<'a>(&'a self, user: UserId, media_id: &'a str) -> MediaFuture<'a>;
 }
 
-/// The resolver used until media uploads exist: every id is unknown.
+/// A resolver without media: every id is unknown.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoMedia;
 
 impl MediaResolver for NoMedia {
-    fn resolve_media(&self, _user: UserId, media_id: &str) -> Result<MediaRef, BotError> {
-        Err(BotError::bad(format!("media not found: {media_id}")))
+    fn resolve_media<'a>(&'a self, _user: UserId, media_id: &'a str) -> MediaFuture<'a> {
+        Box::pin(async move { Err(BotError::bad(format!("media not found: {media_id}"))) })
     }
 }
 
@@ -248,7 +252,7 @@ impl BotApi {
         BotApi::start_with_media(node, limits, Arc::new(NoMedia))
     }
 
-    /// [`BotApi::start`] with a media resolver (the media issue wires in its own).
+    /// [`BotApi::start`] with a media resolver (`chatlog serve` passes the node's).
     pub fn start_with_media(
         node: Arc<Node>,
         limits: RateLimits,

@@ -1,6 +1,6 @@
 //! The `chatlog` binary's client commands: `user create`, `login`, `sessions`, `chat …`,
 //! `send`, `history`, `tail`, `edit`, `delete`, `react`, `pin`, `read`, `unread`,
-//! `secret …` (`secret.rs`).
+//! `secret …` (`secret.rs`), `upload`, `download` (the last two in `media.rs`).
 //!
 //! What it owns: the flags and help text of these commands, turning them into requests
 //! through `chatlog_wire::Client`, and printing the answers, for people (one line per
@@ -14,6 +14,7 @@
 //! one of the client's own: `NO_TOKEN`, `CONNECT_FAILED`, `TIMEOUT`, `DISCONNECTED`,
 //! `PROTOCOL`. Usage errors exit with status 2 (clap).
 
+mod media;
 pub(crate) mod output;
 mod secret;
 mod tail;
@@ -37,7 +38,7 @@ const CLIENT_NAME: &str = concat!("chatlog-cli/", env!("CARGO_PKG_VERSION"));
 /// The end of `chatlog --help`: what every client command shares.
 pub const AFTER_HELP: &str = "\
 Client commands (user, login, sessions, chat, send, history, tail, edit, delete, react,
-pin, read, unread, bot, secret) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
+pin, read, unread, bot, secret, upload, download) take --server ADDR (or CHATLOG_SERVER; default 127.0.0.1:7400),
 --token TOKEN (or CHATLOG_TOKEN; the session token `user create` and `login` print)
 and --json (JSON for scripts; its shape is in each command's --help).
 A refused request exits with status 1 and prints `error: CODE: message` on stderr;
@@ -150,6 +151,26 @@ pub enum ClientCommand {
     /// `tail`, `list`, `key`). Keys stay on this device (--keys-dir).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Upload a file (up to 4 GiB) in checked parts; prints its media id.
+    ///
+    /// Interrupted (Ctrl-C, a dropped connection, a server restart)? Run the same command
+    /// again: the upload resumes with the parts the server lacks (its id is kept under
+    /// --resume-dir until it finishes). A file already stored is not stored twice. With
+    /// --chat it also posts a message carrying the file (and --caption as its text).
+    ///
+    /// --json: {"media_id": "64 hex digits", "size_bytes": N, "mime_type": "…",
+    /// "file_name": "…", "deduplicated": BOOL} plus, with --chat, "chat_id", "seq" and
+    /// "client_id".
+    Upload(media::UploadArgs),
+    /// Download a stored file by media id (you must have uploaded it or be a member of a
+    /// chat it was sent to).
+    ///
+    /// Every chunk is checked against its CRC-32 and the whole file against the media id
+    /// (its SHA-256). Interrupted? Run the same command again: it resumes from FILE.part.
+    ///
+    /// --json: {"media_id": "…", "path": "…", "size_bytes": N, "mime_type": "…",
+    /// "file_name": "…", "resumed_from": N}
+    Download(media::DownloadArgs),
 }
 
 /// `chatlog user …`
@@ -550,6 +571,7 @@ impl From<ClientError> for CmdError {
             ClientError::Protocol(m) => CmdError::new("PROTOCOL", m),
             ClientError::Encode(inner) => CmdError::new("TOO_LARGE", inner.to_string()),
             ClientError::Io(inner) => CmdError::new("CONNECT_FAILED", inner.to_string()),
+            ClientError::LocalFile { .. } => CmdError::new("LOCAL_FILE", e.to_string()),
         }
     }
 }
@@ -653,6 +675,8 @@ async fn dispatch(cmd: ClientCommand) -> CmdResult {
         ClientCommand::Sessions(c) => sessions(c).await,
         ClientCommand::Chat(c) => chat(c).await,
         ClientCommand::Send(a) => send(a).await,
+        ClientCommand::Upload(a) => media::upload(a).await,
+        ClientCommand::Download(a) => media::download(a).await,
         ClientCommand::History(a) => history(a).await,
         ClientCommand::Tail(a) => tail::run(a).await,
         ClientCommand::Secret(c) => secret::run(c).await,

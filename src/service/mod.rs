@@ -62,6 +62,8 @@ pub struct ChatService {
     hub: Arc<Hub>,
     /// Token buckets per user (sends) and per connection (requests).
     limiter: ratelimit::Limiter,
+    /// Media uploads, downloads and the read rule (`crate::media`).
+    media: Arc<crate::media::Media>,
 }
 
 fn rate_limited(what: &str, retry_after: std::time::Duration) -> v1::Error {
@@ -154,6 +156,18 @@ impl ChatService {
         dev_mode: bool,
         limits: ratelimit::RateLimits,
     ) -> ChatService {
+        ChatService::with_media(node, dev_mode, limits, Default::default())
+    }
+
+    /// [`ChatService::with_limits`] with a media store configuration other than the
+    /// defaults (upload expiry, upload limits).
+    pub fn with_media(
+        node: Arc<Node>,
+        dev_mode: bool,
+        limits: ratelimit::RateLimits,
+        media: crate::media::store::StoreConfig,
+    ) -> ChatService {
+        let media = crate::media::Media::start(Arc::clone(&node), media);
         let hub = Hub::start(Arc::clone(&node));
         ChatService {
             node,
@@ -162,7 +176,24 @@ impl ChatService {
             subscriptions: Mutex::new(HashMap::new()),
             hub,
             limiter: ratelimit::Limiter::new(limits),
+            media,
         }
+    }
+
+    /// The node's media side.
+    pub fn media(&self) -> &Arc<crate::media::Media> {
+        &self.media
+    }
+
+    /// The reference to send media `media_id_hex` (its 64 hex digits) in a message, when
+    /// the file is stored and `user` may use it (its uploader, or a member of a chat it
+    /// was sent to). For features that send media by id, such as bots.
+    pub async fn media_ref(
+        &self,
+        user: UserId,
+        media_id_hex: &str,
+    ) -> Result<v1::MediaRef, v1::Error> {
+        self.media.media_ref(user, media_id_hex).await
     }
 
     /// The node's fan-out hub.
@@ -326,9 +357,13 @@ impl ChatService {
     }
 
     async fn dispatch(&self, conn: &ConnCtx, request_id: u64, req: Req) -> Result<Resp, v1::Error> {
-        self.limiter
-            .conn_request(conn.connection_id())
-            .map_err(|after| rate_limited("requests on this connection", after))?;
+        // Media parts and download chunks are bounded by bytes and by the in-flight
+        // limit; counting them as requests would cap a transfer at 1,000 × 512 KiB/s.
+        if !matches!(req, Req::MediaUploadPart(_) | Req::MediaDownload(_)) {
+            self.limiter
+                .conn_request(conn.connection_id())
+                .map_err(|after| rate_limited("requests on this connection", after))?;
+        }
         match req {
             Req::Handshake(_) | Req::Ping(_) => Err(bad("handled by the gateway")),
             Req::CreateUser(r) => {
@@ -435,6 +470,12 @@ impl ChatService {
     ) -> Result<Resp, v1::Error> {
         let user = me.user_id;
         match req {
+            media @ (Req::MediaUploadStart(_)
+            | Req::MediaUploadPart(_)
+            | Req::MediaUploadStatus(_)
+            | Req::MediaUploadFinish(_)
+            | Req::MediaDownload(_)
+            | Req::MediaInfo(_)) => self.media.handle(user, media).await,
             Req::ListSessions(_) => {
                 let group = &self.group_for(user, "user")?;
                 let sessions = group.shared().read().sessions(user);
@@ -684,6 +725,11 @@ impl ChatService {
                 let media = r.media.map(convert::media_from_proto).transpose()?;
                 if r.text.is_empty() && media.is_none() {
                     return Err(bad("a message needs text or media"));
+                }
+                if let Some(m) = &media {
+                    // The file must exist and the sender may read it; posting then lets
+                    // the chat's members read it (`chat/media.rs`).
+                    self.media.check_send(user, m).await?;
                 }
                 let group = self.group_id_for(r.chat_id, "chat")?;
                 match self

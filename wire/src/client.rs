@@ -207,6 +207,17 @@ pub enum ClientError {
     /// Dialling failed.
     #[error("cannot connect: {0}")]
     Io(#[source] io::Error),
+    /// Reading or writing a local file of a media transfer failed (`client/media.rs`).
+    #[error("{action} {path}: {source}")]
+    LocalFile {
+        /// What was being done: "reading", "writing", "opening".
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ClientError {
@@ -577,6 +588,18 @@ typed_requests! {
     list_bots(ListBots: v1::ListBotsRequest) -> ListBots(v1::ListBotsResponse);
     /// Replaces one of the caller's bots' token.
     reset_bot_token(ResetBotToken: v1::ResetBotTokenRequest) -> ResetBotToken(v1::CreateBotResponse);
+    /// Opens a resumable media upload (see [`Client::upload_file`] for the whole flow).
+    media_upload_start(MediaUploadStart: v1::MediaUploadStartRequest) -> MediaUploadStart(v1::MediaUploadStartResponse);
+    /// Stores one part of an upload; answered once it is durable.
+    media_upload_part(MediaUploadPart: v1::MediaUploadPartRequest) -> MediaUploadPart(v1::MediaUploadPartResponse);
+    /// Which parts of an upload the server holds.
+    media_upload_status(MediaUploadStatus: v1::MediaUploadStatusRequest) -> MediaUploadStatus(v1::MediaUploadStatusResponse);
+    /// Checks the hash of a complete upload and stores the file.
+    media_upload_finish(MediaUploadFinish: v1::MediaUploadFinishRequest) -> MediaUploadFinish(v1::MediaUploadFinishResponse);
+    /// Reads a byte range of a stored file.
+    media_download(MediaDownload: v1::MediaDownloadRequest) -> MediaDownload(v1::MediaDownloadResponse);
+    /// Describes a stored file.
+    media_info(MediaInfo: v1::MediaInfoRequest) -> MediaInfo(v1::MediaInfoResponse);
 }
 
 impl Client {
@@ -636,6 +659,12 @@ fn response_name(response: &response::Kind) -> &'static str {
         Kind::ListBots(_) => "list_bots",
         Kind::ResetBotToken(_) => "reset_bot_token",
         Kind::Secret(_) => "secret",
+        Kind::MediaUploadStart(_) => "media_upload_start",
+        Kind::MediaUploadPart(_) => "media_upload_part",
+        Kind::MediaUploadStatus(_) => "media_upload_status",
+        Kind::MediaUploadFinish(_) => "media_upload_finish",
+        Kind::MediaDownload(_) => "media_download",
+        Kind::MediaInfo(_) => "media_info",
     }
 }
 
@@ -661,6 +690,13 @@ fn is_repeatable(kind: &request::Kind) -> bool {
         // Secret chats: everything but `send` is safe to repeat (a repeated `start`
         // carries the same one-time key and returns the same chat; `ack` is "up to").
         Kind::Secret(s) => !matches!(s.kind, Some(v1::secret_request::Kind::Send(_)) | None),
+        // Media: a part already held is acknowledged again; finishing a finished upload
+        // answers the same reference; the rest are reads.
+        Kind::MediaUploadPart(_)
+        | Kind::MediaUploadStatus(_)
+        | Kind::MediaUploadFinish(_)
+        | Kind::MediaDownload(_)
+        | Kind::MediaInfo(_) => true,
         _ => false,
     }
 }
@@ -996,6 +1032,11 @@ async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Connectio
 
 mod secret;
 pub use secret::SecretFlowError;
+mod media;
+pub use media::{
+    DOWNLOAD_IN_FLIGHT_MAX, DownloadOptions, TransferProgress, UPLOAD_PARTS_IN_FLIGHT_MAX,
+    UploadOptions, media_id_hex, parse_media_id,
+};
 
 #[cfg(test)]
 mod tests;

@@ -92,3 +92,27 @@ const _: () = assert!(
 const _: () = assert!(FRAME_BYTES_MAX + EVENT_OVERHEAD_BYTES_MAX <= NODE_FRAME_BYTES_MAX);
 // The prefix holds a frame length, which is a u32.
 const _: () = assert!(FRAME_PREFIX_BYTES == size_of::<u32>());
+
+/// Bytes of every media upload part but the last (which may be shorter): 512 KiB.
+///
+/// Why this number: it is the part size of Telegram's upload API, large enough that the
+/// per-request cost (a frame, a CRC, an fdatasync) is small against the bytes, and small
+/// enough that a part plus its envelope fits one client frame ([`FRAME_BYTES_MAX`]) and a
+/// lost part costs little to resend.
+pub const MEDIA_PART_BYTES: u32 = 512 * 1024;
+
+/// Largest media file, in bytes: 4 GiB (Telegram's premium limit; 2 GiB for others).
+pub const MEDIA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Most parts a media file can have.
+pub const MEDIA_PARTS_MAX: u64 = MEDIA_FILE_BYTES_MAX.div_ceil(MEDIA_PART_BYTES as u64);
+
+/// Most bytes one `media_download` answers: one part's worth, so a range aligned to parts
+/// touches (and checks the CRC of) exactly one stored part, and the answer fits a frame.
+pub const MEDIA_DOWNLOAD_BYTES_MAX: u32 = MEDIA_PART_BYTES;
+
+// A part or a download answer, with its envelope, fits one client frame.
+const _: () = assert!(MEDIA_PART_BYTES + EVENT_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
+const _: () = assert!(MEDIA_DOWNLOAD_BYTES_MAX + EVENT_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
+// Part indexes fit the protocol's u32.
+const _: () = assert!(MEDIA_PARTS_MAX <= u32::MAX as u64);

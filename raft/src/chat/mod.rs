@@ -14,6 +14,7 @@
 
 pub mod bot;
 pub mod command;
+pub mod media;
 pub mod placement;
 pub mod secret;
 pub mod state;

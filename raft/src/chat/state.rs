@@ -18,6 +18,7 @@ use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
 };
+use crate::chat::media::MediaState;
 use crate::chat::secret::SecretState;
 use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
@@ -286,6 +287,8 @@ pub struct GroupState {
     secret: SecretState,
     /// The cluster placement: group 0 only (`chat::placement`); empty elsewhere.
     placement: crate::chat::placement::Placement,
+    /// Stored files of this group's users and media grants of its chats.
+    media: MediaState,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -317,6 +320,7 @@ impl GroupState {
             bots: crate::chat::bot::Bots::default(),
             secret: SecretState::default(),
             placement: Default::default(),
+            media: MediaState::default(),
         }
     }
 
@@ -502,6 +506,12 @@ impl GroupState {
                 self.secret.apply(self.group, c, ts, raft_index, pos, |u| {
                     users.contains_key(&u)
                 })
+            }
+            Command::MediaStored { uploader, media } => {
+                if !self.users.contains_key(uploader) {
+                    return refuse(RefusalCode::NotFound, format!("no user {uploader}"));
+                }
+                self.media.apply_stored(*uploader, media, ts)
             }
             _ => self.apply_chat_command(cmd, ts, at),
         }
@@ -739,8 +749,13 @@ impl GroupState {
                 }
             }
             Command::Post {
-                client_message_id, ..
+                client_message_id,
+                media,
+                ..
             } => {
+                if let Some(m) = media {
+                    self.media.grant(&m.sha256, chat_id);
+                }
                 self.dedupe.insert(
                     DedupeKey {
                         chat: chat_id,
@@ -818,6 +833,11 @@ impl GroupState {
             head_seq: c.events.len() as u64,
             member_count: c.members.len() as u64,
         })
+    }
+
+    /// Stored files of this group's users and media grants of its chats.
+    pub fn media(&self) -> &MediaState {
+        &self.media
     }
 
     /// A chat's newest seq, `None` if there is no such chat. Cheap (no copy), for
@@ -1413,6 +1433,7 @@ impl GroupState {
         }
         self.bots.encode_into(&mut w.0);
         self.secret.encode_into(&mut w.0);
+        self.media.encode_into(&mut w.0);
         // Last, and nothing outside group 0: older checkpoints decode unchanged.
         self.placement.encode_into(&mut w.0);
         w.0
@@ -1539,6 +1560,10 @@ impl GroupState {
         // Checkpoints written before secret chats existed end here.
         if r.remaining() > 0 {
             st.secret = SecretState::decode_from(&mut r)?;
+        }
+        // Checkpoints written before media existed end here.
+        if r.remaining() > 0 {
+            st.media = MediaState::decode_from(&mut r)?;
         }
         st.placement = crate::chat::placement::Placement::decode(&mut r)?;
         r.finish()?;

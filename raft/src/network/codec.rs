@@ -413,6 +413,7 @@ const RESULT_UNAVAILABLE: u8 = 7;
 const RESULT_BOT_DONE: u8 = 8;
 /// A placement command's outcome: version u64 | changed u8 (cluster changes, 70-79).
 const RESULT_PLACEMENT: u8 = 70;
+const RESULT_MEDIA_STORED: u8 = 40;
 const RESULT_READ_INDEX: u8 = 0;
 /// A secret-chat command's result (`Outcome::Secret`); 50 and up belong to secret chats.
 const RESULT_SECRET: u8 = 50;
@@ -591,6 +592,14 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                 out.extend_from_slice(&version.to_le_bytes());
                 out.push(u8::from(*changed));
             }
+            Ok(Outcome::MediaStored {
+                uploader,
+                first_upload,
+            }) => {
+                out.push(RESULT_MEDIA_STORED);
+                out.extend_from_slice(&uploader.to_le_bytes());
+                out.push(u8::from(*first_upload));
+            }
             Ok(Outcome::Refused(refusal)) => {
                 out.push(RESULT_REFUSED);
                 out.push(refusal_code_byte(refusal.code));
@@ -642,6 +651,10 @@ pub fn decode_propose_response(
             RESULT_PLACEMENT => Ok(Outcome::Placement {
                 version: r.u64()?,
                 changed: r.bool()?,
+            }),
+            RESULT_MEDIA_STORED => Ok(Outcome::MediaStored {
+                uploader: r.u64()?,
+                first_upload: r.bool()?,
             }),
             RESULT_REFUSED => Ok(Outcome::Refused(Refusal {
                 code: refusal_code(&mut r)?,
@@ -955,6 +968,10 @@ mod tests {
                 deduplicated: true,
             }),
             Ok(Outcome::UserCreated { user: 5 }),
+            Ok(Outcome::MediaStored {
+                uploader: 5,
+                first_upload: true,
+            }),
             Ok(Outcome::LoggedIn {
                 user: 5,
                 session_id: 2,

@@ -72,6 +72,8 @@ enum Rpc {
     Propose,
     /// A read index asked of the leader (not an openraft RPC).
     ReadIndex,
+    /// Media bytes between replicas (not an openraft RPC; opaque to this crate).
+    Media,
 }
 
 impl Rpc {
@@ -85,6 +87,7 @@ impl Rpc {
             Rpc::TransferLeader => Payload::TransferLeaderRequest(body),
             Rpc::Propose => Payload::ProposeRequest(body),
             Rpc::ReadIndex => Payload::ReadIndexRequest(body),
+            Rpc::Media => Payload::MediaRequest(body),
         }
     }
 
@@ -98,6 +101,7 @@ impl Rpc {
             Rpc::TransferLeader => Payload::TransferLeaderResponse(body),
             Rpc::Propose => Payload::ProposeResponse(body),
             Rpc::ReadIndex => Payload::ReadIndexResponse(body),
+            Rpc::Media => Payload::MediaResponse(body),
         }
     }
 
@@ -110,7 +114,8 @@ impl Rpc {
             | (Rpc::InstallSnapshot, Payload::InstallSnapshotResponse(b))
             | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b))
             | (Rpc::Propose, Payload::ProposeResponse(b))
-            | (Rpc::ReadIndex, Payload::ReadIndexResponse(b)) => Ok(b),
+            | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
+            | (Rpc::Media, Payload::MediaResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -125,6 +130,7 @@ impl Rpc {
             Payload::TransferLeaderRequest(b) => Some((Rpc::TransferLeader, b.clone())),
             Payload::ProposeRequest(b) => Some((Rpc::Propose, b.clone())),
             Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
+            Payload::MediaRequest(b) => Some((Rpc::Media, b.clone())),
             _ => None,
         }
     }
@@ -133,7 +139,9 @@ impl Rpc {
     /// reaches openraft; it is named as the append it turns into.
     fn action(self) -> RPCTypes {
         match self {
-            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex => RPCTypes::AppendEntries,
+            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex | Rpc::Media => {
+                RPCTypes::AppendEntries
+            }
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

@@ -613,6 +613,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::ProposeResponse(_) => "propose_response",
         Payload::ReadIndexRequest(_) => "read_index_request",
         Payload::ReadIndexResponse(_) => "read_index_response",
+        Payload::MediaRequest(_) => "media_request",
+        Payload::MediaResponse(_) => "media_response",
         Payload::Error(_) => "error",
     }
 }
@@ -696,6 +698,21 @@ impl Router {
         codec::decode_read_index_response(group, &answer).map_err(|e| {
             ForwardError::Unknown(format!("node {target} answered a read index with {e}"))
         })
+    }
+}
+
+/// Media bytes between replicas (opaque here; `src/media/replicate.rs` encodes them).
+impl Router {
+    /// Sends an encoded media request for `group` to `target` and returns its encoded
+    /// answer. Waits at most `ttl`.
+    pub async fn media(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        Ok(self.call(target, group, Rpc::Media, body, ttl).await?)
     }
 }
 

@@ -80,6 +80,14 @@ pub trait GroupDirectory: Send + Sync + 'static {
     ) -> BoxFuture<'static, (Vec<ProposeResult>, u64)> {
         Box::pin(crate::node::propose_unbatched(group, raft, commands))
     }
+
+    /// Serves an encoded media request (a part or a finish from another replica of
+    /// `group`; opaque to this crate) and returns its encoded answer, or why it cannot
+    /// be served. This default serves none.
+    fn media(&self, group: GroupId, body: Bytes) -> BoxFuture<'static, Result<Bytes, String>> {
+        let _ = body;
+        Box::pin(async move { Err(format!("this node stores no media (group {group})")) })
+    }
 }
 
 struct Context {
@@ -605,6 +613,18 @@ impl Work {
                     })
                 });
                 Ok(codec::encode_read_index_response(&result))
+            }
+            Work::Request(Rpc::Media, body) => {
+                match tokio::time::timeout(FORWARDED_WORK_TIMEOUT, directory.media(group, body))
+                    .await
+                {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(node_error(NodeErrorCode::Unavailable, e)),
+                    Err(_) => Err(node_error(
+                        NodeErrorCode::Unavailable,
+                        format!("media request not served within {FORWARDED_WORK_TIMEOUT:?}"),
+                    )),
+                }
             }
             Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
                 NodeErrorCode::Internal,

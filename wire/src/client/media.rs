@@ -1,0 +1,468 @@
+//! Whole-file media transfers over [`Client`]: a resumable, pipelined upload and a
+//! checked, resumable download (`PROTOCOL.md`, "Media").
+//!
+//! What it owns: cutting a local file into parts of the server's part size, the CRC-32 of
+//! each part and the SHA-256 of the whole file (both computed while the file is read, so
+//! a file is read once per attempt), keeping a bounded number of parts in flight, asking
+//! the server which parts it lacks (after a reconnect, a server restart or a move to
+//! another node) and sending only those; and on the way back, checking the CRC-32 of
+//! every chunk and the SHA-256 of the whole file before reporting success. What it must
+//! not do: keep state across processes (the caller persists the upload id or the output
+//! file it resumes from) or hold more than the parts in flight in memory.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+use super::{Client, ClientError};
+use crate::limits::{MEDIA_DOWNLOAD_BYTES_MAX, MEDIA_FILE_BYTES_MAX, MEDIA_SHA256_BYTES};
+use crate::proto::v1;
+
+/// Default and largest number of parts [`Client::upload_file`] keeps in flight.
+///
+/// Why: each part in flight holds one part in memory (512 KiB) and one request slot;
+/// 8 keep a loopback or LAN link and the server's disk busy (the server syncs parts of
+/// different requests in parallel) while bounding the client's memory to 4 MiB.
+pub const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 8;
+
+/// Default and largest number of chunks [`Client::download_file`] keeps in flight, for
+/// the same reason and the same memory bound.
+pub const DOWNLOAD_IN_FLIGHT_MAX: usize = 8;
+
+/// Progress of a transfer, reported after each part or chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferProgress {
+    /// The upload (0 for a download, or an upload that found the file already stored).
+    pub upload_id: u64,
+    /// Bytes done so far: acknowledged by the server (upload) or received, checked and
+    /// queued for writing in order (download), including bytes an earlier attempt
+    /// already transferred.
+    pub bytes_done: u64,
+    /// The file's size.
+    pub bytes_total: u64,
+}
+
+/// Options of [`Client::upload_file`].
+#[derive(Debug, Clone, Default)]
+pub struct UploadOptions {
+    /// The MIME type recorded with the file (may be empty).
+    pub mime_type: String,
+    /// The file name recorded with it; empty: the local file's name.
+    pub file_name: String,
+    /// An upload to resume (from an earlier, interrupted attempt). When the server no
+    /// longer knows it (expired, or another node without it), a new upload starts.
+    pub resume_upload_id: Option<u64>,
+    /// Parts in flight, 1 to [`UPLOAD_PARTS_IN_FLIGHT_MAX`]; 0 means the maximum.
+    pub parts_in_flight: usize,
+}
+
+/// Options of [`Client::download_file`].
+#[derive(Debug, Clone, Default)]
+pub struct DownloadOptions {
+    /// Resume: the output file's first bytes, up to its current length, are kept (and
+    /// checked with the rest at the end) instead of downloaded again.
+    pub resume: bool,
+    /// Chunks in flight, 1 to [`DOWNLOAD_IN_FLIGHT_MAX`]; 0 means the maximum.
+    pub chunks_in_flight: usize,
+}
+
+/// The media id of a hash: its 64 lowercase hex digits.
+pub fn media_id_hex(sha256: &[u8]) -> String {
+    sha256.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash named by a media id (64 hex digits), or `None`.
+pub fn parse_media_id(id: &str) -> Option<[u8; MEDIA_SHA256_BYTES]> {
+    if id.len() != 2 * MEDIA_SHA256_BYTES || !id.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; MEDIA_SHA256_BYTES];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&id[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn local(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClientError {
+    let path = path.display().to_string();
+    move |source| ClientError::LocalFile {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Reads `len` bytes at `offset` of `file` and feeds them to `hasher`, on the blocking
+/// pool (hashing there keeps the runtime's threads free for the connection).
+async fn read_hashed(
+    file: &Arc<File>,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    mut hasher: Sha256,
+) -> Result<(Vec<u8>, Sha256), ClientError> {
+    let file = Arc::clone(file);
+    let mut buf = vec![0u8; len];
+    let result = tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf, offset).map(|()| {
+            hasher.update(&buf);
+            (buf, hasher)
+        })
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
+    result.map_err(local("reading", path))
+}
+
+/// Reads `len` bytes at `offset` of `file` on the blocking pool.
+async fn read_at(
+    file: &Arc<File>,
+    path: &Path,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, ClientError> {
+    let file = Arc::clone(file);
+    let mut buf = vec![0u8; len];
+    let result =
+        tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| buf))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
+    result.map_err(local("reading", path))
+}
+
+impl Client {
+    /// Uploads the file at `path` and returns the stored file's reference.
+    ///
+    /// Flow: `media_upload_start` (or `media_upload_status` of
+    /// [`UploadOptions::resume_upload_id`]), then the file is read once, in order, hashed
+    /// as it goes, and every part the server reports missing is sent with its CRC-32,
+    /// with up to [`UploadOptions::parts_in_flight`] parts in flight; then
+    /// `media_upload_finish` with the SHA-256. Parts repeated after a drop are harmless.
+    /// If the connection dropped for good, call again with the same resume id (also
+    /// against another node of the cluster): only what that node lacks is sent.
+    /// `on_progress` is called once the upload id is known (so the caller can persist it)
+    /// and after each acknowledged part.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        options: UploadOptions,
+        mut on_progress: impl FnMut(TransferProgress),
+    ) -> Result<v1::MediaUploadFinishResponse, ClientError> {
+        let file = Arc::new(File::open(path).map_err(local("opening", path))?);
+        let size = file.metadata().map_err(local("reading", path))?.len();
+        if size == 0 || size > MEDIA_FILE_BYTES_MAX {
+            return Err(ClientError::LocalFile {
+                action: "uploading",
+                path: path.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "{size} bytes: a media file is 1 to {MEDIA_FILE_BYTES_MAX} bytes"
+                )),
+            });
+        }
+        let file_name = if options.file_name.is_empty() {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            options.file_name.clone()
+        };
+        // Resume when the server still knows the upload and it is the same size.
+        let mut state = None;
+        if let Some(id) = options.resume_upload_id.filter(|id| *id != 0) {
+            match self
+                .media_upload_status(v1::MediaUploadStatusRequest { upload_id: id })
+                .await
+            {
+                Ok(s) if s.size_bytes == size => {
+                    state = Some((id, s.part_bytes, s.part_count, s.missing_parts));
+                }
+                Ok(_) => {}
+                Err(ClientError::Server {
+                    code: v1::ErrorCode::NotFound,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (upload_id, part_bytes, part_count, missing) = match state {
+            Some(s) => s,
+            None => {
+                let started = self
+                    .media_upload_start(v1::MediaUploadStartRequest {
+                        size_bytes: size,
+                        mime_type: options.mime_type.clone(),
+                        file_name: file_name.clone(),
+                        sha256: Bytes::new(),
+                    })
+                    .await?;
+                let all = (0..started.part_count).collect();
+                (
+                    started.upload_id,
+                    started.part_bytes,
+                    started.part_count,
+                    all,
+                )
+            }
+        };
+        if part_bytes == 0 || u64::from(part_count) != size.div_ceil(u64::from(part_bytes)) {
+            return Err(ClientError::Protocol(format!(
+                "upload {upload_id}: {part_count} parts of {part_bytes} bytes do not make {size} bytes"
+            )));
+        }
+        let missing: BTreeSet<u32> = missing.into_iter().collect();
+        let part_len = |i: u32| {
+            let start = u64::from(i) * u64::from(part_bytes);
+            (size - start).min(u64::from(part_bytes)) as usize
+        };
+        let mut done: u64 = (0..part_count)
+            .filter(|i| !missing.contains(i))
+            .map(|i| part_len(i) as u64)
+            .sum();
+        on_progress(TransferProgress {
+            upload_id,
+            bytes_done: done,
+            bytes_total: size,
+        });
+        let window = match options.parts_in_flight {
+            0 => UPLOAD_PARTS_IN_FLIGHT_MAX,
+            n => n.min(UPLOAD_PARTS_IN_FLIGHT_MAX),
+        };
+        let mut hasher = Sha256::new();
+        let mut in_flight: VecDeque<(
+            usize,
+            JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>,
+        )> = VecDeque::new();
+        let result: Result<(), ClientError> = async {
+            for i in 0..part_count {
+                let len = part_len(i);
+                let (data, h) = read_hashed(
+                    &file,
+                    path,
+                    u64::from(i) * u64::from(part_bytes),
+                    len,
+                    std::mem::take(&mut hasher),
+                )
+                .await?;
+                hasher = h;
+                if !missing.contains(&i) {
+                    continue;
+                }
+                while in_flight.len() >= window {
+                    let (len, handle) = in_flight.pop_front().expect("non-empty");
+                    join_part(handle).await?;
+                    done += len as u64;
+                    on_progress(TransferProgress {
+                        upload_id,
+                        bytes_done: done,
+                        bytes_total: size,
+                    });
+                }
+                let client = self.clone();
+                let request = v1::MediaUploadPartRequest {
+                    upload_id,
+                    part_index: i,
+                    crc32: crc32fast::hash(&data),
+                    data: Bytes::from(data),
+                };
+                in_flight.push_back((
+                    len,
+                    tokio::spawn(async move { client.media_upload_part(request).await }),
+                ));
+            }
+            while let Some((len, handle)) = in_flight.pop_front() {
+                join_part(handle).await?;
+                done += len as u64;
+                on_progress(TransferProgress {
+                    upload_id,
+                    bytes_done: done,
+                    bytes_total: size,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            for (_, handle) in in_flight {
+                handle.abort();
+            }
+            return Err(e);
+        }
+        let sha256 = hasher.finalize();
+        self.media_upload_finish(v1::MediaUploadFinishRequest {
+            upload_id,
+            sha256: Bytes::copy_from_slice(&sha256),
+        })
+        .await
+    }
+
+    /// Downloads the stored file `sha256` into `path` and returns its size.
+    ///
+    /// Chunks of [`MEDIA_DOWNLOAD_BYTES_MAX`] are requested with up to
+    /// [`DownloadOptions::chunks_in_flight`] in flight and written in order, each checked
+    /// against its CRC-32; at the end the SHA-256 of the whole output is checked against
+    /// the media id. With [`DownloadOptions::resume`], an existing output file's bytes
+    /// (whole chunks of it) are kept and only the rest is fetched; the final hash check
+    /// covers them too, so a damaged partial file is reported, never returned.
+    pub async fn download_file(
+        &self,
+        sha256: [u8; MEDIA_SHA256_BYTES],
+        path: &Path,
+        options: DownloadOptions,
+        mut on_progress: impl FnMut(TransferProgress),
+    ) -> Result<u64, ClientError> {
+        let info = self
+            .media_info(v1::MediaInfoRequest {
+                sha256: Bytes::copy_from_slice(&sha256),
+            })
+            .await?;
+        let size = info.media.map(|m| m.size_bytes).unwrap_or(0);
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(local("opening", path))?,
+        );
+        let chunk = u64::from(MEDIA_DOWNLOAD_BYTES_MAX);
+        let existing = file.metadata().map_err(local("reading", path))?.len();
+        let start = if options.resume {
+            (existing.min(size) / chunk) * chunk
+        } else {
+            0
+        };
+        file.set_len(start).map_err(local("writing", path))?;
+        let mut hasher = Sha256::new();
+        let mut at = 0;
+        while at < start {
+            let len = (start - at).min(chunk) as usize;
+            hasher.update(read_at(&file, path, at, len).await?);
+            at += len as u64;
+        }
+        on_progress(TransferProgress {
+            upload_id: 0,
+            bytes_done: start,
+            bytes_total: size,
+        });
+        let window = match options.chunks_in_flight {
+            0 => DOWNLOAD_IN_FLIGHT_MAX,
+            n => n.min(DOWNLOAD_IN_FLIGHT_MAX),
+        };
+        let mut in_flight: VecDeque<(
+            u64,
+            JoinHandle<Result<v1::MediaDownloadResponse, ClientError>>,
+        )> = VecDeque::new();
+        let mut next = start;
+        let mut written = start;
+        // One writer on the blocking pool hashes and writes the checked chunks in order,
+        // while this task keeps receiving; the channel holds at most `window` chunks.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(window);
+        let writer = {
+            let (f, mut h) = (Arc::clone(&file), std::mem::take(&mut hasher));
+            tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
+                while let Some((offset, data)) = rx.blocking_recv() {
+                    h.update(&data);
+                    f.write_all_at(&data, offset)?;
+                }
+                Ok(h)
+            })
+        };
+        let result: Result<(), ClientError> = async {
+            while written < size {
+                while next < size && in_flight.len() < window {
+                    let client = self.clone();
+                    let request = v1::MediaDownloadRequest {
+                        sha256: Bytes::copy_from_slice(&sha256),
+                        offset: next,
+                        length: (size - next).min(chunk) as u32,
+                    };
+                    in_flight.push_back((
+                        next,
+                        tokio::spawn(async move { client.media_download(request).await }),
+                    ));
+                    next += chunk;
+                }
+                let (offset, handle) = in_flight.pop_front().expect("requests in flight");
+                let got = handle
+                    .await
+                    .map_err(|e| ClientError::Protocol(format!("download task failed: {e}")))??;
+                let want = (size - offset).min(chunk) as usize;
+                if got.offset != offset || got.data.len() != want {
+                    return Err(ClientError::Protocol(format!(
+                        "asked {want} bytes at {offset}, got {} at {}",
+                        got.data.len(),
+                        got.offset
+                    )));
+                }
+                if crc32fast::hash(&got.data) != got.crc32 {
+                    return Err(ClientError::Protocol(format!(
+                        "chunk at offset {offset} fails its CRC-32"
+                    )));
+                }
+                if tx.send((offset, got.data)).await.is_err() {
+                    // The writer stopped on an error, reported below.
+                    break;
+                }
+                written += want as u64;
+                on_progress(TransferProgress {
+                    upload_id: 0,
+                    bytes_done: written,
+                    bytes_total: size,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let written_out = writer
+            .await
+            .map_err(|e| ClientError::Protocol(format!("file writer task failed: {e}")));
+        if let Err(e) = result {
+            for (_, handle) in in_flight {
+                handle.abort();
+            }
+            return Err(e);
+        }
+        let hasher = written_out?.map_err(local("writing", path))?;
+        if hasher.finalize()[..] != sha256[..] {
+            return Err(ClientError::Protocol(format!(
+                "downloaded file {} does not hash to {}",
+                path.display(),
+                media_id_hex(&sha256)
+            )));
+        }
+        file.sync_all().map_err(local("writing", path))?;
+        Ok(size)
+    }
+}
+
+async fn join_part(
+    handle: JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>,
+) -> Result<v1::MediaUploadPartResponse, ClientError> {
+    handle
+        .await
+        .map_err(|e| ClientError::Protocol(format!("upload task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_ids_round_trip_and_bad_ones_are_refused() {
+        let h = [0xab; 32];
+        let id = media_id_hex(&h);
+        assert_eq!(id.len(), 64);
+        assert_eq!(parse_media_id(&id), Some(h));
+        assert_eq!(parse_media_id(&id[1..]), None);
+        assert_eq!(parse_media_id(&format!("{}zz", &id[2..])), None);
+        assert_eq!(parse_media_id(&"é".repeat(32)), None);
+    }
+}
