@@ -124,7 +124,7 @@ fn retryable(e: &ClientError) -> bool {
             matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout)
         }
         ClientError::Timeout | ClientError::Disconnected | ClientError::Io(_) => true,
-        ClientError::Protocol(_) | ClientError::Encode(_) => false,
+        ClientError::Protocol(_) | ClientError::Encode(_) | ClientError::LocalFile { .. } => false,
     }
 }
 
