@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
-use chatlog_wire::client::{Client, ClientError};
-use chatlog_wire::proto::v1::{self, ErrorCode, event::Body};
-use cluster::{Cluster, Options};
+use chatlog_wire::client::Client;
+use chatlog_wire::proto::v1::{self, event::Body};
+use cluster::{Cluster, Options, full_history, retryable};
 use rand::{Rng, SeedableRng};
 
 const NODES: u64 = 3;
@@ -66,16 +66,6 @@ fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
 }
 
 /// Whether a failed send may be retried (with the same client message id) elsewhere.
-fn retryable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Server { code, .. } => {
-            matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout)
-        }
-        ClientError::Timeout | ClientError::Disconnected | ClientError::Io(_) => true,
-        ClientError::Protocol(_) | ClientError::Encode(_) | ClientError::LocalFile { .. } => false,
-    }
-}
-
 /// Sends until acknowledged, starting on `clients[start]` and moving to the next node
 /// after a retryable failure; always with the same client message id.
 async fn send_until_acked(
@@ -98,36 +88,6 @@ async fn send_until_acked(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => panic!("send {text:?} failed: {e}"),
-        }
-    }
-}
-
-/// Every event of `chat` as node `addr` serves it (linearizable history, paged).
-async fn full_history(client: &Client, chat: u64) -> Vec<v1::Event> {
-    let deadline = Instant::now() + WAIT;
-    let mut all: Vec<v1::Event> = Vec::new();
-    loop {
-        let from = all.last().map_or(1, |e| e.seq + 1);
-        let page = client
-            .history(v1::HistoryRequest {
-                chat_id: chat,
-                from_seq: from,
-                direction: v1::Direction::Forward.into(),
-                limit: 100,
-            })
-            .await;
-        match page {
-            Ok(page) => {
-                let more = page.has_more;
-                all.extend(page.events);
-                if !more {
-                    return all;
-                }
-            }
-            Err(e) if retryable(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("history of chat {chat} from {from}: {e}"),
         }
     }
 }
@@ -214,7 +174,7 @@ async fn any_node_serves_and_a_killed_leader_loses_nothing_acknowledged() {
         }
     }
     for (i, (_, _, c)) in users.iter().enumerate() {
-        let events = full_history(c, chat).await;
+        let events = full_history(c, chat, WAIT).await;
         assert_eq!(events.len(), 16, "node {} reads every send at once", i + 1);
         check_events(i as u64 + 1, &events, &acked);
     }
@@ -283,7 +243,7 @@ async fn any_node_serves_and_a_killed_leader_loses_nothing_acknowledged() {
     let mut lists = BTreeMap::new();
     for id in 1..=NODES {
         let c = connect(&cluster.addr(id), Some(users[0].1.clone())).await;
-        let events = full_history(&c, chat).await;
+        let events = full_history(&c, chat, WAIT).await;
         check_events(id, &events, &acked);
         lists.insert(id, events);
     }
@@ -390,8 +350,8 @@ async fn a_stopped_follower_catches_up_from_the_log() {
         restarted.elapsed()
     );
     // Its copy matches the leader's, event for event.
-    let on_follower = full_history(&c, chat).await;
-    let on_leader = full_history(&clients[0], chat).await;
+    let on_follower = full_history(&c, chat, WAIT).await;
+    let on_leader = full_history(&clients[0], chat, WAIT).await;
     assert_eq!(on_follower.len() as u64, head);
     for (i, e) in on_follower.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "dense");

@@ -31,9 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
-use chatlog_wire::client::{Client, ClientError};
-use chatlog_wire::proto::v1::{self, ErrorCode, event::Body};
-use cluster::{Cluster, Options};
+use chatlog_wire::client::Client;
+use chatlog_wire::proto::v1::{self, event::Body};
+use cluster::{Cluster, Options, full_history, retryable};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -115,46 +115,6 @@ fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
         text: text.into(),
         media: None,
         reply_to_seq: 0,
-    }
-}
-
-fn retryable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Server { code, .. } => {
-            matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout)
-        }
-        ClientError::Timeout | ClientError::Disconnected | ClientError::Io(_) => true,
-        ClientError::Protocol(_) | ClientError::Encode(_) | ClientError::LocalFile { .. } => false,
-    }
-}
-
-/// Every event of `chat` as `client`'s node serves it (linearizable history, paged).
-async fn full_history(client: &Client, chat: u64) -> Vec<v1::Event> {
-    let deadline = Instant::now() + WAIT;
-    let mut all: Vec<v1::Event> = Vec::new();
-    loop {
-        let from = all.last().map_or(1, |e| e.seq + 1);
-        let page = client
-            .history(v1::HistoryRequest {
-                chat_id: chat,
-                from_seq: from,
-                direction: v1::Direction::Forward.into(),
-                limit: 100,
-            })
-            .await;
-        match page {
-            Ok(page) => {
-                let more = page.has_more;
-                all.extend(page.events);
-                if !more {
-                    return all;
-                }
-            }
-            Err(e) if retryable(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("history of chat {chat} from {from}: {e}"),
-        }
     }
 }
 
@@ -726,9 +686,9 @@ async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     assert!(holders.contains(&four), "{holders:?}");
     for n in &holders {
         let c = connect(&cluster.addr(*n), Some(alice_token.clone())).await;
-        let events = full_history(&c, chat).await;
+        let events = full_history(&c, chat, WAIT).await;
         hist.record_log(*n, chat, to_history_events(&events));
-        let fresh = full_history(&c, new_chat).await;
+        let fresh = full_history(&c, new_chat, WAIT).await;
         let posted: Vec<u64> = fresh
             .iter()
             .filter(|e| matches!(e.body, Some(Body::MessagePosted(_))))

@@ -500,6 +500,50 @@ pub async fn create_and_login(client: &Client, name: &str, device: &str) -> (u64
     (created.user_id, login.session_token)
 }
 
+/// Whether a failed call may be tried again (with the same client message id for a send),
+/// on this node or another: the server said unavailable or timed out, or the connection
+/// failed; not for a refusal or a local error.
+pub fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server { code, .. } => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::Timeout)
+        }
+        ClientError::Timeout | ClientError::Disconnected | ClientError::Io(_) => true,
+        ClientError::Protocol(_) | ClientError::Encode(_) | ClientError::LocalFile { .. } => false,
+    }
+}
+
+/// Every event of `chat` as `client`'s node serves it (linearizable history, paged),
+/// retrying retryable failures for up to `wait`.
+pub async fn full_history(client: &Client, chat: u64, wait: Duration) -> Vec<v1::Event> {
+    let deadline = Instant::now() + wait;
+    let mut all: Vec<v1::Event> = Vec::new();
+    loop {
+        let from = all.last().map_or(1, |e| e.seq + 1);
+        let page = client
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: from,
+                direction: v1::Direction::Forward.into(),
+                limit: 100,
+            })
+            .await;
+        match page {
+            Ok(page) => {
+                let more = page.has_more;
+                all.extend(page.events);
+                if !more {
+                    return all;
+                }
+            }
+            Err(e) if retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("history of chat {chat} from {from}: {e}"),
+        }
+    }
+}
+
 /// Whether a failed setup call proposed nothing, so asking again is safe.
 fn retry_setup(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::Unavailable)
