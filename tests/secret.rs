@@ -29,6 +29,8 @@ use chatlog_wire::proto::v1::{self, push};
 use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
 use serde_json::Value;
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/webhook.rs"]
 mod webhook;
 
@@ -111,25 +113,7 @@ impl Server {
 
     /// `POST /admin/compact`: erasers caught up, active segment sealed, compacted.
     async fn compact(&self) -> Value {
-        let r = request(
-            &self.http,
-            "POST",
-            "/admin/compact",
-            None,
-            Some(b"{}"),
-            WAIT,
-        )
-        .await
-        .expect("compact answers");
-        assert_eq!(
-            r.status,
-            200,
-            "compact: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let v: Value = serde_json::from_slice(&r.body).expect("JSON");
-        assert_eq!(v["erasures_pending"], false, "{v}");
-        v
+        compact(&self.http).await
     }
 }
 
@@ -885,79 +869,21 @@ async fn the_cli_starts_sends_and_tails() {
 }
 
 /// A free TCP port on 127.0.0.1 (for `--initial-cluster`, which names peer ports up front).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Three `chatlog serve` processes, every group replicated on all three.
-fn start_cluster(root: &Path) -> Vec<(Server, PathBuf)> {
-    let initial: Vec<String> = (1..=3)
-        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
-        .collect();
-    let initial = initial.join(",");
-    let receivers: Vec<_> = (1..=3u64)
-        .map(|id| {
-            let dir = root.join(format!("node-{id}"));
-            let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-                .args([
-                    "serve",
-                    "--node-id",
-                    &id.to_string(),
-                    "--listen",
-                    "127.0.0.1:0",
-                ])
-                .args(["--http", "127.0.0.1:0", "--initial-cluster", &initial])
-                .args([
-                    "--groups",
-                    "4",
-                    "--heartbeat-ms",
-                    "100",
-                    "--segment-mb",
-                    "1",
-                ])
-                .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-                .arg("--data-dir")
-                .arg(&dir)
-                .env("RUST_LOG", "warn")
-                .env_remove("CHATLOG_ADMIN_TOKEN")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("chatlog serve starts");
-            let stdout = child.stdout.take().expect("stdout");
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-            (child, dir, rx)
-        })
-        .collect();
-    receivers
-        .into_iter()
-        .map(|(child, dir, rx)| {
-            let (mut clients, mut http) = (None, None);
-            let deadline = Instant::now() + START_WAIT * 2;
-            while clients.is_none() || http.is_none() {
-                let line = rx
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .expect("the node announces its addresses in time");
-                if let Some(a) = line.strip_prefix("clients: ") {
-                    clients = Some(a.trim().to_string());
-                } else if let Some(a) = line.strip_prefix("http: ") {
-                    http = Some(a.trim().to_string());
-                }
-            }
-            let server = Server {
-                child,
-                clients: clients.expect("clients"),
-                http: http.expect("http"),
-            };
-            (server, dir)
-        })
-        .collect()
+/// `POST /admin/compact` on the node at `http`: its answer, after checking that no
+/// erasure was pending.
+async fn compact(http: &str) -> Value {
+    let r = request(http, "POST", "/admin/compact", None, Some(b"{}"), WAIT)
+        .await
+        .expect("compact answers");
+    assert_eq!(
+        r.status,
+        200,
+        "compact: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["erasures_pending"], false, "{v}");
+    v
 }
 
 /// Waits until `GET /ready` answers 200: every local group knows its leader.
@@ -976,18 +902,27 @@ async fn wait_ready(http: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_erases_the_ciphertext() {
-    let root = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let nodes = start_cluster(root.path());
-    for (server, _) in &nodes {
-        wait_ready(&server.http).await;
+    let options = cluster::Options {
+        http: true,
+        extra: vec!["--segment-mb".into(), "1".into()],
+        ..cluster::Options::default()
+    };
+    let cluster = tokio::task::block_in_place(|| cluster::Cluster::start(options));
+    // (HTTP address, data directory) of every node.
+    let nodes: Vec<(String, PathBuf)> = cluster
+        .ids()
+        .map(|id| (cluster.http_addr(id), cluster.dir(id)))
+        .collect();
+    for (http, _) in &nodes {
+        wait_ready(http).await;
     }
-    let first = nodes[0].0.clients.clone();
+    let first = cluster.addr(1);
     let u = users(&first).await;
     let (alice, bob) = (u.alice, u.bob);
     // Alice on node 1, Bob's laptop on node 2.
     let mut phone = device(&first, &alice, "phone", keys.path()).await;
-    let mut laptop = device(&nodes[1].0.clients, &bob, "laptop", keys.path()).await;
+    let mut laptop = device(&cluster.addr(2), &bob, "laptop", keys.path()).await;
     let chat = phone
         .client
         .secret_start(&mut phone.keys, bob.0, "laptop")
@@ -1026,11 +961,11 @@ async fn every_replica_erases_the_ciphertext() {
         assert_eq!(&o.text, text);
     }
     // Replicated: every node holds the ciphertexts (a majority at once, the third soon).
-    for (server, dir) in &nodes {
+    for (http, dir) in &nodes {
         let deadline = Instant::now() + WAIT;
         for (text, ct) in &sent {
             while disk_contains(dir, ct).is_none() {
-                assert!(Instant::now() < deadline, "{} never got it", server.http);
+                assert!(Instant::now() < deadline, "{http} never got it");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             assert_eq!(disk_contains(dir, text.as_bytes()), None);
@@ -1045,15 +980,14 @@ async fn every_replica_erases_the_ciphertext() {
         .await
         .expect("ack");
     // Each node zeroes its own copy once it applied the ack; compaction removes it.
-    for (server, dir) in &nodes {
+    for (http, dir) in &nodes {
         let deadline = Instant::now() + WAIT;
         while sent.iter().any(|(_, ct)| disk_contains(dir, ct).is_some()) {
             assert!(
                 Instant::now() < deadline,
-                "a ciphertext stayed on the disk of {}",
-                server.http
+                "a ciphertext stayed on the disk of {http}"
             );
-            server.compact().await;
+            compact(http).await;
         }
         for (text, _) in &sent {
             assert_eq!(disk_contains(dir, text.as_bytes()), None);
