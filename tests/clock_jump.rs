@@ -9,6 +9,8 @@
 //! original seq (the de-duplication window is measured in stamped time, so an unslewed
 //! jump of an hour would have expired it and posted the retry twice); seqs stay dense.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/server.rs"]
 mod server;
 
@@ -61,22 +63,8 @@ async fn a_jumping_clock_neither_reorders_timestamps_nor_breaks_deduplication() 
     let anon = Client::connect(&srv.addr, options(None))
         .await
         .expect("connects");
-    let created = anon
-        .create_user(v1::CreateUserRequest {
-            name: "tick".into(),
-        })
-        .await
-        .expect("user");
-    let login = anon
-        .login(v1::LoginRequest {
-            user_id: created.user_id,
-            login_token: created.login_token,
-            device_id: "d".into(),
-            device_name: "d".into(),
-        })
-        .await
-        .expect("login");
-    let c = Client::connect(&srv.addr, options(Some(login.session_token)))
+    let (_, session_token) = cluster::create_and_login(&anon, "tick", "d").await;
+    let c = Client::connect(&srv.addr, options(Some(session_token)))
         .await
         .expect("connects");
     let chat = c

@@ -177,22 +177,8 @@ async fn a_full_disk_stops_writes_with_a_clear_error_and_loses_nothing() {
     let anon = Client::connect(&srv.addr, options(None))
         .await
         .expect("connects");
-    let created = anon
-        .create_user(v1::CreateUserRequest {
-            name: "filler".into(),
-        })
-        .await
-        .expect("user");
-    let login = anon
-        .login(v1::LoginRequest {
-            user_id: created.user_id,
-            login_token: created.login_token,
-            device_id: "d".into(),
-            device_name: "d".into(),
-        })
-        .await
-        .expect("login");
-    let c = Client::connect(&srv.addr, options(Some(login.session_token.clone())))
+    let (_, session_token) = cluster::create_and_login(&anon, "filler", "d").await;
+    let c = Client::connect(&srv.addr, options(Some(session_token.clone())))
         .await
         .expect("connects");
     let chat = c
@@ -284,7 +270,7 @@ async fn a_full_disk_stops_writes_with_a_clear_error_and_loses_nothing() {
     srv.kill();
     fs.grow(GROWN_MB);
     let srv = Server::start_on(&data, &addr, &flags);
-    let c = Client::connect(&srv.addr, options(Some(login.session_token)))
+    let c = Client::connect(&srv.addr, options(Some(session_token)))
         .await
         .expect("reconnects");
     let events = history(&c, chat).await;
