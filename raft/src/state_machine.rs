@@ -345,6 +345,14 @@ impl ChatStateMachine {
             });
         }
         let index = entry.log_id.index;
+        tracing::debug!(
+            group = self.group,
+            term = entry.log_id.leader_id.term,
+            leader = entry.log_id.leader_id.node_id,
+            index,
+            digest = codec::payload_digest(&entry),
+            "apply"
+        );
         let outcomes = match entry.payload {
             EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(m) => {
