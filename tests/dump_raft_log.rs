@@ -63,7 +63,12 @@ async fn dump_raft_log() {
                                 text,
                                 ..
                             }) => format!("post {chat}/{sender}/{client_message_id} {text:?}"),
-                            Ok(other) => format!("{:?}", other.chat()),
+                            Ok(other) => {
+                                // The variant and its first fields are enough to tell
+                                // entries apart.
+                                let d = format!("{other:?}");
+                                d.chars().take(60).collect()
+                            }
                             Err(err) => format!("bad command: {err}"),
                         });
                     }
