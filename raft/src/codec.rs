@@ -152,6 +152,33 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     out
 }
 
+/// A 64-bit FNV-1a digest of an entry's payload (kind and bytes, not its log id), for
+/// diagnostics: replicas that applied the same entry log the same digest
+/// (`state_machine` at debug level, `tests/dump_raft_log.rs`). Not a checksum of record.
+pub fn payload_digest(entry: &Entry) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    match &entry.payload {
+        EntryPayload::Blank => eat(&[KIND_BLANK]),
+        EntryPayload::Normal(batch) => {
+            eat(&[KIND_NORMAL]);
+            eat(&batch.0);
+        }
+        EntryPayload::Membership(m) => {
+            eat(&[KIND_MEMBERSHIP]);
+            let mut out = Vec::new();
+            put_membership(&mut out, m);
+            eat(&out);
+        }
+    }
+    h
+}
+
 /// Decodes an entry made by [`encode_entry`]. A normal entry's batch is a slice of
 /// `bytes` (no copy).
 pub fn decode_entry(bytes: &Bytes) -> Result<Entry, DecodeError> {

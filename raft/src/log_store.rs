@@ -18,6 +18,13 @@
 //! (`Config::queue_len_max` batches and `queue_bytes_max` bytes; `submit` waits beyond
 //! them).
 //!
+//! Full log ids on read. Every entry read back (engine or tail) must carry the log id the
+//! log holds at its index, leader id included, not only the index: `State::leaders` keeps
+//! the leader id of each run of entries (rebuilt at open by binary search over the
+//! engine, O(leader changes × log n) reads). An entry of an older term read at the right
+//! index (issue 9: a stale copy after a truncation) is an `Inconsistent` error, never
+//! data handed to replication or apply. A read that raced a truncation is retried.
+//!
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in
 //! submission order, so `IOFlushed` callbacks fire in order and exactly once.
@@ -37,12 +44,16 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::ids::{self, engine_index, raft_index};
-use crate::types::{Entry, EntryPayload, GroupId, LogId, TypeConfig, Vote};
+use crate::types::{Entry, EntryPayload, GroupId, LeaderId, LogId, TypeConfig, Vote};
 
 /// Payload bytes one `limited_get_log_entries` call (replication) gathers before it
 /// returns a prefix of the range. Keeps one AppendEntries well under the node frame limit
 /// (16 MiB) and its send time under the heartbeat-sized RPC deadline (PLAN.md, P8).
 pub const REPLICATION_READ_BYTES_MAX: usize = 4 << 20;
+
+/// Times a read whose log-id check failed is tried again after a concurrent truncation
+/// (each retry sees the new log; more than a few in a row would mean a storage bug).
+pub const READ_RETRIES_MAX: usize = 3;
 
 /// Engine body bytes an entry may cost beyond its payload when a batch is split: an op
 /// header (when the entry starts a new op) plus its 4-byte end offset.
@@ -90,6 +101,39 @@ struct State {
     unflushed: VecDeque<Unflushed>,
     /// Number of the next engine batch this group submits an append in.
     next_batch: u64,
+    /// `(first index, leader id)` of each run of held entries written by one leader, in
+    /// index order; the last run ends at `last`. Empty when the log holds none.
+    leaders: Vec<(u64, LeaderId)>,
+    /// Bumped by every truncation: a read whose check failed after one retries.
+    truncations: u64,
+}
+
+impl State {
+    /// The runs of `leaders` that cover `[lo, hi)`.
+    fn leaders_in(&self, lo: u64, hi: u64) -> Vec<(u64, LeaderId)> {
+        let start = self
+            .leaders
+            .partition_point(|(f, _)| *f <= lo)
+            .saturating_sub(1);
+        self.leaders[start..]
+            .iter()
+            .take_while(|(f, _)| *f < hi)
+            .copied()
+            .collect()
+    }
+
+    fn note_appended(&mut self, entry: &Entry) {
+        if self.leaders.last().map(|(_, l)| l) != Some(&entry.log_id.leader_id) {
+            self.leaders
+                .push((entry.log_id.index, entry.log_id.leader_id));
+        }
+    }
+}
+
+/// The leader id `leaders` (from [`State::leaders_in`]) expects at `index`.
+fn expected_leader(leaders: &[(u64, LeaderId)], index: u64) -> Option<LeaderId> {
+    let k = leaders.partition_point(|(f, _)| *f <= index);
+    k.checked_sub(1).map(|k| leaders[k].1)
 }
 
 #[derive(Debug)]
@@ -148,13 +192,14 @@ impl LogStore {
             let bytes = shared.engine.get(log, last).map_err(|source| {
                 shared.storage_err("reading", "the last log entry".into(), source)
             })?;
-            let entry = shared.decode_at(&bytes, raft_index(last))?;
+            let entry = shared.decode_at(&bytes, raft_index(last), None)?;
             let first = raft_index(bounds.first.max(1));
             let first = purged.map_or(first, |p| first.max(p.index + 1));
             // Entries at or below the purge mark are not part of the log.
             if first <= entry.log_id.index {
                 state.first_index = first;
                 state.last = Some(entry.log_id);
+                state.leaders = shared.leader_runs(first, entry.log_id)?;
             }
         }
         *shared.lock() = state;
@@ -188,19 +233,63 @@ impl GroupLog {
         }
     }
 
-    /// Decodes an entry read from the engine and checks it sits where it was read
-    /// (the pair of the index written into it by `codec::encode_entry`).
-    fn decode_at(&self, bytes: &bytes::Bytes, index: u64) -> Result<Entry> {
+    /// The leader-id runs of held entries `[first, last.index]`, found by binary search
+    /// over the engine (leader ids never decrease along a Raft log).
+    fn leader_runs(&self, first: u64, last: LogId) -> Result<Vec<(u64, LeaderId)>> {
+        let leader_at = |index: u64| -> Result<LeaderId> {
+            let bytes = self
+                .engine
+                .get(self.log, engine_index(index))
+                .map_err(|source| {
+                    self.storage_err("reading", format!("log entry {index}"), source)
+                })?;
+            Ok(self.decode_at(&bytes, index, None)?.log_id.leader_id)
+        };
+        let mut runs = Vec::new();
+        let mut lo = first;
+        loop {
+            let leader = if lo == last.index {
+                last.leader_id
+            } else {
+                leader_at(lo)?
+            };
+            runs.push((lo, leader));
+            if leader == last.leader_id {
+                return Ok(runs);
+            }
+            // leader_at(a) == leader, leader_at(b) != leader.
+            let (mut a, mut b) = (lo, last.index);
+            while a + 1 < b {
+                let mid = a + (b - a) / 2;
+                if leader_at(mid)? == leader {
+                    a = mid;
+                } else {
+                    b = mid;
+                }
+            }
+            lo = b;
+        }
+    }
+
+    /// Decodes an entry read from the engine and checks it sits where it was read: the
+    /// index written into it by `codec::encode_entry` and, when the caller knows it, the
+    /// leader id the log holds there (an older term's copy at the right index is stale).
+    fn decode_at(
+        &self,
+        bytes: &bytes::Bytes,
+        index: u64,
+        leader: Option<LeaderId>,
+    ) -> Result<Entry> {
         let entry = codec::decode_entry(bytes).map_err(|source| Error::Decode {
             group: self.group,
             subject: format!("log entry {index}"),
             source,
         })?;
-        if entry.log_id.index != index {
+        if entry.log_id.index != index || leader.is_some_and(|l| l != entry.log_id.leader_id) {
             return Err(Error::Inconsistent {
                 group: self.group,
                 detail: format!(
-                    "log entry read at index {index} says it is {}",
+                    "log entry read at index {index} says it is {}, the log holds leader {leader:?} there",
                     entry.log_id
                 ),
             });
@@ -208,12 +297,30 @@ impl GroupLog {
         Ok(entry)
     }
 
+    /// Entries with index in `[start, end)` that the log holds, in order, every one
+    /// checked against the log id the log holds at its index (see [`GroupLog::read_once`]).
+    /// A read that raced a truncation is tried again.
+    fn read(&self, start: u64, end: u64, bytes_max: usize) -> Result<Vec<Entry>> {
+        let mut tries = 0;
+        loop {
+            let before = self.lock().truncations;
+            match self.read_once(start, end, bytes_max) {
+                Err(Error::Inconsistent { .. })
+                    if tries < READ_RETRIES_MAX && self.lock().truncations != before =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Entries with index in `[start, end)` that the log holds, in order. Stops early,
     /// returning a non-empty prefix, once `bytes_max` payload bytes are gathered.
-    fn read(&self, start: u64, end: u64, bytes_max: usize) -> Result<Vec<Entry>> {
+    fn read_once(&self, start: u64, end: u64, bytes_max: usize) -> Result<Vec<Entry>> {
         // Decide under the lock what comes from where; read the engine outside it so the
         // engine's durable callbacks (which take this lock) never wait for a disk read.
-        let (lo, hi, disk_hi, tail) = {
+        let (lo, hi, disk_hi, tail, leaders) = {
             let st = self.lock();
             let Some(last) = st.last else {
                 return Ok(Vec::new());
@@ -232,7 +339,7 @@ impl GroupLog {
                 .filter(|e| (disk_hi..hi).contains(&e.log_id.index))
                 .cloned()
                 .collect();
-            (lo, hi, disk_hi, tail)
+            (lo, hi, disk_hi, tail, st.leaders_in(lo, hi))
         };
         let mut out = Vec::with_capacity(((hi - lo) as usize).min(1024));
         let mut bytes = 0usize;
@@ -245,7 +352,8 @@ impl GroupLog {
                 })?;
             for (k, b) in got.iter().enumerate() {
                 bytes += b.len();
-                out.push(self.decode_at(b, lo + k as u64)?);
+                let index = lo + k as u64;
+                out.push(self.decode_at(b, index, expected_leader(&leaders, index))?);
             }
             if out.len() < (disk_hi - lo) as usize {
                 if bytes >= bytes_max {
@@ -263,6 +371,17 @@ impl GroupLog {
         for entry in tail {
             if bytes >= bytes_max && !out.is_empty() {
                 break;
+            }
+            let index = entry.log_id.index;
+            if expected_leader(&leaders, index) != Some(entry.log_id.leader_id) {
+                return Err(Error::Inconsistent {
+                    group: self.group,
+                    detail: format!(
+                        "unflushed entry {} at index {index}, the log holds leader {:?} there",
+                        entry.log_id,
+                        expected_leader(&leaders, index)
+                    ),
+                });
             }
             bytes += payload_bytes(&entry);
             out.push(entry);
@@ -358,10 +477,14 @@ impl GroupLog {
             let mut st = self.lock();
             let first_batch = st.next_batch;
             st.next_batch += batches.len() as u64;
+            if st.last.is_none() {
+                st.leaders.clear();
+            }
             let mut entries = entries.into_iter();
             let mut taken = 0;
             for (b, (_, end)) in batches.iter().enumerate() {
                 for entry in entries.by_ref().take(end - taken) {
+                    st.note_appended(&entry);
                     st.unflushed.push_back(Unflushed {
                         batch: first_batch + b as u64,
                         entry,
@@ -451,6 +574,11 @@ impl GroupLog {
             let first_index = st.first_index;
             let keep_engine = keep_index.map_or(0, engine_index).max(first_index);
             st.last = keep.filter(|k| k.index >= first_index);
+            st.truncations += 1;
+            match st.last {
+                Some(k) => st.leaders.retain(|(f, _)| *f <= k.index),
+                None => st.leaders.clear(),
+            }
             keep_engine
         };
         let mut batch = WriteBatch::new();
@@ -470,8 +598,15 @@ impl GroupLog {
             match st.last {
                 Some(last) if last.index > upto.index => {
                     st.first_index = st.first_index.max(upto.index + 1);
+                    let first = st.first_index;
+                    while st.leaders.len() >= 2 && st.leaders[1].0 <= first {
+                        st.leaders.remove(0);
+                    }
                 }
-                _ => st.last = None,
+                _ => {
+                    st.last = None;
+                    st.leaders.clear();
+                }
             }
             while st
                 .unflushed

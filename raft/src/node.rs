@@ -135,6 +135,15 @@ pub fn timing(replicas_here: usize, heartbeat_ms: Option<u64>) -> Result<Config,
         replication_lag_threshold: 1_000_000,
         install_snapshot_timeout: 10_000,
         max_payload_entries: 64,
+        // Issue 9 (replica divergence): openraft's default lets a leader that restarts
+        // resume leading in the SAME term without an election. Our leader replicates an
+        // entry from its unflushed tail in parallel with its own fdatasync, so followers
+        // can hold (even commit) an entry the leader itself never wrote; after a kill -9
+        // the restored leader's log is shorter, it proposes
+        // a different entry at the same index under the same log id (term, node, index),
+        // followers see no conflict and keep theirs: two committed entries with one log
+        // id. A restarted leader must win a new election (a new leader id) instead.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     config.validate().map_err(|e| Error::Config {

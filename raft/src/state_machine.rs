@@ -345,6 +345,14 @@ impl ChatStateMachine {
             });
         }
         let index = entry.log_id.index;
+        tracing::debug!(
+            group = self.group,
+            term = entry.log_id.leader_id.term,
+            leader = entry.log_id.leader_id.node_id,
+            index,
+            digest = codec::payload_digest(&entry),
+            "apply"
+        );
         let outcomes = match entry.payload {
             EntryPayload::Blank => Vec::new(),
             EntryPayload::Membership(m) => {
@@ -418,8 +426,22 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        // Openraft streams one consecutive range per call: an entry missing inside it (a
+        // log read that silently left one out) would make this replica's state diverge
+        // (issue 9), so it stops the group instead.
+        let mut previous: Option<LogId> = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if let Some(p) = previous
+                && entry.log_id.index != p.index + 1
+            {
+                return Err(Error::Inconsistent {
+                    group: self.group,
+                    detail: format!("apply of {} right after {p}: entries missing", entry.log_id),
+                }
+                .into());
+            }
+            previous = Some(entry.log_id);
             let reply = self.apply_entry(entry)?;
             self.shared.applied.send_replace(reply.log_index);
             if let Some(responder) = responder {

@@ -200,3 +200,47 @@ async fn large_appends_are_split_and_limited_reads_return_a_prefix() {
     drop(reader);
     close(engine, store);
 }
+
+/// Issue 9: an entry of an older term read back at the right index (a stale copy the
+/// engine serves after a truncation) is an error, never data for replication or apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_of_an_older_term_is_refused_on_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (engine, mut store) = open(dir.path());
+    let entries: Vec<Entry> = (1..=5).map(|i| normal(2, i, &format!("new {i}"))).collect();
+    store
+        .blocking_append(entries.clone())
+        .await
+        .expect("appends");
+    assert_eq!(read_all(&mut store).await, entries);
+    // Behind the store's back, make the engine hold term-1 copies of entries 3..=5, as a
+    // stale read after a truncation would return them.
+    let log = chatlog_raft::ids::raft_log(GROUP).expect("group id");
+    let mut batch = chatlog_storage::WriteBatch::new();
+    batch.truncate_after(log, chatlog_raft::ids::engine_index(2));
+    for i in 3..=5 {
+        let stale = normal(1, i, &format!("old {i}"));
+        batch.append(
+            log,
+            chatlog_raft::ids::engine_index(i),
+            &chatlog_raft::codec::encode_entry(&stale),
+        );
+    }
+    engine.write(&batch).await.expect("engine write");
+    let mut reader = store.get_log_reader().await;
+    let err = reader
+        .try_get_log_entries(1..=5)
+        .await
+        .expect_err("a stale entry must not be returned");
+    assert!(
+        err.to_string().contains("log entry read at index 3"),
+        "unexpected error: {err}"
+    );
+    // Entries before the stale ones still read fine.
+    assert_eq!(
+        reader.try_get_log_entries(1..3).await.expect("reads"),
+        entries[..2].to_vec()
+    );
+    drop(reader);
+    close(engine, store);
+}

@@ -193,3 +193,19 @@ async fn chat_state_survives_restart_by_replaying_the_log() {
 async fn chat_state_survives_restart_from_checkpoints() {
     scenario(3).await;
 }
+
+/// Issue 9: a leader restarted after kill -9 may have lost entries it had already
+/// replicated (and followers committed) from its unflushed tail; resuming leadership in
+/// the same term would re-propose different entries under the same log ids. Seen in the
+/// soak as two replicas applying (term 4, node 3, index 469) with different payloads.
+#[test]
+fn a_restarted_leader_must_win_a_new_election() {
+    for heartbeat in [None, Some(100)] {
+        let config = chatlog_raft::node::timing(3, heartbeat).expect("valid timing");
+        assert_eq!(
+            config.enable_leader_restore,
+            Some(false),
+            "leader restore must stay off (openraft defaults it on)"
+        );
+    }
+}

@@ -343,6 +343,12 @@ impl Index {
         };
         let (lo, hi) = (op.index, op.index + op.count as u64);
         let mut moved = 0u64;
+        // The pieces of [lo, hi) actually relocated. Only they get runs: an index of the op
+        // whose current copy is elsewhere (truncated and appended again since compaction
+        // read it) must not get a run here, or `find_run`, which prefers the run with the
+        // highest first index, could pick the op's stale copy over a newer append run of
+        // this segment that starts lower.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
         let mut spans = VecDeque::with_capacity(state.spans.len() + 2);
         for s in state.spans.drain(..) {
             if s.segment != source || s.last < lo || s.first >= hi {
@@ -363,6 +369,7 @@ impl Index {
                 last: b,
                 segment: loc.segment,
             });
+            pieces.push((a, b));
             let overridden = state.overrides.range(a..=b).count() as u64;
             moved += b - a + 1 - overridden;
             if s.last > b {
@@ -387,16 +394,18 @@ impl Index {
             self.live_add(loc.segment, moved);
         }
         let runs = self.runs_mut(loc.segment, log);
-        let at = runs.partition_point(|r| r.first < op.index);
-        runs.insert(
-            at,
-            Run {
-                first: op.index,
-                count: op.count,
-                offset: loc.offset,
-                op: loc.op,
-            },
-        );
+        for (a, b) in pieces {
+            let at = runs.partition_point(|r| r.first < a);
+            runs.insert(
+                at,
+                Run {
+                    first: a,
+                    count: (b - a + 1) as u32,
+                    offset: loc.offset,
+                    op: loc.op,
+                },
+            );
+        }
     }
 
     /// Where entry `index` of `log` lives, as far as the in-memory tables know: an
@@ -496,4 +505,53 @@ pub(crate) fn find_run(runs: &[Run], index: u64) -> Option<Run> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: OpKind, log: LogId, index: u64, count: u32, aux: u64) -> OpSummary {
+        OpSummary {
+            kind,
+            log_id: log,
+            index,
+            count,
+            aux,
+            key: Bytes::new(),
+            value: Bytes::new(),
+        }
+    }
+
+    fn at(segment: u64, offset: u32) -> Location {
+        Location {
+            segment,
+            offset,
+            op: 0,
+        }
+    }
+
+    /// Issue 9: compaction read entries 55..=60 of a sealed segment; before its rewrite op
+    /// landed, the log was cut after 52 and 53..=60 appended again (new term) in the
+    /// active segment. The rewrite relocates nothing, and must not shadow the new copies.
+    #[test]
+    fn a_rewrite_that_lost_a_race_with_truncate_and_append_does_not_shadow_the_new_entries() {
+        let log = 7;
+        let mut index = Index::default();
+        index.apply(&op(OpKind::Append, log, 50, 11, 0), at(1, 100));
+        index.apply(&op(OpKind::TruncateAfter, log, 52, 0, 0), at(2, 150));
+        index.apply(&op(OpKind::Append, log, 53, 8, 0), at(2, 200));
+        // The rewrite of [55, 61) read from segment 1, written into segment 2.
+        index.apply(&op(OpKind::Rewrite, log, 55, 6, 1), at(2, 300));
+        for i in 53..=60 {
+            assert_eq!(
+                index.locate(log, i).expect("held"),
+                Lookup::At(at(2, 200)),
+                "index {i} must be read from the append, not the stale rewrite"
+            );
+        }
+        for i in 50..=52 {
+            assert_eq!(index.locate(log, i).expect("held"), Lookup::At(at(1, 100)));
+        }
+    }
 }

@@ -11,6 +11,13 @@
 //! Peers may talk through a fault-injecting proxy: [`Options::peer_routes`] gives, per node,
 //! the address it listens on for peers and the address the others dial (the proxy's).
 //!
+//! Post-mortems: with `CHATLOG_TEST_KEEP_DIR=DIR` the cluster's directory is made under
+//! DIR and kept after the test (its path is printed), each node's whole stderr is also
+//! written to `node-N.stderr` there, and `CHATLOG_TEST_NODE_LOG` replaces the nodes'
+//! `RUST_LOG` (e.g. `warn,chatlog_raft::node=info,chatlog_raft::state_machine=debug` logs
+//! every applied entry's log id and payload hash). `tests/dump_raft_log.rs` dumps a
+//! kept node's Raft log offline.
+//!
 //! Included with `#[path = "common/cluster.rs"] mod cluster;` by the tests that need it;
 //! not every test uses every item.
 #![allow(dead_code)]
@@ -31,6 +38,12 @@ pub const START_WAIT: Duration = Duration::from_secs(60);
 pub const LEADER_WAIT: Duration = Duration::from_secs(60);
 /// Stderr lines echoed per process before only alarming ones are.
 pub const ECHO_LINES: usize = 50;
+
+/// Names a directory under which the cluster's data directories are made and KEPT after
+/// the test, with each node's whole stderr (for post-mortems of randomised tests).
+pub const KEEP_DIR_ENV: &str = "CHATLOG_TEST_KEEP_DIR";
+/// Replaces the nodes' `RUST_LOG` when set.
+pub const NODE_LOG_ENV: &str = "CHATLOG_TEST_NODE_LOG";
 
 /// (group, term, node) of every "this node leads the group" line any node logged.
 type Leadership = Arc<Mutex<Vec<(u64, u64, u64)>>>;
@@ -147,7 +160,19 @@ impl Cluster {
     /// Starts every node, each with its own data directory, and waits until each announced
     /// its addresses. Blocks: call it from `tokio::task::block_in_place` in async tests.
     pub fn start(options: Options) -> Cluster {
-        let root = tempfile::tempdir().expect("temp dir");
+        let root = match std::env::var_os(KEEP_DIR_ENV) {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir).expect("keep dir");
+                let mut root = tempfile::Builder::new()
+                    .prefix("cluster-")
+                    .tempdir_in(&dir)
+                    .expect("temp dir");
+                root.disable_cleanup(true);
+                eprintln!("cluster data kept in {}", root.path().display());
+                root
+            }
+            None => tempfile::tempdir().expect("temp dir"),
+        };
         let routes: Vec<(Option<SocketAddr>, String)> = match &options.peer_routes {
             Some(routes) => {
                 assert_eq!(routes.len() as u64, options.nodes, "one route per node");
@@ -268,7 +293,11 @@ impl Cluster {
         .args(&options.extra)
         .arg("--data-dir")
         .arg(&node.dir)
-        .env("RUST_LOG", "warn,openraft=error,chatlog_raft::node=info")
+        .env(
+            "RUST_LOG",
+            std::env::var(NODE_LOG_ENV)
+                .unwrap_or_else(|_| "warn,openraft=error,chatlog_raft::node=info".into()),
+        )
         .env("NO_COLOR", "1")
         .env_remove("CHATLOG_ADMIN_TOKEN")
         .stdout(Stdio::piped())
@@ -305,10 +334,22 @@ impl Cluster {
             }
         });
         let stderr = child.stderr.take().expect("stderr");
+        let mut full_log = std::env::var_os(KEEP_DIR_ENV).map(|_| {
+            let path = node.dir.with_file_name(format!("node-{id}.stderr"));
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("node stderr file")
+        });
         std::thread::spawn(move || {
             let mut echoed = 0;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let line = strip_ansi(&line);
+                if let Some(f) = full_log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("leadership: this node leads the group")
                     && let (Some(g), Some(t), Some(n)) = (
                         field(&line, "group"),
