@@ -143,7 +143,8 @@ impl Hub {
     }
 
     /// Sends notifications of new messages to members who are not online here.
-    pub fn set_notifier(&self, notifier: Arc<Notifier>) {
+    pub fn set_notifier(self: &Arc<Self>, notifier: Arc<Notifier>) {
+        notifier.set_hub(Arc::downgrade(self));
         let _ = self.notifier.set(notifier);
     }
 
@@ -509,7 +510,7 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
                 for (chat, from, head) in chat_heads(&group, &mut pushed) {
                     hub.push_chat(&group, chat, from, head).await;
                     if let Some(n) = hub.notifier.get() {
-                        n.chat_moved(&group, chat, from, head, &|u| hub.is_online(u));
+                        n.chat_moved(&group, chat, from, head);
                     }
                 }
             }

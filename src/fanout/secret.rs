@@ -98,12 +98,6 @@ impl Hub {
     }
 }
 
-/// The clock batch timestamps come from (smoothed across wall-clock jumps), so a tick is
-/// proposed only when its batch will expire something.
-fn now_ms() -> u64 {
-    chatlog_raft::clock::now_ms()
-}
-
 /// The expiry ticker of one node (see the module docs). Stops when the hub is dropped.
 pub(super) async fn run_ticker(hub: Weak<Hub>) {
     let mut interval = tokio::time::interval(SECRET_TICK_INTERVAL);
@@ -111,7 +105,9 @@ pub(super) async fn run_ticker(hub: Weak<Hub>) {
     loop {
         interval.tick().await;
         let Some(hub) = hub.upgrade() else { return };
-        let now = now_ms();
+        // The clock batch timestamps come from (smoothed across wall-clock jumps), so a
+        // tick is proposed only when its batch will expire something.
+        let now = chatlog_raft::clock::now_ms();
         let me = hub.node.node_id();
         let due: Vec<u64> = hub
             .node

@@ -104,6 +104,14 @@ struct Pending {
     timestamp_ms: u64,
 }
 
+/// New events of one chat since the last flush: `(from, head]`.
+#[derive(Debug)]
+struct Moved {
+    group: Group,
+    from: u64,
+    head: u64,
+}
+
 /// A notification waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Record {
@@ -140,6 +148,10 @@ pub struct Notifier {
     node: Arc<Node>,
     config: NotifyConfig,
     pending: Mutex<HashMap<(UserId, ChatId), Pending>>,
+    /// Chats with new events since the last flush: at most [`PENDING_MAX`].
+    moved: Mutex<HashMap<ChatId, Moved>>,
+    /// The hub that knows who is online here (set by `Hub::set_notifier`).
+    hub: std::sync::OnceLock<std::sync::Weak<crate::fanout::Hub>>,
     /// Secret-chat arrivals waiting, by (user, device): when.
     pending_secret: Mutex<HashMap<(UserId, String), u64>>,
     stats: Mutex<NotifyStats>,
@@ -159,6 +171,8 @@ impl Notifier {
             node,
             config,
             pending: Mutex::new(HashMap::new()),
+            moved: Mutex::new(HashMap::new()),
+            hub: std::sync::OnceLock::new(),
             pending_secret: Mutex::new(HashMap::new()),
             stats: Mutex::new(NotifyStats::default()),
             written: Notify::new(),
@@ -177,75 +191,94 @@ impl Notifier {
         self.node.engine()
     }
 
-    /// Events `(from, head]` of `chat` were applied in `group`: notes a notification for
-    /// every member without an online session (`is_online`) who did not send the messages.
-    /// Only the group's leader notifies; only new messages count.
-    pub fn chat_moved(
-        &self,
-        group: &Group,
-        chat: ChatId,
-        from: u64,
-        head: u64,
-        is_online: &dyn Fn(UserId) -> bool,
-    ) {
+    /// Events `(from, head]` of `chat` were applied in `group`. Only notes the range:
+    /// who is offline and how many messages each missed is worked out once per collapse
+    /// window in [`Notifier::flush`], not on every applied batch (a post to a group of
+    /// 200,000 members must not cost a member scan per entry). Only the group's leader
+    /// notifies.
+    pub fn chat_moved(&self, group: &Group, chat: ChatId, from: u64, head: u64) {
         if group.leader() != Some(self.node.node_id()) {
             return;
         }
-        let st = group.shared().read();
-        let Some(locs) = st.chat_events(chat, from + 1, head) else {
-            return;
-        };
-        let messages: Vec<(u64, UserId)> = locs
-            .iter()
-            .filter(|(_, l)| l.kind() == EventKind::MessagePosted && !l.erased())
-            .map(|(seq, l)| (*seq, l.sender))
+        let mut moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = moved.get_mut(&chat) {
+            m.head = m.head.max(head);
+        } else if moved.len() < PENDING_MAX {
+            moved.insert(
+                chat,
+                Moved {
+                    group: group.clone(),
+                    from,
+                    head,
+                },
+            );
+        } else {
+            drop(moved);
+            self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += 1;
+        }
+    }
+
+    /// Turns the chats that moved in the window into notifications for every member
+    /// without an online session here (`is_online`) who did not send the messages.
+    fn collect_moved(&self, is_online: &dyn Fn(UserId) -> bool) {
+        let moved: Vec<(ChatId, Moved)> = self
+            .moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
             .collect();
-        let Some(&(last_seq, _)) = messages.last() else {
-            return;
-        };
         let now = chatlog_raft::clock::now_ms();
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let mut dropped = 0u64;
-        let mut after = 0;
-        while let Some((page, more)) = st.members(chat, after, MEMBERS_PAGE) {
-            for m in &page {
-                after = m.user;
-                if is_online(m.user) {
-                    continue;
+        for (chat, m) in moved {
+            let st = m.group.shared().read();
+            let Some(locs) = st.chat_events(chat, m.from + 1, m.head) else {
+                continue;
+            };
+            let messages: Vec<(u64, UserId)> = locs
+                .iter()
+                .filter(|(_, l)| l.kind() == EventKind::MessagePosted && !l.erased())
+                .map(|(seq, l)| (*seq, l.sender))
+                .collect();
+            let Some(&(last_seq, _)) = messages.last() else {
+                continue;
+            };
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut after = 0;
+            while let Some((page, more)) = st.members(chat, after, MEMBERS_PAGE) {
+                for member in &page {
+                    after = member.user;
+                    if is_online(member.user) {
+                        continue;
+                    }
+                    let count = messages.iter().filter(|(_, s)| *s != member.user).count() as u64;
+                    if count == 0 {
+                        continue;
+                    }
+                    let key = (member.user, chat);
+                    if let Some(p) = pending.get_mut(&key) {
+                        p.new_messages += count;
+                        p.last_seq = last_seq;
+                        p.timestamp_ms = now;
+                    } else if pending.len() < PENDING_MAX {
+                        pending.insert(
+                            key,
+                            Pending {
+                                new_messages: count,
+                                last_seq,
+                                timestamp_ms: now,
+                            },
+                        );
+                    } else {
+                        dropped += 1;
+                    }
                 }
-                let count = messages.iter().filter(|(_, s)| *s != m.user).count() as u64;
-                if count == 0 {
-                    continue;
+                if !more {
+                    break;
                 }
-                let key = (m.user, chat);
-                if let Some(p) = pending.get_mut(&key) {
-                    p.new_messages += count;
-                    p.last_seq = last_seq;
-                    p.timestamp_ms = now;
-                } else if pending.len() < PENDING_MAX {
-                    pending.insert(
-                        key,
-                        Pending {
-                            new_messages: count,
-                            last_seq,
-                            timestamp_ms: now,
-                        },
-                    );
-                } else {
-                    dropped += 1;
-                }
-            }
-            if !more {
-                break;
             }
         }
-        drop(pending);
         if dropped > 0 {
-            tracing::warn!(
-                chat,
-                dropped,
-                "push notifications dropped: too many pending"
-            );
+            tracing::warn!(dropped, "push notifications dropped: too many pending");
             self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += dropped;
         }
     }
@@ -271,8 +304,15 @@ impl Notifier {
         p.insert(key, chatlog_raft::clock::now_ms());
     }
 
+    /// Whom the hub at `hub` sees online is not notified (set once, by the hub).
+    pub fn set_hub(&self, hub: std::sync::Weak<crate::fanout::Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
     /// Writes what collapsed in the window to the outbox, durably.
     async fn flush(&self) -> Result<(), String> {
+        let hub = self.hub.get().and_then(std::sync::Weak::upgrade);
+        self.collect_moved(&|u| hub.as_ref().is_some_and(|h| h.is_online(u)));
         let pending: Vec<Record> =
             {
                 let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
