@@ -15,10 +15,8 @@
 //!   copy from disk after the acknowledgement.
 //! - The CLI: `secret start`, `send`, `tail`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chatlog::http::client::request;
@@ -31,23 +29,18 @@ use serde_json::Value;
 
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/server.rs"]
+mod server;
 #[path = "common/webhook.rs"]
 mod webhook;
 
-const START_WAIT: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A `chatlog serve` of these tests (`tests/common/server.rs`) with its addresses.
 struct Server {
-    child: Child,
+    inner: server::Server,
     clients: String,
     http: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -58,60 +51,22 @@ impl Server {
 
     /// The same with more flags.
     fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args([
-                "serve",
-                "--listen",
-                listen,
-                "--http",
-                "127.0.0.1:0",
-                "--groups",
-                "4",
-            ])
-            .args(["--segment-mb", "1"])
-            .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .env_remove("CHATLOG_ADMIN_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("chatlog serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut clients, mut http) = (None, None);
-        let deadline = Instant::now() + START_WAIT;
-        while clients.is_none() || http.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server announces its addresses in time");
-            if let Some(a) = line.strip_prefix("clients: ") {
-                clients = Some(a.trim().to_string());
-            } else if let Some(a) = line.strip_prefix("http: ") {
-                http = Some(a.trim().to_string());
-            }
-        }
+        let mut flags = vec!["--http", "127.0.0.1:0", "--segment-mb", "1"];
+        flags.extend(server::NO_RATE_LIMITS);
+        flags.extend(extra);
+        let inner = server::Server::start_on(dir, listen, &flags);
         Server {
-            child,
-            clients: clients.expect("clients"),
-            http: http.expect("http"),
+            clients: inner.addr.clone(),
+            http: inner.http.clone().expect("started with --http"),
+            inner,
         }
     }
 
     /// SIGKILL: no shutdown path runs.
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("reaped");
+    fn kill(self) {
+        self.inner.kill();
     }
 
-    /// `POST /admin/compact`: erasers caught up, active segment sealed, compacted.
     async fn compact(&self) -> Value {
         compact(&self.http).await
     }

@@ -43,6 +43,7 @@ impl Server {
             .args(extra)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
+            .env_remove("CHATLOG_ADMIN_TOKEN")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
