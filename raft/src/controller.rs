@@ -71,7 +71,7 @@ async fn run(node: Weak<Node>) {
     }
 }
 
-fn leads(group: &Group, me: NodeId) -> bool {
+pub(crate) fn leads(group: &Group, me: NodeId) -> bool {
     let m = group.raft().metrics();
     let m = m.borrow_watched();
     m.state == openraft::ServerState::Leader && m.current_leader == Some(me)

@@ -13,6 +13,7 @@
 //! group; a group's log store never waits for an fdatasync of its own in `append`.
 
 pub mod chat;
+pub mod chat_list_drain;
 pub mod clock;
 pub mod codec;
 pub mod controller;

@@ -363,6 +363,18 @@ impl Hub {
         }
     }
 
+    /// The `ChatAdded` body for `chat` as `user` sees it.
+    fn chat_added(&self, chat: ChatId, user: UserId) -> v1::user_event::Body {
+        v1::user_event::Body::ChatAdded(v1::ChatAdded {
+            chat: Some(
+                service::chat_summary(&self.node, chat, user).unwrap_or(v1::ChatSummary {
+                    chat_id: chat,
+                    ..Default::default()
+                }),
+            ),
+        })
+    }
+
     /// One entry of a user's own log as a protocol `UserEvent`.
     fn user_event(&self, user: UserId, seq: u64, cmd: &Command, ts: u64) -> Option<v1::UserEvent> {
         use v1::user_event::Body;
@@ -378,16 +390,18 @@ impl Hub {
                     unread_count,
                 })
             }
-            Command::UserChatAdded { chat, .. } => Body::ChatAdded(v1::ChatAdded {
-                chat: Some(service::chat_summary(&self.node, *chat, user).unwrap_or(
-                    v1::ChatSummary {
-                        chat_id: *chat,
-                        ..Default::default()
-                    },
-                )),
-            }),
+            Command::UserChatAdded { chat, .. } => self.chat_added(*chat, user),
             Command::UserChatRemoved { chat, .. } => {
                 Body::ChatRemoved(v1::ChatRemoved { chat_id: *chat })
+            }
+            // A delivery holds at most one record per user: the one of this event.
+            Command::ChatListDelivery { records, .. } => {
+                let r = records.iter().find(|r| r.user == user)?;
+                if r.added {
+                    self.chat_added(r.chat, user)
+                } else {
+                    Body::ChatRemoved(v1::ChatRemoved { chat_id: r.chat })
+                }
             }
             Command::RevokeSession { session_id, .. } => Body::SessionRevoked(v1::SessionRevoked {
                 session_id: *session_id,

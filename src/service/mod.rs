@@ -14,9 +14,11 @@
 //! session) is known before any lookup. Only SHA-256 hashes of tokens enter the log.
 //!
 //! Cross-group effects (a user's list of chats lives in the user's group, the chat in
-//! its own) are proposed after the chat command commits. A crash between the two leaves
-//! the user's list short by that chat until the next membership change; the chat's own
-//! membership, which every permission check reads, is always right.
+//! its own) travel through the chat group's chat-list outbox, recorded in the same apply
+//! as the membership change and delivered exactly once, in order, by the group's leader
+//! (`chatlog_raft::chat::chat_lists`, `chatlog_raft::chat_list_drain`). A request that
+//! changes members waits a bounded time for that delivery, so the caller's next read of
+//! its chat list sees the change.
 
 pub mod convert;
 pub mod ratelimit;
@@ -47,6 +49,12 @@ pub const SUBSCRIPTION_PUSH_EVENTS_MAX: usize = 100;
 /// Bytes of events per history page or push, kept under the client frame limit with
 /// room for the envelope.
 pub const PAGE_BYTES_MAX: usize = 768 * 1024;
+
+/// Longest a membership change waits for the members' chat lists to follow (see
+/// `ChatService::await_chat_lists`). Why: delivery is two proposals (typically a few
+/// milliseconds); a destination group without a leader would otherwise hold the request
+/// for an election or more, though the change itself is already committed.
+pub const CHAT_LIST_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The chat service of one node.
 #[derive(Debug)]
@@ -169,6 +177,8 @@ impl ChatService {
     ) -> ChatService {
         let media = crate::media::Media::start(Arc::clone(&node), media);
         let hub = Hub::start(Arc::clone(&node));
+        // Delivers each local group's chat-list outbox while this node leads the group.
+        chatlog_raft::chat_list_drain::spawn(&node);
         ChatService {
             node,
             chats_created: std::sync::atomic::AtomicU64::new(0),
@@ -252,18 +262,30 @@ impl ChatService {
         }
     }
 
-    /// Records a membership change in the user's own log (best effort; see module docs).
-    async fn note_user_chat(&self, user: UserId, chat: ChatId, added: bool) {
-        let Ok(group) = self.group_id_for(user, "user") else {
+    /// Waits, at most [`CHAT_LIST_WAIT_MAX`], until the chat-list changes that group
+    /// `g` recorded so far are delivered to the members' own groups (the outbox of
+    /// `chatlog_raft::chat::chat_lists`), so that the caller's next `ListChats` or `sync`
+    /// shows them. Only where this node holds a replica of `g` (it then applied the
+    /// change before the proposal returned); elsewhere the lists follow shortly. A
+    /// timeout is no error: the records stay in the outbox until delivered.
+    async fn await_chat_lists(&self, g: GroupId) {
+        let Some(group) = self.node.group(g) else {
             return;
         };
-        let cmd = if added {
-            Command::UserChatAdded { user, chat }
-        } else {
-            Command::UserChatRemoved { user, chat }
+        let target = group.shared().read().chat_lists().next_no();
+        let mut applied = group.shared().applied();
+        let wait = async {
+            while group.shared().read().chat_lists().acked() < target {
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
         };
-        if let Err(e) = self.node.propose(group, cmd).await {
-            tracing::warn!(user, chat, error = %e, "could not record a chat list change");
+        if tokio::time::timeout(CHAT_LIST_WAIT_MAX, wait)
+            .await
+            .is_err()
+        {
+            tracing::debug!(group = g, target, "chat lists not delivered yet");
         }
     }
 
@@ -568,10 +590,7 @@ impl ChatService {
                     ));
                 };
                 if !deduplicated {
-                    self.note_user_chat(user, chat, true).await;
-                    for m in r.member_ids.iter().filter(|m| **m != user) {
-                        self.note_user_chat(*m, chat, true).await;
-                    }
+                    self.await_chat_lists(group_of(chat)).await;
                 }
                 Ok(Resp::CreateChat(v1::CreateChatResponse {
                     chat_id: chat,
@@ -585,8 +604,7 @@ impl ChatService {
                         actor: user,
                         user: r.user_id,
                     },
-                    r.user_id,
-                    Some(true),
+                    true,
                 )
                 .await
             }
@@ -597,8 +615,7 @@ impl ChatService {
                         actor: user,
                         user: r.user_id,
                     },
-                    r.user_id,
-                    Some(false),
+                    true,
                 )
                 .await
             }
@@ -608,8 +625,7 @@ impl ChatService {
                         chat: r.chat_id,
                         actor: user,
                     },
-                    user,
-                    Some(false),
+                    true,
                 )
                 .await
             }
@@ -620,8 +636,7 @@ impl ChatService {
                         actor: user,
                         user: r.user_id,
                     },
-                    r.user_id,
-                    Some(false),
+                    true,
                 )
                 .await
             }
@@ -632,8 +647,7 @@ impl ChatService {
                         actor: user,
                         user: r.user_id,
                     },
-                    r.user_id,
-                    None,
+                    false,
                 )
                 .await
             }
@@ -646,8 +660,7 @@ impl ChatService {
                         user: r.user_id,
                         role,
                     },
-                    r.user_id,
-                    None,
+                    false,
                 )
                 .await
             }
@@ -657,8 +670,7 @@ impl ChatService {
                         chat: r.chat_id,
                         actor: user,
                     },
-                    user,
-                    Some(true),
+                    true,
                 )
                 .await
             }
@@ -674,6 +686,16 @@ impl ChatService {
                 for id in ids {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let Ok(group) = &self.group_for(id, "chat") else {
+                        // The chat's group has no replica on this node (a cluster with
+                        // fewer replicas than nodes): the user's list says the chat is
+                        // theirs; its details are read where the chat lives (history,
+                        // sync and members are forwarded there by the client). Listed
+                        // with what this node knows rather than left out.
+                        chats.push(v1::ChatSummary {
+                            chat_id: id,
+                            read_seq,
+                            ..Default::default()
+                        });
                         continue;
                     };
                     let (view, role) = {
@@ -1033,17 +1055,14 @@ impl ChatService {
         }
     }
 
-    async fn membership_change(
-        &self,
-        cmd: Command,
-        affected: UserId,
-        added: Option<bool>,
-    ) -> Result<Resp, v1::Error> {
+    /// Proposes a change of a chat's members; `lists` when it changes a member's chat
+    /// list (which then follows through the chat-list outbox).
+    async fn membership_change(&self, cmd: Command, lists: bool) -> Result<Resp, v1::Error> {
         let chat = cmd.chat().expect("membership commands name a chat");
         let group = self.group_id_for(chat, "chat")?;
         let o = self.propose(group, cmd).await?;
-        if let Some(added) = added {
-            self.note_user_chat(affected, chat, added).await;
+        if lists {
+            self.await_chat_lists(group).await;
         }
         Self::event_ack(o)
     }

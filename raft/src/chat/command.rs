@@ -260,6 +260,20 @@ pub enum Command {
         /// The chat.
         chat: ChatId,
     },
+    /// Membership changes from group `source`'s chat-list outbox, applied to the lists of
+    /// this group's users in order, each at most once (`chat_lists.rs`). At most one
+    /// record per user and `DELIVERY_RECORDS_MAX` in all.
+    ChatListDelivery {
+        /// The chats' group.
+        source: crate::types::GroupId,
+        /// The records, in number order.
+        records: Vec<crate::chat::chat_lists::ChatListRecord>,
+    },
+    /// Drops this group's chat-list outbox records up to `upto`: delivered.
+    ChatListAcked {
+        /// The last record delivered.
+        upto: u64,
+    },
     /// Bot accounts and their update cursors (tags 60-69, `bot.rs`).
     Bot(crate::chat::bot::BotCommand),
     // ---- secret chats (tags 50-59, `secret.rs`) ----
@@ -298,6 +312,8 @@ mod tag {
     pub const MARK_READ: u8 = 30;
     pub const USER_CHAT_ADDED: u8 = 31;
     pub const USER_CHAT_REMOVED: u8 = 32;
+    pub const CHAT_LIST_DELIVERY: u8 = 33;
+    pub const CHAT_LIST_ACKED: u8 = 34;
     pub const PLACEMENT: u8 = 70;
     // Media: 40-49.
     pub const MEDIA_STORED: u8 = 40;
@@ -461,6 +477,18 @@ impl Command {
                 w.u64(*user);
                 w.u64(*chat);
             }
+            Command::ChatListDelivery { source, records } => {
+                w.u8(tag::CHAT_LIST_DELIVERY);
+                w.u64(*source);
+                w.u64(records.len() as u64);
+                for r in records {
+                    r.encode_into(w.0);
+                }
+            }
+            Command::ChatListAcked { upto } => {
+                w.u8(tag::CHAT_LIST_ACKED);
+                w.u64(*upto);
+            }
             Command::Bot(c) => c.encode_into(w.0),
             Command::Secret(c) => c.encode_into(w.0),
             Command::Placement(p) => {
@@ -610,6 +638,17 @@ impl Command {
                 user: r.u64()?,
                 chat: r.u64()?,
             },
+            tag::CHAT_LIST_DELIVERY => {
+                use crate::chat::chat_lists::{self as lists, ChatListRecord};
+                let source = r.u64()?;
+                let n = lists::count(&mut r, lists::RECORD_BYTES, lists::DELIVERY_RECORDS_MAX)?;
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    records.push(ChatListRecord::decode(&mut r)?);
+                }
+                Command::ChatListDelivery { source, records }
+            }
+            tag::CHAT_LIST_ACKED => Command::ChatListAcked { upto: r.u64()? },
             t if crate::chat::bot::tag::RANGE.contains(&t) => {
                 Command::Bot(crate::chat::bot::BotCommand::decode(t, &mut r)?)
             }
@@ -863,6 +902,12 @@ pub enum Outcome {
     Refused(Refusal),
     /// A secret-chat command was applied (`secret.rs` says what `n` means).
     Secret(SecretApplied),
+    /// A chat-list command was applied (`chat_lists.rs`): the records that changed a
+    /// list (a delivery) or were dropped (an acknowledgement).
+    ChatLists {
+        /// See the variant's docs.
+        applied: u64,
+    },
     /// A placement command was applied (group 0).
     Placement {
         /// The placement's version after it.
@@ -1057,6 +1102,24 @@ mod tests {
             },
             Command::UserChatAdded { user: 1, chat: 2 },
             Command::UserChatRemoved { user: 1, chat: 2 },
+            Command::ChatListDelivery {
+                source: 7,
+                records: vec![
+                    crate::chat::chat_lists::ChatListRecord {
+                        no: 3,
+                        user: 1,
+                        chat: 2,
+                        added: true,
+                    },
+                    crate::chat::chat_lists::ChatListRecord {
+                        no: 4,
+                        user: 5,
+                        chat: 2,
+                        added: false,
+                    },
+                ],
+            },
+            Command::ChatListAcked { upto: 4 },
             Command::Bot(crate::chat::bot::BotCommand::Create {
                 owner: 1,
                 name: "echo_bot".into(),

@@ -13,6 +13,7 @@
 //! from 1 in the high bits.
 
 pub mod bot;
+pub mod chat_lists;
 pub mod command;
 pub mod media;
 pub mod placement;

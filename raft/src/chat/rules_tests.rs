@@ -516,3 +516,154 @@ fn random_streams_are_deterministic_and_checkpoints_round_trip() {
         );
     }
 }
+
+/// The chat-list outbox: membership changes in a chat's group reach the members' own
+/// group exactly once and in order, however often a delivery is repeated or replayed
+/// late, and the outbox survives a checkpoint.
+#[test]
+fn chat_list_changes_reach_the_members_group_once_and_in_order() {
+    use super::chat_lists::plan_round;
+    let mut chats = T::new(); // group G
+    let mut users = T {
+        st: GroupState::new(5),
+        index: 0,
+        ts: 1_000,
+    };
+    let a = users.user("ann");
+    let b = users.user("bob");
+    assert_eq!((group_of(a), group_of(b)), (5, 5));
+    let c = chats.chat(a, ChatKind::Group, &[b]);
+    let pending = |t: &T| -> Vec<(u64, u64, bool)> {
+        t.st.chat_lists()
+            .oldest(100)
+            .iter()
+            .map(|r| (r.user, r.chat, r.added))
+            .collect()
+    };
+    assert_eq!(pending(&chats), vec![(a, c, true), (b, c, true)]);
+    seq(&chats.run(Command::Leave { chat: c, actor: b }));
+    seq(&chats.run(Command::Invite {
+        chat: c,
+        actor: a,
+        user: b,
+    }));
+    seq(&chats.run(Command::RemoveMember {
+        chat: c,
+        actor: a,
+        user: b,
+    }));
+    // A refused change records nothing.
+    refused(
+        &chats.run(Command::Leave { chat: c, actor: b }),
+        RefusalCode::PermissionDenied,
+    );
+    assert_eq!(chats.st.chat_lists().pending(), 5);
+
+    // Drain in rounds as the leader does, repeating every delivery and replaying the
+    // first round's deliveries again at the end (a deposed leader's late retry).
+    let mut first_round = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let records = chats.st.chat_lists().oldest(4096);
+        if records.is_empty() {
+            break;
+        }
+        rounds += 1;
+        let plan = plan_round(&records, group_of);
+        assert_eq!(plan.keys().copied().collect::<Vec<_>>(), vec![5]);
+        let upto = plan.values().flatten().map(|r| r.no).max().unwrap();
+        for (_, records) in plan {
+            let cmd = Command::ChatListDelivery { source: G, records };
+            users.run(cmd.clone());
+            assert_eq!(users.run(cmd.clone()), Outcome::ChatLists { applied: 0 });
+            if first_round.is_empty() {
+                first_round.push(cmd);
+            }
+        }
+        assert!(matches!(
+            chats.run(Command::ChatListAcked { upto }),
+            Outcome::ChatLists { .. }
+        ));
+    }
+    // b's four changes need four rounds (one record per user per delivery).
+    assert_eq!(rounds, 4);
+    for cmd in first_round {
+        assert_eq!(users.run(cmd), Outcome::ChatLists { applied: 0 });
+    }
+    assert_eq!(chats.st.chat_lists().pending(), 0);
+    assert_eq!(chats.st.chat_lists().acked(), 5);
+    assert_eq!(users.st.user_chats(a, 0, 10), (vec![c], false));
+    assert_eq!(users.st.user_chats(b, 0, 10), (vec![], false));
+    let kinds = |u| -> Vec<EventKind> {
+        users
+            .st
+            .user_events(u, 1, 100)
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.kind())
+            .collect()
+    };
+    assert_eq!(kinds(a), vec![EventKind::ChatAdded]);
+    assert_eq!(
+        kinds(b),
+        vec![
+            EventKind::ChatAdded,
+            EventKind::ChatRemoved,
+            EventKind::ChatAdded,
+            EventKind::ChatRemoved
+        ]
+    );
+    assert_eq!(users.st.chat_lists().delivered_from(G), 5);
+    // An acknowledgement past the end is refused.
+    refused(
+        &chats.run(Command::ChatListAcked { upto: 6 }),
+        RefusalCode::BadRequest,
+    );
+
+    // Pending records and delivery marks survive a checkpoint.
+    seq(&chats.run(Command::Invite {
+        chat: c,
+        actor: a,
+        user: b,
+    }));
+    for st in [&chats.st, &users.st] {
+        let bytes = st.encode();
+        let back = GroupState::decode(&bytes).expect("decode");
+        assert_eq!(&back, st);
+        assert_eq!(back.encode(), bytes);
+    }
+}
+
+/// A full outbox refuses membership changes and leaves the chat as it was.
+#[test]
+fn a_full_chat_list_outbox_refuses_membership_changes() {
+    use super::chat_lists::OUTBOX_RECORDS_MAX;
+    let mut t = T::new();
+    let a = t.user("ann");
+    let c = t.chat(a, ChatKind::Group, &[]);
+    let already = t.st.chat_lists().pending();
+    for i in already..OUTBOX_RECORDS_MAX {
+        t.st.chat_lists_mut().push(a, i as u64, true);
+    }
+    let before = t.st.encode();
+    refused(
+        &t.run(Command::Invite {
+            chat: c,
+            actor: a,
+            user: make_id(9, 1),
+        }),
+        RefusalCode::Conflict,
+    );
+    refused(
+        &t.run(Command::CreateChat {
+            creator: a,
+            kind: ChatKind::Group,
+            title: "t".into(),
+            members: vec![],
+        }),
+        RefusalCode::Conflict,
+    );
+    assert_eq!(t.st.encode(), before, "a refused change changed the state");
+    // Posts do not touch chat lists and still go through.
+    seq(&t.post(c, a, 1));
+}

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use crate::chat::chat_lists::ChatLists;
 use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
@@ -24,8 +25,9 @@ use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
 use crate::types::GroupId;
 
-/// Version byte of the checkpoint encoding.
-pub const STATE_VERSION: u8 = 1;
+/// Version byte of the checkpoint encoding. Version 2 added the chat-list outbox (always
+/// present, after the media part); version 1 checkpoints still decode, with an empty one.
+pub const STATE_VERSION: u8 = 2;
 /// Longest user handle.
 pub const USER_NAME_BYTES_MAX: usize = 32;
 /// Sessions a user may hold; a login beyond it ends the oldest.
@@ -289,6 +291,9 @@ pub struct GroupState {
     placement: crate::chat::placement::Placement,
     /// Stored files of this group's users and media grants of its chats.
     media: MediaState,
+    /// The chat-list outbox of this group's chats and the delivery marks of this
+    /// group's users (`chat_lists.rs`).
+    chat_lists: ChatLists,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -321,7 +326,18 @@ impl GroupState {
             secret: SecretState::default(),
             placement: Default::default(),
             media: MediaState::default(),
+            chat_lists: ChatLists::default(),
         }
+    }
+
+    /// The chat-list outbox and delivery marks (`chat_lists.rs`).
+    pub fn chat_lists(&self) -> &ChatLists {
+        &self.chat_lists
+    }
+
+    #[cfg(test)]
+    pub(crate) fn chat_lists_mut(&mut self) -> &mut ChatLists {
+        &mut self.chat_lists
     }
 
     /// The group.
@@ -500,6 +516,36 @@ impl GroupState {
                     read_seq: 0,
                 }
             }
+            Command::ChatListDelivery { source, records } => {
+                let mut applied = 0;
+                for r in records {
+                    if !self.chat_lists.take_delivery(*source, r.no) {
+                        continue;
+                    }
+                    // A record for a user this group does not have changes nothing (the
+                    // mark still moves: the record is handled).
+                    let Some(u) = self.users.get_mut(&r.user) else {
+                        continue;
+                    };
+                    let changed = if r.added {
+                        u.chats.insert(r.chat)
+                    } else {
+                        u.chats.remove(&r.chat)
+                    };
+                    if changed {
+                        let kind = if r.added {
+                            EventKind::ChatAdded
+                        } else {
+                            EventKind::ChatRemoved
+                        };
+                        u.log.push(at(kind, r.user));
+                        self.events_applied += 1;
+                        applied += 1;
+                    }
+                }
+                Outcome::ChatLists { applied }
+            }
+            Command::ChatListAcked { upto } => self.chat_lists.apply_acked(*upto),
             Command::Bot(c) => self.apply_bot(c, ts),
             Command::Secret(c) => {
                 let users = &self.users;
@@ -630,8 +676,15 @@ impl GroupState {
             }
             None
         };
+        if !self.chat_lists.has_room(1 + others.len()) {
+            return self.chat_lists.full_refusal();
+        }
         let id = make_id(self.group, self.next_chat);
         self.next_chat += 1;
+        self.chat_lists.push(creator, id, true);
+        for m in &others {
+            self.chat_lists.push(*m, id, true);
+        }
         let creator_role = if kind == ChatKind::Direct {
             Role::Member
         } else {
@@ -711,6 +764,21 @@ impl GroupState {
             Err(o) => return o,
         };
         let seq = chat.events.len() as u64 + 1;
+        // The member's own chat list follows through the outbox, in this same apply.
+        let list_change = match cmd {
+            Command::Invite { user, .. } | Command::Join { actor: user, .. } => Some((*user, true)),
+            Command::RemoveMember { user, .. }
+            | Command::Leave { actor: user, .. }
+            | Command::Ban { user, .. } => Some((*user, false)),
+            _ => None,
+        };
+        if let Some((user, added)) = list_change {
+            if !self.chat_lists.has_room(1) {
+                return self.chat_lists.full_refusal();
+            }
+            self.chat_lists.push(user, chat_id, added);
+        }
+        let chat = self.chats.get_mut(&chat_id).expect("checked above");
         // The change itself, now that every check passed.
         match cmd {
             Command::Invite { user, .. } | Command::Join { actor: user, .. } => {
@@ -1434,6 +1502,7 @@ impl GroupState {
         self.bots.encode_into(&mut w.0);
         self.secret.encode_into(&mut w.0);
         self.media.encode_into(&mut w.0);
+        self.chat_lists.encode_into(&mut w.0);
         // Last, and nothing outside group 0: older checkpoints decode unchanged.
         self.placement.encode_into(&mut w.0);
         w.0
@@ -1443,10 +1512,10 @@ impl GroupState {
     pub fn decode(bytes: &[u8]) -> Result<GroupState, DecodeError> {
         let mut r = Reader::new("chat state", bytes);
         let version = r.u8()?;
-        if version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&version) {
             return Err(DecodeError::new(
                 "chat state",
-                format!("version {version}, expected {STATE_VERSION}"),
+                format!("version {version}, expected 1 to {STATE_VERSION}"),
             ));
         }
         let s = STATE_STRING_BYTES_MAX;
@@ -1564,6 +1633,9 @@ impl GroupState {
         // Checkpoints written before media existed end here.
         if r.remaining() > 0 {
             st.media = MediaState::decode_from(&mut r)?;
+        }
+        if version >= 2 {
+            st.chat_lists = ChatLists::decode_from(&mut r)?;
         }
         st.placement = crate::chat::placement::Placement::decode(&mut r)?;
         r.finish()?;

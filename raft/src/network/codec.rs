@@ -413,6 +413,7 @@ const RESULT_UNAVAILABLE: u8 = 7;
 const RESULT_BOT_DONE: u8 = 8;
 /// A placement command's outcome: version u64 | changed u8 (cluster changes, 70-79).
 const RESULT_PLACEMENT: u8 = 70;
+const RESULT_CHAT_LISTS: u8 = 33;
 const RESULT_MEDIA_STORED: u8 = 40;
 const RESULT_READ_INDEX: u8 = 0;
 /// A secret-chat command's result (`Outcome::Secret`); 50 and up belong to secret chats.
@@ -587,6 +588,10 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                 out.extend_from_slice(&a.chat.to_le_bytes());
                 out.extend_from_slice(&a.n.to_le_bytes());
             }
+            Ok(Outcome::ChatLists { applied }) => {
+                out.push(RESULT_CHAT_LISTS);
+                out.extend_from_slice(&applied.to_le_bytes());
+            }
             Ok(Outcome::Placement { version, changed }) => {
                 out.push(RESULT_PLACEMENT);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -652,6 +657,7 @@ pub fn decode_propose_response(
                 version: r.u64()?,
                 changed: r.bool()?,
             }),
+            RESULT_CHAT_LISTS => Ok(Outcome::ChatLists { applied: r.u64()? }),
             RESULT_MEDIA_STORED => Ok(Outcome::MediaStored {
                 uploader: r.u64()?,
                 first_upload: r.bool()?,
@@ -982,6 +988,7 @@ mod tests {
                 read_seq: 1,
             }),
             Ok(Outcome::BotDone { bot: 5, value: 8 }),
+            Ok(Outcome::ChatLists { applied: 6 }),
             Ok(Outcome::Placement {
                 version: 9,
                 changed: true,
