@@ -25,10 +25,13 @@ use chatlog_wire::client::{
 };
 use chatlog_wire::proto::v1::{self, push};
 use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
+use disk::disk_contains;
 use serde_json::Value;
 
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/disk.rs"]
+mod disk;
 #[path = "common/server.rs"]
 mod server;
 #[path = "common/webhook.rs"]
@@ -70,38 +73,6 @@ impl Server {
     async fn compact(&self) -> Value {
         compact(&self.http).await
     }
-}
-
-/// True if any file under `dir` (recursively, raw bytes) contains `needle`.
-fn disk_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
-    assert!(
-        needle.len() >= 8,
-        "a needle this short could match by chance"
-    );
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let path = e.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            // A file removed between the listing and the read (compaction) holds nothing.
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            let first = needle[0];
-            let found = bytes
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| **b == first)
-                .any(|(i, _)| bytes[i..].starts_with(needle));
-            if found {
-                return Some(path);
-            }
-        }
-    }
-    None
 }
 
 fn now_ms() -> u64 {

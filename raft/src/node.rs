@@ -356,7 +356,19 @@ impl Group {
                     subject: format!("command {} of log entry {}", loc.pos(), loc.raft_index()),
                     source,
                 })?;
-                out.push((*seq, *loc, cmd, batch.timestamp_ms));
+                // A message deleted after the caller took its location may have been
+                // zeroed by the eraser before this read: the state, checked after the
+                // read, says so (the eraser zeroes only what the state erased).
+                let mut loc = *loc;
+                if !loc.erased()
+                    && matches!(cmd, Command::Post { .. } | Command::Edit { .. })
+                    && cmd
+                        .chat()
+                        .is_some_and(|chat| self.shared.read().event_erased(chat, *seq))
+                {
+                    loc.erase();
+                }
+                out.push((*seq, loc, cmd, batch.timestamp_ms));
             }
             i = j;
         }

@@ -1,11 +1,13 @@
-//! The I/O side of secret chats on one replica: reading a pending message's ciphertext
-//! out of the Raft log, and erasing it from disk once the state says it is gone.
+//! The I/O side of secret chats on one replica, and of deleted messages: reading a
+//! pending message's ciphertext out of the Raft log, and erasing message bytes from disk
+//! once the state says they are gone.
 //!
 //! What it owns: the eraser task of each local group. It follows the group's applied
-//! index; for every erasure the state recorded (`chat::secret`, acknowledged or
-//! expired messages) it reads the Raft entry that holds the `send`, overwrites the
-//! ciphertext bytes with zeros at the same length (so every position in the entry stays
-//! valid and the entry still decodes), and writes that copy with the engine's `redact`.
+//! index; for every erasure the state recorded (`chat::secret`: acknowledged or expired
+//! secret messages, and the text of a deleted post and of each of its edits) it reads
+//! the Raft entry that holds the command, overwrites the ciphertext or text bytes with
+//! zeros at the same length (so every position in the entry stays valid and the entry
+//! still decodes), and writes that copy with the engine's `redact`.
 //! The original bytes leave the disk when compaction rewrites their segment (the engine
 //! compacts any sealed segment holding a redacted entry; `POST /admin/compact` forces
 //! it). What it must not do: change the state (it runs beside apply, on every replica,
@@ -14,8 +16,9 @@
 //! Determinism. What is erased and when is decided by apply, identically on every
 //! replica; only the disk write is local. A lagging follower may receive an entry whose
 //! ciphertext the leader already zeroed: it applies the `send` exactly as the leader did
-//! (the rules never look at ciphertext bytes), then applies the ack or expiry that
-//! follows in the log, and both replicas end in the same state. Readers treat a
+//! (the rules never look at ciphertext bytes, nor at a text's bytes beyond its length),
+//! then applies the ack, expiry or delete that follows in the log, and both replicas
+//! end in the same state. Readers treat a
 //! ciphertext of all zeros as erased ([`ciphertext_is_erased`]): such a message is never
 //! delivered.
 //!
@@ -36,6 +39,7 @@ use std::time::Duration;
 use chatlog_storage::{Engine, WriteBatch};
 use openraft::storage::RaftLogReader;
 
+use crate::chat::command::message_text_span;
 use crate::chat::secret::{Erasure, SecretCommand, send_ciphertext_span};
 use crate::chat::{Command, DecodedBatch};
 use crate::codec::{self, ENTRY_HEADER_BYTES};
@@ -119,8 +123,9 @@ pub enum EraseResult {
     AlreadyGone,
 }
 
-/// Zeroes the ciphertext of the `send` at `(raft_index, pos)` of group `group` in
-/// `engine`, waiting up to [`ERASE_DURABLE_WAIT_MAX`] for the entry to be durable.
+/// Zeroes the message bytes of the command at `(raft_index, pos)` of group `group` in
+/// `engine` — a secret `send`'s ciphertext, or a deleted post's or edit's text —
+/// waiting up to [`ERASE_DURABLE_WAIT_MAX`] for the entry to be durable.
 pub async fn erase_send(
     engine: &Engine,
     group: GroupId,
@@ -135,7 +140,7 @@ pub async fn erase_send(
     let storage_err = |verb: &'static str, source| Error::Storage {
         group,
         verb,
-        subject: format!("the secret message in log entry {raft_index}"),
+        subject: format!("the message bytes in log entry {raft_index}"),
         source,
     };
     let started = tokio::time::Instant::now();
@@ -180,7 +185,8 @@ pub async fn erase_send(
     ) else {
         return Ok(EraseResult::AlreadyGone);
     };
-    let Some((at, len)) = send_ciphertext_span(command) else {
+    let Some((at, len)) = send_ciphertext_span(command).or_else(|| message_text_span(command))
+    else {
         return Ok(EraseResult::AlreadyGone);
     };
     let start = ENTRY_HEADER_BYTES + offset + at;

@@ -189,9 +189,11 @@ pub fn chat_event(
             })
         }
         (EventKind::MessageEdited, Command::Edit { target, text, .. }) => {
+            let erased = loc.erased();
             Body::MessageEdited(v1::MessageEdited {
                 target_seq: *target,
-                text: text.clone(),
+                text: if erased { String::new() } else { text.clone() },
+                erased,
             })
         }
         (EventKind::MessageDeleted, Command::Delete { target, .. }) => {

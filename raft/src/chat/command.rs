@@ -319,6 +319,23 @@ mod tag {
     pub const MEDIA_STORED: u8 = 40;
 }
 
+/// Where the text of a post or an edit lies in the command's bytes (tag first, as
+/// [`Command::encode_into`] writes them): `(offset, length)`, or `None` for any other
+/// command or bytes too short. The eraser zeroes exactly this span when a message is
+/// deleted, so the entry keeps its length and every position in it stays valid.
+pub fn message_text_span(command: &[u8]) -> Option<(usize, usize)> {
+    // post: tag | chat | sender | client message id | reply to | text len u32 | text …
+    // edit: tag | chat | sender | target | text len u32 | text
+    let len_at = match *command.first()? {
+        tag::POST => 1 + 8 * 4,
+        tag::EDIT => 1 + 8 * 3,
+        _ => return None,
+    };
+    let len = u32::from_le_bytes(command.get(len_at..len_at + 4)?.try_into().ok()?) as usize;
+    let at = len_at + 4;
+    (command.len() >= at.checked_add(len)?).then_some((at, len))
+}
+
 impl Command {
     /// The chat the command appends to, if it is a chat command on an existing chat.
     pub fn chat(&self) -> Option<ChatId> {
@@ -998,6 +1015,43 @@ pub(crate) fn role_from(r: &mut Reader<'_>) -> Result<Role, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_span_of_posts_and_edits_is_exactly_their_text() {
+        let text = "erase me ✓";
+        for cmd in every_command() {
+            let mut bytes = Vec::new();
+            cmd.encode_into(&mut bytes);
+            let span = message_text_span(&bytes);
+            match &cmd {
+                Command::Post { text: t, .. } | Command::Edit { text: t, .. } => {
+                    let (at, len) = span.expect("a span");
+                    assert_eq!(&bytes[at..at + len], t.as_bytes(), "{cmd:?}");
+                }
+                _ => assert_eq!(span, None, "{cmd:?}"),
+            }
+        }
+        let post = Command::Post {
+            chat: 1,
+            sender: 2,
+            client_message_id: 3,
+            text: text.into(),
+            media: None,
+            reply_to: 4,
+        };
+        let mut bytes = Vec::new();
+        post.encode_into(&mut bytes);
+        let (at, len) = message_text_span(&bytes).unwrap();
+        // Zeroed in place, the command still decodes, with a text of NULs of one length.
+        bytes[at..at + len].fill(0);
+        match Command::decode(&bytes).expect("decodes") {
+            Command::Post { text: t, .. } => assert_eq!(t, "\0".repeat(text.len())),
+            o => panic!("{o:?}"),
+        }
+        // Truncated bytes give no span.
+        assert_eq!(message_text_span(&bytes[..at + len - 1]), None);
+        assert_eq!(message_text_span(&bytes[..10]), None);
+    }
 
     pub(crate) fn every_command() -> Vec<Command> {
         vec![

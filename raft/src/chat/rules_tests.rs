@@ -667,3 +667,62 @@ fn a_full_chat_list_outbox_refuses_membership_changes() {
     // Posts do not touch chat lists and still go through.
     seq(&t.post(c, a, 1));
 }
+
+/// Deleting a message erases it and every edit of it, records one erasure per command
+/// for the erasers, and survives a checkpoint; other messages are untouched.
+#[test]
+fn a_delete_erases_the_message_and_its_edits() {
+    let mut t = T::new();
+    let a = t.user("ann");
+    let c = t.chat(a, ChatKind::Group, &[]);
+    let m = seq(&t.post(c, a, 1));
+    let other = seq(&t.post(c, a, 2));
+    let edit = |t: &mut T, text: &str| {
+        seq(&t.run(Command::Edit {
+            chat: c,
+            sender: a,
+            target: m,
+            text: text.into(),
+        }))
+    };
+    let e1 = edit(&mut t, "one");
+    let e2 = edit(&mut t, "two");
+    let (_, before) = t.st.secret().erasures_after(0);
+    // The edits are remembered in the checkpoint before the delete.
+    let bytes = t.st.encode();
+    assert_eq!(GroupState::decode(&bytes).expect("decode"), t.st);
+    seq(&t.run(Command::Delete {
+        chat: c,
+        sender: a,
+        target: m,
+    }));
+    for s in [m, e1, e2] {
+        assert!(t.st.event_erased(c, s), "seq {s} not erased");
+    }
+    assert!(!t.st.event_erased(c, other));
+    let (due, total) = t.st.secret().erasures_after(before);
+    assert_eq!(total, before + 3);
+    // Each erasure names the command of one of the three events.
+    let mut locs: Vec<(u64, u32)> = due.iter().map(|e| (e.raft_index, e.pos)).collect();
+    locs.sort_unstable();
+    let mut want: Vec<(u64, u32)> =
+        t.st.chat_events(c, m, e2)
+            .expect("events")
+            .into_iter()
+            .filter(|(s, _)| [m, e1, e2].contains(s))
+            .map(|(_, l)| (l.raft_index(), l.pos() as u32))
+            .collect();
+    want.sort_unstable();
+    assert_eq!(locs, want);
+    refused(
+        &t.run(Command::Edit {
+            chat: c,
+            sender: a,
+            target: m,
+            text: "back".into(),
+        }),
+        RefusalCode::NotFound,
+    );
+    let bytes = t.st.encode();
+    assert_eq!(GroupState::decode(&bytes).expect("decode"), t.st);
+}

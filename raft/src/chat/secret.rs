@@ -428,8 +428,8 @@ pub struct PendingView {
     pub pos: u32,
 }
 
-/// One erasure for the erasers: the location of a `send` whose ciphertext must be
-/// zeroed on disk.
+/// One erasure for the erasers: the location of a command whose message bytes must be
+/// zeroed on disk (a secret `send`'s ciphertext, a deleted post's or edit's text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Erasure {
     /// Its number (1, 2, …; `erasures_total` is the last).
@@ -697,12 +697,20 @@ impl SecretState {
         if let Some(c) = self.chats.get_mut(&p.chat) {
             c.pending[p.from_side as usize] -= 1;
         }
+        self.record_erasure(p.raft_index, p.pos, ts);
+    }
+
+    /// Records that the message bytes of the command at `(raft_index, pos)` must leave
+    /// the disk: a secret `send`'s ciphertext, or the text of a deleted post or of an
+    /// edit of it (`GroupState` calls this on a delete). Every replica's eraser zeroes
+    /// them (`secret_log`).
+    pub fn record_erasure(&mut self, raft_index: u64, pos: u32, ts: u64) {
         self.erasures_total += 1;
         self.erasures.push_back(Erasure {
             no: self.erasures_total,
             erased_ms: ts,
-            raft_index: p.raft_index,
-            pos: p.pos,
+            raft_index,
+            pos,
         });
         while self.erasures.len() > SECRET_ERASURES_KEPT_MAX
             || self

@@ -26,7 +26,9 @@ use crate::codec::{DecodeError, Reader};
 use crate::types::GroupId;
 
 /// Version byte of the checkpoint encoding. Version 2 added the chat-list outbox (always
-/// present, after the media part); version 1 checkpoints still decode, with an empty one.
+/// present, after the media part) and each chat's edits by message (after its events);
+/// version 1 checkpoints still decode, with both empty (edits made before such a
+/// checkpoint are not erased with their message).
 pub const STATE_VERSION: u8 = 2;
 /// Longest user handle.
 pub const USER_NAME_BYTES_MAX: usize = 32;
@@ -139,7 +141,7 @@ impl EventLoc {
     pub fn erased(&self) -> bool {
         self.packed & 1 == 1
     }
-    fn erase(&mut self) {
+    pub(crate) fn erase(&mut self) {
         self.packed |= 1;
     }
 }
@@ -181,6 +183,9 @@ struct Chat {
     pinned: BTreeSet<u64>,
     /// `events[seq - 1]` is where event `seq` lives.
     events: Vec<EventLoc>,
+    /// Per message seq, the seqs of its edits, so a delete erases their texts too.
+    /// Emptied for a message when it is deleted (it cannot be edited any more).
+    edits: BTreeMap<u64, Vec<u64>>,
 }
 
 /// A chat as a reader sees it.
@@ -328,6 +333,16 @@ impl GroupState {
             media: MediaState::default(),
             chat_lists: ChatLists::default(),
         }
+    }
+
+    /// Whether event `seq` of `chat` was erased (a deleted message, or an edit of one).
+    pub fn event_erased(&self, chat: ChatId, seq: u64) -> bool {
+        seq >= 1
+            && self
+                .chats
+                .get(&chat)
+                .and_then(|c| c.events.get(seq as usize - 1))
+                .is_some_and(EventLoc::erased)
     }
 
     /// The chat-list outbox and delivery marks (`chat_lists.rs`).
@@ -698,6 +713,7 @@ impl GroupState {
             banned: BTreeSet::new(),
             pinned: BTreeSet::new(),
             events: vec![at(EventKind::ChatCreated, creator)],
+            edits: BTreeMap::new(),
         };
         chat.members.insert(
             creator,
@@ -806,8 +822,21 @@ impl GroupState {
                 }
             }
             Command::Delete { target, .. } => {
-                chat.events[*target as usize - 1].erase();
+                // The body leaves the served history now and the disk soon: the
+                // message and each of its edits is marked erased here, and every
+                // replica's eraser zeroes their texts in the log (`secret_log`).
+                let mut erased = vec![*target];
+                erased.extend(chat.edits.remove(target).unwrap_or_default());
+                for s in erased {
+                    let loc = &mut chat.events[s as usize - 1];
+                    loc.erase();
+                    self.secret
+                        .record_erasure(loc.raft_index(), loc.pos() as u32, ts);
+                }
                 chat.pinned.remove(target);
+            }
+            Command::Edit { target, .. } => {
+                chat.edits.entry(*target).or_default().push(seq);
             }
             Command::Pin { target, pin, .. } => {
                 if *pin {
@@ -1489,6 +1518,14 @@ impl GroupState {
                 w.u64(*s);
             }
             w.locs(&c.events);
+            w.u64(c.edits.len() as u64);
+            for (target, edits) in &c.edits {
+                w.u64(*target);
+                w.u64(edits.len() as u64);
+                for e in edits {
+                    w.u64(*e);
+                }
+            }
         }
         w.u64(self.dedupe.order.len() as u64);
         for (ts, k) in &self.dedupe.order {
@@ -1592,6 +1629,16 @@ impl GroupState {
                 pinned.insert(r.u64()?);
             }
             let events = read_locs(&mut r)?;
+            let mut edits = BTreeMap::new();
+            if version >= 2 {
+                for _ in 0..read_count(&mut r, 16)? {
+                    let target = r.u64()?;
+                    let list = (0..read_count(&mut r, 8)?)
+                        .map(|_| r.u64())
+                        .collect::<Result<Vec<u64>, _>>()?;
+                    edits.insert(target, list);
+                }
+            }
             if kind == ChatKind::Direct {
                 let ids: Vec<_> = members.keys().copied().collect();
                 if let [a, b] = ids[..] {
@@ -1608,6 +1655,7 @@ impl GroupState {
                     banned,
                     pinned,
                     events,
+                    edits,
                 },
             );
         }
