@@ -82,6 +82,7 @@ fn events_of_every_kind() -> Vec<v1::Event> {
             Body::MessageEdited(v1::MessageEdited {
                 target_seq: 2,
                 text: "hello".into(),
+                erased: false,
             }),
         ),
         event(
