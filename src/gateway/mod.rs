@@ -38,6 +38,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use connection::{PushError, PushSender, SharedPush};
+pub use connection::{PUSH_COUNTERS, PushCounters};
 
 /// Default for [`GatewayLimits::connections_max`].
 ///

@@ -28,7 +28,8 @@ use crate::{recovery, writer};
 pub type Durable = Box<dyn FnOnce(Result<()>) + Send + 'static>;
 
 pub(crate) enum Msg {
-    Write(EncodedBatch, Durable),
+    /// A batch, its callback and when it was submitted (for the append latency).
+    Write(EncodedBatch, Durable, std::time::Instant),
     /// Seal the active segment now (compaction uses it to make old segments deletable).
     Rotate(Durable),
     /// Flush what is queued before this and stop.
@@ -45,6 +46,14 @@ pub(crate) struct Counters {
     pub compacted_bytes: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub segments_recycled: AtomicU64,
+    // ---- ops metrics (issue 7): latency histograms and entries written ----
+    /// Submit to durable, per batch (queue wait, group commit, write, fdatasync).
+    pub append_latency: crate::histogram::Histogram,
+    /// One group commit's write + fdatasync, per flush.
+    pub sync_latency: crate::histogram::Histogram,
+    /// Entries appended (op counts of `Append` ops) since open.
+    pub entries_written: AtomicU64,
+    // ---- end ops metrics ----
 }
 
 /// State shared by the handle and the engine's threads.
@@ -71,6 +80,9 @@ pub(crate) struct Shared {
     pub checkpointed_before: AtomicU64,
     /// The segment the I/O thread appends to.
     pub active: AtomicU64,
+    /// Where the next record goes in the active segment: the bytes of it in use, for
+    /// [`Engine::log_disk_bytes`] (the rest of the preallocated file is zeros).
+    pub active_end: AtomicU64,
 }
 
 impl Shared {
@@ -139,6 +151,16 @@ pub struct Stats {
     pub compacted_bytes: u64,
     /// Segment files deleted or recycled since open.
     pub segments_freed: u64,
+    // ---- ops metrics (issue 7) ----
+    /// Entries appended since open (the sum of every append's entry count).
+    pub entries_written: u64,
+    /// Bytes of batches queued for the I/O thread now (bounded by `queue_bytes_max`).
+    pub queued_bytes: u64,
+    /// Submit-to-durable latency of each batch since open.
+    pub append_latency: crate::histogram::HistogramSnapshot,
+    /// Write + fdatasync latency of each group commit since open.
+    pub sync_latency: crate::histogram::HistogramSnapshot,
+    // ---- end ops metrics ----
 }
 
 /// What a compaction pass did.
@@ -204,6 +226,7 @@ impl Engine {
             recycle: Mutex::new(recovered.recycle),
             checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
             active: AtomicU64::new(0),
+            active_end: AtomicU64::new(0),
             config,
         });
         let (prep_tx, prep_rx) = std::sync::mpsc::sync_channel(0);
@@ -397,8 +420,63 @@ impl Engine {
             compacted_bytes: c.compacted_bytes.load(Ordering::Relaxed),
             segments_freed: c.segments_deleted.load(Ordering::Relaxed)
                 + c.segments_recycled.load(Ordering::Relaxed),
+            entries_written: c.entries_written.load(Ordering::Relaxed),
+            queued_bytes: u64::from(self.shared.queue_bytes_max)
+                .saturating_sub(self.shared.queue_budget.available_permits() as u64),
+            append_latency: c.append_latency.snapshot(),
+            sync_latency: c.sync_latency.snapshot(),
         }
     }
+
+    // ---- ops metrics (issue 7): per-log disk size ----
+    /// An estimate of the segment bytes the live entries of `logs` take on disk. The
+    /// engine keeps entry counts per segment, not bytes per log, so each segment's bytes
+    /// in use (the whole file once sealed, up to the next record while active) are split
+    /// by entry count: a log is charged `segment bytes × its live entries there / entries
+    /// ever written there`. Entries of one owner are alike in size, so the estimate is
+    /// close when a segment's logs are similar; metadata values are not counted. Summed
+    /// over every log it gives the live share of the segment bytes, never more.
+    pub fn log_disk_bytes(&self, logs: &[LogId]) -> u64 {
+        let index = self.shared.index.read().expect("index lock");
+        let mut live: BTreeMap<u64, u64> = BTreeMap::new();
+        for log in logs {
+            let Some(state) = index.logs.get(log) else {
+                continue;
+            };
+            for span in &state.spans {
+                *live.entry(span.segment).or_default() += span.last - span.first + 1;
+            }
+            // A redacted entry's current copy lives where its override points.
+            for (&i, loc) in &state.overrides {
+                if let Some(seg) = state.span_segment(i) {
+                    let n = live.entry(seg).or_default();
+                    *n = n.saturating_sub(1);
+                }
+                *live.entry(loc.segment).or_default() += 1;
+            }
+        }
+        let active = self.shared.active.load(Ordering::Relaxed);
+        let active_end = self.shared.active_end.load(Ordering::Relaxed);
+        let segments = self.shared.segments.read().expect("segments lock");
+        let mut bytes = 0f64;
+        for (seg, n) in live {
+            let total = index.counts.get(&seg).map_or(0, |c| c.total);
+            let Some(file) = segments.get(&seg) else {
+                continue;
+            };
+            if total == 0 {
+                continue;
+            }
+            let used = if seg == active {
+                active_end.min(file.len)
+            } else {
+                file.len
+            };
+            bytes += used as f64 * (n.min(total) as f64 / total as f64);
+        }
+        bytes.round() as u64
+    }
+    // ---- end ops metrics ----
 
     /// The failure that stopped the engine (a failed write, sync or preparation), if it
     /// has stopped: every later write fails with [`Error::Stopped`] naming it.
@@ -469,6 +547,7 @@ pub(crate) fn queued_bytes(batch: &EncodedBatch) -> u32 {
 }
 
 async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
+    let submitted = std::time::Instant::now();
     let encoded = encode(shared, batch)?;
     // Queue space is counted in bytes as well as batches: 4,096 queued batches of 16 MiB
     // would otherwise be 64 GiB. The I/O thread gives the bytes back as it takes a batch.
@@ -481,7 +560,7 @@ async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Res
         .forget();
     shared
         .tx
-        .send(Msg::Write(encoded, on_durable))
+        .send(Msg::Write(encoded, on_durable, submitted))
         .await
         .map_err(|_| Error::Closed)
 }
