@@ -57,6 +57,7 @@ use chatlog_raft::node::Node;
 use serde_json::{Value, json};
 
 pub use counters::{ClientCounters, CountedService};
+pub use disk::human_bytes;
 use status::GroupView;
 pub use status::LeaderChanges;
 

@@ -300,7 +300,7 @@ pub fn render(status: &Value, now: String) -> String {
              <td>{role}</td><td class=\"num\">{term}</td><td class=\"num\">{committed}</td>\
              <td class=\"num\">{applied}</td><td>{replicas}</td><td>{learners}</td>\
              <td>{lag}</td><td class=\"num\">{disk}</td><td>{problem}</td></tr>",
-            class = if problem.is_empty() { "ok" } else { "noleader" },
+            class = if problem.is_empty() { "led" } else { "noleader" },
             id = cell(&g["id"]),
             role = cell(&g["role"]),
             term = cell(&g["term"]),
