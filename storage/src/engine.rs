@@ -429,50 +429,50 @@ impl Engine {
     }
 
     // ---- ops metrics (issue 7): per-log disk size ----
-    /// An estimate of the segment bytes the live entries of `logs` take on disk. The
-    /// engine keeps entry counts per segment, not bytes per log, so each segment's bytes
-    /// in use (the whole file once sealed, up to the next record while active) are split
-    /// by entry count: a log is charged `segment bytes × its live entries there / entries
-    /// ever written there`. Entries of one owner are alike in size, so the estimate is
-    /// close when a segment's logs are similar; metadata values are not counted. Summed
-    /// over every log it gives the live share of the segment bytes, never more.
+    /// An estimate of the live bytes of `logs`: for each log, its live entries times the
+    /// mean data bytes per entry of the appends the engine applied to it since it opened
+    /// (replay included; entries removed since take their proportional share along). A
+    /// log not appended to since open has no such mean: it is charged its share of each
+    /// segment holding it instead, `bytes in use × its live entries there / entries
+    /// written there`. Data bytes are uncompressed payloads; record headers, padding and
+    /// metadata values are not counted.
     pub fn log_disk_bytes(&self, logs: &[LogId]) -> u64 {
         let index = self.shared.index.read().expect("index lock");
-        let mut live: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut bytes = 0f64;
+        // Entries per segment of the logs without a mean (the fallback).
+        let mut by_segment: BTreeMap<u64, u64> = BTreeMap::new();
         for log in logs {
             let Some(state) = index.logs.get(log) else {
                 continue;
             };
-            for span in &state.spans {
-                *live.entry(span.segment).or_default() += span.last - span.first + 1;
+            let live = state.bounds.next - state.bounds.first;
+            if let Some(mean) = state.seen.entry_bytes_mean() {
+                bytes += live as f64 * mean;
+                continue;
             }
-            // A redacted entry's current copy lives where its override points.
-            for (&i, loc) in &state.overrides {
-                if let Some(seg) = state.span_segment(i) {
-                    let n = live.entry(seg).or_default();
-                    *n = n.saturating_sub(1);
-                }
-                *live.entry(loc.segment).or_default() += 1;
+            for span in &state.spans {
+                *by_segment.entry(span.segment).or_default() += span.last - span.first + 1;
             }
         }
-        let active = self.shared.active.load(Ordering::Relaxed);
-        let active_end = self.shared.active_end.load(Ordering::Relaxed);
-        let segments = self.shared.segments.read().expect("segments lock");
-        let mut bytes = 0f64;
-        for (seg, n) in live {
-            let total = index.counts.get(&seg).map_or(0, |c| c.total);
-            let Some(file) = segments.get(&seg) else {
-                continue;
-            };
-            if total == 0 {
-                continue;
+        if !by_segment.is_empty() {
+            let active = self.shared.active.load(Ordering::Relaxed);
+            let active_end = self.shared.active_end.load(Ordering::Relaxed);
+            let segments = self.shared.segments.read().expect("segments lock");
+            for (seg, n) in by_segment {
+                let total = index.counts.get(&seg).map_or(0, |c| c.total);
+                let Some(file) = segments.get(&seg) else {
+                    continue;
+                };
+                if total == 0 {
+                    continue;
+                }
+                let used = if seg == active {
+                    active_end.min(file.len)
+                } else {
+                    file.len
+                };
+                bytes += used as f64 * (n.min(total) as f64 / total as f64);
             }
-            let used = if seg == active {
-                active_end.min(file.len)
-            } else {
-                file.len
-            };
-            bytes += used as f64 * (n.min(total) as f64 / total as f64);
         }
         bytes.round() as u64
     }
@@ -836,6 +836,44 @@ mod tests {
         assert_eq!(&e.get(1, 391).unwrap()[..], b"replaced");
         assert!(matches!(e.get(1, 392), Err(Error::OutOfRange { .. })));
         e.close().unwrap();
+    }
+
+    #[test]
+    fn log_sizes_follow_the_bytes_appended_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(config(dir.path())).unwrap();
+        // Log 1: 100 entries of 1,000 bytes; log 2: 100 entries of 10 bytes, 20 a batch.
+        for first in (1..=100u64).step_by(20) {
+            let mut b = WriteBatch::new();
+            b.append_many(1, first, (0..20).map(|_| vec![7u8; 1000]));
+            b.append_many(2, first, (0..20).map(|_| vec![8u8; 10]));
+            e.write_blocking(&b).unwrap();
+        }
+        let big = e.log_disk_bytes(&[1]);
+        let small = e.log_disk_bytes(&[2]);
+        assert!((100_000..=101_000).contains(&big), "log 1: {big}");
+        assert!((1_000..=2_000).contains(&small), "log 2: {small}");
+        assert_eq!(e.log_disk_bytes(&[1, 2]), big + small);
+        assert_eq!(e.log_disk_bytes(&[99]), 0, "an unknown log holds nothing");
+        let s = e.stats();
+        assert_eq!(s.entries_written, 200);
+        assert_eq!(s.append_latency.count, 5, "one observation per batch");
+        assert!(s.sync_latency.count >= 1 && s.sync_latency.count <= 5);
+        assert!(s.append_latency.sum_seconds >= s.sync_latency.sum_seconds * 0.99);
+
+        let mut b = WriteBatch::new();
+        b.purge_before(1, 51);
+        e.write_blocking(&b).unwrap();
+        let half = e.log_disk_bytes(&[1]);
+        assert!((50_000..=50_500).contains(&half), "log 1 after a purge of half: {half}");
+
+        // After a restart the logs' appends are replayed (no seal yet): the same figures.
+        e.close().unwrap();
+        let e = Engine::open(config(dir.path())).unwrap();
+        assert_eq!(e.log_disk_bytes(&[1]), half);
+        assert_eq!(e.log_disk_bytes(&[2]), small);
+        let used = e.stats().segment_bytes;
+        assert!(e.log_disk_bytes(&[1, 2]) <= used);
     }
 
     #[test]

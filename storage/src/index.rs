@@ -132,6 +132,40 @@ pub(crate) struct LogState {
     pub meta: BTreeMap<Bytes, Bytes>,
     /// Set when a read found corruption in this log: it serves nothing after that.
     pub failed: Option<Arc<Error>>,
+    /// Appends this index applied since the engine opened (replay included), as data
+    /// bytes and entries, less a proportional share for entries removed since: the
+    /// average entry size behind `Engine::log_disk_bytes`. In memory only (not in the
+    /// checkpoint), so a log not appended to since open has none.
+    pub seen: SeenBytes,
+}
+
+/// See [`LogState::seen`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SeenBytes {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+impl SeenBytes {
+    fn add(&mut self, op: &OpSummary) {
+        self.bytes += u64::from(op.data_len);
+        self.entries += u64::from(op.count);
+    }
+
+    /// `removed` entries left the log: their proportional share of the bytes goes too.
+    fn remove(&mut self, removed: u64) {
+        if self.entries == 0 {
+            return;
+        }
+        let n = removed.min(self.entries);
+        self.bytes -= (u128::from(self.bytes) * u128::from(n) / u128::from(self.entries)) as u64;
+        self.entries -= n;
+    }
+
+    /// Mean data bytes of one entry, if any append was seen.
+    pub fn entry_bytes_mean(&self) -> Option<f64> {
+        (self.entries > 0).then(|| self.bytes as f64 / self.entries as f64)
+    }
 }
 
 impl LogState {
@@ -204,6 +238,7 @@ impl Index {
             OpKind::Append => {
                 append_span(state, loc.segment, op);
                 state.bounds = after;
+                state.seen.add(op);
                 let c = self.counts.entry(loc.segment).or_default();
                 c.total += op.count as u64;
                 c.live += op.count as u64;
@@ -270,6 +305,7 @@ impl Index {
                 .after(op)
                 .expect("op was validated before it was applied");
             append_span(state, segment, op);
+            state.seen.add(op);
             append_run(seg_runs.entry(op.log_id).or_default(), op, offset, k as u16);
             added += op.count as u64;
         }
@@ -306,6 +342,7 @@ impl Index {
             }
             let cut_first = s.first.max(from);
             let cut_last = s.last.min(to.saturating_sub(1));
+            state.seen.remove(cut_last - cut_first + 1);
             adjust.push((s.segment, -((cut_last - cut_first + 1) as i64)));
             if s.first < cut_first {
                 kept.push_back(Span {
@@ -520,6 +557,7 @@ mod tests {
             aux,
             key: Bytes::new(),
             value: Bytes::new(),
+            data_len: count * 100,
         }
     }
 
