@@ -664,7 +664,9 @@ mod tests {
         assert!(lines[1].starts_with("GROUP  LEADER  ROLE"));
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["0", "1", "leader", "2", "5", "5", "1,2", "2:0", "3.0", "MiB"]
+            [
+                "0", "1", "leader", "2", "5", "5", "1,2", "2:0", "3.0", "MiB"
+            ]
         );
         assert_eq!(lines[3], "nodes: 1 up v0.1.0, 2 DOWN");
         assert_eq!(

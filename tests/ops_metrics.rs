@@ -73,7 +73,10 @@ fn histogram(text: &str, name: &str, labels: &str) -> (f64, f64) {
     assert!(buckets.len() >= 2, "{name}{{{labels}}} has buckets");
     for w in buckets.windows(2) {
         assert!(w[0].0 < w[1].0, "{name}: le rises: {buckets:?}");
-        assert!(w[0].1 <= w[1].1, "{name}: buckets are cumulative: {buckets:?}");
+        assert!(
+            w[0].1 <= w[1].1,
+            "{name}: buckets are cumulative: {buckets:?}"
+        );
     }
     let (last_le, inf) = *buckets.last().expect("a bucket");
     assert!(last_le.is_infinite(), "{name}: the last bucket is +Inf");
@@ -251,7 +254,10 @@ async fn histograms_counters_and_group_disk_sizes_move_with_traffic() {
         "chatlog_group_commit_latency_seconds",
         &format!("group=\"{group}\""),
     );
-    assert!(commits >= 1.0 && commit_sum > 0.0, "group {group}: {commits} commits");
+    assert!(
+        commits >= 1.0 && commit_sum > 0.0,
+        "group {group}: {commits} commits"
+    );
     assert!(s["node"]["data_dir_bytes"].as_u64().expect("data dir") > 0);
 
     // The CLI's table shows the same size, for people.

@@ -142,7 +142,9 @@ impl Page {
     }
 
     fn title(&self) -> String {
-        self.element("<title", "title").map(text).unwrap_or_default()
+        self.element("<title", "title")
+            .map(text)
+            .unwrap_or_default()
     }
 
     fn summary(&self) -> String {
@@ -154,17 +156,24 @@ impl Page {
     /// The text of each cell of the table row with `attribute` (e.g. `data-group="2"`).
     fn row(&self, attribute: &str) -> Option<Vec<String>> {
         let row = self.element(attribute, "tr")?;
-        Some(row.split("<td").skip(1).map(|c| text(&format!("<td{c}"))).collect())
+        Some(
+            row.split("<td")
+                .skip(1)
+                .map(|c| text(&format!("<td{c}")))
+                .collect(),
+        )
     }
 
     /// Node `id`'s state cell: `up`, `DOWN` or `unknown`.
     fn node_state(&self, id: u64) -> Option<String> {
-        self.row(&format!("data-node=\"{id}\"")).map(|r| r[2].clone())
+        self.row(&format!("data-node=\"{id}\""))
+            .map(|r| r[2].clone())
     }
 
     /// Group `g`'s leader cell (`node N` or `none`).
     fn group_leader(&self, g: u64) -> Option<String> {
-        self.row(&format!("data-group=\"{g}\"")).map(|r| r[1].clone())
+        self.row(&format!("data-group=\"{g}\""))
+            .map(|r| r[1].clone())
     }
 }
 
@@ -203,7 +212,10 @@ fn one_node_page_shows_the_summary_every_group_and_disk_sizes() {
         "{}",
         page.summary()
     );
-    assert!(page.dom.contains("<meta http-equiv=\"refresh\" content=\"5\">"));
+    assert!(
+        page.dom
+            .contains("<meta http-equiv=\"refresh\" content=\"5\">")
+    );
     // Groups 0 (the controller) to 4, each led by node 1, with a size on disk.
     for g in 0..=4 {
         let row = page
@@ -245,7 +257,11 @@ fn one_node_page_shows_the_summary_every_group_and_disk_sizes() {
     );
     let png = std::fs::read(&shot).expect("the screenshot was written");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    assert!(png.len() > 10_000, "a {}-byte screenshot is blank", png.len());
+    assert!(
+        png.len() > 10_000,
+        "a {}-byte screenshot is blank",
+        png.len()
+    );
 }
 
 #[test]
@@ -301,7 +317,8 @@ fn cluster_page_shows_a_killed_node_down_and_back_after_its_restart() {
         all_up(p) && every_group_led(p)
     });
     assert!(
-        page.summary().starts_with("node 1: 5 groups, all with a leader"),
+        page.summary()
+            .starts_with("node 1: 5 groups, all with a leader"),
         "{}",
         page.summary()
     );
@@ -310,7 +327,10 @@ fn cluster_page_shows_a_killed_node_down_and_back_after_its_restart() {
         assert_eq!(row[6], "1, 2, 3", "group {g}'s replicas: {row:?}");
     }
     let peer = page.row("data-node=\"3\"").expect("node 3's row");
-    assert!(peer[1].starts_with("127.0.0.1:"), "node 3's address: {peer:?}");
+    assert!(
+        peer[1].starts_with("127.0.0.1:"),
+        "node 3's address: {peer:?}"
+    );
 
     // SIGKILL node 3: the page shows it down, in the summary and in its row, while the
     // groups keep (or re-elect) a leader among nodes 1 and 2.

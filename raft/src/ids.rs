@@ -67,7 +67,9 @@ pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {
 /// Every engine log group `group` may own (Raft log, checkpoints, snapshot staging,
 /// reserved): what its size on disk is made of. Empty if the id is too large.
 pub fn group_logs(group: GroupId) -> Vec<chatlog_storage::LogId> {
-    raft_log(group).map_or_else(Vec::new, |l| (0..1 << LOGS_PER_GROUP_SHIFT).map(|k| l | k).collect())
+    raft_log(group).map_or_else(Vec::new, |l| {
+        (0..1 << LOGS_PER_GROUP_SHIFT).map(|k| l | k).collect()
+    })
 }
 
 /// Engine index of Raft index `raft_index`.

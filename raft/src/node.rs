@@ -253,8 +253,7 @@ impl Group {
     /// the group's engine logs (Raft log, checkpoints, snapshot staging), see
     /// `Engine::log_disk_bytes` for how it is estimated.
     pub fn disk_bytes_estimate(&self) -> u64 {
-        self.engine
-            .log_disk_bytes(&crate::ids::group_logs(self.id))
+        self.engine.log_disk_bytes(&crate::ids::group_logs(self.id))
     }
 
     /// Proposals queued for the batcher now (at most `PROPOSE_QUEUE_MAX`).

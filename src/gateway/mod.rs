@@ -37,8 +37,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-pub use connection::{PushError, PushSender, SharedPush};
 pub use connection::{PUSH_COUNTERS, PushCounters};
+pub use connection::{PushError, PushSender, SharedPush};
 
 /// Default for [`GatewayLimits::connections_max`].
 ///

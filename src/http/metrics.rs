@@ -200,7 +200,11 @@ pub fn render(
         "histogram",
         "Submit-to-durable time of each write batch (queue, group commit, write, fdatasync).",
     );
-    e.histogram("chatlog_storage_append_latency_seconds", &[], &s.append_latency);
+    e.histogram(
+        "chatlog_storage_append_latency_seconds",
+        &[],
+        &s.append_latency,
+    );
     e.family(
         "chatlog_storage_sync_latency_seconds",
         "histogram",
@@ -455,8 +459,14 @@ mod tests {
         let lines: Vec<&str> = e.out.lines().collect();
         assert_eq!(lines[0], "lat_seconds_bucket{group=\"2\",le=\"0.00005\"} 0");
         assert_eq!(lines[1], "lat_seconds_bucket{group=\"2\",le=\"0.0001\"} 1");
-        assert!(e.out.contains("lat_seconds_bucket{group=\"2\",le=\"0.025\"} 2\n"));
-        assert!(e.out.contains("lat_seconds_bucket{group=\"2\",le=\"+Inf\"} 2\n"));
+        assert!(
+            e.out
+                .contains("lat_seconds_bucket{group=\"2\",le=\"0.025\"} 2\n")
+        );
+        assert!(
+            e.out
+                .contains("lat_seconds_bucket{group=\"2\",le=\"+Inf\"} 2\n")
+        );
         assert!(e.out.contains("lat_seconds_sum{group=\"2\"} 0.02008\n"));
         assert!(e.out.ends_with("lat_seconds_count{group=\"2\"} 2\n"));
     }

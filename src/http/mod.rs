@@ -2,12 +2,14 @@
 //! metrics and the admin API.
 //!
 //! What it owns: the routes, the admin token check, turning openraft's per-group metrics
-//! and the engine's stats into JSON and Prometheus text, and the leader-transfer
+//! and the engine's stats into JSON, Prometheus text and the status page, and the leader-transfer
 //! operation (trigger, then a bounded wait for the new leader). What it must not do:
 //! change how a group replicates or stores; it only reads metrics and pulls openraft's
 //! documented triggers.
 //!
 //! Endpoints:
+//! - `GET /`: the status page for people (`page.rs`): the `/admin/status` JSON as HTML,
+//!   reloading itself; the admin rule below, plus the token as a Basic-auth password.
 //! - `GET /health`: `200 ok` while the process runs.
 //! - `GET /ready`: `200` when every local group runs and knows a leader (this node or
 //!   another), else `503` with `{"ready": false, "groups_without_leader": [G, …]}`.

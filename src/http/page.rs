@@ -70,7 +70,10 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
     if value.len() > AUTHORIZATION_BYTES_MAX {
         return None;
     }
-    let encoded = std::str::from_utf8(value).ok()?.strip_prefix("Basic ")?.trim();
+    let encoded = std::str::from_utf8(value)
+        .ok()?
+        .strip_prefix("Basic ")?
+        .trim();
     let decoded = String::from_utf8(base64_decode(encoded)?).ok()?;
     decoded.split_once(':').map(|(_, p)| p.to_owned())
 }
@@ -162,12 +165,7 @@ fn cell(v: &Value) -> String {
 
 /// A list of numbers (`[1, 2]`) as `1, 2`, or `-` when empty.
 fn list(v: &Value) -> String {
-    let items: Vec<String> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(cell)
-        .collect();
+    let items: Vec<String> = v.as_array().into_iter().flatten().map(cell).collect();
     if items.is_empty() {
         "-".into()
     } else {
@@ -300,7 +298,11 @@ pub fn render(status: &Value, now: String) -> String {
              <td>{role}</td><td class=\"num\">{term}</td><td class=\"num\">{committed}</td>\
              <td class=\"num\">{applied}</td><td>{replicas}</td><td>{learners}</td>\
              <td>{lag}</td><td class=\"num\">{disk}</td><td>{problem}</td></tr>",
-            class = if problem.is_empty() { "led" } else { "noleader" },
+            class = if problem.is_empty() {
+                "led"
+            } else {
+                "noleader"
+            },
             id = cell(&g["id"]),
             role = cell(&g["role"]),
             term = cell(&g["term"]),
@@ -333,7 +335,11 @@ pub fn render(status: &Value, now: String) -> String {
             cell(&m["step"])
         );
     }
-    for t in placement["leader_transfers"].as_array().into_iter().flatten() {
+    for t in placement["leader_transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         any = true;
         let _ = write!(
             h,
@@ -410,7 +416,10 @@ mod tests {
 
     #[test]
     fn base64_decodes_and_refuses_bad_input() {
-        assert_eq!(base64_decode("YWRtaW46czNjcjN0").as_deref(), Some(&b"admin:s3cr3t"[..]));
+        assert_eq!(
+            base64_decode("YWRtaW46czNjcjN0").as_deref(),
+            Some(&b"admin:s3cr3t"[..])
+        );
         assert_eq!(base64_decode("Og==").as_deref(), Some(&b":"[..]));
         assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
         assert_eq!(base64_decode("YWI=").as_deref(), Some(&b"ab"[..]));

@@ -865,7 +865,10 @@ mod tests {
         b.purge_before(1, 51);
         e.write_blocking(&b).unwrap();
         let half = e.log_disk_bytes(&[1]);
-        assert!((50_000..=50_500).contains(&half), "log 1 after a purge of half: {half}");
+        assert!(
+            (50_000..=50_500).contains(&half),
+            "log 1 after a purge of half: {half}"
+        );
 
         // After a restart the logs' appends are replayed (no seal yet): the same figures.
         e.close().unwrap();

@@ -16,8 +16,8 @@ use std::time::Duration;
 /// budget is 100 ms (DESIGN.md), so the bounds are dense from 50 µs to 100 ms and sparse
 /// up to 10 s, where anything slower is an outage, not a latency.
 pub const LATENCY_BUCKETS_US: [u64; 17] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// Buckets held: one per bound plus `+Inf`.

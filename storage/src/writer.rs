@@ -306,7 +306,8 @@ impl IoThread {
                 self.shared.active_end.store(self.offset, Ordering::Relaxed);
                 self.buf.clear();
                 for (done, submitted) in self.callbacks.drain(..).zip(self.submitted.drain(..)) {
-                    c.append_latency.record(synced.saturating_duration_since(submitted));
+                    c.append_latency
+                        .record(synced.saturating_duration_since(submitted));
                     done(Ok(()));
                 }
             }
