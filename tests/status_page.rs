@@ -245,6 +245,15 @@ fn one_node_page_shows_the_summary_every_group_and_disk_sizes() {
         disk.starts_with("disk: data directory ") && disk.contains("MiB") && disk.contains("free"),
         "{disk}"
     );
+    // The node has written (the groups' elections): its write latencies are known.
+    let latency = page
+        .element("id=\"latency\"", "p")
+        .map(text)
+        .expect("the latency line");
+    assert!(
+        latency.starts_with("write latency p99 ≤ ") && latency.contains("fdatasync p99 ≤ "),
+        "{latency}"
+    );
     let changes = page.element("id=\"changes\"", "ul").map(text);
     assert_eq!(changes.as_deref(), Some("none"));
 

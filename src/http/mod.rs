@@ -348,6 +348,9 @@ async fn status_json(ctx: &Ctx) -> Value {
             "disk_free_bytes": disk.free_bytes,
             "data_dir_complete": disk.complete,
             "client_connections": ctx.clients.connections_open(),
+            // Upper bucket bounds in seconds (null before the first observation).
+            "append_latency_p99_s": status::p99_json(&stats.append_latency),
+            "sync_latency_p99_s": status::p99_json(&stats.sync_latency),
         },
         "nodes": nodes,
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),

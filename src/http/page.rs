@@ -173,6 +173,24 @@ fn list(v: &Value) -> String {
     }
 }
 
+/// An upper bucket bound in seconds as `≤ 5 ms` (`"+Inf"`: past the last bound); `-`
+/// without observations.
+fn latency(v: &Value) -> String {
+    if v.as_str() == Some("+Inf") {
+        return "> 10 s".into();
+    }
+    let Some(s) = v.as_f64() else {
+        return "-".into();
+    };
+    // Bucket bounds are whole microseconds: print from those, free of float artefacts.
+    let us = (s * 1e6).round() as u64;
+    match us {
+        us if us < 1_000 => format!("≤ {us} µs"),
+        us if us < 1_000_000 => format!("≤ {} ms", us as f64 / 1e3),
+        us => format!("≤ {} s", us as f64 / 1e6),
+    }
+}
+
 fn duration_for_people(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s} s"),
@@ -218,6 +236,8 @@ pub fn render(status: &Value, now: String) -> String {
          HTTP {http} · I/O backend {backend} · {connections} client connections</p>\n\
          <p class=\"meta\" id=\"disk\">disk: data directory {data}{partial} · segment files \
          {segments} · free {free}</p>\n\
+         <p class=\"meta\" id=\"latency\">write latency p99 {append} (submit to \
+         durable) · fdatasync p99 {sync}</p>\n\
          <p class=\"meta\">as of {now} (reloads every {REFRESH_SECS} s)</p>\n",
         version = cell(&node["version"]),
         uptime = duration_for_people(node["uptime_s"].as_u64().unwrap_or(0)),
@@ -233,6 +253,8 @@ pub fn render(status: &Value, now: String) -> String {
         },
         segments = human_bytes(node["disk_bytes"].as_u64().unwrap_or(0)),
         free = disk_free,
+        append = latency(&node["append_latency_p99_s"]),
+        sync = latency(&node["sync_latency_p99_s"]),
         now = escape(&now),
     );
 
@@ -272,7 +294,7 @@ pub fn render(status: &Value, now: String) -> String {
         "<h2>Groups on this node</h2>\n<table id=\"groups\"><tr><th>Group</th><th>Leader</th>\
          <th>Role here</th><th>Term</th><th>Committed</th><th>Applied</th><th>Replicas</th>\
          <th>Learners</th><th>Follower lag (entries)</th><th>Disk here (estimate)</th>\
-         <th>Problem</th></tr>\n",
+         <th>Problem</th><th>Commit p99</th></tr>\n",
     );
     for g in status["groups"].as_array().into_iter().flatten() {
         let leader = match g["leader"].as_u64() {
@@ -297,7 +319,8 @@ pub fn render(status: &Value, now: String) -> String {
             "<tr class=\"{class}\" data-group=\"{id}\"><td>{id}</td><td>{leader}</td>\
              <td>{role}</td><td class=\"num\">{term}</td><td class=\"num\">{committed}</td>\
              <td class=\"num\">{applied}</td><td>{replicas}</td><td>{learners}</td>\
-             <td>{lag}</td><td class=\"num\">{disk}</td><td>{problem}</td></tr>",
+             <td>{lag}</td><td class=\"num\">{disk}</td><td>{problem}</td>\
+             <td class=\"num\">{commit}</td></tr>",
             class = if problem.is_empty() {
                 "led"
             } else {
@@ -316,6 +339,7 @@ pub fn render(status: &Value, now: String) -> String {
                 lag.join(", ")
             },
             disk = human_bytes(g["disk_bytes"].as_u64().unwrap_or(0)),
+            commit = latency(&g["commit_latency_p99_s"]),
         );
     }
     h.push_str("</table>\n");
@@ -392,6 +416,7 @@ mod tests {
         assert!(page.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"));
         assert!(page.contains("stopped: &lt;script"));
         assert!(page.contains("4.0 KiB"));
+        assert!(page.contains("<li>replica move: group 0 from node 1 to node 2, step &lt;script"));
     }
 
     #[test]
@@ -412,6 +437,16 @@ mod tests {
         assert!(page.contains("4200 ms ago"));
         assert!(page.contains("<td>no leader</td>"));
         assert!(page.contains("<li>none</li>"));
+    }
+
+    #[test]
+    fn latencies_read_as_upper_bounds() {
+        assert_eq!(latency(&Value::Null), "-");
+        assert_eq!(latency(&serde_json::json!(0.00025)), "≤ 250 µs");
+        assert_eq!(latency(&serde_json::json!(0.0025)), "≤ 2.5 ms");
+        assert_eq!(latency(&serde_json::json!(2.5)), "≤ 2.5 s");
+        assert_eq!(latency(&serde_json::json!(0.005)), "≤ 5 ms");
+        assert_eq!(latency(&serde_json::json!("+Inf")), "> 10 s");
     }
 
     #[test]

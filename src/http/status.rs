@@ -212,7 +212,20 @@ impl GroupView {
             "elections": self.elections,
             "leader_changes": self.leader_changes,
             "disk_bytes": self.disk_bytes,
+            // The upper bucket bound in seconds; null before the first entry led here.
+            "commit_latency_p99_s": p99_json(&self.commit_latency),
         })
+    }
+}
+
+/// The upper bucket bound (seconds) at or below which 99% of the observations fall, as
+/// JSON: a number, `"+Inf"` past the last bound (JSON has no infinity), or null before
+/// the first observation.
+pub fn p99_json(h: &chatlog_storage::HistogramSnapshot) -> Value {
+    match h.quantile_bound(0.99) {
+        None => Value::Null,
+        Some(b) if b.is_infinite() => json!("+Inf"),
+        Some(b) => json!(b),
     }
 }
 
