@@ -133,7 +133,7 @@ pub(crate) struct LogState {
     /// Set when a read found corruption in this log: it serves nothing after that.
     pub failed: Option<Arc<Error>>,
     /// Appends this index applied since the engine opened (replay included), as data
-    /// bytes and entries, less a proportional share for entries removed since: the
+    /// bytes and entries, scaled down by the fraction of the log removed since: the
     /// average entry size behind `Engine::log_disk_bytes`. In memory only (not in the
     /// checkpoint), so a log not appended to since open has none.
     pub seen: SeenBytes,
@@ -152,14 +152,23 @@ impl SeenBytes {
         self.entries += u64::from(op.count);
     }
 
-    /// `removed` entries left the log: their proportional share of the bytes goes too.
-    fn remove(&mut self, removed: u64) {
-        if self.entries == 0 {
+    /// `removed` of the log's `live` entries left it: bytes and entries shrink by that
+    /// fraction, so the mean stays and later appends weigh more. (Which of the removed
+    /// entries were seen is unknown: after a restart the oldest were not.)
+    fn remove(&mut self, removed: u64, live: u64) {
+        if removed == 0 || live == 0 {
             return;
         }
-        let n = removed.min(self.entries);
-        self.bytes -= (u128::from(self.bytes) * u128::from(n) / u128::from(self.entries)) as u64;
-        self.entries -= n;
+        let keep = |v: u64| {
+            (u128::from(v) * u128::from(live - removed.min(live)) / u128::from(live)) as u64
+        };
+        let entries = keep(self.entries);
+        if entries == 0 && removed < live {
+            // Too few seen to scale down: keep them, the mean is what matters.
+            return;
+        }
+        self.bytes = if entries == 0 { 0 } else { keep(self.bytes) };
+        self.entries = entries;
     }
 
     /// Mean data bytes of one entry, if any append was seen.
@@ -319,6 +328,8 @@ impl Index {
         let Some(state) = self.logs.get_mut(&log) else {
             return;
         };
+        let live_before = state.bounds.next - state.bounds.first;
+        let mut removed = 0u64;
         let doomed: Vec<(u64, Location)> = state
             .overrides
             .range(from..to)
@@ -342,7 +353,7 @@ impl Index {
             }
             let cut_first = s.first.max(from);
             let cut_last = s.last.min(to.saturating_sub(1));
-            state.seen.remove(cut_last - cut_first + 1);
+            removed += cut_last - cut_first + 1;
             adjust.push((s.segment, -((cut_last - cut_first + 1) as i64)));
             if s.first < cut_first {
                 kept.push_back(Span {
@@ -360,6 +371,7 @@ impl Index {
             }
         }
         state.spans = kept;
+        state.seen.remove(removed, live_before);
         for (seg, delta) in adjust {
             if delta >= 0 {
                 self.live_add(seg, delta as u64);
@@ -567,6 +579,23 @@ mod tests {
             offset,
             op: 0,
         }
+    }
+
+    #[test]
+    fn seen_bytes_keep_their_mean_through_removals() {
+        let mut seen = SeenBytes::default();
+        seen.add(&op(OpKind::Append, 1, 1, 100, 0)); // 100 entries, 100 bytes each
+        assert_eq!(seen.entry_bytes_mean(), Some(100.0));
+        seen.remove(50, 100);
+        assert_eq!((seen.entries, seen.bytes), (50, 5_000));
+        // After a restart only the newest entries were seen; removing old ones that
+        // would scale them to nothing keeps them (and the mean).
+        let mut few = SeenBytes::default();
+        few.add(&op(OpKind::Append, 1, 991, 1, 0));
+        few.remove(900, 1_000);
+        assert_eq!(few.entry_bytes_mean(), Some(100.0));
+        few.remove(1_000, 1_000);
+        assert_eq!(few.entry_bytes_mean(), None, "the whole log went");
     }
 
     /// Issue 9: compaction read entries 55..=60 of a sealed segment; before its rewrite op
