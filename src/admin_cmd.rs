@@ -41,16 +41,23 @@ pub struct AdminConn {
 /// Operator commands (the node's HTTP port, not the client port).
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Groups of one node: leader, term, commit and applied index, follower lag; and the
-    /// cluster's placement (members, replicas per group, moves in progress).
+    /// Groups of one node: leader, term, commit and applied index, follower lag, size on
+    /// this node's disk (an estimate: the live share of the segment bytes of the group's
+    /// Raft log and checkpoint logs); the nodes up or down; this node's disk (data
+    /// directory, segment files, free bytes); and the cluster's placement (members,
+    /// replicas per group, moves in progress). The same is on the status page at
+    /// http://HTTP_ADDR/ .
     ///
     /// --json: {"node": {"id": N, "version": "…", "clients_addr": "…", "http_addr": "…",
-    /// …}, "nodes": [{"id": N, "self": BOOL, "up": BOOL|null, "peer_addr": "…"|null}, …],
+    /// "disk_bytes": N, "data_dir_bytes": N, "disk_free_bytes": N|null,
+    /// "data_dir_complete": BOOL, "append_latency_p99_s": S|"+Inf"|null,
+    /// "sync_latency_p99_s": S|"+Inf"|null, …}, "nodes": [{"id": N, "self": BOOL, "up": BOOL|null,
+    /// "peer_addr": "…"|null}, …],
     /// "groups": [{"id": G, "role": "leader"|"follower"|…, "leader": N|null, "term": N,
     /// "last_log_index": N|null, "committed": N|null, "applied": N|null, "replicas": [N, …],
     /// "learners": [N, …], "followers": [{"node": N, "matched": N|null, "lag": N,
     /// "last_ack_ms": N|null}, …], "fatal": "…"|null, "elections": N,
-    /// "leader_changes": N}, …], "summary": "…", "placement": {"version": N,
+    /// "leader_changes": N, "disk_bytes": N, "commit_latency_p99_s": S|"+Inf"|null}, …], "summary": "…", "placement": {"version": N,
     /// "bootstrapped": BOOL, "replication": N, "user_groups": N, "chat_groups": N,
     /// "members": [{"id": N, "addr": "…", "draining": BOOL, "replicas": N}, …],
     /// "groups": [{"id": G, "replicas": [N, …], "epoch": N}, …], "moves": [{"group": G,
@@ -304,7 +311,7 @@ fn render_status(v: &Value) -> String {
     let mut out = String::new();
     out.push_str(v["summary"].as_str().unwrap_or("(no summary)"));
     out.push('\n');
-    let rows: Vec<[String; 8]> = v["groups"]
+    let rows: Vec<[String; 9]> = v["groups"]
         .as_array()
         .map(|gs| {
             gs.iter()
@@ -332,13 +339,16 @@ fn render_status(v: &Value) -> String {
                         opt(&g["applied"]),
                         replicas.join(","),
                         lag,
+                        g["disk_bytes"]
+                            .as_u64()
+                            .map_or_else(|| "-".to_owned(), crate::http::human_bytes),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
     let header = [
-        "GROUP", "LEADER", "ROLE", "TERM", "COMMIT", "APPLIED", "REPLICAS", "LAG",
+        "GROUP", "LEADER", "ROLE", "TERM", "COMMIT", "APPLIED", "REPLICAS", "LAG", "DISK",
     ];
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -361,6 +371,45 @@ fn render_status(v: &Value) -> String {
     for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
+    // ---- ops status (issue 7): nodes up/down and this node's disk ----
+    if let Some(nodes) = v["nodes"].as_array() {
+        let list: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let state = match n["up"].as_bool() {
+                    Some(true) => "up",
+                    Some(false) => "DOWN",
+                    None => "unknown",
+                };
+                let version = n["version"]
+                    .as_str()
+                    .map(|v| format!(" v{v}"))
+                    .unwrap_or_default();
+                format!("{} {state}{version}", opt(&n["id"]))
+            })
+            .collect();
+        out.push_str(&format!("nodes: {}\n", list.join(", ")));
+    }
+    let node = &v["node"];
+    if let Some(data) = node["data_dir_bytes"].as_u64() {
+        out.push_str(&format!(
+            "disk of node {}: data dir {}{}, segment files {}, free {}\n",
+            opt(&node["id"]),
+            crate::http::human_bytes(data),
+            if node["data_dir_complete"].as_bool() == Some(false) {
+                " (at least)"
+            } else {
+                ""
+            },
+            node["disk_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), crate::http::human_bytes),
+            node["disk_free_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), crate::http::human_bytes),
+        ));
+    }
+    // ---- end ops status ----
     // The cluster's placement (replicated in group 0): members and moves in progress.
     let p = &v["placement"];
     if let Some(members) = p["members"].as_array() {
@@ -604,14 +653,26 @@ mod tests {
     fn status_table() {
         let v = json!({"summary": "node 1: 1 groups", "groups": [
             {"id": 0, "leader": 1, "role": "leader", "term": 2, "committed": 5,
-             "applied": 5, "replicas": [1, 2], "followers": [{"node": 2, "lag": 0}]}]});
+             "applied": 5, "replicas": [1, 2], "followers": [{"node": 2, "lag": 0}],
+             "disk_bytes": 3 << 20}],
+            "nodes": [{"id": 1, "self": true, "up": true, "version": "0.1.0"},
+                      {"id": 2, "self": false, "up": false}],
+            "node": {"id": 1, "data_dir_bytes": 70 << 20, "disk_bytes": 64 << 20,
+                     "disk_free_bytes": 1u64 << 30}});
         let text = render_status(&v);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "node 1: 1 groups");
         assert!(lines[1].starts_with("GROUP  LEADER  ROLE"));
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["0", "1", "leader", "2", "5", "5", "1,2", "2:0"]
+            [
+                "0", "1", "leader", "2", "5", "5", "1,2", "2:0", "3.0", "MiB"
+            ]
+        );
+        assert_eq!(lines[3], "nodes: 1 up v0.1.0, 2 DOWN");
+        assert_eq!(
+            lines[4],
+            "disk of node 1: data dir 70.0 MiB, segment files 64.0 MiB, free 1.0 GiB"
         );
     }
 }

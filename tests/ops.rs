@@ -153,6 +153,7 @@ async fn wait_ready(http: &str) {
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     let mut help = BTreeSet::new();
     let mut typed = BTreeSet::new();
+    let mut histograms = BTreeSet::new();
     let mut samples = BTreeMap::new();
     for line in text.lines() {
         if line.is_empty() {
@@ -167,9 +168,12 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
             assert!(
-                ["counter", "gauge"].contains(&kind),
+                ["counter", "gauge", "histogram"].contains(&kind),
                 "TYPE of {name}: {kind}"
             );
+            if kind == "histogram" {
+                histograms.insert(name.to_string());
+            }
             assert!(help.contains(name), "HELP before TYPE for {name}");
             typed.insert(name.to_string());
             continue;
@@ -204,7 +208,13 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
                 );
             }
         }
-        assert!(typed.contains(name), "sample before its TYPE: {line}");
+        // A histogram's samples are its family name plus `_bucket`, `_sum` or `_count`.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|suffix| name.strip_suffix(suffix))
+            .find(|f| histograms.contains(*f))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its TYPE: {line}");
         let value: f64 = value
             .parse()
             .unwrap_or_else(|_| panic!("value of {line:?}"));
@@ -341,9 +351,12 @@ async fn single_node_http_port_health_ready_metrics_status() {
     let lines: Vec<&str> = human.lines().collect();
     assert!(lines[0].starts_with("node 1: 5 groups"), "{human}");
     assert!(lines[1].starts_with("GROUP"), "{human}");
-    // The summary, the header, one row per group, then the placement line.
-    assert_eq!(lines.len(), 2 + 5 + 1, "{human}");
-    assert!(lines[7].starts_with("placement v"), "{human}");
+    // The summary, the header, one row per group, the nodes and this node's disk, then
+    // the placement line.
+    assert_eq!(lines.len(), 2 + 5 + 2 + 1, "{human}");
+    assert!(lines[7].starts_with("nodes: 1 up"), "{human}");
+    assert!(lines[8].starts_with("disk of node 1: data dir "), "{human}");
+    assert!(lines[9].starts_with("placement v"), "{human}");
 
     // Bad input, unknown group, unknown path, transfer to the leader itself.
     let r = post(&http, "/admin/leader-transfer", "{\"group\": 1}").await;

@@ -64,6 +64,14 @@ pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {
     (group <= GROUP_ID_MAX).then_some(group << LOGS_PER_GROUP_SHIFT)
 }
 
+/// Every engine log group `group` may own (Raft log, checkpoints, snapshot staging,
+/// reserved): what its size on disk is made of. Empty if the id is too large.
+pub fn group_logs(group: GroupId) -> Vec<chatlog_storage::LogId> {
+    raft_log(group).map_or_else(Vec::new, |l| {
+        (0..1 << LOGS_PER_GROUP_SHIFT).map(|k| l | k).collect()
+    })
+}
+
 /// Engine index of Raft index `raft_index`.
 pub fn engine_index(raft_index: u64) -> u64 {
     raft_index + 1

@@ -202,6 +202,9 @@ pub struct Group {
     secret_erased: Arc<std::sync::atomic::AtomicU64>,
     /// The eraser task, stopped at shutdown (it holds the engine).
     secret_eraser: Arc<tokio::task::AbortHandle>,
+    /// Propose-to-applied latency of each entry this replica's batcher proposed as
+    /// leader (issue 7's per-group commit latency; recorded once per entry).
+    commit_latency: Arc<chatlog_storage::Histogram>,
 }
 
 impl std::fmt::Debug for Proposal {
@@ -238,6 +241,26 @@ impl Group {
             .load(std::sync::atomic::Ordering::Acquire)
             >= self.shared.read().secret().erasures_total()
     }
+
+    /// Propose-to-applied latency of the entries proposed through this replica (as
+    /// leader), one observation per entry.
+    pub fn commit_latency(&self) -> &chatlog_storage::Histogram {
+        &self.commit_latency
+    }
+
+    // ---- ops metrics (issue 7) ----
+    /// An estimate of this replica's bytes on disk: the live share of segment bytes of
+    /// the group's engine logs (Raft log, checkpoints, snapshot staging), see
+    /// `Engine::log_disk_bytes` for how it is estimated.
+    pub fn disk_bytes_estimate(&self) -> u64 {
+        self.engine.log_disk_bytes(&crate::ids::group_logs(self.id))
+    }
+
+    /// Proposals queued for the batcher now (at most `PROPOSE_QUEUE_MAX`).
+    pub fn proposal_queue_len(&self) -> usize {
+        self.proposals.max_capacity() - self.proposals.capacity()
+    }
+    // ---- end ops metrics ----
 
     /// The leader as this replica knows it.
     pub fn leader(&self) -> Option<NodeId> {
@@ -383,6 +406,7 @@ async fn run_batcher(
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     mut rx: mpsc::Receiver<Proposal>,
+    commit_latency: Arc<chatlog_storage::Histogram>,
 ) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = rx.recv().await {
@@ -404,6 +428,7 @@ async fn run_batcher(
             batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
         let payload = Batch::encode_encoded(shared.clock().next(), &commands);
         drop(commands);
+        let proposed = std::time::Instant::now();
         let fail = |replies: Vec<oneshot::Sender<Result<(Outcome, u64), ProposeError>>>,
                     e: ProposeError| {
             for r in replies {
@@ -423,6 +448,7 @@ async fn run_batcher(
                 continue;
             }
         };
+        let commit_latency = Arc::clone(&commit_latency);
         tokio::spawn(async move {
             use futures_util::StreamExt;
             let mut stream = stream;
@@ -430,6 +456,7 @@ async fn run_batcher(
             drop(permit);
             match write_outcomes(group, result, replies.len()) {
                 Ok((outcomes, index)) => {
+                    commit_latency.record(proposed.elapsed());
                     for (r, o) in replies.into_iter().zip(outcomes) {
                         let _ = r.send(Ok((o, index)));
                     }
@@ -711,7 +738,14 @@ where
             detail: format!("starting the Raft group: {e}"),
         })?;
     let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
-    tokio::spawn(run_batcher(g, raft.clone(), Arc::clone(&shared), rx));
+    let commit_latency = Arc::new(chatlog_storage::Histogram::default());
+    tokio::spawn(run_batcher(
+        g,
+        raft.clone(),
+        Arc::clone(&shared),
+        rx,
+        Arc::clone(&commit_latency),
+    ));
     tokio::spawn(log_leadership(g, node_id, raft.server_metrics()));
     let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let secret_eraser = Arc::new(
@@ -733,6 +767,7 @@ where
         proposals: tx,
         secret_erased,
         secret_eraser,
+        commit_latency,
     };
     registry.insert(group.clone());
     Ok(group)

@@ -47,6 +47,36 @@ pub enum PushError {
     TooLarge,
 }
 
+// ---- ops metrics (issue 7): push counters ----
+/// Pushes queued to client connections and connections cut off as slow readers, for
+/// `/metrics`. Process-wide: a `chatlog serve` process runs one node, and counting in
+/// [`PushSender`] (which every push goes through) needs no change anywhere else.
+#[derive(Debug, Default)]
+pub struct PushCounters {
+    /// Pushes queued to a connection (one per connection a push reached).
+    pub queued: std::sync::atomic::AtomicU64,
+    /// Pushes refused because the connection's queue was full (the connection closes).
+    pub slow_reader_cutoffs: std::sync::atomic::AtomicU64,
+}
+
+/// The process's [`PushCounters`].
+pub static PUSH_COUNTERS: PushCounters = PushCounters {
+    queued: std::sync::atomic::AtomicU64::new(0),
+    slow_reader_cutoffs: std::sync::atomic::AtomicU64::new(0),
+};
+
+impl PushCounters {
+    fn count(&self, r: &Result<(), PushError>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match r {
+            Ok(()) => self.queued.fetch_add(1, Relaxed),
+            Err(PushError::SlowReader) => self.slow_reader_cutoffs.fetch_add(1, Relaxed),
+            Err(_) => 0,
+        };
+    }
+}
+// ---- end ops metrics ----
+
 /// Sends pushes to one connection. Cheap to clone; never blocks and never buffers past
 /// the connection's `push_queue_len_max`.
 #[derive(Debug, Clone)]
@@ -59,14 +89,18 @@ impl PushSender {
     /// pushes, 0 for the others. A full queue closes the connection
     /// ([`PushError::SlowReader`]); the caller should forget the connection then.
     pub fn push(&self, request_id: u64, kind: push::Kind) -> Result<(), PushError> {
-        self.outbox.push(request_id, kind)
+        let r = self.outbox.push(request_id, kind);
+        PUSH_COUNTERS.count(&r);
+        r
     }
 
     /// Queues a push encoded once for many connections (live fan-out). The same as
     /// [`PushSender::push`] with request id 0, without encoding it again per connection:
     /// the connections share the frame's bytes.
     pub fn push_shared(&self, push: &SharedPush) -> Result<(), PushError> {
-        self.outbox.push_frame(0, push.frame.clone(), None)
+        let r = self.outbox.push_frame(0, push.frame.clone(), None);
+        PUSH_COUNTERS.count(&r);
+        r
     }
 
     /// Waits until the connection's queued pushes take at most half of its byte budget

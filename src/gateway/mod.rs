@@ -37,6 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+pub use connection::{PUSH_COUNTERS, PushCounters};
 pub use connection::{PushError, PushSender, SharedPush};
 
 /// Default for [`GatewayLimits::connections_max`].

@@ -18,6 +18,9 @@ pub struct ClientCounters {
     pub requests: AtomicU64,
     /// Of those, requests answered with an error.
     pub request_errors: AtomicU64,
+    /// Of those, requests refused with `RATE_LIMITED` (the per-user and per-connection
+    /// token buckets).
+    pub rate_limited: AtomicU64,
 }
 
 impl ClientCounters {
@@ -62,8 +65,11 @@ impl<S: Service> Service for CountedService<S> {
     ) -> Result<v1::response::Kind, v1::Error> {
         let r = self.inner.handle(conn, request_id, request).await;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if r.is_err() {
+        if let Err(e) = &r {
             self.counters.request_errors.fetch_add(1, Ordering::Relaxed);
+            if e.code == v1::ErrorCode::RateLimited as i32 {
+                self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
         }
         r
     }

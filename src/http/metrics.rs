@@ -35,6 +35,31 @@ impl Exposition {
         let _ = writeln!(self.out, " {value}");
     }
 
+    /// The samples of one histogram: cumulative `_bucket{…,le="…"}`, `_sum`, `_count`
+    /// (the family's `# HELP`/`# TYPE histogram` come first, once).
+    fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, String)],
+        h: &chatlog_storage::HistogramSnapshot,
+    ) {
+        let bucket = format!("{name}_bucket");
+        for &(bound, n) in &h.buckets {
+            let mut with_le = labels.to_vec();
+            with_le.push((
+                "le",
+                if bound.is_infinite() {
+                    "+Inf".to_owned()
+                } else {
+                    bound.to_string()
+                },
+            ));
+            self.sample(&bucket, &with_le, n);
+        }
+        self.sample(&format!("{name}_sum"), labels, h.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, h.count);
+    }
+
     /// A family with one unlabelled sample.
     fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
         self.family(name, kind, help);
@@ -55,6 +80,7 @@ pub fn render(
     groups: &[GroupView],
     clients: &ClientCounters,
     uptime_s: f64,
+    disk: &super::disk::DiskUsage,
 ) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut e = Exposition::default();
@@ -155,6 +181,70 @@ pub fn render(
         "Segment files deleted or recycled since the engine opened.",
         s.segments_freed,
     );
+
+    // ---- ops metrics (issue 7): storage latency, entries, queue, disk ----
+    e.single(
+        "chatlog_storage_entries_written_total",
+        "counter",
+        "Entries appended since the engine opened (rate() gives entries/s).",
+        s.entries_written,
+    );
+    e.single(
+        "chatlog_storage_write_queue_bytes",
+        "gauge",
+        "Bytes of batches queued for the storage I/O thread now.",
+        s.queued_bytes,
+    );
+    e.family(
+        "chatlog_storage_append_latency_seconds",
+        "histogram",
+        "Submit-to-durable time of each write batch (queue, group commit, write, fdatasync).",
+    );
+    e.histogram(
+        "chatlog_storage_append_latency_seconds",
+        &[],
+        &s.append_latency,
+    );
+    e.family(
+        "chatlog_storage_sync_latency_seconds",
+        "histogram",
+        "Write + fdatasync time of each group commit.",
+    );
+    e.histogram("chatlog_storage_sync_latency_seconds", &[], &s.sync_latency);
+    e.single(
+        "chatlog_disk_data_dir_bytes",
+        "gauge",
+        "Bytes allocated to the files under the data directory (a lower bound if the walk stopped at its limit).",
+        disk.data_dir_bytes,
+    );
+    if let Some(free) = disk.free_bytes {
+        e.single(
+            "chatlog_disk_free_bytes",
+            "gauge",
+            "Bytes free for the server on the file system holding the data directory.",
+            free,
+        );
+    }
+    e.single(
+        "chatlog_client_rate_limited_total",
+        "counter",
+        "Client requests refused with RATE_LIMITED since start.",
+        clients.rate_limited.load(Relaxed),
+    );
+    let pushes = &crate::gateway::PUSH_COUNTERS;
+    e.single(
+        "chatlog_pushes_total",
+        "counter",
+        "Pushes queued to client connections since start (one per connection reached).",
+        pushes.queued.load(Relaxed),
+    );
+    e.single(
+        "chatlog_push_slow_reader_cutoffs_total",
+        "counter",
+        "Pushes refused because a connection's push queue was full (that connection closes).",
+        pushes.slow_reader_cutoffs.load(Relaxed),
+    );
+    // ---- end ops metrics ----
 
     // Client gateway.
     e.single(
@@ -258,6 +348,49 @@ pub fn render(
         }
     }
 
+    // ---- ops metrics (issue 7): per group ----
+    type Gauge = fn(&GroupView) -> u64;
+    let per_group_ops: [(&str, &str, Gauge); 3] = [
+        (
+            "chatlog_group_commit_lag_entries",
+            "Entries appended here that this replica does not yet know as committed.",
+            |g| {
+                g.last_log_index
+                    .unwrap_or(0)
+                    .saturating_sub(g.committed.unwrap_or(0))
+            },
+        ),
+        (
+            "chatlog_group_disk_bytes",
+            "Estimated bytes of this replica on this node's disk: the live share of the segment bytes of the group's Raft log and checkpoint logs.",
+            |g| g.disk_bytes,
+        ),
+        (
+            "chatlog_group_proposal_queue_length",
+            "Proposals waiting for this replica's batcher.",
+            |g| g.proposal_queue_len as u64,
+        ),
+    ];
+    for (name, help, field) in per_group_ops {
+        e.family(name, "gauge", help);
+        for g in groups {
+            e.sample(name, &g_label(g), field(g));
+        }
+    }
+    e.family(
+        "chatlog_group_commit_latency_seconds",
+        "histogram",
+        "Propose-to-applied time of each entry proposed here as leader (one entry batches many commands).",
+    );
+    for g in groups {
+        e.histogram(
+            "chatlog_group_commit_latency_seconds",
+            &g_label(g),
+            &g.commit_latency,
+        );
+    }
+    // ---- end ops metrics ----
+
     // Per follower, from the leader's replication state (groups led here only).
     let follower_labels = |g: &GroupView, f: &super::status::FollowerView| {
         vec![
@@ -315,6 +448,28 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histograms_have_cumulative_buckets_sum_and_count() {
+        let h = chatlog_storage::Histogram::default();
+        h.record(std::time::Duration::from_micros(80));
+        h.record(std::time::Duration::from_millis(20));
+        let mut e = Exposition::default();
+        e.histogram("lat_seconds", &[("group", "2".into())], &h.snapshot());
+        let lines: Vec<&str> = e.out.lines().collect();
+        assert_eq!(lines[0], "lat_seconds_bucket{group=\"2\",le=\"0.00005\"} 0");
+        assert_eq!(lines[1], "lat_seconds_bucket{group=\"2\",le=\"0.0001\"} 1");
+        assert!(
+            e.out
+                .contains("lat_seconds_bucket{group=\"2\",le=\"0.025\"} 2\n")
+        );
+        assert!(
+            e.out
+                .contains("lat_seconds_bucket{group=\"2\",le=\"+Inf\"} 2\n")
+        );
+        assert!(e.out.contains("lat_seconds_sum{group=\"2\"} 0.02008\n"));
+        assert!(e.out.ends_with("lat_seconds_count{group=\"2\"} 2\n"));
+    }
 
     #[test]
     fn labels_are_escaped() {

@@ -2,12 +2,14 @@
 //! metrics and the admin API.
 //!
 //! What it owns: the routes, the admin token check, turning openraft's per-group metrics
-//! and the engine's stats into JSON and Prometheus text, and the leader-transfer
+//! and the engine's stats into JSON, Prometheus text and the status page, and the leader-transfer
 //! operation (trigger, then a bounded wait for the new leader). What it must not do:
 //! change how a group replicates or stores; it only reads metrics and pulls openraft's
 //! documented triggers.
 //!
 //! Endpoints:
+//! - `GET /`: the status page for people (`page.rs`): the `/admin/status` JSON as HTML,
+//!   reloading itself; the admin rule below, plus the token as a Basic-auth password.
 //! - `GET /health`: `200 ok` while the process runs.
 //! - `GET /ready`: `200` when every local group runs and knows a leader (this node or
 //!   another), else `503` with `{"ready": false, "groups_without_leader": [G, …]}`.
@@ -36,7 +38,9 @@ pub mod client;
 pub mod cluster;
 mod compact;
 mod counters;
+mod disk;
 mod metrics;
+mod page;
 mod status;
 
 use std::collections::BTreeMap;
@@ -55,6 +59,7 @@ use chatlog_raft::node::Node;
 use serde_json::{Value, json};
 
 pub use counters::{ClientCounters, CountedService};
+pub use disk::human_bytes;
 use status::GroupView;
 pub use status::LeaderChanges;
 
@@ -108,6 +113,8 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
 /// The routes.
 pub fn router(ctx: Ctx) -> Router {
     Router::new()
+        // The status page for people (page.rs).
+        .route("/", get(status_page))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_handler))
@@ -242,11 +249,16 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
 async fn metrics_handler(State(ctx): State<Ctx>) -> Response {
     bounded(HANDLER_TIMEOUT, async move {
         let groups = views(&ctx);
+        let data_dir = ctx.node.config().data_dir.clone();
+        let disk = tokio::task::spawn_blocking(move || disk::usage(&data_dir))
+            .await
+            .unwrap_or_default();
         let body = metrics::render(
             &ctx.node,
             &groups,
             &ctx.clients,
             ctx.started.elapsed().as_secs_f64(),
+            &disk,
         );
         (
             [(
@@ -260,14 +272,40 @@ async fn metrics_handler(State(ctx): State<Ctx>) -> Response {
     .await
 }
 
-/// The body of `GET /admin/status`.
-fn status_json(ctx: &HttpContext) -> Value {
+/// Longest a status waits for a peer whose liveness the heartbeats do not tell (no group
+/// led here replicates to it) to answer a probe on its peer port. Why: a live peer
+/// answers within a round trip; status must stay quick when a node is down (probes run
+/// concurrently, so this bounds the whole wait).
+pub const STATUS_PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// The body of `GET /admin/status` (and what the status page at `/` shows).
+async fn status_json(ctx: &Ctx) -> Value {
+    // ---- ops status (issue 7): probes for peers the heartbeats say nothing of, disk ----
+    let placement = ctx.node.placement();
     let groups = views(ctx);
+    let me = ctx.node.node_id();
+    let mut probes = tokio::task::JoinSet::new();
+    for &id in placement.members.keys() {
+        if id != me && status::peer_liveness(&groups, id).0.is_none() {
+            let node = Arc::clone(&ctx.node);
+            probes.spawn(async move { (id, node.peer_answers(id, STATUS_PROBE_WAIT).await) });
+        }
+    }
+    let data_dir = ctx.node.config().data_dir.clone();
+    let disk = tokio::task::spawn_blocking(move || disk::usage(&data_dir))
+        .await
+        .unwrap_or_default();
+    let mut probed = BTreeMap::new();
+    while let Some(r) = probes.join_next().await {
+        if let Ok((id, up)) = r {
+            probed.insert(id, up);
+        }
+    }
+    // ---- end ops status ----
     let me = ctx.node.node_id();
     let stats = ctx.node.engine().stats();
     let mut nodes = Vec::new();
     let mut down = Vec::new();
-    let placement = ctx.node.placement();
     for &id in placement.members.keys() {
         let peer = placement
             .members
@@ -282,6 +320,7 @@ fn status_json(ctx: &HttpContext) -> Value {
             );
         } else {
             let (up, last_ack_ms) = status::peer_liveness(&groups, id);
+            let up = up.or_else(|| probed.get(&id).copied());
             if up == Some(false) {
                 down.push(id);
             }
@@ -305,7 +344,13 @@ fn status_json(ctx: &HttpContext) -> Value {
             "uptime_s": ctx.started.elapsed().as_secs(),
             "io_backend": format!("{:?}", stats.backend),
             "disk_bytes": stats.segment_bytes,
+            "data_dir_bytes": disk.data_dir_bytes,
+            "disk_free_bytes": disk.free_bytes,
+            "data_dir_complete": disk.complete,
             "client_connections": ctx.clients.connections_open(),
+            // Upper bucket bounds in seconds (null before the first observation).
+            "append_latency_p99_s": status::p99_json(&stats.append_latency),
+            "sync_latency_p99_s": status::p99_json(&stats.sync_latency),
         },
         "nodes": nodes,
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),
@@ -323,10 +368,26 @@ async fn admin_status(
         return r;
     }
     bounded(HANDLER_TIMEOUT, async move {
-        axum::Json(status_json(&ctx)).into_response()
+        axum::Json(status_json(&ctx).await).into_response()
     })
     .await
 }
+
+// ---- status page (page.rs) ----
+async fn status_page(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = page::authorize(&ctx, peer, &headers) {
+        return r;
+    }
+    bounded(HANDLER_TIMEOUT, async move {
+        page::response(&status_json(&ctx).await)
+    })
+    .await
+}
+// ---- end status page ----
 
 /// Reads `{"group": G, "to": N}`.
 #[allow(clippy::result_large_err)]

@@ -113,6 +113,16 @@ pub struct GroupView {
     pub fatal: Option<String>,
     pub elections: u64,
     pub leader_changes: u64,
+    // ---- ops metrics (issue 7) ----
+    /// Estimated bytes of this replica on this node's disk
+    /// (`Group::disk_bytes_estimate`: the live share of the segment bytes of the group's
+    /// Raft log and checkpoint logs).
+    pub disk_bytes: u64,
+    /// Propose-to-applied latency of entries proposed here as leader.
+    pub commit_latency: chatlog_storage::HistogramSnapshot,
+    /// Proposals waiting for this replica's batcher.
+    pub proposal_queue_len: usize,
+    // ---- end ops metrics ----
 }
 
 /// Entries up to and including `index`: `None` (empty) is 0.
@@ -167,6 +177,9 @@ impl GroupView {
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
             elections,
             leader_changes,
+            disk_bytes: group.disk_bytes_estimate(),
+            commit_latency: group.commit_latency().snapshot(),
+            proposal_queue_len: group.proposal_queue_len(),
         }
     }
 
@@ -198,7 +211,21 @@ impl GroupView {
             "fatal": self.fatal,
             "elections": self.elections,
             "leader_changes": self.leader_changes,
+            "disk_bytes": self.disk_bytes,
+            // The upper bucket bound in seconds; null before the first entry led here.
+            "commit_latency_p99_s": p99_json(&self.commit_latency),
         })
+    }
+}
+
+/// The upper bucket bound (seconds) at or below which 99% of the observations fall, as
+/// JSON: a number, `"+Inf"` past the last bound (JSON has no infinity), or null before
+/// the first observation.
+pub fn p99_json(h: &chatlog_storage::HistogramSnapshot) -> Value {
+    match h.quantile_bound(0.99) {
+        None => Value::Null,
+        Some(b) if b.is_infinite() => json!("+Inf"),
+        Some(b) => json!(b),
     }
 }
 

@@ -1034,7 +1034,7 @@ fn preallocate(file: &File, len: u64) -> io::Result<()> {
 }
 
 /// Bytes available to this user on the file system holding `dir`, if it can be asked.
-fn disk_free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn disk_free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -47,6 +47,9 @@ pub(crate) struct OpSummary {
     /// Meta key and value (empty for other ops).
     pub key: Bytes,
     pub value: Bytes,
+    /// Bytes of the op's data (an append's payloads and their lengths), for the per-log
+    /// size estimate (`Engine::log_disk_bytes`).
+    pub data_len: u32,
 }
 
 /// A batch encoded as a record body, ready for the I/O thread.
@@ -272,6 +275,7 @@ impl WriteBatch {
                 aux: op.aux,
                 key,
                 value,
+                data_len: header.data_len,
             });
         }
         debug_assert_eq!(data_at, raw_len);

@@ -28,7 +28,8 @@ use crate::{recovery, writer};
 pub type Durable = Box<dyn FnOnce(Result<()>) + Send + 'static>;
 
 pub(crate) enum Msg {
-    Write(EncodedBatch, Durable),
+    /// A batch, its callback and when it was submitted (for the append latency).
+    Write(EncodedBatch, Durable, std::time::Instant),
     /// Seal the active segment now (compaction uses it to make old segments deletable).
     Rotate(Durable),
     /// Flush what is queued before this and stop.
@@ -45,6 +46,14 @@ pub(crate) struct Counters {
     pub compacted_bytes: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub segments_recycled: AtomicU64,
+    // ---- ops metrics (issue 7): latency histograms and entries written ----
+    /// Submit to durable, per batch (queue wait, group commit, write, fdatasync).
+    pub append_latency: crate::histogram::Histogram,
+    /// One group commit's write + fdatasync, per flush.
+    pub sync_latency: crate::histogram::Histogram,
+    /// Entries appended (op counts of `Append` ops) since open.
+    pub entries_written: AtomicU64,
+    // ---- end ops metrics ----
 }
 
 /// State shared by the handle and the engine's threads.
@@ -71,6 +80,9 @@ pub(crate) struct Shared {
     pub checkpointed_before: AtomicU64,
     /// The segment the I/O thread appends to.
     pub active: AtomicU64,
+    /// Where the next record goes in the active segment: the bytes of it in use, for
+    /// [`Engine::log_disk_bytes`] (the rest of the preallocated file is zeros).
+    pub active_end: AtomicU64,
 }
 
 impl Shared {
@@ -139,6 +151,16 @@ pub struct Stats {
     pub compacted_bytes: u64,
     /// Segment files deleted or recycled since open.
     pub segments_freed: u64,
+    // ---- ops metrics (issue 7) ----
+    /// Entries appended since open (the sum of every append's entry count).
+    pub entries_written: u64,
+    /// Bytes of batches queued for the I/O thread now (bounded by `queue_bytes_max`).
+    pub queued_bytes: u64,
+    /// Submit-to-durable latency of each batch since open.
+    pub append_latency: crate::histogram::HistogramSnapshot,
+    /// Write + fdatasync latency of each group commit since open.
+    pub sync_latency: crate::histogram::HistogramSnapshot,
+    // ---- end ops metrics ----
 }
 
 /// What a compaction pass did.
@@ -204,6 +226,7 @@ impl Engine {
             recycle: Mutex::new(recovered.recycle),
             checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
             active: AtomicU64::new(0),
+            active_end: AtomicU64::new(0),
             config,
         });
         let (prep_tx, prep_rx) = std::sync::mpsc::sync_channel(0);
@@ -397,8 +420,63 @@ impl Engine {
             compacted_bytes: c.compacted_bytes.load(Ordering::Relaxed),
             segments_freed: c.segments_deleted.load(Ordering::Relaxed)
                 + c.segments_recycled.load(Ordering::Relaxed),
+            entries_written: c.entries_written.load(Ordering::Relaxed),
+            queued_bytes: u64::from(self.shared.queue_bytes_max)
+                .saturating_sub(self.shared.queue_budget.available_permits() as u64),
+            append_latency: c.append_latency.snapshot(),
+            sync_latency: c.sync_latency.snapshot(),
         }
     }
+
+    // ---- ops metrics (issue 7): per-log disk size ----
+    /// An estimate of the live bytes of `logs`: for each log, its live entries times the
+    /// mean data bytes per entry of the appends the engine applied to it since it opened
+    /// (replay included; entries removed since take their proportional share along). A
+    /// log not appended to since open has no such mean: it is charged its share of each
+    /// segment holding it instead, `bytes in use × its live entries there / entries
+    /// written there`. Data bytes are uncompressed payloads; record headers, padding and
+    /// metadata values are not counted.
+    pub fn log_disk_bytes(&self, logs: &[LogId]) -> u64 {
+        let index = self.shared.index.read().expect("index lock");
+        let mut bytes = 0f64;
+        // Entries per segment of the logs without a mean (the fallback).
+        let mut by_segment: BTreeMap<u64, u64> = BTreeMap::new();
+        for log in logs {
+            let Some(state) = index.logs.get(log) else {
+                continue;
+            };
+            let live = state.bounds.next - state.bounds.first;
+            if let Some(mean) = state.seen.entry_bytes_mean() {
+                bytes += live as f64 * mean;
+                continue;
+            }
+            for span in &state.spans {
+                *by_segment.entry(span.segment).or_default() += span.last - span.first + 1;
+            }
+        }
+        if !by_segment.is_empty() {
+            let active = self.shared.active.load(Ordering::Relaxed);
+            let active_end = self.shared.active_end.load(Ordering::Relaxed);
+            let segments = self.shared.segments.read().expect("segments lock");
+            for (seg, n) in by_segment {
+                let total = index.counts.get(&seg).map_or(0, |c| c.total);
+                let Some(file) = segments.get(&seg) else {
+                    continue;
+                };
+                if total == 0 {
+                    continue;
+                }
+                let used = if seg == active {
+                    active_end.min(file.len)
+                } else {
+                    file.len
+                };
+                bytes += used as f64 * (n.min(total) as f64 / total as f64);
+            }
+        }
+        bytes.round() as u64
+    }
+    // ---- end ops metrics ----
 
     /// The failure that stopped the engine (a failed write, sync or preparation), if it
     /// has stopped: every later write fails with [`Error::Stopped`] naming it.
@@ -469,6 +547,7 @@ pub(crate) fn queued_bytes(batch: &EncodedBatch) -> u32 {
 }
 
 async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
+    let submitted = std::time::Instant::now();
     let encoded = encode(shared, batch)?;
     // Queue space is counted in bytes as well as batches: 4,096 queued batches of 16 MiB
     // would otherwise be 64 GiB. The I/O thread gives the bytes back as it takes a batch.
@@ -481,7 +560,7 @@ async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Res
         .forget();
     shared
         .tx
-        .send(Msg::Write(encoded, on_durable))
+        .send(Msg::Write(encoded, on_durable, submitted))
         .await
         .map_err(|_| Error::Closed)
 }
@@ -757,6 +836,47 @@ mod tests {
         assert_eq!(&e.get(1, 391).unwrap()[..], b"replaced");
         assert!(matches!(e.get(1, 392), Err(Error::OutOfRange { .. })));
         e.close().unwrap();
+    }
+
+    #[test]
+    fn log_sizes_follow_the_bytes_appended_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(config(dir.path())).unwrap();
+        // Log 1: 100 entries of 1,000 bytes; log 2: 100 entries of 10 bytes, 20 a batch.
+        for first in (1..=100u64).step_by(20) {
+            let mut b = WriteBatch::new();
+            b.append_many(1, first, (0..20).map(|_| vec![7u8; 1000]));
+            b.append_many(2, first, (0..20).map(|_| vec![8u8; 10]));
+            e.write_blocking(&b).unwrap();
+        }
+        let big = e.log_disk_bytes(&[1]);
+        let small = e.log_disk_bytes(&[2]);
+        assert!((100_000..=101_000).contains(&big), "log 1: {big}");
+        assert!((1_000..=2_000).contains(&small), "log 2: {small}");
+        assert_eq!(e.log_disk_bytes(&[1, 2]), big + small);
+        assert_eq!(e.log_disk_bytes(&[99]), 0, "an unknown log holds nothing");
+        let s = e.stats();
+        assert_eq!(s.entries_written, 200);
+        assert_eq!(s.append_latency.count, 5, "one observation per batch");
+        assert!(s.sync_latency.count >= 1 && s.sync_latency.count <= 5);
+        assert!(s.append_latency.sum_seconds >= s.sync_latency.sum_seconds * 0.99);
+
+        let mut b = WriteBatch::new();
+        b.purge_before(1, 51);
+        e.write_blocking(&b).unwrap();
+        let half = e.log_disk_bytes(&[1]);
+        assert!(
+            (50_000..=50_500).contains(&half),
+            "log 1 after a purge of half: {half}"
+        );
+
+        // After a restart the logs' appends are replayed (no seal yet): the same figures.
+        e.close().unwrap();
+        let e = Engine::open(config(dir.path())).unwrap();
+        assert_eq!(e.log_disk_bytes(&[1]), half);
+        assert_eq!(e.log_disk_bytes(&[2]), small);
+        let used = e.stats().segment_bytes;
+        assert!(e.log_disk_bytes(&[1, 2]) <= used);
     }
 
     #[test]

@@ -132,6 +132,49 @@ pub(crate) struct LogState {
     pub meta: BTreeMap<Bytes, Bytes>,
     /// Set when a read found corruption in this log: it serves nothing after that.
     pub failed: Option<Arc<Error>>,
+    /// Appends this index applied since the engine opened (replay included), as data
+    /// bytes and entries, scaled down by the fraction of the log removed since: the
+    /// average entry size behind `Engine::log_disk_bytes`. In memory only (not in the
+    /// checkpoint), so a log not appended to since open has none.
+    pub seen: SeenBytes,
+}
+
+/// See [`LogState::seen`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SeenBytes {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+impl SeenBytes {
+    fn add(&mut self, op: &OpSummary) {
+        self.bytes += u64::from(op.data_len);
+        self.entries += u64::from(op.count);
+    }
+
+    /// `removed` of the log's `live` entries left it: bytes and entries shrink by that
+    /// fraction, so the mean stays and later appends weigh more. (Which of the removed
+    /// entries were seen is unknown: after a restart the oldest were not.)
+    fn remove(&mut self, removed: u64, live: u64) {
+        if removed == 0 || live == 0 {
+            return;
+        }
+        let keep = |v: u64| {
+            (u128::from(v) * u128::from(live - removed.min(live)) / u128::from(live)) as u64
+        };
+        let entries = keep(self.entries);
+        if entries == 0 && removed < live {
+            // Too few seen to scale down: keep them, the mean is what matters.
+            return;
+        }
+        self.bytes = if entries == 0 { 0 } else { keep(self.bytes) };
+        self.entries = entries;
+    }
+
+    /// Mean data bytes of one entry, if any append was seen.
+    pub fn entry_bytes_mean(&self) -> Option<f64> {
+        (self.entries > 0).then(|| self.bytes as f64 / self.entries as f64)
+    }
 }
 
 impl LogState {
@@ -204,6 +247,7 @@ impl Index {
             OpKind::Append => {
                 append_span(state, loc.segment, op);
                 state.bounds = after;
+                state.seen.add(op);
                 let c = self.counts.entry(loc.segment).or_default();
                 c.total += op.count as u64;
                 c.live += op.count as u64;
@@ -270,6 +314,7 @@ impl Index {
                 .after(op)
                 .expect("op was validated before it was applied");
             append_span(state, segment, op);
+            state.seen.add(op);
             append_run(seg_runs.entry(op.log_id).or_default(), op, offset, k as u16);
             added += op.count as u64;
         }
@@ -283,6 +328,8 @@ impl Index {
         let Some(state) = self.logs.get_mut(&log) else {
             return;
         };
+        let live_before = state.bounds.next - state.bounds.first;
+        let mut removed = 0u64;
         let doomed: Vec<(u64, Location)> = state
             .overrides
             .range(from..to)
@@ -306,6 +353,7 @@ impl Index {
             }
             let cut_first = s.first.max(from);
             let cut_last = s.last.min(to.saturating_sub(1));
+            removed += cut_last - cut_first + 1;
             adjust.push((s.segment, -((cut_last - cut_first + 1) as i64)));
             if s.first < cut_first {
                 kept.push_back(Span {
@@ -323,6 +371,7 @@ impl Index {
             }
         }
         state.spans = kept;
+        state.seen.remove(removed, live_before);
         for (seg, delta) in adjust {
             if delta >= 0 {
                 self.live_add(seg, delta as u64);
@@ -520,6 +569,7 @@ mod tests {
             aux,
             key: Bytes::new(),
             value: Bytes::new(),
+            data_len: count * 100,
         }
     }
 
@@ -529,6 +579,23 @@ mod tests {
             offset,
             op: 0,
         }
+    }
+
+    #[test]
+    fn seen_bytes_keep_their_mean_through_removals() {
+        let mut seen = SeenBytes::default();
+        seen.add(&op(OpKind::Append, 1, 1, 100, 0)); // 100 entries, 100 bytes each
+        assert_eq!(seen.entry_bytes_mean(), Some(100.0));
+        seen.remove(50, 100);
+        assert_eq!((seen.entries, seen.bytes), (50, 5_000));
+        // After a restart only the newest entries were seen; removing old ones that
+        // would scale them to nothing keeps them (and the mean).
+        let mut few = SeenBytes::default();
+        few.add(&op(OpKind::Append, 1, 991, 1, 0));
+        few.remove(900, 1_000);
+        assert_eq!(few.entry_bytes_mean(), Some(100.0));
+        few.remove(1_000, 1_000);
+        assert_eq!(few.entry_bytes_mean(), None, "the whole log went");
     }
 
     /// Issue 9: compaction read entries 55..=60 of a sealed segment; before its rewrite op

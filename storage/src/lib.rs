@@ -32,6 +32,7 @@ mod error;
 pub mod fault;
 pub mod format;
 mod fs;
+pub mod histogram;
 mod idx;
 mod index;
 mod io;
@@ -51,3 +52,4 @@ pub use config::{
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};
 pub use error::{Error, Result};
 pub use fs::{File, FileSystem, StdFile, StdFileSystem};
+pub use histogram::{Histogram, HistogramSnapshot};

@@ -54,6 +54,7 @@ pub(crate) fn summaries(body: &BatchBody) -> Vec<OpSummary> {
                 aux: op.aux,
                 key,
                 value,
+                data_len: op.data_len,
             }
         })
         .collect()

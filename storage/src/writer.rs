@@ -63,6 +63,9 @@ struct IoThread {
     /// index once the group is durable.
     pending: Vec<(u32, Vec<OpSummary>)>,
     callbacks: Vec<Durable>,
+    /// When each callback's batch was submitted (the append latency), parallel to
+    /// `callbacks`.
+    submitted: Vec<Instant>,
     overlay: HashMap<LogId, Bounds>,
 }
 
@@ -103,9 +106,9 @@ pub(crate) fn io_loop(
         }
         for msg in msgs.drain(..) {
             match msg {
-                Msg::Write(batch, done) => {
+                Msg::Write(batch, done, submitted) => {
                     let bytes = crate::engine::queued_bytes(&batch).min(t.shared.queue_bytes_max);
-                    t.add(batch, done);
+                    t.add(batch, done, submitted);
                     t.shared.queue_budget.add_permits(bytes as usize);
                 }
                 Msg::Rotate(done) => {
@@ -129,7 +132,7 @@ pub(crate) fn io_loop(
 
 fn msg_bytes(m: &Msg) -> usize {
     match m {
-        Msg::Write(b, _) => b.body.len() + RECORD_HEADER_BYTES,
+        Msg::Write(b, _, _) => b.body.len() + RECORD_HEADER_BYTES,
         _ => 0,
     }
 }
@@ -155,6 +158,7 @@ impl IoThread {
             }
         };
         shared.active.store(active.id, Ordering::SeqCst);
+        shared.active_end.store(offset, Ordering::Relaxed);
         let mut t = IoThread {
             shared,
             writer,
@@ -165,6 +169,7 @@ impl IoThread {
             buf: Vec::new(),
             pending: Vec::new(),
             callbacks: Vec::new(),
+            submitted: Vec::new(),
             overlay: HashMap::new(),
         };
         if seal_tail {
@@ -176,7 +181,7 @@ impl IoThread {
     }
 
     /// Validates a batch and places its record in the group buffer.
-    fn add(&mut self, batch: EncodedBatch, done: Durable) {
+    fn add(&mut self, batch: EncodedBatch, done: Durable, submitted: Instant) {
         if let Some(e) = self.shared.stopped() {
             done(Err(e));
             return;
@@ -213,6 +218,7 @@ impl IoThread {
         self.push_record(&header, &batch.body);
         self.pending.push((at, batch.ops));
         self.callbacks.push(done);
+        self.submitted.push(submitted);
         // Only now: a seal above flushes and clears the overlay.
         self.overlay.extend(bounds);
     }
@@ -273,23 +279,35 @@ impl IoThread {
         };
         let c = &self.shared.counters;
         c.syncs.fetch_add(1, Ordering::Relaxed);
+        let synced = Instant::now();
         c.sync_ns_total
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add((synced - started).as_nanos() as u64, Ordering::Relaxed);
+        c.sync_latency.record(synced - started);
         match result {
             Ok(()) => {
+                let mut entries = 0u64;
                 {
                     let mut index = self.shared.index.write().expect("index lock");
                     for (at, ops) in self.pending.drain(..) {
+                        entries += ops
+                            .iter()
+                            .filter(|op| op.kind == crate::format::OpKind::Append)
+                            .map(|op| u64::from(op.count))
+                            .sum::<u64>();
                         index.apply_record(self.active.id, at, &ops);
                     }
                 }
+                c.entries_written.fetch_add(entries, Ordering::Relaxed);
                 c.records
                     .fetch_add(self.callbacks.len() as u64, Ordering::Relaxed);
                 c.bytes_written
                     .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
                 self.offset += self.buf.len() as u64;
+                self.shared.active_end.store(self.offset, Ordering::Relaxed);
                 self.buf.clear();
-                for done in self.callbacks.drain(..) {
+                for (done, submitted) in self.callbacks.drain(..).zip(self.submitted.drain(..)) {
+                    c.append_latency
+                        .record(synced.saturating_duration_since(submitted));
                     done(Ok(()));
                 }
             }
@@ -342,6 +360,7 @@ impl IoThread {
             .expect("segments lock")
             .insert(next.id, next.clone());
         self.offset = crate::format::SEGMENT_HEADER_BYTES as u64;
+        self.shared.active_end.store(self.offset, Ordering::Relaxed);
         self.shared.active.store(next.id, Ordering::SeqCst);
         tracing::debug!(sealed = old.id, active = next.id, "segment sealed");
         self.send_sealed();
@@ -350,6 +369,7 @@ impl IoThread {
 
     fn flush_failed(&mut self, cause: &Arc<Error>) {
         self.pending.clear();
+        self.submitted.clear();
         self.buf.clear();
         for done in self.callbacks.drain(..) {
             done(Err(Error::Stopped {
