@@ -74,6 +74,8 @@ enum Rpc {
     ReadIndex,
     /// Media bytes between replicas (not an openraft RPC; opaque to this crate).
     Media,
+    /// A cross-node fan-out poll (not an openraft RPC; opaque to this crate).
+    Fanout,
 }
 
 impl Rpc {
@@ -88,6 +90,7 @@ impl Rpc {
             Rpc::Propose => Payload::ProposeRequest(body),
             Rpc::ReadIndex => Payload::ReadIndexRequest(body),
             Rpc::Media => Payload::MediaRequest(body),
+            Rpc::Fanout => Payload::FanoutRequest(body),
         }
     }
 
@@ -102,6 +105,7 @@ impl Rpc {
             Rpc::Propose => Payload::ProposeResponse(body),
             Rpc::ReadIndex => Payload::ReadIndexResponse(body),
             Rpc::Media => Payload::MediaResponse(body),
+            Rpc::Fanout => Payload::FanoutResponse(body),
         }
     }
 
@@ -115,7 +119,8 @@ impl Rpc {
             | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b))
             | (Rpc::Propose, Payload::ProposeResponse(b))
             | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
-            | (Rpc::Media, Payload::MediaResponse(b)) => Ok(b),
+            | (Rpc::Media, Payload::MediaResponse(b))
+            | (Rpc::Fanout, Payload::FanoutResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -131,6 +136,7 @@ impl Rpc {
             Payload::ProposeRequest(b) => Some((Rpc::Propose, b.clone())),
             Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
             Payload::MediaRequest(b) => Some((Rpc::Media, b.clone())),
+            Payload::FanoutRequest(b) => Some((Rpc::Fanout, b.clone())),
             _ => None,
         }
     }
@@ -139,7 +145,7 @@ impl Rpc {
     /// reaches openraft; it is named as the append it turns into.
     fn action(self) -> RPCTypes {
         match self {
-            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex | Rpc::Media => {
+            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex | Rpc::Media | Rpc::Fanout => {
                 RPCTypes::AppendEntries
             }
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,

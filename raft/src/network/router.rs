@@ -615,6 +615,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::ReadIndexResponse(_) => "read_index_response",
         Payload::MediaRequest(_) => "media_request",
         Payload::MediaResponse(_) => "media_response",
+        Payload::FanoutRequest(_) => "fanout_request",
+        Payload::FanoutResponse(_) => "fanout_response",
         Payload::Error(_) => "error",
     }
 }
@@ -713,6 +715,21 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Media, body, ttl).await?)
+    }
+}
+
+/// Cross-node fan-out polls (opaque here; chatlog's `src/fanout/remote.rs` encodes them).
+impl Router {
+    /// Sends an encoded fan-out poll for `group` to `target` and returns its encoded
+    /// answer. Waits at most `ttl` (the poll's own wait plus the way there and back).
+    pub async fn fanout(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        Ok(self.call(target, group, Rpc::Fanout, body, ttl).await?)
     }
 }
 

@@ -88,6 +88,14 @@ pub trait GroupDirectory: Send + Sync + 'static {
         let _ = body;
         Box::pin(async move { Err(format!("this node stores no media (group {group})")) })
     }
+
+    /// Serves an encoded cross-node fan-out poll for `group` (opaque to this crate;
+    /// chatlog's fan-out hub answers it) and returns its encoded answer, or why it cannot
+    /// be served. This default serves none.
+    fn fanout(&self, group: GroupId, body: Bytes) -> BoxFuture<'static, Result<Bytes, String>> {
+        let _ = body;
+        Box::pin(async move { Err(format!("this node serves no fan-out polls (group {group})")) })
+    }
 }
 
 struct Context {
@@ -623,6 +631,18 @@ impl Work {
                     Err(_) => Err(node_error(
                         NodeErrorCode::Unavailable,
                         format!("media request not served within {FORWARDED_WORK_TIMEOUT:?}"),
+                    )),
+                }
+            }
+            Work::Request(Rpc::Fanout, body) => {
+                match tokio::time::timeout(FORWARDED_WORK_TIMEOUT, directory.fanout(group, body))
+                    .await
+                {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(node_error(NodeErrorCode::Unavailable, e)),
+                    Err(_) => Err(node_error(
+                        NodeErrorCode::Unavailable,
+                        format!("fan-out poll not served within {FORWARDED_WORK_TIMEOUT:?}"),
                     )),
                 }
             }
