@@ -1,0 +1,197 @@
+//! What moved in a local group replica after a Raft index, for a set of users: the one
+//! computation behind both the local watchers and the answers to remote pollers.
+//!
+//! What it owns: turning "entries `(after, through]`" into per-chat seq ranges and
+//! recipients, and per-user own-log seq ranges. The chats and users to look at come from
+//! the replica's changed-chats feed (`chatlog_raft::feed`); when the feed no longer
+//! reaches back to `after`, every chat of the group is looked at instead (a rescan: the
+//! same answer, O(chats) instead of O(changes)). The ranges come from the Raft index
+//! each event was applied at (a binary search per chat), so the answer is the same on
+//! every replica: a cursor taken from one replica is good on another.
+//!
+//! What it must not do: read the log (callers read the events of the ranges once), or
+//! hold the state lock across an await.
+
+use std::collections::{HashMap, HashSet};
+
+use chatlog_raft::chat::{ChatId, UserId, group_of, make_id};
+use chatlog_raft::feed::FeedRead;
+use chatlog_raft::node::Group;
+
+use super::{Hub, OnlineUser};
+
+/// Whose news is wanted.
+pub(super) enum Audience<'a> {
+    /// The users online on this node (the local watcher). Every chat that moved is
+    /// answered, with or without recipients: push notifications look at all of them.
+    OnlineHere,
+    /// Users online on a polling node. Only chats one of them is a member of are
+    /// answered.
+    Users(&'a HashSet<UserId>),
+}
+
+/// New events of one chat.
+#[derive(Debug)]
+pub(super) struct ChatNews {
+    pub chat: ChatId,
+    /// First new seq.
+    pub from: u64,
+    /// Last new seq (`from..=to` is not empty).
+    pub to: u64,
+    /// The audience's users who are members of the chat.
+    pub recipients: Vec<UserId>,
+}
+
+/// New entries of one user's own log.
+#[derive(Debug)]
+pub(super) struct UserNews {
+    pub user: UserId,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// What moved in the entries `(after, through]`.
+#[derive(Debug, Default)]
+pub(super) struct News {
+    /// The last entry covered; never below the asked `after`.
+    pub through: u64,
+    pub chats: Vec<ChatNews>,
+    pub users: Vec<UserNews>,
+    /// The feed did not reach back to `after`: every chat was looked at.
+    pub rescanned: bool,
+}
+
+impl News {
+    /// Events (chat and user) the news names.
+    pub fn events(&self) -> u64 {
+        self.chats.iter().map(|c| c.to + 1 - c.from).sum::<u64>()
+            + self.users.iter().map(|u| u.to + 1 - u.from).sum::<u64>()
+    }
+}
+
+/// The audience as a set, whichever it is.
+enum Set<'a> {
+    Online(&'a HashMap<UserId, OnlineUser>),
+    Given(&'a HashSet<UserId>),
+}
+
+impl Set<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Set::Online(m) => m.len(),
+            Set::Given(s) => s.len(),
+        }
+    }
+    fn contains(&self, u: UserId) -> bool {
+        match self {
+            Set::Online(m) => m.contains_key(&u),
+            Set::Given(s) => s.contains(&u),
+        }
+    }
+    fn users(&self) -> Vec<UserId> {
+        match self {
+            Set::Online(m) => m.keys().copied().collect(),
+            Set::Given(s) => s.iter().copied().collect(),
+        }
+    }
+}
+
+impl Hub {
+    /// What moved in `group` in the entries after `after`, up to at most `through_max`,
+    /// for `audience` (see the module docs).
+    pub(super) fn news(
+        &self,
+        group: &Group,
+        after: u64,
+        through_max: u64,
+        audience: Audience<'_>,
+    ) -> News {
+        let feed = group.shared().changes_after(after);
+        // Lock order: group state, then the registry.
+        let st = group.shared().read();
+        let (through, chats, users, rescanned) = match feed {
+            FeedRead::Changes(c) => (c.through, Some(c.chats), Some(c.users), false),
+            // The state read now holds everything applied up to the watch's value.
+            FeedRead::TooFarBehind { .. } => (*group.shared().applied().borrow(), None, None, true),
+        };
+        let through = through.min(through_max);
+        if through <= after {
+            return News {
+                through: after,
+                ..News::default()
+            };
+        }
+        let online;
+        let (set, every_moved_chat) = match audience {
+            Audience::OnlineHere => {
+                online = self.online();
+                (Set::Online(&online.users), true)
+            }
+            Audience::Users(s) => (Set::Given(s), false),
+        };
+        let mut news = News {
+            through,
+            rescanned,
+            ..News::default()
+        };
+        let all_chats = || {
+            (1u64..)
+                .map(|local| make_id(group.id(), local))
+                .take_while(|chat| st.head_seq(*chat).is_some())
+                .collect::<Vec<_>>()
+        };
+        let chats: Vec<ChatId> = chats.map_or_else(all_chats, |c| c.into_iter().collect());
+        for chat in chats {
+            let (Some(from), Some(next)) = (
+                st.chat_seq_after(chat, after),
+                st.chat_seq_after(chat, through),
+            ) else {
+                continue;
+            };
+            if from >= next {
+                continue;
+            }
+            let Some(view) = st.chat(chat) else { continue };
+            let mut recipients = Vec::new();
+            if (set.len() as u64) < view.member_count {
+                recipients.extend(
+                    set.users()
+                        .into_iter()
+                        .filter(|u| st.role(chat, *u).is_some()),
+                );
+            } else if let Some((members, _)) = st.members(chat, 0, usize::MAX) {
+                recipients.extend(members.iter().map(|m| m.user).filter(|u| set.contains(*u)));
+            }
+            if recipients.is_empty() && !every_moved_chat {
+                continue;
+            }
+            news.chats.push(ChatNews {
+                chat,
+                from,
+                to: next - 1,
+                recipients,
+            });
+        }
+        let in_group = |u: &UserId| group_of(*u) == group.id() && set.contains(*u);
+        let users: Vec<UserId> = match users {
+            Some(moved) => moved.into_iter().filter(in_group).collect(),
+            None => set.users().into_iter().filter(in_group).collect(),
+        };
+        for user in users {
+            let (Some(from), Some(next)) = (
+                st.user_seq_after(user, after),
+                st.user_seq_after(user, through),
+            ) else {
+                continue;
+            };
+            if from < next {
+                news.users.push(UserNews {
+                    user,
+                    from,
+                    to: next - 1,
+                });
+            }
+        }
+        news
+    }
+}
