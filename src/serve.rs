@@ -400,9 +400,7 @@ async fn serve(
         registry.clone(),
     ));
     // ... and fan-out polls from nodes without a replica (answered by the hub, set below).
-    let fanout_directory = Arc::new(crate::fanout::FanoutDirectory::new(
-        media_directory.clone(),
-    ));
+    let fanout_directory = Arc::new(crate::fanout::FanoutDirectory::new(media_directory.clone()));
     // The bot API's way to media, bound once the chat service started the media side.
     let media_link = Arc::new(crate::media::MediaLink::default());
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);

@@ -225,7 +225,10 @@ mod tests {
             f.record(i, &[post(i)]);
         }
         assert_eq!(f.entries.len(), FEED_ENTRIES_MAX);
-        assert_eq!(f.changes_after(4), FeedRead::TooFarBehind { covered_from: 5 });
+        assert_eq!(
+            f.changes_after(4),
+            FeedRead::TooFarBehind { covered_from: 5 }
+        );
         let FeedRead::Changes(c) = f.changes_after(5) else {
             panic!("covered")
         };
@@ -237,9 +240,15 @@ mod tests {
             f.record(i, &wide);
         }
         assert!(f.ids <= FEED_IDS_MAX);
-        assert_eq!(f.changes_after(0), FeedRead::TooFarBehind { covered_from: 1 });
+        assert_eq!(
+            f.changes_after(0),
+            FeedRead::TooFarBehind { covered_from: 1 }
+        );
         // A gap in the indexes (a snapshot) covers nothing before it.
         f.record(10, &[post(1)]);
-        assert_eq!(f.changes_after(9), FeedRead::TooFarBehind { covered_from: 10 });
+        assert_eq!(
+            f.changes_after(9),
+            FeedRead::TooFarBehind { covered_from: 10 }
+        );
     }
 }

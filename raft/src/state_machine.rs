@@ -459,9 +459,7 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             previous = Some(entry.log_id);
             let reply = self.apply_entry(entry)?;
             // The feed first: whoever sees the new applied index finds it recorded.
-            self.shared
-                .feed()
-                .record(reply.log_index, &reply.outcomes);
+            self.shared.feed().record(reply.log_index, &reply.outcomes);
             self.shared.applied.send_replace(reply.log_index);
             if let Some(responder) = responder {
                 responder.send(reply);

@@ -45,12 +45,12 @@ mod news;
 mod presence;
 mod remote;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
-pub use remote::{
-    FANOUT_ANSWER_BYTES_MAX, FANOUT_ANSWER_EVENTS_MAX, FANOUT_GROUPS_RECHECK, FANOUT_POLL_USERS_MAX,
-    FANOUT_POLL_WAIT_MS, FANOUT_POLL_WAIT_MS_MAX, FANOUT_RETRY_MAX, FANOUT_RETRY_MIN,
-    FanoutDirectory,
-};
 pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
+pub use remote::{
+    FANOUT_ANSWER_BYTES_MAX, FANOUT_ANSWER_EVENTS_MAX, FANOUT_GROUPS_RECHECK,
+    FANOUT_POLL_USERS_MAX, FANOUT_POLL_WAIT_MS, FANOUT_POLL_WAIT_MS_MAX, FANOUT_RETRY_MAX,
+    FANOUT_RETRY_MIN, FanoutDirectory,
+};
 
 mod secret;
 pub use secret::SECRET_TICK_INTERVAL;
@@ -328,7 +328,12 @@ impl Hub {
                 Some(events) => events,
                 None => {
                     // Sessions see the gap in seqs at their next push and sync.
-                    tracing::error!(chat, from = next, to = last, "fan-out could not read events");
+                    tracing::error!(
+                        chat,
+                        from = next,
+                        to = last,
+                        "fan-out could not read events"
+                    );
                     return;
                 }
             };

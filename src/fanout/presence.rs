@@ -9,8 +9,7 @@
 //!
 //! Limits of this slice: presence and typing are per node. A user online on another node
 //! of a cluster reads as offline here, and typing reaches the members online on the
-//! typist's node (the same limit as live fan-out of chats whose group has no replica
-//! here).
+//! typist's node (live chat and user events cross nodes: `remote.rs`; these do not).
 
 use std::collections::{HashMap, HashSet};
 

@@ -174,7 +174,11 @@ impl Hub {
                     continue;
                 }
                 // One entry too big to answer: the poller's users resync.
-                tracing::warn!(group = g, after, "a fan-out answer for one entry is too large");
+                tracing::warn!(
+                    group = g,
+                    after,
+                    "a fan-out answer for one entry is too large"
+                );
                 return Ok(encode(FanoutAnswer {
                     through_index: news.through,
                     lost: true,
