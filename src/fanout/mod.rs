@@ -147,16 +147,17 @@ impl Hub {
         let mut watched = BTreeMap::new();
         let changes = hub.node.local_changes();
         for group in hub.node.groups() {
-            let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
-            watchers.push(task.abort_handle());
-            watched.insert(group.id(), task.abort_handle());
+            let id = group.id();
+            let running = Watcher::spawn(&hub, group);
+            watchers.push(running.task.abort_handle());
+            watched.insert(id, running);
         }
         watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
         let follow = tokio::spawn(follow_groups(
             Arc::downgrade(&hub),
             changes,
             watched,
-            std::collections::BTreeMap::new(),
+            BTreeMap::new(),
         ));
         watchers.push(follow.abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
@@ -502,13 +503,48 @@ pub(crate) fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
     out
 }
 
+/// Longest a watcher whose replica went away may take to finish its round before it is
+/// aborted. Why: a round is a few log reads; waiting for it keeps the cursor handed to
+/// the remote poller exact (no event pushed twice).
+const WATCHER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A running watcher of a local replica.
+struct Watcher {
+    /// Set to stop the watcher at its next round boundary.
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn spawn(hub: &Arc<Hub>, group: Group) -> Watcher {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(watch_group(Arc::downgrade(hub), group, stopped));
+        Watcher { stop, task }
+    }
+
+    /// Stops the watcher between two rounds (aborts it after [`WATCHER_STOP_WAIT`]), so
+    /// the cursor it left names exactly what it delivered.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(WATCHER_STOP_WAIT, self.task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}
+
 /// Follows the node's local replicas as the placement changes them (`admin group add`,
 /// replica moves): a watcher for each new one, none for one that moved away; and a
 /// remote poller (`remote.rs`) for each chat group with no local replica, in a cluster.
+/// A group changing hands between its watcher and its poller hands over its cursor: the
+/// one stops (between rounds) before the other starts.
 async fn follow_groups(
     hub: Weak<Hub>,
     mut changes: tokio::sync::watch::Receiver<u64>,
-    mut watched: BTreeMap<GroupId, tokio::task::AbortHandle>,
+    mut watched: BTreeMap<GroupId, Watcher>,
     mut polled: BTreeMap<GroupId, tokio::task::JoinHandle<()>>,
 ) {
     loop {
@@ -516,26 +552,34 @@ async fn follow_groups(
             let Some(h) = hub.upgrade() else { return };
             let groups = h.node.groups();
             let ids: BTreeSet<_> = groups.iter().map(Group::id).collect();
-            watched.retain(|g, task| {
-                let keep = ids.contains(g);
-                if !keep {
-                    task.abort();
-                }
-                keep
-            });
-            for group in groups {
-                if !watched.contains_key(&group.id()) {
-                    let id = group.id();
-                    let task = tokio::spawn(watch_group(Weak::clone(&hub), group));
-                    h.watchers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(task.abort_handle());
-                    watched.insert(id, task.abort_handle());
+            let gone: Vec<GroupId> = watched
+                .keys()
+                .filter(|g| !ids.contains(g))
+                .copied()
+                .collect();
+            for g in gone {
+                if let Some(w) = watched.remove(&g) {
+                    w.stop().await;
                 }
             }
-            // A poller stops by itself once a local replica exists (at a round boundary,
-            // handing over its cursor); one that stopped is replaced if still needed.
+            for group in groups {
+                let id = group.id();
+                if watched.contains_key(&id) {
+                    continue;
+                }
+                if let Some(poller) = polled.remove(&id) {
+                    // A poller's delivery and cursor update have no await between them:
+                    // aborted at an await, it leaves an exact cursor.
+                    poller.abort();
+                    let _ = poller.await;
+                }
+                let running = Watcher::spawn(&h, group);
+                h.watchers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(running.task.abort_handle());
+                watched.insert(id, running);
+            }
             polled.retain(|_, task| !task.is_finished());
             if h.node.router().is_some() {
                 for g in 1..=h.node.chat_groups() {
@@ -558,7 +602,11 @@ async fn follow_groups(
 }
 
 /// The watcher of one local group replica (see the module docs).
-async fn watch_group(hub: Weak<Hub>, group: Group) {
+async fn watch_group(
+    hub: Weak<Hub>,
+    group: Group,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let mut applied = group.shared().applied();
     // What exists at start is history, not news: start from what is applied now, unless
     // a remote poller delivered this group here before (then from where it stopped).
@@ -588,8 +636,12 @@ async fn watch_group(hub: Weak<Hub>, group: Group) {
             hub.push_user_events(&group).await;
             hub.push_secret(&group, &mut secret_pushed).await;
         }
-        if applied.changed().await.is_err() {
+        if *stopped.borrow() {
             return;
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = stopped.changed() => return,
         }
     }
 }

@@ -286,7 +286,7 @@ pub(super) async fn poll_group(hub: Weak<Hub>, g: GroupId) {
         {
             Ok(a) => a,
             Err(error) => {
-                tracing::debug!(group = g, node = target, %error, "fan-out poll failed; asking the next replica");
+                tracing::info!(group = g, node = target, %error, "fan-out poll failed; asking the next replica");
                 turn += 1;
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(FANOUT_RETRY_MAX);
