@@ -218,6 +218,78 @@ mod tests {
         );
     }
 
+    /// The feed and `GroupState::chat_seq_after` together: what moved after index A is
+    /// exactly the events applied in entries after A, whichever replica answers.
+    #[test]
+    fn seq_ranges_follow_raft_indexes() {
+        use crate::chat::{ChatKind, Command, GroupState};
+        let mut st = GroupState::new(1);
+        let mut feed = Feed::new(0);
+        let mut index = 0;
+        let mut apply = |st: &mut GroupState, feed: &mut Feed, cmds: Vec<Command>| {
+            index += 1;
+            let outcomes: Vec<Outcome> = cmds
+                .iter()
+                .enumerate()
+                .map(|(pos, c)| st.apply(c, 1_000, index, pos))
+                .collect();
+            feed.record(index, &outcomes);
+            outcomes
+        };
+        let Outcome::UserCreated { user } = apply(
+            &mut st,
+            &mut feed,
+            vec![Command::CreateUser {
+                name: "ann".into(),
+                login_token_hash: [1; 32],
+            }],
+        )[0] else {
+            panic!("user")
+        };
+        let Outcome::Event { chat, .. } = apply(
+            &mut st,
+            &mut feed,
+            vec![Command::CreateChat {
+                creator: user,
+                kind: ChatKind::Group,
+                title: "t".into(),
+                members: vec![],
+            }],
+        )[0] else {
+            panic!("chat")
+        };
+        let post = |cmid| Command::Post {
+            chat,
+            sender: user,
+            client_message_id: cmid,
+            text: "hi".into(),
+            media: None,
+            reply_to: 0,
+        };
+        // Entry 3: seqs 2..=4; entry 4: a duplicate only; entry 5: seq 5.
+        apply(&mut st, &mut feed, vec![post(1), post(2), post(3)]);
+        apply(&mut st, &mut feed, vec![post(1)]);
+        apply(&mut st, &mut feed, vec![post(4)]);
+        assert_eq!(st.chat_seq_after(chat, 2), Some(2));
+        assert_eq!(st.chat_seq_after(chat, 3), Some(5));
+        assert_eq!(st.chat_seq_after(chat, 4), Some(5));
+        assert_eq!(st.chat_seq_after(chat, 5), Some(6), "head + 1");
+        assert_eq!(st.chat_seq_after(chat + 1, 0), None);
+        let FeedRead::Changes(c) = feed.changes_after(3) else {
+            panic!("covered")
+        };
+        assert_eq!(c.chats.into_iter().collect::<Vec<_>>(), vec![chat]);
+        assert_eq!(
+            feed.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![2, 3, 5],
+            "a new user and a duplicate post move no chat"
+        );
+        let FeedRead::Changes(c) = feed.changes_after(2) else {
+            panic!("covered")
+        };
+        assert_eq!(c.through, 5);
+    }
+
     #[test]
     fn trimming_the_ring_answers_too_far_behind_never_a_partial_set() {
         let mut f = Feed::new(0);
