@@ -88,10 +88,10 @@ impl Set<'_> {
             Set::Given(s) => s.contains(&u),
         }
     }
-    fn users(&self) -> Vec<UserId> {
+    fn users(&self) -> Box<dyn Iterator<Item = UserId> + '_> {
         match self {
-            Set::Online(m) => m.keys().copied().collect(),
-            Set::Given(s) => s.iter().copied().collect(),
+            Set::Online(m) => Box::new(m.keys().copied()),
+            Set::Given(s) => Box::new(s.iter().copied()),
         }
     }
 }
@@ -154,11 +154,7 @@ impl Hub {
             let Some(view) = st.chat(chat) else { continue };
             let mut recipients = Vec::new();
             if (set.len() as u64) < view.member_count {
-                recipients.extend(
-                    set.users()
-                        .into_iter()
-                        .filter(|u| st.role(chat, *u).is_some()),
-                );
+                recipients.extend(set.users().filter(|u| st.role(chat, *u).is_some()));
             } else if let Some((members, _)) = st.members(chat, 0, usize::MAX) {
                 recipients.extend(members.iter().map(|m| m.user).filter(|u| set.contains(*u)));
             }
@@ -175,7 +171,7 @@ impl Hub {
         let in_group = |u: &UserId| group_of(*u) == group.id() && set.contains(*u);
         let users: Vec<UserId> = match users {
             Some(moved) => moved.into_iter().filter(in_group).collect(),
-            None => set.users().into_iter().filter(in_group).collect(),
+            None => set.users().filter(in_group).collect(),
         };
         for user in users {
             let (Some(from), Some(next)) = (

@@ -70,6 +70,11 @@ pub const FANOUT_RETRY_MIN: Duration = Duration::from_millis(50);
 /// Longest pause between failed polls. Why: a group with no replica answering (an
 /// outage) is retried about once a second, not in a loop.
 pub const FANOUT_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Pause before a poll is asked again because users came online here. Why: the
+/// abandoned poll stays held on the replica until its wait ends (the protocol has no
+/// cancel), so a burst of logins must not become thousands of held polls; 20 ms is
+/// below what a person notices, and the new users miss nothing (same cursor).
+pub const FANOUT_REPOLL_PAUSE: Duration = Duration::from_millis(20);
 /// How often the hub looks for groups that need a poller (a group added to the
 /// cluster does not change this node's local replicas). Why: a new group has no chats
 /// with members online here for a while; a second is plenty.
@@ -277,8 +282,12 @@ pub(super) async fn poll_group(hub: Weak<Hub>, g: GroupId) {
         let ttl = Duration::from_millis(u64::from(FANOUT_POLL_WAIT_MS)) + FANOUT_ANSWER_TIME;
         let answer = tokio::select! {
             a = router.fanout(target, g, body, ttl) => a,
-            // Someone came online here: ask again, for them too, from the same cursor.
-            _ = online_changes.changed() => continue,
+            // Someone came online here: ask again, for them too, from the same cursor
+            // (after a pause that gathers a burst of logins into one new poll).
+            _ = online_changes.changed() => {
+                tokio::time::sleep(FANOUT_REPOLL_PAUSE).await;
+                continue;
+            }
         };
         let answer = match answer
             .map_err(|e| e.to_string())
