@@ -8,12 +8,16 @@
 //! (connected to node 3) reaches them too. Then each replica of group 1 in turn is
 //! killed with SIGKILL (and restarted) while posts continue: whichever replica node 1
 //! was polling dies at some point, and the devices still end with exactly the chats'
-//! events, dense and once, equal to the history a replica serves.
+//! events, dense and once, equal to the history a replica serves. Push notifications
+//! (sent by the chats' group leader, on another node) reach the member who is offline
+//! and never the members online on node 1.
 //!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it.
 
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/webhook.rs"]
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -202,13 +206,38 @@ async fn receive_until(
     }
 }
 
+/// The highest `last_seq` notified per (user, chat) so far.
+fn notified(rx: &webhook::Receiver) -> BTreeMap<(u64, u64), u64> {
+    let mut by = BTreeMap::new();
+    for (_, body) in rx.requests.lock().expect("lock").iter() {
+        for n in body["notifications"].as_array().expect("notifications") {
+            let key = (
+                n["user_id"].as_u64().expect("user"),
+                n["chat_id"].as_u64().expect("chat"),
+            );
+            let seq = n["last_seq"].as_u64().expect("seq");
+            let e = by.entry(key).or_insert(0);
+            *e = seq.max(*e);
+        }
+    }
+    by
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_on_a_node_without_a_replica_get_every_event_across_replica_kills() {
+    let (hook, notifications) = webhook::start().await;
     let mut cluster = tokio::task::block_in_place(|| {
         Cluster::start(Options {
             nodes: 4,
             groups: 2,
-            extra: vec!["--replicas".into(), "3".into()],
+            extra: vec![
+                "--replicas".into(),
+                "3".into(),
+                "--push-webhook".into(),
+                hook,
+                "--push-collapse-ms".into(),
+                "200".into(),
+            ],
             ..Options::default()
         })
     });
@@ -218,8 +247,10 @@ async fn sessions_on_a_node_without_a_replica_get_every_event_across_replica_kil
     let alice = user_in_user_group(&setup, "alice").await;
     let bob = user_in_user_group(&setup, "bob").await;
     let paul = user_in_user_group(&setup, "paul").await;
+    // Carol never connects: she is the one member push notifications are for.
+    let carol = user_in_user_group(&setup, "carol").await;
     let (poster, _) = device(&cluster, VIEWER_NODE, &paul, "paul-desk").await;
-    let members = [alice.0, bob.0];
+    let members = [alice.0, bob.0, carol.0];
     let group_chat = chat_in_chat_group(&poster, v1::ChatKind::Group, &members).await;
     let channel = chat_in_chat_group(&poster, v1::ChatKind::Channel, &members).await;
     eprintln!("group chat {group_chat}, channel {channel}; alice {alice:?} bob {bob:?}");
@@ -271,6 +302,31 @@ async fn sessions_on_a_node_without_a_replica_get_every_event_across_replica_kil
             heads.iter().all(|(chat, head)| g.last(*chat) >= *head)
         })
         .await;
+    }
+
+    // Push notifications: the leader of the chats' group (another node) notifies carol,
+    // and never alice or bob, who are online on node 1 (as node 1 told the others).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let by_user = notified(&notifications);
+        if heads
+            .iter()
+            .all(|(chat, head)| by_user.get(&(carol.0, *chat)).is_some_and(|s| s >= head))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "carol not notified up to {heads:?}: {by_user:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let by_user = notified(&notifications);
+    for user in [alice.0, bob.0, paul.0] {
+        assert!(
+            by_user.keys().all(|(u, _)| *u != user),
+            "user {user} is online on node 1 and was notified: {by_user:?}"
+        );
     }
 
     // A read marker set by alice's device on node 3 reaches her devices on node 1.

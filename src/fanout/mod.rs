@@ -42,9 +42,11 @@ use crate::gateway::{Principal, PushSender, SharedPush};
 use crate::notify::Notifier;
 
 mod news;
+mod online;
 mod presence;
 mod remote;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
+pub use online::{ONLINE_ANNOUNCE_INTERVAL, ONLINE_REMOTE_EXPIRY};
 pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
 pub use remote::{
     FANOUT_ANSWER_BYTES_MAX, FANOUT_ANSWER_EVENTS_MAX, FANOUT_GROUPS_RECHECK,
@@ -121,6 +123,10 @@ pub struct Hub {
     cursors: Mutex<HashMap<GroupId, u64>>,
     /// Bumped when a user comes online here: remote pollers ask again for them too.
     online_changes: tokio::sync::watch::Sender<u64>,
+    /// The users online on each other node, as it last told (`online.rs`), and when.
+    remote_online: Mutex<
+        HashMap<chatlog_raft::NodeId, (std::time::Instant, std::collections::HashSet<UserId>)>,
+    >,
 }
 
 impl Drop for Hub {
@@ -142,6 +148,7 @@ impl Hub {
             presence: Mutex::default(),
             cursors: Mutex::default(),
             online_changes: tokio::sync::watch::Sender::new(0),
+            remote_online: Mutex::default(),
         });
         let mut watchers = Vec::new();
         let mut watched = BTreeMap::new();
@@ -153,6 +160,9 @@ impl Hub {
             watched.insert(id, running);
         }
         watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
+        if hub.node.router().is_some() {
+            watchers.push(tokio::spawn(online::announce(Arc::downgrade(&hub))).abort_handle());
+        }
         let follow = tokio::spawn(follow_groups(
             Arc::downgrade(&hub),
             changes,
@@ -170,9 +180,10 @@ impl Hub {
         let _ = self.notifier.set(notifier);
     }
 
-    /// Whether `user` has an authenticated connection on this node.
+    /// Whether `user` has an authenticated connection on this node, or on another node
+    /// of the cluster as that node last told (`online.rs`).
     pub fn is_online(&self, user: UserId) -> bool {
-        self.online().users.contains_key(&user)
+        self.online().users.contains_key(&user) || self.online_elsewhere(user)
     }
 
     fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {

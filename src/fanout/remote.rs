@@ -82,7 +82,7 @@ pub const FANOUT_GROUPS_RECHECK: Duration = Duration::from_secs(1);
 
 impl Hub {
     /// The users online here, at most [`FANOUT_POLL_USERS_MAX`] (the lowest ids).
-    fn online_users(&self) -> Vec<UserId> {
+    pub(super) fn online_users(&self) -> Vec<UserId> {
         let online = self.online();
         let mut users: Vec<UserId> = online.users.keys().copied().collect();
         if users.len() > FANOUT_POLL_USERS_MAX {
@@ -374,5 +374,12 @@ impl GroupDirectory for FanoutDirectory {
             return Box::pin(async { Err("this node's fan-out hub is starting".to_string()) });
         };
         Box::pin(async move { hub.serve_poll(group, body).await })
+    }
+
+    fn online(&self, from: chatlog_raft::NodeId, body: Bytes) -> Result<(), String> {
+        match self.hub.get().and_then(Weak::upgrade) {
+            Some(hub) => hub.online_from(from, body),
+            None => Ok(()),
+        }
     }
 }

@@ -76,6 +76,8 @@ enum Rpc {
     Media,
     /// A cross-node fan-out poll (not an openraft RPC; opaque to this crate).
     Fanout,
+    /// A node's online users for the others (not an openraft RPC; opaque to this crate).
+    Online,
 }
 
 impl Rpc {
@@ -91,6 +93,7 @@ impl Rpc {
             Rpc::ReadIndex => Payload::ReadIndexRequest(body),
             Rpc::Media => Payload::MediaRequest(body),
             Rpc::Fanout => Payload::FanoutRequest(body),
+            Rpc::Online => Payload::OnlineRequest(body),
         }
     }
 
@@ -106,6 +109,7 @@ impl Rpc {
             Rpc::ReadIndex => Payload::ReadIndexResponse(body),
             Rpc::Media => Payload::MediaResponse(body),
             Rpc::Fanout => Payload::FanoutResponse(body),
+            Rpc::Online => Payload::OnlineResponse(body),
         }
     }
 
@@ -120,7 +124,8 @@ impl Rpc {
             | (Rpc::Propose, Payload::ProposeResponse(b))
             | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
             | (Rpc::Media, Payload::MediaResponse(b))
-            | (Rpc::Fanout, Payload::FanoutResponse(b)) => Ok(b),
+            | (Rpc::Fanout, Payload::FanoutResponse(b))
+            | (Rpc::Online, Payload::OnlineResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -137,6 +142,7 @@ impl Rpc {
             Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
             Payload::MediaRequest(b) => Some((Rpc::Media, b.clone())),
             Payload::FanoutRequest(b) => Some((Rpc::Fanout, b.clone())),
+            Payload::OnlineRequest(b) => Some((Rpc::Online, b.clone())),
             _ => None,
         }
     }
@@ -145,9 +151,12 @@ impl Rpc {
     /// reaches openraft; it is named as the append it turns into.
     fn action(self) -> RPCTypes {
         match self {
-            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex | Rpc::Media | Rpc::Fanout => {
-                RPCTypes::AppendEntries
-            }
+            Rpc::AppendEntries
+            | Rpc::Propose
+            | Rpc::ReadIndex
+            | Rpc::Media
+            | Rpc::Fanout
+            | Rpc::Online => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

@@ -617,6 +617,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::MediaResponse(_) => "media_response",
         Payload::FanoutRequest(_) => "fanout_request",
         Payload::FanoutResponse(_) => "fanout_response",
+        Payload::OnlineRequest(_) => "online_request",
+        Payload::OnlineResponse(_) => "online_response",
         Payload::Error(_) => "error",
     }
 }
@@ -730,6 +732,18 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Fanout, body, ttl).await?)
+    }
+
+    /// Sends this node's encoded online users to `target` (frame group 0). Waits at most
+    /// `ttl`.
+    pub async fn online(
+        &self,
+        target: NodeId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ForwardError> {
+        self.call(target, 0, Rpc::Online, body, ttl).await?;
+        Ok(())
     }
 }
 

@@ -96,6 +96,13 @@ pub trait GroupDirectory: Send + Sync + 'static {
         let _ = body;
         Box::pin(async move { Err(format!("this node serves no fan-out polls (group {group})")) })
     }
+
+    /// Takes another node's encoded online users (opaque to this crate; chatlog's
+    /// fan-out hub keeps them). This default ignores them.
+    fn online(&self, from: NodeId, body: Bytes) -> Result<(), String> {
+        let _ = (from, body);
+        Ok(())
+    }
 }
 
 struct Context {
@@ -388,7 +395,7 @@ impl Connection {
         let sink = self.sink.clone();
         let directory = Arc::clone(&self.context.groups);
         self.handlers.spawn(async move {
-            let payload = match work.run(group, raft, directory).await {
+            let payload = match work.run(from, group, raft, directory).await {
                 Ok(body) => rpc.response(body),
                 Err(error) => error,
             };
@@ -550,6 +557,7 @@ impl Work {
     /// payload to send instead).
     async fn run(
         self,
+        from: NodeId,
         group: GroupId,
         raft: ChatRaft,
         directory: Arc<dyn GroupDirectory>,
@@ -646,6 +654,10 @@ impl Work {
                     )),
                 }
             }
+            Work::Request(Rpc::Online, body) => directory
+                .online(from, body)
+                .map(|()| Bytes::new())
+                .map_err(|e| node_error(NodeErrorCode::BadRequest, e)),
             Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
                 NodeErrorCode::Internal,
                 "snapshot chunks are reassembled before they are served",
