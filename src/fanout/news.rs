@@ -191,3 +191,110 @@ impl Hub {
         news
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chatlog_raft::chat::{ChatKind, Command, Outcome};
+    use chatlog_raft::feed::FEED_ENTRIES_MAX;
+    use chatlog_raft::node::{NoPeers, Node, NodeConfig};
+
+    use super::*;
+
+    async fn propose(group: &Group, cmd: Command) -> Outcome {
+        group.propose(cmd).await.expect("proposed")
+    }
+
+    /// A cursor older than the feed reaches gets the answer by a rescan, with the same
+    /// ranges the feed gives a recent cursor: nothing is skipped either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cursor_that_fell_off_the_feed_rescans_and_misses_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let node = Node::start(
+            NodeConfig::single(dir.path(), 1),
+            |_| NoPeers,
+            Default::default(),
+        )
+        .await
+        .expect("node");
+        node.wait_for_leaders(Duration::from_secs(30))
+            .await
+            .expect("leader");
+        let node = Arc::new(node);
+        let hub = Hub::start(Arc::clone(&node));
+        let group = node.group(1).expect("group 1");
+        let mut users = Vec::new();
+        for name in ["ann", "bob"] {
+            let created = Command::CreateUser {
+                name: name.into(),
+                login_token_hash: [1; 32],
+            };
+            let Outcome::UserCreated { user } = propose(&group, created).await else {
+                panic!("user created");
+            };
+            users.push(user);
+        }
+        let (ann, bob) = (users[0], users[1]);
+        let mut chats = Vec::new();
+        for members in [vec![bob], vec![]] {
+            let create = Command::CreateChat {
+                creator: ann,
+                kind: ChatKind::Group,
+                title: "t".into(),
+                members,
+            };
+            let Outcome::Event { chat, .. } = propose(&group, create).await else {
+                panic!("chat created");
+            };
+            chats.push(chat);
+        }
+        let (with_bob, without_bob) = (chats[0], chats[1]);
+        let start = *group.shared().applied().borrow();
+        // One post per entry (proposed one after the other): more entries than the feed
+        // keeps.
+        let posts = FEED_ENTRIES_MAX as u64 + 10;
+        for i in 0..posts {
+            let post = Command::Post {
+                chat: if i % 2 == 0 { with_bob } else { without_bob },
+                sender: ann,
+                client_message_id: i + 1,
+                text: format!("post {i}"),
+                media: None,
+                reply_to: 0,
+            };
+            assert!(matches!(propose(&group, post).await, Outcome::Event { .. }));
+        }
+        let audience: HashSet<UserId> = [bob].into();
+        let old = hub.news(&group, start, u64::MAX, Audience::Users(&audience));
+        assert!(old.rescanned, "the feed keeps {FEED_ENTRIES_MAX} entries");
+        let head = posts.div_ceil(2) + 1;
+        assert_eq!(old.chats.len(), 1, "only the chat bob is in: {old:?}");
+        let c = &old.chats[0];
+        assert_eq!((c.chat, c.from, c.to), (with_bob, 2, head));
+        assert_eq!(c.recipients, vec![bob]);
+        // A recent cursor is answered from the feed, by the same rule.
+        let mid = old.through - 10;
+        let recent = hub.news(&group, mid, u64::MAX, Audience::Users(&audience));
+        assert!(!recent.rescanned);
+        assert_eq!(recent.through, old.through);
+        let c = &recent.chats[0];
+        let from = group
+            .shared()
+            .read()
+            .chat_seq_after(with_bob, mid)
+            .expect("chat");
+        assert_eq!((c.chat, c.from, c.to), (with_bob, from, head));
+        assert_eq!(
+            head + 1 - from,
+            5,
+            "10 entries, every other one to this chat"
+        );
+        // The local watcher's audience (nobody online) still sees both chats move.
+        let local = hub.news(&group, mid, u64::MAX, Audience::OnlineHere);
+        assert_eq!(local.chats.len(), 2);
+        assert!(local.chats.iter().all(|c| c.recipients.is_empty()));
+        drop(hub);
+    }
+}
