@@ -399,6 +399,8 @@ async fn serve(
     let media_directory = Arc::new(crate::media::replicate::MediaDirectory::new(
         registry.clone(),
     ));
+    // ... and fan-out polls from nodes without a replica (answered by the hub, set below).
+    let fanout_directory = Arc::new(crate::fanout::FanoutDirectory::new(media_directory.clone()));
     // The bot API's way to media, bound once the chat service started the media side.
     let media_link = Arc::new(crate::media::MediaLink::default());
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
@@ -422,7 +424,7 @@ async fn serve(
             .map_err(|e| format!("binding the peer address {peer_addr}: {e}"))?;
         let bound_peer = listener.local_addr()?;
         println!("peers: {bound_peer}");
-        let directory: Arc<dyn GroupDirectory> = media_directory.clone();
+        let directory: Arc<dyn GroupDirectory> = fanout_directory.clone();
         let mut stopped = peers_stopped.clone();
         peer_server = Some(tokio::spawn(chatlog_raft::network::serve(
             listener,
@@ -522,6 +524,7 @@ async fn serve(
     );
     media_directory.set_media(std::sync::Arc::clone(chat_service.media()));
     media_link.set(Arc::clone(chat_service.media()));
+    fanout_directory.set_hub(chat_service.hub());
     if let Some(config) = notify_config(&args)? {
         tracing::info!(webhook = %args.push_webhook.as_deref().unwrap_or_default(), "push notifications on");
         chat_service

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod codec;
 pub mod controller;
 pub mod error;
+pub mod feed;
 pub mod ids;
 pub mod log_store;
 pub mod network;

@@ -41,6 +41,7 @@ use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
+use crate::feed::{Feed, FeedRead};
 use crate::ids;
 use crate::types::{
     ChatBatchReply, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StoredMembership,
@@ -80,6 +81,9 @@ pub struct GroupShared {
     applied: watch::Sender<u64>,
     /// Timestamps for the batches this replica proposes: never below an applied one.
     clock: BatchClock,
+    /// Which chats and users moved in recently applied entries (`crate::feed`); derived
+    /// per replica, not in the checkpoint. Updated before `applied` moves.
+    feed: Mutex<Feed>,
 }
 
 impl GroupShared {
@@ -102,6 +106,16 @@ impl GroupShared {
     /// The clock that stamps this replica's proposals (`crate::clock`).
     pub fn clock(&self) -> &BatchClock {
         &self.clock
+    }
+
+    /// The chats and users that moved in the entries applied after `after`
+    /// (`crate::feed`). The state read afterwards holds at least what it names.
+    pub fn changes_after(&self, after: u64) -> FeedRead {
+        self.feed().changes_after(after)
+    }
+
+    fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
+        self.feed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -276,6 +290,7 @@ impl ChatStateMachine {
                 clock: BatchClock::new(),
                 state: RwLock::new(state),
                 applied: watch::Sender::new(applied_index),
+                feed: Mutex::new(Feed::new(applied_index)),
             }),
             applied_since_checkpoint: 0,
             current_snapshot: CurrentSnapshot::default(),
@@ -443,6 +458,8 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             }
             previous = Some(entry.log_id);
             let reply = self.apply_entry(entry)?;
+            // The feed first: whoever sees the new applied index finds it recorded.
+            self.shared.feed().record(reply.log_index, &reply.outcomes);
             self.shared.applied.send_replace(reply.log_index);
             if let Some(responder) = responder {
                 responder.send(reply);
@@ -491,9 +508,10 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
         self.applied_since_checkpoint = 0;
-        self.shared
-            .applied
-            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        let applied = meta.last_log_id.map_or(0, |l| l.index);
+        // What the snapshot changed is unknown to the feed: readers rescan.
+        self.shared.feed().reset(applied);
+        self.shared.applied.send_replace(applied);
         *self
             .current_snapshot
             .lock()

@@ -20,28 +20,39 @@
 //! (`Disconnect(RATE_LIMITED)`); it reconnects and catches up with `sync` from the seqs
 //! it holds. Other sessions are unaffected.
 //!
-//! Limits of this first slice (see `ARCHITECTURE.md`):
-//! - Only chats and users whose group has a replica on this node are covered; sessions on
-//!   a node without one get no live pushes for them yet (cross-node fan-out is future work).
-//! - A watcher finds moved chats by comparing every chat's head in its group with its
-//!   cursor after each wake-up: O(chats in the group) per applied batch, with no log read
-//!   for chats without news or without online members. A feed of changed chats from apply
-//!   (in `chatlog-raft`) would remove the scan.
+//! Which chats moved comes from the group replica's changed-chats feed
+//! (`chatlog_raft::feed`, filled by apply): a watcher's cursor is the last Raft index it
+//! delivered, and after each wake-up it looks only at the chats and users recorded after
+//! it (`news.rs`); if it fell off the feed it scans every chat instead, so nothing is
+//! skipped. Sessions on a node without a replica of the chat's (or user's) group get the
+//! same pushes through `remote.rs`: one poller per such group long-polls a replica over
+//! the node transport with the same Raft-index cursor.
+//!
+//! Not covered: typing indicators and presence stay per node (`presence.rs`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use chatlog_raft::GroupId;
-use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of, make_id};
+use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
 use crate::gateway::{Principal, PushSender, SharedPush};
 use crate::notify::Notifier;
 
+mod news;
+mod online;
 mod presence;
+mod remote;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
+pub use online::{ONLINE_ANNOUNCE_INTERVAL, ONLINE_REMOTE_EXPIRY};
 pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
+pub use remote::{
+    FANOUT_ANSWER_BYTES_MAX, FANOUT_ANSWER_EVENTS_MAX, FANOUT_GROUPS_RECHECK,
+    FANOUT_POLL_USERS_MAX, FANOUT_POLL_WAIT_MS, FANOUT_POLL_WAIT_MS_MAX, FANOUT_REPOLL_PAUSE,
+    FANOUT_RETRY_MAX, FANOUT_RETRY_MIN, FanoutDirectory,
+};
 
 mod secret;
 pub use secret::SECRET_TICK_INTERVAL;
@@ -107,6 +118,15 @@ pub struct Hub {
     notifier: OnceLock<Arc<Notifier>>,
     /// Last-seen times and presence followers (`presence.rs`).
     presence: Mutex<presence::Presence>,
+    /// Per group, the last Raft index whose events were delivered here (by the local
+    /// watcher or the remote poller): handed over when one replaces the other.
+    cursors: Mutex<HashMap<GroupId, u64>>,
+    /// Bumped when a user comes online here: remote pollers ask again for them too.
+    online_changes: tokio::sync::watch::Sender<u64>,
+    /// The users online on each other node, as it last told (`online.rs`), and when.
+    remote_online: Mutex<
+        HashMap<chatlog_raft::NodeId, (std::time::Instant, std::collections::HashSet<UserId>)>,
+    >,
 }
 
 impl Drop for Hub {
@@ -126,17 +146,29 @@ impl Hub {
             watchers: Mutex::new(Vec::new()),
             notifier: OnceLock::new(),
             presence: Mutex::default(),
+            cursors: Mutex::default(),
+            online_changes: tokio::sync::watch::Sender::new(0),
+            remote_online: Mutex::default(),
         });
         let mut watchers = Vec::new();
-        let mut watched = std::collections::BTreeMap::new();
+        let mut watched = BTreeMap::new();
         let changes = hub.node.local_changes();
         for group in hub.node.groups() {
-            let task = tokio::spawn(watch_group(Arc::downgrade(&hub), group.clone()));
-            watchers.push(task.abort_handle());
-            watched.insert(group.id(), task.abort_handle());
+            let id = group.id();
+            let running = Watcher::spawn(&hub, group);
+            watchers.push(running.task.abort_handle());
+            watched.insert(id, running);
         }
         watchers.push(tokio::spawn(secret::run_ticker(Arc::downgrade(&hub))).abort_handle());
-        let follow = tokio::spawn(follow_groups(Arc::downgrade(&hub), changes, watched));
+        if hub.node.router().is_some() {
+            watchers.push(tokio::spawn(online::announce(Arc::downgrade(&hub))).abort_handle());
+        }
+        let follow = tokio::spawn(follow_groups(
+            Arc::downgrade(&hub),
+            changes,
+            watched,
+            BTreeMap::new(),
+        ));
         watchers.push(follow.abort_handle());
         *hub.watchers.lock().unwrap_or_else(|p| p.into_inner()) = watchers;
         hub
@@ -148,9 +180,10 @@ impl Hub {
         let _ = self.notifier.set(notifier);
     }
 
-    /// Whether `user` has an authenticated connection on this node.
+    /// Whether `user` has an authenticated connection on this node, or on another node
+    /// of the cluster as that node last told (`online.rs`).
     pub fn is_online(&self, user: UserId) -> bool {
-        self.online().users.contains_key(&user)
+        self.online().users.contains_key(&user) || self.online_elsewhere(user)
     }
 
     fn online(&self) -> std::sync::RwLockReadGuard<'_, Online> {
@@ -200,6 +233,7 @@ impl Hub {
             .insert(user);
         drop(online);
         if came_online {
+            self.online_changes.send_modify(|n| *n += 1);
             self.presence_changed(user, true);
         }
     }
@@ -223,13 +257,35 @@ impl Hub {
         self.online().user_of_connection.len()
     }
 
-    /// The push senders of the online sessions of `chat`'s members. Iterates whichever
-    /// is smaller: the chat's members or the online users.
-    fn recipients(&self, group: &Group, chat: ChatId) -> Vec<PushSender> {
-        self.recipients_except(group, chat, 0)
+    /// The last Raft index of group `g` whose events were delivered here, if any task
+    /// delivered any.
+    fn cursor(&self, g: GroupId) -> Option<u64> {
+        self.cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .copied()
     }
 
-    /// [`Hub::recipients`] without the sessions of user `except` (0: none).
+    fn set_cursor(&self, g: GroupId, index: u64) {
+        self.cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(g, index);
+    }
+
+    /// The push senders of the online sessions of `users` here.
+    fn conns_of(&self, users: &[UserId]) -> Vec<PushSender> {
+        let online = self.online();
+        users
+            .iter()
+            .filter_map(|u| online.users.get(u))
+            .flat_map(|u| u.conns.iter().map(|c| c.pushes.clone()))
+            .collect()
+    }
+
+    /// The push senders of the online sessions of `chat`'s members, except `except`'s
+    /// (0: none). Iterates whichever is smaller: the chat's members or the online users.
     fn recipients_except(&self, group: &Group, chat: ChatId, except: UserId) -> Vec<PushSender> {
         let st = group.shared().read();
         let Some(view) = st.chat(chat) else {
@@ -259,29 +315,41 @@ impl Hub {
         out
     }
 
-    /// Pushes the events `(pushed, head]` of one chat to its online members' sessions.
-    async fn push_chat(&self, group: &Group, chat: ChatId, pushed: u64, head: u64) {
-        let recipients = self.recipients(group, chat);
+    /// Pushes the events `from..=to` of one chat to `recipients`' sessions here.
+    async fn push_chat(
+        &self,
+        group: &Group,
+        chat: ChatId,
+        from: u64,
+        to: u64,
+        recipients: &[UserId],
+    ) {
+        let recipients = self.conns_of(recipients);
         if recipients.is_empty() {
             return;
         }
-        let mut next = pushed + 1;
-        while next <= head {
-            let to = head.min(next + FANOUT_READ_EVENTS_MAX - 1);
+        let mut next = from;
+        while next <= to {
+            let last = to.min(next + FANOUT_READ_EVENTS_MAX - 1);
             let locs = group
                 .shared()
                 .read()
-                .chat_events(chat, next, to)
+                .chat_events(chat, next, last)
                 .unwrap_or_default();
             let events = match read_chat_events(group, chat, &locs).await {
                 Some(events) => events,
                 None => {
                     // Sessions see the gap in seqs at their next push and sync.
-                    tracing::error!(chat, from = next, to, "fan-out could not read events");
+                    tracing::error!(
+                        chat,
+                        from = next,
+                        to = last,
+                        "fan-out could not read events"
+                    );
                     return;
                 }
             };
-            next = to + 1;
+            next = last + 1;
             for batch in split_by_bytes(events) {
                 // Encoded once; every recipient's queue shares the bytes.
                 let Some(frame) =
@@ -332,33 +400,42 @@ impl Hub {
                 }
                 Err(e) => tracing::error!(user, error = %e, "fan-out could not read a user log"),
             }
-            let mut online = self.online_mut();
-            let Some(entry) = online.users.get_mut(&user) else {
-                continue;
-            };
-            entry.log_pushed = head;
-            let mut revoked = Vec::new();
-            for e in events {
-                if let Some(v1::user_event::Body::SessionRevoked(r)) = &e.body {
-                    revoked.push(r.session_id);
-                }
-                for c in &entry.conns {
-                    let _ = c.pushes.push(0, push::Kind::UserEvent(e.clone()));
-                }
+            self.deliver_user_events(user, events, Some(head));
+        }
+    }
+
+    /// Pushes `events` of `user`'s own log (in seq order) to the user's sessions here,
+    /// those after the last one pushed only, and disconnects the connections of a
+    /// revoked session. `head`: the log head they reach (default: the last event's seq).
+    fn deliver_user_events(&self, user: UserId, events: Vec<v1::UserEvent>, head: Option<u64>) {
+        let mut online = self.online_mut();
+        let Some(entry) = online.users.get_mut(&user) else {
+            return;
+        };
+        let pushed = entry.log_pushed;
+        let head = head.unwrap_or_else(|| events.last().map_or(pushed, |e| e.seq));
+        entry.log_pushed = pushed.max(head);
+        let mut revoked = Vec::new();
+        for e in events.into_iter().filter(|e| e.seq > pushed) {
+            if let Some(v1::user_event::Body::SessionRevoked(r)) = &e.body {
+                revoked.push(r.session_id);
             }
-            let gone: Vec<u64> = entry
-                .conns
-                .iter()
-                .filter(|c| revoked.contains(&c.session_id))
-                .map(|c| c.connection_id)
-                .collect();
-            for id in gone {
-                if let Some(c) = online.remove(id) {
-                    c.pushes.disconnect(convert::error(
-                        ErrorCode::Unauthenticated,
-                        "this session was revoked",
-                    ));
-                }
+            for c in &entry.conns {
+                let _ = c.pushes.push(0, push::Kind::UserEvent(e.clone()));
+            }
+        }
+        let gone: Vec<u64> = entry
+            .conns
+            .iter()
+            .filter(|c| revoked.contains(&c.session_id))
+            .map(|c| c.connection_id)
+            .collect();
+        for id in gone {
+            if let Some(c) = online.remove(id) {
+                c.pushes.disconnect(convert::error(
+                    ErrorCode::Unauthenticated,
+                    "this session was revoked",
+                ));
             }
         }
     }
@@ -451,88 +528,145 @@ pub(crate) fn split_by_bytes(events: Vec<v1::Event>) -> Vec<Vec<v1::Event>> {
     out
 }
 
-/// Heads already pushed, per chat of one group (`pushed[local - 1]`; chat ids of a group
-/// are dense and chats are never removed).
-fn chat_heads(group: &Group, pushed: &mut Vec<u64>) -> Vec<(ChatId, u64, u64)> {
-    let st = group.shared().read();
-    let mut moved = Vec::new();
-    let mut local = 1u64;
-    loop {
-        let chat = make_id(group.id(), local);
-        let Some(head) = st.head_seq(chat) else { break };
-        let i = local as usize - 1;
-        if i == pushed.len() {
-            // A chat created since the last look: its events from seq 1 are new.
-            pushed.push(0);
-        }
-        if head > pushed[i] {
-            moved.push((chat, pushed[i], head));
-            pushed[i] = head;
-        }
-        local += 1;
-    }
-    moved
+/// Longest a watcher whose replica went away may take to finish its round before it is
+/// aborted. Why: a round is a few log reads; waiting for it keeps the cursor handed to
+/// the remote poller exact (no event pushed twice).
+const WATCHER_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A running watcher of a local replica.
+struct Watcher {
+    /// Set to stop the watcher at its next round boundary.
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// The watcher of one local group replica (see the module docs).
+impl Watcher {
+    fn spawn(hub: &Arc<Hub>, group: Group) -> Watcher {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(watch_group(Arc::downgrade(hub), group, stopped));
+        Watcher { stop, task }
+    }
+
+    /// Stops the watcher between two rounds (aborts it after [`WATCHER_STOP_WAIT`]), so
+    /// the cursor it left names exactly what it delivered.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(WATCHER_STOP_WAIT, self.task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}
+
 /// Follows the node's local replicas as the placement changes them (`admin group add`,
-/// replica moves): a watcher for each new one, none for one that moved away.
+/// replica moves): a watcher for each new one, none for one that moved away; and a
+/// remote poller (`remote.rs`) for each chat group with no local replica, in a cluster.
+/// A group changing hands between its watcher and its poller hands over its cursor: the
+/// one stops (between rounds) before the other starts.
 async fn follow_groups(
     hub: Weak<Hub>,
     mut changes: tokio::sync::watch::Receiver<u64>,
-    mut watched: std::collections::BTreeMap<chatlog_raft::GroupId, tokio::task::AbortHandle>,
+    mut watched: BTreeMap<GroupId, Watcher>,
+    mut polled: BTreeMap<GroupId, tokio::task::JoinHandle<()>>,
 ) {
-    while changes.changed().await.is_ok() {
-        let Some(h) = hub.upgrade() else { return };
-        let groups = h.node.groups();
-        let ids: std::collections::BTreeSet<_> = groups.iter().map(Group::id).collect();
-        watched.retain(|g, task| {
-            let keep = ids.contains(g);
-            if !keep {
-                task.abort();
+    loop {
+        {
+            let Some(h) = hub.upgrade() else { return };
+            let groups = h.node.groups();
+            let ids: BTreeSet<_> = groups.iter().map(Group::id).collect();
+            let gone: Vec<GroupId> = watched
+                .keys()
+                .filter(|g| !ids.contains(g))
+                .copied()
+                .collect();
+            for g in gone {
+                if let Some(w) = watched.remove(&g) {
+                    w.stop().await;
+                }
             }
-            keep
-        });
-        for group in groups {
-            if !watched.contains_key(&group.id()) {
+            for group in groups {
                 let id = group.id();
-                let task = tokio::spawn(watch_group(Weak::clone(&hub), group));
+                if watched.contains_key(&id) {
+                    continue;
+                }
+                if let Some(poller) = polled.remove(&id) {
+                    // A poller's delivery and cursor update have no await between them:
+                    // aborted at an await, it leaves an exact cursor.
+                    poller.abort();
+                    let _ = poller.await;
+                }
+                let running = Watcher::spawn(&h, group);
                 h.watchers
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(task.abort_handle());
-                watched.insert(id, task.abort_handle());
+                    .push(running.task.abort_handle());
+                watched.insert(id, running);
             }
+            polled.retain(|_, task| !task.is_finished());
+            if h.node.router().is_some() {
+                for g in 1..=h.node.chat_groups() {
+                    if !ids.contains(&g) && !polled.contains_key(&g) {
+                        let task = tokio::spawn(remote::poll_group(Weak::clone(&hub), g));
+                        h.watchers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(task.abort_handle());
+                        polled.insert(g, task);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(FANOUT_GROUPS_RECHECK) => {}
         }
     }
 }
 
-async fn watch_group(hub: Weak<Hub>, group: Group) {
+/// The watcher of one local group replica (see the module docs).
+async fn watch_group(
+    hub: Weak<Hub>,
+    group: Group,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let mut applied = group.shared().applied();
-    // What exists at start is history, not news: start from the current heads.
-    let mut pushed = Vec::new();
-    let _ = chat_heads(&group, &mut pushed);
-    let mut events_seen = group.shared().read().events_applied();
+    // What exists at start is history, not news: start from what is applied now, unless
+    // a remote poller delivered this group here before (then from where it stopped).
+    let mut covered = {
+        let now = *applied.borrow_and_update();
+        hub.upgrade()
+            .and_then(|h| h.cursor(group.id()))
+            .unwrap_or(now)
+    };
     // Secret messages accepted before the start are fetched with `secret.pending`.
     let mut secret_pushed = group.shared().read().secret().last_message_no();
     loop {
         {
             let Some(hub) = hub.upgrade() else { return };
-            let events_applied = group.shared().read().events_applied();
-            if events_applied != events_seen {
-                events_seen = events_applied;
-                for (chat, from, head) in chat_heads(&group, &mut pushed) {
-                    hub.push_chat(&group, chat, from, head).await;
-                    if let Some(n) = hub.notifier.get() {
-                        n.chat_moved(&group, chat, from, head);
-                    }
+            let news = hub.news(&group, covered, u64::MAX, news::Audience::OnlineHere);
+            for c in &news.chats {
+                if !c.recipients.is_empty() {
+                    hub.push_chat(&group, c.chat, c.from, c.to, &c.recipients)
+                        .await;
+                }
+                if let Some(n) = hub.notifier.get() {
+                    n.chat_moved(&group, c.chat, c.from - 1, c.to);
                 }
             }
+            covered = news.through;
+            hub.set_cursor(group.id(), covered);
             hub.push_user_events(&group).await;
             hub.push_secret(&group, &mut secret_pushed).await;
         }
-        if applied.changed().await.is_err() {
+        if *stopped.borrow() {
             return;
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = stopped.changed() => return,
         }
     }
 }

@@ -7,10 +7,11 @@
 //! one of those users comes online or goes offline). What it must not do: decide who may
 //! type (the service checks membership first) or keep anything across a restart.
 //!
-//! Limits of this slice: presence and typing are per node. A user online on another node
-//! of a cluster reads as offline here, and typing reaches the members online on the
-//! typist's node (the same limit as live fan-out of chats whose group has no replica
-//! here).
+//! Limits of this slice: presence pushes and typing are per node: typing reaches the
+//! members online on the typist's node, and a user coming online on another node is not
+//! pushed to followers here (live chat and user events cross nodes: `remote.rs`; these
+//! do not). `get_presence`'s online flag is cluster-wide (`online.rs`); last-seen times
+//! are this node's.
 
 use std::collections::{HashMap, HashSet};
 

@@ -2,7 +2,8 @@
 //! and a worker that delivers it to a webhook (where a deployment plugs in APNs or FCM).
 //!
 //! What it owns: deciding who is notified of new chat events (members of the chat with no
-//! online session on this node, other than the event's sender), collapsing notifications
+//! online session on this node nor, as the hub last heard, on another node of the cluster
+//! (`fanout/online.rs`), other than the event's sender), collapsing notifications
 //! per (user, chat) over a window so a busy group yields one notification per window and
 //! not one per message, the outbox (an engine log of this node, written durably before
 //! anything is delivered), and the delivery loop (POST, retries with backoff, purge after

@@ -948,6 +948,21 @@ impl GroupState {
         self.users.get(&user).map(|u| u.log.len() as u64)
     }
 
+    /// The first seq of `chat` whose event was applied in a Raft entry after
+    /// `raft_index` (the head + 1 when none was), `None` if there is no such chat. A
+    /// binary search: events are appended in apply order. For the fan-out cursors
+    /// (`crate::feed`), which are Raft indexes and so the same on every replica.
+    pub fn chat_seq_after(&self, chat: ChatId, raft_index: u64) -> Option<u64> {
+        let c = self.chats.get(&chat)?;
+        Some(c.events.partition_point(|e| e.raft_index() <= raft_index) as u64 + 1)
+    }
+
+    /// [`GroupState::chat_seq_after`] for a user's own log.
+    pub fn user_seq_after(&self, user: UserId, raft_index: u64) -> Option<u64> {
+        let u = self.users.get(&user)?;
+        Some(u.log.partition_point(|e| e.raft_index() <= raft_index) as u64 + 1)
+    }
+
     /// A user's role in a chat, `None` if not a member (or no such chat).
     pub fn role(&self, chat: ChatId, user: UserId) -> Option<Role> {
         self.chats.get(&chat)?.members.get(&user).map(|m| m.role)

@@ -74,6 +74,10 @@ enum Rpc {
     ReadIndex,
     /// Media bytes between replicas (not an openraft RPC; opaque to this crate).
     Media,
+    /// A cross-node fan-out poll (not an openraft RPC; opaque to this crate).
+    Fanout,
+    /// A node's online users for the others (not an openraft RPC; opaque to this crate).
+    Online,
 }
 
 impl Rpc {
@@ -88,6 +92,8 @@ impl Rpc {
             Rpc::Propose => Payload::ProposeRequest(body),
             Rpc::ReadIndex => Payload::ReadIndexRequest(body),
             Rpc::Media => Payload::MediaRequest(body),
+            Rpc::Fanout => Payload::FanoutRequest(body),
+            Rpc::Online => Payload::OnlineRequest(body),
         }
     }
 
@@ -102,6 +108,8 @@ impl Rpc {
             Rpc::Propose => Payload::ProposeResponse(body),
             Rpc::ReadIndex => Payload::ReadIndexResponse(body),
             Rpc::Media => Payload::MediaResponse(body),
+            Rpc::Fanout => Payload::FanoutResponse(body),
+            Rpc::Online => Payload::OnlineResponse(body),
         }
     }
 
@@ -115,7 +123,9 @@ impl Rpc {
             | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b))
             | (Rpc::Propose, Payload::ProposeResponse(b))
             | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
-            | (Rpc::Media, Payload::MediaResponse(b)) => Ok(b),
+            | (Rpc::Media, Payload::MediaResponse(b))
+            | (Rpc::Fanout, Payload::FanoutResponse(b))
+            | (Rpc::Online, Payload::OnlineResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -131,6 +141,8 @@ impl Rpc {
             Payload::ProposeRequest(b) => Some((Rpc::Propose, b.clone())),
             Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
             Payload::MediaRequest(b) => Some((Rpc::Media, b.clone())),
+            Payload::FanoutRequest(b) => Some((Rpc::Fanout, b.clone())),
+            Payload::OnlineRequest(b) => Some((Rpc::Online, b.clone())),
             _ => None,
         }
     }
@@ -139,9 +151,12 @@ impl Rpc {
     /// reaches openraft; it is named as the append it turns into.
     fn action(self) -> RPCTypes {
         match self {
-            Rpc::AppendEntries | Rpc::Propose | Rpc::ReadIndex | Rpc::Media => {
-                RPCTypes::AppendEntries
-            }
+            Rpc::AppendEntries
+            | Rpc::Propose
+            | Rpc::ReadIndex
+            | Rpc::Media
+            | Rpc::Fanout
+            | Rpc::Online => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

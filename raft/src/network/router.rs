@@ -615,6 +615,10 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::ReadIndexResponse(_) => "read_index_response",
         Payload::MediaRequest(_) => "media_request",
         Payload::MediaResponse(_) => "media_response",
+        Payload::FanoutRequest(_) => "fanout_request",
+        Payload::FanoutResponse(_) => "fanout_response",
+        Payload::OnlineRequest(_) => "online_request",
+        Payload::OnlineResponse(_) => "online_response",
         Payload::Error(_) => "error",
     }
 }
@@ -713,6 +717,33 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Media, body, ttl).await?)
+    }
+}
+
+/// Cross-node fan-out polls (opaque here; chatlog's `src/fanout/remote.rs` encodes them).
+impl Router {
+    /// Sends an encoded fan-out poll for `group` to `target` and returns its encoded
+    /// answer. Waits at most `ttl` (the poll's own wait plus the way there and back).
+    pub async fn fanout(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        Ok(self.call(target, group, Rpc::Fanout, body, ttl).await?)
+    }
+
+    /// Sends this node's encoded online users to `target` (frame group 0). Waits at most
+    /// `ttl`.
+    pub async fn online(
+        &self,
+        target: NodeId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ForwardError> {
+        self.call(target, 0, Rpc::Online, body, ttl).await?;
+        Ok(())
     }
 }
 

@@ -88,6 +88,21 @@ pub trait GroupDirectory: Send + Sync + 'static {
         let _ = body;
         Box::pin(async move { Err(format!("this node stores no media (group {group})")) })
     }
+
+    /// Serves an encoded cross-node fan-out poll for `group` (opaque to this crate;
+    /// chatlog's fan-out hub answers it) and returns its encoded answer, or why it cannot
+    /// be served. This default serves none.
+    fn fanout(&self, group: GroupId, body: Bytes) -> BoxFuture<'static, Result<Bytes, String>> {
+        let _ = body;
+        Box::pin(async move { Err(format!("this node serves no fan-out polls (group {group})")) })
+    }
+
+    /// Takes another node's encoded online users (opaque to this crate; chatlog's
+    /// fan-out hub keeps them). This default ignores them.
+    fn online(&self, from: NodeId, body: Bytes) -> Result<(), String> {
+        let _ = (from, body);
+        Ok(())
+    }
 }
 
 struct Context {
@@ -380,7 +395,7 @@ impl Connection {
         let sink = self.sink.clone();
         let directory = Arc::clone(&self.context.groups);
         self.handlers.spawn(async move {
-            let payload = match work.run(group, raft, directory).await {
+            let payload = match work.run(from, group, raft, directory).await {
                 Ok(body) => rpc.response(body),
                 Err(error) => error,
             };
@@ -542,6 +557,7 @@ impl Work {
     /// payload to send instead).
     async fn run(
         self,
+        from: NodeId,
         group: GroupId,
         raft: ChatRaft,
         directory: Arc<dyn GroupDirectory>,
@@ -626,6 +642,22 @@ impl Work {
                     )),
                 }
             }
+            Work::Request(Rpc::Fanout, body) => {
+                match tokio::time::timeout(FORWARDED_WORK_TIMEOUT, directory.fanout(group, body))
+                    .await
+                {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(node_error(NodeErrorCode::Unavailable, e)),
+                    Err(_) => Err(node_error(
+                        NodeErrorCode::Unavailable,
+                        format!("fan-out poll not served within {FORWARDED_WORK_TIMEOUT:?}"),
+                    )),
+                }
+            }
+            Work::Request(Rpc::Online, body) => directory
+                .online(from, body)
+                .map(|()| Bytes::new())
+                .map_err(|e| node_error(NodeErrorCode::BadRequest, e)),
             Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
                 NodeErrorCode::Internal,
                 "snapshot chunks are reassembled before they are served",
