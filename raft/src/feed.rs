@@ -107,6 +107,7 @@ impl Feed {
                     ..
                 } => chats.push(*chat),
                 Outcome::UserEvent { user, seq, .. } if *seq > 0 => users.push(*user),
+                Outcome::ChatListsDelivered { users: moved } => users.extend_from_slice(moved),
                 _ => {}
             }
         }
@@ -184,6 +185,7 @@ mod tests {
                     seq: 0,
                     read_seq: 0,
                 },
+                Outcome::ChatListsDelivered { users: vec![5, 7] },
                 Outcome::Event {
                     chat: 9,
                     seq: 1,
@@ -197,7 +199,7 @@ mod tests {
         };
         assert_eq!(c.through, 13);
         assert_eq!(c.chats.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(c.users.into_iter().collect::<Vec<_>>(), vec![7]);
+        assert_eq!(c.users.into_iter().collect::<Vec<_>>(), vec![5, 7]);
         let FeedRead::Changes(c) = f.changes_after(12) else {
             panic!("covered")
         };

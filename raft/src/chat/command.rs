@@ -919,11 +919,16 @@ pub enum Outcome {
     Refused(Refusal),
     /// A secret-chat command was applied (`secret.rs` says what `n` means).
     Secret(SecretApplied),
-    /// A chat-list command was applied (`chat_lists.rs`): the records that changed a
-    /// list (a delivery) or were dropped (an acknowledgement).
+    /// A chat-list acknowledgement was applied (`chat_lists.rs`): the records dropped.
     ChatLists {
         /// See the variant's docs.
         applied: u64,
+    },
+    /// A chat-list delivery was applied (`chat_lists.rs`): the users whose own log got
+    /// an event (their list changed), in record order; empty for a repeat.
+    ChatListsDelivered {
+        /// The users.
+        users: Vec<UserId>,
     },
     /// A placement command was applied (group 0).
     Placement {

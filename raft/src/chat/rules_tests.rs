@@ -575,7 +575,10 @@ fn chat_list_changes_reach_the_members_group_once_and_in_order() {
         for (_, records) in plan {
             let cmd = Command::ChatListDelivery { source: G, records };
             users.run(cmd.clone());
-            assert_eq!(users.run(cmd.clone()), Outcome::ChatLists { applied: 0 });
+            assert_eq!(
+                users.run(cmd.clone()),
+                Outcome::ChatListsDelivered { users: vec![] }
+            );
             if first_round.is_empty() {
                 first_round.push(cmd);
             }
@@ -588,7 +591,10 @@ fn chat_list_changes_reach_the_members_group_once_and_in_order() {
     // b's four changes need four rounds (one record per user per delivery).
     assert_eq!(rounds, 4);
     for cmd in first_round {
-        assert_eq!(users.run(cmd), Outcome::ChatLists { applied: 0 });
+        assert_eq!(
+            users.run(cmd),
+            Outcome::ChatListsDelivered { users: vec![] }
+        );
     }
     assert_eq!(chats.st.chat_lists().pending(), 0);
     assert_eq!(chats.st.chat_lists().acked(), 5);

@@ -532,7 +532,7 @@ impl GroupState {
                 }
             }
             Command::ChatListDelivery { source, records } => {
-                let mut applied = 0;
+                let mut users = Vec::new();
                 for r in records {
                     if !self.chat_lists.take_delivery(*source, r.no) {
                         continue;
@@ -555,10 +555,10 @@ impl GroupState {
                         };
                         u.log.push(at(kind, r.user));
                         self.events_applied += 1;
-                        applied += 1;
+                        users.push(r.user);
                     }
                 }
-                Outcome::ChatLists { applied }
+                Outcome::ChatListsDelivered { users }
             }
             Command::ChatListAcked { upto } => self.chat_lists.apply_acked(*upto),
             Command::Bot(c) => self.apply_bot(c, ts),

@@ -414,6 +414,7 @@ const RESULT_BOT_DONE: u8 = 8;
 /// A placement command's outcome: version u64 | changed u8 (cluster changes, 70-79).
 const RESULT_PLACEMENT: u8 = 70;
 const RESULT_CHAT_LISTS: u8 = 33;
+const RESULT_CHAT_LISTS_DELIVERED: u8 = 34;
 const RESULT_MEDIA_STORED: u8 = 40;
 const RESULT_READ_INDEX: u8 = 0;
 /// A secret-chat command's result (`Outcome::Secret`); 50 and up belong to secret chats.
@@ -592,6 +593,13 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                 out.push(RESULT_CHAT_LISTS);
                 out.extend_from_slice(&applied.to_le_bytes());
             }
+            Ok(Outcome::ChatListsDelivered { users }) => {
+                out.push(RESULT_CHAT_LISTS_DELIVERED);
+                out.extend_from_slice(&(users.len() as u64).to_le_bytes());
+                for u in users {
+                    out.extend_from_slice(&u.to_le_bytes());
+                }
+            }
             Ok(Outcome::Placement { version, changed }) => {
                 out.push(RESULT_PLACEMENT);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -658,6 +666,15 @@ pub fn decode_propose_response(
                 changed: r.bool()?,
             }),
             RESULT_CHAT_LISTS => Ok(Outcome::ChatLists { applied: r.u64()? }),
+            RESULT_CHAT_LISTS_DELIVERED => {
+                let n = crate::chat::chat_lists::count(
+                    &mut r,
+                    8,
+                    crate::chat::chat_lists::DELIVERY_RECORDS_MAX,
+                )?;
+                let users = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+                Ok(Outcome::ChatListsDelivered { users })
+            }
             RESULT_MEDIA_STORED => Ok(Outcome::MediaStored {
                 uploader: r.u64()?,
                 first_upload: r.bool()?,
@@ -989,6 +1006,7 @@ mod tests {
             }),
             Ok(Outcome::BotDone { bot: 5, value: 8 }),
             Ok(Outcome::ChatLists { applied: 6 }),
+            Ok(Outcome::ChatListsDelivered { users: vec![5, 7] }),
             Ok(Outcome::Placement {
                 version: 9,
                 changed: true,
