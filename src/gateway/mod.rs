@@ -23,6 +23,7 @@
 //!   reading from that connection (backpressure) instead of buffering.
 
 mod connection;
+mod fdlimit;
 
 use std::future::Future;
 use std::io;
@@ -38,6 +39,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use connection::{PushError, PushSender, SharedPush};
+pub use fdlimit::raise_open_files_limit;
 
 /// Default for [`GatewayLimits::connections_max`].
 ///
