@@ -202,8 +202,7 @@ pub fn worker_main() -> Result<(), CliError> {
             .map_err(|e| format!("fanout-worker: reading stdin: {e}"))?;
         serde_json::from_str(&line).map_err(|e| format!("fanout-worker: bad input: {e}").into())
     };
-    let config =
-        WorkerConfig::from_json(&next_line()?).ok_or("fanout-worker: bad config")?;
+    let config = WorkerConfig::from_json(&next_line()?).ok_or("fanout-worker: bad config")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(CLIENT_THREADS)
@@ -328,7 +327,10 @@ async fn connect_all(
     let sem = Arc::new(tokio::sync::Semaphore::new(LOGIN_CONCURRENCY));
     let mut logins = tokio::task::JoinSet::new();
     for (i, (user_id, token)) in config.users.iter().enumerate() {
-        let permit = Arc::clone(&sem).acquire_owned().await.expect("never closed");
+        let permit = Arc::clone(&sem)
+            .acquire_owned()
+            .await
+            .expect("never closed");
         let (user_id, token, source) = (*user_id, token.clone(), config.source_ip);
         logins.spawn(async move {
             let r = subscribe_one(addr, source, user_id, &token, i).await;
@@ -390,7 +392,10 @@ async fn subscribe_one(
             .bind(SocketAddr::new(IpAddr::V4(source), 0))
             .map_err(|_| "BIND".to_owned())?;
     }
-    let stream = socket.connect(addr).await.map_err(|_| "CONNECT".to_owned())?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|_| "CONNECT".to_owned())?;
     let _ = stream.set_nodelay(true);
     let (rh, mut wh) = stream.into_split();
     let mut reader = FrameReader::new(rh, FRAME_BYTES_MAX);
@@ -833,8 +838,10 @@ pub async fn fanout(args: &BenchArgs, addr: &str, embedded: bool) -> Result<Repo
         *errors.entry("POST_SEQS_NOT_DENSE".into()).or_default() += 1;
     }
     for w in &mut workers {
-        w.tell(&json!({"stop": {"first_seq": first_seq, "last_seq": last_seq,
-                                "grace_ms": DELIVERY_GRACE.as_millis() as u64}}))?;
+        w.tell(
+            &json!({"stop": {"first_seq": first_seq, "last_seq": last_seq,
+                                "grace_ms": DELIVERY_GRACE.as_millis() as u64}}),
+        )?;
     }
     let (workers, finals) = hear_all(workers).await?;
     drop(workers);

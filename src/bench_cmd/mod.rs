@@ -364,15 +364,14 @@ impl BenchArgs {
             }
             Scenario::Fanout => {
                 c.insert("online".into(), json!(self.online));
-                c.insert(
-                    "members".into(),
-                    json!(self.members.unwrap_or(self.online)),
-                );
+                c.insert("members".into(), json!(self.members.unwrap_or(self.online)));
                 c.insert(
                     "workers".into(),
-                    json!(self.workers.unwrap_or_else(|| self
-                        .online
-                        .div_ceil(fanout::WORKER_CONNECTIONS_MAX))),
+                    json!(
+                        self.workers.unwrap_or_else(|| self
+                            .online
+                            .div_ceil(fanout::WORKER_CONNECTIONS_MAX))
+                    ),
                 );
                 c.insert("post_interval_ms".into(), json!(self.post_interval_ms));
             }

@@ -483,7 +483,12 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
             break;
         }
         // Offline: the connections post the backlog to the devices' chats.
-        let plan = Arc::new(Plan::new(0.0, left.as_secs_f64(), Some(args.backlog.unwrap_or(2_000)), None));
+        let plan = Arc::new(Plan::new(
+            0.0,
+            left.as_secs_f64(),
+            Some(args.backlog.unwrap_or(2_000)),
+            None,
+        ));
         let posted = run_workers(
             args,
             world,
@@ -608,7 +613,11 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
 }
 
 /// `subscribe`: subscribers on every chat, posts timed to their subscriptions' pushes.
-pub async fn subscribe(args: &BenchArgs, world: &World, embedded: bool) -> Result<Report, CliError> {
+pub async fn subscribe(
+    args: &BenchArgs,
+    world: &World,
+    embedded: bool,
+) -> Result<Report, CliError> {
     let base = Instant::now();
     let live = Arc::new(Live::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
