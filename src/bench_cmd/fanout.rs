@@ -867,7 +867,10 @@ pub async fn fanout(args: &BenchArgs, addr: &str, embedded: bool) -> Result<Repo
     let head_after = head_seq(&poster, chat).await?;
     let (first_seq, last_seq) = (head_before + 1, head_after);
     let committed = head_after - head_before;
-    if posted.iter().any(|p| p.seq <= head_before || p.seq > head_after) {
+    if posted
+        .iter()
+        .any(|p| p.seq <= head_before || p.seq > head_after)
+    {
         *errors.entry("POST_OUTSIDE_RANGE".into()).or_default() += 1;
     }
     for w in &mut workers {

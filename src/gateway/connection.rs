@@ -997,7 +997,10 @@ impl Batch {
             self.bytes -= written;
             let mut left = written;
             while left > 0 {
-                let front = self.frames.front_mut().expect("written bytes came from frames");
+                let front = self
+                    .frames
+                    .front_mut()
+                    .expect("written bytes came from frames");
                 if left >= front.len() {
                     left -= front.len();
                     self.frames.pop_front();
@@ -1008,5 +1011,52 @@ impl Batch {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch larger than the socket takes at once (the reader starts late), of frames
+    /// of many sizes: every byte arrives once, in order, across short writes.
+    #[tokio::test]
+    async fn a_batch_is_written_whole_across_short_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        let mut peer = client.await.unwrap();
+        let (_read, mut write_half) = server.into_split();
+        let mut expected = Vec::new();
+        let mut batch = Batch::default();
+        // 3 × 64 frames of 1 to 40,000 bytes: several MiB, more than loopback buffers.
+        let mut writes = Vec::new();
+        for round in 0..3u32 {
+            for i in 0..WRITE_BATCH_FRAMES_MAX as u32 {
+                let len = 1 + ((i * 7919 + round * 104_729) % 40_000) as usize;
+                let frame: Vec<u8> = (0..len).map(|b| (b as u32 ^ i ^ round) as u8).collect();
+                expected.extend_from_slice(&frame);
+                writes.push(Bytes::from(frame));
+            }
+        }
+        let total = expected.len();
+        let reader = tokio::spawn(async move {
+            // Start late, so the writer meets a full socket buffer.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut got = vec![0u8; total];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        });
+        for chunk in writes.chunks(WRITE_BATCH_FRAMES_MAX) {
+            for frame in chunk {
+                batch.push(frame.clone());
+            }
+            assert!(batch.is_full());
+            batch.write_to(&mut write_half).await.unwrap();
+            assert_eq!(batch.bytes, 0);
+            assert!(batch.frames.is_empty());
+        }
+        assert_eq!(reader.await.unwrap(), expected);
     }
 }

@@ -25,15 +25,15 @@ pub fn raise_open_files_limit() -> u64 {
         };
         // SAFETY: setrlimit reads one rlimit from the valid pointer given.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return raised.rlim_cur as u64;
+            return raised.rlim_cur;
         }
         tracing::warn!(
-            soft = lim.rlim_cur as u64,
-            hard = lim.rlim_max as u64,
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
             "could not raise the open files limit"
         );
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 #[cfg(test)]
@@ -49,6 +49,6 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
-        assert_eq!(now, lim.rlim_cur as u64);
+        assert_eq!(now, lim.rlim_cur);
     }
 }
