@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// `sync` after reconnecting.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_LEN_MAX, value_parser = clap::value_parser!(usize))]
     pub push_queue_len: usize,
+    /// Most client connections open at once; more are refused with
+    /// `Disconnect(UNAVAILABLE)`. Each is one open file: the server raises its soft limit
+    /// on open files to the hard limit at start and warns when this does not fit in it.
+    #[arg(long, default_value_t = gateway::CONNECTIONS_MAX, value_parser = clap::value_parser!(usize))]
+    pub max_connections: usize,
     /// Bytes of pushes queued per connection (one push is always taken): a live push
     /// beyond closes the connection as a slow reader; a subscription catching up waits.
     #[arg(long, default_value_t = gateway::PUSH_QUEUE_BYTES_MAX, value_parser = clap::value_parser!(usize))]
@@ -250,6 +255,15 @@ async fn join_info(http: &str, token: Option<&str>) -> Result<JoinInfo, CliError
 
 /// Runs `chatlog serve` until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    // Every client connection is an open file (fanout: 15,000 subscribers on one node).
+    let open_files = gateway::raise_open_files_limit();
+    if open_files > 0 && (args.max_connections as u64).saturating_add(256) > open_files {
+        tracing::warn!(
+            open_files,
+            max_connections = args.max_connections,
+            "--max-connections does not fit in the open files limit (less 256 for data files)"
+        );
+    }
     if args.join.is_some() {
         return run_joining(args);
     }
@@ -537,6 +551,7 @@ async fn serve(
         service,
         GatewayLimits {
             push_queue_len_max: args.push_queue_len.max(1),
+            connections_max: args.max_connections.max(1),
             push_queue_bytes_max: args.push_queue_bytes.max(1),
             ..GatewayLimits::default()
         },

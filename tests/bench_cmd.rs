@@ -230,9 +230,9 @@ fn mixed_runs_every_kind() {
 }
 
 #[test]
-fn fanout_delivers_every_post_to_every_subscriber() {
+fn subscribe_delivers_every_post_to_every_subscriber() {
     let r = bench(&[
-        "fanout",
+        "subscribe",
         "--embedded",
         "--groups",
         "4",
@@ -251,12 +251,130 @@ fn fanout_delivers_every_post_to_every_subscriber() {
         "--in-flight",
         "4",
     ]);
-    sane(&r, "fanout");
-    let f = &r["fanout"];
+    sane(&r, "subscribe");
+    let f = &r["subscribe"];
     assert!(f["posts"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(f["deliveries"], f["deliveries_expected"], "{r}");
     assert_eq!(f["subscriptions"], 8, "{r}");
     assert_eq!(r["config"]["subscribers"], 2);
+}
+
+/// The checks of a fanout report of `posts` posts to `online` subscribers.
+fn fanout_delivered_everything(r: &Value, posts: u64, online: u64) {
+    sane(r, "fanout");
+    let f = &r["fanout"];
+    assert_eq!(f["posts"], posts, "{r}");
+    assert_eq!(f["posts_measured"], posts, "{r}");
+    assert_eq!(f["subscribers"], online, "{r}");
+    assert_eq!(f["connected"], online, "{r}");
+    // Every subscriber got every post, exactly once and in seq order.
+    assert_eq!(f["deliveries_expected"], posts * online, "{r}");
+    assert_eq!(f["deliveries"], posts * online, "{r}");
+    assert_eq!(f["subscribers_complete"], online, "{r}");
+    assert_eq!(r["ops"], posts * online, "{r}");
+    assert_eq!(r["latency_us"]["count"], posts * online, "{r}");
+    // One "last subscriber" time and one acknowledgement per post.
+    assert_eq!(f["last_delivery_us"]["count"], posts, "{r}");
+    assert_eq!(f["post_ack_us"]["count"], posts, "{r}");
+    assert!(f["deliveries_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    // The last subscriber is never earlier than the median one.
+    assert!(
+        f["last_delivery_us"]["max"].as_u64().unwrap() >= r["latency_us"]["p50"].as_u64().unwrap(),
+        "{r}"
+    );
+}
+
+#[test]
+fn fanout_to_a_separate_server_reaches_every_subscriber_across_worker_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    // One poster at 100 posts/s: over the default per-user send limit.
+    let server = Server::start(dir.path(), &NO_RATE_LIMITS);
+    let r = bench(&[
+        "fanout",
+        "--server",
+        &server.addr,
+        "--online",
+        "50",
+        "--workers",
+        "2",
+        "--count",
+        "20",
+        "--warmup",
+        "0",
+        "--duration",
+        "30",
+        "--size",
+        "64",
+    ]);
+    fanout_delivered_everything(&r, 20, 50);
+    assert_eq!(r["fanout"]["workers"], 2, "{r}");
+    assert_eq!(r["fanout"]["members"], 50, "{r}");
+    assert!(r.get("server").is_none(), "{r}");
+    let c = &r["config"];
+    assert_eq!(c["online"], 50);
+    assert_eq!(c["workers"], 2);
+    assert_eq!(c["post_interval_ms"], 10.0);
+}
+
+#[test]
+fn fanout_with_offline_members_delivers_only_to_the_online_ones() {
+    let r = bench(&[
+        "fanout",
+        "--embedded",
+        "--groups",
+        "4",
+        "--online",
+        "50",
+        "--members",
+        "300",
+        "--count",
+        "20",
+        "--warmup",
+        "0",
+        "--duration",
+        "30",
+        "--post-interval-ms",
+        "5",
+    ]);
+    fanout_delivered_everything(&r, 20, 50);
+    embedded_server_figures(&r);
+    let f = &r["fanout"];
+    assert_eq!(f["members"], 300, "{r}");
+    assert_eq!(f["online"], 50, "{r}");
+    assert!(f["server_cpu_ms_per_post"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["config"]["post_interval_ms"], 5.0);
+}
+
+#[test]
+fn catchup_device_receives_exactly_the_backlog() {
+    let r = bench(&[
+        "catchup",
+        "--embedded",
+        "--groups",
+        "4",
+        "--chats",
+        "10",
+        "--backlog",
+        "1500",
+        "--rounds",
+        "2",
+        "--connections",
+        "2",
+        "--in-flight",
+        "8",
+    ]);
+    sane(&r, "catchup");
+    embedded_server_figures(&r);
+    let c = &r["catchup"];
+    assert_eq!(c["rounds_ok"], 2, "{r}");
+    assert_eq!(c["chats"], 10, "{r}");
+    // 150 events per chat: more than one sync answer holds (100), so paging ran too.
+    assert_eq!(c["events"], 3000, "{r}");
+    assert_eq!(r["ops"], 3000, "{r}");
+    assert!(c["requests"].as_u64().unwrap() >= 2 * (1 + 10), "{r}");
+    assert_eq!(c["catch_up_us"]["count"], 2, "{r}");
+    assert!(c["median_us"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["config"]["backlog"], 1500);
 }
 
 #[test]
@@ -319,6 +437,13 @@ fn help_names_every_flag() {
         "--file-size",
         "--json",
         "media",
+        "subscribe",
+        "fanout",
+        "catchup",
+        "--online",
+        "--members",
+        "--workers",
+        "--post-interval-ms",
     ] {
         assert!(
             help.contains(flag),

@@ -10,7 +10,9 @@
 //! loopback server), run unbounded (every loop stops at `--count`, `--duration` or a
 //! fixed cap), or panic on a server's error (errors are counted by kind).
 
+mod catchup;
 mod dist;
+mod fanout;
 mod media;
 mod report;
 mod scenarios;
@@ -61,9 +63,28 @@ Scenarios:
           time and events/s; any gap or duplicate in what a device reads is an error.
   mixed   send, history (newest page of a chat) and sync (catch a chat up from the
           last seq this caller saw) in the proportions of --mix.
-  fanout  --subscribers connections subscribe to every one of --chats chats; the
+  subscribe
+          --subscribers connections subscribe to every one of --chats chats; the
           connections post (best with --rate) and every push is timed from its
           post's start to its arrival (post-to-push delivery latency).
+  fanout  one channel of --members members (default: --online), of whom --online
+          (default 15000) are online, each on its own connection, spread over --workers
+          child processes (at most 5000 connections each: a process may hold 20,000
+          files); the owner posts every --post-interval-ms (open loop, each text
+          stamped with its send time, CLOCK_MONOTONIC, shared by the processes). Live
+          pushes (the hub's, unasked) are timed at every subscriber: \"latency_us\" is
+          send stamp to arrival of every delivery; \"fanout\" adds per post the last
+          subscriber's arrival (last_delivery_us from the send, last_after_ack_us from
+          the post's acknowledgement, i.e. its commit), post_ack_us, deliveries/s over
+          the measured posts, the embedded server's CPU per post, and checks that every
+          subscriber got every post exactly once in order (subscribers_complete). Does
+          not use --connections' users or --chats. Needs a server without rate limits.
+  catchup a device --backlog events (default 10000) behind across --chats chats
+          (default 100), posted evenly while it is offline, reconnects: one round is
+          timed from connect to fully synced (one sync request with every chat's
+          position, then forward history pages for chats still behind, in parallel;
+          pages of 100 events, the protocol's largest), --rounds times; every chat must
+          hold exactly its posted events.
   media   --count files (default: one per connection) of --file-size random bytes are
           uploaded at once, file i through connection i mod --connections with
           --in-flight parts in flight (at most 8), then downloaded again the same way
@@ -97,10 +118,17 @@ pub enum Scenario {
     Sync,
     /// Sends, history reads and syncs in the proportions of --mix.
     Mixed,
-    /// Post-to-push delivery latency to --subscribers subscribers per chat.
+    /// Post-to-push latency of subscriptions: --subscribers subscribers per chat.
+    Subscribe,
+    /// Live fan-out of one channel to --online subscriber connections.
     Fanout,
+    /// Connect-to-synced time of a device --backlog events behind over --chats chats.
+    Catchup,
     /// Concurrent media uploads, then downloads, of --file-size files.
     Media,
+    /// Internal: a child process of `fanout` holding subscriber connections.
+    #[value(hide = true)]
+    FanoutWorker,
 }
 
 impl Scenario {
@@ -109,8 +137,11 @@ impl Scenario {
             Scenario::Send => "send",
             Scenario::Sync => "sync",
             Scenario::Mixed => "mixed",
+            Scenario::Subscribe => "subscribe",
             Scenario::Fanout => "fanout",
+            Scenario::Catchup => "catchup",
             Scenario::Media => "media",
+            Scenario::FanoutWorker => "fanout-worker",
         }
     }
 }
@@ -181,16 +212,30 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub devices: usize,
     /// sync: messages posted (in total, over the devices' chats) while devices are
-    /// offline, per round.
-    #[arg(long, default_value_t = 2_000)]
-    pub backlog: u64,
-    /// sync: offline/catch-up rounds.
+    /// offline, per round (default 2000); catchup: events the device is behind, spread
+    /// evenly over --chats (default 10000).
+    #[arg(long)]
+    pub backlog: Option<u64>,
+    /// sync, catchup: offline/catch-up rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
-    /// fanout: subscriber connections, each subscribed to every chat (so --chats is at
-    /// most 100).
+    /// subscribe: subscriber connections, each subscribed to every chat (so --chats is
+    /// at most 100).
     #[arg(long, default_value_t = 4)]
     pub subscribers: usize,
+    /// fanout: channel members with an online connection (one connection each).
+    #[arg(long, default_value_t = 15_000)]
+    pub online: usize,
+    /// fanout: channel members in all (the rest are offline); default --online.
+    #[arg(long)]
+    pub members: Option<usize>,
+    /// fanout: child processes holding the subscriber connections; default one per
+    /// 5000 connections.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// fanout: milliseconds between two posts (open loop).
+    #[arg(long, value_name = "MS", default_value_t = 10.0)]
+    pub post_interval_ms: f64,
     /// media: bytes of each file (1 to 4 GiB).
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
     pub file_size: u64,
@@ -218,6 +263,9 @@ impl BenchArgs {
         in_range("page", self.page as usize, 1, PAGE_ITEMS_MAX as usize)?;
         in_range("devices", self.devices, 1, 10_000)?;
         in_range("subscribers", self.subscribers, 1, 1_000)?;
+        if let Some(b) = self.backlog {
+            in_range("backlog", b as usize, 1, 10_000_000)?;
+        }
         if self.embedded && (self.groups == 0 || self.groups >= GROUPS_MAX) {
             return Err(format!("--groups must be 1 to {}", GROUPS_MAX - 1));
         }
@@ -245,6 +293,30 @@ impl BenchArgs {
             }
         }
         if self.scenario == Scenario::Fanout {
+            if self.size < scenarios::STAMP_BYTES {
+                return Err(format!(
+                    "fanout needs --size of at least {} (each message carries its send time)",
+                    scenarios::STAMP_BYTES
+                ));
+            }
+            in_range("online", self.online, 1, fanout::ONLINE_MAX)?;
+            if let Some(m) = self.members {
+                in_range("members", m, self.online, fanout::MEMBERS_MAX)?;
+            }
+            if let Some(w) = self.workers {
+                in_range("workers", w, 1, fanout::WORKERS_MAX)?;
+                if self.online.div_ceil(w) > fanout::WORKER_CONNECTIONS_MAX {
+                    return Err(format!(
+                        "--workers {w} would hold over {} connections each",
+                        fanout::WORKER_CONNECTIONS_MAX
+                    ));
+                }
+            }
+            if !(self.post_interval_ms >= 0.1 && self.post_interval_ms <= 60_000.0) {
+                return Err("--post-interval-ms must be 0.1 to 60000".into());
+            }
+        }
+        if self.scenario == Scenario::Subscribe {
             if self.size < scenarios::STAMP_BYTES {
                 return Err(format!(
                     "fanout needs --size of at least {} (each message carries its send time)",
@@ -284,11 +356,31 @@ impl BenchArgs {
             }
             Scenario::Sync => {
                 c.insert("devices".into(), json!(self.devices));
-                c.insert("backlog".into(), json!(self.backlog));
+                c.insert("backlog".into(), json!(self.backlog.unwrap_or(2_000)));
                 c.insert("rounds".into(), json!(self.rounds));
             }
-            Scenario::Fanout => {
+            Scenario::Subscribe => {
                 c.insert("subscribers".into(), json!(self.subscribers));
+            }
+            Scenario::Fanout => {
+                c.insert("online".into(), json!(self.online));
+                c.insert("members".into(), json!(self.members.unwrap_or(self.online)));
+                c.insert(
+                    "workers".into(),
+                    json!(
+                        self.workers.unwrap_or_else(|| self
+                            .online
+                            .div_ceil(fanout::WORKER_CONNECTIONS_MAX))
+                    ),
+                );
+                c.insert("post_interval_ms".into(), json!(self.post_interval_ms));
+            }
+            Scenario::Catchup => {
+                c.insert(
+                    "backlog".into(),
+                    json!(self.backlog.unwrap_or(catchup::CATCHUP_BACKLOG_DEFAULT)),
+                );
+                c.insert("rounds".into(), json!(self.rounds));
             }
             Scenario::Media => {
                 c.insert("file_size".into(), json!(self.file_size));
@@ -318,6 +410,9 @@ impl BenchArgs {
 
 /// Runs `chatlog bench`.
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.scenario == Scenario::FanoutWorker {
+        return fanout::worker_main();
+    }
     if let Err(e) = args.check() {
         eprintln!("error: {e}");
         std::process::exit(EXIT_NOT_AVAILABLE);
@@ -331,7 +426,15 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
             .enable_all()
             .thread_name("chatlog-server")
             .build()?;
-        let embedded = server.block_on(Embedded::start(args.groups))?;
+        // Room for every subscriber connection of a fanout run, and the setup's.
+        let connections_max = match args.scenario {
+            Scenario::Fanout => gateway::CONNECTIONS_MAX.max(args.online + 256),
+            _ => gateway::CONNECTIONS_MAX,
+        };
+        if args.scenario == Scenario::Fanout {
+            crate::gateway::raise_open_files_limit();
+        }
+        let embedded = server.block_on(Embedded::start(args.groups, connections_max))?;
         let addr = embedded.addr.clone();
         let args2 = args.clone();
         let result = clients.block_on(async move {
@@ -368,7 +471,7 @@ struct Embedded {
 }
 
 impl Embedded {
-    async fn start(groups: u64) -> Result<Embedded, CliError> {
+    async fn start(groups: u64, connections_max: usize) -> Result<Embedded, CliError> {
         let dir = tempfile::Builder::new()
             .prefix("chatlog-bench-")
             .tempdir()?;
@@ -395,7 +498,10 @@ impl Embedded {
         let gateway = tokio::spawn(gateway::serve(
             listener,
             service,
-            GatewayLimits::default(),
+            GatewayLimits {
+                connections_max,
+                ..GatewayLimits::default()
+            },
             async move {
                 let _ = stopped.await;
             },
@@ -561,13 +667,22 @@ async fn setup(args: &BenchArgs, addr: String) -> Result<World, CliError> {
 
 /// Sets up and runs the scenario; the report of the measured window.
 async fn bench(args: BenchArgs, addr: String, embedded: bool) -> Result<Report, CliError> {
+    if args.scenario == Scenario::Fanout {
+        // Its own setup: one channel, its members and the worker processes.
+        let mut report = fanout::fanout(&args, &addr, embedded).await?;
+        report.config = args.config();
+        report.command = args.command();
+        return Ok(report);
+    }
     let world = setup(&args, addr).await?;
     let mut report = match args.scenario {
         Scenario::Send => scenarios::send_or_mixed(&args, &world, false, embedded).await,
         Scenario::Mixed => scenarios::send_or_mixed(&args, &world, true, embedded).await,
         Scenario::Sync => scenarios::sync(&args, &world, embedded).await?,
-        Scenario::Fanout => scenarios::fanout(&args, &world, embedded).await?,
+        Scenario::Subscribe => scenarios::subscribe(&args, &world, embedded).await?,
+        Scenario::Catchup => catchup::catchup(&args, &world, embedded).await?,
         Scenario::Media => media::media(&args, &world, embedded).await?,
+        Scenario::Fanout | Scenario::FanoutWorker => unreachable!("handled above"),
     };
     report.config = args.config();
     report.command = args.command();

@@ -17,7 +17,7 @@ use super::report::{self, Live, Progress, Report, Stats, error_kind, histogram, 
 use super::{BenchArgs, CLIENT_THREADS, World, login};
 use crate::cli::CliError;
 
-/// Bytes at the start of a fanout message that carry its intended send time (µs since
+/// Bytes at the start of a fanout or subscribe message that carry its intended send time (µs since
 /// the run's base instant, 16 hex digits).
 pub const STAMP_BYTES: usize = 16;
 
@@ -25,11 +25,16 @@ pub const STAMP_BYTES: usize = 16;
 /// the next time).
 const SYNC_PAGES_MAX: usize = 1_000;
 
-/// How long fanout waits, after the last post, for pushes still on their way.
+/// How long subscribe waits, after the last post, for pushes still on their way.
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 
 /// Client message ids: unique in this process, so unique per sender and chat.
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A client message id unique in this process.
+pub fn next_client_id() -> u64 {
+    NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// When operations start and when the run stops.
 #[derive(Debug)]
@@ -135,7 +140,7 @@ struct Worker {
     mix: Option<Mix>,
     /// sync: the last seq this caller has seen, per chat.
     positions: HashMap<u64, u64>,
-    /// fanout: messages carry their intended start relative to this.
+    /// subscribe: messages carry their intended start relative to this.
     stamp_base: Option<Instant>,
     live: Arc<Live>,
 }
@@ -478,7 +483,12 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
             break;
         }
         // Offline: the connections post the backlog to the devices' chats.
-        let plan = Arc::new(Plan::new(0.0, left.as_secs_f64(), Some(args.backlog), None));
+        let plan = Arc::new(Plan::new(
+            0.0,
+            left.as_secs_f64(),
+            Some(args.backlog.unwrap_or(2_000)),
+            None,
+        ));
         let posted = run_workers(
             args,
             world,
@@ -602,8 +612,12 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
     })
 }
 
-/// `fanout`: subscribers on every chat, posts timed to their pushes.
-pub async fn fanout(args: &BenchArgs, world: &World, embedded: bool) -> Result<Report, CliError> {
+/// `subscribe`: subscribers on every chat, posts timed to their subscriptions' pushes.
+pub async fn subscribe(
+    args: &BenchArgs,
+    world: &World,
+    embedded: bool,
+) -> Result<Report, CliError> {
     let base = Instant::now();
     let live = Arc::new(Live::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -708,7 +722,7 @@ pub async fn fanout(args: &BenchArgs, world: &World, embedded: bool) -> Result<R
         }));
     }
 
-    let progress = Progress::start("fanout", Arc::clone(&live));
+    let progress = Progress::start("subscribe", Arc::clone(&live));
     let plan = Arc::new(Plan::new(args.warmup, args.duration, args.count, args.rate));
     let warm_end = plan.warm_end;
     warm_end_us.store(
@@ -759,7 +773,7 @@ pub async fn fanout(args: &BenchArgs, world: &World, embedded: bool) -> Result<R
     let cpu = cpu_end.zip(cpu_start).map(|(b, a)| b - a);
     let mut extra = Map::new();
     extra.insert(
-        "fanout".into(),
+        "subscribe".into(),
         json!({
             "subscribers": args.subscribers,
             "subscriptions": args.subscribers * world.chats.len(),
@@ -771,7 +785,7 @@ pub async fn fanout(args: &BenchArgs, world: &World, embedded: bool) -> Result<R
         }),
     );
     Ok(Report {
-        scenario: "fanout",
+        scenario: "subscribe",
         config: Map::new(),
         command: String::new(),
         ops: stats.all.len(),

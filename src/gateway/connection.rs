@@ -29,7 +29,7 @@ use tokio::time::{Instant, timeout};
 use super::{
     ConnCtx, GatewayLimits, IMMEDIATE_RESPONSES_MAX, IN_FLIGHT_RETRY_AFTER_MS, LINGER_BYTES_MAX,
     LINGER_TIMEOUT, PROTOCOL_VERSIONS, Principal, REFUSED_RETRY_AFTER_MS, SERVER_NAME, Service,
-    WRITE_BATCH_BYTES_MAX, configure,
+    WRITE_BATCH_BYTES_MAX, WRITE_BATCH_FRAMES_MAX, configure,
 };
 
 /// Why a push was not sent.
@@ -440,22 +440,57 @@ impl Outbox {
                     }
                 }
             }
-            Outgoing::Push {
-                frame,
-                ends_subscription,
-            } => {
-                let mut state = self.state();
-                state.pushes_queued -= 1;
-                state.push_bytes_queued -= frame.len();
-                if let Some(subscription) = ends_subscription
-                    && let Some(InFlight::Subscribed) = state.requests.get(subscription)
-                {
-                    state.requests.remove(subscription);
-                }
-                drop(state);
-                self.room.notify_waiters();
+            Outgoing::Push { .. } => {
+                let mut pushes = TakenPushes::default();
+                pushes.add(outgoing);
+                self.taken_pushes(&mut pushes);
             }
             Outgoing::Immediate { .. } => {}
+        }
+    }
+
+    /// Bookkeeping for the pushes of one write batch at once: one lock and one wake of
+    /// [`PushSender::room`] waiters per batch instead of per push (a fan-out of a busy
+    /// chat queues many pushes per connection, and the writer takes them together).
+    fn taken_pushes(&self, pushes: &mut TakenPushes) {
+        if pushes.count == 0 {
+            return;
+        }
+        let mut state = self.state();
+        state.pushes_queued -= pushes.count;
+        state.push_bytes_queued -= pushes.bytes;
+        for subscription in pushes.ended.drain(..) {
+            if let Some(InFlight::Subscribed) = state.requests.get(&subscription) {
+                state.requests.remove(&subscription);
+            }
+        }
+        drop(state);
+        pushes.count = 0;
+        pushes.bytes = 0;
+        self.room.notify_waiters();
+    }
+}
+
+/// Pushes the writer has taken off the queue and not yet accounted for in the outbox's
+/// state ([`Outbox::taken_pushes`]).
+#[derive(Debug, Default)]
+struct TakenPushes {
+    count: usize,
+    bytes: usize,
+    /// Subscriptions whose `SubscriptionEnded` push was taken.
+    ended: Vec<u64>,
+}
+
+impl TakenPushes {
+    fn add(&mut self, outgoing: &Outgoing) {
+        if let Outgoing::Push {
+            frame,
+            ends_subscription,
+        } = outgoing
+        {
+            self.count += 1;
+            self.bytes += frame.len();
+            self.ended.extend(*ends_subscription);
         }
     }
 }
@@ -867,7 +902,10 @@ async fn write_loop(
     mut close: watch::Receiver<Option<Close>>,
     write_timeout: Duration,
 ) {
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES_MAX);
+    // The frames of one write, by reference: no copy, and an idle connection holds no
+    // buffer (a node may hold tens of thousands, such as a channel's subscribers).
+    let mut batch = Batch::default();
+    let mut pushes = TakenPushes::default();
     // False once a write was cut short: the stream is then mid-frame and nothing more
     // may be written.
     let mut in_step = true;
@@ -878,17 +916,18 @@ async fn write_loop(
             first = queued.recv() => first,
         };
         let Some(first) = first else { break };
-        take_into(&outbox, first, &mut batch);
-        while batch.len() < WRITE_BATCH_BYTES_MAX {
+        take_into(&outbox, first, &mut batch, &mut pushes);
+        while !batch.is_full() {
             match queued.try_recv() {
-                Ok(outgoing) => take_into(&outbox, outgoing, &mut batch),
+                Ok(outgoing) => take_into(&outbox, outgoing, &mut batch, &mut pushes),
                 Err(_) => break,
             }
         }
+        outbox.taken_pushes(&mut pushes);
         let written = tokio::select! {
             biased;
             _ = close.changed() => None,
-            written = timeout(write_timeout, write_half.write_all(&batch)) => Some(written),
+            written = timeout(write_timeout, batch.write_to(&mut write_half)) => Some(written),
         };
         match written {
             Some(Ok(Ok(()))) => batch.clear(),
@@ -911,10 +950,10 @@ async fn write_loop(
         // Responses already queued go out first; pushes are dropped (a slow reader is
         // being cut off, and subscriptions end with the connection anyway).
         batch.clear();
-        while batch.len() < WRITE_BATCH_BYTES_MAX {
+        while !batch.is_full() {
             match queued.try_recv() {
                 Ok(outgoing @ (Outgoing::Response { .. } | Outgoing::Immediate { .. })) => {
-                    take_into(&outbox, outgoing, &mut batch)
+                    take_into(&outbox, outgoing, &mut batch, &mut pushes)
                 }
                 Ok(Outgoing::Push { .. }) => {}
                 Err(_) => break,
@@ -927,18 +966,131 @@ async fn write_loop(
             &mut disconnect,
         )
         .expect("a disconnect fits in a frame");
-        batch.extend_from_slice(&disconnect);
-        let _ = timeout(LINGER_TIMEOUT, write_half.write_all(&batch)).await;
+        batch.push(disconnect.freeze());
+        let _ = timeout(LINGER_TIMEOUT, batch.write_to(&mut write_half)).await;
     }
     let _ = timeout(LINGER_TIMEOUT, write_half.shutdown()).await;
 }
 
-fn take_into(outbox: &Outbox, outgoing: Outgoing, batch: &mut BytesMut) {
-    outbox.taken(&outgoing);
-    let frame = match &outgoing {
+/// Appends a queued frame to the write batch; its bookkeeping is done at once, or for a
+/// push gathered in `pushes` for [`Outbox::taken_pushes`].
+fn take_into(outbox: &Outbox, outgoing: Outgoing, batch: &mut Batch, pushes: &mut TakenPushes) {
+    match &outgoing {
+        Outgoing::Push { .. } => pushes.add(&outgoing),
+        _ => outbox.taken(&outgoing),
+    }
+    let frame = match outgoing {
         Outgoing::Response { frame, .. }
         | Outgoing::Push { frame, .. }
         | Outgoing::Immediate { frame, .. } => frame,
     };
-    batch.extend_from_slice(frame);
+    batch.push(frame);
+}
+
+/// The frames of one write: at most [`WRITE_BATCH_FRAMES_MAX`] frames and about
+/// [`WRITE_BATCH_BYTES_MAX`] bytes (the last frame may pass it), written with `writev`
+/// straight from their buffers.
+#[derive(Debug, Default)]
+struct Batch {
+    frames: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    fn is_full(&self) -> bool {
+        self.frames.len() >= WRITE_BATCH_FRAMES_MAX || self.bytes >= WRITE_BATCH_BYTES_MAX
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+
+    /// Writes every frame (a short write continues where it stopped); the batch is empty
+    /// after success. On an error the stream may be mid-frame.
+    async fn write_to(&mut self, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        use bytes::Buf;
+        while !self.frames.is_empty() {
+            let written = {
+                let mut slices = [std::io::IoSlice::new(&[]); WRITE_BATCH_FRAMES_MAX];
+                let mut n = 0;
+                for (slice, frame) in slices.iter_mut().zip(self.frames.iter()) {
+                    *slice = std::io::IoSlice::new(frame);
+                    n += 1;
+                }
+                w.write_vectored(&slices[..n]).await?
+            };
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.bytes -= written;
+            let mut left = written;
+            while left > 0 {
+                let front = self
+                    .frames
+                    .front_mut()
+                    .expect("written bytes came from frames");
+                if left >= front.len() {
+                    left -= front.len();
+                    self.frames.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch larger than the socket takes at once (the reader starts late), of frames
+    /// of many sizes: every byte arrives once, in order, across short writes.
+    #[tokio::test]
+    async fn a_batch_is_written_whole_across_short_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = listener.accept().await.unwrap();
+        let mut peer = client.await.unwrap();
+        let (_read, mut write_half) = server.into_split();
+        let mut expected = Vec::new();
+        let mut batch = Batch::default();
+        // 3 × 64 frames of 1 to 40,000 bytes: several MiB, more than loopback buffers.
+        let mut writes = Vec::new();
+        for round in 0..3u32 {
+            for i in 0..WRITE_BATCH_FRAMES_MAX as u32 {
+                let len = 1 + ((i * 7919 + round * 104_729) % 40_000) as usize;
+                let frame: Vec<u8> = (0..len).map(|b| (b as u32 ^ i ^ round) as u8).collect();
+                expected.extend_from_slice(&frame);
+                writes.push(Bytes::from(frame));
+            }
+        }
+        let total = expected.len();
+        let reader = tokio::spawn(async move {
+            // Start late, so the writer meets a full socket buffer.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut got = vec![0u8; total];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        });
+        for chunk in writes.chunks(WRITE_BATCH_FRAMES_MAX) {
+            for frame in chunk {
+                batch.push(frame.clone());
+            }
+            assert!(batch.is_full());
+            batch.write_to(&mut write_half).await.unwrap();
+            assert_eq!(batch.bytes, 0);
+            assert!(batch.frames.is_empty());
+        }
+        assert_eq!(reader.await.unwrap(), expected);
+    }
 }

@@ -23,6 +23,7 @@
 //!   reading from that connection (backpressure) instead of buffering.
 
 mod connection;
+mod fdlimit;
 
 use std::future::Future;
 use std::io;
@@ -39,6 +40,7 @@ use tokio::task::JoinSet;
 
 pub use connection::{PUSH_COUNTERS, PushCounters};
 pub use connection::{PushError, PushSender, SharedPush};
+pub use fdlimit::raise_open_files_limit;
 
 /// Default for [`GatewayLimits::connections_max`].
 ///
@@ -102,8 +104,18 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most bytes read and discarded from a closing connection while lingering.
 pub const LINGER_BYTES_MAX: usize = 64 * 1024;
 
-/// Most bytes the writer task coalesces into one `write` (a typical socket buffer).
+/// Most bytes the writer task coalesces into one `write` (a typical socket buffer); one
+/// frame may take a batch past it.
 pub const WRITE_BATCH_BYTES_MAX: usize = 64 * 1024;
+
+/// Most frames the writer task hands to one vectored `write` (`writev`). Why: queued
+/// frames are written from their own buffers, never copied into a per-connection batch
+/// (a live push's bytes are shared by every recipient), so a batch is a list of slices;
+/// Linux takes up to 1,024 (`IOV_MAX`), and 64 pushes of a few hundred bytes are about
+/// what a socket buffer takes at once. The slice list lives on the writer's stack.
+pub const WRITE_BATCH_FRAMES_MAX: usize = 64;
+
+const _: () = assert!(WRITE_BATCH_FRAMES_MAX <= 1024);
 
 /// Most answers of the gateway's own (ping, errors for malformed requests, `RATE_LIMITED`)
 /// queued per connection; past it the gateway stops reading that connection until the
