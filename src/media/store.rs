@@ -37,7 +37,7 @@
 //! of a finished file checks the CRC of each part it touches, on a private copy of the
 //! part (what was checked is what is returned).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -457,6 +457,9 @@ pub struct MediaStore {
     /// Held while an upload forwarded by a peer is created, so the parts of one new
     /// upload arriving at once create it once.
     creating: Mutex<()>,
+    /// Uploads a fetch from peer replicas is filling (`fetch.rs`): their `created_ms` is
+    /// the original upload's, so expiry must not take them while the fetch runs.
+    pinned: Mutex<HashSet<u64>>,
 }
 
 impl MediaStore {
@@ -474,6 +477,7 @@ impl MediaStore {
             open: Mutex::new(HashMap::new()),
             open_tick: Default::default(),
             creating: Mutex::new(()),
+            pinned: Mutex::new(HashSet::new()),
         };
         let updir = dir.join("uploads");
         let entries = std::fs::read_dir(&updir).map_err(io_error("listing", &updir))?;
@@ -848,12 +852,23 @@ impl MediaStore {
             .values()
             .filter(|u| u.header.created_ms.saturating_add(ttl) <= now_ms)
             .map(|u| u.header.upload_id)
+            .filter(|id| !lock(&self.pinned).contains(id))
             .collect();
         for id in &old {
             tracing::info!(upload = format!("{id:016x}"), "media upload expired");
             self.remove_upload(*id);
         }
         old.len()
+    }
+
+    /// Keeps upload `id` from expiring until [`MediaStore::unpin`] (a fetch fills it).
+    pub fn pin(&self, id: u64) {
+        lock(&self.pinned).insert(id);
+    }
+
+    /// Lets upload `id` expire again.
+    pub fn unpin(&self, id: u64) {
+        lock(&self.pinned).remove(&id);
     }
 
     /// Uploads in progress and bytes they reserve.
