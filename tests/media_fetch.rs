@@ -123,6 +123,43 @@ async fn download(client: &Client, sha: [u8; 32], out: &Path) -> Result<Vec<u8>,
         .map(|_| std::fs::read(out).expect("reads the download"))
 }
 
+/// Downloads `sha` through `client` until it is served, while the node answers
+/// `UNAVAILABLE` (a fetch still running on a slow host); any other error fails.
+async fn served(client: &Client, sha: [u8; 32], out: &Path) -> Vec<u8> {
+    wait_for("the file to be served", async || match download(client, sha, out).await {
+        Ok(bytes) => Some(bytes),
+        Err(ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message,
+            ..
+        }) => {
+            eprintln!("not yet: {message}");
+            None
+        }
+        Err(e) => panic!("the download failed: {e}"),
+    })
+    .await
+}
+
+/// Downloads `sha` through `client` until it is refused with `UNAVAILABLE` saying
+/// `why` (while a fetch still runs the node says so instead); a success fails.
+async fn refused_with(client: &Client, sha: [u8; 32], out: &Path, why: &str) {
+    wait_for(why, async || match download(client, sha, out).await {
+        Err(ClientError::Server { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Unavailable, "{message}");
+            if message.contains(why) {
+                eprintln!("refused as expected: {message}");
+                Some(())
+            } else {
+                eprintln!("not yet: {message}");
+                None
+            }
+        }
+        other => panic!("a download of a bad copy must be refused, got {other:?}"),
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies() {
     let seed = seed();
@@ -182,21 +219,12 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
     assert!(copy_a == leaders_a, "the fetched file equals the peer's");
     // Served by the victim alone, byte for byte.
     let reader = connect(&cluster.addr(victim), &token, 2).await;
-    let got = download(&reader, sha_a, &dir.path().join("a.out"))
-        .await
-        .expect("the victim serves a");
+    let got = served(&reader, sha_a, &dir.path().join("a.out")).await;
     assert!(got == a, "the victim serves a's bytes");
 
     // b: every peer's part 1 fails its CRC; the victim answers UNAVAILABLE naming it,
     // and stores nothing.
-    match download(&reader, sha_b, &dir.path().join("b.out")).await {
-        Err(ClientError::Server { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::Unavailable, "{message}");
-            assert!(message.contains("fails its CRC"), "{message}");
-            eprintln!("refused as expected: {message}");
-        }
-        other => panic!("a download of corrupt b must be refused, got {other:?}"),
-    }
+    refused_with(&reader, sha_b, &dir.path().join("b.out"), "fails its CRC").await;
     assert!(!stored(&victim_dir, &sha_b).exists(), "nothing stored");
 
     // Part 1 repaired, part 2 forged on both peers with a matching slot: every part
@@ -209,14 +237,7 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
         overwrite(&p, flip_at, &[original]);
         forge_part(&p, &b, 2, &forged);
     }
-    match download(&reader, sha_b, &dir.path().join("b.out")).await {
-        Err(ClientError::Server { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::Unavailable, "{message}");
-            assert!(message.contains("do not make media"), "{message}");
-            eprintln!("refused as expected: {message}");
-        }
-        other => panic!("a download of forged b must be refused, got {other:?}"),
-    }
+    refused_with(&reader, sha_b, &dir.path().join("b.out"), "do not make media").await;
     assert!(!stored(&victim_dir, &sha_b).exists(), "nothing stored");
 
     // Repaired on one peer only: the victim fetches from it and serves b.
@@ -226,9 +247,7 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
         2,
         &b[2 * pb..3 * pb],
     );
-    let got = download(&reader, sha_b, &dir.path().join("b.out"))
-        .await
-        .expect("the victim serves b once a peer holds it intact");
+    let got = served(&reader, sha_b, &dir.path().join("b.out")).await;
     assert!(got == b, "the victim serves b's bytes");
     let copy_b = std::fs::read(stored(&victim_dir, &sha_b)).expect("stored now");
     let others_b = std::fs::read(stored(&cluster.dir(other), &sha_b)).expect("reads");
@@ -307,8 +326,6 @@ async fn a_replica_moved_to_a_new_node_brings_the_groups_media() {
     let leaders = std::fs::read(stored(&cluster.dir(leader), &sha)).expect("reads");
     assert!(copy == leaders, "the new replica's file equals the leader's");
     let reader = connect(&cluster.addr(four), &token, 5).await;
-    let got = download(&reader, sha, &dir.path().join("m.out"))
-        .await
-        .expect("the new replica serves the file");
+    let got = served(&reader, sha, &dir.path().join("m.out")).await;
     assert!(got == data, "byte for byte");
 }

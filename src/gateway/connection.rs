@@ -844,17 +844,31 @@ async fn write_loop(
             first = queued.recv() => first,
         };
         let Some(first) = first else { break };
-        take_into(&outbox, first, &mut batch);
-        while batch.len() < WRITE_BATCH_BYTES_MAX {
-            match queued.try_recv() {
-                Ok(outgoing) => take_into(&outbox, outgoing, &mut batch),
-                Err(_) => break,
+        // A frame of a batch's size or more (a media chunk) goes out as it is, without a
+        // copy into the batch.
+        let large = match &first {
+            Outgoing::Response { frame, .. }
+            | Outgoing::Push { frame, .. }
+            | Outgoing::Immediate { frame, .. } => {
+                (frame.len() >= WRITE_BATCH_BYTES_MAX).then(|| frame.clone())
+            }
+        };
+        if large.is_some() {
+            outbox.taken(&first);
+        } else {
+            take_into(&outbox, first, &mut batch);
+            while batch.len() < WRITE_BATCH_BYTES_MAX {
+                match queued.try_recv() {
+                    Ok(outgoing) => take_into(&outbox, outgoing, &mut batch),
+                    Err(_) => break,
+                }
             }
         }
+        let out: &[u8] = large.as_deref().unwrap_or(&batch);
         let written = tokio::select! {
             biased;
             _ = close.changed() => None,
-            written = timeout(write_timeout, write_half.write_all(&batch)) => Some(written),
+            written = timeout(write_timeout, write_half.write_all(out)) => Some(written),
         };
         match written {
             Some(Ok(Ok(()))) => batch.clear(),

@@ -24,7 +24,8 @@
 //!
 //! A slot is valid when its CRC checks and its index is its position; an all-zero
 //! (never written) slot never checks. Writing part i is: `pwrite` the bytes, `pwrite`
-//! its slot, `fdatasync`, then acknowledge. The whole file is `fallocate`d when the
+//! its slot, `fdatasync`, then acknowledge (parts written at the same time share one
+//! `fdatasync` started after all their `pwrite`s: a group commit). The whole file is `fallocate`d when the
 //! upload starts, so a full disk shows then (`RESOURCE_EXHAUSTED`), not mid-upload;
 //! should a write still fail for space, the part is refused the same way and stays
 //! missing. What the disk promises is only what an acknowledged fdatasync covered: after
@@ -42,7 +43,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatlog_wire::limits::{
@@ -326,6 +327,21 @@ impl Hashing {
     }
 }
 
+/// The group commit of an upload's parts: writes are numbered as they finish their
+/// `pwrite`s, and one `fdatasync` covers every write numbered before it started, so parts
+/// in flight together share a sync instead of queueing one sync each behind the journal.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Writes numbered so far.
+    written: u64,
+    /// Every write up to this number is durable.
+    synced: u64,
+    /// Writes up to this number were covered by an fdatasync that failed.
+    failed_through: u64,
+    /// An fdatasync is running.
+    syncing: bool,
+}
+
 /// An upload in progress.
 #[derive(Debug)]
 pub struct Upload {
@@ -337,9 +353,46 @@ pub struct Upload {
     /// Held while finishing, so two finishes of one upload do not race.
     finishing: tokio::sync::Mutex<()>,
     hashing: Mutex<Hashing>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
 }
 
 impl Upload {
+    /// Makes durable every byte written before this call (group commit, [`SyncState`]).
+    /// Blocking.
+    fn sync_written(&self) -> Result<(), MediaError> {
+        let mut st = lock(&self.sync);
+        st.written += 1;
+        let ticket = st.written;
+        loop {
+            if st.failed_through >= ticket {
+                return Err(MediaError::Io {
+                    action: "syncing",
+                    path: self.path.display().to_string(),
+                    source: io::Error::other("an fdatasync covering this part failed"),
+                });
+            }
+            if st.synced >= ticket {
+                return Ok(());
+            }
+            if !st.syncing {
+                st.syncing = true;
+                let target = st.written;
+                drop(st);
+                let result = self.file.sync_data();
+                st = lock(&self.sync);
+                st.syncing = false;
+                match &result {
+                    Ok(()) => st.synced = st.synced.max(target),
+                    Err(_) => st.failed_through = st.failed_through.max(target),
+                }
+                self.synced.notify_all();
+                return result.map_err(io_error("syncing", &self.path));
+            }
+            st = self.synced.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Parts not held, ascending.
     pub fn missing(&self) -> Vec<u32> {
         let st = lock(&self.state);
@@ -620,6 +673,8 @@ impl MediaStore {
             }),
             finishing: tokio::sync::Mutex::new(()),
             hashing: Hashing::new(),
+            sync: Mutex::default(),
+            synced: Condvar::new(),
         }))
     }
 
@@ -718,7 +773,7 @@ impl MediaStore {
                 h.slots_offset() + SLOT_BYTES * u64::from(part),
             )
             .map_err(io_error("writing", path))?;
-        upload.file.sync_data().map_err(io_error("syncing", path))?;
+        upload.sync_written()?;
         let held = {
             let mut st = lock(&upload.state);
             st.parts[part as usize] = Some(crc32);
@@ -1021,6 +1076,8 @@ fn load_upload(path: &Path) -> Result<Upload, MediaError> {
         }),
         finishing: tokio::sync::Mutex::new(()),
         hashing: Hashing::new(),
+        sync: Mutex::default(),
+        synced: Condvar::new(),
     })
 }
 
