@@ -126,17 +126,19 @@ async fn download(client: &Client, sha: [u8; 32], out: &Path) -> Result<Vec<u8>,
 /// Downloads `sha` through `client` until it is served, while the node answers
 /// `UNAVAILABLE` (a fetch still running on a slow host); any other error fails.
 async fn served(client: &Client, sha: [u8; 32], out: &Path) -> Vec<u8> {
-    wait_for("the file to be served", async || match download(client, sha, out).await {
-        Ok(bytes) => Some(bytes),
-        Err(ClientError::Server {
-            code: ErrorCode::Unavailable,
-            message,
-            ..
-        }) => {
-            eprintln!("not yet: {message}");
-            None
+    wait_for("the file to be served", async || {
+        match download(client, sha, out).await {
+            Ok(bytes) => Some(bytes),
+            Err(ClientError::Server {
+                code: ErrorCode::Unavailable,
+                message,
+                ..
+            }) => {
+                eprintln!("not yet: {message}");
+                None
+            }
+            Err(e) => panic!("the download failed: {e}"),
         }
-        Err(e) => panic!("the download failed: {e}"),
     })
     .await
 }
@@ -193,17 +195,18 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
     assert_eq!(sha_a, <[u8; 32]>::from(Sha256::digest(&a)));
     let peers = [leader, other];
     for n in peers {
-        assert!(
-            stored(&cluster.dir(n), &sha_b).exists(),
-            "node {n} holds b"
-        );
+        assert!(stored(&cluster.dir(n), &sha_b).exists(), "node {n} holds b");
     }
     // Both peers' copies of b get a flipped byte in part 1: each peer's CRC check
     // refuses to serve that part.
     let flip_at = part_at(1) + 1000;
     let original = b[MEDIA_PART_BYTES as usize + 1000];
     for n in peers {
-        overwrite(&stored(&cluster.dir(n), &sha_b), flip_at, &[original ^ 0x40]);
+        overwrite(
+            &stored(&cluster.dir(n), &sha_b),
+            flip_at,
+            &[original ^ 0x40],
+        );
     }
 
     tokio::task::block_in_place(|| cluster.restart(victim));
@@ -237,7 +240,13 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
         overwrite(&p, flip_at, &[original]);
         forge_part(&p, &b, 2, &forged);
     }
-    refused_with(&reader, sha_b, &dir.path().join("b.out"), "do not make media").await;
+    refused_with(
+        &reader,
+        sha_b,
+        &dir.path().join("b.out"),
+        "do not make media",
+    )
+    .await;
     assert!(!stored(&victim_dir, &sha_b).exists(), "nothing stored");
 
     // Repaired on one peer only: the victim fetches from it and serves b.
@@ -251,7 +260,10 @@ async fn a_replica_that_was_down_fetches_what_it_missed_and_refuses_bad_copies()
     assert!(got == b, "the victim serves b's bytes");
     let copy_b = std::fs::read(stored(&victim_dir, &sha_b)).expect("stored now");
     let others_b = std::fs::read(stored(&cluster.dir(other), &sha_b)).expect("reads");
-    assert!(copy_b == others_b, "the fetched file equals the intact peer's");
+    assert!(
+        copy_b == others_b,
+        "the fetched file equals the intact peer's"
+    );
 }
 
 /// Runs `chatlog admin ARGS --json`; Ok(JSON) on success, Err(stderr) on failure.
@@ -294,7 +306,10 @@ async fn a_replica_moved_to_a_new_node_brings_the_groups_media() {
     let sha = upload(&client, &path).await;
 
     let four = tokio::task::block_in_place(|| cluster.join(1));
-    let from = cluster.ids().find(|n| *n != leader && *n != four).expect("a follower");
+    let from = cluster
+        .ids()
+        .find(|n| *n != leader && *n != four)
+        .expect("a follower");
     let http = cluster.http_addr(2);
     let moved = wait_for("the replica move", async || {
         match admin(&[
@@ -324,7 +339,10 @@ async fn a_replica_moved_to_a_new_node_brings_the_groups_media() {
     })
     .await;
     let leaders = std::fs::read(stored(&cluster.dir(leader), &sha)).expect("reads");
-    assert!(copy == leaders, "the new replica's file equals the leader's");
+    assert!(
+        copy == leaders,
+        "the new replica's file equals the leader's"
+    );
     let reader = connect(&cluster.addr(four), &token, 5).await;
     let got = served(&reader, sha, &dir.path().join("m.out")).await;
     assert!(got == data, "byte for byte");

@@ -347,7 +347,11 @@ impl Media {
             let problem = if want.is_some_and(|w| w != h) {
                 Some("another description of the file".to_string())
             } else if h.part_bytes != MEDIA_PART_BYTES || part >= h.part_count() {
-                Some(format!("a header of {} parts of {} bytes", h.part_count(), h.part_bytes))
+                Some(format!(
+                    "a header of {} parts of {} bytes",
+                    h.part_count(),
+                    h.part_bytes
+                ))
             } else if served.data.len() != h.part_len(part) {
                 Some(format!("{} bytes for part {part}", served.data.len()))
             } else if crc32fast::hash(&served.data) != served.crc32 {
@@ -598,7 +602,9 @@ mod tests {
         }
         let refused = encode_refusal(STATUS_NOT_STORED, "not here");
         assert_eq!(
-            decode_served(&refused).expect("decodes").expect_err("refused"),
+            decode_served(&refused)
+                .expect("decodes")
+                .expect_err("refused"),
             "not here"
         );
     }
