@@ -9,7 +9,7 @@
 //! `UNAVAILABLE` naming why, and nothing is stored or served from them; once the peers'
 //! files are repaired the same node fetches and serves the right bytes. And a replica
 //! that `admin replica move` puts on a node that joined later ends with the group's
-//! media, not only its log.
+//! media, not only its log, and receives the parts of later uploads directly.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -346,4 +346,18 @@ async fn a_replica_moved_to_a_new_node_brings_the_groups_media() {
     let reader = connect(&cluster.addr(four), &token, 5).await;
     let got = served(&reader, sha, &dir.path().join("m.out")).await;
     assert!(got == data, "byte for byte");
+
+    // Uploads after the move replicate to the group's replicas as the move left them:
+    // the new node holds the file as soon as the upload finished (the finish waits for
+    // the replicas' answers), before any catch-up scan could have brought it.
+    let path2 = dir.path().join("m2.bin");
+    let data2 = random_file(&path2, MEDIA_PART_BYTES as usize + 5, seed ^ 2);
+    let sha2 = upload(&client, &path2).await;
+    let copy2 = std::fs::read(stored(&cluster.dir(four), &sha2)).expect("on the new replica");
+    assert!(
+        copy2 == std::fs::read(stored(&cluster.dir(leader), &sha2)).expect("on the leader"),
+        "the same file"
+    );
+    let got = served(&reader, sha2, &dir.path().join("m2.out")).await;
+    assert!(got == data2, "byte for byte");
 }

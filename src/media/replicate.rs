@@ -241,6 +241,17 @@ fn decode_answer(node: u64, body: &[u8]) -> Result<u32, v1::Error> {
     Err(error(code, format!("node {node}: {message}")))
 }
 
+/// The replicas of `group` as the placement this node follows has them (a replica move
+/// changes them), or the static ones before that placement is known.
+fn replicas(node: &Node, group: GroupId) -> Vec<u64> {
+    let now = node.replicas_of(group);
+    if now.is_empty() {
+        node.config().placement(group)
+    } else {
+        now
+    }
+}
+
 fn task_failed(e: tokio::task::JoinError) -> v1::Error {
     error(ErrorCode::Internal, format!("media part task failed: {e}"))
 }
@@ -269,7 +280,7 @@ impl Replicator {
     ) -> Result<u32, v1::Error> {
         let group = group_of(header.uploader);
         let me = node.node_id();
-        let placement = node.config().placement(group);
+        let placement = replicas(node, group);
         let peers: Vec<u64> = placement.iter().copied().filter(|n| *n != me).collect();
         let Some(router) = node.router().filter(|_| !peers.is_empty()) else {
             return local.await.map_err(task_failed)?;
@@ -336,9 +347,7 @@ impl Replicator {
         let me = node.node_id();
         let Some(router) = node.router() else { return };
         let body = encode_finish(header, &sha256);
-        let sends = node
-            .config()
-            .placement(group)
+        let sends = replicas(node, group)
             .into_iter()
             .filter(|n| *n != me)
             .map(|peer| {
