@@ -13,9 +13,14 @@
 //!
 //! A node answers only from files it stores. In a cluster, parts reach a majority of
 //! the uploader's group's replicas before they are acknowledged, and finishing on one
-//! node tells the others to finish their copies; a node asked for a file it does not
-//! hold answers `UNAVAILABLE`, and the client asks another node.
+//! node tells the others to finish their copies. A replica of the uploader's group that
+//! missed the file (it was down, or a move added it later) fetches it from the others
+//! (`fetch.rs`: in the background, and at once when a download asks for it, which waits
+//! a bounded time and otherwise answers `UNAVAILABLE` with a retry hint); a node outside
+//! that group asked for a file it does not hold answers `UNAVAILABLE`, and the client
+//! asks another node.
 
+pub mod fetch;
 pub mod replicate;
 pub mod store;
 
@@ -48,6 +53,10 @@ pub struct Media {
     store: OnceLock<Arc<MediaStore>>,
     opening: tokio::sync::Mutex<()>,
     replicator: replicate::Replicator,
+    /// Files this replica missed, fetched from the group's other replicas.
+    fetcher: fetch::Fetcher,
+    /// This media side, for tasks it spawns.
+    this: Weak<Media>,
 }
 
 /// The protocol error for a store failure.
@@ -86,15 +95,18 @@ impl Media {
     /// tokio runtime.
     pub fn start(node: Arc<Node>, config: StoreConfig) -> Arc<Media> {
         let dir = node.config().data_dir.join("media");
-        let media = Arc::new(Media {
+        let media = Arc::new_cyclic(|this| Media {
             replicator: replicate::Replicator::new(),
             node,
             dir,
             config,
             store: OnceLock::new(),
             opening: tokio::sync::Mutex::new(()),
+            fetcher: fetch::Fetcher::default(),
+            this: this.clone(),
         });
         tokio::spawn(expiry_task(Arc::downgrade(&media)));
+        tokio::spawn(fetch::catch_up_task(Arc::downgrade(&media)));
         media
     }
 
@@ -335,19 +347,34 @@ impl Media {
         self.readable_ref(user, s).await?;
         let st = Arc::clone(store);
         let h = *s;
-        blocking(move || st.file(&h)).await?.ok_or_else(|| {
-            let mut e = error(
-                ErrorCode::Unavailable,
-                format!(
-                    "media {} is not stored on this node (node {}); ask another node of \
-                     the cluster",
-                    store::hex(s),
-                    self.node.node_id()
-                ),
-            );
-            e.retry_after_ms = 1000;
-            e
-        })
+        if let Some(f) = blocking(move || st.file(&h)).await? {
+            return Ok(f);
+        }
+        // A replica of the file's group that missed it fetches it from the others first.
+        let detail = match self.holder_group(s) {
+            Some(group) => match self.fetch_for_read(*s, group).await {
+                Ok(true) => {
+                    let st = Arc::clone(store);
+                    if let Some(f) = blocking(move || st.file(&h)).await? {
+                        return Ok(f);
+                    }
+                    "it was fetched but is gone".to_string()
+                }
+                Ok(false) => "it is being fetched from the other replicas; retry".to_string(),
+                Err(e) => format!("fetching it from the other replicas failed: {e}"),
+            },
+            None => "ask another node of the cluster".to_string(),
+        };
+        let mut e = error(
+            ErrorCode::Unavailable,
+            format!(
+                "media {} is not stored on this node (node {}): {detail}",
+                store::hex(s),
+                self.node.node_id()
+            ),
+        );
+        e.retry_after_ms = 1000;
+        Err(e)
     }
 
     async fn finish(

@@ -9,9 +9,9 @@
 //! it must not do: decide who may read what or propose anything to Raft (the node that
 //! finishes proposes `MediaStored` once; peers only store bytes).
 //!
-//! A replica that missed parts (it was down) drops its partial copy when told of the
-//! finish, and answers downloads of that file with `UNAVAILABLE` (the client asks another
-//! node). Copying finished files to such a replica later is not done yet.
+//! A replica that missed parts (it was down) keeps its partial copy when told of the
+//! finish and fetches the parts it lacks from the others (`fetch.rs`, which also sends
+//! and answers the `fetch` request below).
 //!
 //! Request bytes (little-endian; `str` is a u32 length then UTF-8):
 //!
@@ -19,6 +19,7 @@
 //! part:   kind u8 = 1 | upload_id u64 | uploader u64 | size u64 | part_bytes u32
 //!         | created_ms u64 | mime str | file name str | part u32 | crc32 u32 | data (rest)
 //! finish: kind u8 = 2 | upload_id u64 | uploader u64 | sha256 [32]
+//! fetch:  kind u8 = 3 | sha256 [32] | part u32     (answered as `fetch.rs` describes)
 //! answer: status u8 (0 stored, 1 bad request, 2 conflict, 3 resource exhausted,
 //!         4 not found, 5 failed) | parts held u32 | message str
 //! ```
@@ -49,6 +50,8 @@ const ANSWER_MESSAGE_BYTES_MAX: usize = 4096;
 
 const KIND_PART: u8 = 1;
 const KIND_FINISH: u8 = 2;
+/// A part of a finished file (`fetch.rs` sends it and encodes its answer).
+pub(super) const KIND_FETCH: u8 = 3;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -57,16 +60,35 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn encode_part(h: &Header, part: u32, crc32: u32, data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(64 + h.mime_type.len() + h.file_name.len() + data.len());
-    out.push(KIND_PART);
+/// Appends a file's description (the `part` layout's fields after `kind`, up to the
+/// file name; `fetch.rs` answers with the same bytes).
+pub(super) fn put_header(out: &mut Vec<u8>, h: &Header) {
     out.extend_from_slice(&h.upload_id.to_le_bytes());
     out.extend_from_slice(&h.uploader.to_le_bytes());
     out.extend_from_slice(&h.size.to_le_bytes());
     out.extend_from_slice(&h.part_bytes.to_le_bytes());
     out.extend_from_slice(&h.created_ms.to_le_bytes());
-    put_str(&mut out, &h.mime_type);
-    put_str(&mut out, &h.file_name);
+    put_str(out, &h.mime_type);
+    put_str(out, &h.file_name);
+}
+
+/// Reads what [`put_header`] wrote.
+pub(super) fn read_header(r: &mut Reader<'_>) -> Result<Header, String> {
+    Ok(Header {
+        upload_id: r.u64()?,
+        uploader: r.u64()?,
+        size: r.u64()?,
+        part_bytes: r.u32()?,
+        created_ms: r.u64()?,
+        mime_type: r.str(MEDIA_MIME_TYPE_BYTES_MAX)?,
+        file_name: r.str(MEDIA_FILE_NAME_BYTES_MAX)?,
+    })
+}
+
+fn encode_part(h: &Header, part: u32, crc32: u32, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(64 + h.mime_type.len() + h.file_name.len() + data.len());
+    out.push(KIND_PART);
+    put_header(&mut out, h);
     out.extend_from_slice(&part.to_le_bytes());
     out.extend_from_slice(&crc32.to_le_bytes());
     out.extend_from_slice(data);
@@ -83,10 +105,10 @@ fn encode_finish(h: &Header, sha256: &[u8; 32]) -> Bytes {
 }
 
 /// A checked reader over a request's bytes.
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.0.len() < n {
             return Err(format!("media request cut short: {n} bytes needed"));
         }
@@ -94,17 +116,17 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    pub(super) fn u32(&mut self) -> Result<u32, String> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    pub(super) fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn str(&mut self, max: u32) -> Result<String, String> {
+    pub(super) fn str(&mut self, max: u32) -> Result<String, String> {
         let n = self.u32()?;
         if n > max {
             return Err(format!("string of {n} bytes in a media request"));
@@ -126,21 +148,15 @@ enum Request {
         uploader: u64,
         sha256: [u8; 32],
     },
+    /// A part of a finished file, for a replica that misses it (`fetch.rs`).
+    Fetch { sha256: [u8; 32], part: u32 },
 }
 
 fn decode_request(body: &Bytes) -> Result<Request, String> {
     let mut r = Reader(body);
     match r.take(1)?[0] {
         KIND_PART => {
-            let header = Header {
-                upload_id: r.u64()?,
-                uploader: r.u64()?,
-                size: r.u64()?,
-                part_bytes: r.u32()?,
-                created_ms: r.u64()?,
-                mime_type: r.str(MEDIA_MIME_TYPE_BYTES_MAX)?,
-                file_name: r.str(MEDIA_FILE_NAME_BYTES_MAX)?,
-            };
+            let header = read_header(&mut r)?;
             let part = r.u32()?;
             let crc32 = r.u32()?;
             let at = body.len() - r.0.len();
@@ -163,6 +179,14 @@ fn decode_request(body: &Bytes) -> Result<Request, String> {
                 uploader,
                 sha256,
             })
+        }
+        KIND_FETCH => {
+            let sha256 = r.take(32)?.try_into().expect("32 bytes");
+            let part = r.u32()?;
+            if !r.0.is_empty() {
+                return Err("trailing bytes after a media fetch".into());
+            }
+            Ok(Request::Fetch { sha256, part })
         }
         k => Err(format!("unknown media request kind {k}")),
     }
@@ -217,6 +241,17 @@ fn decode_answer(node: u64, body: &[u8]) -> Result<u32, v1::Error> {
     Err(error(code, format!("node {node}: {message}")))
 }
 
+/// The replicas of `group` as the placement this node follows has them (a replica move
+/// changes them), or the static ones before that placement is known.
+fn replicas(node: &Node, group: GroupId) -> Vec<u64> {
+    let now = node.replicas_of(group);
+    if now.is_empty() {
+        node.config().placement(group)
+    } else {
+        now
+    }
+}
+
 fn task_failed(e: tokio::task::JoinError) -> v1::Error {
     error(ErrorCode::Internal, format!("media part task failed: {e}"))
 }
@@ -245,7 +280,7 @@ impl Replicator {
     ) -> Result<u32, v1::Error> {
         let group = group_of(header.uploader);
         let me = node.node_id();
-        let placement = node.config().placement(group);
+        let placement = replicas(node, group);
         let peers: Vec<u64> = placement.iter().copied().filter(|n| *n != me).collect();
         let Some(router) = node.router().filter(|_| !peers.is_empty()) else {
             return local.await.map_err(task_failed)?;
@@ -312,9 +347,7 @@ impl Replicator {
         let me = node.node_id();
         let Some(router) = node.router() else { return };
         let body = encode_finish(header, &sha256);
-        let sends = node
-            .config()
-            .placement(group)
+        let sends = replicas(node, group)
             .into_iter()
             .filter(|n| *n != me)
             .map(|peer| {
@@ -383,11 +416,14 @@ impl GroupDirectory for MediaDirectory {
 }
 
 impl Media {
-    /// Serves a part or finish from another replica of `group`.
+    /// Serves a part, finish or fetch from another replica of `group`.
     async fn serve_peer(&self, group: GroupId, body: Bytes) -> Result<Bytes, String> {
         let request = decode_request(&body)?;
         let store = self.store().await.map_err(|e| e.message)?;
         let result = match request {
+            Request::Fetch { sha256, part } => {
+                return Ok(super::fetch::serve_part(store, sha256, part).await);
+            }
             Request::Part {
                 header,
                 part,
@@ -419,18 +455,19 @@ impl Media {
                 };
                 let guard_of = Arc::clone(&upload);
                 let _finishing = guard_of.finishing().await;
-                tokio::task::spawn_blocking(move || {
-                    if !upload.missing().is_empty() {
-                        // A partial copy is of no use once the upload finished elsewhere.
-                        store.remove_upload(upload_id);
-                        return Err(MediaError::NotFound(format!(
-                            "upload {upload_id:016x} missed parts here; dropped"
-                        )));
-                    }
-                    store.finish(&upload, &sha256).map(|_| 0)
-                })
-                .await
-                .map_err(|e| e.to_string())?
+                if !upload.missing().is_empty() {
+                    // This replica was down for some parts: it fetches them from the
+                    // others (which hold the finished file), keeping those it has.
+                    self.fetch_in_background(sha256, group, Some(upload_id));
+                    Err(MediaError::NotFound(format!(
+                        "upload {upload_id:016x} missed parts here; fetching them from the \
+                         other replicas"
+                    )))
+                } else {
+                    tokio::task::spawn_blocking(move || store.finish(&upload, &sha256).map(|_| 0))
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
             }
         };
         if let Err(e) = &result {

@@ -24,7 +24,8 @@
 //!
 //! A slot is valid when its CRC checks and its index is its position; an all-zero
 //! (never written) slot never checks. Writing part i is: `pwrite` the bytes, `pwrite`
-//! its slot, `fdatasync`, then acknowledge. The whole file is `fallocate`d when the
+//! its slot, `fdatasync`, then acknowledge (parts written at the same time share one
+//! `fdatasync` started after all their `pwrite`s: a group commit). The whole file is `fallocate`d when the
 //! upload starts, so a full disk shows then (`RESOURCE_EXHAUSTED`), not mid-upload;
 //! should a write still fail for space, the part is refused the same way and stays
 //! missing. What the disk promises is only what an acknowledged fdatasync covered: after
@@ -37,12 +38,12 @@
 //! of a finished file checks the CRC of each part it touches, on a private copy of the
 //! part (what was checked is what is returned).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatlog_wire::limits::{
@@ -326,6 +327,21 @@ impl Hashing {
     }
 }
 
+/// The group commit of an upload's parts: writes are numbered as they finish their
+/// `pwrite`s, and one `fdatasync` covers every write numbered before it started, so parts
+/// in flight together share a sync instead of queueing one sync each behind the journal.
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Writes numbered so far.
+    written: u64,
+    /// Every write up to this number is durable.
+    synced: u64,
+    /// Writes up to this number were covered by an fdatasync that failed.
+    failed_through: u64,
+    /// An fdatasync is running.
+    syncing: bool,
+}
+
 /// An upload in progress.
 #[derive(Debug)]
 pub struct Upload {
@@ -337,9 +353,46 @@ pub struct Upload {
     /// Held while finishing, so two finishes of one upload do not race.
     finishing: tokio::sync::Mutex<()>,
     hashing: Mutex<Hashing>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
 }
 
 impl Upload {
+    /// Makes durable every byte written before this call (group commit, [`SyncState`]).
+    /// Blocking.
+    fn sync_written(&self) -> Result<(), MediaError> {
+        let mut st = lock(&self.sync);
+        st.written += 1;
+        let ticket = st.written;
+        loop {
+            if st.failed_through >= ticket {
+                return Err(MediaError::Io {
+                    action: "syncing",
+                    path: self.path.display().to_string(),
+                    source: io::Error::other("an fdatasync covering this part failed"),
+                });
+            }
+            if st.synced >= ticket {
+                return Ok(());
+            }
+            if !st.syncing {
+                st.syncing = true;
+                let target = st.written;
+                drop(st);
+                let result = self.file.sync_data();
+                st = lock(&self.sync);
+                st.syncing = false;
+                match &result {
+                    Ok(()) => st.synced = st.synced.max(target),
+                    Err(_) => st.failed_through = st.failed_through.max(target),
+                }
+                self.synced.notify_all();
+                return result.map_err(io_error("syncing", &self.path));
+            }
+            st = self.synced.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Parts not held, ascending.
     pub fn missing(&self) -> Vec<u32> {
         let st = lock(&self.state);
@@ -457,6 +510,9 @@ pub struct MediaStore {
     /// Held while an upload forwarded by a peer is created, so the parts of one new
     /// upload arriving at once create it once.
     creating: Mutex<()>,
+    /// Uploads a fetch from peer replicas is filling (`fetch.rs`): their `created_ms` is
+    /// the original upload's, so expiry must not take them while the fetch runs.
+    pinned: Mutex<HashSet<u64>>,
 }
 
 impl MediaStore {
@@ -474,6 +530,7 @@ impl MediaStore {
             open: Mutex::new(HashMap::new()),
             open_tick: Default::default(),
             creating: Mutex::new(()),
+            pinned: Mutex::new(HashSet::new()),
         };
         let updir = dir.join("uploads");
         let entries = std::fs::read_dir(&updir).map_err(io_error("listing", &updir))?;
@@ -616,6 +673,8 @@ impl MediaStore {
             }),
             finishing: tokio::sync::Mutex::new(()),
             hashing: Hashing::new(),
+            sync: Mutex::default(),
+            synced: Condvar::new(),
         }))
     }
 
@@ -714,7 +773,7 @@ impl MediaStore {
                 h.slots_offset() + SLOT_BYTES * u64::from(part),
             )
             .map_err(io_error("writing", path))?;
-        upload.file.sync_data().map_err(io_error("syncing", path))?;
+        upload.sync_written()?;
         let held = {
             let mut st = lock(&upload.state);
             st.parts[part as usize] = Some(crc32);
@@ -848,12 +907,23 @@ impl MediaStore {
             .values()
             .filter(|u| u.header.created_ms.saturating_add(ttl) <= now_ms)
             .map(|u| u.header.upload_id)
+            .filter(|id| !lock(&self.pinned).contains(id))
             .collect();
         for id in &old {
             tracing::info!(upload = format!("{id:016x}"), "media upload expired");
             self.remove_upload(*id);
         }
         old.len()
+    }
+
+    /// Keeps upload `id` from expiring until [`MediaStore::unpin`] (a fetch fills it).
+    pub fn pin(&self, id: u64) {
+        lock(&self.pinned).insert(id);
+    }
+
+    /// Lets upload `id` expire again.
+    pub fn unpin(&self, id: u64) {
+        lock(&self.pinned).remove(&id);
     }
 
     /// Uploads in progress and bytes they reserve.
@@ -1006,6 +1076,8 @@ fn load_upload(path: &Path) -> Result<Upload, MediaError> {
         }),
         finishing: tokio::sync::Mutex::new(()),
         hashing: Hashing::new(),
+        sync: Mutex::default(),
+        synced: Condvar::new(),
     })
 }
 
@@ -1155,6 +1227,45 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn parts_written_at_once_are_all_synced_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pb = MEDIA_PART_BYTES as usize;
+        let data = content(pb * 16 + 99, 11);
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        let id;
+        {
+            let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
+            let up = store
+                .start(5, data.len() as u64, "", "", now_ms())
+                .expect("starts");
+            id = up.header.upload_id;
+            // Eight writers at once, each its own parts: every write returns only once
+            // a sync that started after its pwrites finished.
+            std::thread::scope(|s| {
+                for t in 0..8u32 {
+                    let (store, up, data) = (&store, &up, &data);
+                    s.spawn(move || {
+                        for i in (t..up.header.part_count()).step_by(8) {
+                            let at = i as usize * pb;
+                            let part = &data[at..(at + pb).min(data.len())];
+                            store
+                                .write_part(up, i, crc32fast::hash(part), part)
+                                .expect("part stored");
+                        }
+                    });
+                }
+            });
+            let st = lock(&up.sync);
+            assert_eq!(st.written, u64::from(up.header.part_count()));
+            assert_eq!(st.synced, st.written, "every write is covered by a sync");
+        }
+        let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("reopens");
+        let up = store.upload(5, id).expect("upload survives");
+        assert!(up.missing().is_empty(), "every acknowledged part is held");
+        store.finish(&up, &sha).expect("the content hashes right");
     }
 
     #[test]

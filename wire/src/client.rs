@@ -1002,6 +1002,14 @@ async fn write_loop(
 ) {
     let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES_MAX);
     while let Some(first) = queued.recv().await {
+        // A frame of a batch's size or more (a media part) goes out as it is, without a
+        // copy into the batch.
+        if first.len() >= WRITE_BATCH_BYTES_MAX {
+            if stream.write_all(&first).await.is_err() {
+                break;
+            }
+            continue;
+        }
         batch.extend_from_slice(&first);
         while batch.len() < WRITE_BATCH_BYTES_MAX {
             match queued.try_recv() {

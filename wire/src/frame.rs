@@ -286,6 +286,34 @@ impl FrameDecoder {
         }
     }
 
+    /// Inside a payload with at least `min` bytes still to come: its buffer, grown as
+    /// [`FrameDecoder::decode`] grows it for `min` incoming bytes (at least doubling,
+    /// never past the frame), and how many bytes may be read straight into its spare
+    /// capacity. [`FrameReader`] reads large payloads this way, without a copy through
+    /// its read buffer; [`FrameDecoder::take_complete`] then hands out a finished one.
+    fn payload_room(&mut self, min: usize) -> Option<(&mut Vec<u8>, usize)> {
+        match &mut self.state {
+            DecoderState::Payload { payload, len } if *len - payload.len() >= min => {
+                reserve_payload(payload, *len, min);
+                let room = (payload.capacity() - payload.len()).min(*len - payload.len());
+                Some((payload, room))
+            }
+            _ => None,
+        }
+    }
+
+    /// The payload, when bytes read through [`FrameDecoder::payload_room`] completed it.
+    fn take_complete(&mut self) -> Option<Bytes> {
+        match &mut self.state {
+            DecoderState::Payload { payload, len } if payload.len() == *len => {
+                let payload = std::mem::take(payload);
+                self.state = DecoderState::START;
+                Some(Bytes::from(payload))
+            }
+            _ => None,
+        }
+    }
+
     fn prefix_error(&self, len: u32) -> Error {
         check_frame_len(u64::from(len), self.frame_bytes_max)
             .expect_err("a failed prefix fails its check again")
@@ -451,7 +479,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 debug_assert_eq!(self.start, self.end, "decoder left input unconsumed");
             }
-            // The only await point; `AsyncRead::read` is cancel-safe.
+            // Inside a large payload with nothing buffered: read straight into it (one
+            // copy fewer, and reads as large as the payload's room, not the buffer's).
+            if let Some((payload, room)) = self.decoder.payload_room(READ_CHUNK_BYTES) {
+                // An await point; cancel-safe like the other (`poll_read` fills nothing
+                // unless it returns ready).
+                if read_into_spare(&mut self.reader, payload, room).await? == 0 {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+                if let Some(payload) = self.decoder.take_complete() {
+                    return Ok(Some(payload));
+                }
+                continue;
+            }
+            // An await point; `AsyncRead::read` is cancel-safe.
             let read = read_some(&mut self.reader, &mut self.buf).await?;
             if read == 0 {
                 self.decoder.finish()?;
@@ -481,6 +523,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.reader
     }
+}
+
+/// One `read` of at most `n` bytes into the spare capacity of `buf` (which has room for
+/// them), retried when interrupted by a signal; returns the bytes read.
+async fn read_into_spare<R>(reader: &mut R, buf: &mut Vec<u8>, n: usize) -> Result<usize>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let read = {
+        let mut spare = tokio::io::ReadBuf::uninit(&mut buf.spare_capacity_mut()[..n]);
+        loop {
+            let polled = std::future::poll_fn(|cx| {
+                std::pin::Pin::new(&mut *reader).poll_read(cx, &mut spare)
+            })
+            .await;
+            match polled {
+                Ok(()) => break spare.filled().len(),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::Io {
+                        action: "reading",
+                        source,
+                    });
+                }
+            }
+        }
+    };
+    // SAFETY: the read initialised the first `read` bytes of the spare capacity, and
+    // `read <= n <= capacity - len`.
+    unsafe { buf.set_len(buf.len() + read) };
+    Ok(read)
 }
 
 /// One `read`, retried when interrupted by a signal.

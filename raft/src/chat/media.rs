@@ -128,6 +128,12 @@ impl MediaState {
         })
     }
 
+    /// The ids of every file this group's users stored, in id order (for a replica
+    /// catching up on media bytes it missed, `src/media/fetch.rs`).
+    pub fn file_ids(&self) -> impl Iterator<Item = &MediaId> + '_ {
+        self.files.keys()
+    }
+
     /// The chats of this group `media` was sent to.
     pub fn chats_with(&self, media: &MediaId) -> impl Iterator<Item = ChatId> + '_ {
         self.grants.get(media).into_iter().flatten().copied()
