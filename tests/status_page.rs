@@ -340,6 +340,15 @@ fn cluster_page_shows_a_killed_node_down_and_back_after_its_restart() {
         peer[1].starts_with("127.0.0.1:"),
         "node 3's address: {peer:?}"
     );
+    // Every node's release, the peers' as they reported it in the node handshake.
+    for n in 1..=3 {
+        let row = page.row(&format!("data-node=\"{n}\"")).expect("row");
+        assert_eq!(
+            row[3],
+            env!("CARGO_PKG_VERSION"),
+            "node {n}'s version: {row:?}"
+        );
+    }
 
     // SIGKILL node 3: the page shows it down, in the summary and in its row, while the
     // groups keep (or re-elect) a leader among nodes 1 and 2.

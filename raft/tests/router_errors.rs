@@ -152,6 +152,7 @@ async fn spawn_silent_peer() -> (std::net::SocketAddr, tokio::task::JoinHandle<(
             request_id: 0,
             payload: Some(Payload::HelloOk(NodeHelloOk {
                 protocol_version: NODE_PROTOCOL_VERSION,
+                software_version: String::new(),
             })),
         };
         write_message(&mut stream, &ok, NODE_FRAME_BYTES_MAX)

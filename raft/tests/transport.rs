@@ -475,6 +475,7 @@ fn hello(to: NodeId, cluster_id: u64) -> NodeFrame {
         0,
         Payload::Hello(NodeHello {
             protocol_version: NODE_PROTOCOL_VERSION,
+            software_version: "test".into(),
         }),
     )
 }

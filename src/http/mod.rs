@@ -324,8 +324,10 @@ async fn status_json(ctx: &Ctx) -> Value {
             if up == Some(false) {
                 down.push(id);
             }
+            // The release the peer reported at our last handshake with it.
+            let version = ctx.node.router().and_then(|r| r.peer_version(id));
             nodes.push(json!({"id": id, "self": false, "up": up, "peer_addr": peer,
-                              "last_ack_ms": last_ack_ms}));
+                              "version": version, "last_ack_ms": last_ack_ms}));
         }
     }
     let mut summary = status::summary(me, &groups, &down);

@@ -55,6 +55,10 @@ use crate::types::{GroupId, Node, NodeId, Snapshot, TypeConfig, Vote};
 /// heartbeat) does not cut it short for the requests behind it.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// This node's software release, sent in the handshake both ways (the workspace keeps
+/// every crate at the release of the `chatlog` binary).
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// Wait before the first re-dial after a failed one; doubles per failure.
 pub const REDIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
 
@@ -105,6 +109,8 @@ struct PeerState {
     /// Bumped whenever `link` is replaced, so a dial that finishes after its address was
     /// changed does not install a connection to the old address.
     generation: u64,
+    /// The software release the peer reported at the last successful handshake.
+    version: Option<String>,
 }
 
 type DialResult = Result<Arc<Connection>, Arc<str>>;
@@ -126,6 +132,8 @@ struct Connection {
     sink: FrameSink,
     waiting: Arc<Waiting>,
     next_request_id: AtomicU64,
+    /// The peer's software release from its hello-ok (empty when it sent none).
+    peer_version: String,
 }
 
 impl Connection {
@@ -212,6 +220,14 @@ impl Router {
         self.inner.identity
     }
 
+    /// The software release peer `node` reported at the last handshake with it, if
+    /// this node ever connected to it.
+    pub fn peer_version(&self, node: NodeId) -> Option<String> {
+        let peer = lock(&self.inner.peers).get(&node).cloned()?;
+        let version = lock(&peer.state).version.clone();
+        version
+    }
+
     /// Sets the address of node `node`. A changed address drops the current connection;
     /// the next request dials the new one.
     pub fn set_peer_addr(&self, node: NodeId, addr: SocketAddr) {
@@ -242,6 +258,7 @@ impl Router {
                             },
                             backoff: REDIAL_BACKOFF_MIN,
                             generation: 0,
+                            version: None,
                         }),
                     }),
                 );
@@ -431,6 +448,9 @@ impl Router {
                 match &result {
                     Ok(conn) => {
                         state.backoff = REDIAL_BACKOFF_MIN;
+                        if !conn.peer_version.is_empty() {
+                            state.version = Some(conn.peer_version.clone());
+                        }
                         state.link = Link::Up(Arc::clone(conn));
                     }
                     Err(error) => {
@@ -476,6 +496,7 @@ async fn dial(
         0,
         Payload::Hello(NodeHello {
             protocol_version: NODE_PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
         }),
     );
     write_message(&mut writer, &hello, NODE_FRAME_BYTES_MAX)
@@ -505,16 +526,18 @@ async fn dial(
             reply.from_node_id
         ));
     }
-    match reply.payload {
-        Some(Payload::HelloOk(NodeHelloOk { protocol_version }))
-            if protocol_version == NODE_PROTOCOL_VERSION => {}
+    let peer_version = match reply.payload {
+        Some(Payload::HelloOk(NodeHelloOk {
+            protocol_version,
+            software_version,
+        })) if protocol_version == NODE_PROTOCOL_VERSION => software_version,
         other => {
             return Err(format!(
                 "unexpected handshake answer {}",
                 other.as_ref().map_or("(empty)", payload_name)
             ));
         }
-    }
+    };
     let waiting = Arc::new(Waiting {
         requests: Mutex::new(Some(HashMap::new())),
     });
@@ -528,6 +551,7 @@ async fn dial(
         sink: FrameSink::spawn(writer),
         waiting,
         next_request_id: AtomicU64::new(1),
+        peer_version,
     })
 }
 

@@ -444,6 +444,7 @@ impl Connection {
             request_id,
             Payload::HelloOk(NodeHelloOk {
                 protocol_version: NODE_PROTOCOL_VERSION,
+                software_version: super::router::SOFTWARE_VERSION.to_string(),
             }),
         )
         .await;
