@@ -417,20 +417,13 @@ async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn acknowledged_posts_survive_power_cuts_under_raft() {
-    let seed = seed();
-    eprintln!("seed={seed}");
-    let window = Duration::from_secs(
-        std::env::var("CHATLOG_POWERCUT_SECS")
-            .ok()
-            .map(|v| v.parse().expect("CHATLOG_POWERCUT_SECS must be a number"))
-            .unwrap_or(12),
-    );
-    let mut rng = Rng(seed);
-    let root = tempfile::tempdir().expect("temp dir");
+/// A chat of the test: its group, id and two members.
+type TestChat = (GroupId, u64, Vec<u64>);
+
+/// Starts the three nodes with their disks under `root` and creates one chat per group.
+async fn start_with_chats(root: &Path, seed: u64) -> (Arc<Cluster>, Vec<TestChat>) {
     let cluster = Arc::new(Cluster {
-        root: root.path().to_path_buf(),
+        root: root.to_path_buf(),
         nodes: Mutex::default(),
         disks: Mutex::new(
             NODES
@@ -477,6 +470,99 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
         }
     }
 
+    (cluster, chats)
+}
+
+/// Heals: one more post per chat through its leader, every live replica applies it,
+/// then every replica's chat logs go through every history checker (panics naming the
+/// violated properties). Returns the number of acknowledged sends.
+async fn heal_and_check(
+    cluster: &Cluster,
+    chats: &[TestChat],
+    history: &History,
+    seed: u64,
+) -> usize {
+    // Heal: one more post per chat through the leader, then every replica applies it.
+    for (group, chat, users) in chats {
+        let cmd = Command::Post {
+            chat: *chat,
+            sender: users[0],
+            client_message_id: u64::MAX - group,
+            text: "final".into(),
+            media: None,
+            reply_to: 0,
+        };
+        let invoked = history.tick();
+        let Some(Outcome::Event { seq, .. }) = propose(&cluster, *group, cmd, WAIT).await else {
+            panic!("seed={seed}: the final post to chat {chat} was not acknowledged");
+        };
+        history.record_send(Send {
+            chat: *chat,
+            sender: users[0],
+            cmid: u64::MAX - group,
+            text: "final".into(),
+            outcome: history::Outcome::Acked { seq },
+            invoked,
+            completed: history.tick(),
+        });
+        let leader = cluster.leader(*group).expect("a leader");
+        let metrics = cluster.nodes.lock().expect("lock")[&leader]
+            .raft(*group)
+            .metrics();
+        let index = metrics.borrow_watched().last_log_index.expect("an entry");
+        for node in cluster.live() {
+            node.raft(*group)
+                .wait(Some(WAIT))
+                .applied_index_at_least(Some(index), "catch up after the faults")
+                .await
+                .unwrap_or_else(|e| panic!("seed={seed}: node {} group {group}: {e}", node.id));
+        }
+    }
+    for node in cluster.live() {
+        for (group, chat, _) in chats {
+            let events = read_chat(&node, *group, *chat).await;
+            history.record_log(node.id, *chat, events);
+        }
+    }
+    let sends = history.sends.lock().unwrap().clone();
+    let acked = sends
+        .iter()
+        .filter(|s| matches!(s.outcome, history::Outcome::Acked { .. }))
+        .count();
+    let unknown = sends
+        .iter()
+        .filter(|s| matches!(s.outcome, history::Outcome::Unknown))
+        .count();
+    eprintln!(
+        "seed={seed}: {} sends ({acked} acknowledged, {unknown} unknown)",
+        sends.len()
+    );
+    let mut failed = Vec::new();
+    for (property, violations) in history::check_all(&history) {
+        for v in violations.iter().take(10) {
+            eprintln!("VIOLATION {property}: {v}");
+        }
+        if !violations.is_empty() {
+            failed.push(property);
+        }
+    }
+    assert!(failed.is_empty(), "seed={seed}: violated {failed:?}");
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_posts_survive_power_cuts_under_raft() {
+    let seed = seed();
+    eprintln!("seed={seed}");
+    let window = Duration::from_secs(
+        std::env::var("CHATLOG_POWERCUT_SECS")
+            .ok()
+            .map(|v| v.parse().expect("CHATLOG_POWERCUT_SECS must be a number"))
+            .unwrap_or(12),
+    );
+    let mut rng = Rng(seed);
+    let root = tempfile::tempdir().expect("temp dir");
+    let (cluster, chats) = start_with_chats(root.path(), seed).await;
     let history = Arc::new(History::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -579,75 +665,224 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
             .expect("writer");
     }
 
-    // Heal: one more post per chat through the leader, then every replica applies it.
-    for (group, chat, users) in &chats {
-        let cmd = Command::Post {
-            chat: *chat,
-            sender: users[0],
-            client_message_id: u64::MAX - group,
-            text: "final".into(),
-            media: None,
-            reply_to: 0,
-        };
-        let invoked = history.tick();
-        let Some(Outcome::Event { seq, .. }) = propose(&cluster, *group, cmd, WAIT).await else {
-            panic!("seed={seed}: the final post to chat {chat} was not acknowledged");
-        };
-        history.record_send(Send {
-            chat: *chat,
-            sender: users[0],
-            cmid: u64::MAX - group,
-            text: "final".into(),
-            outcome: history::Outcome::Acked { seq },
-            invoked,
-            completed: history.tick(),
-        });
-        let leader = cluster.leader(*group).expect("a leader");
-        let metrics = cluster.nodes.lock().expect("lock")[&leader]
-            .raft(*group)
-            .metrics();
-        let index = metrics.borrow_watched().last_log_index.expect("an entry");
-        for node in cluster.live() {
-            node.raft(*group)
-                .wait(Some(WAIT))
-                .applied_index_at_least(Some(index), "catch up after the faults")
-                .await
-                .unwrap_or_else(|e| panic!("seed={seed}: node {} group {group}: {e}", node.id));
-        }
-    }
-    for node in cluster.live() {
-        for (group, chat, _) in &chats {
-            let events = read_chat(&node, *group, *chat).await;
-            history.record_log(node.id, *chat, events);
-        }
-    }
-    let sends = history.sends.lock().unwrap().clone();
-    let acked = sends
-        .iter()
-        .filter(|s| matches!(s.outcome, history::Outcome::Acked { .. }))
-        .count();
-    let unknown = sends
-        .iter()
-        .filter(|s| matches!(s.outcome, history::Outcome::Unknown))
-        .count();
+    let acked = heal_and_check(&cluster, &chats, &history, seed).await;
     eprintln!(
-        "seed={seed}: faults {faults:?}; {} sends ({acked} acknowledged, {unknown} unknown); \
-         {dropped} unsynced bytes dropped, {kept} kept by torn cuts",
-        sends.len()
+        "seed={seed}: faults {faults:?}; {dropped} unsynced bytes dropped, {kept} kept by torn cuts"
     );
-    let mut failed = Vec::new();
-    for (property, violations) in history::check_all(&history) {
-        for v in violations.iter().take(10) {
-            eprintln!("VIOLATION {property}: {v}");
-        }
-        if !violations.is_empty() {
-            failed.push(property);
-        }
-    }
-    assert!(failed.is_empty(), "seed={seed}: violated {failed:?}");
     assert!(acked >= 50, "seed={seed}: only {acked} sends acknowledged");
     assert!(!faults.is_empty(), "seed={seed}: no fault injected");
     for id in NODES {
         cluster.remove_node(id).await;
+    }
+}
+
+/// What the damage test does to one replica's files while it is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// One byte flipped in the body of the newest segment's last record.
+    FlipInLastRecord,
+    /// One byte flipped in the body of a record in the middle of the newest segment.
+    FlipInEarlierRecord,
+    /// The newest segment file cut at the start of its middle record.
+    TruncateSegment,
+    /// As if the node crashed right after acknowledging its last Raft append (the records
+    /// after it zeroed), then one byte of that record's body flipped: indistinguishable
+    /// from a torn, never-acknowledged write at recovery.
+    FlipInLastAppend,
+}
+
+/// Offsets and lengths of the valid records of a segment file, first to last, and
+/// whether each appends to a group's Raft log.
+fn records(path: &Path) -> Vec<(u64, u64, bool)> {
+    use chatlog_storage::format::{
+        BatchBody, OpKind, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES, SegmentHeader,
+        decode_body,
+    };
+    let bytes = std::fs::read(path).expect("read segment");
+    let Ok(head) = SegmentHeader::decode(&bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut at = SEGMENT_HEADER_BYTES;
+    while let Some(h) = bytes
+        .get(at..)
+        .and_then(|b| RecordHeader::decode(head.salt, b))
+    {
+        let start = at + 40;
+        let body = bytes::Bytes::copy_from_slice(&bytes[start..start + h.body_len as usize]);
+        let appends = h.kind == RECORD_KIND_BATCH
+            && decode_body(&h, body)
+                .ok()
+                .and_then(|raw| BatchBody::parse(raw).ok())
+                .is_some_and(|b| {
+                    (0..b.op_count()).any(|k| {
+                        let op = b.op(k);
+                        op.kind == OpKind::Append
+                            && GROUPS
+                                .iter()
+                                .any(|g| chatlog_raft::ids::raft_log(*g) == Some(op.log_id))
+                    })
+                });
+        out.push((at as u64, h.record_bytes() as u64, appends));
+        at += h.record_bytes();
+    }
+    out
+}
+
+/// Damages the newest segment holding records in `dir`; returns what was done.
+fn damage(dir: &Path, how: Damage) -> String {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .filter(|p| !records(p).is_empty())
+        .collect();
+    segments.sort();
+    let path = segments.pop().expect("a segment with records");
+    let recs = records(&path);
+    let (offset, len, _) = match how {
+        Damage::FlipInLastRecord => recs[recs.len() - 1],
+        Damage::FlipInEarlierRecord | Damage::TruncateSegment => recs[recs.len() / 2],
+        Damage::FlipInLastAppend => *recs.iter().rev().find(|r| r.2).expect("an append"),
+    };
+    let mut bytes = std::fs::read(&path).expect("read");
+    match how {
+        Damage::FlipInLastAppend => {
+            bytes[(offset + len) as usize..].fill(0);
+            let at = (offset + 40 + (len - 40) / 2) as usize;
+            bytes[at] ^= 0x10;
+        }
+        Damage::FlipInLastRecord | Damage::FlipInEarlierRecord => {
+            // Inside the body, past the 40-byte header.
+            let at = (offset + 40 + (len - 40) / 2) as usize;
+            bytes[at] ^= 0x10;
+        }
+        Damage::TruncateSegment => bytes.truncate(offset as usize),
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    format!(
+        "{how:?} in {} at {offset} (record {} of {})",
+        path.display(),
+        recs.iter().position(|r| r.0 == offset).expect("a record") + 1,
+        recs.len()
+    )
+}
+
+/// Posts `count` messages spread over the chats, all acknowledged.
+async fn post_many(
+    cluster: &Cluster,
+    chats: &[TestChat],
+    history: &History,
+    count: u64,
+    tag: &str,
+) {
+    for n in 0..count {
+        let (group, chat, users) = &chats[(n % chats.len() as u64) as usize];
+        let cmid = (0xD0 << 32) | n | (u64::from(tag.len() as u8) << 24);
+        let text = format!("{tag}.{n}");
+        let invoked = history.tick();
+        let cmd = Command::Post {
+            chat: *chat,
+            sender: users[0],
+            client_message_id: cmid,
+            text: text.clone(),
+            media: None,
+            reply_to: 0,
+        };
+        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
+            panic!("post {n} not acknowledged");
+        };
+        history.record_send(Send {
+            chat: *chat,
+            sender: users[0],
+            cmid,
+            text,
+            outcome: history::Outcome::Acked { seq },
+            invoked,
+            completed: history.tick(),
+        });
+    }
+}
+
+/// Bit flips and a truncated segment on one replica (a follower, while the others keep
+/// serving). What must hold: the damaged bytes are never served; either the replica
+/// refuses to start naming the file and offset (fail-stop), or it starts and every
+/// replica ends with the same log holding every acknowledged post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_replica_never_serves_the_damaged_range() {
+    let seed = seed();
+    eprintln!("seed={seed}");
+    let damages: Vec<Damage> = match std::env::var("CHATLOG_DAMAGE").ok().as_deref() {
+        Some("last-append") => vec![Damage::FlipInLastAppend],
+        _ => vec![
+            Damage::FlipInLastRecord,
+            Damage::FlipInEarlierRecord,
+            Damage::TruncateSegment,
+        ],
+    };
+    for how in damages {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (cluster, chats) = start_with_chats(root.path(), seed).await;
+        let history = History::default();
+        post_many(&cluster, &chats, &history, 60, "before").await;
+        let leader = cluster.leader(1).expect("a leader");
+        let victim = NODES
+            .into_iter()
+            .find(|n| *n != leader)
+            .expect("a follower");
+        let last_before: Vec<Option<u64>> = GROUPS
+            .iter()
+            .map(|g| {
+                cluster.nodes.lock().expect("lock")[&victim]
+                    .raft(*g)
+                    .metrics()
+                    .borrow_watched()
+                    .last_log_index
+            })
+            .collect();
+        cluster.remove_node(victim).await;
+        let what = damage(&root.path().join(format!("node-{victim}")), how);
+        post_many(&cluster, &chats, &history, 20, "while-down").await;
+        let fs = cluster.disks.lock().expect("lock")[&victim].clone();
+        let addr = cluster.addrs.lock().expect("lock")[&victim];
+        let listener = TcpListener::bind(addr).await.expect("rebind");
+        let dir = root.path().join(format!("node-{victim}"));
+        match TestNode::start(victim, &dir, listener, &fs).await {
+            Err(e) => {
+                eprintln!("{what}: node {victim} REFUSES TO START: {e}");
+                assert!(
+                    e.contains(".seg") && e.contains("offset"),
+                    "the refusal names the file and offset: {e}"
+                );
+            }
+            Ok(node) => {
+                let last_after: Vec<Option<u64>> = GROUPS
+                    .iter()
+                    .map(|g| {
+                        let log = chatlog_raft::ids::raft_log(*g).expect("a group log");
+                        // Engine index i + 1 holds Raft index i.
+                        node.engine
+                            .bounds(log)
+                            .and_then(|b| b.last())
+                            .map(|i| i - 1)
+                    })
+                    .collect();
+                eprintln!(
+                    "{what}: node {victim} STARTS; last log index per group before {last_before:?}, \
+                     after reopening {last_after:?}"
+                );
+                cluster
+                    .nodes
+                    .lock()
+                    .expect("lock")
+                    .insert(victim, Arc::new(node));
+                cluster.introduce();
+            }
+        }
+        let acked = heal_and_check(&cluster, &chats, &history, seed).await;
+        assert!(acked >= 80);
+        for id in NODES {
+            cluster.remove_node(id).await;
+        }
     }
 }
