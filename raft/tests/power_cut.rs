@@ -14,7 +14,6 @@
 //! `CHATLOG_POWERCUT_SECS=<n>` runs longer.
 
 #[path = "../../tests/common/history.rs"]
-#[allow(dead_code)]
 mod history;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -374,7 +373,7 @@ async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
     let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
     for (seq, loc) in locs {
         let index = loc.raft_index();
-        if !batches.contains_key(&index) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = batches.entry(index) {
             let entries = reader
                 .try_get_log_entries(index..=index)
                 .await
@@ -391,7 +390,7 @@ async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
                     node.id
                 );
             };
-            batches.insert(index, DecodedBatch::parse(b.0).expect("a batch"));
+            slot.insert(DecodedBatch::parse(b.0).expect("a batch"));
         }
         let cmd = batches[&index].command(loc.pos()).expect("a command");
         out.push(match cmd {
@@ -438,11 +437,8 @@ async fn start_with_chats(root: &Path, seed: u64) -> (Arc<Cluster>, Vec<TestChat
     }
     let voters: BTreeSet<NodeId> = NODES.into_iter().collect();
     for group in GROUPS {
-        cluster.nodes.lock().expect("lock")[&(group % 3 + 1)]
-            .raft(group)
-            .initialize(voters.clone())
-            .await
-            .expect("initialize");
+        let first = cluster.nodes.lock().expect("lock")[&(group % 3 + 1)].raft(group);
+        first.initialize(voters.clone()).await.expect("initialize");
     }
     // One chat per group with two members.
     let mut chats = Vec::new();
@@ -493,7 +489,7 @@ async fn heal_and_check(
             reply_to: 0,
         };
         let invoked = history.tick();
-        let Some(Outcome::Event { seq, .. }) = propose(&cluster, *group, cmd, WAIT).await else {
+        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
             panic!("seed={seed}: the final post to chat {chat} was not acknowledged");
         };
         history.record_send(Send {
@@ -538,7 +534,7 @@ async fn heal_and_check(
         sends.len()
     );
     let mut failed = Vec::new();
-    for (property, violations) in history::check_all(&history) {
+    for (property, violations) in history::check_all(history) {
         for v in violations.iter().take(10) {
             eprintln!("VIOLATION {property}: {v}");
         }
