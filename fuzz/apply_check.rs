@@ -430,7 +430,7 @@ impl Model {
     /// Mostly a member of `chat` (owners and admins included), else any user.
     fn actor(&self, chat: u64, b: u8) -> u64 {
         match self.chats.get(&chat) {
-            Some(c) if b % 4 != 0 && !c.members.is_empty() => *c
+            Some(c) if !b.is_multiple_of(4) && !c.members.is_empty() => *c
                 .members
                 .keys()
                 .nth((b / 4) as usize % c.members.len())
@@ -458,7 +458,7 @@ fn next_command(model: &Model, input: &mut Input<'_>) -> Command {
     let op = input.byte();
     let (a, b, c) = (input.byte(), input.byte(), input.byte());
     let text = |n: u8| {
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             String::new()
         } else {
             format!("t{n}")
@@ -648,10 +648,7 @@ fn check_views(model: &Model, state: &GroupState, step: usize) {
 /// Runs `data` as a command sequence against `GroupState` and the model; panics on any
 /// disagreement. Returns the number of commands applied.
 pub fn check_chat_apply(data: &[u8]) -> usize {
-    let mut input = Input {
-        bytes: data,
-        at: 0,
-    };
+    let mut input = Input { bytes: data, at: 0 };
     let mut model = Model::default();
     let mut state = GroupState::new(GROUP);
     let mut step = 0;
