@@ -609,10 +609,10 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
     let (mut dropped, mut kept) = (0u64, 0u64);
     while started.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(600 + rng.below(1200))).await;
-        let how = if rng.below(2) == 0 {
-            PowerCut::Torn
-        } else {
-            PowerCut::DropUnsynced
+        let how = match rng.below(3) {
+            0 => PowerCut::DropUnsynced,
+            1 => PowerCut::Torn,
+            _ => PowerCut::Scrambled,
         };
         let victims: Vec<NodeId> = if rng.below(6) == 0 {
             *faults.entry("power cut, all three nodes").or_default() += 1;

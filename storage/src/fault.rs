@@ -86,7 +86,13 @@ pub enum PowerCut {
     /// A seeded prefix of each file's unsynced writes survives, cut at any byte (a torn
     /// write); the rest is lost.
     Torn,
+    /// Each 512-byte sector of each unsynced write survives or not on its own (seeded):
+    /// a disk that persisted a write's sectors out of order.
+    Scrambled,
 }
+
+/// The sector size `PowerCut::Scrambled` keeps or drops.
+pub const POWER_CUT_SECTOR_BYTES: u64 = 512;
 
 /// What a power cut undid.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -334,6 +340,12 @@ fn cut(p: &mut Power, how: PowerCut) -> io::Result<PowerCutReport> {
         let keep = match how {
             PowerCut::DropUnsynced => 0,
             PowerCut::Torn => p.next_random() % (written + 1),
+            PowerCut::Scrambled => {
+                let kept = scramble_file(&path, ops, &mut || p.next_random())?;
+                report.bytes_kept += kept;
+                report.bytes_dropped += written - kept;
+                continue;
+            }
         };
         report.bytes_kept += keep;
         report.bytes_dropped += written - keep;
@@ -377,6 +389,58 @@ fn cut(p: &mut Power, how: PowerCut) -> io::Result<PowerCutReport> {
     }
     p.last_cut = Some(report.clone());
     Ok(report)
+}
+
+/// Undoes `ops` (oldest first, newest undone first) sector by sector: each sector of each
+/// write is kept or restored on a coin flip; a write that grew the file keeps its length
+/// only if its last sector is kept; length changes are undone. Returns the bytes kept.
+fn scramble_file(path: &Path, ops: &[Undo], coin: &mut dyn FnMut() -> u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut kept = 0u64;
+    for op in ops.iter().rev() {
+        match op {
+            Undo::Write {
+                offset,
+                len,
+                old,
+                old_len,
+            } => {
+                let end = offset + len;
+                let mut at = *offset;
+                let mut last_kept = false;
+                while at < end {
+                    let next = ((at / POWER_CUT_SECTOR_BYTES) + 1) * POWER_CUT_SECTOR_BYTES;
+                    let next = next.min(end);
+                    last_kept = coin().is_multiple_of(2);
+                    if last_kept {
+                        kept += next - at;
+                    } else {
+                        let old_end = offset + old.len() as u64;
+                        if at < old_end {
+                            let from = (at - offset) as usize;
+                            let to = (next.min(old_end) - offset) as usize;
+                            file.write_all_at(&old[from..to], at)?;
+                        }
+                    }
+                    at = next;
+                }
+                let current = file.metadata()?.len();
+                if !last_kept && end > *old_len && current > *old_len {
+                    file.set_len((*old_len).max(*offset).min(current))?;
+                }
+            }
+            Undo::SetLen { old_len, cut } => {
+                let current = file.metadata()?.len();
+                file.set_len(*old_len)?;
+                if !cut.is_empty() && current < *old_len {
+                    file.write_all_at(cut, current)?;
+                }
+            }
+        }
+    }
+    file.sync_all()?;
+    Ok(kept)
 }
 
 /// Undoes `ops` (oldest first) on the file at `path`, keeping the first `keep` bytes of

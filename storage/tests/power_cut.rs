@@ -88,6 +88,43 @@ fn a_torn_cut_keeps_a_prefix_of_the_unsynced_writes() {
 }
 
 #[test]
+fn a_scrambled_cut_keeps_or_drops_each_sector_on_its_own() {
+    let mut patterns = std::collections::BTreeSet::new();
+    for seed in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFileSystem::with_power_cuts(seed);
+        let path = dir.path().join("f");
+        let f = fs.open(&path, true).unwrap();
+        f.write_all_at(&[b'.'; 4096], 0).unwrap();
+        f.sync_data().unwrap();
+        fs.sync_dir(dir.path()).unwrap();
+        f.write_all_at(&[b'n'; 2048], 512).unwrap();
+        let report = fs.cut_power(PowerCut::Scrambled).unwrap();
+        let bytes = read(&path);
+        assert_eq!(bytes.len(), 4096);
+        let mut pattern = String::new();
+        for sector in bytes.chunks(512) {
+            let first = sector[0];
+            assert!(
+                sector.iter().all(|b| *b == first),
+                "seed {seed}: a sector is whole"
+            );
+            pattern.push(first as char);
+        }
+        assert_eq!(
+            &pattern[..1],
+            ".",
+            "seed {seed}: outside the write nothing changes"
+        );
+        assert_eq!(&pattern[5..], "...", "seed {seed}");
+        let kept = pattern.matches('n').count() as u64 * 512;
+        assert_eq!(report.bytes_kept, kept, "seed {seed}");
+        patterns.insert(pattern);
+    }
+    assert!(patterns.len() > 6, "sectors vary: {patterns:?}");
+}
+
+#[test]
 fn unsynced_creations_renames_and_removals_are_undone() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -200,12 +237,12 @@ fn acknowledged_entries_survive_power_cuts_at_random_moments() {
         }
         // The power goes at a seeded write or sync (between a write and its fdatasync,
         // inside a segment's creation, a seal, a checkpoint, …) while a writer appends.
-        let how = if rng.random_bool(0.5) {
-            torn_cuts += 1;
-            PowerCut::Torn
-        } else {
-            PowerCut::DropUnsynced
+        let how = match rng.random_range(0..3) {
+            0 => PowerCut::DropUnsynced,
+            1 => PowerCut::Torn,
+            _ => PowerCut::Scrambled,
         };
+        torn_cuts += u64::from(how != PowerCut::DropUnsynced);
         fs.cut_power_after(rng.random_range(0..400u64), how);
         let writer = {
             let engine = Arc::clone(&engine);
@@ -253,7 +290,7 @@ fn acknowledged_entries_survive_power_cuts_at_random_moments() {
     }
     let total: usize = acked.values().map(|m| m.len()).sum();
     eprintln!(
-        "seed={seed}: {cuts} power cuts ({torn_cuts} torn), {total} entries acknowledged, \
+        "seed={seed}: {cuts} power cuts ({torn_cuts} torn or scrambled), {total} entries acknowledged, \
          {dropped} unsynced bytes dropped, {kept} kept by torn cuts"
     );
     assert!(
