@@ -360,6 +360,38 @@ async fn propose(
     None
 }
 
+/// A linearizable read of `chat`'s head through the leader (ReadIndex, then the leader's
+/// replica applies up to it), recorded for `reads_after_an_ack_see_it`. A read that fails
+/// during a fault is not recorded.
+async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId, chat: u64) {
+    let invoked = history.tick();
+    let Some(node) = cluster
+        .live()
+        .into_iter()
+        .find(|n| n.raft(group).is_leader())
+    else {
+        return;
+    };
+    let raft = node.raft(group);
+    let read = async {
+        let index = chatlog_raft::node::read_index(group, &raft).await.ok()?;
+        raft.wait(Some(Duration::from_secs(3)))
+            .applied_index_at_least(Some(index), "read index applied")
+            .await
+            .ok()?;
+        node.readers[&group].1.read().head_seq(chat)
+    };
+    if let Ok(Some(head_seq)) = timeout(Duration::from_secs(4), read).await {
+        history.record_read(history::Read {
+            chat,
+            node: node.id,
+            invoked,
+            head_seq,
+            events: Vec::new(),
+        });
+    }
+}
+
 /// Reads every event of `chat` from `node`'s replica of `group` (state index, then the
 /// commands from the Raft log).
 async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
@@ -530,8 +562,9 @@ async fn heal_and_check(
         .filter(|s| matches!(s.outcome, history::Outcome::Unknown))
         .count();
     eprintln!(
-        "seed={seed}: {} sends ({acked} acknowledged, {unknown} unknown)",
-        sends.len()
+        "seed={seed}: {} sends ({acked} acknowledged, {unknown} unknown), {} linearizable reads",
+        sends.len(),
+        history.reads.lock().unwrap().len()
     );
     let mut failed = Vec::new();
     for (property, violations) in history::check_all(history) {
@@ -599,6 +632,9 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
                     invoked,
                     completed: history.tick(),
                 });
+                if n % 8 == 0 {
+                    linearizable_read(&cluster, &history, *group, *chat).await;
+                }
             }
         }));
     }
