@@ -632,7 +632,7 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
                     invoked,
                     completed: history.tick(),
                 });
-                if n % 8 == 0 {
+                if n.is_multiple_of(8) {
                     linearizable_read(&cluster, &history, *group, *chat).await;
                 }
             }
