@@ -8,10 +8,11 @@
 //! `apply_post` over a real encoded batch —, edit, delete, mark read), and [`Model`], a
 //! plain re-statement of the chat rules over maps and vectors, written from the rules'
 //! documentation and kept free of `GroupState`'s code. After every command the outcome
-//! (event seq, deduplication, refusal code, created ids, read markers) and the heads,
-//! roles, bans and read markers of everything the model knows must agree; at the end (and
-//! every [`CHECKPOINT_EVERY`] commands) the checkpoint encoding must round-trip to an
-//! identical state and re-encode to the same bytes.
+//! (event seq, deduplication, refusal code, created ids, read markers) and the head,
+//! roles and bans of the chat it named, and every user's log head and read markers, must
+//! agree; at the end and every [`CHECKPOINT_EVERY`] commands, every chat the model knows
+//! is compared and the checkpoint encoding must round-trip to an identical state and
+//! re-encode to the same bytes.
 //! What it must not do: call into the rules to predict an outcome (that would compare the
 //! code with itself), or panic on any input other than a real disagreement.
 //!
@@ -608,9 +609,14 @@ fn check_checkpoint(state: &GroupState, step: usize) {
     );
 }
 
-/// Everything the model knows agrees with the state.
-fn check_views(model: &Model, state: &GroupState, step: usize) {
-    for (id, chat) in &model.chats {
+/// What the model knows agrees with the state: about chat `only` (and every user's log
+/// and markers), or about everything when `only` is `None`.
+fn check_views(model: &Model, state: &GroupState, step: usize, only: Option<u64>) {
+    for (id, chat) in model
+        .chats
+        .iter()
+        .filter(|(id, _)| only.is_none_or(|c| c == **id))
+    {
         assert_eq!(
             state.head_seq(*id),
             Some(chat.events.len() as u64),
@@ -677,11 +683,19 @@ pub fn check_chat_apply(data: &[u8]) -> usize {
         };
         let got = observed(&outcome);
         assert_eq!(got, expected, "step {step}: {cmd:?} answered {outcome:?}");
-        check_views(&model, &state, step);
-        if step % CHECKPOINT_EVERY == 0 {
+        if step.is_multiple_of(CHECKPOINT_EVERY) {
+            check_views(&model, &state, step, None);
             check_checkpoint(&state, step);
+        } else {
+            // The chat the command named (a new chat's id comes from its outcome).
+            let touched = match &got {
+                Expect::Event { chat, .. } => Some(*chat),
+                _ => cmd.chat(),
+            };
+            check_views(&model, &state, step, Some(touched.unwrap_or(0)));
         }
     }
+    check_views(&model, &state, step, None);
     check_checkpoint(&state, step);
     step
 }
