@@ -699,7 +699,8 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
 
     let acked = heal_and_check(&cluster, &chats, &history, seed).await;
     eprintln!(
-        "seed={seed}: faults {faults:?}; {dropped} unsynced bytes dropped, {kept} kept by torn or scrambled cuts"
+        "seed={seed}: faults {faults:?}; {dropped} unsynced bytes dropped, \
+         {kept} kept by torn or scrambled cuts"
     );
     assert!(acked >= 50, "seed={seed}: only {acked} sends acknowledged");
     assert!(!faults.is_empty(), "seed={seed}: no fault injected");
