@@ -734,8 +734,12 @@ mod tests {
 
     fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
         std::fs::read_dir(dir).unwrap().any(|e| {
-            let bytes = std::fs::read(e.unwrap().path()).unwrap();
-            bytes.windows(needle.len()).any(|w| w == needle)
+            // Maintenance may delete a file between the listing and the read.
+            match std::fs::read(e.unwrap().path()) {
+                Ok(bytes) => bytes.windows(needle.len()).any(|w| w == needle),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+                Err(err) => panic!("{err}"),
+            }
         })
     }
 

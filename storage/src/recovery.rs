@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::batch::OpSummary;
 use crate::checkpoint::Checkpoint;
-use crate::config::{Config, RecoveryMode};
+use crate::config::{Config, RecoveryMode, SEAL_RESERVE_BYTES};
 use crate::error::{Error, Result};
 use crate::format::{
     BatchBody, OpKind, RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL,
@@ -241,6 +241,7 @@ fn replay_segment(
     let mut records = 0u64;
     loop {
         let Some(header) = seg.header_at(offset)? else {
+            check_not_truncated(seg, offset, None)?;
             check_tail(config, seg, offset, None)?;
             return Ok((SegmentEnd::Open { end: offset }, records));
         };
@@ -257,6 +258,7 @@ fn replay_segment(
         let body = match seg.body_at(offset, &header) {
             Ok(b) => b,
             Err(e) if e.is_corruption() => {
+                check_not_truncated(seg, offset, Some(&header))?;
                 check_tail(config, seg, offset, Some(e))?;
                 return Ok((SegmentEnd::Open { end: offset }, records));
             }
@@ -300,6 +302,30 @@ fn replay_segment(
         }
         offset += header.record_bytes() as u64;
     }
+}
+
+/// A segment file is never shorter than its writes left it: it is created or recycled at
+/// its full length (synced before use), and the writer ends every record at least
+/// `SEAL_RESERVE_BYTES` before the end of the file so the seal fits. A tail that ends
+/// inside that reserve, or a record that runs into it, means the file was cut short after
+/// the fact: acknowledged records may be gone, so this is damage, never a torn write to
+/// cut silently (issue 9: a replica that forgets acknowledged Raft entries breaks Raft's
+/// assumption that a node never forgets what it acknowledged).
+fn check_not_truncated(seg: &Arc<Segment>, end: u64, header: Option<&RecordHeader>) -> Result<()> {
+    let reserve_starts = seg.len.saturating_sub(SEAL_RESERVE_BYTES);
+    let reaches = header.map_or(end, |h| end + h.record_bytes() as u64);
+    if reaches > reserve_starts {
+        return Err(Error::corruption(
+            &seg.path,
+            end,
+            format!(
+                "segment file is {} bytes, too short for its records and seal reserve: \
+                 the file was truncated",
+                seg.len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Decides what the bytes at `bad` (no valid record there) are. Records found further on

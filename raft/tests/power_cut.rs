@@ -1,0 +1,926 @@
+//! Power cuts under Raft (issue 9): three nodes in one process, each with its storage
+//! engine on its own `FaultyFileSystem::with_power_cuts`, talking over real sockets on
+//! 127.0.0.1. Writers post to one chat per group (retrying with the same client message
+//! id through whichever node leads) while the power goes on one node (the leader of a
+//! written group two times in three), sometimes on all three at once; the cut lands at a
+//! seeded write or fdatasync (or from outside), drops everything not synced or keeps a
+//! torn prefix of it, and the node restarts on what survived. Afterwards every replica's
+//! chat logs go through the history checker (`tests/common/history.rs`): every
+//! acknowledged post present once at its seq on every replica, seqs dense, nothing nobody
+//! sent, one event per client message id, replicas identical.
+//!
+//! Seeded: prints `seed=`; `CHATLOG_TEST_SEED=<n>` replays the fault choices and cut
+//! points (thread and socket timing still vary). The fault window is 12 s by default;
+//! `CHATLOG_POWERCUT_SECS=<n>` runs longer.
+
+#[path = "../../tests/common/history.rs"]
+mod history;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatlog_raft::chat::command::DecodedBatch;
+use chatlog_raft::chat::{Batch, ChatKind, Command, Outcome};
+use chatlog_raft::state_machine::{GroupShared, SmConfig};
+use chatlog_raft::types::EntryPayload;
+use chatlog_raft::{
+    ChatBatch, ChatRaft, ChatStateMachine, GroupDirectory, GroupId, LogReader, LogStore, NodeId,
+    NodeIdentity, Router, serve,
+};
+use chatlog_storage::fault::{FaultyFileSystem, PowerCut, PowerCutReport};
+use chatlog_storage::{Config as EngineConfig, Engine};
+use history::{Event, History, Send};
+use openraft::Config;
+use openraft::async_runtime::WatchReceiver;
+use openraft::storage::{RaftLogReader, RaftLogStorage};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const CLUSTER_ID: u64 = 0x9C07;
+const GROUPS: [GroupId; 2] = [1, 2];
+const NODES: [NodeId; 3] = [1, 2, 3];
+/// Upper bound for anything that needs an election or a few round trips.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long one send is retried (same client message id) before its outcome is unknown.
+const SEND_RETRY: Duration = Duration::from_secs(8);
+/// Concurrent writers.
+const WRITERS: u64 = 4;
+
+/// A seeded splitmix64: the fault schedule follows the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("CHATLOG_TEST_SEED")
+        .ok()
+        .map(|v| v.parse().expect("CHATLOG_TEST_SEED must be a u64"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+        })
+}
+
+fn raft_config() -> Arc<Config> {
+    let config = Config {
+        cluster_name: "power-cut-test".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        enable_pre_vote: Some(true),
+        // As in production (`node::timing`): a restarted leader must win an election.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    };
+    Arc::new(config.validate().expect("valid raft config"))
+}
+
+#[derive(Default)]
+struct Directory {
+    rafts: Mutex<HashMap<GroupId, ChatRaft>>,
+}
+
+impl GroupDirectory for Directory {
+    fn raft(&self, group: GroupId) -> Option<ChatRaft> {
+        self.rafts.lock().expect("lock").get(&group).cloned()
+    }
+}
+
+/// One running node and what the test reads through.
+struct TestNode {
+    id: NodeId,
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    router: Router,
+    directory: Arc<Directory>,
+    readers: HashMap<GroupId, (LogReader, Arc<GroupShared>)>,
+    stop_server: oneshot::Sender<()>,
+    server: JoinHandle<()>,
+}
+
+impl TestNode {
+    fn raft(&self, group: GroupId) -> ChatRaft {
+        self.directory
+            .raft(group)
+            .expect("the node holds the group")
+    }
+
+    async fn start(
+        id: NodeId,
+        dir: &Path,
+        listener: TcpListener,
+        fs: &FaultyFileSystem,
+    ) -> Result<TestNode, String> {
+        let mut engine_config = EngineConfig::new(dir);
+        // Small segments: cuts land in seals, checkpoints and segment creation too.
+        engine_config.segment_bytes = 256 << 10;
+        let engine = Arc::new(
+            Engine::open_with(engine_config, Arc::new(fs.clone()))
+                .map_err(|e| format!("node {id}: the engine does not open: {e}"))?,
+        );
+        let identity = NodeIdentity {
+            cluster_id: CLUSTER_ID,
+            node_id: id,
+        };
+        let router = Router::new(identity);
+        let directory = Arc::new(Directory::default());
+        let mut readers = HashMap::new();
+        for group in GROUPS {
+            let mut store = LogStore::open(Arc::clone(&engine), group)
+                .map_err(|e| format!("node {id} group {group}: the log does not open: {e}"))?;
+            let reader = store.get_log_reader().await;
+            let sm = ChatStateMachine::open(
+                Arc::clone(&engine),
+                group,
+                SmConfig {
+                    // Often, so cuts land in checkpoint writes too.
+                    checkpoint_every_entries: 40,
+                },
+            )
+            .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?;
+            readers.insert(group, (reader, sm.shared()));
+            let raft = ChatRaft::new(id, raft_config(), router.network_factory(group), store, sm)
+                .await
+                .map_err(|e| format!("node {id} group {group}: raft does not start: {e}"))?;
+            directory.rafts.lock().expect("lock").insert(group, raft);
+        }
+        let addr = listener.local_addr().expect("local addr");
+        let (stop_server, stopped) = oneshot::channel();
+        let server = tokio::spawn(serve(
+            listener,
+            identity,
+            Arc::clone(&directory) as Arc<dyn GroupDirectory>,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(TestNode {
+            id,
+            addr,
+            engine,
+            router,
+            directory,
+            readers,
+            stop_server,
+            server,
+        })
+    }
+
+    /// Stops a node whose power is gone (or not): nothing it does may hang the test.
+    async fn stop(self) {
+        let _ = self.stop_server.send(());
+        let _ = timeout(WAIT, self.server).await;
+        let rafts: Vec<ChatRaft> = self
+            .directory
+            .rafts
+            .lock()
+            .expect("lock")
+            .drain()
+            .map(|(_, raft)| raft)
+            .collect();
+        for raft in &rafts {
+            let _ = timeout(WAIT, raft.shutdown()).await;
+        }
+        drop(rafts);
+        drop(self.readers);
+        self.router.shutdown();
+        // The engine goes with its last handle; a dead one fails its calls, never hangs.
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+    }
+}
+
+/// The cluster as the writers and the fault loop share it.
+struct Cluster {
+    root: PathBuf,
+    nodes: Mutex<BTreeMap<NodeId, Arc<TestNode>>>,
+    /// Each node's disk; replaced by `reboot()` after a cut.
+    disks: Mutex<BTreeMap<NodeId, FaultyFileSystem>>,
+    addrs: Mutex<BTreeMap<NodeId, SocketAddr>>,
+}
+
+impl Cluster {
+    fn live(&self) -> Vec<Arc<TestNode>> {
+        self.nodes.lock().expect("lock").values().cloned().collect()
+    }
+
+    fn introduce(&self) {
+        let nodes = self.live();
+        for a in &nodes {
+            for b in &nodes {
+                if a.id != b.id {
+                    a.router.set_peer_addr(b.id, b.addr);
+                }
+            }
+        }
+    }
+
+    async fn start_node(&self, id: NodeId) {
+        let addr = self.addrs.lock().expect("lock").get(&id).copied();
+        let listener = match addr {
+            None => TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            Some(addr) => timeout(WAIT, async {
+                loop {
+                    match TcpListener::bind(addr).await {
+                        Ok(l) => return l,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            })
+            .await
+            .expect("rebinds the old address"),
+        };
+        let fs = self.disks.lock().expect("lock")[&id].clone();
+        let dir = self.root.join(format!("node-{id}"));
+        let node = TestNode::start(id, &dir, listener, &fs)
+            .await
+            .unwrap_or_else(|e| panic!("restart after a power cut: {e}"));
+        self.addrs.lock().expect("lock").insert(id, node.addr);
+        self.nodes.lock().expect("lock").insert(id, Arc::new(node));
+        self.introduce();
+    }
+
+    /// Takes node `id` out of the cluster and stops it.
+    async fn remove_node(&self, id: NodeId) {
+        let node = self.nodes.lock().expect("lock").remove(&id);
+        if let Some(node) = node {
+            // Writers may hold a clone for a moment; wait for the last one.
+            let deadline = Instant::now() + WAIT;
+            let mut node = node;
+            loop {
+                match Arc::try_unwrap(node) {
+                    Ok(n) => {
+                        n.stop().await;
+                        return;
+                    }
+                    Err(shared) => {
+                        assert!(Instant::now() < deadline, "node {id} still shared");
+                        node = shared;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts node `id`'s power now (`None`) or arms it at a seeded I/O call, waits for it,
+    /// and returns what the cut undid.
+    async fn cut(&self, id: NodeId, how: PowerCut, at_call: Option<u64>) -> PowerCutReport {
+        let fs = self.disks.lock().expect("lock")[&id].clone();
+        let report = match at_call {
+            None => fs.cut_power(how).expect("cut"),
+            Some(calls) => {
+                fs.cut_power_after(calls, how);
+                let deadline = Instant::now() + Duration::from_secs(3);
+                loop {
+                    let (report, armed) = fs.last_cut();
+                    if !armed {
+                        break report.expect("fired");
+                    }
+                    if Instant::now() > deadline {
+                        // Too little I/O on this node: cut from outside.
+                        break fs.cut_power(how).expect("cut");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        self.disks.lock().expect("lock").insert(id, fs.reboot());
+        report
+    }
+
+    fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.live()
+            .iter()
+            .find(|n| n.raft(group).is_leader())
+            .map(|n| n.id)
+    }
+}
+
+fn batch(command: Command) -> ChatBatch {
+    ChatBatch(
+        Batch {
+            timestamp_ms: 1_700_000_000_000,
+            commands: vec![command],
+        }
+        .encode(),
+    )
+}
+
+/// Proposes `command` in `group` through whichever live node leads, retrying until
+/// `within`; the outcome, or `None` if no attempt was confirmed.
+async fn propose(
+    cluster: &Cluster,
+    group: GroupId,
+    command: Command,
+    within: Duration,
+) -> Option<Outcome> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let leaders: Vec<Arc<TestNode>> = cluster
+            .live()
+            .into_iter()
+            .filter(|n| n.raft(group).is_leader())
+            .collect();
+        for node in leaders {
+            let raft = node.raft(group);
+            drop(node);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Ok(resp)) = timeout(
+                left.min(Duration::from_secs(3)),
+                raft.client_write(batch(command.clone())),
+            )
+            .await
+            {
+                return resp.data.outcomes.into_iter().next();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    None
+}
+
+/// A linearizable read of `chat`'s head through the leader (ReadIndex, then the leader's
+/// replica applies up to it), recorded for `reads_after_an_ack_see_it`. A read that fails
+/// during a fault is not recorded.
+async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId, chat: u64) {
+    let invoked = history.tick();
+    let Some(node) = cluster
+        .live()
+        .into_iter()
+        .find(|n| n.raft(group).is_leader())
+    else {
+        return;
+    };
+    let raft = node.raft(group);
+    let read = async {
+        let index = chatlog_raft::node::read_index(group, &raft).await.ok()?;
+        raft.wait(Some(Duration::from_secs(3)))
+            .applied_index_at_least(Some(index), "read index applied")
+            .await
+            .ok()?;
+        node.readers[&group].1.read().head_seq(chat)
+    };
+    if let Ok(Some(head_seq)) = timeout(Duration::from_secs(4), read).await {
+        history.record_read(history::Read {
+            chat,
+            node: node.id,
+            invoked,
+            head_seq,
+            events: Vec::new(),
+        });
+    }
+}
+
+/// Reads every event of `chat` from `node`'s replica of `group` (state index, then the
+/// commands from the Raft log).
+async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
+    let (reader, shared) = &node.readers[&group];
+    let locs = shared
+        .read()
+        .chat_events(chat, 1, u64::MAX)
+        .unwrap_or_default();
+    let mut reader = reader.clone();
+    let mut out = Vec::new();
+    let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
+    for (seq, loc) in locs {
+        let index = loc.raft_index();
+        if let std::collections::btree_map::Entry::Vacant(slot) = batches.entry(index) {
+            let entries = reader
+                .try_get_log_entries(index..=index)
+                .await
+                .unwrap_or_else(|e| panic!("node {} group {group} entry {index}: {e}", node.id));
+            let entry = entries.into_iter().next().unwrap_or_else(|| {
+                panic!(
+                    "node {} group {group}: event {seq} names entry {index}, which is missing",
+                    node.id
+                )
+            });
+            let EntryPayload::Normal(b) = entry.payload else {
+                panic!(
+                    "node {} group {group}: entry {index} holds no batch",
+                    node.id
+                );
+            };
+            slot.insert(DecodedBatch::parse(b.0).expect("a batch"));
+        }
+        let cmd = batches[&index].command(loc.pos()).expect("a command");
+        out.push(match cmd {
+            Command::Post {
+                sender,
+                client_message_id,
+                text,
+                ..
+            } => Event {
+                seq,
+                sender,
+                cmid: Some(client_message_id),
+                text,
+            },
+            _ => Event {
+                seq,
+                sender: loc.sender,
+                cmid: None,
+                text: String::new(),
+            },
+        });
+    }
+    out
+}
+
+/// A chat of the test: its group, id and two members.
+type TestChat = (GroupId, u64, Vec<u64>);
+
+/// Starts the three nodes with their disks under `root` and creates one chat per group.
+async fn start_with_chats(root: &Path, seed: u64) -> (Arc<Cluster>, Vec<TestChat>) {
+    let cluster = Arc::new(Cluster {
+        root: root.to_path_buf(),
+        nodes: Mutex::default(),
+        disks: Mutex::new(
+            NODES
+                .iter()
+                .map(|&id| (id, FaultyFileSystem::with_power_cuts(seed ^ id)))
+                .collect(),
+        ),
+        addrs: Mutex::default(),
+    });
+    for id in NODES {
+        cluster.start_node(id).await;
+    }
+    let voters: BTreeSet<NodeId> = NODES.into_iter().collect();
+    for group in GROUPS {
+        let first = cluster.nodes.lock().expect("lock")[&(group % 3 + 1)].raft(group);
+        first.initialize(voters.clone()).await.expect("initialize");
+    }
+    // One chat per group with two members.
+    let mut chats = Vec::new();
+    for group in GROUPS {
+        let mut users = Vec::new();
+        for name in ["alice", "bob"] {
+            let cmd = Command::CreateUser {
+                name: format!("{name}{group}"),
+                login_token_hash: [0; 32],
+            };
+            match propose(&cluster, group, cmd, WAIT).await {
+                Some(Outcome::UserCreated { user }) => users.push(user),
+                o => panic!("create user: {o:?}"),
+            }
+        }
+        let cmd = Command::CreateChat {
+            creator: users[0],
+            kind: ChatKind::Group,
+            title: format!("chat {group}"),
+            members: vec![users[1]],
+        };
+        match propose(&cluster, group, cmd, WAIT).await {
+            Some(Outcome::Event { chat, .. }) => chats.push((group, chat, users)),
+            o => panic!("create chat: {o:?}"),
+        }
+    }
+
+    (cluster, chats)
+}
+
+/// Heals: one more post per chat through its leader, every live replica applies it,
+/// then every replica's chat logs go through every history checker (panics naming the
+/// violated properties). Returns the number of acknowledged sends.
+async fn heal_and_check(
+    cluster: &Cluster,
+    chats: &[TestChat],
+    history: &History,
+    seed: u64,
+) -> usize {
+    // Heal: one more post per chat through the leader, then every replica applies it.
+    for (group, chat, users) in chats {
+        let cmd = Command::Post {
+            chat: *chat,
+            sender: users[0],
+            client_message_id: u64::MAX - group,
+            text: "final".into(),
+            media: None,
+            reply_to: 0,
+        };
+        let invoked = history.tick();
+        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
+            panic!("seed={seed}: the final post to chat {chat} was not acknowledged");
+        };
+        history.record_send(Send {
+            chat: *chat,
+            sender: users[0],
+            cmid: u64::MAX - group,
+            text: "final".into(),
+            outcome: history::Outcome::Acked { seq },
+            invoked,
+            completed: history.tick(),
+        });
+        let leader = cluster.leader(*group).expect("a leader");
+        let metrics = cluster.nodes.lock().expect("lock")[&leader]
+            .raft(*group)
+            .metrics();
+        let index = metrics.borrow_watched().last_log_index.expect("an entry");
+        for node in cluster.live() {
+            node.raft(*group)
+                .wait(Some(WAIT))
+                .applied_index_at_least(Some(index), "catch up after the faults")
+                .await
+                .unwrap_or_else(|e| panic!("seed={seed}: node {} group {group}: {e}", node.id));
+        }
+    }
+    for node in cluster.live() {
+        for (group, chat, _) in chats {
+            let events = read_chat(&node, *group, *chat).await;
+            history.record_log(node.id, *chat, events);
+        }
+    }
+    let sends = history.sends.lock().unwrap().clone();
+    let acked = sends
+        .iter()
+        .filter(|s| matches!(s.outcome, history::Outcome::Acked { .. }))
+        .count();
+    let unknown = sends
+        .iter()
+        .filter(|s| matches!(s.outcome, history::Outcome::Unknown))
+        .count();
+    eprintln!(
+        "seed={seed}: {} sends ({acked} acknowledged, {unknown} unknown), {} linearizable reads",
+        sends.len(),
+        history.reads.lock().unwrap().len()
+    );
+    let mut failed = Vec::new();
+    for (property, violations) in history::check_all(history) {
+        for v in violations.iter().take(10) {
+            eprintln!("VIOLATION {property}: {v}");
+        }
+        if !violations.is_empty() {
+            failed.push(property);
+        }
+    }
+    assert!(failed.is_empty(), "seed={seed}: violated {failed:?}");
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_posts_survive_power_cuts_under_raft() {
+    let seed = seed();
+    eprintln!("seed={seed}");
+    let window = Duration::from_secs(
+        std::env::var("CHATLOG_POWERCUT_SECS")
+            .ok()
+            .map(|v| v.parse().expect("CHATLOG_POWERCUT_SECS must be a number"))
+            .unwrap_or(12),
+    );
+    let mut rng = Rng(seed);
+    let root = tempfile::tempdir().expect("temp dir");
+    let (cluster, chats) = start_with_chats(root.path(), seed).await;
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (cluster, history, stop) = (cluster.clone(), history.clone(), stop.clone());
+        let chats = chats.clone();
+        let mut wrng = Rng(seed.wrapping_add(w + 1));
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let (group, chat, users) = &chats[wrng.below(chats.len() as u64) as usize];
+                let sender = users[wrng.below(2) as usize];
+                let cmid = (w + 1) << 32 | n;
+                let text = format!("w{w}.{n}");
+                let invoked = history.tick();
+                let cmd = Command::Post {
+                    chat: *chat,
+                    sender,
+                    client_message_id: cmid,
+                    text: text.clone(),
+                    media: None,
+                    reply_to: 0,
+                };
+                let outcome = match propose(&cluster, *group, cmd, SEND_RETRY).await {
+                    Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
+                    Some(o) => history::Outcome::Refused {
+                        code: format!("{o:?}"),
+                    },
+                    None => history::Outcome::Unknown,
+                };
+                history.record_send(Send {
+                    chat: *chat,
+                    sender,
+                    cmid,
+                    text,
+                    outcome,
+                    invoked,
+                    completed: history.tick(),
+                });
+                if n.is_multiple_of(8) {
+                    linearizable_read(&cluster, &history, *group, *chat).await;
+                }
+            }
+        }));
+    }
+
+    // The faults.
+    let started = Instant::now();
+    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
+    let (mut dropped, mut kept) = (0u64, 0u64);
+    while started.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(600 + rng.below(1200))).await;
+        let how = match rng.below(3) {
+            0 => PowerCut::DropUnsynced,
+            1 => PowerCut::Torn,
+            _ => PowerCut::Scrambled,
+        };
+        let victims: Vec<NodeId> = if rng.below(6) == 0 {
+            *faults.entry("power cut, all three nodes").or_default() += 1;
+            NODES.to_vec()
+        } else {
+            let group = GROUPS[rng.below(GROUPS.len() as u64) as usize];
+            let victim = match cluster.leader(group) {
+                Some(l) if rng.below(3) < 2 => {
+                    *faults.entry("power cut, leader").or_default() += 1;
+                    l
+                }
+                _ => {
+                    *faults.entry("power cut, one node").or_default() += 1;
+                    NODES[rng.below(3) as usize]
+                }
+            };
+            vec![victim]
+        };
+        let at_call = if rng.below(4) == 0 {
+            None
+        } else {
+            Some(rng.below(300))
+        };
+        for &victim in &victims {
+            let report = cluster.cut(victim, how, at_call).await;
+            eprintln!(
+                "t={:.1}s power cut ({how:?}, at call {at_call:?}) on node {victim}: {report:?}",
+                started.elapsed().as_secs_f64()
+            );
+            dropped += report.bytes_dropped;
+            kept += report.bytes_kept;
+        }
+        for &victim in &victims {
+            cluster.remove_node(victim).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
+        for &victim in &victims {
+            cluster.start_node(victim).await;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        timeout(WAIT, w)
+            .await
+            .expect("writer ends")
+            .expect("writer");
+    }
+
+    let acked = heal_and_check(&cluster, &chats, &history, seed).await;
+    eprintln!(
+        "seed={seed}: faults {faults:?}; {dropped} unsynced bytes dropped, \
+         {kept} kept by torn or scrambled cuts"
+    );
+    assert!(acked >= 50, "seed={seed}: only {acked} sends acknowledged");
+    assert!(!faults.is_empty(), "seed={seed}: no fault injected");
+    for id in NODES {
+        cluster.remove_node(id).await;
+    }
+}
+
+/// What the damage test does to one replica's files while it is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// One byte flipped in the body of the newest segment's last record.
+    FlipInLastRecord,
+    /// One byte flipped in the body of a record in the middle of the newest segment.
+    FlipInEarlierRecord,
+    /// The newest segment file cut at the start of its middle record.
+    TruncateSegment,
+    /// As if the node crashed right after acknowledging its last Raft append (the records
+    /// after it zeroed), then one byte of that record's body flipped: indistinguishable
+    /// from a torn, never-acknowledged write at recovery.
+    FlipInLastAppend,
+}
+
+/// Offsets and lengths of the valid records of a segment file, first to last, and
+/// whether each appends to a group's Raft log.
+fn records(path: &Path) -> Vec<(u64, u64, bool)> {
+    use chatlog_storage::format::{
+        BatchBody, OpKind, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES, SegmentHeader,
+        decode_body,
+    };
+    let bytes = std::fs::read(path).expect("read segment");
+    let Ok(head) = SegmentHeader::decode(&bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut at = SEGMENT_HEADER_BYTES;
+    while let Some(h) = bytes
+        .get(at..)
+        .and_then(|b| RecordHeader::decode(head.salt, b))
+    {
+        let start = at + 40;
+        let body = bytes::Bytes::copy_from_slice(&bytes[start..start + h.body_len as usize]);
+        let appends = h.kind == RECORD_KIND_BATCH
+            && decode_body(&h, body)
+                .ok()
+                .and_then(|raw| BatchBody::parse(raw).ok())
+                .is_some_and(|b| {
+                    (0..b.op_count()).any(|k| {
+                        let op = b.op(k);
+                        op.kind == OpKind::Append
+                            && GROUPS
+                                .iter()
+                                .any(|g| chatlog_raft::ids::raft_log(*g) == Some(op.log_id))
+                    })
+                });
+        out.push((at as u64, h.record_bytes() as u64, appends));
+        at += h.record_bytes();
+    }
+    out
+}
+
+/// Damages the newest segment holding records in `dir`; returns what was done.
+fn damage(dir: &Path, how: Damage) -> String {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .filter(|p| !records(p).is_empty())
+        .collect();
+    segments.sort();
+    let path = segments.pop().expect("a segment with records");
+    let recs = records(&path);
+    let (offset, len, _) = match how {
+        Damage::FlipInLastRecord => recs[recs.len() - 1],
+        Damage::FlipInEarlierRecord | Damage::TruncateSegment => recs[recs.len() / 2],
+        Damage::FlipInLastAppend => *recs.iter().rev().find(|r| r.2).expect("an append"),
+    };
+    let mut bytes = std::fs::read(&path).expect("read");
+    match how {
+        Damage::FlipInLastAppend => {
+            bytes[(offset + len) as usize..].fill(0);
+            let at = (offset + 40 + (len - 40) / 2) as usize;
+            bytes[at] ^= 0x10;
+        }
+        Damage::FlipInLastRecord | Damage::FlipInEarlierRecord => {
+            // Inside the body, past the 40-byte header.
+            let at = (offset + 40 + (len - 40) / 2) as usize;
+            bytes[at] ^= 0x10;
+        }
+        Damage::TruncateSegment => bytes.truncate(offset as usize),
+    }
+    std::fs::write(&path, &bytes).expect("write");
+    format!(
+        "{how:?} in {} at {offset} (record {} of {})",
+        path.display(),
+        recs.iter().position(|r| r.0 == offset).expect("a record") + 1,
+        recs.len()
+    )
+}
+
+/// Posts `count` messages spread over the chats, all acknowledged.
+async fn post_many(
+    cluster: &Cluster,
+    chats: &[TestChat],
+    history: &History,
+    count: u64,
+    tag: &str,
+) {
+    for n in 0..count {
+        let (group, chat, users) = &chats[(n % chats.len() as u64) as usize];
+        let cmid = (0xD0 << 32) | n | (u64::from(tag.len() as u8) << 24);
+        let text = format!("{tag}.{n}");
+        let invoked = history.tick();
+        let cmd = Command::Post {
+            chat: *chat,
+            sender: users[0],
+            client_message_id: cmid,
+            text: text.clone(),
+            media: None,
+            reply_to: 0,
+        };
+        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
+            panic!("post {n} not acknowledged");
+        };
+        history.record_send(Send {
+            chat: *chat,
+            sender: users[0],
+            cmid,
+            text,
+            outcome: history::Outcome::Acked { seq },
+            invoked,
+            completed: history.tick(),
+        });
+    }
+}
+
+/// Bit flips and a truncated segment on one replica (a follower, while the others keep
+/// serving). What must hold: the damaged bytes are never served; either the replica
+/// refuses to start naming the file and offset (fail-stop), or it starts and every
+/// replica ends with the same log holding every acknowledged post. Today both default
+/// cases refuse to start (no automatic repair from peers: the replica is rebuilt by a
+/// replica move), while the two healthy replicas keep acknowledging writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_replica_never_serves_the_damaged_range() {
+    let seed = seed();
+    eprintln!("seed={seed}");
+    // The last record is the one case recovery cannot tell from a torn write: cut as
+    // torn, the replica forgets what it acknowledged (the open gap, docs/reliability.md).
+    // `CHATLOG_DAMAGE=last-record` reproduces it.
+    let damages: Vec<Damage> = match std::env::var("CHATLOG_DAMAGE").ok().as_deref() {
+        Some("last-record") => vec![Damage::FlipInLastRecord, Damage::FlipInLastAppend],
+        _ => vec![Damage::FlipInEarlierRecord, Damage::TruncateSegment],
+    };
+    for how in damages {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (cluster, chats) = start_with_chats(root.path(), seed).await;
+        let history = History::default();
+        post_many(&cluster, &chats, &history, 60, "before").await;
+        let leader = cluster.leader(1).expect("a leader");
+        let victim = NODES
+            .into_iter()
+            .find(|n| *n != leader)
+            .expect("a follower");
+        let last_before: Vec<Option<u64>> = GROUPS
+            .iter()
+            .map(|g| {
+                cluster.nodes.lock().expect("lock")[&victim]
+                    .raft(*g)
+                    .metrics()
+                    .borrow_watched()
+                    .last_log_index
+            })
+            .collect();
+        cluster.remove_node(victim).await;
+        let what = damage(&root.path().join(format!("node-{victim}")), how);
+        post_many(&cluster, &chats, &history, 20, "while-down").await;
+        let fs = cluster.disks.lock().expect("lock")[&victim].clone();
+        let addr = cluster.addrs.lock().expect("lock")[&victim];
+        let listener = TcpListener::bind(addr).await.expect("rebind");
+        let dir = root.path().join(format!("node-{victim}"));
+        match TestNode::start(victim, &dir, listener, &fs).await {
+            Err(e) => {
+                eprintln!("{what}: node {victim} REFUSES TO START: {e}");
+                assert!(
+                    e.contains(".seg") && e.contains("offset"),
+                    "the refusal names the file and offset: {e}"
+                );
+            }
+            Ok(node) => {
+                assert!(
+                    matches!(how, Damage::FlipInLastRecord | Damage::FlipInLastAppend),
+                    "{what}: the damaged replica started"
+                );
+                let last_after: Vec<Option<u64>> = GROUPS
+                    .iter()
+                    .map(|g| {
+                        let log = chatlog_raft::ids::raft_log(*g).expect("a group log");
+                        // Engine index i + 1 holds Raft index i.
+                        node.engine
+                            .bounds(log)
+                            .and_then(|b| b.last())
+                            .map(|i| i - 1)
+                    })
+                    .collect();
+                eprintln!(
+                    "{what}: node {victim} STARTS; last log index per group before {last_before:?}, \
+                     after reopening {last_after:?}"
+                );
+                cluster
+                    .nodes
+                    .lock()
+                    .expect("lock")
+                    .insert(victim, Arc::new(node));
+                cluster.introduce();
+            }
+        }
+        let acked = heal_and_check(&cluster, &chats, &history, seed).await;
+        assert!(acked >= 80);
+        for id in NODES {
+            cluster.remove_node(id).await;
+        }
+    }
+}
