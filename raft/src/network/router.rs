@@ -224,8 +224,7 @@ impl Router {
     /// this node ever connected to it.
     pub fn peer_version(&self, node: NodeId) -> Option<String> {
         let peer = lock(&self.inner.peers).get(&node).cloned()?;
-        let version = lock(&peer.state).version.clone();
-        version
+        lock(&peer.state).version.clone()
     }
 
     /// Sets the address of node `node`. A changed address drops the current connection;
