@@ -82,6 +82,18 @@ pub enum AdminCommand {
     /// --json: {"moves": [{"group": G, "from": N, "to": N}, …], "leader_transfers":
     /// [{"group": G, "to": N}, …], "done": BOOL}
     Rebalance(RebalanceArgs),
+    // ---- backup (`crate::backup`) ----
+    /// Takes a consistent copy of every group (its durable checkpoint plus its Raft log up
+    /// to an index applied after a read barrier, so every write acknowledged before the
+    /// group was reached is in it) and of every finished media file, streamed from the
+    /// nodes' HTTP ports into --out DIR, each file checked and listed with its size and
+    /// SHA-256 in DIR/manifest.json, written last. Writes continue meanwhile. Restore
+    /// with `chatlog restore` (docs/operations.md, "Back up and restore").
+    ///
+    /// --json: {"out": "DIR", "groups": N, "media": N, "bytes": N, "elapsed_ms": N,
+    /// "manifest": {…the manifest…}}
+    Backup(crate::backup::cmd::BackupArgs),
+    // ---- end backup ----
 }
 
 /// `chatlog admin node …`.
@@ -240,6 +252,7 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
             AdminCommand::Replica(ReplicaCommand::Move(a)) => replica_move(a).await,
             AdminCommand::Group(GroupCommand::Add(a)) => group_add(a).await,
             AdminCommand::Rebalance(a) => rebalance(a).await,
+            AdminCommand::Backup(a) => crate::backup::cmd::backup(a).await,
         }
     })
 }
