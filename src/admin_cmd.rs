@@ -93,6 +93,13 @@ pub enum AdminCommand {
     /// --json: {"out": "DIR", "groups": N, "media": N, "bytes": N, "elapsed_ms": N,
     /// "manifest": {…the manifest…}}
     Backup(crate::backup::cmd::BackupArgs),
+    /// Makes every group replica on the node write a durable checkpoint of its state now
+    /// (what a restart loads before re-applying the log after it, and where a backup's
+    /// copy of a group starts). It copies nothing off the node: `backup` does that.
+    ///
+    /// --json: {"node": N, "groups": [{"id": G, "applied": N, "checkpoint": N|null}, …],
+    /// "done": BOOL}
+    Snapshot(StatusArgs),
     // ---- end backup ----
 }
 
@@ -253,6 +260,7 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
             AdminCommand::Group(GroupCommand::Add(a)) => group_add(a).await,
             AdminCommand::Rebalance(a) => rebalance(a).await,
             AdminCommand::Backup(a) => crate::backup::cmd::backup(a).await,
+            AdminCommand::Snapshot(a) => crate::backup::cmd::snapshot(a.conn).await,
         }
     })
 }

@@ -496,10 +496,22 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let snapshot = self.encode_snapshot();
+        // Openraft asks for a snapshot only when one is needed (the policy is `Never`: a
+        // replica too far behind, or `trigger().snapshot()` from `chatlog admin snapshot`);
+        // it is also made the durable checkpoint, so a restart and a backup start there.
+        if self.applied_since_checkpoint > 0 {
+            match self.write_checkpoint(&snapshot).await {
+                Ok(()) => self.applied_since_checkpoint = 0,
+                Err(e) => {
+                    tracing::warn!(group = self.group, error = %e, "checkpoint with a snapshot failed")
+                }
+            }
+        }
         ChatSnapshotBuilder {
             snapshot: Snapshot {
                 meta: self.header.snapshot_meta(),
-                snapshot: self.encode_snapshot(),
+                snapshot,
             },
             current_snapshot: Arc::clone(&self.current_snapshot),
         }

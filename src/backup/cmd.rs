@@ -68,6 +68,52 @@ async fn get_json(server: &str, path: &str, token: Option<&str>) -> Result<Value
     Ok(v)
 }
 
+/// Bound of `admin snapshot` (the node waits up to `serve::SNAPSHOT_WAIT` itself).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Runs `chatlog admin snapshot`.
+pub async fn snapshot(conn: AdminConn) -> Result<(), CliError> {
+    let token = conn.admin_token.as_deref().filter(|t| !t.is_empty());
+    let r = crate::http::client::request(
+        &conn.server,
+        "POST",
+        "/admin/snapshot",
+        token,
+        Some(b"{}"),
+        SNAPSHOT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| fail("CONNECT_FAILED", e))?;
+    let v: Value = serde_json::from_slice(&r.body)
+        .map_err(|e| fail("PROTOCOL", format!("{}: {e}", conn.server)))?;
+    if r.status != 200 {
+        let code = v["code"].as_str().unwrap_or("HTTP").to_string();
+        return Err(fail(&code, v["error"].as_str().unwrap_or_default()));
+    }
+    if conn.json {
+        println!("{v}");
+    } else {
+        let groups = v["groups"].as_array().cloned().unwrap_or_default();
+        println!(
+            "node {}: {} groups checkpointed{}",
+            v["node"],
+            groups.len(),
+            if v["done"] == true {
+                ""
+            } else {
+                " (some not yet: see --json)"
+            }
+        );
+        for g in groups {
+            println!(
+                "  group {:>5}  applied {:>10}  checkpoint {}",
+                g["id"], g["applied"], g["checkpoint"]
+            );
+        }
+    }
+    Ok(())
+}
+
 struct Item {
     /// Path inside the backup directory.
     file: String,

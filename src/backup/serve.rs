@@ -52,6 +52,67 @@ pub fn routes() -> Router<Ctx> {
         .route("/admin/backup", get(inventory))
         .route("/admin/backup/group/{group}", get(group_stream))
         .route("/admin/backup/media/{id}", get(media_stream))
+        .route("/admin/snapshot", axum::routing::post(snapshot))
+}
+
+/// Longest `POST /admin/snapshot` waits for every local group's checkpoint. Why: each is
+/// one encode of the group's state and one engine write; a minute covers thousands of
+/// groups on a slow disk, and the caller can ask again.
+pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+
+/// `POST /admin/snapshot`: makes every local replica write a durable checkpoint of its
+/// state at its applied index (openraft's `trigger().snapshot()`, which the state machine
+/// turns into a checkpoint) and waits for each. Answers `{"node": N, "groups": [{"id": G,
+/// "applied": N, "checkpoint": N|null}], "done": BOOL}`. A restart then re-applies only
+/// what arrived since, and a backup copies state from there.
+async fn snapshot(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    use openraft::async_runtime::WatchReceiver;
+    if let Err(r) = crate::http::authorize(&ctx, peer, &headers) {
+        return r;
+    }
+    let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
+    let mut asked = Vec::new();
+    for g in ctx.node.groups() {
+        let applied = *g.shared().applied().borrow();
+        if let Err(e) = g.raft().trigger().snapshot().await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("group {}: {e}", g.id()),
+            );
+        }
+        asked.push((g, applied));
+    }
+    let mut rows = Vec::new();
+    let mut done = true;
+    for (g, applied) in asked {
+        let mut rx = g.raft().metrics();
+        let reached = tokio::time::timeout_at(deadline, async {
+            loop {
+                let at = rx.borrow_watched().snapshot.map(|l| l.index);
+                if at.is_some_and(|i| i >= applied) || applied == 0 {
+                    return at;
+                }
+                if rx.changed().await.is_err() {
+                    return at;
+                }
+            }
+        })
+        .await;
+        let at = match reached {
+            Ok(at) => at,
+            Err(_) => {
+                done = false;
+                rx.borrow_watched().snapshot.map(|l| l.index)
+            }
+        };
+        rows.push(json!({"id": g.id(), "applied": applied, "checkpoint": at}));
+    }
+    axum::Json(json!({"node": ctx.node.node_id(), "groups": rows, "done": done})).into_response()
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
