@@ -434,6 +434,16 @@ impl Cluster {
         self.wait_announced(id, rx);
     }
 
+    /// Starts the stopped nodes `ids` again at once (each on its data directory and
+    /// addresses) and waits until each announced itself: nodes of a cluster that stopped
+    /// whole need each other to elect leaders. Blocks.
+    pub fn restart_all(&mut self, ids: &[u64]) {
+        let announced: Vec<_> = ids.iter().map(|id| self.spawn(*id)).collect();
+        for (id, rx) in ids.iter().zip(announced) {
+            self.wait_announced(*id, rx);
+        }
+    }
+
     /// SIGSTOP.
     pub fn pause(&mut self, id: u64) {
         let node = self.node(id);
