@@ -16,6 +16,11 @@
 //! chunks. On open the state machine loads the checkpoint and reports its applied id;
 //! openraft re-applies `(checkpoint, committed]` from the log (`save_committed`).
 //!
+//! A snapshot openraft asks for (`get_snapshot_builder`; the policy is `Never`, so only for
+//! a lagging replica or `trigger().snapshot()`, which `chatlog admin snapshot` pulls) is
+//! also written as the checkpoint. Backups read the durable checkpoint
+//! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
+//!
 //! Snapshot bytes (`SnapshotData`): the checkpoint header followed by the state bytes.
 //!
 //! ```text
