@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client_cmd;
 pub mod fanout;
 pub mod gateway;
+pub mod handoff;
 pub mod http;
 pub mod media;
 pub mod notify;

@@ -543,6 +543,10 @@ async fn serve(
     tracing::info!("stopping");
     controller.abort();
     let _ = controller.await;
+    // ---- leadership hand-off before the groups stop (crate::handoff) ----
+    let (moved, asked) = crate::handoff::hand_off_leadership(&node).await;
+    tracing::info!(moved, asked, "leadership handed off");
+    // ---- end hand-off ----
     let _ = stop_http.send(true);
     drop(http_ctx);
     let mut http_server = http_server;

@@ -148,15 +148,26 @@ async fn rolling_restart_under_load_loses_nothing() {
     let c2 = connect(&cluster.addr(2), None).await;
     let (bob, bob_token) = cluster::create_and_login(&c2, "bob", "dev").await;
     let a = connect(&cluster.addr(1), Some(alice_token.clone())).await;
-    let chat = a
-        .create_chat(v1::CreateChatRequest {
-            kind: v1::ChatKind::Group.into(),
-            title: "busy".into(),
-            member_ids: vec![bob],
-        })
-        .await
-        .expect("chat created")
-        .chat_id;
+    // Right after start a group may still be electing: UNAVAILABLE proposed nothing, so
+    // asking again is safe.
+    let deadline = Instant::now() + WAIT;
+    let chat = loop {
+        match a
+            .create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "busy".into(),
+                member_ids: vec![bob],
+            })
+            .await
+        {
+            Ok(r) => break r.chat_id,
+            Err(e) if e.code() == Some(v1::ErrorCode::Unavailable) && Instant::now() < deadline => {
+                eprintln!("creating the chat: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("chat created: {e}"),
+        }
+    };
     eprintln!(
         "users {alice} and {bob}; chat {chat} in group {}",
         group_of(chat)
