@@ -83,19 +83,23 @@ pub enum AdminCommand {
     /// [{"group": G, "to": N}, …], "done": BOOL}
     Rebalance(RebalanceArgs),
     // ---- backup (`crate::backup`) ----
-    /// Takes a consistent copy of every group (its durable checkpoint plus its Raft log up
-    /// to an index applied after a read barrier, so every write acknowledged before the
-    /// group was reached is in it) and of every finished media file, streamed from the
-    /// nodes' HTTP ports into --out DIR, each file checked and listed with its size and
-    /// SHA-256 in DIR/manifest.json, written last. Writes continue meanwhile. Restore
-    /// with `chatlog restore` (docs/operations.md, "Back up and restore").
+    /// Copies every group and media file of the running cluster into --out DIR.
+    ///
+    /// Each group's copy is its durable checkpoint plus its Raft log up to an index
+    /// applied after a read barrier, so every write acknowledged before the group was
+    /// reached is in it; media files are copied whole. Everything is streamed from the
+    /// nodes' HTTP ports, each file checked and listed with its size and SHA-256 in
+    /// DIR/manifest.json, written last. Writes continue meanwhile. Restore with
+    /// `chatlog restore` (docs/operations.md, "Back up and restore").
     ///
     /// --json: {"out": "DIR", "groups": N, "media": N, "bytes": N, "elapsed_ms": N,
     /// "manifest": {…the manifest…}}
     Backup(crate::backup::cmd::BackupArgs),
-    /// Makes every group replica on the node write a durable checkpoint of its state now
-    /// (what a restart loads before re-applying the log after it, and where a backup's
-    /// copy of a group starts). It copies nothing off the node: `backup` does that.
+    /// Makes every group replica on the node write a durable checkpoint now.
+    ///
+    /// A checkpoint is what a restart loads before re-applying the log after it, and
+    /// where a backup's copy of a group starts. It copies nothing off the node: `backup`
+    /// does that.
     ///
     /// --json: {"node": N, "groups": [{"id": G, "applied": N, "checkpoint": N|null}, …],
     /// "done": BOOL}

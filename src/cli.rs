@@ -32,8 +32,9 @@ pub enum Command {
     /// port: docs/bots.md).
     #[command(subcommand)]
     Bot(crate::bot::cli::BotCommand),
-    /// Builds a fresh node's data directory from a backup (`chatlog admin backup`),
-    /// offline: checks every file of the backup first (manifest, sizes, SHA-256, every
+    /// Builds a fresh node's data directory from a backup (`chatlog admin backup`).
+    ///
+    /// Offline. Checks every file of the backup first (manifest, sizes, SHA-256, every
     /// record's CRC) and refuses a damaged or partial one naming the file.
     Restore(crate::backup::restore::RestoreArgs),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
