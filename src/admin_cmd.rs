@@ -89,6 +89,29 @@ pub enum AdminCommand {
     /// --json: {"moves": [{"group": G, "from": N, "to": N}, …], "leader_transfers":
     /// [{"group": G, "to": N}, …], "done": BOOL}
     Rebalance(RebalanceArgs),
+    // ---- backup (`crate::backup`) ----
+    /// Copies every group and media file of the running cluster into --out DIR.
+    ///
+    /// Each group's copy is its durable checkpoint plus its Raft log up to an index
+    /// applied after a read barrier, so every write acknowledged before the group was
+    /// reached is in it; media files are copied whole. Everything is streamed from the
+    /// nodes' HTTP ports, each file checked and listed with its size and SHA-256 in
+    /// DIR/manifest.json, written last. Writes continue meanwhile. Restore with
+    /// `chatlog restore` (docs/operations.md, "Back up and restore").
+    ///
+    /// --json: {"out": "DIR", "groups": N, "media": N, "bytes": N, "elapsed_ms": N,
+    /// "manifest": {…the manifest…}}
+    Backup(crate::backup::cmd::BackupArgs),
+    /// Makes every group replica on the node write a durable checkpoint now.
+    ///
+    /// A checkpoint is what a restart loads before re-applying the log after it, and
+    /// where a backup's copy of a group starts. It copies nothing off the node: `backup`
+    /// does that.
+    ///
+    /// --json: {"node": N, "groups": [{"id": G, "applied": N, "checkpoint": N|null}, …],
+    /// "done": BOOL}
+    Snapshot(StatusArgs),
+    // ---- end backup ----
 }
 
 /// `chatlog admin node …`.
@@ -247,6 +270,8 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
             AdminCommand::Replica(ReplicaCommand::Move(a)) => replica_move(a).await,
             AdminCommand::Group(GroupCommand::Add(a)) => group_add(a).await,
             AdminCommand::Rebalance(a) => rebalance(a).await,
+            AdminCommand::Backup(a) => crate::backup::cmd::backup(a).await,
+            AdminCommand::Snapshot(a) => crate::backup::cmd::snapshot(a.conn).await,
         }
     })
 }

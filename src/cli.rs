@@ -32,6 +32,11 @@ pub enum Command {
     /// port: docs/bots.md).
     #[command(subcommand)]
     Bot(crate::bot::cli::BotCommand),
+    /// Builds a fresh node's data directory from a backup (`chatlog admin backup`).
+    ///
+    /// Offline. Checks every file of the backup first (manifest, sizes, SHA-256, every
+    /// record's CRC) and refuses a damaged or partial one naming the file.
+    Restore(crate::backup::restore::RestoreArgs),
     /// Client commands: talk to a running server (`--server`, `--token`, `--json`).
     #[command(flatten)]
     Client(crate::client_cmd::ClientCommand),
@@ -48,6 +53,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Client(cmd) => crate::client_cmd::run(cmd),
         Command::Bench(args) => crate::bench_cmd::run(args),
         Command::Bot(cmd) => crate::bot::cli::run(cmd),
+        Command::Restore(args) => crate::backup::restore::run(args),
     }
 }
 

@@ -6,12 +6,14 @@
 //! `storage_cmd`), and media uploads and downloads (`media`).
 
 pub mod admin_cmd;
+pub mod backup;
 pub mod bench_cmd;
 pub mod bot;
 pub mod cli;
 pub mod client_cmd;
 pub mod fanout;
 pub mod gateway;
+pub mod handoff;
 pub mod http;
 pub mod media;
 pub mod notify;

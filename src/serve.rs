@@ -4,8 +4,8 @@
 //! and every local group replica), the client gateway and, in a cluster, the peer
 //! listener, and the HTTP port (`crate::http`: health, readiness, metrics, admin);
 //! announcing the bound addresses on stdout (scripts and tests read them);
-//! and an orderly stop on SIGINT or SIGTERM (stop accepting, stop groups, close the
-//! engine). What it must not do: implement any of those parts.
+//! and an orderly stop on SIGINT or SIGTERM (stop accepting, hand off leaderships, stop
+//! groups, close the engine). What it must not do: implement any of those parts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -561,6 +561,10 @@ async fn serve(
     tracing::info!("stopping");
     controller.abort();
     let _ = controller.await;
+    // ---- leadership hand-off before the groups stop (crate::handoff) ----
+    let (moved, asked) = crate::handoff::hand_off_leadership(&node).await;
+    tracing::info!(moved, asked, "leadership handed off");
+    // ---- end hand-off ----
     let _ = stop_http.send(true);
     drop(http_ctx);
     let mut http_server = http_server;

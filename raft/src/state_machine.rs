@@ -16,6 +16,11 @@
 //! chunks. On open the state machine loads the checkpoint and reports its applied id;
 //! openraft re-applies `(checkpoint, committed]` from the log (`save_committed`).
 //!
+//! A snapshot openraft asks for (`get_snapshot_builder`; the policy is `Never`, so only for
+//! a lagging replica or `trigger().snapshot()`, which `chatlog admin snapshot` pulls) is
+//! also written as the checkpoint. Backups read the durable checkpoint
+//! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
+//!
 //! Snapshot bytes (`SnapshotData`): the checkpoint header followed by the state bytes.
 //!
 //! ```text
@@ -221,57 +226,14 @@ pub struct ChatStateMachine {
 impl ChatStateMachine {
     /// Opens group `group`'s state machine, loading its latest checkpoint if any.
     pub fn open(engine: Arc<Engine>, group: GroupId, config: SmConfig) -> Result<Self, Error> {
-        let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
-            group,
-            max: ids::GROUP_ID_MAX,
-        })?;
-        let (header, state) = match engine.meta(log, ids::META_CHECKPOINT) {
+        // `read_checkpoint` refuses a group id too large for the engine's log ids.
+        let (header, state) = match read_checkpoint(&engine, group)? {
             None => (Header::default(), GroupState::new(group)),
-            Some(ptr) => {
-                let decode_err = |subject: &str| {
-                    let subject = subject.to_string();
-                    move |source| Error::Decode {
-                        group,
-                        subject,
-                        source,
-                    }
-                };
-                let (first, count, bytes) =
-                    decode_pointer(&ptr).map_err(decode_err("the checkpoint pointer"))?;
-                let mut data = Vec::with_capacity(bytes as usize);
-                let mut next = first;
-                while next < first + count {
-                    let chunks =
-                        engine
-                            .read(log, next..first + count, 16 << 20)
-                            .map_err(|source| Error::Storage {
-                                group,
-                                verb: "reading",
-                                subject: format!("checkpoint chunks from {next}"),
-                                source,
-                            })?;
-                    if chunks.is_empty() {
-                        return Err(Error::Inconsistent {
-                            group,
-                            detail: format!("checkpoint chunk {next} is missing"),
-                        });
-                    }
-                    next += chunks.len() as u64;
-                    for c in chunks {
-                        data.extend_from_slice(&c);
-                    }
-                }
-                if data.len() as u64 != bytes {
-                    return Err(Error::Inconsistent {
-                        group,
-                        detail: format!(
-                            "checkpoint holds {} bytes, its pointer says {bytes}",
-                            data.len()
-                        ),
-                    });
-                }
-                Header::decode(&data).map_err(decode_err("the checkpoint"))?
-            }
+            Some(data) => Header::decode(&data).map_err(|source| Error::Decode {
+                group,
+                subject: "the checkpoint".into(),
+                source,
+            })?,
         };
         if state.group() != group {
             return Err(Error::Inconsistent {
@@ -321,33 +283,7 @@ impl ChatStateMachine {
     }
 
     async fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
-        let group = self.group;
-        let log = ids::checkpoint_log(group).expect("checked at open");
-        let storage_err = |source| Error::Storage {
-            group,
-            verb: "writing",
-            subject: "a checkpoint".into(),
-            source,
-        };
-        let first = self.engine.bounds(log).map_or(1, |b| b.next.max(1));
-        let chunk = CHECKPOINT_CHUNK_BYTES.min(self.engine.write_batch_bytes_max() / 4);
-        let per_batch = (self.engine.write_batch_bytes_max() / 2 / chunk).max(1);
-        let chunks: Vec<&[u8]> = bytes.chunks(chunk.max(1)).collect();
-        let mut index = first;
-        for group_of_chunks in chunks.chunks(per_batch) {
-            let mut batch = WriteBatch::new();
-            batch.append_many(log, index, group_of_chunks.iter().copied());
-            self.engine.write(&batch).await.map_err(storage_err)?;
-            index += group_of_chunks.len() as u64;
-        }
-        let mut batch = WriteBatch::new();
-        batch.put_meta(
-            log,
-            ids::META_CHECKPOINT,
-            &encode_pointer(first, chunks.len() as u64, bytes.len() as u64),
-        );
-        batch.purge_before(log, first);
-        self.engine.write(&batch).await.map_err(storage_err)
+        write_checkpoint_bytes(&self.engine, self.group, bytes).await
     }
 
     fn apply_entry(&mut self, entry: Entry) -> Result<ChatBatchReply, Error> {
@@ -405,6 +341,116 @@ impl ChatStateMachine {
             outcomes,
         })
     }
+}
+
+/// Reads group `group`'s latest durable checkpoint (the snapshot bytes: header and
+/// state, see the module docs) from the engine, every chunk checked by the engine's read;
+/// `None` when none was written. The whole checkpoint is held in memory: it is the
+/// encoding of a state the node holds in memory anyway.
+pub fn read_checkpoint(engine: &Engine, group: GroupId) -> Result<Option<Vec<u8>>, Error> {
+    let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let Some(ptr) = engine.meta(log, ids::META_CHECKPOINT) else {
+        return Ok(None);
+    };
+    let (first, count, bytes) = decode_pointer(&ptr).map_err(|source| Error::Decode {
+        group,
+        subject: "the checkpoint pointer".into(),
+        source,
+    })?;
+    let mut data = Vec::with_capacity(bytes as usize);
+    let mut next = first;
+    while next < first + count {
+        let chunks = engine
+            .read(log, next..first + count, 16 << 20)
+            .map_err(|source| Error::Storage {
+                group,
+                verb: "reading",
+                subject: format!("checkpoint chunks from {next}"),
+                source,
+            })?;
+        if chunks.is_empty() {
+            return Err(Error::Inconsistent {
+                group,
+                detail: format!("checkpoint chunk {next} is missing"),
+            });
+        }
+        next += chunks.len() as u64;
+        for c in chunks {
+            data.extend_from_slice(&c);
+        }
+    }
+    if data.len() as u64 != bytes {
+        return Err(Error::Inconsistent {
+            group,
+            detail: format!(
+                "checkpoint holds {} bytes, its pointer says {bytes}",
+                data.len()
+            ),
+        });
+    }
+    Ok(Some(data))
+}
+
+/// The applied log id and membership a checkpoint (or snapshot) records, decoded from
+/// its header without decoding the state (backups check where a checkpoint stands).
+pub fn checkpoint_header(bytes: &[u8]) -> Result<(Option<LogId>, StoredMembership), DecodeError> {
+    let mut r = Reader::new("snapshot", bytes);
+    let version = r.u8()?;
+    if version != SNAPSHOT_VERSION {
+        return Err(DecodeError::new(
+            "snapshot",
+            format!("version {version}, expected {SNAPSHOT_VERSION}"),
+        ));
+    }
+    let last_applied = optional_log_id(&mut r)?;
+    let membership_log_id = optional_log_id(&mut r)?;
+    let membership = r.membership()?;
+    Ok((
+        last_applied,
+        StoredMembership::new(membership_log_id, membership),
+    ))
+}
+
+/// Writes `bytes` (a checkpoint as [`read_checkpoint`] returns it) as group `group`'s
+/// checkpoint and waits until it is durable: the chunks first, then one batch that points
+/// at them and purges older ones. Used by the state machine and by `chatlog restore`.
+pub async fn write_checkpoint_bytes(
+    engine: &Engine,
+    group: GroupId,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let storage_err = |source| Error::Storage {
+        group,
+        verb: "writing",
+        subject: "a checkpoint".into(),
+        source,
+    };
+    let first = engine.bounds(log).map_or(1, |b| b.next.max(1));
+    let chunk = CHECKPOINT_CHUNK_BYTES.min(engine.write_batch_bytes_max() / 4);
+    let per_batch = (engine.write_batch_bytes_max() / 2 / chunk).max(1);
+    let chunks: Vec<&[u8]> = bytes.chunks(chunk.max(1)).collect();
+    let mut index = first;
+    for group_of_chunks in chunks.chunks(per_batch) {
+        let mut batch = WriteBatch::new();
+        batch.append_many(log, index, group_of_chunks.iter().copied());
+        engine.write(&batch).await.map_err(storage_err)?;
+        index += group_of_chunks.len() as u64;
+    }
+    let mut batch = WriteBatch::new();
+    batch.put_meta(
+        log,
+        ids::META_CHECKPOINT,
+        &encode_pointer(first, chunks.len() as u64, bytes.len() as u64),
+    );
+    batch.purge_before(log, first);
+    engine.write(&batch).await.map_err(storage_err)
 }
 
 /// Builds a snapshot of the state as it was when the builder was made.
@@ -472,10 +518,22 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let snapshot = self.encode_snapshot();
+        // Openraft asks for a snapshot only when one is needed (the policy is `Never`: a
+        // replica too far behind, or `trigger().snapshot()` from `chatlog admin snapshot`);
+        // it is also made the durable checkpoint, so a restart and a backup start there.
+        if self.applied_since_checkpoint > 0 {
+            match self.write_checkpoint(&snapshot).await {
+                Ok(()) => self.applied_since_checkpoint = 0,
+                Err(e) => {
+                    tracing::warn!(group = self.group, error = %e, "checkpoint with a snapshot failed")
+                }
+            }
+        }
         ChatSnapshotBuilder {
             snapshot: Snapshot {
                 meta: self.header.snapshot_meta(),
-                snapshot: self.encode_snapshot(),
+                snapshot,
             },
             current_snapshot: Arc::clone(&self.current_snapshot),
         }

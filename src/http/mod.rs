@@ -22,6 +22,9 @@
 //!   segment, compacts; see `compact.rs`.
 //! - Cluster changes (`cluster.rs`): `GET /admin/cluster`, `POST /admin/node-add`,
 //!   `/admin/node-remove`, `/admin/replica-move`, `/admin/group-add`, `/admin/rebalance`.
+//! - Backups (`crate::backup::serve`): `GET /admin/backup` (what this node holds),
+//!   `GET /admin/backup/group/{g}` (one group's copy, streamed),
+//!   `GET /admin/backup/media/{sha256 hex}` (one media file, streamed).
 //!
 //! Admin endpoints (`/admin/…`) need `Authorization: Bearer TOKEN` when the node runs
 //! with `--admin-token` (or `CHATLOG_ADMIN_TOKEN`): a missing or wrong token gets 401.
@@ -133,6 +136,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/admin/group-add", post(cluster::group_add))
         .route("/admin/rebalance", post(cluster::rebalance))
         // ---- end cluster changes ----
+        // ---- backup (crate::backup::serve) ----
+        .merge(crate::backup::serve::routes())
+        // ---- end backup ----
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ctx)
@@ -176,7 +182,11 @@ async fn bounded(limit: Duration, f: impl std::future::Future<Output = Response>
 
 /// Checks the admin token, or the loopback rule without one.
 #[allow(clippy::result_large_err)]
-fn authorize(ctx: &HttpContext, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+pub(crate) fn authorize(
+    ctx: &HttpContext,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
     let Some(expected) = &ctx.admin_token else {
         return if peer.ip().is_loopback() {
             Ok(())

@@ -36,6 +36,8 @@ use chatlog_wire::proto::v1::{self, ErrorCode};
 pub const START_WAIT: Duration = Duration::from_secs(60);
 /// Longest anything that needs an election may take.
 pub const LEADER_WAIT: Duration = Duration::from_secs(60);
+/// Longest an orderly stop (SIGTERM) may take.
+pub const STOP_WAIT: Duration = Duration::from_secs(30);
 /// Stderr lines echoed per process before only alarming ones are.
 pub const ECHO_LINES: usize = 50;
 
@@ -396,6 +398,31 @@ impl Cluster {
         node.paused = false;
     }
 
+    /// SIGTERM: the orderly stop (`serve` stops accepting, stops its groups, closes the
+    /// engine); waits up to [`STOP_WAIT`] for the process to exit, then SIGKILLs it and
+    /// fails. Blocks.
+    pub fn stop(&mut self, id: u64) {
+        let node = self.node(id);
+        let mut child = node.child.take().expect("running");
+        if node.paused {
+            signal(&child, libc::SIGCONT);
+            node.paused = false;
+        }
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_WAIT;
+        loop {
+            if child.try_wait().expect("waits").is_some() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not stop within {STOP_WAIT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether node `id` has a running (possibly paused) process.
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes[(id - 1) as usize].child.is_some()
@@ -405,6 +432,16 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) {
         let rx = self.spawn(id);
         self.wait_announced(id, rx);
+    }
+
+    /// Starts the stopped nodes `ids` again at once (each on its data directory and
+    /// addresses) and waits until each announced itself: nodes of a cluster that stopped
+    /// whole need each other to elect leaders. Blocks.
+    pub fn restart_all(&mut self, ids: &[u64]) {
+        let announced: Vec<_> = ids.iter().map(|id| self.spawn(*id)).collect();
+        for (id, rx) in ids.iter().zip(announced) {
+            self.wait_announced(*id, rx);
+        }
     }
 
     /// SIGSTOP.
