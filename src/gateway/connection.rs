@@ -25,6 +25,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
+use tracing::Instrument;
 
 use super::{
     ConnCtx, GatewayLimits, IMMEDIATE_RESPONSES_MAX, IN_FLIGHT_RETRY_AFTER_MS, LINGER_BYTES_MAX,
@@ -752,10 +753,33 @@ pub(super) async fn run<S: Service>(
                             let service = Arc::clone(&service);
                             let ctx = Arc::clone(&ctx);
                             let outbox = Arc::clone(&outbox);
-                            let task = handlers.spawn(async move {
-                                let result = service.handle(&ctx, request_id, kind).await;
-                                outbox.respond(request_id, result, unsubscribes);
-                            });
+                            // Every log line on the request's path on this node carries
+                            // the connection and request ids (the span's fields).
+                            let span = tracing::info_span!(
+                                "request",
+                                connection = id,
+                                request = request_id
+                            );
+                            let task = handlers.spawn(
+                                async move {
+                                    let started = Instant::now();
+                                    let result = service.handle(&ctx, request_id, kind).await;
+                                    match &result {
+                                        Err(e) => tracing::debug!(
+                                            elapsed_us = started.elapsed().as_micros() as u64,
+                                            code = e.code,
+                                            "request refused: {}",
+                                            e.message
+                                        ),
+                                        Ok(_) => tracing::debug!(
+                                            elapsed_us = started.elapsed().as_micros() as u64,
+                                            "request answered"
+                                        ),
+                                    }
+                                    outbox.respond(request_id, result, unsubscribes);
+                                }
+                                .instrument(span),
+                            );
                             handler_requests.insert(task.id(), request_id);
                             continue;
                         }
