@@ -15,6 +15,7 @@
 
 #[path = "common/cluster.rs"]
 mod cluster;
+use cluster::send_request;
 #[path = "common/server.rs"]
 mod server;
 
@@ -64,16 +65,6 @@ async fn connect(addr: &str, token: Option<String>) -> Client {
         cluster::client_options(token, Duration::from_secs(10), 3),
     )
     .await
-}
-
-fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
-    v1::SendMessageRequest {
-        chat_id: chat,
-        client_message_id: cmid,
-        text: text.into(),
-        media: None,
-        reply_to_seq: 0,
-    }
 }
 
 /// (seq, text) of every message posted in `chat`, as `client`'s node serves it.

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use chatlog_raft::chat::group_of;
 use chatlog_wire::client::Client;
 use chatlog_wire::proto::v1::{self, event::Body};
-use cluster::{Cluster, Options, full_history, retryable};
+use cluster::{Cluster, Options, full_history, retryable, send_request};
 use rand::{Rng, SeedableRng};
 
 const NODES: u64 = 3;
@@ -53,16 +53,6 @@ async fn account(addr: &str, name: &str) -> (u64, String, Client) {
     let c = connect(addr, None).await;
     let (user, token) = cluster::create_and_login(&c, name, "dev").await;
     (user, token, c)
-}
-
-fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
-    v1::SendMessageRequest {
-        chat_id: chat,
-        client_message_id: cmid,
-        text: text.into(),
-        media: None,
-        reply_to_seq: 0,
-    }
 }
 
 /// Whether a failed send may be retried (with the same client message id) elsewhere.

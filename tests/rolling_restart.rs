@@ -20,16 +20,19 @@
 mod cluster;
 #[path = "common/history.rs"]
 mod history;
+#[path = "common/load.rs"]
+mod load;
+use load::{Acks, to_history_events};
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
 use chatlog_wire::client::Client;
-use chatlog_wire::proto::v1::{self, event::Body};
-use cluster::{Cluster, Options, full_history, retryable};
+use chatlog_wire::proto::v1;
+use cluster::{Cluster, Options, full_history, retryable, send_request};
 use rand::{Rng, SeedableRng};
 
 /// Longest anything that needs an election or a catch-up may take.
@@ -54,67 +57,6 @@ async fn connect(addr: &str, token: Option<String>) -> Client {
         cluster::client_options(token, Duration::from_secs(5), 2),
     )
     .await
-}
-
-fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
-    v1::SendMessageRequest {
-        chat_id: chat,
-        client_message_id: cmid,
-        text: text.into(),
-        media: None,
-        reply_to_seq: 0,
-    }
-}
-
-fn to_history_events(events: &[v1::Event]) -> Vec<history::Event> {
-    events
-        .iter()
-        .map(|e| {
-            let (cmid, text) = match &e.body {
-                Some(Body::MessagePosted(m)) => (Some(m.client_message_id), m.text.clone()),
-                _ => (None, String::new()),
-            };
-            history::Event {
-                seq: e.seq,
-                sender: e.sender_id,
-                cmid,
-                text,
-            }
-        })
-        .collect()
-}
-
-/// Acknowledged writes with the time each ack arrived.
-#[derive(Default)]
-struct Acks {
-    times: Mutex<Vec<Instant>>,
-}
-
-impl Acks {
-    /// The longest gap between acknowledged writes in `[from, to]` (edges included).
-    fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
-        let mut times: Vec<Instant> = self
-            .times
-            .lock()
-            .expect("lock")
-            .iter()
-            .copied()
-            .filter(|t| *t >= from && *t <= to)
-            .collect();
-        times.sort();
-        let mut edges = vec![from];
-        edges.extend(times);
-        edges.push(to);
-        edges
-            .windows(2)
-            .map(|w| w[1].duration_since(w[0]))
-            .max()
-            .unwrap_or_default()
-    }
-
-    fn count(&self) -> usize {
-        self.times.lock().expect("lock").len()
-    }
 }
 
 /// `GET /ready` on `http`: its status code, or `None` when nothing answers.

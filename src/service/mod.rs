@@ -540,12 +540,18 @@ impl ChatService {
                     ));
                 }
                 for m in &r.member_ids {
-                    let exists = self
-                        .group_for(*m, "user")?
-                        .shared()
-                        .read()
-                        .user(*m)
-                        .is_some();
+                    let group = self.group_for(*m, "user")?;
+                    let mut exists = group.shared().read().user(*m).is_some();
+                    if !exists {
+                        // This replica may not have applied the user's creation yet
+                        // (a follower applies a heartbeat after the leader): catch up
+                        // with the leader before refusing.
+                        self.node
+                            .read_barrier(group.id())
+                            .await
+                            .map_err(propose_error)?;
+                        exists = group.shared().read().user(*m).is_some();
+                    }
                     if !exists {
                         return Err(error(ErrorCode::NotFound, format!("no user {m}")));
                     }

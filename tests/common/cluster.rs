@@ -626,3 +626,14 @@ pub async fn full_history(client: &Client, chat: u64, wait: Duration) -> Vec<v1:
 fn retry_setup(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::Unavailable)
 }
+
+/// A send of `text` to `chat` with client message id `cmid`, no media, no reply.
+pub fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest {
+    v1::SendMessageRequest {
+        chat_id: chat,
+        client_message_id: cmid,
+        text: text.into(),
+        media: None,
+        reply_to_seq: 0,
+    }
+}
