@@ -5,9 +5,11 @@
 //! restart (the page reloads itself; each check here is a fresh load, the same request the
 //! reload makes).
 //!
-//! Chromium is required, not optional: without it these tests FAIL with a message saying
-//! how to install it (`.ci/run` installs it when missing). A skipped browser test would
-//! pass on every machine that lacks the browser, which is exactly where nobody notices.
+//! Chromium is required, not optional: when it is missing the tests install it with
+//! `scripts/install-chromium` (as `.ci/run` does up front), and where that cannot work
+//! (not root, no passwordless sudo) they FAIL with a message saying how to install it. A
+//! skipped browser test would pass on every machine that lacks the browser, which is
+//! exactly where nobody notices.
 //! `CHROMIUM=/path/to/binary` picks another build.
 //!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it.
@@ -38,16 +40,29 @@ fn chromium() -> PathBuf {
         assert!(p.is_file(), "CHROMIUM={} is not a file", p.display());
         return p;
     }
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("chromium"))
-            .find(|p| p.is_file())
+    let find = || {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("chromium"))
+                .find(|p| p.is_file())
+        })
+    };
+    // Missing: the project installs it (`scripts/install-chromium`, once per run of
+    // this file's tests), so `cargo test --workspace` works on a fresh machine too.
+    static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let found = find().or_else(|| {
+        let ok = *INSTALLED.get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-chromium");
+            eprintln!("chromium is missing: running {}", script.display());
+            Command::new(script).status().is_ok_and(|s| s.success())
+        });
+        if ok { find() } else { None }
     });
     found.unwrap_or_else(|| {
         panic!(
             "chromium is not installed, and the status page tests need it: install Debian's \
-             `chromium` package (`apt-get install -y chromium`, as `.ci/run` does) or set \
-             CHROMIUM=/path/to/chromium"
+             `chromium` package (`scripts/install-chromium` could not: see its message \
+             above) or set CHROMIUM=/path/to/chromium"
         )
     })
 }
