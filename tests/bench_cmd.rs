@@ -148,16 +148,16 @@ fn send_to_a_separate_server_open_loop() {
     assert_eq!(r["config"]["rate"], 300.0);
     assert_eq!(r["config"]["count"], 150);
     assert_eq!(r["latency_of"], "intended start to response");
-    // 150 sends at 300/s take about half a second, not the 5 s limit.
+    // Paced: 150 sends at 300/s cannot take less than about half a second; and the run
+    // ended on its count, before the 5 s limit (not a speed check: a loaded host may be
+    // slow, only not past the limit).
     let secs = r["measured_secs"].as_f64().unwrap();
-    assert!((0.3..3.0).contains(&secs), "{r}");
+    assert!((0.3..5.0).contains(&secs), "{r}");
     // A second run against the same server: its users and chats are new.
     let again = bench(&["send", "--server", &addr, "--count", "20", "--warmup", "0"]);
     sane(&again, "send");
     assert_eq!(again["ops"], 20, "{again}");
 }
-
-/// Kills and reaps the server however the test ends.
 
 #[test]
 fn sync_devices_catch_up_without_gaps() {
