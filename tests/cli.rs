@@ -329,6 +329,13 @@ fn every_command_against_a_real_server() {
         Some(a),
         &["chat", "invite", &news, &carol.to_string()],
     );
+    // An id no user has (carol's group, a thousand users further) is refused.
+    refused(
+        addr,
+        Some(a),
+        &["chat", "invite", &news, &(carol + (1000 << 16)).to_string()],
+        "NOT_FOUND",
+    );
     let members = ok(addr, Some(c), &["chat", "members", &news]);
     let roles: Vec<(u64, &str)> = members["members"]
         .as_array()

@@ -262,6 +262,25 @@ impl ChatService {
         }
     }
 
+    /// Refuses with `NOT_FOUND` a user id that no user has, where this node holds a
+    /// replica of the user's group (asking the group's leader before refusing, so a user
+    /// created a moment ago counts). On a node without one the check is left to nobody:
+    /// the chat group cannot see other groups' users (a known limit, see the notes).
+    async fn check_user_exists(&self, user: UserId) -> Result<(), v1::Error> {
+        let g = self.group_id_for(user, "user")?;
+        let Some(group) = self.node.group(g) else {
+            return Ok(());
+        };
+        if group.shared().read().user(user).is_some() {
+            return Ok(());
+        }
+        self.node.read_barrier(g).await.map_err(propose_error)?;
+        if group.shared().read().user(user).is_some() {
+            return Ok(());
+        }
+        Err(error(ErrorCode::NotFound, format!("no user {user}")))
+    }
+
     /// Waits, at most [`CHAT_LIST_WAIT_MAX`], until the chat-list changes that group
     /// `g` recorded so far are delivered to the members' own groups (the outbox of
     /// `chatlog_raft::chat::chat_lists`), so that the caller's next `ListChats` or `sync`
@@ -604,6 +623,7 @@ impl ChatService {
                 }))
             }
             Req::Invite(r) => {
+                self.check_user_exists(r.user_id).await?;
                 self.membership_change(
                     Command::Invite {
                         chat: r.chat_id,
