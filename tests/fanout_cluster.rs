@@ -77,14 +77,16 @@ async fn device(
 ) -> (Client, PushReceiver) {
     let c = connect(cluster, node, None).await;
     let pushes = c.pushes().expect("push receiver");
-    c.login(v1::LoginRequest {
-        user_id: user.0,
-        login_token: user.1.clone(),
-        device_id: id.into(),
-        device_name: id.into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{id} logged in on node {node}: {e}"));
+    cluster::login(
+        &c,
+        v1::LoginRequest {
+            user_id: user.0,
+            login_token: user.1.clone(),
+            device_id: id.into(),
+            device_name: id.into(),
+        },
+    )
+    .await;
     (c, pushes)
 }
 

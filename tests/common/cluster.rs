@@ -566,16 +566,33 @@ pub async fn create_and_login(client: &Client, name: &str, device: &str) -> (u64
             Err(e) => panic!("user {name} created: {e}"),
         }
     };
-    let login = client
-        .login(v1::LoginRequest {
+    let login = login(
+        client,
+        v1::LoginRequest {
             user_id: created.user_id,
             login_token: created.login_token,
             device_id: device.into(),
             device_name: format!("{name}'s {device}"),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{name} logged in: {e}"));
+        },
+    )
+    .await;
     (created.user_id, login.session_token)
+}
+
+/// Logs in through `client`, asking again while the user's group has no leader yet
+/// (UNAVAILABLE: nothing was proposed), for up to [`LEADER_WAIT`].
+pub async fn login(client: &Client, request: v1::LoginRequest) -> v1::LoginResponse {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        match client.login(request.clone()).await {
+            Ok(login) => return login,
+            Err(e) if retry_setup(&e) && Instant::now() < deadline => {
+                eprintln!("logging in {}: {e}; retrying", request.device_id);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{} logged in: {e}", request.device_id),
+        }
+    }
 }
 
 /// Whether a failed call may be tried again (with the same client message id for a send),
