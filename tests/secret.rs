@@ -107,10 +107,7 @@ async fn anonymous(addr: &str) -> Client {
 }
 
 async fn create_user(c: &Client, name: &str) -> (u64, String) {
-    let r = c
-        .create_user(v1::CreateUserRequest { name: name.into() })
-        .await
-        .expect("create user");
+    let r = cluster::create_user(c, name).await;
     (r.user_id, r.login_token)
 }
 
@@ -125,15 +122,16 @@ async fn users(addr: &str) -> Users {
 /// Logs `user` in from `device`, opens its key file in `keys_dir` and publishes the key.
 async fn device(addr: &str, user: &(u64, String), device: &str, keys_dir: &Path) -> Device {
     let client = anonymous(addr).await;
-    client
-        .login(v1::LoginRequest {
+    cluster::login(
+        &client,
+        v1::LoginRequest {
             user_id: user.0,
             login_token: user.1.clone(),
             device_id: device.into(),
             device_name: device.into(),
-        })
-        .await
-        .expect("login");
+        },
+    )
+    .await;
     let pushes = client.pushes().expect("pushes");
     let keys = DeviceKeys::load_or_create(
         keys_dir.join(format!("{}-{device}.key", user.0)),

@@ -552,20 +552,7 @@ pub async fn connect_with(addr: &str, options: ClientOptions) -> Client {
 /// session token). Right after start a group may still be electing (slower on a loaded
 /// machine): UNAVAILABLE means nothing was proposed, so asking again is safe.
 pub async fn create_and_login(client: &Client, name: &str, device: &str) -> (u64, String) {
-    let deadline = Instant::now() + LEADER_WAIT;
-    let created = loop {
-        match client
-            .create_user(v1::CreateUserRequest { name: name.into() })
-            .await
-        {
-            Ok(created) => break created,
-            Err(e) if retry_setup(&e) && Instant::now() < deadline => {
-                eprintln!("creating {name}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("user {name} created: {e}"),
-        }
-    };
+    let created = create_user(client, name).await;
     let login = login(
         client,
         v1::LoginRequest {
@@ -577,6 +564,25 @@ pub async fn create_and_login(client: &Client, name: &str, device: &str) -> (u64
     )
     .await;
     (created.user_id, login.session_token)
+}
+
+/// Creates user `name` through `client`, asking again while the user's group has no
+/// leader yet (UNAVAILABLE: nothing was proposed), for up to [`LEADER_WAIT`].
+pub async fn create_user(client: &Client, name: &str) -> v1::CreateUserResponse {
+    let deadline = Instant::now() + LEADER_WAIT;
+    loop {
+        match client
+            .create_user(v1::CreateUserRequest { name: name.into() })
+            .await
+        {
+            Ok(created) => return created,
+            Err(e) if retry_setup(&e) && Instant::now() < deadline => {
+                eprintln!("creating {name}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("user {name} created: {e}"),
+        }
+    }
 }
 
 /// Logs in through `client`, asking again while the user's group has no leader yet
