@@ -31,15 +31,6 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 use server::{NO_RATE_LIMITS, Server};
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 /// Runs `chatlog ARGS`; Ok(stdout) on success, Err(stderr) on failure.
 fn chatlog(args: &[&str]) -> Result<String, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_chatlog"))
@@ -92,7 +83,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_under_writes_restores_into_a_fresh_node() {
-    let seed = seed();
+    let seed = cluster::seed();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let node = Server::start(&data, &NO_RATE_LIMITS);
@@ -370,7 +361,7 @@ async fn backup_under_writes_restores_into_a_fresh_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_node_backup_restores_into_a_fresh_cluster() {
     use cluster::{Cluster, Options};
-    let seed = seed();
+    let seed = cluster::seed();
     let mut nodes = tokio::task::block_in_place(|| {
         Cluster::start(Options {
             groups: 2,

@@ -468,15 +468,6 @@ async fn full_history(client: &Client, chat: u64) -> Result<Vec<v1::Event>, Stri
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 // ---- Faults ---------------------------------------------------------------------------
 
 /// Runs seeded faults until `until`, healing after each (one time in four with a second
@@ -578,7 +569,7 @@ fn inject_faults(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kills_pauses_and_partitions() {
     let started = Instant::now();
-    let seed = seed();
+    let seed = cluster::seed();
     let secs = std::env::var("CHATLOG_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -112,15 +112,6 @@ fn check_events(node: u64, events: &[v1::Event], acked: &HashMap<String, u64>) {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 /// A group chat of `owner` with `members`, created through `client`; its id.
 async fn group_chat(client: &Client, members: Vec<u64>) -> u64 {
     client
@@ -137,7 +128,7 @@ async fn group_chat(client: &Client, members: Vec<u64>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_and_a_killed_leader_loses_nothing_acknowledged() {
     let started = Instant::now();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cluster::seed());
     let mut cluster = tokio::task::block_in_place(start_cluster);
     eprintln!("cluster up in {:?}", started.elapsed());
 
@@ -261,7 +252,7 @@ const CATCHUP_IN_FLIGHT: usize = 512;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_follower_catches_up_from_the_log() {
     let started = Instant::now();
-    let _ = seed();
+    let _ = cluster::seed();
     let messages = std::env::var("CHATLOG_CATCHUP_MESSAGES")
         .ok()
         .and_then(|s| s.parse().ok())

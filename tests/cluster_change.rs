@@ -45,15 +45,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Writer tasks per user.
 const LANES: u64 = 3;
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 async fn connect(addr: &str, token: Option<String>) -> Client {
     cluster::connect_with(
         addr,
@@ -137,7 +128,7 @@ async fn step<T>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_and_leave_replicas_move_and_groups_are_added_under_load() {
     let started = Instant::now();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cluster::seed());
     let mut cluster = tokio::task::block_in_place(|| {
         Cluster::start(Options {
             groups: 2,

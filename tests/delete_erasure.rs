@@ -17,12 +17,9 @@ mod server;
 use std::path::Path;
 use std::time::Duration;
 
-use chatlog::http::client::request;
 use chatlog_wire::client::Client;
 use chatlog_wire::proto::v1::{self, event::Body};
-use disk::disk_contains;
-
-const WAIT: Duration = Duration::from_secs(20);
+use disk::{compact, disk_contains};
 
 fn start(dir: &Path, listen: &str) -> server::Server {
     let mut flags = vec!["--http", "127.0.0.1:0", "--segment-mb", "1"];
@@ -32,15 +29,6 @@ fn start(dir: &Path, listen: &str) -> server::Server {
 
 fn marker(what: &str) -> String {
     format!("BODY-{what}-{:016x}", rand::random::<u64>())
-}
-
-async fn compact(http: &str) {
-    let r = request(http, "POST", "/admin/compact", None, Some(b"{}"), WAIT)
-        .await
-        .expect("compact answers");
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
-    assert_eq!(v["erasures_pending"], false, "{v}");
 }
 
 async fn history(client: &Client, chat: u64) -> Vec<v1::Event> {

@@ -40,15 +40,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Writer tasks per user.
 const LANES: u64 = 3;
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
-    seed
-}
-
 async fn connect(addr: &str, token: Option<String>) -> Client {
     // The library redials (once per call) and resends a timed-out or refused-as-
     // unavailable request itself, with the same client message id.
@@ -75,7 +66,7 @@ fn ready(http: &str) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_under_load_loses_nothing() {
     let started = Instant::now();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cluster::seed());
     let mut cluster = tokio::task::block_in_place(|| {
         Cluster::start(Options {
             groups: 2,

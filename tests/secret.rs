@@ -25,7 +25,7 @@ use chatlog_wire::client::{
 };
 use chatlog_wire::proto::v1::{self, push};
 use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
-use disk::disk_contains;
+use disk::{compact, disk_contains};
 use serde_json::Value;
 
 #[path = "common/cluster.rs"]
@@ -790,24 +790,6 @@ async fn the_cli_starts_sends_and_tails() {
     .unwrap();
     assert_eq!(list["chats"][0]["keys_here"], true);
     assert_eq!(list["chats"][0]["started_here"], false);
-}
-
-/// A free TCP port on 127.0.0.1 (for `--initial-cluster`, which names peer ports up front).
-/// `POST /admin/compact` on the node at `http`: its answer, after checking that no
-/// erasure was pending.
-async fn compact(http: &str) -> Value {
-    let r = request(http, "POST", "/admin/compact", None, Some(b"{}"), WAIT)
-        .await
-        .expect("compact answers");
-    assert_eq!(
-        r.status,
-        200,
-        "compact: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
-    assert_eq!(v["erasures_pending"], false, "{v}");
-    v
 }
 
 /// Waits until `GET /ready` answers 200: every local group knows its leader.

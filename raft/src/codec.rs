@@ -332,6 +332,17 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
+    /// A u64 count (the chat state's and its commands' width; [`Reader::item_count`] is
+    /// the u32 one) of items of `item_bytes` each, checked against `max` and against the
+    /// bytes left, so a forged count cannot make the caller allocate or loop for nothing.
+    pub fn u64_count(&mut self, item_bytes: usize, max: usize) -> Result<usize, DecodeError> {
+        let n = self.u64()?;
+        if n > max as u64 || (n as usize).saturating_mul(item_bytes) > self.remaining() {
+            return Err(self.error(format!("count {n} exceeds the limit or the bytes left")));
+        }
+        Ok(n as usize)
+    }
+
     /// Bytes not consumed yet.
     pub fn remaining(&self) -> usize {
         self.bytes.len() - self.at

@@ -364,6 +364,8 @@ impl Group {
                     batches.insert(e.log_id.index, decoded);
                 }
             }
+            // Read after the log read (see below); one look at the state per run.
+            let state = self.shared.read();
             for (seq, loc) in &locs[i..j] {
                 let batch = batches
                     .get(&loc.raft_index())
@@ -387,7 +389,7 @@ impl Group {
                     && matches!(cmd, Command::Post { .. } | Command::Edit { .. })
                     && cmd
                         .chat()
-                        .is_some_and(|chat| self.shared.read().event_erased(chat, *seq))
+                        .is_some_and(|chat| state.event_erased(chat, *seq))
                 {
                     loc.erase();
                 }

@@ -268,17 +268,27 @@ impl ChatService {
     /// the chat group cannot see other groups' users (a known limit, see the notes).
     async fn check_user_exists(&self, user: UserId) -> Result<(), v1::Error> {
         let g = self.group_id_for(user, "user")?;
-        let Some(group) = self.node.group(g) else {
-            return Ok(());
-        };
-        if group.shared().read().user(user).is_some() {
-            return Ok(());
+        match self.node.group(g) {
+            Some(group) if !self.user_known(&group, user).await? => {
+                Err(error(ErrorCode::NotFound, format!("no user {user}")))
+            }
+            _ => Ok(()),
         }
-        self.node.read_barrier(g).await.map_err(propose_error)?;
-        if group.shared().read().user(user).is_some() {
-            return Ok(());
+    }
+
+    /// Whether `user` exists in `group` (a local replica of the user's group). This
+    /// replica may not have applied the user's creation yet (a follower applies a
+    /// heartbeat after the leader): before saying no, it catches up with the leader.
+    async fn user_known(&self, group: &Group, user: UserId) -> Result<bool, v1::Error> {
+        let known = || group.shared().read().user(user).is_some();
+        if known() {
+            return Ok(true);
         }
-        Err(error(ErrorCode::NotFound, format!("no user {user}")))
+        self.node
+            .read_barrier(group.id())
+            .await
+            .map_err(propose_error)?;
+        Ok(known())
     }
 
     /// Waits, at most [`CHAT_LIST_WAIT_MAX`], until the chat-list changes that group
@@ -560,18 +570,7 @@ impl ChatService {
                 }
                 for m in &r.member_ids {
                     let group = self.group_for(*m, "user")?;
-                    let mut exists = group.shared().read().user(*m).is_some();
-                    if !exists {
-                        // This replica may not have applied the user's creation yet
-                        // (a follower applies a heartbeat after the leader): catch up
-                        // with the leader before refusing.
-                        self.node
-                            .read_barrier(group.id())
-                            .await
-                            .map_err(propose_error)?;
-                        exists = group.shared().read().user(*m).is_some();
-                    }
-                    if !exists {
+                    if !self.user_known(&group, *m).await? {
                         return Err(error(ErrorCode::NotFound, format!("no user {m}")));
                     }
                 }

@@ -660,3 +660,14 @@ pub fn send_request(chat: u64, cmid: u64, text: &str) -> v1::SendMessageRequest 
         reply_to_seq: 0,
     }
 }
+
+/// The seed of a randomised test: `CHATLOG_TEST_SEED` when set (to repeat a run), else
+/// a random one; printed either way.
+pub fn seed() -> u64 {
+    let seed = std::env::var("CHATLOG_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
+    seed
+}

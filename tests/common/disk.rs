@@ -1,10 +1,14 @@
 //! Looking for bytes on disk: what a test that proves erasure (secret chats, deleted
-//! messages) scans a node's data directory with.
+//! messages) scans a node's data directory with, and the compaction that removes them.
 //!
 //! Included with `#[path = "common/disk.rs"] mod disk;` by the tests that need it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chatlog::http::client::request;
+use serde_json::Value;
 
 /// The first file under `dir` (recursively, raw bytes) that contains `needle`.
 pub fn disk_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
@@ -30,4 +34,28 @@ pub fn disk_contains(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// `POST /admin/compact` on the node at `http`: its answer, after checking that no
+/// erasure was pending.
+pub async fn compact(http: &str) -> Value {
+    let r = request(
+        http,
+        "POST",
+        "/admin/compact",
+        None,
+        Some(b"{}"),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("compact answers");
+    assert_eq!(
+        r.status,
+        200,
+        "compact: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["erasures_pending"], false, "{v}");
+    v
 }

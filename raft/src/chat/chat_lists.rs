@@ -92,19 +92,6 @@ impl ChatListRecord {
     }
 }
 
-/// Reads a count of items of `item_bytes` each, checked against `max` and the bytes left.
-pub(crate) fn count(
-    r: &mut Reader<'_>,
-    item_bytes: usize,
-    max: usize,
-) -> Result<usize, DecodeError> {
-    let n = r.u64()?;
-    if n > max as u64 || (n as usize).saturating_mul(item_bytes) > r.remaining() {
-        return Err(r.error(format!("count {n} exceeds the limit or the bytes left")));
-    }
-    Ok(n as usize)
-}
-
 /// The chat-list part of a group's state (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChatLists {
@@ -228,7 +215,7 @@ impl ChatLists {
             ..ChatLists::default()
         };
         let mut last = s.acked;
-        for _ in 0..count(r, RECORD_BYTES, OUTBOX_RECORDS_MAX)? {
+        for _ in 0..r.u64_count(RECORD_BYTES, OUTBOX_RECORDS_MAX)? {
             let rec = ChatListRecord::decode(r)?;
             if rec.no <= last || rec.no > s.next_no {
                 return Err(r.error(format!(
@@ -239,7 +226,7 @@ impl ChatLists {
             last = rec.no;
             s.records.push_back(rec);
         }
-        for _ in 0..count(r, 16, SOURCES_MAX)? {
+        for _ in 0..r.u64_count(16, SOURCES_MAX)? {
             let source = r.u64()?;
             let no = r.u64()?;
             s.delivered.insert(source, no);

@@ -658,7 +658,7 @@ impl Command {
             tag::CHAT_LIST_DELIVERY => {
                 use crate::chat::chat_lists::{self as lists, ChatListRecord};
                 let source = r.u64()?;
-                let n = lists::count(&mut r, lists::RECORD_BYTES, lists::DELIVERY_RECORDS_MAX)?;
+                let n = r.u64_count(lists::RECORD_BYTES, lists::DELIVERY_RECORDS_MAX)?;
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
                     records.push(ChatListRecord::decode(&mut r)?);

@@ -249,16 +249,8 @@ fn put_nodes(out: &mut Vec<u8>, nodes: &[NodeId]) {
     }
 }
 
-fn count(r: &mut Reader<'_>, item_bytes: usize, max: usize) -> Result<usize, DecodeError> {
-    let n = r.u64()?;
-    if n > max as u64 || (n as usize).saturating_mul(item_bytes) > r.remaining() {
-        return Err(r.error(format!("count {n} exceeds the limit or the bytes left")));
-    }
-    Ok(n as usize)
-}
-
 fn read_nodes(r: &mut Reader<'_>) -> Result<Vec<NodeId>, DecodeError> {
-    let n = count(r, 8, MEMBERS_MAX)?;
+    let n = r.u64_count(8, MEMBERS_MAX)?;
     (0..n).map(|_| r.u64()).collect()
 }
 
@@ -348,11 +340,11 @@ impl PlacementCommand {
                 let replication = r.u64()?;
                 let user_groups = r.u64()?;
                 let mut members = Vec::new();
-                for _ in 0..count(r, 12, MEMBERS_MAX)? {
+                for _ in 0..r.u64_count(12, MEMBERS_MAX)? {
                     members.push((r.u64()?, r.string(ADDR_BYTES_MAX)?));
                 }
                 let mut groups = Vec::new();
-                for _ in 0..count(r, 16, GROUP_COUNT_MAX as usize + 1)? {
+                for _ in 0..r.u64_count(16, GROUP_COUNT_MAX as usize + 1)? {
                     groups.push((r.u64()?, read_nodes(r)?));
                 }
                 PlacementCommand::Bootstrap {
@@ -787,26 +779,26 @@ impl Placement {
         p.version = r.u64()?;
         p.replication = r.u64()?;
         p.user_groups = r.u64()?;
-        for _ in 0..count(r, 13, MEMBERS_MAX)? {
+        for _ in 0..r.u64_count(13, MEMBERS_MAX)? {
             let n = r.u64()?;
             let addr = r.string(ADDR_BYTES_MAX)?;
             let draining = r.bool()?;
             p.members.insert(n, Member { addr, draining });
         }
-        for _ in 0..count(r, 24, GROUP_COUNT_MAX as usize + 1)? {
+        for _ in 0..r.u64_count(24, GROUP_COUNT_MAX as usize + 1)? {
             let g = r.u64()?;
             let epoch = r.u64()?;
             let replicas = read_nodes(r)?;
             p.groups.insert(g, GroupPlacement { replicas, epoch });
         }
-        for _ in 0..count(r, 25, GROUP_COUNT_MAX as usize + 1)? {
+        for _ in 0..r.u64_count(25, GROUP_COUNT_MAX as usize + 1)? {
             let g = r.u64()?;
             let from = r.u64()?;
             let to = r.u64()?;
             let step = MoveStep::from_byte(r.u8()?)?;
             p.moves.insert(g, Move { from, to, step });
         }
-        for _ in 0..count(r, 16, GROUP_COUNT_MAX as usize + 1)? {
+        for _ in 0..r.u64_count(16, GROUP_COUNT_MAX as usize + 1)? {
             let g = r.u64()?;
             p.leader_transfers.insert(g, r.u64()?);
         }

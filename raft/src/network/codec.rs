@@ -667,11 +667,7 @@ pub fn decode_propose_response(
             }),
             RESULT_CHAT_LISTS => Ok(Outcome::ChatLists { applied: r.u64()? }),
             RESULT_CHAT_LISTS_DELIVERED => {
-                let n = crate::chat::chat_lists::count(
-                    &mut r,
-                    8,
-                    crate::chat::chat_lists::DELIVERY_RECORDS_MAX,
-                )?;
+                let n = r.u64_count(8, crate::chat::chat_lists::DELIVERY_RECORDS_MAX)?;
                 let users = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
                 Ok(Outcome::ChatListsDelivered { users })
             }
