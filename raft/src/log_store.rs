@@ -106,6 +106,14 @@ struct State {
     leaders: Vec<(u64, LeaderId)>,
     /// Bumped by every truncation: a read whose check failed after one retries.
     truncations: u64,
+    // ---- issue 9: damaged replicas (`crate::repair`) ----
+    /// The last "synced through" marker put in a batch (`repair::META_SYNCED`).
+    synced_written: u64,
+    /// Damaged at open until the log is durable through the required index again.
+    repair: Arc<crate::repair::RepairStatus>,
+    /// A vote recovered from records the engine cut as damaged, not yet saved again.
+    vote_unsaved: bool,
+    // ---- end issue 9 ----
 }
 
 impl State {
@@ -120,6 +128,25 @@ impl State {
             .take_while(|(f, _)| *f < hi)
             .copied()
             .collect()
+    }
+
+    /// Issue 9: the index through which the log's entries are durable (those not in the
+    /// unflushed tail), or through which it is purged.
+    fn durable_through(&self) -> u64 {
+        match (self.unflushed.front(), self.last) {
+            (Some(u), _) => u.entry.log_id.index.saturating_sub(1),
+            (None, Some(last)) => last.index,
+            (None, None) => self.purged.map_or(0, |p| p.index),
+        }
+    }
+
+    /// Issue 9: the marker to put in the next batch, if it moved since the last one.
+    fn next_marker(&mut self) -> Option<[u8; 8]> {
+        let through = self.durable_through();
+        (through > self.synced_written).then(|| {
+            self.synced_written = through;
+            crate::repair::encode_synced(through)
+        })
     }
 
     fn note_appended(&mut self, entry: &Entry) {
@@ -202,6 +229,7 @@ impl LogStore {
                 state.leaders = shared.leader_runs(first, entry.log_id)?;
             }
         }
+        open_check(&shared.engine, group, log, &mut state)?;
         *shared.lock() = state;
         Ok(LogStore {
             shared: Arc::new(shared),
@@ -211,6 +239,27 @@ impl LogStore {
     /// The group this log belongs to.
     pub fn group(&self) -> GroupId {
         self.shared.group
+    }
+
+    /// Issue 9: whether this replica's log is damaged and repairing (shared with the node
+    /// and the peer server).
+    pub fn repair_status(&self) -> Arc<crate::repair::RepairStatus> {
+        Arc::clone(&self.shared.lock().repair)
+    }
+
+    /// Issue 9: saves again a vote that only records cut as damaged held, before openraft
+    /// starts on this log (a replica must never forget its vote).
+    pub async fn save_recovered_vote(&self) -> Result<()> {
+        let vote = {
+            let st = self.shared.lock();
+            match (st.vote_unsaved, st.vote) {
+                (true, Some(v)) => v,
+                _ => return Ok(()),
+            }
+        };
+        self.shared.save_vote(&vote).await?;
+        self.shared.lock().vote_unsaved = false;
+        Ok(())
     }
 }
 
@@ -430,9 +479,10 @@ impl GroupLog {
         let limit = self.engine.write_batch_bytes_max();
         let mut batches: Vec<(WriteBatch, usize)> = Vec::new();
         let mut batch = WriteBatch::new();
-        let anchor = {
-            let st = self.lock();
-            match st.last {
+        let (anchor, marker) = {
+            let mut st = self.lock();
+            let marker = st.next_marker();
+            let anchor = match st.last {
                 Some(held) if held.index + 1 != first => {
                     return Err(Error::Inconsistent {
                         group,
@@ -453,8 +503,12 @@ impl GroupLog {
                     }
                     true
                 }
-            }
+            };
+            (anchor, marker)
         };
+        if let Some(m) = marker {
+            batch.put_meta(self.log, crate::repair::META_SYNCED, &m);
+        }
         if anchor {
             // The log holds no entry: make the engine log continue at `first` (a no-op if
             // it already does; anchors a never-written log).
@@ -553,6 +607,7 @@ impl GroupLog {
     }
 
     async fn truncate_after(&self, keep: Option<LogId>) -> Result<()> {
+        let lowered_marker;
         let keep_engine = {
             let mut st = self.lock();
             let Some(last) = st.last else {
@@ -575,6 +630,16 @@ impl GroupLog {
             let keep_engine = keep_index.map_or(0, engine_index).max(first_index);
             st.last = keep.filter(|k| k.index >= first_index);
             st.truncations += 1;
+            // Issue 9: the marker never vouches for entries the log no longer holds.
+            // While repairing, the marker keeps naming what must come back.
+            let held = keep_index
+                .unwrap_or(0)
+                .max(st.purged.map_or(0, |p| p.index))
+                .max(st.repair.damage().map_or(0, |d| d.required_index));
+            lowered_marker = (st.synced_written > held).then(|| {
+                st.synced_written = held;
+                crate::repair::encode_synced(held)
+            });
             match st.last {
                 Some(k) => st.leaders.retain(|(f, _)| *f <= k.index),
                 None => st.leaders.clear(),
@@ -583,6 +648,9 @@ impl GroupLog {
         };
         let mut batch = WriteBatch::new();
         batch.truncate_after(self.log, keep_engine);
+        if let Some(m) = lowered_marker {
+            batch.put_meta(self.log, crate::repair::META_SYNCED, &m);
+        }
         self.engine.write(&batch).await.map_err(|source| {
             self.storage_err("truncating", format!("log entries after {keep:?}"), source)
         })
@@ -621,7 +689,11 @@ impl GroupLog {
         batch.put_meta(self.log, ids::META_PURGED, &codec::encode_log_id(&upto));
         self.engine.write(&batch).await.map_err(|source| {
             self.storage_err("purging", format!("log entries up to {upto}"), source)
-        })
+        })?;
+        // Issue 9: a snapshot installed from the leader covers the purged range.
+        let st = self.lock();
+        st.repair.note_durable(st.durable_through());
+        Ok(())
     }
 
     async fn save_vote(&self, vote: &Vote) -> Result<()> {
@@ -636,8 +708,16 @@ impl GroupLog {
     }
 
     async fn save_committed(&self, committed: Option<LogId>) -> Result<()> {
-        self.lock().committed = committed;
+        let marker = {
+            let mut st = self.lock();
+            st.committed = committed;
+            st.next_marker()
+        };
         let mut batch = WriteBatch::new();
+        if let Some(m) = marker {
+            // Issue 9: vouches for the appends made durable since the last marker.
+            batch.put_meta(self.log, crate::repair::META_SYNCED, &m);
+        }
         match &committed {
             Some(c) => batch.put_meta(self.log, ids::META_COMMITTED, &codec::encode_log_id(c)),
             None => batch.delete_meta(self.log, ids::META_COMMITTED),
@@ -659,6 +739,46 @@ impl GroupLog {
     }
 }
 
+/// Issue 9: reads the "synced through" marker and decides whether the log lost durable
+/// entries (`repair::detect`); a damaged log starts repairing, with a clear error line.
+fn open_check(
+    engine: &Engine,
+    group: GroupId,
+    log: chatlog_storage::LogId,
+    st: &mut State,
+) -> Result<()> {
+    let synced = match engine.meta(log, crate::repair::META_SYNCED) {
+        None => None,
+        Some(b) => Some(crate::repair::decode_synced(&b).ok_or_else(|| Error::Inconsistent {
+            group,
+            detail: format!("the \"synced\" marker is {} bytes, not 8", b.len()),
+        })?),
+    };
+    st.synced_written = synced.unwrap_or(0);
+    let held = st.last.map(|l| l.index).max(st.purged.map(|p| p.index));
+    let detected = crate::repair::detect(engine, group, held, synced);
+    if let Some(vote) = detected.dropped_vote
+        && st.vote.is_none_or(|held_vote| vote > held_vote)
+    {
+        st.vote = Some(vote);
+        st.vote_unsaved = true;
+    }
+    if let Some(damage) = detected.damage {
+        tracing::error!(
+            group,
+            held_index = damage.held_index,
+            required_index = damage.required_index,
+            detail = %damage.detail,
+            status = "repairing",
+            "damaged Raft log: entries this replica made durable are gone; it grants no \
+             votes, does not campaign and serves no reads until the leader has sent them \
+             back"
+        );
+        st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
+    }
+    Ok(())
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // Critical sections only move plain values; a panic inside one is a bug that already
     // stopped the group.
@@ -671,6 +791,10 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     let mut st = lock(state);
     while st.unflushed.front().is_some_and(|u| u.batch <= batch) {
         st.unflushed.pop_front();
+    }
+    // Issue 9: a damaged replica is repaired once durable through the required index.
+    if st.repair.is_repairing() {
+        st.repair.note_durable(st.durable_through());
     }
 }
 

@@ -144,6 +144,10 @@ pub fn timing(replicas_here: usize, heartbeat_ms: Option<u64>) -> Result<Config,
         // followers see no conflict and keep theirs: two committed entries with one log
         // id. A restarted leader must win a new election (a new leader id) instead.
         enable_leader_restore: Some(false),
+        // Issue 9: a replica whose recovery cut a damaged record comes back with a shorter
+        // log than the leader last matched; the leader must send it again (the replica
+        // takes no part in elections meanwhile, `crate::repair`) instead of asserting.
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     config.validate().map_err(|e| Error::Config {
@@ -205,6 +209,8 @@ pub struct Group {
     /// Propose-to-applied latency of each entry this replica's batcher proposed as
     /// leader (issue 7's per-group commit latency; recorded once per entry).
     commit_latency: Arc<chatlog_storage::Histogram>,
+    /// Issue 9: damaged and repairing, or sound (`crate::repair`).
+    repair: Arc<crate::repair::RepairStatus>,
 }
 
 impl std::fmt::Debug for Proposal {
@@ -261,6 +267,12 @@ impl Group {
         self.proposals.max_capacity() - self.proposals.capacity()
     }
     // ---- end ops metrics ----
+
+    /// Issue 9: whether this replica's log is damaged and still repairing (no votes, no
+    /// campaigning, no reads), and why.
+    pub fn repair_status(&self) -> &Arc<crate::repair::RepairStatus> {
+        &self.repair
+    }
 
     /// The leader as this replica knows it.
     pub fn leader(&self) -> Option<NodeId> {
@@ -641,6 +653,11 @@ impl crate::network::GroupDirectory for GroupRegistry {
         self.group(group).map(|g| g.raft)
     }
 
+    fn vote_refusal(&self, group: GroupId) -> Option<String> {
+        let damage = self.group(group)?.repair.damage()?;
+        Some(format!("refusing to vote: {damage}; repairing from the leader"))
+    }
+
     /// Forwarded commands go through the group's batcher, like local clients' commands.
     fn propose(
         &self,
@@ -729,6 +746,8 @@ where
         >,
 {
     let log_store = LogStore::open(Arc::clone(&engine), g)?;
+    log_store.save_recovered_vote().await?;
+    let repair = log_store.repair_status();
     let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?;
     let shared = sm.shared();
     let mut ls = log_store;
@@ -749,6 +768,14 @@ where
         Arc::clone(&commit_latency),
     ));
     tokio::spawn(log_leadership(g, node_id, raft.server_metrics()));
+    if repair.is_repairing() {
+        // Issue 9: no campaigning until the leader has sent back what the log lost.
+        raft.runtime_config().elect(false);
+        tokio::spawn(crate::repair::resume_elections_when_repaired(
+            raft.clone(),
+            repair.subscribe(),
+        ));
+    }
     let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let secret_eraser = Arc::new(
         tokio::spawn(crate::secret_log::run_eraser(
@@ -770,6 +797,7 @@ where
         secret_erased,
         secret_eraser,
         commit_latency,
+        repair,
     };
     registry.insert(group.clone());
     Ok(group)
@@ -858,6 +886,9 @@ impl Node {
         if let Some(s) = config.segment_bytes {
             engine_config.segment_bytes = s;
         }
+        // Issue 9: damage in the newest segment is cut and repaired from peers
+        // (`crate::repair`) instead of stopping the node.
+        engine_config.recovery_mode = chatlog_storage::RecoveryMode::CutDamagedTail;
         let engine = Arc::new(
             Engine::open(engine_config).map_err(|source| Error::Storage {
                 group: 0,
@@ -1132,7 +1163,8 @@ impl Node {
         if !self.placement().replicas(g).contains(&self.config.node_id) {
             return None;
         }
-        self.group(g)
+        // Issue 9: a damaged replica serves no reads until repaired.
+        self.group(g).filter(|group| !group.repair.is_repairing())
     }
 
     /// Every local replica (as of the call: replicas start and stop with the placement).

@@ -66,6 +66,14 @@ pub enum RecoveryMode {
     TolerateTornTail,
     /// Even a torn tail is an error: for forensics, to open a data directory read as-is.
     Strict,
+    /// As `TolerateTornTail`, and a bad record in the newest segment that later writes
+    /// follow (damage inside synced data, issue 9) is cut too: the damaged record and
+    /// everything after it in its segment are dropped, the segment is sealed at the
+    /// damaged offset so the dropped bytes are never read again, and the cut is reported
+    /// by [`crate::Engine::damage`]. For owners that can get what was dropped back from
+    /// elsewhere (a Raft replica from its peers). Damage in an older segment, a truncated
+    /// segment file or a missing one is still refused.
+    CutDamagedTail,
 }
 
 /// Engine configuration. `Config::new(dir)` gives the defaults described on each field.

@@ -120,6 +120,8 @@ impl Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// What recovery cut as damage at open ([`crate::RecoveryMode::CutDamagedTail`]).
+    damage: Option<Arc<crate::Damage>>,
 }
 
 /// A snapshot of what the engine holds and has done.
@@ -204,6 +206,7 @@ impl Engine {
         let writer = crate::io::Writer::new(config.io_mode, config.sync_spin_us)
             .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
         let recovered = recovery::recover(&config, fs.as_ref())?;
+        let damage = recovered.damage.clone();
         let (tx, rx) = mpsc::channel(config.queue_len_max);
         let queue_bytes_max = config
             .queue_bytes_max
@@ -250,7 +253,11 @@ impl Engine {
         threads.push(spawn("chatlog-io", move || {
             writer::io_loop(s, rx, prep_rx, writer, start, ready_tx)
         })?);
-        let mut engine = Engine { shared, threads };
+        let mut engine = Engine {
+            shared,
+            threads,
+            damage: damage.map(Arc::new),
+        };
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -269,6 +276,12 @@ impl Engine {
             "storage engine open"
         );
         Ok(engine)
+    }
+
+    /// The damaged record (and what followed it) that recovery cut at open, under
+    /// [`crate::RecoveryMode::CutDamagedTail`]; `None` if there was none.
+    pub fn damage(&self) -> Option<&Arc<crate::Damage>> {
+        self.damage.as_ref()
     }
 
     /// The I/O backend chosen at open.

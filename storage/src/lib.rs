@@ -27,6 +27,7 @@ mod batch;
 mod cache;
 mod checkpoint;
 mod config;
+mod damage;
 mod engine;
 mod error;
 pub mod fault;
@@ -49,6 +50,7 @@ pub use config::{
     Config, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, RecoveryMode,
     SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
 };
+pub use damage::{DAMAGE_WALK_RECORDS_MAX, Damage, DroppedLog};
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};
 pub use error::{Error, Result};
 pub use fs::{File, FileSystem, StdFile, StdFileSystem};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::batch::OpSummary;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, RecoveryMode, SEAL_RESERVE_BYTES};
+use crate::damage::{Damage, dropped_after};
 use crate::error::{Error, Result};
 use crate::format::{
     BatchBody, OpKind, RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL,
@@ -35,6 +36,8 @@ pub(crate) struct Recovered {
     pub next_record_seq: u64,
     pub tail: Option<Tail>,
     pub sealed_pending: bool,
+    /// Damage cut under [`RecoveryMode::CutDamagedTail`] (issue 9).
+    pub damage: Option<Damage>,
 }
 
 /// Op summaries of a parsed body, as the I/O thread had them.
@@ -63,8 +66,9 @@ pub(crate) fn summaries(body: &BatchBody) -> Vec<OpSummary> {
 enum SegmentEnd {
     /// Ended with a seal record.
     Sealed,
-    /// No valid record at this offset.
-    Open { end: u64 },
+    /// No valid record at this offset; `damage` when the bad record there was judged
+    /// damage to synced data and cut ([`RecoveryMode::CutDamagedTail`]).
+    Open { end: u64, damage: Option<Damage> },
 }
 
 pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered> {
@@ -135,6 +139,7 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
     let mut expected_seq = cp.next_record_seq;
     let mut tail: Option<Tail> = None;
     let mut open_tail_seen = false;
+    let mut damage_cut: Option<Damage> = None;
     for (k, &id) in replay.iter().enumerate() {
         let path = segment_path(dir, id);
         let later_have_records = |ids: &[u64]| -> Result<bool> {
@@ -168,7 +173,32 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
         segments.insert(id, seg.clone());
         match end {
             SegmentEnd::Sealed => {}
-            SegmentEnd::Open { end } => {
+            SegmentEnd::Open { end, damage } => {
+                if let Some(d) = damage {
+                    // Cut only in the newest segment: dropping later segments' records too
+                    // is left to a replica rebuild (fail-stop, as without the mode).
+                    if later_have_records(&replay[k + 1..])? {
+                        return Err(Error::corruption(&path, end, d.detail));
+                    }
+                    tracing::error!(
+                        file = %path.display(),
+                        offset = end,
+                        detail = %d.detail,
+                        logs = d.logs.len(),
+                        status = "damaged",
+                        "storage damage: cut a damaged record and everything after it in its \
+                         segment; the segment is sealed there"
+                    );
+                    // The seal the writer puts at `end` hides the dropped bytes for good.
+                    open_tail_seen = true;
+                    tail = Some(Tail {
+                        segment: seg,
+                        end,
+                        has_records: true,
+                    });
+                    damage_cut = Some(d);
+                    continue;
+                }
                 if records == 0 && tail.is_some() {
                     // A second empty prepared segment: not needed.
                     segments.remove(&id);
@@ -226,6 +256,7 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
         next_record_seq: expected_seq,
         tail,
         sealed_pending,
+        damage: damage_cut,
     })
 }
 
@@ -242,8 +273,8 @@ fn replay_segment(
     loop {
         let Some(header) = seg.header_at(offset)? else {
             check_not_truncated(seg, offset, None)?;
-            check_tail(config, seg, offset, None)?;
-            return Ok((SegmentEnd::Open { end: offset }, records));
+            let damage = check_tail(config, seg, offset, None, None)?;
+            return Ok((SegmentEnd::Open { end: offset, damage }, records));
         };
         if header.record_seq != *expected_seq {
             return Err(Error::corruption(
@@ -259,8 +290,9 @@ fn replay_segment(
             Ok(b) => b,
             Err(e) if e.is_corruption() => {
                 check_not_truncated(seg, offset, Some(&header))?;
-                check_tail(config, seg, offset, Some(e))?;
-                return Ok((SegmentEnd::Open { end: offset }, records));
+                let next = offset + header.record_bytes() as u64;
+                let damage = check_tail(config, seg, offset, Some(e), Some(next))?;
+                return Ok((SegmentEnd::Open { end: offset, damage }, records));
             }
             Err(e) => return Err(e),
         };
@@ -331,22 +363,30 @@ fn check_not_truncated(seg: &Arc<Segment>, end: u64, header: Option<&RecordHeade
 /// Decides what the bytes at `bad` (no valid record there) are. Records found further on
 /// that belong to a later write prove the bad record was synced: damage. Records from the
 /// same write (their write began at or before `bad`) mean a torn, unacknowledged write.
+/// Under [`RecoveryMode::CutDamagedTail`] damage is returned (to be cut) instead of
+/// refused; `next` is where the record after the bad one starts, when its header held.
 fn check_tail(
     config: &Config,
     seg: &Arc<Segment>,
     bad: u64,
     body_error: Option<Error>,
-) -> Result<()> {
+    next: Option<u64>,
+) -> Result<Option<Damage>> {
     let (found_same_write, found_later_write) = scan_beyond(seg, bad)?;
     if let Some(write_offset) = found_later_write {
-        return Err(Error::corruption(
-            &seg.path,
-            bad,
-            format!(
-                "bad record followed by a valid record of a later write (begun at {write_offset}): \
-                 synced data is damaged"
-            ),
-        ));
+        let detail = format!(
+            "bad record followed by a valid record of a later write (begun at {write_offset}): \
+             synced data is damaged"
+        );
+        if config.recovery_mode == RecoveryMode::CutDamagedTail {
+            return Ok(Some(Damage {
+                path: seg.path.clone(),
+                offset: bad,
+                logs: dropped_after(seg, next.unwrap_or(u64::from(write_offset))),
+                detail,
+            }));
+        }
+        return Err(Error::corruption(&seg.path, bad, detail));
     }
     let torn = found_same_write || body_error.is_some();
     if torn {
@@ -357,7 +397,7 @@ fn check_tail(
         }
         tracing::warn!(file = %seg.path.display(), offset = bad, "cut a torn, unacknowledged tail");
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Looks for valid record headers after `bad`: whether any belongs to the write that was

@@ -97,6 +97,14 @@ pub trait GroupDirectory: Send + Sync + 'static {
         Box::pin(async move { Err(format!("this node serves no fan-out polls (group {group})")) })
     }
 
+    /// Issue 9: why the local replica of `group` must not grant votes (or take a
+    /// leadership handed to it) now — its log is damaged and repairing — or `None`.
+    /// This default never refuses.
+    fn vote_refusal(&self, group: GroupId) -> Option<String> {
+        let _ = group;
+        None
+    }
+
     /// Takes another node's encoded online users (opaque to this crate; chatlog's
     /// fan-out hub keeps them). This default ignores them.
     fn online(&self, from: NodeId, body: Bytes) -> Result<(), String> {
@@ -567,6 +575,13 @@ impl Work {
             |e: codec::DecodeError| node_error(NodeErrorCode::BadRequest, e.to_string());
         let unavailable =
             |e: &dyn std::fmt::Display| node_error(NodeErrorCode::Unavailable, e.to_string());
+        // Issue 9: a damaged replica grants no votes until repaired (`crate::repair`).
+        if let Work::Request(Rpc::Vote | Rpc::PreVote | Rpc::TransferLeader, _) = &self
+            && let Some(refusal) = directory.vote_refusal(group)
+        {
+            crate::repair::note_vote_refused(group, from, &refusal);
+            return Err(unavailable(&refusal));
+        }
         match self {
             Work::Request(Rpc::AppendEntries, body) => {
                 let req = codec::decode_append_entries_request(&body).map_err(bad_request)?;

@@ -1,0 +1,237 @@
+//! A damaged replica must not forget acknowledged entries (issue 9): the "synced through"
+//! marker of a group's Raft log, the check at open that tells a damaged log from a torn
+//! one, and the repair status that keeps a damaged replica out of elections and reads
+//! until the leader has sent back what it lost.
+//!
+//! What it owns: the marker's key and bytes ([`META_SYNCED`]), deciding at open whether a
+//! group's log lost entries it had made durable ([`detect`]), and the per-replica
+//! [`RepairStatus`] (damaged → repaired) that the node (no campaigning, no reads) and the
+//! peer server (no votes) consult. What it must not do: write to the engine (the log
+//! store does, in its own batches), or clear a damage before the log holds the required
+//! index durably again.
+//!
+//! The marker. `META_SYNCED` of a group's Raft log holds the Raft index through which
+//! its entries were durable when the batch carrying it was built. The log store puts it
+//! in the first batch of every append and in every committed-mark batch when it moved
+//! (no extra batch, no extra fdatasync): the record holding entry N is normally followed,
+//! within a heartbeat, by a record that vouches for N. A truncation lowers it in the same
+//! batch.
+//!
+//! Detection at open. The log held through index H (or purged through it) is damaged
+//! when something durable says it held more: the surviving marker, or what the storage
+//! engine dropped after a damaged record (`chatlog_storage::Damage`, under
+//! `RecoveryMode::CutDamagedTail`): that log's highest appended index, its marker or its
+//! committed mark in the dropped records. The required index is the highest of them.
+//!
+//! What still escapes (double faults): the record holding the last entries of a group is
+//! damaged AND no later record of that group reached the disk before the crash (a crash
+//! within about a heartbeat of the group's last append, then a bit flip in exactly that
+//! record): recovery cuts it as a torn write and nothing says it was acknowledged. A vote
+//! kept only in a damaged record is forgotten the same way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chatlog_storage::Engine;
+use tokio::sync::watch;
+
+use crate::codec;
+use crate::ids::{self, raft_index};
+use crate::types::{GroupId, Vote};
+
+/// Meta key of a group's Raft log: the Raft index its entries were durable through when
+/// the batch carrying it was built (`u64` little-endian).
+pub const META_SYNCED: &[u8] = b"synced";
+
+/// Encodes a marker value.
+pub fn encode_synced(index: u64) -> [u8; 8] {
+    index.to_le_bytes()
+}
+
+/// Decodes a marker value; `None` if it is not 8 bytes (never written so by this code).
+pub fn decode_synced(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// Why a replica's log is damaged and what it must hold again before it votes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDamage {
+    /// The group.
+    pub group: GroupId,
+    /// The log held entries through this index (or was purged through it) at open.
+    pub held_index: u64,
+    /// The replica had made entries durable through this index: it takes no part in
+    /// elections and serves no reads until its log holds it again.
+    pub required_index: u64,
+    /// Where the damage was found (segment file and offset, or the marker).
+    pub detail: String,
+}
+
+impl std::fmt::Display for LogDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "group {}: log damaged: holds through index {} but had made {} durable ({})",
+            self.group, self.held_index, self.required_index, self.detail
+        )
+    }
+}
+
+/// What [`detect`] found, beyond the damage: a vote the dropped records held.
+#[derive(Debug, Default)]
+pub struct Detected {
+    /// The damage, if any.
+    pub damage: Option<LogDamage>,
+    /// The vote the dropped records of the engine's damage cut last wrote for this log
+    /// (they passed their checks, so it was durable): the log store saves it again, so the
+    /// replica never forgets a vote that survives there.
+    pub dropped_vote: Option<Vote>,
+}
+
+/// Decides at open whether group `group`'s log lost durable entries. `held` is the last
+/// index the log holds (or is purged through), `synced` the surviving marker.
+pub fn detect(engine: &Engine, group: GroupId, held: Option<u64>, synced: Option<u64>) -> Detected {
+    let Some(log) = ids::raft_log(group) else {
+        return Detected::default();
+    };
+    let held = held.unwrap_or(0);
+    let mut out = Detected::default();
+    let mut required = synced.unwrap_or(0);
+    let mut detail = format!("its \"synced\" marker says {required}");
+    if let Some(cut) = engine.damage()
+        && let Some(dropped) = cut.logs.get(&log)
+    {
+        let appended = dropped.last_index.map(raft_index).unwrap_or(0);
+        let marker = dropped
+            .meta
+            .get(META_SYNCED)
+            .and_then(|v| v.as_deref())
+            .and_then(decode_synced)
+            .unwrap_or(0);
+        let committed = dropped
+            .meta
+            .get(ids::META_COMMITTED)
+            .and_then(|v| v.as_deref())
+            .and_then(|b| codec::decode_log_id(b).ok())
+            .map_or(0, |c| c.index);
+        out.dropped_vote = dropped
+            .meta
+            .get(ids::META_VOTE)
+            .and_then(|v| v.as_deref())
+            .and_then(|b| codec::decode_vote(b).ok());
+        let from_cut = appended.max(marker).max(committed);
+        if from_cut > required {
+            required = from_cut;
+            detail = format!(
+                "segment {} offset {}: {}; records dropped after it held this log through \
+                 index {appended}, marker {marker}, committed {committed}",
+                cut.path.display(),
+                cut.offset,
+                cut.detail
+            );
+        }
+    }
+    if required > held {
+        out.damage = Some(LogDamage {
+            group,
+            held_index: held,
+            required_index: required,
+            detail,
+        });
+    }
+    out
+}
+
+/// One replica's repair status: damaged (with what it must hold again) or sound.
+#[derive(Debug)]
+pub struct RepairStatus {
+    /// Fast path for the write path: false once sound.
+    damaged: AtomicBool,
+    /// The damage while it lasts; `None` once repaired (or never damaged).
+    damage: watch::Sender<Option<LogDamage>>,
+}
+
+impl Default for RepairStatus {
+    fn default() -> RepairStatus {
+        RepairStatus::new(None)
+    }
+}
+
+impl RepairStatus {
+    /// A status starting damaged (`Some`) or sound.
+    pub fn new(damage: Option<LogDamage>) -> RepairStatus {
+        RepairStatus {
+            damaged: AtomicBool::new(damage.is_some()),
+            damage: watch::channel(damage).0,
+        }
+    }
+
+    /// Whether the replica is still repairing a damaged log.
+    pub fn is_repairing(&self) -> bool {
+        self.damaged.load(Ordering::Acquire)
+    }
+
+    /// The damage while it lasts.
+    pub fn damage(&self) -> Option<LogDamage> {
+        self.damage.borrow().clone()
+    }
+
+    /// A receiver that sees the damage cleared.
+    pub fn subscribe(&self) -> watch::Receiver<Option<LogDamage>> {
+        self.damage.subscribe()
+    }
+
+    /// The log is durable through `index`: clears the damage once that reaches the
+    /// required index. Called from the engine's durable callbacks, so it only takes a
+    /// lock and logs.
+    pub fn note_durable(&self, index: u64) {
+        if !self.is_repairing() {
+            return;
+        }
+        let mut repaired = None;
+        self.damage.send_if_modified(|d| match d {
+            Some(dmg) if index >= dmg.required_index => {
+                repaired = d.take();
+                true
+            }
+            _ => false,
+        });
+        if let Some(dmg) = repaired {
+            self.damaged.store(false, Ordering::Release);
+            tracing::warn!(
+                group = dmg.group,
+                durable_index = index,
+                required_index = dmg.required_index,
+                status = "repaired",
+                "damaged log repaired from the leader: the replica votes, campaigns and \
+                 serves reads again"
+            );
+        }
+    }
+}
+
+/// Vote and pre-vote requests refused by damaged replicas of this node since start (a
+/// process-wide count: the status page and tests read it).
+static VOTES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Vote, pre-vote and leader-transfer requests this process refused because the
+/// replica asked was repairing a damaged log.
+pub fn votes_refused() -> u64 {
+    VOTES_REFUSED.load(Ordering::Relaxed)
+}
+
+/// Counts and logs one refused vote (the peer server calls it).
+pub fn note_vote_refused(group: GroupId, from: u64, refusal: &str) {
+    VOTES_REFUSED.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(group, from, status = "repairing", "{refusal}");
+}
+
+/// Turns elections back on for `raft` once its log is repaired (or never, if the group
+/// stops first).
+pub async fn resume_elections_when_repaired(
+    raft: crate::ChatRaft,
+    mut damage: watch::Receiver<Option<LogDamage>>,
+) {
+    if damage.wait_for(|d| d.is_none()).await.is_ok() {
+        raft.runtime_config().elect(true);
+    }
+}
