@@ -80,6 +80,9 @@ struct GroupLog {
     /// Shared with the engine's durable callbacks, which must not hold the engine: the
     /// last handle of an engine dropped on its own I/O thread would join itself.
     state: Arc<Mutex<State>>,
+    /// Issue 9: held by the marker writer from computing a marker to queuing it, and by
+    /// truncations, so a marker computed before a truncation never lands after it.
+    marker_order: tokio::sync::Mutex<()>,
 }
 
 /// What readers and writers agree on. Updated when an operation is submitted; the engine
@@ -113,6 +116,8 @@ struct State {
     repair: Arc<crate::repair::RepairStatus>,
     /// A vote recovered from records the engine cut as damaged, not yet saved again.
     vote_unsaved: bool,
+    /// Wakes the marker writer ([`write_markers`]) after a flush.
+    marker_wake: Arc<tokio::sync::Notify>,
     // ---- end issue 9 ----
 }
 
@@ -212,6 +217,7 @@ impl LogStore {
             log,
             engine,
             state: Arc::default(),
+            marker_order: tokio::sync::Mutex::new(()),
         };
         if let Some(bounds) = shared.engine.bounds(log)
             && let Some(last) = bounds.last()
@@ -230,10 +236,14 @@ impl LogStore {
             }
         }
         open_check(&shared.engine, group, log, &mut state)?;
+        let wake = Arc::clone(&state.marker_wake);
         *shared.lock() = state;
-        Ok(LogStore {
-            shared: Arc::new(shared),
-        })
+        let shared = Arc::new(shared);
+        // Issue 9: without a runtime (tools that only read the log) no marker is written.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(write_markers(Arc::downgrade(&shared), wake));
+        }
+        Ok(LogStore { shared })
     }
 
     /// The group this log belongs to.
@@ -607,6 +617,7 @@ impl GroupLog {
     }
 
     async fn truncate_after(&self, keep: Option<LogId>) -> Result<()> {
+        let _order = self.marker_order.lock().await;
         let lowered_marker;
         let keep_engine = {
             let mut st = self.lock();
@@ -792,9 +803,46 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     while st.unflushed.front().is_some_and(|u| u.batch <= batch) {
         st.unflushed.pop_front();
     }
-    // Issue 9: a damaged replica is repaired once durable through the required index.
+    // Issue 9: a damaged replica is repaired once durable through the required index;
+    // the marker writer vouches for what just became durable.
     if st.repair.is_repairing() {
         st.repair.note_durable(st.durable_through());
+    }
+    st.marker_wake.notify_one();
+}
+
+/// Issue 9: after each flush of a group's appends, writes a small batch carrying the
+/// "synced through" marker (`repair::META_SYNCED`) unless a later batch already carried
+/// it, so the record holding a group's last entries is followed by one that vouches for
+/// them within one group commit, also when the group goes idle. Ends when the log is
+/// dropped. The batch is not awaited for durability (a lost marker only narrows what
+/// detection can see).
+async fn write_markers(log: std::sync::Weak<GroupLog>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(log) = log.upgrade() else {
+            return;
+        };
+        let _order = log.marker_order.lock().await;
+        let Some(marker) = log.lock().next_marker() else {
+            continue;
+        };
+        let mut batch = WriteBatch::new();
+        batch.put_meta(log.log, crate::repair::META_SYNCED, &marker);
+        let on_durable: Durable = Box::new(|_: chatlog_storage::Result<()>| {});
+        if log.engine.submit(&batch, on_durable).await.is_err() {
+            // The engine stopped; the group stops with it.
+            return;
+        }
+    }
+}
+
+impl Drop for GroupLog {
+    fn drop(&mut self) {
+        // Lets the marker writer see the log is gone.
+        if let Ok(st) = self.state.lock() {
+            st.marker_wake.notify_one();
+        }
     }
 }
 

@@ -768,14 +768,8 @@ where
         Arc::clone(&commit_latency),
     ));
     tokio::spawn(log_leadership(g, node_id, raft.server_metrics()));
-    if repair.is_repairing() {
-        // Issue 9: no campaigning until the leader has sent back what the log lost.
-        raft.runtime_config().elect(false);
-        tokio::spawn(crate::repair::resume_elections_when_repaired(
-            raft.clone(),
-            repair.subscribe(),
-        ));
-    }
+    // Issue 9: no campaigning until the leader has sent back what the log lost.
+    crate::repair::hold_elections_while_repairing(&raft, &repair);
     let secret_erased = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let secret_eraser = Arc::new(
         tokio::spawn(crate::secret_log::run_eraser(

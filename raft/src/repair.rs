@@ -235,3 +235,16 @@ pub async fn resume_elections_when_repaired(
         raft.runtime_config().elect(true);
     }
 }
+
+/// Keeps a damaged replica's `raft` from campaigning until `status` says it is repaired
+/// (openraft's runtime `elect` switch); does nothing for a sound one. Call right after
+/// `Raft::new`.
+pub fn hold_elections_while_repairing(raft: &crate::ChatRaft, status: &RepairStatus) {
+    if status.is_repairing() {
+        raft.runtime_config().elect(false);
+        tokio::spawn(resume_elections_when_repaired(
+            raft.clone(),
+            status.subscribe(),
+        ));
+    }
+}
