@@ -27,8 +27,21 @@ fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
 /// the store must be dropped first.
 fn close(engine: Arc<Engine>, store: LogStore) {
     drop(store);
-    let engine = Arc::try_unwrap(engine).expect("the store held the only other handle");
+    let engine = only_handle(engine).expect("the store held the only other handle");
     engine.close().expect("engine closes cleanly");
+}
+
+/// The engine once no log store holds it: a dropped store's "synced" marker writer
+/// (`chatlog_raft::repair`) lets go of it when it next runs (on another worker thread).
+fn only_handle(mut engine: Arc<Engine>) -> Result<Engine, Arc<Engine>> {
+    for _ in 0..500 {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => return Ok(e),
+            Err(shared) => engine = shared,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(engine)
 }
 
 fn normal(term: u64, index: u64, body: &str) -> Entry {

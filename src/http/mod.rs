@@ -365,6 +365,10 @@ async fn status_json(ctx: &Ctx) -> Value {
             "sync_latency_p99_s": status::p99_json(&stats.sync_latency),
         },
         "nodes": nodes,
+        // Issue 9: what recovery cut as damaged at start, and votes refused since while
+        // a replica repaired (`chatlog_raft::repair`).
+        "storage_damage": ctx.node.engine().damage().map(|d| d.to_string()),
+        "votes_refused_while_repairing": chatlog_raft::repair::votes_refused(),
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),
         "summary": summary,
         "placement": cluster::placement_json(&placement),

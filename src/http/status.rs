@@ -123,6 +123,9 @@ pub struct GroupView {
     /// Proposals waiting for this replica's batcher.
     pub proposal_queue_len: usize,
     // ---- end ops metrics ----
+    /// Issue 9: why this replica's log is damaged while it repairs from the leader (it
+    /// grants no votes, does not campaign, serves no reads); `None` when sound.
+    pub damage: Option<chatlog_raft::repair::LogDamage>,
 }
 
 /// Entries up to and including `index`: `None` (empty) is 0.
@@ -180,6 +183,7 @@ impl GroupView {
             disk_bytes: group.disk_bytes_estimate(),
             commit_latency: group.commit_latency().snapshot(),
             proposal_queue_len: group.proposal_queue_len(),
+            damage: group.repair_status().damage(),
         }
     }
 
@@ -214,6 +218,12 @@ impl GroupView {
             "disk_bytes": self.disk_bytes,
             // The upper bucket bound in seconds; null before the first entry led here.
             "commit_latency_p99_s": p99_json(&self.commit_latency),
+            // Issue 9: "sound", or "repairing" with what the log must hold again.
+            "repair": match &self.damage {
+                None => json!({"status": "sound"}),
+                Some(d) => json!({"status": "repairing", "held_index": d.held_index,
+                                  "required_index": d.required_index, "detail": d.detail}),
+            },
         })
     }
 }

@@ -233,6 +233,15 @@ impl ChatService {
     /// is future work).
     fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
+        // Issue 9: a damaged replica repairing from the leader serves no reads.
+        if let Some(damage) = self.node.group(g).and_then(|r| r.repair_status().damage()) {
+            let mut e = error(
+                ErrorCode::Unavailable,
+                format!("{what} {id}: this node's replica of group {g} is repairing: {damage}"),
+            );
+            e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
+            return Err(e);
+        }
         self.node.serving_group(g).ok_or_else(|| {
             let hosts: Vec<String> = self
                 .node

@@ -1,0 +1,407 @@
+//! Black-box (issue 9): a replica whose newest segment file holds a bit flip in the last
+//! record of its Raft log's entries — entries it had acknowledged, vouched for by a later
+//! "synced" marker — must not forget them silently, must take no part in elections until
+//! it has them back from the leader, must serve no reads of the chat meanwhile, and must
+//! end identical to its peers.
+//!
+//! Three real `chatlog serve` processes on 127.0.0.1. Posts to one chat (acknowledged,
+//! recorded for the history checkers); once the victim (a follower of the chat's group)
+//! has written a record vouching for its last entry, the victim AND the group's leader
+//! are SIGKILLed, one byte of the victim's record holding that entry is flipped, and the
+//! victim restarts next to the third node alone. Without the repair rule the victim would
+//! have granted the third node its vote on a shorter log; with it, the group stays
+//! without a leader (the victim refuses votes and does not campaign: asserted through
+//! `/admin/status`). Then the old leader restarts, the victim is repaired from the
+//! leader, and every node serves the same chat log (byte-identical protobuf events)
+//! holding every acknowledged post once at its seq (all history checkers).
+//!
+//! The seed (the victim when there is a choice) is printed; `CHATLOG_TEST_SEED` repeats.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+#[path = "common/history.rs"]
+mod history;
+#[path = "common/load.rs"]
+mod load;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chatlog::http::client::request;
+use chatlog_raft::chat::group_of;
+use chatlog_storage::format::{
+    BatchBody, OpKind, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES,
+    SegmentHeader, decode_body,
+};
+use chatlog_wire::proto::v1;
+use cluster::{Cluster, Options, full_history, send_request};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// Longest anything that needs an election or a catch-up may take.
+const WAIT: Duration = Duration::from_secs(60);
+/// Posts acknowledged before the fault.
+const POSTS: u64 = 30;
+/// How long the damaged replica and the third node are left alone: many election
+/// timeouts (heartbeat 100 ms, elections after 400–800 ms).
+const LEADERLESS_FOR: Duration = Duration::from_secs(3);
+
+/// `GET /admin/status` of a node, as JSON.
+async fn status(http: &str) -> Value {
+    let r = request(http, "GET", "/admin/status", None, None, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("status of {http}: {e}"));
+    assert_eq!(r.status, 200, "status of {http}");
+    serde_json::from_slice(&r.body).expect("status JSON")
+}
+
+/// The JSON of group `g` in a status.
+fn group_json(status: &Value, g: u64) -> Value {
+    status["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .find(|v| v["id"] == g)
+        .cloned()
+        .unwrap_or_else(|| panic!("group {g} in {status}"))
+}
+
+/// A record of a segment file: offset, length, the highest index of `log` it appends (if
+/// any), and the value of `log`'s "synced" marker it writes (if any).
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    offset: usize,
+    len: usize,
+    appends_through: Option<u64>,
+    synced: Option<u64>,
+}
+
+/// The valid records of the newest segment file in `dir` that holds any.
+fn newest_records(dir: &Path, log: u64) -> Option<(PathBuf, Vec<Record>)> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    for path in segments.into_iter().rev() {
+        let bytes = std::fs::read(&path).ok()?;
+        let Ok(head) = SegmentHeader::decode(&bytes) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        let mut at = SEGMENT_HEADER_BYTES;
+        while let Some(h) = bytes
+            .get(at..)
+            .and_then(|b| RecordHeader::decode(head.salt, b))
+        {
+            let start = at + RECORD_HEADER_BYTES;
+            let Some(body) = bytes.get(start..start + h.body_len as usize) else {
+                break;
+            };
+            let mut rec = Record {
+                offset: at,
+                len: h.record_bytes(),
+                appends_through: None,
+                synced: None,
+            };
+            if h.kind == RECORD_KIND_BATCH
+                && let Ok(raw) = decode_body(&h, bytes::Bytes::copy_from_slice(body))
+                && let Ok(b) = BatchBody::parse(raw)
+            {
+                for k in 0..b.op_count() {
+                    let op = b.op(k);
+                    if op.log_id != log {
+                        continue;
+                    }
+                    match op.kind {
+                        OpKind::Append if op.count > 0 => {
+                            // Engine index i + 1 holds Raft index i.
+                            rec.appends_through = Some(op.index + u64::from(op.count) - 2);
+                        }
+                        OpKind::PutMeta => {
+                            let (key, value) = b.meta(&op);
+                            if &key[..] == chatlog_raft::repair::META_SYNCED {
+                                rec.synced = chatlog_raft::repair::decode_synced(&value);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            out.push(rec);
+            at += h.record_bytes();
+        }
+        if !out.is_empty() {
+            return Some((path, out));
+        }
+    }
+    None
+}
+
+/// The record holding `log`'s entry `index` and, later in the same file, a record whose
+/// marker vouches for it.
+fn vouched_record(dir: &Path, log: u64, index: u64) -> Option<(PathBuf, Record)> {
+    let (path, recs) = newest_records(dir, log)?;
+    let k = recs
+        .iter()
+        .rposition(|r| r.appends_through.is_some_and(|i| i >= index))?;
+    recs[k + 1..]
+        .iter()
+        .any(|r| r.synced.is_some_and(|s| s >= index))
+        .then(|| (path, recs[k]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            groups: 2,
+            http: true,
+            ..Options::default()
+        })
+    });
+    let c1 = cluster::connect_with(
+        &cluster.addr(1),
+        cluster::client_options(None, Duration::from_secs(5), 2),
+    )
+    .await;
+    let (alice, token) = cluster::create_and_login(&c1, "alice", "dev").await;
+    let clients = {
+        let mut v = Vec::new();
+        for id in 1..=3 {
+            v.push(
+                cluster::connect_with(
+                    &cluster.addr(id),
+                    cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+                )
+                .await,
+            );
+        }
+        v
+    };
+    let deadline = Instant::now() + WAIT;
+    let chat = loop {
+        match clients[0]
+            .create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "damage".into(),
+                member_ids: vec![],
+            })
+            .await
+        {
+            Ok(r) => break r.chat_id,
+            Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("chat created: {e}"),
+        }
+    };
+    let g = group_of(chat);
+    let log = chatlog_raft::ids::raft_log(g).expect("a group log");
+    let hist = history::History::default();
+
+    // Posts, each acknowledged, retried with the same client message id on another node.
+    let post = |n: u64, tag: &'static str| {
+        let hist = &hist;
+        let clients = &clients;
+        async move {
+            let text = format!("{tag}:{n}");
+            let cmid = n + 1;
+            let invoked = hist.tick();
+            let deadline = Instant::now() + WAIT;
+            let mut at = n as usize;
+            let seq = loop {
+                match clients[at % 3]
+                    .send_message(send_request(chat, cmid, &text))
+                    .await
+                {
+                    Ok(r) => break r.seq,
+                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("post {n}: {e}"),
+                }
+            };
+            hist.record_send(history::Send {
+                chat,
+                sender: alice,
+                cmid,
+                text,
+                outcome: history::Outcome::Acked { seq },
+                invoked,
+                completed: hist.tick(),
+            });
+        }
+    };
+    for n in 0..POSTS {
+        post(n, "before").await;
+    }
+
+    // The leader, a victim among the followers, the third node.
+    let (leader, _) = tokio::task::block_in_place(|| cluster.leader(g, 0));
+    let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    let third = cluster
+        .ids()
+        .find(|n| *n != leader && *n != victim)
+        .expect("a third node");
+    eprintln!("chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}");
+
+    // Wait until the victim holds the leader's last entry and a record vouches for it.
+    let leader_last = group_json(&status(&cluster.http_addr(leader)).await, g)["last_log_index"]
+        .as_u64()
+        .expect("leader's last index");
+    let deadline = Instant::now() + WAIT;
+    let (path, record) = loop {
+        let last = group_json(&status(&cluster.http_addr(victim)).await, g)["last_log_index"]
+            .as_u64()
+            .unwrap_or(0);
+        if last >= leader_last
+            && let Some(found) = vouched_record(&cluster.dir(victim), log, last)
+        {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no vouched record on node {victim}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.kill(victim);
+    cluster.kill(leader);
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    let at = record.offset + RECORD_HEADER_BYTES + (record.len - RECORD_HEADER_BYTES) / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write segment");
+    eprintln!(
+        "flipped byte {at} of {} (record at {} holding group {g}'s entries through {:?})",
+        path.display(),
+        record.offset,
+        record.appends_through
+    );
+
+    // The victim restarts next to the third node alone. (It announces its client address
+    // only after waiting for leaders, which the damaged group will not get.)
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart(victim));
+    let wait_more = LEADERLESS_FOR.saturating_sub(started.elapsed());
+    tokio::time::sleep(wait_more).await;
+    let v = status(&cluster.http_addr(victim)).await;
+    eprintln!(
+        "victim status: storage_damage {}, votes refused {}, group {g}: {}",
+        v["storage_damage"],
+        v["votes_refused_while_repairing"],
+        group_json(&v, g)
+    );
+    assert!(
+        v["storage_damage"].as_str().is_some_and(|d| d.contains(".seg")),
+        "the cut names the segment: {v}"
+    );
+    let gv = group_json(&v, g);
+    assert_eq!(gv["repair"]["status"], "repairing", "group {g} on the victim: {gv}");
+    assert!(
+        gv["repair"]["required_index"].as_u64() > gv["repair"]["held_index"].as_u64(),
+        "{gv}"
+    );
+    assert!(
+        v["votes_refused_while_repairing"].as_u64() > Some(0),
+        "the third node asked the victim for votes and was refused: {v}"
+    );
+    assert_ne!(gv["role"], "leader", "the damaged replica does not lead: {gv}");
+    let t = group_json(&status(&cluster.http_addr(third)).await, g);
+    assert!(
+        t["leader"].is_null() && t["role"] != "leader",
+        "no leader of group {g} while the only other replica is damaged: {t}"
+    );
+    // Reads of the chat through the damaged replica are refused, not answered short.
+    let victim_client = cluster::connect_with(
+        &cluster.addr(victim),
+        cluster::client_options(Some(token.clone()), Duration::from_secs(5), 0),
+    )
+    .await;
+    match victim_client
+        .history(v1::HistoryRequest {
+            chat_id: chat,
+            from_seq: 1,
+            direction: v1::Direction::Forward.into(),
+            limit: 100,
+        })
+        .await
+    {
+        Err(e) => {
+            assert_eq!(e.code(), Some(v1::ErrorCode::Unavailable), "{e}");
+            assert!(e.to_string().contains("repairing"), "{e}");
+        }
+        Ok(page) => panic!("the damaged replica served {} events", page.events.len()),
+    }
+
+    // The old leader returns; a leader is elected without the victim's vote and repairs it.
+    tokio::task::block_in_place(|| cluster.restart(leader));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let gv = group_json(&status(&cluster.http_addr(victim)).await, g);
+        if gv["repair"]["status"] == "sound" {
+            eprintln!("victim repaired: {gv}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still repairing: {gv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in POSTS..POSTS + 5 {
+        post(n, "after").await;
+    }
+
+    // Every node serves the same log, byte for byte, holding every acknowledged post.
+    let last_acked = hist
+        .sends
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|s| match s.outcome {
+            history::Outcome::Acked { seq } => Some(seq),
+            _ => None,
+        })
+        .max()
+        .expect("acknowledged posts");
+    let mut logs = Vec::new();
+    for id in cluster.ids() {
+        let client = cluster::connect_with(
+            &cluster.addr(id),
+            cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+        )
+        .await;
+        // Wait until this node has applied the last acknowledged post.
+        let deadline = Instant::now() + WAIT;
+        let events = loop {
+            let events = full_history(&client, chat, WAIT).await;
+            if events.last().map_or(0, |e| e.seq) >= last_acked || Instant::now() > deadline {
+                break events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        hist.record_log(id, chat, load::to_history_events(&events));
+        logs.push((
+            id,
+            events.iter().map(|e| e.encode_to_vec()).collect::<Vec<_>>(),
+        ));
+    }
+    for (id, log) in &logs[1..] {
+        assert!(
+            *log == logs[0].1,
+            "node {id} serves other bytes than node {}",
+            logs[0].0
+        );
+    }
+    let mut failed = Vec::new();
+    for (property, violations) in history::check_all(&hist) {
+        for v in violations.iter().take(10) {
+            eprintln!("VIOLATION {property}: {v}");
+        }
+        if !violations.is_empty() {
+            failed.push(property);
+        }
+    }
+    assert!(failed.is_empty(), "seed {seed}: violated {failed:?}");
+}
