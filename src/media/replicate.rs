@@ -398,6 +398,11 @@ impl GroupDirectory for MediaDirectory {
         self.inner.raft(group)
     }
 
+    // Issue 9: a damaged replica's vote refusal must reach the peer server.
+    fn vote_refusal(&self, group: GroupId) -> Option<String> {
+        self.inner.vote_refusal(group)
+    }
+
     fn propose(
         &self,
         group: GroupId,

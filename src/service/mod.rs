@@ -226,6 +226,18 @@ impl ChatService {
         Ok(g)
     }
 
+    /// Issue 9: `UNAVAILABLE` when this node's replica of group `g` is repairing a damaged
+    /// log (it serves no reads until the leader sent back what it lost).
+    fn repairing(&self, g: GroupId, id: u64, what: &str) -> Option<v1::Error> {
+        let damage = self.node.group(g)?.repair_status().damage()?;
+        let mut e = error(
+            ErrorCode::Unavailable,
+            format!("{what} {id}: this node's replica of group {g} is repairing: {damage}"),
+        );
+        e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
+        Some(e)
+    }
+
     /// The local replica of the group owning id `id` (a user or chat id), for reads.
     /// Writes go through [`ChatService::propose`], which forwards to the group's leader
     /// on any node; reads need a local replica: a node without one answers
@@ -233,13 +245,7 @@ impl ChatService {
     /// is future work).
     fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
-        // Issue 9: a damaged replica repairing from the leader serves no reads.
-        if let Some(damage) = self.node.group(g).and_then(|r| r.repair_status().damage()) {
-            let mut e = error(
-                ErrorCode::Unavailable,
-                format!("{what} {id}: this node's replica of group {g} is repairing: {damage}"),
-            );
-            e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
+        if let Some(e) = self.repairing(g, id, what) {
             return Err(e);
         }
         self.node.serving_group(g).ok_or_else(|| {
@@ -1324,6 +1330,10 @@ impl Service for ChatService {
             .split_once('.')
             .and_then(|(u, _)| u.parse().ok())
             .ok_or_else(bad_token)?;
+        // Issue 9: a repairing replica cannot tell a good token from a bad one.
+        if let Some(e) = self.repairing(group_of(user), user, "user") {
+            return Err(e);
+        }
         let group = &self.group_for(user, "user").map_err(|_| bad_token())?;
         let session = group
             .shared()

@@ -99,7 +99,7 @@ pub trait GroupDirectory: Send + Sync + 'static {
 
     /// Issue 9: why the local replica of `group` must not grant votes (or take a
     /// leadership handed to it) now — its log is damaged and repairing — or `None`.
-    /// This default never refuses.
+    /// This default never refuses: a directory wrapping another must delegate it.
     fn vote_refusal(&self, group: GroupId) -> Option<String> {
         let _ = group;
         None
