@@ -49,9 +49,16 @@ const LEADERLESS_FOR: Duration = Duration::from_secs(3);
 
 /// `GET /admin/status` of a node, as JSON.
 async fn status(http: &str) -> Value {
-    let r = request(http, "GET", "/admin/status", None, None, Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|e| panic!("status of {http}: {e}"));
+    let r = request(
+        http,
+        "GET",
+        "/admin/status",
+        None,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("status of {http}: {e}"));
     assert_eq!(r.status, 200, "status of {http}");
     serde_json::from_slice(&r.body).expect("status JSON")
 }
@@ -290,7 +297,10 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         {
             break found;
         }
-        assert!(Instant::now() < deadline, "no vouched record on node {victim}");
+        assert!(
+            Instant::now() < deadline,
+            "no vouched record on node {victim}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(
@@ -325,11 +335,16 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         group_json(&v, g)
     );
     assert!(
-        v["storage_damage"].as_str().is_some_and(|d| d.contains(".seg")),
+        v["storage_damage"]
+            .as_str()
+            .is_some_and(|d| d.contains(".seg")),
         "the cut names the segment: {v}"
     );
     let gv = group_json(&v, g);
-    assert_eq!(gv["repair"]["status"], "repairing", "group {g} on the victim: {gv}");
+    assert_eq!(
+        gv["repair"]["status"], "repairing",
+        "group {g} on the victim: {gv}"
+    );
     assert!(
         gv["repair"]["required_index"].as_u64() > gv["repair"]["held_index"].as_u64(),
         "{gv}"
@@ -338,7 +353,10 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         v["votes_refused_while_repairing"].as_u64() > Some(0),
         "the third node asked the victim for votes and was refused: {v}"
     );
-    assert_ne!(gv["role"], "leader", "the damaged replica does not lead: {gv}");
+    assert_ne!(
+        gv["role"], "leader",
+        "the damaged replica does not lead: {gv}"
+    );
     let t = group_json(&status(&cluster.http_addr(third)).await, g);
     // (A follower keeps naming the last leader it heard of, the killed one.)
     assert!(
@@ -368,7 +386,11 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         },
     };
     eprintln!("read through the victim: {refused}");
-    assert_eq!(refused.code(), Some(v1::ErrorCode::Unavailable), "{refused}");
+    assert_eq!(
+        refused.code(),
+        Some(v1::ErrorCode::Unavailable),
+        "{refused}"
+    );
     assert!(refused.to_string().contains("repairing"), "{refused}");
 
     // The old leader returns; a leader is elected without the victim's vote and repairs it.

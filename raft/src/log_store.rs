@@ -760,10 +760,12 @@ fn open_check(
 ) -> Result<()> {
     let synced = match engine.meta(log, crate::repair::META_SYNCED) {
         None => None,
-        Some(b) => Some(crate::repair::decode_synced(&b).ok_or_else(|| Error::Inconsistent {
-            group,
-            detail: format!("the \"synced\" marker is {} bytes, not 8", b.len()),
-        })?),
+        Some(b) => Some(
+            crate::repair::decode_synced(&b).ok_or_else(|| Error::Inconsistent {
+                group,
+                detail: format!("the \"synced\" marker is {} bytes, not 8", b.len()),
+            })?,
+        ),
     };
     st.synced_written = synced.unwrap_or(0);
     let held = st.last.map(|l| l.index).max(st.purged.map(|p| p.index));

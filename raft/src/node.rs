@@ -655,7 +655,9 @@ impl crate::network::GroupDirectory for GroupRegistry {
 
     fn vote_refusal(&self, group: GroupId) -> Option<String> {
         let damage = self.group(group)?.repair.damage()?;
-        Some(format!("refusing to vote: {damage}; repairing from the leader"))
+        Some(format!(
+            "refusing to vote: {damage}; repairing from the leader"
+        ))
     }
 
     /// Forwarded commands go through the group's batcher, like local clients' commands.

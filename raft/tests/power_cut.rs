@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::command::DecodedBatch;
 use chatlog_raft::chat::{Batch, ChatKind, Command, Outcome};
+use chatlog_raft::repair::{RepairStatus, hold_elections_while_repairing};
 use chatlog_raft::state_machine::{GroupShared, SmConfig};
 use chatlog_raft::types::EntryPayload;
 use chatlog_raft::{
@@ -32,7 +33,6 @@ use chatlog_raft::{
     NodeIdentity, Router, serve,
 };
 use chatlog_storage::fault::{FaultyFileSystem, PowerCut, PowerCutReport};
-use chatlog_raft::repair::{RepairStatus, hold_elections_while_repairing};
 use chatlog_storage::{Config as EngineConfig, Engine, RecoveryMode};
 use history::{Event, History, Send};
 use openraft::Config;
@@ -180,7 +180,11 @@ impl TestNode {
                 .await
                 .map_err(|e| format!("node {id} group {group}: raft does not start: {e}"))?;
             hold_elections_while_repairing(&raft, &repair);
-            directory.repairs.lock().expect("lock").insert(group, repair);
+            directory
+                .repairs
+                .lock()
+                .expect("lock")
+                .insert(group, repair);
             directory.rafts.lock().expect("lock").insert(group, raft);
         }
         let addr = listener.local_addr().expect("local addr");
@@ -811,7 +815,9 @@ fn damage(dir: &Path, how: Damage) -> String {
             let at = (offset + 40 + (len - 40) / 2) as usize;
             bytes[at] ^= 0x10;
         }
-        Damage::FlipInLastRecord | Damage::FlipInEarlierRecord | Damage::FlipInLastAppendVouched => {
+        Damage::FlipInLastRecord
+        | Damage::FlipInEarlierRecord
+        | Damage::FlipInLastAppendVouched => {
             // Inside the body, past the 40-byte header.
             let at = (offset + 40 + (len - 40) / 2) as usize;
             bytes[at] ^= 0x10;
@@ -924,7 +930,10 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
             };
             let deadline = Instant::now() + WAIT;
             while !vouched() {
-                assert!(Instant::now() < deadline, "seed={seed}: no marker for group {g}");
+                assert!(
+                    Instant::now() < deadline,
+                    "seed={seed}: no marker for group {g}"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -971,7 +980,10 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                      repairing groups {repairing_at_start:?}",
                     node.engine.damage().map(|d| d.to_string())
                 );
-                if matches!(how, Damage::FlipInLastAppendVouched | Damage::FlipInEarlierRecord) {
+                if matches!(
+                    how,
+                    Damage::FlipInLastAppendVouched | Damage::FlipInEarlierRecord
+                ) {
                     assert!(
                         node.engine.damage().is_some(),
                         "seed={seed}: {what}: a flip followed by later writes is cut as damage"

@@ -274,7 +274,13 @@ fn replay_segment(
         let Some(header) = seg.header_at(offset)? else {
             check_not_truncated(seg, offset, None)?;
             let damage = check_tail(config, seg, offset, None, None)?;
-            return Ok((SegmentEnd::Open { end: offset, damage }, records));
+            return Ok((
+                SegmentEnd::Open {
+                    end: offset,
+                    damage,
+                },
+                records,
+            ));
         };
         if header.record_seq != *expected_seq {
             return Err(Error::corruption(
@@ -292,7 +298,13 @@ fn replay_segment(
                 check_not_truncated(seg, offset, Some(&header))?;
                 let next = offset + header.record_bytes() as u64;
                 let damage = check_tail(config, seg, offset, Some(e), Some(next))?;
-                return Ok((SegmentEnd::Open { end: offset, damage }, records));
+                return Ok((
+                    SegmentEnd::Open {
+                        end: offset,
+                        damage,
+                    },
+                    records,
+                ));
             }
             Err(e) => return Err(e),
         };
