@@ -883,8 +883,13 @@ impl Node {
             engine_config.segment_bytes = s;
         }
         // Issue 9: damage in the newest segment is cut and repaired from peers
-        // (`crate::repair`) instead of stopping the node.
-        engine_config.recovery_mode = chatlog_storage::RecoveryMode::CutDamagedTail;
+        // (`crate::repair`) instead of stopping the node. Without peers to repair from
+        // (one replica per group) the open still refuses it, naming file and offset.
+        let has_peers = config.replicas > 1
+            && (config.members.len() > 1 || !config.members.contains(&config.node_id));
+        if has_peers {
+            engine_config.recovery_mode = chatlog_storage::RecoveryMode::CutDamagedTail;
+        }
         let engine = Arc::new(
             Engine::open(engine_config).map_err(|source| Error::Storage {
                 group: 0,
@@ -1008,6 +1013,9 @@ impl Node {
                 crate::ids::META_COMMITTED,
                 crate::ids::META_PURGED,
                 crate::ids::META_CHECKPOINT,
+                // Issue 9: a replica moved back here starts with an empty log, not a
+                // damaged one.
+                crate::repair::META_SYNCED,
             ] {
                 if self.engine.meta(log, key).is_some() {
                     batch.delete_meta(log, key);
