@@ -116,6 +116,8 @@ struct State {
     repair: Arc<crate::repair::RepairStatus>,
     /// A vote recovered from records the engine cut as damaged, not yet saved again.
     vote_unsaved: bool,
+    /// The required index of a damage found at open, not yet written as the marker.
+    marker_unsaved: bool,
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
     // ---- end issue 9 ----
@@ -257,18 +259,45 @@ impl LogStore {
         Arc::clone(&self.shared.lock().repair)
     }
 
-    /// Issue 9: saves again a vote that only records cut as damaged held, before openraft
-    /// starts on this log (a replica must never forget its vote).
-    pub async fn save_recovered_vote(&self) -> Result<()> {
-        let vote = {
+    /// Issue 9: makes what open found durable before openraft starts on this log: a vote
+    /// that only records cut as damaged held (a replica must never forget its vote), and
+    /// a damage's required index as the "synced" marker, so a crash before the repair
+    /// completes finds the log damaged again (the records that proved it are sealed off).
+    pub async fn persist_recovered_state(&self) -> Result<()> {
+        let (vote, marker) = {
             let st = self.shared.lock();
-            match (st.vote_unsaved, st.vote) {
-                (true, Some(v)) => v,
-                _ => return Ok(()),
-            }
+            let vote = st.vote.filter(|_| st.vote_unsaved);
+            let marker = st
+                .repair
+                .damage()
+                .filter(|_| st.marker_unsaved)
+                .map(|d| d.required_index);
+            (vote, marker)
         };
-        self.shared.save_vote(&vote).await?;
-        self.shared.lock().vote_unsaved = false;
+        if vote.is_none() && marker.is_none() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        if let Some(v) = &vote {
+            batch.put_meta(self.shared.log, ids::META_VOTE, &codec::encode_vote(v));
+        }
+        if let Some(m) = marker {
+            batch.put_meta(
+                self.shared.log,
+                crate::repair::META_SYNCED,
+                &crate::repair::encode_synced(m),
+            );
+        }
+        self.shared.engine.write(&batch).await.map_err(|source| {
+            self.shared.storage_err(
+                "saving",
+                format!("the recovered vote {vote:?} and marker {marker:?}"),
+                source,
+            )
+        })?;
+        let mut st = self.shared.lock();
+        st.vote_unsaved = false;
+        st.marker_unsaved = false;
         Ok(())
     }
 }
@@ -787,6 +816,8 @@ fn open_check(
              votes, does not campaign and serves no reads until the leader has sent them \
              back"
         );
+        st.marker_unsaved = damage.required_index > st.synced_written;
+        st.synced_written = st.synced_written.max(damage.required_index);
         st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
     }
     Ok(())

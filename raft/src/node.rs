@@ -748,7 +748,7 @@ where
         >,
 {
     let log_store = LogStore::open(Arc::clone(&engine), g)?;
-    log_store.save_recovered_vote().await?;
+    log_store.persist_recovered_state().await?;
     let repair = log_store.repair_status();
     let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?;
     let shared = sm.shared();

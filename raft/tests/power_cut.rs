@@ -160,10 +160,9 @@ impl TestNode {
         for group in GROUPS {
             let mut store = LogStore::open(Arc::clone(&engine), group)
                 .map_err(|e| format!("node {id} group {group}: the log does not open: {e}"))?;
-            store
-                .save_recovered_vote()
-                .await
-                .map_err(|e| format!("node {id} group {group}: the vote is not saved: {e}"))?;
+            store.persist_recovered_state().await.map_err(|e| {
+                format!("node {id} group {group}: the recovered state is not saved: {e}")
+            })?;
             let repair = store.repair_status();
             let reader = store.get_log_reader().await;
             let sm = ChatStateMachine::open(

@@ -99,7 +99,10 @@ fn a_flip_followed_by_later_writes_is_cut_reported_and_sealed_off() {
 
     let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
     let damage = engine.damage().expect("the cut is reported").clone();
-    assert_eq!((damage.path.as_path(), damage.offset), (seg.as_path(), victim));
+    assert_eq!(
+        (damage.path.as_path(), damage.offset),
+        (seg.as_path(), victim)
+    );
     assert!(damage.detail.contains("later write"), "{}", damage.detail);
     // Records 22..=30 (valid, dropped) appended through index 30 and set log 3's marker
     // to 30; the damaged record 21 itself is unknown.

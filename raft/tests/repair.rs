@@ -1,0 +1,166 @@
+//! Issue 9, a damaged replica's log at the log-store level (`chatlog_raft::repair`): a
+//! flipped byte in the record holding a group's last entries, with the "synced" marker
+//! and a newer vote written after it, is cut by the engine
+//! (`RecoveryMode::CutDamagedTail`); the store opens damaged (required index = what the
+//! dropped records vouched for), saves the vote the dropped records held, and stays
+//! damaged across a second restart before repair (the required index was made the
+//! marker); entries sent again make it sound, durably.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatlog_raft::repair::{META_SYNCED, decode_synced};
+use chatlog_raft::types::{Entry, EntryPayload, Vote, log_id};
+use chatlog_raft::{ChatBatch, GroupId, LogStore};
+use chatlog_storage::format::{
+    BatchBody, OpKind, RECORD_HEADER_BYTES, RecordHeader, SEGMENT_HEADER_BYTES, SegmentHeader,
+    decode_body,
+};
+use chatlog_storage::{Config, Engine, RecoveryMode};
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt};
+
+const GROUP: GroupId = 3;
+
+fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
+    let mut config = Config::new(dir);
+    config.segment_bytes = 1 << 20;
+    config.recovery_mode = RecoveryMode::CutDamagedTail;
+    let engine = Arc::new(Engine::open(config).expect("engine opens"));
+    let store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store opens");
+    (engine, store)
+}
+
+/// Drops the store and closes the engine once the store's marker writer let go of it.
+fn close(mut engine: Arc<Engine>, store: LogStore) {
+    drop(store);
+    for _ in 0..500 {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => return e.close().expect("engine closes"),
+            Err(shared) => engine = shared,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the engine is still shared");
+}
+
+fn entries(term: u64, indexes: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    indexes
+        .map(|i| Entry {
+            log_id: log_id(term, 1, i),
+            payload: EntryPayload::Normal(ChatBatch(Bytes::from(format!("t{term} i{i}")))),
+        })
+        .collect()
+}
+
+/// Offset of the last valid record in `path` that appends the group's Raft log entry
+/// `raft_index`, and its length.
+fn record_with(path: &Path, raft_index: u64) -> (usize, usize) {
+    let log = chatlog_raft::ids::raft_log(GROUP).expect("a log");
+    let engine_index = chatlog_raft::ids::engine_index(raft_index);
+    let bytes = std::fs::read(path).unwrap();
+    let salt = SegmentHeader::decode(&bytes).unwrap().salt;
+    let mut at = SEGMENT_HEADER_BYTES;
+    let mut found = None;
+    while let Some(h) = bytes.get(at..).and_then(|b| RecordHeader::decode(salt, b)) {
+        let start = at + RECORD_HEADER_BYTES;
+        let raw = decode_body(
+            &h,
+            Bytes::copy_from_slice(&bytes[start..start + h.body_len as usize]),
+        )
+        .unwrap();
+        if let Ok(body) = BatchBody::parse(raw) {
+            for k in 0..body.op_count() {
+                let op = body.op(k);
+                if op.kind == OpKind::Append
+                    && op.log_id == log
+                    && (op.index..op.index + u64::from(op.count)).contains(&engine_index)
+                {
+                    found = Some((at, h.record_bytes()));
+                }
+            }
+        }
+        at += h.record_bytes();
+    }
+    found.expect("a record holding the entry")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_keeps_its_vote_stays_damaged_until_repaired_and_then_is_sound() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = chatlog_raft::ids::raft_log(GROUP).expect("a log");
+    let newer_vote = Vote::new_committed(2, 1);
+    {
+        let (engine, mut store) = open(dir.path());
+        store.blocking_append(entries(1, 1..=10)).await.unwrap();
+        store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        store.blocking_append(entries(1, 11..=20)).await.unwrap();
+        store.save_vote(&newer_vote).await.unwrap();
+        // The marker writer vouches for entry 20 in a record of its own.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine
+            .meta(log, META_SYNCED)
+            .and_then(|b| decode_synced(&b))
+            < Some(20)
+        {
+            assert!(Instant::now() < deadline, "no marker for entry 20");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        close(engine, store);
+    }
+    let seg = dir.path().join(format!("{:016x}.seg", 1));
+    let (at, len) = record_with(&seg, 15);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[at + RECORD_HEADER_BYTES + (len - RECORD_HEADER_BYTES) / 2] ^= 0x08;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let held;
+    {
+        let (engine, mut store) = open(dir.path());
+        assert!(engine.damage().is_some(), "the flip is cut as damage");
+        let damage = store.repair_status().damage().expect("the log is damaged");
+        assert!(damage.required_index >= 20, "{damage}");
+        assert!(damage.held_index < 15, "{damage}");
+        assert!(damage.detail.contains(".seg"), "{damage}");
+        held = damage.held_index;
+        // The vote only the dropped records held is back.
+        let mut reader = store.get_log_reader().await;
+        assert_eq!(reader.read_vote().await.unwrap(), Some(newer_vote));
+        drop(reader);
+        store.persist_recovered_state().await.unwrap();
+        close(engine, store);
+    }
+    {
+        // Crashed again before repair: the proof is sealed off, the marker still says it.
+        let (engine, mut store) = open(dir.path());
+        assert!(engine.damage().is_none());
+        let damage = store.repair_status().damage().expect("still damaged");
+        assert!(damage.required_index >= 20, "{damage}");
+        let mut reader = store.get_log_reader().await;
+        assert_eq!(reader.read_vote().await.unwrap(), Some(newer_vote));
+        drop(reader);
+        // The leader (term 3) sends the lost range again; once durable, the log is sound.
+        let status = store.repair_status();
+        store
+            .blocking_append(entries(3, held + 1..=damage.required_index - 1))
+            .await
+            .unwrap();
+        assert!(status.is_repairing(), "not yet at the required index");
+        store
+            .blocking_append(entries(
+                3,
+                damage.required_index..=damage.required_index + 2,
+            ))
+            .await
+            .unwrap();
+        assert!(!status.is_repairing(), "repaired: {:?}", status.damage());
+        close(engine, store);
+    }
+    let (engine, store) = open(dir.path());
+    assert!(
+        store.repair_status().damage().is_none(),
+        "sound after a restart"
+    );
+    close(engine, store);
+}
