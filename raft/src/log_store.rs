@@ -25,6 +25,13 @@
 //! index (issue 9: a stale copy after a truncation) is an `Inconsistent` error, never
 //! data handed to replication or apply. A read that raced a truncation is retried.
 //!
+//! Issue 9, the "synced" marker (`crate::repair`). The first batch of every append and
+//! every committed-mark batch carry `repair::META_SYNCED`, the index the log was durable
+//! through when the batch was built; a marker writer task puts it in a batch of its own
+//! [`MARKER_DELAY`] after a flush if nothing else did. At open, a log that ends below
+//! what its marker (or the engine's damage cut) says it made durable is damaged: its
+//! `RepairStatus` stays "repairing" until the log is durable through that index again.
+
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in
 //! submission order, so `IOFlushed` callbacks fire in order and exactly once.
@@ -50,6 +57,14 @@ use crate::types::{Entry, EntryPayload, GroupId, LeaderId, LogId, TypeConfig, Vo
 /// returns a prefix of the range. Keeps one AppendEntries well under the node frame limit
 /// (16 MiB) and its send time under the heartbeat-sized RPC deadline (PLAN.md, P8).
 pub const REPLICATION_READ_BYTES_MAX: usize = 4 << 20;
+
+/// Issue 9: how long after a flush the marker writer waits before it writes the "synced"
+/// marker in a batch of its own, if no append or committed-mark batch carried it
+/// meanwhile. A busy group's next batches carry it (no extra fdatasync); an idle group's
+/// last entries are vouched for this long after their flush. 20 ms is well under one
+/// heartbeat (100 ms at least), the time in which a crash plus a flip of exactly that
+/// record would go undetected (docs/reliability.md).
+pub const MARKER_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Times a read whose log-id check failed is tried again after a concurrent truncation
 /// (each retry sees the new log; more than a few in a row would mean a storage bug).
@@ -853,6 +868,9 @@ fn flushed(state: &Mutex<State>, batch: u64) {
 async fn write_markers(log: std::sync::Weak<GroupLog>, wake: Arc<tokio::sync::Notify>) {
     loop {
         wake.notified().await;
+        // Most flushes are vouched for by the next append or committed-mark batch within
+        // this delay; only then is a batch of its own (and its fdatasync) needed.
+        tokio::time::sleep(MARKER_DELAY).await;
         let Some(log) = log.upgrade() else {
             return;
         };
