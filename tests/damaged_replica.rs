@@ -15,6 +15,9 @@
 //! leader, and every node serves the same chat log (byte-identical protobuf events)
 //! holding every acknowledged post once at its seq (all history checkers).
 //!
+//! A single node (one replica per group, no one to repair from) with the same kind of
+//! flip still refuses to start, naming file and offset.
+//!
 //! The seed (the victim when there is a choice) is printed; `CHATLOG_TEST_SEED` repeats.
 
 #[path = "common/cluster.rs"]
@@ -23,6 +26,8 @@ mod cluster;
 mod history;
 #[path = "common/load.rs"]
 mod load;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -460,4 +465,75 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         }
     }
     assert!(failed.is_empty(), "seed {seed}: violated {failed:?}");
+}
+
+/// A node whose groups have one replica has no one to repair from: the same flip (a
+/// synced record followed by later ones) still stops it at start, naming file and offset,
+/// instead of starting with entries it acknowledged cut away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_single_node_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = server::Server::start(dir.path(), &server::NO_RATE_LIMITS);
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(None, Duration::from_secs(5), 2),
+    )
+    .await;
+    let (_, token) = cluster::create_and_login(&client, "solo", "dev").await;
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(Some(token), Duration::from_secs(5), 2),
+    )
+    .await;
+    let chat = client
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "solo".into(),
+            member_ids: vec![],
+        })
+        .await
+        .expect("chat created")
+        .chat_id;
+    for n in 0..20 {
+        client
+            .send_message(send_request(chat, n + 1, &format!("m{n}")))
+            .await
+            .expect("acknowledged");
+    }
+    node.kill();
+    let log = chatlog_raft::ids::raft_log(group_of(chat)).expect("a group log");
+    let (path, recs) = newest_records(dir.path(), log).expect("records");
+    let victim = recs[recs.len() / 2];
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    bytes[victim.offset + RECORD_HEADER_BYTES + (victim.len - RECORD_HEADER_BYTES) / 2] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write segment");
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatlog"))
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--groups",
+                    "4",
+                    "--data-dir",
+                ])
+                .arg(&dir)
+                .env("RUST_LOG", "warn")
+                .env_remove("CHATLOG_ADMIN_TOKEN")
+                .output()
+                .expect("chatlog serve runs")
+        }
+    })
+    .await
+    .expect("joined");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started over damage: {stderr}");
+    let at = format!("offset {}", victim.offset);
+    assert!(
+        stderr.contains(&*path.to_string_lossy()) && stderr.contains(&at),
+        "the refusal names {} and {at}: {stderr}",
+        path.display()
+    );
 }
