@@ -794,6 +794,52 @@ impl GroupLog {
     }
 }
 
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Critical sections only move plain values; a panic inside one is a bug that already
+    // stopped the group.
+    state.lock().expect("log state lock")
+}
+
+/// The durable callback of engine batch `batch` fired with success: its entries are now
+/// readable from the engine (it indexes a batch before calling back).
+fn flushed(state: &Mutex<State>, batch: u64) {
+    let mut st = lock(state);
+    while st.unflushed.front().is_some_and(|u| u.batch <= batch) {
+        st.unflushed.pop_front();
+    }
+    // Issue 9: a damaged replica is repaired once durable through the required index;
+    // the marker writer vouches for what just became durable.
+    if st.repair.is_repairing() {
+        st.repair.note_durable(st.durable_through());
+    }
+    st.marker_wake.notify_one();
+}
+
+/// Payload bytes an entry holds (for read limits).
+fn payload_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(batch) => batch.0.len() + codec::ENTRY_HEADER_BYTES,
+        _ => codec::ENTRY_HEADER_BYTES,
+    }
+}
+
+/// `[start, end)` of a range of indexes.
+fn index_range(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+// ---- issue 9: damaged replicas (`crate::repair`) ----
+
 /// Issue 9: reads the "synced through" marker and decides whether the log lost durable
 /// entries (`repair::detect`); a damaged log starts repairing, with a clear error line.
 fn open_check(
@@ -838,27 +884,6 @@ fn open_check(
     Ok(())
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Critical sections only move plain values; a panic inside one is a bug that already
-    // stopped the group.
-    state.lock().expect("log state lock")
-}
-
-/// The durable callback of engine batch `batch` fired with success: its entries are now
-/// readable from the engine (it indexes a batch before calling back).
-fn flushed(state: &Mutex<State>, batch: u64) {
-    let mut st = lock(state);
-    while st.unflushed.front().is_some_and(|u| u.batch <= batch) {
-        st.unflushed.pop_front();
-    }
-    // Issue 9: a damaged replica is repaired once durable through the required index;
-    // the marker writer vouches for what just became durable.
-    if st.repair.is_repairing() {
-        st.repair.note_durable(st.durable_through());
-    }
-    st.marker_wake.notify_one();
-}
-
 /// Issue 9: after each flush of a group's appends, writes a small batch carrying the
 /// "synced through" marker (`repair::META_SYNCED`) unless a later batch already carried
 /// it, so the record holding a group's last entries is followed by one that vouches for
@@ -897,28 +922,7 @@ impl Drop for GroupLog {
     }
 }
 
-/// Payload bytes an entry holds (for read limits).
-fn payload_bytes(entry: &Entry) -> usize {
-    match &entry.payload {
-        EntryPayload::Normal(batch) => batch.0.len() + codec::ENTRY_HEADER_BYTES,
-        _ => codec::ENTRY_HEADER_BYTES,
-    }
-}
-
-/// `[start, end)` of a range of indexes.
-fn index_range(range: &impl RangeBounds<u64>) -> (u64, u64) {
-    let start = match range.start_bound() {
-        Bound::Included(&s) => s,
-        Bound::Excluded(&s) => s.saturating_add(1),
-        Bound::Unbounded => 0,
-    };
-    let end = match range.end_bound() {
-        Bound::Included(&e) => e.saturating_add(1),
-        Bound::Excluded(&e) => e,
-        Bound::Unbounded => u64::MAX,
-    };
-    (start, end)
-}
+// ---- end issue 9 ----
 
 impl RaftLogReader<TypeConfig> for LogReader {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
