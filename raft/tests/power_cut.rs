@@ -277,6 +277,20 @@ impl Cluster {
         let node = TestNode::start(id, &dir, listener, &fs)
             .await
             .unwrap_or_else(|e| panic!("restart after a power cut: {e}"));
+        // A power cut loses only unsynced writes: never damage (issue 9), so no replica
+        // may start repairing (a false alarm would cost it its vote for nothing).
+        assert!(
+            node.engine.damage().is_none(),
+            "node {id}: a power cut taken for damage: {:?}",
+            node.engine.damage()
+        );
+        for (g, status) in node.directory.repairs.lock().expect("lock").iter() {
+            assert!(
+                !status.is_repairing(),
+                "node {id} group {g}: a power cut taken for damage: {:?}",
+                status.damage()
+            );
+        }
         self.addrs.lock().expect("lock").insert(id, node.addr);
         self.nodes.lock().expect("lock").insert(id, Arc::new(node));
         self.introduce();
