@@ -13,9 +13,11 @@
 //! The marker. `META_SYNCED` of a group's Raft log holds the Raft index through which
 //! its entries were durable when the batch carrying it was built. The log store puts it
 //! in the first batch of every append and in every committed-mark batch when it moved
-//! (no extra batch, no extra fdatasync): the record holding entry N is normally followed,
-//! within a heartbeat, by a record that vouches for N. A truncation lowers it in the same
-//! batch.
+//! (no extra fdatasync), and, if neither came within `log_store::MARKER_DELAY` (20 ms)
+//! of a flush, in a small batch of its own: the record holding entry N is followed within
+//! about that time by a record that vouches for N. A truncation lowers it in the same
+//! batch (never below a damage's required index). A damage found at open is written as
+//! the marker before the replica starts, so a crash during repair finds it again.
 //!
 //! Detection at open. The log held through index H (or purged through it) is damaged
 //! when something durable says it held more: the surviving marker, or what the storage
@@ -25,7 +27,7 @@
 //!
 //! What still escapes (double faults): the record holding the last entries of a group is
 //! damaged AND no later record of that group reached the disk before the crash (a crash
-//! within about a heartbeat of the group's last append, then a bit flip in exactly that
+//! within about `MARKER_DELAY` of the group's last flush, then a bit flip in exactly that
 //! record): recovery cuts it as a torn write and nothing says it was acknowledged. A vote
 //! kept only in a damaged record is forgotten the same way.
 
