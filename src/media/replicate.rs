@@ -438,7 +438,7 @@ impl Media {
                 }
                 tokio::task::spawn_blocking(move || {
                     let upload = store.upload_or_create(header)?;
-                    store.write_part(&upload, part, crc32, &data)
+                    store.write_part_bytes(&upload, part, crc32, &data)
                 })
                 .await
                 .map_err(|e| e.to_string())?
