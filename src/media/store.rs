@@ -531,7 +531,7 @@ impl StoredFile {
         }
         let part = (offset / pb) as u32;
         let plen = h.part_len(part);
-        if len < plen {
+        if (offset + len as u64).min(h.size) != offset + plen as u64 {
             return self.read(offset, len).map(|(v, crc)| (Bytes::from(v), crc));
         }
         let corrupt = |detail: String| MediaError::Corrupt {
@@ -1362,6 +1362,19 @@ mod tests {
         let tail = data.len() as u64 - 10;
         assert_eq!(read(tail, 1000), data[tail as usize..]);
         assert!(file.read(data.len() as u64, 1).is_err());
+        // Whole parts come from the mapping with their slot's CRC; other ranges as read.
+        for (o, l) in [
+            (0, pb),
+            (pb as u64, 2 * pb),
+            (2 * pb as u64, pb),
+            (10, pb),
+            (0, 100),
+        ] {
+            let (bytes, crc) = file.read_shared(o, l).expect("reads");
+            let end = (o as usize + l).min(data.len());
+            assert_eq!(bytes, data[o as usize..end], "range {o}+{l}");
+            assert_eq!(crc, crc32fast::hash(&bytes), "range {o}+{l}");
+        }
         let up = store
             .start(6, data.len() as u64, "", "", now_ms())
             .expect("starts");
@@ -1396,20 +1409,27 @@ mod tests {
             id = up.header.upload_id;
             // Eight writers at once, each its own parts: every write returns only once
             // a sync that started after its pwrites finished.
+            let shared = Bytes::from(data.clone());
             std::thread::scope(|s| {
                 for t in 0..8u32 {
-                    let (store, up, data) = (&store, &up, &data);
+                    let (store, up, data) = (&store, &up, &shared);
                     s.spawn(move || {
                         for i in (t..up.header.part_count()).step_by(8) {
                             let at = i as usize * pb;
-                            let part = &data[at..(at + pb).min(data.len())];
+                            let part = data.slice(at..(at + pb).min(data.len()));
                             store
-                                .write_part(up, i, crc32fast::hash(part), part)
+                                .write_part_bytes(up, i, crc32fast::hash(&part), &part)
                                 .expect("part stored");
                         }
                     });
                 }
             });
+            // Parts the hasher has not reached are held in memory within the bound;
+            // hashing the rest (as finish does) takes every one of them back.
+            assert!(store.ahead_bytes.load(Ordering::Relaxed) <= HASH_AHEAD_BYTES_MAX);
+            advance_hash(&up, None, true).expect("hashes");
+            assert_eq!(lock(&up.hashing).next, up.header.part_count());
+            assert_eq!(store.ahead_bytes.load(Ordering::Relaxed), 0);
             let st = lock(&up.sync);
             assert_eq!(st.written, u64::from(up.header.part_count()));
             assert_eq!(st.synced, st.written, "every write is covered by a sync");
@@ -1441,6 +1461,10 @@ mod tests {
         let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
         let file = store.file(&sha).expect("opens").expect("stored");
         assert!(matches!(file.read(0, 100), Err(MediaError::Corrupt { .. })));
+        assert!(matches!(
+            file.read_shared(0, MEDIA_PART_BYTES as usize),
+            Err(MediaError::Corrupt { .. })
+        ));
         // The other part is still served.
         let second = MEDIA_PART_BYTES as u64;
         assert_eq!(

@@ -107,10 +107,13 @@ pub fn media_download(
         len,
         "the split frame's bytes disagree with its prefix"
     );
+    let whole = v1::MediaDownloadResponse {
+        data: data.clone(),
+        ..fields
+    };
     assert_eq!(
         len,
-        v1::Frame::response(request_id, v1::response::Kind::MediaDownload(fields)).encoded_len()
-            + data_field_len,
+        v1::Frame::response(request_id, v1::response::Kind::MediaDownload(whole)).encoded_len(),
         "the split frame's length disagrees with prost's"
     );
     Ok((head.freeze(), data))
