@@ -526,7 +526,7 @@ impl StoredFile {
     ) -> Result<(Bytes, u32), MediaError> {
         let h = &self.header;
         let pb = u64::from(h.part_bytes);
-        if offset % pb != 0 || offset >= h.size {
+        if !offset.is_multiple_of(pb) || offset >= h.size {
             return self.read(offset, len).map(|(v, crc)| (Bytes::from(v), crc));
         }
         let part = (offset / pb) as u32;
