@@ -489,7 +489,9 @@ impl Media {
                         };
                         let len = served.data.len() as u64;
                         tokio::task::spawn_blocking(move || {
-                            s.write_part_bytes(&u, part, served.crc32, &served.data)
+                            s.write_part_bytes(&u, part, served.crc32, &served.data)?;
+                            s.hash_ahead(&u);
+                            Ok::<_, MediaError>(())
                         })
                         .await
                         .map_err(|e| Fetch::Failed(e.to_string()))?

@@ -274,7 +274,16 @@ impl Media {
                 let data = r.data.clone();
                 let (part, crc) = (r.part_index, r.crc32);
                 let local = tokio::spawn(async move {
-                    blocking(move || st.write_part_bytes(&up, part, crc, &data)).await
+                    let (hash_store, hash_upload) = (Arc::clone(&st), Arc::clone(&up));
+                    let written =
+                        blocking(move || st.write_part_bytes(&up, part, crc, &data)).await;
+                    // The running SHA-256 follows on its own, not before this answer.
+                    if written.is_ok() {
+                        drop(tokio::task::spawn_blocking(move || {
+                            hash_store.hash_ahead(&hash_upload)
+                        }));
+                    }
+                    written
                 });
                 // In a cluster the other replicas store it at the same time.
                 self.replicator

@@ -825,9 +825,10 @@ impl MediaStore {
         self.write_part_kept(upload, part, crc32, data, None)
     }
 
-    /// [`MediaStore::write_part`] of bytes the caller holds shared: when the part arrives
-    /// ahead of the upload's running hash, the hasher takes it from memory later
-    /// (within [`HASH_AHEAD_BYTES_MAX`]) instead of reading it back from the file.
+    /// [`MediaStore::write_part`] of bytes the caller holds shared, without hashing: the
+    /// part's bytes are kept (within [`HASH_AHEAD_BYTES_MAX`]) for the upload's running
+    /// hash to take from memory instead of reading them back; the caller runs
+    /// [`MediaStore::hash_ahead`] once the part is acknowledged.
     pub fn write_part_bytes(
         &self,
         upload: &Upload,
@@ -913,11 +914,26 @@ impl MediaStore {
             }
             st.parts.iter().filter(|p| p.is_some()).count() as u32
         };
-        // Hash on while the bytes are at hand, unless another part's writer is at it.
-        if let Err(e) = advance_hash(upload, Some((part, data)), false) {
+        // Bytes kept for the hasher: the caller runs [`MediaStore::hash_ahead`] after
+        // acknowledging, off the acknowledgement's path. Otherwise hash on while the
+        // bytes are at hand, unless another part's writer is at it.
+        if keep.is_none()
+            && let Err(e) = advance_hash(upload, Some((part, data)), false)
+        {
             tracing::warn!(error = %e, "hashing an upload's parts ahead of its finish");
         }
         Ok(held)
+    }
+
+    /// Advances `upload`'s running SHA-256 over the parts held since, taking the bytes
+    /// [`MediaStore::write_part_bytes`] kept (or reading them back, CRC-checked), unless
+    /// another thread is at it. Callers of `write_part_bytes` run it after the part is
+    /// acknowledged, so hashing runs beside the next parts' writes and syncs instead of
+    /// delaying an acknowledgement; whatever it leaves, finishing hashes. Blocking.
+    pub fn hash_ahead(&self, upload: &Upload) {
+        if let Err(e) = advance_hash(upload, None, false) {
+            tracing::warn!(error = %e, "hashing an upload's parts ahead of its finish");
+        }
     }
 
     /// Finishes `upload` ([`MediaStore::check`], then [`MediaStore::commit`]). Blocking.
