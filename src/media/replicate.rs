@@ -440,7 +440,9 @@ impl Media {
                     let upload = store.upload_or_create(header)?;
                     let held = store.write_part_bytes(&upload, part, crc32, &data)?;
                     // Hashed after the answer, off its path (`MediaStore::hash_ahead`).
-                    drop(tokio::task::spawn_blocking(move || store.hash_ahead(&upload)));
+                    drop(tokio::task::spawn_blocking(move || {
+                        store.hash_ahead(&upload)
+                    }));
                     Ok(held)
                 })
                 .await
