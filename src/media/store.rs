@@ -1457,6 +1457,43 @@ mod tests {
     }
 
     #[test]
+    fn parts_past_the_hash_ahead_bound_are_read_back_and_the_hash_is_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pb = MEDIA_PART_BYTES as usize;
+        let parts = (HASH_AHEAD_BYTES_MAX as usize / pb) + 2;
+        let data = Bytes::from(content(pb * parts, 5));
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
+        let up = store
+            .start(5, data.len() as u64, "", "", now_ms())
+            .expect("starts");
+        // Last part first: nothing can be hashed until part 0 arrives, so the kept parts
+        // hit the node's bound and the rest must be read back from the file.
+        for i in (1..parts).rev() {
+            let part = data.slice(i * pb..(i + 1) * pb);
+            store
+                .write_part_bytes(&up, i as u32, crc32fast::hash(&part), &part)
+                .expect("part stored");
+            store.hash_ahead(&up);
+        }
+        assert_eq!(
+            store.ahead_bytes.load(Ordering::Relaxed),
+            HASH_AHEAD_BYTES_MAX
+        );
+        assert!(
+            lock(&up.state).ahead.len() < parts - 1,
+            "some parts were not kept"
+        );
+        let part = data.slice(..pb);
+        store
+            .write_part_bytes(&up, 0, crc32fast::hash(&part), &part)
+            .expect("part stored");
+        store.hash_ahead(&up);
+        assert_eq!(store.ahead_bytes.load(Ordering::Relaxed), 0);
+        store.finish(&up, &sha).expect("the content hashes right");
+    }
+
+    #[test]
     fn a_flipped_byte_in_a_stored_file_is_caught_on_read() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = content(MEDIA_PART_BYTES as usize + 10, 3);
