@@ -404,6 +404,34 @@ fn media_uploads_and_downloads_through_the_protocol() {
         assert!(m[phase]["rss_anon_peak_bytes"].as_u64().unwrap() > 0, "{r}");
     }
     assert_eq!(r["config"]["file_size"], 3_000_000, "{r}");
+    assert_eq!(m["download_to"], "file", "{r}");
+
+    // --sink: the same checked downloads, no output file; the command repeats the flag.
+    let r = bench(&[
+        "media",
+        "--embedded",
+        "--groups",
+        "2",
+        "--connections",
+        "1",
+        "--chats",
+        "1",
+        "--count",
+        "2",
+        "--file-size",
+        "1500000",
+        "--in-flight",
+        "16",
+        "--sink",
+    ]);
+    sane(&r, "media");
+    let m = &r["media"];
+    assert_eq!(r["ops"], 4, "2 uploads and 2 downloads: {r}");
+    assert_eq!(m["download"]["files"], 2, "{r}");
+    assert_eq!(m["download_to"], "sink (checked, not kept)", "{r}");
+    assert_eq!(m["parts_in_flight"], 16, "{r}");
+    assert_eq!(r["config"]["sink"], true, "{r}");
+    assert!(r["command"].as_str().unwrap().contains("--sink"), "{r}");
 }
 
 #[test]
@@ -435,6 +463,7 @@ fn help_names_every_flag() {
         "--subscribers",
         "--seed",
         "--file-size",
+        "--sink",
         "--json",
         "media",
         "subscribe",

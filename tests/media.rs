@@ -356,8 +356,12 @@ async fn ranges_dedupe_permissions_and_bad_input() {
                 .await
         }
     };
+    // Whole parts (the last one short) are answered from the mapping as a split frame
+    // (head, then the bytes); the rest from a checked copy. Both decode the same.
     for (offset, length) in [
         (0u64, MEDIA_PART_BYTES),
+        (MEDIA_PART_BYTES as u64, MEDIA_PART_BYTES),
+        (2 * MEDIA_PART_BYTES as u64, MEDIA_PART_BYTES),
         (1000, 70_000),
         (MEDIA_PART_BYTES as u64 - 10, 20),
         (data.len() as u64 - 5, 1000),
@@ -372,6 +376,15 @@ async fn ranges_dedupe_permissions_and_bad_input() {
         assert_eq!(r.crc32, crc32fast::hash(&r.data));
         assert_eq!(r.size_bytes, data.len() as u64);
     }
+    // The whole file, checked (every chunk's CRC, the SHA-256) without an output file.
+    assert_eq!(
+        alice
+            .client
+            .download_checked(sha, 0, |_| {})
+            .await
+            .expect("checked download"),
+        data.len() as u64
+    );
     for (offset, length) in [(data.len() as u64, 1), (0, 0), (0, MEDIA_PART_BYTES + 1)] {
         let e = get(&alice.client, offset, length)
             .await

@@ -1,6 +1,7 @@
 //! The `media` scenario: concurrent whole-file uploads, then downloads of the same files,
 //! through the protocol (`Client::upload_file` / `download_file`, the same code the
-//! `upload` and `download` commands run).
+//! `upload` and `download` commands run; with `--sink`, `download_checked`, the same
+//! download without an output file).
 //!
 //! What it owns: making the files (random, seeded, one per transfer so dedupe never
 //! skips one), timing each phase and each file, checking what came back (the download
@@ -179,21 +180,27 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
         let client = world.conns[i % world.conns.len()].clone();
         let out = dir.path().join(format!("out-{i}"));
         let live = Arc::clone(&live);
+        let sink = args.sink;
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            let r = client
-                .download_file(
-                    id,
-                    &out,
-                    DownloadOptions {
-                        resume: false,
-                        chunks_in_flight: in_flight,
-                    },
-                    |_| {
-                        live.ops.fetch_add(1, Ordering::Relaxed);
-                    },
-                )
-                .await;
+            let progress = |_| {
+                live.ops.fetch_add(1, Ordering::Relaxed);
+            };
+            let r = if sink {
+                client.download_checked(id, in_flight, progress).await
+            } else {
+                client
+                    .download_file(
+                        id,
+                        &out,
+                        DownloadOptions {
+                            resume: false,
+                            chunks_in_flight: in_flight,
+                        },
+                        progress,
+                    )
+                    .await
+            };
             // The copy was checked against the media id; free its space at once.
             let _ = std::fs::remove_file(&out);
             (r, t.elapsed())
@@ -246,6 +253,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
             "file_bytes": size,
             "files": files,
             "parts_in_flight": in_flight.min(chatlog_wire::client::UPLOAD_PARTS_IN_FLIGHT_MAX),
+            "download_to": if args.sink { "sink (checked, not kept)" } else { "file" },
             "upload": {
                 "files": upload.files,
                 "secs": report::round3(upload.secs),

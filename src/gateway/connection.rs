@@ -176,6 +176,9 @@ enum Outgoing {
     Response {
         request_id: u64,
         frame: Bytes,
+        /// Written right after `frame`, part of the same frame: a media download's
+        /// bytes, sent from their own buffer (`chatlog_wire::frame::split`). Usually empty.
+        tail: Bytes,
         after: AfterResponse,
     },
     /// A push; `ends_subscription` for a `SubscriptionEnded`.
@@ -277,6 +280,23 @@ impl Outbox {
         Some(bytes.freeze())
     }
 
+    /// Encodes a response as (frame, tail): a media download's bytes go in the tail,
+    /// written from their own buffer (a mapped file) instead of copied into the frame.
+    fn encode_response(&self, request_id: u64, kind: response::Kind) -> Option<(Bytes, Bytes)> {
+        if let response::Kind::MediaDownload(answer) = &kind {
+            return chatlog_wire::frame::split::media_download(
+                request_id,
+                answer,
+                self.frame_bytes_max,
+            )
+            .ok();
+        }
+        Some((
+            self.encode(&v1::Frame::response(request_id, kind))?,
+            Bytes::new(),
+        ))
+    }
+
     /// Registers a new request; an error is its immediate answer or a reason to close.
     fn begin_request(&self, request_id: u64) -> Result<(), BeginError> {
         let mut state = self.state();
@@ -307,22 +327,29 @@ impl Outbox {
                     (response::Kind::Unsubscribe(_), Some(id)) => AfterResponse::Unsubscribed(id),
                     _ => AfterResponse::Done,
                 };
-                match self.encode(&v1::Frame::response(request_id, kind)) {
+                match self.encode_response(request_id, kind) {
                     Some(frame) => (frame, after),
                     None => (
-                        self.error_frame(
-                            request_id,
-                            v1::Error::new(
-                                ErrorCode::Internal,
-                                "the response is over the frame limit",
+                        (
+                            self.error_frame(
+                                request_id,
+                                v1::Error::new(
+                                    ErrorCode::Internal,
+                                    "the response is over the frame limit",
+                                ),
                             ),
+                            Bytes::new(),
                         ),
                         AfterResponse::Done,
                     ),
                 }
             }
-            Err(error) => (self.error_frame(request_id, error), AfterResponse::Done),
+            Err(error) => (
+                (self.error_frame(request_id, error), Bytes::new()),
+                AfterResponse::Done,
+            ),
         };
+        let (frame, tail) = frame;
         let mut state = self.state();
         if state.closed {
             return;
@@ -342,6 +369,7 @@ impl Outbox {
         self.enqueue(Outgoing::Response {
             request_id,
             frame,
+            tail,
             after,
         });
         if after == AfterResponse::Subscribed {
@@ -1003,12 +1031,14 @@ fn take_into(outbox: &Outbox, outgoing: Outgoing, batch: &mut Batch, pushes: &mu
         Outgoing::Push { .. } => pushes.add(&outgoing),
         _ => outbox.taken(&outgoing),
     }
-    let frame = match outgoing {
-        Outgoing::Response { frame, .. }
-        | Outgoing::Push { frame, .. }
-        | Outgoing::Immediate { frame, .. } => frame,
+    let (frame, tail) = match outgoing {
+        Outgoing::Response { frame, tail, .. } => (frame, tail),
+        Outgoing::Push { frame, .. } | Outgoing::Immediate { frame, .. } => (frame, Bytes::new()),
     };
     batch.push(frame);
+    if !tail.is_empty() {
+        batch.push(tail);
+    }
 }
 
 /// The frames of one write: at most [`WRITE_BATCH_FRAMES_MAX`] frames and about

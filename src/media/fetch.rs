@@ -11,8 +11,8 @@
 //! the local groups' media records after a restart or a replica move and fetches what
 //! is missing at a bounded rate; and answering peers' fetches. What it must not do:
 //! decide who may read a file (the service checks before it asks for a fetch), propose
-//! anything to Raft, serve a byte that failed a check, or hold more than one part per
-//! fetch in memory.
+//! anything to Raft, serve a byte that failed a check, or hold more than
+//! [`FETCH_PARTS_IN_FLIGHT_MAX`] parts per fetch in memory.
 //!
 //! A fetch fills an ordinary upload file (the original upload's header, so the result
 //! is byte-identical to the peers' copies, and a partial copy this node kept from the
@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chatlog_raft::GroupId;
 use chatlog_wire::limits::{MEDIA_PART_BYTES, MEDIA_SHA256_BYTES};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::Media;
@@ -59,6 +60,11 @@ pub const CATCH_UP_FILES_PER_SCAN_MAX: usize = 256;
 /// How long a file whose fetch failed (no peer served it correctly) is left alone
 /// before the catch-up tries it again.
 pub const CATCH_UP_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Parts one fetch keeps in flight (asked of peers, checked, being written): enough to
+/// cover a round trip and an fdatasync per part with other parts' transfers (one part
+/// at a time made a fetch a chain of round trips), few enough that a fetch holds at most
+/// 4 × 512 KiB = 2 MiB and leaves the peers' and the disk's capacity to live uploads.
+pub const FETCH_PARTS_IN_FLIGHT_MAX: usize = 4;
 /// Longest message in a fetch answer, in bytes.
 const FETCH_MESSAGE_BYTES_MAX: usize = 1024;
 
@@ -163,7 +169,8 @@ pub(super) async fn serve_part(
             )));
         }
         let offset = u64::from(part) * u64::from(h.part_bytes);
-        let (data, crc32) = file.read(offset, h.part_len(part))?;
+        // A whole part: checked on the mapping, copied once, into the answer below.
+        let (data, crc32) = file.read_shared(offset, h.part_len(part))?;
         Ok(Some((h.clone(), crc32, data)))
     })
     .await;
@@ -464,23 +471,37 @@ impl Media {
             let started = Instant::now();
             let mut bytes: u64 = 0;
             let mut first = Some(first);
-            for (k, part) in upload.missing().into_iter().enumerate() {
-                let served = match first.take() {
-                    Some(f) if part == 0 => f,
-                    _ => self
-                        .fetch_part(peers, k, group, &sha256, part, Some(&header))
+            let (header, sha) = (&header, &sha256);
+            // Up to FETCH_PARTS_IN_FLIGHT_MAX parts travel and are stored at once (each
+            // fetched, checked and written on its own), so a fetch is not one round
+            // trip plus one fdatasync per part; parts may complete in any order.
+            let mut parts = futures_util::stream::iter(upload.missing().into_iter().enumerate())
+                .map(|(k, part)| {
+                    let served_first = if part == 0 { first.take() } else { None };
+                    let (s, u) = (Arc::clone(store), Arc::clone(&upload));
+                    async move {
+                        let served = match served_first {
+                            Some(f) => f,
+                            None => self
+                                .fetch_part(peers, k, group, sha, part, Some(header))
+                                .await
+                                .map_err(Fetch::Failed)?,
+                        };
+                        let len = served.data.len() as u64;
+                        tokio::task::spawn_blocking(move || {
+                            s.write_part_bytes(&u, part, served.crc32, &served.data)?;
+                            s.hash_ahead(&u);
+                            Ok::<_, MediaError>(())
+                        })
                         .await
-                        .map_err(Fetch::Failed)?,
-                };
-                let (s, u) = (Arc::clone(store), Arc::clone(&upload));
-                let len = served.data.len() as u64;
-                tokio::task::spawn_blocking(move || {
-                    s.write_part(&u, part, served.crc32, &served.data)
+                        .map_err(|e| Fetch::Failed(e.to_string()))?
+                        .map_err(|e| Fetch::Failed(format!("storing a fetched part: {e}")))?;
+                        Ok::<u64, Fetch>(len)
+                    }
                 })
-                .await
-                .map_err(|e| Fetch::Failed(e.to_string()))?
-                .map_err(|e| Fetch::Failed(format!("storing a fetched part: {e}")))?;
-                bytes += len;
+                .buffer_unordered(FETCH_PARTS_IN_FLIGHT_MAX);
+            while let Some(stored) = parts.next().await {
+                bytes += stored?;
                 if !hurry.load(Ordering::Relaxed) {
                     let due = Duration::from_secs_f64(bytes as f64 / CATCH_UP_BYTES_PER_SEC as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {

@@ -274,7 +274,16 @@ impl Media {
                 let data = r.data.clone();
                 let (part, crc) = (r.part_index, r.crc32);
                 let local = tokio::spawn(async move {
-                    blocking(move || st.write_part(&up, part, crc, &data)).await
+                    let (hash_store, hash_upload) = (Arc::clone(&st), Arc::clone(&up));
+                    let written =
+                        blocking(move || st.write_part_bytes(&up, part, crc, &data)).await;
+                    // The running SHA-256 follows on its own, not before this answer.
+                    if written.is_ok() {
+                        drop(tokio::task::spawn_blocking(move || {
+                            hash_store.hash_ahead(&hash_upload)
+                        }));
+                    }
+                    written
                 });
                 // In a cluster the other replicas store it at the same time.
                 self.replicator
@@ -318,11 +327,13 @@ impl Media {
                 let file = self.readable_file(&store, user, &s).await?;
                 let size = file.header.size;
                 let (offset, len) = (r.offset, r.length as usize);
-                let (data, crc32) = blocking(move || file.read(offset, len)).await?;
+                // A whole part is a slice of the mapped file (no copy; the gateway
+                // writes it after the frame's head with one `writev`).
+                let (data, crc32) = blocking(move || file.read_shared(offset, len)).await?;
                 Ok(Resp::MediaDownload(v1::MediaDownloadResponse {
                     offset: r.offset,
                     crc32,
-                    data: Bytes::from(data),
+                    data,
                     size_bytes: size,
                 }))
             }

@@ -443,7 +443,12 @@ impl Media {
                 }
                 tokio::task::spawn_blocking(move || {
                     let upload = store.upload_or_create(header)?;
-                    store.write_part(&upload, part, crc32, &data)
+                    let held = store.write_part_bytes(&upload, part, crc32, &data)?;
+                    // Hashed after the answer, off its path (`MediaStore::hash_ahead`).
+                    drop(tokio::task::spawn_blocking(move || {
+                        store.hash_ahead(&upload)
+                    }));
+                    Ok(held)
                 })
                 .await
                 .map_err(|e| e.to_string())?

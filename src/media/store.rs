@@ -35,17 +35,22 @@
 //!
 //! Finishing renames the upload file, unchanged, to `files/{sha256 hex}` and syncs
 //! both directories: the slots stay as the finished file's per-part CRCs, and every read
-//! of a finished file checks the CRC of each part it touches, on a private copy of the
-//! part (what was checked is what is returned).
+//! of a finished file checks the CRC of each part it touches. A read of a range that is
+//! not one whole part checks a private copy of each part (what was checked is what is
+//! returned, with a CRC computed from it); a read of one whole part, what downloads ask,
+//! checks the mapped bytes and answers with a slice of the mapping and the slot's CRC,
+//! which the reader checks again ([`StoredFile::read_shared`] says why that is safe).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use chatlog_wire::limits::{
     MEDIA_FILE_BYTES_MAX, MEDIA_FILE_NAME_BYTES_MAX, MEDIA_MIME_TYPE_BYTES_MAX, MEDIA_PART_BYTES,
     MEDIA_SHA256_BYTES,
@@ -80,6 +85,12 @@ pub const RESERVED_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Free space kept on the disk when an upload reserves its file: the message log must
 /// never be starved by media.
 pub const DISK_FREE_BYTES_MIN: u64 = 256 * 1024 * 1024;
+/// Bytes of parts held in memory on this node after they were written, waiting for the
+/// upload's running SHA-256 to reach them (parts in flight together finish out of order;
+/// without these the hasher reads each such part back from the file: one more copy and
+/// CRC pass per part). 64 MiB: 128 parts, several uploads' worth of parts in flight; past
+/// it a part is read back as before, so the bound costs speed, never correctness.
+pub const HASH_AHEAD_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Most finished files kept open (mapped) at once; beyond, the least recently opened is
 /// closed (it is re-opened on its next read).
 pub const OPEN_FILES_MAX: usize = 256;
@@ -300,6 +311,10 @@ pub fn hex(sha256: &[u8; MEDIA_SHA256_BYTES]) -> String {
 struct UploadState {
     /// Part CRCs held durably (`None`: missing).
     parts: Vec<Option<u32>>,
+    /// Held parts not hashed yet whose bytes are still in memory (CRC-checked on
+    /// receipt), within the node's [`HASH_AHEAD_BYTES_MAX`]; the hasher takes them
+    /// instead of reading the part back.
+    ahead: std::collections::BTreeMap<u32, Bytes>,
     /// Set once finish moved the file away: parts are refused from then on.
     finished: bool,
 }
@@ -355,6 +370,16 @@ pub struct Upload {
     hashing: Mutex<Hashing>,
     sync: Mutex<SyncState>,
     synced: Condvar,
+    /// The node's bytes of parts held ahead of hashing ([`HASH_AHEAD_BYTES_MAX`]).
+    ahead_bytes: Arc<AtomicU64>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let held: usize = st.ahead.values().map(Bytes::len).sum();
+        self.ahead_bytes.fetch_sub(held as u64, Ordering::Relaxed);
+    }
 }
 
 impl Upload {
@@ -478,6 +503,76 @@ impl StoredFile {
         let crc = crc32fast::hash(&out);
         Ok((out, crc))
     }
+
+    /// [`StoredFile::read`] without the copy when the range is one whole part (what a
+    /// client's download asks, chunk by chunk): the answer is a slice of the mapped file
+    /// itself, which stays mapped while the answer lives, with the part's CRC from its
+    /// slot after a check of the mapped bytes against it. Any other range is read as
+    /// [`StoredFile::read`] reads it.
+    ///
+    /// Why serving the mapped bytes after checking them is safe: the CRC returned is the
+    /// slot's, never one computed from the bytes sent, and the client checks every chunk
+    /// against it (then the whole file against its SHA-256). Finished files are never
+    /// written (module docs), so the mapped bytes only change if the disk or someone
+    /// outside the node changes the file between the check and the socket write; the
+    /// client then sees a CRC mismatch, never wrong bytes passing as checked. The private
+    /// copy of [`StoredFile::read`] would only move that detection from the client to
+    /// the server. A range that is not a whole part keeps the copy: its CRC is computed
+    /// from the bytes returned, so they must be the bytes that were checked.
+    pub fn read_shared(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Bytes, u32), MediaError> {
+        let h = &self.header;
+        let pb = u64::from(h.part_bytes);
+        if !offset.is_multiple_of(pb) || offset >= h.size {
+            return self.read(offset, len).map(|(v, crc)| (Bytes::from(v), crc));
+        }
+        let part = (offset / pb) as u32;
+        let plen = h.part_len(part);
+        if (offset + len as u64).min(h.size) != offset + plen as u64 {
+            return self.read(offset, len).map(|(v, crc)| (Bytes::from(v), crc));
+        }
+        let corrupt = |detail: String| MediaError::Corrupt {
+            path: self.path.display().to_string(),
+            detail,
+        };
+        let s = (h.slots_offset() + SLOT_BYTES * u64::from(part)) as usize;
+        let want = self
+            .map
+            .get(s..s + SLOT_BYTES as usize)
+            .and_then(|slot| slot_crc(slot, part))
+            .ok_or_else(|| corrupt(format!("slot of part {part} fails its check")))?;
+        let start = (HEADER_BYTES + offset) as usize;
+        let bytes = self
+            .map
+            .get(start..start + plen)
+            .ok_or_else(|| corrupt(format!("part {part} is beyond the file's end")))?;
+        if crc32fast::hash(bytes) != want {
+            return Err(corrupt(format!("part {part} fails its CRC")));
+        }
+        let mapped = MappedRange {
+            file: Arc::clone(self),
+            start,
+            len: plen,
+        };
+        Ok((Bytes::from_owner(mapped), want))
+    }
+}
+
+/// A range of a finished file's mapping, owning a reference to the file so the mapping
+/// outlives every answer that points into it.
+struct MappedRange {
+    file: Arc<StoredFile>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MappedRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.file.map[self.start..self.start + self.len]
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -513,6 +608,9 @@ pub struct MediaStore {
     /// Uploads a fetch from peer replicas is filling (`fetch.rs`): their `created_ms` is
     /// the original upload's, so expiry must not take them while the fetch runs.
     pinned: Mutex<HashSet<u64>>,
+    /// Bytes of parts held in memory ahead of their upload's hashing, all uploads
+    /// together ([`HASH_AHEAD_BYTES_MAX`]).
+    ahead_bytes: Arc<AtomicU64>,
 }
 
 impl MediaStore {
@@ -531,6 +629,7 @@ impl MediaStore {
             open_tick: Default::default(),
             creating: Mutex::new(()),
             pinned: Mutex::new(HashSet::new()),
+            ahead_bytes: Arc::default(),
         };
         let updir = dir.join("uploads");
         let entries = std::fs::read_dir(&updir).map_err(io_error("listing", &updir))?;
@@ -546,7 +645,7 @@ impl MediaStore {
                 // A temporary or foreign file: not ours to judge; leave it.
                 continue;
             };
-            match load_upload(&path) {
+            match load_upload(&path, Arc::clone(&store.ahead_bytes)) {
                 Ok(u) if u.header.upload_id == id => {
                     lock(&store.uploads).insert(id, Arc::new(u));
                 }
@@ -669,12 +768,14 @@ impl MediaStore {
             file,
             state: Mutex::new(UploadState {
                 parts,
+                ahead: Default::default(),
                 finished: false,
             }),
             finishing: tokio::sync::Mutex::new(()),
             hashing: Hashing::new(),
             sync: Mutex::default(),
             synced: Condvar::new(),
+            ahead_bytes: Arc::clone(&self.ahead_bytes),
         }))
     }
 
@@ -720,6 +821,31 @@ impl MediaStore {
         part: u32,
         crc32: u32,
         data: &[u8],
+    ) -> Result<u32, MediaError> {
+        self.write_part_kept(upload, part, crc32, data, None)
+    }
+
+    /// [`MediaStore::write_part`] of bytes the caller holds shared, without hashing: the
+    /// part's bytes are kept (within [`HASH_AHEAD_BYTES_MAX`]) for the upload's running
+    /// hash to take from memory instead of reading them back; the caller runs
+    /// [`MediaStore::hash_ahead`] once the part is acknowledged.
+    pub fn write_part_bytes(
+        &self,
+        upload: &Upload,
+        part: u32,
+        crc32: u32,
+        data: &Bytes,
+    ) -> Result<u32, MediaError> {
+        self.write_part_kept(upload, part, crc32, data, Some(data))
+    }
+
+    fn write_part_kept(
+        &self,
+        upload: &Upload,
+        part: u32,
+        crc32: u32,
+        data: &[u8],
+        keep: Option<&Bytes>,
     ) -> Result<u32, MediaError> {
         let h = &upload.header;
         if part >= h.part_count() {
@@ -777,13 +903,37 @@ impl MediaStore {
         let held = {
             let mut st = lock(&upload.state);
             st.parts[part as usize] = Some(crc32);
+            if let Some(bytes) = keep {
+                let n = bytes.len() as u64;
+                // Taken back by the hasher, or by the upload's drop.
+                if self.ahead_bytes.fetch_add(n, Ordering::Relaxed) + n <= HASH_AHEAD_BYTES_MAX {
+                    st.ahead.insert(part, bytes.clone());
+                } else {
+                    self.ahead_bytes.fetch_sub(n, Ordering::Relaxed);
+                }
+            }
             st.parts.iter().filter(|p| p.is_some()).count() as u32
         };
-        // Hash on while the bytes are at hand, unless another part's writer is at it.
-        if let Err(e) = advance_hash(upload, Some((part, data)), false) {
+        // Bytes kept for the hasher: the caller runs [`MediaStore::hash_ahead`] after
+        // acknowledging, off the acknowledgement's path. Otherwise hash on while the
+        // bytes are at hand, unless another part's writer is at it.
+        if keep.is_none()
+            && let Err(e) = advance_hash(upload, Some((part, data)), false)
+        {
             tracing::warn!(error = %e, "hashing an upload's parts ahead of its finish");
         }
         Ok(held)
+    }
+
+    /// Advances `upload`'s running SHA-256 over the parts held since, taking the bytes
+    /// [`MediaStore::write_part_bytes`] kept (or reading them back, CRC-checked), unless
+    /// another thread is at it. Callers of `write_part_bytes` run it after the part is
+    /// acknowledged, so hashing runs beside the next parts' writes and syncs instead of
+    /// delaying an acknowledgement; whatever it leaves, finishing hashes. Blocking.
+    pub fn hash_ahead(&self, upload: &Upload) {
+        if let Err(e) = advance_hash(upload, None, false) {
+            tracing::warn!(error = %e, "hashing an upload's parts ahead of its finish");
+        }
     }
 
     /// Finishes `upload` ([`MediaStore::check`], then [`MediaStore::commit`]). Blocking.
@@ -895,7 +1045,12 @@ impl MediaStore {
     /// Deletes an upload and its file.
     pub fn remove_upload(&self, id: u64) {
         if let Some(u) = lock(&self.uploads).remove(&id) {
-            lock(&u.state).finished = true;
+            {
+                let mut st = lock(&u.state);
+                st.finished = true;
+                let held: usize = std::mem::take(&mut st.ahead).values().map(Bytes::len).sum();
+                self.ahead_bytes.fetch_sub(held as u64, Ordering::Relaxed);
+            }
             let _ = std::fs::remove_file(&u.path);
         }
     }
@@ -1003,11 +1158,22 @@ fn advance_hash(upload: &Upload, just: Option<(u32, &[u8])>, wait: bool) -> Resu
     let mut buf = Vec::new();
     while hashing.next < h.part_count() {
         let i = hashing.next;
-        let Some(crc) = lock(&upload.state).parts[i as usize] else {
-            break;
+        let (crc, ahead) = {
+            let mut st = lock(&upload.state);
+            let Some(crc) = st.parts[i as usize] else {
+                break;
+            };
+            (crc, st.ahead.remove(&i))
         };
-        match just {
-            Some((j, data)) if j == i => hashing.sha.update(data),
+        if let Some(b) = &ahead {
+            upload
+                .ahead_bytes
+                .fetch_sub(b.len() as u64, Ordering::Relaxed);
+        }
+        match (just, ahead) {
+            (Some((j, data)), _) if j == i => hashing.sha.update(data),
+            // Checked against its CRC on receipt and held in memory since.
+            (_, Some(bytes)) => hashing.sha.update(&bytes),
             _ => {
                 let len = h.part_len(i);
                 buf.resize(len, 0);
@@ -1034,7 +1200,7 @@ fn advance_hash(upload: &Upload, just: Option<(u32, &[u8])>, wait: bool) -> Resu
 
 /// Loads an upload file after a restart: header, slots, and each slotted part's bytes
 /// checked against its CRC.
-fn load_upload(path: &Path) -> Result<Upload, MediaError> {
+fn load_upload(path: &Path, ahead_bytes: Arc<AtomicU64>) -> Result<Upload, MediaError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1072,12 +1238,14 @@ fn load_upload(path: &Path) -> Result<Upload, MediaError> {
         file,
         state: Mutex::new(UploadState {
             parts,
+            ahead: Default::default(),
             finished: false,
         }),
         finishing: tokio::sync::Mutex::new(()),
         hashing: Hashing::new(),
         sync: Mutex::default(),
         synced: Condvar::new(),
+        ahead_bytes,
     })
 }
 
@@ -1210,6 +1378,19 @@ mod tests {
         let tail = data.len() as u64 - 10;
         assert_eq!(read(tail, 1000), data[tail as usize..]);
         assert!(file.read(data.len() as u64, 1).is_err());
+        // Whole parts come from the mapping with their slot's CRC; other ranges as read.
+        for (o, l) in [
+            (0, pb),
+            (pb as u64, 2 * pb),
+            (2 * pb as u64, pb),
+            (10, pb),
+            (0, 100),
+        ] {
+            let (bytes, crc) = file.read_shared(o, l).expect("reads");
+            let end = (o as usize + l).min(data.len());
+            assert_eq!(bytes, data[o as usize..end], "range {o}+{l}");
+            assert_eq!(crc, crc32fast::hash(&bytes), "range {o}+{l}");
+        }
         let up = store
             .start(6, data.len() as u64, "", "", now_ms())
             .expect("starts");
@@ -1244,20 +1425,27 @@ mod tests {
             id = up.header.upload_id;
             // Eight writers at once, each its own parts: every write returns only once
             // a sync that started after its pwrites finished.
+            let shared = Bytes::from(data.clone());
             std::thread::scope(|s| {
                 for t in 0..8u32 {
-                    let (store, up, data) = (&store, &up, &data);
+                    let (store, up, data) = (&store, &up, &shared);
                     s.spawn(move || {
                         for i in (t..up.header.part_count()).step_by(8) {
                             let at = i as usize * pb;
-                            let part = &data[at..(at + pb).min(data.len())];
+                            let part = data.slice(at..(at + pb).min(data.len()));
                             store
-                                .write_part(up, i, crc32fast::hash(part), part)
+                                .write_part_bytes(up, i, crc32fast::hash(&part), &part)
                                 .expect("part stored");
                         }
                     });
                 }
             });
+            // Parts the hasher has not reached are held in memory within the bound;
+            // hashing the rest (as finish does) takes every one of them back.
+            assert!(store.ahead_bytes.load(Ordering::Relaxed) <= HASH_AHEAD_BYTES_MAX);
+            advance_hash(&up, None, true).expect("hashes");
+            assert_eq!(lock(&up.hashing).next, up.header.part_count());
+            assert_eq!(store.ahead_bytes.load(Ordering::Relaxed), 0);
             let st = lock(&up.sync);
             assert_eq!(st.written, u64::from(up.header.part_count()));
             assert_eq!(st.synced, st.written, "every write is covered by a sync");
@@ -1265,6 +1453,43 @@ mod tests {
         let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("reopens");
         let up = store.upload(5, id).expect("upload survives");
         assert!(up.missing().is_empty(), "every acknowledged part is held");
+        store.finish(&up, &sha).expect("the content hashes right");
+    }
+
+    #[test]
+    fn parts_past_the_hash_ahead_bound_are_read_back_and_the_hash_is_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pb = MEDIA_PART_BYTES as usize;
+        let parts = (HASH_AHEAD_BYTES_MAX as usize / pb) + 2;
+        let data = Bytes::from(content(pb * parts, 5));
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
+        let up = store
+            .start(5, data.len() as u64, "", "", now_ms())
+            .expect("starts");
+        // Last part first: nothing can be hashed until part 0 arrives, so the kept parts
+        // hit the node's bound and the rest must be read back from the file.
+        for i in (1..parts).rev() {
+            let part = data.slice(i * pb..(i + 1) * pb);
+            store
+                .write_part_bytes(&up, i as u32, crc32fast::hash(&part), &part)
+                .expect("part stored");
+            store.hash_ahead(&up);
+        }
+        assert_eq!(
+            store.ahead_bytes.load(Ordering::Relaxed),
+            HASH_AHEAD_BYTES_MAX
+        );
+        assert!(
+            lock(&up.state).ahead.len() < parts - 1,
+            "some parts were not kept"
+        );
+        let part = data.slice(..pb);
+        store
+            .write_part_bytes(&up, 0, crc32fast::hash(&part), &part)
+            .expect("part stored");
+        store.hash_ahead(&up);
+        assert_eq!(store.ahead_bytes.load(Ordering::Relaxed), 0);
         store.finish(&up, &sha).expect("the content hashes right");
     }
 
@@ -1289,6 +1514,10 @@ mod tests {
         let store = MediaStore::open(dir.path(), StoreConfig::default()).expect("opens");
         let file = store.file(&sha).expect("opens").expect("stored");
         assert!(matches!(file.read(0, 100), Err(MediaError::Corrupt { .. })));
+        assert!(matches!(
+            file.read_shared(0, MEDIA_PART_BYTES as usize),
+            Err(MediaError::Corrupt { .. })
+        ));
         // The other part is still served.
         let second = MEDIA_PART_BYTES as u64;
         assert_eq!(

@@ -29,6 +29,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::error::{Error, Result};
 use crate::limits::FRAME_PREFIX_BYTES;
 
+/// Media download answers framed as head + data, for a vectored write (`split.rs`).
+pub mod split;
+
 /// First buffer size for a payload that [`read_frame`] is still receiving, in bytes;
 /// the buffer then doubles as bytes arrive, up to the frame's length.
 ///
