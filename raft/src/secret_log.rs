@@ -37,7 +37,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chatlog_storage::{Engine, WriteBatch};
-use openraft::storage::RaftLogReader;
 
 use crate::chat::command::message_text_span;
 use crate::chat::secret::{Erasure, SecretCommand, send_ciphertext_span};
@@ -82,10 +81,9 @@ pub async fn read_send(
     raft_index: u64,
     pos: u32,
 ) -> Result<Option<SentMessage>, Error> {
-    let mut reader = reader.clone();
+    // History reads: a pending message may sit below openraft's purge mark.
     let entries = reader
-        .try_get_log_entries(raft_index..=raft_index)
-        .await
+        .read_history(raft_index, raft_index + 1)
         .map_err(|e| Error::Inconsistent {
             group,
             detail: format!("reading log entry {raft_index} for a secret message: {e}"),

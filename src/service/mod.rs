@@ -889,6 +889,13 @@ impl ChatService {
                     .map_err(propose_error)?;
                 let view = Self::member_check(group, r.chat_id, user)?;
                 let head = view.head_seq;
+                // Retention: history starts at the chat's first retained seq
+                // (wire/PROTOCOL.md); a read from below it starts there.
+                let first_kept = group
+                    .shared()
+                    .read()
+                    .chat_first_seq(r.chat_id)
+                    .unwrap_or(1);
                 let backward = match v1::Direction::try_from(r.direction) {
                     Ok(v1::Direction::Forward) => false,
                     Ok(v1::Direction::Backward) => true,
@@ -900,9 +907,9 @@ impl ChatService {
                     } else {
                         r.from_seq.min(head)
                     };
-                    (top.saturating_sub(limit - 1).max(1), top)
+                    (top.saturating_sub(limit - 1).max(first_kept), top)
                 } else {
-                    let from = r.from_seq.max(1);
+                    let from = r.from_seq.max(first_kept);
                     (from, from.saturating_add(limit - 1).min(head))
                 };
                 let locs = group
@@ -918,7 +925,7 @@ impl ChatService {
                     events = self.read_events(group, r.chat_id, tail).await?;
                 }
                 let has_more = match (backward, events.first(), events.last()) {
-                    (true, Some(first), _) => first.seq > 1,
+                    (true, Some(first), _) => first.seq > first_kept,
                     (false, _, Some(last)) => last.seq < head,
                     _ => false,
                 };
@@ -941,7 +948,18 @@ impl ChatService {
                 let mut locs = Vec::with_capacity(r.seqs.len());
                 {
                     let st = group.shared().read();
+                    let first_kept = st.chat_first_seq(r.chat_id).unwrap_or(1);
                     for s in &r.seqs {
+                        if *s != 0 && *s < first_kept {
+                            return Err(error(
+                                ErrorCode::NotFound,
+                                format!(
+                                    "chat {} seq {s} is below retention: its first retained \
+                                     seq is {first_kept}",
+                                    r.chat_id
+                                ),
+                            ));
+                        }
                         if *s == 0 || *s > view.head_seq {
                             return Err(error(
                                 ErrorCode::NotFound,

@@ -1,0 +1,145 @@
+//! Log retention in the applied state: which Raft entries the per-chat and per-user
+//! indexes may still point at, and the index type that forgets what lies below.
+//!
+//! What it owns: [`EventIndex`] (a seq → location index whose oldest seqs can be
+//! dropped while seqs stay what they were), [`RetentionPolicy`] (how much of the log a
+//! node keeps) and the rule that turns an applied index into a trim horizon
+//! ([`RetentionPolicy::trim_at`]). What it must not do: read clocks, look at the disk or
+//! depend on anything but applied entries and the policy: every replica trims at the same
+//! entries to the same horizon, so the encoded state stays byte-identical (the policy
+//! must be the same on every node, as `chatlog serve --help` says).
+//!
+//! The physical purge of the Raft log (`crate::retention`) follows this horizon, further
+//! held back by what only one replica knows (its durable checkpoint, its eraser).
+
+use crate::chat::state::EventLoc;
+
+/// Entries between two trims of the indexes, at most. Why: a trim walks every chat and
+/// user of the group, so it runs every `retain_entries / 8` entries (at least 1, at most
+/// this), not on every entry; history below the horizon lingers at most this long.
+pub const TRIM_EVERY_ENTRIES_MAX: u64 = 10_000;
+
+/// How much of a group's Raft log a node keeps: the same on every replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep the newest this many Raft entries (and every entry still needed: pending
+    /// secret messages, entries above the durable checkpoint). `None` keeps everything.
+    pub retain_entries: Option<u64>,
+}
+
+impl RetentionPolicy {
+    /// Keeps everything (the default).
+    pub fn keep_all() -> RetentionPolicy {
+        RetentionPolicy::default()
+    }
+
+    /// Whether applying the entry at `raft_index` trims the indexes, and to which
+    /// horizon (the first Raft index they keep). Deterministic: a function of the index
+    /// and the policy only.
+    pub fn trim_at(&self, raft_index: u64) -> Option<u64> {
+        let keep = self.retain_entries?.max(1);
+        let every = (keep / 8).clamp(1, TRIM_EVERY_ENTRIES_MAX);
+        if raft_index % every != 0 || raft_index < keep {
+            return None;
+        }
+        Some(raft_index + 1 - keep)
+    }
+}
+
+/// The index of one chat's (or user's) events: `seq → location`, dense from seq 1, of
+/// which the oldest `base` seqs may have been dropped by retention. Seqs never change:
+/// [`EventIndex::len`] is the head seq whatever was dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventIndex {
+    /// Seqs `1..=base` were dropped.
+    base: u64,
+    /// `locs[k]` is where seq `base + 1 + k` lives.
+    locs: Vec<EventLoc>,
+}
+
+impl EventIndex {
+    /// An index holding `locs` as seqs `1..=locs.len()`.
+    pub fn from_locs(locs: Vec<EventLoc>) -> EventIndex {
+        EventIndex { base: 0, locs }
+    }
+
+    /// The head seq (events ever indexed, dropped ones included).
+    pub fn len(&self) -> usize {
+        self.base as usize + self.locs.len()
+    }
+
+    /// Whether no event was ever indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Seqs dropped by retention (`1..=base`).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The first seq still held (`base + 1`; the head + 1 when none is).
+    pub fn first_seq(&self) -> u64 {
+        self.base + 1
+    }
+
+    /// Restores the dropped count of a decoded index (its locations are the kept ones).
+    pub fn set_base(&mut self, base: u64) {
+        self.base = base;
+    }
+
+    /// Indexes the next seq.
+    pub fn push(&mut self, loc: EventLoc) {
+        self.locs.push(loc);
+    }
+
+    /// Where seq `k + 1` lives; `None` if it was dropped or is beyond the head.
+    pub fn get(&self, k: usize) -> Option<&EventLoc> {
+        k.checked_sub(self.base as usize)
+            .and_then(|i| self.locs.get(i))
+    }
+
+    /// Mutable [`EventIndex::get`].
+    pub fn get_mut(&mut self, k: usize) -> Option<&mut EventLoc> {
+        k.checked_sub(self.base as usize)
+            .and_then(|i| self.locs.get_mut(i))
+    }
+
+    /// Like `slice::partition_point` over all seqs, dropped ones counted as satisfying
+    /// `pred` (they are older than every kept one).
+    pub fn partition_point(&self, pred: impl FnMut(&EventLoc) -> bool) -> usize {
+        self.base as usize + self.locs.partition_point(pred)
+    }
+
+    /// The kept locations, oldest first (seq `first_seq()` onwards).
+    pub fn kept(&self) -> &[EventLoc] {
+        &self.locs
+    }
+
+    /// Drops the leading events that live below Raft index `horizon`; returns how many.
+    pub fn trim_below(&mut self, horizon: u64) -> u64 {
+        let n = self.locs.partition_point(|l| l.raft_index() < horizon);
+        if n > 0 {
+            self.locs.drain(..n);
+            self.base += n as u64;
+        }
+        n as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_are_deterministic_and_sparse() {
+        let p = RetentionPolicy {
+            retain_entries: Some(80),
+        };
+        assert_eq!(p.trim_at(10), None);
+        assert_eq!(p.trim_at(80), Some(1));
+        assert_eq!(p.trim_at(81), None);
+        assert_eq!(p.trim_at(90), Some(11));
+        assert_eq!(RetentionPolicy::keep_all().trim_at(1 << 30), None);
+    }
+}

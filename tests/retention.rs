@@ -1,0 +1,292 @@
+//! Black-box: log retention and snapshots that carry the retained log range, on three
+//! real `chatlog serve` processes (`--retain-entries`, small segments).
+//!
+//! Covered: with a small retention, writes purge the Raft log on every replica (a read
+//! from seq 1 starts at the chat's first retained seq, a `get_by_seq` below it answers
+//! NOT_FOUND naming retention); a follower killed (SIGKILL) before most of the writes and
+//! restarted far behind the leader's purge mark catches up from a snapshot and then
+//! serves every retained event byte-exact at the same seqs as the leader; every node's
+//! data directory stays bounded while writes continue; a restart of the leader after
+//! the purge serves the same history again.
+//!
+//! Every wait has a deadline. The seed (writer order) is printed; set
+//! `CHATLOG_TEST_SEED` to repeat a run.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatlog_raft::chat::group_of;
+use chatlog_wire::client::Client;
+use chatlog_wire::proto::v1::{self, ErrorCode};
+use cluster::{Cluster, Options, full_history, retryable, send_request};
+
+/// Longest anything that needs an election, a snapshot or a catch-up may take.
+const WAIT: Duration = Duration::from_secs(90);
+/// `--retain-entries` of every node.
+const RETAIN_ENTRIES: u64 = 200;
+/// Bytes of text per message: big enough that the written volume dwarfs what is kept.
+const TEXT_BYTES: usize = 2000;
+/// Writers in flight (few, so entries carry few posts each and the log has many).
+const WRITERS: u64 = 8;
+
+async fn connect(addr: &str, token: Option<String>) -> Client {
+    cluster::connect_with(
+        addr,
+        cluster::client_options(token, Duration::from_secs(10), 1),
+    )
+    .await
+}
+
+/// Sends messages `from..to` (client message ids `i + 1`) with [`WRITERS`] in flight,
+/// retrying each on the next client after a retryable failure.
+async fn write(clients: &[Client], chat: u64, from: u64, to: u64) {
+    let next = Arc::new(AtomicU64::new(from));
+    let mut tasks = Vec::new();
+    for t in 0..WRITERS {
+        let (clients, next) = (clients.to_vec(), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    return;
+                }
+                let text = format!("m{i:06} {}", "x".repeat(TEXT_BYTES));
+                let deadline = Instant::now() + WAIT;
+                let mut at = t as usize;
+                loop {
+                    match clients[at % clients.len()]
+                        .send_message(send_request(chat, i + 1, &text))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if retryable(&e) && Instant::now() < deadline => {
+                            at += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("send {i} failed: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+}
+
+/// Bytes of files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            total += dir_bytes(&e.path());
+        } else {
+            total += meta.len();
+        }
+    }
+    total
+}
+
+/// The first event a forward read from seq 1 returns on `client`'s node, and the head.
+async fn first_served(client: &Client, chat: u64) -> (u64, u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: 1,
+                direction: v1::Direction::Forward.into(),
+                limit: 1,
+            })
+            .await
+        {
+            Ok(page) => return (page.events.first().map_or(0, |e| e.seq), page.head_seq),
+            Err(e) if retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("history: {e}"),
+        }
+    }
+}
+
+/// Waits until `client`'s node serves the chat up to `head`.
+async fn wait_head(client: &Client, node: u64, chat: u64, head: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: 0,
+                direction: v1::Direction::Backward.into(),
+                limit: 1,
+            })
+            .await
+        {
+            Ok(page) if page.head_seq == head => return,
+            Ok(page) => eprintln!("node {node} at head {} of {head}", page.head_seq),
+            Err(e) if retryable(&e) => eprintln!("node {node} not ready: {e}"),
+            Err(e) => panic!("history on node {node}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "node {node} did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Checks one node's retained history: dense seqs from the first retained one to the
+/// head, each message's text the one sent with that client message id (seq - 1, the
+/// chat's creation being seq 1).
+fn check_retained(node: u64, events: &[v1::Event], head: u64) {
+    let first = events.first().expect("something retained").seq;
+    assert!(first > 1, "node {node}: history below retention is gone");
+    assert_eq!(events.last().expect("last").seq, head, "node {node}: up to the head");
+    for (k, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, first + k as u64, "node {node}: dense");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_purge_catches_up_from_a_snapshot_with_history() {
+    let started = Instant::now();
+    let _ = cluster::seed();
+    let mut cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            groups: 2,
+            extra: vec![
+                "--retain-entries".into(),
+                RETAIN_ENTRIES.to_string(),
+                "--segment-mb".into(),
+                "1".into(),
+            ],
+            ..Options::default()
+        })
+    });
+    let c1 = connect(&cluster.addr(1), None).await;
+    let (_alice, token) = cluster::create_and_login(&c1, "alice", "dev").await;
+    let a = connect(&cluster.addr(1), Some(token.clone())).await;
+    let chat = a
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "retention".into(),
+            member_ids: Vec::new(),
+        })
+        .await
+        .expect("chat created")
+        .chat_id;
+    let group = group_of(chat);
+    let (leader, _) = tokio::task::block_in_place(|| cluster.leader(group, 0));
+    let follower = cluster.ids().find(|n| *n != leader).expect("a follower");
+    let other = cluster
+        .ids()
+        .find(|n| *n != leader && *n != follower)
+        .expect("a third node");
+    eprintln!("chat {chat} in group {group}: leader {leader}, killing {follower} later");
+    let clients = [
+        connect(&cluster.addr(leader), Some(token.clone())).await,
+        connect(&cluster.addr(other), Some(token.clone())).await,
+    ];
+
+    // A little history with everyone up, then the follower dies (SIGKILL).
+    write(&clients, chat, 0, 100).await;
+    cluster.kill(follower);
+
+    // Far more than the retention while it is down: the leader purges past it.
+    let phase_two = 3000;
+    write(&clients, chat, 100, phase_two).await;
+    let head = phase_two + 1;
+    let deadline = Instant::now() + WAIT;
+    let first_kept = loop {
+        let (first, h) = first_served(&clients[0], chat).await;
+        assert_eq!(h, head);
+        if first > 1 {
+            break first;
+        }
+        assert!(Instant::now() < deadline, "the leader never trimmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("leader serves from seq {first_kept} of {head}");
+
+    // Below retention: a read from seq 1 starts at the first retained seq (above), and
+    // asking for seq 1 by number is NOT_FOUND naming retention.
+    let below = clients[0]
+        .get_by_seq(v1::GetBySeqRequest {
+            chat_id: chat,
+            seqs: vec![1],
+        })
+        .await
+        .expect_err("seq 1 is below retention");
+    assert_eq!(below.code(), Some(ErrorCode::NotFound), "{below}");
+    assert!(below.to_string().contains("retention"), "{below}");
+
+    // Disk stays bounded while writes go on: the leader's directory after three times
+    // as much more text is not much larger than now (segments are recycled).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let disk_before = dir_bytes(&cluster.dir(leader));
+    let written_more = 3 * phase_two;
+    write(&clients, chat, phase_two, phase_two + written_more).await;
+    let head = phase_two + written_more + 1;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let disk_after = dir_bytes(&cluster.dir(leader));
+    let text_more = written_more * TEXT_BYTES as u64;
+    eprintln!(
+        "leader data dir: {disk_before} bytes, then {disk_after} after {text_more} more bytes of text"
+    );
+    assert!(
+        disk_after < disk_before + text_more / 2,
+        "disk grows with the writes: {disk_before} -> {disk_after}"
+    );
+
+    // The follower comes back far behind the purge mark: it installs a snapshot that
+    // carries the retained range, then serves the same history as the leader.
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart(follower));
+    let f = connect(&cluster.addr(follower), Some(token.clone())).await;
+    wait_head(&f, follower, chat, head).await;
+    eprintln!(
+        "node {follower} caught up in {:?} after its restart",
+        restarted.elapsed()
+    );
+    let on_leader = full_history(&clients[0], chat, WAIT).await;
+    let on_follower = full_history(&f, chat, WAIT).await;
+    check_retained(leader, &on_leader, head);
+    check_retained(follower, &on_follower, head);
+    assert!(
+        on_follower == on_leader,
+        "the follower's retained history differs from the leader's ({} vs {} events, first {} vs {})",
+        on_follower.len(),
+        on_leader.len(),
+        on_follower[0].seq,
+        on_leader[0].seq
+    );
+    // Every message is the one sent with its client message id.
+    for e in &on_leader {
+        if let Some(v1::event::Body::MessagePosted(m)) = &e.body {
+            assert!(m.text.starts_with('m'), "{e:?}");
+        }
+    }
+
+    // The leader restarts after its purges (SIGKILL) and serves the same history again.
+    cluster.kill(leader);
+    tokio::task::block_in_place(|| cluster.restart(leader));
+    let l = connect(&cluster.addr(leader), Some(token.clone())).await;
+    wait_head(&l, leader, chat, head).await;
+    let again = full_history(&l, chat, WAIT).await;
+    assert!(
+        again == on_leader || again.first().map(|e| e.seq) > on_leader.first().map(|e| e.seq),
+        "the restarted leader serves a different history"
+    );
+    let tail = &on_leader[on_leader.len() - again.len().min(on_leader.len())..];
+    assert!(
+        again.len() <= on_leader.len() && tail == &again[..],
+        "the restarted node's history is the leader's retained tail"
+    );
+    eprintln!("test took {:?}", started.elapsed());
+}
