@@ -25,6 +25,14 @@
 //! index (issue 9: a stale copy after a truncation) is an `Inconsistent` error, never
 //! data handed to replication or apply. A read that raced a truncation is retried.
 //!
+//! Retention. Openraft's `purge(upto)` is logical: openraft no longer sees entries up to
+//! `upto` (reads, `get_log_state`), but the engine deletes only those below the retain
+//! mark (`LogReader::set_retain_from`, moved by `crate::retention`; 0, the default,
+//! keeps everything). The committed entries kept below the purge mark are the
+//! **history** (`State::history`): history and secret-message reads see them
+//! (`LogReader::read_history`), snapshots carry them, and a follower that installs a
+//! snapshot keeps the snapshot's range there (`LogReader::install_range`).
+//!
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in
 //! submission order, so `IOFlushed` callbacks fire in order and exactly once.
@@ -730,7 +738,9 @@ impl GroupLog {
 
     /// The entries a snapshot at `upto` carries: what this replica holds from its first
     /// entry (history included) to `upto`, newest ones first kept when they exceed
-    /// [`SNAPSHOT_LOG_BYTES_MAX`] bytes; returned oldest first, as encoded bytes.
+    /// [`SNAPSHOT_LOG_BYTES_MAX`] bytes; returned oldest first, as encoded bytes. A read
+    /// that comes back short (a purge raced it) ends the range there: a snapshot with
+    /// less history beats a failed one, which would stop the group.
     fn snapshot_range(&self, upto: u64) -> Result<Vec<bytes::Bytes>> {
         let first = {
             let st = self.lock();
@@ -746,16 +756,18 @@ impl GroupLog {
         let mut hi = upto + 1;
         while hi > first && total < SNAPSHOT_LOG_BYTES_MAX {
             let lo = hi.saturating_sub(256).max(first);
-            let entries = self.read_history(lo, hi)?;
-            if entries.len() as u64 != hi - lo {
-                return Err(Error::Inconsistent {
-                    group: self.group,
-                    detail: format!(
-                        "snapshot range [{lo}, {hi}) should be held, {} entries are",
-                        entries.len()
-                    ),
-                });
-            }
+            let entries = match self.read_history(lo, hi) {
+                Ok(entries)
+                    if entries.len() as u64 == hi - lo
+                        && entries.first().map(|e| e.log_id.index) == Some(lo) =>
+                {
+                    entries
+                }
+                other => {
+                    tracing::warn!(group = self.group, lo, hi, error = ?other.err(), "snapshot range cut short: entries missing");
+                    break;
+                }
+            };
             for e in entries.iter().rev() {
                 let b = bytes::Bytes::from(codec::encode_entry(e));
                 if total + b.len() > SNAPSHOT_LOG_BYTES_MAX {

@@ -26,11 +26,11 @@
 //! eraser starting up redoes all of them, skipping entries already zeroed or purged, so
 //! a crash between apply and the redact's fdatasync loses no erasure.
 //!
-//! Retention. Raft logs are never purged today (`node::timing`: no snapshot purges).
-//! Log retention, when it comes, must not purge an entry that holds a pending secret
-//! message (it would be lost unread), and must zero an erased one before its segment can
-//! be recycled (a recycled file keeps its old bytes; the engine deletes, never recycles,
-//! segments that held redacted bytes).
+//! Retention (`crate::retention`) never purges an entry that holds a pending secret
+//! message (it would be lost unread), nor one holding an erasure this replica's eraser
+//! has not zeroed yet (a recycled file keeps its old bytes; the engine deletes, never
+//! recycles, segments that held redacted bytes). Pending messages are read with
+//! `LogReader::read_history`, which also sees entries below openraft's purge mark.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -21,16 +21,26 @@
 //! also written as the checkpoint. Backups read the durable checkpoint
 //! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
 //!
-//! Snapshot bytes (`SnapshotData`): the checkpoint header followed by the state bytes.
+//! Snapshot bytes (`SnapshotData`): the checkpoint (header and state bytes), then the
+//! retained log range, the entries from the first one this replica holds (history below
+//! openraft's purge mark included) to the snapshot's index:
 //!
 //! ```text
 //! version u8 | has_applied u8 [| LogId] | has_membership_log_id u8 [| LogId]
 //! | Membership (codec) | state_len u64 | state bytes
+//! [| 0x52 | count u64 | count × (len u32 | entry (codec::encode_entry))]
 //! ```
 //!
-//! Known gap: a snapshot carries the state but not the retained log range, so a
-//! follower that installs one cannot serve history older than the snapshot until it is
-//! streamed too (raft/PLAN.md §5.2).
+//! The state alone is kept as the current snapshot; the range is read from the log when
+//! openraft asks for the snapshot to send it (`get_current_snapshot`), bounded by
+//! `log_store::SNAPSHOT_LOG_BYTES_MAX` (openraft's `SnapshotData` is one value, which
+//! the receiver reassembles in memory). Installing one writes the checkpoint first, then
+//! the range into the log (`LogReader::install_range`, as history below the purge mark
+//! openraft sets right after), then replaces the state, so a replica that installed a
+//! snapshot serves the same retained history as the one that sent it. A crash between
+//! the checkpoint and the end of the range restarts from the installed state (openraft
+//! purges the log up to it) with part of the history missing: reads of it fail with an
+//! error naming the missing entry, the group keeps running.
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -677,12 +687,13 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             }
             .into());
         }
-        // The entries first (history below the purge mark openraft sets next), then the
-        // checkpoint: a crash after it restarts from the installed state.
+        // The checkpoint first: a crash after it restarts from the installed state (and
+        // openraft purges the old log up to it). Then the entries, as history below the
+        // purge mark openraft sets next; a crash among them loses only that history.
+        self.write_checkpoint(&checkpoint).await?;
         if let Some(log) = &self.log {
             log.install_range(entries).await?;
         }
-        self.write_checkpoint(&checkpoint).await?;
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
         self.applied_since_checkpoint = 0;
