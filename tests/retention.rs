@@ -147,7 +147,11 @@ async fn wait_head(client: &Client, node: u64, chat: u64, head: u64) {
 fn check_retained(node: u64, events: &[v1::Event], head: u64) {
     let first = events.first().expect("something retained").seq;
     assert!(first > 1, "node {node}: history below retention is gone");
-    assert_eq!(events.last().expect("last").seq, head, "node {node}: up to the head");
+    assert_eq!(
+        events.last().expect("last").seq,
+        head,
+        "node {node}: up to the head"
+    );
     for (k, e) in events.iter().enumerate() {
         assert_eq!(e.seq, first + k as u64, "node {node}: dense");
     }

@@ -625,7 +625,9 @@ impl GroupLog {
             // (empty when `last` is None), below it `history`.
             let previous_first = st.last.map_or(u64::MAX, |_| st.first_index);
             let previous_last = st.last.map_or(0, |l| l.index);
-            let previous_last = st.history.map_or(previous_last, |(_, hi)| hi.max(previous_last));
+            let previous_last = st
+                .history
+                .map_or(previous_last, |(_, hi)| hi.max(previous_last));
             st.purged = Some(upto);
             match st.last {
                 Some(last) if last.index > upto.index => {
@@ -771,7 +773,11 @@ impl GroupLog {
             for e in entries.iter().rev() {
                 let b = bytes::Bytes::from(codec::encode_entry(e));
                 if total + b.len() > SNAPSHOT_LOG_BYTES_MAX {
-                    tracing::warn!(group = self.group, from = e.log_id.index + 1, "snapshot carries only the newest retained entries (SNAPSHOT_LOG_BYTES_MAX)");
+                    tracing::warn!(
+                        group = self.group,
+                        from = e.log_id.index + 1,
+                        "snapshot carries only the newest retained entries (SNAPSHOT_LOG_BYTES_MAX)"
+                    );
                     out.reverse();
                     return Ok(out);
                 }
@@ -836,7 +842,11 @@ impl GroupLog {
 
     async fn write_install(&self, batch: WriteBatch, last: LogId) -> Result<()> {
         self.engine.write(&batch).await.map_err(|source| {
-            self.storage_err("installing", format!("the snapshot's log entries up to {last}"), source)
+            self.storage_err(
+                "installing",
+                format!("the snapshot's log entries up to {last}"),
+                source,
+            )
         })
     }
 
@@ -856,9 +866,10 @@ impl GroupLog {
         };
         let mut batch = WriteBatch::new();
         batch.purge_before(self.log, engine_index(cut));
-        self.engine.write(&batch).await.map_err(|source| {
-            self.storage_err("purging", format!("history below {cut}"), source)
-        })
+        self.engine
+            .write(&batch)
+            .await
+            .map_err(|source| self.storage_err("purging", format!("history below {cut}"), source))
     }
 }
 

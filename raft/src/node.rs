@@ -347,13 +347,13 @@ impl Group {
                 }
             }
             // History reads see what retention keeps below openraft's purge mark too.
-            let entries = self
-                .reader
-                .read_history(first, last + 1)
-                .map_err(|e| Error::Inconsistent {
-                    group: self.id,
-                    detail: format!("reading log entries {first}..={last} for events: {e}"),
-                })?;
+            let entries =
+                self.reader
+                    .read_history(first, last + 1)
+                    .map_err(|e| Error::Inconsistent {
+                        group: self.id,
+                        detail: format!("reading log entries {first}..={last} for events: {e}"),
+                    })?;
             let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
             for e in entries {
                 if let EntryPayload::Normal(b) = e.payload {
@@ -1352,7 +1352,7 @@ impl Node {
         for (g, group) in groups {
             group.secret_eraser.abort();
             group.retention.abort();
-        group.retention.abort();
+            group.retention.abort();
             if let Err(e) = group.raft.shutdown().await {
                 tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
             }

@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::ChatRaft;
 use crate::chat::retention::RetentionPolicy;
 use crate::log_store::LogReader;
 use crate::state_machine::GroupShared;
-use crate::ChatRaft;
 use crate::types::GroupId;
 
 /// Pause between two looks at a group's horizon. Why: a purge is a cheap metadata write
@@ -82,20 +82,17 @@ pub async fn run(
                 .snapshot
                 .map_or(0, |s| s.index)
         };
-        if wanted - 1 >= snapshot_at() + slack || shared.checkpointed() + 1 < wanted {
+        if wanted > snapshot_at() + slack || shared.checkpointed() + 1 < wanted {
             if raft.trigger().snapshot().await.is_err() {
                 return; // the group stopped
             }
             let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT_MAX;
-            while snapshot_at() + 1 < wanted && tokio::time::Instant::now() < deadline
-            {
+            while snapshot_at() + 1 < wanted && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         // Never above the durable checkpoint nor openraft's snapshot (it would refuse).
-        let h = wanted
-            .min(shared.checkpointed() + 1)
-            .min(snapshot_at() + 1);
+        let h = wanted.min(shared.checkpointed() + 1).min(snapshot_at() + 1);
         if h <= 1 {
             continue;
         }

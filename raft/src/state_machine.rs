@@ -54,12 +54,12 @@ use tokio::sync::watch;
 
 use crate::chat::retention::RetentionPolicy;
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
-use crate::log_store::LogReader;
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
 use crate::feed::{Feed, FeedRead};
 use crate::ids;
+use crate::log_store::LogReader;
 use crate::types::{
     ChatBatchReply, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StoredMembership,
     TypeConfig,
@@ -671,7 +671,10 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         {
             return Err(Error::Inconsistent {
                 group: self.group,
-                detail: format!("snapshot entries end at {}, its meta at {want}", last.log_id),
+                detail: format!(
+                    "snapshot entries end at {}, its meta at {want}",
+                    last.log_id
+                ),
             }
             .into());
         }

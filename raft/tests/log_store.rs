@@ -255,7 +255,10 @@ async fn purges_keep_history_above_the_retain_mark() {
     let indexes = |v: &[Entry]| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
     {
         let (engine, mut store) = open(dir.path());
-        store.blocking_append(entries.clone()).await.expect("appends");
+        store
+            .blocking_append(entries.clone())
+            .await
+            .expect("appends");
         let reader = store.get_log_reader().await;
         reader.set_retain_from(4);
         store.purge(log_id(1, 1, 6)).await.expect("purges");
@@ -272,7 +275,10 @@ async fn purges_keep_history_above_the_retain_mark() {
         // Later retention deletes history below a new horizon, never above the mark.
         reader.set_retain_from(6);
         reader.purge_history_below(9).await.expect("purges history");
-        assert_eq!(indexes(&reader.read_history(0, 11).unwrap()), (6..=10).collect::<Vec<_>>());
+        assert_eq!(
+            indexes(&reader.read_history(0, 11).unwrap()),
+            (6..=10).collect::<Vec<_>>()
+        );
         drop(reader);
         close(engine, store);
     }
@@ -281,17 +287,29 @@ async fn purges_keep_history_above_the_retain_mark() {
         let (engine, mut store) = open(dir.path());
         let reader = store.get_log_reader().await;
         assert_eq!(indexes(&read_all(&mut store).await), vec![7, 8, 9, 10]);
-        assert_eq!(indexes(&reader.read_history(0, 11).unwrap()), (6..=10).collect::<Vec<_>>());
+        assert_eq!(
+            indexes(&reader.read_history(0, 11).unwrap()),
+            (6..=10).collect::<Vec<_>>()
+        );
         // A snapshot at 40 with entries 30..=40 (this log is far behind): the log holds
         // them as history once openraft purges up to the snapshot, and appends go on.
         let snap: Vec<Entry> = (30..=40).map(|i| normal(2, i, &format!("s{i}"))).collect();
         reader.install_range(snap.clone()).await.expect("installs");
-        store.purge(log_id(2, 1, 40)).await.expect("purges to the snapshot");
+        store
+            .purge(log_id(2, 1, 40))
+            .await
+            .expect("purges to the snapshot");
         assert_eq!(read_all(&mut store).await, Vec::<Entry>::new());
         assert_eq!(reader.read_history(0, 100).unwrap(), snap);
-        store.blocking_append(vec![normal(2, 41, "after")]).await.expect("appends");
+        store
+            .blocking_append(vec![normal(2, 41, "after")])
+            .await
+            .expect("appends");
         assert_eq!(indexes(&read_all(&mut store).await), vec![41]);
-        assert_eq!(indexes(&reader.read_history(0, 100).unwrap()), (30..=41).collect::<Vec<_>>());
+        assert_eq!(
+            indexes(&reader.read_history(0, 100).unwrap()),
+            (30..=41).collect::<Vec<_>>()
+        );
         drop(reader);
         close(engine, store);
     }
@@ -299,7 +317,10 @@ async fn purges_keep_history_above_the_retain_mark() {
         let (engine, mut store) = open(dir.path());
         let reader = store.get_log_reader().await;
         assert_eq!(indexes(&read_all(&mut store).await), vec![41]);
-        assert_eq!(indexes(&reader.read_history(0, 100).unwrap()), (30..=41).collect::<Vec<_>>());
+        assert_eq!(
+            indexes(&reader.read_history(0, 100).unwrap()),
+            (30..=41).collect::<Vec<_>>()
+        );
         drop(reader);
         close(engine, store);
     }

@@ -891,11 +891,7 @@ impl ChatService {
                 let head = view.head_seq;
                 // Retention: history starts at the chat's first retained seq
                 // (wire/PROTOCOL.md); a read from below it starts there.
-                let first_kept = group
-                    .shared()
-                    .read()
-                    .chat_first_seq(r.chat_id)
-                    .unwrap_or(1);
+                let first_kept = group.shared().read().chat_first_seq(r.chat_id).unwrap_or(1);
                 let backward = match v1::Direction::try_from(r.direction) {
                     Ok(v1::Direction::Forward) => false,
                     Ok(v1::Direction::Backward) => true,

@@ -39,7 +39,7 @@ impl RetentionPolicy {
     pub fn trim_at(&self, raft_index: u64) -> Option<u64> {
         let keep = self.retain_entries?.max(1);
         let every = (keep / 8).clamp(1, TRIM_EVERY_ENTRIES_MAX);
-        if raft_index % every != 0 || raft_index < keep {
+        if !raft_index.is_multiple_of(every) || raft_index < keep {
             return None;
         }
         Some(raft_index + 1 - keep)
@@ -199,7 +199,11 @@ mod tests {
         assert_eq!(st.retained_from(), 12);
         assert_eq!(st.chat_first_seq(chat), Some(11));
         let events = st.chat_events(chat, 1, 100).expect("chat");
-        assert_eq!(events.first().map(|e| e.0), Some(11), "starts at the first kept");
+        assert_eq!(
+            events.first().map(|e| e.0),
+            Some(11),
+            "starts at the first kept"
+        );
         assert_eq!(events.last().map(|e| e.0), Some(21), "head unchanged");
         assert!(events.iter().all(|(s, l)| l.raft_index() == s + 1));
         // A delete of a dropped seq is refused (the same on every replica).

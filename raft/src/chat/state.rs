@@ -1764,13 +1764,21 @@ impl GroupState {
         }
         w.u8(RETENTION_SECTION_TAG);
         w.u64(self.retained_from);
-        let chats: Vec<_> = self.chats.iter().filter(|(_, c)| c.events.base() > 0).collect();
+        let chats: Vec<_> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| c.events.base() > 0)
+            .collect();
         w.u64(chats.len() as u64);
         for (id, c) in chats {
             w.u64(*id);
             w.u64(c.events.base());
         }
-        let users: Vec<_> = self.users.iter().filter(|(_, u)| u.log.base() > 0).collect();
+        let users: Vec<_> = self
+            .users
+            .iter()
+            .filter(|(_, u)| u.log.base() > 0)
+            .collect();
         w.u64(users.len() as u64);
         for (id, u) in users {
             w.u64(*id);
