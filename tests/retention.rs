@@ -7,13 +7,17 @@
 //! restarted far behind the leader's purge mark catches up from a snapshot and then
 //! serves every retained event byte-exact at the same seqs as the leader; every node's
 //! data directory stays bounded while writes continue; a restart of the leader after
-//! the purge serves the same history again.
+//! the purge serves the same history again. On one node: secret messages pending for an
+//! offline device keep their entries through retention purges and a SIGKILL restart,
+//! and are delivered intact.
 //!
 //! Every wait has a deadline. The seed (writer order) is printed; set
 //! `CHATLOG_TEST_SEED` to repeat a run.
 
 #[path = "common/cluster.rs"]
 mod cluster;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -293,4 +297,142 @@ async fn a_follower_behind_the_purge_catches_up_from_a_snapshot_with_history() {
         "the restarted node's history is the leader's retained tail"
     );
     eprintln!("test took {:?}", started.elapsed());
+}
+
+/// Logs `user` in from `device` on `addr` and publishes the device's key (kept in
+/// `keys_dir`).
+async fn secret_device(
+    addr: &str,
+    user: &(u64, String),
+    device: &str,
+    keys_dir: &Path,
+) -> (Client, chatlog_wire::secret::DeviceKeys) {
+    let client = connect(addr, None).await;
+    cluster::login(
+        &client,
+        v1::LoginRequest {
+            user_id: user.0,
+            login_token: user.1.clone(),
+            device_id: device.into(),
+            device_name: device.into(),
+        },
+    )
+    .await;
+    let keys = chatlog_wire::secret::DeviceKeys::load_or_create(
+        keys_dir.join(format!("{}-{device}.key", user.0)),
+        user.0,
+        device,
+    )
+    .expect("keys");
+    client.secret_publish(&keys).await.expect("publish");
+    (client, keys)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_secret_messages_outlive_retention_purges() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut flags = vec!["--segment-mb", "1", "--retain-entries", "50"];
+    flags.extend(server::NO_RATE_LIMITS);
+    let srv = server::Server::start(&data, &flags);
+    let listen = srv.addr.clone();
+    let anon = connect(&listen, None).await;
+    let alice = cluster::create_user(&anon, "alice").await;
+    let bob = cluster::create_user(&anon, "bob").await;
+    let alice = (alice.user_id, alice.login_token);
+    let bob = (bob.user_id, bob.login_token);
+    let (phone, mut phone_keys) = secret_device(&listen, &alice, "phone", keys.path()).await;
+    drop(secret_device(&listen, &bob, "laptop", keys.path()).await);
+    let secret_chat = phone
+        .secret_start(&mut phone_keys, bob.0, "laptop")
+        .await
+        .expect("secret chat");
+    let group = group_of(secret_chat);
+    let mut texts = Vec::new();
+    for i in 0..3 {
+        let text = format!("pending-{i}-{:016x}", rand::random::<u64>());
+        phone
+            .secret_send(&mut phone_keys, secret_chat, &text, 600_000, 0, now_ms())
+            .await
+            .expect("secret send");
+        texts.push(text);
+    }
+
+    // Traffic in the same group, far beyond the retention: a user living there posts
+    // one message per entry.
+    let mut k = 0;
+    let writer = loop {
+        let u = cluster::create_user(&anon, &format!("w{k}")).await;
+        k += 1;
+        if group_of(u.user_id) == group {
+            break (u.user_id, u.login_token);
+        }
+        assert!(k < 200, "no user lands in group {group}");
+    };
+    let wc = connect(&listen, None).await;
+    cluster::login(
+        &wc,
+        v1::LoginRequest {
+            user_id: writer.0,
+            login_token: writer.1.clone(),
+            device_id: "dev".into(),
+            device_name: "dev".into(),
+        },
+    )
+    .await;
+    let chat = wc
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "traffic".into(),
+            member_ids: Vec::new(),
+        })
+        .await
+        .expect("chat")
+        .chat_id;
+    assert_eq!(group_of(chat), group, "the chat lives in the secret chat's group");
+    for i in 0..400u64 {
+        wc.send_message(send_request(chat, i + 1, &format!("t{i}")))
+            .await
+            .expect("send");
+    }
+    // The state trimmed (a read from seq 1 starts later) and the retention task ran.
+    let (first, head) = first_served(&wc, chat).await;
+    assert_eq!(head, 401);
+    assert!(first > 1, "history from seq 1 starts at {first}: trimmed");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // SIGKILL, restart: the pending messages are still there, intact.
+    srv.kill();
+    let srv = server::Server::start_on(&data, &listen, &flags);
+    let (laptop, mut laptop_keys) = secret_device(&srv.addr, &bob, "laptop", keys.path()).await;
+    let deadline = Instant::now() + WAIT;
+    let pending = loop {
+        match laptop
+            .secret_pending(v1::SecretPendingRequest { secret_chat_id: 0 })
+            .await
+        {
+            Ok(p) => break p,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("pending after restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("pending after restart: {e}"),
+        }
+    };
+    assert_eq!(pending.messages.len(), 3);
+    for (m, text) in pending.messages.iter().zip(&texts) {
+        let o = laptop
+            .secret_receive(&mut laptop_keys, m)
+            .await
+            .expect("the ciphertext is still in the log");
+        assert_eq!(&o.text, text);
+    }
 }

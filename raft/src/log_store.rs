@@ -743,7 +743,8 @@ impl GroupLog {
     /// [`SNAPSHOT_LOG_BYTES_MAX`] bytes; returned oldest first, as encoded bytes. A read
     /// that comes back short (a purge raced it) ends the range there: a snapshot with
     /// less history beats a failed one, which would stop the group.
-    fn snapshot_range(&self, upto: u64) -> Result<Vec<bytes::Bytes>> {
+    fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
+        let bytes_max = bytes_max.min(SNAPSHOT_LOG_BYTES_MAX);
         let first = {
             let st = self.lock();
             match (st.history, st.last) {
@@ -756,7 +757,7 @@ impl GroupLog {
         let mut total = 0usize;
         // Newest first, a window at a time, until the bound.
         let mut hi = upto + 1;
-        while hi > first && total < SNAPSHOT_LOG_BYTES_MAX {
+        while hi > first && total < bytes_max {
             let lo = hi.saturating_sub(256).max(first);
             let entries = match self.read_history(lo, hi) {
                 Ok(entries)
@@ -772,7 +773,7 @@ impl GroupLog {
             };
             for e in entries.iter().rev() {
                 let b = bytes::Bytes::from(codec::encode_entry(e));
-                if total + b.len() > SNAPSHOT_LOG_BYTES_MAX {
+                if total + b.len() > bytes_max {
                     tracing::warn!(
                         group = self.group,
                         from = e.log_id.index + 1,
@@ -880,10 +881,10 @@ impl LogReader {
         self.shared.read_history(start, end)
     }
 
-    /// Encoded entries from the first held one to `upto`, for a snapshot (bounded by
-    /// [`SNAPSHOT_LOG_BYTES_MAX`]).
-    pub fn snapshot_range(&self, upto: u64) -> Result<Vec<bytes::Bytes>> {
-        self.shared.snapshot_range(upto)
+    /// Encoded entries from the first held one to `upto`, for a snapshot: the newest
+    /// that fit in `bytes_max` (at most [`SNAPSHOT_LOG_BYTES_MAX`]) bytes.
+    pub fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
+        self.shared.snapshot_range(upto, bytes_max)
     }
 
     /// Writes a received snapshot's entries as the log's history (durable on return).

@@ -732,7 +732,10 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             return Ok(Some(snap));
         };
         let group = self.group;
-        let entries = tokio::task::spawn_blocking(move || log.snapshot_range(upto))
+        // What the receiver can reassemble besides the state (and a margin for framing).
+        let budget = crate::network::SNAPSHOT_REASSEMBLY_BYTES_MAX
+            .saturating_sub(snap.snapshot.len() + (1 << 20));
+        let entries = tokio::task::spawn_blocking(move || log.snapshot_range(upto, budget))
             .await
             .map_err(|e| Error::Inconsistent {
                 group,
