@@ -1165,11 +1165,13 @@ impl ChatService {
             let read_seq = ugroup.shared().read().read_marker(user, chat);
             let mut events = Vec::new();
             if last < head && bytes < PAGE_BYTES_MAX {
-                let to = head.min(last + per_chat);
+                // Retention: below the chat's first retained seq, start there.
+                let from = (last + 1).max(group.shared().read().chat_first_seq(chat).unwrap_or(1));
+                let to = head.min(from + per_chat - 1);
                 let locs = group
                     .shared()
                     .read()
-                    .chat_events(chat, last + 1, to)
+                    .chat_events(chat, from, to)
                     .unwrap_or_default();
                 let rows = group
                     .read_commands(&locs)
@@ -1249,6 +1251,9 @@ impl ChatService {
                     );
                     return;
                 }
+                // Retention: a subscription from below the chat's first retained seq
+                // continues there (wire/PROTOCOL.md, "History below retention").
+                next = next.max(group.shared().read().chat_first_seq(chat).unwrap_or(1));
                 if next <= head {
                     let to = head.min(next + SUBSCRIPTION_PUSH_EVENTS_MAX as u64 - 1);
                     let locs = group
