@@ -397,7 +397,11 @@ async fn pending_secret_messages_outlive_retention_purges() {
         .await
         .expect("chat")
         .chat_id;
-    assert_eq!(group_of(chat), group, "the chat lives in the secret chat's group");
+    assert_eq!(
+        group_of(chat),
+        group,
+        "the chat lives in the secret chat's group"
+    );
     for i in 0..400u64 {
         wc.send_message(send_request(chat, i + 1, &format!("t{i}")))
             .await
@@ -407,6 +411,57 @@ async fn pending_secret_messages_outlive_retention_purges() {
     let (first, head) = first_served(&wc, chat).await;
     assert_eq!(head, 401);
     assert!(first > 1, "history from seq 1 starts at {first}: trimmed");
+    // A sync from position 0 and a subscription from seq 1 continue at the first
+    // retained seq, densely.
+    let sync = wc
+        .sync(v1::SyncRequest {
+            chats: vec![v1::ChatPosition {
+                chat_id: chat,
+                last_seq: 0,
+            }],
+            events_per_chat_max: 10,
+            after_chat_id: 0,
+        })
+        .await
+        .expect("sync");
+    let seqs: Vec<u64> = sync.chats[0].events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (first..first + 10).collect::<Vec<_>>(),
+        "sync from below retention"
+    );
+    assert!(sync.chats[0].too_long);
+    let mut pushes = wc.pushes().expect("pushes");
+    wc.subscribe(v1::SubscribeRequest {
+        chat_id: chat,
+        from_seq: 1,
+    })
+    .await
+    .expect("subscribe");
+    let mut pushed = Vec::new();
+    while pushed.last() != Some(&head) {
+        let item = tokio::time::timeout(WAIT, pushes.recv())
+            .await
+            .expect("pushed in time")
+            .expect("client alive");
+        match item {
+            // Subscription pushes carry the subscribe's request id; live pushes 0.
+            chatlog_wire::client::PushItem::Push {
+                request_id,
+                push: v1::push::Kind::ChatEvents(ev),
+            } if request_id != 0 => pushed.extend(ev.events.iter().map(|e| e.seq)),
+            chatlog_wire::client::PushItem::Push {
+                push: v1::push::Kind::SubscriptionEnded(end),
+                ..
+            } => panic!("subscription ended: {end:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        pushed,
+        (first..=head).collect::<Vec<_>>(),
+        "subscription from below retention"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // SIGKILL, restart: the pending messages are still there, intact.
