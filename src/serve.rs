@@ -84,6 +84,12 @@ pub struct ServeArgs {
     /// above the last checkpoint are kept regardless.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub retain_entries: Option<u64>,
+    /// Log retention by size: keep the newest Raft entries of each group whose bytes sum
+    /// to about B (to within 64 entries) and purge older ones; with `--retain-entries`
+    /// too, the stricter limit wins. Default: no size limit. The same on every node, like
+    /// `--retain-entries`.
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_bytes: Option<u64>,
     /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
     /// segment is preallocated in full, so a small disk wants small segments.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
@@ -327,6 +333,7 @@ fn sm_config(args: &ServeArgs) -> chatlog_raft::state_machine::SmConfig {
     chatlog_raft::state_machine::SmConfig {
         retention: chatlog_raft::chat::retention::RetentionPolicy {
             retain_entries: args.retain_entries,
+            retain_bytes: args.retain_bytes,
         },
         ..Default::default()
     }

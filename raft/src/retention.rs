@@ -67,11 +67,15 @@ pub async fn run(
     log: LogReader,
     secret_erased: Arc<AtomicU64>,
 ) {
-    let Some(keep) = policy.retain_entries else {
+    if !policy.is_some() {
         return;
-    };
+    }
     // A snapshot (a full checkpoint) only when it lets the purge move this much.
-    let slack = (keep / 8).max(1);
+    let slack = policy
+        .retain_entries
+        .map_or(8 * crate::chat::retention::MARK_EVERY_ENTRIES, |keep| {
+            (keep / 8).max(1)
+        });
     loop {
         tokio::time::sleep(RETENTION_TICK).await;
         let Some(wanted) = horizon(&shared, secret_erased.load(Ordering::Acquire)) else {

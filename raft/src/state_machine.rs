@@ -341,6 +341,12 @@ impl ChatStateMachine {
             });
         }
         let index = entry.log_id.index;
+        // What the byte retention policy counts (deterministic: the entry's own bytes).
+        let entry_bytes = codec::ENTRY_HEADER_BYTES as u64
+            + match &entry.payload {
+                EntryPayload::Normal(b) => b.0.len() as u64,
+                _ => 0,
+            };
         tracing::debug!(
             group = self.group,
             term = entry.log_id.leader_id.term,
@@ -379,12 +385,12 @@ impl ChatStateMachine {
                 }
             },
         };
-        if let Some(horizon) = self.config.retention.trim_at(index) {
+        if self.config.retention.is_some() {
             self.shared
                 .state
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .trim_below(horizon);
+                .note_applied_entry(&self.config.retention, index, entry_bytes);
         }
         self.header.last_applied = Some(entry.log_id);
         self.applied_since_checkpoint += 1;

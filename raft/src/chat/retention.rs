@@ -12,25 +12,56 @@
 //! The physical purge of the Raft log (`crate::retention`) follows this horizon, further
 //! held back by what only one replica knows (its durable checkpoint, its eraser).
 
+use std::collections::VecDeque;
+
 use crate::chat::state::EventLoc;
+use crate::codec::{DecodeError, Reader};
 
 /// Entries between two trims of the indexes, at most. Why: a trim walks every chat and
 /// user of the group, so it runs every `retain_entries / 8` entries (at least 1, at most
 /// this), not on every entry; history below the horizon lingers at most this long.
 pub const TRIM_EVERY_ENTRIES_MAX: u64 = 10_000;
 
+/// Entries between two marks of the byte ledger (and between two byte-policy trims).
+pub const MARK_EVERY_ENTRIES: u64 = 64;
+/// Marks the byte ledger holds at most (16 bytes each in memory and in the checkpoint:
+/// 1 MiB). Why: a large `retain_bytes` over small entries would need more; past this the
+/// oldest mark goes, so the byte policy then keeps at most `MARKS_MAX ×
+/// MARK_EVERY_ENTRIES` (4 Mi) entries.
+pub const MARKS_MAX: usize = 1 << 16;
+
 /// How much of a group's Raft log a node keeps: the same on every replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetentionPolicy {
     /// Keep the newest this many Raft entries (and every entry still needed: pending
-    /// secret messages, entries above the durable checkpoint). `None` keeps everything.
+    /// secret messages, entries above the durable checkpoint). `None`: no entry limit.
     pub retain_entries: Option<u64>,
+    /// Keep the newest entries whose bytes (payload plus entry header) sum to about
+    /// this, to within [`MARK_EVERY_ENTRIES`] entries. `None`: no byte limit. With both
+    /// limits the stricter one wins.
+    pub retain_bytes: Option<u64>,
 }
 
 impl RetentionPolicy {
     /// Keeps everything (the default).
     pub fn keep_all() -> RetentionPolicy {
         RetentionPolicy::default()
+    }
+
+    /// Whether any limit is set.
+    pub fn is_some(&self) -> bool {
+        self.retain_entries.is_some() || self.retain_bytes.is_some()
+    }
+
+    /// Records the entry at `raft_index` (`bytes` long) in `ledger` and says whether
+    /// the indexes are trimmed there, and to which horizon. Deterministic: a function of
+    /// the applied entries and the policy (the ledger is part of the state).
+    pub fn note_entry(&self, ledger: &mut ByteLedger, raft_index: u64, bytes: u64) -> Option<u64> {
+        let by_entries = self.trim_at(raft_index);
+        let by_bytes = self
+            .retain_bytes
+            .and_then(|keep| ledger.note(raft_index, bytes, keep));
+        by_entries.max(by_bytes)
     }
 
     /// Whether applying the entry at `raft_index` trims the indexes, and to which
@@ -43,6 +74,72 @@ impl RetentionPolicy {
             return None;
         }
         Some(raft_index + 1 - keep)
+    }
+}
+
+/// Running byte counts of the applied log, for the byte policy: the total, and marks
+/// `(raft index, total before it)` every [`MARK_EVERY_ENTRIES`] entries from the oldest
+/// one still within the limit. Part of the state (`GroupState`'s retention section).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ByteLedger {
+    total: u64,
+    marks: VecDeque<(u64, u64)>,
+}
+
+impl ByteLedger {
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0 && self.marks.is_empty()
+    }
+
+    fn note(&mut self, raft_index: u64, bytes: u64, keep: u64) -> Option<u64> {
+        let at_mark = raft_index.is_multiple_of(MARK_EVERY_ENTRIES);
+        if at_mark {
+            self.marks.push_back((raft_index, self.total));
+            if self.marks.len() > MARKS_MAX {
+                self.marks.pop_front();
+            }
+        }
+        self.total += bytes;
+        if !at_mark {
+            return None;
+        }
+        // Drop marks whose suffix exceeds the limit; the first one left starts the
+        // kept range.
+        let mut dropped = false;
+        while self
+            .marks
+            .front()
+            .is_some_and(|(_, before)| self.total - before > keep)
+        {
+            self.marks.pop_front();
+            dropped = true;
+        }
+        if !dropped {
+            return None;
+        }
+        Some(self.marks.front().map_or(raft_index + 1, |(i, _)| *i))
+    }
+
+    /// Appends the ledger's bytes: `total u64 | count u64 × (index u64 | before u64)`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.total.to_le_bytes());
+        out.extend_from_slice(&(self.marks.len() as u64).to_le_bytes());
+        for (i, b) in &self.marks {
+            out.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+
+    /// Reads what [`ByteLedger::encode_into`] wrote.
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<ByteLedger, DecodeError> {
+        let total = r.u64()?;
+        let n = r.u64_count(16, MARKS_MAX)?;
+        let mut marks = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            marks.push_back((r.u64()?, r.u64()?));
+        }
+        Ok(ByteLedger { total, marks })
     }
 }
 
@@ -135,12 +232,50 @@ mod tests {
     fn trims_are_deterministic_and_sparse() {
         let p = RetentionPolicy {
             retain_entries: Some(80),
+            retain_bytes: None,
         };
         assert_eq!(p.trim_at(10), None);
         assert_eq!(p.trim_at(80), Some(1));
         assert_eq!(p.trim_at(81), None);
         assert_eq!(p.trim_at(90), Some(11));
         assert_eq!(RetentionPolicy::keep_all().trim_at(1 << 30), None);
+    }
+
+    #[test]
+    fn the_byte_policy_keeps_about_its_bytes() {
+        let p = RetentionPolicy {
+            retain_entries: None,
+            retain_bytes: Some(10_000),
+        };
+        let mut ledger = ByteLedger::default();
+        let mut horizon = 0;
+        for i in 1..=2_000u64 {
+            if let Some(h) = p.note_entry(&mut ledger, i, 100) {
+                assert!(h > horizon, "moves forward");
+                horizon = h;
+                // About 100 entries of 100 bytes kept, to within a mark.
+                let kept = i + 1 - h;
+                assert!(
+                    (100 - MARK_EVERY_ENTRIES..=100 + MARK_EVERY_ENTRIES).contains(&kept),
+                    "{kept}"
+                );
+            }
+        }
+        assert!(horizon > 1_800, "{horizon}");
+        // The ledger round-trips, and a replica that restarts from it trims alike.
+        let mut bytes = Vec::new();
+        ledger.encode_into(&mut bytes);
+        let mut back = ByteLedger::decode_from(&mut Reader::new("ledger", &bytes)).unwrap();
+        assert_eq!(back, ledger);
+        for i in 2_001..=2_200u64 {
+            assert_eq!(
+                p.note_entry(&mut back, i, 100),
+                p.note_entry(&mut ledger, i, 100)
+            );
+        }
+        // Small totals trim nothing.
+        let mut fresh = ByteLedger::default();
+        assert!((1..=500u64).all(|i| p.note_entry(&mut fresh, i, 10).is_none()));
     }
 
     /// Trimming drops the oldest index entries, keeps seqs, refuses what names a dropped

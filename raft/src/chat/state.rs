@@ -304,6 +304,8 @@ pub struct GroupState {
     /// Retention (`chat/retention.rs`): the indexes point at no Raft entry below this
     /// (0: nothing trimmed).
     retained_from: u64,
+    /// Retention: byte counts of the applied log for the byte policy.
+    ledger: crate::chat::retention::ByteLedger,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -338,6 +340,7 @@ impl GroupState {
             media: MediaState::default(),
             chat_lists: ChatLists::default(),
             retained_from: 0,
+            ledger: Default::default(),
         }
     }
 
@@ -1747,6 +1750,19 @@ impl GroupState {
         }
     }
 
+    /// Records an applied entry for `policy` (`bytes` long) and trims where the policy
+    /// says (`RetentionPolicy::note_entry`). Apply calls it for every entry.
+    pub fn note_applied_entry(
+        &mut self,
+        policy: &crate::chat::retention::RetentionPolicy,
+        raft_index: u64,
+        bytes: u64,
+    ) {
+        if let Some(horizon) = policy.note_entry(&mut self.ledger, raft_index, bytes) {
+            self.trim_below(horizon);
+        }
+    }
+
     /// The Raft index below which no index entry points (0: nothing trimmed).
     pub fn retained_from(&self) -> u64 {
         self.retained_from
@@ -1759,7 +1775,7 @@ impl GroupState {
     }
 
     fn encode_retention(&self, w: &mut W) {
-        if self.retained_from == 0 {
+        if self.retained_from == 0 && self.ledger.is_empty() {
             return;
         }
         w.u8(RETENTION_SECTION_TAG);
@@ -1784,6 +1800,7 @@ impl GroupState {
             w.u64(*id);
             w.u64(u.log.base());
         }
+        self.ledger.encode_into(&mut w.0);
     }
 
     fn decode_retention(&mut self, r: &mut Reader<'_>) -> Result<(), DecodeError> {
@@ -1808,6 +1825,7 @@ impl GroupState {
                 .ok_or_else(|| r.error(format!("retention names unknown user {id}")))?;
             u.log.set_base(base);
         }
+        self.ledger = crate::chat::retention::ByteLedger::decode_from(r)?;
         Ok(())
     }
 }
