@@ -85,7 +85,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub retain_entries: Option<u64>,
     /// Log retention by size: keep the newest Raft entries of each group whose bytes sum
-    /// to about B (to within 64 entries) and purge older ones; with `--retain-entries`
+    /// to at least B (plus less than 64 entries) and purge older ones; with `--retain-entries`
     /// too, the stricter limit wins. Default: no size limit. The same on every node, like
     /// `--retain-entries`.
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]

@@ -496,7 +496,8 @@ async fn pending_secret_messages_outlive_retention_purges() {
 async fn the_byte_policy_keeps_about_its_bytes_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    // 400 posts of ~1 KB, one per entry; keep ~50 KB: about 50 posts (to within 64 entries).
+    // 400 posts of ~1 KB, one per entry; keep 50 KB: at least ~45 posts, and less than
+    // 64 entries more.
     let mut flags = vec!["--segment-mb", "1", "--retain-bytes", "50000"];
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
@@ -521,7 +522,10 @@ async fn the_byte_policy_keeps_about_its_bytes_across_a_restart() {
     assert_eq!(head, 401);
     let kept = head + 1 - first;
     eprintln!("byte policy keeps seqs {first}..={head} ({kept} events)");
-    assert!((20..=130).contains(&kept), "about 50 kept, not {kept}");
+    assert!(
+        (40..=130).contains(&kept),
+        "at least ~45 kept, less than 64 more: {kept}"
+    );
     let before = full_history(&c, chat, WAIT).await;
 
     // SIGKILL and restart: the same history (the ledger is in the checkpoint; replay

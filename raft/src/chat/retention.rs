@@ -36,9 +36,9 @@ pub struct RetentionPolicy {
     /// Keep the newest this many Raft entries (and every entry still needed: pending
     /// secret messages, entries above the durable checkpoint). `None`: no entry limit.
     pub retain_entries: Option<u64>,
-    /// Keep the newest entries whose bytes (payload plus entry header) sum to about
-    /// this, to within [`MARK_EVERY_ENTRIES`] entries. `None`: no byte limit. With both
-    /// limits the stricter one wins.
+    /// Keep the newest entries whose bytes (payload plus entry header) sum to at least
+    /// this, plus less than [`MARK_EVERY_ENTRIES`] entries more. `None`: no byte limit.
+    /// With both limits the stricter one wins.
     pub retain_bytes: Option<u64>,
 }
 
@@ -94,7 +94,7 @@ impl ByteLedger {
 
     fn note(&mut self, raft_index: u64, bytes: u64, keep: u64) -> Option<u64> {
         let at_mark = raft_index.is_multiple_of(MARK_EVERY_ENTRIES);
-        if at_mark {
+        if at_mark || self.marks.is_empty() {
             self.marks.push_back((raft_index, self.total));
             if self.marks.len() > MARKS_MAX {
                 self.marks.pop_front();
@@ -104,21 +104,18 @@ impl ByteLedger {
         if !at_mark {
             return None;
         }
-        // Drop marks whose suffix exceeds the limit; the first one left starts the
-        // kept range.
+        // Drop marks while the next one alone still holds more than the limit: the
+        // first one left starts the kept range, which holds at least `keep` bytes and
+        // less than `keep` plus one mark's worth of entries.
         let mut dropped = false;
-        while self
-            .marks
-            .front()
-            .is_some_and(|(_, before)| self.total - before > keep)
-        {
+        while self.marks.len() >= 2 && self.total - self.marks[1].1 > keep {
             self.marks.pop_front();
             dropped = true;
         }
         if !dropped {
             return None;
         }
-        Some(self.marks.front().map_or(raft_index + 1, |(i, _)| *i))
+        self.marks.front().map(|(i, _)| *i)
     }
 
     /// Appends the ledger's bytes: `total u64 | count u64 × (index u64 | before u64)`.
@@ -253,12 +250,9 @@ mod tests {
             if let Some(h) = p.note_entry(&mut ledger, i, 100) {
                 assert!(h > horizon, "moves forward");
                 horizon = h;
-                // About 100 entries of 100 bytes kept, to within a mark.
+                // At least 100 entries of 100 bytes kept, less than a mark more.
                 let kept = i + 1 - h;
-                assert!(
-                    (100 - MARK_EVERY_ENTRIES..=100 + MARK_EVERY_ENTRIES).contains(&kept),
-                    "{kept}"
-                );
+                assert!((100..100 + MARK_EVERY_ENTRIES).contains(&kept), "{kept}");
             }
         }
         assert!(horizon > 1_800, "{horizon}");
