@@ -3,8 +3,9 @@
 //!
 //! What it owns: [`EventIndex`] (a seq → location index whose oldest seqs can be
 //! dropped while seqs stay what they were), [`RetentionPolicy`] (how much of the log a
-//! node keeps) and the rule that turns an applied index into a trim horizon
-//! ([`RetentionPolicy::trim_at`]). What it must not do: read clocks, look at the disk or
+//! node keeps: entries, bytes or both) and the rule that turns each applied entry into a
+//! trim horizon ([`RetentionPolicy::note_entry`], with the [`ByteLedger`] of the size
+//! limit, which is part of the state). What it must not do: read clocks, look at the disk or
 //! depend on anything but applied entries and the policy: every replica trims at the same
 //! entries to the same horizon, so the encoded state stays byte-identical (the policy
 //! must be the same on every node, as `chatlog serve --help` says).
