@@ -76,6 +76,20 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (default: scaled by the group count).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// Log retention: keep about the newest N Raft entries of each group and purge older
+    /// ones from disk (default: keep everything). History below a chat's first retained
+    /// event is no longer served: a read from an older seq starts at the first retained
+    /// one. Every node of the cluster must run with the same value (the replicated state
+    /// records what was dropped). Entries holding pending secret messages and entries
+    /// above the last checkpoint are kept regardless.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_entries: Option<u64>,
+    /// Log retention by size: keep the newest Raft entries of each group whose bytes sum
+    /// to at least B (plus less than 64 entries) and purge older ones; with `--retain-entries`
+    /// too, the stricter limit wins. Default: no size limit. The same on every node, like
+    /// `--retain-entries`.
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_bytes: Option<u64>,
     /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
     /// segment is preallocated in full, so a small disk wants small segments.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
@@ -302,7 +316,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         groups: args.groups,
         replicas,
         members,
-        sm: Default::default(),
+        sm: sm_config(&args),
         segment_bytes: args.segment_mb.map(|mb| mb << 20),
         heartbeat_ms: args.heartbeat_ms,
     };
@@ -312,6 +326,17 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .build()?;
     let id = cluster_id(&cluster);
     runtime.block_on(serve(args, config, cluster, id))
+}
+
+/// The state machine knobs the flags give (retention: `--retain-entries`).
+fn sm_config(args: &ServeArgs) -> chatlog_raft::state_machine::SmConfig {
+    chatlog_raft::state_machine::SmConfig {
+        retention: chatlog_raft::chat::retention::RetentionPolicy {
+            retain_entries: args.retain_entries,
+            retain_bytes: args.retain_bytes,
+        },
+        ..Default::default()
+    }
 }
 
 /// `chatlog serve --join HTTP_ADDR`: a new member of a running cluster.
@@ -344,7 +369,7 @@ fn run_joining(args: ServeArgs) -> Result<(), CliError> {
             .copied()
             .filter(|n| *n != args.node_id)
             .collect(),
-        sm: Default::default(),
+        sm: sm_config(&args),
         segment_bytes: None,
         heartbeat_ms: args.heartbeat_ms,
     };

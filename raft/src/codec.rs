@@ -233,6 +233,11 @@ impl<'a> Reader<'a> {
         Reader { what, bytes, at: 0 }
     }
 
+    /// The next byte, without consuming it (`None` at the end).
+    pub fn peek_u8(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
     /// Bytes consumed so far.
     pub fn offset(&self) -> usize {
         self.at

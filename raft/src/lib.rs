@@ -24,6 +24,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod repair;
+pub mod retention;
 pub mod secret_log;
 pub mod state_machine;
 pub mod types;

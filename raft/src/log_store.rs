@@ -31,7 +31,15 @@
 //! [`MARKER_DELAY`] after a flush if nothing else did. At open, a log that ends below
 //! what its marker (or the engine's damage cut) says it made durable is damaged: its
 //! `RepairStatus` stays "repairing" until the log is durable through that index again.
-
+//!
+//! Retention. Openraft's `purge(upto)` is logical: openraft no longer sees entries up to
+//! `upto` (reads, `get_log_state`), but the engine deletes only those below the retain
+//! mark (`LogReader::set_retain_from`, moved by `crate::retention`; 0, the default,
+//! keeps everything). The committed entries kept below the purge mark are the
+//! **history** (`State::history`): history and secret-message reads see them
+//! (`LogReader::read_history`), snapshots carry them, and a follower that installs a
+//! snapshot keeps the snapshot's range there (`LogReader::install_range`).
+//!
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in
 //! submission order, so `IOFlushed` callbacks fire in order and exactly once.
@@ -136,6 +144,12 @@ struct State {
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
     // ---- end issue 9 ----
+    /// Retention: `[lo, hi]`, entries at or below the purge mark that the engine still
+    /// holds for history reads (a purge is logical up to the retention horizon).
+    history: Option<(u64, u64)>,
+    /// Retention: the first Raft index the engine must keep (`crate::retention` moves
+    /// it); a purge never deletes at or above it. 0 keeps everything.
+    retain_from: u64,
 }
 
 impl State {
@@ -243,8 +257,13 @@ impl LogStore {
                 shared.storage_err("reading", "the last log entry".into(), source)
             })?;
             let entry = shared.decode_at(&bytes, raft_index(last), None)?;
-            let first = raft_index(bounds.first.max(1));
-            let first = purged.map_or(first, |p| first.max(p.index + 1));
+            let held = raft_index(bounds.first.max(1));
+            let first = purged.map_or(held, |p| held.max(p.index + 1));
+            if let Some(p) = purged
+                && held <= p.index
+            {
+                state.history = Some((held, p.index.min(entry.log_id.index)));
+            }
             // Entries at or below the purge mark are not part of the log.
             if first <= entry.log_id.index {
                 state.first_index = first;
@@ -563,9 +582,12 @@ impl GroupLog {
         if let Some(m) = marker {
             batch.put_meta(self.log, crate::repair::META_SYNCED, &m);
         }
-        if anchor {
-            // The log holds no entry: make the engine log continue at `first` (a no-op if
-            // it already does; anchors a never-written log).
+        let reanchor =
+            anchor && self.engine.bounds(self.log).map(|b| b.next) != Some(engine_index(first));
+        if reanchor {
+            // The log holds no entry: make the engine log continue at `first` (anchors a
+            // never-written log). Skipped when it already does, which keeps the history
+            // retention holds below the purge mark.
             batch.purge_before(self.log, engine_index(first));
         }
         for (k, bytes) in encoded.iter().enumerate() {
@@ -587,6 +609,10 @@ impl GroupLog {
             st.next_batch += batches.len() as u64;
             if st.last.is_none() {
                 st.leaders.clear();
+            }
+            if reanchor {
+                // The engine log was emptied to continue at `first`: no history left.
+                st.history = None;
             }
             let mut entries = entries.into_iter();
             let mut taken = 0;
@@ -712,11 +738,19 @@ impl GroupLog {
     }
 
     async fn purge(&self, upto: LogId) -> Result<()> {
+        let cut;
         {
             let mut st = self.lock();
             if st.purged.is_some_and(|p| p.index >= upto.index) {
                 return Ok(());
             }
+            // What the engine held before: `[previous_first, previous_last]` logically
+            // (empty when `last` is None), below it `history`.
+            let previous_first = st.last.map_or(u64::MAX, |_| st.first_index);
+            let previous_last = st.last.map_or(0, |l| l.index);
+            let previous_last = st
+                .history
+                .map_or(previous_last, |(_, hi)| hi.max(previous_last));
             st.purged = Some(upto);
             match st.last {
                 Some(last) if last.index > upto.index => {
@@ -738,9 +772,16 @@ impl GroupLog {
             {
                 st.unflushed.pop_front();
             }
+            // Logical up to the mark, physical only below the retention horizon.
+            cut = upto.index.saturating_add(1).min(st.retain_from);
+            let lo = st.history.map_or(previous_first, |(lo, _)| lo);
+            let hi = upto.index.min(previous_last);
+            st.history = (lo.max(cut) <= hi).then_some((lo.max(cut), hi));
         }
         let mut batch = WriteBatch::new();
-        batch.purge_before(self.log, engine_index(upto.index + 1));
+        if cut > 0 {
+            batch.purge_before(self.log, engine_index(cut));
+        }
         batch.put_meta(self.log, ids::META_PURGED, &codec::encode_log_id(&upto));
         self.engine.write(&batch).await.map_err(|source| {
             self.storage_err("purging", format!("log entries up to {upto}"), source)
@@ -791,6 +832,223 @@ impl GroupLog {
                     source,
                 )
             })
+    }
+}
+
+// ---- retention (s5retain): history below the purge mark, snapshot ranges ----
+
+/// Bytes of log entries one snapshot carries at most (the newest retained entries that
+/// fit; older history is then missing on the replica that installs it, and reads of it
+/// fail naming the missing entry). Why: a snapshot is one `Bytes` value in openraft's
+/// API and is reassembled in memory by the receiver, which holds at most
+/// `network::SNAPSHOT_REASSEMBLY_BYTES_MAX` (256 MiB) per connection, state included.
+pub const SNAPSHOT_LOG_BYTES_MAX: usize = 192 << 20;
+
+impl GroupLog {
+    /// Entries `[start, end)` for history reads: the openraft-visible log, plus the
+    /// committed entries retention keeps below the purge mark (read without the
+    /// leader-id check: nothing is ever truncated at or below the purge mark).
+    fn read_history(&self, start: u64, end: u64) -> Result<Vec<Entry>> {
+        let history = self.lock().history;
+        let mut out = Vec::new();
+        let mut from = start;
+        if let Some((lo, hi)) = history {
+            let (a, b) = (start.max(lo), end.min(hi + 1));
+            if a < b {
+                let got = self
+                    .engine
+                    .read(self.log, engine_index(a)..engine_index(b), usize::MAX)
+                    .map_err(|source| {
+                        self.storage_err("reading", format!("history entries [{a}, {b})"), source)
+                    })?;
+                for (k, bytes) in got.iter().enumerate() {
+                    out.push(self.decode_at(bytes, a + k as u64, None)?);
+                }
+                from = b;
+            }
+        }
+        if from < end {
+            out.extend(self.read(from, end, usize::MAX)?);
+        }
+        Ok(out)
+    }
+
+    /// The entries a snapshot at `upto` carries: what this replica holds from its first
+    /// entry (history included) to `upto`, newest ones first kept when they exceed
+    /// [`SNAPSHOT_LOG_BYTES_MAX`] bytes; returned oldest first, as encoded bytes. A read
+    /// that comes back short (a purge raced it) ends the range there: a snapshot with
+    /// less history beats a failed one, which would stop the group.
+    fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
+        let bytes_max = bytes_max.min(SNAPSHOT_LOG_BYTES_MAX);
+        let first = {
+            let st = self.lock();
+            match (st.history, st.last) {
+                (Some((lo, _)), _) => lo,
+                (None, Some(_)) => st.first_index,
+                (None, None) => return Ok(Vec::new()),
+            }
+        };
+        let mut out: Vec<bytes::Bytes> = Vec::new();
+        let mut total = 0usize;
+        // Newest first, a window at a time, until the bound.
+        let mut hi = upto + 1;
+        while hi > first && total < bytes_max {
+            let lo = hi.saturating_sub(256).max(first);
+            let entries = match self.read_history(lo, hi) {
+                Ok(entries)
+                    if entries.len() as u64 == hi - lo
+                        && entries.first().map(|e| e.log_id.index) == Some(lo) =>
+                {
+                    entries
+                }
+                other => {
+                    tracing::warn!(group = self.group, lo, hi, error = ?other.err(), "snapshot range cut short: entries missing");
+                    break;
+                }
+            };
+            for e in entries.iter().rev() {
+                let b = bytes::Bytes::from(codec::encode_entry(e));
+                if total + b.len() > bytes_max {
+                    tracing::warn!(
+                        group = self.group,
+                        from = e.log_id.index + 1,
+                        "snapshot carries only the newest retained entries (SNAPSHOT_LOG_BYTES_MAX)"
+                    );
+                    out.reverse();
+                    return Ok(out);
+                }
+                total += b.len();
+                out.push(b);
+            }
+            hi = lo;
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Replaces what the engine holds with a snapshot's entries (consecutive, the last
+    /// one at the snapshot's last log id), durably, as history below the purge mark
+    /// openraft sets right after the install. Nothing changes when the log already holds
+    /// the snapshot's last entry (openraft keeps what follows it then).
+    async fn install_range(&self, entries: Vec<Entry>) -> Result<()> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let (snap_first, last) = (first.log_id.index, last.log_id);
+        {
+            let st = self.lock();
+            if st.last.is_some_and(|l| l.index >= last.index)
+                && last.index >= st.first_index
+                && expected_leader(&st.leaders, last.index) == Some(last.leader_id)
+            {
+                return Ok(());
+            }
+        }
+        // The engine cannot move a log's start backwards: history starts at the later
+        // of the snapshot's first entry and the engine log's first.
+        let mut start = snap_first;
+        let mut head = WriteBatch::new();
+        if let Some(b) = self.engine.bounds(self.log) {
+            if b.next > b.first {
+                head.truncate_after(self.log, b.first.saturating_sub(1));
+            }
+            start = start.max(raft_index(b.first.max(1)));
+        }
+        head.purge_before(self.log, engine_index(start));
+        let limit = self.engine.write_batch_bytes_max();
+        let mut batch = head;
+        for e in entries.iter().filter(|e| e.log_id.index >= start) {
+            let bytes = codec::encode_entry(e);
+            if batch.entry_count() > 0
+                && batch.encoded_len() + bytes.len() + APPEND_OVERHEAD_BYTES > limit
+            {
+                self.write_install(std::mem::take(&mut batch), last).await?;
+            }
+            batch.append(self.log, engine_index(e.log_id.index), &bytes);
+        }
+        self.write_install(batch, last).await?;
+        let mut st = self.lock();
+        st.unflushed.clear();
+        st.leaders.clear();
+        st.last = None;
+        st.truncations += 1;
+        st.history = (start <= last.index).then_some((start, last.index));
+        Ok(())
+    }
+
+    async fn write_install(&self, batch: WriteBatch, last: LogId) -> Result<()> {
+        self.engine.write(&batch).await.map_err(|source| {
+            self.storage_err(
+                "installing",
+                format!("the snapshot's log entries up to {last}"),
+                source,
+            )
+        })
+    }
+
+    /// Deletes history (entries below the purge mark kept for reads) below `horizon`.
+    async fn purge_history_below(&self, horizon: u64) -> Result<()> {
+        let cut = {
+            let mut st = self.lock();
+            let Some((lo, hi)) = st.history else {
+                return Ok(());
+            };
+            if horizon <= lo {
+                return Ok(());
+            }
+            let cut = horizon.min(hi + 1);
+            st.history = (cut <= hi).then_some((cut, hi));
+            cut
+        };
+        let mut batch = WriteBatch::new();
+        batch.purge_before(self.log, engine_index(cut));
+        self.engine
+            .write(&batch)
+            .await
+            .map_err(|source| self.storage_err("purging", format!("history below {cut}"), source))
+    }
+}
+
+impl LogReader {
+    /// Entries `[start, end)` for history and secret-message reads, including what
+    /// retention keeps below openraft's purge mark (see the module docs).
+    pub fn read_history(&self, start: u64, end: u64) -> Result<Vec<Entry>> {
+        self.shared.read_history(start, end)
+    }
+
+    /// Encoded entries from the first held one to `upto`, for a snapshot: the newest
+    /// that fit in `bytes_max` (at most [`SNAPSHOT_LOG_BYTES_MAX`]) bytes.
+    pub fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
+        self.shared.snapshot_range(upto, bytes_max)
+    }
+
+    /// Writes a received snapshot's entries as the log's history (durable on return).
+    pub async fn install_range(&self, entries: Vec<Entry>) -> Result<()> {
+        self.shared.install_range(entries).await
+    }
+
+    /// Sets the first Raft index the engine must keep: purges (openraft's, and
+    /// [`LogReader::purge_history_below`]) never delete at or above it.
+    pub fn set_retain_from(&self, index: u64) {
+        let mut st = self.shared.lock();
+        st.retain_from = st.retain_from.max(index);
+    }
+
+    /// Deletes kept history below `horizon` (never at or above the retain mark).
+    pub async fn purge_history_below(&self, horizon: u64) -> Result<()> {
+        let horizon = horizon.min(self.shared.lock().retain_from);
+        self.shared.purge_history_below(horizon).await
+    }
+
+    /// `(first held, first openraft sees, last)`: the log's bounds as retention sees
+    /// them (`None` fields when nothing is held).
+    pub fn retained_bounds(&self) -> (Option<u64>, Option<LogId>, Option<LogId>) {
+        let st = self.shared.lock();
+        let first = st
+            .history
+            .map(|(lo, _)| lo)
+            .or(st.last.map(|_| st.first_index));
+        (first, st.purged, st.last)
     }
 }
 

@@ -28,7 +28,6 @@ use std::time::Duration;
 use chatlog_storage::Engine;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::network::RaftNetworkFactory;
-use openraft::storage::RaftLogReader;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -206,6 +205,8 @@ pub struct Group {
     secret_erased: Arc<std::sync::atomic::AtomicU64>,
     /// The eraser task, stopped at shutdown (it holds the engine).
     secret_eraser: Arc<tokio::task::AbortHandle>,
+    /// The retention task (`crate::retention`), stopped at shutdown (it holds the log).
+    retention: Arc<tokio::task::AbortHandle>,
     /// Propose-to-applied latency of each entry this replica's batcher proposed as
     /// leader (issue 7's per-group commit latency; recorded once per entry).
     commit_latency: Arc<chatlog_storage::Histogram>,
@@ -341,7 +342,6 @@ impl Group {
         locs: &[(u64, EventLoc)],
     ) -> Result<Vec<(u64, EventLoc, Command, u64)>, Error> {
         let mut out = Vec::with_capacity(locs.len());
-        let mut reader = self.reader.clone();
         let mut i = 0;
         while i < locs.len() {
             // One read for a run of consecutive entries.
@@ -358,13 +358,14 @@ impl Group {
                     break;
                 }
             }
-            let entries = reader
-                .try_get_log_entries(first..=last)
-                .await
-                .map_err(|e| Error::Inconsistent {
-                    group: self.id,
-                    detail: format!("reading log entries {first}..={last} for events: {e}"),
-                })?;
+            // History reads see what retention keeps below openraft's purge mark too.
+            let entries =
+                self.reader
+                    .read_history(first, last + 1)
+                    .map_err(|e| Error::Inconsistent {
+                        group: self.id,
+                        detail: format!("reading log entries {first}..={last} for events: {e}"),
+                    })?;
             let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
             for e in entries {
                 if let EntryPayload::Normal(b) = e.payload {
@@ -750,10 +751,10 @@ where
     let log_store = LogStore::open(Arc::clone(&engine), g)?;
     log_store.persist_recovered_state().await?;
     let repair = log_store.repair_status();
-    let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?;
-    let shared = sm.shared();
     let mut ls = log_store;
     let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut ls).await;
+    let sm = ChatStateMachine::open(Arc::clone(&engine), g, sm_config)?.with_log(reader.clone());
+    let shared = sm.shared();
     let raft = openraft::Raft::new(node_id, raft_config, network, ls, sm)
         .await
         .map_err(|e| Error::Inconsistent {
@@ -782,6 +783,17 @@ where
         ))
         .abort_handle(),
     );
+    let retention = Arc::new(
+        tokio::spawn(crate::retention::run(
+            g,
+            sm_config.retention,
+            raft.clone(),
+            Arc::clone(&shared),
+            reader.clone(),
+            Arc::clone(&secret_erased),
+        ))
+        .abort_handle(),
+    );
     let group = Group {
         id: g,
         node_id,
@@ -792,6 +804,7 @@ where
         proposals: tx,
         secret_erased,
         secret_eraser,
+        retention,
         commit_latency,
         repair,
     };
@@ -994,6 +1007,7 @@ impl Node {
         self.registry.remove(g);
         self.local_changes.send_modify(|v| *v += 1);
         group.secret_eraser.abort();
+        group.retention.abort();
         if let Err(e) = group.raft.shutdown().await {
             tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
         }
@@ -1373,6 +1387,8 @@ impl Node {
         let groups = groups.into_inner().unwrap_or_else(|p| p.into_inner());
         for (g, group) in groups {
             group.secret_eraser.abort();
+            group.retention.abort();
+            group.retention.abort();
             if let Err(e) = group.raft.shutdown().await {
                 tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
             }

@@ -26,18 +26,17 @@
 //! eraser starting up redoes all of them, skipping entries already zeroed or purged, so
 //! a crash between apply and the redact's fdatasync loses no erasure.
 //!
-//! Retention. Raft logs are never purged today (`node::timing`: no snapshot purges).
-//! Log retention, when it comes, must not purge an entry that holds a pending secret
-//! message (it would be lost unread), and must zero an erased one before its segment can
-//! be recycled (a recycled file keeps its old bytes; the engine deletes, never recycles,
-//! segments that held redacted bytes).
+//! Retention (`crate::retention`) never purges an entry that holds a pending secret
+//! message (it would be lost unread), nor one holding an erasure this replica's eraser
+//! has not zeroed yet (a recycled file keeps its old bytes; the engine deletes, never
+//! recycles, segments that held redacted bytes). Pending messages are read with
+//! `LogReader::read_history`, which also sees entries below openraft's purge mark.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chatlog_storage::{Engine, WriteBatch};
-use openraft::storage::RaftLogReader;
 
 use crate::chat::command::message_text_span;
 use crate::chat::secret::{Erasure, SecretCommand, send_ciphertext_span};
@@ -82,10 +81,9 @@ pub async fn read_send(
     raft_index: u64,
     pos: u32,
 ) -> Result<Option<SentMessage>, Error> {
-    let mut reader = reader.clone();
+    // History reads: a pending message may sit below openraft's purge mark.
     let entries = reader
-        .try_get_log_entries(raft_index..=raft_index)
-        .await
+        .read_history(raft_index, raft_index + 1)
         .map_err(|e| Error::Inconsistent {
             group,
             detail: format!("reading log entry {raft_index} for a secret message: {e}"),

@@ -21,16 +21,26 @@
 //! also written as the checkpoint. Backups read the durable checkpoint
 //! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
 //!
-//! Snapshot bytes (`SnapshotData`): the checkpoint header followed by the state bytes.
+//! Snapshot bytes (`SnapshotData`): the checkpoint (header and state bytes), then the
+//! retained log range, the entries from the first one this replica holds (history below
+//! openraft's purge mark included) to the snapshot's index:
 //!
 //! ```text
 //! version u8 | has_applied u8 [| LogId] | has_membership_log_id u8 [| LogId]
 //! | Membership (codec) | state_len u64 | state bytes
+//! [| 0x52 | count u64 | count × (len u32 | entry (codec::encode_entry))]
 //! ```
 //!
-//! Known gap: a snapshot carries the state but not the retained log range, so a
-//! follower that installs one cannot serve history older than the snapshot until it is
-//! streamed too (raft/PLAN.md §5.2).
+//! The state alone is kept as the current snapshot; the range is read from the log when
+//! openraft asks for the snapshot to send it (`get_current_snapshot`), bounded by
+//! `log_store::SNAPSHOT_LOG_BYTES_MAX` (openraft's `SnapshotData` is one value, which
+//! the receiver reassembles in memory). Installing one writes the checkpoint first, then
+//! the range into the log (`LogReader::install_range`, as history below the purge mark
+//! openraft sets right after), then replaces the state, so a replica that installed a
+//! snapshot serves the same retained history as the one that sent it. A crash between
+//! the checkpoint and the end of the range restarts from the installed state (openraft
+//! purges the log up to it) with part of the history missing: reads of it fail with an
+//! error naming the missing entry, the group keeps running.
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -42,12 +52,14 @@ use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use tokio::sync::watch;
 
+use crate::chat::retention::RetentionPolicy;
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
 use crate::feed::{Feed, FeedRead};
 use crate::ids;
+use crate::log_store::LogReader;
 use crate::types::{
     ChatBatchReply, Entry, EntryPayload, GroupId, LogId, Snapshot, SnapshotMeta, StoredMembership,
     TypeConfig,
@@ -67,12 +79,16 @@ pub struct SmConfig {
     /// Entries applied between two checkpoints. A restart re-applies at most about this
     /// many entries per group (plus what arrived since the last one).
     pub checkpoint_every_entries: u64,
+    /// How much of the log the indexes keep (`chat::retention`); the same on every
+    /// replica. The physical purge follows it (`crate::retention`).
+    pub retention: RetentionPolicy,
 }
 
 impl Default for SmConfig {
     fn default() -> SmConfig {
         SmConfig {
             checkpoint_every_entries: 20_000,
+            retention: RetentionPolicy::keep_all(),
         }
     }
 }
@@ -89,6 +105,8 @@ pub struct GroupShared {
     /// Which chats and users moved in recently applied entries (`crate::feed`); derived
     /// per replica, not in the checkpoint. Updated before `applied` moves.
     feed: Mutex<Feed>,
+    /// The applied index of the durable checkpoint (retention never purges above it).
+    checkpointed: std::sync::atomic::AtomicU64,
 }
 
 impl GroupShared {
@@ -117,6 +135,16 @@ impl GroupShared {
     /// (`crate::feed`). The state read afterwards holds at least what it names.
     pub fn changes_after(&self, after: u64) -> FeedRead {
         self.feed().changes_after(after)
+    }
+
+    /// The applied Raft index of the latest durable checkpoint (0 before the first).
+    pub fn checkpointed(&self) -> u64 {
+        self.checkpointed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_checkpointed(&self, index: u64) {
+        self.checkpointed
+            .store(index, std::sync::atomic::Ordering::Release);
     }
 
     fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
@@ -221,6 +249,8 @@ pub struct ChatStateMachine {
     shared: Arc<GroupShared>,
     applied_since_checkpoint: u64,
     current_snapshot: CurrentSnapshot,
+    /// The group's log, for the entries a snapshot carries (`None`: state only).
+    log: Option<LogReader>,
 }
 
 impl ChatStateMachine {
@@ -253,10 +283,19 @@ impl ChatStateMachine {
                 state: RwLock::new(state),
                 applied: watch::Sender::new(applied_index),
                 feed: Mutex::new(Feed::new(applied_index)),
+                checkpointed: applied_index.into(),
             }),
+            log: None,
             applied_since_checkpoint: 0,
             current_snapshot: CurrentSnapshot::default(),
         })
+    }
+
+    /// Gives the state machine its group's log: snapshots then carry the retained log
+    /// range and installing one writes it (module docs).
+    pub fn with_log(mut self, log: LogReader) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// What readers share with this state machine.
@@ -283,7 +322,13 @@ impl ChatStateMachine {
     }
 
     async fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
-        write_checkpoint_bytes(&self.engine, self.group, bytes).await
+        write_checkpoint_bytes(&self.engine, self.group, bytes).await?;
+        let applied = checkpoint_header(bytes)
+            .ok()
+            .and_then(|(a, _)| a)
+            .map_or(0, |a| a.index);
+        self.shared.set_checkpointed(applied);
+        Ok(())
     }
 
     fn apply_entry(&mut self, entry: Entry) -> Result<ChatBatchReply, Error> {
@@ -296,6 +341,12 @@ impl ChatStateMachine {
             });
         }
         let index = entry.log_id.index;
+        // What the byte retention policy counts (deterministic: the entry's own bytes).
+        let entry_bytes = codec::ENTRY_HEADER_BYTES as u64
+            + match &entry.payload {
+                EntryPayload::Normal(b) => b.0.len() as u64,
+                _ => 0,
+            };
         tracing::debug!(
             group = self.group,
             term = entry.log_id.leader_id.term,
@@ -334,6 +385,13 @@ impl ChatStateMachine {
                 }
             },
         };
+        if self.config.retention.is_some() {
+            self.shared
+                .state
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .note_applied_entry(&self.config.retention, index, entry_bytes);
+        }
         self.header.last_applied = Some(entry.log_id);
         self.applied_since_checkpoint += 1;
         Ok(ChatBatchReply {
@@ -453,6 +511,68 @@ pub async fn write_checkpoint_bytes(
     engine.write(&batch).await.map_err(storage_err)
 }
 
+// ---- retention (s5retain): the log range a snapshot carries ----
+
+/// Tag of the log range that follows the checkpoint bytes in a snapshot.
+const SNAPSHOT_RANGE_TAG: u8 = 0x52;
+/// Bytes one entry of a snapshot's range may have (the engine's entry limit is far
+/// below; a larger length is damage).
+pub const SNAPSHOT_ENTRY_BYTES_MAX: usize = 64 << 20;
+
+/// `checkpoint` followed by the range: `tag u8 | count u64 | count × (len u32 | entry)`,
+/// entries as `codec::encode_entry` writes them, oldest first.
+fn append_range(checkpoint: &[u8], entries: &[Bytes]) -> Vec<u8> {
+    let total: usize = entries.iter().map(|e| e.len() + 4).sum();
+    let mut out = Vec::with_capacity(checkpoint.len() + 9 + total);
+    out.extend_from_slice(checkpoint);
+    out.push(SNAPSHOT_RANGE_TAG);
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// Splits snapshot bytes into the checkpoint's length and the range's entries (checked
+/// consecutive); a snapshot without a range has none.
+fn split_snapshot(bytes: &Bytes) -> Result<(usize, Vec<Entry>), DecodeError> {
+    let mut r = Reader::new("snapshot", bytes);
+    let _version = r.u8()?;
+    optional_log_id(&mut r)?;
+    optional_log_id(&mut r)?;
+    r.membership()?;
+    let len = r.u64()? as usize;
+    r.bytes(len)?;
+    let checkpoint_len = r.offset();
+    let mut entries: Vec<Entry> = Vec::new();
+    if r.remaining() > 0 {
+        if r.u8()? != SNAPSHOT_RANGE_TAG {
+            return Err(r.error("bytes after the state that are no log range"));
+        }
+        for _ in 0..r.u64_count(4 + codec::ENTRY_HEADER_BYTES, usize::MAX)? {
+            let n = r.u32()? as usize;
+            if n > SNAPSHOT_ENTRY_BYTES_MAX {
+                return Err(r.error(format!("a range entry of {n} bytes")));
+            }
+            let start = r.offset();
+            r.bytes(n)?;
+            let entry = codec::decode_entry(&bytes.slice(start..start + n))?;
+            if let Some(prev) = entries.last()
+                && prev.log_id.index + 1 != entry.log_id.index
+            {
+                return Err(r.error(format!(
+                    "range entry {} follows {}",
+                    entry.log_id, prev.log_id
+                )));
+            }
+            entries.push(entry);
+        }
+    }
+    r.finish()?;
+    Ok((checkpoint_len, entries))
+}
+
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
 pub struct ChatSnapshotBuilder {
@@ -544,11 +664,26 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (header, state) = Header::decode(&snapshot).map_err(|source| Error::Decode {
+        let decode_err = |source| Error::Decode {
             group: self.group,
             subject: format!("the snapshot at {:?}", meta.last_log_id),
             source,
-        })?;
+        };
+        let (checkpoint_len, entries) = split_snapshot(&snapshot).map_err(decode_err)?;
+        let checkpoint = snapshot.slice(..checkpoint_len);
+        let (header, state) = Header::decode(&checkpoint).map_err(decode_err)?;
+        if let (Some(last), Some(want)) = (entries.last(), meta.last_log_id)
+            && last.log_id != want
+        {
+            return Err(Error::Inconsistent {
+                group: self.group,
+                detail: format!(
+                    "snapshot entries end at {}, its meta at {want}",
+                    last.log_id
+                ),
+            }
+            .into());
+        }
         if header.snapshot_meta() != *meta || state.group() != self.group {
             return Err(Error::Inconsistent {
                 group: self.group,
@@ -561,8 +696,13 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             }
             .into());
         }
-        // Durable first: a crash after this point restarts from the installed state.
-        self.write_checkpoint(&snapshot).await?;
+        // The checkpoint first: a crash after it restarts from the installed state (and
+        // openraft purges the old log up to it). Then the entries, as history below the
+        // purge mark openraft sets next; a crash among them loses only that history.
+        self.write_checkpoint(&checkpoint).await?;
+        if let Some(log) = &self.log {
+            log.install_range(entries).await?;
+        }
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
         self.applied_since_checkpoint = 0;
@@ -575,16 +715,39 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(Snapshot {
             meta: meta.clone(),
-            snapshot,
+            snapshot: checkpoint,
         });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<SnapshotData>>, io::Error> {
-        Ok(self
+        let current = self
             .current_snapshot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone())
+            .clone();
+        // The state was kept alone; the retained log range is read now, when a snapshot
+        // is about to be sent, off the async threads (it may be large).
+        let Some(mut snap) = current else {
+            return Ok(None);
+        };
+        let Some(log) = self.log.clone() else {
+            return Ok(Some(snap));
+        };
+        let Some(upto) = snap.meta.last_log_id.map(|l| l.index) else {
+            return Ok(Some(snap));
+        };
+        let group = self.group;
+        // What the receiver can reassemble besides the state (and a margin for framing).
+        let budget = crate::network::SNAPSHOT_REASSEMBLY_BYTES_MAX
+            .saturating_sub(snap.snapshot.len() + (1 << 20));
+        let entries = tokio::task::spawn_blocking(move || log.snapshot_range(upto, budget))
+            .await
+            .map_err(|e| Error::Inconsistent {
+                group,
+                detail: format!("reading a snapshot's log range: {e}"),
+            })??;
+        snap.snapshot = Bytes::from(append_range(&snap.snapshot, &entries));
+        Ok(Some(snap))
     }
 }

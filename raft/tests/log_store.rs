@@ -257,3 +257,84 @@ async fn a_stale_entry_of_an_older_term_is_refused_on_read() {
     drop(reader);
     close(engine, store);
 }
+
+/// Retention (s5retain): a purge is logical up to the retain mark — openraft no longer
+/// sees purged entries, history reads still do — and physical below it; a snapshot's
+/// range replaces a log far behind; all of it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_keep_history_above_the_retain_mark() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let entries: Vec<Entry> = (1..=10).map(|i| normal(1, i, &format!("e{i}"))).collect();
+    let indexes = |v: &[Entry]| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    {
+        let (engine, mut store) = open(dir.path());
+        store
+            .blocking_append(entries.clone())
+            .await
+            .expect("appends");
+        let reader = store.get_log_reader().await;
+        reader.set_retain_from(4);
+        store.purge(log_id(1, 1, 6)).await.expect("purges");
+        // Openraft sees 7..=10; history reads 4..=10; 1..=3 are gone from disk.
+        assert_eq!(indexes(&read_all(&mut store).await), vec![7, 8, 9, 10]);
+        let history = reader.read_history(0, 11).expect("history");
+        assert_eq!(indexes(&history), (4..=10).collect::<Vec<_>>());
+        assert_eq!(history, entries[3..].to_vec(), "byte-exact");
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 6)));
+        // A snapshot carries the held range up to its index.
+        let range = reader.snapshot_range(8, usize::MAX).expect("range");
+        assert_eq!(range.len(), 5, "entries 4..=8");
+        // Later retention deletes history below a new horizon, never above the mark.
+        reader.set_retain_from(6);
+        reader.purge_history_below(9).await.expect("purges history");
+        assert_eq!(
+            indexes(&reader.read_history(0, 11).unwrap()),
+            (6..=10).collect::<Vec<_>>()
+        );
+        drop(reader);
+        close(engine, store);
+    }
+    {
+        // After a restart: same views.
+        let (engine, mut store) = open(dir.path());
+        let reader = store.get_log_reader().await;
+        assert_eq!(indexes(&read_all(&mut store).await), vec![7, 8, 9, 10]);
+        assert_eq!(
+            indexes(&reader.read_history(0, 11).unwrap()),
+            (6..=10).collect::<Vec<_>>()
+        );
+        // A snapshot at 40 with entries 30..=40 (this log is far behind): the log holds
+        // them as history once openraft purges up to the snapshot, and appends go on.
+        let snap: Vec<Entry> = (30..=40).map(|i| normal(2, i, &format!("s{i}"))).collect();
+        reader.install_range(snap.clone()).await.expect("installs");
+        store
+            .purge(log_id(2, 1, 40))
+            .await
+            .expect("purges to the snapshot");
+        assert_eq!(read_all(&mut store).await, Vec::<Entry>::new());
+        assert_eq!(reader.read_history(0, 100).unwrap(), snap);
+        store
+            .blocking_append(vec![normal(2, 41, "after")])
+            .await
+            .expect("appends");
+        assert_eq!(indexes(&read_all(&mut store).await), vec![41]);
+        assert_eq!(
+            indexes(&reader.read_history(0, 100).unwrap()),
+            (30..=41).collect::<Vec<_>>()
+        );
+        drop(reader);
+        close(engine, store);
+    }
+    {
+        let (engine, mut store) = open(dir.path());
+        let reader = store.get_log_reader().await;
+        assert_eq!(indexes(&read_all(&mut store).await), vec![41]);
+        assert_eq!(
+            indexes(&reader.read_history(0, 100).unwrap()),
+            (30..=41).collect::<Vec<_>>()
+        );
+        drop(reader);
+        close(engine, store);
+    }
+}

@@ -15,6 +15,7 @@ async fn start(dir: &std::path::Path, checkpoint_every: u64) -> Node {
     config.segment_bytes = Some(4 << 20);
     config.sm = SmConfig {
         checkpoint_every_entries: checkpoint_every,
+        ..Default::default()
     };
     let node = tokio::time::timeout(
         Duration::from_secs(30),

@@ -171,6 +171,7 @@ impl TestNode {
                 SmConfig {
                     // Often, so cuts land in checkpoint writes too.
                     checkpoint_every_entries: 40,
+                    ..Default::default()
                 },
             )
             .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?;

@@ -45,8 +45,9 @@
 //! ```
 //!
 //! `first` is the first Raft index the log holds (0 for a log never purged), `last` the
-//! index A. `purged` is the log's purge mark when it has one (a replica that installed a
-//! snapshot starts after it). The trailer makes a cut stream visible even without the
+//! index A. `purged` is the log's purge mark when it has one; with log retention the
+//! entries from `first` to the mark are committed history kept for reads (raft
+//! `log_store`, "Retention"), restored as such. The trailer makes a cut stream visible even without the
 //! manifest; the manifest's SHA-256 makes any changed byte visible.
 
 pub mod cmd;

@@ -262,18 +262,18 @@ async fn group_stream(
         );
     };
     let purged = engine.meta(log, ids::META_PURGED).map(|b| b.to_vec());
-    let purged_index = match purged.as_deref().map(codec::decode_log_id).transpose() {
-        Ok(p) => p.map(|l| l.index),
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "STORAGE",
-                format!("group {group}: the purge mark: {e}"),
-            );
-        }
-    };
+    // The purge mark goes into the backup as is: it must decode.
+    if let Some(Err(e)) = purged.as_deref().map(codec::decode_log_id) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "STORAGE",
+            format!("group {group}: the purge mark: {e}"),
+        );
+    }
+    // Every entry the engine holds, including the committed history retention keeps
+    // below the purge mark (raft `log_store`, "Retention"): a restored node then serves
+    // the same history (its log store finds it below the restored purge mark).
     let first = ids::raft_index(bounds.first.max(1));
-    let first = purged_index.map_or(first, |p| first.max(p + 1));
     // The log must reach back to the checkpoint: entries (S, A] are re-applied on restore.
     if first > checkpoint_index.map_or(0, |s| s + 1) || first > last {
         return error(

@@ -904,6 +904,9 @@ impl ChatService {
                     .map_err(propose_error)?;
                 let view = Self::member_check(group, r.chat_id, user)?;
                 let head = view.head_seq;
+                // Retention: history starts at the chat's first retained seq
+                // (wire/PROTOCOL.md); a read from below it starts there.
+                let first_kept = group.shared().read().chat_first_seq(r.chat_id).unwrap_or(1);
                 let backward = match v1::Direction::try_from(r.direction) {
                     Ok(v1::Direction::Forward) => false,
                     Ok(v1::Direction::Backward) => true,
@@ -915,9 +918,9 @@ impl ChatService {
                     } else {
                         r.from_seq.min(head)
                     };
-                    (top.saturating_sub(limit - 1).max(1), top)
+                    (top.saturating_sub(limit - 1).max(first_kept), top)
                 } else {
-                    let from = r.from_seq.max(1);
+                    let from = r.from_seq.max(first_kept);
                     (from, from.saturating_add(limit - 1).min(head))
                 };
                 let locs = group
@@ -933,7 +936,7 @@ impl ChatService {
                     events = self.read_events(group, r.chat_id, tail).await?;
                 }
                 let has_more = match (backward, events.first(), events.last()) {
-                    (true, Some(first), _) => first.seq > 1,
+                    (true, Some(first), _) => first.seq > first_kept,
                     (false, _, Some(last)) => last.seq < head,
                     _ => false,
                 };
@@ -956,7 +959,18 @@ impl ChatService {
                 let mut locs = Vec::with_capacity(r.seqs.len());
                 {
                     let st = group.shared().read();
+                    let first_kept = st.chat_first_seq(r.chat_id).unwrap_or(1);
                     for s in &r.seqs {
+                        if *s != 0 && *s < first_kept {
+                            return Err(error(
+                                ErrorCode::NotFound,
+                                format!(
+                                    "chat {} seq {s} is below retention: its first retained \
+                                     seq is {first_kept}",
+                                    r.chat_id
+                                ),
+                            ));
+                        }
                         if *s == 0 || *s > view.head_seq {
                             return Err(error(
                                 ErrorCode::NotFound,
@@ -1166,11 +1180,13 @@ impl ChatService {
             let read_seq = ugroup.shared().read().read_marker(user, chat);
             let mut events = Vec::new();
             if last < head && bytes < PAGE_BYTES_MAX {
-                let to = head.min(last + per_chat);
+                // Retention: below the chat's first retained seq, start there.
+                let from = (last + 1).max(group.shared().read().chat_first_seq(chat).unwrap_or(1));
+                let to = head.min(from + per_chat - 1);
                 let locs = group
                     .shared()
                     .read()
-                    .chat_events(chat, last + 1, to)
+                    .chat_events(chat, from, to)
                     .unwrap_or_default();
                 let rows = group
                     .read_commands(&locs)
@@ -1250,6 +1266,9 @@ impl ChatService {
                     );
                     return;
                 }
+                // Retention: a subscription from below the chat's first retained seq
+                // continues there (wire/PROTOCOL.md, "History below retention").
+                next = next.max(group.shared().read().chat_first_seq(chat).unwrap_or(1));
                 if next <= head {
                     let to = head.min(next + SUBSCRIPTION_PUSH_EVENTS_MAX as u64 - 1);
                     let locs = group

@@ -17,6 +17,7 @@ pub mod chat_lists;
 pub mod command;
 pub mod media;
 pub mod placement;
+pub mod retention;
 pub mod secret;
 pub mod state;
 

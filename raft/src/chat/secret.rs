@@ -777,6 +777,12 @@ impl SecretState {
         self.next_message
     }
 
+    /// The lowest Raft index holding a pending message (retention must keep it: the
+    /// message would be lost unread), `None` when none is pending.
+    pub fn earliest_pending_raft_index(&self) -> Option<u64> {
+        self.pending.values().map(|p| p.raft_index).min()
+    }
+
     /// Messages pending in the group.
     pub fn pending_count(&self) -> usize {
         self.pending.len()

@@ -20,6 +20,7 @@ use crate::chat::command::{
     role_from,
 };
 use crate::chat::media::MediaState;
+use crate::chat::retention::EventIndex;
 use crate::chat::secret::SecretState;
 use crate::chat::{ChatId, UserId, make_id};
 use crate::codec::{DecodeError, Reader};
@@ -164,7 +165,7 @@ struct User {
     chats: BTreeSet<ChatId>,
     read: BTreeMap<ChatId, u64>,
     /// The user's own log (read markers, chat list changes, revoked sessions).
-    log: Vec<EventLoc>,
+    log: EventIndex,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,8 +182,9 @@ struct Chat {
     members: BTreeMap<UserId, MemberInfo>,
     banned: BTreeSet<UserId>,
     pinned: BTreeSet<u64>,
-    /// `events[seq - 1]` is where event `seq` lives.
-    events: Vec<EventLoc>,
+    /// `events.get(seq - 1)` is where event `seq` lives (older seqs may have been
+    /// dropped by retention, `chat::retention`).
+    events: EventIndex,
     /// Per message seq, the seqs of its edits, so a delete erases their texts too.
     /// Emptied for a message when it is deleted (it cannot be edited any more).
     edits: BTreeMap<u64, Vec<u64>>,
@@ -299,6 +301,11 @@ pub struct GroupState {
     /// The chat-list outbox of this group's chats and the delivery marks of this
     /// group's users (`chat_lists.rs`).
     chat_lists: ChatLists,
+    /// Retention (`chat/retention.rs`): the indexes point at no Raft entry below this
+    /// (0: nothing trimmed).
+    retained_from: u64,
+    /// Retention: byte counts of the applied log for the byte policy.
+    ledger: crate::chat::retention::ByteLedger,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -332,6 +339,8 @@ impl GroupState {
             placement: Default::default(),
             media: MediaState::default(),
             chat_lists: ChatLists::default(),
+            retained_from: 0,
+            ledger: Default::default(),
         }
     }
 
@@ -417,7 +426,7 @@ impl GroupState {
                         sessions: BTreeMap::new(),
                         chats: BTreeSet::new(),
                         read: BTreeMap::new(),
-                        log: Vec::new(),
+                        log: EventIndex::default(),
                     },
                 );
                 self.names.insert(name.clone(), id);
@@ -712,7 +721,7 @@ impl GroupState {
             members: BTreeMap::new(),
             banned: BTreeSet::new(),
             pinned: BTreeSet::new(),
-            events: vec![at(EventKind::ChatCreated, creator)],
+            events: EventIndex::from_locs(vec![at(EventKind::ChatCreated, creator)]),
             edits: BTreeMap::new(),
         };
         chat.members.insert(
@@ -828,7 +837,10 @@ impl GroupState {
                 let mut erased = vec![*target];
                 erased.extend(chat.edits.remove(target).unwrap_or_default());
                 for s in erased {
-                    let loc = &mut chat.events[s as usize - 1];
+                    // An edit older than the retention horizon is gone with its entry.
+                    let Some(loc) = chat.events.get_mut(s as usize - 1) else {
+                        continue;
+                    };
                     loc.erase();
                     self.secret
                         .record_erasure(loc.raft_index(), loc.pos() as u32, ts);
@@ -999,12 +1011,17 @@ impl GroupState {
     pub fn chat_events(&self, chat: ChatId, from: u64, to: u64) -> Option<Vec<(u64, EventLoc)>> {
         let c = self.chats.get(&chat)?;
         let head = c.events.len() as u64;
-        let from = from.max(1);
+        // Below the first retained seq a read starts there (wire/PROTOCOL.md, retention).
+        let from = from.max(c.events.first_seq());
         let to = to.min(head);
         if from > to {
             return Some(Vec::new());
         }
-        Some((from..=to).map(|s| (s, c.events[s as usize - 1])).collect())
+        Some(
+            (from..=to)
+                .filter_map(|s| c.events.get(s as usize - 1).map(|l| (s, *l)))
+                .collect(),
+        )
     }
 
     /// A user's summary.
@@ -1076,8 +1093,8 @@ impl GroupState {
         let u = self.users.get(&user)?;
         let to = to.min(u.log.len() as u64);
         Some(
-            (from.max(1)..=to)
-                .map(|s| (s, u.log[s as usize - 1]))
+            (from.max(u.log.first_seq())..=to)
+                .filter_map(|s| u.log.get(s as usize - 1).map(|l| (s, *l)))
                 .collect(),
         )
     }
@@ -1510,7 +1527,7 @@ impl GroupState {
                 w.u64(*c);
                 w.u64(*s);
             }
-            w.locs(&u.log);
+            w.locs(u.log.kept());
         }
         w.u64(self.chats.len() as u64);
         for (id, c) in &self.chats {
@@ -1532,7 +1549,7 @@ impl GroupState {
             for s in &c.pinned {
                 w.u64(*s);
             }
-            w.locs(&c.events);
+            w.locs(c.events.kept());
             w.u64(c.edits.len() as u64);
             for (target, edits) in &c.edits {
                 w.u64(*target);
@@ -1555,6 +1572,7 @@ impl GroupState {
         self.secret.encode_into(&mut w.0);
         self.media.encode_into(&mut w.0);
         self.chat_lists.encode_into(&mut w.0);
+        self.encode_retention(&mut w);
         // Last, and nothing outside group 0: older checkpoints decode unchanged.
         self.placement.encode_into(&mut w.0);
         w.0
@@ -1602,7 +1620,7 @@ impl GroupState {
             for _ in 0..read_count(&mut r, 16)? {
                 read.insert(r.u64()?, r.u64()?);
             }
-            let log = read_locs(&mut r)?;
+            let log = EventIndex::from_locs(read_locs(&mut r)?);
             st.names.insert(name.clone(), id);
             st.users.insert(
                 id,
@@ -1643,7 +1661,7 @@ impl GroupState {
             for _ in 0..read_count(&mut r, 8)? {
                 pinned.insert(r.u64()?);
             }
-            let events = read_locs(&mut r)?;
+            let events = EventIndex::from_locs(read_locs(&mut r)?);
             let mut edits = BTreeMap::new();
             if version >= 2 {
                 for _ in 0..read_count(&mut r, 16)? {
@@ -1700,8 +1718,114 @@ impl GroupState {
         if version >= 2 {
             st.chat_lists = ChatLists::decode_from(&mut r)?;
         }
+        st.decode_retention(&mut r)?;
         st.placement = crate::chat::placement::Placement::decode(&mut r)?;
         r.finish()?;
         Ok(st)
+    }
+}
+
+// ---- retention (s5retain; rules in chat/retention.rs) ----
+
+/// Tag of the retention section of the encoded state, written just before the placement
+/// and only once something was trimmed (a state that never trimmed encodes as before).
+/// Never equal to `placement::PLACEMENT_VERSION`, the byte that may follow instead.
+const RETENTION_SECTION_TAG: u8 = 0xE7;
+const _: () = assert!(RETENTION_SECTION_TAG != crate::chat::placement::PLACEMENT_VERSION);
+
+impl GroupState {
+    /// Drops the index entries of events that live below Raft index `horizon`, in every
+    /// chat and user log (history below it is no longer served). Deterministic: apply
+    /// calls it at the entries `RetentionPolicy::trim_at` names.
+    pub fn trim_below(&mut self, horizon: u64) {
+        if horizon <= self.retained_from {
+            return;
+        }
+        self.retained_from = horizon;
+        for c in self.chats.values_mut() {
+            c.events.trim_below(horizon);
+        }
+        for u in self.users.values_mut() {
+            u.log.trim_below(horizon);
+        }
+    }
+
+    /// Records an applied entry for `policy` (`bytes` long) and trims where the policy
+    /// says (`RetentionPolicy::note_entry`). Apply calls it for every entry.
+    pub fn note_applied_entry(
+        &mut self,
+        policy: &crate::chat::retention::RetentionPolicy,
+        raft_index: u64,
+        bytes: u64,
+    ) {
+        if let Some(horizon) = policy.note_entry(&mut self.ledger, raft_index, bytes) {
+            self.trim_below(horizon);
+        }
+    }
+
+    /// The Raft index below which no index entry points (0: nothing trimmed).
+    pub fn retained_from(&self) -> u64 {
+        self.retained_from
+    }
+
+    /// The first seq of `chat` whose location is still held (1 if nothing was trimmed;
+    /// the head + 1 if every event was), `None` if there is no such chat.
+    pub fn chat_first_seq(&self, chat: ChatId) -> Option<u64> {
+        self.chats.get(&chat).map(|c| c.events.first_seq())
+    }
+
+    fn encode_retention(&self, w: &mut W) {
+        if self.retained_from == 0 && self.ledger.is_empty() {
+            return;
+        }
+        w.u8(RETENTION_SECTION_TAG);
+        w.u64(self.retained_from);
+        let chats: Vec<_> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| c.events.base() > 0)
+            .collect();
+        w.u64(chats.len() as u64);
+        for (id, c) in chats {
+            w.u64(*id);
+            w.u64(c.events.base());
+        }
+        let users: Vec<_> = self
+            .users
+            .iter()
+            .filter(|(_, u)| u.log.base() > 0)
+            .collect();
+        w.u64(users.len() as u64);
+        for (id, u) in users {
+            w.u64(*id);
+            w.u64(u.log.base());
+        }
+        self.ledger.encode_into(&mut w.0);
+    }
+
+    fn decode_retention(&mut self, r: &mut Reader<'_>) -> Result<(), DecodeError> {
+        if r.peek_u8() != Some(RETENTION_SECTION_TAG) {
+            return Ok(());
+        }
+        r.u8()?;
+        self.retained_from = r.u64()?;
+        for _ in 0..read_count(r, 16)? {
+            let (id, base) = (r.u64()?, r.u64()?);
+            let c = self
+                .chats
+                .get_mut(&id)
+                .ok_or_else(|| r.error(format!("retention names unknown chat {id}")))?;
+            c.events.set_base(base);
+        }
+        for _ in 0..read_count(r, 16)? {
+            let (id, base) = (r.u64()?, r.u64()?);
+            let u = self
+                .users
+                .get_mut(&id)
+                .ok_or_else(|| r.error(format!("retention names unknown user {id}")))?;
+            u.log.set_base(base);
+        }
+        self.ledger = crate::chat::retention::ByteLedger::decode_from(r)?;
+        Ok(())
     }
 }

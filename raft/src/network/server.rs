@@ -47,8 +47,9 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
 
 /// Bytes of partially received snapshots held per connection, all groups together:
 /// 256 MiB. A snapshot larger than this cannot be received (it is refused with
-/// `NODE_ERROR_CODE_UNAVAILABLE`); today's snapshots are a few hundred bytes of chat
-/// state. Streaming snapshots into the engine's staging log will lift this.
+/// `NODE_ERROR_CODE_UNAVAILABLE`). A snapshot is the chat state plus the retained log
+/// range, which the sender cuts to fit this (`log_store::SNAPSHOT_LOG_BYTES_MAX`).
+/// Streaming snapshots into the engine's staging log would lift this.
 pub const SNAPSHOT_REASSEMBLY_BYTES_MAX: usize = 256 << 20;
 
 /// Bytes read from the socket per `read` call.

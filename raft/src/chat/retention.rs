@@ -1,0 +1,369 @@
+//! Log retention in the applied state: which Raft entries the per-chat and per-user
+//! indexes may still point at, and the index type that forgets what lies below.
+//!
+//! What it owns: [`EventIndex`] (a seq → location index whose oldest seqs can be
+//! dropped while seqs stay what they were), [`RetentionPolicy`] (how much of the log a
+//! node keeps: entries, bytes or both) and the rule that turns each applied entry into a
+//! trim horizon ([`RetentionPolicy::note_entry`], with the [`ByteLedger`] of the size
+//! limit, which is part of the state). What it must not do: read clocks, look at the disk or
+//! depend on anything but applied entries and the policy: every replica trims at the same
+//! entries to the same horizon, so the encoded state stays byte-identical (the policy
+//! must be the same on every node, as `chatlog serve --help` says).
+//!
+//! The physical purge of the Raft log (`crate::retention`) follows this horizon, further
+//! held back by what only one replica knows (its durable checkpoint, its eraser).
+
+use std::collections::VecDeque;
+
+use crate::chat::state::EventLoc;
+use crate::codec::{DecodeError, Reader};
+
+/// Entries between two trims of the indexes, at most. Why: a trim walks every chat and
+/// user of the group, so it runs every `retain_entries / 8` entries (at least 1, at most
+/// this), not on every entry; history below the horizon lingers at most this long.
+pub const TRIM_EVERY_ENTRIES_MAX: u64 = 10_000;
+
+/// Entries between two marks of the byte ledger (and between two byte-policy trims).
+pub const MARK_EVERY_ENTRIES: u64 = 64;
+/// Marks the byte ledger holds at most (16 bytes each in memory and in the checkpoint:
+/// 1 MiB). Why: a large `retain_bytes` over small entries would need more; past this the
+/// oldest mark goes, so the byte policy then keeps at most `MARKS_MAX ×
+/// MARK_EVERY_ENTRIES` (4 Mi) entries.
+pub const MARKS_MAX: usize = 1 << 16;
+
+/// How much of a group's Raft log a node keeps: the same on every replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep the newest this many Raft entries (and every entry still needed: pending
+    /// secret messages, entries above the durable checkpoint). `None`: no entry limit.
+    pub retain_entries: Option<u64>,
+    /// Keep the newest entries whose bytes (payload plus entry header) sum to at least
+    /// this, plus less than [`MARK_EVERY_ENTRIES`] entries more. `None`: no byte limit.
+    /// With both limits the stricter one wins.
+    pub retain_bytes: Option<u64>,
+}
+
+impl RetentionPolicy {
+    /// Keeps everything (the default).
+    pub fn keep_all() -> RetentionPolicy {
+        RetentionPolicy::default()
+    }
+
+    /// Whether any limit is set.
+    pub fn is_some(&self) -> bool {
+        self.retain_entries.is_some() || self.retain_bytes.is_some()
+    }
+
+    /// Records the entry at `raft_index` (`bytes` long) in `ledger` and says whether
+    /// the indexes are trimmed there, and to which horizon. Deterministic: a function of
+    /// the applied entries and the policy (the ledger is part of the state).
+    pub fn note_entry(&self, ledger: &mut ByteLedger, raft_index: u64, bytes: u64) -> Option<u64> {
+        let by_entries = self.trim_at(raft_index);
+        let by_bytes = self
+            .retain_bytes
+            .and_then(|keep| ledger.note(raft_index, bytes, keep));
+        by_entries.max(by_bytes)
+    }
+
+    /// Whether applying the entry at `raft_index` trims the indexes, and to which
+    /// horizon (the first Raft index they keep). Deterministic: a function of the index
+    /// and the policy only.
+    pub fn trim_at(&self, raft_index: u64) -> Option<u64> {
+        let keep = self.retain_entries?.max(1);
+        let every = (keep / 8).clamp(1, TRIM_EVERY_ENTRIES_MAX);
+        if !raft_index.is_multiple_of(every) || raft_index < keep {
+            return None;
+        }
+        Some(raft_index + 1 - keep)
+    }
+}
+
+/// Running byte counts of the applied log, for the byte policy: the total, and marks
+/// `(raft index, total before it)` every [`MARK_EVERY_ENTRIES`] entries from the oldest
+/// one still within the limit. Part of the state (`GroupState`'s retention section).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ByteLedger {
+    total: u64,
+    marks: VecDeque<(u64, u64)>,
+}
+
+impl ByteLedger {
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0 && self.marks.is_empty()
+    }
+
+    fn note(&mut self, raft_index: u64, bytes: u64, keep: u64) -> Option<u64> {
+        let at_mark = raft_index.is_multiple_of(MARK_EVERY_ENTRIES);
+        if at_mark || self.marks.is_empty() {
+            self.marks.push_back((raft_index, self.total));
+            if self.marks.len() > MARKS_MAX {
+                self.marks.pop_front();
+            }
+        }
+        self.total += bytes;
+        if !at_mark {
+            return None;
+        }
+        // Drop marks while the next one alone still holds more than the limit: the
+        // first one left starts the kept range, which holds at least `keep` bytes and
+        // less than `keep` plus one mark's worth of entries.
+        let mut dropped = false;
+        while self.marks.len() >= 2 && self.total - self.marks[1].1 > keep {
+            self.marks.pop_front();
+            dropped = true;
+        }
+        if !dropped {
+            return None;
+        }
+        self.marks.front().map(|(i, _)| *i)
+    }
+
+    /// Appends the ledger's bytes: `total u64 | count u64 × (index u64 | before u64)`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.total.to_le_bytes());
+        out.extend_from_slice(&(self.marks.len() as u64).to_le_bytes());
+        for (i, b) in &self.marks {
+            out.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+    }
+
+    /// Reads what [`ByteLedger::encode_into`] wrote.
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<ByteLedger, DecodeError> {
+        let total = r.u64()?;
+        let n = r.u64_count(16, MARKS_MAX)?;
+        let mut marks = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            marks.push_back((r.u64()?, r.u64()?));
+        }
+        Ok(ByteLedger { total, marks })
+    }
+}
+
+/// The index of one chat's (or user's) events: `seq → location`, dense from seq 1, of
+/// which the oldest `base` seqs may have been dropped by retention. Seqs never change:
+/// [`EventIndex::len`] is the head seq whatever was dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventIndex {
+    /// Seqs `1..=base` were dropped.
+    base: u64,
+    /// `locs[k]` is where seq `base + 1 + k` lives.
+    locs: Vec<EventLoc>,
+}
+
+impl EventIndex {
+    /// An index holding `locs` as seqs `1..=locs.len()`.
+    pub fn from_locs(locs: Vec<EventLoc>) -> EventIndex {
+        EventIndex { base: 0, locs }
+    }
+
+    /// The head seq (events ever indexed, dropped ones included).
+    pub fn len(&self) -> usize {
+        self.base as usize + self.locs.len()
+    }
+
+    /// Whether no event was ever indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Seqs dropped by retention (`1..=base`).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The first seq still held (`base + 1`; the head + 1 when none is).
+    pub fn first_seq(&self) -> u64 {
+        self.base + 1
+    }
+
+    /// Restores the dropped count of a decoded index (its locations are the kept ones).
+    pub fn set_base(&mut self, base: u64) {
+        self.base = base;
+    }
+
+    /// Indexes the next seq.
+    pub fn push(&mut self, loc: EventLoc) {
+        self.locs.push(loc);
+    }
+
+    /// Where seq `k + 1` lives; `None` if it was dropped or is beyond the head.
+    pub fn get(&self, k: usize) -> Option<&EventLoc> {
+        k.checked_sub(self.base as usize)
+            .and_then(|i| self.locs.get(i))
+    }
+
+    /// Mutable [`EventIndex::get`].
+    pub fn get_mut(&mut self, k: usize) -> Option<&mut EventLoc> {
+        k.checked_sub(self.base as usize)
+            .and_then(|i| self.locs.get_mut(i))
+    }
+
+    /// Like `slice::partition_point` over all seqs, dropped ones counted as satisfying
+    /// `pred` (they are older than every kept one).
+    pub fn partition_point(&self, pred: impl FnMut(&EventLoc) -> bool) -> usize {
+        self.base as usize + self.locs.partition_point(pred)
+    }
+
+    /// The kept locations, oldest first (seq `first_seq()` onwards).
+    pub fn kept(&self) -> &[EventLoc] {
+        &self.locs
+    }
+
+    /// Drops the leading events that live below Raft index `horizon`; returns how many.
+    pub fn trim_below(&mut self, horizon: u64) -> u64 {
+        let n = self.locs.partition_point(|l| l.raft_index() < horizon);
+        if n > 0 {
+            self.locs.drain(..n);
+            self.base += n as u64;
+        }
+        n as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_are_deterministic_and_sparse() {
+        let p = RetentionPolicy {
+            retain_entries: Some(80),
+            retain_bytes: None,
+        };
+        assert_eq!(p.trim_at(10), None);
+        assert_eq!(p.trim_at(80), Some(1));
+        assert_eq!(p.trim_at(81), None);
+        assert_eq!(p.trim_at(90), Some(11));
+        assert_eq!(RetentionPolicy::keep_all().trim_at(1 << 30), None);
+    }
+
+    #[test]
+    fn the_byte_policy_keeps_about_its_bytes() {
+        let p = RetentionPolicy {
+            retain_entries: None,
+            retain_bytes: Some(10_000),
+        };
+        let mut ledger = ByteLedger::default();
+        let mut horizon = 0;
+        for i in 1..=2_000u64 {
+            if let Some(h) = p.note_entry(&mut ledger, i, 100) {
+                assert!(h > horizon, "moves forward");
+                horizon = h;
+                // At least 100 entries of 100 bytes kept, less than a mark more.
+                let kept = i + 1 - h;
+                assert!((100..100 + MARK_EVERY_ENTRIES).contains(&kept), "{kept}");
+            }
+        }
+        assert!(horizon > 1_800, "{horizon}");
+        // The ledger round-trips, and a replica that restarts from it trims alike.
+        let mut bytes = Vec::new();
+        ledger.encode_into(&mut bytes);
+        let mut back = ByteLedger::decode_from(&mut Reader::new("ledger", &bytes)).unwrap();
+        assert_eq!(back, ledger);
+        for i in 2_001..=2_200u64 {
+            assert_eq!(
+                p.note_entry(&mut back, i, 100),
+                p.note_entry(&mut ledger, i, 100)
+            );
+        }
+        // Small totals trim nothing.
+        let mut fresh = ByteLedger::default();
+        assert!((1..=500u64).all(|i| p.note_entry(&mut fresh, i, 10).is_none()));
+    }
+
+    /// Trimming drops the oldest index entries, keeps seqs, refuses what names a dropped
+    /// seq, and round-trips through the checkpoint encoding byte-identically.
+    #[test]
+    fn trimmed_state_keeps_seqs_and_round_trips() {
+        use crate::chat::command::{ChatKind, Command, Outcome, RefusalCode};
+        use crate::chat::state::GroupState;
+
+        let mut st = GroupState::new(3);
+        let mut index = 0;
+        let mut run = |st: &mut GroupState, cmd: Command| {
+            index += 1;
+            st.apply(&cmd, 1_000 + index, index, 0)
+        };
+        let user = match run(
+            &mut st,
+            Command::CreateUser {
+                name: "ann".into(),
+                login_token_hash: [1; 32],
+            },
+        ) {
+            Outcome::UserCreated { user } => user,
+            o => panic!("{o:?}"),
+        };
+        let chat = match run(
+            &mut st,
+            Command::CreateChat {
+                creator: user,
+                kind: ChatKind::Group,
+                title: "t".into(),
+                members: vec![],
+            },
+        ) {
+            Outcome::Event { chat, .. } => chat,
+            o => panic!("{o:?}"),
+        };
+        for cmid in 1..=20 {
+            let o = run(
+                &mut st,
+                Command::Post {
+                    chat,
+                    sender: user,
+                    client_message_id: cmid,
+                    text: format!("m{cmid}"),
+                    media: None,
+                    reply_to: 0,
+                },
+            );
+            assert!(matches!(o, Outcome::Event { .. }), "{o:?}");
+        }
+        // Raft index i holds seq i - 1 (index 1 the user, 2 the chat).
+        let before = st.encode();
+        st.trim_below(12);
+        assert_ne!(st.encode(), before);
+        assert_eq!(st.retained_from(), 12);
+        assert_eq!(st.chat_first_seq(chat), Some(11));
+        let events = st.chat_events(chat, 1, 100).expect("chat");
+        assert_eq!(
+            events.first().map(|e| e.0),
+            Some(11),
+            "starts at the first kept"
+        );
+        assert_eq!(events.last().map(|e| e.0), Some(21), "head unchanged");
+        assert!(events.iter().all(|(s, l)| l.raft_index() == s + 1));
+        // A delete of a dropped seq is refused (the same on every replica).
+        match run(
+            &mut st,
+            Command::Delete {
+                chat,
+                sender: user,
+                target: 5,
+            },
+        ) {
+            Outcome::Refused(r) => assert_eq!(r.code, RefusalCode::NotFound, "{}", r.message),
+            o => panic!("{o:?}"),
+        }
+        // The next post still gets head + 1.
+        let o = run(
+            &mut st,
+            Command::Post {
+                chat,
+                sender: user,
+                client_message_id: 99,
+                text: "after".into(),
+                media: None,
+                reply_to: 0,
+            },
+        );
+        assert!(matches!(o, Outcome::Event { seq: 22, .. }), "{o:?}");
+        let bytes = st.encode();
+        let back = GroupState::decode(&bytes).expect("decodes");
+        assert_eq!(back, st);
+        assert_eq!(back.encode(), bytes, "byte-identical");
+    }
+}

@@ -1,0 +1,116 @@
+//! The physical side of log retention on one replica: purging the group's Raft log
+//! below the horizon the applied state allows.
+//!
+//! What it owns: the retention task of each local group (started only when the node has
+//! a retention policy, `SmConfig::retention`). What it must not do: purge what this
+//! replica may still need, which is more than the state's horizon says:
+//!
+//! - the state's horizon (`GroupState::retained_from`, moved deterministically by apply,
+//!   `chat::retention`): the indexes point at nothing below it;
+//! - the durable checkpoint: a restart replays `(checkpoint, committed]` from the log,
+//!   so nothing above the checkpoint's applied index is purged (P6);
+//! - pending secret messages (lost unread otherwise) and erasures this replica's eraser
+//!   has not zeroed yet (a purged segment may be recycled with the plaintext in it).
+//!
+//! How. Every [`RETENTION_TICK`] it computes the horizon `h` (first index kept). Openraft
+//! purges only what a snapshot covers, so when `h - 1` is above openraft's snapshot it
+//! asks for one (`trigger().snapshot()`; our snapshot is the durable checkpoint, so it
+//! also moves the checkpoint), then sets the log store's retain mark to `h` and asks
+//! openraft to purge up to `h - 1` (`trigger().purge_log`): openraft keeps its
+//! `last_purged_log_id` and sends a snapshot to a follower that needs what is gone.
+//! Entries below openraft's purge mark that the log store kept as history (after a
+//! snapshot install, `log_store` module docs) are deleted directly. The chat-list outbox
+//! and the feed live in the state, not in the log: nothing to hold back for them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::ChatRaft;
+use crate::chat::retention::RetentionPolicy;
+use crate::log_store::LogReader;
+use crate::state_machine::GroupShared;
+use crate::types::GroupId;
+
+/// Pause between two looks at a group's horizon. Why: a purge is a cheap metadata write
+/// but a snapshot rewrites the checkpoint; once a second is often enough for disk use to
+/// follow writes closely and rare enough to cost nothing when idle.
+pub const RETENTION_TICK: Duration = Duration::from_secs(1);
+
+/// Longest the task waits for a snapshot it asked for before trying again next tick.
+pub const SNAPSHOT_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// The first Raft index this replica must keep, from the state and local facts; `None`
+/// while nothing may be purged.
+pub fn horizon(shared: &GroupShared, secret_erased: u64) -> Option<u64> {
+    let st = shared.read();
+    let mut h = st.retained_from();
+    if h <= 1 {
+        return None;
+    }
+    if let Some(p) = st.secret().earliest_pending_raft_index() {
+        h = h.min(p);
+    }
+    let (unsettled, _) = st.secret().erasures_after(secret_erased);
+    if let Some(e) = unsettled.iter().map(|e| e.raft_index).min() {
+        h = h.min(e);
+    }
+    (h > 1).then_some(h)
+}
+
+/// Runs group `group`'s retention until the group stops (see the module docs).
+pub async fn run(
+    group: GroupId,
+    policy: RetentionPolicy,
+    raft: ChatRaft,
+    shared: Arc<GroupShared>,
+    log: LogReader,
+    secret_erased: Arc<AtomicU64>,
+) {
+    if !policy.is_some() {
+        return;
+    }
+    // A snapshot (a full checkpoint) only when it lets the purge move this much.
+    let slack = policy
+        .retain_entries
+        .map_or(8 * crate::chat::retention::MARK_EVERY_ENTRIES, |keep| {
+            (keep / 8).max(1)
+        });
+    loop {
+        tokio::time::sleep(RETENTION_TICK).await;
+        let Some(wanted) = horizon(&shared, secret_erased.load(Ordering::Acquire)) else {
+            continue;
+        };
+        let snapshot_at = || {
+            openraft::async_runtime::WatchReceiver::borrow_watched(&raft.metrics())
+                .snapshot
+                .map_or(0, |s| s.index)
+        };
+        if wanted > snapshot_at() + slack || shared.checkpointed() + 1 < wanted {
+            if raft.trigger().snapshot().await.is_err() {
+                return; // the group stopped
+            }
+            let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT_MAX;
+            while snapshot_at() + 1 < wanted && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Never above the durable checkpoint nor openraft's snapshot (it would refuse).
+        let h = wanted.min(shared.checkpointed() + 1).min(snapshot_at() + 1);
+        if h <= 1 {
+            continue;
+        }
+        log.set_retain_from(h);
+        let (_, purged, _) = log.retained_bounds();
+        if purged.map_or(0, |p| p.index + 1) < h {
+            tracing::debug!(group, upto = h - 1, "retention purge");
+            if raft.trigger().purge_log(h - 1).await.is_err() {
+                return;
+            }
+        }
+        if let Err(e) = log.purge_history_below(h).await {
+            tracing::warn!(group, error = %e, "retention: purging history failed");
+            return;
+        }
+    }
+}
