@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::{ChatKind, Command, Outcome};
 use chatlog_raft::network::{GroupDirectory, NodeIdentity, Router};
-use chatlog_raft::node::{GroupRegistry, NoPeers, Node, NodeConfig};
+use chatlog_raft::node::{Group, GroupRegistry, NoPeers, Node, NodeConfig};
 use hdrhistogram::Histogram;
 
 const GROUPS: u64 = 16;
@@ -344,14 +344,22 @@ async fn closed_loop(
     let done = Arc::new(AtomicU64::new(0));
     let next_id = Arc::new(AtomicU64::new(1));
     let leaders: Vec<_> = (1..=GROUPS).map(|g| cluster.leader_of(g)).collect();
+    // Each group's replica on its leader, looked up once (the client's cost is not the
+    // server's).
+    let groups: Arc<Vec<Group>> = Arc::new(
+        (1..=GROUPS)
+            .map(|g| leaders[(g - 1) as usize].group(g).expect("group"))
+            .collect(),
+    );
+    let chats: Arc<Vec<(u64, u64, u64)>> = Arc::new(chats.to_vec());
     let mut tasks = Vec::new();
     for w in 0..inflight {
         let stop = Arc::clone(&stop);
         let measuring = Arc::clone(&measuring);
         let done = Arc::clone(&done);
         let next_id = Arc::clone(&next_id);
-        let chats = chats.to_vec();
-        let leaders = leaders.clone();
+        let chats = Arc::clone(&chats);
+        let groups = Arc::clone(&groups);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
             let mut k = w as usize * 7919;
@@ -360,9 +368,7 @@ async fn closed_loop(
                 let (chat, g, sender) = chats[k];
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                let out = leaders[(g - 1) as usize]
-                    .group(g)
-                    .expect("group")
+                let out = groups[(g - 1) as usize]
                     .propose(Command::Post {
                         chat,
                         sender,
@@ -429,49 +435,127 @@ async fn closed_loop(
 }
 
 /// Open loop: posts issued at `rate`/s regardless of completions; latency counted from
-/// the intended start.
+/// the intended start. One task issues the posts and collects their completions (no task
+/// per post, so the load generator's own scheduling adds as little as it can to the
+/// figure); posts due at the same timer tick (1 ms) are issued together.
 async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate: f64) -> Run {
-    let leaders: Vec<_> = (1..=GROUPS).map(|g| cluster.leader_of(g)).collect();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+    let groups: Vec<Group> = (1..=GROUPS)
+        .map(|g| cluster.leader_of(g).group(g).expect("group"))
+        .collect();
     let total = (rate * secs as f64) as u64;
     let t0 = Instant::now();
     let base_id = 1u64 << 40;
+    let due = |i: u64| t0 + Duration::from_secs_f64(i as f64 / rate);
     let mut k = 0usize;
-    for i in 0..total {
-        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if due > now {
-            tokio::time::sleep(due - now).await;
-        }
-        k = (k + 104_729) % chats.len();
-        let (chat, g, sender) = chats[k];
-        let node = Arc::clone(&leaders[(g - 1) as usize]);
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            node.group(g)
-                .expect("group")
-                .propose(Command::Post {
-                    chat,
-                    sender,
-                    client_message_id: base_id + i,
-                    text: text(i),
-                    media: None,
-                    reply_to: 0,
-                })
-                .await
-                .expect("post commits");
-            let _ = tx.send(due.elapsed().as_micros() as u64);
-        });
-    }
-    drop(tx);
+    let mut next = 0u64;
+    let mut in_flight = FuturesUnordered::new();
     let mut hist = Histogram::<u64>::new(3).expect("hist");
-    while let Some(us) = rx.recv().await {
-        hist.record(us).expect("record");
+    while next < total || !in_flight.is_empty() {
+        if next < total && due(next) <= Instant::now() {
+            let now = Instant::now();
+            while next < total && due(next) <= now {
+                k = (k + 104_729) % chats.len();
+                let (chat, g, sender) = chats[k];
+                let i = next;
+                let group = &groups[(g - 1) as usize];
+                in_flight.push(async move {
+                    group
+                        .propose(Command::Post {
+                            chat,
+                            sender,
+                            client_message_id: base_id + i,
+                            text: text(i),
+                            media: None,
+                            reply_to: 0,
+                        })
+                        .await
+                        .expect("post commits");
+                    due(i).elapsed().as_micros() as u64
+                });
+                next += 1;
+            }
+            continue;
+        }
+        let wake = if next < total {
+            due(next)
+        } else {
+            Instant::now() + Duration::from_secs(3600)
+        };
+        tokio::select! {
+            Some(us) = in_flight.next(), if !in_flight.is_empty() => {
+                hist.record(us).expect("record");
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
     }
     Run {
         posts_per_sec: total as f64 / t0.elapsed().as_secs_f64(),
         hist,
     }
+}
+
+/// The p50 and p99 bucket bounds (ms) of what `after` recorded beyond `before` (the
+/// engine's and the groups' fixed-bucket histograms are cumulative since open).
+fn window_quantiles(
+    before: &chatlog_storage::HistogramSnapshot,
+    after: &chatlog_storage::HistogramSnapshot,
+) -> (f64, f64) {
+    let buckets: Vec<(f64, u64)> = after
+        .buckets
+        .iter()
+        .zip(&before.buckets)
+        .map(|(a, b)| (a.0, a.1.saturating_sub(b.1)))
+        .collect();
+    let window = chatlog_storage::HistogramSnapshot {
+        count: buckets.last().map_or(0, |b| b.1),
+        buckets,
+        sum_seconds: after.sum_seconds - before.sum_seconds,
+    };
+    let q = |q| window.quantile_bound(q).map_or(f64::NAN, |s| s * 1000.0);
+    (q(0.5), q(0.99))
+}
+
+/// Fixed-bucket histograms that explain a run's latency: each engine's write +
+/// fdatasync, and each entry's propose-to-applied time on its leader (merged).
+fn latency_parts(
+    cluster: &Cluster,
+) -> (
+    chatlog_storage::HistogramSnapshot,
+    chatlog_storage::HistogramSnapshot,
+) {
+    let merge = |snaps: Vec<chatlog_storage::HistogramSnapshot>| {
+        let mut out = snaps[0].clone();
+        for s in &snaps[1..] {
+            for (o, b) in out.buckets.iter_mut().zip(&s.buckets) {
+                o.1 += b.1;
+            }
+            out.count += s.count;
+            out.sum_seconds += s.sum_seconds;
+        }
+        out
+    };
+    let sync = merge(
+        cluster
+            .nodes
+            .iter()
+            .map(|n| n.engine().stats().sync_latency)
+            .collect(),
+    );
+    let commit = merge(
+        (1..=GROUPS)
+            .map(|g| {
+                cluster
+                    .leader_of(g)
+                    .group(g)
+                    .expect("group")
+                    .commit_latency()
+                    .snapshot()
+            })
+            .collect(),
+    );
+    (sync, commit)
 }
 
 fn ms(us: u64) -> f64 {
@@ -507,7 +591,18 @@ async fn scenario(name: &str, replicas: usize) {
                 .ok()
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(median / 2.0);
-            half = Some(open_loop(&cluster, &chats, secs, rate).await);
+            let (sync0, commit0) = latency_parts(&cluster);
+            let run = open_loop(&cluster, &chats, secs, rate).await;
+            let (sync1, commit1) = latency_parts(&cluster);
+            let (s50, s99) = window_quantiles(&sync0, &sync1);
+            let (c50, c99) = window_quantiles(&commit0, &commit1);
+            eprintln!(
+                "{name} half load {rate:.0}/s: posts p50 {:.2} ms, p99 {:.2} ms; entry propose-to-applied p50 <= {c50} ms, p99 <= {c99} ms; write + fdatasync p50 <= {s50} ms, p99 <= {s99} ms ({} syncs)",
+                ms(run.hist.value_at_quantile(0.5)),
+                ms(run.hist.value_at_quantile(0.99)),
+                sync1.count - sync0.count,
+            );
+            half = Some(run);
         }
         runs.push(run);
         cluster.stop().await;

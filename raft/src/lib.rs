@@ -23,6 +23,7 @@ pub mod ids;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod proposer;
 pub mod secret_log;
 pub mod state_machine;
 pub mod types;
