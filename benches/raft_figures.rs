@@ -271,21 +271,20 @@ impl Cluster {
     }
 }
 
-/// Creates one user per group and 1,000 group chats; returns (chat, group, sender).
+/// Creates one user per group and 1,000 group chats; returns (chat, group, sender). A
+/// command asked again after a leader change may leave an unused user or chat behind.
 async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
+    let groups: Vec<Group> = (1..=GROUPS)
+        .map(|g| cluster.leader_of(g).group(g).expect("group"))
+        .collect();
+    let retries = AtomicU64::new(0);
     let mut users = Vec::new();
     for g in 1..=GROUPS {
-        let node = cluster.leader_of(g);
-        match node
-            .group(g)
-            .expect("group")
-            .propose(Command::CreateUser {
-                name: format!("bench{g}"),
-                login_token_hash: [0; 32],
-            })
-            .await
-            .expect("user")
-        {
+        let make = || Command::CreateUser {
+            name: format!("bench{g}"),
+            login_token_hash: [0; 32],
+        };
+        match propose_retrying(&groups, &cluster.nodes, g, &retries, make).await {
             Outcome::UserCreated { user } => users.push(user),
             o => panic!("{o:?}"),
         }
@@ -294,19 +293,13 @@ async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
     for i in 0..CHATS {
         let g = 1 + (i as u64 % GROUPS);
         let user = users[(g - 1) as usize];
-        let node = cluster.leader_of(g);
-        match node
-            .group(g)
-            .expect("group")
-            .propose(Command::CreateChat {
-                creator: user,
-                kind: ChatKind::Group,
-                title: format!("chat {i}"),
-                members: vec![],
-            })
-            .await
-            .expect("chat")
-        {
+        let make = || Command::CreateChat {
+            creator: user,
+            kind: ChatKind::Group,
+            title: format!("chat {i}"),
+            members: vec![],
+        };
+        match propose_retrying(&groups, &cluster.nodes, g, &retries, make).await {
             Outcome::Event { chat, .. } => chats.push((chat, g, user)),
             o => panic!("{o:?}"),
         }
@@ -325,6 +318,42 @@ fn text(i: u64) -> String {
         s.push_str(&FILL[..n]);
     }
     s
+}
+
+/// Tries a bench post may make after a leader change (20 ms apart) before the run fails.
+const POST_TRIES_MAX: usize = 500;
+
+/// Proposes the command `make` builds to group `g` through `groups` (each group's
+/// replica on its leader at the start); after a failure (a leader change on a loaded
+/// host) asks the group's current leader again with the same command, so the same
+/// client message id: the post is applied at most once (a repeat answers the original
+/// seq). Counts the repeats in `retries`.
+async fn propose_retrying(
+    groups: &[Group],
+    nodes: &[Arc<Node>],
+    g: u64,
+    retries: &AtomicU64,
+    make: impl Fn() -> Command,
+) -> Outcome {
+    if let Ok(o) = groups[(g - 1) as usize].propose(make()).await {
+        return o;
+    }
+    for _ in 0..POST_TRIES_MAX {
+        retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let leader = nodes
+            .iter()
+            .find_map(|n| n.group(g).and_then(|x| x.leader()));
+        let group = leader
+            .and_then(|id| nodes.iter().find(|n| n.node_id() == id))
+            .and_then(|n| n.group(g));
+        if let Some(group) = group
+            && let Ok(o) = group.propose(make()).await
+        {
+            return o;
+        }
+    }
+    panic!("group {g}: no leader took a post in {POST_TRIES_MAX} tries");
 }
 
 struct Run {
@@ -352,6 +381,8 @@ async fn closed_loop(
             .collect(),
     );
     let chats: Arc<Vec<(u64, u64, u64)>> = Arc::new(chats.to_vec());
+    let nodes = Arc::new(cluster.nodes.clone());
+    let retries = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..inflight {
         let stop = Arc::clone(&stop);
@@ -360,6 +391,8 @@ async fn closed_loop(
         let next_id = Arc::clone(&next_id);
         let chats = Arc::clone(&chats);
         let groups = Arc::clone(&groups);
+        let nodes = Arc::clone(&nodes);
+        let retries = Arc::clone(&retries);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
             let mut k = w as usize * 7919;
@@ -368,27 +401,16 @@ async fn closed_loop(
                 let (chat, g, sender) = chats[k];
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                let out = groups[(g - 1) as usize]
-                    .propose(Command::Post {
-                        chat,
-                        sender,
-                        client_message_id: id,
-                        text: text(id),
-                        media: None,
-                        reply_to: 0,
-                    })
-                    .await
-                    .expect("post commits");
-                assert!(
-                    matches!(
-                        out,
-                        Outcome::Event {
-                            deduplicated: false,
-                            ..
-                        }
-                    ),
-                    "{out:?}"
-                );
+                let out = propose_retrying(&groups, &nodes, g, &retries, || Command::Post {
+                    chat,
+                    sender,
+                    client_message_id: id,
+                    text: text(id),
+                    media: None,
+                    reply_to: 0,
+                })
+                .await;
+                assert!(matches!(out, Outcome::Event { .. }), "{out:?}");
                 if measuring.load(Ordering::Relaxed) {
                     hist.record(t.elapsed().as_micros() as u64).expect("record");
                     done.fetch_add(1, Ordering::Relaxed);
@@ -419,9 +441,10 @@ async fn closed_loop(
     let elapsed = t0.elapsed().as_secs_f64();
     let posts = done.load(Ordering::Relaxed);
     eprintln!(
-        "  {entries} entries applied: {:.0} entries/s, {:.1} posts per entry",
+        "  {entries} entries applied: {:.0} entries/s, {:.1} posts per entry, {} posts asked again after a leader change",
         entries as f64 / elapsed,
-        posts as f64 / entries.max(1) as f64
+        posts as f64 / entries.max(1) as f64,
+        retries.load(Ordering::Relaxed),
     );
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("hist");
@@ -444,6 +467,8 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
     let groups: Vec<Group> = (1..=GROUPS)
         .map(|g| cluster.leader_of(g).group(g).expect("group"))
         .collect();
+    let nodes = cluster.nodes.clone();
+    let retries = AtomicU64::new(0);
     let total = (rate * secs as f64) as u64;
     let t0 = Instant::now();
     let base_id = 1u64 << 40;
@@ -459,19 +484,17 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
                 k = (k + 104_729) % chats.len();
                 let (chat, g, sender) = chats[k];
                 let i = next;
-                let group = &groups[(g - 1) as usize];
+                let (groups, nodes, retries) = (&groups, &nodes, &retries);
                 in_flight.push(async move {
-                    group
-                        .propose(Command::Post {
-                            chat,
-                            sender,
-                            client_message_id: base_id + i,
-                            text: text(i),
-                            media: None,
-                            reply_to: 0,
-                        })
-                        .await
-                        .expect("post commits");
+                    propose_retrying(groups, nodes, g, retries, || Command::Post {
+                        chat,
+                        sender,
+                        client_message_id: base_id + i,
+                        text: text(i),
+                        media: None,
+                        reply_to: 0,
+                    })
+                    .await;
                     due(i).elapsed().as_micros() as u64
                 });
                 next += 1;
@@ -489,6 +512,10 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+    }
+    let retries = retries.load(Ordering::Relaxed);
+    if retries > 0 {
+        eprintln!("  open loop: {retries} posts asked again after a leader change");
     }
     Run {
         posts_per_sec: total as f64 / t0.elapsed().as_secs_f64(),

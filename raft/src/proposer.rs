@@ -27,8 +27,8 @@ use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::chat::Command;
-use crate::chat::command::{BATCH_HEADER_BYTES, BATCH_VERSION};
 use crate::chat::Outcome;
+use crate::chat::command::{BATCH_HEADER_BYTES, BATCH_VERSION};
 use crate::node::{ENTRY_BYTES_MAX, ENTRY_COMMANDS_MAX, PROPOSE_QUEUE_MAX, ProposeError};
 use crate::types::GroupId;
 
@@ -91,7 +91,8 @@ impl OpenEntry {
     }
 
     fn is_full(&self) -> bool {
-        self.commands >= ENTRY_COMMANDS_MAX || self.buf.len() - BATCH_HEADER_BYTES >= ENTRY_BYTES_MAX
+        self.commands >= ENTRY_COMMANDS_MAX
+            || self.buf.len() - BATCH_HEADER_BYTES >= ENTRY_BYTES_MAX
     }
 
     /// Commands in the entry.
