@@ -18,7 +18,17 @@
 //! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
 //! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
 //! times (default 3) on a fresh directory, and reports the median; then an open loop at
-//! half the measured throughput for the p99 commit latency target.
+//! half the measured throughput for the p99 commit latency target. The open loop's line
+//! on stderr splits that latency: each entry's propose-to-applied time on its leader and
+//! each engine's write + fdatasync, over the same window (fixed buckets: upper bounds), so
+//! time a post spent queued before its entry was proposed shows as the difference.
+//!
+//! A post that meets a leader change (elections happen on an overloaded host) is asked
+//! again of the group's current leader with the same client message id (applied at most
+//! once); the number of repeats is printed with each run.
+//!
+//! R3 on three real processes (through the client protocol, so the gateway's cost is
+//! included) is `scripts/r3-processes`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
