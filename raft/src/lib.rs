@@ -23,6 +23,7 @@ pub mod ids;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod proposer;
 pub mod repair;
 pub mod retention;
 pub mod secret_log;

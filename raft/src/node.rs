@@ -29,7 +29,7 @@ use chatlog_storage::Engine;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{Config, ReadPolicy, SnapshotPolicy};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::Semaphore;
 
 use crate::chat::placement::Placement;
 use crate::chat::{Batch, Command, DecodedBatch, EventLoc, Outcome};
@@ -184,13 +184,6 @@ pub enum ProposeError {
     },
 }
 
-struct Proposal {
-    /// The command, encoded once here (`Command::encode_into`).
-    encoded: Vec<u8>,
-    /// The outcome and the Raft index of the entry that carried the command.
-    reply: oneshot::Sender<Result<(Outcome, u64), ProposeError>>,
-}
-
 /// One local replica of a group.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -200,7 +193,8 @@ pub struct Group {
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     reader: LogReader,
-    proposals: mpsc::Sender<Proposal>,
+    /// Where proposals wait for the batcher (`crate::proposer`).
+    proposals: Arc<crate::proposer::QueueHandle>,
     /// The last secret erasure this replica's eraser handled (`secret_log`).
     secret_erased: Arc<std::sync::atomic::AtomicU64>,
     /// The eraser task, stopped at shutdown (it holds the engine).
@@ -212,12 +206,6 @@ pub struct Group {
     commit_latency: Arc<chatlog_storage::Histogram>,
     /// Issue 9: damaged and repairing, or sound (`crate::repair`).
     repair: Arc<crate::repair::RepairStatus>,
-}
-
-impl std::fmt::Debug for Proposal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Proposal({} bytes)", self.encoded.len())
-    }
 }
 
 impl Group {
@@ -265,7 +253,7 @@ impl Group {
 
     /// Proposals queued for the batcher now (at most `PROPOSE_QUEUE_MAX`).
     pub fn proposal_queue_len(&self) -> usize {
-        self.proposals.max_capacity() - self.proposals.capacity()
+        self.proposals.0.queued()
     }
     // ---- end ops metrics ----
 
@@ -288,19 +276,10 @@ impl Group {
     /// [`Group::propose`], also returning the Raft index of the entry that carried the
     /// command (a replica that has applied it sees the command's effect).
     pub async fn propose_indexed(&self, command: Command) -> Result<(Outcome, u64), ProposeError> {
-        let (tx, rx) = oneshot::channel();
-        let mut encoded = Vec::with_capacity(64);
-        command.encode_into(&mut encoded);
-        let unavailable = |detail: &str| ProposeError::Unavailable {
-            group: self.id,
-            detail: detail.into(),
-        };
         self.proposals
-            .send(Proposal { encoded, reply: tx })
+            .0
+            .propose(&command)
             .await
-            .map_err(|_| unavailable("the group is stopped"))?;
-        rx.await
-            .map_err(|_| unavailable("the group stopped before answering"))?
             .map_err(|e| self.with_storage_cause(e))
     }
 
@@ -414,52 +393,35 @@ impl Group {
     }
 }
 
-/// The batcher of one group: drains queued proposals into entries and hands them to
-/// openraft in order, with at most [`ENTRIES_IN_FLIGHT_MAX`] entries awaiting apply.
+/// The batcher of one group: takes the queued entries (`crate::proposer`) and hands
+/// them to openraft in order, with at most [`ENTRIES_IN_FLIGHT_MAX`] entries awaiting
+/// apply. An entry is taken only once an in-flight permit is free, so commands arriving
+/// meanwhile still join it.
 async fn run_batcher(
     group: GroupId,
     raft: ChatRaft,
     shared: Arc<GroupShared>,
-    mut rx: mpsc::Receiver<Proposal>,
+    queue: Arc<crate::proposer::ProposalQueue>,
     commit_latency: Arc<chatlog_storage::Histogram>,
 ) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
-    while let Some(first) = rx.recv().await {
-        let mut bytes = first.encoded.len() + 4;
-        let mut batch = vec![first];
-        while batch.len() < ENTRY_COMMANDS_MAX && bytes < ENTRY_BYTES_MAX {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.encoded.len() + 4;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+    loop {
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
             return;
         };
-        let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
-            batch.into_iter().map(|p| (p.encoded, p.reply)).unzip();
-        let payload = Batch::encode_encoded(shared.clock().next(), &commands);
-        drop(commands);
-        let proposed = std::time::Instant::now();
-        let fail = |replies: Vec<oneshot::Sender<Result<(Outcome, u64), ProposeError>>>,
-                    e: ProposeError| {
-            for r in replies {
-                let _ = r.send(Err(e.clone()));
-            }
+        let Some(mut entry) = queue.next_entry().await else {
+            return;
         };
+        let n = entry.len();
+        let payload = entry.seal(shared.clock().next());
+        let proposed = std::time::Instant::now();
         let stream = match raft.client_write_many([ChatBatch(payload)]).await {
             Ok(s) => s,
             Err(fatal) => {
-                fail(
-                    replies,
-                    ProposeError::Unavailable {
-                        group,
-                        detail: fatal.to_string(),
-                    },
-                );
+                entry.answer(Err(ProposeError::Unavailable {
+                    group,
+                    detail: fatal.to_string(),
+                }));
                 continue;
             }
         };
@@ -469,15 +431,11 @@ async fn run_batcher(
             let mut stream = stream;
             let result = stream.next().await;
             drop(permit);
-            match write_outcomes(group, result, replies.len()) {
-                Ok((outcomes, index)) => {
-                    commit_latency.record(proposed.elapsed());
-                    for (r, o) in replies.into_iter().zip(outcomes) {
-                        let _ = r.send(Ok((o, index)));
-                    }
-                }
-                Err(e) => fail(replies, e),
+            let result = write_outcomes(group, result, n);
+            if result.is_ok() {
+                commit_latency.record(proposed.elapsed());
             }
+            entry.answer(result);
         });
     }
 }
@@ -761,13 +719,13 @@ where
             group: g,
             detail: format!("starting the Raft group: {e}"),
         })?;
-    let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_MAX);
+    let queue = Arc::new(crate::proposer::ProposalQueue::new(g));
     let commit_latency = Arc::new(chatlog_storage::Histogram::default());
     tokio::spawn(run_batcher(
         g,
         raft.clone(),
         Arc::clone(&shared),
-        rx,
+        Arc::clone(&queue),
         Arc::clone(&commit_latency),
     ));
     tokio::spawn(log_leadership(g, node_id, raft.server_metrics()));
@@ -801,7 +759,7 @@ where
         raft,
         shared,
         reader,
-        proposals: tx,
+        proposals: Arc::new(crate::proposer::QueueHandle(queue)),
         secret_erased,
         secret_eraser,
         retention,
