@@ -646,6 +646,11 @@ pub(super) async fn run<S: Service>(
     let mut inline = FuturesUnordered::new();
     let mut close_receiver = close_receiver;
     let mut idle_deadline = Instant::now() + limits.idle_timeout;
+    // One timer for the idle timeout, kept across iterations and moved only when it
+    // fires early: a `sleep_until` made per iteration would enter and leave the timer
+    // wheel for every frame read and every answer.
+    let idle = tokio::time::sleep_until(idle_deadline);
+    tokio::pin!(idle);
 
     loop {
         tokio::select! {
@@ -684,7 +689,12 @@ pub(super) async fn run<S: Service>(
                     );
                 }
             }
-            () = tokio::time::sleep_until(idle_deadline) => {
+            () = &mut idle => {
+                if Instant::now() < idle_deadline {
+                    // A frame arrived since the timer was set: wait for the rest.
+                    idle.as_mut().reset(idle_deadline);
+                    continue;
+                }
                 outbox.close(Close::Disconnect(v1::Error::new(
                     ErrorCode::Timeout,
                     "the connection was idle too long",
