@@ -1,4 +1,5 @@
-//! One client connection: handshake, the read loop, request tasks, the outbox and its
+//! One client connection: handshake, the read loop, request tasks (and the short requests
+//! polled inline on the connection's own task), the outbox and its
 //! writer task, pushes, and closing.
 //!
 //! Everything a connection sends goes through its [`Outbox`]: one bounded queue drained
