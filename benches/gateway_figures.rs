@@ -6,8 +6,12 @@
 //!
 //! `cargo bench --bench gateway_figures`. `CHATLOG_GW_SECS` (default 5) per run,
 //! `CHATLOG_GW_REPEATS` (default 3) runs alternating gateway and in-process, medians
-//! reported. Everything runs in this process: the server (node + gateway on
-//! 127.0.0.1), and the clients, which therefore share the 2 cores with it.
+//! reported. The server (node + gateway on 127.0.0.1) runs in this process; the
+//! gateway's clients run in this process too (the first column: same process, same
+//! cores), and again as a separate load-generator process (this binary started again
+//! with `CHATLOG_GW_LOADGEN_ADDR` set; the second column: the clients' CPU is then not
+//! the server process's, though the cores are still shared). CPU per post is the
+//! process's CPU time (`getrusage`) over the posts acknowledged in the same interval.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +40,26 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn text() -> String {
     "x".repeat(TEXT_BYTES)
+}
+
+/// CPU time of this process so far (user + system), in µs.
+fn cpu_us() -> u64 {
+    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a valid one.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+/// One measured run: posts per second, latencies, and the CPU µs per post of this
+/// process over the measured interval.
+struct Run {
+    rate: f64,
+    hist: Histogram<u64>,
+    cpu_us_per_post: f64,
 }
 
 struct Setup {
@@ -144,21 +168,30 @@ async fn setup() -> Setup {
 }
 
 /// Posts through the protocol: `conns` connections × `in_flight` callers each.
-async fn through_gateway(
-    s: &Setup,
+async fn through_gateway(s: &Setup, conns: usize, in_flight: usize, secs: u64) -> Run {
+    let tokens: Vec<String> = s.users.iter().map(|(token, _)| token.clone()).collect();
+    load(&s.addr, &tokens, &s.chats, conns, in_flight, secs).await
+}
+
+/// `conns` client connections to `addr` × `in_flight` callers each, posting to the
+/// chats of connection `c`'s user (`chats[c]`, logged in with `tokens[c]`).
+async fn load(
+    addr: &str,
+    tokens: &[String],
+    chats: &[Vec<u64>],
     conns: usize,
     in_flight: usize,
     secs: u64,
-) -> (f64, Histogram<u64>) {
+) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..conns {
         let client = Client::connect(
-            &s.addr,
+            addr,
             ClientOptions {
-                token: Some(s.users[c].0.clone()),
+                token: Some(tokens[c].clone()),
                 ..ClientOptions::default()
             },
         )
@@ -166,7 +199,7 @@ async fn through_gateway(
         .expect("connect");
         for w in 0..in_flight {
             let client = client.clone();
-            let chats = s.chats[c].clone();
+            let chats = chats[c].clone();
             let (stop, measuring, done) =
                 (Arc::clone(&stop), Arc::clone(&measuring), Arc::clone(&done));
             tasks.push(tokio::spawn(async move {
@@ -200,7 +233,7 @@ async fn through_gateway(
 }
 
 /// The same load straight into the node (no protocol, no sockets).
-async fn in_process(s: &Setup, callers: usize, secs: u64) -> (f64, Histogram<u64>) {
+async fn in_process(s: &Setup, callers: usize, secs: u64) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -252,19 +285,133 @@ async fn measure(
     measuring: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
     secs: u64,
-) -> (f64, Histogram<u64>) {
+) -> Run {
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
+    let cpu0 = cpu_us();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     measuring.store(false, Ordering::Relaxed);
-    let rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    let cpu = cpu_us() - cpu0;
+    let posts = done.load(Ordering::Relaxed);
+    let rate = posts as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("hist");
     for t in tasks {
         hist.add(t.await.expect("worker")).expect("merge");
     }
-    (rate, hist)
+    Run {
+        rate,
+        hist,
+        cpu_us_per_post: cpu as f64 / posts.max(1) as f64,
+    }
+}
+
+/// The gateway load from a separate process: this binary again, as a load generator
+/// (see [`loadgen_main`]). Returns the load generator's run (its CPU per post is the
+/// load generator's) and this process's (the server's) CPU µs per post over the same
+/// measured interval.
+async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
+    let tokens: Vec<String> = s.users.iter().map(|(token, _)| token.clone()).collect();
+    let chats: Vec<String> = s
+        .chats
+        .iter()
+        .map(|c| c.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+        .collect();
+    let program = std::env::current_exe().expect("own path");
+    let addr = s.addr.clone();
+    // The child is driven from a blocking thread: reading its output must not hold a
+    // runtime worker that the server needs.
+    let result = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(program)
+            .env("CHATLOG_GW_LOADGEN_ADDR", &addr)
+            .env("CHATLOG_GW_LOADGEN_TOKENS", tokens.join(" "))
+            .env("CHATLOG_GW_LOADGEN_CHATS", chats.join(" "))
+            .env("CHATLOG_GW_SECS", secs.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the load generator starts");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        // The load generator says when its measured interval starts and ends.
+        let mut cpu0 = 0;
+        let mut result = None;
+        for line in stdout.lines() {
+            let line = line.expect("load generator output");
+            if line == "measuring" {
+                cpu0 = cpu_us();
+            } else if let Some(rest) = line.strip_prefix("done ") {
+                let server_cpu = cpu_us() - cpu0;
+                // RATE POSTS P50_US P99_US CPU_US_PER_POST
+                let v: Vec<f64> = rest
+                    .split(' ')
+                    .map(|x| x.parse().expect("number"))
+                    .collect();
+                let mut hist = Histogram::<u64>::new(3).expect("hist");
+                hist.record(v[2] as u64).expect("record");
+                result = Some((
+                    Run {
+                        rate: v[0],
+                        hist,
+                        cpu_us_per_post: v[4],
+                    },
+                    server_cpu as f64 / v[1].max(1.0),
+                    v[3],
+                ));
+            }
+        }
+        assert!(
+            child.wait().expect("wait").success(),
+            "load generator failed"
+        );
+        result
+    })
+    .await
+    .expect("the load generator's thread");
+    let (run, server_cpu, p99_us) = result.expect("the load generator reported");
+    SEPARATE_P99_US.store(p99_us as u64, Ordering::Relaxed);
+    (run, server_cpu)
+}
+
+/// The p99 of the last separate-process run, in µs (its histogram stays in the child).
+static SEPARATE_P99_US: AtomicU64 = AtomicU64::new(0);
+
+/// The load generator process: the same load as [`through_gateway`], reporting on
+/// stdout `measuring` when its measured interval starts and
+/// `done RATE POSTS P50_US P99_US CPU_US_PER_POST` at its end.
+fn loadgen_main(addr: String) {
+    let secs = env_u64("CHATLOG_GW_SECS", 5);
+    let tokens: Vec<String> = std::env::var("CHATLOG_GW_LOADGEN_TOKENS")
+        .expect("tokens")
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    let chats: Vec<Vec<u64>> = std::env::var("CHATLOG_GW_LOADGEN_CHATS")
+        .expect("chats")
+        .split(' ')
+        .map(|c| c.split(',').map(|x| x.parse().expect("chat id")).collect())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let announce = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            println!("measuring");
+        });
+        let run = load(&addr, &tokens, &chats, CONNECTIONS, IN_FLIGHT, secs).await;
+        announce.await.expect("announce");
+        let posts = run.rate * secs as f64;
+        println!(
+            "done {} {} {} {} {}",
+            run.rate,
+            posts,
+            run.hist.value_at_quantile(0.5),
+            run.hist.value_at_quantile(0.99),
+            run.cpu_us_per_post
+        );
+    });
 }
 
 fn ms(us: u64) -> f64 {
@@ -277,6 +424,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    if let Ok(addr) = std::env::var("CHATLOG_GW_LOADGEN_ADDR") {
+        return loadgen_main(addr);
+    }
     let secs = env_u64("CHATLOG_GW_SECS", 5);
     let repeats = env_u64("CHATLOG_GW_REPEATS", 3).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -286,28 +436,62 @@ fn main() {
     rt.block_on(async {
         let s = setup().await;
         let (mut gw, mut core, mut serial, mut serial_core) = (vec![], vec![], vec![], vec![]);
-        let mut gw_p99 = vec![];
+        let (mut gw_p99, mut gw_cpu, mut core_cpu) = (vec![], vec![], vec![]);
+        let (mut sep, mut sep_p99, mut sep_server_cpu, mut sep_client_cpu) =
+            (vec![], vec![], vec![], vec![]);
         for r in 0..repeats {
-            let (rate, hist) = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs).await;
-            eprintln!("run {r}: gateway {rate:.0}/s p99 {:.2} ms", ms(hist.value_at_quantile(0.99)));
-            gw.push(rate);
-            gw_p99.push(ms(hist.value_at_quantile(0.99)));
-            let (rate, _) = in_process(&s, CONNECTIONS * IN_FLIGHT, secs).await;
-            eprintln!("run {r}: in-process {rate:.0}/s");
-            core.push(rate);
-            let (_, hist) = through_gateway(&s, 1, 1, secs).await;
-            serial.push(ms(hist.value_at_quantile(0.5)));
-            eprintln!("run {r}: serial p50 {:.3} ms", ms(hist.value_at_quantile(0.5)));
-            let (_, hist) = in_process(&s, 1, secs).await;
-            serial_core.push(ms(hist.value_at_quantile(0.5)));
+            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs).await;
+            let p99 = ms(run.hist.value_at_quantile(0.99));
+            eprintln!(
+                "run {r}: gateway {:.0}/s p99 {p99:.2} ms, {:.1} µs CPU per post",
+                run.rate, run.cpu_us_per_post
+            );
+            gw.push(run.rate);
+            gw_p99.push(p99);
+            gw_cpu.push(run.cpu_us_per_post);
+            let run = in_process(&s, CONNECTIONS * IN_FLIGHT, secs).await;
+            eprintln!(
+                "run {r}: in-process {:.0}/s, {:.1} µs CPU per post",
+                run.rate, run.cpu_us_per_post
+            );
+            core.push(run.rate);
+            core_cpu.push(run.cpu_us_per_post);
+            let (run, server_cpu) = through_gateway_separate(&s, secs).await;
+            let p99 = SEPARATE_P99_US.load(Ordering::Relaxed) as f64 / 1000.0;
+            eprintln!(
+                "run {r}: gateway, load generator in its own process {:.0}/s p99 {p99:.2} ms, \
+                 server {server_cpu:.1} + load generator {:.1} µs CPU per post",
+                run.rate, run.cpu_us_per_post
+            );
+            sep.push(run.rate);
+            sep_p99.push(p99);
+            sep_server_cpu.push(server_cpu);
+            sep_client_cpu.push(run.cpu_us_per_post);
+            let run = through_gateway(&s, 1, 1, secs).await;
+            serial.push(ms(run.hist.value_at_quantile(0.5)));
+            eprintln!("run {r}: serial p50 {:.3} ms", ms(run.hist.value_at_quantile(0.5)));
+            let run = in_process(&s, 1, secs).await;
+            serial_core.push(ms(run.hist.value_at_quantile(0.5)));
         }
-        let (g, c) = (median(gw), median(core));
+        let (g, c, sp) = (median(gw), median(core), median(sep));
         println!("| load | through the gateway | in-process core | ratio |");
         println!("|---|---|---|---|");
         println!(
-            "| 4 conns × 64 in flight, 256 B, 1,000 chats, 16 groups, posts/s (median of {repeats}) | {g:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
+            "| 4 conns × 64 in flight, 256 B, 1,000 chats, 16 groups, posts/s (median of {repeats}); clients in the server's process | {g:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
             median(gw_p99),
             100.0 * g / c
+        );
+        println!(
+            "| the same, load generator in its own process | {sp:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
+            median(sep_p99),
+            100.0 * sp / c
+        );
+        println!(
+            "| CPU µs per post (median): clients in process / server + separate load generator / in-process core | {:.1} | {:.1} + {:.1} | {:.1} |",
+            median(gw_cpu),
+            median(sep_server_cpu),
+            median(sep_client_cpu),
+            median(core_cpu)
         );
         println!(
             "| 1 conn × 1 in flight, p50 ms (median of {repeats}) | {:.3} | {:.3} | |",

@@ -76,12 +76,23 @@ async fn every_line_of_a_request_carries_its_connection_and_request_ids() {
         }))
         .await;
     assert!(refused.is_err(), "history of no chat: {refused:?}");
+    // A post, which the gateway polls on the connection's task instead of a task of its
+    // own (`Service::runs_inline`): its lines carry the same span.
+    let refused_post = client
+        .call(request::Kind::SendMessage(v1::SendMessageRequest {
+            chat_id: 999_999,
+            client_message_id: 1,
+            text: "hello".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert!(refused_post.is_err(), "a post to no chat: {refused_post:?}");
 
     // Collect the request lines for a while; every one must name its ids, and both an
     // answered and a refused request must be there.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut answered, mut refused_lines) = (Vec::new(), Vec::new());
-    while Instant::now() < deadline && (answered.is_empty() || refused_lines.is_empty()) {
+    while Instant::now() < deadline && (answered.is_empty() || refused_lines.len() < 2) {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
@@ -105,7 +116,10 @@ async fn every_line_of_a_request_carries_its_connection_and_request_ids() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(!answered.is_empty(), "no 'request answered' line");
-    assert!(!refused_lines.is_empty(), "no 'request refused' line");
+    assert!(
+        refused_lines.len() >= 2,
+        "not both 'request refused' lines (history, post): {refused_lines:?}"
+    );
     // The refused history and the answered requests are different requests of one
     // connection.
     let conn = refused_lines[0]["span"]["connection"].clone();

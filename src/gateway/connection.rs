@@ -1,4 +1,5 @@
-//! One client connection: handshake, the read loop, request tasks, the outbox and its
+//! One client connection: handshake, the read loop, request tasks (and the short requests
+//! polled inline on the connection's own task), the outbox and its
 //! writer task, pushes, and closing.
 //!
 //! Everything a connection sends goes through its [`Outbox`]: one bounded queue drained
@@ -19,6 +20,9 @@ use bytes::{Bytes, BytesMut};
 use chatlog_wire::frame::{FrameReader, decode_message, encode_message};
 use chatlog_wire::limits::{CLIENT_NAME_BYTES_MAX, FRAME_PREFIX_BYTES};
 use chatlog_wire::proto::v1::{self, ErrorCode, frame, push, request, response};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::panic::AssertUnwindSafe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -665,8 +669,17 @@ pub(super) async fn run<S: Service>(
     ));
     let mut handlers = JoinSet::new();
     let mut handler_requests = HashMap::new();
+    // Requests the service asked to run inline ([`Service::runs_inline`]), polled by this
+    // task; at most the in-flight limit of them (the outbox's table bounds them anyway).
+    let inline_max = limits.requests_in_flight_max as usize;
+    let mut inline = FuturesUnordered::new();
     let mut close_receiver = close_receiver;
     let mut idle_deadline = Instant::now() + limits.idle_timeout;
+    // One timer for the idle timeout, kept across iterations and moved only when it
+    // fires early: a `sleep_until` made per iteration would enter and leave the timer
+    // wheel for every frame read and every answer.
+    let idle = tokio::time::sleep_until(idle_deadline);
+    tokio::pin!(idle);
 
     loop {
         tokio::select! {
@@ -679,6 +692,16 @@ pub(super) async fn run<S: Service>(
                     retry_after_ms: REFUSED_RETRY_AFTER_MS,
                 }));
                 break;
+            }
+            Some(answered) = inline.next(), if !inline.is_empty() => {
+                if let Err(request_id) = answered {
+                    tracing::error!(connection = id, request_id, "request handler panicked");
+                    outbox.respond(
+                        request_id,
+                        Err(v1::Error::new(ErrorCode::Internal, "the request failed unexpectedly")),
+                        None,
+                    );
+                }
             }
             Some(joined) = handlers.join_next_with_id(), if !handlers.is_empty() => {
                 let (task_id, panicked) = match joined {
@@ -695,7 +718,12 @@ pub(super) async fn run<S: Service>(
                     );
                 }
             }
-            () = tokio::time::sleep_until(idle_deadline) => {
+            () = &mut idle => {
+                if Instant::now() < idle_deadline {
+                    // A frame arrived since the timer was set: wait for the rest.
+                    idle.as_mut().reset(idle_deadline);
+                    continue;
+                }
                 outbox.close(Close::Disconnect(v1::Error::new(
                     ErrorCode::Timeout,
                     "the connection was idle too long",
@@ -778,9 +806,6 @@ pub(super) async fn run<S: Service>(
                                 }
                                 _ => None,
                             };
-                            let service = Arc::clone(&service);
-                            let ctx = Arc::clone(&ctx);
-                            let outbox = Arc::clone(&outbox);
                             // Every log line on the request's path on this node carries
                             // the connection and request ids (the span's fields).
                             let span = tracing::info_span!(
@@ -788,23 +813,35 @@ pub(super) async fn run<S: Service>(
                                 connection = id,
                                 request = request_id
                             );
+                            if inline.len() < inline_max && service.runs_inline(&kind) {
+                                // Polled by this task: no task spawned, no wake of
+                                // another task when its proposal completes.
+                                let answering = answer_inline(
+                                    &*service,
+                                    &ctx,
+                                    &outbox,
+                                    request_id,
+                                    kind,
+                                    unsubscribes,
+                                );
+                                inline.push(
+                                    async move {
+                                        AssertUnwindSafe(answering)
+                                            .catch_unwind()
+                                            .await
+                                            .map_err(|_| request_id)
+                                    }
+                                    .instrument(span),
+                                );
+                                continue;
+                            }
+                            let service = Arc::clone(&service);
+                            let ctx = Arc::clone(&ctx);
+                            let outbox = Arc::clone(&outbox);
                             let task = handlers.spawn(
                                 async move {
-                                    let started = Instant::now();
-                                    let result = service.handle(&ctx, request_id, kind).await;
-                                    match &result {
-                                        Err(e) => tracing::debug!(
-                                            elapsed_us = started.elapsed().as_micros() as u64,
-                                            code = e.code,
-                                            "request refused: {}",
-                                            e.message
-                                        ),
-                                        Ok(_) => tracing::debug!(
-                                            elapsed_us = started.elapsed().as_micros() as u64,
-                                            "request answered"
-                                        ),
-                                    }
-                                    outbox.respond(request_id, result, unsubscribes);
+                                    answer(&*service, &ctx, &outbox, request_id, kind, unsubscribes)
+                                        .await;
                                 }
                                 .instrument(span),
                             );
@@ -829,12 +866,60 @@ pub(super) async fn run<S: Service>(
     }
 
     // Handlers still running are cancelled; their answers would not be sent anyway.
+    drop(inline);
     handlers.shutdown().await;
     outbox.close(Close::Silent);
     let _ = writer.await;
     linger(reader.get_mut()).await;
     service.connection_closed(&ctx);
     tracing::debug!(connection = id, "connection closed");
+}
+
+/// Answers one request begun with [`Outbox::begin_request`]: asks the service, logs the
+/// outcome (inside the request's span) and queues the response.
+async fn answer<S: Service>(
+    service: &S,
+    ctx: &ConnCtx,
+    outbox: &Outbox,
+    request_id: u64,
+    kind: request::Kind,
+    unsubscribes: Option<u64>,
+) {
+    let started = Instant::now();
+    let result = service.handle(ctx, request_id, kind).await;
+    log_answer(started, &result);
+    outbox.respond(request_id, result, unsubscribes);
+}
+
+/// [`answer`] through [`Service::handle_inline`], for a request polled on its
+/// connection's task.
+async fn answer_inline<S: Service>(
+    service: &S,
+    ctx: &ConnCtx,
+    outbox: &Outbox,
+    request_id: u64,
+    kind: request::Kind,
+    unsubscribes: Option<u64>,
+) {
+    let started = Instant::now();
+    let result = service.handle_inline(ctx, request_id, kind).await;
+    log_answer(started, &result);
+    outbox.respond(request_id, result, unsubscribes);
+}
+
+fn log_answer(started: Instant, result: &Result<response::Kind, v1::Error>) {
+    match result {
+        Err(e) => tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            code = e.code,
+            "request refused: {}",
+            e.message
+        ),
+        Ok(_) => tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "request answered"
+        ),
+    }
 }
 
 /// Reads and answers the handshake. `Ok` is the authenticated principal, if any; `Err`
@@ -969,6 +1054,13 @@ async fn write_loop(
         };
         let Some(first) = first else { break };
         take_into(&outbox, first, &mut batch, &mut pushes);
+        // Let the tasks that are ready now run before writing: the frame that woke this
+        // task is usually the first of a burst (the answers to one storage commit arrive
+        // together, and tokio runs a woken task next), so one yield turns a `writev` per
+        // frame into one per burst. Alone, it costs one pass of the scheduler.
+        if batch.frames.len() == 1 && !batch.is_full() {
+            tokio::task::yield_now().await;
+        }
         while !batch.is_full() {
             match queued.try_recv() {
                 Ok(outgoing) => take_into(&outbox, outgoing, &mut batch, &mut pushes),

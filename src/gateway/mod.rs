@@ -5,7 +5,9 @@
 //! the handshake, framing, request ids and in-flight accounting, the one writer task per
 //! connection that coalesces frames, pushes and their bound, timeouts (handshake, idle,
 //! stalled writes) and every close with its `Disconnect` reason. It answers `ping` itself
-//! and hands every other request to a [`Service`], concurrently, one task per request.
+//! and hands every other request to a [`Service`], concurrently: one task per request,
+//! or, for the short requests the service names ([`Service::runs_inline`], such as a
+//! post), polled on the connection's own task.
 //!
 //! It must not know what a request means: validation of fields, sessions beyond the
 //! handshake's token, permissions and storage belong to the [`Service`] (the Raft-backed
@@ -210,8 +212,8 @@ pub struct Principal {
 /// What answers requests: implemented by the Raft-backed service (and by test fixtures).
 ///
 /// The gateway calls [`Service::handle`] concurrently for the requests of one connection
-/// and of many; each call runs in its own task and is cancelled when its connection
-/// closes. Pushes go through [`ConnCtx::pushes`].
+/// and of many; each call runs in its own task (or on its connection's task, see
+/// [`Service::runs_inline`]) and is cancelled when its connection closes. Pushes go through [`ConnCtx::pushes`].
 pub trait Service: Send + Sync + 'static {
     /// Checks the handshake's session token (`None` for an anonymous connection) and
     /// returns who the connection is, or `None` to leave it anonymous. An error is sent
@@ -237,6 +239,31 @@ pub trait Service: Send + Sync + 'static {
         request_id: u64,
         request: v1::request::Kind,
     ) -> impl Future<Output = Result<v1::response::Kind, v1::Error>> + Send;
+
+    /// Answers a request for which [`Service::runs_inline`] said yes: the same as
+    /// [`Service::handle`] (the default calls it), but a service may return a smaller
+    /// future here, since the connection's task holds one per inline request in flight.
+    fn handle_inline(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        request: v1::request::Kind,
+    ) -> impl Future<Output = Result<v1::response::Kind, v1::Error>> + Send {
+        self.handle(conn, request_id, request)
+    }
+
+    /// Whether `request` may be answered on its connection's own task instead of a task
+    /// of its own: true only for requests whose handling is a short computation plus
+    /// waiting (a proposal, a small in-memory read), never for one that may compute or
+    /// block for long (a history page, a media transfer), since the connection reads
+    /// nothing while its task computes. Inline requests still run concurrently with the
+    /// connection's others, are bounded by the same in-flight limit and logged in the
+    /// same span; what they save is a task spawn and a cross-task wake per request.
+    /// The default keeps every request in a task of its own.
+    fn runs_inline(&self, request: &v1::request::Kind) -> bool {
+        let _ = request;
+        false
+    }
 
     /// The node id reported in `HandshakeOk`.
     fn node_id(&self) -> u64 {

@@ -44,6 +44,18 @@ impl<S> CountedService<S> {
     }
 }
 
+impl<S> CountedService<S> {
+    fn count(&self, r: &Result<v1::response::Kind, v1::Error>) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = r {
+            self.counters.request_errors.fetch_add(1, Ordering::Relaxed);
+            if e.code == v1::ErrorCode::RateLimited as i32 {
+                self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl<S: Service> Service for CountedService<S> {
     async fn authenticate(&self, token: Option<&str>) -> Result<Option<Principal>, v1::Error> {
         let r = self.inner.authenticate(token).await;
@@ -64,14 +76,23 @@ impl<S: Service> Service for CountedService<S> {
         request: v1::request::Kind,
     ) -> Result<v1::response::Kind, v1::Error> {
         let r = self.inner.handle(conn, request_id, request).await;
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &r {
-            self.counters.request_errors.fetch_add(1, Ordering::Relaxed);
-            if e.code == v1::ErrorCode::RateLimited as i32 {
-                self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.count(&r);
         r
+    }
+
+    async fn handle_inline(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        request: v1::request::Kind,
+    ) -> Result<v1::response::Kind, v1::Error> {
+        let r = self.inner.handle_inline(conn, request_id, request).await;
+        self.count(&r);
+        r
+    }
+
+    fn runs_inline(&self, request: &v1::request::Kind) -> bool {
+        self.inner.runs_inline(request)
     }
 
     fn node_id(&self) -> u64 {

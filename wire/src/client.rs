@@ -1011,6 +1011,11 @@ async fn write_loop(
             continue;
         }
         batch.extend_from_slice(&first);
+        // Let the callers that are ready now run first: the request that woke this task
+        // is usually the first of a burst (callers answered by one response batch each
+        // send their next request, and tokio runs a woken task next), so one yield turns
+        // a `write` per request into one per burst. Alone, it costs one scheduler pass.
+        tokio::task::yield_now().await;
         while batch.len() < WRITE_BATCH_BYTES_MAX {
             match queued.try_recv() {
                 Ok(frame) => batch.extend_from_slice(&frame),
