@@ -207,10 +207,7 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
             config.segment_bytes = segment_bytes();
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;
-            let identity = NodeIdentity {
-                cluster_id: 42,
-                node_id: id,
-            };
+            let identity = NodeIdentity::new(42, id);
             let router = Router::new(identity);
             for (j, other) in ids.iter().enumerate() {
                 if *other != id {

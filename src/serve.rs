@@ -448,8 +448,8 @@ async fn serve(
         Node::start(config, |_| NoPeers, Arc::clone(&registry)).await?
     } else {
         let identity = NodeIdentity {
-            cluster_id,
-            node_id: args.node_id,
+            retention: config.sm.retention,
+            ..NodeIdentity::new(cluster_id, args.node_id)
         };
         let router = Router::new(identity);
         for (id, addr) in &cluster {

@@ -150,10 +150,7 @@ impl TestNode {
             Engine::open_with(engine_config, Arc::new(fs.clone()))
                 .map_err(|e| format!("node {id}: the engine does not open: {e}"))?,
         );
-        let identity = NodeIdentity {
-            cluster_id: CLUSTER_ID,
-            node_id: id,
-        };
+        let identity = NodeIdentity::new(CLUSTER_ID, id);
         let router = Router::new(identity);
         let directory = Arc::new(Directory::default());
         let mut readers = HashMap::new();

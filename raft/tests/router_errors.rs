@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatlog_raft::chat::retention::RetentionPolicy;
 use chatlog_raft::types::Vote;
 use chatlog_raft::types::{Snapshot, SnapshotMeta};
 use chatlog_raft::{ChatRaft, GroupDirectory, GroupId, NodeIdentity, Router, serve};
@@ -25,10 +26,7 @@ const CLUSTER_ID: u64 = 41;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn identity(node_id: u64) -> NodeIdentity {
-    NodeIdentity {
-        cluster_id: CLUSTER_ID,
-        node_id,
-    }
+    NodeIdentity::new(CLUSTER_ID, node_id)
 }
 
 fn vote_request() -> VoteRequest<chatlog_raft::TypeConfig> {
@@ -83,10 +81,7 @@ async fn unreachable_peers_are_reported_as_unreachable() {
     // A node of another cluster refuses the handshake.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let other_cluster = NodeIdentity {
-        cluster_id: CLUSTER_ID + 1,
-        node_id: 3,
-    };
+    let other_cluster = NodeIdentity::new(CLUSTER_ID + 1, 3);
     let (stop_other, stopped) = tokio::sync::oneshot::channel::<()>();
     let other = tokio::spawn(serve(listener, other_cluster, Arc::new(NoGroups), async {
         let _ = stopped.await;
@@ -98,6 +93,35 @@ async fn unreachable_peers_are_reported_as_unreachable() {
         .expect_err("wrong cluster");
     assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
     assert!(err.to_string().contains("WrongCluster"), "{err}");
+
+    // A node of our cluster with another retention policy refuses the handshake too:
+    // retention shapes the applied state, which every replica must share.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let retaining = NodeIdentity {
+        retention: RetentionPolicy {
+            retain_entries: Some(1_000),
+            retain_bytes: None,
+        },
+        ..identity(5)
+    };
+    let (stop_retaining, stopped) = tokio::sync::oneshot::channel::<()>();
+    let retaining_server = tokio::spawn(serve(listener, retaining, Arc::new(NoGroups), async {
+        let _ = stopped.await;
+    }));
+    router.set_peer_addr(5, addr);
+    let err = router
+        .vote(5, 1, vote_request(), option())
+        .await
+        .expect_err("retention differs");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("retention differs") && text.contains("entries=1000"),
+        "{text}"
+    );
+    let _ = stop_retaining.send(());
+    retaining_server.await.expect("server task");
 
     // A node of our cluster without the group answers UNKNOWN_GROUP.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

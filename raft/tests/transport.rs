@@ -96,10 +96,7 @@ impl TestNode {
         let mut engine_config = EngineConfig::new(dir);
         engine_config.segment_bytes = 1 << 20;
         let engine = Arc::new(Engine::open(engine_config).expect("engine opens"));
-        let identity = NodeIdentity {
-            cluster_id: CLUSTER_ID,
-            node_id: id,
-        };
+        let identity = NodeIdentity::new(CLUSTER_ID, id);
         let router = Router::new(identity);
         let directory = Arc::new(Directory::default());
         let config = raft_config();
@@ -476,6 +473,7 @@ fn hello(to: NodeId, cluster_id: u64) -> NodeFrame {
         Payload::Hello(NodeHello {
             protocol_version: NODE_PROTOCOL_VERSION,
             software_version: "test".into(),
+            ..Default::default()
         }),
     )
 }

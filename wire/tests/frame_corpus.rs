@@ -313,6 +313,7 @@ fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         node::node_frame::Payload::Hello(node::NodeHello {
             protocol_version: NODE_PROTOCOL_VERSION,
             software_version: "0.1.0".into(),
+            ..Default::default()
         }),
         node::node_frame::Payload::VoteRequest(Bytes::from_static(b"\x01\x02opaque vote")),
         node::node_frame::Payload::AppendEntriesRequest(Bytes::from(vec![0x5A; 2000])),

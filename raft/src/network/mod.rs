@@ -58,6 +58,20 @@ pub struct NodeIdentity {
     pub cluster_id: u64,
     /// This node's id.
     pub node_id: NodeId,
+    /// This node's log retention, sent in the hello: a peer with another policy is
+    /// refused, since retention shapes the applied state every replica must share.
+    pub retention: crate::chat::retention::RetentionPolicy,
+}
+
+impl NodeIdentity {
+    /// A node of `cluster_id` keeping its whole log (no retention).
+    pub fn new(cluster_id: u64, node_id: NodeId) -> NodeIdentity {
+        NodeIdentity {
+            cluster_id,
+            node_id,
+            retention: crate::chat::retention::RetentionPolicy::keep_all(),
+        }
+    }
 }
 
 /// The RPC kinds a frame can carry, and the payload variants of each direction.

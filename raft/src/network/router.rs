@@ -496,6 +496,8 @@ async fn dial(
         Payload::Hello(NodeHello {
             protocol_version: NODE_PROTOCOL_VERSION,
             software_version: SOFTWARE_VERSION.to_string(),
+            retain_entries: identity.retention.retain_entries,
+            retain_bytes: identity.retention.retain_bytes,
         }),
     );
     write_message(&mut writer, &hello, NODE_FRAME_BYTES_MAX)

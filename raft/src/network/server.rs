@@ -446,6 +446,29 @@ impl Connection {
             .await;
             return Next::Close;
         }
+        let ours = self.context.identity.retention;
+        let theirs = crate::chat::retention::RetentionPolicy {
+            retain_entries: hello.retain_entries,
+            retain_bytes: hello.retain_bytes,
+        };
+        if theirs != ours {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::BadRequest,
+                    format!(
+                        "retention differs: this node {}, node {from} {}; every node must \
+                         run the same --retain-entries / --retain-bytes",
+                        describe_retention(ours),
+                        describe_retention(theirs)
+                    ),
+                ),
+            )
+            .await;
+            return Next::Close;
+        }
         self.peer = Some(from);
         self.reply(
             from,
@@ -688,4 +711,14 @@ impl Work {
             }
         }
     }
+}
+
+/// A retention policy as the handshake's refusal names it.
+fn describe_retention(p: crate::chat::retention::RetentionPolicy) -> String {
+    let part = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
+    format!(
+        "retains entries={} bytes={}",
+        part(p.retain_entries),
+        part(p.retain_bytes)
+    )
 }
