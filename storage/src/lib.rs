@@ -46,8 +46,8 @@ pub type LogId = u64;
 
 pub use batch::WriteBatch;
 pub use config::{
-    Config, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, RecoveryMode,
-    SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
+    Config, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, Preallocation,
+    RecoveryMode, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
 };
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};
 pub use error::{Error, Result};

@@ -42,6 +42,7 @@ pub(crate) fn prepare_loop(
             next_id,
             shared.config.segment_bytes,
             recycled,
+            shared.config.preallocation,
         )
         .map(Arc::new);
         next_id += 1;
