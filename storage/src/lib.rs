@@ -5,7 +5,7 @@
 //! group commit durable. The engine knows nothing about Raft or chats: a log is a dense
 //! sequence of `(index, payload)` entries plus a few small metadata values.
 //!
-//! What it owns: segment files (`format`, `segment`), the I/O thread (`writer`, `io`),
+//! What it owns: segment files (`format`, `segment`), the write path (`writer`, `io`),
 //! the in-memory index and its on-disk halves (`index`, `idx`, `checkpoint`), recovery
 //! (`recovery`) and background maintenance (`maintenance`: index files, checkpoints,
 //! freeing and recycling segments, compaction). What it must not do: interpret payloads,
