@@ -11,14 +11,17 @@
 //! For investigations: `CHATLOG_FIGURES_SEGMENT_MB` sets chatlog's segment size and
 //! `CHATLOG_FIGURES_SETTLE_SECS` waits after open before the warm-up, and
 //! `CHATLOG_FIGURES_SPIN_US` sets `sync_spin_us`; `CHATLOG_FIGURES_SIZES=256,4096` and
-//! `CHATLOG_FIGURES_ENGINES=chatlog,bound` narrow the `write` section.
+//! `CHATLOG_FIGURES_ENGINES=chatlog,bound` narrow the `write` section (and `prealloc`).
+//! `CHATLOG_FIGURES_IO=uring|syscall` forces chatlog's I/O backend.
+//! Section `prealloc` (not in the default set) runs chatlog with each
+//! [`Preallocation`] of new segments next to `bound` and `bound-prealloc`, interleaved.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatlog_storage::{Config, IoMode};
+use chatlog_storage::{Config, IoMode, Preallocation};
 use common::*;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -47,6 +50,7 @@ fn main() {
         match s {
             "write" => write_section(),
             "knobs" => knobs_section(),
+            "prealloc" => prealloc_section(),
             "read" => read_section(),
             "retain1" => retain_section(1),
             "retain10" => retain_section(10),
@@ -121,6 +125,11 @@ fn run_once(kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Con
         }
         if let Some(spin) = spin_us {
             c.sync_spin_us = spin;
+        }
+        match std::env::var("CHATLOG_FIGURES_IO").as_deref() {
+            Ok("uring") => c.io_mode = IoMode::Uring,
+            Ok("syscall") => c.io_mode = IoMode::Syscall,
+            _ => {}
         }
         tweak(c);
     };
@@ -252,6 +261,42 @@ fn write_section() {
         kinds.extend_from_slice(PEERS);
         for &kind in kinds.iter().filter(|k| wanted(k)) {
             figure(kind.name(), kind, Scenario::Buffered, size, none);
+        }
+    }
+}
+
+fn sizes() -> Vec<usize> {
+    match std::env::var("CHATLOG_FIGURES_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.parse().expect("entry size"))
+            .collect(),
+        Err(_) => ENTRY_SIZES.to_vec(),
+    }
+}
+
+/// How new segments are preallocated, against the two bound loops, one writer and eight.
+fn prealloc_section() {
+    println!("\n## chatlog segment preallocation vs bound\n\n{ROW_HEADER}");
+    let none: &dyn Fn(&mut Config) = &|_| {};
+    for size in sizes() {
+        for scenario in [Scenario::Durable, Scenario::Durable8w] {
+            for p in [
+                Preallocation::ZeroFill,
+                Preallocation::Fallocate,
+                Preallocation::Sparse,
+            ] {
+                figure(
+                    &format!("chatlog {p:?}"),
+                    Kind::Chatlog,
+                    scenario,
+                    size,
+                    &move |c: &mut Config| c.preallocation = p,
+                );
+            }
+            for kind in [Kind::Bound, Kind::BoundPrealloc] {
+                figure(kind.name(), kind, scenario, size, none);
+            }
         }
     }
 }

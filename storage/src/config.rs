@@ -57,6 +57,23 @@ impl std::fmt::Display for IoBackend {
     }
 }
 
+/// How a fresh segment file gets its full size before it is used (recycled files already
+/// have it). Whatever the method, the unused part of a segment reads as zeros (or, for a
+/// recycled file, as records under an old salt), which recovery never takes for records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preallocation {
+    /// Write zeros over the whole file and fdatasync it before use: appends then overwrite
+    /// allocated blocks and their fdatasync commits no metadata. Costs one extra write of
+    /// every byte (and its page-cache copy) ahead of the appends.
+    ZeroFill,
+    /// `fallocate(2)` the whole file (unwritten extents, no data written); where the file
+    /// system cannot, the file is extended sparse. Each append's fdatasync also commits
+    /// the conversion of the extents it wrote, as a growing file commits its size.
+    Fallocate,
+    /// Extend the file sparse (`ftruncate`): blocks are allocated by the appends.
+    Sparse,
+}
+
 /// How much damage recovery accepts when it opens the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecoveryMode {
@@ -111,7 +128,11 @@ pub struct Config {
     pub compaction_bytes_per_sec: u64,
     /// How often the maintenance thread looks for segments to compact. Default 10 s.
     pub compaction_interval_ms: u64,
-    /// Dead segment files kept for reuse, so new segments need no zero-filling. Default 4.
+    /// How fresh segment files are sized before use. Default [`Preallocation::Fallocate`]
+    /// (see `benches/RESULTS.md`, session 5: zero-filling cost a quarter of the CPU and an
+    /// extra disk write per appended byte).
+    pub preallocation: Preallocation,
+    /// Dead segment files kept for reuse, so new segments need no preallocation. Default 4.
     pub recycle_segments_max: usize,
     /// Whether a group commit is followed by fdatasync. Default true. `false` exists only
     /// to measure the buffered write path against peers in benchmarks: writes are then
@@ -141,6 +162,7 @@ impl Config {
             compaction_live_ratio_max: 0.5,
             compaction_bytes_per_sec: 32 << 20,
             compaction_interval_ms: 10_000,
+            preallocation: Preallocation::Fallocate,
             recycle_segments_max: 4,
             sync_on_commit: true,
             read_cache_bytes: 64 << 20,

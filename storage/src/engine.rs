@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::LogId;
 use crate::batch::{EncodedBatch, WriteBatch};
@@ -64,7 +65,14 @@ pub(crate) struct Shared {
     pub index: RwLock<Index>,
     pub segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     pub failed: OnceLock<Arc<Error>>,
-    pub tx: mpsc::Sender<Msg>,
+    /// Submitted work waiting for the leader (see `writer.rs`).
+    pub queue: Mutex<writer::Queue>,
+    /// The I/O thread waits here for the lead to be handed to it (or for closing).
+    pub queue_cv: Condvar,
+    /// The write path's state; held by the thread that leads.
+    pub committer: Mutex<Option<writer::Committer>>,
+    /// Queued batches still allowed (`queue_len_max` permits).
+    pub queue_slots: tokio::sync::Semaphore,
     pub jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     pub backend: IoBackend,
     pub batch_bytes_max: usize,
@@ -207,7 +215,6 @@ impl Engine {
             .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
         let recovered = recovery::recover(&config, fs.as_ref())?;
         let damage = recovered.damage.clone();
-        let (tx, rx) = mpsc::channel(config.queue_len_max);
         let queue_bytes_max = config
             .queue_bytes_max
             .max(config.write_batch_bytes_max() + crate::format::RECORD_HEADER_BYTES)
@@ -220,7 +227,10 @@ impl Engine {
             index: RwLock::new(recovered.index),
             segments: RwLock::new(recovered.segments),
             failed: OnceLock::new(),
-            tx,
+            queue: Mutex::new(writer::Queue::default()),
+            queue_cv: Condvar::new(),
+            committer: Mutex::new(None),
+            queue_slots: tokio::sync::Semaphore::new(config.queue_len_max),
             jobs: Mutex::new(job_tx),
             counters: Counters::default(),
             cache: crate::cache::RecordCache::new(config.read_cache_bytes),
@@ -251,7 +261,7 @@ impl Engine {
         let s = shared.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(spawn("chatlog-io", move || {
-            writer::io_loop(s, rx, prep_rx, writer, start, ready_tx)
+            writer::io_loop(s, prep_rx, writer, start, ready_tx)
         })?);
         let mut engine = Engine {
             shared,
@@ -300,7 +310,8 @@ impl Engine {
     }
 
     /// Queues a batch, waiting for queue space; `on_durable` is called exactly once, on
-    /// the I/O thread, after the batch's fdatasync (or with the error that refused or
+    /// the thread leading the group commit (the I/O thread, or a thread inside
+    /// [`Engine::write_blocking`]), after the batch's fdatasync (or with the error that refused or
     /// lost it). An `Err` here means the batch was not queued and `on_durable` is dropped
     /// uncalled. Keep `on_durable` short: it runs on the write path.
     pub async fn submit(&self, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
@@ -313,7 +324,9 @@ impl Engine {
     }
 
     /// Like [`Engine::write`], blocking the calling thread (inside an async runtime it
-    /// blocks a worker thread: use [`Engine::write`] there).
+    /// blocks a worker thread: use [`Engine::write`] there). If no group commit is under
+    /// way the calling thread performs it itself (write and fdatasync of everything
+    /// queued), so a lone writer pays no thread hand-off.
     pub fn write_blocking(&self, batch: &WriteBatch) -> Result<()> {
         write_blocking(&self.shared, batch)
     }
@@ -512,20 +525,9 @@ impl Engine {
         if self.threads.is_empty() {
             return;
         }
-        // try_send rather than blocking_send: an engine may be dropped inside an async
-        // runtime, where blocking_send panics. The queue drains quickly, so waiting for a
-        // free slot is short.
-        let mut msg = Msg::Shutdown;
-        loop {
-            match self.shared.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(m)) => {
-                    msg = m;
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
-            }
-        }
+        // Never blocks: an engine may be dropped inside an async runtime. The I/O thread
+        // commits what is queued before the shutdown, then exits.
+        let _ = writer::enqueue(&self.shared, Msg::Shutdown, writer::Lead::IoThread);
         self.shared.send_job(Job::Shutdown);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -559,12 +561,12 @@ pub(crate) fn queued_bytes(batch: &EncodedBatch) -> u32 {
     (batch.body.len() + crate::format::RECORD_HEADER_BYTES) as u32
 }
 
-async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
-    let submitted = std::time::Instant::now();
-    let encoded = encode(shared, batch)?;
+/// Waits for queue room (bytes and batches) for `encoded`; the leader gives it back when
+/// it takes the batch.
+async fn reserve(shared: &Shared, encoded: &EncodedBatch) -> Result<()> {
     // Queue space is counted in bytes as well as batches: 4,096 queued batches of 16 MiB
-    // would otherwise be 64 GiB. The I/O thread gives the bytes back as it takes a batch.
-    let bytes = queued_bytes(&encoded).min(shared.queue_bytes_max);
+    // would otherwise be 64 GiB.
+    let bytes = queued_bytes(encoded).min(shared.queue_bytes_max);
     shared
         .queue_budget
         .acquire_many(bytes)
@@ -572,10 +574,24 @@ async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Res
         .map_err(|_| Error::Closed)?
         .forget();
     shared
-        .tx
-        .send(Msg::Write(encoded, on_durable, submitted))
+        .queue_slots
+        .acquire()
         .await
-        .map_err(|_| Error::Closed)
+        .map_err(|_| Error::Closed)?
+        .forget();
+    Ok(())
+}
+
+async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Result<()> {
+    let submitted = std::time::Instant::now();
+    let encoded = encode(shared, batch)?;
+    reserve(shared, &encoded).await?;
+    writer::enqueue(
+        shared,
+        Msg::Write(encoded, on_durable, submitted),
+        writer::Lead::IoThread,
+    )?;
+    Ok(())
 }
 
 async fn write(shared: &Shared, batch: &WriteBatch) -> Result<()> {
@@ -584,21 +600,34 @@ async fn write(shared: &Shared, batch: &WriteBatch) -> Result<()> {
     rx.await.map_err(|_| Error::Closed)?
 }
 
+/// A write on the caller's thread: if nobody is committing, the caller leads the group
+/// commit itself (no thread hand-off for a lone writer); otherwise it waits for the leader.
 pub(crate) fn write_blocking(shared: &Shared, batch: &WriteBatch) -> Result<()> {
-    block_on(write(shared, batch))
+    let submitted = std::time::Instant::now();
+    let encoded = encode(shared, batch)?;
+    block_on(reserve(shared, &encoded))?;
+    let (tx, rx) = oneshot::channel();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let on_durable: Durable = Box::new(move |r| {
+        flag.store(true, Ordering::Release);
+        drop(tx.send(r));
+    });
+    if writer::enqueue(
+        shared,
+        Msg::Write(encoded, on_durable, submitted),
+        writer::Lead::Caller,
+    )? {
+        writer::lead(shared, Some(&done));
+    }
+    block_on(rx).map_err(|_| Error::Closed)?
 }
 
 pub(crate) fn rotate_blocking(shared: &Shared) -> Result<()> {
-    block_on(async {
-        let (tx, rx) = oneshot::channel();
-        let done: Durable = Box::new(move |r| drop(tx.send(r)));
-        shared
-            .tx
-            .send(Msg::Rotate(done))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
-    })
+    let (tx, rx) = oneshot::channel();
+    let done: Durable = Box::new(move |r| drop(tx.send(r)));
+    writer::enqueue(shared, Msg::Rotate(done), writer::Lead::IoThread)?;
+    block_on(rx).map_err(|_| Error::Closed)?
 }
 
 /// Runs a future to completion on the calling thread, parking between polls. The engine's

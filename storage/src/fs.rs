@@ -41,6 +41,12 @@ pub trait File: Send + Sync + Debug {
     fn len(&self) -> io::Result<u64>;
     /// Sets the length (extending with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves blocks for `[0, len)` without writing them (they read as zeros) and sets
+    /// the length to at least `len`. The default (and the fallback where the file system
+    /// cannot) extends the file sparse with [`File::set_len`].
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
     /// A read-only shared mapping of the whole file, or `None` to make readers go through
     /// [`File::read_exact_at`].
     fn map(&self) -> io::Result<Option<Mmap>>;
@@ -114,6 +120,24 @@ impl File for StdFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let Ok(len_off) = libc::off_t::try_from(len) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        let r = crate::io::retry_interrupted(|| {
+            match unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len_off) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.set_len(len),
+            r => r,
+        }
     }
 
     fn map(&self) -> io::Result<Option<Mmap>> {

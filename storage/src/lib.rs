@@ -5,7 +5,7 @@
 //! group commit durable. The engine knows nothing about Raft or chats: a log is a dense
 //! sequence of `(index, payload)` entries plus a few small metadata values.
 //!
-//! What it owns: segment files (`format`, `segment`), the I/O thread (`writer`, `io`),
+//! What it owns: segment files (`format`, `segment`), the write path (`writer`, `io`),
 //! the in-memory index and its on-disk halves (`index`, `idx`, `checkpoint`), recovery
 //! (`recovery`) and background maintenance (`maintenance`: index files, checkpoints,
 //! freeing and recycling segments, compaction). What it must not do: interpret payloads,
@@ -47,8 +47,8 @@ pub type LogId = u64;
 
 pub use batch::WriteBatch;
 pub use config::{
-    Config, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, RecoveryMode,
-    SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
+    Config, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, Preallocation,
+    RecoveryMode, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
 };
 pub use damage::{DAMAGE_WALK_RECORDS_MAX, Damage, DroppedLog};
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};

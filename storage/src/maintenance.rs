@@ -28,7 +28,7 @@ pub(crate) enum Job {
     Shutdown,
 }
 
-/// Keeps one prepared segment ready for the I/O thread.
+/// Keeps one prepared segment ready for the committer.
 pub(crate) fn prepare_loop(
     shared: Arc<Shared>,
     mut next_id: u64,
@@ -42,11 +42,12 @@ pub(crate) fn prepare_loop(
             next_id,
             shared.config.segment_bytes,
             recycled,
+            shared.config.preallocation,
         )
         .map(Arc::new);
         next_id += 1;
         let failed = result.is_err();
-        // A send fails once the I/O thread is gone; the unused segment is an empty tail
+        // A send fails once the committer is gone; the unused segment is an empty tail
         // that recovery reuses.
         if tx.send(result).is_err() || failed {
             return;

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use memmap2::Mmap;
 
+use crate::config::Preallocation;
 use crate::error::{Error, Result};
 use crate::format::{
     BatchBody, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES,
@@ -70,14 +71,16 @@ fn new_salt(id: u64) -> u32 {
 
 impl Segment {
     /// Creates segment `id`: reuses a recycled file when one is given (its old records
-    /// fail the header check under the new salt), otherwise zero-fills a new file so
-    /// later syncs flush data only, never block allocation.
+    /// fail the header check under the new salt), otherwise sizes a new file as
+    /// `prealloc` says (zero-filled, fallocated or sparse: the unused part reads as zeros
+    /// either way, so recovery finds no record there).
     pub(crate) fn create(
         fs: &dyn FileSystem,
         dir: &Path,
         id: u64,
         bytes: u64,
         recycled: Option<PathBuf>,
+        prealloc: Preallocation,
     ) -> Result<Segment> {
         let path = segment_path(dir, id);
         let salt = new_salt(id);
@@ -111,18 +114,28 @@ impl Segment {
                 file
             }
             None => {
-                // Zero-filled first, header last: a crash midway leaves a file without a
-                // valid header, which recovery removes.
+                // Sized first, header last: a crash midway leaves a file without a valid
+                // header, which recovery removes.
                 let file = fs
                     .open(&path, true)
                     .map_err(|e| Error::io("creating", &path, e))?;
-                let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
-                let mut at = 0u64;
-                while at < bytes {
-                    let n = (bytes - at).min(zeros.len() as u64) as usize;
-                    file.write_all_at(&zeros[..n], at)
-                        .map_err(|e| Error::io("zero-filling segment", &path, e))?;
-                    at += n as u64;
+                match prealloc {
+                    Preallocation::ZeroFill => {
+                        let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
+                        let mut at = 0u64;
+                        while at < bytes {
+                            let n = (bytes - at).min(zeros.len() as u64) as usize;
+                            file.write_all_at(&zeros[..n], at)
+                                .map_err(|e| Error::io("zero-filling segment", &path, e))?;
+                            at += n as u64;
+                        }
+                    }
+                    Preallocation::Fallocate => file
+                        .allocate(bytes)
+                        .map_err(|e| Error::io("allocating segment", &path, e))?,
+                    Preallocation::Sparse => file
+                        .set_len(bytes)
+                        .map_err(|e| Error::io("sizing segment", &path, e))?,
                 }
                 file.write_all_at(&head, 0)
                     .map_err(|e| Error::io("writing segment header", &path, e))?;

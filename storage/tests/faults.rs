@@ -134,12 +134,17 @@ fn all_or_nothing(engine: &Engine, items: &[(u64, u64, Vec<u8>)]) -> bool {
 }
 
 /// Waits (polling a counter, bounded) until the background I/O that opening a fresh
-/// directory starts has happened: the first two segments created (a zero-fill and a header
-/// write and a sync each) and the first checkpoint written (one write, one sync). Only
-/// then does the next write or sync belong to the write path, where the tests aim.
+/// directory starts has happened: the first two segments created (a header write and a
+/// sync each; with `Preallocation::ZeroFill` also a zero-fill write) and the first
+/// checkpoint written (one write, one sync). Only then does the next write or sync belong
+/// to the write path, where the tests aim.
 fn wait_for_open_io(plan: &FaultPlan) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while plan.writes.load(Ordering::SeqCst) < 5 || plan.syncs.load(Ordering::SeqCst) < 3 {
+    let writes = match config(Path::new("/")).preallocation {
+        chatlog_storage::Preallocation::ZeroFill => 5,
+        _ => 3,
+    };
+    while plan.writes.load(Ordering::SeqCst) < writes || plan.syncs.load(Ordering::SeqCst) < 3 {
         assert!(
             Instant::now() < deadline,
             "background I/O of open never finished"
