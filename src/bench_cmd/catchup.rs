@@ -243,7 +243,7 @@ pub async fn catchup(args: &BenchArgs, world: &World, embedded: bool) -> Result<
         .await;
         let took = started.elapsed();
         if let (Some(a), Some(b)) = (cpu0, server_cpu(embedded)) {
-            cpu_total += b - a;
+            cpu_total += report::cpu_delta(a, b);
         }
         match result {
             Ok((new, events, bytes, requests)) => {

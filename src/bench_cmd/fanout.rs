@@ -858,7 +858,7 @@ pub async fn fanout(args: &BenchArgs, addr: &str, embedded: bool) -> Result<Repo
     }
     let cpu_posting = embedded_cpu(embedded)
         .zip(cpu0)
-        .map(|(b, a)| b - a)
+        .map(|(b, a)| report::cpu_delta(a, b))
         .unwrap_or(0.0);
     let posting_secs = started.elapsed().as_secs_f64();
     // Only the poster writes to the channel: what it committed is exactly the seqs after
@@ -883,7 +883,7 @@ pub async fn fanout(args: &BenchArgs, addr: &str, embedded: bool) -> Result<Repo
     drop(workers);
     let cpu_total = embedded_cpu(embedded)
         .zip(cpu0)
-        .map(|(b, a)| b - a)
+        .map(|(b, a)| report::cpu_delta(a, b))
         .unwrap_or(0.0);
 
     // Merge.

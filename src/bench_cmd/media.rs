@@ -234,7 +234,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
             .then(|| report::server_cpu_secs(CLIENT_THREADS))
             .flatten(),
     ) {
-        (Some(a), Some(b)) => Some(b - a),
+        (Some(a), Some(b)) => Some(report::cpu_delta(a, b)),
         _ => None,
     };
     drop(dir);

@@ -189,8 +189,12 @@ fn parse_stat(stat: &str) -> Option<(String, f64)> {
 
 /// CPU seconds of the embedded server: the whole process (exited threads included) less
 /// the load generator's own threads, which are named with `client_prefix`.
+///
+/// The client threads are read before the whole process, so CPU spent between the reads
+/// counts as the server's at most, never as a negative. Tick-rounded per-thread and
+/// whole-process times still disagree by a tick or two; [`cpu_delta`] takes that out of
+/// a difference of two samples.
 pub fn server_cpu_secs(client_prefix: &str) -> Option<f64> {
-    let (_, total) = parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     let mut clients = 0.0;
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -202,7 +206,16 @@ pub fn server_cpu_secs(client_prefix: &str) -> Option<f64> {
             clients += secs;
         }
     }
+    let (_, total) = parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     Some((total - clients).max(0.0))
+}
+
+/// CPU seconds between two [`server_cpu_secs`] samples. The samples are sums of times
+/// the kernel rounds to ticks separately per thread and per process, so a window in
+/// which the server did (almost) nothing can come out a tick below zero: that reads as
+/// zero, not as a negative CPU time.
+pub fn cpu_delta(start: f64, end: f64) -> f64 {
+    (end - start).max(0.0)
 }
 
 /// Resident memory of this process (`VmRSS`), in bytes.
@@ -410,6 +423,9 @@ mod tests {
         assert_eq!(name, "bench-client-1");
         assert!((secs - 3.0).abs() < 1e-9);
         assert!(server_cpu_secs("bench-client").is_some());
+        // A window a tick "below zero" is no CPU, not negative CPU.
+        assert_eq!(cpu_delta(1.25, 1.24), 0.0);
+        assert!((cpu_delta(1.0, 1.5) - 0.5).abs() < 1e-12);
         assert!(rss_bytes().unwrap() > 0);
     }
 }

@@ -403,7 +403,7 @@ pub async fn send_or_mixed(args: &BenchArgs, world: &World, mixed: bool, embedde
     progress.finish();
     let measured_secs = end.saturating_duration_since(warm_end).as_secs_f64();
     let cpu_start = cpu_at_warm_end.await.ok().flatten();
-    let cpu = cpu_end.zip(cpu_start).map(|(b, a)| b - a);
+    let cpu = cpu_end.zip(cpu_start).map(|(b, a)| report::cpu_delta(a, b));
     let mut extra = Map::new();
     if mixed {
         extra.insert("events_read".into(), json!(stats.events));
@@ -565,7 +565,7 @@ pub async fn sync(args: &BenchArgs, world: &World, embedded: bool) -> Result<Rep
         }
         catch_up_secs += started.elapsed().as_secs_f64();
         if let (Some(a), Some(b)) = (cpu0, server_cpu(embedded)) {
-            cpu += b - a;
+            cpu += report::cpu_delta(a, b);
         }
         rounds_done += 1;
         // Every acknowledged post must have reached the devices of its chat.
@@ -770,7 +770,7 @@ pub async fn subscribe(
     }
     let measured_secs = end.saturating_duration_since(warm_end).as_secs_f64();
     let cpu_start = cpu_at_warm_end.await.ok().flatten();
-    let cpu = cpu_end.zip(cpu_start).map(|(b, a)| b - a);
+    let cpu = cpu_end.zip(cpu_start).map(|(b, a)| report::cpu_delta(a, b));
     let mut extra = Map::new();
     extra.insert(
         "subscribe".into(),
