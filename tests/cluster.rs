@@ -304,28 +304,7 @@ async fn a_stopped_follower_catches_up_from_the_log() {
     tokio::task::block_in_place(|| cluster.restart(follower));
     let c = connect(&cluster.addr(follower), Some(token.clone())).await;
     let head = messages + 1;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match c
-            .history(v1::HistoryRequest {
-                chat_id: chat,
-                from_seq: 0,
-                direction: v1::Direction::Backward.into(),
-                limit: 1,
-            })
-            .await
-        {
-            Ok(page) if page.head_seq == head => break,
-            Ok(page) => eprintln!("node {follower} at head {} of {head}", page.head_seq),
-            Err(e) if retryable(&e) => eprintln!("node {follower} not ready: {e}"),
-            Err(e) => panic!("history on node {follower}: {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {follower} did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster::wait_head(&c, follower, chat, head, WAIT).await;
     eprintln!(
         "node {follower} caught up {messages} messages in {:?} after its restart",
         restarted.elapsed()

@@ -124,27 +124,22 @@ async fn first_served(client: &Client, chat: u64) -> (u64, u64) {
     }
 }
 
-/// Waits until `client`'s node serves the chat up to `head`.
-async fn wait_head(client: &Client, node: u64, chat: u64, head: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match client
-            .history(v1::HistoryRequest {
-                chat_id: chat,
-                from_seq: 0,
-                direction: v1::Direction::Backward.into(),
-                limit: 1,
-            })
-            .await
-        {
-            Ok(page) if page.head_seq == head => return,
-            Ok(page) => eprintln!("node {node} at head {} of {head}", page.head_seq),
-            Err(e) if retryable(&e) => eprintln!("node {node} not ready: {e}"),
-            Err(e) => panic!("history on node {node}: {e}"),
-        }
-        assert!(Instant::now() < deadline, "node {node} did not catch up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// On a single node: user "ann" logged in, a client with her session and a new group
+/// chat of hers titled `title`.
+async fn one_user_and_chat(addr: &str, title: &str) -> (Client, String, u64) {
+    let c = connect(addr, None).await;
+    let (_user, token) = cluster::create_and_login(&c, "ann", "dev").await;
+    let c = connect(addr, Some(token.clone())).await;
+    let chat = c
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: title.into(),
+            member_ids: Vec::new(),
+        })
+        .await
+        .expect("chat")
+        .chat_id;
+    (c, token, chat)
 }
 
 /// Checks one node's retained history: dense seqs from the first retained one to the
@@ -259,7 +254,7 @@ async fn a_follower_behind_the_purge_catches_up_from_a_snapshot_with_history() {
     let restarted = Instant::now();
     tokio::task::block_in_place(|| cluster.restart(follower));
     let f = connect(&cluster.addr(follower), Some(token.clone())).await;
-    wait_head(&f, follower, chat, head).await;
+    cluster::wait_head(&f, follower, chat, head, WAIT).await;
     eprintln!(
         "node {follower} caught up in {:?} after its restart",
         restarted.elapsed()
@@ -287,7 +282,7 @@ async fn a_follower_behind_the_purge_catches_up_from_a_snapshot_with_history() {
     cluster.kill(leader);
     tokio::task::block_in_place(|| cluster.restart(leader));
     let l = connect(&cluster.addr(leader), Some(token.clone())).await;
-    wait_head(&l, leader, chat, head).await;
+    cluster::wait_head(&l, leader, chat, head, WAIT).await;
     let again = full_history(&l, chat, WAIT).await;
     assert!(
         again == on_leader || again.first().map(|e| e.seq) > on_leader.first().map(|e| e.seq),
@@ -503,18 +498,7 @@ async fn the_byte_policy_keeps_about_its_bytes_across_a_restart() {
     let mut flags = vec!["--segment-mb", "1", "--retain-bytes", "50000"];
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
-    let c = connect(&srv.addr, None).await;
-    let (_user, token) = cluster::create_and_login(&c, "ann", "dev").await;
-    let c = connect(&srv.addr, Some(token.clone())).await;
-    let chat = c
-        .create_chat(v1::CreateChatRequest {
-            kind: v1::ChatKind::Group.into(),
-            title: "bytes".into(),
-            member_ids: Vec::new(),
-        })
-        .await
-        .expect("chat")
-        .chat_id;
+    let (c, token, chat) = one_user_and_chat(&srv.addr, "bytes").await;
     for i in 0..400u64 {
         c.send_message(send_request(chat, i + 1, &"y".repeat(1000)))
             .await
@@ -571,18 +555,7 @@ async fn a_backup_of_a_purged_log_restores_the_same_retained_history() {
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
     let http = srv.http.clone().expect("http");
-    let c = connect(&srv.addr, None).await;
-    let (_user, token) = cluster::create_and_login(&c, "ann", "dev").await;
-    let c = connect(&srv.addr, Some(token.clone())).await;
-    let chat = c
-        .create_chat(v1::CreateChatRequest {
-            kind: v1::ChatKind::Group.into(),
-            title: "backup".into(),
-            member_ids: Vec::new(),
-        })
-        .await
-        .expect("chat")
-        .chat_id;
+    let (c, token, chat) = one_user_and_chat(&srv.addr, "backup").await;
     for i in 0..300u64 {
         c.send_message(send_request(chat, i + 1, &format!("b{i}")))
             .await

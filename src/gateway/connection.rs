@@ -816,13 +816,11 @@ pub(super) async fn run<S: Service>(
                             if inline.len() < inline_max && service.runs_inline(&kind) {
                                 // Polled by this task: no task spawned, no wake of
                                 // another task when its proposal completes.
-                                let answering = answer_inline(
-                                    &*service,
-                                    &ctx,
+                                let answering = answer(
                                     &outbox,
                                     request_id,
-                                    kind,
                                     unsubscribes,
+                                    service.handle_inline(&ctx, request_id, kind),
                                 );
                                 inline.push(
                                     async move {
@@ -840,8 +838,8 @@ pub(super) async fn run<S: Service>(
                             let outbox = Arc::clone(&outbox);
                             let task = handlers.spawn(
                                 async move {
-                                    answer(&*service, &ctx, &outbox, request_id, kind, unsubscribes)
-                                        .await;
+                                    let handling = service.handle(&ctx, request_id, kind);
+                                    answer(&outbox, request_id, unsubscribes, handling).await;
                                 }
                                 .instrument(span),
                             );
@@ -875,34 +873,18 @@ pub(super) async fn run<S: Service>(
     tracing::debug!(connection = id, "connection closed");
 }
 
-/// Answers one request begun with [`Outbox::begin_request`]: asks the service, logs the
-/// outcome (inside the request's span) and queues the response.
-async fn answer<S: Service>(
-    service: &S,
-    ctx: &ConnCtx,
+/// Answers one request begun with [`Outbox::begin_request`]: awaits the service's
+/// answer (`Service::handle`, or `Service::handle_inline` for a request polled on its
+/// connection's task), logs the outcome (inside the request's span) and queues the
+/// response.
+async fn answer(
     outbox: &Outbox,
     request_id: u64,
-    kind: request::Kind,
     unsubscribes: Option<u64>,
+    handling: impl Future<Output = Result<response::Kind, v1::Error>>,
 ) {
     let started = Instant::now();
-    let result = service.handle(ctx, request_id, kind).await;
-    log_answer(started, &result);
-    outbox.respond(request_id, result, unsubscribes);
-}
-
-/// [`answer`] through [`Service::handle_inline`], for a request polled on its
-/// connection's task.
-async fn answer_inline<S: Service>(
-    service: &S,
-    ctx: &ConnCtx,
-    outbox: &Outbox,
-    request_id: u64,
-    kind: request::Kind,
-    unsubscribes: Option<u64>,
-) {
-    let started = Instant::now();
-    let result = service.handle_inline(ctx, request_id, kind).await;
+    let result = handling.await;
     log_answer(started, &result);
     outbox.respond(request_id, result, unsubscribes);
 }

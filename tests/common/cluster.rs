@@ -601,6 +601,30 @@ pub async fn login(client: &Client, request: v1::LoginRequest) -> v1::LoginRespo
     }
 }
 
+/// Waits until `client`'s node (`node`, for messages) serves `chat` up to seq `head`,
+/// asking again while the node answers something retryable; panics after `wait`.
+pub async fn wait_head(client: &Client, node: u64, chat: u64, head: u64, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        match client
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: 0,
+                direction: v1::Direction::Backward.into(),
+                limit: 1,
+            })
+            .await
+        {
+            Ok(page) if page.head_seq == head => return,
+            Ok(page) => eprintln!("node {node} at head {} of {head}", page.head_seq),
+            Err(e) if retryable(&e) => eprintln!("node {node} not ready: {e}"),
+            Err(e) => panic!("history on node {node}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "node {node} did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Whether a failed call may be tried again (with the same client message id for a send),
 /// on this node or another: the server said unavailable or timed out, or the connection
 /// failed; not for a refusal or a local error.
