@@ -248,7 +248,10 @@ mod tests {
                 flag.store(true, Ordering::SeqCst);
             });
             ready(e.submit(&b, done)).unwrap();
-            assert!(durable.load(Ordering::SeqCst), "index {index} not durable yet");
+            assert!(
+                durable.load(Ordering::SeqCst),
+                "index {index} not durable yet"
+            );
         }
         let stats = e.stats();
         assert!(stats.segments >= 3, "rotation expected: {stats:?}");
