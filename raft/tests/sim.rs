@@ -14,9 +14,11 @@
 //! replica catches up, and the history checkers (`tests/common/history.rs`) run.
 //!
 //! Everything that happens goes into a trace with its virtual time (every message and
-//! answer with its vote, log ids and commit index, every acknowledgement with its seq,
-//! every crash, restart, cut and heal, and every replica's final chat logs), and the
-//! trace is hashed. The test runs each seed TWICE and requires equal hashes: one seed,
+//! answer with its vote, log ids and commit index; every write to disk with a hash of its
+//! bytes, every fdatasync, creation, rename and removal, so every Raft append and vote
+//! as it reached the disk (`sim/disk.rs`); every acknowledgement with its seq and every
+//! linearizable read with its answer; every crash, power cut, restart, cut and heal; and
+//! every replica's final chat logs), and the trace is hashed. The test runs each seed TWICE and requires equal hashes: one seed,
 //! one history. A mismatch prints the first differing trace line.
 //!
 //! CI runs the seeds in [`CI_SEEDS`]. `CHATLOG_SIM_SEED=<n>` replays one seed;
@@ -28,6 +30,8 @@
 
 #[path = "../../tests/common/history.rs"]
 mod history;
+#[path = "sim/disk.rs"]
+mod disk;
 #[path = "sim/net.rs"]
 mod net;
 
@@ -135,8 +139,14 @@ impl SimNode {
         engine_config.threads = EngineThreads::Inline {
             salt_seed: seed ^ id,
         };
+        // Every write and fdatasync goes into the trace (`sim/disk.rs`).
+        let disk = disk::TracingFs {
+            inner: Arc::new(fs.clone()),
+            node: id,
+            net: net.clone(),
+        };
         let engine = Arc::new(
-            Engine::open_with(engine_config, Arc::new(fs.clone()))
+            Engine::open_with(engine_config, Arc::new(disk))
                 .map_err(|e| format!("node {id}: the engine does not open: {e}"))?,
         );
         let directory = Arc::new(Directory::default());
@@ -548,8 +558,24 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     while started.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(rng.between(300, 1200))).await;
-        match rng.below(4) {
-            0 | 1 => {
+        match rng.below(5) {
+            0 if rng.below(3) == 0 => {
+                // Every node's power at once: only what each had fdatasync'd survives.
+                *faults.entry("crash + power cut, all three nodes").or_default() += 1;
+                let how = match rng.below(3) {
+                    0 => PowerCut::DropUnsynced,
+                    1 => PowerCut::Torn,
+                    _ => PowerCut::Scrambled,
+                };
+                for victim in NODES {
+                    cluster.crash(victim, how, None).await;
+                }
+                tokio::time::sleep(Duration::from_millis(rng.between(100, 1000))).await;
+                for victim in NODES {
+                    cluster.start_node(victim).await;
+                }
+            }
+            0..=2 => {
                 let how = match rng.below(3) {
                     0 => PowerCut::DropUnsynced,
                     1 => PowerCut::Torn,
@@ -571,7 +597,7 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
                 tokio::time::sleep(Duration::from_millis(rng.between(100, 1000))).await;
                 cluster.start_node(victim).await;
             }
-            2 => {
+            3 => {
                 *faults.entry("partition, one node isolated").or_default() += 1;
                 let victim = NODES[rng.below(3) as usize];
                 for other in NODES.into_iter().filter(|n| *n != victim) {
@@ -726,6 +752,7 @@ fn one_seed_replays_one_exact_history() {
         .expect("clock after 1970")
         .as_nanos() as u64);
     seeds.extend((0..extra).map(|_| clock.next()));
+    let mut hashes: BTreeMap<u64, u64> = BTreeMap::new();
     for seed in seeds {
         let replay = format!("CHATLOG_SIM_SEED={seed} cargo test -p chatlog-raft --test sim");
         eprintln!("sim seed={seed} (replay: {replay})");
@@ -762,5 +789,10 @@ fn one_seed_replays_one_exact_history() {
                 first.hash, second.hash
             );
         }
+        // The trace must tell histories apart, or equal hashes would prove nothing.
+        if let Some((other, _)) = hashes.iter().find(|(_, h)| **h == first.hash) {
+            panic!("seeds {other} and {seed} gave the same trace hash {:016x}", first.hash);
+        }
+        hashes.insert(seed, first.hash);
     }
 }
