@@ -28,10 +28,10 @@
 //! failure prints
 //! `CHATLOG_SIM_SEED=<seed> cargo test -p chatlog-raft --test sim` to replay it.
 
-#[path = "../../tests/common/history.rs"]
-mod history;
 #[path = "sim/disk.rs"]
 mod disk;
+#[path = "../../tests/common/history.rs"]
+mod history;
 #[path = "sim/net.rs"]
 mod net;
 
@@ -450,7 +450,7 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
     let root = temp_root();
     let mut rng = Rng(seed);
     let net = SimNet::new(
-        seed.wrapping_add(0x4E45_54),
+        seed.wrapping_add(0x004E_4554),
         NetConfig {
             delay_ms: (1, 12),
             loss_per_mille: 15,
@@ -561,7 +561,9 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
         match rng.below(5) {
             0 if rng.below(3) == 0 => {
                 // Every node's power at once: only what each had fdatasync'd survives.
-                *faults.entry("crash + power cut, all three nodes").or_default() += 1;
+                *faults
+                    .entry("crash + power cut, all three nodes")
+                    .or_default() += 1;
                 let how = match rng.below(3) {
                     0 => PowerCut::DropUnsynced,
                     1 => PowerCut::Torn,
@@ -791,7 +793,10 @@ fn one_seed_replays_one_exact_history() {
         }
         // The trace must tell histories apart, or equal hashes would prove nothing.
         if let Some((other, _)) = hashes.iter().find(|(_, h)| **h == first.hash) {
-            panic!("seeds {other} and {seed} gave the same trace hash {:016x}", first.hash);
+            panic!(
+                "seeds {other} and {seed} gave the same trace hash {:016x}",
+                first.hash
+            );
         }
         hashes.insert(seed, first.hash);
     }

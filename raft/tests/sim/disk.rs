@@ -76,7 +76,12 @@ impl FileSystem for TracingFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let r = self.inner.rename(from, to);
-        self.record(format!("rename {} {}: {}", name(from), name(to), outcome(&r)));
+        self.record(format!(
+            "rename {} {}: {}",
+            name(from),
+            name(to),
+            outcome(&r)
+        ));
         r
     }
 
