@@ -10,7 +10,9 @@
 //! client message id through whichever node leads) and read linearizably; a seeded fault
 //! loop crashes nodes (a power cut of their file system at a seeded I/O call or from
 //! outside, then the node's engine and Raft instances are dropped and restarted on what
-//! survived), isolates nodes and cuts links one way. At the end the network heals, every
+//! survived), cuts the power of all three, fails a seeded write or fdatasync on one node
+//! (its engine stops for good; the node is crashed and restarted), isolates nodes and
+//! cuts links one way. At the end the network heals, every
 //! replica catches up, and the history checkers (`tests/common/history.rs`) run.
 //!
 //! Everything that happens goes into a trace with its virtual time (every message and
@@ -206,6 +208,8 @@ impl SimNode {
 /// The cluster as the writers and the fault loop share it.
 struct Cluster {
     seed: u64,
+    /// When the run began (virtual): batch timestamps count from it.
+    started: Instant,
     root: PathBuf,
     net: SimNet,
     nodes: Mutex<BTreeMap<NodeId, Arc<SimNode>>>,
@@ -287,10 +291,13 @@ impl Cluster {
     }
 }
 
-fn batch(command: Command) -> ChatBatch {
+/// A batch as a proposer stamps it: the simulation's virtual time since the run began,
+/// after a fixed epoch (every replica applies the stamp, never reads a clock).
+fn batch(cluster: &Cluster, command: Command) -> ChatBatch {
+    let now_ms = cluster.started.elapsed().as_millis() as u64;
     ChatBatch(
         Batch {
-            timestamp_ms: 1_700_000_000_000,
+            timestamp_ms: 1_700_000_000_000 + now_ms,
             commands: vec![command],
         }
         .encode(),
@@ -318,7 +325,7 @@ async fn propose(
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(Ok(resp)) = timeout(
                 left.min(Duration::from_secs(3)),
-                raft.client_write(batch(command.clone())),
+                raft.client_write(batch(cluster, command.clone())),
             )
             .await
             {
@@ -458,6 +465,7 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
     );
     let cluster = Arc::new(Cluster {
         seed,
+        started: Instant::now(),
         root: root.path().to_path_buf(),
         net: net.clone(),
         nodes: Mutex::default(),
@@ -558,7 +566,7 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     while started.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(rng.between(300, 1200))).await;
-        match rng.below(5) {
+        match rng.below(6) {
             0 if rng.below(3) == 0 => {
                 // Every node's power at once: only what each had fdatasync'd survives.
                 *faults
@@ -596,6 +604,37 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
                 };
                 let at_call = (rng.below(4) != 0).then(|| rng.below(300));
                 cluster.crash(victim, how, at_call).await;
+                tokio::time::sleep(Duration::from_millis(rng.between(100, 1000))).await;
+                cluster.start_node(victim).await;
+            }
+            5 => {
+                // A failed write or fdatasync: the engine stops for good (fail-stop, never
+                // a retry), its groups stop with it; the node is then crashed (what was
+                // not synced is lost) and restarted, as a supervisor would.
+                let victim = NODES[rng.below(3) as usize];
+                let fs = cluster.disks.lock().expect("lock")[&victim].clone();
+                let after = rng.below(40);
+                let kind = if rng.below(2) == 0 {
+                    fs.plan().fail_sync_after.store(after, Ordering::SeqCst);
+                    "fdatasync"
+                } else {
+                    fs.plan().fail_write_after.store(after, Ordering::SeqCst);
+                    "write"
+                };
+                net.record(format!(
+                    "node {victim}: {kind} number {} from now fails",
+                    after + 1
+                ));
+                let engine = cluster.nodes.lock().expect("lock")[&victim].engine.clone();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while engine.stopped().is_none() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                drop(engine);
+                fs.plan().fail_sync_after.store(u64::MAX, Ordering::SeqCst);
+                fs.plan().fail_write_after.store(u64::MAX, Ordering::SeqCst);
+                *faults.entry("failed write or fdatasync").or_default() += 1;
+                cluster.crash(victim, PowerCut::DropUnsynced, None).await;
                 tokio::time::sleep(Duration::from_millis(rng.between(100, 1000))).await;
                 cluster.start_node(victim).await;
             }
