@@ -795,11 +795,19 @@ fn one_seed_replays_one_exact_history() {
     seeds.extend((0..extra).map(|_| clock.next()));
     let mut hashes: BTreeMap<u64, u64> = BTreeMap::new();
     for seed in seeds {
-        let replay = format!("CHATLOG_SIM_SEED={seed} cargo test -p chatlog-raft --test sim");
+        let secs = std::env::var("CHATLOG_SIM_SECS")
+            .map_or(String::new(), |s| format!("CHATLOG_SIM_SECS={s} "));
+        let replay = format!("{secs}CHATLOG_SIM_SEED={seed} cargo test -p chatlog-raft --test sim");
         eprintln!("sim seed={seed} (replay: {replay})");
         let wall = std::time::Instant::now();
-        let first = run(seed, window);
-        let second = run(seed, window);
+        let run_or_say_how_to_replay = || {
+            std::panic::catch_unwind(|| run(seed, window)).unwrap_or_else(|panic| {
+                eprintln!("sim seed={seed} FAILED; replay: {replay}");
+                std::panic::resume_unwind(panic)
+            })
+        };
+        let first = run_or_say_how_to_replay();
+        let second = run_or_say_how_to_replay();
         eprintln!(
             "sim seed={seed}: {}; trace {} lines, hash {:016x}; two runs in {:.1} s",
             first.summary,
