@@ -603,9 +603,25 @@ async fn simulate(seed: u64, window: Duration) -> RunResult {
                     }
                 };
                 let at_call = (rng.below(4) != 0).then(|| rng.below(300));
+                // One time in four a second fault at once: another node cannot send to
+                // the third (one way) while the victim is down, so a group may have no
+                // majority until the victim is back.
+                let second = (rng.below(4) == 0).then(|| {
+                    let others: Vec<NodeId> = NODES.into_iter().filter(|n| *n != victim).collect();
+                    let k = rng.below(2) as usize;
+                    (others[k], others[1 - k])
+                });
+                if let Some((from, to)) = second {
+                    *faults.entry("two at once: + link cut one way").or_default() += 1;
+                    net.cut(from, to);
+                }
                 cluster.crash(victim, how, at_call).await;
                 tokio::time::sleep(Duration::from_millis(rng.between(100, 1000))).await;
                 cluster.start_node(victim).await;
+                if second.is_some() {
+                    tokio::time::sleep(Duration::from_millis(rng.between(0, 500))).await;
+                    net.heal();
+                }
             }
             5 => {
                 // A failed write or fdatasync: the engine stops for good (fail-stop, never
