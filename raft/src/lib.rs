@@ -26,6 +26,7 @@ pub mod node;
 pub mod proposer;
 pub mod repair;
 pub mod retention;
+pub mod runtime;
 pub mod secret_log;
 pub mod state_machine;
 pub mod types;

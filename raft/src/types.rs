@@ -28,7 +28,8 @@ openraft::declare_raft_types!(
         R = ChatBatchReply,
         NodeId = u64,
         Node = openraft::EmptyNode,
-        AsyncRuntime = openraft_rt_tokio::TokioRuntime,
+        // tokio with a generator a simulation can seed (`runtime.rs`, issue 9).
+        AsyncRuntime = crate::runtime::ChatRuntime,
 );
 
 /// A leader id: `(term, node_id)`, totally ordered (openraft's "advanced" leader id, the

@@ -57,6 +57,26 @@ impl std::fmt::Display for IoBackend {
     }
 }
 
+/// Who runs the engine's work (issue 9, deterministic simulation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineThreads {
+    /// The engine's own threads: an I/O thread leads group commits of asynchronous
+    /// submitters, a preparing thread keeps the next segment ready, a maintenance thread
+    /// persists checkpoints and compacts on a timer. The production mode.
+    Background,
+    /// No threads at all (`storage/src/inline.rs`): every write is committed (written and
+    /// fdatasync'd through the file system) on the caller's thread before `submit`
+    /// returns, the next segment is prepared and a sealed segment's checkpoint persisted
+    /// on that thread too, and compaction runs only when asked (`compact_now`); segment
+    /// salts come from `salt_seed`, not the clock. For a simulator driving the engine
+    /// from one thread, so that one seed replays one exact history. Not for servers: a
+    /// tokio task that submits blocks in fdatasync.
+    Inline {
+        /// Seeds every segment's salt (mixed with the segment id).
+        salt_seed: u64,
+    },
+}
+
 /// How a fresh segment file gets its full size before it is used (recycled files already
 /// have it). Whatever the method, the unused part of a segment reads as zeros (or, for a
 /// recycled file, as records under an old salt), which recovery never takes for records.
@@ -144,6 +164,8 @@ pub struct Config {
     /// checking each once and reusing it saves a CRC of the whole record per entry.
     /// Default 64 MiB; 0 disables.
     pub read_cache_bytes: usize,
+    /// Who runs the engine's work. Default [`EngineThreads::Background`].
+    pub threads: EngineThreads,
 }
 
 impl Config {
@@ -166,6 +188,7 @@ impl Config {
             recycle_segments_max: 4,
             sync_on_commit: true,
             read_cache_bytes: 64 << 20,
+            threads: EngineThreads::Background,
         }
     }
 

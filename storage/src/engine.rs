@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::LogId;
 use crate::batch::{EncodedBatch, WriteBatch};
-use crate::config::{Config, IoBackend};
+use crate::config::{Config, EngineThreads, IoBackend};
 use crate::error::{Error, Result};
 use crate::format::{BatchBody, OpKind};
 use crate::fs::{FileSystem, StdFileSystem};
@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     /// Where the next record goes in the active segment: the bytes of it in use, for
     /// [`Engine::log_disk_bytes`] (the rest of the preallocated file is zeros).
     pub active_end: AtomicU64,
+    /// Set when the engine runs without threads (`inline.rs`, issue 9 simulation).
+    pub inline: OnceLock<crate::inline::Inline>,
 }
 
 impl Shared {
@@ -211,7 +213,12 @@ impl Engine {
     pub fn open_with(config: Config, fs: Arc<dyn FileSystem>) -> Result<Engine> {
         config.validate()?;
         let started = std::time::Instant::now();
-        let writer = crate::io::Writer::new(config.io_mode, config.sync_spin_us)
+        // Inline (simulation): plain calls through the file system, no ring.
+        let io_mode = match config.threads {
+            EngineThreads::Background => config.io_mode,
+            EngineThreads::Inline { .. } => crate::config::IoMode::Syscall,
+        };
+        let writer = crate::io::Writer::new(io_mode, config.sync_spin_us)
             .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
         let recovered = recovery::recover(&config, fs.as_ref())?;
         let damage = recovered.damage.clone();
@@ -240,8 +247,31 @@ impl Engine {
             checkpointed_before: AtomicU64::new(recovered.checkpointed_before),
             active: AtomicU64::new(0),
             active_end: AtomicU64::new(0),
+            inline: OnceLock::new(),
             config,
         });
+        // ---- issue 9: the inline mode runs no threads (`inline.rs`) ----
+        if let EngineThreads::Inline { salt_seed } = shared.config.threads {
+            let start = writer::Start {
+                tail: recovered.tail,
+                next_record_seq: recovered.next_record_seq,
+                sealed_pending: recovered.sealed_pending,
+            };
+            crate::inline::start(
+                &shared,
+                writer,
+                start,
+                recovered.next_segment_id,
+                job_rx,
+                salt_seed,
+            )?;
+            return Ok(Engine {
+                shared,
+                threads: Vec::new(),
+                damage: damage.map(Arc::new),
+            });
+        }
+        // ---- end issue 9 ----
         let (prep_tx, prep_rx) = std::sync::mpsc::sync_channel(0);
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -292,6 +322,11 @@ impl Engine {
     /// [`crate::RecoveryMode::CutDamagedTail`]; `None` if there was none.
     pub fn damage(&self) -> Option<&Arc<crate::Damage>> {
         self.damage.as_ref()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn threads_is_empty_for_tests(&self) -> bool {
+        self.threads.is_empty()
     }
 
     /// The I/O backend chosen at open.
@@ -396,6 +431,9 @@ impl Engine {
     pub fn compact_now(&self) -> Result<CompactionReport> {
         if let Some(e) = self.shared.stopped() {
             return Err(e);
+        }
+        if crate::inline::is_inline(&self.shared) {
+            return crate::inline::compact_now(&self.shared);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         self.shared.send_job(Job::Compact(tx));
@@ -586,6 +624,9 @@ async fn submit(shared: &Shared, batch: &WriteBatch, on_durable: Durable) -> Res
     let submitted = std::time::Instant::now();
     let encoded = encode(shared, batch)?;
     reserve(shared, &encoded).await?;
+    if crate::inline::is_inline(shared) {
+        return crate::inline::submit(shared, encoded, on_durable, submitted);
+    }
     writer::enqueue(
         shared,
         Msg::Write(encoded, on_durable, submitted),
@@ -620,10 +661,14 @@ pub(crate) fn write_blocking(shared: &Shared, batch: &WriteBatch) -> Result<()> 
     )? {
         writer::lead(shared, Some(&done));
     }
+    crate::inline::run_jobs(shared);
     block_on(rx).map_err(|_| Error::Closed)?
 }
 
 pub(crate) fn rotate_blocking(shared: &Shared) -> Result<()> {
+    if crate::inline::is_inline(shared) {
+        return crate::inline::rotate(shared);
+    }
     let (tx, rx) = oneshot::channel();
     let done: Durable = Box::new(move |r| drop(tx.send(r)));
     writer::enqueue(shared, Msg::Rotate(done), writer::Lead::IoThread)?;

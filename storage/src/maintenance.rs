@@ -100,7 +100,7 @@ pub(crate) fn maintenance_loop(shared: Arc<Shared>, jobs: Receiver<Job>) {
 /// Index files for every sealed segment still held in memory, the checkpoint, then GC.
 /// Any failure stops the engine: a checkpoint we cannot write means the directory
 /// cannot be trusted to recover.
-fn persist(shared: &Shared, cp: &Checkpoint) {
+pub(crate) fn persist(shared: &Shared, cp: &Checkpoint) {
     if shared.failed.get().is_some() {
         return;
     }
@@ -295,7 +295,7 @@ fn live_in(shared: &Shared, segment: u64) -> LiveEntries {
 
 /// One compaction pass. Returns the report and whether a shutdown was seen while
 /// waiting for the rotation's checkpoint.
-fn compact(shared: &Shared, jobs: &Receiver<Job>) -> Result<(CompactionReport, bool)> {
+pub(crate) fn compact(shared: &Shared, jobs: &Receiver<Job>) -> Result<(CompactionReport, bool)> {
     let mut report = CompactionReport::default();
     let rate = shared.config.compaction_bytes_per_sec.max(1) as f64;
     let started = Instant::now();

@@ -82,8 +82,21 @@ impl Segment {
         recycled: Option<PathBuf>,
         prealloc: Preallocation,
     ) -> Result<Segment> {
+        Segment::create_salted(fs, dir, id, bytes, recycled, prealloc, new_salt(id))
+    }
+
+    /// [`Segment::create`] with a given salt: the inline engine mode derives it from its
+    /// seed (`storage/src/inline.rs`), so a simulation replays byte for byte.
+    pub(crate) fn create_salted(
+        fs: &dyn FileSystem,
+        dir: &Path,
+        id: u64,
+        bytes: u64,
+        recycled: Option<PathBuf>,
+        prealloc: Preallocation,
+        salt: u32,
+    ) -> Result<Segment> {
         let path = segment_path(dir, id);
-        let salt = new_salt(id);
         let mut head = vec![0u8; SEGMENT_HEADER_BYTES];
         head[..32].copy_from_slice(
             &SegmentHeader {

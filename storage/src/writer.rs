@@ -276,7 +276,8 @@ fn msg_bytes(m: &Msg) -> usize {
 }
 
 impl Committer {
-    fn start(
+    /// Sets up the write path (the I/O thread calls it; so does the inline mode's open).
+    pub(crate) fn start(
         shared: &Shared,
         prepared: Prepared,
         writer: Writer,
