@@ -279,6 +279,13 @@ impl Engine {
                 return Err(Error::Closed);
             }
         }
+        // Issue 9 (session 6): pin the logs a damage cut shortened (`crate::damage`).
+        if let Some(pin) = engine.damage_pin_batch()
+            && let Err(e) = engine.write_blocking(&pin)
+        {
+            engine.shutdown();
+            return Err(e);
+        }
         tracing::info!(
             dir = %engine.shared.config.dir.display(),
             backend = %engine.shared.backend,
