@@ -23,6 +23,14 @@
 //! of them. [`Engine::open`](crate::Engine::open) then pins each such cut with a
 //! `TruncateAfter` record of its own, so a restart before the next checkpoint (which
 //! replays the same damage again) keeps what was written since the cut.
+//!
+//! Damage found by a read while running (session 6). A read whose checks fail stops its
+//! log (it serves nothing more). [`Engine::cut_failed_log`] is the way back for an owner
+//! that can get the lost range from elsewhere: it finds the first entry of the log that
+//! fails its checks (probing only the log's entries in the damaged file), drops it and
+//! everything after it with a `TruncateAfter` (plus whatever the owner adds to the same
+//! batch), and lifts the stop. The damaged bytes stay on disk but nothing points at
+//! them; compaction frees them with their segment.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -222,3 +230,109 @@ impl crate::Engine {
         (!batch.is_empty()).then_some(batch)
     }
 }
+
+impl crate::Engine {
+    /// Issue 9 (session 6): why `log` is stopped (a read found corruption in it), if it is.
+    pub fn log_failure(&self, log: LogId) -> Option<Arc<crate::Error>> {
+        let index = self.shared().index.read().expect("index lock");
+        index.logs.get(&log).and_then(|l| l.failed.clone())
+    }
+
+    /// Issue 9 (session 6): cuts a log that a failed read stopped ([`Engine::log_failure`])
+    /// before its first entry that fails its checks, in one durable batch together with
+    /// the ops already in `batch`, and lets it serve and take writes again. Returns the
+    /// first index dropped, or `None` when the log is not stopped or no entry fails its
+    /// checks any more (the stop is lifted then, `batch` not written).
+    pub async fn cut_failed_log(
+        &self,
+        log: LogId,
+        mut batch: crate::WriteBatch,
+    ) -> crate::Result<Option<u64>> {
+        let Some(cause) = self.log_failure(log) else {
+            return Ok(None);
+        };
+        // The damaged file, if the cause names one: only the log's entries there are probed.
+        let damaged_segment = match &*cause {
+            crate::Error::Corruption { file, .. } => file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| {
+                    crate::segment::parse_name(n, "seg")
+                        .or_else(|| crate::segment::parse_name(n, "idx"))
+                }),
+            _ => None,
+        };
+        let candidates: Vec<(u64, u64)> = {
+            let mut index = self.shared().index.write().expect("index lock");
+            let Some(state) = index.logs.get_mut(&log) else {
+                return Ok(None);
+            };
+            state.failed = None;
+            let mut ranges: Vec<(u64, u64)> = state
+                .spans
+                .iter()
+                .filter(|s| damaged_segment.is_none_or(|id| s.segment == id))
+                .map(|s| (s.first, s.last))
+                .collect();
+            ranges.extend(
+                state
+                    .overrides
+                    .iter()
+                    .filter(|(_, l)| damaged_segment.is_none_or(|id| l.segment == id))
+                    .map(|(i, _)| (*i, *i)),
+            );
+            ranges.sort_unstable();
+            ranges
+        };
+        let mut bad = None;
+        'probe: for (first, last) in candidates {
+            for i in first..=last {
+                match self.get(log, i) {
+                    Err(e) if e.is_corruption() || matches!(e, crate::Error::LogFailed { .. }) => {
+                        bad = Some(i);
+                        break 'probe;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let clear = || {
+            let mut index = self.shared().index.write().expect("index lock");
+            if let Some(state) = index.logs.get_mut(&log) {
+                state.failed = None;
+            }
+        };
+        let Some(bad) = bad else {
+            clear();
+            return Ok(None);
+        };
+        batch.truncate_after(log, bad.saturating_sub(1));
+        // A reader may hit the damaged entry again between lifting the stop and the write
+        // (which a stopped log refuses): try a few times.
+        let mut last_error = None;
+        for _ in 0..CUT_ATTEMPTS_MAX {
+            clear();
+            match self.write(&batch).await {
+                Ok(()) => {
+                    tracing::error!(
+                        log,
+                        first_dropped = bad,
+                        cause = %cause,
+                        status = "damaged",
+                        "storage damage found by a read: the log now ends before the damaged \
+                         entry"
+                    );
+                    return Ok(Some(bad));
+                }
+                Err(e @ crate::Error::LogFailed { .. }) => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.expect("an attempt failed"))
+    }
+}
+
+/// Writes [`crate::Engine::cut_failed_log`] tries before it gives up (each failure means a
+/// reader hit the damaged entry again in the moment between lifting the stop and the
+/// write; more than a few in a row means a reader loops on it).
+pub const CUT_ATTEMPTS_MAX: usize = 4;

@@ -295,6 +295,11 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The engine's shared state (issue 9: `crate::damage` cuts a stopped log).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The damaged record (and what followed it) that recovery cut at open, under
     /// [`crate::RecoveryMode::CutDamagedTail`]; `None` if there was none.
     pub fn damage(&self) -> Option<&Arc<crate::Damage>> {

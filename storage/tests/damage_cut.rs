@@ -290,3 +290,63 @@ fn a_missing_segment_is_cut_and_the_logs_continue() {
     }
     engine.close().unwrap();
 }
+
+#[test]
+fn a_flip_found_by_a_read_stops_the_log_until_it_is_cut_before_the_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    // The checkpoint covers segment 1: open does not look at its records.
+    two_segments(dir.path(), true);
+    let seg = segment_path(dir.path(), 1);
+    let (victim, _) = records(&seg)[2];
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[(victim + RECORD_HEADER_BYTES as u64 + 9) as usize] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+    assert!(engine.damage().is_none(), "not found at open");
+    assert!(engine.get(1, 2).is_ok());
+    let err = engine.get(1, 3).expect_err("the damaged entry is never served");
+    assert!(err.is_corruption(), "{err}");
+    // The log is stopped: no reads, no writes.
+    assert!(engine.log_failure(1).is_some());
+    assert!(engine.get(1, 1).is_err());
+    let mut b = WriteBatch::new();
+    b.append(1, 11, &payload(1, 11));
+    assert!(engine.write_blocking(&b).is_err(), "a stopped log takes no writes");
+    // Cut before the damage, with the owner's meta in the same batch.
+    let mut also = WriteBatch::new();
+    also.put_meta(1, b"synced", &10u64.to_le_bytes());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let cut = rt.block_on(engine.cut_failed_log(1, also)).unwrap();
+    assert_eq!(cut, Some(3));
+    assert!(engine.log_failure(1).is_none());
+    assert_eq!(engine.bounds(1).unwrap().next, 3);
+    assert_eq!(engine.get(1, 2).unwrap()[..], payload(1, 2)[..]);
+    assert!(engine.get(1, 3).is_err());
+    assert_eq!(
+        engine.meta(1, b"synced").as_deref(),
+        Some(&10u64.to_le_bytes()[..])
+    );
+    // Log 2 shares the damaged record: stopped only once a read finds it.
+    assert!(engine.get(2, 3).unwrap_err().is_corruption());
+    assert_eq!(
+        rt.block_on(engine.cut_failed_log(2, WriteBatch::new()))
+            .unwrap(),
+        Some(3)
+    );
+    // Writing goes on where the logs end, and survives a reopen.
+    for k in 3..=12u64 {
+        let mut b = WriteBatch::new();
+        b.append(1, k, &payload(1, k + 1000));
+        engine.write_blocking(&b).unwrap();
+    }
+    engine.close().unwrap();
+    let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+    assert_eq!(engine.bounds(1).unwrap().next, 13);
+    assert_eq!(engine.bounds(2).unwrap().next, 3);
+    for k in 3..=12 {
+        assert_eq!(engine.get(1, k).unwrap()[..], payload(1, k + 1000)[..]);
+    }
+    engine.close().unwrap();
+}
