@@ -164,6 +164,41 @@ pub fn detect(engine: &Engine, group: GroupId, held: Option<u64>, synced: Option
     out
 }
 
+/// Issue 9 (session 6): whether group `group`'s state machine should set aside its
+/// checkpoint (applied through `applied`) and rebuild its state from the log. Yes when
+/// the Raft log is damaged (its "synced" marker, or the engine's damage cut, says it held
+/// more than it does) and now ends below `applied`, and it still holds everything from
+/// its start (never purged): openraft would otherwise purge the log up to `applied` and
+/// the replica would never get the entries between its cut and `applied` back, serving
+/// a history with a hole. Rebuilt from the log, the state re-applies what the log holds
+/// and the leader sends the rest, so the replica ends with the leader's whole log. A log
+/// purged at its start keeps the checkpoint (the hole stays: reads of it fail with an
+/// error naming the missing entry).
+pub fn rebuild_state_from_log(engine: &Engine, group: GroupId, applied: u64) -> bool {
+    let Some(log) = ids::raft_log(group) else {
+        return false;
+    };
+    if applied == 0 || engine.meta(log, ids::META_PURGED).is_some() {
+        return false;
+    }
+    let bounds = engine.bounds(log);
+    if bounds.is_some_and(|b| !b.is_empty() && b.first > ids::engine_index(0)) {
+        return false;
+    }
+    let held = bounds.and_then(|b| b.last()).map_or(0, raft_index);
+    if applied <= held {
+        return false;
+    }
+    let marker = engine
+        .meta(log, META_SYNCED)
+        .and_then(|b| decode_synced(&b))
+        .unwrap_or(0);
+    let cut = engine
+        .damage()
+        .is_some_and(|d| d.logs.contains_key(&log) || d.lost_from.contains_key(&log));
+    marker > held || cut
+}
+
 /// One replica's repair status: damaged (with what it must hold again) or sound.
 #[derive(Debug)]
 pub struct RepairStatus {

@@ -172,11 +172,13 @@ impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "damaged record in {} at offset {}: {}; it and {} log(s)' later records were dropped",
+            "damaged record in {} at offset {}: {}; it and {} log(s)' later records were \
+             dropped, {} log(s) cut short",
             self.path.display(),
             self.offset,
             self.detail,
-            self.logs.len()
+            self.logs.len(),
+            self.lost_from.len()
         )
     }
 }
