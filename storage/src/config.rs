@@ -92,6 +92,8 @@ pub enum RecoveryMode {
     /// segment file or a missing one is cut too (issue 9, session 6; `crate::damage`):
     /// every log with entries in the lost range ends before it, the rest of the replay
     /// skips what no longer continues its log, and the cut is pinned by a write at open.
+    /// The newest segment file cut short is still refused: nothing after it says what
+    /// its lost tail held.
     CutDamagedTail,
 }
 

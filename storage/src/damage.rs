@@ -12,8 +12,9 @@
 //! (the walk stops there).
 //!
 //! Damage before later segments (session 6). A damaged record in an OLDER segment (later
-//! segments hold records), a segment file cut short or missing, are cut the same way
-//! instead of refused: the rest of the damaged segment is dropped as above, and replay
+//! segments hold records), a segment file cut short before later ones, or missing (one
+//! the checkpoint names, or a gap in the record sequence), are cut the same way instead
+//! of refused: the rest of the damaged segment is dropped as above, and replay
 //! goes on with the later segments in "after damage" mode ([`AfterDamage`]): an op that
 //! no longer fits its log (an append that does not continue it, because the entries
 //! before it were in the dropped range) is skipped and the log is reported as cut
@@ -22,7 +23,10 @@
 //! entries sat in a MISSING segment the checkpoint covers is truncated below the first
 //! of them. [`Engine::open`](crate::Engine::open) then pins each such cut with a
 //! `TruncateAfter` record of its own, so a restart before the next checkpoint (which
-//! replays the same damage again) keeps what was written since the cut.
+//! replays the same damage again) keeps what was written since the cut. The NEWEST
+//! segment file cut short is still refused: nothing after it says what its lost tail
+//! held (entries, a vote, markers), so no owner could tell what to get back. A newest
+//! segment file missing altogether is not seen at all (nothing names it): a gap.
 //!
 //! Damage found by a read while running (session 6). A read whose checks fail stops its
 //! log (it serves nothing more). [`Engine::cut_failed_log`] is the way back for an owner

@@ -198,7 +198,13 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
             } => {
                 let later = later_have_records(&replay[k + 1..])?;
                 if let Some(mut d) = damage {
-                    if later || truncated || after.is_some() {
+                    if truncated && !later {
+                        // The newest segment cut short: nothing after it says what the lost
+                        // tail held (entries, votes, markers of any log), so no owner can
+                        // tell what it must get back. Still refused (docs/reliability.md).
+                        return Err(Error::corruption(&path, end, d.detail));
+                    }
+                    if later || after.is_some() {
                         // Issue 9 (session 6): damage before later segments, or a file too
                         // short to take a seal: cut, and the rest of the replay skips what
                         // no longer fits. The segment is left as it is (unsealed); a
