@@ -532,12 +532,7 @@ async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
         Cluster::start(Options {
             groups: 2,
             http: true,
-            extra: vec![
-                "--segment-mb".into(),
-                "1".into(),
-                "--user-sends-per-sec".into(),
-                "0".into(),
-            ],
+            extra: vec!["--segment-mb".into(), "1".into()],
             ..Options::default()
         })
     });

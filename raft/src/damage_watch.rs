@@ -13,10 +13,10 @@
 //! What it must not do: touch a group whose engine failed as a whole (a failed write or
 //! fdatasync: fail-stop, the node needs a restart), or cut anything but the stopped log.
 //!
-//! Not covered: a stopped checkpoint log (`ids::checkpoint_log`: a checkpoint chunk that
-//! fails its checks) stops the group's state machine at its next checkpoint read, which
-//! only happens at open and for a snapshot; that replica is then rebuilt by a restart of
-//! the node (the open-time cut) or a replica move.
+//! A stopped checkpoint log (`ids::checkpoint_log`: a checkpoint chunk that fails its
+//! checks, read at a replica's start or for a snapshot) is cut the same way, with the
+//! checkpoint pointer deleted: the state is rebuilt from the Raft log
+//! ([`cut_damaged_checkpoint_log`]).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -81,6 +81,50 @@ pub async fn cut_damaged_raft_log(engine: &Engine, group: GroupId) -> Result<Opt
     Ok(cut.map(raft_index))
 }
 
+/// Cuts group `group`'s checkpoint log (`ids::checkpoint_log`), stopped by a read that
+/// failed its checks (a damaged checkpoint chunk), before the damage, deleting the
+/// checkpoint pointer in the same batch: the state machine opened next starts empty and
+/// openraft re-applies the Raft log (a group whose log was purged at its start cannot,
+/// and stops with openraft's error naming the index). Returns whether it cut.
+pub async fn cut_damaged_checkpoint_log(engine: &Engine, group: GroupId) -> Result<bool, Error> {
+    let Some(log) = ids::checkpoint_log(group) else {
+        return Ok(false);
+    };
+    if engine.log_failure(log).is_none() {
+        return Ok(false);
+    }
+    let mut batch = WriteBatch::new();
+    if engine.meta(log, ids::META_CHECKPOINT).is_some() {
+        batch.delete_meta(log, ids::META_CHECKPOINT);
+    }
+    let cut = engine
+        .cut_failed_log(log, batch)
+        .await
+        .map_err(|source| Error::Storage {
+            group,
+            verb: "cutting",
+            subject: "the damaged range of the checkpoint log".into(),
+            source,
+        })?;
+    Ok(cut.is_some())
+}
+
+/// Cuts whichever of group `group`'s logs a failed read stopped (`cut_damaged_raft_log`,
+/// `cut_damaged_checkpoint_log`); `true` if it cut anything.
+pub async fn cut_damaged_group_logs(engine: &Engine, group: GroupId) -> Result<bool, Error> {
+    let raft = cut_damaged_raft_log(engine, group).await?.is_some();
+    let checkpoint = cut_damaged_checkpoint_log(engine, group).await?;
+    Ok(raft || checkpoint)
+}
+
+/// Whether a failed read stopped one of group `group`'s logs (Raft log or checkpoints).
+pub fn group_log_stopped(engine: &Engine, group: GroupId) -> bool {
+    [ids::raft_log(group), ids::checkpoint_log(group)]
+        .into_iter()
+        .flatten()
+        .any(|log| engine.log_failure(log).is_some())
+}
+
 /// Starts the watcher for `node`'s local replicas; it ends with the node.
 pub fn spawn(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(Arc::downgrade(node)))
@@ -102,9 +146,7 @@ async fn run(node: Weak<Node>) {
             .groups()
             .iter()
             .map(|g| g.id())
-            .filter(|g| {
-                ids::raft_log(*g).is_some_and(|log| n.engine().log_failure(log).is_some())
-            })
+            .filter(|g| group_log_stopped(n.engine(), *g))
             .collect();
         for g in stopped {
             match n.restart_damaged_group(g).await {

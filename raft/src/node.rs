@@ -1026,6 +1026,7 @@ impl Node {
         }
         drop(group);
         let cut = crate::damage_watch::cut_damaged_raft_log(&self.engine, g).await?;
+        crate::damage_watch::cut_damaged_checkpoint_log(&self.engine, g).await?;
         let group = self.build_cutting_damage(g).await?;
         self.write_groups().insert(g, group);
         self.local_changes.send_modify(|v| *v += 1);
@@ -1046,17 +1047,16 @@ impl Node {
                 Ok(group) => return Ok(group),
                 Err(e) if can_cut && attempts < crate::damage_watch::START_CUTS_MAX => {
                     attempts += 1;
-                    match crate::damage_watch::cut_damaged_raft_log(&self.engine, g).await? {
-                        Some(first) => tracing::error!(
-                            group = g,
-                            first_dropped = first,
-                            error = %e,
-                            status = "repairing",
-                            "replica start found its Raft log damaged: cut before the damage, \
-                             starting again"
-                        ),
-                        None => return Err(e),
+                    if !crate::damage_watch::cut_damaged_group_logs(&self.engine, g).await? {
+                        return Err(e);
                     }
+                    tracing::error!(
+                        group = g,
+                        error = %e,
+                        status = "repairing",
+                        "replica start found its log damaged: cut before the damage, starting \
+                         again"
+                    );
                 }
                 Err(e) => return Err(e),
             }

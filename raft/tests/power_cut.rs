@@ -148,12 +148,9 @@ async fn start_group(
             Ok(started) => return Ok(started),
             Err(e) if attempts < chatlog_raft::damage_watch::START_CUTS_MAX => {
                 attempts += 1;
-                match chatlog_raft::damage_watch::cut_damaged_raft_log(engine, group).await {
-                    Ok(Some(first)) => {
-                        eprintln!(
-                            "node {id} group {group}: START FOUND DAMAGE ({e}); log cut from \
-                             {first}"
-                        );
+                match chatlog_raft::damage_watch::cut_damaged_group_logs(engine, group).await {
+                    Ok(true) => {
+                        eprintln!("node {id} group {group}: START FOUND DAMAGE ({e}); cut");
                         directory.found_at_start.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => return Err(e),
@@ -207,6 +204,9 @@ impl TestNode {
         let cut = chatlog_raft::damage_watch::cut_damaged_raft_log(&self.engine, group)
             .await
             .expect("the damaged log is cut");
+        chatlog_raft::damage_watch::cut_damaged_checkpoint_log(&self.engine, group)
+            .await
+            .expect("the damaged checkpoint log is cut");
         let (raft, repair, reader, shared) =
             start_group(self.id, &self.engine, &self.router, group, &self.directory)
                 .await
@@ -975,6 +975,9 @@ enum Damage {
     TruncateOlderSegment,
     /// An older, sealed segment file deleted.
     MissingOlderSegment,
+    /// `FlipInOlderSegment`, and the damaged replica made leader of group 1 before a read
+    /// finds the damage: it must stop leading, and the group elects another leader.
+    FlipInOlderSegmentOnLeader,
 }
 
 impl Damage {
@@ -986,6 +989,7 @@ impl Damage {
                 | Damage::FlipInOlderSegmentNoCheckpoint
                 | Damage::TruncateOlderSegment
                 | Damage::MissingOlderSegment
+                | Damage::FlipInOlderSegmentOnLeader
         )
     }
 }
@@ -1069,7 +1073,8 @@ fn damage(dir: &Path, how: Damage) -> String {
         Damage::FlipInOlderSegment
         | Damage::FlipInOlderSegmentNoCheckpoint
         | Damage::TruncateOlderSegment
-        | Damage::MissingOlderSegment => {
+        | Damage::MissingOlderSegment
+        | Damage::FlipInOlderSegmentOnLeader => {
             let appends: Vec<_> = recs.iter().filter(|r| r.2).collect();
             *appends[appends.len() / 2]
         }
@@ -1086,6 +1091,7 @@ fn damage(dir: &Path, how: Damage) -> String {
         | Damage::FlipInLastAppendVouched
         | Damage::FlipInOlderSegment
         | Damage::FlipInOlderSegmentNoCheckpoint
+        | Damage::FlipInOlderSegmentOnLeader
         | Damage::MissingOlderSegment => {
             // Inside the body, past the 40-byte header.
             let at = (offset + 40 + (len - 40) / 2) as usize;
@@ -1163,6 +1169,7 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         Damage::FlipInLastAppend,
     ];
     let older = vec![
+        Damage::FlipInOlderSegmentOnLeader,
         Damage::FlipInOlderSegment,
         Damage::FlipInOlderSegmentNoCheckpoint,
         Damage::TruncateOlderSegment,
@@ -1299,6 +1306,45 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                     .insert(victim, Arc::new(node));
                 cluster.introduce();
             }
+        }
+        if how == Damage::FlipInOlderSegmentOnLeader {
+            // The damaged replica (its damage not found yet) leads group 1 when a read
+            // finds it: it must stop leading.
+            let victim_node = Arc::clone(&cluster.nodes.lock().expect("lock")[&victim]);
+            let deadline = Instant::now() + WAIT;
+            while !victim_node.raft(1).is_leader() {
+                assert!(
+                    Instant::now() < deadline,
+                    "seed={seed}: node {victim} never leads group 1"
+                );
+                if let Some(l) = cluster.leader(1) {
+                    let raft = cluster.nodes.lock().expect("lock")[&l].raft(1);
+                    let _ = raft.trigger().transfer_leader(victim).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            eprintln!("seed={seed}: {what}: node {victim} LEADS group 1 with the damage unseen");
+            assert!(
+                victim_node
+                    .directory
+                    .repairs
+                    .lock()
+                    .expect("lock")
+                    .values()
+                    .all(|r| !r.is_repairing()),
+                "seed={seed}: {what}: the damage is meant to be unseen until read"
+            );
+            scrub_repairing(&cluster, &victim_node, 1, seed).await;
+            let leader_after = cluster.leader(1);
+            eprintln!(
+                "seed={seed}: {what}: after the read found the damage, group 1 is led by \
+                 {leader_after:?}"
+            );
+            assert!(
+                victim_node.directory.found_by_read.load(Ordering::Relaxed) > 0,
+                "seed={seed}: {what}: the read found the damage"
+            );
+            drop(victim_node);
         }
         // Session 6: read every replica's whole Raft log (damage not found at open is
         // found here, and the replica restarted repairing), then heal and check.
