@@ -624,7 +624,9 @@ async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
         .ids()
         .find(|n| *n != leader && *n != victim)
         .expect("a third node");
-    eprintln!("seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}");
+    eprintln!(
+        "seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}"
+    );
     // Until the victim's oldest segment holding the group's entries is sealed (a newer
     // segment holds them too).
     loop {
@@ -699,7 +701,10 @@ async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
         v["votes_refused_while_repairing"].as_u64() > Some(0),
         "the third node asked the victim for votes and was refused: {v}"
     );
-    assert_ne!(gv["role"], "leader", "the damaged replica does not lead: {gv}");
+    assert_ne!(
+        gv["role"], "leader",
+        "the damaged replica does not lead: {gv}"
+    );
     let t = group_json(&status(&cluster.http_addr(third)).await, g);
     assert!(
         t["role"] != "leader" && t["leader"].as_u64().is_none_or(|l| l == leader),

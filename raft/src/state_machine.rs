@@ -275,7 +275,12 @@ impl ChatStateMachine {
         // log can rebuild the state (`repair::rebuild_state_from_log`).
         let applied = header.last_applied.map_or(0, |l| l.index);
         let (header, state) = if crate::repair::rebuild_state_from_log(&engine, group, applied) {
-            tracing::warn!(group, applied, status = "repairing", "checkpoint ahead of the damaged Raft log set aside: the state is rebuilt from the log and the leader's entries");
+            tracing::warn!(
+                group,
+                applied,
+                status = "repairing",
+                "checkpoint ahead of the damaged Raft log set aside: the state is rebuilt from the log and the leader's entries"
+            );
             (Header::default(), GroupState::new(group))
         } else {
             (header, state)

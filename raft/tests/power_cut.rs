@@ -260,7 +260,10 @@ impl TestNode {
         for group in GROUPS {
             let (raft, repair, reader, shared) =
                 start_group(id, &engine, &router, group, &directory).await?;
-            readers.lock().expect("lock").insert(group, (reader, shared));
+            readers
+                .lock()
+                .expect("lock")
+                .insert(group, (reader, shared));
             directory
                 .repairs
                 .lock()
@@ -1097,9 +1100,7 @@ fn damage(dir: &Path, how: Damage) -> String {
             let at = (offset + 40 + (len - 40) / 2) as usize;
             bytes[at] ^= 0x10;
         }
-        Damage::TruncateSegment | Damage::TruncateOlderSegment => {
-            bytes.truncate(offset as usize)
-        }
+        Damage::TruncateSegment | Damage::TruncateOlderSegment => bytes.truncate(offset as usize),
     }
     std::fs::write(&path, &bytes).expect("write");
     format!(
@@ -1362,7 +1363,10 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 "seed={seed}: {what}: node {victim}: damage found at its start {found_at_start} \
                  time(s), by a read while running {found_by_read} time(s)"
             );
-            if matches!(how, Damage::FlipInOlderSegment | Damage::TruncateOlderSegment) {
+            if matches!(
+                how,
+                Damage::FlipInOlderSegment | Damage::TruncateOlderSegment
+            ) {
                 assert!(
                     found_at_start + found_by_read > 0 || !repairing_at_start.is_empty(),
                     "seed={seed}: {what}: the damage was never found"

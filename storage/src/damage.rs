@@ -259,13 +259,12 @@ impl crate::Engine {
         };
         // The damaged file, if the cause names one: only the log's entries there are probed.
         let damaged_segment = match &*cause {
-            crate::Error::Corruption { file, .. } => file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| {
+            crate::Error::Corruption { file, .. } => {
+                file.file_name().and_then(|n| n.to_str()).and_then(|n| {
                     crate::segment::parse_name(n, "seg")
                         .or_else(|| crate::segment::parse_name(n, "idx"))
-                }),
+                })
+            }
             _ => None,
         };
         let candidates: Vec<(u64, u64)> = {

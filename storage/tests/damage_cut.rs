@@ -176,7 +176,10 @@ fn cut_logs_continue(dir: &Path, held: u64) -> std::sync::Arc<chatlog_storage::D
         for k in 1..=held {
             assert_eq!(engine.get(log, k).unwrap()[..], payload(log, k)[..]);
         }
-        assert!(engine.get(log, held + 1).is_err(), "the lost range is not served");
+        assert!(
+            engine.get(log, held + 1).is_err(),
+            "the lost range is not served"
+        );
         assert_eq!(damage.lost_from.get(&log), Some(&(held + 1)), "{damage:?}");
     }
     // Log 3 lived in the later segment only: untouched.
@@ -304,14 +307,19 @@ fn a_flip_found_by_a_read_stops_the_log_until_it_is_cut_before_the_damage() {
     let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
     assert!(engine.damage().is_none(), "not found at open");
     assert!(engine.get(1, 2).is_ok());
-    let err = engine.get(1, 3).expect_err("the damaged entry is never served");
+    let err = engine
+        .get(1, 3)
+        .expect_err("the damaged entry is never served");
     assert!(err.is_corruption(), "{err}");
     // The log is stopped: no reads, no writes.
     assert!(engine.log_failure(1).is_some());
     assert!(engine.get(1, 1).is_err());
     let mut b = WriteBatch::new();
     b.append(1, 11, &payload(1, 11));
-    assert!(engine.write_blocking(&b).is_err(), "a stopped log takes no writes");
+    assert!(
+        engine.write_blocking(&b).is_err(),
+        "a stopped log takes no writes"
+    );
     // Cut before the damage, with the owner's meta in the same batch.
     let mut also = WriteBatch::new();
     also.put_meta(1, b"synced", &10u64.to_le_bytes());
