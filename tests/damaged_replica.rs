@@ -849,3 +849,92 @@ async fn a_damaged_single_node_refuses_to_start() {
         path.display()
     );
 }
+
+/// Session 6: the same for damage in an OLDER segment of a single node (one replica per
+/// group): nothing to repair from, so its start (which re-applies the log and reads the
+/// damaged record) stops, naming the segment file and the record's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_damaged_in_an_older_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut extra: Vec<&str> = server::NO_RATE_LIMITS.to_vec();
+    extra.extend(["--segment-mb", "1"]);
+    let node = server::Server::start(dir.path(), &extra);
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(None, Duration::from_secs(5), 2),
+    )
+    .await;
+    let (_, token) = cluster::create_and_login(&client, "solo", "dev").await;
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(Some(token), Duration::from_secs(5), 2),
+    )
+    .await;
+    let chat = client
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "solo".into(),
+            member_ids: vec![],
+        })
+        .await
+        .expect("chat created")
+        .chat_id;
+    let log = chatlog_raft::ids::raft_log(group_of(chat)).expect("a group log");
+    let mut n = 0u64;
+    while segments_with_appends(dir.path(), log)
+        .iter()
+        .filter(|(_, r)| !r.is_empty())
+        .count()
+        < 2
+    {
+        let body: String = (0..8192)
+            .map(|k| char::from(b'a' + ((n * 31 + k * 7) % 26) as u8))
+            .collect();
+        client
+            .send_message(send_request(chat, n + 1, &format!("m{n}:{body}")))
+            .await
+            .expect("acknowledged");
+        n += 1;
+        assert!(n < 400, "no second segment");
+    }
+    node.kill();
+    let (path, recs) = segments_with_appends(dir.path(), log)
+        .into_iter()
+        .find(|(_, r)| !r.is_empty())
+        .expect("an older segment");
+    let victim = recs[recs.len() / 2];
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    bytes[victim.offset + RECORD_HEADER_BYTES + (victim.len - RECORD_HEADER_BYTES) / 2] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write segment");
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatlog"))
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--groups",
+                    "4",
+                    "--segment-mb",
+                    "1",
+                    "--data-dir",
+                ])
+                .arg(&dir)
+                .env("RUST_LOG", "warn")
+                .env_remove("CHATLOG_ADMIN_TOKEN")
+                .output()
+                .expect("chatlog serve runs")
+        }
+    })
+    .await
+    .expect("joined");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started over damage: {stderr}");
+    let at = format!("offset {}", victim.offset);
+    assert!(
+        stderr.contains(&*path.to_string_lossy()) && stderr.contains(&at),
+        "the refusal names {} and {at}: {stderr}",
+        path.display()
+    );
+}
