@@ -1345,6 +1345,11 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 victim_node.directory.found_by_read.load(Ordering::Relaxed) > 0,
                 "seed={seed}: {what}: the read found the damage"
             );
+            assert!(
+                leader_after.is_some_and(|l| l != victim),
+                "seed={seed}: {what}: another node leads group 1 after the damaged leader \
+                 stopped: {leader_after:?}"
+            );
             drop(victim_node);
         }
         // Session 6: read every replica's whole Raft log (damage not found at open is
