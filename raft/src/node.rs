@@ -853,9 +853,9 @@ impl Node {
         if let Some(s) = config.segment_bytes {
             engine_config.segment_bytes = s;
         }
-        // Issue 9: damage in the newest segment is cut and repaired from peers
-        // (`crate::repair`) instead of stopping the node. Without peers to repair from
-        // (one replica per group) the open still refuses it, naming file and offset.
+        // Issue 9: damage is cut and repaired from peers (`crate::repair`,
+        // `crate::damage_watch`) instead of stopping the node. Without peers to repair
+        // from (one replica per group) the open still refuses it, naming file and offset.
         let has_peers = config.replicas > 1
             && (config.members.len() > 1 || !config.members.contains(&config.node_id));
         if has_peers {
