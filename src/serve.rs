@@ -497,6 +497,9 @@ async fn serve(
     let node = Arc::new(node);
     // Follows the placement in group 0 and carries out cluster changes.
     let controller = chatlog_raft::controller::spawn(&node);
+    // Issue 9: a replica whose Raft log a read finds damaged is cut and restarted
+    // repairing (`chatlog_raft::damage_watch`).
+    let _damage_watch = chatlog_raft::damage_watch::spawn(&node);
     // The HTTP port answers from here on: `/ready` says when the groups have leaders.
     let clients = Arc::new(ClientCounters::default());
     let rate_limits = crate::service::ratelimit::RateLimits {

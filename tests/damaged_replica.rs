@@ -467,6 +467,318 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
     assert!(failed.is_empty(), "seed {seed}: violated {failed:?}");
 }
 
+/// The valid records of every segment file in `dir`, oldest file first: (path, records
+/// holding appends of `log`).
+fn segments_with_appends(dir: &Path, log: u64) -> Vec<(PathBuf, Vec<Record>)> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let mut out = Vec::new();
+    for path in segments {
+        let bytes = std::fs::read(&path).expect("read segment");
+        let Ok(head) = SegmentHeader::decode(&bytes) else {
+            continue;
+        };
+        let mut recs = Vec::new();
+        let mut at = SEGMENT_HEADER_BYTES;
+        while let Some(h) = bytes
+            .get(at..)
+            .and_then(|b| RecordHeader::decode(head.salt, b))
+        {
+            let start = at + RECORD_HEADER_BYTES;
+            let Some(body) = bytes.get(start..start + h.body_len as usize) else {
+                break;
+            };
+            if h.kind == RECORD_KIND_BATCH
+                && let Ok(raw) = decode_body(&h, bytes::Bytes::copy_from_slice(body))
+                && let Ok(b) = BatchBody::parse(raw)
+                && (0..b.op_count()).any(|k| {
+                    let op = b.op(k);
+                    op.log_id == log && op.kind == OpKind::Append && op.count > 0
+                })
+            {
+                recs.push(Record {
+                    offset: at,
+                    len: h.record_bytes(),
+                    appends_through: None,
+                    synced: None,
+                });
+            }
+            at += h.record_bytes();
+        }
+        out.push((path, recs));
+    }
+    out
+}
+
+/// Session 6: damage in an OLDER (sealed) segment file of one replica. Three real
+/// `chatlog serve` processes with 1 MiB segments; 8 KiB posts until the victim (a follower
+/// of the chat's group) has sealed a segment holding the group's entries; the victim and
+/// the leader are SIGKILLed, one byte of a record of the group's entries in the victim's
+/// OLDEST segment is flipped (a segment the engine's checkpoint covers: open does not
+/// read it; the replica's start, which re-applies the log, does), and the victim restarts
+/// next to the third node alone: it starts (no fail-stop), its group is "repairing", it
+/// refuses the third node's votes and the group stays leaderless. Then the old leader
+/// returns, the victim repairs from it, and every node serves the same chat log (byte-
+/// identical protobuf events) holding every acknowledged post once at its seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            groups: 2,
+            http: true,
+            extra: vec!["--segment-mb".into(), "1".into()],
+            ..Options::default()
+        })
+    });
+    let c1 = cluster::connect_with(
+        &cluster.addr(1),
+        cluster::client_options(None, Duration::from_secs(5), 2),
+    )
+    .await;
+    let (alice, token) = cluster::create_and_login(&c1, "alice", "dev").await;
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push(
+            cluster::connect_with(
+                &cluster.addr(id),
+                cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+            )
+            .await,
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    let chat = loop {
+        match clients[0]
+            .create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "older damage".into(),
+                member_ids: vec![],
+            })
+            .await
+        {
+            Ok(r) => break r.chat_id,
+            Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("chat created: {e}"),
+        }
+    };
+    let g = group_of(chat);
+    let log = chatlog_raft::ids::raft_log(g).expect("a group log");
+    let hist = history::History::default();
+    let mut next_post = 0u64;
+    // 8 KiB of seeded letters (not compressible to nothing).
+    let mut text_of = |n: u64, tag: &str| -> String {
+        let body: String = (0..8192)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect();
+        format!("{tag}:{n}:{body}")
+    };
+    let mut texts = Vec::new();
+    for n in 0..400 {
+        texts.push(text_of(n, "p"));
+    }
+    let post = |n: u64, text: String| {
+        let hist = &hist;
+        let clients = &clients;
+        async move {
+            let cmid = n + 1;
+            let invoked = hist.tick();
+            let deadline = Instant::now() + WAIT;
+            let mut at = n as usize;
+            let seq = loop {
+                match clients[at % 3]
+                    .send_message(send_request(chat, cmid, &text))
+                    .await
+                {
+                    Ok(r) => break r.seq,
+                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("post {n}: {e}"),
+                }
+            };
+            hist.record_send(history::Send {
+                chat,
+                sender: alice,
+                cmid,
+                text,
+                outcome: history::Outcome::Acked { seq },
+                invoked,
+                completed: hist.tick(),
+            });
+        }
+    };
+
+    let leader = current_leader(&cluster, g).await;
+    let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    let third = cluster
+        .ids()
+        .find(|n| *n != leader && *n != victim)
+        .expect("a third node");
+    eprintln!(
+        "seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}"
+    );
+    // Until the victim's oldest segment holding the group's entries is sealed (a newer
+    // segment holds them too).
+    loop {
+        for _ in 0..40 {
+            post(next_post, texts[next_post as usize].clone()).await;
+            next_post += 1;
+        }
+        let with_appends = segments_with_appends(&cluster.dir(victim), log)
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .count();
+        if with_appends >= 2 {
+            break;
+        }
+        assert!(next_post < 360, "no second segment on node {victim}");
+    }
+    assert_eq!(
+        current_leader(&cluster, g).await,
+        leader,
+        "the leader changed while posting; rerun with the seed"
+    );
+    // The victim holds the leader's last entry.
+    let leader_last = group_json(&status(&cluster.http_addr(leader)).await, g)["last_log_index"]
+        .as_u64()
+        .expect("leader's last index");
+    let deadline = Instant::now() + WAIT;
+    while group_json(&status(&cluster.http_addr(victim)).await, g)["last_log_index"]
+        .as_u64()
+        .unwrap_or(0)
+        < leader_last
+    {
+        assert!(Instant::now() < deadline, "node {victim} does not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(victim);
+    cluster.kill(leader);
+    let (path, recs) = segments_with_appends(&cluster.dir(victim), log)
+        .into_iter()
+        .find(|(_, r)| !r.is_empty())
+        .expect("an older segment");
+    let record = recs[recs.len() / 2];
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    let at = record.offset + RECORD_HEADER_BYTES + (record.len - RECORD_HEADER_BYTES) / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write segment");
+    eprintln!(
+        "flipped byte {at} of {} (record at {}, of {} holding group {g}'s entries there)",
+        path.display(),
+        record.offset,
+        recs.len()
+    );
+
+    // The victim restarts next to the third node alone.
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart(victim));
+    tokio::time::sleep(LEADERLESS_FOR.saturating_sub(started.elapsed())).await;
+    let v = status(&cluster.http_addr(victim)).await;
+    let gv = group_json(&v, g);
+    eprintln!(
+        "victim status: votes refused {}, group {g}: {gv}",
+        v["votes_refused_while_repairing"]
+    );
+    assert_eq!(
+        gv["repair"]["status"], "repairing",
+        "group {g} on the victim: {gv}"
+    );
+    assert!(
+        gv["repair"]["required_index"].as_u64() > gv["repair"]["held_index"].as_u64(),
+        "{gv}"
+    );
+    assert!(
+        v["votes_refused_while_repairing"].as_u64() > Some(0),
+        "the third node asked the victim for votes and was refused: {v}"
+    );
+    assert_ne!(
+        gv["role"], "leader",
+        "the damaged replica does not lead: {gv}"
+    );
+    let t = group_json(&status(&cluster.http_addr(third)).await, g);
+    assert!(
+        t["role"] != "leader" && t["leader"].as_u64().is_none_or(|l| l == leader),
+        "no leader of group {g} while the only other replica is damaged: {t}"
+    );
+
+    // The old leader returns; the victim repairs from the group's leader.
+    tokio::task::block_in_place(|| cluster.restart(leader));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let gv = group_json(&status(&cluster.http_addr(victim)).await, g);
+        if gv["repair"]["status"] == "sound" {
+            eprintln!("victim repaired: {gv}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still repairing: {gv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in next_post..next_post + 5 {
+        post(n, format!("after:{n}")).await;
+    }
+
+    // Every node serves the same log, byte for byte, holding every acknowledged post.
+    let last_acked = hist
+        .sends
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|s| match s.outcome {
+            history::Outcome::Acked { seq } => Some(seq),
+            _ => None,
+        })
+        .max()
+        .expect("acknowledged posts");
+    let mut logs = Vec::new();
+    for id in cluster.ids() {
+        let client = cluster::connect_with(
+            &cluster.addr(id),
+            cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+        )
+        .await;
+        let deadline = Instant::now() + WAIT;
+        let events = loop {
+            let events = full_history(&client, chat, WAIT).await;
+            if events.last().map_or(0, |e| e.seq) >= last_acked || Instant::now() > deadline {
+                break events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        hist.record_log(id, chat, load::to_history_events(&events));
+        logs.push((
+            id,
+            events.iter().map(|e| e.encode_to_vec()).collect::<Vec<_>>(),
+        ));
+    }
+    for (id, log) in &logs[1..] {
+        assert!(
+            *log == logs[0].1,
+            "node {id} serves other bytes than node {}",
+            logs[0].0
+        );
+    }
+    let mut failed = Vec::new();
+    for (property, violations) in history::check_all(&hist) {
+        for v in violations.iter().take(10) {
+            eprintln!("VIOLATION {property}: {v}");
+        }
+        if !violations.is_empty() {
+            failed.push(property);
+        }
+    }
+    assert!(failed.is_empty(), "seed {seed}: violated {failed:?}");
+}
+
 /// A node whose groups have one replica has no one to repair from: the same flip (a
 /// synced record followed by later ones) still stops it at start, naming file and offset,
 /// instead of starting with entries it acknowledged cut away.
@@ -517,6 +829,95 @@ async fn a_damaged_single_node_refuses_to_start() {
                     "127.0.0.1:0",
                     "--groups",
                     "4",
+                    "--data-dir",
+                ])
+                .arg(&dir)
+                .env("RUST_LOG", "warn")
+                .env_remove("CHATLOG_ADMIN_TOKEN")
+                .output()
+                .expect("chatlog serve runs")
+        }
+    })
+    .await
+    .expect("joined");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started over damage: {stderr}");
+    let at = format!("offset {}", victim.offset);
+    assert!(
+        stderr.contains(&*path.to_string_lossy()) && stderr.contains(&at),
+        "the refusal names {} and {at}: {stderr}",
+        path.display()
+    );
+}
+
+/// Session 6: the same for damage in an OLDER segment of a single node (one replica per
+/// group): nothing to repair from, so its start (which re-applies the log and reads the
+/// damaged record) stops, naming the segment file and the record's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_damaged_in_an_older_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut extra: Vec<&str> = server::NO_RATE_LIMITS.to_vec();
+    extra.extend(["--segment-mb", "1"]);
+    let node = server::Server::start(dir.path(), &extra);
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(None, Duration::from_secs(5), 2),
+    )
+    .await;
+    let (_, token) = cluster::create_and_login(&client, "solo", "dev").await;
+    let client = cluster::connect_with(
+        &node.addr,
+        cluster::client_options(Some(token), Duration::from_secs(5), 2),
+    )
+    .await;
+    let chat = client
+        .create_chat(v1::CreateChatRequest {
+            kind: v1::ChatKind::Group.into(),
+            title: "solo".into(),
+            member_ids: vec![],
+        })
+        .await
+        .expect("chat created")
+        .chat_id;
+    let log = chatlog_raft::ids::raft_log(group_of(chat)).expect("a group log");
+    let mut n = 0u64;
+    while segments_with_appends(dir.path(), log)
+        .iter()
+        .filter(|(_, r)| !r.is_empty())
+        .count()
+        < 2
+    {
+        let body: String = (0..8192)
+            .map(|k| char::from(b'a' + ((n * 31 + k * 7) % 26) as u8))
+            .collect();
+        client
+            .send_message(send_request(chat, n + 1, &format!("m{n}:{body}")))
+            .await
+            .expect("acknowledged");
+        n += 1;
+        assert!(n < 400, "no second segment");
+    }
+    node.kill();
+    let (path, recs) = segments_with_appends(dir.path(), log)
+        .into_iter()
+        .find(|(_, r)| !r.is_empty())
+        .expect("an older segment");
+    let victim = recs[recs.len() / 2];
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    bytes[victim.offset + RECORD_HEADER_BYTES + (victim.len - RECORD_HEADER_BYTES) / 2] ^= 0x10;
+    std::fs::write(&path, &bytes).expect("write segment");
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_chatlog"))
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--groups",
+                    "4",
+                    "--segment-mb",
+                    "1",
                     "--data-dir",
                 ])
                 .arg(&dir)

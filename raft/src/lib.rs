@@ -17,6 +17,7 @@ pub mod chat_list_drain;
 pub mod clock;
 pub mod codec;
 pub mod controller;
+pub mod damage_watch;
 pub mod error;
 pub mod feed;
 pub mod ids;

@@ -143,6 +143,10 @@ struct State {
     marker_unsaved: bool,
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
+    /// The highest term this replica knew when its damage was found (its vote's term):
+    /// an entry of a later term made durable proves the repair (`crate::repair`, "When a
+    /// repair ends").
+    repair_term_floor: u64,
     // ---- end issue 9 ----
     /// Retention: `[lo, hi]`, entries at or below the purge mark that the engine still
     /// holds for history reads (a purge is logical up to the retention horizon).
@@ -1068,7 +1072,17 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     // Issue 9: a damaged replica is repaired once durable through the required index;
     // the marker writer vouches for what just became durable.
     if st.repair.is_repairing() {
-        st.repair.note_durable(st.durable_through());
+        let durable = st.durable_through();
+        st.repair.note_durable(durable);
+        // Issue 9 (session 6): an entry of a term later than any this replica knew when
+        // damaged, durable here, means its log matches a newer leader's through that
+        // leader's first entry, which is all that could be committed of what it lost.
+        if let Some(&(first, leader)) = st.leaders.last()
+            && leader.term > st.repair_term_floor
+            && durable >= first
+        {
+            st.repair.note_newer_leader(first, leader.term);
+        }
     }
     st.marker_wake.notify_one();
 }
@@ -1124,7 +1138,23 @@ fn open_check(
         st.vote = Some(vote);
         st.vote_unsaved = true;
     }
+    // Issue 9 (session 6): a damage cut below the committed mark (an older segment's
+    // entries lost, the later committed marks kept) lowers it to what the log holds:
+    // openraft re-applies `(applied, committed]` from the log at start, and a smaller
+    // committed mark after a restart is allowed.
+    if let Some(c) = st.committed
+        && held.is_none_or(|h| c.index > h)
+    {
+        let lowered = match (st.last, st.purged) {
+            (Some(l), _) if l.index < c.index => Some(l),
+            (None, Some(p)) if p.index < c.index => Some(p),
+            _ => None,
+        };
+        tracing::warn!(group, committed = %c, lowered_to = ?lowered, "committed mark above the damaged log lowered");
+        st.committed = lowered;
+    }
     if let Some(damage) = detected.damage {
+        st.repair_term_floor = st.vote.map_or(0, |v| v.leader_id().term);
         tracing::error!(
             group,
             held_index = damage.held_index,

@@ -853,9 +853,9 @@ impl Node {
         if let Some(s) = config.segment_bytes {
             engine_config.segment_bytes = s;
         }
-        // Issue 9: damage in the newest segment is cut and repaired from peers
-        // (`crate::repair`) instead of stopping the node. Without peers to repair from
-        // (one replica per group) the open still refuses it, naming file and offset.
+        // Issue 9: damage is cut and repaired from peers (`crate::repair`,
+        // `crate::damage_watch`) instead of stopping the node. Without peers to repair
+        // from (one replica per group) the open still refuses it, naming file and offset.
         let has_peers = config.replicas > 1
             && (config.members.len() > 1 || !config.members.contains(&config.node_id));
         if has_peers {
@@ -949,7 +949,7 @@ impl Node {
         if self.read_groups().contains_key(&g) {
             return Ok(());
         }
-        let group = (self.build)(g).await?;
+        let group = self.build_cutting_damage(g).await?;
         self.write_groups().insert(g, group);
         self.local_changes.send_modify(|v| *v += 1);
         Ok(())
@@ -1007,6 +1007,60 @@ impl Node {
         }
         tracing::info!(group = g, "replica dropped: it moved to another node");
         Ok(())
+    }
+
+    /// Issue 9 (session 6, `crate::damage_watch`): stops the local replica of `g`, whose
+    /// Raft log a read found damaged, cuts the log before the damage and starts the
+    /// replica again, repairing. Returns the first Raft index dropped.
+    pub async fn restart_damaged_group(&self, g: GroupId) -> Result<Option<u64>, Error> {
+        let _changing = self.changing.lock().await;
+        let Some(group) = self.write_groups().remove(&g) else {
+            return Ok(None);
+        };
+        self.registry.remove(g);
+        self.local_changes.send_modify(|v| *v += 1);
+        group.secret_eraser.abort();
+        group.retention.abort();
+        if let Err(e) = group.raft.shutdown().await {
+            tracing::warn!(group = g, error = %e, "damaged group did not shut down cleanly");
+        }
+        drop(group);
+        let cut = crate::damage_watch::cut_damaged_raft_log(&self.engine, g).await?;
+        crate::damage_watch::cut_damaged_checkpoint_log(&self.engine, g).await?;
+        let group = self.build_cutting_damage(g).await?;
+        self.write_groups().insert(g, group);
+        self.local_changes.send_modify(|v| *v += 1);
+        Ok(cut)
+    }
+
+    /// Builds the local replica of `g`. Issue 9 (session 6): on a node whose groups have
+    /// peers to repair from (the engine opened with `RecoveryMode::CutDamagedTail`), a
+    /// start that failed because a read found the Raft log damaged (openraft re-applies
+    /// the log at start) cuts the log before the damage and tries again, repairing
+    /// (`crate::damage_watch`); a single-replica node stops as before.
+    async fn build_cutting_damage(&self, g: GroupId) -> Result<Group, Error> {
+        let can_cut =
+            self.engine.config().recovery_mode == chatlog_storage::RecoveryMode::CutDamagedTail;
+        let mut attempts = 0;
+        loop {
+            match (self.build)(g).await {
+                Ok(group) => return Ok(group),
+                Err(e) if can_cut && attempts < crate::damage_watch::START_CUTS_MAX => {
+                    attempts += 1;
+                    if !crate::damage_watch::cut_damaged_group_logs(&self.engine, g).await? {
+                        return Err(e);
+                    }
+                    tracing::error!(
+                        group = g,
+                        error = %e,
+                        status = "repairing",
+                        "replica start found its log damaged: cut before the damage, starting \
+                         again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Initializes group `g` from this node when `placement` makes it the first replica

@@ -25,6 +25,27 @@
 //! `RecoveryMode::CutDamagedTail`): that log's highest appended index, its marker or its
 //! committed mark in the dropped records. The required index is the highest of them.
 //!
+//! When a repair ends. (a) The log is durable through the required index again, or
+//! (b) (session 6, liveness) it durably holds an entry of a term T greater than the term
+//! of the vote the replica had when the damage was found (`V`), received from T's leader.
+//! (b) ends the repair of an idle group whose lost entries the current leader never had
+//! (they were never committed), which (a) alone leaves repairing until the log grows past
+//! the required index. Why (b) is safe: the replica's required index guards exactly one
+//! thing, its votes (it refuses them while repairing; its acknowledgements of new appends
+//! are of entries it really holds). Every entry it lost was accepted in a term <= V
+//! (openraft saves a vote before accepting a leader's entries). Take such an entry e,
+//! accepted in term t <= V < T. If e is committed, by the term t leader or later, then
+//! T's leader holds it (leader completeness: T's electing majority meets e's storing
+//! majority in a node that stored e before voting for T, since a node that voted in T
+//! refuses term-t appends after; that node was not this replica once damaged, since it
+//! refuses votes, and the standard Raft argument applies). T's leader's entries of terms
+//! before T all sit below T's first entry, so they are in the prefix this replica now
+//! shares with T's log (log matching: it accepted that entry with a matching previous
+//! log id). Entries it lost that are not in that prefix were never committed and never
+//! will be: its vote is again as safe as a sound replica's. The same holds for the
+//! required index (a): holding the log through it, the replica holds at least what it
+//! had. Vote terms are never forgotten except in the double fault below.
+//!
 //! What still escapes (double faults): the record holding the last entries of a group is
 //! damaged AND no later record of that group reached the disk before the crash (a crash
 //! within about `MARKER_DELAY` of the group's last flush, then a bit flip in exactly that
@@ -143,6 +164,41 @@ pub fn detect(engine: &Engine, group: GroupId, held: Option<u64>, synced: Option
     out
 }
 
+/// Issue 9 (session 6): whether group `group`'s state machine should set aside its
+/// checkpoint (applied through `applied`) and rebuild its state from the log. Yes when
+/// the Raft log is damaged (its "synced" marker, or the engine's damage cut, says it held
+/// more than it does) and now ends below `applied`, and it still holds everything from
+/// its start (never purged): openraft would otherwise purge the log up to `applied` and
+/// the replica would never get the entries between its cut and `applied` back, serving
+/// a history with a hole. Rebuilt from the log, the state re-applies what the log holds
+/// and the leader sends the rest, so the replica ends with the leader's whole log. A log
+/// purged at its start keeps the checkpoint (the hole stays: reads of it fail with an
+/// error naming the missing entry).
+pub fn rebuild_state_from_log(engine: &Engine, group: GroupId, applied: u64) -> bool {
+    let Some(log) = ids::raft_log(group) else {
+        return false;
+    };
+    if applied == 0 || engine.meta(log, ids::META_PURGED).is_some() {
+        return false;
+    }
+    let bounds = engine.bounds(log);
+    if bounds.is_some_and(|b| !b.is_empty() && b.first > ids::engine_index(0)) {
+        return false;
+    }
+    let held = bounds.and_then(|b| b.last()).map_or(0, raft_index);
+    if applied <= held {
+        return false;
+    }
+    let marker = engine
+        .meta(log, META_SYNCED)
+        .and_then(|b| decode_synced(&b))
+        .unwrap_or(0);
+    let cut = engine
+        .damage()
+        .is_some_and(|d| d.logs.contains_key(&log) || d.lost_from.contains_key(&log));
+    marker > held || cut
+}
+
 /// One replica's repair status: damaged (with what it must hold again) or sound.
 #[derive(Debug)]
 pub struct RepairStatus {
@@ -206,6 +262,34 @@ impl RepairStatus {
                 status = "repaired",
                 "damaged log repaired from the leader: the replica votes, campaigns and \
                  serves reads again"
+            );
+        }
+    }
+}
+
+impl RepairStatus {
+    /// Issue 9 (session 6): the log is durable through `first`, the first entry it holds
+    /// of `term`, a term later than any the replica knew when damaged: the repair is
+    /// over even below the required index (module docs, "When a repair ends").
+    pub fn note_newer_leader(&self, first: u64, term: u64) {
+        if !self.is_repairing() {
+            return;
+        }
+        let mut repaired = None;
+        self.damage.send_if_modified(|d| {
+            repaired = d.take();
+            repaired.is_some()
+        });
+        if let Some(dmg) = repaired {
+            self.damaged.store(false, Ordering::Release);
+            tracing::warn!(
+                group = dmg.group,
+                first_index_of_term = first,
+                term,
+                required_index = dmg.required_index,
+                status = "repaired",
+                "damaged log repaired: it matches a newer leader's log through that leader's \
+                 first entry; what it lost beyond can never be committed"
             );
         }
     }

@@ -257,7 +257,7 @@ impl ChatStateMachine {
     /// Opens group `group`'s state machine, loading its latest checkpoint if any.
     pub fn open(engine: Arc<Engine>, group: GroupId, config: SmConfig) -> Result<Self, Error> {
         // `read_checkpoint` refuses a group id too large for the engine's log ids.
-        let (header, state) = match read_checkpoint(&engine, group)? {
+        let (header, state) = match checkpoint_unless_lost_to_damage(&engine, group)? {
             None => (Header::default(), GroupState::new(group)),
             Some(data) => Header::decode(&data).map_err(|source| Error::Decode {
                 group,
@@ -271,6 +271,20 @@ impl ChatStateMachine {
                 detail: format!("checkpoint belongs to group {}", state.group()),
             });
         }
+        // Issue 9 (session 6): a checkpoint ahead of a damaged log is set aside when the
+        // log can rebuild the state (`repair::rebuild_state_from_log`).
+        let applied = header.last_applied.map_or(0, |l| l.index);
+        let (header, state) = if crate::repair::rebuild_state_from_log(&engine, group, applied) {
+            tracing::warn!(
+                group,
+                applied,
+                status = "repairing",
+                "checkpoint ahead of the damaged Raft log set aside: the state is rebuilt from the log and the leader's entries"
+            );
+            (Header::default(), GroupState::new(group))
+        } else {
+            (header, state)
+        };
         let applied_index = header.last_applied.map_or(0, |l| l.index);
         Ok(ChatStateMachine {
             group,
@@ -398,6 +412,27 @@ impl ChatStateMachine {
             log_index: index,
             outcomes,
         })
+    }
+}
+
+/// Issue 9 (session 6): [`read_checkpoint`], except that a checkpoint whose chunks the
+/// engine's damage cut dropped (`Engine::damage`) is set aside with a warning: the state
+/// then starts empty and openraft re-applies the group's log from its start (a group
+/// whose log was also purged cannot, and stops with openraft's error naming the index).
+fn checkpoint_unless_lost_to_damage(
+    engine: &Engine,
+    group: GroupId,
+) -> Result<Option<Vec<u8>>, Error> {
+    match read_checkpoint(engine, group) {
+        Err(e)
+            if engine.damage().is_some_and(|d| {
+                ids::checkpoint_log(group).is_some_and(|log| d.lost_from.contains_key(&log))
+            }) =>
+        {
+            tracing::warn!(group, error = %e, status = "damaged", "checkpoint lost to storage damage: the state is rebuilt from the log");
+            Ok(None)
+        }
+        other => other,
     }
 }
 

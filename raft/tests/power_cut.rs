@@ -103,6 +103,10 @@ struct Directory {
     rafts: Mutex<HashMap<GroupId, ChatRaft>>,
     /// Issue 9: each replica's repair status, as `chatlog_raft::node` keeps it.
     repairs: Mutex<HashMap<GroupId, Arc<RepairStatus>>>,
+    /// Issue 9: replica starts that found their Raft log damaged and cut it.
+    found_at_start: std::sync::atomic::AtomicU64,
+    /// Issue 9: chat reads that found a replica's Raft log damaged (it was restarted).
+    found_by_read: std::sync::atomic::AtomicU64,
 }
 
 impl GroupDirectory for Directory {
@@ -123,12 +127,111 @@ struct TestNode {
     engine: Arc<Engine>,
     router: Router,
     directory: Arc<Directory>,
-    readers: HashMap<GroupId, (LogReader, Arc<GroupShared>)>,
+    readers: Mutex<HashMap<GroupId, (LogReader, Arc<GroupShared>)>>,
     stop_server: oneshot::Sender<()>,
     server: JoinHandle<()>,
 }
 
+/// One replica started as `chatlog_raft::node` starts it: a start that fails because a
+/// read found the Raft log damaged cuts the log before the damage
+/// (`damage_watch::cut_damaged_raft_log`) and tries again, repairing (issue 9).
+async fn start_group(
+    id: NodeId,
+    engine: &Arc<Engine>,
+    router: &Router,
+    group: GroupId,
+    directory: &Arc<Directory>,
+) -> Result<(ChatRaft, Arc<RepairStatus>, LogReader, Arc<GroupShared>), String> {
+    let mut attempts = 0;
+    loop {
+        match start_group_once(id, engine, router, group).await {
+            Ok(started) => return Ok(started),
+            Err(e) if attempts < chatlog_raft::damage_watch::START_CUTS_MAX => {
+                attempts += 1;
+                match chatlog_raft::damage_watch::cut_damaged_group_logs(engine, group).await {
+                    Ok(true) => {
+                        eprintln!("node {id} group {group}: START FOUND DAMAGE ({e}); cut");
+                        directory.found_at_start.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn start_group_once(
+    id: NodeId,
+    engine: &Arc<Engine>,
+    router: &Router,
+    group: GroupId,
+) -> Result<(ChatRaft, Arc<RepairStatus>, LogReader, Arc<GroupShared>), String> {
+    let mut store = LogStore::open(Arc::clone(engine), group)
+        .map_err(|e| format!("node {id} group {group}: the log does not open: {e}"))?;
+    store
+        .persist_recovered_state()
+        .await
+        .map_err(|e| format!("node {id} group {group}: the recovered state is not saved: {e}"))?;
+    let repair = store.repair_status();
+    let reader = store.get_log_reader().await;
+    let sm = ChatStateMachine::open(
+        Arc::clone(engine),
+        group,
+        SmConfig {
+            // Often, so cuts land in checkpoint writes too.
+            checkpoint_every_entries: 40,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?;
+    let shared = sm.shared();
+    let raft = ChatRaft::new(id, raft_config(), router.network_factory(group), store, sm)
+        .await
+        .map_err(|e| format!("node {id} group {group}: raft does not start: {e}"))?;
+    hold_elections_while_repairing(&raft, &repair);
+    Ok((raft, repair, reader, shared))
+}
+
 impl TestNode {
+    /// Issue 9: what `chatlog_raft::damage_watch` does for a node: the replica of `group`,
+    /// whose Raft log a read found damaged, is stopped, cut before the damage and started
+    /// again, repairing. Returns the first index dropped.
+    async fn restart_damaged_group(&self, group: GroupId) -> Option<u64> {
+        let raft = self.directory.rafts.lock().expect("lock").remove(&group)?;
+        let _ = timeout(WAIT, raft.shutdown()).await;
+        drop(raft);
+        let cut = chatlog_raft::damage_watch::cut_damaged_raft_log(&self.engine, group)
+            .await
+            .expect("the damaged log is cut");
+        chatlog_raft::damage_watch::cut_damaged_checkpoint_log(&self.engine, group)
+            .await
+            .expect("the damaged checkpoint log is cut");
+        let (raft, repair, reader, shared) =
+            start_group(self.id, &self.engine, &self.router, group, &self.directory)
+                .await
+                .expect("the damaged replica starts again");
+        self.readers
+            .lock()
+            .expect("lock")
+            .insert(group, (reader, shared));
+        self.directory
+            .repairs
+            .lock()
+            .expect("lock")
+            .insert(group, repair);
+        self.directory
+            .rafts
+            .lock()
+            .expect("lock")
+            .insert(group, raft);
+        cut
+    }
+
+    fn reader(&self, group: GroupId) -> (LogReader, Arc<GroupShared>) {
+        self.readers.lock().expect("lock")[&group].clone()
+    }
+
     fn raft(&self, group: GroupId) -> ChatRaft {
         self.directory
             .raft(group)
@@ -153,30 +256,14 @@ impl TestNode {
         let identity = NodeIdentity::new(CLUSTER_ID, id);
         let router = Router::new(identity);
         let directory = Arc::new(Directory::default());
-        let mut readers = HashMap::new();
+        let readers = Mutex::new(HashMap::new());
         for group in GROUPS {
-            let mut store = LogStore::open(Arc::clone(&engine), group)
-                .map_err(|e| format!("node {id} group {group}: the log does not open: {e}"))?;
-            store.persist_recovered_state().await.map_err(|e| {
-                format!("node {id} group {group}: the recovered state is not saved: {e}")
-            })?;
-            let repair = store.repair_status();
-            let reader = store.get_log_reader().await;
-            let sm = ChatStateMachine::open(
-                Arc::clone(&engine),
-                group,
-                SmConfig {
-                    // Often, so cuts land in checkpoint writes too.
-                    checkpoint_every_entries: 40,
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?;
-            readers.insert(group, (reader, sm.shared()));
-            let raft = ChatRaft::new(id, raft_config(), router.network_factory(group), store, sm)
-                .await
-                .map_err(|e| format!("node {id} group {group}: raft does not start: {e}"))?;
-            hold_elections_while_repairing(&raft, &repair);
+            let (raft, repair, reader, shared) =
+                start_group(id, &engine, &router, group, &directory).await?;
+            readers
+                .lock()
+                .expect("lock")
+                .insert(group, (reader, shared));
             directory
                 .repairs
                 .lock()
@@ -281,6 +368,11 @@ impl Cluster {
             node.engine.damage().is_none(),
             "node {id}: a power cut taken for damage: {:?}",
             node.engine.damage()
+        );
+        assert_eq!(
+            node.directory.found_at_start.load(Ordering::Relaxed),
+            0,
+            "node {id}: a power cut taken for damage at a replica's start"
         );
         for (g, status) in node.directory.repairs.lock().expect("lock").iter() {
             assert!(
@@ -413,7 +505,7 @@ async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId,
             .applied_index_at_least(Some(index), "read index applied")
             .await
             .ok()?;
-        node.readers[&group].1.read().head_seq(chat)
+        node.reader(group).1.read().head_seq(chat)
     };
     if let Ok(Some(head_seq)) = timeout(Duration::from_secs(4), read).await {
         history.record_read(history::Read {
@@ -427,9 +519,9 @@ async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId,
 }
 
 /// Reads every event of `chat` from `node`'s replica of `group` (state index, then the
-/// commands from the Raft log).
-async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
-    let (reader, shared) = &node.readers[&group];
+/// commands from the Raft log); a failed log read is returned as an error.
+async fn try_read_chat(node: &TestNode, group: GroupId, chat: u64) -> Result<Vec<Event>, String> {
+    let (reader, shared) = node.reader(group);
     let locs = shared
         .read()
         .chat_events(chat, 1, u64::MAX)
@@ -443,7 +535,7 @@ async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
             let entries = reader
                 .try_get_log_entries(index..=index)
                 .await
-                .unwrap_or_else(|e| panic!("node {} group {group} entry {index}: {e}", node.id));
+                .map_err(|e| format!("entry {index}: {e}"))?;
             let entry = entries.into_iter().next().unwrap_or_else(|| {
                 panic!(
                     "node {} group {group}: event {seq} names entry {index}, which is missing",
@@ -479,7 +571,120 @@ async fn read_chat(node: &TestNode, group: GroupId, chat: u64) -> Vec<Event> {
             },
         });
     }
-    out
+    Ok(out)
+}
+
+/// Reads a chat from one replica; a read that finds the replica's Raft log damaged (it
+/// fails, naming the damage, and never returns the damaged bytes) restarts that replica
+/// repairing, as `chatlog_raft::damage_watch` does in a node, waits for the repair and
+/// reads again. Returns the events.
+async fn read_chat_repairing(
+    cluster: &Cluster,
+    node: &TestNode,
+    group: GroupId,
+    chat: u64,
+    seed: u64,
+) -> Vec<Event> {
+    for _ in 0..chatlog_raft::damage_watch::START_CUTS_MAX {
+        let error = match try_read_chat(node, group, chat).await {
+            Ok(events) => return events,
+            Err(e) => e,
+        };
+        let log = chatlog_raft::ids::raft_log(group).expect("a group log");
+        let failure = node.engine.log_failure(log);
+        assert!(
+            failure.is_some(),
+            "seed={seed}: node {} group {group}: a failed read that is not damage: {error}",
+            node.id
+        );
+        eprintln!(
+            "seed={seed}: node {} group {group}: READ FOUND DAMAGE: {error}",
+            node.id
+        );
+        node.directory.found_by_read.fetch_add(1, Ordering::Relaxed);
+        let cut = node.restart_damaged_group(group).await;
+        let status = node.directory.repairs.lock().expect("lock")[&group].clone();
+        assert!(
+            status.is_repairing(),
+            "seed={seed}: node {} group {group}: restarted after damage (cut from {cut:?}) \
+             but not repairing",
+            node.id
+        );
+        wait_repaired(cluster, node, group, seed).await;
+    }
+    panic!(
+        "seed={seed}: node {} group {group}: reads keep finding damage",
+        node.id
+    );
+}
+
+/// Reads `node`'s whole Raft log of `group` (a scrub); a read that finds damage restarts
+/// the replica repairing and waits for the repair, as [`read_chat_repairing`] does.
+async fn scrub_repairing(cluster: &Cluster, node: &TestNode, group: GroupId, seed: u64) {
+    for _ in 0..chatlog_raft::damage_watch::START_CUTS_MAX {
+        let (mut reader, _) = node.reader(group);
+        let Some(last) = node.raft(group).metrics().borrow_watched().last_log_index else {
+            return;
+        };
+        let error = match reader.try_get_log_entries(0..=last).await {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        let log = chatlog_raft::ids::raft_log(group).expect("a group log");
+        assert!(
+            node.engine.log_failure(log).is_some(),
+            "seed={seed}: node {} group {group}: a failed scrub that is not damage: {error}",
+            node.id
+        );
+        eprintln!(
+            "seed={seed}: node {} group {group}: SCRUB FOUND DAMAGE: {error}",
+            node.id
+        );
+        node.directory.found_by_read.fetch_add(1, Ordering::Relaxed);
+        let cut = node.restart_damaged_group(group).await;
+        let status = node.directory.repairs.lock().expect("lock")[&group].clone();
+        assert!(
+            status.is_repairing(),
+            "seed={seed}: node {} group {group}: restarted after damage (cut from {cut:?}) \
+             but not repairing",
+            node.id
+        );
+        wait_repaired(cluster, node, group, seed).await;
+    }
+    panic!(
+        "seed={seed}: node {} group {group}: scrubs keep finding damage",
+        node.id
+    );
+}
+
+/// Waits until `node`'s replica of `group` is repaired and has applied what the leader
+/// holds (one more post moves the group past any lost, never-committed tail).
+async fn wait_repaired(cluster: &Cluster, node: &TestNode, group: GroupId, seed: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = node.directory.repairs.lock().expect("lock")[&group].clone();
+        if !status.is_repairing() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed={seed}: node {} group {group} still repairing: {:?}",
+            node.id,
+            status.damage()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = cluster.leader(group).expect("a leader");
+    let index = cluster.nodes.lock().expect("lock")[&leader]
+        .raft(group)
+        .metrics()
+        .borrow_watched()
+        .last_log_index;
+    node.raft(group)
+        .wait(Some(WAIT))
+        .applied_index_at_least(index, "repaired replica catches up")
+        .await
+        .unwrap_or_else(|e| panic!("seed={seed}: node {} group {group}: {e}", node.id));
 }
 
 /// A chat of the test: its group, id and two members.
@@ -582,7 +787,7 @@ async fn heal_and_check(
     }
     for node in cluster.live() {
         for (group, chat, _) in chats {
-            let events = read_chat(&node, *group, *chat).await;
+            let events = read_chat_repairing(cluster, &node, *group, *chat, seed).await;
             history.record_log(node.id, *chat, events);
         }
     }
@@ -761,6 +966,35 @@ enum Damage {
     /// (which carry its group's "synced" marker or committed mark) kept: the last data
     /// record of a replica that acknowledged it.
     FlipInLastAppendVouched,
+    /// Session 6: one byte flipped in a record holding Raft appends in an OLDER, sealed
+    /// segment that the engine's checkpoint covers: not read at open, found by the first
+    /// read of it (at the replica's start, or by a chat read or the scrub while running).
+    FlipInOlderSegment,
+    /// The same flip with the engine's checkpoint file gone too: recovery replays the
+    /// older segment and cuts at open, later segments replayed without what no longer
+    /// fits.
+    FlipInOlderSegmentNoCheckpoint,
+    /// An older, sealed segment file cut at the start of its middle Raft append record.
+    TruncateOlderSegment,
+    /// An older, sealed segment file deleted.
+    MissingOlderSegment,
+    /// `FlipInOlderSegment`, and the damaged replica made leader of group 1 before a read
+    /// finds the damage: it must stop leading, and the group elects another leader.
+    FlipInOlderSegmentOnLeader,
+}
+
+impl Damage {
+    /// Whether it hits an older segment (the victim's segment is rotated first).
+    fn older(self) -> bool {
+        matches!(
+            self,
+            Damage::FlipInOlderSegment
+                | Damage::FlipInOlderSegmentNoCheckpoint
+                | Damage::TruncateOlderSegment
+                | Damage::MissingOlderSegment
+                | Damage::FlipInOlderSegmentOnLeader
+        )
+    }
 }
 
 /// Offsets and lengths of the valid records of a segment file, first to last, and
@@ -810,13 +1044,42 @@ fn damage(dir: &Path, how: Damage) -> String {
         .filter(|p| !records(p).is_empty())
         .collect();
     segments.sort();
-    let path = segments.pop().expect("a segment with records");
+    let newest = segments.pop().expect("a segment with records");
+    let path = if how.older() {
+        // The segment before the newest, holding Raft appends.
+        segments
+            .into_iter()
+            .rev()
+            .find(|p| records(p).iter().any(|r| r.2))
+            .expect("an older segment with Raft appends")
+    } else {
+        newest
+    };
     let recs = records(&path);
+    if how == Damage::MissingOlderSegment {
+        std::fs::remove_file(&path).expect("remove segment");
+        return format!(
+            "{how:?}: {} ({} records) deleted",
+            path.display(),
+            recs.len()
+        );
+    }
+    if how == Damage::FlipInOlderSegmentNoCheckpoint {
+        std::fs::remove_file(dir.join("checkpoint")).expect("remove the engine checkpoint");
+    }
     let (offset, len, _) = match how {
         Damage::FlipInLastRecord => recs[recs.len() - 1],
         Damage::FlipInEarlierRecord | Damage::TruncateSegment => recs[recs.len() / 2],
         Damage::FlipInLastAppend | Damage::FlipInLastAppendVouched => {
             *recs.iter().rev().find(|r| r.2).expect("an append")
+        }
+        Damage::FlipInOlderSegment
+        | Damage::FlipInOlderSegmentNoCheckpoint
+        | Damage::TruncateOlderSegment
+        | Damage::MissingOlderSegment
+        | Damage::FlipInOlderSegmentOnLeader => {
+            let appends: Vec<_> = recs.iter().filter(|r| r.2).collect();
+            *appends[appends.len() / 2]
         }
     };
     let mut bytes = std::fs::read(&path).expect("read");
@@ -828,12 +1091,16 @@ fn damage(dir: &Path, how: Damage) -> String {
         }
         Damage::FlipInLastRecord
         | Damage::FlipInEarlierRecord
-        | Damage::FlipInLastAppendVouched => {
+        | Damage::FlipInLastAppendVouched
+        | Damage::FlipInOlderSegment
+        | Damage::FlipInOlderSegmentNoCheckpoint
+        | Damage::FlipInOlderSegmentOnLeader
+        | Damage::MissingOlderSegment => {
             // Inside the body, past the 40-byte header.
             let at = (offset + 40 + (len - 40) / 2) as usize;
             bytes[at] ^= 0x10;
         }
-        Damage::TruncateSegment => bytes.truncate(offset as usize),
+        Damage::TruncateSegment | Damage::TruncateOlderSegment => bytes.truncate(offset as usize),
     }
     std::fs::write(&path, &bytes).expect("write");
     format!(
@@ -886,9 +1153,13 @@ async fn post_many(
 /// segment is cut at recovery (`RecoveryMode::CutDamagedTail`); a replica whose log
 /// thereby lost entries it had made durable (the "synced" marker or the records cut after
 /// the damaged one say so) starts repairing: no votes, no campaign, no reads until the
-/// leader sent them back, then it ends identical to the others. A truncated segment file
-/// is still refused at open, naming file and offset (rebuilt by a replica move).
-/// `CHATLOG_DAMAGE=last-record` runs only the last-record cases.
+/// leader sent them back, then it ends identical to the others. The newest segment cut
+/// short is still refused at open, naming file and offset (nothing says what its lost
+/// tail held). Session 6: damage in an OLDER segment (a flip, the file cut short or
+/// deleted) is cut too, at open or by the first read that finds them (the replica's own
+/// start, or a read while it runs: the replica is then stopped, cut before the damage and
+/// started again, repairing — `chatlog_raft::damage_watch`). `CHATLOG_DAMAGE=last-record`
+/// runs only the last-record cases, `CHATLOG_DAMAGE=older` only the older-segment ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_replica_never_serves_the_damaged_range() {
     let seed = seed();
@@ -898,11 +1169,20 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         Damage::FlipInLastRecord,
         Damage::FlipInLastAppend,
     ];
+    let older = vec![
+        Damage::FlipInOlderSegmentOnLeader,
+        Damage::FlipInOlderSegment,
+        Damage::FlipInOlderSegmentNoCheckpoint,
+        Damage::TruncateOlderSegment,
+        Damage::MissingOlderSegment,
+    ];
     let damages: Vec<Damage> = match std::env::var("CHATLOG_DAMAGE").ok().as_deref() {
         Some("last-record") => last_record,
+        Some("older") => older,
         _ => [
             last_record,
             vec![Damage::FlipInEarlierRecord, Damage::TruncateSegment],
+            older,
         ]
         .concat(),
     };
@@ -916,6 +1196,16 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
             .into_iter()
             .find(|n| *n != leader)
             .expect("a follower");
+        if how.older() {
+            // Seal the victim's segment (its engine checkpoint then covers it) and write
+            // on, so the damage lands in an older segment.
+            let engine = Arc::clone(&cluster.nodes.lock().expect("lock")[&victim].engine);
+            tokio::task::spawn_blocking(move || engine.rotate_blocking())
+                .await
+                .expect("join")
+                .expect("rotate");
+            post_many(&cluster, &chats, &history, 20, "after-the-seal").await;
+        }
         let last_before: Vec<Option<u64>> = GROUPS
             .iter()
             .map(|g| {
@@ -960,6 +1250,8 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         match TestNode::start(victim, &dir, listener, &fs).await {
             Err(e) => {
                 eprintln!("seed={seed}: {what}: node {victim} REFUSES TO START: {e}");
+                // The newest segment cut short: nothing says what its lost tail held (not
+                // even the vote), so it is still refused, naming file and offset.
                 assert_eq!(how, Damage::TruncateSegment, "{what}: refused: {e}");
                 assert!(
                     e.contains(".seg") && e.contains("offset"),
@@ -993,7 +1285,10 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 );
                 if matches!(
                     how,
-                    Damage::FlipInLastAppendVouched | Damage::FlipInEarlierRecord
+                    Damage::FlipInLastAppendVouched
+                        | Damage::FlipInEarlierRecord
+                        | Damage::FlipInOlderSegmentNoCheckpoint
+                        | Damage::MissingOlderSegment
                 ) {
                     assert!(
                         node.engine.damage().is_some(),
@@ -1013,9 +1308,75 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 cluster.introduce();
             }
         }
+        if how == Damage::FlipInOlderSegmentOnLeader {
+            // The damaged replica (its damage not found yet) leads group 1 when a read
+            // finds it: it must stop leading.
+            let victim_node = Arc::clone(&cluster.nodes.lock().expect("lock")[&victim]);
+            let deadline = Instant::now() + WAIT;
+            while !victim_node.raft(1).is_leader() {
+                assert!(
+                    Instant::now() < deadline,
+                    "seed={seed}: node {victim} never leads group 1"
+                );
+                if let Some(l) = cluster.leader(1) {
+                    let raft = cluster.nodes.lock().expect("lock")[&l].raft(1);
+                    let _ = raft.trigger().transfer_leader(victim).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            eprintln!("seed={seed}: {what}: node {victim} LEADS group 1 with the damage unseen");
+            assert!(
+                victim_node
+                    .directory
+                    .repairs
+                    .lock()
+                    .expect("lock")
+                    .values()
+                    .all(|r| !r.is_repairing()),
+                "seed={seed}: {what}: the damage is meant to be unseen until read"
+            );
+            scrub_repairing(&cluster, &victim_node, 1, seed).await;
+            let leader_after = cluster.leader(1);
+            eprintln!(
+                "seed={seed}: {what}: after the read found the damage, group 1 is led by \
+                 {leader_after:?}"
+            );
+            assert!(
+                victim_node.directory.found_by_read.load(Ordering::Relaxed) > 0,
+                "seed={seed}: {what}: the read found the damage"
+            );
+            assert!(
+                leader_after.is_some_and(|l| l != victim),
+                "seed={seed}: {what}: another node leads group 1 after the damaged leader \
+                 stopped: {leader_after:?}"
+            );
+            drop(victim_node);
+        }
+        // Session 6: read every replica's whole Raft log (damage not found at open is
+        // found here, and the replica restarted repairing), then heal and check.
+        for node in cluster.live() {
+            for g in GROUPS {
+                scrub_repairing(&cluster, &node, g, seed).await;
+            }
+        }
         let acked = heal_and_check(&cluster, &chats, &history, seed).await;
         assert!(acked >= 80);
         if let Some(node) = cluster.nodes.lock().expect("lock").get(&victim) {
+            let found_at_start = node.directory.found_at_start.load(Ordering::Relaxed);
+            let found_by_read = node.directory.found_by_read.load(Ordering::Relaxed);
+            eprintln!(
+                "seed={seed}: {what}: node {victim}: damage found at its start {found_at_start} \
+                 time(s), by a read while running {found_by_read} time(s)"
+            );
+            if matches!(
+                how,
+                Damage::FlipInOlderSegment | Damage::TruncateOlderSegment
+            ) {
+                assert!(
+                    found_at_start + found_by_read > 0 || !repairing_at_start.is_empty(),
+                    "seed={seed}: {what}: the damage was never found"
+                );
+            }
             for g in GROUPS {
                 let status = &node.directory.repairs.lock().expect("lock")[&g];
                 assert!(

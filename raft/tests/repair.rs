@@ -140,16 +140,17 @@ async fn a_damaged_log_keeps_its_vote_stays_damaged_until_repaired_and_then_is_s
         let mut reader = store.get_log_reader().await;
         assert_eq!(reader.read_vote().await.unwrap(), Some(newer_vote));
         drop(reader);
-        // The leader (term 3) sends the lost range again; once durable, the log is sound.
+        // The leader it voted for (term 2) sends the lost range again; once durable
+        // through the required index, the log is sound.
         let status = store.repair_status();
         store
-            .blocking_append(entries(3, held + 1..=damage.required_index - 1))
+            .blocking_append(entries(2, held + 1..=damage.required_index - 1))
             .await
             .unwrap();
         assert!(status.is_repairing(), "not yet at the required index");
         store
             .blocking_append(entries(
-                3,
+                2,
                 damage.required_index..=damage.required_index + 2,
             ))
             .await
@@ -161,6 +162,64 @@ async fn a_damaged_log_keeps_its_vote_stays_damaged_until_repaired_and_then_is_s
     assert!(
         store.repair_status().damage().is_none(),
         "sound after a restart"
+    );
+    close(engine, store);
+}
+
+/// Session 6, liveness: a repair also ends, below the required index, once an entry of a
+/// term newer than the replica's vote when the damage was found is durable (a newer
+/// leader's log, which holds everything that could have been committed of what was lost,
+/// now matches this one through that entry; `chatlog_raft::repair`, "When a repair
+/// ends"). Entries of the vote's own term do not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_ends_below_the_required_index_once_a_newer_term_is_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = chatlog_raft::ids::raft_log(GROUP).expect("a log");
+    {
+        let (engine, mut store) = open(dir.path());
+        store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        store.blocking_append(entries(2, 1..=20)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine
+            .meta(log, META_SYNCED)
+            .and_then(|b| decode_synced(&b))
+            < Some(20)
+        {
+            assert!(Instant::now() < deadline, "no marker for entry 20");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        close(engine, store);
+    }
+    let seg = dir.path().join(format!("{:016x}.seg", 1));
+    let (at, len) = record_with(&seg, 15);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[at + RECORD_HEADER_BYTES + (len - RECORD_HEADER_BYTES) / 2] ^= 0x08;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let (engine, mut store) = open(dir.path());
+    let damage = store.repair_status().damage().expect("the log is damaged");
+    let held = damage.held_index;
+    assert!(damage.required_index >= 20 && held < 15, "{damage}");
+    store.persist_recovered_state().await.unwrap();
+    let status = store.repair_status();
+    // The same term's leader sends one entry: not enough.
+    store
+        .blocking_append(entries(2, held + 1..=held + 1))
+        .await
+        .unwrap();
+    assert!(status.is_repairing(), "an entry of the vote's own term");
+    // A newer leader (term 3; its vote saved first, as openraft does) appends its first
+    // entry right after: the repair ends though the log is below the required index.
+    store.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+    store
+        .blocking_append(entries(3, held + 2..=held + 2))
+        .await
+        .unwrap();
+    assert!(held + 2 < damage.required_index);
+    assert!(
+        !status.is_repairing(),
+        "a durable entry of a newer term ends the repair: {:?}",
+        status.damage()
     );
     close(engine, store);
 }

@@ -109,7 +109,11 @@ pub enum RecoveryMode {
     /// damaged offset so the dropped bytes are never read again, and the cut is reported
     /// by [`crate::Engine::damage`]. For owners that can get what was dropped back from
     /// elsewhere (a Raft replica from its peers). Damage in an older segment, a truncated
-    /// segment file or a missing one is still refused.
+    /// segment file or a missing one is cut too (issue 9, session 6; `crate::damage`):
+    /// every log with entries in the lost range ends before it, the rest of the replay
+    /// skips what no longer continues its log, and the cut is pinned by a write at open.
+    /// The newest segment file cut short is still refused: nothing after it says what
+    /// its lost tail held.
     CutDamagedTail,
 }
 

@@ -309,6 +309,13 @@ impl Engine {
                 return Err(Error::Closed);
             }
         }
+        // Issue 9 (session 6): pin the logs a damage cut shortened (`crate::damage`).
+        if let Some(pin) = engine.damage_pin_batch()
+            && let Err(e) = engine.write_blocking(&pin)
+        {
+            engine.shutdown();
+            return Err(e);
+        }
         tracing::info!(
             dir = %engine.shared.config.dir.display(),
             backend = %engine.shared.backend,
@@ -316,6 +323,11 @@ impl Engine {
             "storage engine open"
         );
         Ok(engine)
+    }
+
+    /// The engine's shared state (issue 9: `crate::damage` cuts a stopped log).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The damaged record (and what followed it) that recovery cut at open, under

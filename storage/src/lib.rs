@@ -52,7 +52,7 @@ pub use config::{
     Preallocation, RecoveryMode, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX,
     WRITE_BATCH_OPS_MAX,
 };
-pub use damage::{DAMAGE_WALK_RECORDS_MAX, Damage, DroppedLog};
+pub use damage::{CUT_ATTEMPTS_MAX, DAMAGE_WALK_RECORDS_MAX, Damage, DroppedLog};
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};
 pub use error::{Error, Result};
 pub use fs::{File, FileSystem, StdFile, StdFileSystem};

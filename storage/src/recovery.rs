@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::batch::OpSummary;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, RecoveryMode, SEAL_RESERVE_BYTES};
-use crate::damage::{Damage, dropped_after};
+use crate::damage::{AfterDamage, Damage, dropped_after};
 use crate::error::{Error, Result};
 use crate::format::{
     BatchBody, OpKind, RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL,
@@ -68,7 +68,13 @@ enum SegmentEnd {
     Sealed,
     /// No valid record at this offset; `damage` when the bad record there was judged
     /// damage to synced data and cut ([`RecoveryMode::CutDamagedTail`]).
-    Open { end: u64, damage: Option<Damage> },
+    /// `truncated`: the file is too short for its records and seal reserve (a seal
+    /// cannot be put at `end`).
+    Open {
+        end: u64,
+        damage: Option<Damage>,
+        truncated: bool,
+    },
 }
 
 pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered> {
@@ -140,6 +146,10 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
     let mut tail: Option<Tail> = None;
     let mut open_tail_seen = false;
     let mut damage_cut: Option<Damage> = None;
+    // Issue 9 (session 6): after a damage cut that later segments follow, replay goes on
+    // in "after damage" mode (`crate::damage`): ops that no longer fit are skipped.
+    let mut after: Option<AfterDamage> = None;
+    let cut_mode = config.recovery_mode == RecoveryMode::CutDamagedTail;
     for (k, &id) in replay.iter().enumerate() {
         let path = segment_path(dir, id);
         let later_have_records = |ids: &[u64]| -> Result<bool> {
@@ -161,7 +171,14 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
         }
         let Some(seg) = Segment::open(fs, dir, id)? else {
             if later_have_records(&replay[k + 1..])? {
-                return Err(Error::corruption(&path, 0, "segment header check failed"));
+                if !cut_mode {
+                    return Err(Error::corruption(&path, 0, "segment header check failed"));
+                }
+                // Issue 9: the whole segment is lost; what it held is found missing by
+                // the later segments' ops (skipped) or by the owner's markers.
+                let d = Damage::new(path.clone(), 0, "segment header check failed".into());
+                note_cut(&mut after, &mut damage_cut, d);
+                continue;
             }
             // An interrupted creation at the end.
             fs.remove(&path)
@@ -169,16 +186,41 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
             continue;
         };
         let seg = Arc::new(seg);
-        let (end, records) = replay_segment(config, &seg, &mut index, &mut expected_seq)?;
+        let (end, records) =
+            replay_segment(config, &seg, &mut index, &mut expected_seq, &mut after)?;
         segments.insert(id, seg.clone());
         match end {
             SegmentEnd::Sealed => {}
-            SegmentEnd::Open { end, damage } => {
-                if let Some(d) = damage {
-                    // Cut only in the newest segment: dropping later segments' records too
-                    // is left to a replica rebuild (fail-stop, as without the mode).
-                    if later_have_records(&replay[k + 1..])? {
+            SegmentEnd::Open {
+                end,
+                damage,
+                truncated,
+            } => {
+                let later = later_have_records(&replay[k + 1..])?;
+                if let Some(mut d) = damage {
+                    if truncated && !later {
+                        // The newest segment cut short: nothing after it says what the lost
+                        // tail held (entries, votes, markers of any log), so no owner can
+                        // tell what it must get back. Still refused (docs/reliability.md).
                         return Err(Error::corruption(&path, end, d.detail));
+                    }
+                    if later || after.is_some() {
+                        // Issue 9 (session 6): damage before later segments, or a file too
+                        // short to take a seal: cut, and the rest of the replay skips what
+                        // no longer fits. The segment is left as it is (unsealed); a
+                        // restart before the next checkpoint finds the same damage.
+                        tracing::error!(
+                            file = %path.display(),
+                            offset = end,
+                            detail = %d.detail,
+                            logs = d.logs.len(),
+                            status = "damaged",
+                            "storage damage: cut a damaged record and everything after it in \
+                             its segment; later segments are replayed without what no longer \
+                             fits"
+                        );
+                        note_cut(&mut after, &mut damage_cut, d);
+                        continue;
                     }
                     tracing::error!(
                         file = %path.display(),
@@ -190,6 +232,7 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                          segment; the segment is sealed there"
                     );
                     // The seal the writer puts at `end` hides the dropped bytes for good.
+                    d.sealed_at_offset = true;
                     open_tail_seen = true;
                     tail = Some(Tail {
                         segment: seg,
@@ -206,12 +249,14 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                         .map_err(|e| Error::io("removing unused segment", &path, e))?;
                     continue;
                 }
-                if records > 0 && later_have_records(&replay[k + 1..])? {
-                    return Err(Error::corruption(
-                        &path,
-                        end,
-                        "segment ends without a seal but later segments hold records",
-                    ));
+                if records > 0 && later {
+                    let detail = "segment ends without a seal but later segments hold records";
+                    if !cut_mode {
+                        return Err(Error::corruption(&path, end, detail));
+                    }
+                    let d = Damage::new(path.clone(), end, detail.into());
+                    note_cut(&mut after, &mut damage_cut, d);
+                    continue;
                 }
                 open_tail_seen = records > 0;
                 tail = Some(Tail {
@@ -232,13 +277,34 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
         .collect();
     for (id, live) in missing {
         if live > 0 {
-            return Err(Error::corruption(
-                segment_path(dir, id),
-                0,
-                format!("segment holding {live} live entries is missing"),
-            ));
+            let path = segment_path(dir, id);
+            let detail = format!("segment holding {live} live entries is missing");
+            if !cut_mode {
+                return Err(Error::corruption(path, 0, detail));
+            }
+            // Issue 9 (session 6): every log with entries there is cut below the first.
+            let mut d = Damage::new(path, 0, detail);
+            d.lost_from = cut_missing_segment(&mut index, id);
+            tracing::error!(
+                file = %d.path.display(),
+                logs = d.lost_from.len(),
+                status = "damaged",
+                "storage damage: a segment file is missing; every log with entries in it \
+                 now ends below the first of them"
+            );
+            note_cut(&mut after, &mut damage_cut, d);
+            if index.counts.get(&id).is_some_and(|c| c.live > 0) {
+                return Err(Error::corruption(
+                    segment_path(dir, id),
+                    0,
+                    "segment is missing and its entries could not all be cut",
+                ));
+            }
         }
         index.counts.remove(&id);
+    }
+    if let Some(a) = after {
+        damage_cut = Some(a.damage);
     }
 
     let sealed_pending = !has_checkpoint
@@ -267,21 +333,45 @@ fn replay_segment(
     seg: &Arc<Segment>,
     index: &mut Index,
     expected_seq: &mut u64,
+    after: &mut Option<AfterDamage>,
 ) -> Result<(SegmentEnd, u64)> {
     let mut offset = SEGMENT_HEADER_BYTES as u64;
     let mut records = 0u64;
     loop {
         let Some(header) = seg.header_at(offset)? else {
-            check_not_truncated(seg, offset, None)?;
+            if let Some(end) = truncation(config, seg, offset, None)? {
+                return Ok((end, records));
+            }
             let damage = check_tail(config, seg, offset, None, None)?;
             return Ok((
                 SegmentEnd::Open {
                     end: offset,
                     damage,
+                    truncated: false,
                 },
                 records,
             ));
         };
+        if header.record_seq > *expected_seq
+            && offset == SEGMENT_HEADER_BYTES as u64
+            && config.recovery_mode == RecoveryMode::CutDamagedTail
+        {
+            // Issue 9 (session 6): records are missing before this segment (a cut
+            // segment's dropped rest, or a missing segment file): replay goes on, and what
+            // no longer fits is skipped.
+            if after.is_none() {
+                let detail = format!(
+                    "records {} to {} are missing before this segment (a segment file \
+                     missing or cut)",
+                    *expected_seq,
+                    header.record_seq - 1
+                );
+                *after = Some(AfterDamage {
+                    damage: Damage::new(seg.path.clone(), offset, detail),
+                });
+            }
+            *expected_seq = header.record_seq;
+        }
         if header.record_seq != *expected_seq {
             return Err(Error::corruption(
                 &seg.path,
@@ -295,13 +385,16 @@ fn replay_segment(
         let body = match seg.body_at(offset, &header) {
             Ok(b) => b,
             Err(e) if e.is_corruption() => {
-                check_not_truncated(seg, offset, Some(&header))?;
+                if let Some(end) = truncation(config, seg, offset, Some(&header))? {
+                    return Ok((end, records));
+                }
                 let next = offset + header.record_bytes() as u64;
                 let damage = check_tail(config, seg, offset, Some(e), Some(next))?;
                 return Ok((
                     SegmentEnd::Open {
                         end: offset,
                         damage,
+                        truncated: false,
                     },
                     records,
                 ));
@@ -320,6 +413,11 @@ fn replay_segment(
                         .get(&op.log_id)
                         .map(|l| l.bounds)
                         .unwrap_or_default();
+                    if let Some(a) = after.as_mut()
+                        && !a.admit(op, bounds)
+                    {
+                        continue;
+                    }
                     if let Err(reason) = bounds.after(op) {
                         return Err(Error::corruption(
                             &seg.path,
@@ -372,6 +470,98 @@ fn check_not_truncated(seg: &Arc<Segment>, end: u64, header: Option<&RecordHeade
     Ok(())
 }
 
+/// [`check_not_truncated`] under the recovery mode: `Some` end of the segment when it was
+/// truncated and [`RecoveryMode::CutDamagedTail`] cuts it there (issue 9, session 6).
+fn truncation(
+    config: &Config,
+    seg: &Arc<Segment>,
+    end: u64,
+    header: Option<&RecordHeader>,
+) -> Result<Option<SegmentEnd>> {
+    match check_not_truncated(seg, end, header) {
+        Ok(()) => Ok(None),
+        Err(Error::Corruption { detail, .. })
+            if config.recovery_mode == RecoveryMode::CutDamagedTail =>
+        {
+            let mut d = Damage::new(seg.path.clone(), end, detail);
+            d.logs = dropped_after(seg, end);
+            Ok(Some(SegmentEnd::Open {
+                end,
+                damage: Some(d),
+                truncated: true,
+            }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Records a damage cut that later segments follow: replay continues "after damage".
+fn note_cut(after: &mut Option<AfterDamage>, first: &mut Option<Damage>, d: Damage) {
+    match after {
+        Some(a) => a.damage.merge(d),
+        None => {
+            let damage = match first.take() {
+                Some(mut f) => {
+                    f.merge(d);
+                    f
+                }
+                None => d,
+            };
+            *after = Some(AfterDamage { damage });
+        }
+    }
+}
+
+/// Cuts every log with entries in segment `id` (missing) below the first of them;
+/// returns each cut log's first index no longer held.
+fn cut_missing_segment(index: &mut Index, id: u64) -> BTreeMap<crate::LogId, u64> {
+    let mut cuts = BTreeMap::new();
+    for (log, state) in &index.logs {
+        let in_spans = state
+            .spans
+            .iter()
+            .filter(|s| s.segment == id)
+            .map(|s| s.first)
+            .min();
+        let in_overrides = state
+            .overrides
+            .iter()
+            .filter(|(_, l)| l.segment == id)
+            .map(|(i, _)| *i)
+            .min();
+        if let Some(from) = in_spans.into_iter().chain(in_overrides).min() {
+            cuts.insert(*log, from.max(state.bounds.first));
+        }
+    }
+    for (log, from) in &cuts {
+        let op = OpSummary {
+            kind: OpKind::TruncateAfter,
+            log_id: *log,
+            index: from.saturating_sub(1),
+            count: 0,
+            aux: 0,
+            key: Default::default(),
+            value: Default::default(),
+            data_len: 0,
+        };
+        let fits = index
+            .logs
+            .get(log)
+            .is_some_and(|l| l.bounds.after(&op).is_ok());
+        if fits {
+            index.apply(
+                &op,
+                Location {
+                    segment: id,
+                    offset: 0,
+                    op: 0,
+                },
+            );
+        }
+    }
+    cuts
+}
+
 /// Decides what the bytes at `bad` (no valid record there) are. Records found further on
 /// that belong to a later write prove the bad record was synced: damage. Records from the
 /// same write (their write began at or before `bad`) mean a torn, unacknowledged write.
@@ -391,12 +581,9 @@ fn check_tail(
              synced data is damaged"
         );
         if config.recovery_mode == RecoveryMode::CutDamagedTail {
-            return Ok(Some(Damage {
-                path: seg.path.clone(),
-                offset: bad,
-                logs: dropped_after(seg, next.unwrap_or(u64::from(write_offset))),
-                detail,
-            }));
+            let mut d = Damage::new(seg.path.clone(), bad, detail);
+            d.logs = dropped_after(seg, next.unwrap_or(u64::from(write_offset)));
+            return Ok(Some(d));
         }
         return Err(Error::corruption(&seg.path, bad, detail));
     }

@@ -3,8 +3,10 @@
 //! damaged record and everything after it dropped, reported by `Engine::damage` (file,
 //! offset, and per log what the dropped valid records held) — and the segment is sealed
 //! at the damaged offset, so a later open (in any mode) never reads the dropped bytes
-//! again and finds no damage. Writing goes on after the cut. Damage in an older segment
-//! is still refused.
+//! again and finds no damage. Writing goes on after the cut. Damage in an older segment,
+//! a truncated segment file and a missing one are cut too (session 6): every log with
+//! entries in the lost range ends before it, the others are untouched, and writes
+//! continue the cut logs across a reopen.
 
 use std::path::{Path, PathBuf};
 
@@ -142,29 +144,81 @@ fn a_flip_followed_by_later_writes_is_cut_reported_and_sealed_off() {
     engine.close().unwrap();
 }
 
-#[test]
-fn damage_in_an_older_segment_is_still_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let engine = Engine::open(config(dir.path(), RecoveryMode::TolerateTornTail)).unwrap();
-        for k in 1..=10u64 {
-            let mut b = WriteBatch::new();
-            b.append(1, k, &payload(1, k));
-            engine.write_blocking(&b).unwrap();
-            if k == 5 {
-                engine.rotate_blocking().unwrap();
-            }
+/// Logs 1 and 2 get entries 1..=10, five per segment (segments 1 and 2); log 3 gets
+/// entries 1..=5 in segment 2 only. With `checkpoint == false` the checkpoint is removed,
+/// so recovery replays every segment.
+fn two_segments(dir: &Path, checkpoint: bool) {
+    let engine = Engine::open(config(dir, RecoveryMode::TolerateTornTail)).unwrap();
+    for k in 1..=10u64 {
+        let mut b = WriteBatch::new();
+        b.append(1, k, &payload(1, k));
+        b.append(2, k, &payload(2, k));
+        if k > 5 {
+            b.append(3, k - 5, &payload(3, k - 5));
         }
-        engine.close().unwrap();
+        engine.write_blocking(&b).unwrap();
+        if k == 5 || (checkpoint && k == 10) {
+            engine.rotate_blocking().unwrap();
+        }
     }
-    // No checkpoint: the first segment is replayed, and later ones hold records.
-    std::fs::remove_file(dir.path().join("checkpoint")).unwrap();
+    engine.close().unwrap();
+    if !checkpoint {
+        std::fs::remove_file(dir.join("checkpoint")).unwrap();
+    }
+}
+
+/// Checks what an older-segment cut left and that writing goes on and survives a reopen.
+fn cut_logs_continue(dir: &Path, held: u64) -> std::sync::Arc<chatlog_storage::Damage> {
+    let engine = Engine::open(config(dir, RecoveryMode::CutDamagedTail)).unwrap();
+    let damage = engine.damage().expect("the cut is reported").clone();
+    for log in [1, 2] {
+        assert_eq!(engine.bounds(log).unwrap().next, held + 1, "log {log}");
+        for k in 1..=held {
+            assert_eq!(engine.get(log, k).unwrap()[..], payload(log, k)[..]);
+        }
+        assert!(
+            engine.get(log, held + 1).is_err(),
+            "the lost range is not served"
+        );
+        assert_eq!(damage.lost_from.get(&log), Some(&(held + 1)), "{damage:?}");
+    }
+    // Log 3 lived in the later segment only: untouched.
+    assert_eq!(engine.bounds(3).unwrap().next, 6);
+    for k in 1..=5 {
+        assert_eq!(engine.get(3, k).unwrap()[..], payload(3, k)[..]);
+    }
+    assert!(!damage.lost_from.contains_key(&3), "{damage:?}");
+    // The cut logs continue where they end now (a replica repairing from its peers).
+    for k in held + 1..=12 {
+        let mut b = WriteBatch::new();
+        b.append(1, k, &payload(1, k + 1000));
+        engine.write_blocking(&b).unwrap();
+    }
+    engine.close().unwrap();
+    // Reopened: the damage may be found again (until a checkpoint covers it), but the
+    // pinned cut keeps what was written since.
+    let engine = Engine::open(config(dir, RecoveryMode::CutDamagedTail)).unwrap();
+    assert_eq!(engine.bounds(1).unwrap().next, 13);
+    for k in held + 1..=12 {
+        assert_eq!(engine.get(1, k).unwrap()[..], payload(1, k + 1000)[..]);
+    }
+    assert_eq!(engine.bounds(2).unwrap().next, held + 1);
+    assert_eq!(engine.bounds(3).unwrap().next, 6);
+    engine.close().unwrap();
+    damage
+}
+
+#[test]
+fn damage_in_an_older_segment_is_cut_and_the_logs_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    two_segments(dir.path(), false);
     let seg = segment_path(dir.path(), 1);
     let (victim, _) = records(&seg)[2];
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[(victim + RECORD_HEADER_BYTES as u64 + 9) as usize] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
-    let err = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail))
+    // Without the cut mode it is refused, naming file and offset.
+    let err = Engine::open(config(dir.path(), RecoveryMode::TolerateTornTail))
         .expect_err("damage before later segments is refused");
     match &err {
         Error::Corruption { file, offset, .. } => {
@@ -172,4 +226,135 @@ fn damage_in_an_older_segment_is_still_refused() {
         }
         other => panic!("{other:?}"),
     }
+    let damage = cut_logs_continue(dir.path(), 2);
+    assert_eq!(
+        (damage.path.as_path(), damage.offset),
+        (seg.as_path(), victim)
+    );
+    // What the dropped and skipped records appended: through index 10.
+    assert_eq!(damage.logs[&1].last_index, Some(10));
+    assert!(!damage.sealed_at_offset);
+}
+
+#[test]
+fn a_truncated_older_segment_is_cut_and_the_logs_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    two_segments(dir.path(), false);
+    let seg = segment_path(dir.path(), 1);
+    let (victim, _) = records(&seg)[3];
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.truncate(victim as usize);
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = Engine::open(config(dir.path(), RecoveryMode::TolerateTornTail))
+        .expect_err("a truncated segment is refused");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    cut_logs_continue(dir.path(), 3);
+}
+
+#[test]
+fn a_missing_segment_is_cut_and_the_logs_continue() {
+    // Covered by the checkpoint: the index names the segment, the file is gone.
+    let dir = tempfile::tempdir().unwrap();
+    two_segments(dir.path(), true);
+    assert!(dir.path().join("checkpoint").exists());
+    std::fs::remove_file(segment_path(dir.path(), 1)).unwrap();
+    let err = Engine::open(config(dir.path(), RecoveryMode::TolerateTornTail))
+        .expect_err("a missing segment is refused");
+    assert!(err.to_string().contains("missing"), "{err}");
+    {
+        let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+        let damage = engine.damage().expect("reported").clone();
+        assert!(damage.detail.contains("missing"), "{damage:?}");
+        // Logs 1 and 2 started in the missing segment: nothing of them is held.
+        for log in [1, 2] {
+            assert_eq!(damage.lost_from.get(&log), Some(&1), "{damage:?}");
+            let b = engine.bounds(log).unwrap();
+            assert!(b.is_empty(), "log {log}: {b:?}");
+        }
+        assert_eq!(engine.bounds(3).unwrap().next, 6);
+        for k in 1..=5 {
+            assert_eq!(engine.get(3, k).unwrap()[..], payload(3, k)[..]);
+        }
+        engine.close().unwrap();
+    }
+    // Not covered by a checkpoint: the later segment's records do not follow on.
+    let dir = tempfile::tempdir().unwrap();
+    two_segments(dir.path(), false);
+    std::fs::remove_file(segment_path(dir.path(), 1)).unwrap();
+    let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+    let damage = engine.damage().expect("reported").clone();
+    for log in [1, 2] {
+        assert!(damage.lost_from.contains_key(&log), "{damage:?}");
+        assert!(
+            engine.bounds(log).is_none_or(|b| b.is_empty()),
+            "log {log} holds nothing it cannot prove dense"
+        );
+        assert!(engine.get(log, 6).is_err());
+    }
+    engine.close().unwrap();
+}
+
+#[test]
+fn a_flip_found_by_a_read_stops_the_log_until_it_is_cut_before_the_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    // The checkpoint covers segment 1: open does not look at its records.
+    two_segments(dir.path(), true);
+    let seg = segment_path(dir.path(), 1);
+    let (victim, _) = records(&seg)[2];
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[(victim + RECORD_HEADER_BYTES as u64 + 9) as usize] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+    assert!(engine.damage().is_none(), "not found at open");
+    assert!(engine.get(1, 2).is_ok());
+    let err = engine
+        .get(1, 3)
+        .expect_err("the damaged entry is never served");
+    assert!(err.is_corruption(), "{err}");
+    // The log is stopped: no reads, no writes.
+    assert!(engine.log_failure(1).is_some());
+    assert!(engine.get(1, 1).is_err());
+    let mut b = WriteBatch::new();
+    b.append(1, 11, &payload(1, 11));
+    assert!(
+        engine.write_blocking(&b).is_err(),
+        "a stopped log takes no writes"
+    );
+    // Cut before the damage, with the owner's meta in the same batch.
+    let mut also = WriteBatch::new();
+    also.put_meta(1, b"synced", &10u64.to_le_bytes());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let cut = rt.block_on(engine.cut_failed_log(1, also)).unwrap();
+    assert_eq!(cut, Some(3));
+    assert!(engine.log_failure(1).is_none());
+    assert_eq!(engine.bounds(1).unwrap().next, 3);
+    assert_eq!(engine.get(1, 2).unwrap()[..], payload(1, 2)[..]);
+    assert!(engine.get(1, 3).is_err());
+    assert_eq!(
+        engine.meta(1, b"synced").as_deref(),
+        Some(&10u64.to_le_bytes()[..])
+    );
+    // Log 2 shares the damaged record: stopped only once a read finds it.
+    assert!(engine.get(2, 3).unwrap_err().is_corruption());
+    assert_eq!(
+        rt.block_on(engine.cut_failed_log(2, WriteBatch::new()))
+            .unwrap(),
+        Some(3)
+    );
+    // Writing goes on where the logs end, and survives a reopen.
+    for k in 3..=12u64 {
+        let mut b = WriteBatch::new();
+        b.append(1, k, &payload(1, k + 1000));
+        engine.write_blocking(&b).unwrap();
+    }
+    engine.close().unwrap();
+    let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
+    assert_eq!(engine.bounds(1).unwrap().next, 13);
+    assert_eq!(engine.bounds(2).unwrap().next, 3);
+    for k in 3..=12 {
+        assert_eq!(engine.get(1, k).unwrap()[..], payload(1, k + 1000)[..]);
+    }
+    engine.close().unwrap();
 }
