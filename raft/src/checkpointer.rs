@@ -77,20 +77,24 @@ impl Checkpointer {
     /// Reports how the last background write ended, once it has: `Err` is that write's
     /// storage error (fatal for the group, as a synchronous one was).
     pub fn poll_finished(&mut self) -> Result<(), Error> {
-        if !self.in_flight.as_ref().is_some_and(JoinHandle::is_finished) {
-            return Ok(());
-        }
-        let Some(task) = self.in_flight.take() else {
+        let Some(task) = self.in_flight.as_mut() else {
             return Ok(());
         };
-        // The task has finished: this does not wait.
-        match futures_util::FutureExt::now_or_never(task) {
-            Some(Ok(result)) => result,
-            Some(Err(join)) => Err(Error::Inconsistent {
+        if !task.is_finished() {
+            return Ok(());
+        }
+        // The task has finished, so this does not wait; it may still be `None` when the
+        // calling task's cooperative budget is spent: the handle stays for next time.
+        let Some(joined) = futures_util::FutureExt::now_or_never(&mut *task) else {
+            return Ok(());
+        };
+        self.in_flight = None;
+        match joined {
+            Ok(result) => result,
+            Err(join) => Err(Error::Inconsistent {
                 group: self.group,
                 detail: format!("the checkpoint task ended abnormally: {join}"),
             }),
-            None => Ok(()),
         }
     }
 
