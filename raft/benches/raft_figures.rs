@@ -515,12 +515,15 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
     let mut next = 0u64;
     let mut in_flight = FuturesUnordered::new();
     let mut hist = Histogram::<u64>::new(3).expect("hist");
-    // Per LATE_WINDOW_MS of intended send time: posts, posts later than LATE_US, the
-    // latest (µs). Tells a stall (a few windows) from a spread (all of them).
     // How late each post was asked of the server against its intended time: the load
     // generator's own share of the latency (it runs on the same cores).
     let mut issued_late = Histogram::<u64>::new(3).expect("hist");
+    // Per LATE_WINDOW_MS of intended send time: posts, posts later than LATE_US, the
+    // latest (µs). Tells a stall (a few windows) from a spread (all of them).
     let mut windows = vec![(0u64, 0u64, 0u64); (secs as usize * 1000) / LATE_WINDOW_MS + 2];
+    let far = t0 + Duration::from_secs(secs + 3600);
+    let sleep = tokio::time::sleep_until(t0.into());
+    tokio::pin!(sleep);
     while next < total || !in_flight.is_empty() {
         if next < total && due(next) <= Instant::now() {
             let now = Instant::now();
@@ -541,11 +544,12 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
             }
             continue;
         }
-        let wake = if next < total {
-            due(next)
-        } else {
-            Instant::now() + Duration::from_secs(3600)
-        };
+        let wake = tokio::time::Instant::from_std(if next < total { due(next) } else { far });
+        // One timer, moved only when the next send time changes: a completion (one per
+        // post) does not register a new one.
+        if sleep.deadline() != wake {
+            sleep.as_mut().reset(wake);
+        }
         tokio::select! {
             Some((i, us, late)) = in_flight.next(), if !in_flight.is_empty() => {
                 hist.record(us).expect("record");
@@ -557,7 +561,7 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
                     w.2 = w.2.max(us);
                 }
             }
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = &mut sleep => {}
         }
     }
     let retries = retries.load(Ordering::Relaxed);
