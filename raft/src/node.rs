@@ -51,7 +51,7 @@ pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 /// commands per entry, and openraft's cost is per entry: with 64, 2,048 posts in flight
 /// over 16 groups packed 2.3 posts per entry and ran at ~180,000 posts/s; with 2 they
 /// pack ~40 per entry and ran at ~180,000–320,000 posts/s on the same (noisy) machine
-/// (`benches/raft_figures.rs` prints the ratio).
+/// (`raft/benches/raft_figures.rs` prints the ratio).
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
 /// Groups started per wave at startup.
 const START_WAVE_GROUPS: usize = 32;
@@ -243,6 +243,12 @@ impl Group {
         &self.commit_latency
     }
 
+    /// Per entry, how long its first command queued before the batcher took it (the
+    /// part of a post's latency before `commit_latency`).
+    pub fn queue_latency(&self) -> &chatlog_storage::Histogram {
+        self.proposals.0.wait_latency()
+    }
+
     // ---- ops metrics (issue 7) ----
     /// An estimate of this replica's bytes on disk: the live share of segment bytes of
     /// the group's engine logs (Raft log, checkpoints, snapshot staging), see
@@ -276,9 +282,15 @@ impl Group {
     /// [`Group::propose`], also returning the Raft index of the entry that carried the
     /// command (a replica that has applied it sees the command's effect).
     pub async fn propose_indexed(&self, command: Command) -> Result<(Outcome, u64), ProposeError> {
+        self.propose_command(&command).await
+    }
+
+    /// [`Group::propose_indexed`] of a borrowed command (it is encoded into the entry
+    /// where it queues, so the caller's value need not be cloned or given up).
+    pub async fn propose_command(&self, command: &Command) -> Result<(Outcome, u64), ProposeError> {
         self.proposals
             .0
-            .propose(&command)
+            .propose(command)
             .await
             .map_err(|e| self.with_storage_cause(e))
     }
@@ -1226,25 +1238,49 @@ impl Node {
     /// post with its client message id).
     pub async fn propose(&self, g: GroupId, command: Command) -> Result<Outcome, ProposeError> {
         let me = self.config.node_id;
-        let hosted = self.read_groups().contains_key(&g);
+        let local = self.group(g);
+        let hosted = local.is_some();
+        // The common case, the local replica leads: the command is encoded straight from
+        // the caller's value (no clone) and no list of other replicas is built.
+        let mut hint = None;
+        if let Some(group) = &local
+            && group.leader() == Some(me)
+        {
+            match group.propose_command(&command).await {
+                // It lost the lead meanwhile: follow the hint, as the loop below does.
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                    ..
+                }) if leader != me => hint = Some(leader),
+                other => return other.map(|(o, _)| o),
+            }
+        }
+        drop(local);
         let mut candidates: Vec<NodeId> = self
             .replicas_of(g)
             .into_iter()
             .filter(|n| *n != me)
             .collect();
         candidates.reverse();
-        let mut next = hosted.then_some(me);
-        let mut last = ProposeError::Unavailable {
-            group: g,
-            detail: "no replica of the group could be asked".into(),
+        let mut next = hint.or(hosted.then_some(me));
+        let mut last = match hint {
+            Some(leader) => ProposeError::NotLeader {
+                group: g,
+                leader: Some(leader),
+            },
+            None => ProposeError::Unavailable {
+                group: g,
+                detail: "no replica of the group could be asked".into(),
+            },
         };
-        for _ in 0..=FORWARD_HOPS_MAX {
+        // The local attempt above, if it was made, counts as the first hop.
+        for _ in usize::from(hint.is_some())..=FORWARD_HOPS_MAX {
             let Some(target) = next.take().or_else(|| candidates.pop()) else {
                 break;
             };
             let result = if target == me {
                 match self.group(g) {
-                    Some(group) => group.propose(command.clone()).await,
+                    Some(group) => group.propose_command(&command).await.map(|(o, _)| o),
                     None => continue,
                 }
             } else {

@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
@@ -76,6 +77,8 @@ pub struct OpenEntry {
     buf: Vec<u8>,
     commands: usize,
     slot: Arc<Slot>,
+    /// When its first command arrived: the longest a command of it waited to be taken.
+    opened: Instant,
 }
 
 impl OpenEntry {
@@ -87,6 +90,7 @@ impl OpenEntry {
             buf,
             commands: 0,
             slot: Arc::default(),
+            opened: Instant::now(),
         }
     }
 
@@ -156,6 +160,10 @@ pub struct ProposalQueue {
     /// One permit per command that may still be queued ([`PROPOSE_QUEUE_MAX`]); a
     /// proposer takes one, the batcher returns an entry's worth when it takes the entry.
     room: Semaphore,
+    /// Per entry taken by the batcher, how long its first command waited to be taken:
+    /// the queueing part of a post's latency (the rest is the entry's propose-to-applied
+    /// time, `Group::commit_latency`).
+    wait_latency: chatlog_storage::Histogram,
 }
 
 impl ProposalQueue {
@@ -166,6 +174,7 @@ impl ProposalQueue {
             pending: Mutex::default(),
             ready: Notify::new(),
             room: Semaphore::new(PROPOSE_QUEUE_MAX),
+            wait_latency: chatlog_storage::Histogram::default(),
         }
     }
 
@@ -180,6 +189,11 @@ impl ProposalQueue {
             group: self.group,
             detail: "the group is stopped".into(),
         }
+    }
+
+    /// Per entry, how long its first command waited for the batcher to take it.
+    pub fn wait_latency(&self) -> &chatlog_storage::Histogram {
+        &self.wait_latency
     }
 
     /// Commands queued and not yet taken by the batcher.
@@ -242,6 +256,7 @@ impl ProposalQueue {
                 let mut p = self.lock();
                 if let Some(entry) = p.entries.pop_front() {
                     drop(p);
+                    self.wait_latency.record(entry.opened.elapsed());
                     self.room.add_permits(entry.commands);
                     return Some(entry);
                 }

@@ -6,8 +6,9 @@
 //! id and membership, durable checkpoints of the whole state in the group's checkpoint
 //! log, and snapshots. It shares the state with readers through [`GroupShared`], so a
 //! history read never queues behind `apply`. What it must not do: wait for an fdatasync
-//! on the common path (only a checkpoint, every [`SmConfig::checkpoint_every_entries`]
-//! entries, waits), or reorder entries.
+//! in `apply` (the periodic checkpoint, every [`SmConfig::checkpoint_every_entries`]
+//! entries, is encoded there and written by `crate::checkpointer` in the background), or
+//! reorder entries.
 //!
 //! Checkpoints. The state is encoded (`GroupState::encode`) into the engine log
 //! `ids::checkpoint_log(g)` as chunks, then one batch sets the meta key
@@ -54,6 +55,7 @@ use tokio::sync::watch;
 
 use crate::chat::retention::RetentionPolicy;
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
+use crate::checkpointer::{Checkpointer, Reservation};
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::Error;
@@ -251,6 +253,9 @@ pub struct ChatStateMachine {
     current_snapshot: CurrentSnapshot,
     /// The group's log, for the entries a snapshot carries (`None`: state only).
     log: Option<LogReader>,
+    /// Writes the periodic checkpoint off the apply path; its lock orders every
+    /// checkpoint write of the group (`crate::checkpointer`).
+    checkpointer: Checkpointer,
 }
 
 impl ChatStateMachine {
@@ -300,6 +305,7 @@ impl ChatStateMachine {
                 checkpointed: applied_index.into(),
             }),
             log: None,
+            checkpointer: Checkpointer::new(group),
             applied_since_checkpoint: 0,
             current_snapshot: CurrentSnapshot::default(),
         })
@@ -327,15 +333,38 @@ impl ChatStateMachine {
         Bytes::from(self.header.encode_with(&state))
     }
 
-    /// Writes the current state as the group's checkpoint and waits until it is durable.
+    /// Writes the current state as the group's checkpoint and waits until it is durable
+    /// (after any background checkpoint in flight).
     pub async fn checkpoint(&mut self) -> Result<(), Error> {
+        self.checkpointer.finish().await?;
         let bytes = self.encode_snapshot();
         self.write_checkpoint(&bytes).await?;
         self.applied_since_checkpoint = 0;
         Ok(())
     }
 
+    /// Encodes the state at the applied index and has `crate::checkpointer` write it in
+    /// the background; if a checkpoint write is still going, tries again after the next
+    /// entries. Reports a failed earlier background write (fatal for the group).
+    fn checkpoint_in_background(&mut self) -> Result<(), Error> {
+        let Reservation::Free(guard) = self.checkpointer.reserve()? else {
+            return Ok(());
+        };
+        let bytes = self.encode_snapshot();
+        let applied = self.header.last_applied.map_or(0, |l| l.index);
+        let (engine, shared, group) = (Arc::clone(&self.engine), self.shared(), self.group);
+        self.checkpointer.start(guard, async move {
+            write_checkpoint_bytes(&engine, group, &bytes).await?;
+            shared.set_checkpointed(applied);
+            Ok(())
+        });
+        self.applied_since_checkpoint = 0;
+        Ok(())
+    }
+
     async fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
+        // After any background checkpoint: the pointer only moves forward.
+        let _writing = self.checkpointer.lock().lock().await;
         write_checkpoint_bytes(&self.engine, self.group, bytes).await?;
         let applied = checkpoint_header(bytes)
             .ok()
@@ -667,7 +696,9 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             }
         }
         if self.applied_since_checkpoint >= self.config.checkpoint_every_entries {
-            self.checkpoint().await?;
+            self.checkpoint_in_background()?;
+        } else {
+            self.checkpointer.poll_finished()?;
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ use crate::chat::command::{
     ChatKind, Command, Outcome, RefusalCode, Role, TokenHash, kind_byte, kind_from, role_byte,
     role_from,
 };
+use crate::chat::key_hash::KeyHashBuilder;
 use crate::chat::media::MediaState;
 use crate::chat::retention::EventIndex;
 use crate::chat::secret::SecretState;
@@ -250,7 +251,9 @@ struct DedupeKey {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Dedupe {
     order: VecDeque<(u64, DedupeKey)>,
-    seqs: HashMap<DedupeKey, (u64, u64)>,
+    /// Looked up and inserted once per post: a cheap fixed hasher (`key_hash.rs`); its
+    /// iteration order is never used (the encoding walks `order`).
+    seqs: HashMap<DedupeKey, (u64, u64), KeyHashBuilder>,
 }
 
 impl Dedupe {

@@ -2,7 +2,8 @@
 //! 256-byte posts to 1,000 chats spread over 16 groups, through `Node` and its proposal
 //! batcher, every post acknowledged only after it is durable and applied.
 //!
-//! `cargo bench --bench raft_figures -- [r1] [r3]`:
+//! `cargo bench -p chatlog-raft --bench raft_figures -- [r1] [r3]` (a bench of this crate,
+//! so a change to the core rebuilds only the core before a run):
 //! - `r1`: one node, replication factor 1, in this process.
 //! - `r3`: three nodes in this process, each with its own engine and data directory,
 //!   talking over the real TCP transport on 127.0.0.1 (replication factor 3). One process
@@ -291,7 +292,7 @@ async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
             name: format!("bench{g}"),
             login_token_hash: [0; 32],
         };
-        match propose_retrying(&groups, &cluster.nodes, g, &retries, make).await {
+        match propose_retrying(&groups, &cluster.nodes, g, &retries, &make()).await {
             Outcome::UserCreated { user } => users.push(user),
             o => panic!("{o:?}"),
         }
@@ -306,7 +307,7 @@ async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
             title: format!("chat {i}"),
             members: vec![],
         };
-        match propose_retrying(&groups, &cluster.nodes, g, &retries, make).await {
+        match propose_retrying(&groups, &cluster.nodes, g, &retries, &make()).await {
             Outcome::Event { chat, .. } => chats.push((chat, g, user)),
             o => panic!("{o:?}"),
         }
@@ -314,23 +315,42 @@ async fn setup(cluster: &Cluster) -> Vec<(u64, u64, u64)> {
     chats
 }
 
-/// A 256-byte text whose first digits are `i` (cheap: the client's cost is not the
-/// server's).
+/// A 256-byte text whose first digits are `i`.
 fn text(i: u64) -> String {
-    const FILL: &str = "abcdefghijklmnopqrstuvwxyz";
     let mut s = String::with_capacity(TEXT_BYTES);
-    s.push_str(&i.to_string());
+    set_text(&mut s, i);
+    s
+}
+
+/// Rewrites `s` as [`text`]`(i)` in place: a worker reuses one post (the client's cost
+/// is not the server's; the server encodes the post into its entry from a reference).
+fn set_text(s: &mut String, i: u64) {
+    use std::fmt::Write;
+    const FILL: &str = "abcdefghijklmnopqrstuvwxyz";
+    s.clear();
+    let _ = write!(s, "{i}");
     while s.len() < TEXT_BYTES {
         let n = (TEXT_BYTES - s.len()).min(FILL.len());
         s.push_str(&FILL[..n]);
     }
-    s
+}
+
+/// A post of `sender` to `chat` with client message id `id` and [`text`]`(id)`.
+fn post(chat: u64, sender: u64, id: u64) -> Command {
+    Command::Post {
+        chat,
+        sender,
+        client_message_id: id,
+        text: text(id),
+        media: None,
+        reply_to: 0,
+    }
 }
 
 /// Tries a bench post may make after a leader change (20 ms apart) before the run fails.
 const POST_TRIES_MAX: usize = 500;
 
-/// Proposes the command `make` builds to group `g` through `groups` (each group's
+/// Proposes `command` to group `g` through `groups` (each group's
 /// replica on its leader at the start); after a failure (a leader change on a loaded
 /// host) asks the group's current leader again with the same command, so the same
 /// client message id: the post is applied at most once (a repeat answers the original
@@ -340,9 +360,9 @@ async fn propose_retrying(
     nodes: &[Arc<Node>],
     g: u64,
     retries: &AtomicU64,
-    make: impl Fn() -> Command,
+    command: &Command,
 ) -> Outcome {
-    if let Ok(o) = groups[(g - 1) as usize].propose(make()).await {
+    if let Ok((o, _)) = groups[(g - 1) as usize].propose_command(command).await {
         return o;
     }
     for _ in 0..POST_TRIES_MAX {
@@ -355,13 +375,18 @@ async fn propose_retrying(
             .and_then(|id| nodes.iter().find(|n| n.node_id() == id))
             .and_then(|n| n.group(g));
         if let Some(group) = group
-            && let Ok(o) = group.propose(make()).await
+            && let Ok((o, _)) = group.propose_command(command).await
         {
             return o;
         }
     }
     panic!("group {g}: no leader took a post in {POST_TRIES_MAX} tries");
 }
+
+/// Window of the open loop's lateness timeline (ms of intended send time).
+const LATE_WINDOW_MS: usize = 100;
+/// A post later than this (µs) counts as late in the timeline: the p99 target.
+const LATE_US: u64 = 5_000;
 
 struct Run {
     posts_per_sec: f64,
@@ -377,7 +402,6 @@ async fn closed_loop(
 ) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
     let next_id = Arc::new(AtomicU64::new(1));
     let leaders: Vec<_> = (1..=GROUPS).map(|g| cluster.leader_of(g)).collect();
     // Each group's replica on its leader, looked up once (the client's cost is not the
@@ -394,36 +418,41 @@ async fn closed_loop(
     for w in 0..inflight {
         let stop = Arc::clone(&stop);
         let measuring = Arc::clone(&measuring);
-        let done = Arc::clone(&done);
         let next_id = Arc::clone(&next_id);
         let chats = Arc::clone(&chats);
         let groups = Arc::clone(&groups);
         let nodes = Arc::clone(&nodes);
         let retries = Arc::clone(&retries);
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new(3).expect("hist");
+            // Latencies (µs) as plain values, merged into one histogram at the end: 2,048
+            // histograms of ~0.25 MB each cost the client cache misses and page faults
+            // (3.5% of a run's samples in the session-6 profile).
+            let mut latencies_us: Vec<u32> = Vec::with_capacity(1 << 12);
             let mut k = w as usize * 7919;
+            let mut command = post(0, 0, 0);
             while !stop.load(Ordering::Relaxed) {
                 k = (k + 104_729) % chats.len();
-                let (chat, g, sender) = chats[k];
+                let (to, g, from) = chats[k];
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                let out = propose_retrying(&groups, &nodes, g, &retries, || Command::Post {
+                if let Command::Post {
                     chat,
                     sender,
-                    client_message_id: id,
-                    text: text(id),
-                    media: None,
-                    reply_to: 0,
-                })
-                .await;
+                    client_message_id,
+                    text,
+                    ..
+                } = &mut command
+                {
+                    (*chat, *sender, *client_message_id) = (to, from, id);
+                    set_text(text, id);
+                }
+                let t = Instant::now();
+                let out = propose_retrying(&groups, &nodes, g, &retries, &command).await;
                 assert!(matches!(out, Outcome::Event { .. }), "{out:?}");
                 if measuring.load(Ordering::Relaxed) {
-                    hist.record(t.elapsed().as_micros() as u64).expect("record");
-                    done.fetch_add(1, Ordering::Relaxed);
+                    latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 }
             }
-            hist
+            latencies_us
         }));
     }
     let applied = |leaders: &[Arc<Node>]| -> u64 {
@@ -446,18 +475,20 @@ async fn closed_loop(
     measuring.store(false, Ordering::Relaxed);
     let entries = applied(&leaders) - entries0;
     let elapsed = t0.elapsed().as_secs_f64();
-    let posts = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3).expect("hist");
+    for t in tasks {
+        for us in t.await.expect("worker") {
+            hist.record(u64::from(us)).expect("record");
+        }
+    }
+    let posts = hist.len();
     eprintln!(
         "  {entries} entries applied: {:.0} entries/s, {:.1} posts per entry, {} posts asked again after a leader change",
         entries as f64 / elapsed,
         posts as f64 / entries.max(1) as f64,
         retries.load(Ordering::Relaxed),
     );
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new(3).expect("hist");
-    for t in tasks {
-        hist.add(t.await.expect("worker")).expect("merge");
-    }
     Run {
         posts_per_sec: posts as f64 / elapsed,
         hist,
@@ -484,6 +515,15 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
     let mut next = 0u64;
     let mut in_flight = FuturesUnordered::new();
     let mut hist = Histogram::<u64>::new(3).expect("hist");
+    // How late each post was asked of the server against its intended time: the load
+    // generator's own share of the latency (it runs on the same cores).
+    let mut issued_late = Histogram::<u64>::new(3).expect("hist");
+    // Per LATE_WINDOW_MS of intended send time: posts, posts later than LATE_US, the
+    // latest (µs). Tells a stall (a few windows) from a spread (all of them).
+    let mut windows = vec![(0u64, 0u64, 0u64); (secs as usize * 1000) / LATE_WINDOW_MS + 2];
+    let far = t0 + Duration::from_secs(secs + 3600);
+    let sleep = tokio::time::sleep_until(t0.into());
+    tokio::pin!(sleep);
     while next < total || !in_flight.is_empty() {
         if next < total && due(next) <= Instant::now() {
             let now = Instant::now();
@@ -492,38 +532,68 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
                 let (chat, g, sender) = chats[k];
                 let i = next;
                 let (groups, nodes, retries) = (&groups, &nodes, &retries);
+                let command = post(chat, sender, base_id + i);
                 in_flight.push(async move {
-                    propose_retrying(groups, nodes, g, retries, || Command::Post {
-                        chat,
-                        sender,
-                        client_message_id: base_id + i,
-                        text: text(i),
-                        media: None,
-                        reply_to: 0,
-                    })
-                    .await;
-                    due(i).elapsed().as_micros() as u64
+                    // First polled: when the post reaches the server's queue.
+                    let asked = Instant::now();
+                    propose_retrying(groups, nodes, g, retries, &command).await;
+                    let late = asked.saturating_duration_since(due(i)).as_micros() as u64;
+                    (i, due(i).elapsed().as_micros() as u64, late)
                 });
                 next += 1;
             }
             continue;
         }
-        let wake = if next < total {
-            due(next)
-        } else {
-            Instant::now() + Duration::from_secs(3600)
-        };
+        let wake = tokio::time::Instant::from_std(if next < total { due(next) } else { far });
+        // One timer, moved only when the next send time changes: a completion (one per
+        // post) does not register a new one.
+        if sleep.deadline() != wake {
+            sleep.as_mut().reset(wake);
+        }
         tokio::select! {
-            Some(us) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((i, us, late)) = in_flight.next(), if !in_flight.is_empty() => {
                 hist.record(us).expect("record");
+                issued_late.record(late).expect("record");
+                let w = &mut windows[(i as f64 / rate * 1000.0) as usize / LATE_WINDOW_MS];
+                w.0 += 1;
+                if us > LATE_US {
+                    w.1 += 1;
+                    w.2 = w.2.max(us);
+                }
             }
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = &mut sleep => {}
         }
     }
     let retries = retries.load(Ordering::Relaxed);
     if retries > 0 {
         eprintln!("  open loop: {retries} posts asked again after a leader change");
     }
+    let late: Vec<String> = windows
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.1 > 0)
+        .map(|(k, w)| {
+            format!(
+                "{:.1}s:{}/{}<={:.0}ms",
+                (k * LATE_WINDOW_MS) as f64 / 1000.0,
+                w.1,
+                w.0,
+                ms(w.2)
+            )
+        })
+        .collect();
+    eprintln!(
+        "  open loop: posts asked of the server late by p50 {:.2} ms, p99 {:.2} ms (the load generator's share)",
+        ms(issued_late.value_at_quantile(0.5)),
+        ms(issued_late.value_at_quantile(0.99)),
+    );
+    eprintln!(
+        "  open loop: {} of {} windows of {LATE_WINDOW_MS} ms had posts later than {} ms (start: late/posts<=worst): {}",
+        late.len(),
+        windows.iter().filter(|w| w.0 > 0).count(),
+        LATE_US / 1000,
+        late.iter().take(24).cloned().collect::<Vec<_>>().join(" ")
+    );
     Run {
         posts_per_sec: total as f64 / t0.elapsed().as_secs_f64(),
         hist,
@@ -552,10 +622,12 @@ fn window_quantiles(
 }
 
 /// Fixed-bucket histograms that explain a run's latency: each engine's write +
-/// fdatasync, and each entry's propose-to-applied time on its leader (merged).
+/// fdatasync, each entry's propose-to-applied time on its leader, and how long each
+/// entry's first post queued before the batcher took it (merged).
 fn latency_parts(
     cluster: &Cluster,
 ) -> (
+    chatlog_storage::HistogramSnapshot,
     chatlog_storage::HistogramSnapshot,
     chatlog_storage::HistogramSnapshot,
 ) {
@@ -589,7 +661,19 @@ fn latency_parts(
             })
             .collect(),
     );
-    (sync, commit)
+    let queue = merge(
+        (1..=GROUPS)
+            .map(|g| {
+                cluster
+                    .leader_of(g)
+                    .group(g)
+                    .expect("group")
+                    .queue_latency()
+                    .snapshot()
+            })
+            .collect(),
+    );
+    (sync, commit, queue)
 }
 
 fn ms(us: u64) -> f64 {
@@ -625,13 +709,14 @@ async fn scenario(name: &str, replicas: usize) {
                 .ok()
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(median / 2.0);
-            let (sync0, commit0) = latency_parts(&cluster);
+            let (sync0, commit0, queue0) = latency_parts(&cluster);
             let run = open_loop(&cluster, &chats, secs, rate).await;
-            let (sync1, commit1) = latency_parts(&cluster);
+            let (sync1, commit1, queue1) = latency_parts(&cluster);
             let (s50, s99) = window_quantiles(&sync0, &sync1);
             let (c50, c99) = window_quantiles(&commit0, &commit1);
+            let (q50, q99) = window_quantiles(&queue0, &queue1);
             eprintln!(
-                "{name} half load {rate:.0}/s: posts p50 {:.2} ms, p99 {:.2} ms; entry propose-to-applied p50 <= {c50} ms, p99 <= {c99} ms; write + fdatasync p50 <= {s50} ms, p99 <= {s99} ms ({} syncs)",
+                "{name} half load {rate:.0}/s: posts p50 {:.2} ms, p99 {:.2} ms; entry's first post queued p50 <= {q50} ms, p99 <= {q99} ms; entry propose-to-applied p50 <= {c50} ms, p99 <= {c99} ms; write + fdatasync p50 <= {s50} ms, p99 <= {s99} ms ({} syncs)",
                 ms(run.hist.value_at_quantile(0.5)),
                 ms(run.hist.value_at_quantile(0.99)),
                 sync1.count - sync0.count,
