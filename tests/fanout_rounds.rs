@@ -93,7 +93,10 @@ impl Received {
 /// Receives pushes until every chat of `heads` has reached its head.
 async fn receive_all(pushes: &mut PushReceiver, heads: &HashMap<u64, u64>) -> Received {
     let mut received = Received::default();
-    while heads.iter().any(|(chat, head)| received.head(*chat) < *head) {
+    while heads
+        .iter()
+        .any(|(chat, head)| received.head(*chat) < *head)
+    {
         let item = tokio::time::timeout(WAIT, pushes.recv())
             .await
             .unwrap_or_else(|_| {
@@ -182,10 +185,7 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
                 (1..=*head).collect::<Vec<_>>(),
                 "{who}, chat {chat}"
             );
-            assert!(matches!(
-                copy[&1].body,
-                Some(event::Body::ChatCreated(_))
-            ));
+            assert!(matches!(copy[&1].body, Some(event::Body::ChatCreated(_))));
             for (seq, e) in copy.range(2..) {
                 let Some(event::Body::MessagePosted(m)) = &e.body else {
                     panic!("{who}, chat {chat} seq {seq}: {e:?}");
@@ -205,7 +205,9 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
         .call(v1::request::Kind::Ping(v1::PingRequest { nonce: 1 }))
         .await
         .expect("ping");
-    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), carol_pushes.recv()).await {
+    while let Ok(Some(item)) =
+        tokio::time::timeout(Duration::from_millis(200), carol_pushes.recv()).await
+    {
         if let PushItem::Push {
             push: push::Kind::ChatEvents(ev),
             ..

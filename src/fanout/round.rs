@@ -96,8 +96,14 @@ impl Hub {
                     tracing::warn!(%error, "fan-out: a batched read failed; reading chat by chat");
                 }
                 for p in &batch {
-                    self.push_chat(group, p.news.chat, p.news.from, p.news.to, &p.news.recipients)
-                        .await;
+                    self.push_chat(
+                        group,
+                        p.news.chat,
+                        p.news.from,
+                        p.news.to,
+                        &p.news.recipients,
+                    )
+                    .await;
                 }
                 return;
             }

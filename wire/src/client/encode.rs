@@ -123,7 +123,10 @@ mod tests {
         });
         let mut dst = BytesMut::from(&b"kept"[..]);
         let error = encode_request(1, &kind, 100, &mut dst).unwrap_err();
-        assert!(matches!(error, crate::Error::FrameTooLarge { max: 100, .. }), "{error}");
+        assert!(
+            matches!(error, crate::Error::FrameTooLarge { max: 100, .. }),
+            "{error}"
+        );
         assert_eq!(&dst[..], b"kept");
         assert!(owned(1, &kind, 100).is_err());
     }
