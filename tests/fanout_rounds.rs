@@ -6,7 +6,9 @@
 //! one pass over the log (`src/fanout/round.rs`). Every online device of a member must
 //! still get every event of every chat exactly once, in seq order, with no gap, each
 //! push holding one chat's events, each event the text that was sent with that seq; a
-//! device of a non-member gets none of them.
+//! device gets nothing of a chat its user is not a member of. Each group holds chats of
+//! two member sets, so events handed to the wrong chat's recipients in a batched read
+//! would reach a non-member.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -90,7 +92,8 @@ impl Received {
     }
 }
 
-/// Receives pushes until every chat of `heads` has reached its head.
+/// Receives pushes until every chat of `heads` has reached its head; a `ChatEvents` push
+/// of any other chat fails the test (this device's user is not a member there).
 async fn receive_all(pushes: &mut PushReceiver, heads: &HashMap<u64, u64>) -> Received {
     let mut received = Received::default();
     while heads
@@ -112,7 +115,14 @@ async fn receive_all(pushes: &mut PushReceiver, heads: &HashMap<u64, u64>) -> Re
             PushItem::Push {
                 request_id: 0,
                 push: push::Kind::ChatEvents(ev),
-            } => received.take(ev.events),
+            } => {
+                let chat = ev.events.first().map_or(0, |e| e.chat_id);
+                assert!(
+                    heads.contains_key(&chat),
+                    "a push of chat {chat}, whose members this user is not among: {ev:?}"
+                );
+                received.take(ev.events);
+            }
             PushItem::Push { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
@@ -128,21 +138,39 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
 
     let (_alice, alice_phone, mut alice_pushes) = new_user_device(&addr, "alice").await;
     let (bob, _bob_phone, mut bob_pushes) = new_user_device(&addr, "bob").await;
-    let (_carol, carol_phone, mut carol_pushes) = new_user_device(&addr, "carol").await;
+    let (carol, _carol_phone, mut carol_pushes) = new_user_device(&addr, "carol").await;
+    let (_dave, dave_phone, mut dave_pushes) = new_user_device(&addr, "dave").await;
 
+    // Alice is in every chat; bob in chats 0-3, 8-11, …, carol in 4-7, 12-15, …: new
+    // chats go to the server's 4 groups in turn, so each group holds chats of both
+    // member sets (checked below), and one batched read covers both.
+    let bobs = |i: usize| (i / 4) % 2 == 0;
     let mut chats = Vec::new();
-    for i in 0..CHATS {
+    for i in 0..CHATS as usize {
         let chat = alice_phone
             .create_chat(v1::CreateChatRequest {
                 kind: v1::ChatKind::Group.into(),
                 title: format!("round {i}"),
-                member_ids: vec![bob],
+                member_ids: vec![if bobs(i) { bob } else { carol }],
             })
             .await
             .expect("chat created")
             .chat_id;
         chats.push(chat);
     }
+    let groups_of = |bob_side: bool| -> std::collections::BTreeSet<u64> {
+        chats
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bobs(*i) == bob_side)
+            .map(|(_, chat)| chatlog_raft::chat::group_of(*chat))
+            .collect()
+    };
+    assert_eq!(
+        groups_of(true),
+        groups_of(false),
+        "every group holds chats of both member sets"
+    );
 
     // Every chat at once, each chat's posts in order: (chat, seq) → text sent.
     let mut posting = Vec::new();
@@ -174,9 +202,22 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
         heads.insert(chat, sent.last().expect("posted").0);
         texts.extend(sent.into_iter().map(|(seq, text)| ((chat, seq), text)));
     }
+    let member_heads = |bob_side: bool| -> HashMap<u64, u64> {
+        chats
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bobs(*i) == bob_side)
+            .map(|(_, chat)| (*chat, heads[chat]))
+            .collect()
+    };
 
-    // Both members' devices: every chat, every seq once and in order, the right text.
-    for (who, pushes) in [("alice", &mut alice_pushes), ("bob", &mut bob_pushes)] {
+    // Every member's device: each of its chats, every seq once and in order, the right
+    // text, and nothing of the other chats.
+    for (who, pushes, heads) in [
+        ("alice", &mut alice_pushes, heads.clone()),
+        ("bob", &mut bob_pushes, member_heads(true)),
+        ("carol", &mut carol_pushes, member_heads(false)),
+    ] {
         let received = receive_all(pushes, &heads).await;
         for (chat, head) in &heads {
             let copy = &received.chats[chat];
@@ -201,12 +242,12 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
 
     // A non-member's device got none of it (a ping's answer after the posts proves its
     // connection is read up to here: pushes before it have arrived).
-    carol_phone
+    dave_phone
         .call(v1::request::Kind::Ping(v1::PingRequest { nonce: 1 }))
         .await
         .expect("ping");
     while let Ok(Some(item)) =
-        tokio::time::timeout(Duration::from_millis(200), carol_pushes.recv()).await
+        tokio::time::timeout(Duration::from_millis(200), dave_pushes.recv()).await
     {
         if let PushItem::Push {
             push: push::Kind::ChatEvents(ev),
