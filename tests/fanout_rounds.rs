@@ -144,7 +144,7 @@ async fn a_round_over_many_chats_pushes_each_chat_dense_in_order_and_once() {
     // Alice is in every chat; bob in chats 0-3, 8-11, …, carol in 4-7, 12-15, …: new
     // chats go to the server's 4 groups in turn, so each group holds chats of both
     // member sets (checked below), and one batched read covers both.
-    let bobs = |i: usize| (i / 4) % 2 == 0;
+    let bobs = |i: usize| (i / 4).is_multiple_of(2);
     let mut chats = Vec::new();
     for i in 0..CHATS as usize {
         let chat = alice_phone
