@@ -57,6 +57,9 @@ pub use remote::{
 mod secret;
 pub use secret::SECRET_TICK_INTERVAL;
 
+mod round;
+pub use round::FANOUT_ROUND_EVENTS_MAX;
+
 /// Events read from the log per read by a watcher (one `read_commands` call), and the
 /// most events in one `ChatEvents` push. Why: a history page's worth; pushes are also cut
 /// at [`PAGE_BYTES_MAX`] so that any push fits in one frame.
@@ -647,11 +650,9 @@ async fn watch_group(
         {
             let Some(hub) = hub.upgrade() else { return };
             let news = hub.news(&group, covered, u64::MAX, news::Audience::OnlineHere);
+            // Every chat's pushes of the round, each log entry read once (`round.rs`).
+            hub.push_chats(&group, &news.chats).await;
             for c in &news.chats {
-                if !c.recipients.is_empty() {
-                    hub.push_chat(&group, c.chat, c.from, c.to, &c.recipients)
-                        .await;
-                }
                 if let Some(n) = hub.notifier.get() {
                     n.chat_moved(&group, c.chat, c.from - 1, c.to);
                 }

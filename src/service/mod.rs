@@ -245,10 +245,15 @@ impl ChatService {
     /// is future work).
     fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
+        // The serving replica first (one lookup on every request); a repairing replica
+        // is never serving, so `repairing` still explains a refusal below.
+        if let Some(group) = self.node.serving_group(g) {
+            return Ok(group);
+        }
         if let Some(e) = self.repairing(g, id, what) {
             return Err(e);
         }
-        self.node.serving_group(g).ok_or_else(|| {
+        Err({
             let hosts: Vec<String> = self
                 .node
                 .replicas_of(g)
@@ -271,7 +276,15 @@ impl ChatService {
     /// Proposes `cmd` in group `g` from this node: locally when this node leads the
     /// group, otherwise forwarded to the leader (`Node::propose`).
     async fn propose(&self, g: GroupId, cmd: Command) -> Result<Outcome, v1::Error> {
-        match self.node.propose(g, cmd).await.map_err(propose_error)? {
+        // s6gateway: the local leader's path first, with a small future and no copy of
+        // the command; the forwarding path's future (several KiB) is boxed, so that a
+        // post polled inline on its connection's task stays small (the gateway moves it
+        // into its `FuturesUnordered`, once per post).
+        let proposed = match self.node.propose_local(g, &cmd).await {
+            Some(proposed) => proposed,
+            None => Box::pin(self.node.propose(g, cmd)).await,
+        };
+        match proposed.map_err(propose_error)? {
             Outcome::Refused(r) => Err(refusal(r)),
             o => Ok(o),
         }
@@ -341,8 +354,8 @@ impl ChatService {
         // A replica that was just promoted by a replica move may not have applied the
         // login yet: before refusing, catch up with the leader (a read barrier).
         if !has(group) {
-            self.node
-                .read_barrier(group.id())
+            // Boxed: rare, and openraft's read-index future is large (see `propose`).
+            Box::pin(self.node.read_barrier(group.id()))
                 .await
                 .map_err(propose_error)?;
         }

@@ -407,7 +407,7 @@ impl Client {
         let repeatable = is_repeatable(&kind);
         let mut attempt = 0;
         loop {
-            let result = self.call_once(kind.clone()).await;
+            let result = self.call_once(&kind).await;
             let retry_after = match &result {
                 Err(ClientError::Server {
                     code: v1::ErrorCode::RateLimited,
@@ -440,7 +440,7 @@ impl Client {
     }
 
     /// One attempt: on the live connection, or a redialled one.
-    async fn call_once(&self, kind: request::Kind) -> Result<response::Kind, ClientError> {
+    async fn call_once(&self, kind: &request::Kind) -> Result<response::Kind, ClientError> {
         let connection = self.connection().await?;
         connection
             .request(kind, self.inner.options.request_timeout)
@@ -452,6 +452,15 @@ impl Client {
         if let Some(connection) = self.live_connection() {
             return Ok(connection);
         }
+        // Boxed: dialling's future (connect, handshake, backoff) is several times the
+        // size of a request's, and every call's future would otherwise carry it (and be
+        // copied with it) although calls almost never dial.
+        Box::pin(self.redial()).await
+    }
+
+    /// Dials a new connection (unless another call did meanwhile), with the reconnect
+    /// policy's attempts and backoff.
+    async fn redial(&self) -> Result<Arc<Connection>, ClientError> {
         let _dialling = self.inner.dial_lock.lock().await;
         // Another call may have redialled while this one waited.
         if let Some(connection) = self.live_connection() {
@@ -613,7 +622,7 @@ impl Client {
         let connection = self.connection().await?;
         let (request_id, response) = connection
             .request_with_id(
-                request::Kind::Subscribe(request),
+                &request::Kind::Subscribe(request),
                 self.inner.options.request_timeout,
             )
             .await?;
@@ -919,7 +928,7 @@ impl Connection {
 
     async fn request(
         &self,
-        kind: request::Kind,
+        kind: &request::Kind,
         timeout: Duration,
     ) -> Result<response::Kind, ClientError> {
         self.request_with_id(kind, timeout)
@@ -930,10 +939,10 @@ impl Connection {
     /// Sends one request and waits for its response, within `timeout`.
     async fn request_with_id(
         &self,
-        kind: request::Kind,
+        kind: &request::Kind,
         timeout: Duration,
     ) -> Result<(u64, response::Kind), ClientError> {
-        let ends_subscription = match &kind {
+        let ends_subscription = match kind {
             request::Kind::Unsubscribe(unsubscribe) => Some(unsubscribe.subscription_id),
             _ => None,
         };
@@ -943,13 +952,10 @@ impl Connection {
                 .await
                 .expect("the in-flight semaphore is never closed");
             let request_id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+            // From the borrowed request: the caller keeps it for a retry, uncopied.
             let mut bytes = BytesMut::new();
-            encode_message(
-                &v1::Frame::request(request_id, kind),
-                self.frame_bytes_max,
-                &mut bytes,
-            )
-            .map_err(ClientError::Encode)?;
+            encode::encode_request(request_id, kind, self.frame_bytes_max, &mut bytes)
+                .map_err(ClientError::Encode)?;
             let (reply, response) = oneshot::channel();
             {
                 // Registered before the bytes go out, so the response always finds it;
@@ -1043,6 +1049,7 @@ async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<Connectio
     shared.close();
 }
 
+mod encode;
 mod secret;
 pub use secret::SecretFlowError;
 mod media;
