@@ -1237,29 +1237,19 @@ impl Node {
     /// the command may have been applied (retry only if it is idempotent, such as a
     /// post with its client message id).
     pub async fn propose(&self, g: GroupId, command: Command) -> Result<Outcome, ProposeError> {
-        // s6gateway: the common case first, without a copy of the command.
-        if let Some(result) = self.propose_local(g, &command).await {
-            return result;
-        }
+        // The common case first: the local replica leads, and the command is encoded
+        // straight from the caller's value (no clone, no list of other replicas).
         let me = self.config.node_id;
-        let local = self.group(g);
-        let hosted = local.is_some();
-        // The common case, the local replica leads: the command is encoded straight from
-        // the caller's value (no clone) and no list of other replicas is built.
         let mut hint = None;
-        if let Some(group) = &local
-            && group.leader() == Some(me)
-        {
-            match group.propose_command(&command).await {
-                // It lost the lead meanwhile: follow the hint, as the loop below does.
-                Err(ProposeError::NotLeader {
-                    leader: Some(leader),
-                    ..
-                }) if leader != me => hint = Some(leader),
-                other => return other.map(|(o, _)| o),
-            }
+        match self.propose_local(g, &command).await {
+            Some(Err(ProposeError::NotLeader {
+                leader: Some(leader),
+                ..
+            })) if leader != me => hint = Some(leader),
+            Some(other) => return other,
+            None => {}
         }
-        drop(local);
+        let hosted = self.group(g).is_some();
         let mut candidates: Vec<NodeId> = self
             .replicas_of(g)
             .into_iter()
@@ -1327,15 +1317,14 @@ impl Node {
         Err(last)
     }
 
-    // ---- s6gateway: the local fast path of `propose` ----
     /// [`Node::propose`]'s common case: the local replica of `g` believes it leads, and
     /// the command is proposed there by reference (the proposal queue encodes it in
     /// place), so a post costs no copy of its text and no lookup of the group's replica
-    /// list. `None` when there is no local replica, it does not lead, or it answered
-    /// `NotLeader` after all (leadership moved): the caller then takes the forwarding
-    /// path ([`Node::propose`]), which still owns the command. Its future is a fraction
-    /// of `propose`'s (no forwarding state), for callers that keep one per request in
-    /// flight (the gateway's inline requests) and box the slow path.
+    /// list. `None` when there is no local replica or it does not lead; a `NotLeader`
+    /// answer (leadership moved meanwhile) is returned with its hint, and
+    /// [`Node::propose`] follows it. Its future is a fraction of `propose`'s (no
+    /// forwarding state), for callers that keep one per request in flight (the
+    /// gateway's inline requests) and box the slow path.
     pub async fn propose_local(
         &self,
         g: GroupId,
@@ -1345,13 +1334,8 @@ impl Node {
         if group.leader() != Some(self.config.node_id) {
             return None;
         }
-        match group.proposals.0.propose(command).await {
-            Ok((outcome, _)) => Some(Ok(outcome)),
-            Err(ProposeError::NotLeader { .. }) => None,
-            Err(e) => Some(Err(group.with_storage_cause(e))),
-        }
+        Some(group.propose_command(command).await.map(|(o, _)| o))
     }
-    // ---- end s6gateway ----
 
     async fn forward_propose(
         &self,
