@@ -14,11 +14,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 /// A `HashMap` keyed by a log (or segment) id, hashed with [`LogHasher`].
 pub(crate) type LogMap<K, V> = HashMap<K, V, BuildHasherDefault<LogHasher>>;
 
-/// An empty [`LogMap`] with room for `n` keys.
-pub(crate) fn log_map_with_capacity<K, V>(n: usize) -> LogMap<K, V> {
-    LogMap::with_capacity_and_hasher(n, BuildHasherDefault::default())
-}
-
 /// See the module docs.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct LogHasher {
@@ -74,7 +69,7 @@ mod tests {
 
     #[test]
     fn map_works_as_a_map() {
-        let mut m: LogMap<u64, u64> = log_map_with_capacity(4);
+        let mut m: LogMap<u64, u64> = LogMap::default();
         for id in 0..10_000u64 {
             m.insert(id * 7, id);
         }

@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::format::{RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL, RecordHeader};
 use crate::index::Bounds;
 use crate::io::Writer;
-use crate::loghash::{LogMap, log_map_with_capacity};
+use crate::loghash::LogMap;
 use crate::maintenance::Job;
 use crate::segment::Segment;
 
@@ -92,9 +92,13 @@ pub(crate) struct Committer {
     /// When each callback's batch was submitted (the append latency), parallel to
     /// `callbacks`.
     submitted: Vec<Instant>,
-    /// Bounds of logs after every op accepted but not yet applied to the index (the group
-    /// in flight and the buffered one): what the next batch is validated against.
+    /// Bounds of logs after the ops of the buffered group: what the next batch is
+    /// validated against, before `overlay_in_flight` and the index.
     overlay: LogMap<LogId, Bounds>,
+    /// The same for the group in flight (its ops reach the index once it is durable).
+    overlay_in_flight: LogMap<LogId, Bounds>,
+    /// One batch's bounds while it is validated (kept for its capacity).
+    scratch: LogMap<LogId, Bounds>,
     /// The group whose write and fdatasync run while the next one is gathered.
     in_flight: Option<InFlight>,
 }
@@ -370,6 +374,8 @@ impl Committer {
             callbacks: Vec::new(),
             submitted: Vec::new(),
             overlay: LogMap::default(),
+            overlay_in_flight: LogMap::default(),
+            scratch: LogMap::default(),
             in_flight: None,
         };
         if seal_tail {
@@ -386,13 +392,10 @@ impl Committer {
             done(Err(e));
             return;
         }
-        let bounds = match self.validate(shared, &batch.ops) {
-            Ok(b) => b,
-            Err(e) => {
-                done(Err(e));
-                return;
-            }
-        };
+        if let Err(e) = self.validate(shared, &batch.ops) {
+            done(Err(e));
+            return;
+        }
         let record = batch.record.len() as u64;
         let limit = self.active.len.min(shared.config.segment_bytes) - SEAL_RESERVE_BYTES;
         // On failure the group buffered so far already got its callbacks from the failed
@@ -424,7 +427,10 @@ impl Committer {
         self.callbacks.push(done);
         self.submitted.push(submitted);
         // Only now: a seal above flushes and clears the overlay.
-        self.overlay.extend(bounds);
+        let Committer {
+            overlay, scratch, ..
+        } = self;
+        overlay.extend(scratch.drain());
     }
 
     /// Adds a record that did not come encoded from a submitter (a seal).
@@ -438,13 +444,23 @@ impl Committer {
 
     /// Checks a batch's ops in order against the logs' bounds as they will be once
     /// everything before it in this group is applied. All or nothing.
-    fn validate(&self, shared: &Shared, ops: &[OpSummary]) -> Result<LogMap<LogId, Bounds>> {
-        let mut local: LogMap<LogId, Bounds> = log_map_with_capacity(ops.len());
+    /// The batch's bounds are left in `scratch` on success.
+    fn validate(&mut self, shared: &Shared, ops: &[OpSummary]) -> Result<()> {
+        let Committer {
+            overlay,
+            overlay_in_flight,
+            scratch: local,
+            ..
+        } = self;
+        local.clear();
         let index = shared.index.read().expect("index lock");
         for op in ops {
             let current = match local.get(&op.log_id) {
                 Some(b) => *b,
-                None => match self.overlay.get(&op.log_id) {
+                None => match overlay
+                    .get(&op.log_id)
+                    .or_else(|| overlay_in_flight.get(&op.log_id))
+                {
                     Some(b) => *b,
                     None => match index.logs.get(&op.log_id) {
                         Some(l) => {
@@ -466,7 +482,7 @@ impl Committer {
             })?;
             local.insert(op.log_id, next);
         }
-        Ok(local)
+        Ok(())
     }
 
     /// Whether a group is buffered or in flight (the lead may not lapse with either).
@@ -524,6 +540,11 @@ impl Committer {
             Some(self.writer.write_only(file.as_ref(), &iovecs, self.offset))
         };
         drop(iovecs);
+        // The buffered group's bounds now describe the group in flight. (The previous
+        // group in flight, if any, was durable and is applied before anything else is
+        // validated.)
+        std::mem::swap(&mut self.overlay, &mut self.overlay_in_flight);
+        self.overlay.clear();
         let f = InFlight {
             group,
             bytes: std::mem::take(&mut self.group_bytes),
@@ -595,9 +616,9 @@ impl Committer {
                 shared
                     .active_end
                     .store(offset + bytes as u64, Ordering::Relaxed);
-                if !self.busy() {
-                    // The index has caught up with every accepted op.
-                    self.overlay.clear();
+                if self.in_flight.is_none() {
+                    // The index has caught up with the group that was in flight.
+                    self.overlay_in_flight.clear();
                 }
                 for (done, submitted) in callbacks.into_iter().zip(submitted) {
                     c.append_latency
@@ -665,6 +686,8 @@ impl Committer {
     }
 
     fn flush_failed(&mut self, cause: &Arc<Error>) {
+        self.overlay.clear();
+        self.overlay_in_flight.clear();
         self.pending.clear();
         self.submitted.clear();
         self.group.clear();

@@ -205,7 +205,8 @@ fn failed_fdatasync_under_pipelining_refuses_all_later_batches() {
     std::thread::sleep(Duration::from_millis(50));
     let fail_after = rng.random_range(0..4u64);
     println!("fdatasync fails after {fail_after} more");
-    let results: Arc<Mutex<Vec<(u64, Result<(), String>)>>> = Arc::new(Mutex::new(Vec::new()));
+    type Answers = Arc<Mutex<Vec<(u64, Result<(), String>)>>>;
+    let results: Answers = Arc::new(Mutex::new(Vec::new()));
     let mut submitted: Vec<(u64, Items)> = Vec::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
