@@ -7,7 +7,10 @@ use bytes::Bytes;
 use crate::LogId;
 use crate::config::{META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX, WRITE_BATCH_OPS_MAX};
 use crate::error::{Error, Result};
-use crate::format::{BODY_PREFIX_BYTES, OP_HEADER_BYTES, OpHeader, OpKind, RECORD_FLAG_LZ4};
+use crate::format::{
+    BODY_PREFIX_BYTES, OP_HEADER_BYTES, OpHeader, OpKind, RECORD_FLAG_LZ4, RECORD_HEADER_BYTES,
+    align_up,
+};
 
 /// One operation being built.
 #[derive(Debug, Clone)]
@@ -52,10 +55,16 @@ pub(crate) struct OpSummary {
     pub data_len: u32,
 }
 
-/// A batch encoded as a record body, ready for the I/O thread.
+/// A batch encoded as a whole record, ready for the committer: `record` holds
+/// [`RECORD_HEADER_BYTES`] left for the header (the committer fills them in once it knows
+/// the record's sequence number and place), the body, then zero padding to
+/// [`RECORD_ALIGN`](crate::format::RECORD_ALIGN). The committer writes `record` as it is,
+/// one iovec of a vectored write, so the body is never copied again in user space.
 #[derive(Debug)]
 pub(crate) struct EncodedBatch {
-    pub body: Vec<u8>,
+    pub record: Vec<u8>,
+    /// Bytes of the body on disk (after compression, if any).
+    pub body_len: u32,
     pub raw_len: u32,
     pub flags: u8,
     pub body_crc: u32,
@@ -203,7 +212,10 @@ impl WriteBatch {
                 limit: WRITE_BATCH_OPS_MAX as u64,
             });
         }
-        let mut body = vec![0u8; raw_len];
+        // The record: header room, the raw body, padding. One allocation, zero-filled, so
+        // the header room and padding are zeros until the committer writes the header.
+        let mut record = vec![0u8; align_up(RECORD_HEADER_BYTES + raw_len)];
+        let body = &mut record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + raw_len];
         body[0..4].copy_from_slice(&(self.ops.len() as u32).to_le_bytes());
         let mut data_at = BODY_PREFIX_BYTES + self.ops.len() * OP_HEADER_BYTES;
         let mut ops = Vec::with_capacity(self.ops.len());
@@ -280,22 +292,54 @@ impl WriteBatch {
         }
         debug_assert_eq!(data_at, raw_len);
         let mut flags = 0;
-        if compress_min > 0 && raw_len >= compress_min {
-            let compressed = lz4_flex::block::compress(&body);
+        let mut body_len = raw_len;
+        if compress_min > 0 && raw_len >= compress_min && compression_may_pay(body) {
+            let compressed = lz4_flex::block::compress(body);
             // Keep it only if it saves at least an eighth: otherwise reads pay for nothing.
             if compressed.len() <= raw_len - raw_len / 8 {
-                body = compressed;
+                body_len = compressed.len();
+                record.truncate(RECORD_HEADER_BYTES);
+                record.extend_from_slice(&compressed);
+                record.resize(align_up(RECORD_HEADER_BYTES + body_len), 0);
                 flags |= RECORD_FLAG_LZ4;
             }
         }
-        let body_crc = crc32fast::hash(&body);
+        let body_crc =
+            crc32fast::hash(&record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + body_len]);
         Ok(EncodedBatch {
-            body,
+            record,
+            body_len: body_len as u32,
             raw_len: raw_len as u32,
             flags,
             body_crc,
             ops,
         })
+    }
+}
+
+/// Bytes of a body LZ4 tries first to decide whether compressing the whole body may pay.
+/// 4 KiB compresses in about a microsecond and sees enough of the payloads (chat text
+/// compresses well at any 4 KiB; random or already compressed media at none); a whole
+/// 64 KiB body that fails to compress costs ~15x that, on every batch.
+pub const COMPRESS_SAMPLE_BYTES: usize = 4096;
+
+/// Whether LZ4 on `body` can save the eighth [`WriteBatch::encode`] asks for, judged from
+/// a [`COMPRESS_SAMPLE_BYTES`] sample at the body's end (the payload bytes: op headers at
+/// the start compress well whatever the payloads are). A sample that saves less than a
+/// sixteenth says no. A wrong "no" only loses some compression, never data.
+fn compression_may_pay(body: &[u8]) -> bool {
+    if body.len() <= 2 * COMPRESS_SAMPLE_BYTES {
+        return true;
+    }
+    let sample = &body[body.len() - COMPRESS_SAMPLE_BYTES..];
+    lz4_flex::block::compress(sample).len() <= COMPRESS_SAMPLE_BYTES - COMPRESS_SAMPLE_BYTES / 16
+}
+
+impl EncodedBatch {
+    /// The record body (what `body_crc` covers).
+    #[cfg(test)]
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + self.body_len as usize]
     }
 }
 
@@ -314,7 +358,7 @@ mod tests {
         b.truncate_after(9, 5);
         b.redact(7, 1, b"x");
         let e = b.encode(1 << 20, 0).expect("encodes");
-        let body = BatchBody::parse(Bytes::from(e.body)).expect("parses");
+        let body = BatchBody::parse(Bytes::copy_from_slice(e.body())).expect("parses");
         assert_eq!(body.op_count(), 5);
         let op = body.op(0);
         assert_eq!(
@@ -346,6 +390,43 @@ mod tests {
         }
         let e = b.encode(1 << 20, 1024).expect("encodes");
         assert_eq!(e.flags & RECORD_FLAG_LZ4, RECORD_FLAG_LZ4);
-        assert!(e.body.len() < e.raw_len as usize / 4);
+        assert!(e.body().len() < e.raw_len as usize / 4);
+        assert_eq!(
+            e.record.len(),
+            align_up(RECORD_HEADER_BYTES + e.body().len())
+        );
+        let body = lz4_flex::block::decompress(e.body(), e.raw_len as usize).expect("lz4");
+        assert_eq!(
+            BatchBody::parse(Bytes::from(body))
+                .expect("parses")
+                .op_count(),
+            1
+        );
+    }
+
+    #[test]
+    fn incompressible_batches_skip_lz4_and_keep_their_bytes() {
+        use rand::RngCore;
+        let mut rng = rand::rng();
+        let mut b = WriteBatch::new();
+        for i in 0..256 {
+            let mut p = [0u8; 256];
+            rng.fill_bytes(&mut p);
+            b.append(i % 7, i / 7 + 1, &p);
+        }
+        let e = b.encode(1 << 20, 16 << 10).expect("encodes");
+        assert_eq!(e.flags & RECORD_FLAG_LZ4, 0);
+        assert_eq!(e.body_len, e.raw_len);
+        assert!(!compression_may_pay(e.body()));
+        assert_eq!(e.body_crc, crc32fast::hash(e.body()));
+        // Header room and padding are zeros until the committer fills the header in.
+        assert!(e.record[..RECORD_HEADER_BYTES].iter().all(|&x| x == 0));
+        assert!(
+            e.record[RECORD_HEADER_BYTES + e.body().len()..]
+                .iter()
+                .all(|&x| x == 0)
+        );
+        let body = BatchBody::parse(Bytes::copy_from_slice(e.body())).expect("parses");
+        assert_eq!(body.op_count(), b.ops.len());
     }
 }

@@ -19,7 +19,7 @@
 //!       meta_count u64, meta: key_len u32, key, value_len u32, value
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use bytes::Bytes;
 use crate::LogId;
 use crate::error::{Error, Result};
 use crate::index::{Bounds, Location, LogState, SegmentCounts, Span};
+use crate::loghash::LogMap;
 
 const MAGIC: [u8; 8] = *b"CHLGCKP\0";
 const VERSION: u32 = 1;
@@ -38,7 +39,7 @@ pub(crate) struct Checkpoint {
     pub replay_from: u64,
     pub next_record_seq: u64,
     pub counts: BTreeMap<u64, SegmentCounts>,
-    pub logs: HashMap<LogId, LogState>,
+    pub logs: LogMap<LogId, LogState>,
 }
 
 struct Out(Vec<u8>);

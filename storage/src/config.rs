@@ -20,6 +20,11 @@ pub const META_VALUE_BYTES_MAX: usize = 64 << 10;
 pub const SEGMENT_BYTES_MIN: u64 = 256 << 10;
 /// Largest segment accepted: offsets inside a segment are `u32`.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
+/// Most records in one group commit: each record is one iovec of the group's vectored
+/// write (records are written from the submitters' buffers, never copied into a group
+/// buffer), and Linux takes at most `IOV_MAX` = 1,024 iovecs per write. The leader stops
+/// gathering one record short of it, to leave room for a seal record.
+pub const GROUP_RECORDS_MAX: usize = 1024;
 /// Bytes kept free at the end of every segment for its seal record.
 pub const SEAL_RESERVE_BYTES: u64 = 64;
 

@@ -608,7 +608,7 @@ fn encode(shared: &Shared, batch: &WriteBatch) -> Result<EncodedBatch> {
 /// Bytes a queued batch holds against `queue_bytes_max` until the I/O thread takes it.
 pub(crate) fn queued_bytes(batch: &EncodedBatch) -> u32 {
     // Batches are at most WRITE_BATCH_BYTES_MAX (16 MiB) raw, so this cannot truncate.
-    (batch.body.len() + crate::format::RECORD_HEADER_BYTES) as u32
+    batch.record.len() as u32
 }
 
 /// Waits for queue room (bytes and batches) for `encoded`; the leader gives it back when

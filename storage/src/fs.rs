@@ -4,7 +4,7 @@
 
 use std::fmt::Debug;
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,16 @@ pub trait FileSystem: Send + Sync + Debug + 'static {
 pub trait File: Send + Sync + Debug {
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `bufs`, back to back, at `offset` (one group commit's records). The
+    /// default gathers them into one buffer and calls [`File::write_all_at`] once, so a
+    /// file system that counts or fails writes sees one write per call either way.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut all = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for b in bufs {
+            all.extend_from_slice(b);
+        }
+        self.write_all_at(&all, offset)
+    }
     /// Fills `buf` from `offset`; a short file is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// fdatasync.
@@ -102,6 +112,24 @@ impl FileSystem for StdFileSystem {
 impl File for StdFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
+        let mut rest: &mut [IoSlice<'_>] = &mut owned;
+        let mut at = offset;
+        while !rest.is_empty() {
+            let n = crate::io::retry_interrupted(|| self.file.write_vectored_at_once(rest, at))?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
+            }
+            at += n as u64;
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -180,4 +208,34 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().expect("a file name").to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
+}
+
+/// One `pwritev` call.
+trait PwritevOnce {
+    fn write_vectored_at_once(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize>;
+}
+
+impl PwritevOnce for fs::File {
+    fn write_vectored_at_once(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // At most IOV_MAX iovecs per call; the rest goes in the next round.
+        let count = bufs.len().min(crate::config::GROUP_RECORDS_MAX) as libc::c_int;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the slices are valid
+        // for reads for the duration of the call and the descriptor is ours.
+        let n = unsafe {
+            libc::pwritev(
+                self.as_raw_fd(),
+                bufs.as_ptr().cast::<libc::iovec>(),
+                count,
+                off,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }

@@ -16,7 +16,7 @@
 //! ```
 //! Runs are sorted by (log, first index). Written once, atomically, never modified.
 
-use std::collections::HashMap;
+use crate::loghash::LogMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,7 +46,7 @@ fn blocks_start(block_count: usize) -> usize {
 }
 
 /// Encodes a run table as an index file image.
-pub(crate) fn encode(segment_id: u64, runs: &HashMap<LogId, Vec<Run>>) -> Vec<u8> {
+pub(crate) fn encode(segment_id: u64, runs: &LogMap<LogId, Vec<Run>>) -> Vec<u8> {
     let mut items: Vec<(LogId, Run)> = runs
         .iter()
         .flat_map(|(log, rs)| rs.iter().map(move |r| (*log, *r)))
@@ -89,7 +89,7 @@ pub(crate) fn write(
     fs: &dyn FileSystem,
     path: &Path,
     segment_id: u64,
-    runs: &HashMap<LogId, Vec<Run>>,
+    runs: &LogMap<LogId, Vec<Run>>,
 ) -> Result<()> {
     let image = encode(segment_id, runs);
     write_file_atomic(fs, path, &image).map_err(|e| Error::io("writing index file", path, e))
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn index_file_round_trips_many_blocks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut runs: HashMap<LogId, Vec<Run>> = HashMap::new();
+        let mut runs: LogMap<LogId, Vec<Run>> = LogMap::default();
         for log in 0..50u64 {
             let v = runs.entry(log).or_default();
             for k in 0..20u64 {
@@ -258,7 +258,7 @@ mod tests {
     #[test]
     fn flipped_block_is_reported_as_corruption() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut runs: HashMap<LogId, Vec<Run>> = HashMap::new();
+        let mut runs: LogMap<LogId, Vec<Run>> = LogMap::default();
         runs.insert(
             1,
             vec![Run {

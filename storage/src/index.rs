@@ -6,7 +6,7 @@
 //! segment, and run tables of sealed segments live on disk in index files (`idx.rs`),
 //! read a 4 KiB checked block at a time. This module makes decisions only; it does no I/O.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use crate::LogId;
 use crate::batch::OpSummary;
 use crate::error::Error;
 use crate::format::OpKind;
+use crate::loghash::LogMap;
 
 /// Where an entry lives: a record in a segment and the op inside that record's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,10 +205,10 @@ pub(crate) struct SegmentCounts {
 /// the maintenance thread's bookkeeping.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    pub logs: HashMap<LogId, LogState>,
+    pub logs: LogMap<LogId, LogState>,
     pub counts: BTreeMap<u64, SegmentCounts>,
     /// Run tables of segments whose index file is not yet written.
-    pub runs: HashMap<u64, HashMap<LogId, Vec<Run>>>,
+    pub runs: LogMap<u64, LogMap<LogId, Vec<Run>>>,
 }
 
 impl Index {

@@ -38,6 +38,7 @@ mod idx;
 mod index;
 mod inline;
 mod io;
+mod loghash;
 mod maintenance;
 mod recovery;
 mod segment;
@@ -48,9 +49,9 @@ pub type LogId = u64;
 
 pub use batch::WriteBatch;
 pub use config::{
-    Config, EngineThreads, IoBackend, IoMode, META_KEY_BYTES_MAX, META_VALUE_BYTES_MAX,
-    Preallocation, RecoveryMode, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BATCH_BYTES_MAX,
-    WRITE_BATCH_OPS_MAX,
+    Config, EngineThreads, GROUP_RECORDS_MAX, IoBackend, IoMode, META_KEY_BYTES_MAX,
+    META_VALUE_BYTES_MAX, Preallocation, RecoveryMode, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    WRITE_BATCH_BYTES_MAX, WRITE_BATCH_OPS_MAX,
 };
 pub use damage::{CUT_ATTEMPTS_MAX, DAMAGE_WALK_RECORDS_MAX, Damage, DroppedLog};
 pub use engine::{CompactionReport, Durable, Engine, LogBounds, Stats};

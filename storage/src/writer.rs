@@ -15,13 +15,22 @@
 //! in fdatasync). Exactly one thread leads at a time (`Queue::leading`), and callbacks
 //! run under the committer lock, so groups and callbacks stay in submission order.
 //!
+//! Overlap: while one group's write and fdatasync are in flight on io_uring, the leader
+//! gathers, validates and places the next group (records are written straight from the
+//! submitters' buffers with one vectored write, never copied into a group buffer). Once
+//! the first is durable it submits the next at once and only then applies the first to
+//! the index and calls back. At most one group is in flight, so recovery's rule that
+//! only the last write can be torn still holds. The syscall backend writes and syncs at
+//! submit, so its groups stay serial.
+//!
 //! Entries become readable once durable: the index is updated after the fdatasync, so no
 //! reader ever sees bytes that a crash could take back.
 //!
 //! What it must not do: report a batch durable before its fdatasync returned, retry after
 //! a failed write or sync (fail-stop), or block a tokio task in I/O.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -30,14 +39,13 @@ use std::time::Instant;
 use crate::LogId;
 use crate::batch::{EncodedBatch, OpSummary};
 use crate::checkpoint::Checkpoint;
-use crate::config::SEAL_RESERVE_BYTES;
+use crate::config::{GROUP_RECORDS_MAX, SEAL_RESERVE_BYTES};
 use crate::engine::{Durable, Msg, Shared};
 use crate::error::{Error, Result};
-use crate::format::{
-    RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL, RecordHeader, align_up,
-};
+use crate::format::{RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RECORD_KIND_SEAL, RecordHeader};
 use crate::index::Bounds;
 use crate::io::Writer;
+use crate::loghash::LogMap;
 use crate::maintenance::Job;
 use crate::segment::Segment;
 
@@ -71,7 +79,12 @@ pub(crate) struct Committer {
     /// Next write position in the active segment.
     offset: u64,
     next_record_seq: u64,
-    buf: Vec<u8>,
+    /// The group's records, each a whole record (header, body, padding) in its own buffer,
+    /// written with one vectored write: a batch's bytes are not copied into a group buffer.
+    /// At most [`GROUP_RECORDS_MAX`] of them.
+    group: Vec<Vec<u8>>,
+    /// Bytes of `group`.
+    group_bytes: usize,
     /// Each buffered record's offset in the active segment and its ops, applied to the
     /// index once the group is durable.
     pending: Vec<(u32, Vec<OpSummary>)>,
@@ -79,7 +92,43 @@ pub(crate) struct Committer {
     /// When each callback's batch was submitted (the append latency), parallel to
     /// `callbacks`.
     submitted: Vec<Instant>,
-    overlay: HashMap<LogId, Bounds>,
+    /// Bounds of logs after the ops of the buffered group: what the next batch is
+    /// validated against, before `overlay_in_flight` and the index.
+    overlay: LogMap<LogId, Bounds>,
+    /// The same for the group in flight (its ops reach the index once it is durable).
+    overlay_in_flight: LogMap<LogId, Bounds>,
+    /// One batch's bounds while it is validated (kept for its capacity).
+    scratch: LogMap<LogId, Bounds>,
+    /// The group whose write and fdatasync run while the next one is gathered.
+    in_flight: Option<InFlight>,
+}
+
+/// A group commit submitted and not yet known durable. Owns the records' buffers, which
+/// the kernel reads until the write is finished.
+struct InFlight {
+    group: Vec<Vec<u8>>,
+    bytes: usize,
+    /// Where its write began in the active segment.
+    offset: u64,
+    pending: Vec<(u32, Vec<OpSummary>)>,
+    callbacks: Vec<Durable>,
+    submitted: Vec<Instant>,
+    started: Instant,
+    /// The outcome of a write done at start (`sync_on_commit` off: no fdatasync to wait
+    /// for).
+    buffered: Option<std::io::Result<()>>,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // Never free buffers the kernel may still read; whoever waits gets an answer.
+        if let Some(f) = self.in_flight.take() {
+            let (f, _) = self.wait(f);
+            for done in f.callbacks {
+                done(Err(Error::Closed));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Committer {
@@ -156,10 +205,21 @@ pub(crate) fn lead(shared: &Shared, mine: Option<&AtomicBool>) {
         {
             let mut q = shared.queue.lock().expect("queue lock");
             let mine_done = mine.is_some_and(|m| m.load(Ordering::Acquire));
+            let busy = guard.as_ref().is_some_and(Committer::busy);
+            if q.msgs.is_empty() && busy && !mine_done && !q.closed {
+                // Nothing more to gather: finish the group in flight, then look again.
+                drop(q);
+                if let Some(c) = guard.as_mut() {
+                    c.flush(shared);
+                }
+                continue;
+            }
             if q.msgs.is_empty() || q.closed || mine_done {
-                if q.msgs.is_empty() || q.closed {
+                if (q.msgs.is_empty() && !busy) || q.closed {
                     q.leading = false;
                 } else {
+                    // Queued batches, or a group in flight: the I/O thread takes over
+                    // (and finishes it) while the caller returns with its batch durable.
                     q.handoff = true;
                 }
                 // Waiters of the I/O thread: a hand-off, or closing.
@@ -168,7 +228,8 @@ pub(crate) fn lead(shared: &Shared, mine: Option<&AtomicBool>) {
                 return;
             }
             let mut bytes = 0usize;
-            while bytes < group_max {
+            // One record short of the iovec limit: a seal may join the group.
+            while bytes < group_max && msgs.len() < GROUP_RECORDS_MAX - 1 {
                 let Some(m) = q.msgs.pop_front() else {
                     break;
                 };
@@ -208,7 +269,11 @@ pub(crate) fn lead(shared: &Shared, mine: Option<&AtomicBool>) {
                 }
             }
         }
-        c.flush(shared);
+        if shutdown {
+            c.flush(shared);
+        } else {
+            c.commit_overlapped(shared);
+        }
         if shutdown {
             // Whatever came after the shutdown is refused, then the queue closes.
             let rest: Vec<Msg> = drained.collect();
@@ -270,7 +335,7 @@ pub(crate) fn io_loop(
 
 fn msg_bytes(m: &Msg) -> usize {
     match m {
-        Msg::Write(b, _, _) => b.body.len() + RECORD_HEADER_BYTES,
+        Msg::Write(b, _, _) => b.record.len(),
         _ => 0,
     }
 }
@@ -304,11 +369,15 @@ impl Committer {
             active,
             offset,
             next_record_seq: start.next_record_seq,
-            buf: Vec::new(),
+            group: Vec::new(),
+            group_bytes: 0,
             pending: Vec::new(),
             callbacks: Vec::new(),
             submitted: Vec::new(),
-            overlay: HashMap::new(),
+            overlay: LogMap::default(),
+            overlay_in_flight: LogMap::default(),
+            scratch: LogMap::default(),
+            in_flight: None,
         };
         if seal_tail {
             t.seal_and_switch(shared)?;
@@ -324,60 +393,75 @@ impl Committer {
             done(Err(e));
             return;
         }
-        let bounds = match self.validate(shared, &batch.ops) {
-            Ok(b) => b,
-            Err(e) => {
-                done(Err(e));
-                return;
-            }
-        };
-        let record = align_up(RECORD_HEADER_BYTES + batch.body.len()) as u64;
+        if let Err(e) = self.validate(shared, &batch.ops) {
+            done(Err(e));
+            return;
+        }
+        let record = batch.record.len() as u64;
         let limit = self.active.len.min(shared.config.segment_bytes) - SEAL_RESERVE_BYTES;
         // On failure the group buffered so far already got its callbacks from the failed
         // flush; this batch is refused the same way.
-        if self.offset + self.buf.len() as u64 + record > limit
+        if self.offset + self.group_bytes as u64 + record > limit
             && let Err(e) = self.seal_and_switch(shared)
         {
             done(Err(e));
             return;
         }
         let write_offset = self.offset as u32;
-        let at = (self.offset + self.buf.len() as u64) as u32;
+        let at = (self.offset + self.group_bytes as u64) as u32;
         let header = RecordHeader {
             kind: RECORD_KIND_BATCH,
             flags: batch.flags,
-            body_len: batch.body.len() as u32,
+            body_len: batch.body_len,
             raw_len: batch.raw_len,
             body_crc: batch.body_crc,
             record_seq: self.next_record_seq,
             write_offset,
         };
         self.next_record_seq += 1;
-        self.push_record(&header, &batch.body);
+        let mut record = batch.record;
+        debug_assert_eq!(record.len(), header.record_bytes());
+        header.encode_into(self.active.salt, &mut record);
+        self.group_bytes += record.len();
+        self.group.push(record);
         self.pending.push((at, batch.ops));
         self.callbacks.push(done);
         self.submitted.push(submitted);
         // Only now: a seal above flushes and clears the overlay.
-        self.overlay.extend(bounds);
+        let Committer {
+            overlay, scratch, ..
+        } = self;
+        overlay.extend(scratch.drain());
     }
 
+    /// Adds a record that did not come encoded from a submitter (a seal).
     fn push_record(&mut self, header: &RecordHeader, body: &[u8]) {
-        let start = self.buf.len();
-        self.buf.resize(start + RECORD_HEADER_BYTES, 0);
-        header.encode_into(self.active.salt, &mut self.buf[start..]);
-        self.buf.extend_from_slice(body);
-        self.buf.resize(start + header.record_bytes(), 0);
+        let mut record = vec![0u8; header.record_bytes()];
+        header.encode_into(self.active.salt, &mut record);
+        record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + body.len()].copy_from_slice(body);
+        self.group_bytes += record.len();
+        self.group.push(record);
     }
 
     /// Checks a batch's ops in order against the logs' bounds as they will be once
     /// everything before it in this group is applied. All or nothing.
-    fn validate(&self, shared: &Shared, ops: &[OpSummary]) -> Result<HashMap<LogId, Bounds>> {
-        let mut local: HashMap<LogId, Bounds> = HashMap::with_capacity(ops.len());
+    /// The batch's bounds are left in `scratch` on success.
+    fn validate(&mut self, shared: &Shared, ops: &[OpSummary]) -> Result<()> {
+        let Committer {
+            overlay,
+            overlay_in_flight,
+            scratch: local,
+            ..
+        } = self;
+        local.clear();
         let index = shared.index.read().expect("index lock");
         for op in ops {
             let current = match local.get(&op.log_id) {
                 Some(b) => *b,
-                None => match self.overlay.get(&op.log_id) {
+                None => match overlay
+                    .get(&op.log_id)
+                    .or_else(|| overlay_in_flight.get(&op.log_id))
+                {
                     Some(b) => *b,
                     None => match index.logs.get(&op.log_id) {
                         Some(l) => {
@@ -399,51 +483,145 @@ impl Committer {
             })?;
             local.insert(op.log_id, next);
         }
-        Ok(local)
+        Ok(())
     }
 
-    /// Writes and syncs the group buffer, then publishes it.
+    /// Whether a group is buffered or in flight (the lead may not lapse with either).
+    fn busy(&self) -> bool {
+        !self.group.is_empty() || self.in_flight.is_some()
+    }
+
+    /// Writes and syncs everything: the group in flight (if any), then the buffered
+    /// group, publishing each. Returns with nothing in flight.
     fn flush(&mut self, shared: &Shared) {
-        self.overlay.clear();
-        if self.buf.is_empty() {
-            return;
+        if let Some(f) = self.in_flight.take() {
+            let (f, result) = self.wait(f);
+            self.complete(shared, f, result);
+        }
+        if let Some(f) = self.start_group(shared) {
+            let (f, result) = self.wait(f);
+            self.complete(shared, f, result);
+        }
+    }
+
+    /// One overlapped step: once the group in flight (N) is durable, submits the buffered
+    /// group (N+1) at once, then applies N to the index and calls N's callbacks while N+1's
+    /// write and fdatasync run. The next group is gathered and placed while N+1 is in
+    /// flight. Callbacks stay in submission order (N's before N+1's); after a failed N
+    /// nothing more is submitted (fail-stop).
+    fn commit_overlapped(&mut self, shared: &Shared) {
+        let done = self.in_flight.take().map(|f| self.wait(f));
+        let failed = matches!(&done, Some((_, Err(_))));
+        if !failed {
+            self.in_flight = self.start_group(shared);
+        }
+        if let Some((f, result)) = done {
+            // A failure here also refuses the buffered group (it was never submitted).
+            self.complete(shared, f, result);
+        }
+    }
+
+    /// Begins the write (and fdatasync) of the buffered group; `None` if none is buffered.
+    fn start_group(&mut self, shared: &Shared) -> Option<InFlight> {
+        debug_assert!(self.in_flight.is_none(), "one group in flight at a time");
+        if self.group.is_empty() {
+            return None;
         }
         let started = Instant::now();
-        let file = self.active.file.as_ref();
-        let result = if shared.config.sync_on_commit {
-            self.writer.write_and_sync(file, &self.buf, self.offset)
+        let file = self.active.file.clone();
+        let group = std::mem::take(&mut self.group);
+        let iovecs: Vec<IoSlice<'_>> = group.iter().map(|r| IoSlice::new(r)).collect();
+        let buffered = if shared.config.sync_on_commit {
+            // SAFETY: the buffers are `group`'s records, which move into the returned
+            // `InFlight` (moving a `Vec<Vec<u8>>` does not move the records' bytes) and
+            // are only dropped after `wait` finished the write (`Committer`'s `Drop` too).
+            unsafe { self.writer.start(file.as_ref(), &iovecs, self.offset) };
+            None
         } else {
-            self.writer.write_only(file, &self.buf, self.offset)
+            Some(self.writer.write_only(file.as_ref(), &iovecs, self.offset))
         };
+        drop(iovecs);
+        // The buffered group's bounds now describe the group in flight. (The previous
+        // group in flight, if any, was durable and is applied before anything else is
+        // validated.)
+        std::mem::swap(&mut self.overlay, &mut self.overlay_in_flight);
+        self.overlay.clear();
+        let f = InFlight {
+            group,
+            bytes: std::mem::take(&mut self.group_bytes),
+            offset: self.offset,
+            pending: std::mem::take(&mut self.pending),
+            callbacks: std::mem::take(&mut self.callbacks),
+            submitted: std::mem::take(&mut self.submitted),
+            started,
+            buffered,
+        };
+        self.offset += f.bytes as u64;
+        Some(f)
+    }
+
+    /// Waits for a started group's write and fdatasync.
+    fn wait(&mut self, mut f: InFlight) -> (InFlight, std::io::Result<()>) {
+        let result = match f.buffered.take() {
+            Some(r) => r,
+            None => {
+                let file = self.active.file.clone();
+                let mut iovecs: Vec<IoSlice<'_>> =
+                    f.group.iter().map(|r| IoSlice::new(r)).collect();
+                let r = self.writer.finish(file.as_ref(), &mut iovecs, f.offset);
+                drop(iovecs);
+                r
+            }
+        };
+        (f, result)
+    }
+
+    /// Publishes a finished group: on success applies it to the index and reports it
+    /// durable; on failure stops the engine (fail-stop) and refuses it, and the buffered
+    /// group with it.
+    fn complete(&mut self, shared: &Shared, f: InFlight, result: std::io::Result<()>) {
         let c = &shared.counters;
         c.syncs.fetch_add(1, Ordering::Relaxed);
         let synced = Instant::now();
         c.sync_ns_total
-            .fetch_add((synced - started).as_nanos() as u64, Ordering::Relaxed);
-        c.sync_latency.record(synced - started);
+            .fetch_add((synced - f.started).as_nanos() as u64, Ordering::Relaxed);
+        c.sync_latency.record(synced - f.started);
+        let InFlight {
+            group,
+            bytes,
+            offset,
+            pending,
+            callbacks,
+            submitted,
+            ..
+        } = f;
+        drop(group);
         match result {
             Ok(()) => {
                 let mut entries = 0u64;
                 {
                     let mut index = shared.index.write().expect("index lock");
-                    for (at, ops) in self.pending.drain(..) {
+                    for (at, ops) in &pending {
                         entries += ops
                             .iter()
                             .filter(|op| op.kind == crate::format::OpKind::Append)
                             .map(|op| u64::from(op.count))
                             .sum::<u64>();
-                        index.apply_record(self.active.id, at, &ops);
+                        index.apply_record(self.active.id, *at, ops);
                     }
                 }
                 c.entries_written.fetch_add(entries, Ordering::Relaxed);
                 c.records
-                    .fetch_add(self.callbacks.len() as u64, Ordering::Relaxed);
-                c.bytes_written
-                    .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-                self.offset += self.buf.len() as u64;
-                shared.active_end.store(self.offset, Ordering::Relaxed);
-                self.buf.clear();
-                for (done, submitted) in self.callbacks.drain(..).zip(self.submitted.drain(..)) {
+                    .fetch_add(callbacks.len() as u64, Ordering::Relaxed);
+                c.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
+                shared
+                    .active_end
+                    .store(offset + bytes as u64, Ordering::Relaxed);
+                if self.in_flight.is_none() {
+                    // The index has caught up with the group that was in flight.
+                    self.overlay_in_flight.clear();
+                }
+                for (done, submitted) in callbacks.into_iter().zip(submitted) {
                     c.append_latency
                         .record(synced.saturating_duration_since(submitted));
                     done(Ok(()));
@@ -453,6 +631,11 @@ impl Committer {
                 // Fail-stop: after a failed write or fdatasync the page cache and the disk
                 // may disagree; nothing in this group is reported durable, ever.
                 let cause = shared.fail(Error::io("writing and syncing", &self.active.path, e));
+                for done in callbacks {
+                    done(Err(Error::Stopped {
+                        cause: cause.clone(),
+                    }));
+                }
                 self.flush_failed(&cause);
             }
         }
@@ -504,9 +687,12 @@ impl Committer {
     }
 
     fn flush_failed(&mut self, cause: &Arc<Error>) {
+        self.overlay.clear();
+        self.overlay_in_flight.clear();
         self.pending.clear();
         self.submitted.clear();
-        self.buf.clear();
+        self.group.clear();
+        self.group_bytes = 0;
         for done in self.callbacks.drain(..) {
             done(Err(Error::Stopped {
                 cause: cause.clone(),
