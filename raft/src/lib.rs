@@ -27,6 +27,7 @@ pub mod proposer;
 pub mod repair;
 pub mod retention;
 pub mod secret_log;
+pub mod snapshot_stream;
 pub mod state_machine;
 pub mod types;
 
