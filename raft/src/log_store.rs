@@ -38,7 +38,7 @@
 //! keeps everything). The committed entries kept below the purge mark are the
 //! **history** (`State::history`): history and secret-message reads see them
 //! (`LogReader::read_history`), snapshots carry them, and a follower that installs a
-//! snapshot keeps the snapshot's range there (`LogReader::install_range`).
+//! snapshot keeps the snapshot's range there (`LogReader::install_staged`).
 //!
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in

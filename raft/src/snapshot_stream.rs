@@ -1331,6 +1331,375 @@ mod tests {
         assert!(decode_ack(&encode_ack(&ack)[1..]).is_err());
     }
 
+    // ---- against real engines ----
+
+    use crate::log_store::LogStore;
+    use crate::types::{ChatBatch, EntryPayload};
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+
+    const GROUP: GroupId = 3;
+    const LAST: u64 = 300;
+
+    fn engine(dir: &std::path::Path) -> Arc<Engine> {
+        let mut config = chatlog_storage::Config::new(dir);
+        config.segment_bytes = 1 << 20;
+        Arc::new(Engine::open(config).expect("engine opens"))
+    }
+
+    fn close(engine: Arc<Engine>) {
+        let mut engine = engine;
+        for _ in 0..500 {
+            match Arc::try_unwrap(engine) {
+                Ok(e) => {
+                    e.close().expect("engine closes");
+                    return;
+                }
+                Err(shared) => engine = shared,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the engine is still shared");
+    }
+
+    fn entries(n: u64) -> Vec<Entry> {
+        (1..=n)
+            .map(|i| Entry {
+                log_id: log_id(2, 1, i),
+                payload: EntryPayload::Normal(ChatBatch(Bytes::from(format!(
+                    "entry {i} {}",
+                    "y".repeat(100)
+                )))),
+            })
+            .collect()
+    }
+
+    /// Checkpoint bytes with a real header for `meta` (only the header is checked before
+    /// an install; the state is opaque here).
+    fn checkpoint(meta: &SnapshotMeta, state_bytes: usize) -> Bytes {
+        let mut out = vec![crate::state_machine::SNAPSHOT_VERSION];
+        put_opt_log_id(&mut out, meta.last_log_id.as_ref());
+        put_opt_log_id(&mut out, meta.last_membership.log_id().as_ref());
+        codec::put_membership(&mut out, meta.last_membership.membership());
+        out.extend_from_slice(&(state_bytes as u64).to_le_bytes());
+        out.extend((0..state_bytes).map(|i| i as u8));
+        Bytes::from(out)
+    }
+
+    /// The stream of `checkpoint` and `entries` (module docs).
+    fn stream(checkpoint: &[u8], entries: &[Entry]) -> Vec<u8> {
+        let mut out = checkpoint.to_vec();
+        for e in entries {
+            let b = codec::encode_entry(e);
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    /// A sender's log holding `entries(LAST)`.
+    async fn sender_log(dir: &std::path::Path) -> (Arc<Engine>, LogStore, LogReader) {
+        let engine = engine(dir);
+        let mut store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store");
+        store.blocking_append(entries(LAST)).await.expect("appends");
+        let reader = store.get_log_reader().await;
+        (engine, store, reader)
+    }
+
+    /// Streams a snapshot at `LAST` from `reader` into `staging` through [`send`] with
+    /// `chunk` bytes per chunk; returns the staged snapshot, the checkpoint and the
+    /// number of chunks sent.
+    async fn transfer(
+        reader: &LogReader,
+        staging: &Arc<Staging>,
+        chunk: usize,
+    ) -> (StagedSnapshot, Bytes, u64) {
+        let meta = meta(LAST);
+        let checkpoint = checkpoint(&meta, 5000);
+        let staged: Arc<std::sync::Mutex<Option<Snapshot<SnapshotData>>>> = Arc::default();
+        let sent = Arc::new(AtomicU64::new(0));
+        let call = |body: Bytes, _wait: Duration| {
+            let (staging, staged, sent) = (Arc::clone(staging), Arc::clone(&staged), Arc::clone(&sent));
+            async move {
+                sent.fetch_add(1, Ordering::Relaxed);
+                let chunk = decode_chunk(&body).map_err(|e| e.to_string())?;
+                let (transfer, seq) = (chunk.transfer, chunk.seq);
+                match staging.receive(chunk).await.map_err(|e| e.to_string())? {
+                    Received::Ack(ack) => Ok(encode_ack(&ack)),
+                    Received::Complete { vote, snapshot } => {
+                        *staged.lock().unwrap() = Some(snapshot);
+                        Ok(encode_ack(&StreamAck { transfer, seq, vote }))
+                    }
+                }
+            }
+        };
+        let snapshot = Snapshot {
+            meta: meta.clone(),
+            snapshot: SnapshotData::Local(LocalSnapshot {
+                checkpoint: checkpoint.clone(),
+                log: Some(reader.clone()),
+                upto: LAST,
+            }),
+        };
+        let vote = send(GROUP, Vote::new(1, 1), snapshot, chunk, call)
+            .await
+            .expect("the transfer succeeds");
+        assert_eq!(vote, Vote::new(1, 1));
+        let snapshot = staged.lock().unwrap().take().expect("complete");
+        assert_eq!(snapshot.meta, meta);
+        let SnapshotData::Staged(staged) = snapshot.snapshot else {
+            panic!("a staged snapshot")
+        };
+        (staged, checkpoint, sent.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_streams_in_chunks_and_installs_with_its_whole_range() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
+        let engine_b = engine(b.path());
+        let mut store_b = LogStore::open(Arc::clone(&engine_b), GROUP).expect("log store");
+        // The receiver's own log: a few entries of another leader, all replaced.
+        store_b
+            .blocking_append(
+                (1..=5)
+                    .map(|i| Entry {
+                        log_id: log_id(1, 2, i),
+                        payload: EntryPayload::Blank,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap();
+        let reader_b = store_b.get_log_reader().await;
+        let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
+        let (staged, checkpoint, chunks) = transfer(&reader_a, &staging, 512).await;
+        let stream_bytes = stream(&checkpoint, &entries(LAST)).len() as u64;
+        assert_eq!(chunks, 2 + stream_bytes.div_ceil(512), "Begin, Data…, End");
+        assert!(chunks > 100);
+        assert_eq!(staged.read_checkpoint().unwrap(), checkpoint.to_vec());
+        let engine = Arc::clone(&engine_b);
+        staged
+            .install(&checkpoint, Some(&reader_b), async move |bytes: Vec<u8>| {
+                crate::state_machine::write_checkpoint_bytes(&engine, GROUP, &bytes).await
+            })
+            .await
+            .expect("installs");
+        staging.done_installing(staged.layout.transfer).await;
+        assert_eq!(
+            crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap(),
+            Some(checkpoint.to_vec())
+        );
+        assert_eq!(reader_b.read_history(0, LAST + 1).unwrap(), entries(LAST));
+        let log = ids::staging_log(GROUP).unwrap();
+        assert!(engine_b.meta(log, ids::META_STAGED_INSTALL).is_none());
+        assert!(engine_b.bounds(log).is_none_or(|b| b.next == b.first));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_install_interrupted_after_its_intent_is_finished_at_open() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
+        let old = meta(10);
+        {
+            let engine_b = engine(b.path());
+            // The receiver's old state: a checkpoint and a log of its own.
+            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &checkpoint(&old, 10))
+                .await
+                .unwrap();
+            let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
+            let (staged, checkpoint, _) = transfer(&reader_a, &staging, 4096).await;
+            // The install's first steps, then a crash: the intent, the checkpoint and half
+            // of the range are durable.
+            let mut intent = WriteBatch::new();
+            intent.put_meta(
+                staging.log,
+                ids::META_STAGED_INSTALL,
+                &encode_intent(&staged.layout, true),
+            );
+            engine_b.write(&intent).await.unwrap();
+            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &checkpoint)
+                .await
+                .unwrap();
+            let mut half = Some(entries(LAST / 2));
+            let cut = crate::log_store::write_staged_range(
+                &engine_b,
+                GROUP,
+                1,
+                log_id(2, 1, LAST),
+                || Ok(half.take().unwrap_or_default()),
+            )
+            .await;
+            assert!(cut.is_err(), "a range that stops short is refused: {cut:?}");
+            drop((staging, staged));
+            close(engine_b);
+        }
+        let engine_b = engine(b.path());
+        assert!(finish_interrupted_install(&engine_b, GROUP).await.unwrap());
+        assert!(!finish_interrupted_install(&engine_b, GROUP).await.unwrap());
+        let mut store_b = LogStore::open(Arc::clone(&engine_b), GROUP).expect("log store");
+        let reader_b = store_b.get_log_reader().await;
+        assert_eq!(reader_b.read_history(0, LAST + 1).unwrap(), entries(LAST));
+        let state = store_b.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(2, 1, LAST)));
+        let (applied, _) = crate::state_machine::checkpoint_header(
+            &crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(applied, Some(log_id(2, 1, LAST)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transfer_interrupted_before_its_intent_leaves_the_old_state() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
+        let old = checkpoint(&meta(10), 10);
+        {
+            let engine_b = engine(b.path());
+            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &old)
+                .await
+                .unwrap();
+            let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
+            // Staged completely, never installed (a crash before the intent).
+            let (staged, _, _) = transfer(&reader_a, &staging, 4096).await;
+            drop((staging, staged));
+            close(engine_b);
+        }
+        let engine_b = engine(b.path());
+        assert!(!finish_interrupted_install(&engine_b, GROUP).await.unwrap());
+        assert_eq!(
+            crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap(),
+            Some(old.to_vec())
+        );
+        let log = ids::staging_log(GROUP).unwrap();
+        assert!(engine_b.bounds(log).is_none_or(|b| b.next == b.first), "pieces deleted");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_receiver_refuses_chunks_out_of_order_wrong_totals_and_bad_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path());
+        let staging = Staging::new(Arc::clone(&engine), GROUP).unwrap();
+        let vote = Vote::new(4, 1);
+        let meta = meta(20);
+        let cp = checkpoint(&meta, 100);
+        let good: Vec<Entry> = (11..=20)
+            .map(|i| Entry {
+                log_id: log_id(2, 1, i),
+                payload: EntryPayload::Blank,
+            })
+            .collect();
+        let begin = |transfer: u64, count: u64| StreamChunk {
+            vote,
+            transfer,
+            seq: 0,
+            body: ChunkBody::Begin(Begin {
+                meta: meta.clone(),
+                checkpoint_bytes: cp.len() as u64,
+                entries_first: 11,
+                entries_count: count,
+            }),
+        };
+        let data = |transfer: u64, seq: u32, offset: u64, bytes: &[u8]| StreamChunk {
+            vote,
+            transfer,
+            seq,
+            body: ChunkBody::Data {
+                offset,
+                data: Bytes::copy_from_slice(bytes),
+            },
+        };
+        let end = |transfer: u64, seq: u32, stream_bytes: u64, stream_crc: u32| StreamChunk {
+            vote,
+            transfer,
+            seq,
+            body: ChunkBody::End {
+                stream_bytes,
+                stream_crc,
+            },
+        };
+        let refused = async |chunk: StreamChunk, what: &str| match staging.receive(chunk).await {
+            Err(ChunkError::BadRequest(m)) => assert!(m.contains(what), "{m:?} names {what:?}"),
+            other => panic!("expected a refusal naming {what:?}, got {other:?}"),
+        };
+        let acked = async |chunk: StreamChunk| match staging.receive(chunk).await {
+            Ok(Received::Ack(_)) => {}
+            other => panic!("expected an ack, got {other:?}"),
+        };
+        let all = stream(&cp, &good);
+        let crc = crc32fast::hash(&all);
+
+        // A chunk with no transfer started.
+        refused(data(1, 1, 0, &all[..10]), "no transfer started").await;
+        // Out of order: chunk 2 before chunk 1; the transfer is then abandoned.
+        acked(begin(2, 10)).await;
+        refused(data(2, 2, 0, &all[..10]), "expected chunk 1").await;
+        refused(data(2, 1, 0, &all[..10]), "no transfer started").await;
+        // A wrong offset.
+        acked(begin(3, 10)).await;
+        refused(data(3, 1, 5, &all[..10]), "expected offset 0").await;
+        // Another vote, another transfer.
+        acked(begin(4, 10)).await;
+        let mut other_vote = data(4, 1, 0, &all[..10]);
+        other_vote.vote = Vote::new(5, 2);
+        refused(other_vote, "expected chunk 1 of 4").await;
+        acked(begin(5, 10)).await;
+        refused(data(6, 1, 0, &all[..10]), "expected chunk 1 of 5").await;
+        // A wrong total, a wrong checksum, fewer entries than announced.
+        for (transfer, total, sum, count, what) in [
+            (7, all.len() as u64 + 1, crc, 10, "arrived"),
+            (8, all.len() as u64, crc ^ 1, 10, "checksum"),
+            (9, all.len() as u64, crc, 11, "do not end at"),
+        ] {
+            if count == 11 {
+                // 11 entries from 11 cannot end at 20: refused at Begin already.
+                refused(begin(transfer, count), what).await;
+                continue;
+            }
+            acked(begin(transfer, count)).await;
+            acked(data(transfer, 1, 0, &all)).await;
+            refused(end(transfer, 2, total, sum), what).await;
+        }
+        let short = stream(&cp, &good[..9]);
+        acked(begin(10, 10)).await;
+        acked(data(10, 1, 0, &short)).await;
+        refused(
+            end(10, 2, short.len() as u64, crc32fast::hash(&short)),
+            "ends early",
+        )
+        .await;
+        // Entries out of order.
+        let mut swapped = good.clone();
+        swapped.swap(3, 4);
+        acked(begin(11, 10)).await;
+        refused(data(11, 1, 0, &stream(&cp, &swapped)), "was expected").await;
+        // A checkpoint whose header is not the meta's.
+        let wrong = stream(&checkpoint(&self::meta(19), 100), &good);
+        acked(begin(12, 10)).await;
+        acked(data(12, 1, 0, &wrong)).await;
+        refused(
+            end(12, 2, wrong.len() as u64, crc32fast::hash(&wrong)),
+            "the meta says",
+        )
+        .await;
+        // A good transfer in two chunks completes; a Begin during its install waits its
+        // turn (refused as unavailable), after it goes ahead.
+        acked(begin(13, 10)).await;
+        acked(data(13, 1, 0, &all[..50])).await;
+        acked(data(13, 2, 50, &all[50..])).await;
+        match staging.receive(end(13, 3, all.len() as u64, crc)).await {
+            Ok(Received::Complete { .. }) => {}
+            other => panic!("expected the transfer complete, got {other:?}"),
+        }
+        match staging.receive(begin(14, 10)).await {
+            Err(ChunkError::Unavailable(m)) => assert!(m.contains("being installed"), "{m}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        staging.done_installing(13).await;
+        acked(begin(14, 10)).await;
+        drop(staging);
+        close(engine);
+    }
+
     #[test]
     fn intent_round_trips() {
         let layout = StagedLayout {
