@@ -1054,7 +1054,11 @@ impl StagedReader<'_> {
                 }
                 let got = self
                     .engine
-                    .read(self.log, self.next_piece..self.end_piece, STAGING_READ_BYTES)
+                    .read(
+                        self.log,
+                        self.next_piece..self.end_piece,
+                        STAGING_READ_BYTES,
+                    )
                     .map_err(|source| Error::Storage {
                         group: self.group,
                         verb: "reading",
@@ -1102,7 +1106,12 @@ impl StagedReader<'_> {
 
 impl StagedSnapshot {
     fn reader(&self) -> StagedReader<'_> {
-        reader(&self.staging.engine, self.staging.group, self.staging.log, &self.layout)
+        reader(
+            &self.staging.engine,
+            self.staging.group,
+            self.staging.log,
+            &self.layout,
+        )
     }
 
     /// The staged checkpoint bytes (header and state).
@@ -1142,8 +1151,8 @@ impl StagedSnapshot {
                 ),
             });
         }
-        let write_range = self.layout.entries_count > 0
-            && log.is_some_and(|l| !l.holds(self.layout.last));
+        let write_range =
+            self.layout.entries_count > 0 && log.is_some_and(|l| !l.holds(self.layout.last));
         let mut intent = WriteBatch::new();
         intent.put_meta(
             staging.log,
@@ -1229,7 +1238,10 @@ pub async fn finish_interrupted_install(engine: &Engine, group: GroupId) -> Resu
     let Some(bytes) = engine.meta(log, ids::META_STAGED_INSTALL) else {
         if engine.bounds(log).is_some_and(|b| b.next > b.first) {
             let next = engine.bounds(log).map_or(1, |b| b.next);
-            tracing::info!(group, "snapshot stream: deleting the pieces of an unfinished transfer");
+            tracing::info!(
+                group,
+                "snapshot stream: deleting the pieces of an unfinished transfer"
+            );
             clear(engine, group, log, next).await?;
         }
         return Ok(false);
@@ -1252,11 +1264,17 @@ pub async fn finish_interrupted_install(engine: &Engine, group: GroupId) -> Resu
     drop(checkpoint);
     if write_range {
         let mut left = layout.entries_count;
-        crate::log_store::write_staged_range(engine, group, layout.entries_first, layout.last, || {
-            let window = r.entries(left, INSTALL_WINDOW_BYTES)?;
-            left -= window.len() as u64;
-            Ok(window)
-        })
+        crate::log_store::write_staged_range(
+            engine,
+            group,
+            layout.entries_first,
+            layout.last,
+            || {
+                let window = r.entries(left, INSTALL_WINDOW_BYTES)?;
+                left -= window.len() as u64;
+                Ok(window)
+            },
+        )
         .await?;
     }
     clear(engine, group, log, layout.next_piece).await?;
@@ -1418,16 +1436,21 @@ mod tests {
         let staged: Arc<std::sync::Mutex<Option<Snapshot<SnapshotData>>>> = Arc::default();
         let sent = Arc::new(AtomicU64::new(0));
         let call = |body: Bytes, _wait: Duration| {
-            let (staging, staged, sent) = (Arc::clone(staging), Arc::clone(&staged), Arc::clone(&sent));
+            let (staging, staged, sent) =
+                (Arc::clone(staging), Arc::clone(&staged), Arc::clone(&sent));
             async move {
                 sent.fetch_add(1, Ordering::Relaxed);
                 let chunk = decode_chunk(&body).map_err(|e| e.to_string())?;
                 let (transfer, seq) = (chunk.transfer, chunk.seq);
                 match staging.receive(chunk).await.map_err(|e| e.to_string())? {
-                    Received::Ack(ack) => Ok(encode_ack(&ack)),
+                    Received::Ack(ack) => Ok::<Bytes, String>(encode_ack(&ack)),
                     Received::Complete { vote, snapshot } => {
                         *staged.lock().unwrap() = Some(snapshot);
-                        Ok(encode_ack(&StreamAck { transfer, seq, vote }))
+                        Ok(encode_ack(&StreamAck {
+                            transfer,
+                            seq,
+                            vote,
+                        }))
                     }
                 }
             }
@@ -1475,7 +1498,7 @@ mod tests {
         let (staged, checkpoint, chunks) = transfer(&reader_a, &staging, 512).await;
         let stream_bytes = stream(&checkpoint, &entries(LAST)).len() as u64;
         assert_eq!(chunks, 2 + stream_bytes.div_ceil(512), "Begin, Data…, End");
-        assert!(chunks > 100);
+        assert!(chunks > 50, "{chunks} chunks");
         assert_eq!(staged.read_checkpoint().unwrap(), checkpoint.to_vec());
         let engine = Arc::clone(&engine_b);
         staged
@@ -1542,7 +1565,9 @@ mod tests {
         let state = store_b.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(log_id(2, 1, LAST)));
         let (applied, _) = crate::state_machine::checkpoint_header(
-            &crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap().unwrap(),
+            &crate::state_machine::read_checkpoint(&engine_b, GROUP)
+                .unwrap()
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(applied, Some(log_id(2, 1, LAST)));
@@ -1571,7 +1596,10 @@ mod tests {
             Some(old.to_vec())
         );
         let log = ids::staging_log(GROUP).unwrap();
-        assert!(engine_b.bounds(log).is_none_or(|b| b.next == b.first), "pieces deleted");
+        assert!(
+            engine_b.bounds(log).is_none_or(|b| b.next == b.first),
+            "pieces deleted"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

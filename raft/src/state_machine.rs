@@ -637,15 +637,19 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
                 let engine = Arc::clone(&self.engine);
                 let shared = Arc::clone(&self.shared);
                 staged
-                    .install(&checkpoint, self.log.as_ref(), async move |bytes: Vec<u8>| {
-                        write_checkpoint_bytes(&engine, group, &bytes).await?;
-                        let applied = checkpoint_header(&bytes)
-                            .ok()
-                            .and_then(|(a, _)| a)
-                            .map_or(0, |a| a.index);
-                        shared.set_checkpointed(applied);
-                        Ok(())
-                    })
+                    .install(
+                        &checkpoint,
+                        self.log.as_ref(),
+                        async move |bytes: Vec<u8>| {
+                            write_checkpoint_bytes(&engine, group, &bytes).await?;
+                            let applied = checkpoint_header(&bytes)
+                                .ok()
+                                .and_then(|(a, _)| a)
+                                .map_or(0, |a| a.index);
+                            shared.set_checkpointed(applied);
+                            Ok(())
+                        },
+                    )
                     .await?;
             }
         }

@@ -45,9 +45,9 @@ use tokio::time::Instant;
 use super::codec::{self, ProposeResult};
 use super::sink::FrameSink;
 use super::{NodeIdentity, Rpc, encode_frame, node_frame};
-use crate::snapshot_stream;
 use crate::chat::Command;
 use crate::node::ProposeError;
+use crate::snapshot_stream;
 use crate::state_machine::SnapshotData;
 use crate::types::{GroupId, Node, NodeId, Snapshot, TypeConfig, Vote};
 
