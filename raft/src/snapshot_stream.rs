@@ -102,9 +102,11 @@ pub const CHUNK_BYTES_ENV: &str = "CHATLOG_TEST_SNAPSHOT_CHUNK_BYTES";
 /// transfer or of an install. Unset in production.
 pub const PAUSE_ENV: &str = "CHATLOG_TEST_SNAPSHOT_PAUSE_MS";
 
-/// Entries the sender reads from its log per window while streaming the range. Entries
-/// are at most `node::ENTRY_BYTES_MAX` each, so a window is a few MiB at worst.
-pub const SEND_WINDOW_ENTRIES: u64 = 64;
+/// Entries the sender reads from its log per window while streaming the range: what it
+/// holds besides one chunk. An entry closes at the first command crossing
+/// `node::ENTRY_BYTES_MAX` (1 MiB), so a window is at most about 16 × 1 MiB plus the last
+/// commands, and usually far less.
+pub const SEND_WINDOW_ENTRIES: u64 = 16;
 
 /// Bytes of one entry record in the stream at most: an entry larger than a node frame
 /// could never have been replicated. Bounds the receiver's buffer for an entry that
@@ -121,6 +123,11 @@ pub const STAGING_READ_BYTES: usize = 4 << 20;
 /// Entry bytes written to the Raft log per window while installing (each window is
 /// decoded, checked and written before the next is read).
 pub const INSTALL_WINDOW_BYTES: usize = 8 << 20;
+
+/// How long the sender waits for the answer to a chunk before `End` (at least; openraft's
+/// `soft_ttl` if longer): a chunk's round trip includes the receiver's fdatasync of it,
+/// which a loaded disk can stretch well past a heartbeat-sized RPC deadline.
+pub const CHUNK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the sender waits for the answer to `End`, which comes after the receiver
 /// installed the snapshot (writing its whole range): far longer than a chunk's round trip.
@@ -544,7 +551,7 @@ where
         seq += 1;
         Ok(ack.vote)
     };
-    let chunk_wait = Duration::from_secs(10);
+    let chunk_wait = CHUNK_WAIT;
     exchange(
         ChunkBody::Begin(Begin {
             meta: snapshot.meta.clone(),
@@ -953,11 +960,28 @@ impl Staging {
     }
 
     /// Ends the install of `transfer` (whether openraft installed it or not): a new
-    /// transfer may start.
+    /// transfer may start. Pieces openraft did not install (the snapshot was no newer
+    /// than what the replica had) are deleted; with an intent present (an install that
+    /// failed half way, which stopped the group) they stay for the next open to finish.
     pub async fn done_installing(&self, transfer: u64) {
         let mut st = self.state.lock().await;
-        if st.installing == Some(transfer) {
-            st.installing = None;
+        if st.installing != Some(transfer) {
+            return;
+        }
+        st.installing = None;
+        let leftover = self
+            .engine
+            .meta(self.log, ids::META_STAGED_INSTALL)
+            .is_none()
+            && self
+                .engine
+                .bounds(self.log)
+                .is_some_and(|b| b.next > b.first);
+        if leftover {
+            let next = self.engine.bounds(self.log).map_or(1, |b| b.next);
+            if let Err(e) = clear(&self.engine, self.group, self.log, next).await {
+                tracing::warn!(group = self.group, error = %e, "snapshot stream: staged pieces not deleted");
+            }
         }
     }
 
