@@ -1519,6 +1519,30 @@ mod tests {
             .unwrap();
         let reader_b = store_b.get_log_reader().await;
         let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
+        // A transfer whose sender vanished half way: staged bytes, never completed. The
+        // next Begin discards them.
+        let abandoned = StreamChunk {
+            vote: Vote::new(1, 3),
+            transfer: 99,
+            seq: 0,
+            body: ChunkBody::Begin(Begin {
+                meta: meta(LAST),
+                checkpoint_bytes: 10,
+                entries_first: 0,
+                entries_count: 0,
+            }),
+        };
+        staging.receive(abandoned).await.expect("begins");
+        let garbage = StreamChunk {
+            vote: Vote::new(1, 3),
+            transfer: 99,
+            seq: 1,
+            body: ChunkBody::Data {
+                offset: 0,
+                data: Bytes::from_static(b"garbage"),
+            },
+        };
+        staging.receive(garbage).await.expect("staged");
         let (staged, checkpoint, chunks) = transfer(&reader_a, &staging, 512).await;
         let stream_bytes = stream(&checkpoint, &entries(LAST)).len() as u64;
         assert_eq!(chunks, 2 + stream_bytes.div_ceil(512), "Begin, Data…, End");
