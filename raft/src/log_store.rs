@@ -150,6 +150,11 @@ struct State {
     /// Retention: the first Raft index the engine must keep (`crate::retention` moves
     /// it); a purge never deletes at or above it. 0 keeps everything.
     retain_from: u64,
+    /// Snapshot streams in progress (`snapshot_stream::send`): the first index each still
+    /// has to read ([`LogReader::pin_history`]); no purge deletes at or above the lowest,
+    /// so a large range is never purged from under a transfer (which would then fail
+    /// and start over, forever on a busy group).
+    pins: Vec<u64>,
 }
 
 impl State {
@@ -773,7 +778,11 @@ impl GroupLog {
                 st.unflushed.pop_front();
             }
             // Logical up to the mark, physical only below the retention horizon.
-            cut = upto.index.saturating_add(1).min(st.retain_from);
+            cut = upto
+                .index
+                .saturating_add(1)
+                .min(st.retain_from)
+                .min(st.pins.iter().copied().min().unwrap_or(u64::MAX));
             let lo = st.history.map_or(previous_first, |(lo, _)| lo);
             let hi = upto.index.min(previous_last);
             st.history = (lo.max(cut) <= hi).then_some((lo.max(cut), hi));
@@ -951,6 +960,7 @@ impl GroupLog {
             let Some((lo, hi)) = st.history else {
                 return Ok(());
             };
+            let horizon = horizon.min(st.pins.iter().copied().min().unwrap_or(u64::MAX));
             if horizon <= lo {
                 return Ok(());
             }
@@ -1010,6 +1020,16 @@ impl LogReader {
         F: FnMut() -> Result<Vec<Entry>>,
     {
         self.shared.install_entries(first, last, next).await
+    }
+
+    /// Keeps every entry from `from` on held (history included) until the pin is
+    /// advanced past them or dropped: a snapshot being streamed reads them lazily.
+    pub fn pin_history(&self, from: u64) -> HistoryPin {
+        self.shared.lock().pins.push(from);
+        HistoryPin {
+            shared: Arc::clone(&self.shared),
+            at: from,
+        }
     }
 
     /// Sets the first Raft index the engine must keep: purges (openraft's, and
@@ -1117,6 +1137,33 @@ where
     batch.put_meta(log, ids::META_PURGED, &codec::encode_log_id(&last));
     write(batch).await?;
     Ok(start)
+}
+
+/// Holds a group's log from an index on against purges ([`LogReader::pin_history`]).
+#[derive(Debug)]
+pub struct HistoryPin {
+    shared: Arc<GroupLog>,
+    at: u64,
+}
+
+impl HistoryPin {
+    /// Releases the entries below `to` (a transfer that read them).
+    pub fn advance(&mut self, to: u64) {
+        let mut st = self.shared.lock();
+        if let Some(p) = st.pins.iter_mut().find(|p| **p == self.at) {
+            *p = to.max(self.at);
+        }
+        self.at = to.max(self.at);
+    }
+}
+
+impl Drop for HistoryPin {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(k) = st.pins.iter().position(|p| *p == self.at) {
+            st.pins.swap_remove(k);
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {

@@ -18,7 +18,8 @@
 //! range, every entry this replica holds from its first (history below openraft's purge
 //! mark included) to `S`, each as `len u32 | entry (codec::encode_entry)`, oldest first.
 //! The sender reads the range lazily, [`SEND_WINDOW_ENTRIES`] entries at a time, as the
-//! chunks go out; nothing bounds the range's size.
+//! chunks go out; nothing bounds the range's size. A `log_store::HistoryPin` keeps the
+//! entries not sent yet from being purged by retention meanwhile (it moves up as they go).
 //!
 //! # Chunk messages (little-endian, fixed width; `OptLogId`/`Membership` as in `codec`)
 //!
@@ -442,6 +443,8 @@ struct StreamSource {
     checkpoint: Bytes,
     at: usize,
     log: Option<LogReader>,
+    /// Keeps the entries not sent yet from being purged meanwhile.
+    pin: Option<crate::log_store::HistoryPin>,
     next: u64,
     upto: u64,
     pending: BytesMut,
@@ -486,6 +489,9 @@ impl StreamSource {
                 self.pending.extend_from_slice(&bytes);
             }
             self.next = hi;
+            if let Some(pin) = self.pin.as_mut() {
+                pin.advance(hi);
+            }
         }
         let n = max.min(self.pending.len());
         Ok(self.pending.split_to(n).freeze())
@@ -527,6 +533,9 @@ where
         .as_ref()
         .and_then(|l| l.retained_bounds().0)
         .filter(|f| *f <= upto);
+    // Held from here until sent (a purge racing this line fails the transfer cleanly:
+    // the entries are found missing and a new snapshot is sent).
+    let pin = first.and_then(|f| local.log.as_ref().map(|l| l.pin_history(f)));
     let (entries_first, entries_count) = first.map_or((0, 0), |f| (f, upto - f + 1));
     let transfer = next_transfer();
     let chunk_bytes = chunk_bytes.max(1);
@@ -567,6 +576,7 @@ where
         checkpoint: local.checkpoint,
         at: 0,
         log: local.log,
+        pin,
         next: entries_first,
         upto: if entries_count == 0 { 0 } else { upto },
         pending: BytesMut::new(),
