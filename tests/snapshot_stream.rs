@@ -112,6 +112,7 @@ fn start(chunk_bytes: usize, pause_ms: Option<u64>) -> Cluster {
         ],
         env,
         capture: vec!["snapshot stream".into()],
+        http: true,
         ..Options::default()
     })
 }
@@ -121,6 +122,7 @@ fn start(chunk_bytes: usize, pause_ms: Option<u64>) -> Cluster {
 struct Setup {
     token: String,
     chat: u64,
+    leader: u64,
     follower: u64,
     clients: Vec<Client>,
 }
@@ -153,6 +155,7 @@ async fn setup(cluster: &Cluster) -> Setup {
     Setup {
         token,
         chat,
+        leader,
         follower,
         clients,
     }
@@ -252,6 +255,21 @@ async fn a_follower_far_behind_installs_a_streamed_snapshot_and_serves_the_same_
     let s = setup(&cluster).await;
     let head = leave_the_follower_behind(&mut cluster, &s).await;
 
+    // A snapshot of the leader at its head (`chatlog admin snapshot`), so the range it
+    // carries is the whole retained log, not whatever lay below retention's last one.
+    let http = cluster.http_addr(s.leader);
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chatlog"))
+            .args(["admin", "snapshot", "--server", &http])
+            .env_remove("CHATLOG_ADMIN_TOKEN")
+            .output()
+            .expect("chatlog runs")
+    });
+    assert!(
+        out.status.success(),
+        "admin snapshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let skip = cluster.captured(s.follower).len();
     tokio::task::block_in_place(|| cluster.restart(s.follower));
     let (begin, at) = tokio::task::block_in_place(|| {
