@@ -10,7 +10,7 @@
 //! |---|-------------------------------------------------------------------|
 //! | 0 | the Raft log (entries, and meta `vote`, `committed`, `purged`)    |
 //! | 1 | state-machine checkpoints (chunks, and meta `checkpoint`)         |
-//! | 2 | reserved: snapshot staging while a snapshot is received           |
+//! | 2 | snapshot staging: a received snapshot's stream (`snapshot_stream`) |
 //! | 3 | reserved                                                          |
 //!
 //! Node logs (not replicated, one node's own) live at `1 << 63 | k`: k = 0 is the push
@@ -58,6 +58,18 @@ pub fn node_log(k: u64) -> chatlog_storage::LogId {
 pub fn checkpoint_log(group: GroupId) -> Option<chatlog_storage::LogId> {
     raft_log(group).map(|l| l | 1)
 }
+
+/// The engine log staging a snapshot of group `group` while it is received and
+/// installed (`crate::snapshot_stream`; entries are pieces of the snapshot's stream, meta
+/// [`META_STAGED_INSTALL`] the install in progress).
+pub fn staging_log(group: GroupId) -> Option<chatlog_storage::LogId> {
+    raft_log(group).map(|l| l | 2)
+}
+
+/// Meta key of the staging log: a complete staged snapshot being installed
+/// (`snapshot_stream::InstallIntent`). Present from before the install's first write
+/// to after its last, so a restart finishes an install a crash interrupted.
+pub const META_STAGED_INSTALL: &[u8] = b"install";
 
 /// The engine log holding group `group`'s Raft log, or `None` if the id is too large.
 pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {

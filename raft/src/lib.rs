@@ -3,10 +3,10 @@
 //! What it owns: the openraft type configuration (`types`, the only module that names
 //! openraft's generic types), where a group's Raft state lives in the node's one storage
 //! engine (`ids`) and its bytes (`codec`), the per-group Raft log store (`log_store`)
-//! and state machine (`state_machine`), and the node-to-node transport (`network`: one
-//! TCP connection per peer node shared by every group). Still to come (issue "Replicated
-//! chat logs", `raft/PLAN.md`): chat semantics in apply, checkpoints and streamed
-//! snapshots, and the multi-group manager. What it must not do: know about
+//! and state machine (`state_machine`), snapshots of any size streamed between replicas
+//! and installed crash-safely (`snapshot_stream`), and the node-to-node transport
+//! (`network`: one TCP connection per peer node shared by every group); the rest is in
+//! `ARCHITECTURE.md` and `raft/PLAN.md`. What it must not do: know about
 //! clients, sessions or the gateway protocol.
 //!
 //! Architecture invariant: one `chatlog_storage::Engine` per node is shared by every
@@ -30,6 +30,7 @@ pub mod repair;
 pub mod retention;
 pub mod runtime;
 pub mod secret_log;
+pub mod snapshot_stream;
 pub mod state_machine;
 pub mod types;
 

@@ -38,7 +38,7 @@
 //! keeps everything). The committed entries kept below the purge mark are the
 //! **history** (`State::history`): history and secret-message reads see them
 //! (`LogReader::read_history`), snapshots carry them, and a follower that installs a
-//! snapshot keeps the snapshot's range there (`LogReader::install_range`).
+//! snapshot keeps the snapshot's range there (`LogReader::install_staged`).
 //!
 //! Ordering. Every write of a group goes through the one engine queue in call order
 //! (openraft serializes a group's storage calls), and the engine reports durability in
@@ -154,6 +154,11 @@ struct State {
     /// Retention: the first Raft index the engine must keep (`crate::retention` moves
     /// it); a purge never deletes at or above it. 0 keeps everything.
     retain_from: u64,
+    /// Snapshot streams in progress (`snapshot_stream::send`): the first index each still
+    /// has to read ([`LogReader::pin_history`]); no purge deletes at or above the lowest,
+    /// so a large range is never purged from under a transfer (which would then fail
+    /// and start over, forever on a busy group).
+    pins: Vec<u64>,
 }
 
 impl State {
@@ -777,7 +782,11 @@ impl GroupLog {
                 st.unflushed.pop_front();
             }
             // Logical up to the mark, physical only below the retention horizon.
-            cut = upto.index.saturating_add(1).min(st.retain_from);
+            cut = upto
+                .index
+                .saturating_add(1)
+                .min(st.retain_from)
+                .min(st.pins.iter().copied().min().unwrap_or(u64::MAX));
             let lo = st.history.map_or(previous_first, |(lo, _)| lo);
             let hi = upto.index.min(previous_last);
             st.history = (lo.max(cut) <= hi).then_some((lo.max(cut), hi));
@@ -841,13 +850,6 @@ impl GroupLog {
 
 // ---- retention (s5retain): history below the purge mark, snapshot ranges ----
 
-/// Bytes of log entries one snapshot carries at most (the newest retained entries that
-/// fit; older history is then missing on the replica that installs it, and reads of it
-/// fail naming the missing entry). Why: a snapshot is one `Bytes` value in openraft's
-/// API and is reassembled in memory by the receiver, which holds at most
-/// `network::SNAPSHOT_REASSEMBLY_BYTES_MAX` (256 MiB) per connection, state included.
-pub const SNAPSHOT_LOG_BYTES_MAX: usize = 192 << 20;
-
 impl GroupLog {
     /// Entries `[start, end)` for history reads: the openraft-visible log, plus the
     /// committed entries retention keeps below the purge mark (read without the
@@ -877,13 +879,11 @@ impl GroupLog {
         Ok(out)
     }
 
-    /// The entries a snapshot at `upto` carries: what this replica holds from its first
-    /// entry (history included) to `upto`, newest ones first kept when they exceed
-    /// [`SNAPSHOT_LOG_BYTES_MAX`] bytes; returned oldest first, as encoded bytes. A read
-    /// that comes back short (a purge raced it) ends the range there: a snapshot with
-    /// less history beats a failed one, which would stop the group.
+    /// The entries a snapshot at `upto` carries, in memory: what this replica holds from
+    /// its first entry (history included) to `upto`, the newest that fit in `bytes_max`;
+    /// returned oldest first, as encoded bytes. For tests and tools: snapshots sent to
+    /// peers read their range lazily (`snapshot_stream`), whatever its size.
     fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
-        let bytes_max = bytes_max.min(SNAPSHOT_LOG_BYTES_MAX);
         let first = {
             let st = self.lock();
             match (st.history, st.last) {
@@ -916,7 +916,7 @@ impl GroupLog {
                     tracing::warn!(
                         group = self.group,
                         from = e.log_id.index + 1,
-                        "snapshot carries only the newest retained entries (SNAPSHOT_LOG_BYTES_MAX)"
+                        "snapshot range cut at its byte bound"
                     );
                     out.reverse();
                     return Ok(out);
@@ -930,47 +930,24 @@ impl GroupLog {
         Ok(out)
     }
 
-    /// Replaces what the engine holds with a snapshot's entries (consecutive, the last
-    /// one at the snapshot's last log id), durably, as history below the purge mark
-    /// openraft sets right after the install. Nothing changes when the log already holds
-    /// the snapshot's last entry (openraft keeps what follows it then).
-    async fn install_range(&self, entries: Vec<Entry>) -> Result<()> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(());
-        };
-        let (snap_first, last) = (first.log_id.index, last.log_id);
-        {
-            let st = self.lock();
-            if st.last.is_some_and(|l| l.index >= last.index)
-                && last.index >= st.first_index
-                && expected_leader(&st.leaders, last.index) == Some(last.leader_id)
-            {
-                return Ok(());
-            }
-        }
-        // The engine cannot move a log's start backwards: history starts at the later
-        // of the snapshot's first entry and the engine log's first.
-        let mut start = snap_first;
-        let mut head = WriteBatch::new();
-        if let Some(b) = self.engine.bounds(self.log) {
-            if b.next > b.first {
-                head.truncate_after(self.log, b.first.saturating_sub(1));
-            }
-            start = start.max(raft_index(b.first.max(1)));
-        }
-        head.purge_before(self.log, engine_index(start));
-        let limit = self.engine.write_batch_bytes_max();
-        let mut batch = head;
-        for e in entries.iter().filter(|e| e.log_id.index >= start) {
-            let bytes = codec::encode_entry(e);
-            if batch.entry_count() > 0
-                && batch.encoded_len() + bytes.len() + APPEND_OVERHEAD_BYTES > limit
-            {
-                self.write_install(std::mem::take(&mut batch), last).await?;
-            }
-            batch.append(self.log, engine_index(e.log_id.index), &bytes);
-        }
-        self.write_install(batch, last).await?;
+    /// Whether the log holds `last` (same index, same leader) among the entries openraft
+    /// sees: installing a snapshot at `last` then leaves the log as it is (openraft keeps
+    /// what follows it).
+    fn holds(&self, last: LogId) -> bool {
+        let st = self.lock();
+        st.last.is_some_and(|l| l.index >= last.index)
+            && last.index >= st.first_index
+            && expected_leader(&st.leaders, last.index) == Some(last.leader_id)
+    }
+
+    /// Replaces what the engine holds with a snapshot's entries from `first` to `last`
+    /// (handed over in windows by `next`, an empty window ending them), durably, as
+    /// history below the purge mark (`write_staged_range`), and updates what readers see.
+    async fn install_entries<F>(&self, first: u64, last: LogId, next: F) -> Result<()>
+    where
+        F: FnMut() -> Result<Vec<Entry>>,
+    {
+        let start = write_staged_range(&self.engine, self.group, first, last, next).await?;
         let mut st = self.lock();
         st.unflushed.clear();
         st.leaders.clear();
@@ -980,16 +957,6 @@ impl GroupLog {
         Ok(())
     }
 
-    async fn write_install(&self, batch: WriteBatch, last: LogId) -> Result<()> {
-        self.engine.write(&batch).await.map_err(|source| {
-            self.storage_err(
-                "installing",
-                format!("the snapshot's log entries up to {last}"),
-                source,
-            )
-        })
-    }
-
     /// Deletes history (entries below the purge mark kept for reads) below `horizon`.
     async fn purge_history_below(&self, horizon: u64) -> Result<()> {
         let cut = {
@@ -997,6 +964,7 @@ impl GroupLog {
             let Some((lo, hi)) = st.history else {
                 return Ok(());
             };
+            let horizon = horizon.min(st.pins.iter().copied().min().unwrap_or(u64::MAX));
             if horizon <= lo {
                 return Ok(());
             }
@@ -1020,15 +988,52 @@ impl LogReader {
         self.shared.read_history(start, end)
     }
 
-    /// Encoded entries from the first held one to `upto`, for a snapshot: the newest
-    /// that fit in `bytes_max` (at most [`SNAPSHOT_LOG_BYTES_MAX`]) bytes.
+    /// Encoded entries from the first held one to `upto`, in memory: the newest that fit
+    /// in `bytes_max` bytes (tests and tools; snapshots stream theirs).
     pub fn snapshot_range(&self, upto: u64, bytes_max: usize) -> Result<Vec<bytes::Bytes>> {
         self.shared.snapshot_range(upto, bytes_max)
     }
 
-    /// Writes a received snapshot's entries as the log's history (durable on return).
+    /// Writes a received snapshot's entries (consecutive, the last one at the snapshot's
+    /// last log id) as the log's history, durable on return. Nothing changes when the log
+    /// already holds the snapshot's last entry.
     pub async fn install_range(&self, entries: Vec<Entry>) -> Result<()> {
-        self.shared.install_range(entries).await
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let (first, last) = (first.log_id.index, last.log_id);
+        if self.shared.holds(last) {
+            return Ok(());
+        }
+        let mut once = Some(entries);
+        self.shared
+            .install_entries(first, last, || Ok(once.take().unwrap_or_default()))
+            .await
+    }
+
+    /// Whether the log holds `last` (same index and leader): a snapshot at `last` then
+    /// leaves the log as it is.
+    pub fn holds(&self, last: LogId) -> bool {
+        self.shared.holds(last)
+    }
+
+    /// Writes a staged snapshot's range `[first, last]` (windows from `next`, an empty
+    /// one ending it) as the log's history, durable on return (`snapshot_stream`).
+    pub async fn install_staged<F>(&self, first: u64, last: LogId, next: F) -> Result<()>
+    where
+        F: FnMut() -> Result<Vec<Entry>>,
+    {
+        self.shared.install_entries(first, last, next).await
+    }
+
+    /// Keeps every entry from `from` on held (history included) until the pin is
+    /// advanced past them or dropped: a snapshot being streamed reads them lazily.
+    pub fn pin_history(&self, from: u64) -> HistoryPin {
+        self.shared.lock().pins.push(from);
+        HistoryPin {
+            shared: Arc::clone(&self.shared),
+            at: from,
+        }
     }
 
     /// Sets the first Raft index the engine must keep: purges (openraft's, and
@@ -1053,6 +1058,115 @@ impl LogReader {
             .map(|(lo, _)| lo)
             .or(st.last.map(|_| st.first_index));
         (first, st.purged, st.last)
+    }
+}
+
+/// Rewrites group `group`'s Raft log in the engine to hold exactly a snapshot's range
+/// `[first, last]` as history below the purge mark `last`: one batch empties the log to
+/// continue at the later of `first` and the engine log's first index (the engine cannot
+/// move a log's start backwards), the entries follow in batches under the engine's limit
+/// (windows from `next`, an empty window ending them, each entry checked to be the next
+/// index), and the last batch sets the purge mark to `last`. Idempotent: a crash in the
+/// middle is finished by running it again (`snapshot_stream::finish_interrupted_install`).
+/// Returns the first index held. Used by the log store's install and at open.
+pub async fn write_staged_range<F>(
+    engine: &Engine,
+    group: GroupId,
+    first: u64,
+    last: LogId,
+    mut next: F,
+) -> Result<u64>
+where
+    F: FnMut() -> Result<Vec<Entry>>,
+{
+    let log = ids::raft_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let write = async |batch: WriteBatch| {
+        engine.write(&batch).await.map_err(|source| Error::Storage {
+            group,
+            verb: "installing",
+            subject: format!("the snapshot's log entries up to {last}"),
+            source,
+        })
+    };
+    let mut start = first;
+    let mut batch = WriteBatch::new();
+    if let Some(b) = engine.bounds(log) {
+        if b.next > b.first {
+            batch.truncate_after(log, b.first.saturating_sub(1));
+        }
+        start = start.max(raft_index(b.first.max(1)));
+    }
+    batch.purge_before(log, engine_index(start));
+    let limit = engine.write_batch_bytes_max();
+    let mut expected = first;
+    let mut seen: Option<LogId> = None;
+    loop {
+        let window = next()?;
+        if window.is_empty() {
+            break;
+        }
+        for e in window {
+            if e.log_id.index != expected {
+                return Err(Error::Inconsistent {
+                    group,
+                    detail: format!(
+                        "snapshot range entry {} where index {expected} was expected",
+                        e.log_id
+                    ),
+                });
+            }
+            expected += 1;
+            seen = Some(e.log_id);
+            if e.log_id.index < start {
+                continue;
+            }
+            let bytes = codec::encode_entry(&e);
+            if batch.entry_count() > 0
+                && batch.encoded_len() + bytes.len() + APPEND_OVERHEAD_BYTES > limit
+            {
+                write(std::mem::take(&mut batch)).await?;
+            }
+            batch.append(log, engine_index(e.log_id.index), &bytes);
+        }
+    }
+    if seen != Some(last) {
+        return Err(Error::Inconsistent {
+            group,
+            detail: format!("the snapshot range ends at {seen:?}, the snapshot at {last}"),
+        });
+    }
+    batch.put_meta(log, ids::META_PURGED, &codec::encode_log_id(&last));
+    write(batch).await?;
+    Ok(start)
+}
+
+/// Holds a group's log from an index on against purges ([`LogReader::pin_history`]).
+#[derive(Debug)]
+pub struct HistoryPin {
+    shared: Arc<GroupLog>,
+    at: u64,
+}
+
+impl HistoryPin {
+    /// Releases the entries below `to` (a transfer that read them).
+    pub fn advance(&mut self, to: u64) {
+        let mut st = self.shared.lock();
+        if let Some(p) = st.pins.iter_mut().find(|p| **p == self.at) {
+            *p = to.max(self.at);
+        }
+        self.at = to.max(self.at);
+    }
+}
+
+impl Drop for HistoryPin {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(k) = st.pins.iter().position(|p| *p == self.at) {
+            st.pins.swap_remove(k);
+        }
     }
 }
 

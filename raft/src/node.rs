@@ -718,6 +718,9 @@ where
             SnapshotData = crate::state_machine::SnapshotData,
         >,
 {
+    // A snapshot install a crash interrupted is finished before anything reads the log
+    // or the checkpoint (`snapshot_stream`: never a checkpoint without its history).
+    crate::snapshot_stream::finish_interrupted_install(&engine, g).await?;
     let log_store = LogStore::open(Arc::clone(&engine), g)?;
     log_store.persist_recovered_state().await?;
     let repair = log_store.repair_status();

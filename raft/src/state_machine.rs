@@ -22,26 +22,17 @@
 //! also written as the checkpoint. Backups read the durable checkpoint
 //! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
 //!
-//! Snapshot bytes (`SnapshotData`): the checkpoint (header and state bytes), then the
+//! Snapshots (`SnapshotData`, `crate::snapshot_stream`): the checkpoint bytes and the
 //! retained log range, the entries from the first one this replica holds (history below
-//! openraft's purge mark included) to the snapshot's index:
-//!
-//! ```text
-//! version u8 | has_applied u8 [| LogId] | has_membership_log_id u8 [| LogId]
-//! | Membership (codec) | state_len u64 | state bytes
-//! [| 0x52 | count u64 | count × (len u32 | entry (codec::encode_entry))]
-//! ```
-//!
-//! The state alone is kept as the current snapshot; the range is read from the log when
-//! openraft asks for the snapshot to send it (`get_current_snapshot`), bounded by
-//! `log_store::SNAPSHOT_LOG_BYTES_MAX` (openraft's `SnapshotData` is one value, which
-//! the receiver reassembles in memory). Installing one writes the checkpoint first, then
-//! the range into the log (`LogReader::install_range`, as history below the purge mark
-//! openraft sets right after), then replaces the state, so a replica that installed a
-//! snapshot serves the same retained history as the one that sent it. A crash between
-//! the checkpoint and the end of the range restarts from the installed state (openraft
-//! purges the log up to it) with part of the history missing: reads of it fail with an
-//! error naming the missing entry, the group keeps running.
+//! openraft's purge mark included) to the snapshot's index. The state alone is kept as
+//! the current snapshot, with a handle on the log; the transport reads the range lazily
+//! while it streams the snapshot in chunks, so no size bound applies. A received
+//! snapshot is staged on disk while it arrives and installed by
+//! `snapshot_stream::StagedSnapshot::install`: an install intent first, then the
+//! checkpoint, then the range as the log's history below the purge mark openraft sets
+//! right after; a crash anywhere after the intent is finished at the next open
+//! (`snapshot_stream::finish_interrupted_install`), so a replica never has a checkpoint
+//! without its history (the order and why it is safe: `snapshot_stream`'s docs).
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -67,8 +58,9 @@ use crate::types::{
     TypeConfig,
 };
 
-/// The bytes of a snapshot (see the module docs for the format).
-pub type SnapshotData = Bytes;
+/// A snapshot as openraft handles it: a handle, never the snapshot's bytes in one value
+/// (`crate::snapshot_stream`).
+pub use crate::snapshot_stream::SnapshotData;
 
 /// Version byte of the snapshot and checkpoint header.
 pub const SNAPSHOT_VERSION: u8 = 2;
@@ -256,6 +248,8 @@ pub struct ChatStateMachine {
     /// Writes the periodic checkpoint off the apply path; its lock orders every
     /// checkpoint write of the group (`crate::checkpointer`).
     checkpointer: Checkpointer,
+    /// Where snapshots sent to this replica are staged (`crate::snapshot_stream`).
+    staging: Option<Arc<crate::snapshot_stream::Staging>>,
 }
 
 impl ChatStateMachine {
@@ -291,8 +285,10 @@ impl ChatStateMachine {
             (header, state)
         };
         let applied_index = header.last_applied.map_or(0, |l| l.index);
+        let staging = crate::snapshot_stream::Staging::new(Arc::clone(&engine), group);
         Ok(ChatStateMachine {
             group,
+            staging,
             engine,
             config,
             header,
@@ -316,6 +312,12 @@ impl ChatStateMachine {
     pub fn with_log(mut self, log: LogReader) -> Self {
         self.log = Some(log);
         self
+    }
+
+    /// Where snapshots sent to this replica are staged (the peer server writes received
+    /// chunks there, through `Raft::with_state_machine`).
+    pub fn staging(&self) -> Option<Arc<crate::snapshot_stream::Staging>> {
+        self.staging.clone()
     }
 
     /// What readers share with this state machine.
@@ -575,68 +577,6 @@ pub async fn write_checkpoint_bytes(
     engine.write(&batch).await.map_err(storage_err)
 }
 
-// ---- retention (s5retain): the log range a snapshot carries ----
-
-/// Tag of the log range that follows the checkpoint bytes in a snapshot.
-const SNAPSHOT_RANGE_TAG: u8 = 0x52;
-/// Bytes one entry of a snapshot's range may have (the engine's entry limit is far
-/// below; a larger length is damage).
-pub const SNAPSHOT_ENTRY_BYTES_MAX: usize = 64 << 20;
-
-/// `checkpoint` followed by the range: `tag u8 | count u64 | count × (len u32 | entry)`,
-/// entries as `codec::encode_entry` writes them, oldest first.
-fn append_range(checkpoint: &[u8], entries: &[Bytes]) -> Vec<u8> {
-    let total: usize = entries.iter().map(|e| e.len() + 4).sum();
-    let mut out = Vec::with_capacity(checkpoint.len() + 9 + total);
-    out.extend_from_slice(checkpoint);
-    out.push(SNAPSHOT_RANGE_TAG);
-    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for e in entries {
-        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
-        out.extend_from_slice(e);
-    }
-    out
-}
-
-/// Splits snapshot bytes into the checkpoint's length and the range's entries (checked
-/// consecutive); a snapshot without a range has none.
-fn split_snapshot(bytes: &Bytes) -> Result<(usize, Vec<Entry>), DecodeError> {
-    let mut r = Reader::new("snapshot", bytes);
-    let _version = r.u8()?;
-    optional_log_id(&mut r)?;
-    optional_log_id(&mut r)?;
-    r.membership()?;
-    let len = r.u64()? as usize;
-    r.bytes(len)?;
-    let checkpoint_len = r.offset();
-    let mut entries: Vec<Entry> = Vec::new();
-    if r.remaining() > 0 {
-        if r.u8()? != SNAPSHOT_RANGE_TAG {
-            return Err(r.error("bytes after the state that are no log range"));
-        }
-        for _ in 0..r.u64_count(4 + codec::ENTRY_HEADER_BYTES, usize::MAX)? {
-            let n = r.u32()? as usize;
-            if n > SNAPSHOT_ENTRY_BYTES_MAX {
-                return Err(r.error(format!("a range entry of {n} bytes")));
-            }
-            let start = r.offset();
-            r.bytes(n)?;
-            let entry = codec::decode_entry(&bytes.slice(start..start + n))?;
-            if let Some(prev) = entries.last()
-                && prev.log_id.index + 1 != entry.log_id.index
-            {
-                return Err(r.error(format!(
-                    "range entry {} follows {}",
-                    entry.log_id, prev.log_id
-                )));
-            }
-            entries.push(entry);
-        }
-    }
-    r.finish()?;
-    Ok((checkpoint_len, entries))
-}
-
 /// Builds a snapshot of the state as it was when the builder was made.
 #[derive(Debug)]
 pub struct ChatSnapshotBuilder {
@@ -719,7 +659,7 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         ChatSnapshotBuilder {
             snapshot: Snapshot {
                 meta: self.header.snapshot_meta(),
-                snapshot,
+                snapshot: self.local_snapshot(snapshot),
             },
             current_snapshot: Arc::clone(&self.current_snapshot),
         }
@@ -730,29 +670,20 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        let group = self.group;
         let decode_err = |source| Error::Decode {
-            group: self.group,
+            group,
             subject: format!("the snapshot at {:?}", meta.last_log_id),
             source,
         };
-        let (checkpoint_len, entries) = split_snapshot(&snapshot).map_err(decode_err)?;
-        let checkpoint = snapshot.slice(..checkpoint_len);
+        let checkpoint = match &snapshot {
+            SnapshotData::Local(local) => local.checkpoint.to_vec(),
+            SnapshotData::Staged(staged) => staged.read_checkpoint()?,
+        };
         let (header, state) = Header::decode(&checkpoint).map_err(decode_err)?;
-        if let (Some(last), Some(want)) = (entries.last(), meta.last_log_id)
-            && last.log_id != want
-        {
+        if header.snapshot_meta() != *meta || state.group() != group {
             return Err(Error::Inconsistent {
-                group: self.group,
-                detail: format!(
-                    "snapshot entries end at {}, its meta at {want}",
-                    last.log_id
-                ),
-            }
-            .into());
-        }
-        if header.snapshot_meta() != *meta || state.group() != self.group {
-            return Err(Error::Inconsistent {
-                group: self.group,
+                group,
                 detail: format!(
                     "snapshot data says {:?} / {:?} of group {}, its meta says {meta}",
                     header.last_applied,
@@ -762,12 +693,34 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             }
             .into());
         }
-        // The checkpoint first: a crash after it restarts from the installed state (and
-        // openraft purges the old log up to it). Then the entries, as history below the
-        // purge mark openraft sets next; a crash among them loses only that history.
-        self.write_checkpoint(&checkpoint).await?;
-        if let Some(log) = &self.log {
-            log.install_range(entries).await?;
+        match &snapshot {
+            // This replica's own snapshot (openraft restoring one at start): the state
+            // alone, its log is already here.
+            SnapshotData::Local(_) => self.write_checkpoint(&checkpoint).await?,
+            // The order of writes that makes the install crash-safe lives in
+            // `snapshot_stream` (intent, checkpoint, range, clear).
+            SnapshotData::Staged(staged) => {
+                // After any background checkpoint in flight (`crate::checkpointer`): an
+                // older state's checkpoint must not land after the installed one.
+                let _writing = self.checkpointer.lock().lock().await;
+                let engine = Arc::clone(&self.engine);
+                let shared = Arc::clone(&self.shared);
+                staged
+                    .install(
+                        &checkpoint,
+                        self.log.as_ref(),
+                        async move |bytes: Vec<u8>| {
+                            write_checkpoint_bytes(&engine, group, &bytes).await?;
+                            let applied = checkpoint_header(&bytes)
+                                .ok()
+                                .and_then(|(a, _)| a)
+                                .map_or(0, |a| a.index);
+                            shared.set_checkpointed(applied);
+                            Ok(())
+                        },
+                    )
+                    .await?;
+            }
         }
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
@@ -776,44 +729,35 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         // What the snapshot changed is unknown to the feed: readers rescan.
         self.shared.feed().reset(applied);
         self.shared.applied.send_replace(applied);
+        let current = self.local_snapshot(Bytes::from(checkpoint));
         *self
             .current_snapshot
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(Snapshot {
             meta: meta.clone(),
-            snapshot: checkpoint,
+            snapshot: current,
         });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<SnapshotData>>, io::Error> {
-        let current = self
+        // A handle: the checkpoint in memory, the range read by the transport as it
+        // streams the snapshot (`snapshot_stream::send`).
+        Ok(self
             .current_snapshot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        // The state was kept alone; the retained log range is read now, when a snapshot
-        // is about to be sent, off the async threads (it may be large).
-        let Some(mut snap) = current else {
-            return Ok(None);
-        };
-        let Some(log) = self.log.clone() else {
-            return Ok(Some(snap));
-        };
-        let Some(upto) = snap.meta.last_log_id.map(|l| l.index) else {
-            return Ok(Some(snap));
-        };
-        let group = self.group;
-        // What the receiver can reassemble besides the state (and a margin for framing).
-        let budget = crate::network::SNAPSHOT_REASSEMBLY_BYTES_MAX
-            .saturating_sub(snap.snapshot.len() + (1 << 20));
-        let entries = tokio::task::spawn_blocking(move || log.snapshot_range(upto, budget))
-            .await
-            .map_err(|e| Error::Inconsistent {
-                group,
-                detail: format!("reading a snapshot's log range: {e}"),
-            })??;
-        snap.snapshot = Bytes::from(append_range(&snap.snapshot, &entries));
-        Ok(Some(snap))
+            .clone())
+    }
+}
+
+impl ChatStateMachine {
+    /// A snapshot of this replica at its applied id: `checkpoint` and the log.
+    fn local_snapshot(&self, checkpoint: Bytes) -> SnapshotData {
+        SnapshotData::Local(crate::snapshot_stream::LocalSnapshot {
+            checkpoint,
+            log: self.log.clone(),
+            upto: self.header.last_applied.map_or(0, |l| l.index),
+        })
     }
 }

@@ -338,3 +338,35 @@ async fn purges_keep_history_above_the_retain_mark() {
         close(engine, store);
     }
 }
+
+/// A snapshot being streamed pins the entries it has not sent yet: neither openraft's
+/// purge nor retention's deletes them until the pin moves past them or is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_pin_holds_entries_against_purges() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let entries: Vec<Entry> = (1..=10).map(|i| normal(1, i, &format!("e{i}"))).collect();
+    let indexes = |v: &[Entry]| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    let (engine, mut store) = open(dir.path());
+    store.blocking_append(entries).await.expect("appends");
+    let reader = store.get_log_reader().await;
+    reader.set_retain_from(9);
+    let mut pin = reader.pin_history(3);
+    store.purge(log_id(1, 1, 6)).await.expect("purges");
+    let history = |r: &chatlog_raft::LogReader| indexes(&r.read_history(0, 11).unwrap());
+    assert_eq!(history(&reader), (3..=10).collect::<Vec<_>>());
+    reader.purge_history_below(8).await.expect("purges history");
+    assert_eq!(history(&reader), (3..=10).collect::<Vec<_>>(), "pinned");
+    pin.advance(5);
+    reader.purge_history_below(8).await.expect("purges history");
+    assert_eq!(
+        history(&reader),
+        (5..=10).collect::<Vec<_>>(),
+        "up to the pin"
+    );
+    drop(pin);
+    reader.purge_history_below(8).await.expect("purges history");
+    // History (at or below the purge mark 6) is gone; 7.. is the log openraft sees.
+    assert_eq!(history(&reader), (7..=10).collect::<Vec<_>>(), "unpinned");
+    drop(reader);
+    close(engine, store);
+}

@@ -220,8 +220,17 @@ async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
     let router = Router::new(identity(1));
     router.set_peer_addr(2, addr);
     let snapshot = Snapshot {
-        meta: SnapshotMeta::default(),
-        snapshot: Bytes::from(vec![7u8; 3 << 20]),
+        meta: SnapshotMeta {
+            last_log_id: Some(chatlog_raft::types::log_id(1, 1, 5)),
+            ..SnapshotMeta::default()
+        },
+        snapshot: chatlog_raft::snapshot_stream::SnapshotData::Local(
+            chatlog_raft::snapshot_stream::LocalSnapshot {
+                checkpoint: Bytes::from(vec![7u8; 3 << 20]),
+                log: None,
+                upto: 5,
+            },
+        ),
     };
     let cancel = async {
         tokio::time::sleep(Duration::from_millis(100)).await;

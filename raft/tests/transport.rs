@@ -597,6 +597,39 @@ async fn bad_input_is_refused_and_the_cluster_keeps_serving() {
         raw.expect_error(NodeErrorCode::BadRequest).await.request_id,
         10
     );
+    // Streamed snapshot chunks (`snapshot_stream`): a chunk whose checksum fails and a
+    // chunk of no transfer started are refused naming why; the connection stays up.
+    let chunk =
+        chatlog_raft::snapshot_stream::encode_chunk(&chatlog_raft::snapshot_stream::StreamChunk {
+            vote: Vote::new(1, 99),
+            transfer: 5,
+            seq: 1,
+            body: chatlog_raft::snapshot_stream::ChunkBody::Data {
+                offset: 0,
+                data: Bytes::from_static(b"stream bytes"),
+            },
+        });
+    let mut flipped = chunk.to_vec();
+    flipped[20] ^= 1;
+    for (request_id, body, why) in [
+        (31, Bytes::from(flipped), "checksum"),
+        (32, chunk, "no transfer started"),
+    ] {
+        raw.send(&frame(
+            target.id,
+            CLUSTER_ID,
+            1,
+            request_id,
+            Payload::SnapshotStreamRequest(body),
+        ))
+        .await;
+        let refused = raw.expect_error(NodeErrorCode::BadRequest).await;
+        assert_eq!(refused.request_id, request_id);
+        let Some(Payload::Error(e)) = &refused.payload else {
+            unreachable!("expect_error checked it")
+        };
+        assert!(e.message.contains(why), "{} names {why}", e.message);
+    }
     // A frame that is not a NodeFrame at all, inside intact framing.
     let mut bytes = BytesMut::new();
     encode_payload(&[0xff, 0xff, 0xff], NODE_FRAME_BYTES_MAX, &mut bytes).expect("encode");

@@ -70,6 +70,12 @@ pub struct Options {
     /// file system of its own; `None` (or a missing entry): under the cluster's temporary
     /// directory.
     pub dirs: Option<Vec<PathBuf>>,
+    /// More environment variables for every node, set after `RUST_LOG` (so they may
+    /// replace it).
+    pub env: Vec<(String, String)>,
+    /// Stderr lines containing any of these are recorded with their node
+    /// ([`Cluster::captured`]).
+    pub capture: Vec<String>,
 }
 
 impl Default for Options {
@@ -82,6 +88,8 @@ impl Default for Options {
             peer_routes: None,
             extra: Vec::new(),
             dirs: None,
+            env: Vec::new(),
+            capture: Vec::new(),
         }
     }
 }
@@ -108,6 +116,8 @@ pub struct Cluster {
     initial: String,
     nodes: Vec<Node>,
     leadership: Leadership,
+    /// (node, line) of every stderr line matching [`Options::capture`].
+    captured: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
 /// A port that was free a moment ago.
@@ -215,6 +225,7 @@ impl Cluster {
             initial: initial.join(","),
             nodes,
             leadership: Arc::default(),
+            captured: Arc::default(),
         };
         // Start every process before waiting for any: a node announces its address only
         // after its groups have leaders, which needs the others.
@@ -224,6 +235,18 @@ impl Cluster {
             cluster.wait_announced(id, rx);
         }
         cluster
+    }
+
+    /// Every stderr line so far (of any process of node `id`, restarts included) that
+    /// matched [`Options::capture`], in order.
+    pub fn captured(&self, id: u64) -> Vec<String> {
+        self.captured
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(n, _)| *n == id)
+            .map(|(_, l)| l.clone())
+            .collect()
     }
 
     /// The node ids, from 1 (nodes added with [`Cluster::join`] included).
@@ -277,6 +300,7 @@ impl Cluster {
     fn spawn(&mut self, id: u64) -> mpsc::Receiver<Announced> {
         let initial = self.initial.clone();
         let leadership = Arc::clone(&self.leadership);
+        let captured = Arc::clone(&self.captured);
         let options = self.options.clone();
         let node = self.node(id);
         std::fs::create_dir_all(&node.dir).expect("data dir");
@@ -300,6 +324,7 @@ impl Cluster {
             std::env::var(NODE_LOG_ENV)
                 .unwrap_or_else(|_| "warn,openraft=error,chatlog_raft::node=info".into()),
         )
+        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("NO_COLOR", "1")
         .env_remove("CHATLOG_ADMIN_TOKEN")
         .stdout(Stdio::piped())
@@ -336,6 +361,7 @@ impl Cluster {
             }
         });
         let stderr = child.stderr.take().expect("stderr");
+        let capture = options.capture.clone();
         let mut full_log = std::env::var_os(KEEP_DIR_ENV).map(|_| {
             let path = node.dir.with_file_name(format!("node-{id}.stderr"));
             std::fs::OpenOptions::new()
@@ -351,6 +377,9 @@ impl Cluster {
                 if let Some(f) = full_log.as_mut() {
                     use std::io::Write;
                     let _ = writeln!(f, "{line}");
+                }
+                if capture.iter().any(|c| line.contains(c.as_str())) {
+                    captured.lock().expect("lock").push((id, line.clone()));
                 }
                 if line.contains("leadership: this node leads the group")
                     && let (Some(g), Some(t), Some(n)) = (

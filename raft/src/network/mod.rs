@@ -3,9 +3,9 @@
 //!
 //! What it owns: the bytes of openraft's RPC messages ([`codec`]), the client side
 //! ([`Router`], openraft-multi's `GroupRouter`: one lazily dialled connection per peer,
-//! request ids, deadlines, snapshot chunking), the server side ([`serve`]: handshake,
-//! cluster and node checks, dispatch to the group's `Raft` without head-of-line
-//! blocking, snapshot reassembly) and the coalescing writer both sides use ([`sink`]).
+//! request ids, deadlines, sending streamed snapshots), the server side ([`serve`]:
+//! handshake, cluster and node checks, dispatch to the group's `Raft` without
+//! head-of-line blocking, streamed snapshot chunks handed to `crate::snapshot_stream`) and the coalescing writer both sides use ([`sink`]).
 //! What it must not do: decide anything about Raft (openraft does), know where a group's
 //! replicas live (the group manager tells the router peer addresses and implements
 //! [`GroupDirectory`]), or trust a peer's bytes: every frame is checked before use, bad
@@ -34,13 +34,12 @@ pub use router::{
     CONNECT_TIMEOUT, ForwardError, NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router,
 };
 pub use server::{
-    CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory, REQUESTS_IN_FLIGHT_MAX,
-    SNAPSHOT_REASSEMBLY_BYTES_MAX, serve,
+    CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory, REQUESTS_IN_FLIGHT_MAX, serve,
 };
 
 use crate::types::{GroupId, NodeId};
 
-/// Largest snapshot chunk sent in one frame: 1 MiB.
+/// Largest snapshot chunk sent in one frame: 1 MiB (`snapshot_stream::STREAM_CHUNK_BYTES`).
 ///
 /// Why: well under [`NODE_FRAME_BYTES_MAX`] (16 MiB), so a chunk never delays the
 /// heartbeats queued behind it on the shared connection by more than ~1 ms at 10 Gbit/s,
@@ -80,7 +79,8 @@ enum Rpc {
     AppendEntries,
     Vote,
     PreVote,
-    InstallSnapshot,
+    /// A chunk of a streamed snapshot (`crate::snapshot_stream`).
+    SnapshotStream,
     TransferLeader,
     /// Forwarded client commands (not an openraft RPC).
     Propose,
@@ -101,7 +101,7 @@ impl Rpc {
             Rpc::AppendEntries => Payload::AppendEntriesRequest(body),
             Rpc::Vote => Payload::VoteRequest(body),
             Rpc::PreVote => Payload::PreVoteRequest(body),
-            Rpc::InstallSnapshot => Payload::InstallSnapshotRequest(body),
+            Rpc::SnapshotStream => Payload::SnapshotStreamRequest(body),
             Rpc::TransferLeader => Payload::TransferLeaderRequest(body),
             Rpc::Propose => Payload::ProposeRequest(body),
             Rpc::ReadIndex => Payload::ReadIndexRequest(body),
@@ -117,7 +117,7 @@ impl Rpc {
             Rpc::AppendEntries => Payload::AppendEntriesResponse(body),
             Rpc::Vote => Payload::VoteResponse(body),
             Rpc::PreVote => Payload::PreVoteResponse(body),
-            Rpc::InstallSnapshot => Payload::InstallSnapshotResponse(body),
+            Rpc::SnapshotStream => Payload::SnapshotStreamResponse(body),
             Rpc::TransferLeader => Payload::TransferLeaderResponse(body),
             Rpc::Propose => Payload::ProposeResponse(body),
             Rpc::ReadIndex => Payload::ReadIndexResponse(body),
@@ -133,7 +133,7 @@ impl Rpc {
             (Rpc::AppendEntries, Payload::AppendEntriesResponse(b))
             | (Rpc::Vote, Payload::VoteResponse(b))
             | (Rpc::PreVote, Payload::PreVoteResponse(b))
-            | (Rpc::InstallSnapshot, Payload::InstallSnapshotResponse(b))
+            | (Rpc::SnapshotStream, Payload::SnapshotStreamResponse(b))
             | (Rpc::TransferLeader, Payload::TransferLeaderResponse(b))
             | (Rpc::Propose, Payload::ProposeResponse(b))
             | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
@@ -150,7 +150,7 @@ impl Rpc {
             Payload::AppendEntriesRequest(b) => Some((Rpc::AppendEntries, b.clone())),
             Payload::VoteRequest(b) => Some((Rpc::Vote, b.clone())),
             Payload::PreVoteRequest(b) => Some((Rpc::PreVote, b.clone())),
-            Payload::InstallSnapshotRequest(b) => Some((Rpc::InstallSnapshot, b.clone())),
+            Payload::SnapshotStreamRequest(b) => Some((Rpc::SnapshotStream, b.clone())),
             Payload::TransferLeaderRequest(b) => Some((Rpc::TransferLeader, b.clone())),
             Payload::ProposeRequest(b) => Some((Rpc::Propose, b.clone())),
             Payload::ReadIndexRequest(b) => Some((Rpc::ReadIndex, b.clone())),
@@ -172,7 +172,7 @@ impl Rpc {
             | Rpc::Fanout
             | Rpc::Online => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
-            Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
+            Rpc::SnapshotStream => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,
         }
     }

@@ -42,11 +42,12 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::codec::{self, ProposeResult, SnapshotChunk};
+use super::codec::{self, ProposeResult};
 use super::sink::FrameSink;
-use super::{NodeIdentity, Rpc, SNAPSHOT_CHUNK_BYTES_MAX, encode_frame, node_frame};
+use super::{NodeIdentity, Rpc, encode_frame, node_frame};
 use crate::chat::Command;
 use crate::node::ProposeError;
+use crate::snapshot_stream;
 use crate::state_machine::SnapshotData;
 use crate::types::{GroupId, Node, NodeId, Snapshot, TypeConfig, Vote};
 
@@ -630,6 +631,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::AppendEntriesResponse(_) => "append_entries_response",
         Payload::InstallSnapshotRequest(_) => "install_snapshot_request",
         Payload::InstallSnapshotResponse(_) => "install_snapshot_response",
+        Payload::SnapshotStreamRequest(_) => "snapshot_stream_request",
+        Payload::SnapshotStreamResponse(_) => "snapshot_stream_response",
         Payload::PreVoteRequest(_) => "pre_vote_request",
         Payload::PreVoteResponse(_) => "pre_vote_response",
         Payload::TransferLeaderRequest(_) => "transfer_leader_request",
@@ -817,9 +820,11 @@ impl GroupRouter<TypeConfig, GroupId> for Router {
         .await
     }
 
-    /// Sends the snapshot in chunks of at most [`SNAPSHOT_CHUNK_BYTES_MAX`] (or openraft's
-    /// `snapshot_chunk_size`, if smaller), one in flight, each within `soft_ttl`; returns
-    /// the answer to the last chunk, which the peer sends after installing the snapshot.
+    /// Streams the snapshot (`crate::snapshot_stream::send`): chunks of at most
+    /// `snapshot_stream::chunk_bytes()` (or openraft's `snapshot_chunk_size`, if
+    /// smaller), the range read from the log as they go, one in flight, each within
+    /// `soft_ttl` (the last within `snapshot_stream::INSTALL_WAIT`, since the peer answers
+    /// it after installing); returns the peer's answer to the last chunk.
     async fn full_snapshot(
         &self,
         target: NodeId,
@@ -831,33 +836,37 @@ impl GroupRouter<TypeConfig, GroupId> for Router {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let chunk_bytes = option
             .snapshot_chunk_size()
-            .map_or(SNAPSHOT_CHUNK_BYTES_MAX, |n| {
-                n.clamp(1, SNAPSHOT_CHUNK_BYTES_MAX)
+            .map_or(snapshot_stream::chunk_bytes(), |n| {
+                n.clamp(1, snapshot_stream::chunk_bytes())
             });
-        let data = snapshot.snapshot;
+        let soft_ttl = option.soft_ttl();
+        let me = self.inner.identity.node_id;
+        let call = |body: Bytes, wait: Duration| async move {
+            self.call(
+                target,
+                group_id,
+                Rpc::SnapshotStream,
+                body,
+                wait.max(soft_ttl),
+            )
+            .await
+            .map_err(|e| e.into_rpc(Rpc::SnapshotStream, me, target))
+        };
+        let sent = snapshot_stream::send(group_id, vote, snapshot, chunk_bytes, call);
         let mut cancel = std::pin::pin!(cancel);
-        let mut offset = 0;
-        loop {
-            let end = (offset + chunk_bytes).min(data.len());
-            let done = end == data.len();
-            let chunk = SnapshotChunk {
-                vote,
-                meta: (offset == 0).then(|| snapshot.meta.clone()),
-                offset: offset as u64,
-                data: data.slice(offset..end),
-                done,
-            };
-            let body = codec::encode_snapshot_chunk(&chunk);
-            let response = tokio::select! {
-                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
-                response = self.rpc(target, group_id, Rpc::InstallSnapshot, body, &option, |b| {
-                    codec::decode_snapshot_response(b)
-                }) => response?,
-            };
-            if done {
-                return Ok(response);
+        let result = tokio::select! {
+            closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+            result = sent => result,
+        };
+        match result {
+            Ok(vote) => Ok(SnapshotResponse { vote }),
+            Err(snapshot_stream::SendError::Rpc(e)) => Err(e.into()),
+            Err(snapshot_stream::SendError::Source(m) | snapshot_stream::SendError::BadAck(m)) => {
+                tracing::warn!(group = group_id, target, error = %m, "snapshot stream failed");
+                Err(StreamingError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(m),
+                )))
             }
-            offset = end;
         }
     }
 

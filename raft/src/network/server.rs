@@ -2,7 +2,8 @@
 //! and hands each request to the `Raft` of its group.
 //!
 //! What it owns: per connection, the handshake state, the frame decoder, the requests
-//! being served, the snapshots being reassembled and the coalescing writer of responses.
+//! being served and the coalescing writer of responses; streamed snapshot chunks go to
+//! the group's staging (`crate::snapshot_stream`), one spawned request each.
 //! What it must not do: let one group's slow request hold back another's (each request
 //! runs in its own task, at most [`REQUESTS_IN_FLIGHT_MAX`] per connection), trust the
 //! peer (every frame is checked: cluster, receiver, group, payload), or grow without a
@@ -10,17 +11,15 @@
 //! stream (bad framing), a wrong cluster or receiver, or a failed handshake closes the
 //! connection, and nothing a peer sends stops the node.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chatlog_wire::FrameDecoder;
 use chatlog_wire::frame::decode_message;
 use chatlog_wire::limits::{NODE_FRAME_BYTES_MAX, NODE_PROTOCOL_VERSION};
 use chatlog_wire::proto::node::v1::{NodeErrorCode, NodeFrame, NodeHelloOk, node_frame::Payload};
-use openraft::raft::SnapshotResponse;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -33,7 +32,7 @@ use super::{NodeIdentity, Rpc, encode_frame, node_error, node_frame};
 use crate::ChatRaft;
 use crate::chat::Command;
 use crate::node::ProposeError;
-use crate::types::{GroupId, NodeId, Snapshot, SnapshotMeta, Vote};
+use crate::types::{GroupId, NodeId};
 
 /// Peer connections served at once. A cluster has a handful of nodes, each dialling us
 /// once (plus a re-dial overlapping a dying connection); more means a misconfiguration
@@ -44,13 +43,6 @@ pub const CONNECTIONS_MAX: usize = 256;
 /// `NODE_ERROR_CODE_UNAVAILABLE`. openraft keeps about one request in flight per group
 /// and direction, so this allows a few thousand groups per node pair with room.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
-
-/// Bytes of partially received snapshots held per connection, all groups together:
-/// 256 MiB. A snapshot larger than this cannot be received (it is refused with
-/// `NODE_ERROR_CODE_UNAVAILABLE`). A snapshot is the chat state plus the retained log
-/// range, which the sender cuts to fit this (`log_store::SNAPSHOT_LOG_BYTES_MAX`).
-/// Streaming snapshots into the engine's staging log would lift this.
-pub const SNAPSHOT_REASSEMBLY_BYTES_MAX: usize = 256 << 20;
 
 /// Bytes read from the socket per `read` call.
 const READ_BUFFER_BYTES: usize = 64 << 10;
@@ -162,13 +154,6 @@ enum Next {
     Close,
 }
 
-/// A snapshot being received for one group.
-struct PartialSnapshot {
-    vote: Vote,
-    meta: SnapshotMeta,
-    data: BytesMut,
-}
-
 /// One accepted connection.
 struct Connection {
     context: Arc<Context>,
@@ -176,9 +161,6 @@ struct Connection {
     /// The peer, once its hello was accepted.
     peer: Option<NodeId>,
     handlers: JoinSet<()>,
-    snapshots: HashMap<GroupId, PartialSnapshot>,
-    /// Bytes held in `snapshots`.
-    snapshot_bytes: usize,
 }
 
 async fn serve_connection(stream: TcpStream, context: Arc<Context>) {
@@ -188,8 +170,6 @@ async fn serve_connection(stream: TcpStream, context: Arc<Context>) {
         sink: FrameSink::spawn(writer),
         peer: None,
         handlers: JoinSet::new(),
-        snapshots: HashMap::new(),
-        snapshot_bytes: 0,
     };
     let mut decoder = FrameDecoder::new(NODE_FRAME_BYTES_MAX);
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
@@ -329,6 +309,20 @@ impl Connection {
         if self.peer.is_none() {
             return self.on_hello(from, group, request_id, payload).await;
         }
+        if let Payload::InstallSnapshotRequest(_) = payload {
+            self.reply(
+                from,
+                group,
+                request_id,
+                node_error(
+                    NodeErrorCode::BadRequest,
+                    "install_snapshot_request is retired: snapshots travel as \
+                     snapshot_stream_request",
+                ),
+            )
+            .await;
+            return Next::Continue;
+        }
         let Some((rpc, body)) = Rpc::of_request(&payload) else {
             self.reply(
                 from,
@@ -376,31 +370,7 @@ impl Connection {
             .await;
             return Next::Continue;
         }
-        let work = if rpc == Rpc::InstallSnapshot {
-            match self.on_snapshot_chunk(group, &body) {
-                Ok(Some(work)) => work,
-                Ok(None) => {
-                    // Not the last chunk: acknowledge it so the sender sends the next.
-                    let vote = self.snapshots.get(&group).map(|p| p.vote);
-                    let ack = vote.map_or_else(
-                        || node_error(NodeErrorCode::Internal, "snapshot state lost"),
-                        |vote| {
-                            rpc.response(codec::encode_snapshot_response(&SnapshotResponse {
-                                vote,
-                            }))
-                        },
-                    );
-                    self.reply(from, group, request_id, ack).await;
-                    return Next::Continue;
-                }
-                Err(error) => {
-                    self.reply(from, group, request_id, error).await;
-                    return Next::Continue;
-                }
-            }
-        } else {
-            Work::Request(rpc, body)
-        };
+        let work = Work::Request(rpc, body);
         let sink = self.sink.clone();
         let directory = Arc::clone(&self.context.groups);
         self.handlers.spawn(async move {
@@ -482,77 +452,6 @@ impl Connection {
         .await;
         Next::Continue
     }
-
-    /// Adds a chunk to its group's snapshot. Returns the install to run after the last
-    /// chunk, `None` after any other, or the error to answer.
-    fn on_snapshot_chunk(&mut self, group: GroupId, body: &Bytes) -> Result<Option<Work>, Payload> {
-        let chunk = codec::decode_snapshot_chunk(body)
-            .map_err(|e| node_error(NodeErrorCode::BadRequest, e.to_string()))?;
-        if let Some(meta) = chunk.meta {
-            // A new snapshot replaces whatever was being received for the group.
-            self.drop_snapshot(group);
-            self.snapshots.insert(
-                group,
-                PartialSnapshot {
-                    vote: chunk.vote,
-                    meta,
-                    data: BytesMut::new(),
-                },
-            );
-        }
-        let Some(partial) = self.snapshots.get_mut(&group) else {
-            return Err(node_error(
-                NodeErrorCode::BadRequest,
-                format!(
-                    "a snapshot chunk at offset {} with no snapshot started",
-                    chunk.offset
-                ),
-            ));
-        };
-        if partial.data.len() as u64 != chunk.offset || partial.vote != chunk.vote {
-            let error = format!(
-                "a snapshot chunk at offset {} from {}, expected offset {} from {}",
-                chunk.offset,
-                chunk.vote,
-                partial.data.len(),
-                partial.vote
-            );
-            self.drop_snapshot(group);
-            return Err(node_error(NodeErrorCode::BadRequest, error));
-        }
-        if self.snapshot_bytes + chunk.data.len() > SNAPSHOT_REASSEMBLY_BYTES_MAX {
-            self.drop_snapshot(group);
-            return Err(node_error(
-                NodeErrorCode::Unavailable,
-                format!(
-                    "snapshots being received on this connection would exceed {SNAPSHOT_REASSEMBLY_BYTES_MAX} bytes"
-                ),
-            ));
-        }
-        partial.data.extend_from_slice(&chunk.data);
-        self.snapshot_bytes += chunk.data.len();
-        if !chunk.done {
-            return Ok(None);
-        }
-        let partial = self
-            .snapshots
-            .remove(&group)
-            .expect("the snapshot was just extended");
-        self.snapshot_bytes -= partial.data.len();
-        Ok(Some(Work::InstallSnapshot {
-            vote: partial.vote,
-            snapshot: Snapshot {
-                meta: partial.meta,
-                snapshot: partial.data.freeze(),
-            },
-        }))
-    }
-
-    fn drop_snapshot(&mut self, group: GroupId) {
-        if let Some(old) = self.snapshots.remove(&group) {
-            self.snapshot_bytes -= old.data.len();
-        }
-    }
 }
 
 /// Queues one frame; failures mean the connection is closing, which its reader notices.
@@ -579,10 +478,6 @@ async fn send(
 /// One request to serve.
 enum Work {
     Request(Rpc, Bytes),
-    InstallSnapshot {
-        vote: Vote,
-        snapshot: Snapshot<crate::state_machine::SnapshotData>,
-    },
 }
 
 impl Work {
@@ -698,17 +593,49 @@ impl Work {
                 .online(from, body)
                 .map(|()| Bytes::new())
                 .map_err(|e| node_error(NodeErrorCode::BadRequest, e)),
-            Work::Request(Rpc::InstallSnapshot, _) => Err(node_error(
-                NodeErrorCode::Internal,
-                "snapshot chunks are reassembled before they are served",
-            )),
-            Work::InstallSnapshot { vote, snapshot } => {
-                let resp = raft
-                    .install_full_snapshot(vote, snapshot)
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                Ok(codec::encode_snapshot_response(&resp))
-            }
+            Work::Request(Rpc::SnapshotStream, body) => serve_snapshot_chunk(raft, &body).await,
+        }
+    }
+}
+
+/// Takes one chunk of a streamed snapshot into the group's staging
+/// (`crate::snapshot_stream`); after the last, installs the snapshot and answers then.
+async fn serve_snapshot_chunk(raft: ChatRaft, body: &Bytes) -> Result<Bytes, Payload> {
+    use crate::snapshot_stream::{self, ChunkError, Received, StreamAck};
+    let chunk = snapshot_stream::decode_chunk(body)
+        .map_err(|e| node_error(NodeErrorCode::BadRequest, e.to_string()))?;
+    let (transfer, seq) = (chunk.transfer, chunk.seq);
+    let staging = raft
+        .with_state_machine(|sm| {
+            let staging = sm.staging();
+            Box::pin(async move { staging })
+        })
+        .await
+        .map_err(|e| node_error(NodeErrorCode::Unavailable, e.to_string()))?
+        .ok_or_else(|| node_error(NodeErrorCode::Internal, "the group has no staging log"))?;
+    let received = staging.receive(chunk).await.map_err(|e| match e {
+        ChunkError::BadRequest(m) => node_error(NodeErrorCode::BadRequest, m),
+        ChunkError::Unavailable(m) => node_error(NodeErrorCode::Unavailable, m),
+    })?;
+    match received {
+        Received::Ack(ack) => Ok(snapshot_stream::encode_ack(&ack)),
+        Received::Complete { vote, snapshot } => {
+            // Detached: a connection that drops mid-install aborts its handlers, but the
+            // install (and the end of the staging's "installing" state) must run to its end.
+            let install = tokio::spawn(async move {
+                let result = raft.install_full_snapshot(vote, snapshot).await;
+                staging.done_installing(transfer).await;
+                result
+            });
+            let response = install
+                .await
+                .map_err(|e| node_error(NodeErrorCode::Internal, e.to_string()))?
+                .map_err(|e| node_error(NodeErrorCode::Unavailable, e.to_string()))?;
+            Ok(snapshot_stream::encode_ack(&StreamAck {
+                transfer,
+                seq,
+                vote: response.vote,
+            }))
         }
     }
 }

@@ -389,38 +389,25 @@ impl GroupRouter<TypeConfig, GroupId> for SimRouter {
             .map_err(unreachable)
     }
 
-    /// The whole snapshot in one message (the real transport chunks it; chunking is the
-    /// transport's business, tested in `transport.rs`). The simulation's Raft config
-    /// never builds snapshots, so this is rare, but it must work when openraft asks.
+    /// Snapshots are not simulated (the simulation's Raft config never builds one, and
+    /// no log is purged, so openraft has no reason to send one). A snapshot handle
+    /// (`snapshot_stream::SnapshotData`) names the sender's own log, so handing it to
+    /// another node's `install_full_snapshot` would be wrong: the real transport
+    /// streams the range (`snapshot_stream::send`, tested in `transport.rs` and
+    /// `tests/snapshot_stream.rs`). Should openraft ever ask, the send fails loudly.
     async fn full_snapshot(
         &self,
         target: NodeId,
-        group_id: GroupId,
-        vote: Vote,
+        _group_id: GroupId,
+        _vote: Vote,
         snapshot: Snapshot<SnapshotData>,
-        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
-        option: RPCOption,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let what = format!(
-            "snapshot {} bytes meta={:?}",
-            snapshot.snapshot.len(),
-            snapshot.meta
+        panic!(
+            "the simulation does not simulate snapshots, yet node {} sent one to node {target} (meta {:?})",
+            self.from, snapshot.meta
         );
-        let ttl = ttl(&option);
-        let net = self.net.clone();
-        let from = self.from;
-        let send = async move {
-            let (raft, _) = net.there(from, target, group_id, what, ttl).await?;
-            let answer =
-                (raft.install_full_snapshot(vote, snapshot).await).map_err(|e| e.to_string())?;
-            net.back(from, target, group_id, answer, ttl).await
-        };
-        tokio::select! {
-            // Polled in order (`biased`): no random branch choice in a simulation.
-            biased;
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            answer = send => answer.map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e))),
-        }
     }
 
     async fn transfer_leader(
