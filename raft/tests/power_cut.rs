@@ -15,6 +15,8 @@
 
 #[path = "../../tests/common/history.rs"]
 mod history;
+#[path = "common/replica_events.rs"]
+mod replica_events;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -23,11 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatlog_raft::chat::command::DecodedBatch;
 use chatlog_raft::chat::{Batch, ChatKind, Command, Outcome};
 use chatlog_raft::repair::{RepairStatus, hold_elections_while_repairing};
 use chatlog_raft::state_machine::{GroupShared, SmConfig};
-use chatlog_raft::types::EntryPayload;
 use chatlog_raft::{
     ChatBatch, ChatRaft, ChatStateMachine, GroupDirectory, GroupId, LogReader, LogStore, NodeId,
     NodeIdentity, Router, serve,
@@ -522,56 +522,7 @@ async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId,
 /// commands from the Raft log); a failed log read is returned as an error.
 async fn try_read_chat(node: &TestNode, group: GroupId, chat: u64) -> Result<Vec<Event>, String> {
     let (reader, shared) = node.reader(group);
-    let locs = shared
-        .read()
-        .chat_events(chat, 1, u64::MAX)
-        .unwrap_or_default();
-    let mut reader = reader.clone();
-    let mut out = Vec::new();
-    let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
-    for (seq, loc) in locs {
-        let index = loc.raft_index();
-        if let std::collections::btree_map::Entry::Vacant(slot) = batches.entry(index) {
-            let entries = reader
-                .try_get_log_entries(index..=index)
-                .await
-                .map_err(|e| format!("entry {index}: {e}"))?;
-            let entry = entries.into_iter().next().unwrap_or_else(|| {
-                panic!(
-                    "node {} group {group}: event {seq} names entry {index}, which is missing",
-                    node.id
-                )
-            });
-            let EntryPayload::Normal(b) = entry.payload else {
-                panic!(
-                    "node {} group {group}: entry {index} holds no batch",
-                    node.id
-                );
-            };
-            slot.insert(DecodedBatch::parse(b.0).expect("a batch"));
-        }
-        let cmd = batches[&index].command(loc.pos()).expect("a command");
-        out.push(match cmd {
-            Command::Post {
-                sender,
-                client_message_id,
-                text,
-                ..
-            } => Event {
-                seq,
-                sender,
-                cmid: Some(client_message_id),
-                text,
-            },
-            _ => Event {
-                seq,
-                sender: loc.sender,
-                cmid: None,
-                text: String::new(),
-            },
-        });
-    }
-    Ok(out)
+    replica_events::replica_chat_events(node.id, &reader, &shared, group, chat).await
 }
 
 /// Reads a chat from one replica; a read that finds the replica's Raft log damaged (it

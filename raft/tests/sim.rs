@@ -36,6 +36,8 @@ mod disk;
 mod history;
 #[path = "sim/net.rs"]
 mod net;
+#[path = "common/replica_events.rs"]
+mod replica_events;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -43,11 +45,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chatlog_raft::chat::command::DecodedBatch;
 use chatlog_raft::chat::{Batch, ChatKind, Command, Outcome};
 use chatlog_raft::repair::{RepairStatus, hold_elections_while_repairing};
 use chatlog_raft::state_machine::{GroupShared, SmConfig};
-use chatlog_raft::types::EntryPayload;
 use chatlog_raft::{
     ChatBatch, ChatRaft, ChatStateMachine, GroupDirectory, GroupId, LogReader, LogStore, NodeId,
 };
@@ -56,7 +56,7 @@ use chatlog_storage::{Config as EngineConfig, Engine, EngineThreads, RecoveryMod
 use history::{Event, History, Send};
 use net::{NetConfig, Rng, SimNet};
 use openraft::async_runtime::WatchReceiver;
-use openraft::storage::{RaftLogReader, RaftLogStorage};
+use openraft::storage::RaftLogStorage;
 use openraft::{Config, SnapshotPolicy};
 use tokio::time::{Instant, timeout};
 
@@ -377,56 +377,9 @@ async fn linearizable_read(cluster: &Cluster, history: &History, group: GroupId,
 /// Reads every event of `chat` from `node`'s replica of `group`.
 async fn read_chat(node: &SimNode, group: GroupId, chat: u64) -> Vec<Event> {
     let (reader, shared) = &node.readers[&group];
-    let locs = shared
-        .read()
-        .chat_events(chat, 1, u64::MAX)
-        .unwrap_or_default();
-    let mut reader = reader.clone();
-    let mut out = Vec::new();
-    let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
-    for (seq, loc) in locs {
-        let index = loc.raft_index();
-        if let std::collections::btree_map::Entry::Vacant(slot) = batches.entry(index) {
-            let entries = reader
-                .try_get_log_entries(index..=index)
-                .await
-                .unwrap_or_else(|e| panic!("node {} group {group} entry {index}: {e}", node.id));
-            let entry = entries.into_iter().next().unwrap_or_else(|| {
-                panic!(
-                    "node {} group {group}: event {seq} names entry {index}, which is missing",
-                    node.id
-                )
-            });
-            let EntryPayload::Normal(b) = entry.payload else {
-                panic!(
-                    "node {} group {group}: entry {index} holds no batch",
-                    node.id
-                );
-            };
-            slot.insert(DecodedBatch::parse(b.0).expect("a batch"));
-        }
-        let cmd = batches[&index].command(loc.pos()).expect("a command");
-        out.push(match cmd {
-            Command::Post {
-                sender,
-                client_message_id,
-                text,
-                ..
-            } => Event {
-                seq,
-                sender,
-                cmid: Some(client_message_id),
-                text,
-            },
-            _ => Event {
-                seq,
-                sender: loc.sender,
-                cmid: None,
-                text: String::new(),
-            },
-        });
-    }
-    out
+    replica_events::replica_chat_events(node.id, reader, shared, group, chat)
+        .await
+        .unwrap_or_else(|e| panic!("node {} group {group}: {e}", node.id))
 }
 
 /// A chat of the simulation: its group, id and two members.
