@@ -414,7 +414,19 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         post(n, "after").await;
     }
 
-    // Every node serves the same log, byte for byte, holding every acknowledged post.
+    assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
+}
+
+/// Every node serves the same log of `chat`, byte for byte, holding every acknowledged
+/// post of `hist` (each node is given up to `WAIT` to apply the last one), and every
+/// history checker passes; a failure names `seed`.
+async fn assert_same_log_everywhere(
+    cluster: &Cluster,
+    token: &str,
+    chat: u64,
+    hist: &history::History,
+    seed: u64,
+) {
     let last_acked = hist
         .sends
         .lock()
@@ -430,7 +442,7 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
     for id in cluster.ids() {
         let client = cluster::connect_with(
             &cluster.addr(id),
-            cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+            cluster::client_options(Some(token.to_string()), Duration::from_secs(5), 2),
         )
         .await;
         // Wait until this node has applied the last acknowledged post.
@@ -456,7 +468,7 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
         );
     }
     let mut failed = Vec::new();
-    for (property, violations) in history::check_all(&hist) {
+    for (property, violations) in history::check_all(hist) {
         for v in violations.iter().take(10) {
             eprintln!("VIOLATION {property}: {v}");
         }
@@ -727,56 +739,7 @@ async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
         post(n, format!("after:{n}")).await;
     }
 
-    // Every node serves the same log, byte for byte, holding every acknowledged post.
-    let last_acked = hist
-        .sends
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter_map(|s| match s.outcome {
-            history::Outcome::Acked { seq } => Some(seq),
-            _ => None,
-        })
-        .max()
-        .expect("acknowledged posts");
-    let mut logs = Vec::new();
-    for id in cluster.ids() {
-        let client = cluster::connect_with(
-            &cluster.addr(id),
-            cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
-        )
-        .await;
-        let deadline = Instant::now() + WAIT;
-        let events = loop {
-            let events = full_history(&client, chat, WAIT).await;
-            if events.last().map_or(0, |e| e.seq) >= last_acked || Instant::now() > deadline {
-                break events;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        hist.record_log(id, chat, load::to_history_events(&events));
-        logs.push((
-            id,
-            events.iter().map(|e| e.encode_to_vec()).collect::<Vec<_>>(),
-        ));
-    }
-    for (id, log) in &logs[1..] {
-        assert!(
-            *log == logs[0].1,
-            "node {id} serves other bytes than node {}",
-            logs[0].0
-        );
-    }
-    let mut failed = Vec::new();
-    for (property, violations) in history::check_all(&hist) {
-        for v in violations.iter().take(10) {
-            eprintln!("VIOLATION {property}: {v}");
-        }
-        if !violations.is_empty() {
-            failed.push(property);
-        }
-    }
-    assert!(failed.is_empty(), "seed {seed}: violated {failed:?}");
+    assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
 }
 
 /// A node whose groups have one replica has no one to repair from: the same flip (a
