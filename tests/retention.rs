@@ -22,8 +22,6 @@ mod cluster;
 mod server;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
@@ -48,41 +46,9 @@ async fn connect(addr: &str, token: Option<String>) -> Client {
     .await
 }
 
-/// Sends messages `from..to` (client message ids `i + 1`) with [`WRITERS`] in flight,
-/// retrying each on the next client after a retryable failure.
+/// Sends messages `from..to` with [`WRITERS`] in flight ([`cluster::write_messages`]).
 async fn write(clients: &[Client], chat: u64, from: u64, to: u64) {
-    let next = Arc::new(AtomicU64::new(from));
-    let mut tasks = Vec::new();
-    for t in 0..WRITERS {
-        let (clients, next) = (clients.to_vec(), Arc::clone(&next));
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= to {
-                    return;
-                }
-                let text = format!("m{i:06} {}", "x".repeat(TEXT_BYTES));
-                let deadline = Instant::now() + WAIT;
-                let mut at = t as usize;
-                loop {
-                    match clients[at % clients.len()]
-                        .send_message(send_request(chat, i + 1, &text))
-                        .await
-                    {
-                        Ok(_) => break,
-                        Err(e) if retryable(&e) && Instant::now() < deadline => {
-                            at += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        Err(e) => panic!("send {i} failed: {e}"),
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("writer");
-    }
+    cluster::write_messages(clients, chat, (from, to), WRITERS, TEXT_BYTES, WAIT).await
 }
 
 /// Bytes of files under `dir`.

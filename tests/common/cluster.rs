@@ -724,3 +724,48 @@ pub fn seed() -> u64 {
     eprintln!("seed {seed} (set CHATLOG_TEST_SEED={seed} to repeat)");
     seed
 }
+
+/// Sends messages `from..to` of `chat` (text `m<i> ` plus `text_bytes` of filler, client
+/// message ids `i + 1`) with `writers` in flight, retrying each on the next client after
+/// a retryable failure until `wait` has passed; any other failure panics naming the send.
+pub async fn write_messages(
+    clients: &[Client],
+    chat: u64,
+    (from, to): (u64, u64),
+    writers: u64,
+    text_bytes: usize,
+    wait: Duration,
+) {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+    let mut tasks = Vec::new();
+    for t in 0..writers {
+        let (clients, next) = (clients.to_vec(), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= to {
+                    return;
+                }
+                let text = format!("m{i:06} {}", "x".repeat(text_bytes));
+                let deadline = Instant::now() + wait;
+                let mut at = t as usize;
+                loop {
+                    match clients[at % clients.len()]
+                        .send_message(send_request(chat, i + 1, &text))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if retryable(&e) && Instant::now() < deadline => {
+                            at += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("send {i} failed: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+}
