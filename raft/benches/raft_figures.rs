@@ -14,7 +14,8 @@
 //!   resident memory per group replica (not in the default set).
 //!
 //! `CHATLOG_RAFT_SEGMENT_MB` sets the engine's segment size and `CHATLOG_RAFT_OPEN_RATE`
-//! the open loop's rate instead of half the median (for investigations).
+//! the open loop's rate instead of half the median, `CHATLOG_RAFT_CHECKPOINT_EVERY` the
+//! applied entries between two state checkpoints per group (for investigations).
 //!
 //! Each scenario runs a closed loop (`CHATLOG_RAFT_INFLIGHT` posts in flight, default
 //! 2,048) for `CHATLOG_RAFT_SECS` (default 5) after a 1 s warm-up, `CHATLOG_RAFT_REPEATS`
@@ -172,6 +173,19 @@ async fn start(replicas: usize) -> Cluster {
     start_with(replicas, GROUPS).await
 }
 
+/// `CHATLOG_RAFT_CHECKPOINT_EVERY`: applied entries between two state checkpoints per
+/// group (default: the state machine's, `SmConfig::checkpoint_every_entries`). The
+/// checkpoint's encode runs on the apply path and grows with the state, so this shows
+/// how much of the half-load tail it makes.
+fn checkpoint_every(config: &mut NodeConfig) {
+    if let Some(n) = std::env::var("CHATLOG_RAFT_CHECKPOINT_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.sm.checkpoint_every_entries = n;
+    }
+}
+
 async fn start_with(replicas: usize, groups: u64) -> Cluster {
     let mut dirs = Vec::new();
     let mut nodes = Vec::new();
@@ -180,6 +194,7 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
         let mut config = NodeConfig::single(dir.path(), groups);
         config.segment_bytes = segment_bytes();
+        checkpoint_every(&mut config);
         let node = Node::start(config, |_| NoPeers, Default::default())
             .await
             .expect("node starts");
@@ -206,6 +221,7 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
             let mut config = NodeConfig::single(dir.path(), groups);
             config.node_id = id;
             config.segment_bytes = segment_bytes();
+            checkpoint_every(&mut config);
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;
             let identity = NodeIdentity::new(42, id);
