@@ -476,10 +476,41 @@ pub fn read_checkpoint(engine: &Engine, group: GroupId) -> Result<Option<Vec<u8>
         group,
         max: ids::GROUP_ID_MAX,
     })?;
-    let Some(ptr) = engine.meta(log, ids::META_CHECKPOINT) else {
-        return Ok(None);
-    };
-    let (first, count, bytes) = decode_pointer(&ptr).map_err(|source| Error::Decode {
+    let mut attempts = 0;
+    loop {
+        let Some(ptr) = engine.meta(log, ids::META_CHECKPOINT) else {
+            return Ok(None);
+        };
+        match read_checkpoint_at(engine, group, log, &ptr) {
+            Ok(data) => return Ok(Some(data)),
+            // A checkpoint written meanwhile purged the chunks this pointer named (a
+            // backup reading while the group checkpoints): read the new one.
+            Err(_)
+                if attempts < CHECKPOINT_READ_RETRIES_MAX
+                    && engine
+                        .meta(log, ids::META_CHECKPOINT)
+                        .is_some_and(|p| p != ptr) =>
+            {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How many times [`read_checkpoint`] starts again because a newer checkpoint replaced
+/// the one it was reading; each newer one is a full checkpoint write, so more than a few
+/// in a row means something writes checkpoints in a loop.
+const CHECKPOINT_READ_RETRIES_MAX: u32 = 8;
+
+/// The checkpoint the pointer `ptr` of `log` names.
+fn read_checkpoint_at(
+    engine: &Engine,
+    group: GroupId,
+    log: u64,
+    ptr: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let (first, count, bytes) = decode_pointer(ptr).map_err(|source| Error::Decode {
         group,
         subject: "the checkpoint pointer".into(),
         source,
@@ -515,7 +546,7 @@ pub fn read_checkpoint(engine: &Engine, group: GroupId) -> Result<Option<Vec<u8>
             ),
         });
     }
-    Ok(Some(data))
+    Ok(data)
 }
 
 /// The applied log id and membership a checkpoint (or snapshot) records, decoded from

@@ -171,3 +171,64 @@ async fn background_checkpoints_are_durable_ordered_and_restart_from_them() {
     drop(group);
     node.shutdown().await.expect("clean shutdown");
 }
+
+/// A reader of the checkpoint (a backup) never fails because a newer checkpoint purged
+/// the chunks it was reading: `read_checkpoint` always returns one whole checkpoint that
+/// was written, while another task writes new ones back to back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_is_never_torn_by_the_next_checkpoint_write() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use chatlog_raft::state_machine::write_checkpoint_bytes;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = Arc::new(
+        chatlog_storage::Engine::open(chatlog_storage::Config::new(dir.path()))
+            .expect("engine opens"),
+    );
+    // Version `v` of the checkpoint: 3 MiB (several chunks) of the byte `v`, so a
+    // read that mixed two versions or lost a chunk is seen.
+    let version = |v: u8| vec![v; 3 << 20];
+    write_checkpoint_bytes(&engine, G, &version(0))
+        .await
+        .expect("first checkpoint");
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (engine, done) = (Arc::clone(&engine), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut v = 0u8;
+            while !done.load(Ordering::Relaxed) {
+                v = v.wrapping_add(1);
+                write_checkpoint_bytes(&engine, G, &version(v))
+                    .await
+                    .expect("checkpoint written");
+            }
+            v
+        })
+    };
+    let reader = {
+        let engine = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut reads = 0u64;
+            while Instant::now() < deadline {
+                let data = read_checkpoint(&engine, G)
+                    .expect("a read while checkpoints are written")
+                    .expect("a checkpoint");
+                assert_eq!(data.len(), 3 << 20, "read {reads}: a whole checkpoint");
+                assert!(
+                    data.iter().all(|b| *b == data[0]),
+                    "read {reads}: one version, not a mix"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let reads = reader.await.expect("reader");
+    done.store(true, Ordering::Relaxed);
+    let writes = writer.await.expect("writer");
+    eprintln!("{reads} reads during {writes} checkpoint writes");
+    assert!(reads > 0 && writes > 0, "both sides ran");
+}
