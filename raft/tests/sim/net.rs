@@ -311,6 +311,39 @@ fn refuse_vote(directory: &dyn GroupDirectory, group: GroupId) -> Result<(), Str
     }
 }
 
+impl SimRouter {
+    /// One request and its answer: `what` travels to `target` (seeded delay or loss),
+    /// the target's replica of `group_id` handles it with `call` (after the damaged-replica
+    /// vote refusal when `vote_like`, as `network::server` does it), and the answer
+    /// travels back the same way.
+    async fn exchange<A, Fut>(
+        &self,
+        target: NodeId,
+        group_id: GroupId,
+        what: String,
+        option: &RPCOption,
+        vote_like: bool,
+        call: impl FnOnce(ChatRaft) -> Fut,
+    ) -> Result<A, RPCError<TypeConfig>>
+    where
+        A: std::fmt::Debug,
+        Fut: Future<Output = Result<A, String>>,
+    {
+        let ttl = ttl(option);
+        let (raft, directory) =
+            (self.net.there(self.from, target, group_id, what, ttl).await).map_err(unreachable)?;
+        if vote_like {
+            refuse_vote(directory.as_ref(), group_id).map_err(unreachable)?;
+        }
+        let answer = call(raft).await.map_err(unreachable)?;
+        (self
+            .net
+            .back(self.from, target, group_id, answer, ttl)
+            .await)
+            .map_err(unreachable)
+    }
+}
+
 impl GroupRouter<TypeConfig, GroupId> for SimRouter {
     type SnapshotData = SnapshotData;
 
@@ -329,18 +362,10 @@ impl GroupRouter<TypeConfig, GroupId> for SimRouter {
             rpc.entries.last().map(|e| e.log_id.to_string()),
             rpc.leader_commit.map(|l| l.index),
         );
-        let ttl = ttl(&option);
-        let (raft, _) =
-            (self.net.there(self.from, target, group_id, what, ttl).await).map_err(unreachable)?;
-        let answer = raft
-            .append_entries(rpc)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        (self
-            .net
-            .back(self.from, target, group_id, answer, ttl)
-            .await)
-            .map_err(unreachable)
+        self.exchange(target, group_id, what, &option, false, async |raft| {
+            raft.append_entries(rpc).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn vote(
@@ -350,20 +375,11 @@ impl GroupRouter<TypeConfig, GroupId> for SimRouter {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = ttl(&option);
         let what = format!("vote {rpc}");
-        let (raft, directory) =
-            (self.net.there(self.from, target, group_id, what, ttl).await).map_err(unreachable)?;
-        refuse_vote(directory.as_ref(), group_id).map_err(unreachable)?;
-        let answer = raft
-            .vote(rpc)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        (self
-            .net
-            .back(self.from, target, group_id, answer, ttl)
-            .await)
-            .map_err(unreachable)
+        self.exchange(target, group_id, what, &option, true, async |raft| {
+            raft.vote(rpc).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn pre_vote(
@@ -373,20 +389,11 @@ impl GroupRouter<TypeConfig, GroupId> for SimRouter {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = ttl(&option);
         let what = format!("pre-vote {rpc}");
-        let (raft, directory) =
-            (self.net.there(self.from, target, group_id, what, ttl).await).map_err(unreachable)?;
-        refuse_vote(directory.as_ref(), group_id).map_err(unreachable)?;
-        let answer = raft
-            .pre_vote(rpc)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        (self
-            .net
-            .back(self.from, target, group_id, answer, ttl)
-            .await)
-            .map_err(unreachable)
+        self.exchange(target, group_id, what, &option, true, async |raft| {
+            raft.pre_vote(rpc).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Snapshots are not simulated (the simulation's Raft config never builds one, and
@@ -417,18 +424,13 @@ impl GroupRouter<TypeConfig, GroupId> for SimRouter {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = ttl(&option);
         let what = format!("transfer-leader {req}");
-        let (raft, directory) =
-            (self.net.there(self.from, target, group_id, what, ttl).await).map_err(unreachable)?;
-        refuse_vote(directory.as_ref(), group_id).map_err(unreachable)?;
-        let answer =
-            (raft.handle_transfer_leader(req).await).map_err(|e| unreachable(e.to_string()))?;
-        (self
-            .net
-            .back(self.from, target, group_id, answer, ttl)
-            .await)
-            .map_err(unreachable)
+        self.exchange(target, group_id, what, &option, true, async |raft| {
+            raft.handle_transfer_leader(req)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 }
 
