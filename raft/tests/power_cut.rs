@@ -541,27 +541,7 @@ async fn read_chat_repairing(
             Ok(events) => return events,
             Err(e) => e,
         };
-        let log = chatlog_raft::ids::raft_log(group).expect("a group log");
-        let failure = node.engine.log_failure(log);
-        assert!(
-            failure.is_some(),
-            "seed={seed}: node {} group {group}: a failed read that is not damage: {error}",
-            node.id
-        );
-        eprintln!(
-            "seed={seed}: node {} group {group}: READ FOUND DAMAGE: {error}",
-            node.id
-        );
-        node.directory.found_by_read.fetch_add(1, Ordering::Relaxed);
-        let cut = node.restart_damaged_group(group).await;
-        let status = node.directory.repairs.lock().expect("lock")[&group].clone();
-        assert!(
-            status.is_repairing(),
-            "seed={seed}: node {} group {group}: restarted after damage (cut from {cut:?}) \
-             but not repairing",
-            node.id
-        );
-        wait_repaired(cluster, node, group, seed).await;
+        repair_found_damage(cluster, node, group, seed, "read", &error).await;
     }
     panic!(
         "seed={seed}: node {} group {group}: reads keep finding damage",
@@ -581,31 +561,46 @@ async fn scrub_repairing(cluster: &Cluster, node: &TestNode, group: GroupId, see
             Ok(_) => return,
             Err(e) => e,
         };
-        let log = chatlog_raft::ids::raft_log(group).expect("a group log");
-        assert!(
-            node.engine.log_failure(log).is_some(),
-            "seed={seed}: node {} group {group}: a failed scrub that is not damage: {error}",
-            node.id
-        );
-        eprintln!(
-            "seed={seed}: node {} group {group}: SCRUB FOUND DAMAGE: {error}",
-            node.id
-        );
-        node.directory.found_by_read.fetch_add(1, Ordering::Relaxed);
-        let cut = node.restart_damaged_group(group).await;
-        let status = node.directory.repairs.lock().expect("lock")[&group].clone();
-        assert!(
-            status.is_repairing(),
-            "seed={seed}: node {} group {group}: restarted after damage (cut from {cut:?}) \
-             but not repairing",
-            node.id
-        );
-        wait_repaired(cluster, node, group, seed).await;
+        repair_found_damage(cluster, node, group, seed, "scrub", &error).await;
     }
     panic!(
         "seed={seed}: node {} group {group}: scrubs keep finding damage",
         node.id
     );
+}
+
+/// A read (`what`: "read" or "scrub") of `node`'s replica of `group` failed with `error`:
+/// asserts that it is damage (the engine stopped the group's log), restarts the replica,
+/// asserts that it came back repairing and waits for the repair.
+async fn repair_found_damage(
+    cluster: &Cluster,
+    node: &TestNode,
+    group: GroupId,
+    seed: u64,
+    what: &str,
+    error: &dyn std::fmt::Display,
+) {
+    let log = chatlog_raft::ids::raft_log(group).expect("a group log");
+    assert!(
+        node.engine.log_failure(log).is_some(),
+        "seed={seed}: node {} group {group}: a failed {what} that is not damage: {error}",
+        node.id
+    );
+    eprintln!(
+        "seed={seed}: node {} group {group}: {} FOUND DAMAGE: {error}",
+        node.id,
+        what.to_uppercase()
+    );
+    node.directory.found_by_read.fetch_add(1, Ordering::Relaxed);
+    let cut = node.restart_damaged_group(group).await;
+    let status = node.directory.repairs.lock().expect("lock")[&group].clone();
+    assert!(
+        status.is_repairing(),
+        "seed={seed}: node {} group {group}: restarted after damage (cut from {cut:?}) \
+         but not repairing",
+        node.id
+    );
+    wait_repaired(cluster, node, group, seed).await;
 }
 
 /// Waits until `node`'s replica of `group` is repaired and has applied what the leader
