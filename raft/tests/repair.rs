@@ -86,6 +86,29 @@ fn record_with(path: &Path, raft_index: u64) -> (usize, usize) {
     found.expect("a record holding the entry")
 }
 
+/// Waits (up to 10 s) until the marker writer has vouched for entry `index` of `log`.
+async fn wait_marker(engine: &Engine, log: u64, index: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine
+        .meta(log, META_SYNCED)
+        .and_then(|b| decode_synced(&b))
+        < Some(index)
+    {
+        assert!(Instant::now() < deadline, "no marker for entry {index}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Flips one bit in the middle of the body of the record holding entry `index` in the
+/// first segment file under `dir`.
+fn flip_record_holding(dir: &Path, index: u64) {
+    let seg = dir.join(format!("{:016x}.seg", 1));
+    let (at, len) = record_with(&seg, index);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[at + RECORD_HEADER_BYTES + (len - RECORD_HEADER_BYTES) / 2] ^= 0x08;
+    std::fs::write(&seg, &bytes).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_log_keeps_its_vote_stays_damaged_until_repaired_and_then_is_sound() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -98,22 +121,10 @@ async fn a_damaged_log_keeps_its_vote_stays_damaged_until_repaired_and_then_is_s
         store.blocking_append(entries(1, 11..=20)).await.unwrap();
         store.save_vote(&newer_vote).await.unwrap();
         // The marker writer vouches for entry 20 in a record of its own.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while engine
-            .meta(log, META_SYNCED)
-            .and_then(|b| decode_synced(&b))
-            < Some(20)
-        {
-            assert!(Instant::now() < deadline, "no marker for entry 20");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_marker(&engine, log, 20).await;
         close(engine, store);
     }
-    let seg = dir.path().join(format!("{:016x}.seg", 1));
-    let (at, len) = record_with(&seg, 15);
-    let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[at + RECORD_HEADER_BYTES + (len - RECORD_HEADER_BYTES) / 2] ^= 0x08;
-    std::fs::write(&seg, &bytes).unwrap();
+    flip_record_holding(dir.path(), 15);
 
     let held;
     {
@@ -179,22 +190,10 @@ async fn a_repair_ends_below_the_required_index_once_a_newer_term_is_durable() {
         let (engine, mut store) = open(dir.path());
         store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
         store.blocking_append(entries(2, 1..=20)).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while engine
-            .meta(log, META_SYNCED)
-            .and_then(|b| decode_synced(&b))
-            < Some(20)
-        {
-            assert!(Instant::now() < deadline, "no marker for entry 20");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_marker(&engine, log, 20).await;
         close(engine, store);
     }
-    let seg = dir.path().join(format!("{:016x}.seg", 1));
-    let (at, len) = record_with(&seg, 15);
-    let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[at + RECORD_HEADER_BYTES + (len - RECORD_HEADER_BYTES) / 2] ^= 0x08;
-    std::fs::write(&seg, &bytes).unwrap();
+    flip_record_holding(dir.path(), 15);
 
     let (engine, mut store) = open(dir.path());
     let damage = store.repair_status().damage().expect("the log is damaged");
