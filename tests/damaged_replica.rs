@@ -38,6 +38,7 @@ use chatlog_storage::format::{
     BatchBody, OpKind, RECORD_HEADER_BYTES, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES,
     SegmentHeader, decode_body,
 };
+use chatlog_wire::client::Client;
 use chatlog_wire::proto::v1;
 use cluster::{Cluster, Options, full_history, send_request};
 use prost::Message;
@@ -189,14 +190,22 @@ fn vouched_record(dir: &Path, log: u64, index: u64) -> Option<(PathBuf, Record)>
         .then(|| (path, recs[k]))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
-    let seed = cluster::seed();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut cluster = tokio::task::block_in_place(|| {
+/// Three nodes (2 groups, HTTP on, `extra` flags), user alice logged in, a client per
+/// node with her token, and a group chat of hers titled `title`.
+struct Setup {
+    cluster: Cluster,
+    alice: u64,
+    token: String,
+    clients: Vec<Client>,
+    chat: u64,
+}
+
+async fn setup(extra: Vec<String>, title: &str) -> Setup {
+    let cluster = tokio::task::block_in_place(|| {
         Cluster::start(Options {
             groups: 2,
             http: true,
+            extra,
             ..Options::default()
         })
     });
@@ -206,25 +215,22 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
     )
     .await;
     let (alice, token) = cluster::create_and_login(&c1, "alice", "dev").await;
-    let clients = {
-        let mut v = Vec::new();
-        for id in 1..=3 {
-            v.push(
-                cluster::connect_with(
-                    &cluster.addr(id),
-                    cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
-                )
-                .await,
-            );
-        }
-        v
-    };
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push(
+            cluster::connect_with(
+                &cluster.addr(id),
+                cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
+            )
+            .await,
+        );
+    }
     let deadline = Instant::now() + WAIT;
     let chat = loop {
         match clients[0]
             .create_chat(v1::CreateChatRequest {
                 kind: v1::ChatKind::Group.into(),
-                title: "damage".into(),
+                title: title.into(),
                 member_ids: vec![],
             })
             .await
@@ -236,6 +242,26 @@ async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
             Err(e) => panic!("chat created: {e}"),
         }
     };
+    Setup {
+        cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_replica_refuses_votes_and_repairs_from_the_leader() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Setup {
+        mut cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    } = setup(Vec::new(), "damage").await;
     let g = group_of(chat);
     let log = chatlog_raft::ids::raft_log(g).expect("a group log");
     let hist = history::History::default();
@@ -540,47 +566,13 @@ fn segments_with_appends(dir: &Path, log: u64) -> Vec<(PathBuf, Vec<Record>)> {
 async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
     let seed = cluster::seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            groups: 2,
-            http: true,
-            extra: vec!["--segment-mb".into(), "1".into()],
-            ..Options::default()
-        })
-    });
-    let c1 = cluster::connect_with(
-        &cluster.addr(1),
-        cluster::client_options(None, Duration::from_secs(5), 2),
-    )
-    .await;
-    let (alice, token) = cluster::create_and_login(&c1, "alice", "dev").await;
-    let mut clients = Vec::new();
-    for id in 1..=3 {
-        clients.push(
-            cluster::connect_with(
-                &cluster.addr(id),
-                cluster::client_options(Some(token.clone()), Duration::from_secs(5), 2),
-            )
-            .await,
-        );
-    }
-    let deadline = Instant::now() + WAIT;
-    let chat = loop {
-        match clients[0]
-            .create_chat(v1::CreateChatRequest {
-                kind: v1::ChatKind::Group.into(),
-                title: "older damage".into(),
-                member_ids: vec![],
-            })
-            .await
-        {
-            Ok(r) => break r.chat_id,
-            Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("chat created: {e}"),
-        }
-    };
+    let Setup {
+        mut cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    } = setup(vec!["--segment-mb".into(), "1".into()], "older damage").await;
     let g = group_of(chat);
     let log = chatlog_raft::ids::raft_log(g).expect("a group log");
     let hist = history::History::default();
