@@ -27,6 +27,7 @@ pub mod network;
 pub mod node;
 pub mod proposer;
 pub mod repair;
+pub mod replica_drop;
 pub mod retention;
 pub mod runtime;
 pub mod secret_log;
