@@ -14,6 +14,7 @@
 
 pub mod bot;
 pub mod chat_lists;
+pub mod index_chunks;
 pub mod command;
 pub mod key_hash;
 pub mod media;
