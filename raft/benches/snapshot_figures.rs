@@ -29,8 +29,8 @@ use chatlog_raft::snapshot_stream::{
     self, LocalSnapshot, Received, SnapshotData, Staging, StreamAck,
 };
 use chatlog_raft::types::{
-    ChatBatch, Entry, EntryPayload, GroupId, Membership, Snapshot, SnapshotMeta,
-    StoredMembership, Vote, log_id,
+    ChatBatch, Entry, EntryPayload, GroupId, Membership, Snapshot, SnapshotMeta, StoredMembership,
+    Vote, log_id,
 };
 use chatlog_storage::Engine;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -150,7 +150,11 @@ async fn read_frame(stream: &mut tokio::net::tcp::OwnedReadHalf) -> Option<(u64,
 }
 
 /// The receiving node: one task per request, answers through one writer.
-async fn serve(listener: TcpListener, staging: Arc<Staging>, done: mpsc::Sender<Snapshot<SnapshotData>>) {
+async fn serve(
+    listener: TcpListener,
+    staging: Arc<Staging>,
+    done: mpsc::Sender<Snapshot<SnapshotData>>,
+) {
     let (socket, _) = listener.accept().await.expect("accepts");
     socket.set_nodelay(true).unwrap();
     let (mut rd, mut wr) = socket.into_split();
@@ -225,9 +229,10 @@ fn main() {
 async fn run() {
     let total = env_u64("CHATLOG_SNAPSHOT_MB", 1024) << 20;
     let repeats = env_u64("CHATLOG_SNAPSHOT_REPEATS", 3).max(1);
-    let root = tempfile::tempdir_in(std::env::var("CHATLOG_SNAPSHOT_DIR").unwrap_or_else(|_| {
-        std::env::temp_dir().to_string_lossy().into_owned()
-    }))
+    let root = tempfile::tempdir_in(
+        std::env::var("CHATLOG_SNAPSHOT_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().to_string_lossy().into_owned()),
+    )
     .expect("a temp dir");
     let sender_engine = engine(&root.path().join("sender"));
     let mut sender = LogStore::open(Arc::clone(&sender_engine), GROUP).expect("log store");
@@ -259,7 +264,10 @@ async fn run() {
             pending.lock().unwrap().insert(id, answer_tx);
             let frames = frames.clone();
             async move {
-                frames.send((id, body)).await.map_err(|_| "connection closed")?;
+                frames
+                    .send((id, body))
+                    .await
+                    .map_err(|_| "connection closed")?;
                 answer_rx.await.map_err(|_| "no answer")
             }
         };
@@ -290,14 +298,21 @@ async fn run() {
         let engine = Arc::clone(&receiver_engine);
         let checkpoint = staged.read_checkpoint().expect("the staged checkpoint");
         staged
-            .install(&checkpoint, Some(&receiver_reader), async move |bytes: Vec<u8>| {
-                chatlog_raft::state_machine::write_checkpoint_bytes(&engine, GROUP, &bytes).await
-            })
+            .install(
+                &checkpoint,
+                Some(&receiver_reader),
+                async move |bytes: Vec<u8>| {
+                    chatlog_raft::state_machine::write_checkpoint_bytes(&engine, GROUP, &bytes)
+                        .await
+                },
+            )
             .await
             .expect("installs");
         let install = started.elapsed();
         for index in [1, last] {
-            let got = receiver_reader.read_history(index, index + 1).expect("reads");
+            let got = receiver_reader
+                .read_history(index, index + 1)
+                .expect("reads");
             assert_eq!(
                 got.first().map(|e| e.log_id),
                 Some(log_id(1, 1, index)),

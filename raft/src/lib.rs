@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod chat_list_drain;
+pub mod checkpoint_chunks;
 pub mod checkpointer;
 pub mod clock;
 pub mod codec;

@@ -53,13 +53,10 @@ pub async fn clear_replica_logs(engine: &Engine, g: GroupId) -> Result<(), Error
     if batch.is_empty() {
         return Ok(());
     }
-    engine
-        .write(&batch)
-        .await
-        .map_err(|source| Error::Storage {
-            group: g,
-            verb: "deleting",
-            subject: "the logs of a replica that moved away".into(),
-            source,
-        })
+    engine.write(&batch).await.map_err(|source| Error::Storage {
+        group: g,
+        verb: "deleting",
+        subject: "the logs of a replica that moved away".into(),
+        source,
+    })
 }

@@ -1911,13 +1911,10 @@ mod tests {
         // Chunks in flight that arrive out of order are taken in order: chunk 2 waits
         // for chunk 1, both are acked, and the transfer completes.
         acked(begin(21, 10)).await;
-        let (second, first) = tokio::join!(
-            staging.receive(data(21, 2, 50, &all[50..])),
-            async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                staging.receive(data(21, 1, 0, &all[..50])).await
-            }
-        );
+        let (second, first) = tokio::join!(staging.receive(data(21, 2, 50, &all[50..])), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            staging.receive(data(21, 1, 0, &all[..50])).await
+        });
         assert!(matches!(first, Ok(Received::Ack(_))), "{first:?}");
         assert!(matches!(second, Ok(Received::Ack(_))), "{second:?}");
         match staging.receive(end(21, 3, all.len() as u64, crc)).await {

@@ -56,7 +56,10 @@ async fn purged_log(store: &mut LogStore) {
     let reader = store.get_log_reader().await;
     reader.set_retain_from(15);
     store.purge(log_id(1, 1, 16)).await.expect("purges");
-    reader.purge_history_below(15).await.expect("purges history");
+    reader
+        .purge_history_below(15)
+        .await
+        .expect("purges history");
     assert_eq!(
         indexes(&reader.read_history(0, 100).unwrap()),
         (15..=20).collect::<Vec<_>>()
@@ -127,14 +130,20 @@ async fn a_snapshot_older_than_the_old_purge_point_installs_and_appends_continue
     }
     engine.write_blocking(&old_drop).expect("old drop");
     let b = engine.bounds(log).expect("bounds");
-    assert!(b.first > 9 && b.first == b.next, "empty at the old purge point: {b:?}");
+    assert!(
+        b.first > 9 && b.first == b.next,
+        "empty at the old purge point: {b:?}"
+    );
     engine.close().expect("closes");
 
     let (engine, mut store) = open(dir.path());
     let reader = store.get_log_reader().await;
     let snap: Vec<Entry> = (3..=8).map(|i| normal(2, i)).collect();
     reader.install_range(snap.clone()).await.expect("installs");
-    store.purge(log_id(2, 1, 8)).await.expect("purges to the snapshot");
+    store
+        .purge(log_id(2, 1, 8))
+        .await
+        .expect("purges to the snapshot");
     store
         .blocking_append(vec![normal(2, 9), normal(2, 10)])
         .await
@@ -149,7 +158,11 @@ async fn a_snapshot_older_than_the_old_purge_point_installs_and_appends_continue
     let (engine, mut store) = open(dir.path());
     let reader = store.get_log_reader().await;
     let held = reader.read_history(0, 100).unwrap();
-    assert_eq!(indexes(&held), (3..=10).collect::<Vec<_>>(), "after a restart");
+    assert_eq!(
+        indexes(&held),
+        (3..=10).collect::<Vec<_>>(),
+        "after a restart"
+    );
     assert_eq!(held[..6], snap[..], "byte-exact");
     store
         .blocking_append(vec![normal(2, 11)])

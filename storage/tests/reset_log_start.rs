@@ -26,7 +26,9 @@ fn an_empty_log_restarts_lower_and_a_non_empty_one_refuses() {
     // Not empty: refused, nothing changes.
     let mut refused = WriteBatch::new();
     refused.reset_log_start(LOG, 10);
-    let err = engine.write_blocking(&refused).expect_err("a non-empty log keeps its start");
+    let err = engine
+        .write_blocking(&refused)
+        .expect_err("a non-empty log keeps its start");
     assert!(err.to_string().contains("below the first index"), "{err}");
     let b = engine.bounds(LOG).unwrap();
     assert_eq!((b.first, b.next), (81, 101));

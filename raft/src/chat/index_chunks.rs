@@ -41,8 +41,8 @@
 use std::collections::BTreeMap;
 
 use crate::chat::retention::EventIndex;
-use crate::chat::state::{EventLoc, GroupState, LocsCodec, read_locs, write_locs};
 pub use crate::chat::state::IndexOwner;
+use crate::chat::state::{EventLoc, GroupState, LocsCodec, read_locs, write_locs};
 use crate::codec::{DecodeError, Reader};
 
 /// Raft entries per index chunk: 16,384. Why: a chunk is written once when the applied
@@ -189,7 +189,9 @@ impl LocsCodec for Outside {
         let erased: Vec<u64> = if a == b {
             Vec::new()
         } else {
-            index.erased_in(first_seq..=first_seq + (b - a) as u64 - 1).collect()
+            index
+                .erased_in(first_seq..=first_seq + (b - a) as u64 - 1)
+                .collect()
         };
         out.extend_from_slice(&(erased.len() as u64).to_le_bytes());
         for s in erased {
@@ -272,7 +274,9 @@ impl LocsCodec for Inside {
             let at = seq
                 .checked_sub(first_seq)
                 .filter(|i| *i < count)
-                .ok_or_else(|| r.error(format!("{owner:?}: erased seq {seq} outside the chunks")))?;
+                .ok_or_else(|| {
+                    r.error(format!("{owner:?}: erased seq {seq} outside the chunks"))
+                })?;
             middle[at as usize].erase();
         }
         locs.append(&mut middle);
@@ -333,7 +337,9 @@ pub fn decode_outside(bytes: &[u8], chunks: Vec<ChunkRuns>) -> Result<GroupState
         if landed != first_seq {
             return Err(DecodeError::new(
                 "incremental checkpoint",
-                format!("{owner:?}: the chunks start at seq {first_seq}, the state puts them at {landed}"),
+                format!(
+                    "{owner:?}: the chunks start at seq {first_seq}, the state puts them at {landed}"
+                ),
             ));
         }
     }
@@ -460,10 +466,16 @@ mod tests {
         // the index from its fourth byte on).
         let at = bad.len() - 16 + 4;
         bad[at] ^= 0x80;
-        assert!(decode_chunk(1, &bad).is_err(), "a location outside its chunk");
+        assert!(
+            decode_chunk(1, &bad).is_err(),
+            "a location outside its chunk"
+        );
         let only_one = vec![decode_chunk(0, &c0).unwrap()];
         assert!(decode_outside(&rest, only_one).is_err(), "a chunk missing");
         let swapped = vec![decode_chunk(1, &c1).unwrap(), decode_chunk(0, &c0).unwrap()];
-        assert!(decode_outside(&rest, swapped).is_err(), "chunks out of order");
+        assert!(
+            decode_outside(&rest, swapped).is_err(),
+            "chunks out of order"
+        );
     }
 }

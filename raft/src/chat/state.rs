@@ -1495,7 +1495,10 @@ impl LocsCodec for WholeLocs {
 impl GroupState {
     /// Every event index in encoding order (users' logs by id, then chats' events by id).
     pub(crate) fn event_indexes(&self) -> impl Iterator<Item = (IndexOwner, &EventIndex)> {
-        let users = self.users.iter().map(|(id, u)| (IndexOwner::User(*id), &u.log));
+        let users = self
+            .users
+            .iter()
+            .map(|(id, u)| (IndexOwner::User(*id), &u.log));
         let chats = self
             .chats
             .iter()
@@ -1575,7 +1578,9 @@ impl GroupState {
     /// [`GroupState::encode`] with each event index's locations written by `locs`
     /// (s7raft: `chat::index_chunks` writes only the ones outside its chunks).
     pub(crate) fn encode_with(&self, locs: &mut dyn LocsCodec) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64 + locs.capacity_hint(self.events_applied)));
+        let mut w = W(Vec::with_capacity(
+            64 + locs.capacity_hint(self.events_applied),
+        ));
         w.u8(STATE_VERSION);
         w.u64(self.group);
         w.u64(self.next_user);
