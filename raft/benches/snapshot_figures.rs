@@ -1,8 +1,17 @@
 //! Snapshot streaming throughput (issue "Replicated chat logs", snapshots of any size):
 //! MB/s of streaming a group with about 1 GiB retained from one engine to another.
 //!
-//! `cargo bench -p chatlog-raft --bench snapshot_figures` (release build).
+//! `cargo bench -p chatlog-raft --bench snapshot_figures -- [stream] [checkpoint]`
+//! (release build; both sections by default).
 //!
+//! `checkpoint`: the CPU cost of a group's periodic checkpoint on the apply path at 1M
+//! and 10M indexed events (`CHATLOG_CHECKPOINT_EVENTS_M`, default `1,10`; 16 posts per
+//! Raft entry): the whole-state encoding (`GroupState::encode`, what every checkpoint
+//! encoded before) against the incremental one after 20,000 more entries (the default
+//! `checkpoint_every_entries`): the state outside the index chunks plus the chunks
+//! completed since (`chat::index_chunks`), and the bytes each writes.
+//!
+//! `stream`:
 //! Two "nodes" in this process, each with its own engine and data directory: the sender's
 //! group log holds `CHATLOG_SNAPSHOT_MB` MiB (default 1,024) of entries of 64 KiB of
 //! incompressible bytes; `snapshot_stream::send` streams a snapshot at its last entry
@@ -218,12 +227,123 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = args.is_empty();
+    if all || args.iter().any(|a| a == "checkpoint") {
+        checkpoint_figures();
+    }
+    if all || args.iter().any(|a| a == "stream") {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run());
+    }
+}
+
+/// Posts per Raft entry in the checkpoint figures.
+const POSTS_PER_ENTRY: u64 = 16;
+/// Entries between two checkpoints (`SmConfig::checkpoint_every_entries`' default).
+const CHECKPOINT_EVERY_ENTRIES: u64 = 20_000;
+
+fn checkpoint_figures() {
+    use chatlog_raft::chat::index_chunks::{self, ChunkRegion};
+    use chatlog_raft::chat::{ChatKind, Command, GroupState, Outcome};
+    let sizes: Vec<u64> = std::env::var("CHATLOG_CHECKPOINT_EVENTS_M")
+        .unwrap_or_else(|_| "1,10".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    for millions in sizes {
+        let events = millions * 1_000_000;
+        let mut st = GroupState::new(1);
+        let Outcome::UserCreated { user } = st.apply(
+            &Command::CreateUser {
+                name: "ann".into(),
+                login_token_hash: [1; 32],
+            },
+            1,
+            1,
+            0,
+        ) else {
+            panic!("user")
+        };
+        // 64 chats, the posts spread over them.
+        let chats: Vec<u64> = (0..64)
+            .map(|i| match st.apply(
+                &Command::CreateChat {
+                    creator: user,
+                    kind: ChatKind::Group,
+                    title: format!("c{i}"),
+                    members: vec![],
+                },
+                2,
+                2,
+                i,
+            ) {
+                Outcome::Event { chat, .. } => chat,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        let mut index = 2u64;
+        let mut cmid = 0u64;
+        let mut post_entries = |st: &mut GroupState, entries: u64, index: &mut u64| {
+            for _ in 0..entries {
+                *index += 1;
+                for pos in 0..POSTS_PER_ENTRY as usize {
+                    cmid += 1;
+                    let o = st.apply(
+                        &Command::Post {
+                            chat: chats[(cmid % 64) as usize],
+                            sender: user,
+                            client_message_id: cmid,
+                            text: "x".into(),
+                            media: None,
+                            reply_to: 0,
+                        },
+                        // A second per entry: the dedupe window holds 900 entries' posts.
+                        *index * 1_000,
+                        *index,
+                        pos,
+                    );
+                    debug_assert!(matches!(o, Outcome::Event { .. }));
+                }
+            }
+        };
+        post_entries(&mut st, events / POSTS_PER_ENTRY, &mut index);
+        let before = ChunkRegion::of(index, 0);
+        post_entries(&mut st, CHECKPOINT_EVERY_ENTRIES, &mut index);
+        let after = ChunkRegion::of(index, 0);
+        let mut whole_ms = Vec::new();
+        let mut incremental_ms = Vec::new();
+        let (mut whole_bytes, mut incremental_bytes) = (0, 0);
+        for _ in 0..3 {
+            let started = Instant::now();
+            whole_bytes = st.encode().len();
+            whole_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            let started = Instant::now();
+            let (_, rest) = index_chunks::encode_outside(&st, index);
+            let new: usize = (before.end..after.end)
+                .map(|k| index_chunks::encode_chunk(&st, k).len())
+                .sum();
+            incremental_bytes = rest.len() + new;
+            incremental_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "checkpoint at {}M indexed events ({index} entries): whole encode median {:.1} ms \
+             ({whole_bytes} bytes); incremental after {CHECKPOINT_EVERY_ENTRIES} more entries \
+             median {:.1} ms ({incremental_bytes} bytes, chunks {}..{} new)",
+            st.events_applied() / 1_000_000,
+            median(whole_ms),
+            median(incremental_ms),
+            before.end,
+            after.end
+        );
+    }
 }
 
 async fn run() {
