@@ -10,12 +10,19 @@
 //! entries, is encoded there and written by `crate::checkpointer` in the background), or
 //! reorder entries.
 //!
-//! Checkpoints. The state is encoded (`GroupState::encode`) into the engine log
-//! `ids::checkpoint_log(g)` as chunks, then one batch sets the meta key
-//! `ids::META_CHECKPOINT` to point at them and purges older chunks; the engine makes a
-//! batch durable only after the ones before it, so the pointer never names missing
-//! chunks. On open the state machine loads the checkpoint and reports its applied id;
-//! openraft re-applies `(checkpoint, committed]` from the log (`save_committed`).
+//! Checkpoints. The periodic checkpoint (and the one written with a snapshot) is
+//! incremental (`crate::checkpoint_chunks`, `chat::index_chunks`): the per-chat and
+//! per-user indexes are cut by Raft index into immutable chunks, each written once into
+//! `ids::index_chunk_log(g)`; a checkpoint is the state outside the chunks plus a
+//! directory of the chunks it uses, written as pieces into `ids::checkpoint_log(g)`,
+//! then one batch sets the meta key `ids::META_CHECKPOINT` to point at them (pointer
+//! v2) and purges older pieces and chunks no longer used. A whole-state checkpoint
+//! (`write_checkpoint_bytes`: snapshot installs, `chatlog restore`) writes the whole
+//! encoding (`GroupState::encode`) and a v1 pointer. The engine makes a batch durable
+//! only after the ones before it, so the pointer never names missing pieces. On open the
+//! state machine loads either form and reports its applied id; openraft re-applies
+//! `(checkpoint, committed]` from the log (`save_committed`). [`read_checkpoint`] always
+//! returns the whole form (backups and snapshots carry whole states).
 //!
 //! A snapshot openraft asks for (`get_snapshot_builder`; the policy is `Never`, so only for
 //! a lagging replica or `trigger().snapshot()`, which `chatlog admin snapshot` pulls) is
