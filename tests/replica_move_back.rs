@@ -72,20 +72,31 @@ async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn move_replica(http: &str, group: u64, from: u64, to: u64) {
-    let moved = admin(&[
-        "replica",
-        "move",
-        "--server",
-        http,
-        "--group",
-        &group.to_string(),
-        "--from",
-        &from.to_string(),
-        "--to",
-        &to.to_string(),
-    ])
-    .unwrap_or_else(|e| panic!("move of group {group} from {from} to {to}: {e}"));
+/// Moves `group`'s replica, asking again while the controller group is between leaders
+/// (`UNAVAILABLE`, e.g. right after a node joined).
+async fn move_replica(http: &str, group: u64, from: u64, to: u64) {
+    let deadline = Instant::now() + WAIT;
+    let moved = loop {
+        match admin(&[
+            "replica",
+            "move",
+            "--server",
+            http,
+            "--group",
+            &group.to_string(),
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ]) {
+            Ok(moved) => break moved,
+            Err(e) if e.contains("UNAVAILABLE") && Instant::now() < deadline => {
+                eprintln!("move asked again: {}", e.trim());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("move of group {group} from {from} to {to}: {e}"),
+        }
+    };
     assert_eq!(moved["done"], true, "{moved}");
 }
 
@@ -134,7 +145,7 @@ async fn a_replica_moved_away_and_back_catches_up_and_serves_the_same_history() 
     let away = (1..=3).find(|n| *n != leader).expect("a follower");
     eprintln!("group {busy}: leader {leader}; moving its replica on {away} to {four} and back");
 
-    move_replica(&http(&cluster, leader), busy, away, four);
+    move_replica(&http(&cluster, leader), busy, away, four).await;
     wait_until("the replica is dropped on its node", || {
         !runs(&http(&cluster, away), busy)
     })
@@ -149,7 +160,7 @@ async fn a_replica_moved_away_and_back_catches_up_and_serves_the_same_history() 
     write(&others, chat, 600, 600 + 5 * RETAIN_ENTRIES).await;
 
     let leader = tokio::task::block_in_place(|| cluster.leader(busy, 0)).0;
-    move_replica(&http(&cluster, leader), busy, four, away);
+    move_replica(&http(&cluster, leader), busy, four, away).await;
     wait_until("the replica runs on its node again", || {
         runs(&http(&cluster, away), busy)
     })
