@@ -278,7 +278,7 @@ impl ChatStateMachine {
                 header,
                 state,
                 directory,
-            }) => (header, state, directory),
+            }) => (header, *state, directory),
         };
         if state.group() != group {
             return Err(Error::Inconsistent {
@@ -542,7 +542,7 @@ enum Stored {
     /// Incremental (`crate::checkpoint_chunks`), decoded with its chunks.
     Incremental {
         header: Header,
-        state: GroupState,
+        state: Box<GroupState>,
         directory: ChunkDirectory,
     },
 }
@@ -609,7 +609,7 @@ fn read_checkpoint_at(
     .map_err(|e| decode_err("the incremental checkpoint", e))?;
     Ok(Stored::Incremental {
         header,
-        state,
+        state: Box::new(state),
         directory: loaded.unwrap_or_default(),
     })
 }
