@@ -184,5 +184,9 @@ async fn a_replica_moved_away_and_back_catches_up_and_serves_the_same_history() 
     });
     let back = connect(&cluster.addr(away), Some(token.clone())).await;
     cluster::wait_head(&back, away, chat, head + 1, WAIT).await;
-    assert_eq!(full_history(&back, chat, WAIT).await, reference, "after a restart");
+    assert_eq!(
+        full_history(&back, chat, WAIT).await,
+        reference,
+        "after a restart"
+    );
 }

@@ -274,19 +274,21 @@ fn checkpoint_figures() {
         };
         // 64 chats, the posts spread over them.
         let chats: Vec<u64> = (0..64)
-            .map(|i| match st.apply(
-                &Command::CreateChat {
-                    creator: user,
-                    kind: ChatKind::Group,
-                    title: format!("c{i}"),
-                    members: vec![],
-                },
-                2,
-                2,
-                i,
-            ) {
-                Outcome::Event { chat, .. } => chat,
-                o => panic!("{o:?}"),
+            .map(|i| {
+                match st.apply(
+                    &Command::CreateChat {
+                        creator: user,
+                        kind: ChatKind::Group,
+                        title: format!("c{i}"),
+                        members: vec![],
+                    },
+                    2,
+                    2,
+                    i,
+                ) {
+                    Outcome::Event { chat, .. } => chat,
+                    o => panic!("{o:?}"),
+                }
             })
             .collect();
         let mut index = 2u64;
