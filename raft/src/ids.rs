@@ -11,7 +11,7 @@
 //! | 0 | the Raft log (entries, and meta `vote`, `committed`, `purged`)    |
 //! | 1 | state-machine checkpoints (chunks, and meta `checkpoint`)         |
 //! | 2 | snapshot staging: a received snapshot's stream (`snapshot_stream`) |
-//! | 3 | reserved                                                          |
+//! | 3 | index chunks of incremental checkpoints (`checkpoint_chunks`)      |
 //!
 //! Node logs (not replicated, one node's own) live at `1 << 63 | k`: k = 0 is the push
 //! notification outbox.
@@ -66,6 +66,12 @@ pub fn staging_log(group: GroupId) -> Option<chatlog_storage::LogId> {
     raft_log(group).map(|l| l | 2)
 }
 
+/// The engine log holding group `group`'s index chunks: the immutable parts of its
+/// incremental checkpoints (`crate::checkpoint_chunks`).
+pub fn index_chunk_log(group: GroupId) -> Option<chatlog_storage::LogId> {
+    raft_log(group).map(|l| l | 3)
+}
+
 /// Meta key of the staging log: a complete staged snapshot being installed
 /// (`snapshot_stream::InstallIntent`). Present from before the install's first write
 /// to after its last, so a restart finishes an install a crash interrupted.
@@ -77,7 +83,7 @@ pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {
 }
 
 /// Every engine log group `group` may own (Raft log, checkpoints, snapshot staging,
-/// reserved): what its size on disk is made of. Empty if the id is too large.
+/// index chunks): what its size on disk is made of. Empty if the id is too large.
 pub fn group_logs(group: GroupId) -> Vec<chatlog_storage::LogId> {
     raft_log(group).map_or_else(Vec::new, |l| {
         (0..1 << LOGS_PER_GROUP_SHIFT).map(|k| l | k).collect()

@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod chat_list_drain;
+pub mod checkpoint_chunks;
 pub mod checkpointer;
 pub mod clock;
 pub mod codec;
@@ -27,6 +28,7 @@ pub mod network;
 pub mod node;
 pub mod proposer;
 pub mod repair;
+pub mod replica_drop;
 pub mod retention;
 pub mod runtime;
 pub mod secret_log;

@@ -1063,8 +1063,8 @@ impl LogReader {
 
 /// Rewrites group `group`'s Raft log in the engine to hold exactly a snapshot's range
 /// `[first, last]` as history below the purge mark `last`: one batch empties the log to
-/// continue at the later of `first` and the engine log's first index (the engine cannot
-/// move a log's start backwards), the entries follow in batches under the engine's limit
+/// continue at `first` (an emptied log restarts lower with the engine's "reset log
+/// start" when its first index was above `first`), the entries follow in batches under the engine's limit
 /// (windows from `next`, an empty window ending them, each entry checked to be the next
 /// index), and the last batch sets the purge mark to `last`. Idempotent: a crash in the
 /// middle is finished by running it again (`snapshot_stream::finish_interrupted_install`).
@@ -1091,13 +1091,19 @@ where
             source,
         })
     };
-    let mut start = first;
+    let start = first;
     let mut batch = WriteBatch::new();
     if let Some(b) = engine.bounds(log) {
         if b.next > b.first {
             batch.truncate_after(log, b.first.saturating_sub(1));
         }
-        start = start.max(raft_index(b.first.max(1)));
+        // s7raft: the emptied log may start above the range (its own purge point was
+        // past the snapshot's index, or it is the empty log of a replica that moved away
+        // and back): restart it at the range's first entry, so the entries after the
+        // snapshot continue it ("reset log start", storage/FORMAT.md).
+        if engine_index(first) < b.first {
+            batch.reset_log_start(log, engine_index(first));
+        }
     }
     batch.purge_before(log, engine_index(start));
     let limit = engine.write_batch_bytes_max();

@@ -985,41 +985,7 @@ impl Node {
             tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
         }
         drop(group);
-        let mut batch = chatlog_storage::WriteBatch::new();
-        for log in [crate::ids::raft_log(g), crate::ids::checkpoint_log(g)]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(b) = self.engine.bounds(log)
-                && !b.is_empty()
-            {
-                batch.truncate_after(log, b.first.saturating_sub(1));
-            }
-            for key in [
-                crate::ids::META_VOTE,
-                crate::ids::META_COMMITTED,
-                crate::ids::META_PURGED,
-                crate::ids::META_CHECKPOINT,
-                // Issue 9: a replica moved back here starts with an empty log, not a
-                // damaged one.
-                crate::repair::META_SYNCED,
-            ] {
-                if self.engine.meta(log, key).is_some() {
-                    batch.delete_meta(log, key);
-                }
-            }
-        }
-        if !batch.is_empty() {
-            self.engine
-                .write(&batch)
-                .await
-                .map_err(|source| Error::Storage {
-                    group: g,
-                    verb: "deleting",
-                    subject: "the logs of a replica that moved away".into(),
-                    source,
-                })?;
-        }
+        crate::replica_drop::clear_replica_logs(&self.engine, g).await?;
         tracing::info!(group = g, "replica dropped: it moved to another node");
         Ok(())
     }

@@ -33,9 +33,13 @@
 //! StreamAck    transfer u64 | seq u32 | Vote
 //! ```
 //!
-//! A transfer is `Begin` (seq 0), `Data` chunks of at most [`chunk_bytes`] bytes (seq 1,
-//! 2, … at offsets 0, len, …), then `End`, one chunk in flight: the sender waits for each
-//! ack (flow control). The receiver refuses with a clear error a chunk whose CRC is
+//! A transfer is `Begin` (seq 0, answered before anything else is sent), `Data` chunks
+//! of at most [`chunk_bytes`] bytes (seq 1, 2, … at offsets 0, len, …), then `End` (sent
+//! once every `Data` is answered). Up to [`window_chunks`] `Data` chunks
+//! ([`STREAM_WINDOW_BYTES`]) are in flight: the window is the flow control. They race
+//! each other through the receiver's request tasks, so the receiver takes them in seq
+//! order, a chunk ahead of its turn waiting for it (at most [`CHUNK_REORDER_WAIT`] and
+//! [`STREAM_WINDOW_CHUNKS_MAX`] ahead). The receiver refuses with a clear error a chunk whose CRC is
 //! wrong, whose transfer, vote, seq or offset is not the next expected, a stream whose
 //! total bytes or CRC at `End` differ from what arrived, an entry out of order, a count
 //! of entries or a last log id other than `Begin` announced, and a checkpoint whose
@@ -45,8 +49,12 @@
 //!
 //! # Staging and the install: the order of writes (crash safety)
 //!
-//! 1. Receiving: each `Data` chunk is written to the staging log (pieces of at most a
-//!    quarter of the engine's batch limit, durable before the ack). Neither the
+//! 1. Receiving: each `Data` chunk is submitted to the staging log (pieces of at most a
+//!    quarter of the engine's batch limit) and acked once submitted, not once durable;
+//!    the engine's group commit makes many chunks durable with one fdatasync, and `End`
+//!    completes the transfer only once every staged piece is durable (one wait, before
+//!    the intent can be written). A crash mid-transfer loses at most the unsynced
+//!    pieces of a transfer that was never going to be installed: it restarts. Neither the
 //!    checkpoint nor the Raft log is touched, so a crash (or a sender that vanishes)
 //!    leaves the old state; at open, staged pieces without an intent are deleted
 //!    ([`finish_interrupted_install`]), at run time the next `Begin` deletes them.
@@ -78,6 +86,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chatlog_storage::{Engine, WriteBatch};
+use futures_util::StreamExt;
 
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::{Error, Result};
@@ -87,7 +96,7 @@ use crate::types::{Entry, GroupId, LogId, Snapshot, SnapshotMeta, StoredMembersh
 
 /// Bytes of stream data in one chunk: 1 MiB (`network::SNAPSHOT_CHUNK_BYTES_MAX`), so
 /// a chunk never holds up the heartbeats queued behind it on the shared connection for
-/// long, while one round trip (and one fdatasync on the receiver) moves a useful amount.
+/// long; [`STREAM_WINDOW_BYTES`] of them in flight keep the link and the disk busy.
 pub const STREAM_CHUNK_BYTES: usize = crate::network::SNAPSHOT_CHUNK_BYTES_MAX;
 
 /// Smallest chunk [`CHUNK_BYTES_ENV`] may ask for: smaller ones only multiply round trips.
@@ -102,6 +111,23 @@ pub const CHUNK_BYTES_ENV: &str = "CHATLOG_TEST_SNAPSHOT_CHUNK_BYTES";
 /// install's steps, logging each step, so a test can SIGKILL it in the middle of a
 /// transfer or of an install. Unset in production.
 pub const PAUSE_ENV: &str = "CHATLOG_TEST_SNAPSHOT_PAUSE_MS";
+
+/// Stream bytes the sender keeps in flight (sent, not acknowledged yet): 8 MiB, eight
+/// 1 MiB chunks. One chunk in flight left the link idle for a whole round trip per chunk
+/// (the receiver's staging write included); eight keep the receiver's disk busy while
+/// bounding what a transfer holds in memory on both ends (the receiver holds at most this
+/// many chunks waiting for their turn).
+pub const STREAM_WINDOW_BYTES: usize = 8 << 20;
+
+/// Chunks in flight at most, whatever their size: bounds the receiver's waiting chunks
+/// (each one a task holding its bytes) when a test shrinks chunks to a few hundred bytes.
+pub const STREAM_WINDOW_CHUNKS_MAX: usize = 64;
+
+/// How long a chunk that arrived ahead of its turn (chunks in flight race each other
+/// through the receiver's request tasks) waits for the ones before it before the
+/// transfer is abandoned: the chunk before it was lost with its connection, or the
+/// sender gave up.
+pub const CHUNK_REORDER_WAIT: Duration = Duration::from_secs(10);
 
 /// Entries the sender reads from its log per window while streaming the range: what it
 /// holds besides one chunk. An entry closes at the first command crossing
@@ -126,8 +152,9 @@ pub const STAGING_READ_BYTES: usize = 4 << 20;
 pub const INSTALL_WINDOW_BYTES: usize = 8 << 20;
 
 /// How long the sender waits for the answer to a chunk before `End` (at least; openraft's
-/// `soft_ttl` if longer): a chunk's round trip includes the receiver's fdatasync of it,
-/// which a loaded disk can stretch well past a heartbeat-sized RPC deadline.
+/// `soft_ttl` if longer): a chunk's round trip includes waiting for the chunks before it
+/// in the window and queueing its staging write behind theirs, which a loaded disk can
+/// stretch well past a heartbeat-sized RPC deadline.
 pub const CHUNK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the sender waits for the answer to `End`, which comes after the receiver
@@ -539,38 +566,35 @@ where
     let (entries_first, entries_count) = first.map_or((0, 0), |f| (f, upto - f + 1));
     let transfer = next_transfer();
     let chunk_bytes = chunk_bytes.max(1);
-    let mut seq = 0u32;
-    let mut exchange = async |body: ChunkBody, wait: Duration| {
-        let chunk = StreamChunk {
+    let window = window_chunks(chunk_bytes);
+    let check = |answer: std::result::Result<Bytes, E>, sent: u32| {
+        let answer = answer.map_err(SendError::Rpc)?;
+        let ack = decode_ack(&answer).map_err(|e| SendError::BadAck(e.to_string()))?;
+        if ack.transfer != transfer || ack.seq != sent {
+            return Err(SendError::BadAck(format!(
+                "ack of chunk {} of transfer {:x}, sent chunk {sent} of {transfer:x}",
+                ack.seq, ack.transfer
+            )));
+        }
+        Ok(ack.vote)
+    };
+    let chunk = |seq: u32, body: ChunkBody| {
+        encode_chunk(&StreamChunk {
             vote,
             transfer,
             seq,
             body,
-        };
-        let answer = call(encode_chunk(&chunk), wait)
-            .await
-            .map_err(SendError::Rpc)?;
-        let ack = decode_ack(&answer).map_err(|e| SendError::BadAck(e.to_string()))?;
-        if ack.transfer != transfer || ack.seq != seq {
-            return Err(SendError::BadAck(format!(
-                "ack of chunk {} of transfer {:x}, sent chunk {seq} of {transfer:x}",
-                ack.seq, ack.transfer
-            )));
-        }
-        seq += 1;
-        Ok(ack.vote)
+        })
     };
-    let chunk_wait = CHUNK_WAIT;
-    exchange(
-        ChunkBody::Begin(Begin {
-            meta: snapshot.meta.clone(),
-            checkpoint_bytes: local.checkpoint.len() as u64,
-            entries_first,
-            entries_count,
-        }),
-        chunk_wait,
-    )
-    .await?;
+    let begin = ChunkBody::Begin(Begin {
+        meta: snapshot.meta.clone(),
+        checkpoint_bytes: local.checkpoint.len() as u64,
+        entries_first,
+        entries_count,
+    });
+    // `Begin` alone first: the receiver discards an older transfer's pieces on it, and a
+    // refusal (an install in progress) is cheapest before any data is read.
+    check(call(chunk(0, begin), CHUNK_WAIT).await, 0)?;
     let mut source = StreamSource {
         group,
         checkpoint: local.checkpoint,
@@ -584,9 +608,17 @@ where
     if entries_count == 0 {
         source.log = None;
     }
+    // `Data` chunks with up to `window` unanswered (answers come back in any order on
+    // the shared connection; `FuturesOrdered` checks them in the order sent).
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    let mut seq = 1u32;
     let mut offset = 0u64;
     let mut crc = crc32fast::Hasher::new();
     loop {
+        while in_flight.len() >= window {
+            let (answer, sent) = in_flight.next().await.expect("in flight");
+            check(answer, sent)?;
+        }
         let data = source
             .next_piece(chunk_bytes)
             .await
@@ -596,17 +628,26 @@ where
         }
         crc.update(&data);
         let len = data.len() as u64;
-        exchange(ChunkBody::Data { offset, data }, chunk_wait).await?;
+        let sent = seq;
+        let answer = call(chunk(sent, ChunkBody::Data { offset, data }), CHUNK_WAIT);
+        in_flight.push_back(async move { (answer.await, sent) });
+        seq += 1;
         offset += len;
     }
-    exchange(
-        ChunkBody::End {
-            stream_bytes: offset,
-            stream_crc: crc.finalize(),
-        },
-        INSTALL_WAIT,
-    )
-    .await
+    while let Some((answer, sent)) = in_flight.next().await {
+        check(answer, sent)?;
+    }
+    let end = ChunkBody::End {
+        stream_bytes: offset,
+        stream_crc: crc.finalize(),
+    };
+    check(call(chunk(seq, end), INSTALL_WAIT).await, seq)
+}
+
+/// Chunks of `chunk_bytes` the sender keeps unanswered: [`STREAM_WINDOW_BYTES`] worth,
+/// at least one, at most [`STREAM_WINDOW_CHUNKS_MAX`].
+pub fn window_chunks(chunk_bytes: usize) -> usize {
+    (STREAM_WINDOW_BYTES / chunk_bytes.max(1)).clamp(1, STREAM_WINDOW_CHUNKS_MAX)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,6 +694,11 @@ pub struct Staging {
     group: GroupId,
     log: chatlog_storage::LogId,
     state: tokio::sync::Mutex<StagingState>,
+    /// `(transfer, next seq)` of the transfer being received (`(0, 0)`: none), published
+    /// after every chunk, so a chunk that arrived ahead of its turn waits for it.
+    turn: tokio::sync::watch::Sender<(u64, u32)>,
+    /// How long such a chunk waits ([`CHUNK_REORDER_WAIT`]; shorter in unit tests).
+    reorder_wait: Duration,
 }
 
 impl std::fmt::Debug for Staging {
@@ -670,6 +716,16 @@ struct StagingState {
     installing: Option<u64>,
 }
 
+/// How far the staging writes of a transfer are durable (set by the engine's callbacks,
+/// which run in submission order).
+#[derive(Debug, Default)]
+struct StageProgress {
+    /// Staging batches found durable.
+    durable: u64,
+    /// The first staging write that failed.
+    error: Option<String>,
+}
+
 /// A transfer in progress.
 struct Receiving {
     transfer: u64,
@@ -683,6 +739,11 @@ struct Receiving {
     /// The checkpoint's first bytes, for the header check.
     prefix: Vec<u8>,
     parser: RecordParser,
+    /// Staging batches submitted; each chunk is acknowledged once submitted, and the
+    /// transfer completes only once all of them are durable (one wait at `End`, not one
+    /// fdatasync per chunk: the engine's group commit covers many chunks with one).
+    submitted: u64,
+    progress: Arc<tokio::sync::watch::Sender<StageProgress>>,
 }
 
 /// Follows the entry records of the stream as they arrive (checks order and count).
@@ -747,7 +808,78 @@ impl Staging {
             engine,
             group,
             state: tokio::sync::Mutex::new(StagingState::default()),
+            turn: tokio::sync::watch::Sender::new((0, 0)),
+            reorder_wait: CHUNK_REORDER_WAIT,
         }))
+    }
+
+    /// [`Staging::new`] with a chunk ahead of its turn waiting at most `reorder_wait`.
+    #[cfg(test)]
+    fn with_reorder_wait(
+        engine: Arc<Engine>,
+        group: GroupId,
+        reorder_wait: Duration,
+    ) -> Option<Arc<Staging>> {
+        Some(Arc::new(Staging {
+            log: ids::staging_log(group)?,
+            engine,
+            group,
+            state: tokio::sync::Mutex::new(StagingState::default()),
+            turn: tokio::sync::watch::Sender::new((0, 0)),
+            reorder_wait,
+        }))
+    }
+
+    /// Publishes whose turn it is (after any change of `st.receiving`).
+    fn publish_turn(&self, st: &StagingState) {
+        let turn = st
+            .receiving
+            .as_ref()
+            .map_or((0, 0), |rx| (rx.transfer, rx.next_seq));
+        self.turn.send_replace(turn);
+    }
+
+    /// Takes one chunk of a transfer. Chunks of the transfer being received that arrive
+    /// ahead of their turn (at most [`STREAM_WINDOW_CHUNKS_MAX`] ahead) wait for it, at
+    /// most `reorder_wait`.
+    pub async fn receive(
+        self: &Arc<Self>,
+        chunk: StreamChunk,
+    ) -> std::result::Result<Received, ChunkError> {
+        let mut st = self.state.lock().await;
+        loop {
+            let ahead = st.receiving.as_ref().and_then(|rx| {
+                (rx.transfer == chunk.transfer
+                    && rx.vote == chunk.vote
+                    && chunk.seq > rx.next_seq
+                    && chunk.seq - rx.next_seq < STREAM_WINDOW_CHUNKS_MAX as u32)
+                    .then_some(rx.transfer)
+            });
+            if ahead.is_none() || matches!(chunk.body, ChunkBody::Begin(_)) {
+                break;
+            }
+            let mut turn = self.turn.subscribe();
+            drop(st);
+            let (transfer, seq) = (chunk.transfer, chunk.seq);
+            let waited = tokio::time::timeout(
+                self.reorder_wait,
+                turn.wait_for(|&(t, s)| t != transfer || s >= seq),
+            )
+            .await
+            .map(|_| ());
+            st = self.state.lock().await;
+            if waited.is_err() {
+                // Its turn never came: refused below as out of order.
+                break;
+            }
+        }
+        let result = self.receive_in_turn(&mut st, chunk).await;
+        self.publish_turn(&st);
+        drop(st);
+        if matches!(result, Ok(Received::Ack(ref ack)) if ack.seq > 0) {
+            test_pause(self.group, "chunk staged").await;
+        }
+        result
     }
 
     fn storage(&self, verb: &'static str, subject: &str, source: chatlog_storage::Error) -> Error {
@@ -759,13 +891,13 @@ impl Staging {
         }
     }
 
-    /// Takes one chunk of a transfer.
-    pub async fn receive(
+    /// Takes the chunk whose turn it is (or refuses it).
+    async fn receive_in_turn(
         self: &Arc<Self>,
+        st: &mut StagingState,
         chunk: StreamChunk,
     ) -> std::result::Result<Received, ChunkError> {
         let group = self.group;
-        let mut st = self.state.lock().await;
         if let ChunkBody::Begin(begin) = &chunk.body {
             if let Some(t) = st.installing {
                 return Err(ChunkError::Unavailable(format!(
@@ -793,15 +925,21 @@ impl Staging {
             }
             // A new transfer replaces whatever was staged (an abandoned one).
             st.receiving = None;
-            let next = self.engine.bounds(self.log).map_or(1, |b| b.next.max(1));
-            let mut batch = WriteBatch::new();
-            batch.purge_before(self.log, next);
-            self.engine.write(&batch).await.map_err(|e| {
-                ChunkError::Unavailable(
-                    self.storage("purging", "staged snapshot pieces", e)
-                        .to_string(),
-                )
-            })?;
+            // Twice: an abandoned transfer's pieces may still be on their way to the
+            // disk (acked once submitted), so the bounds seen before the first purge is
+            // durable may be short of them; after it they are final.
+            let mut next = 0;
+            for _ in 0..2 {
+                next = self.engine.bounds(self.log).map_or(1, |b| b.next.max(1));
+                let mut batch = WriteBatch::new();
+                batch.purge_before(self.log, next);
+                self.engine.write(&batch).await.map_err(|e| {
+                    ChunkError::Unavailable(
+                        self.storage("purging", "staged snapshot pieces", e)
+                            .to_string(),
+                    )
+                })?;
+            }
             st.receiving = Some(Receiving {
                 transfer: chunk.transfer,
                 vote: chunk.vote,
@@ -819,6 +957,8 @@ impl Staging {
                     count_left: begin.entries_count,
                     last: None,
                 },
+                submitted: 0,
+                progress: Arc::new(tokio::sync::watch::Sender::new(StageProgress::default())),
             });
             tracing::info!(
                 group,
@@ -877,16 +1017,24 @@ impl Staging {
                 rx.crc.update(&data);
                 rx.received += data.len() as u64;
                 rx.next_seq += 1;
-                let written = self.stage(rx.next_piece, &data).await;
+                let failed = rx.progress.borrow().error.clone();
+                if let Some(e) = failed {
+                    st.receiving = None;
+                    return Err(ChunkError::Unavailable(format!(
+                        "group {group}: staging the snapshot stream: {e}"
+                    )));
+                }
+                let written = self.stage(rx.next_piece, &data, &rx.progress).await;
                 match written {
-                    Ok(next) => rx.next_piece = next,
+                    Ok((next, batches)) => {
+                        rx.next_piece = next;
+                        rx.submitted += batches;
+                    }
                     Err(e) => {
                         st.receiving = None;
                         return Err(ChunkError::Unavailable(e.to_string()));
                     }
                 }
-                drop(st);
-                test_pause(group, "chunk staged").await;
                 Ok(Received::Ack(ack))
             }
             ChunkBody::End {
@@ -897,6 +1045,21 @@ impl Staging {
                 let meta = rx.begin.meta.clone();
                 let last = meta.last_log_id.expect("checked at Begin");
                 let fail = |m: String| Err(ChunkError::BadRequest(format!("group {group}: {m}")));
+                // The one wait for durability of the whole staged stream.
+                let submitted = rx.submitted;
+                let mut progress = rx.progress.subscribe();
+                let staged = match progress
+                    .wait_for(|p| p.durable >= submitted || p.error.is_some())
+                    .await
+                {
+                    Ok(p) => p.error.clone(),
+                    Err(_) => Some("the staging progress is gone".into()),
+                };
+                if let Some(e) = staged {
+                    return Err(ChunkError::Unavailable(format!(
+                        "group {group}: staging the snapshot stream: {e}"
+                    )));
+                }
                 if stream_bytes != rx.received {
                     return fail(format!(
                         "the stream ends at {stream_bytes} bytes, {} arrived",
@@ -995,23 +1158,41 @@ impl Staging {
         }
     }
 
-    /// Writes `data` as staging pieces from engine index `at`, durably; returns the next.
-    async fn stage(&self, at: u64, data: &[u8]) -> Result<u64> {
+    /// Submits `data` as staging pieces from engine index `at` without waiting for
+    /// their fdatasync (`progress` counts them durable); returns the next index and the
+    /// batches submitted.
+    async fn stage(
+        &self,
+        at: u64,
+        data: &[u8],
+        progress: &Arc<tokio::sync::watch::Sender<StageProgress>>,
+    ) -> Result<(u64, u64)> {
         let batch_max = self.engine.write_batch_bytes_max();
         let piece = (batch_max / 4).max(1);
         let per_batch = (batch_max / 2 / piece).max(1);
         let pieces: Vec<&[u8]> = data.chunks(piece).collect();
         let mut next = at;
+        let mut batches = 0;
         for group_of_pieces in pieces.chunks(per_batch) {
             let mut batch = WriteBatch::new();
             batch.append_many(self.log, next, group_of_pieces.iter().copied());
+            let progress = Arc::clone(progress);
+            let on_durable = Box::new(move |result: chatlog_storage::Result<()>| {
+                progress.send_modify(|p| match result {
+                    Ok(()) => p.durable += 1,
+                    Err(e) => {
+                        p.error.get_or_insert_with(|| e.to_string());
+                    }
+                });
+            });
             self.engine
-                .write(&batch)
+                .submit(&batch, on_durable)
                 .await
                 .map_err(|e| self.storage("staging", "snapshot stream pieces", e))?;
             next += group_of_pieces.len() as u64;
+            batches += 1;
         }
-        Ok(next)
+        Ok((next, batches))
     }
 }
 
@@ -1664,7 +1845,9 @@ mod tests {
     async fn the_receiver_refuses_chunks_out_of_order_wrong_totals_and_bad_entries() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(dir.path());
-        let staging = Staging::new(Arc::clone(&engine), GROUP).unwrap();
+        let staging =
+            Staging::with_reorder_wait(Arc::clone(&engine), GROUP, Duration::from_millis(200))
+                .unwrap();
         let vote = Vote::new(4, 1);
         let meta = meta(20);
         let cp = checkpoint(&meta, 100);
@@ -1716,10 +1899,29 @@ mod tests {
 
         // A chunk with no transfer started.
         refused(data(1, 1, 0, &all[..10]), "no transfer started").await;
-        // Out of order: chunk 2 before chunk 1; the transfer is then abandoned.
+        // Out of order: chunk 2 before chunk 1, and chunk 1 never comes: chunk 2 waits
+        // its turn, then is refused; the transfer is then abandoned.
         acked(begin(2, 10)).await;
         refused(data(2, 2, 0, &all[..10]), "expected chunk 1").await;
         refused(data(2, 1, 0, &all[..10]), "no transfer started").await;
+        // Too far ahead of its turn (beyond any window): refused at once.
+        acked(begin(20, 10)).await;
+        let far = 1 + STREAM_WINDOW_CHUNKS_MAX as u32;
+        refused(data(20, far, 0, &all[..10]), "expected chunk 1").await;
+        // Chunks in flight that arrive out of order are taken in order: chunk 2 waits
+        // for chunk 1, both are acked, and the transfer completes.
+        acked(begin(21, 10)).await;
+        let (second, first) = tokio::join!(staging.receive(data(21, 2, 50, &all[50..])), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            staging.receive(data(21, 1, 0, &all[..50])).await
+        });
+        assert!(matches!(first, Ok(Received::Ack(_))), "{first:?}");
+        assert!(matches!(second, Ok(Received::Ack(_))), "{second:?}");
+        match staging.receive(end(21, 3, all.len() as u64, crc)).await {
+            Ok(Received::Complete { .. }) => {}
+            other => panic!("expected the transfer complete, got {other:?}"),
+        }
+        staging.done_installing(21).await;
         // A wrong offset.
         acked(begin(3, 10)).await;
         refused(data(3, 1, 5, &all[..10]), "expected offset 0").await;

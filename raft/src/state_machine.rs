@@ -10,12 +10,19 @@
 //! entries, is encoded there and written by `crate::checkpointer` in the background), or
 //! reorder entries.
 //!
-//! Checkpoints. The state is encoded (`GroupState::encode`) into the engine log
-//! `ids::checkpoint_log(g)` as chunks, then one batch sets the meta key
-//! `ids::META_CHECKPOINT` to point at them and purges older chunks; the engine makes a
-//! batch durable only after the ones before it, so the pointer never names missing
-//! chunks. On open the state machine loads the checkpoint and reports its applied id;
-//! openraft re-applies `(checkpoint, committed]` from the log (`save_committed`).
+//! Checkpoints. The periodic checkpoint (and the one written with a snapshot) is
+//! incremental (`crate::checkpoint_chunks`, `chat::index_chunks`): the per-chat and
+//! per-user indexes are cut by Raft index into immutable chunks, each written once into
+//! `ids::index_chunk_log(g)`; a checkpoint is the state outside the chunks plus a
+//! directory of the chunks it uses, written as pieces into `ids::checkpoint_log(g)`,
+//! then one batch sets the meta key `ids::META_CHECKPOINT` to point at them (pointer
+//! v2) and purges older pieces and chunks no longer used. A whole-state checkpoint
+//! (`write_checkpoint_bytes`: snapshot installs, `chatlog restore`) writes the whole
+//! encoding (`GroupState::encode`) and a v1 pointer. The engine makes a batch durable
+//! only after the ones before it, so the pointer never names missing pieces. On open the
+//! state machine loads either form and reports its applied id; openraft re-applies
+//! `(checkpoint, committed]` from the log (`save_committed`). [`read_checkpoint`] always
+//! returns the whole form (backups and snapshots carry whole states).
 //!
 //! A snapshot openraft asks for (`get_snapshot_builder`; the policy is `Never`, so only for
 //! a lagging replica or `trigger().snapshot()`, which `chatlog admin snapshot` pulls) is
@@ -46,6 +53,7 @@ use tokio::sync::watch;
 
 use crate::chat::retention::RetentionPolicy;
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
+use crate::checkpoint_chunks::{ChunkDirectory, Pointer};
 use crate::checkpointer::{Checkpointer, Reservation};
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
@@ -166,6 +174,15 @@ impl Header {
     }
 
     fn decode(bytes: &[u8]) -> Result<(Header, GroupState), DecodeError> {
+        Header::decode_with(bytes, GroupState::decode)
+    }
+
+    /// Like [`Header::decode`], the state bytes decoded by `state` (s7raft: an
+    /// incremental checkpoint's state is decoded with its chunks).
+    fn decode_with(
+        bytes: &[u8],
+        state: impl FnOnce(&[u8]) -> Result<GroupState, DecodeError>,
+    ) -> Result<(Header, GroupState), DecodeError> {
         let mut r = Reader::new("snapshot", bytes);
         let version = r.u8()?;
         if version != SNAPSHOT_VERSION {
@@ -178,7 +195,7 @@ impl Header {
         let membership_log_id = optional_log_id(&mut r)?;
         let membership = r.membership()?;
         let len = r.u64()? as usize;
-        let state = GroupState::decode(r.bytes(len)?)?;
+        let state = state(r.bytes(len)?)?;
         r.finish()?;
         Ok((
             Header {
@@ -215,22 +232,6 @@ fn optional_log_id(r: &mut Reader<'_>) -> Result<Option<LogId>, DecodeError> {
     }
 }
 
-/// Where a checkpoint's chunks live: `count` entries from engine index `first`.
-fn encode_pointer(first: u64, count: u64, bytes: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    v.extend_from_slice(&first.to_le_bytes());
-    v.extend_from_slice(&count.to_le_bytes());
-    v.extend_from_slice(&bytes.to_le_bytes());
-    v
-}
-
-fn decode_pointer(b: &[u8]) -> Result<(u64, u64, u64), DecodeError> {
-    let mut r = Reader::new("checkpoint pointer", b);
-    let v = (r.u64()?, r.u64()?, r.u64()?);
-    r.finish()?;
-    Ok(v)
-}
-
 type CurrentSnapshot = Arc<Mutex<Option<Snapshot<SnapshotData>>>>;
 
 /// The state machine of one group.
@@ -250,19 +251,34 @@ pub struct ChatStateMachine {
     checkpointer: Checkpointer,
     /// Where snapshots sent to this replica are staged (`crate::snapshot_stream`).
     staging: Option<Arc<crate::snapshot_stream::Staging>>,
+    /// The index chunks this replica wrote (`crate::checkpoint_chunks`): periodic
+    /// checkpoints are incremental and write only the chunks missing here.
+    chunks: ChunkDirectory,
 }
 
 impl ChatStateMachine {
     /// Opens group `group`'s state machine, loading its latest checkpoint if any.
     pub fn open(engine: Arc<Engine>, group: GroupId, config: SmConfig) -> Result<Self, Error> {
         // `read_checkpoint` refuses a group id too large for the engine's log ids.
-        let (header, state) = match checkpoint_unless_lost_to_damage(&engine, group)? {
-            None => (Header::default(), GroupState::new(group)),
-            Some(data) => Header::decode(&data).map_err(|source| Error::Decode {
-                group,
-                subject: "the checkpoint".into(),
-                source,
-            })?,
+        let (header, state, chunks) = match checkpoint_unless_lost_to_damage(&engine, group)? {
+            None => (
+                Header::default(),
+                GroupState::new(group),
+                ChunkDirectory::new(),
+            ),
+            Some(Stored::Whole(data)) => {
+                let (header, state) = Header::decode(&data).map_err(|source| Error::Decode {
+                    group,
+                    subject: "the checkpoint".into(),
+                    source,
+                })?;
+                (header, state, ChunkDirectory::new())
+            }
+            Some(Stored::Incremental {
+                header,
+                state,
+                directory,
+            }) => (header, *state, directory),
         };
         if state.group() != group {
             return Err(Error::Inconsistent {
@@ -273,16 +289,22 @@ impl ChatStateMachine {
         // Issue 9 (session 6): a checkpoint ahead of a damaged log is set aside when the
         // log can rebuild the state (`repair::rebuild_state_from_log`).
         let applied = header.last_applied.map_or(0, |l| l.index);
-        let (header, state) = if crate::repair::rebuild_state_from_log(&engine, group, applied) {
+        let (header, state, chunks) = if crate::repair::rebuild_state_from_log(
+            &engine, group, applied,
+        ) {
             tracing::warn!(
                 group,
                 applied,
                 status = "repairing",
                 "checkpoint ahead of the damaged Raft log set aside: the state is rebuilt from the log and the leader's entries"
             );
-            (Header::default(), GroupState::new(group))
+            (
+                Header::default(),
+                GroupState::new(group),
+                ChunkDirectory::new(),
+            )
         } else {
-            (header, state)
+            (header, state, chunks)
         };
         let applied_index = header.last_applied.map_or(0, |l| l.index);
         let staging = crate::snapshot_stream::Staging::new(Arc::clone(&engine), group);
@@ -304,6 +326,7 @@ impl ChatStateMachine {
             checkpointer: Checkpointer::new(group),
             applied_since_checkpoint: 0,
             current_snapshot: CurrentSnapshot::default(),
+            chunks,
         })
     }
 
@@ -339,9 +362,37 @@ impl ChatStateMachine {
     /// (after any background checkpoint in flight).
     pub async fn checkpoint(&mut self) -> Result<(), Error> {
         self.checkpointer.finish().await?;
-        let bytes = self.encode_snapshot();
-        self.write_checkpoint(&bytes).await?;
+        self.write_incremental().await?;
         self.applied_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Plans the incremental checkpoint of the state at the applied index
+    /// (`crate::checkpoint_chunks`): encodes the chunks not written yet and the state
+    /// outside the chunks, under the state's read lock.
+    fn plan_incremental(&mut self) -> Result<crate::checkpoint_chunks::Plan, Error> {
+        let applied = self.header.last_applied.map_or(0, |l| l.index);
+        let header = &self.header;
+        let state = self.shared.read();
+        crate::checkpoint_chunks::plan(
+            &self.engine,
+            self.group,
+            &state,
+            applied,
+            &mut self.chunks,
+            |rest| header.encode_with(rest),
+        )
+    }
+
+    /// Writes an incremental checkpoint now and waits until it is durable (after any
+    /// background checkpoint: the pointer only moves forward).
+    async fn write_incremental(&mut self) -> Result<(), Error> {
+        let lock = Arc::clone(self.checkpointer.lock());
+        let _writing = lock.lock().await;
+        let applied = self.header.last_applied.map_or(0, |l| l.index);
+        let plan = self.plan_incremental()?;
+        crate::checkpoint_chunks::write(&self.engine, self.group, plan).await?;
+        self.shared.set_checkpointed(applied);
         Ok(())
     }
 
@@ -352,11 +403,13 @@ impl ChatStateMachine {
         let Reservation::Free(guard) = self.checkpointer.reserve()? else {
             return Ok(());
         };
-        let bytes = self.encode_snapshot();
+        // Incremental (s7raft): the chunks completed since the last checkpoint and the
+        // state outside the chunks, not the whole state (`crate::checkpoint_chunks`).
+        let plan = self.plan_incremental()?;
         let applied = self.header.last_applied.map_or(0, |l| l.index);
         let (engine, shared, group) = (Arc::clone(&self.engine), self.shared(), self.group);
         self.checkpointer.start(guard, async move {
-            write_checkpoint_bytes(&engine, group, &bytes).await?;
+            crate::checkpoint_chunks::write(&engine, group, plan).await?;
             shared.set_checkpointed(applied);
             Ok(())
         });
@@ -453,11 +506,14 @@ impl ChatStateMachine {
 fn checkpoint_unless_lost_to_damage(
     engine: &Engine,
     group: GroupId,
-) -> Result<Option<Vec<u8>>, Error> {
-    match read_checkpoint(engine, group) {
+) -> Result<Option<Stored>, Error> {
+    match read_stored(engine, group) {
         Err(e)
             if engine.damage().is_some_and(|d| {
-                ids::checkpoint_log(group).is_some_and(|log| d.lost_from.contains_key(&log))
+                [ids::checkpoint_log(group), ids::index_chunk_log(group)]
+                    .into_iter()
+                    .flatten()
+                    .any(|log| d.lost_from.contains_key(&log))
             }) =>
         {
             tracing::warn!(group, error = %e, status = "damaged", "checkpoint lost to storage damage: the state is rebuilt from the log");
@@ -472,6 +528,27 @@ fn checkpoint_unless_lost_to_damage(
 /// `None` when none was written. The whole checkpoint is held in memory: it is the
 /// encoding of a state the node holds in memory anyway.
 pub fn read_checkpoint(engine: &Engine, group: GroupId) -> Result<Option<Vec<u8>>, Error> {
+    Ok(read_stored(engine, group)?.map(|stored| match stored {
+        Stored::Whole(data) => data,
+        // Assembled into the whole form: backups and snapshots carry whole states.
+        Stored::Incremental { header, state, .. } => header.encode_with(&state.encode()),
+    }))
+}
+
+/// A durable checkpoint as stored.
+enum Stored {
+    /// Whole: the bytes (header and state).
+    Whole(Vec<u8>),
+    /// Incremental (`crate::checkpoint_chunks`), decoded with its chunks.
+    Incremental {
+        header: Header,
+        state: Box<GroupState>,
+        directory: ChunkDirectory,
+    },
+}
+
+/// Reads group `group`'s latest durable checkpoint in the form it is stored.
+fn read_stored(engine: &Engine, group: GroupId) -> Result<Option<Stored>, Error> {
     let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
         group,
         max: ids::GROUP_ID_MAX,
@@ -509,12 +586,41 @@ fn read_checkpoint_at(
     group: GroupId,
     log: u64,
     ptr: &[u8],
-) -> Result<Vec<u8>, Error> {
-    let (first, count, bytes) = decode_pointer(ptr).map_err(|source| Error::Decode {
+) -> Result<Stored, Error> {
+    let decode_err = |subject: &str, source| Error::Decode {
         group,
-        subject: "the checkpoint pointer".into(),
+        subject: subject.into(),
         source,
-    })?;
+    };
+    let pointer = Pointer::decode(ptr).map_err(|e| decode_err("the checkpoint pointer", e))?;
+    let data = read_pieces(engine, group, log, pointer.pieces())?;
+    let Pointer::Incremental { checkpoint, .. } = pointer else {
+        return Ok(Stored::Whole(data));
+    };
+    let (checkpoint, directory) = data.split_at(checkpoint as usize);
+    let mut loaded = None;
+    let (header, state) = Header::decode_with(checkpoint, |state_bytes| {
+        let chunks = crate::checkpoint_chunks::load_chunks(engine, group, state_bytes, directory)
+            .map_err(|e| DecodeError::new("incremental checkpoint", e.to_string()))?;
+        let state = crate::chat::index_chunks::decode_outside(state_bytes, chunks.chunks)?;
+        loaded = Some(chunks.directory);
+        Ok(state)
+    })
+    .map_err(|e| decode_err("the incremental checkpoint", e))?;
+    Ok(Stored::Incremental {
+        header,
+        state: Box::new(state),
+        directory: loaded.unwrap_or_default(),
+    })
+}
+
+/// The checkpoint log's pieces `(first, count, bytes)`, concatenated.
+fn read_pieces(
+    engine: &Engine,
+    group: GroupId,
+    log: u64,
+    (first, count, bytes): (u64, u64, u64),
+) -> Result<Vec<u8>, Error> {
     let mut data = Vec::with_capacity(bytes as usize);
     let mut next = first;
     while next < first + count {
@@ -602,7 +708,12 @@ pub async fn write_checkpoint_bytes(
     batch.put_meta(
         log,
         ids::META_CHECKPOINT,
-        &encode_pointer(first, chunks.len() as u64, bytes.len() as u64),
+        &Pointer::Whole {
+            first,
+            count: chunks.len() as u64,
+            bytes: bytes.len() as u64,
+        }
+        .encode(),
     );
     batch.purge_before(log, first);
     engine.write(&batch).await.map_err(storage_err)
@@ -680,7 +791,11 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         // replica too far behind, or `trigger().snapshot()` from `chatlog admin snapshot`);
         // it is also made the durable checkpoint, so a restart and a backup start there.
         if self.applied_since_checkpoint > 0 {
-            match self.write_checkpoint(&snapshot).await {
+            let written = async {
+                self.checkpointer.finish().await?;
+                self.write_incremental().await
+            };
+            match written.await {
                 Ok(()) => self.applied_since_checkpoint = 0,
                 Err(e) => {
                     tracing::warn!(group = self.group, error = %e, "checkpoint with a snapshot failed")
@@ -756,6 +871,9 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
         self.applied_since_checkpoint = 0;
+        // The installed checkpoint is whole; chunks this replica wrote before are not
+        // reused (the next incremental checkpoint writes the region afresh).
+        self.chunks.clear();
         let applied = meta.last_log_id.map_or(0, |l| l.index);
         // What the snapshot changed is unknown to the feed: readers rescan.
         self.shared.feed().reset(applied);

@@ -113,6 +113,15 @@ impl WriteBatch {
         self.push_plain(OpKind::TruncateAfter, log, index);
     }
 
+    /// s7raft, "reset log start": makes an EMPTY log continue at `next` (any index, lower
+    /// than its first too), written as `truncate_after(next - 1)`, which the engine
+    /// accepts below the first index only when the log is empty at that point of the
+    /// batch (so it never drops an entry; on a non-empty log it is refused like any
+    /// truncate below the first index). Upwards it is `purge_before(next)`.
+    pub fn reset_log_start(&mut self, log: LogId, next: u64) {
+        self.truncate_after(log, next.saturating_sub(1));
+    }
+
     /// Removes every entry before `index` (keeps `index`). Purging past the end leaves the
     /// log empty, to continue at `index`.
     pub fn purge_before(&mut self, log: LogId, index: u64) {

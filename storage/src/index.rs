@@ -89,6 +89,10 @@ impl Bounds {
                         next: keep_next,
                         anchored: true,
                     };
+                } else if keep_next < b.first && b.first == b.next {
+                    // s7raft: "reset log start" (`WriteBatch::reset_log_start`): an
+                    // empty log may start again at any lower index (nothing is lost).
+                    b = reset_start(b, keep_next);
                 } else if keep_next < b.first {
                     return Err(format!(
                         "truncate after {} reaches below the first index {}",
@@ -122,6 +126,19 @@ impl Bounds {
             OpKind::Rewrite | OpKind::PutMeta | OpKind::DeleteMeta => {}
         }
         Ok(b)
+    }
+}
+
+/// s7raft, "reset log start": the bounds of an empty log made to continue at `next`
+/// (below its first index; upwards is `purge_before`). A Raft replica that moved away
+/// and back, or installs a snapshot older than its own purge point, needs its empty log
+/// to take entries again from where the leader sends them.
+fn reset_start(b: Bounds, next: u64) -> Bounds {
+    debug_assert!(b.anchored && b.first == b.next && next < b.first);
+    Bounds {
+        first: next,
+        next,
+        anchored: true,
     }
 }
 

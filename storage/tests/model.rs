@@ -81,7 +81,8 @@ enum Op {
         start: u8,
         gap: u8,
     },
-    /// `truncate_after(next - 1 - back)`: refused when that reaches below the first index.
+    /// `truncate_after(next - 1 - back)`: refused when that reaches below the first index
+    /// of a non-empty log (an empty one restarts there: "reset log start").
     TruncateAfter {
         log: usize,
         back: u8,
@@ -208,6 +209,10 @@ fn apply(model: &mut Model, op: &Resolved) -> Result<(), ()> {
                 l.first = keep_next;
                 l.next = keep_next;
                 l.anchored = true;
+            } else if keep_next < l.first && l.first == l.next {
+                // "Reset log start": an empty log continues lower.
+                l.first = keep_next;
+                l.next = keep_next;
             } else if keep_next < l.first {
                 return Err(());
             } else if keep_next < l.next {

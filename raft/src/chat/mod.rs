@@ -15,6 +15,7 @@
 pub mod bot;
 pub mod chat_lists;
 pub mod command;
+pub mod index_chunks;
 pub mod key_hash;
 pub mod media;
 pub mod placement;

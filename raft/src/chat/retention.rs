@@ -150,12 +150,39 @@ pub struct EventIndex {
     base: u64,
     /// `locs[k]` is where seq `base + 1 + k` lives.
     locs: Vec<EventLoc>,
+    /// Derived (s7raft): the kept seqs whose location is marked erased, so an
+    /// incremental checkpoint (`chat::index_chunks`) finds them without a scan.
+    erased: std::collections::BTreeSet<u64>,
 }
 
 impl EventIndex {
     /// An index holding `locs` as seqs `1..=locs.len()`.
     pub fn from_locs(locs: Vec<EventLoc>) -> EventIndex {
-        EventIndex { base: 0, locs }
+        let erased = (1u64..)
+            .zip(&locs)
+            .filter(|(_, l)| l.erased())
+            .map(|(seq, _)| seq)
+            .collect();
+        EventIndex {
+            base: 0,
+            locs,
+            erased,
+        }
+    }
+
+    /// Marks seq `k + 1` erased; its location, `None` if it was dropped or is beyond
+    /// the head.
+    pub fn erase(&mut self, k: usize) -> Option<EventLoc> {
+        let i = k.checked_sub(self.base as usize)?;
+        let loc = self.locs.get_mut(i)?;
+        loc.erase();
+        self.erased.insert(k as u64 + 1);
+        Some(*loc)
+    }
+
+    /// The kept seqs marked erased within `seqs`, in order.
+    pub fn erased_in(&self, seqs: std::ops::RangeInclusive<u64>) -> impl Iterator<Item = u64> + '_ {
+        self.erased.range(seqs).copied()
     }
 
     /// The head seq (events ever indexed, dropped ones included).
@@ -180,7 +207,12 @@ impl EventIndex {
 
     /// Restores the dropped count of a decoded index (its locations are the kept ones).
     pub fn set_base(&mut self, base: u64) {
+        // The erased seqs were counted from 1 by `from_locs`: shift them.
+        let shift = base - self.base;
         self.base = base;
+        if shift > 0 {
+            self.erased = self.erased.iter().map(|s| s + shift).collect();
+        }
     }
 
     /// Indexes the next seq.
@@ -217,6 +249,7 @@ impl EventIndex {
         if n > 0 {
             self.locs.drain(..n);
             self.base += n as u64;
+            self.erased = self.erased.split_off(&(self.base + 1));
         }
         n as u64
     }

@@ -841,10 +841,9 @@ impl GroupState {
                 erased.extend(chat.edits.remove(target).unwrap_or_default());
                 for s in erased {
                     // An edit older than the retention horizon is gone with its entry.
-                    let Some(loc) = chat.events.get_mut(s as usize - 1) else {
+                    let Some(loc) = chat.events.erase(s as usize - 1) else {
                         continue;
                     };
-                    loc.erase();
                     self.secret
                         .record_erasure(loc.raft_index(), loc.pos() as u32, ts);
                 }
@@ -1448,16 +1447,89 @@ impl W {
         self.u32(s.len() as u32);
         self.0.extend_from_slice(s.as_bytes());
     }
-    fn locs(&mut self, locs: &[EventLoc]) {
-        self.u64(locs.len() as u64);
-        for l in locs {
-            self.u64(l.packed);
-            self.u64(l.sender);
+}
+
+// ---- s7raft: how event indexes are written in the checkpoint (`chat::index_chunks`) ----
+
+/// Whose event index: a user's log or a chat's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IndexOwner {
+    /// A user's own log.
+    User(UserId),
+    /// A chat's events.
+    Chat(ChatId),
+}
+
+/// Writes and reads the kept locations of each event index inside the state's encoding
+/// (the rest of the encoding does not change).
+pub(crate) trait LocsCodec {
+    /// Appends `index`'s kept locations for `owner`.
+    fn write(&mut self, owner: IndexOwner, index: &EventIndex, out: &mut Vec<u8>);
+    /// Reads back what `write` wrote: the kept locations, oldest first.
+    fn read(&mut self, owner: IndexOwner, r: &mut Reader<'_>)
+    -> Result<Vec<EventLoc>, DecodeError>;
+    /// Bytes to reserve for an encoding of a state with `events` indexed events.
+    fn capacity_hint(&self, events: u64) -> usize;
+}
+
+/// Every kept location in the encoding itself: `count u64 | count × (packed u64,
+/// sender u64)` (the whole-state checkpoint and snapshot form).
+struct WholeLocs;
+
+impl LocsCodec for WholeLocs {
+    fn write(&mut self, _owner: IndexOwner, index: &EventIndex, out: &mut Vec<u8>) {
+        write_locs(out, index.kept());
+    }
+    fn read(
+        &mut self,
+        _owner: IndexOwner,
+        r: &mut Reader<'_>,
+    ) -> Result<Vec<EventLoc>, DecodeError> {
+        read_locs(r)
+    }
+    fn capacity_hint(&self, events: u64) -> usize {
+        events as usize * 16
+    }
+}
+
+impl GroupState {
+    /// Every event index in encoding order (users' logs by id, then chats' events by id).
+    pub(crate) fn event_indexes(&self) -> impl Iterator<Item = (IndexOwner, &EventIndex)> {
+        let users = self
+            .users
+            .iter()
+            .map(|(id, u)| (IndexOwner::User(*id), &u.log));
+        let chats = self
+            .chats
+            .iter()
+            .map(|(id, c)| (IndexOwner::Chat(*id), &c.events));
+        users.chain(chats)
+    }
+}
+
+impl EventLoc {
+    /// The location with its erased flag cleared (what an index chunk stores).
+    pub(crate) fn unerased(self) -> EventLoc {
+        EventLoc {
+            packed: self.packed & !1,
+            sender: self.sender,
         }
     }
 }
 
-fn read_locs(r: &mut Reader<'_>) -> Result<Vec<EventLoc>, DecodeError> {
+/// Appends `count u64 | count × (packed u64, sender u64)`.
+pub(crate) fn write_locs(out: &mut Vec<u8>, locs: &[EventLoc]) {
+    out.extend_from_slice(&(locs.len() as u64).to_le_bytes());
+    for l in locs {
+        out.extend_from_slice(&l.packed.to_le_bytes());
+        out.extend_from_slice(&l.sender.to_le_bytes());
+    }
+}
+
+// ---- end s7raft ----
+
+/// Reads what [`write_locs`] wrote, each location's kind checked.
+pub(crate) fn read_locs(r: &mut Reader<'_>) -> Result<Vec<EventLoc>, DecodeError> {
     let n = r.u64()? as usize;
     if n.saturating_mul(16) > r.remaining() {
         return Err(DecodeError::new(
@@ -1500,7 +1572,15 @@ fn read_hash(r: &mut Reader<'_>) -> Result<TokenHash, DecodeError> {
 impl GroupState {
     /// The whole state as checkpoint bytes (deterministic).
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64 + self.events_applied as usize * 16));
+        self.encode_with(&mut WholeLocs)
+    }
+
+    /// [`GroupState::encode`] with each event index's locations written by `locs`
+    /// (s7raft: `chat::index_chunks` writes only the ones outside its chunks).
+    pub(crate) fn encode_with(&self, locs: &mut dyn LocsCodec) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(
+            64 + locs.capacity_hint(self.events_applied),
+        ));
         w.u8(STATE_VERSION);
         w.u64(self.group);
         w.u64(self.next_user);
@@ -1530,7 +1610,7 @@ impl GroupState {
                 w.u64(*c);
                 w.u64(*s);
             }
-            w.locs(u.log.kept());
+            locs.write(IndexOwner::User(*id), &u.log, &mut w.0);
         }
         w.u64(self.chats.len() as u64);
         for (id, c) in &self.chats {
@@ -1552,7 +1632,7 @@ impl GroupState {
             for s in &c.pinned {
                 w.u64(*s);
             }
-            w.locs(c.events.kept());
+            locs.write(IndexOwner::Chat(*id), &c.events, &mut w.0);
             w.u64(c.edits.len() as u64);
             for (target, edits) in &c.edits {
                 w.u64(*target);
@@ -1583,6 +1663,14 @@ impl GroupState {
 
     /// Decodes checkpoint bytes made by [`GroupState::encode`].
     pub fn decode(bytes: &[u8]) -> Result<GroupState, DecodeError> {
+        Self::decode_with(bytes, &mut WholeLocs)
+    }
+
+    /// Decodes bytes made by [`GroupState::encode_with`] with the same kind of `locs`.
+    pub(crate) fn decode_with(
+        bytes: &[u8],
+        locs: &mut dyn LocsCodec,
+    ) -> Result<GroupState, DecodeError> {
         let mut r = Reader::new("chat state", bytes);
         let version = r.u8()?;
         if !(1..=STATE_VERSION).contains(&version) {
@@ -1623,7 +1711,7 @@ impl GroupState {
             for _ in 0..read_count(&mut r, 16)? {
                 read.insert(r.u64()?, r.u64()?);
             }
-            let log = EventIndex::from_locs(read_locs(&mut r)?);
+            let log = EventIndex::from_locs(locs.read(IndexOwner::User(id), &mut r)?);
             st.names.insert(name.clone(), id);
             st.users.insert(
                 id,
@@ -1664,7 +1752,7 @@ impl GroupState {
             for _ in 0..read_count(&mut r, 8)? {
                 pinned.insert(r.u64()?);
             }
-            let events = EventIndex::from_locs(read_locs(&mut r)?);
+            let events = EventIndex::from_locs(locs.read(IndexOwner::Chat(id), &mut r)?);
             let mut edits = BTreeMap::new();
             if version >= 2 {
                 for _ in 0..read_count(&mut r, 16)? {

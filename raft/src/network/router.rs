@@ -822,7 +822,7 @@ impl GroupRouter<TypeConfig, GroupId> for Router {
 
     /// Streams the snapshot (`crate::snapshot_stream::send`): chunks of at most
     /// `snapshot_stream::chunk_bytes()` (or openraft's `snapshot_chunk_size`, if
-    /// smaller), the range read from the log as they go, one in flight, each within
+    /// smaller), the range read from the log as they go, up to `snapshot_stream::window_chunks` in flight, each within
     /// `soft_ttl` (the last within `snapshot_stream::INSTALL_WAIT`, since the peer answers
     /// it after installing); returns the peer's answer to the last chunk.
     async fn full_snapshot(
