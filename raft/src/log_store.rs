@@ -141,6 +141,9 @@ struct State {
     vote_unsaved: bool,
     /// The required index of a damage found at open, not yet written as the marker.
     marker_unsaved: bool,
+    /// Issue 9 (session 7): vote unknown at open, `vote_probe::META_VOTE_UNKNOWN` not yet
+    /// written.
+    vote_unknown_unsaved: bool,
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
     /// The highest term this replica knew when its damage was found (its vote's term):
@@ -307,7 +310,7 @@ impl LogStore {
     /// a damage's required index as the "synced" marker, so a crash before the repair
     /// completes finds the log damaged again (the records that proved it are sealed off).
     pub async fn persist_recovered_state(&self) -> Result<()> {
-        let (vote, marker) = {
+        let (vote, marker, vote_unknown) = {
             let st = self.shared.lock();
             let vote = st.vote.filter(|_| st.vote_unsaved);
             let marker = st
@@ -315,12 +318,15 @@ impl LogStore {
                 .damage()
                 .filter(|_| st.marker_unsaved)
                 .map(|d| d.required_index);
-            (vote, marker)
+            (vote, marker, st.vote_unknown_unsaved)
         };
-        if vote.is_none() && marker.is_none() {
+        if vote.is_none() && marker.is_none() && !vote_unknown {
             return Ok(());
         }
         let mut batch = WriteBatch::new();
+        if vote_unknown {
+            batch.put_meta(self.shared.log, crate::vote_probe::META_VOTE_UNKNOWN, &[1]);
+        }
         if let Some(v) = &vote {
             batch.put_meta(self.shared.log, ids::META_VOTE, &codec::encode_vote(v));
         }
@@ -341,6 +347,7 @@ impl LogStore {
         let mut st = self.shared.lock();
         st.vote_unsaved = false;
         st.marker_unsaved = false;
+        st.vote_unknown_unsaved = false;
         Ok(())
     }
 }
@@ -1282,6 +1289,19 @@ fn open_check(
         st.marker_unsaved = damage.required_index > st.synced_written;
         st.synced_written = st.synced_written.max(damage.required_index);
         st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
+    }
+    // Issue 9 (session 7): the node lost its newest records: vote unknown until probed.
+    if let Some((mut damage, unsaved)) =
+        crate::vote_probe::at_open(engine, group, log, held.unwrap_or(0))
+    {
+        // A damage found above keeps its required index (the marker written for it).
+        if let Some(found) = st.repair.damage() {
+            damage.required_index = damage.required_index.max(found.required_index);
+        }
+        tracing::error!(group, detail = %damage.detail, status = "vote unknown", "damaged Raft log");
+        st.repair_term_floor = u64::MAX;
+        st.vote_unknown_unsaved = unsaved;
+        st.repair = Arc::new(crate::repair::RepairStatus::new_vote_unknown(damage));
     }
     Ok(())
 }

@@ -204,6 +204,10 @@ pub fn rebuild_state_from_log(engine: &Engine, group: GroupId, applied: u64) -> 
 pub struct RepairStatus {
     /// Fast path for the write path: false once sound.
     damaged: AtomicBool,
+    /// Issue 9 (session 7): the node lost its newest records and this replica has not
+    /// probed its group's voters yet (`crate::vote_probe`): it also accepts no appends,
+    /// and nothing durable ends the repair (only the probe, by restarting the replica).
+    vote_unknown: AtomicBool,
     /// The damage while it lasts; `None` once repaired (or never damaged).
     damage: watch::Sender<Option<LogDamage>>,
 }
@@ -219,8 +223,23 @@ impl RepairStatus {
     pub fn new(damage: Option<LogDamage>) -> RepairStatus {
         RepairStatus {
             damaged: AtomicBool::new(damage.is_some()),
+            vote_unknown: AtomicBool::new(false),
             damage: watch::channel(damage).0,
         }
+    }
+
+    /// Issue 9 (session 7): a status starting damaged with its vote unknown
+    /// (`crate::vote_probe`).
+    pub fn new_vote_unknown(damage: LogDamage) -> RepairStatus {
+        let status = RepairStatus::new(Some(damage));
+        status.vote_unknown.store(true, Ordering::Release);
+        status
+    }
+
+    /// Issue 9 (session 7): whether the replica waits for its probe: no votes, no
+    /// campaign, no reads, no appends accepted.
+    pub fn is_vote_unknown(&self) -> bool {
+        self.vote_unknown.load(Ordering::Acquire)
     }
 
     /// Whether the replica is still repairing a damaged log.
@@ -242,7 +261,7 @@ impl RepairStatus {
     /// required index. Called from the engine's durable callbacks, so it only takes a
     /// lock and logs.
     pub fn note_durable(&self, index: u64) {
-        if !self.is_repairing() {
+        if !self.is_repairing() || self.is_vote_unknown() {
             return;
         }
         let mut repaired = None;
@@ -272,7 +291,7 @@ impl RepairStatus {
     /// of `term`, a term later than any the replica knew when damaged: the repair is
     /// over even below the required index (module docs, "When a repair ends").
     pub fn note_newer_leader(&self, first: u64, term: u64) {
-        if !self.is_repairing() {
+        if !self.is_repairing() || self.is_vote_unknown() {
             return;
         }
         let mut repaired = None;

@@ -34,7 +34,10 @@
 //! seal that wrote the checkpoint). Under `CutDamagedTail` the cut is reported with
 //! [`Damage::tail_lost`] and the engine opens (writes go to a fresh segment); the owner
 //! decides what the unknown loss means (the Raft layer probes its peers). Under the
-//! other modes it is refused naming the file, as before for the cut-short file.
+//! other modes (a single-replica node, no one to learn the tail from) the cut-short file
+//! is refused naming file and offset, as before; a missing or headerless newest file is
+//! not looked for there (hand-made test inputs, such as the fuzz corpus's lone sealed
+//! segments, would all be refused).
 //!
 //! Damage found by a read while running (session 6). A read whose checks fail stops its
 //! log (it serves nothing more). [`Engine::cut_failed_log`] is the way back for an owner

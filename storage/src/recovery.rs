@@ -185,16 +185,13 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                 note_cut(&mut after, &mut damage_cut, d);
                 continue;
             }
-            if must_exist == Some(id) {
+            if cut_mode && must_exist == Some(id) {
                 // Issue 9 (session 7): named by a seal or the checkpoint, so it was created
                 // and synced with its header before anything was written after it: not an
                 // interrupted creation but the newest segment file damaged or cut short.
                 let detail = "the newest segment file has no valid header (cut short or \
                               damaged) although the seal before it names it: its records \
                               are lost";
-                if !cut_mode {
-                    return Err(Error::corruption(&path, 0, detail));
-                }
                 let mut d = Damage::new(path.clone(), 0, detail.into());
                 d.tail_lost = true;
                 tracing::error!(file = %path.display(), status = "damaged", "storage damage: {detail}");
@@ -314,15 +311,15 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
     }
     // Issue 9 (session 7): the newest segment file missing while a seal or the
     // checkpoint names it (nothing after it was replayed).
+    // Only under `CutDamagedTail`: the other modes open as before (a single-replica
+    // node has no one to learn the lost tail from; see storage/FORMAT.md).
     if let Some(x) = must_exist
+        && cut_mode
         && !segments.contains_key(&x)
     {
         let path = segment_path(dir, x);
         let detail = "the newest segment file is missing although the seal before it (or \
                       the checkpoint) names it: its records are lost";
-        if !cut_mode {
-            return Err(Error::corruption(&path, 0, detail));
-        }
         let mut d = Damage::new(path.clone(), 0, detail.into());
         d.tail_lost = true;
         tracing::error!(file = %path.display(), status = "damaged", "storage damage: {detail}");
