@@ -893,3 +893,159 @@ async fn a_single_node_damaged_in_an_older_segment_refuses_to_start() {
         path.display()
     );
 }
+
+/// Session 7: the NEWEST segment file of one replica cut short (`truncate`). Nothing after
+/// the cut says what the lost tail held — entries, the vote, markers of any group — so
+/// every replica of that node starts "repairing, vote unknown": it votes for no one,
+/// serves no reads and accepts no appends until it has probed EVERY other voter of its
+/// group for its vote and last index (`chatlog_raft::vote_probe`). Three real processes:
+/// the victim (a follower of the chat's group) and the leader are SIGKILLed, the victim's
+/// newest segment is cut before the record holding the group's last entries, and the
+/// victim restarts next to the third node alone: a voter is down, so the probe waits, the
+/// group stays leaderless and the victim refuses votes. The old leader returns: the probe
+/// finishes (`vote_probes_finished`), the victim repairs through the leader's last index,
+/// and every node serves the same chat log with every history checker clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Setup {
+        mut cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    } = setup(vec![], "newest cut short").await;
+    let g = group_of(chat);
+    let log = chatlog_raft::ids::raft_log(g).expect("a group log");
+    let hist = history::History::default();
+    let post = |n: u64, text: String| {
+        let hist = &hist;
+        let clients = &clients;
+        async move {
+            let cmid = n + 1;
+            let invoked = hist.tick();
+            let deadline = Instant::now() + WAIT;
+            let mut at = n as usize;
+            let seq = loop {
+                match clients[at % 3]
+                    .send_message(send_request(chat, cmid, &text))
+                    .await
+                {
+                    Ok(r) => break r.seq,
+                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("post {n}: {e}"),
+                }
+            };
+            hist.record_send(history::Send {
+                chat,
+                sender: alice,
+                cmid,
+                text,
+                outcome: history::Outcome::Acked { seq },
+                invoked,
+                completed: hist.tick(),
+            });
+        }
+    };
+    for n in 0..POSTS {
+        post(n, format!("before:{n}")).await;
+    }
+    let leader = current_leader(&cluster, g).await;
+    let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    let third = cluster
+        .ids()
+        .find(|n| *n != leader && *n != victim)
+        .expect("a third node");
+    eprintln!(
+        "seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}"
+    );
+    // The victim holds the leader's last entry.
+    let leader_last = group_json(&status(&cluster.http_addr(leader)).await, g)["last_log_index"]
+        .as_u64()
+        .expect("leader's last index");
+    let deadline = Instant::now() + WAIT;
+    while group_json(&status(&cluster.http_addr(victim)).await, g)["last_log_index"]
+        .as_u64()
+        .unwrap_or(0)
+        < leader_last
+    {
+        assert!(Instant::now() < deadline, "node {victim} does not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(victim);
+    cluster.kill(leader);
+    // Cut the newest segment before the record holding the group's last entries.
+    let (path, recs) = newest_records(&cluster.dir(victim), log).expect("a newest segment");
+    let k = recs
+        .iter()
+        .rposition(|r| r.appends_through.is_some())
+        .expect("the newest segment holds the group's entries");
+    let cut_at = recs[k].offset;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open segment");
+    file.set_len(cut_at as u64).expect("truncate segment");
+    file.sync_all().expect("sync");
+    eprintln!(
+        "cut {} at {cut_at} (record {k} of {}, appending group {g} through {:?})",
+        path.display(),
+        recs.len(),
+        recs[k].appends_through
+    );
+
+    // The victim restarts next to the third node alone: a voter is down, so it cannot
+    // probe, and stays vote-unknown.
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart(victim));
+    tokio::time::sleep(LEADERLESS_FOR.saturating_sub(started.elapsed())).await;
+    let v = status(&cluster.http_addr(victim)).await;
+    let gv = group_json(&v, g);
+    eprintln!(
+        "victim status: damage {}, votes refused {}, probes {}, group {g}: {gv}",
+        v["storage_damage"], v["votes_refused_while_repairing"], v["vote_probes_finished"]
+    );
+    assert_eq!(gv["repair"]["status"], "repairing", "{gv}");
+    assert!(
+        gv["repair"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("vote unknown")),
+        "{gv}"
+    );
+    assert_eq!(v["vote_probes_finished"], 0, "a voter is down: no probe finished");
+    assert!(
+        v["votes_refused_while_repairing"].as_u64() > Some(0),
+        "the third node asked the victim for votes and was refused: {v}"
+    );
+    assert_ne!(gv["role"], "leader", "{gv}");
+    let t = group_json(&status(&cluster.http_addr(third)).await, g);
+    assert!(
+        t["role"] != "leader" && t["leader"].as_u64().is_none_or(|l| l == leader),
+        "no leader of group {g} while the only other replica is vote-unknown: {t}"
+    );
+
+    // The old leader returns: every voter answers, the victim saves the vote of the
+    // highest committed term and repairs through its leader's last index.
+    tokio::task::block_in_place(|| cluster.restart(leader));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = status(&cluster.http_addr(victim)).await;
+        let gv = group_json(&v, g);
+        if gv["repair"]["status"] == "sound" {
+            eprintln!("victim repaired: probes {}, {gv}", v["vote_probes_finished"]);
+            assert!(v["vote_probes_finished"].as_u64() > Some(0), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still repairing: {gv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in POSTS..POSTS + 5 {
+        post(n, format!("after:{n}")).await;
+    }
+    assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
+}
