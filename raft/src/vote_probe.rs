@@ -300,13 +300,23 @@ pub async fn run(node: Weak<Node>) {
 
 /// Asks every other voter of `group` for its vote and last index and decides.
 async fn probe(node: &Node, group: &crate::node::Group) -> Result<ProbeDecision, String> {
-    use openraft::async_runtime::WatchReceiver;
-    let me = node.node_id();
     let Some(router) = node.router() else {
         return Err("no router to peers".into());
     };
-    let voters: Vec<NodeId> = group
-        .raft()
+    probe_voters(node.node_id(), router, group.id(), group.raft()).await
+}
+
+/// Asks every voter of `group` but `me` (the voters `raft`, the local replica, knows) for
+/// its vote and last index over `router`, and decides ([`decide`]); `Err` says why it
+/// must probe again (a voter did not answer, no committed vote yet, ...).
+pub async fn probe_voters(
+    me: NodeId,
+    router: &crate::network::Router,
+    group: GroupId,
+    raft: &crate::ChatRaft,
+) -> Result<ProbeDecision, String> {
+    use openraft::async_runtime::WatchReceiver;
+    let voters: Vec<NodeId> = raft
         .metrics()
         .borrow_watched()
         .membership_config
@@ -318,7 +328,7 @@ async fn probe(node: &Node, group: &crate::node::Group) -> Result<ProbeDecision,
         return Err("the replica knows no other voter of its group".into());
     }
     let asks = voters.iter().map(|v| async move {
-        let r = router.repair_probe(*v, group.id(), PROBE_TIMEOUT).await;
+        let r = router.repair_probe(*v, group, PROBE_TIMEOUT).await;
         (*v, r)
     });
     let mut answers = Vec::new();
