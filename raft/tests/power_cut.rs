@@ -1437,6 +1437,14 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 );
             }
             for g in GROUPS {
+                // The final post is applied; its flush (which ends the repair) may trail
+                // the apply by a moment.
+                let deadline = Instant::now() + WAIT;
+                while node.directory.repairs.lock().expect("lock")[&g].is_repairing()
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 let status = &node.directory.repairs.lock().expect("lock")[&g];
                 assert!(
                     !status.is_repairing(),
