@@ -144,6 +144,10 @@ struct State {
     /// Issue 9 (session 7): vote unknown at open, `vote_probe::META_VOTE_UNKNOWN` not yet
     /// written.
     vote_unknown_unsaved: bool,
+    /// Issue 9 (session 7): the term of the vote a finished probe saved
+    /// (`vote_probe::META_PROBE_TERM`), 0 if none: the repair then ends only once the
+    /// last durable entry is of that term or later (the log matches the leader's).
+    probe_term: u64,
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
     /// The highest term this replica knew when its damage was found (its vote's term):
@@ -1194,7 +1198,13 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     // the marker writer vouches for what just became durable.
     if st.repair.is_repairing() {
         let durable = st.durable_through();
-        st.repair.note_durable(durable);
+        // Issue 9 (session 7): after a probe, only once the entry at the required index is
+        // the probed leader's (or later).
+        let probed_ok = st.probe_term == 0
+            || crate::vote_probe::holds_probed_entry(&st.leaders, durable, st.probe_term);
+        if probed_ok {
+            st.repair.note_durable(durable);
+        }
         // Issue 9 (session 6): an entry of a term later than any this replica knew when
         // damaged, durable here, means its log matches a newer leader's through that
         // leader's first entry, which is all that could be committed of what it lost.
@@ -1290,6 +1300,34 @@ fn open_check(
         st.synced_written = st.synced_written.max(damage.required_index);
         st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
     }
+    // Issue 9 (session 7): after a finished probe, the log must end with an entry of the
+    // probed leader's term or later, not just hold as many entries: a stale entry (of an
+    // older term, never committed) does not end the repair.
+    st.probe_term = crate::vote_probe::probe_term(engine, log);
+    if st.probe_term > 0 {
+        let required = st
+            .repair
+            .damage()
+            .map_or(st.synced_written, |d| d.required_index);
+        let last = st.last.map_or(0, |l| l.index);
+        if !crate::vote_probe::holds_probed_entry(&st.leaders, last, st.probe_term) {
+            let damage = crate::repair::LogDamage {
+                group,
+                held_index: held.unwrap_or(0),
+                required_index: required,
+                detail: format!(
+                    "probed: the log must hold through index {required} and end with an entry \
+                     of term >= {}",
+                    st.probe_term
+                ),
+            };
+            tracing::error!(group, detail = %damage.detail, status = "repairing", "damaged Raft log");
+            if st.repair_term_floor == 0 {
+                st.repair_term_floor = st.vote.map_or(0, |v| v.leader_id().term);
+            }
+            st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
+        }
+    }
     // Issue 9 (session 7): the node lost its newest records: vote unknown until probed.
     if let Some((mut damage, unsaved)) =
         crate::vote_probe::at_open(engine, group, log, held.unwrap_or(0))
@@ -1322,11 +1360,25 @@ async fn write_markers(log: std::sync::Weak<GroupLog>, wake: Arc<tokio::sync::No
             return;
         };
         let _order = log.marker_order.lock().await;
-        let Some(marker) = log.lock().next_marker() else {
-            continue;
+        let (marker, probe_done) = {
+            let mut st = log.lock();
+            // Issue 9 (session 7): a probed repair that ended forgets its probe term.
+            let probe_done = st.probe_term > 0 && !st.repair.is_repairing();
+            if probe_done {
+                st.probe_term = 0;
+            }
+            (st.next_marker(), probe_done)
         };
+        if marker.is_none() && !probe_done {
+            continue;
+        }
         let mut batch = WriteBatch::new();
-        batch.put_meta(log.log, crate::repair::META_SYNCED, &marker);
+        if let Some(marker) = marker {
+            batch.put_meta(log.log, crate::repair::META_SYNCED, &marker);
+        }
+        if probe_done {
+            batch.delete_meta(log.log, crate::vote_probe::META_PROBE_TERM);
+        }
         let on_durable: Durable = Box::new(|_: chatlog_storage::Result<()>| {});
         if log.engine.submit(&batch, on_durable).await.is_err() {
             // The engine stopped; the group stops with it.

@@ -32,12 +32,15 @@
 //! itself (it led T* before the loss), it probes again once the others elected a leader
 //! without it (it refuses votes meanwhile), since its own last index is what it lost.
 //! (3) Its required index is L's last log index: L, leader of T*, holds every committed
-//! entry (leader completeness), so once this replica's log is durable through that index
-//! it holds everything committed it may have had; entries it lost beyond L's log were
-//! never committed. The repair then ends as for any damage (`crate::repair`, "When a
-//! repair ends": (a) durable through the required index, or (b) a durable entry of a term
-//! above T* from that term's leader), and until then it votes for no one and serves no
-//! reads. The vote-unknown state is written as [`META_VOTE_UNKNOWN`] before openraft
+//! entry (leader completeness); entries it lost beyond L's log were never committed. Being
+//! durable through that index is not enough by itself: after the loss the log may hold
+//! stale entries of an older term (ones L had overwritten in the lost tail) at indexes up
+//! to and beyond it. So the repair ends once the log is durable through the required
+//! index AND its last durable entry is of term >= T* ([`META_PROBE_TERM`]): such an entry
+//! came from L (or a later leader, which holds what L committed), so by log matching the
+//! whole prefix is that leader's log, which holds everything L had when probed. Rule (b)
+//! of `crate::repair` (a durable entry of a term above T* from that term's leader) ends
+//! it too. Until then it votes for no one and serves no reads. The vote-unknown state is written as [`META_VOTE_UNKNOWN`] before openraft
 //! starts and removed in the same batch that saves the decided vote, so a crash in
 //! between probes again.
 //!
@@ -66,6 +69,33 @@ pub const META_VOTE_UNKNOWN: &[u8] = b"vote_unknown";
 /// whose probe this replica finished, so the replica restarted by the probe in the same
 /// process (whose engine still reports that loss) is not vote-unknown again.
 pub const META_PROBED: &[u8] = b"vote_probed";
+
+/// Meta key of a group's Raft log: the term of the vote a finished probe saved (`u64`
+/// little-endian). While it is there, the repair ends only once the log is durable
+/// through the required index AND its last durable entry is of that term or later: an
+/// entry the probed leader sent (entries of its term come only from it; later terms'
+/// leaders hold what it committed), so by log matching the whole prefix is that leader's
+/// log, which holds everything the leader had when probed — not a stale, never-committed
+/// entry of an older term that happens to sit at a high enough index. Deleted by the
+/// marker writer once that repair ended.
+pub const META_PROBE_TERM: &[u8] = b"probe_term";
+
+/// The probe term a finished probe left in `log` ([`META_PROBE_TERM`]), 0 if none.
+pub fn probe_term(engine: &Engine, log: EngineLogId) -> u64 {
+    engine
+        .meta(log, META_PROBE_TERM)
+        .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Whether the entry at `index` of a log whose leader runs are `leaders` (`(first index,
+/// leader id)`, as the log store keeps them; `index` at most its last) is of term `term`
+/// or later.
+pub fn holds_probed_entry(leaders: &[(u64, LeaderId)], index: u64, term: u64) -> bool {
+    let k = leaders.partition_point(|(f, _)| *f <= index);
+    k.checked_sub(1)
+        .is_some_and(|k| leaders[k].1.term >= term)
+}
 
 /// How often the probe task looks for vote-unknown replicas and probes again. Why: a
 /// probe waits for every voter and for a committed vote; half a second is well below an
@@ -258,6 +288,11 @@ pub fn finish_batch(engine: &Engine, group: GroupId, decision: &ProbeDecision) -
         &crate::repair::encode_synced(marker.max(decision.required_index)),
     );
     batch.delete_meta(log, META_VOTE_UNKNOWN);
+    batch.put_meta(
+        log,
+        META_PROBE_TERM,
+        &decision.vote.leader_id.term.to_le_bytes(),
+    );
     if let Some(id) = tail_loss(engine) {
         batch.put_meta(log, META_PROBED, id.as_bytes());
     }
@@ -409,6 +444,16 @@ mod tests {
         assert!(decode_probe_response(&no_flag).is_err());
         assert!(decode_probe_request(&encode_probe_request()).is_ok());
         assert!(decode_probe_request(&[0]).is_err());
+    }
+
+    #[test]
+    fn a_probed_repair_needs_an_entry_of_the_probed_term() {
+        let l = |term, node_id| LeaderId { term, node_id };
+        let runs = [(1, l(1, 2)), (10, l(3, 3)), (20, l(5, 2))];
+        assert!(!holds_probed_entry(&runs, 15, 5), "a stale entry of term 3");
+        assert!(holds_probed_entry(&runs, 20, 5));
+        assert!(holds_probed_entry(&runs, 25, 4));
+        assert!(!holds_probed_entry(&[], 0, 1));
     }
 
     #[test]
