@@ -18,6 +18,10 @@
 //! A single node (one replica per group, no one to repair from) with the same kind of
 //! flip still refuses to start, naming file and offset.
 //!
+//! Session 7: the newest segment file cut short (the node's replicas start vote-unknown and
+//! probe every voter before they vote, read or accept appends), and damage found by a
+//! history read while the node runs (the node's watcher restarts the replica repairing).
+//!
 //! The seed (the victim when there is a choice) is printed; `CHATLOG_TEST_SEED` repeats.
 
 #[path = "common/cluster.rs"]
@@ -1024,7 +1028,10 @@ async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
             .is_some_and(|d| d.contains("vote unknown")),
         "{gv}"
     );
-    assert_eq!(v["vote_probes_finished"], 0, "a voter is down: no probe finished");
+    assert_eq!(
+        v["vote_probes_finished"], 0,
+        "a voter is down: no probe finished"
+    );
     assert!(
         v["votes_refused_while_repairing"].as_u64() > Some(0),
         "the third node asked the victim for votes and was refused: {v}"
@@ -1044,7 +1051,10 @@ async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
         let v = status(&cluster.http_addr(victim)).await;
         let gv = group_json(&v, g);
         if gv["repair"]["status"] == "sound" {
-            eprintln!("victim repaired: probes {}, {gv}", v["vote_probes_finished"]);
+            eprintln!(
+                "victim repaired: probes {}, {gv}",
+                v["vote_probes_finished"]
+            );
             assert!(v["vote_probes_finished"].as_u64() > Some(0), "{v}");
             break;
         }
@@ -1056,7 +1066,6 @@ async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
     }
     assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
 }
-
 
 /// Session 7: damage found WHILE RUNNING, by a history read, drives the node's watcher
 /// (`chatlog_raft::damage_watch`) in a real process. Three `chatlog serve` processes with
@@ -1085,10 +1094,7 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
             groups: 2,
             http: true,
             extra: vec!["--segment-mb".into(), "1".into()],
-            capture: vec![
-                "read found damage".into(),
-                "corruption: log stopped".into(),
-            ],
+            capture: vec!["read found damage".into(), "corruption: log stopped".into()],
             ..Options::default()
         },
         "damage found by a read",
@@ -1162,7 +1168,11 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
                 .as_u64()
                 .expect("leader's last index");
             let deadline = Instant::now() + WAIT;
-            while group_json(&status(&v).await, g)["applied"].as_u64().unwrap_or(0) < want {
+            while group_json(&status(&v).await, g)["applied"]
+                .as_u64()
+                .unwrap_or(0)
+                < want
+            {
                 assert!(Instant::now() < deadline, "node {victim} does not catch up");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -1180,14 +1190,22 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
     )
     .await
     .expect("snapshot");
-    assert_eq!(r.status, 200, "snapshot: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "snapshot: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     cluster.kill(victim);
     tokio::task::block_in_place(|| cluster.restart(victim));
     caught_up(&cluster).await;
     // The victim leads the group.
     let deadline = Instant::now() + WAIT;
     while current_leader(&cluster, g).await != victim {
-        assert!(Instant::now() < deadline, "node {victim} never leads group {g}");
+        assert!(
+            Instant::now() < deadline,
+            "node {victim} never leads group {g}"
+        );
         let from = current_leader(&cluster, g).await;
         let body = format!("{{\"group\": {g}, \"to\": {victim}}}");
         let _ = request(
@@ -1283,8 +1301,7 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
     loop {
         let v = status(&cluster.http_addr(victim)).await;
         let gv = group_json(&v, g);
-        if gv["repair"]["status"] == "sound" && gv["leader"].as_u64().is_some_and(|l| l != victim)
-        {
+        if gv["repair"]["status"] == "sound" && gv["leader"].as_u64().is_some_and(|l| l != victim) {
             let refused = v["votes_refused_while_repairing"].as_u64().unwrap_or(0);
             eprintln!("victim repaired: votes refused {refused} (before {refused_before}), {gv}");
             assert!(

@@ -51,6 +51,14 @@
 //! within about `MARKER_DELAY` of the group's last flush, then a bit flip in exactly that
 //! record): recovery cuts it as a torn write and nothing says it was acknowledged. A vote
 //! kept only in a damaged record is forgotten the same way.
+//!
+//! Session 7: when the engine SEES that the newest records are gone (the newest segment
+//! file cut short, missing or headerless: `Damage::tail_lost`), nothing says what any
+//! group lost, not even its vote: every replica of the node starts vote-unknown and probes
+//! its group's voters before it votes, reads or accepts appends (`crate::vote_probe`,
+//! whose module doc argues it safe); it then repairs as above, with its required index
+//! the probed leader's last index. While vote-unknown, `note_durable` and
+//! `note_newer_leader` end nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

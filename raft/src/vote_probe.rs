@@ -93,8 +93,7 @@ pub fn probe_term(engine: &Engine, log: EngineLogId) -> u64 {
 /// or later.
 pub fn holds_probed_entry(leaders: &[(u64, LeaderId)], index: u64, term: u64) -> bool {
     let k = leaders.partition_point(|(f, _)| *f <= index);
-    k.checked_sub(1)
-        .is_some_and(|k| leaders[k].1.term >= term)
+    k.checked_sub(1).is_some_and(|k| leaders[k].1.term >= term)
 }
 
 /// How often the probe task looks for vote-unknown replicas and probes again. Why: a
@@ -268,7 +267,11 @@ pub fn decide(me: NodeId, answers: &[(NodeId, ProbeAnswer)]) -> Result<ProbeDeci
 /// rule out, so the probe is tried again), the "synced" marker raised to the required
 /// index (the restarted replica is then repairing through it), the flag removed and the
 /// engine's tail loss marked as probed for.
-pub fn finish_batch(engine: &Engine, group: GroupId, decision: &ProbeDecision) -> Option<WriteBatch> {
+pub fn finish_batch(
+    engine: &Engine,
+    group: GroupId,
+    decision: &ProbeDecision,
+) -> Option<WriteBatch> {
     let log = crate::ids::raft_log(group)?;
     let stored = engine
         .meta(log, crate::ids::META_VOTE)
@@ -281,7 +284,11 @@ pub fn finish_batch(engine: &Engine, group: GroupId, decision: &ProbeDecision) -
         .and_then(|b| crate::repair::decode_synced(&b))
         .unwrap_or(0);
     let mut batch = WriteBatch::new();
-    batch.put_meta(log, crate::ids::META_VOTE, &codec::encode_vote(&decision.vote));
+    batch.put_meta(
+        log,
+        crate::ids::META_VOTE,
+        &codec::encode_vote(&decision.vote),
+    );
     batch.put_meta(
         log,
         crate::repair::META_SYNCED,
@@ -378,7 +385,11 @@ pub async fn probe_voters(
 
 async fn finish(node: &Node, g: GroupId, decision: ProbeDecision) {
     let Some(batch) = finish_batch(node.engine(), g, &decision) else {
-        tracing::warn!(group = g, ?decision, "probe: the stored vote is higher than any voter's");
+        tracing::warn!(
+            group = g,
+            ?decision,
+            "probe: the stored vote is higher than any voter's"
+        );
         return;
     };
     match node.restart_group_after(g, batch).await {
@@ -394,7 +405,9 @@ async fn finish(node: &Node, g: GroupId, decision: ProbeDecision) {
                  is saved and the replica repairs through its leader's last index"
             );
         }
-        Err(e) => tracing::error!(group = g, error = %e, "probe finished but the replica could not restart"),
+        Err(e) => {
+            tracing::error!(group = g, error = %e, "probe finished but the replica could not restart")
+        }
     }
 }
 

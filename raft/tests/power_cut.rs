@@ -271,7 +271,10 @@ impl TestNode {
             if let Some(raft) = raft {
                 let _ = timeout(WAIT, raft.shutdown()).await;
             }
-            self.engine.write(&batch).await.expect("the probed vote is saved");
+            self.engine
+                .write(&batch)
+                .await
+                .expect("the probed vote is saved");
             let (raft, repair, reader, shared) =
                 start_group(self.id, &self.engine, &self.router, group, &self.directory)
                     .await
@@ -281,7 +284,10 @@ impl TestNode {
                 self.id,
                 repair.damage()
             );
-            assert!(!repair.is_vote_unknown(), "seed={seed}: probed once is enough");
+            assert!(
+                !repair.is_vote_unknown(),
+                "seed={seed}: probed once is enough"
+            );
             self.readers
                 .lock()
                 .expect("lock")

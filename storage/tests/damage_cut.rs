@@ -393,14 +393,21 @@ fn the_newest_segment_cut_short_missing_or_headerless_is_reported_as_tail_lost()
             let err = Engine::open(config(dir.path(), RecoveryMode::TolerateTornTail))
                 .expect_err("the newest segment cut short is refused without the cut mode");
             assert!(err.is_corruption(), "{kind}: {err}");
-            assert!(err.to_string().contains(&seg.display().to_string()), "{kind}: {err}");
+            assert!(
+                err.to_string().contains(&seg.display().to_string()),
+                "{kind}: {err}"
+            );
         }
         let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
         let damage = engine.damage().expect("the loss is reported").clone();
         assert!(damage.tail_lost, "{kind}: {damage:?}");
         assert_eq!(damage.path, seg, "{kind}");
         for log in [1, 2] {
-            assert_eq!(engine.bounds(log).unwrap().next, held + 1, "{kind}: log {log}");
+            assert_eq!(
+                engine.bounds(log).unwrap().next,
+                held + 1,
+                "{kind}: log {log}"
+            );
             for k in 1..=held {
                 assert_eq!(engine.get(log, k).unwrap()[..], payload(log, k)[..]);
             }
@@ -414,7 +421,11 @@ fn the_newest_segment_cut_short_missing_or_headerless_is_reported_as_tail_lost()
         let engine = Engine::open(config(dir.path(), RecoveryMode::CutDamagedTail)).unwrap();
         assert_eq!(engine.bounds(1).unwrap().next, 13, "{kind}");
         for k in held + 1..=12 {
-            assert_eq!(engine.get(1, k).unwrap()[..], payload(1, k + 1000)[..], "{kind}");
+            assert_eq!(
+                engine.get(1, k).unwrap()[..],
+                payload(1, k + 1000)[..],
+                "{kind}"
+            );
         }
         assert!(
             engine.damage().is_none_or(|d| !d.tail_lost),

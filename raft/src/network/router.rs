@@ -745,7 +745,9 @@ impl Router {
         ttl: Duration,
     ) -> Result<crate::vote_probe::ProbeAnswer, ForwardError> {
         let body = crate::vote_probe::encode_probe_request();
-        let answer = self.call(target, group, Rpc::RepairProbe, body, ttl).await?;
+        let answer = self
+            .call(target, group, Rpc::RepairProbe, body, ttl)
+            .await?;
         crate::vote_probe::decode_probe_response(&answer).map_err(|e| {
             ForwardError::Unknown(format!("node {target} answered a repair probe with {e}"))
         })

@@ -511,8 +511,7 @@ impl Work {
         }
         // Issue 9 (session 7): a vote-unknown replica accepts no appends and answers no
         // probes until its own probe is done (`crate::vote_probe`).
-        if let Work::Request(Rpc::AppendEntries | Rpc::SnapshotStream | Rpc::RepairProbe, _) =
-            &self
+        if let Work::Request(Rpc::AppendEntries | Rpc::SnapshotStream | Rpc::RepairProbe, _) = &self
             && let Some(refusal) = directory.append_refusal(group)
         {
             return Err(unavailable(&refusal));
