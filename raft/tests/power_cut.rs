@@ -1426,7 +1426,8 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         }
         let acked = heal_and_check(&cluster, &chats, &history, seed).await;
         assert!(acked >= 80);
-        if let Some(node) = cluster.nodes.lock().expect("lock").get(&victim) {
+        let victim_node = cluster.nodes.lock().expect("lock").get(&victim).cloned();
+        if let Some(node) = victim_node {
             let found_at_start = node.directory.found_at_start.load(Ordering::Relaxed);
             let found_by_read = node.directory.found_by_read.load(Ordering::Relaxed);
             eprintln!(
