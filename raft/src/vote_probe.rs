@@ -47,8 +47,12 @@
 //! What it does not cover: a loss that leaves the newest segment looking complete (a
 //! bit flip in the last record with nothing written after it: double fault (1) of
 //! `crate::repair`), a replica that knows no voters of its group (its whole log was in
-//! the lost tail: it waits, move the replica), and two vote-unknown replicas of one group
-//! at once (each waits for the other: move one replica).
+//! the lost tail: it waits, move the replica), two vote-unknown replicas of one group
+//! at once (each waits for the other: move one replica), and a crash in the moment
+//! between the engine's open and the last local replica's [`META_VOTE_UNKNOWN`] write
+//! (each replica writes its own as it starts; if the engine wrote anything after the cut
+//! in between, the next open sees the cut segment as an older one followed by records,
+//! not as a tail loss, and a replica not flagged yet starts without probing).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -323,6 +327,8 @@ pub fn spawn(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
 /// Every [`PROBE_INTERVAL`], probes each vote-unknown replica's voters and finishes those
 /// that can decide.
 pub async fn run(node: Weak<Node>) {
+    // Why each group waits, logged when it changes (not every round).
+    let mut waiting: std::collections::HashMap<GroupId, String> = Default::default();
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         let Some(n) = node.upgrade() else { return };
@@ -333,8 +339,16 @@ pub async fn run(node: Weak<Node>) {
             .collect();
         for g in unknown {
             match probe(&n, &g).await {
-                Ok(decision) => finish(&n, g.id(), decision).await,
-                Err(why) => tracing::info!(group = g.id(), status = "vote unknown", "probe: {why}"),
+                Ok(decision) => {
+                    waiting.remove(&g.id());
+                    finish(&n, g.id(), decision).await
+                }
+                Err(why) => {
+                    if waiting.get(&g.id()) != Some(&why) {
+                        tracing::warn!(group = g.id(), status = "vote unknown", "probe: {why}");
+                        waiting.insert(g.id(), why);
+                    }
+                }
             }
         }
     }
