@@ -993,6 +993,12 @@ impl GroupLog {
 }
 
 impl LogReader {
+    /// Issue 9 (session 7): checks again whether the durable log ends its repair (after
+    /// `RepairStatus::lower_required`, on an idle group no flush would).
+    pub fn recheck_repair(&self) {
+        check_repair(&mut self.shared.lock());
+    }
+
     /// Entries `[start, end)` for history and secret-message reads, including what
     /// retention keeps below openraft's purge mark (see the module docs).
     pub fn read_history(&self, start: u64, end: u64) -> Result<Vec<Entry>> {
@@ -1196,12 +1202,19 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     }
     // Issue 9: a damaged replica is repaired once durable through the required index;
     // the marker writer vouches for what just became durable.
+    check_repair(&mut st);
+    st.marker_wake.notify_one();
+}
+
+/// Issue 9: ends a repair the durable log now satisfies (`crate::repair`).
+fn check_repair(st: &mut State) {
     if st.repair.is_repairing() {
         let durable = st.durable_through();
-        // Issue 9 (session 7): after a probe, only once the entry at the required index is
-        // the probed leader's (or later).
-        let probed_ok = st.probe_term == 0
-            || crate::vote_probe::holds_probed_entry(&st.leaders, durable, st.probe_term);
+        // Issue 9 (session 7): after a probe, only once the last durable entry is of the
+        // probed term or later (the log matches the probed leader's).
+        let probe_term = st.probe_term.max(st.repair.probe_term());
+        let probed_ok = probe_term == 0
+            || crate::vote_probe::holds_probed_entry(&st.leaders, durable, probe_term);
         if probed_ok {
             st.repair.note_durable(durable);
         }
@@ -1215,7 +1228,6 @@ fn flushed(state: &Mutex<State>, batch: u64) {
             st.repair.note_newer_leader(first, leader.term);
         }
     }
-    st.marker_wake.notify_one();
 }
 
 /// Payload bytes an entry holds (for read limits).

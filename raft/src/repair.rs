@@ -216,6 +216,12 @@ pub struct RepairStatus {
     /// probed its group's voters yet (`crate::vote_probe`): it also accepts no appends,
     /// and nothing durable ends the repair (only the probe, by restarting the replica).
     vote_unknown: AtomicBool,
+    /// Issue 9 (session 7): the term of a probe that lowered the required index while
+    /// running (`crate::vote_probe`, the idle-group case), 0 if none: the repair then ends
+    /// only once the last durable entry is of that term or later.
+    probe_term: std::sync::atomic::AtomicU64,
+    /// When the damage was found (the probe task asks only about repairs that last).
+    since: std::time::Instant,
     /// The damage while it lasts; `None` once repaired (or never damaged).
     damage: watch::Sender<Option<LogDamage>>,
 }
@@ -232,6 +238,8 @@ impl RepairStatus {
         RepairStatus {
             damaged: AtomicBool::new(damage.is_some()),
             vote_unknown: AtomicBool::new(false),
+            probe_term: std::sync::atomic::AtomicU64::new(0),
+            since: std::time::Instant::now(),
             damage: watch::channel(damage).0,
         }
     }
@@ -248,6 +256,47 @@ impl RepairStatus {
     /// campaign, no reads, no appends accepted.
     pub fn is_vote_unknown(&self) -> bool {
         self.vote_unknown.load(Ordering::Acquire)
+    }
+
+    /// How long ago the damage was found.
+    pub fn repairing_for(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    /// Issue 9 (session 7): the term a probe that lowered the required index set, 0 if
+    /// none ([`RepairStatus::lower_required`]).
+    pub fn probe_term(&self) -> u64 {
+        self.probe_term.load(Ordering::Acquire)
+    }
+
+    /// Issue 9 (session 7), the idle-group case: a probe of every voter found the
+    /// committed vote of the highest term (`term`) and its leader's last index `index`,
+    /// below the required index. The required index becomes `index`, and the repair ends
+    /// once the log is durable through it with its last durable entry of `term` or later
+    /// (the log store checks that, `LogReader::recheck_repair`): the log then matches that
+    /// leader's through everything it had when probed, which holds every committed entry
+    /// this replica may have lost (`crate::vote_probe`, module docs). Returns whether it
+    /// lowered it.
+    pub fn lower_required(&self, index: u64, term: u64) -> bool {
+        if self.is_vote_unknown() {
+            return false;
+        }
+        let lowered = self.damage.send_if_modified(|d| match d {
+            Some(dmg) if index < dmg.required_index => {
+                dmg.detail = format!(
+                    "{}; lowered from {} by a probe of every voter (leader's last index, term \
+                     >= {term})",
+                    dmg.detail, dmg.required_index
+                );
+                dmg.required_index = index;
+                true
+            }
+            _ => false,
+        });
+        if lowered {
+            self.probe_term.fetch_max(term, Ordering::AcqRel);
+        }
+        lowered
     }
 
     /// Whether the replica is still repairing a damaged log.

@@ -44,6 +44,15 @@
 //! starts and removed in the same batch that saves the decided vote, so a crash in
 //! between probes again.
 //!
+//! The idle-group case of `crate::repair` (a replica that voted for the CURRENT leader and
+//! held entries of an older term beyond that leader's log stays repairing until the log
+//! grows past its required index): a repair still going after [`LASTING_REPAIR`] is
+//! probed the same way, and if the leader's last index is below the required index, the
+//! required index comes down to it with the same "last durable entry of term >= T*" rule
+//! (`RepairStatus::lower_required`; in memory only: after a restart the old rule applies
+//! again). Safe by (1)-(3): the replica's vote is at most T* (every voter answered), and
+//! every committed entry it may have lost is in L's log.
+//!
 //! What it does not cover: a loss that leaves the newest segment looking complete (a
 //! bit flip in the last record with nothing written after it: double fault (1) of
 //! `crate::repair`), a replica that knows no voters of its group (its whole log was in
@@ -105,6 +114,13 @@ pub fn holds_probed_entry(leaders: &[(u64, LeaderId)], index: u64, term: u64) ->
 /// election timeout, so a repair starts soon after the group has a leader again, and a
 /// probe round is one small frame per voter.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a repair (not vote-unknown) lasts before the probe task asks every voter
+/// whether the required index can come down to the leader's last index (the idle-group
+/// case of `crate::repair`). Why: an ordinary repair ends within a few round trips of the
+/// leader re-sending the range; one still going after this long is waiting for the log to
+/// grow, and one probe round per lasting repair is cheap.
+pub const LASTING_REPAIR: Duration = Duration::from_secs(5);
 
 /// How long one probe of one peer may take. Why: the answer is read from the peer's
 /// in-memory metrics; a peer that takes longer is overloaded or partitioned and is asked
@@ -337,6 +353,35 @@ pub async fn run(node: Weak<Node>) {
             .into_iter()
             .filter(|g| g.repair_status().is_vote_unknown())
             .collect();
+        // The idle-group case: a repair that lasts, maybe below a required index the
+        // group's log may not reach for a long time.
+        let lasting: Vec<crate::node::Group> = n
+            .groups()
+            .into_iter()
+            .filter(|g| {
+                let r = g.repair_status();
+                r.is_repairing()
+                    && !r.is_vote_unknown()
+                    && r.repairing_for() >= LASTING_REPAIR
+                    && r.probe_term() == 0
+            })
+            .collect();
+        for g in lasting {
+            if let Ok(decision) = probe(&n, &g).await
+                && g.repair_status()
+                    .lower_required(decision.required_index, decision.vote.leader_id.term)
+            {
+                g.log_reader().recheck_repair();
+                tracing::warn!(
+                    group = g.id(),
+                    required_index = decision.required_index,
+                    term = decision.vote.leader_id.term,
+                    repaired = !g.repair_status().is_repairing(),
+                    "lasting repair: a probe of every voter lowered the required index to the \
+                     leader's last index"
+                );
+            }
+        }
         for g in unknown {
             match probe(&n, &g).await {
                 Ok(decision) => {
