@@ -18,6 +18,10 @@
 //! A single node (one replica per group, no one to repair from) with the same kind of
 //! flip still refuses to start, naming file and offset.
 //!
+//! Session 7: the newest segment file cut short (the node's replicas start vote-unknown and
+//! probe every voter before they vote, read or accept appends), and damage found by a
+//! history read while the node runs (the node's watcher restarts the replica repairing).
+//!
 //! The seed (the victim when there is a choice) is printed; `CHATLOG_TEST_SEED` repeats.
 
 #[path = "common/cluster.rs"]
@@ -201,14 +205,21 @@ struct Setup {
 }
 
 async fn setup(extra: Vec<String>, title: &str) -> Setup {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
+    setup_with(
+        Options {
             groups: 2,
             http: true,
             extra,
             ..Options::default()
-        })
-    });
+        },
+        title,
+    )
+    .await
+}
+
+/// [`setup`] with the cluster's options given whole.
+async fn setup_with(options: Options, title: &str) -> Setup {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(options));
     let c1 = cluster::connect_with(
         &cluster.addr(1),
         cluster::client_options(None, Duration::from_secs(5), 2),
@@ -892,4 +903,418 @@ async fn a_single_node_damaged_in_an_older_segment_refuses_to_start() {
         "the refusal names {} and {at}: {stderr}",
         path.display()
     );
+}
+
+/// Session 7: the NEWEST segment file of one replica cut short (`truncate`). Nothing after
+/// the cut says what the lost tail held — entries, the vote, markers of any group — so
+/// every replica of that node starts "repairing, vote unknown": it votes for no one,
+/// serves no reads and accepts no appends until it has probed EVERY other voter of its
+/// group for its vote and last index (`chatlog_raft::vote_probe`). Three real processes:
+/// the victim (a follower of the chat's group) and the leader are SIGKILLed, the victim's
+/// newest segment is cut before the record holding the group's last entries, and the
+/// victim restarts next to the third node alone: a voter is down, so the probe waits, the
+/// group stays leaderless and the victim refuses votes. The old leader returns: the probe
+/// finishes (`vote_probes_finished`), the victim repairs through the leader's last index,
+/// and every node serves the same chat log with every history checker clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Setup {
+        mut cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    } = setup(vec![], "newest cut short").await;
+    let g = group_of(chat);
+    let log = chatlog_raft::ids::raft_log(g).expect("a group log");
+    let hist = history::History::default();
+    let post = |n: u64, text: String| {
+        let hist = &hist;
+        let clients = &clients;
+        async move {
+            let cmid = n + 1;
+            let invoked = hist.tick();
+            let deadline = Instant::now() + WAIT;
+            let mut at = n as usize;
+            let seq = loop {
+                match clients[at % 3]
+                    .send_message(send_request(chat, cmid, &text))
+                    .await
+                {
+                    Ok(r) => break r.seq,
+                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("post {n}: {e}"),
+                }
+            };
+            hist.record_send(history::Send {
+                chat,
+                sender: alice,
+                cmid,
+                text,
+                outcome: history::Outcome::Acked { seq },
+                invoked,
+                completed: hist.tick(),
+            });
+        }
+    };
+    for n in 0..POSTS {
+        post(n, format!("before:{n}")).await;
+    }
+    let leader = current_leader(&cluster, g).await;
+    let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    let third = cluster
+        .ids()
+        .find(|n| *n != leader && *n != victim)
+        .expect("a third node");
+    eprintln!(
+        "seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}, third {third}"
+    );
+    // The victim holds the leader's last entry.
+    let leader_last = group_json(&status(&cluster.http_addr(leader)).await, g)["last_log_index"]
+        .as_u64()
+        .expect("leader's last index");
+    let deadline = Instant::now() + WAIT;
+    while group_json(&status(&cluster.http_addr(victim)).await, g)["last_log_index"]
+        .as_u64()
+        .unwrap_or(0)
+        < leader_last
+    {
+        assert!(Instant::now() < deadline, "node {victim} does not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(victim);
+    cluster.kill(leader);
+    // Cut the newest segment before the record holding the group's last entries.
+    let (path, recs) = newest_records(&cluster.dir(victim), log).expect("a newest segment");
+    let k = recs
+        .iter()
+        .rposition(|r| r.appends_through.is_some())
+        .expect("the newest segment holds the group's entries");
+    let cut_at = recs[k].offset;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open segment");
+    file.set_len(cut_at as u64).expect("truncate segment");
+    file.sync_all().expect("sync");
+    eprintln!(
+        "cut {} at {cut_at} (record {k} of {}, appending group {g} through {:?})",
+        path.display(),
+        recs.len(),
+        recs[k].appends_through
+    );
+
+    // The victim restarts next to the third node alone: a voter is down, so it cannot
+    // probe, and stays vote-unknown.
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.restart(victim));
+    tokio::time::sleep(LEADERLESS_FOR.saturating_sub(started.elapsed())).await;
+    let v = status(&cluster.http_addr(victim)).await;
+    let gv = group_json(&v, g);
+    eprintln!(
+        "victim status: damage {}, votes refused {}, probes {}, group {g}: {gv}",
+        v["storage_damage"], v["votes_refused_while_repairing"], v["vote_probes_finished"]
+    );
+    assert_eq!(gv["repair"]["status"], "repairing", "{gv}");
+    assert!(
+        gv["repair"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("vote unknown")),
+        "{gv}"
+    );
+    assert_eq!(
+        v["vote_probes_finished"], 0,
+        "a voter is down: no probe finished"
+    );
+    assert!(
+        v["votes_refused_while_repairing"].as_u64() > Some(0),
+        "the third node asked the victim for votes and was refused: {v}"
+    );
+    assert_ne!(gv["role"], "leader", "{gv}");
+    let t = group_json(&status(&cluster.http_addr(third)).await, g);
+    assert!(
+        t["role"] != "leader" && t["leader"].as_u64().is_none_or(|l| l == leader),
+        "no leader of group {g} while the only other replica is vote-unknown: {t}"
+    );
+
+    // The old leader returns: every voter answers, the victim saves the vote of the
+    // highest committed term and repairs through its leader's last index.
+    tokio::task::block_in_place(|| cluster.restart(leader));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = status(&cluster.http_addr(victim)).await;
+        let gv = group_json(&v, g);
+        if gv["repair"]["status"] == "sound" {
+            eprintln!(
+                "victim repaired: probes {}, {gv}",
+                v["vote_probes_finished"]
+            );
+            assert!(v["vote_probes_finished"].as_u64() > Some(0), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still repairing: {gv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in POSTS..POSTS + 5 {
+        post(n, format!("after:{n}")).await;
+    }
+    assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
+}
+
+/// Session 7: damage found WHILE RUNNING, by a history read, drives the node's watcher
+/// (`chatlog_raft::damage_watch`) in a real process. Three `chatlog serve` processes with
+/// 1 MiB segments; 8 KiB posts until the victim's oldest segment holding the chat's group
+/// is sealed; the victim takes a state-machine checkpoint at its head (`/admin/snapshot`)
+/// and restarts cleanly, so nothing has read its old entries since (the read cache is
+/// empty and the start re-applies nothing); it is made the group's leader. Then one byte
+/// of a record of that old segment is flipped in place while it runs, and the chat's
+/// history is read through it from seq 1: the read must not return the damaged bytes,
+/// the watcher must stop the replica (it stops leading), cut its log before the damage
+/// and restart it repairing; the other two elect a leader, asking the victim for votes,
+/// which it refuses (`/admin/status`), and the victim ends byte-identical with them with
+/// every history checker clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
+    let seed = cluster::seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Setup {
+        mut cluster,
+        alice,
+        token,
+        clients,
+        chat,
+    } = setup_with(
+        Options {
+            groups: 2,
+            http: true,
+            extra: vec!["--segment-mb".into(), "1".into()],
+            capture: vec!["read found damage".into(), "corruption: log stopped".into()],
+            ..Options::default()
+        },
+        "damage found by a read",
+    )
+    .await;
+    let g = group_of(chat);
+    let log = chatlog_raft::ids::raft_log(g).expect("a group log");
+    let hist = history::History::default();
+    let mut texts = Vec::new();
+    for n in 0..400u64 {
+        let body: String = (0..8192)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect();
+        texts.push(format!("p:{n}:{body}"));
+    }
+    let post = |n: u64, text: String| {
+        let hist = &hist;
+        let clients = &clients;
+        async move {
+            let cmid = n + 1;
+            let invoked = hist.tick();
+            let deadline = Instant::now() + WAIT;
+            let mut at = n as usize;
+            let seq = loop {
+                match clients[at % 3]
+                    .send_message(send_request(chat, cmid, &text))
+                    .await
+                {
+                    Ok(r) => break r.seq,
+                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("post {n}: {e}"),
+                }
+            };
+            hist.record_send(history::Send {
+                chat,
+                sender: alice,
+                cmid,
+                text,
+                outcome: history::Outcome::Acked { seq },
+                invoked,
+                completed: hist.tick(),
+            });
+        }
+    };
+    let leader = current_leader(&cluster, g).await;
+    let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
+    let victim = followers[rng.random_range(0..followers.len())];
+    eprintln!("seed {seed}: chat {chat} in group {g}: leader {leader}, victim {victim}");
+    let mut next_post = 0u64;
+    loop {
+        for _ in 0..40 {
+            post(next_post, texts[next_post as usize].clone()).await;
+            next_post += 1;
+        }
+        let with_appends = segments_with_appends(&cluster.dir(victim), log)
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .count();
+        if with_appends >= 2 {
+            break;
+        }
+        assert!(next_post < 360, "no second segment on node {victim}");
+    }
+    let caught_up = |cluster: &Cluster| {
+        let (l, v) = (cluster.http_addr(leader), cluster.http_addr(victim));
+        async move {
+            let want = group_json(&status(&l).await, g)["last_log_index"]
+                .as_u64()
+                .expect("leader's last index");
+            let deadline = Instant::now() + WAIT;
+            while group_json(&status(&v).await, g)["applied"]
+                .as_u64()
+                .unwrap_or(0)
+                < want
+            {
+                assert!(Instant::now() < deadline, "node {victim} does not catch up");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    caught_up(&cluster).await;
+    // A checkpoint at the head, then a clean start: nothing reads the old entries.
+    let r = request(
+        &cluster.http_addr(victim),
+        "POST",
+        "/admin/snapshot",
+        None,
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("snapshot");
+    assert_eq!(
+        r.status,
+        200,
+        "snapshot: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    cluster.kill(victim);
+    tokio::task::block_in_place(|| cluster.restart(victim));
+    caught_up(&cluster).await;
+    // The victim leads the group.
+    let deadline = Instant::now() + WAIT;
+    while current_leader(&cluster, g).await != victim {
+        assert!(
+            Instant::now() < deadline,
+            "node {victim} never leads group {g}"
+        );
+        let from = current_leader(&cluster, g).await;
+        let body = format!("{{\"group\": {g}, \"to\": {victim}}}");
+        let _ = request(
+            &cluster.http_addr(from),
+            "POST",
+            "/admin/leader-transfer",
+            None,
+            Some(body.as_bytes()),
+            Duration::from_secs(10),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refused_before = status(&cluster.http_addr(victim)).await["votes_refused_while_repairing"]
+        .as_u64()
+        .unwrap_or(0);
+    // Flip one byte of a record of the oldest segment, in place, while the node runs.
+    let (path, recs) = segments_with_appends(&cluster.dir(victim), log)
+        .into_iter()
+        .find(|(_, r)| !r.is_empty())
+        .expect("an older segment");
+    let record = recs[recs.len() / 2];
+    let at = record.offset + RECORD_HEADER_BYTES + (record.len - RECORD_HEADER_BYTES) / 2;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open segment");
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, at as u64).expect("read byte");
+        b[0] ^= 0x10;
+        file.write_all_at(&b, at as u64).expect("flip byte");
+        file.sync_all().expect("sync");
+    }
+    eprintln!(
+        "flipped byte {at} of {} while node {victim} runs (record at {}, of {} holding \
+         group {g}'s entries there)",
+        path.display(),
+        record.offset,
+        recs.len()
+    );
+    // Read the chat's whole history through the victim.
+    let client = &clients[(victim - 1) as usize];
+    let mut from = 1u64;
+    let mut read_error = None;
+    for _ in 0..20 {
+        match client
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: from,
+                direction: v1::Direction::Forward.into(),
+                limit: 100,
+            })
+            .await
+        {
+            Ok(page) => {
+                from = page.events.last().map_or(from, |e| e.seq + 1);
+                if !page.has_more {
+                    break;
+                }
+            }
+            Err(e) => {
+                read_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    eprintln!("history read through node {victim}: error {read_error:?}, read to seq {from}");
+    // The watcher found it, stopped the replica and restarted it repairing.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = cluster.captured(victim);
+        if lines.iter().any(|l| l.contains("read found damage")) {
+            for l in lines.iter().take(4) {
+                eprintln!("node {victim}: {l}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never restarted the damaged replica: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        read_error.is_some() || from <= next_post,
+        "the read through the damaged replica did not return the whole history as if sound"
+    );
+    // Another node leads; the victim repairs from it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = status(&cluster.http_addr(victim)).await;
+        let gv = group_json(&v, g);
+        if gv["repair"]["status"] == "sound" && gv["leader"].as_u64().is_some_and(|l| l != victim) {
+            let refused = v["votes_refused_while_repairing"].as_u64().unwrap_or(0);
+            eprintln!("victim repaired: votes refused {refused} (before {refused_before}), {gv}");
+            assert!(
+                refused > refused_before,
+                "the others elected a leader while the victim repaired: it refused their votes"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still repairing: {gv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in next_post..next_post + 5 {
+        post(n, format!("after:{n}")).await;
+    }
+    assert_same_log_everywhere(&cluster, &token, chat, &hist, seed).await;
 }

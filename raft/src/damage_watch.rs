@@ -125,8 +125,11 @@ pub fn group_log_stopped(engine: &Engine, group: GroupId) -> bool {
         .any(|log| engine.log_failure(log).is_some())
 }
 
-/// Starts the watcher for `node`'s local replicas; it ends with the node.
+/// Starts the watcher for `node`'s local replicas; it ends with the node. Issue 9
+/// (session 7): it also starts the probe task of vote-unknown replicas
+/// (`crate::vote_probe::spawn`), which ends with the node too.
 pub fn spawn(node: &Arc<Node>) -> tokio::task::JoinHandle<()> {
+    drop(crate::vote_probe::spawn(node));
     tokio::spawn(run(Arc::downgrade(node)))
 }
 

@@ -35,6 +35,7 @@ pub mod secret_log;
 pub mod snapshot_stream;
 pub mod state_machine;
 pub mod types;
+pub mod vote_probe;
 
 pub use error::{Error, Result};
 pub use log_store::{LogReader, LogStore};

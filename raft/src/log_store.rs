@@ -141,6 +141,13 @@ struct State {
     vote_unsaved: bool,
     /// The required index of a damage found at open, not yet written as the marker.
     marker_unsaved: bool,
+    /// Issue 9 (session 7): vote unknown at open, `vote_probe::META_VOTE_UNKNOWN` not yet
+    /// written.
+    vote_unknown_unsaved: bool,
+    /// Issue 9 (session 7): the term of the vote a finished probe saved
+    /// (`vote_probe::META_PROBE_TERM`), 0 if none: the repair then ends only once the
+    /// last durable entry is of that term or later (the log matches the leader's).
+    probe_term: u64,
     /// Wakes the marker writer ([`write_markers`]) after a flush.
     marker_wake: Arc<tokio::sync::Notify>,
     /// The highest term this replica knew when its damage was found (its vote's term):
@@ -307,7 +314,7 @@ impl LogStore {
     /// a damage's required index as the "synced" marker, so a crash before the repair
     /// completes finds the log damaged again (the records that proved it are sealed off).
     pub async fn persist_recovered_state(&self) -> Result<()> {
-        let (vote, marker) = {
+        let (vote, marker, vote_unknown) = {
             let st = self.shared.lock();
             let vote = st.vote.filter(|_| st.vote_unsaved);
             let marker = st
@@ -315,12 +322,15 @@ impl LogStore {
                 .damage()
                 .filter(|_| st.marker_unsaved)
                 .map(|d| d.required_index);
-            (vote, marker)
+            (vote, marker, st.vote_unknown_unsaved)
         };
-        if vote.is_none() && marker.is_none() {
+        if vote.is_none() && marker.is_none() && !vote_unknown {
             return Ok(());
         }
         let mut batch = WriteBatch::new();
+        if vote_unknown {
+            batch.put_meta(self.shared.log, crate::vote_probe::META_VOTE_UNKNOWN, &[1]);
+        }
         if let Some(v) = &vote {
             batch.put_meta(self.shared.log, ids::META_VOTE, &codec::encode_vote(v));
         }
@@ -341,6 +351,7 @@ impl LogStore {
         let mut st = self.shared.lock();
         st.vote_unsaved = false;
         st.marker_unsaved = false;
+        st.vote_unknown_unsaved = false;
         Ok(())
     }
 }
@@ -982,6 +993,12 @@ impl GroupLog {
 }
 
 impl LogReader {
+    /// Issue 9 (session 7): checks again whether the durable log ends its repair (after
+    /// `RepairStatus::lower_required`, on an idle group no flush would).
+    pub fn recheck_repair(&self) {
+        check_repair(&mut self.shared.lock());
+    }
+
     /// Entries `[start, end)` for history and secret-message reads, including what
     /// retention keeps below openraft's purge mark (see the module docs).
     pub fn read_history(&self, start: u64, end: u64) -> Result<Vec<Entry>> {
@@ -1191,9 +1208,22 @@ fn flushed(state: &Mutex<State>, batch: u64) {
     }
     // Issue 9: a damaged replica is repaired once durable through the required index;
     // the marker writer vouches for what just became durable.
+    check_repair(&mut st);
+    st.marker_wake.notify_one();
+}
+
+/// Issue 9: ends a repair the durable log now satisfies (`crate::repair`).
+fn check_repair(st: &mut State) {
     if st.repair.is_repairing() {
         let durable = st.durable_through();
-        st.repair.note_durable(durable);
+        // Issue 9 (session 7): after a probe, only once the last durable entry is of the
+        // probed term or later (the log matches the probed leader's).
+        let probe_term = st.probe_term.max(st.repair.probe_term());
+        let probed_ok = probe_term == 0
+            || crate::vote_probe::holds_probed_entry(&st.leaders, durable, probe_term);
+        if probed_ok {
+            st.repair.note_durable(durable);
+        }
         // Issue 9 (session 6): an entry of a term later than any this replica knew when
         // damaged, durable here, means its log matches a newer leader's through that
         // leader's first entry, which is all that could be committed of what it lost.
@@ -1204,7 +1234,6 @@ fn flushed(state: &Mutex<State>, batch: u64) {
             st.repair.note_newer_leader(first, leader.term);
         }
     }
-    st.marker_wake.notify_one();
 }
 
 /// Payload bytes an entry holds (for read limits).
@@ -1289,6 +1318,47 @@ fn open_check(
         st.synced_written = st.synced_written.max(damage.required_index);
         st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
     }
+    // Issue 9 (session 7): after a finished probe, the log must end with an entry of the
+    // probed leader's term or later, not just hold as many entries: a stale entry (of an
+    // older term, never committed) does not end the repair.
+    st.probe_term = crate::vote_probe::probe_term(engine, log);
+    if st.probe_term > 0 {
+        let required = st
+            .repair
+            .damage()
+            .map_or(st.synced_written, |d| d.required_index);
+        let last = st.last.map_or(0, |l| l.index);
+        if !crate::vote_probe::holds_probed_entry(&st.leaders, last, st.probe_term) {
+            let damage = crate::repair::LogDamage {
+                group,
+                held_index: held.unwrap_or(0),
+                required_index: required,
+                detail: format!(
+                    "probed: the log must hold through index {required} and end with an entry \
+                     of term >= {}",
+                    st.probe_term
+                ),
+            };
+            tracing::error!(group, detail = %damage.detail, status = "repairing", "damaged Raft log");
+            if st.repair_term_floor == 0 {
+                st.repair_term_floor = st.vote.map_or(0, |v| v.leader_id().term);
+            }
+            st.repair = Arc::new(crate::repair::RepairStatus::new(Some(damage)));
+        }
+    }
+    // Issue 9 (session 7): the node lost its newest records: vote unknown until probed.
+    if let Some((mut damage, unsaved)) =
+        crate::vote_probe::at_open(engine, group, log, held.unwrap_or(0))
+    {
+        // A damage found above keeps its required index (the marker written for it).
+        if let Some(found) = st.repair.damage() {
+            damage.required_index = damage.required_index.max(found.required_index);
+        }
+        tracing::error!(group, detail = %damage.detail, status = "vote unknown", "damaged Raft log");
+        st.repair_term_floor = u64::MAX;
+        st.vote_unknown_unsaved = unsaved;
+        st.repair = Arc::new(crate::repair::RepairStatus::new_vote_unknown(damage));
+    }
     Ok(())
 }
 
@@ -1308,11 +1378,25 @@ async fn write_markers(log: std::sync::Weak<GroupLog>, wake: Arc<tokio::sync::No
             return;
         };
         let _order = log.marker_order.lock().await;
-        let Some(marker) = log.lock().next_marker() else {
-            continue;
+        let (marker, probe_done) = {
+            let mut st = log.lock();
+            // Issue 9 (session 7): a probed repair that ended forgets its probe term.
+            let probe_done = st.probe_term > 0 && !st.repair.is_repairing();
+            if probe_done {
+                st.probe_term = 0;
+            }
+            (st.next_marker(), probe_done)
         };
+        if marker.is_none() && !probe_done {
+            continue;
+        }
         let mut batch = WriteBatch::new();
-        batch.put_meta(log.log, crate::repair::META_SYNCED, &marker);
+        if let Some(marker) = marker {
+            batch.put_meta(log.log, crate::repair::META_SYNCED, &marker);
+        }
+        if probe_done {
+            batch.delete_meta(log.log, crate::vote_probe::META_PROBE_TERM);
+        }
         let on_durable: Durable = Box::new(|_: chatlog_storage::Result<()>| {});
         if log.engine.submit(&batch, on_durable).await.is_err() {
             // The engine stopped; the group stops with it.

@@ -631,6 +631,16 @@ impl crate::network::GroupDirectory for GroupRegistry {
         ))
     }
 
+    fn append_refusal(&self, group: GroupId) -> Option<String> {
+        let g = self.group(group)?;
+        g.repair.is_vote_unknown().then(|| {
+            format!(
+                "refusing appends and probes: group {group}: vote unknown, probing every voter \
+                 first"
+            )
+        })
+    }
+
     /// Forwarded commands go through the group's batcher, like local clients' commands.
     fn propose(
         &self,
@@ -1012,6 +1022,41 @@ impl Node {
         self.write_groups().insert(g, group);
         self.local_changes.send_modify(|v| *v += 1);
         Ok(cut)
+    }
+
+    /// Issue 9 (session 7): stops the local replica of `g`, writes `batch` (durably) and
+    /// starts the replica again (`crate::vote_probe` saves a vote-unknown replica's
+    /// decided vote and marker this way: openraft keeps its vote in memory).
+    pub async fn restart_group_after(
+        &self,
+        g: GroupId,
+        batch: chatlog_storage::WriteBatch,
+    ) -> Result<(), Error> {
+        let _changing = self.changing.lock().await;
+        let Some(group) = self.write_groups().remove(&g) else {
+            return Ok(());
+        };
+        self.registry.remove(g);
+        self.local_changes.send_modify(|v| *v += 1);
+        group.secret_eraser.abort();
+        group.retention.abort();
+        if let Err(e) = group.raft.shutdown().await {
+            tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
+        }
+        drop(group);
+        self.engine
+            .write(&batch)
+            .await
+            .map_err(|source| Error::Storage {
+                group: g,
+                verb: "saving",
+                subject: "the probed vote and marker".into(),
+                source,
+            })?;
+        let group = self.build_cutting_damage(g).await?;
+        self.write_groups().insert(g, group);
+        self.local_changes.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     /// Builds the local replica of `g`. Issue 9 (session 6): on a node whose groups have

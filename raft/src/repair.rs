@@ -51,6 +51,14 @@
 //! within about `MARKER_DELAY` of the group's last flush, then a bit flip in exactly that
 //! record): recovery cuts it as a torn write and nothing says it was acknowledged. A vote
 //! kept only in a damaged record is forgotten the same way.
+//!
+//! Session 7: when the engine SEES that the newest records are gone (the newest segment
+//! file cut short, missing or headerless: `Damage::tail_lost`), nothing says what any
+//! group lost, not even its vote: every replica of the node starts vote-unknown and probes
+//! its group's voters before it votes, reads or accepts appends (`crate::vote_probe`,
+//! whose module doc argues it safe); it then repairs as above, with its required index
+//! the probed leader's last index. While vote-unknown, `note_durable` and
+//! `note_newer_leader` end nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -204,6 +212,16 @@ pub fn rebuild_state_from_log(engine: &Engine, group: GroupId, applied: u64) -> 
 pub struct RepairStatus {
     /// Fast path for the write path: false once sound.
     damaged: AtomicBool,
+    /// Issue 9 (session 7): the node lost its newest records and this replica has not
+    /// probed its group's voters yet (`crate::vote_probe`): it also accepts no appends,
+    /// and nothing durable ends the repair (only the probe, by restarting the replica).
+    vote_unknown: AtomicBool,
+    /// Issue 9 (session 7): the term of a probe that lowered the required index while
+    /// running (`crate::vote_probe`, the idle-group case), 0 if none: the repair then ends
+    /// only once the last durable entry is of that term or later.
+    probe_term: std::sync::atomic::AtomicU64,
+    /// When the damage was found (the probe task asks only about repairs that last).
+    since: std::time::Instant,
     /// The damage while it lasts; `None` once repaired (or never damaged).
     damage: watch::Sender<Option<LogDamage>>,
 }
@@ -219,8 +237,66 @@ impl RepairStatus {
     pub fn new(damage: Option<LogDamage>) -> RepairStatus {
         RepairStatus {
             damaged: AtomicBool::new(damage.is_some()),
+            vote_unknown: AtomicBool::new(false),
+            probe_term: std::sync::atomic::AtomicU64::new(0),
+            since: std::time::Instant::now(),
             damage: watch::channel(damage).0,
         }
+    }
+
+    /// Issue 9 (session 7): a status starting damaged with its vote unknown
+    /// (`crate::vote_probe`).
+    pub fn new_vote_unknown(damage: LogDamage) -> RepairStatus {
+        let status = RepairStatus::new(Some(damage));
+        status.vote_unknown.store(true, Ordering::Release);
+        status
+    }
+
+    /// Issue 9 (session 7): whether the replica waits for its probe: no votes, no
+    /// campaign, no reads, no appends accepted.
+    pub fn is_vote_unknown(&self) -> bool {
+        self.vote_unknown.load(Ordering::Acquire)
+    }
+
+    /// How long ago the damage was found.
+    pub fn repairing_for(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    /// Issue 9 (session 7): the term a probe that lowered the required index set, 0 if
+    /// none ([`RepairStatus::lower_required`]).
+    pub fn probe_term(&self) -> u64 {
+        self.probe_term.load(Ordering::Acquire)
+    }
+
+    /// Issue 9 (session 7), the idle-group case: a probe of every voter found the
+    /// committed vote of the highest term (`term`) and its leader's last index `index`,
+    /// below the required index. The required index becomes `index`, and the repair ends
+    /// once the log is durable through it with its last durable entry of `term` or later
+    /// (the log store checks that, `LogReader::recheck_repair`): the log then matches that
+    /// leader's through everything it had when probed, which holds every committed entry
+    /// this replica may have lost (`crate::vote_probe`, module docs). Returns whether it
+    /// lowered it.
+    pub fn lower_required(&self, index: u64, term: u64) -> bool {
+        if self.is_vote_unknown() {
+            return false;
+        }
+        let lowered = self.damage.send_if_modified(|d| match d {
+            Some(dmg) if index < dmg.required_index => {
+                dmg.detail = format!(
+                    "{}; lowered from {} by a probe of every voter (leader's last index, term \
+                     >= {term})",
+                    dmg.detail, dmg.required_index
+                );
+                dmg.required_index = index;
+                true
+            }
+            _ => false,
+        });
+        if lowered {
+            self.probe_term.fetch_max(term, Ordering::AcqRel);
+        }
+        lowered
     }
 
     /// Whether the replica is still repairing a damaged log.
@@ -242,7 +318,7 @@ impl RepairStatus {
     /// required index. Called from the engine's durable callbacks, so it only takes a
     /// lock and logs.
     pub fn note_durable(&self, index: u64) {
-        if !self.is_repairing() {
+        if !self.is_repairing() || self.is_vote_unknown() {
             return;
         }
         let mut repaired = None;
@@ -272,7 +348,7 @@ impl RepairStatus {
     /// of `term`, a term later than any the replica knew when damaged: the repair is
     /// over even below the required index (module docs, "When a repair ends").
     pub fn note_newer_leader(&self, first: u64, term: u64) {
-        if !self.is_repairing() {
+        if !self.is_repairing() || self.is_vote_unknown() {
             return;
         }
         let mut repaired = None;

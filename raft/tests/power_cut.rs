@@ -118,6 +118,16 @@ impl GroupDirectory for Directory {
         let damage = self.repairs.lock().expect("lock").get(&group)?.damage()?;
         Some(format!("refusing to vote: {damage}"))
     }
+
+    fn append_refusal(&self, group: GroupId) -> Option<String> {
+        let vote_unknown = self
+            .repairs
+            .lock()
+            .expect("lock")
+            .get(&group)?
+            .is_vote_unknown();
+        vote_unknown.then(|| format!("group {group}: vote unknown, probing"))
+    }
 }
 
 /// One running node and what the test reads through.
@@ -226,6 +236,75 @@ impl TestNode {
             .expect("lock")
             .insert(group, raft);
         cut
+    }
+
+    /// Issue 9 (session 7): what `chatlog_raft::vote_probe` does for a node: each
+    /// vote-unknown replica probes every other voter until it can decide, then restarts
+    /// with the decided vote and marker written. Returns the groups probed.
+    async fn finish_vote_probes(&self, seed: u64) -> Vec<GroupId> {
+        let mut probed = Vec::new();
+        for group in GROUPS {
+            let unknown = self.directory.repairs.lock().expect("lock")[&group].is_vote_unknown();
+            if !unknown {
+                continue;
+            }
+            let deadline = Instant::now() + WAIT;
+            let decision = loop {
+                let raft = self.raft(group);
+                match chatlog_raft::vote_probe::probe_voters(self.id, &self.router, group, &raft)
+                    .await
+                {
+                    Ok(d) => break d,
+                    Err(why) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "seed={seed}: node {} group {group}: probe never decided: {why}",
+                            self.id
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let batch = chatlog_raft::vote_probe::finish_batch(&self.engine, group, &decision)
+                .expect("the decided vote is not below the stored one");
+            let raft = self.directory.rafts.lock().expect("lock").remove(&group);
+            if let Some(raft) = raft {
+                let _ = timeout(WAIT, raft.shutdown()).await;
+            }
+            self.engine
+                .write(&batch)
+                .await
+                .expect("the probed vote is saved");
+            let (raft, repair, reader, shared) =
+                start_group(self.id, &self.engine, &self.router, group, &self.directory)
+                    .await
+                    .expect("the probed replica starts again");
+            eprintln!(
+                "seed={seed}: node {} group {group}: PROBED {decision:?}; now {:?}",
+                self.id,
+                repair.damage()
+            );
+            assert!(
+                !repair.is_vote_unknown(),
+                "seed={seed}: probed once is enough"
+            );
+            self.readers
+                .lock()
+                .expect("lock")
+                .insert(group, (reader, shared));
+            self.directory
+                .repairs
+                .lock()
+                .expect("lock")
+                .insert(group, repair);
+            self.directory
+                .rafts
+                .lock()
+                .expect("lock")
+                .insert(group, raft);
+            probed.push(group);
+        }
+        probed
     }
 
     fn reader(&self, group: GroupId) -> (LogReader, Arc<GroupShared>) {
@@ -927,10 +1006,21 @@ enum Damage {
     /// `FlipInOlderSegment`, and the damaged replica made leader of group 1 before a read
     /// finds the damage: it must stop leading, and the group elects another leader.
     FlipInOlderSegmentOnLeader,
+    /// Session 7: the NEWEST segment file deleted (the seal of the segment before it, or
+    /// the engine checkpoint, names it; the victim's segment is rotated first so one
+    /// does). Like `TruncateSegment`, every replica of the node is then vote-unknown and
+    /// probes its voters (`chatlog_raft::vote_probe`).
+    MissingNewestSegment,
 }
 
 impl Damage {
     /// Whether it hits an older segment (the victim's segment is rotated first).
+    /// Whether the node loses its newest records, not knowing what they held (session 7:
+    /// every replica vote-unknown until probed).
+    fn tail_lost(self) -> bool {
+        matches!(self, Damage::TruncateSegment | Damage::MissingNewestSegment)
+    }
+
     fn older(self) -> bool {
         matches!(
             self,
@@ -1002,6 +1092,14 @@ fn damage(dir: &Path, how: Damage) -> String {
         newest
     };
     let recs = records(&path);
+    if how == Damage::MissingNewestSegment {
+        std::fs::remove_file(&path).expect("remove segment");
+        return format!(
+            "{how:?}: {} ({} records) deleted",
+            path.display(),
+            recs.len()
+        );
+    }
     if how == Damage::MissingOlderSegment {
         std::fs::remove_file(&path).expect("remove segment");
         return format!(
@@ -1023,6 +1121,7 @@ fn damage(dir: &Path, how: Damage) -> String {
         | Damage::FlipInOlderSegmentNoCheckpoint
         | Damage::TruncateOlderSegment
         | Damage::MissingOlderSegment
+        | Damage::MissingNewestSegment
         | Damage::FlipInOlderSegmentOnLeader => {
             let appends: Vec<_> = recs.iter().filter(|r| r.2).collect();
             *appends[appends.len() / 2]
@@ -1041,7 +1140,8 @@ fn damage(dir: &Path, how: Damage) -> String {
         | Damage::FlipInOlderSegment
         | Damage::FlipInOlderSegmentNoCheckpoint
         | Damage::FlipInOlderSegmentOnLeader
-        | Damage::MissingOlderSegment => {
+        | Damage::MissingOlderSegment
+        | Damage::MissingNewestSegment => {
             // Inside the body, past the 40-byte header.
             let at = (offset + 40 + (len - 40) / 2) as usize;
             bytes[at] ^= 0x10;
@@ -1125,9 +1225,14 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
     let damages: Vec<Damage> = match std::env::var("CHATLOG_DAMAGE").ok().as_deref() {
         Some("last-record") => last_record,
         Some("older") => older,
+        Some("newest") => vec![Damage::TruncateSegment, Damage::MissingNewestSegment],
         _ => [
             last_record,
-            vec![Damage::FlipInEarlierRecord, Damage::TruncateSegment],
+            vec![
+                Damage::FlipInEarlierRecord,
+                Damage::TruncateSegment,
+                Damage::MissingNewestSegment,
+            ],
             older,
         ]
         .concat(),
@@ -1142,7 +1247,7 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
             .into_iter()
             .find(|n| *n != leader)
             .expect("a follower");
-        if how.older() {
+        if how.older() || how == Damage::MissingNewestSegment {
             // Seal the victim's segment (its engine checkpoint then covers it) and write
             // on, so the damage lands in an older segment.
             let engine = Arc::clone(&cluster.nodes.lock().expect("lock")[&victim].engine);
@@ -1195,17 +1300,9 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         let mut repairing_at_start = Vec::new();
         match TestNode::start(victim, &dir, listener, &fs).await {
             Err(e) => {
-                eprintln!("seed={seed}: {what}: node {victim} REFUSES TO START: {e}");
-                // The newest segment cut short: nothing says what its lost tail held (not
-                // even the vote), so it is still refused, naming file and offset.
-                assert_eq!(how, Damage::TruncateSegment, "{what}: refused: {e}");
-                assert!(
-                    e.contains(".seg") && e.contains("offset"),
-                    "the refusal names the file and offset: {e}"
-                );
+                panic!("seed={seed}: {what}: node {victim} REFUSES TO START: {e}");
             }
             Ok(node) => {
-                assert_ne!(how, Damage::TruncateSegment, "{what}: the replica started");
                 let last_after: Vec<Option<u64>> = GROUPS
                     .iter()
                     .map(|g| {
@@ -1246,12 +1343,34 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                          which must repair"
                     );
                 }
+                if how.tail_lost() {
+                    // Session 7: nothing says what the lost tail held: every replica of
+                    // the node is vote-unknown until it has probed its voters.
+                    assert_eq!(
+                        node.engine.damage().map(|d| d.tail_lost),
+                        Some(true),
+                        "seed={seed}: {what}: the tail loss is reported"
+                    );
+                    for g in GROUPS {
+                        let r = &node.directory.repairs.lock().expect("lock")[&g];
+                        assert!(
+                            r.is_vote_unknown(),
+                            "seed={seed}: {what}: group {g} is vote-unknown: {:?}",
+                            r.damage()
+                        );
+                    }
+                }
+                let node = Arc::new(node);
                 cluster
                     .nodes
                     .lock()
                     .expect("lock")
-                    .insert(victim, Arc::new(node));
+                    .insert(victim, Arc::clone(&node));
                 cluster.introduce();
+                if how.tail_lost() {
+                    let probed = node.finish_vote_probes(seed).await;
+                    assert_eq!(probed, GROUPS.to_vec(), "seed={seed}: {what}");
+                }
             }
         }
         if how == Damage::FlipInOlderSegmentOnLeader {
@@ -1307,7 +1426,8 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
         }
         let acked = heal_and_check(&cluster, &chats, &history, seed).await;
         assert!(acked >= 80);
-        if let Some(node) = cluster.nodes.lock().expect("lock").get(&victim) {
+        let victim_node = cluster.nodes.lock().expect("lock").get(&victim).cloned();
+        if let Some(node) = victim_node {
             let found_at_start = node.directory.found_at_start.load(Ordering::Relaxed);
             let found_by_read = node.directory.found_by_read.load(Ordering::Relaxed);
             eprintln!(
@@ -1324,6 +1444,14 @@ async fn a_damaged_replica_never_serves_the_damaged_range() {
                 );
             }
             for g in GROUPS {
+                // The final post is applied; its flush (which ends the repair) may trail
+                // the apply by a moment.
+                let deadline = Instant::now() + WAIT;
+                while node.directory.repairs.lock().expect("lock")[&g].is_repairing()
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 let status = &node.directory.repairs.lock().expect("lock")[&g];
                 assert!(
                     !status.is_repairing(),

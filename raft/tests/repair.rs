@@ -222,3 +222,89 @@ async fn a_repair_ends_below_the_required_index_once_a_newer_term_is_durable() {
     );
     close(engine, store);
 }
+
+/// Session 7, the idle-group case: a replica whose damaged log required more than the
+/// current leader's log holds (it had entries of an older term beyond it, never
+/// committed) stays repairing; a probe of every voter (`chatlog_raft::vote_probe`) lowers
+/// the required index to the leader's last index with the probe's term, and the repair
+/// ends at once on the log as it stands only if its last durable entry is of that term or
+/// later — a stale entry of an older term does not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_ends_a_lasting_repair_at_the_leaders_last_index() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = chatlog_raft::ids::raft_log(GROUP).expect("a log");
+    {
+        let (engine, mut store) = open(dir.path());
+        store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        store.blocking_append(entries(1, 1..=10)).await.unwrap();
+        store.blocking_append(entries(1, 11..=20)).await.unwrap();
+        wait_marker(&engine, log, 20).await;
+        close(engine, store);
+    }
+    flip_record_holding(dir.path(), 15);
+    let (engine, mut store) = open(dir.path());
+    let damage = store.repair_status().damage().expect("the log is damaged");
+    let held = damage.held_index;
+    assert!(
+        damage.required_index >= 20 && (10..15).contains(&held),
+        "{damage}"
+    );
+    store.persist_recovered_state().await.unwrap();
+    let status = store.repair_status();
+    let reader = store.get_log_reader().await;
+    // A probe answering term 2 (a newer leader whose log ends at `held`): the log's last
+    // entry is of term 1, so lowering does not end the repair.
+    assert!(status.lower_required(held, 2));
+    reader.recheck_repair();
+    assert!(
+        status.is_repairing(),
+        "a stale entry of term 1 does not end it"
+    );
+    // Lowering never raises, and a second probe term does not lower what is lower.
+    assert!(!status.lower_required(held + 5, 2));
+    // The leader of term 2 sends its entry at held + 1 (its vote saved first): the log
+    // now ends with the probed term's entry, beyond the lowered index: repaired.
+    store.save_vote(&Vote::new_committed(2, 2)).await.unwrap();
+    store
+        .blocking_append(entries(2, held + 1..=held + 1))
+        .await
+        .unwrap();
+    assert!(
+        !status.is_repairing(),
+        "the probed leader's entry ends the repair: {:?}",
+        status.damage()
+    );
+    drop(reader);
+    close(engine, store);
+
+    // The same at once, on an idle log that already ends with the probed term's entry.
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (engine, mut store) = open(dir.path());
+        store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        store.blocking_append(entries(2, 1..=10)).await.unwrap();
+        store.blocking_append(entries(2, 11..=20)).await.unwrap();
+        wait_marker(&engine, log, 20).await;
+        close(engine, store);
+    }
+    flip_record_holding(dir.path(), 15);
+    let (engine, mut store) = open(dir.path());
+    let damage = store.repair_status().damage().expect("the log is damaged");
+    let held = damage.held_index;
+    assert!((10..15).contains(&held), "{damage}");
+    store.persist_recovered_state().await.unwrap();
+    let status = store.repair_status();
+    let reader = store.get_log_reader().await;
+    // Term 2's leader (the one it voted for) has only `held` entries: the repair would
+    // wait for the log to grow past the required index; the probe ends it now.
+    assert!(status.lower_required(held, 2));
+    assert!(status.is_repairing(), "not before the log is checked");
+    reader.recheck_repair();
+    assert!(
+        !status.is_repairing(),
+        "durable through the leader's last index, ending with its term: {:?}",
+        status.damage()
+    );
+    drop(reader);
+    close(engine, store);
+}

@@ -361,6 +361,11 @@ impl GroupDirectory for FanoutDirectory {
         self.inner.vote_refusal(group)
     }
 
+    // Issue 9 (session 7): a vote-unknown replica's refusal of appends likewise.
+    fn append_refusal(&self, group: GroupId) -> Option<String> {
+        self.inner.append_refusal(group)
+    }
+
     fn propose(
         &self,
         group: GroupId,

@@ -369,6 +369,9 @@ async fn status_json(ctx: &Ctx) -> Value {
         // a replica repaired (`chatlog_raft::repair`).
         "storage_damage": ctx.node.engine().damage().map(|d| d.to_string()),
         "votes_refused_while_repairing": chatlog_raft::repair::votes_refused(),
+        // Issue 9 (session 7): vote-unknown replicas that finished their probe
+        // (`chatlog_raft::vote_probe`) since start.
+        "vote_probes_finished": chatlog_raft::vote_probe::probes_finished(),
         "groups": groups.iter().map(GroupView::to_json).collect::<Vec<_>>(),
         "summary": summary,
         "placement": cluster::placement_json(&placement),

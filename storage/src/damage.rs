@@ -23,10 +23,21 @@
 //! entries sat in a MISSING segment the checkpoint covers is truncated below the first
 //! of them. [`Engine::open`](crate::Engine::open) then pins each such cut with a
 //! `TruncateAfter` record of its own, so a restart before the next checkpoint (which
-//! replays the same damage again) keeps what was written since the cut. The NEWEST
-//! segment file cut short is still refused: nothing after it says what its lost tail
-//! held (entries, a vote, markers), so no owner could tell what to get back. A newest
-//! segment file missing altogether is not seen at all (nothing names it): a gap.
+//! replays the same damage again) keeps what was written since the cut.
+//!
+//! The newest records lost (session 7). The NEWEST segment file cut short, or missing,
+//! or with a bad header: nothing after it says what its lost tail held (entries, a vote,
+//! markers). A missing or headerless newest file is seen because something names it: the
+//! seal record of the segment before it holds the next segment's id (the writer creates
+//! and syncs that file, header and directory, before it writes the seal), and the
+//! checkpoint's `replay_from` names the segment replay starts at (created before the
+//! seal that wrote the checkpoint). Under `CutDamagedTail` the cut is reported with
+//! [`Damage::tail_lost`] and the engine opens (writes go to a fresh segment); the owner
+//! decides what the unknown loss means (the Raft layer probes its peers). Under the
+//! other modes (a single-replica node, no one to learn the tail from) the cut-short file
+//! is refused naming file and offset, as before; a missing or headerless newest file is
+//! not looked for there (hand-made test inputs, such as the fuzz corpus's lone sealed
+//! segments, would all be refused).
 //!
 //! Damage found by a read while running (session 6). A read whose checks fail stops its
 //! log (it serves nothing more). [`Engine::cut_failed_log`] is the way back for an owner
@@ -73,6 +84,12 @@ pub struct Damage {
     /// place at `offset` (the session-5 case); `false` when later segments follow it or
     /// the file is too short to take a seal.
     pub sealed_at_offset: bool,
+    /// Issue 9 (session 7): the NEWEST records are lost and nothing after them says what
+    /// they held: the newest segment file cut short, missing, or with a bad header while
+    /// the seal before it (or the checkpoint) names it. Every owner that replicates its
+    /// logs must then assume any of them lost writes (entries, votes, markers) and learn
+    /// from its peers what it may have had (`chatlog_raft::vote_probe`).
+    pub tail_lost: bool,
 }
 
 impl Damage {
@@ -85,6 +102,7 @@ impl Damage {
             logs: BTreeMap::new(),
             lost_from: BTreeMap::new(),
             sealed_at_offset: false,
+            tail_lost: false,
         }
     }
 
@@ -98,6 +116,7 @@ impl Damage {
             other.offset,
             other.detail
         );
+        self.tail_lost |= other.tail_lost;
         for (log, d) in other.logs {
             let mine = self.logs.entry(log).or_default();
             mine.last_index = mine.last_index.max(d.last_index);

@@ -64,8 +64,9 @@ pub(crate) fn summaries(body: &BatchBody) -> Vec<OpSummary> {
 }
 
 enum SegmentEnd {
-    /// Ended with a seal record.
-    Sealed,
+    /// Ended with a seal record, which names the next segment (`None`: a seal body
+    /// of another size, never written by this code).
+    Sealed { next: Option<u64> },
     /// No valid record at this offset; `damage` when the bad record there was judged
     /// damage to synced data and cut ([`RecoveryMode::CutDamagedTail`]).
     /// `truncated`: the file is too short for its records and seal reserve (a seal
@@ -150,6 +151,10 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
     // in "after damage" mode (`crate::damage`): ops that no longer fit are skipped.
     let mut after: Option<AfterDamage> = None;
     let cut_mode = config.recovery_mode == RecoveryMode::CutDamagedTail;
+    // Issue 9 (session 7): the segment that must exist after what was replayed so far:
+    // named by the checkpoint (`replay_from`) or by the last seal (`crate::damage`,
+    // "The newest records lost"). Cleared once a segment at or after it opens.
+    let mut must_exist: Option<u64> = has_checkpoint.then_some(cp.replay_from);
     for (k, &id) in replay.iter().enumerate() {
         let path = segment_path(dir, id);
         let later_have_records = |ids: &[u64]| -> Result<bool> {
@@ -180,17 +185,42 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                 note_cut(&mut after, &mut damage_cut, d);
                 continue;
             }
+            if cut_mode && must_exist == Some(id) {
+                // Issue 9 (session 7): named by a seal or the checkpoint, so it was created
+                // and synced with its header before anything was written after it: not an
+                // interrupted creation but the newest segment file damaged or cut short.
+                let detail = "the newest segment file has no valid header (cut short or \
+                              damaged) although the seal before it names it: its records \
+                              are lost";
+                let mut d = Damage::new(path.clone(), 0, detail.into());
+                d.tail_lost = true;
+                tracing::error!(file = %path.display(), status = "damaged", "storage damage: {detail}");
+                // Removed so that the writer's next segment is a fresh file; the damage
+                // report (and the owner's own record of it) carries what it meant.
+                fs.remove(&path)
+                    .map_err(|e| Error::io("removing damaged segment", &path, e))?;
+                note_cut(&mut after, &mut damage_cut, d);
+                must_exist = None;
+                continue;
+            }
             // An interrupted creation at the end.
             fs.remove(&path)
                 .map_err(|e| Error::io("removing unfinished segment", &path, e))?;
             continue;
         };
+        if must_exist == Some(id) {
+            must_exist = None;
+        }
         let seg = Arc::new(seg);
         let (end, records) =
             replay_segment(config, &seg, &mut index, &mut expected_seq, &mut after)?;
+        if records > 0 && must_exist.is_some_and(|x| id > x) {
+            // A later segment with records: the record sequence shows the gap.
+            must_exist = None;
+        }
         segments.insert(id, seg.clone());
         match end {
-            SegmentEnd::Sealed => {}
+            SegmentEnd::Sealed { next } => must_exist = next,
             SegmentEnd::Open {
                 end,
                 damage,
@@ -199,10 +229,22 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                 let later = later_have_records(&replay[k + 1..])?;
                 if let Some(mut d) = damage {
                     if truncated && !later {
-                        // The newest segment cut short: nothing after it says what the lost
-                        // tail held (entries, votes, markers of any log), so no owner can
-                        // tell what it must get back. Still refused (docs/reliability.md).
-                        return Err(Error::corruption(&path, end, d.detail));
+                        // Issue 9 (session 7): the newest segment cut short: nothing after
+                        // it says what the lost tail held (entries, votes, markers of any
+                        // log). Cut and reported as `tail_lost`; the owner finds out from
+                        // its peers what it may have had (only `CutDamagedTail` gets here:
+                        // the other modes refuse in `truncation`).
+                        d.tail_lost = true;
+                        tracing::error!(
+                            file = %path.display(),
+                            offset = end,
+                            detail = %d.detail,
+                            status = "damaged",
+                            "storage damage: the newest segment file was cut short; what \
+                             its lost tail held is unknown"
+                        );
+                        note_cut(&mut after, &mut damage_cut, d);
+                        continue;
                     }
                     if later || after.is_some() {
                         // Issue 9 (session 6): damage before later segments, or a file too
@@ -266,6 +308,22 @@ pub(crate) fn recover(config: &Config, fs: &dyn FileSystem) -> Result<Recovered>
                 });
             }
         }
+    }
+    // Issue 9 (session 7): the newest segment file missing while a seal or the
+    // checkpoint names it (nothing after it was replayed).
+    // Only under `CutDamagedTail`: the other modes open as before (a single-replica
+    // node has no one to learn the lost tail from; see storage/FORMAT.md).
+    if let Some(x) = must_exist
+        && cut_mode
+        && !segments.contains_key(&x)
+    {
+        let path = segment_path(dir, x);
+        let detail = "the newest segment file is missing although the seal before it (or \
+                      the checkpoint) names it: its records are lost";
+        let mut d = Damage::new(path.clone(), 0, detail.into());
+        d.tail_lost = true;
+        tracing::error!(file = %path.display(), status = "damaged", "storage damage: {detail}");
+        note_cut(&mut after, &mut damage_cut, d);
     }
     // Segments freed after the checkpoint was taken are missing; that is fine once the
     // replay has shown them dead (a purge after the checkpoint killed them).
@@ -403,7 +461,10 @@ fn replay_segment(
         };
         *expected_seq += 1;
         match header.kind {
-            RECORD_KIND_SEAL => return Ok((SegmentEnd::Sealed, records)),
+            RECORD_KIND_SEAL => {
+                let next = <[u8; 8]>::try_from(&body[..]).ok().map(u64::from_le_bytes);
+                return Ok((SegmentEnd::Sealed { next }, records));
+            }
             RECORD_KIND_BATCH => {
                 let body =
                     BatchBody::parse(body).map_err(|d| Error::corruption(&seg.path, offset, d))?;

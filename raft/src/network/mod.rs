@@ -92,6 +92,8 @@ enum Rpc {
     Fanout,
     /// A node's online users for the others (not an openraft RPC; opaque to this crate).
     Online,
+    /// Issue 9 (session 7): a vote-unknown replica's probe (`crate::vote_probe`).
+    RepairProbe,
 }
 
 impl Rpc {
@@ -108,6 +110,7 @@ impl Rpc {
             Rpc::Media => Payload::MediaRequest(body),
             Rpc::Fanout => Payload::FanoutRequest(body),
             Rpc::Online => Payload::OnlineRequest(body),
+            Rpc::RepairProbe => Payload::RepairProbeRequest(body),
         }
     }
 
@@ -124,6 +127,7 @@ impl Rpc {
             Rpc::Media => Payload::MediaResponse(body),
             Rpc::Fanout => Payload::FanoutResponse(body),
             Rpc::Online => Payload::OnlineResponse(body),
+            Rpc::RepairProbe => Payload::RepairProbeResponse(body),
         }
     }
 
@@ -139,7 +143,8 @@ impl Rpc {
             | (Rpc::ReadIndex, Payload::ReadIndexResponse(b))
             | (Rpc::Media, Payload::MediaResponse(b))
             | (Rpc::Fanout, Payload::FanoutResponse(b))
-            | (Rpc::Online, Payload::OnlineResponse(b)) => Ok(b),
+            | (Rpc::Online, Payload::OnlineResponse(b))
+            | (Rpc::RepairProbe, Payload::RepairProbeResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -157,6 +162,7 @@ impl Rpc {
             Payload::MediaRequest(b) => Some((Rpc::Media, b.clone())),
             Payload::FanoutRequest(b) => Some((Rpc::Fanout, b.clone())),
             Payload::OnlineRequest(b) => Some((Rpc::Online, b.clone())),
+            Payload::RepairProbeRequest(b) => Some((Rpc::RepairProbe, b.clone())),
             _ => None,
         }
     }
@@ -170,7 +176,8 @@ impl Rpc {
             | Rpc::ReadIndex
             | Rpc::Media
             | Rpc::Fanout
-            | Rpc::Online => RPCTypes::AppendEntries,
+            | Rpc::Online
+            | Rpc::RepairProbe => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::SnapshotStream => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

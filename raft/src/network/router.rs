@@ -647,6 +647,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::FanoutResponse(_) => "fanout_response",
         Payload::OnlineRequest(_) => "online_request",
         Payload::OnlineResponse(_) => "online_response",
+        Payload::RepairProbeRequest(_) => "repair_probe_request",
+        Payload::RepairProbeResponse(_) => "repair_probe_response",
         Payload::Error(_) => "error",
     }
 }
@@ -729,6 +731,25 @@ impl Router {
         let answer = self.call(target, group, Rpc::ReadIndex, body, ttl).await?;
         codec::decode_read_index_response(group, &answer).map_err(|e| {
             ForwardError::Unknown(format!("node {target} answered a read index with {e}"))
+        })
+    }
+}
+
+/// Issue 9 (session 7): a vote-unknown replica's probe (`crate::vote_probe`).
+impl Router {
+    /// Asks `target` for its vote and last log index in `group`. Waits at most `ttl`.
+    pub async fn repair_probe(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        ttl: Duration,
+    ) -> Result<crate::vote_probe::ProbeAnswer, ForwardError> {
+        let body = crate::vote_probe::encode_probe_request();
+        let answer = self
+            .call(target, group, Rpc::RepairProbe, body, ttl)
+            .await?;
+        crate::vote_probe::decode_probe_response(&answer).map_err(|e| {
+            ForwardError::Unknown(format!("node {target} answered a repair probe with {e}"))
         })
     }
 }

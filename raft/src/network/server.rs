@@ -98,6 +98,14 @@ pub trait GroupDirectory: Send + Sync + 'static {
         None
     }
 
+    /// Issue 9 (session 7): why the local replica of `group` must not accept appends,
+    /// snapshots or probes now — its vote is unknown (`crate::vote_probe`) — or `None`.
+    /// This default never refuses: a directory wrapping another must delegate it.
+    fn append_refusal(&self, group: GroupId) -> Option<String> {
+        let _ = group;
+        None
+    }
+
     /// Takes another node's encoded online users (opaque to this crate; chatlog's
     /// fan-out hub keeps them). This default ignores them.
     fn online(&self, from: NodeId, body: Bytes) -> Result<(), String> {
@@ -501,6 +509,13 @@ impl Work {
             crate::repair::note_vote_refused(group, from, &refusal);
             return Err(unavailable(&refusal));
         }
+        // Issue 9 (session 7): a vote-unknown replica accepts no appends and answers no
+        // probes until its own probe is done (`crate::vote_probe`).
+        if let Work::Request(Rpc::AppendEntries | Rpc::SnapshotStream | Rpc::RepairProbe, _) = &self
+            && let Some(refusal) = directory.append_refusal(group)
+        {
+            return Err(unavailable(&refusal));
+        }
         match self {
             Work::Request(Rpc::AppendEntries, body) => {
                 let req = codec::decode_append_entries_request(&body).map_err(bad_request)?;
@@ -594,6 +609,12 @@ impl Work {
                 .map(|()| Bytes::new())
                 .map_err(|e| node_error(NodeErrorCode::BadRequest, e)),
             Work::Request(Rpc::SnapshotStream, body) => serve_snapshot_chunk(raft, &body).await,
+            Work::Request(Rpc::RepairProbe, body) => {
+                crate::vote_probe::decode_probe_request(&body).map_err(bad_request)?;
+                Ok(crate::vote_probe::encode_probe_response(
+                    &crate::vote_probe::answer(&raft),
+                ))
+            }
         }
     }
 }
