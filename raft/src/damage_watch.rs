@@ -14,8 +14,9 @@
 //! fdatasync: fail-stop, the node needs a restart), or cut anything but the stopped log.
 //!
 //! A stopped checkpoint log (`ids::checkpoint_log`: a checkpoint chunk that fails its
-//! checks, read at a replica's start or for a snapshot) is cut the same way, with the
-//! checkpoint pointer deleted: the state is rebuilt from the Raft log
+//! checks, read at a replica's start or for a snapshot) or index chunk log
+//! (`ids::index_chunk_log`, the immutable parts of incremental checkpoints) is cut the
+//! same way, with the checkpoint pointer deleted: the state is rebuilt from the Raft log
 //! ([`cut_damaged_checkpoint_log`]).
 
 use std::sync::{Arc, Weak};
@@ -81,32 +82,42 @@ pub async fn cut_damaged_raft_log(engine: &Engine, group: GroupId) -> Result<Opt
     Ok(cut.map(raft_index))
 }
 
-/// Cuts group `group`'s checkpoint log (`ids::checkpoint_log`), stopped by a read that
-/// failed its checks (a damaged checkpoint chunk), before the damage, deleting the
-/// checkpoint pointer in the same batch: the state machine opened next starts empty and
-/// openraft re-applies the Raft log (a group whose log was purged at its start cannot,
-/// and stops with openraft's error naming the index). Returns whether it cut.
+/// Cuts group `group`'s checkpoint logs — the checkpoint log (`ids::checkpoint_log`) and
+/// the index chunk log of incremental checkpoints (`ids::index_chunk_log`,
+/// `crate::checkpoint_chunks`) — whichever a read that failed its checks stopped (a
+/// damaged checkpoint or index chunk), before the damage, deleting the checkpoint pointer
+/// in the same batch: the state machine opened next starts empty and openraft re-applies
+/// the Raft log (a group whose log was purged at its start cannot, and stops with
+/// openraft's error naming the index); its next checkpoint writes its chunks again.
+/// Returns whether it cut.
 pub async fn cut_damaged_checkpoint_log(engine: &Engine, group: GroupId) -> Result<bool, Error> {
-    let Some(log) = ids::checkpoint_log(group) else {
+    let Some(pointer_log) = ids::checkpoint_log(group) else {
         return Ok(false);
     };
-    if engine.log_failure(log).is_none() {
-        return Ok(false);
+    let mut cut_any = false;
+    for log in [Some(pointer_log), ids::index_chunk_log(group)]
+        .into_iter()
+        .flatten()
+    {
+        if engine.log_failure(log).is_none() {
+            continue;
+        }
+        let mut batch = WriteBatch::new();
+        if engine.meta(pointer_log, ids::META_CHECKPOINT).is_some() {
+            batch.delete_meta(pointer_log, ids::META_CHECKPOINT);
+        }
+        let cut = engine
+            .cut_failed_log(log, batch)
+            .await
+            .map_err(|source| Error::Storage {
+                group,
+                verb: "cutting",
+                subject: "the damaged range of a checkpoint log".into(),
+                source,
+            })?;
+        cut_any |= cut.is_some();
     }
-    let mut batch = WriteBatch::new();
-    if engine.meta(log, ids::META_CHECKPOINT).is_some() {
-        batch.delete_meta(log, ids::META_CHECKPOINT);
-    }
-    let cut = engine
-        .cut_failed_log(log, batch)
-        .await
-        .map_err(|source| Error::Storage {
-            group,
-            verb: "cutting",
-            subject: "the damaged range of the checkpoint log".into(),
-            source,
-        })?;
-    Ok(cut.is_some())
+    Ok(cut_any)
 }
 
 /// Cuts whichever of group `group`'s logs a failed read stopped (`cut_damaged_raft_log`,
@@ -117,9 +128,14 @@ pub async fn cut_damaged_group_logs(engine: &Engine, group: GroupId) -> Result<b
     Ok(raft || checkpoint)
 }
 
-/// Whether a failed read stopped one of group `group`'s logs (Raft log or checkpoints).
+/// Whether a failed read stopped one of group `group`'s logs (Raft log, checkpoints or
+/// index chunks).
 pub fn group_log_stopped(engine: &Engine, group: GroupId) -> bool {
-    [ids::raft_log(group), ids::checkpoint_log(group)]
+    [
+        ids::raft_log(group),
+        ids::checkpoint_log(group),
+        ids::index_chunk_log(group),
+    ]
         .into_iter()
         .flatten()
         .any(|log| engine.log_failure(log).is_some())
