@@ -29,6 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+#[path = "port.rs"]
+mod port;
+
 use chatlog_wire::client::{Client, ClientError, ClientOptions, ReconnectPolicy};
 use chatlog_wire::proto::v1::{self, ErrorCode};
 
@@ -120,10 +123,10 @@ pub struct Cluster {
     captured: Arc<Mutex<Vec<(u64, String)>>>,
 }
 
-/// A port that was free a moment ago.
+/// A port below the ephemeral range that was free a moment ago (`port.rs`: restarts
+/// listen on the same ports).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    port::free_port()
 }
 
 /// Removes ANSI colour sequences (the log format may colour field names).
@@ -211,7 +214,7 @@ impl Cluster {
                     .as_ref()
                     .and_then(|d| d.get(i).cloned())
                     .unwrap_or_else(|| root.path().join(format!("node-{}", i + 1))),
-                listen: "127.0.0.1:0".into(),
+                listen: port::free_addr(),
                 http: None,
                 peer_listen: *peer_listen,
                 join: None,
@@ -263,7 +266,7 @@ impl Cluster {
         let peer = format!("127.0.0.1:{}", free_port());
         self.nodes.push(Node {
             dir: self._root.path().join(format!("node-{id}")),
-            listen: "127.0.0.1:0".into(),
+            listen: port::free_addr(),
             http: None,
             peer_listen: Some(peer.parse().expect("address")),
             join: Some(http),

@@ -1,5 +1,6 @@
-//! A real `chatlog serve` process for black-box tests: started on 127.0.0.1 port 0 with
-//! its own data directory, its client address read from the `clients: ADDR` line it
+//! A real `chatlog serve` process for black-box tests: started on a free 127.0.0.1 port
+//! below the ephemeral range (`port.rs`, so a restart on the same address cannot find it
+//! taken by another test's connection) with its own data directory, its client address read from the `clients: ADDR` line it
 //! prints, killed (SIGKILL) and reaped when dropped.
 //!
 //! Included with `#[path = "common/server.rs"] mod server;` by the tests that need it;
@@ -9,6 +10,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+#[path = "port.rs"]
+mod port;
 
 /// A running server process.
 pub struct Server {
@@ -25,7 +29,8 @@ pub struct Server {
 pub const NO_RATE_LIMITS: [&str; 4] = ["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"];
 
 impl Server {
-    /// `chatlog serve --listen 127.0.0.1:0 --groups 4 --data-dir DIR EXTRA...`.
+    /// `chatlog serve --listen 127.0.0.1:PORT --groups 4 --data-dir DIR EXTRA...` with a
+    /// free port below the ephemeral range.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
         Server::start_on(dir, "127.0.0.1:0", extra)
     }
@@ -35,10 +40,15 @@ impl Server {
         Server::start_env(dir, listen, extra, &[])
     }
 
-    /// The same with more environment variables.
+    /// The same with more environment variables. Port 0 in `listen` becomes a free port
+    /// below the ephemeral range (`port.rs`), so the server can be restarted where it was.
     pub fn start_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let listen = match listen.strip_suffix(":0") {
+            Some(host) => format!("{host}:{}", port::free_port()),
+            None => listen.to_string(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatlog"))
-            .args(["serve", "--listen", listen, "--groups", "4", "--data-dir"])
+            .args(["serve", "--listen", &listen, "--groups", "4", "--data-dir"])
             .arg(dir)
             .args(extra)
             .envs(env.iter().copied())
