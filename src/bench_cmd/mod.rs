@@ -88,7 +88,7 @@ Scenarios:
   media   --count files (default: one per connection) of --file-size random bytes are
           written to a temporary directory before any timing (so an upload reads its
           file from page cache), uploaded at once, file i through connection i mod
-          --connections with --in-flight parts in flight (at most 16), then downloaded
+          --connections with --in-flight parts in flight (at most 32), then downloaded
           again the same way (every chunk CRC-checked, every file checked against its
           SHA-256 on a separate thread). The download is written to a file, or with
           --sink to nowhere (checked all the same), so the figure is the server's and

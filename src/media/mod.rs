@@ -177,8 +177,13 @@ impl Media {
         let known = self.known(sha256);
         let store = self.store().await?;
         let s = *sha256;
-        let st = Arc::clone(&store);
-        let local = blocking(move || st.file(&s)).await?;
+        let local = match store.file_open(&s) {
+            Some(f) => Some(f),
+            None => {
+                let st = Arc::clone(&store);
+                blocking(move || st.file(&s)).await?
+            }
+        };
         if local.is_none() && known.is_none() {
             return Err(error(
                 ErrorCode::NotFound,
@@ -356,6 +361,9 @@ impl Media {
         s: &[u8; MEDIA_SHA256_BYTES],
     ) -> Result<Arc<store::StoredFile>, v1::Error> {
         self.readable_ref(user, s).await?;
+        if let Some(f) = store.file_open(s) {
+            return Ok(f);
+        }
         let st = Arc::clone(store);
         let h = *s;
         if let Some(f) = blocking(move || st.file(&h)).await? {
