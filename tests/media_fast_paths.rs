@@ -6,9 +6,9 @@
 //! split frames (each part's bytes written from their own buffer after the frame's head)
 //! with 32 parts in flight; the same file again with its hash known: answered from
 //! `media_upload_start` without a part sent, nothing new on disk; a wrong known hash:
-//! refused at finish with BAD_REQUEST and nothing left visible; and downloads of a file
-//! matching byte for byte, whole and
-//! ranged, with every chunk's CRC and the whole SHA-256 checked by the client.
+//! refused at finish with BAD_REQUEST and nothing left visible; and downloads of the
+//! stored file matching byte for byte, whole and ranged, with every chunk's CRC and the
+//! whole SHA-256 checked by the client.
 
 use std::path::{Path, PathBuf};
 
