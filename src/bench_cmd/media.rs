@@ -56,9 +56,15 @@ fn sample(peaks: &Peaks) {
     }
 }
 
-/// Writes `size` seeded random bytes to `path` in 1 MiB pieces.
-fn make_file(path: &PathBuf, size: u64, seed: u64) -> std::io::Result<()> {
+/// Writes `size` seeded random bytes to `path` in 1 MiB pieces; returns their SHA-256,
+/// computed as they are made (before any timing), so the upload does not hash the file
+/// again (`UploadOptions::sha256`, as a client that hashed its file first to ask for
+/// dedupe would): the load generator's CPU stays off the figure the server is measured
+/// by. The server hashes every byte it receives all the same and checks it at finish.
+fn make_file(path: &PathBuf, size: u64, seed: u64) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
     use std::io::Write;
+    let mut sha = sha2::Sha256::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut buf = vec![0u8; 1 << 20];
@@ -66,10 +72,12 @@ fn make_file(path: &PathBuf, size: u64, seed: u64) -> std::io::Result<()> {
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         rng.fill_bytes(&mut buf[..n]);
+        sha.update(&buf[..n]);
         out.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    out.flush()
+    out.flush()?;
+    Ok(sha.finalize().into())
 }
 
 struct Phase {
@@ -90,8 +98,8 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
     for i in 0..files {
         let path = dir.path().join(format!("in-{i}"));
         let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
-        tokio::task::block_in_place(|| make_file(&path, size, seed))?;
-        paths.push(path);
+        let sha256 = tokio::task::block_in_place(|| make_file(&path, size, seed))?;
+        paths.push((path, sha256));
     }
     let peaks = Arc::new(Peaks::default());
     let sampling = Arc::new(AtomicBool::new(true));
@@ -115,9 +123,10 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
     let progress = Progress::start("media upload", Arc::clone(&live));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(files);
-    for (i, path) in paths.iter().enumerate() {
+    let client_cpu0 = report::process_cpu_secs();
+    for (i, (path, sha256)) in paths.iter().enumerate() {
         let client = world.conns[i % world.conns.len()].clone();
-        let (path, live) = (path.clone(), Arc::clone(&live));
+        let (path, sha256, live) = (path.clone(), *sha256, Arc::clone(&live));
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let r = client
@@ -126,6 +135,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
                     UploadOptions {
                         mime_type: "application/octet-stream".into(),
                         parts_in_flight: in_flight,
+                        sha256: Some(sha256),
                         ..Default::default()
                     },
                     |_| {
@@ -162,6 +172,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
         }
     }
     upload.secs = started.elapsed().as_secs_f64();
+    let client_cpu1 = report::process_cpu_secs();
     progress.finish();
     sample(&peaks);
     let upload_peaks = (
@@ -224,6 +235,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
         }
     }
     download.secs = started.elapsed().as_secs_f64();
+    let client_cpu2 = report::process_cpu_secs();
     progress.finish();
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
@@ -239,6 +251,11 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
     };
     drop(dir);
 
+    // This process's CPU per phase: the load generator's alone with `--server`.
+    let phase_cpu = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => json!(report::round3(report::cpu_delta(a, b))),
+        _ => serde_json::Value::Null,
+    };
     let mb_s = |bytes: u64, secs: f64| {
         report::round2(if secs > 0.0 {
             bytes as f64 / 1e6 / secs
@@ -262,6 +279,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
                 "rss_anon_peak_bytes": upload_peaks.0,
                 "rss_file_peak_bytes": upload_peaks.1,
                 "rss_peak_bytes": upload_peaks.2,
+                "process_cpu_secs": phase_cpu(client_cpu0, client_cpu1),
             },
             "download": {
                 "files": download.files,
@@ -271,6 +289,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
                 "rss_anon_peak_bytes": peaks.anon.load(Ordering::Relaxed),
                 "rss_file_peak_bytes": peaks.file.load(Ordering::Relaxed),
                 "rss_peak_bytes": peaks.total.load(Ordering::Relaxed),
+                "process_cpu_secs": phase_cpu(client_cpu1, client_cpu2),
             },
             "rss_anon_before_bytes": rss_before.map_or(0, |r| r.0),
         }),

@@ -86,9 +86,10 @@ Scenarios:
           pages of 100 events, the protocol's largest), --rounds times; every chat must
           hold exactly its posted events.
   media   --count files (default: one per connection) of --file-size random bytes are
-          written to a temporary directory before any timing (so an upload reads its
-          file from page cache), uploaded at once, file i through connection i mod
-          --connections with --in-flight parts in flight (at most 16), then downloaded
+          written to a temporary directory and hashed before any timing (so an upload
+          reads its file from page cache and sends the SHA-256 it knows instead of
+          hashing again; the server hashes and checks every byte), uploaded at once, file i through connection i mod
+          --connections with --in-flight parts in flight (at most 32), then downloaded
           again the same way (every chunk CRC-checked, every file checked against its
           SHA-256 on a separate thread). The download is written to a file, or with
           --sink to nowhere (checked all the same), so the figure is the server's and

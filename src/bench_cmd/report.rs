@@ -210,6 +210,13 @@ pub fn server_cpu_secs(client_prefix: &str) -> Option<f64> {
     Some((total - clients).max(0.0))
 }
 
+/// CPU seconds of this whole process so far (user + system, every thread): with
+/// `--server`, the load generator's own CPU, so a report shows whether the client side
+/// could have bounded a figure.
+pub fn process_cpu_secs() -> Option<f64> {
+    parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|(_, secs)| secs)
+}
+
 /// CPU seconds between two [`server_cpu_secs`] samples. The samples are sums of times
 /// the kernel rounds to ticks separately per thread and per process, so a window in
 /// which the server did (almost) nothing can come out a tick below zero: that reads as

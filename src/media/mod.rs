@@ -177,8 +177,13 @@ impl Media {
         let known = self.known(sha256);
         let store = self.store().await?;
         let s = *sha256;
-        let st = Arc::clone(&store);
-        let local = blocking(move || st.file(&s)).await?;
+        let local = match store.file_open(&s) {
+            Some(f) => Some(f),
+            None => {
+                let st = Arc::clone(&store);
+                blocking(move || st.file(&s)).await?
+            }
+        };
         if local.is_none() && known.is_none() {
             return Err(error(
                 ErrorCode::NotFound,
@@ -273,17 +278,24 @@ impl Media {
                 let up = Arc::clone(&upload);
                 let data = r.data.clone();
                 let (part, crc) = (r.part_index, r.crc32);
-                let local = tokio::spawn(async move {
-                    let (hash_store, hash_upload) = (Arc::clone(&st), Arc::clone(&up));
-                    let written =
-                        blocking(move || st.write_part_bytes(&up, part, crc, &data)).await;
-                    // The running SHA-256 follows on its own, not before this answer.
-                    if written.is_ok() {
-                        drop(tokio::task::spawn_blocking(move || {
-                            hash_store.hash_ahead(&hash_upload)
-                        }));
+                // One blocking-pool thread writes the part (pwrite, group fdatasync),
+                // hands the answer back, and then advances the upload's running SHA-256
+                // itself: the hash stays off the answer's path without a second hand-off
+                // to another thread per part.
+                let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+                tokio::task::spawn_blocking(move || {
+                    let written = st.write_part_bytes(&up, part, crc, &data);
+                    let stored = written.is_ok();
+                    let _ = written_tx.send(written);
+                    if stored {
+                        st.hash_ahead(&up);
                     }
-                    written
+                });
+                let local = tokio::spawn(async move {
+                    written_rx
+                        .await
+                        .map_err(|_| error(ErrorCode::Internal, "media write task failed"))?
+                        .map_err(media_error)
                 });
                 // In a cluster the other replicas store it at the same time.
                 self.replicator
@@ -328,7 +340,10 @@ impl Media {
                 let size = file.header.size;
                 let (offset, len) = (r.offset, r.length as usize);
                 // A whole part is a slice of the mapped file (no copy; the gateway
-                // writes it after the frame's head with one `writev`).
+                // writes it after the frame's head with one `writev`). Checked on the
+                // blocking pool: the CRC pass may fault pages in from the disk. (Done on
+                // the request's task when the range was resident, the download fell to
+                // half in an A/B run of session 7, so it stays here.)
                 let (data, crc32) = blocking(move || file.read_shared(offset, len)).await?;
                 Ok(Resp::MediaDownload(v1::MediaDownloadResponse {
                     offset: r.offset,
@@ -356,6 +371,9 @@ impl Media {
         s: &[u8; MEDIA_SHA256_BYTES],
     ) -> Result<Arc<store::StoredFile>, v1::Error> {
         self.readable_ref(user, s).await?;
+        if let Some(f) = store.file_open(s) {
+            return Ok(f);
+        }
         let st = Arc::clone(store);
         let h = *s;
         if let Some(f) = blocking(move || st.file(&h)).await? {

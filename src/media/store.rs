@@ -1087,6 +1087,20 @@ impl MediaStore {
         (u.len(), u.values().map(|u| u.header.size).sum())
     }
 
+    /// The finished file `sha256` when it is open (mapped) already, without touching
+    /// the disk: a lock and a map lookup, so callers on the async runtime use it before
+    /// handing [`MediaStore::file`] to the blocking pool (a download asks for the same
+    /// file once per chunk; the hand-off cost more than the lookup).
+    pub fn file_open(&self, sha256: &[u8; MEDIA_SHA256_BYTES]) -> Option<Arc<StoredFile>> {
+        let tick = self
+            .open_tick
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut open = lock(&self.open);
+        let (t, f) = open.get_mut(sha256)?;
+        *t = tick;
+        Some(Arc::clone(f))
+    }
+
     /// The finished file `sha256`, opened and mapped (cached), or `None` when this node
     /// does not store it. Blocking on first open.
     pub fn file(

@@ -724,7 +724,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Connection {
     shared: Arc<ConnectionShared>,
     /// Encoded frames for the writer task; room for every request in flight.
-    outgoing: mpsc::Sender<Bytes>,
+    outgoing: mpsc::Sender<OutFrame>,
     /// In-flight slots: the smaller of the client's and the server's limits.
     in_flight: Arc<Semaphore>,
     handshake: v1::HandshakeOk,
@@ -952,9 +952,9 @@ impl Connection {
                 .await
                 .expect("the in-flight semaphore is never closed");
             let request_id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-            // From the borrowed request: the caller keeps it for a retry, uncopied.
-            let mut bytes = BytesMut::new();
-            encode::encode_request(request_id, kind, self.frame_bytes_max, &mut bytes)
+            // From the borrowed request: the caller keeps it for a retry, uncopied (a
+            // media part's bytes not even into the frame: they follow its head).
+            let (head, tail) = encode::encode_request_split(request_id, kind, self.frame_bytes_max)
                 .map_err(ClientError::Encode)?;
             let (reply, response) = oneshot::channel();
             {
@@ -974,7 +974,7 @@ impl Connection {
                     },
                 );
             }
-            if self.outgoing.send(bytes.freeze()).await.is_err() {
+            if self.outgoing.send(OutFrame { head, tail }).await.is_err() {
                 lock(&self.shared.pending).remove(&request_id);
                 return Err(ClientError::Disconnected);
             }
@@ -1000,23 +1000,66 @@ impl Drop for Connection {
     }
 }
 
+/// One frame for the writer task: `head`, then `tail` (empty but for a media part,
+/// whose bytes are sent from their own buffer: `encode::encode_request_split`).
+#[derive(Debug)]
+struct OutFrame {
+    head: Bytes,
+    tail: Bytes,
+}
+
+impl OutFrame {
+    /// Written as it is rather than copied into the batch: a media part, or a frame of
+    /// a batch's size or more.
+    fn goes_alone(&self) -> bool {
+        !self.tail.is_empty() || self.head.len() >= WRITE_BATCH_BYTES_MAX
+    }
+}
+
+/// Writes `head` then `tail` with vectored writes (one `writev` for both, usually).
+async fn write_both(stream: &mut OwnedWriteHalf, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
+    let (mut head, mut tail) = (head, tail);
+    while !head.is_empty() || !tail.is_empty() {
+        let bufs = [std::io::IoSlice::new(head), std::io::IoSlice::new(tail)];
+        let n = stream.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        tail = &tail[n - from_head..];
+    }
+    Ok(())
+}
+
 /// The writer task: writes queued frames, coalescing what is queued into one `write`.
 async fn write_loop(
     mut stream: OwnedWriteHalf,
-    mut queued: mpsc::Receiver<Bytes>,
+    mut queued: mpsc::Receiver<OutFrame>,
     shared: Arc<ConnectionShared>,
 ) {
     let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES_MAX);
-    while let Some(first) = queued.recv().await {
-        // A frame of a batch's size or more (a media part) goes out as it is, without a
-        // copy into the batch.
-        if first.len() >= WRITE_BATCH_BYTES_MAX {
-            if stream.write_all(&first).await.is_err() {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(frame) => frame,
+            None => match queued.recv().await {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
+        // A media part or a frame of a batch's size or more goes out as it is, without
+        // a copy into the batch.
+        if first.goes_alone() {
+            if write_both(&mut stream, &first.head, &first.tail)
+                .await
+                .is_err()
+            {
                 break;
             }
             continue;
         }
-        batch.extend_from_slice(&first);
+        batch.extend_from_slice(&first.head);
         // Let the callers that are ready now run first: the request that woke this task
         // is usually the first of a burst (callers answered by one response batch each
         // send their next request, and tokio runs a woken task next), so one yield turns
@@ -1024,7 +1067,12 @@ async fn write_loop(
         tokio::task::yield_now().await;
         while batch.len() < WRITE_BATCH_BYTES_MAX {
             match queued.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&frame),
+                Ok(frame) if frame.goes_alone() => {
+                    // Written after the batch, in order.
+                    next = Some(frame);
+                    break;
+                }
+                Ok(frame) => batch.extend_from_slice(&frame.head),
                 Err(_) => break,
             }
         }

@@ -60,6 +60,81 @@ pub(crate) fn encode_request(
     Ok(())
 }
 
+/// The Request oneof's field number of `media_upload_part` (`proto/chatlog.proto`).
+const REQUEST_MEDIA_UPLOAD_PART_FIELD: u32 = 81;
+/// `MediaUploadPartRequest.data`'s field number: its last field, so prost writes it last.
+const MEDIA_UPLOAD_PART_DATA_FIELD: u32 = 4;
+
+/// [`encode_request`] as `(head, tail)`: writing `head` then `tail` puts the same bytes
+/// on the stream. For `media_upload_part`, `tail` is the part's own buffer (shared, no
+/// copy) and `head` the few dozen bytes before it; for every other kind `tail` is empty.
+///
+/// The layout is prost's own, not a reordering: `data` is `MediaUploadPartRequest`'s
+/// last field (4), so prost writes it after fields 1 to 3; the head is prost's encoding
+/// up to `data`'s length, which a test compares byte for byte.
+pub(crate) fn encode_request_split(
+    request_id: u64,
+    kind: &request::Kind,
+    frame_bytes_max: u32,
+) -> crate::Result<(bytes::Bytes, bytes::Bytes)> {
+    use prost::Message;
+    let request::Kind::MediaUploadPart(part) = kind else {
+        let mut dst = BytesMut::new();
+        encode_request(request_id, kind, frame_bytes_max, &mut dst)?;
+        return Ok((dst.freeze(), bytes::Bytes::new()));
+    };
+    if part.data.is_empty() {
+        let mut dst = BytesMut::new();
+        encode_request(request_id, kind, frame_bytes_max, &mut dst)?;
+        return Ok((dst.freeze(), bytes::Bytes::new()));
+    }
+    let part_len = part.encoded_len();
+    let request_len = kind.encoded_len();
+    let id_len = if request_id != 0 {
+        key_len(FRAME_REQUEST_ID_FIELD) + encoded_len_varint(request_id)
+    } else {
+        0
+    };
+    let len = id_len
+        + key_len(FRAME_REQUEST_FIELD)
+        + encoded_len_varint(request_len as u64)
+        + request_len;
+    let len = check_frame_len(len as u64, frame_bytes_max)?;
+    let data = part.data.clone();
+    let mut head = BytesMut::with_capacity(FRAME_PREFIX_BYTES + len - data.len());
+    head.put_u32_le(u32::try_from(len).expect("checked against a u32 limit"));
+    if request_id != 0 {
+        encode_key(FRAME_REQUEST_ID_FIELD, WireType::Varint, &mut head);
+        encode_varint(request_id, &mut head);
+    }
+    encode_key(FRAME_REQUEST_FIELD, WireType::LengthDelimited, &mut head);
+    encode_varint(request_len as u64, &mut head);
+    encode_key(
+        REQUEST_MEDIA_UPLOAD_PART_FIELD,
+        WireType::LengthDelimited,
+        &mut head,
+    );
+    encode_varint(part_len as u64, &mut head);
+    crate::proto::v1::MediaUploadPartRequest {
+        data: bytes::Bytes::new(),
+        ..part.clone()
+    }
+    .encode_raw(&mut head);
+    encode_key(
+        MEDIA_UPLOAD_PART_DATA_FIELD,
+        WireType::LengthDelimited,
+        &mut head,
+    );
+    encode_varint(data.len() as u64, &mut head);
+    // Pair assertion: the prefix must match what follows.
+    assert_eq!(
+        head.len() + data.len(),
+        FRAME_PREFIX_BYTES + len,
+        "encoded_len disagrees with the split encoding"
+    );
+    Ok((head.freeze(), data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +181,18 @@ mod tests {
                 encode_request(request_id, kind, FRAME_BYTES_MAX, &mut borrowed).unwrap();
                 let owned = owned(request_id, kind, FRAME_BYTES_MAX).unwrap();
                 assert_eq!(borrowed, owned, "request id {request_id}, {kind:?}");
+                // Split (a part's bytes in their own buffer): the same bytes in order.
+                let (head, tail) = encode_request_split(request_id, kind, FRAME_BYTES_MAX).unwrap();
+                assert_eq!(
+                    [&head[..], &tail[..]].concat(),
+                    &owned[..],
+                    "split {request_id}"
+                );
+                if let request::Kind::MediaUploadPart(p) = kind {
+                    assert_eq!(tail.as_ptr(), p.data.as_ptr(), "the part is not copied");
+                } else {
+                    assert!(tail.is_empty());
+                }
                 // And it decodes back to the request.
                 let frame: v1::Frame =
                     crate::frame::decode_message(borrowed.split_off(4).freeze()).unwrap();
@@ -129,5 +216,13 @@ mod tests {
         );
         assert_eq!(&dst[..], b"kept");
         assert!(owned(1, &kind, 100).is_err());
+        let part = request::Kind::MediaUploadPart(v1::MediaUploadPartRequest {
+            data: bytes::Bytes::from(vec![1u8; 1000]),
+            ..Default::default()
+        });
+        assert!(matches!(
+            encode_request_split(1, &part, 100),
+            Err(crate::Error::FrameTooLarge { max: 100, .. })
+        ));
     }
 }

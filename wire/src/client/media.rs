@@ -3,7 +3,8 @@
 //!
 //! What it owns: cutting a local file into parts of the server's part size, the CRC-32 of
 //! each part and the SHA-256 of the whole file (both computed while the file is read, so
-//! a file is read once per attempt), keeping a bounded number of parts in flight, asking
+//! a file is read once per attempt; the hash is skipped when the caller knows it,
+//! [`UploadOptions::sha256`]), keeping a bounded number of parts in flight, asking
 //! the server which parts it lacks (after a reconnect, a server restart or a move to
 //! another node) and sending only those; and on the way back, checking the CRC-32 of
 //! every chunk and the SHA-256 of the whole file before reporting success. What it must
@@ -27,11 +28,11 @@ use crate::proto::v1;
 /// Default and largest number of parts [`Client::upload_file`] keeps in flight.
 ///
 /// Why: each part in flight holds one part in memory (512 KiB) and one request slot;
-/// 16 keep a loopback or LAN link and the server's disk busy (parts in flight together
-/// share the server's fdatasyncs, so more in flight means more bytes per sync) while
-/// bounding the client's memory to 8 MiB, well under the server's 128 requests in
-/// flight per connection.
-pub const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 16;
+/// 32 keep a loopback or LAN link and the server's disk busy (parts in flight together
+/// share the server's fdatasyncs, so more in flight means more bytes per sync: with 16,
+/// the pipe ran dry while a sync of the previous group ran) while bounding the client's
+/// memory to 16 MiB, well under the server's 128 requests in flight per connection.
+pub const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 32;
 
 /// Default and largest number of chunks [`Client::download_file`] keeps in flight, for
 /// the same reason and the same memory bound (twice this many chunks may be held: those
@@ -63,6 +64,12 @@ pub struct UploadOptions {
     pub resume_upload_id: Option<u64>,
     /// Parts in flight, 1 to [`UPLOAD_PARTS_IN_FLIGHT_MAX`]; 0 means the maximum.
     pub parts_in_flight: usize,
+    /// The file's SHA-256 when the caller knows it already (it hashed the file before,
+    /// or made it): sent with `media_upload_start`, so a file the server stores already
+    /// and the user may read is not sent again (the answer's `existing`), and the upload
+    /// does not hash the file itself. A wrong hash is refused by the server at finish
+    /// (it hashes what it received), so nothing wrong is ever stored under it.
+    pub sha256: Option<[u8; MEDIA_SHA256_BYTES]>,
 }
 
 /// Options of [`Client::download_file`].
@@ -238,9 +245,19 @@ impl Client {
                         size_bytes: size,
                         mime_type: options.mime_type.clone(),
                         file_name: file_name.clone(),
-                        sha256: Bytes::new(),
+                        sha256: options
+                            .sha256
+                            .map_or_else(Bytes::new, |h| Bytes::copy_from_slice(&h)),
                     })
                     .await?;
+                if let (Some(existing), Some(h)) = (started.existing, options.sha256) {
+                    // Stored already and readable by this user: nothing to send.
+                    return Ok(v1::MediaUploadFinishResponse {
+                        media: Some(existing),
+                        media_id: media_id_hex(&h),
+                        deduplicated: true,
+                    });
+                }
                 let all = (0..started.part_count).collect();
                 (
                     started.upload_id,
@@ -273,7 +290,11 @@ impl Client {
             0 => UPLOAD_PARTS_IN_FLIGHT_MAX,
             n => n.min(UPLOAD_PARTS_IN_FLIGHT_MAX),
         };
-        let hasher = Hasher::start(Sha256::new(), window);
+        // A hash the caller knows is not computed again.
+        let hasher = match options.sha256 {
+            Some(_) => None,
+            None => Some(Hasher::start(Sha256::new(), window)),
+        };
         let mut in_flight: VecDeque<(
             usize,
             JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>,
@@ -281,11 +302,20 @@ impl Client {
         let result: Result<(), ClientError> = async {
             for i in 0..part_count {
                 let len = part_len(i);
+                if hasher.is_none() && !missing.contains(&i) {
+                    // Held by the server and the hash is known: not even read.
+                    continue;
+                }
                 let (data, crc32) =
                     read_part(&file, path, u64::from(i) * u64::from(part_bytes), len).await?;
-                hasher.update(data.clone()).await?;
                 if !missing.contains(&i) {
+                    if let Some(hasher) = &hasher {
+                        hasher.update(data).await?;
+                    }
                     continue;
+                }
+                if let Some(hasher) = &hasher {
+                    hasher.update(data.clone()).await?;
                 }
                 while in_flight.len() >= window {
                     let (len, handle) = in_flight.pop_front().expect("non-empty");
@@ -327,7 +357,11 @@ impl Client {
             }
             return Err(e);
         }
-        let sha256 = hasher.finish().await?;
+        let sha256 = match (hasher, options.sha256) {
+            (Some(hasher), _) => hasher.finish().await?,
+            (None, Some(known)) => known,
+            (None, None) => unreachable!("a hasher runs unless the hash is known"),
+        };
         self.media_upload_finish(v1::MediaUploadFinishRequest {
             upload_id,
             sha256: Bytes::copy_from_slice(&sha256),
