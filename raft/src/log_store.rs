@@ -542,6 +542,7 @@ impl GroupLog {
                 .map_err(|source| self.storage_err("appending", "no entries".into(), source));
         };
         let (first, last) = (first.log_id.index, last.log_id);
+        chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Append, group, first);
         let mut encoded = Vec::with_capacity(entries.len());
         for (k, e) in entries.iter().enumerate() {
             if e.log_id.index != first + k as u64 {
@@ -676,6 +677,7 @@ impl GroupLog {
                             source: source.clone(),
                         })),
                     };
+                    chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Flushed, group, last.index);
                     done.io_completed(outcome);
                 }
             });
@@ -692,6 +694,7 @@ impl GroupLog {
                     )
                 })?;
         }
+        chatlog_storage::timeline::record(chatlog_storage::timeline::Event::AppendSubmitted, group, last.index);
         Ok(())
     }
 

@@ -646,8 +646,13 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         // log read that silently left one out) would make this replica's state diverge
         // (issue 9), so it stops the group instead.
         let mut previous: Option<LogId> = None;
+        let mut applied = 0u64;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if applied == 0 {
+                chatlog_storage::timeline::record(chatlog_storage::timeline::Event::ApplyStart, self.group, entry.log_id.index);
+            }
+            applied += 1;
             if let Some(p) = previous
                 && entry.log_id.index != p.index + 1
             {
@@ -666,8 +671,11 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
                 responder.send(reply);
             }
         }
+        chatlog_storage::timeline::record(chatlog_storage::timeline::Event::ApplyEnd, self.group, applied);
         if self.applied_since_checkpoint >= self.config.checkpoint_every_entries {
+            chatlog_storage::timeline::record(chatlog_storage::timeline::Event::CheckpointStart, self.group, applied);
             self.checkpoint_in_background()?;
+            chatlog_storage::timeline::record(chatlog_storage::timeline::Event::CheckpointEnd, self.group, 0);
         } else {
             self.checkpointer.poll_finished()?;
         }
