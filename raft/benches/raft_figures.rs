@@ -99,7 +99,16 @@ fn main() {
             );
             println!("|---|---|---|---|---|---|---|---|");
         }
-        rt.block_on(scenario(s, replicas));
+        if generator_on_worker() {
+            let name = s.to_string();
+            rt.block_on(async move {
+                tokio::spawn(async move { scenario(&name, replicas).await })
+                    .await
+                    .expect("scenario task")
+            });
+        } else {
+            rt.block_on(scenario(s, replicas));
+        }
     }
 }
 
@@ -191,6 +200,18 @@ fn thread_names() -> String {
         }
     }
     out
+}
+
+/// `CHATLOG_RAFT_GENERATOR`: where the open loop's load generator (one task) runs.
+/// `main` (the default, as in every earlier session): on the bench's main thread, in
+/// `block_on`, an OS thread of its own next to the runtime's two workers, the engine's
+/// I/O thread and io_uring's worker; every completion it waits for is a cross-thread
+/// wake-up. `worker`: the scenario is spawned onto the runtime, so the generator is a
+/// task on the same two workers as the core (one OS thread fewer competing for the two
+/// vCPUs; a completion wakes it on the worker that answered). The closed loop's workers
+/// are tasks either way.
+fn generator_on_worker() -> bool {
+    std::env::var("CHATLOG_RAFT_GENERATOR").is_ok_and(|v| v == "worker")
 }
 
 /// `CHATLOG_RAFT_SEGMENT_MB`: the engine's segment size (default: the engine's).

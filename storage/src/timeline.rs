@@ -209,6 +209,13 @@ fn record_on(event: Event, group: u64, value: u64) {
     slot[2].store(value, Ordering::Relaxed);
 }
 
+/// `group` tagged with the replica that records it: bits 32..48 carry a tag of `engine`
+/// (one engine per node), so the events of three nodes in one process (the bench's r3)
+/// can be told apart; `scripts/timeline-report` splits the number again.
+pub fn replica_group(engine: *const (), group: u64) -> u64 {
+    ((engine as usize as u64 >> 4) & 0xffff) << 32 | (group & 0xffff_ffff)
+}
+
 /// Nanoseconds since the ring started (0 when recording is off): lets a caller put its
 /// own instants on the timeline's clock.
 pub fn now_ns() -> u64 {
