@@ -25,6 +25,9 @@
 //! each engine's write + fdatasync, over the same window (fixed buckets: upper bounds), so
 //! time a post spent queued before its entry was proposed shows as the difference.
 //!
+//! `CHATLOG_RAFT_WORKERS` sets the runtime's worker threads and `CHATLOG_RAFT_GENERATOR=worker`
+//! runs the open loop's generator on them instead of the main thread (experiments).
+//!
 //! `CHATLOG_RAFT_TIMELINE=PATH` records a timeline of the half-load run
 //! (`chatlog_storage::timeline`: every entry's queue, propose, append, write + fdatasync,
 //! flush, apply and answer, segment switches, maintenance, checkpoints; 1 ms probes of the
@@ -69,10 +72,18 @@ fn main() {
     } else {
         args.iter().map(String::as_str).collect()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `CHATLOG_RAFT_WORKERS`: the runtime's worker threads (default: one per CPU, as a
+    // server's). Fewer workers, fewer threads competing for the CPUs with the generator
+    // and the engine's I/O thread (an experiment for the half-load tail).
+    if let Some(n) = std::env::var("CHATLOG_RAFT_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build().expect("runtime");
     if timeline_path().is_some() {
         chatlog_storage::timeline::enable();
         rt.spawn(runtime_probe());

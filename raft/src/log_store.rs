@@ -543,7 +543,8 @@ impl GroupLog {
         };
         let (first, last) = (first.log_id.index, last.log_id);
         // The replica's tag keeps three nodes in one process apart (the bench's r3).
-        let traced = chatlog_storage::timeline::replica_group(Arc::as_ptr(&self.engine).cast(), group);
+        let traced =
+            chatlog_storage::timeline::replica_group(Arc::as_ptr(&self.engine).cast(), group);
         chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Append, traced, first);
         let mut encoded = Vec::with_capacity(entries.len());
         for (k, e) in entries.iter().enumerate() {
@@ -679,7 +680,11 @@ impl GroupLog {
                             source: source.clone(),
                         })),
                     };
-                    chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Flushed, traced, last.index);
+                    chatlog_storage::timeline::record(
+                        chatlog_storage::timeline::Event::Flushed,
+                        traced,
+                        last.index,
+                    );
                     done.io_completed(outcome);
                 }
             });
@@ -696,7 +701,11 @@ impl GroupLog {
                     )
                 })?;
         }
-        chatlog_storage::timeline::record(chatlog_storage::timeline::Event::AppendSubmitted, traced, last.index);
+        chatlog_storage::timeline::record(
+            chatlog_storage::timeline::Event::AppendSubmitted,
+            traced,
+            last.index,
+        );
         Ok(())
     }
 

@@ -437,7 +437,11 @@ async fn run_batcher(
                 continue;
             }
         };
-        chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Proposed, group, n as u64);
+        chatlog_storage::timeline::record(
+            chatlog_storage::timeline::Event::Proposed,
+            group,
+            n as u64,
+        );
         let commit_latency = Arc::clone(&commit_latency);
         tokio::spawn(async move {
             use futures_util::StreamExt;
@@ -447,7 +451,11 @@ async fn run_batcher(
             let result = write_outcomes(group, result, n);
             if let Ok((_, index)) = &result {
                 commit_latency.record(proposed.elapsed());
-                chatlog_storage::timeline::record(chatlog_storage::timeline::Event::Answered, group, *index);
+                chatlog_storage::timeline::record(
+                    chatlog_storage::timeline::Event::Answered,
+                    group,
+                    *index,
+                );
             }
             entry.answer(result);
         });

@@ -225,8 +225,9 @@ pub fn now_ns() -> u64 {
 
 /// The timeline's clock reading of `at` (0 when off or before the start).
 pub fn ns_of(at: Instant) -> u64 {
-    RING.get()
-        .map_or(0, |r| at.saturating_duration_since(r.start).as_nanos() as u64)
+    RING.get().map_or(0, |r| {
+        at.saturating_duration_since(r.start).as_nanos() as u64
+    })
 }
 
 /// Writes the events as CSV (`t_us,event,thread,group,value`, oldest first) to `path`;

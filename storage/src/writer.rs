@@ -528,7 +528,11 @@ impl Committer {
             return None;
         }
         let started = Instant::now();
-        crate::timeline::record(crate::timeline::Event::SyncStart, 0, self.group.len() as u64);
+        crate::timeline::record(
+            crate::timeline::Event::SyncStart,
+            0,
+            self.group.len() as u64,
+        );
         let file = self.active.file.clone();
         let group = std::mem::take(&mut self.group);
         let iovecs: Vec<IoSlice<'_>> = group.iter().map(|r| IoSlice::new(r)).collect();
