@@ -211,7 +211,8 @@ fn record_on(event: Event, group: u64, value: u64) {
 
 /// `group` tagged with the replica that records it: bits 32..48 carry a tag of `engine`
 /// (one engine per node), so the events of three nodes in one process (the bench's r3)
-/// can be told apart; `scripts/timeline-report` splits the number again.
+/// can be told apart (16 bits of its address: two engines could share a tag, unlikely
+/// with three); `scripts/timeline-report` splits the number again.
 pub fn replica_group(engine: *const (), group: u64) -> u64 {
     ((engine as usize as u64 >> 4) & 0xffff) << 32 | (group & 0xffff_ffff)
 }
