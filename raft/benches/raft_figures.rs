@@ -25,6 +25,16 @@
 //! each engine's write + fdatasync, over the same window (fixed buckets: upper bounds), so
 //! time a post spent queued before its entry was proposed shows as the difference.
 //!
+//! `CHATLOG_RAFT_WORKERS` sets the runtime's worker threads and `CHATLOG_RAFT_GENERATOR=worker`
+//! runs the open loop's generator on them instead of the main thread (experiments).
+//!
+//! `CHATLOG_RAFT_TIMELINE=PATH` records a timeline of the half-load run
+//! (`chatlog_storage::timeline`: every entry's queue, propose, append, write + fdatasync,
+//! flush, apply and answer, segment switches, maintenance, checkpoints; 1 ms probes of the
+//! tokio runtime and of an OS thread; the load generator's gaps and every late post) and
+//! writes it as CSV to `PATH-<scenario>.csv`; `scripts/timeline-report` lays the late
+//! windows next to those events.
+//!
 //! A post that meets a leader change (elections happen on an overloaded host) is asked
 //! again of the group's current leader with the same client message id (applied at most
 //! once); the number of repeats is printed with each run.
@@ -62,10 +72,26 @@ fn main() {
     } else {
         args.iter().map(String::as_str).collect()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `CHATLOG_RAFT_WORKERS`: the runtime's worker threads (default: one per CPU, as a
+    // server's). Fewer workers, fewer threads competing for the CPUs with the generator
+    // and the engine's I/O thread (an experiment for the half-load tail).
+    if let Some(n) = std::env::var("CHATLOG_RAFT_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build().expect("runtime");
+    if timeline_path().is_some() {
+        chatlog_storage::timeline::enable();
+        rt.spawn(runtime_probe());
+        std::thread::Builder::new()
+            .name("timeline-probe".into())
+            .spawn(thread_probe)
+            .expect("probe thread");
+    }
     let mut header = false;
     for s in sections {
         let replicas = match s {
@@ -84,8 +110,119 @@ fn main() {
             );
             println!("|---|---|---|---|---|---|---|---|");
         }
-        rt.block_on(scenario(s, replicas));
+        if generator_on_worker() {
+            let name = s.to_string();
+            rt.block_on(async move {
+                tokio::spawn(async move { scenario(&name, replicas).await })
+                    .await
+                    .expect("scenario task")
+            });
+        } else {
+            rt.block_on(scenario(s, replicas));
+        }
     }
+}
+
+/// `CHATLOG_RAFT_TIMELINE`: where to write the half-load run's timeline (without the
+/// `-<scenario>.csv` suffix); `None`: no timeline is recorded.
+fn timeline_path() -> Option<String> {
+    std::env::var("CHATLOG_RAFT_TIMELINE")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+/// Period of the runtime and thread probes: the timeline's resolution for "who was not
+/// scheduled".
+const PROBE_PERIOD: Duration = Duration::from_millis(1);
+
+/// A tokio task asking to wake every [`PROBE_PERIOD`]; records how late it woke. Late
+/// together with the posts: the runtime's workers were busy or not scheduled.
+async fn runtime_probe() {
+    use chatlog_storage::timeline::{Event, record};
+    let mut next = tokio::time::Instant::now() + PROBE_PERIOD;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let now = tokio::time::Instant::now();
+        record(
+            Event::RuntimeProbe,
+            0,
+            now.saturating_duration_since(next).as_micros() as u64,
+        );
+        next = now + PROBE_PERIOD;
+    }
+}
+
+/// An OS thread sleeping [`PROBE_PERIOD`] at a time; records how late it woke. Late too:
+/// the host's CPUs were taken (other processes, or all of this one's threads). Every
+/// [`SCHEDSTAT_EVERY`] wakes it also records, per thread of this process, the time it
+/// ran and the time it waited on a run queue while runnable since the previous sample
+/// (the kernel's schedstat): which thread waited for a CPU, and when.
+fn thread_probe() {
+    use chatlog_storage::timeline::{Event, record};
+    let mut last: std::collections::HashMap<u64, (u64, u64)> = Default::default();
+    let mut k = 0u64;
+    loop {
+        let asked = Instant::now() + PROBE_PERIOD;
+        std::thread::sleep(PROBE_PERIOD);
+        record(
+            Event::ThreadProbe,
+            0,
+            Instant::now().saturating_duration_since(asked).as_micros() as u64,
+        );
+        k += 1;
+        if k % SCHEDSTAT_EVERY != 0 {
+            continue;
+        }
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+            continue;
+        };
+        for t in dir.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
+            let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            let mut f = s.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+            let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+            if let Some((r0, w0)) = last.insert(tid, (run, wait)) {
+                record(Event::OnCpu, tid, run.saturating_sub(r0) / 1000);
+                record(Event::RunQueueWait, tid, wait.saturating_sub(w0) / 1000);
+            }
+        }
+    }
+}
+
+/// Thread probe wakes between two schedstat samples (10 ms: ~10 threads × 100 reads/s).
+const SCHEDSTAT_EVERY: u64 = 10;
+
+/// `tid,name` of every thread of this process, next to the timeline (its schedstat
+/// events name threads by id).
+fn thread_names() -> String {
+    let mut out = String::from("tid,name\n");
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            out.push_str(&format!(
+                "{},{}\n",
+                t.file_name().to_string_lossy(),
+                name.trim()
+            ));
+        }
+    }
+    out
+}
+
+/// `CHATLOG_RAFT_GENERATOR`: where the open loop's load generator (one task) runs.
+/// `main` (the default, as in every earlier session): on the bench's main thread, in
+/// `block_on`, an OS thread of its own next to the runtime's two workers, the engine's
+/// I/O thread and io_uring's worker; every completion it waits for is a cross-thread
+/// wake-up. `worker`: the scenario is spawned onto the runtime, so the generator is a
+/// task on the same two workers as the core (one OS thread fewer competing for the two
+/// vCPUs; a completion wakes it on the worker that answered). The closed loop's workers
+/// are tasks either way.
+fn generator_on_worker() -> bool {
+    std::env::var("CHATLOG_RAFT_GENERATOR").is_ok_and(|v| v == "worker")
 }
 
 /// `CHATLOG_RAFT_SEGMENT_MB`: the engine's segment size (default: the engine's).
@@ -540,7 +677,17 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
     let far = t0 + Duration::from_secs(secs + 3600);
     let sleep = tokio::time::sleep_until(t0.into());
     tokio::pin!(sleep);
+    use chatlog_storage::timeline::{Event, record};
+    record(Event::Mark, 0, 1);
+    let mut ran = Instant::now();
     while next < total || !in_flight.is_empty() {
+        if chatlog_storage::timeline::enabled() {
+            let gap = ran.elapsed();
+            ran = Instant::now();
+            if gap > Duration::from_micros(500) {
+                record(Event::GeneratorGap, 0, gap.as_micros() as u64);
+            }
+        }
         if next < total && due(next) <= Instant::now() {
             let now = Instant::now();
             while next < total && due(next) <= now {
@@ -552,9 +699,16 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
                 in_flight.push(async move {
                     // First polled: when the post reaches the server's queue.
                     let asked = Instant::now();
-                    propose_retrying(groups, nodes, g, retries, &command).await;
                     let late = asked.saturating_duration_since(due(i)).as_micros() as u64;
-                    (i, due(i).elapsed().as_micros() as u64, late)
+                    if late > 1_000 {
+                        record(Event::AskedLate, g, late);
+                    }
+                    propose_retrying(groups, nodes, g, retries, &command).await;
+                    let us = due(i).elapsed().as_micros() as u64;
+                    if us > LATE_US {
+                        record(Event::LatePost, g, us);
+                    }
+                    (i, us, late)
                 });
                 next += 1;
             }
@@ -578,6 +732,18 @@ async fn open_loop(cluster: &Cluster, chats: &[(u64, u64, u64)], secs: u64, rate
                 }
             }
             _ = &mut sleep => {}
+        }
+    }
+    record(Event::Mark, 0, 2);
+    for (k, w) in windows.iter().enumerate() {
+        if w.0 > 0 {
+            // The window's start on the timeline's clock, then its late posts.
+            let start = t0 + Duration::from_millis((k * LATE_WINDOW_MS) as u64);
+            record(
+                Event::Window,
+                chatlog_storage::timeline::ns_of(start) / 1000,
+                w.1,
+            );
         }
     }
     let retries = retries.load(Ordering::Relaxed);
@@ -738,6 +904,17 @@ async fn scenario(name: &str, replicas: usize) {
                 sync1.count - sync0.count,
             );
             half = Some(run);
+            if let Some(path) = timeline_path() {
+                let path = format!("{path}-{name}.csv");
+                match chatlog_storage::timeline::dump(std::path::Path::new(&path)) {
+                    Ok(n) => eprintln!("  timeline: {n} events in {path}"),
+                    Err(e) => eprintln!("  timeline: writing {path} failed: {e}"),
+                }
+                let threads = format!("{path}.threads");
+                if let Err(e) = std::fs::write(&threads, thread_names()) {
+                    eprintln!("  timeline: writing {threads} failed: {e}");
+                }
+            }
         }
         runs.push(run);
         cluster.stop().await;

@@ -437,6 +437,11 @@ async fn run_batcher(
                 continue;
             }
         };
+        chatlog_storage::timeline::record(
+            chatlog_storage::timeline::Event::Proposed,
+            group,
+            n as u64,
+        );
         let commit_latency = Arc::clone(&commit_latency);
         tokio::spawn(async move {
             use futures_util::StreamExt;
@@ -444,8 +449,13 @@ async fn run_batcher(
             let result = stream.next().await;
             drop(permit);
             let result = write_outcomes(group, result, n);
-            if result.is_ok() {
+            if let Ok((_, index)) = &result {
                 commit_latency.record(proposed.elapsed());
+                chatlog_storage::timeline::record(
+                    chatlog_storage::timeline::Event::Answered,
+                    group,
+                    *index,
+                );
             }
             entry.answer(result);
         });

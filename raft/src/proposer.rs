@@ -218,6 +218,11 @@ impl ProposalQueue {
             }
             if p.entries.back().is_none_or(OpenEntry::is_full) {
                 p.entries.push_back(OpenEntry::new(self.group));
+                chatlog_storage::timeline::record(
+                    chatlog_storage::timeline::Event::EntryOpened,
+                    self.group,
+                    0,
+                );
             }
             let Some(open) = p.entries.back_mut() else {
                 unreachable!("an entry was just pushed");
@@ -256,6 +261,11 @@ impl ProposalQueue {
                 let mut p = self.lock();
                 if let Some(entry) = p.entries.pop_front() {
                     drop(p);
+                    chatlog_storage::timeline::record(
+                        chatlog_storage::timeline::Event::EntryTaken,
+                        self.group,
+                        entry.commands as u64,
+                    );
                     self.wait_latency.record(entry.opened.elapsed());
                     self.room.add_permits(entry.commands);
                     return Some(entry);

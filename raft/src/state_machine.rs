@@ -757,8 +757,19 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         // log read that silently left one out) would make this replica's state diverge
         // (issue 9), so it stops the group instead.
         let mut previous: Option<LogId> = None;
+        let mut applied = 0u64;
+        let traced =
+            chatlog_storage::timeline::replica_group(Arc::as_ptr(&self.engine).cast(), self.group);
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            if applied == 0 {
+                chatlog_storage::timeline::record(
+                    chatlog_storage::timeline::Event::ApplyStart,
+                    traced,
+                    entry.log_id.index,
+                );
+            }
+            applied += 1;
             if let Some(p) = previous
                 && entry.log_id.index != p.index + 1
             {
@@ -777,8 +788,23 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
                 responder.send(reply);
             }
         }
+        chatlog_storage::timeline::record(
+            chatlog_storage::timeline::Event::ApplyEnd,
+            traced,
+            applied,
+        );
         if self.applied_since_checkpoint >= self.config.checkpoint_every_entries {
+            chatlog_storage::timeline::record(
+                chatlog_storage::timeline::Event::CheckpointStart,
+                traced,
+                applied,
+            );
             self.checkpoint_in_background()?;
+            chatlog_storage::timeline::record(
+                chatlog_storage::timeline::Event::CheckpointEnd,
+                traced,
+                0,
+            );
         } else {
             self.checkpointer.poll_finished()?;
         }

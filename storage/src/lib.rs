@@ -42,6 +42,7 @@ mod loghash;
 mod maintenance;
 mod recovery;
 mod segment;
+pub mod timeline;
 mod writer;
 
 /// Names a log. The engine gives it no meaning.

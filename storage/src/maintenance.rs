@@ -81,7 +81,16 @@ pub(crate) fn maintenance_loop(shared: Arc<Shared>, jobs: Receiver<Job>) {
             Err(RecvTimeoutError::Disconnected) => return,
         };
         match job {
-            Job::Sealed(cp) => persist(&shared, &cp),
+            Job::Sealed(cp) => {
+                let started = std::time::Instant::now();
+                crate::timeline::record(crate::timeline::Event::MaintStart, 0, 0);
+                persist(&shared, &cp);
+                crate::timeline::record(
+                    crate::timeline::Event::MaintEnd,
+                    0,
+                    started.elapsed().as_micros() as u64,
+                );
+            }
             Job::Compact(reply) => {
                 let (result, shutdown) = match compact(&shared, &jobs) {
                     Ok((report, shutdown)) => (Ok(report), shutdown),

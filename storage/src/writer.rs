@@ -528,6 +528,11 @@ impl Committer {
             return None;
         }
         let started = Instant::now();
+        crate::timeline::record(
+            crate::timeline::Event::SyncStart,
+            0,
+            self.group.len() as u64,
+        );
         let file = self.active.file.clone();
         let group = std::mem::take(&mut self.group);
         let iovecs: Vec<IoSlice<'_>> = group.iter().map(|r| IoSlice::new(r)).collect();
@@ -586,6 +591,11 @@ impl Committer {
         c.sync_ns_total
             .fetch_add((synced - f.started).as_nanos() as u64, Ordering::Relaxed);
         c.sync_latency.record(synced - f.started);
+        crate::timeline::record(
+            crate::timeline::Event::SyncEnd,
+            0,
+            (synced - f.started).as_micros() as u64,
+        );
         let InFlight {
             group,
             bytes,
@@ -682,6 +692,7 @@ impl Committer {
         shared.active_end.store(self.offset, Ordering::Relaxed);
         shared.active.store(next.id, Ordering::SeqCst);
         tracing::debug!(sealed = old.id, active = next.id, "segment sealed");
+        crate::timeline::record(crate::timeline::Event::SegmentSwitch, 0, next.id);
         self.send_sealed(shared);
         Ok(())
     }
