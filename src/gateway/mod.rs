@@ -40,8 +40,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+pub use connection::{ANSWER_BUFFER_BYTES, PushError, PushSender, SharedPush};
 pub use connection::{PUSH_COUNTERS, PushCounters};
-pub use connection::{PushError, PushSender, SharedPush};
 pub use fdlimit::raise_open_files_limit;
 
 /// Default for [`GatewayLimits::connections_max`].

@@ -279,3 +279,26 @@ fn backoff_doubles_up_to_its_maximum() {
     assert_eq!(waits, [ms(0), ms(10), ms(20), ms(40), ms(50), ms(50)]);
     assert_eq!(policy.backoff(u32::MAX), ms(50));
 }
+
+/// The client skips decoding a push only when it is a live push (request id 0) by its
+/// first bytes; every other frame, and every push of a subscription, is decoded.
+#[test]
+fn only_live_pushes_are_recognised_undecoded() {
+    let encoded = |frame: &v1::Frame| prost::Message::encode_to_vec(frame);
+    assert!(is_live_push(&encoded(&user_event(1))));
+    let ended = v1::Frame::push(
+        7,
+        push::Kind::SubscriptionEnded(v1::SubscriptionEnded::default()),
+    );
+    assert!(!is_live_push(&encoded(&ended)));
+    assert!(!is_live_push(&encoded(&pong(3, 1))));
+    assert!(!is_live_push(&encoded(&v1::Frame::request(
+        4,
+        request::Kind::Ping(v1::PingRequest { nonce: 1 })
+    ))));
+    // A request id of 0 written out (proto3 leaves it out, another encoder may not).
+    let mut explicit = vec![0x08, 0x00];
+    explicit.extend(encoded(&user_event(1)));
+    assert!(is_live_push(&explicit));
+    assert!(!is_live_push(&[]));
+}
