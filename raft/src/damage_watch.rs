@@ -136,9 +136,9 @@ pub fn group_log_stopped(engine: &Engine, group: GroupId) -> bool {
         ids::checkpoint_log(group),
         ids::index_chunk_log(group),
     ]
-        .into_iter()
-        .flatten()
-        .any(|log| engine.log_failure(log).is_some())
+    .into_iter()
+    .flatten()
+    .any(|log| engine.log_failure(log).is_some())
 }
 
 /// Starts the watcher for `node`'s local replicas; it ends with the node. Issue 9
