@@ -265,9 +265,7 @@ impl WriteBatch {
             let (count, key, value) = match op.kind {
                 OpKind::Append | OpKind::Rewrite | OpKind::Redact => {
                     let ends = self.op_ends(i);
-                    for end in ends {
-                        record.extend_from_slice(&end.to_le_bytes());
-                    }
+                    extend_u32_le(&mut record, ends);
                     (ends.len() as u32, Bytes::new(), Bytes::new())
                 }
                 OpKind::PutMeta | OpKind::DeleteMeta => {
@@ -347,6 +345,24 @@ impl WriteBatch {
             body_crc,
             ops,
         })
+    }
+}
+
+/// Appends `values` as little-endian u32s: one copy of the slice's bytes on little-endian
+/// targets (a push per value showed in profiles of `encode`).
+fn extend_u32_le(out: &mut Vec<u8>, values: &[u32]) {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: a `u32` slice is `4 * len` initialised bytes with no padding, valid for
+        // reads for the slice's lifetime; on a little-endian target those bytes are the
+        // values' little-endian encodings.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) };
+        out.extend_from_slice(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 
