@@ -397,7 +397,10 @@ impl Chatlog {
 }
 
 pub fn chatlog_batch(wl: &Workload, batch: &BatchSpec) -> WriteBatch {
-    let mut b = WriteBatch::new();
+    // Sized up front, as the bound loop reuses its buffer: growing from empty would copy
+    // the payloads once more.
+    let mut b =
+        WriteBatch::with_capacity(batch.entries.len(), batch.entries.len() * wl.entry_bytes);
     for e in &batch.entries {
         b.append(e.log, e.index, wl.payload(e));
     }
