@@ -292,7 +292,11 @@ mod tests {
         let ours: Vec<&str> = lines
             .filter(|l| l.split(',').nth(3) == Some(&TAG.to_string()))
             .collect();
-        assert_eq!(ours.len(), 3, "the Mark recorded while off is not there: {ours:?}");
+        assert_eq!(
+            ours.len(),
+            3,
+            "the Mark recorded while off is not there: {ours:?}"
+        );
         assert!(ours[0].contains(",sync_start,") && ours[0].ends_with(",3"));
         assert!(ours[1].contains(",sync_end,") && ours[1].ends_with(",250"));
         assert!(ours[2].contains(",late_post,") && ours[2].ends_with(",12000"));

@@ -29,6 +29,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+// Both `server.rs` and `cluster.rs` include it; a test may include both.
+#[allow(clippy::duplicate_mod)]
 #[path = "port.rs"]
 mod port;
 

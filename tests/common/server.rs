@@ -11,6 +11,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+// Both `server.rs` and `cluster.rs` include it; a test may include both.
+#[allow(clippy::duplicate_mod)]
 #[path = "port.rs"]
 mod port;
 
