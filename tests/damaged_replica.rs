@@ -217,6 +217,45 @@ async fn setup(extra: Vec<String>, title: &str) -> Setup {
     .await
 }
 
+/// Posts `text` as alice's client message `n + 1` in `chat`, through `clients[n % 3]` and
+/// on to the next node on a retryable error until [`WAIT`], and records the acknowledged
+/// send in `hist` (the tests' one way of posting, so every acknowledgement is checked).
+async fn post_recorded(
+    clients: &[Client],
+    hist: &history::History,
+    chat: u64,
+    alice: u64,
+    n: u64,
+    text: String,
+) {
+    let cmid = n + 1;
+    let invoked = hist.tick();
+    let deadline = Instant::now() + WAIT;
+    let mut at = n as usize;
+    let seq = loop {
+        match clients[at % 3]
+            .send_message(send_request(chat, cmid, &text))
+            .await
+        {
+            Ok(r) => break r.seq,
+            Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                at += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("post {n}: {e}"),
+        }
+    };
+    hist.record_send(history::Send {
+        chat,
+        sender: alice,
+        cmid,
+        text,
+        outcome: history::Outcome::Acked { seq },
+        invoked,
+        completed: hist.tick(),
+    });
+}
+
 /// [`setup`] with the cluster's options given whole.
 async fn setup_with(options: Options, title: &str) -> Setup {
     let cluster = tokio::task::block_in_place(|| Cluster::start(options));
@@ -599,38 +638,7 @@ async fn damage_in_an_older_segment_is_repaired_from_the_leader() {
     for n in 0..400 {
         texts.push(text_of(n, "p"));
     }
-    let post = |n: u64, text: String| {
-        let hist = &hist;
-        let clients = &clients;
-        async move {
-            let cmid = n + 1;
-            let invoked = hist.tick();
-            let deadline = Instant::now() + WAIT;
-            let mut at = n as usize;
-            let seq = loop {
-                match clients[at % 3]
-                    .send_message(send_request(chat, cmid, &text))
-                    .await
-                {
-                    Ok(r) => break r.seq,
-                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
-                        at += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => panic!("post {n}: {e}"),
-                }
-            };
-            hist.record_send(history::Send {
-                chat,
-                sender: alice,
-                cmid,
-                text,
-                outcome: history::Outcome::Acked { seq },
-                invoked,
-                completed: hist.tick(),
-            });
-        }
-    };
+    let post = |n: u64, text: String| post_recorded(&clients, &hist, chat, alice, n, text);
 
     let leader = current_leader(&cluster, g).await;
     let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
@@ -930,38 +938,7 @@ async fn the_newest_segment_cut_short_is_repaired_after_probing_every_voter() {
     let g = group_of(chat);
     let log = chatlog_raft::ids::raft_log(g).expect("a group log");
     let hist = history::History::default();
-    let post = |n: u64, text: String| {
-        let hist = &hist;
-        let clients = &clients;
-        async move {
-            let cmid = n + 1;
-            let invoked = hist.tick();
-            let deadline = Instant::now() + WAIT;
-            let mut at = n as usize;
-            let seq = loop {
-                match clients[at % 3]
-                    .send_message(send_request(chat, cmid, &text))
-                    .await
-                {
-                    Ok(r) => break r.seq,
-                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
-                        at += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => panic!("post {n}: {e}"),
-                }
-            };
-            hist.record_send(history::Send {
-                chat,
-                sender: alice,
-                cmid,
-                text,
-                outcome: history::Outcome::Acked { seq },
-                invoked,
-                completed: hist.tick(),
-            });
-        }
-    };
+    let post = |n: u64, text: String| post_recorded(&clients, &hist, chat, alice, n, text);
     for n in 0..POSTS {
         post(n, format!("before:{n}")).await;
     }
@@ -1110,38 +1087,7 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
             .collect();
         texts.push(format!("p:{n}:{body}"));
     }
-    let post = |n: u64, text: String| {
-        let hist = &hist;
-        let clients = &clients;
-        async move {
-            let cmid = n + 1;
-            let invoked = hist.tick();
-            let deadline = Instant::now() + WAIT;
-            let mut at = n as usize;
-            let seq = loop {
-                match clients[at % 3]
-                    .send_message(send_request(chat, cmid, &text))
-                    .await
-                {
-                    Ok(r) => break r.seq,
-                    Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
-                        at += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => panic!("post {n}: {e}"),
-                }
-            };
-            hist.record_send(history::Send {
-                chat,
-                sender: alice,
-                cmid,
-                text,
-                outcome: history::Outcome::Acked { seq },
-                invoked,
-                completed: hist.tick(),
-            });
-        }
-    };
+    let post = |n: u64, text: String| post_recorded(&clients, &hist, chat, alice, n, text);
     let leader = current_leader(&cluster, g).await;
     let followers: Vec<u64> = cluster.ids().filter(|n| *n != leader).collect();
     let victim = followers[rng.random_range(0..followers.len())];

@@ -248,17 +248,43 @@ struct DedupeKey {
     client_message_id: u64,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Shards of the de-duplication map, per group. Why: the map grows to
+/// [`DEDUPE_ENTRIES_MAX`] keys, and under an even load every group grows its map at the same
+/// rate, so with one map per group all of them rehashed (up to a quarter million keys each)
+/// on the apply path within the same few milliseconds: stalls of the tokio runtime of
+/// 20–35 ms, the bursts behind the half-load p99 (benches/RESULTS.md, session 7). With 64
+/// shards a rehash moves a 64th of the keys, and the shards reach their thresholds at
+/// different posts, so no single apply does more than a small one.
+pub const DEDUPE_SHARDS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Dedupe {
     order: VecDeque<(u64, DedupeKey)>,
-    /// Looked up and inserted once per post: a cheap fixed hasher (`key_hash.rs`); its
+    /// [`DEDUPE_SHARDS`] maps; a key lives in the one its hash picks ([`Dedupe::shard`]).
+    /// Looked up and inserted once per post: a cheap fixed hasher (`key_hash.rs`); their
     /// iteration order is never used (the encoding walks `order`).
-    seqs: HashMap<DedupeKey, (u64, u64), KeyHashBuilder>,
+    seqs: Vec<HashMap<DedupeKey, (u64, u64), KeyHashBuilder>>,
+}
+
+impl Default for Dedupe {
+    fn default() -> Dedupe {
+        Dedupe {
+            order: VecDeque::new(),
+            seqs: (0..DEDUPE_SHARDS).map(|_| HashMap::default()).collect(),
+        }
+    }
 }
 
 impl Dedupe {
+    /// The shard of `key`: bits 32.. of its hash (the maps index buckets by the low bits
+    /// and tag them with the top 7, so those stay spread within a shard).
+    fn shard(key: &DedupeKey) -> usize {
+        use std::hash::BuildHasher;
+        (KeyHashBuilder::default().hash_one(key) >> 32) as usize % DEDUPE_SHARDS
+    }
+
     fn get(&self, key: &DedupeKey) -> Option<(u64, u64)> {
-        self.seqs.get(key).copied()
+        self.seqs[Dedupe::shard(key)].get(key).copied()
     }
 
     fn insert(&mut self, key: DedupeKey, seq: u64, ts: u64) {
@@ -271,10 +297,16 @@ impl Dedupe {
             let Some((_, old)) = self.order.pop_front() else {
                 break;
             };
-            self.seqs.remove(&old);
+            self.seqs[Dedupe::shard(&old)].remove(&old);
         }
+        self.restore(key, seq, ts);
+    }
+
+    /// Appends `key` as the newest remembered send without expiring any (decoding a
+    /// checkpoint, whose window was already cut).
+    fn restore(&mut self, key: DedupeKey, seq: u64, ts: u64) {
         self.order.push_back((ts, key));
-        self.seqs.insert(key, (seq, ts));
+        self.seqs[Dedupe::shard(&key)].insert(key, (seq, ts));
     }
 }
 
@@ -1644,7 +1676,10 @@ impl GroupState {
         }
         w.u64(self.dedupe.order.len() as u64);
         for (ts, k) in &self.dedupe.order {
-            let (seq, _) = self.dedupe.seqs[k];
+            let (seq, _) = self
+                .dedupe
+                .get(k)
+                .expect("every key in the order is mapped");
             w.u64(*ts);
             w.u64(k.chat);
             w.u64(k.sender);
@@ -1791,8 +1826,7 @@ impl GroupState {
                 client_message_id: r.u64()?,
             };
             let seq = r.u64()?;
-            st.dedupe.order.push_back((ts, key));
-            st.dedupe.seqs.insert(key, (seq, ts));
+            st.dedupe.restore(key, seq, ts);
         }
         // Checkpoints written before bots existed end here.
         if r.remaining() > 0 {
