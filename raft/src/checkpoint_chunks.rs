@@ -447,7 +447,7 @@ pub fn load_chunks(
 mod tests {
     use super::*;
     use crate::chat::index_chunks::CHUNK_ENTRIES;
-    use crate::chat::{ChatKind, Command, Outcome};
+    use crate::chat::{Command, Outcome};
     use std::sync::Arc;
 
     const GROUP: GroupId = 3;
@@ -476,32 +476,7 @@ mod tests {
     impl Chat {
         fn new() -> Chat {
             let mut state = GroupState::new(GROUP);
-            let user = match state.apply(
-                &Command::CreateUser {
-                    name: "ann".into(),
-                    login_token_hash: [1; 32],
-                },
-                1,
-                1,
-                0,
-            ) {
-                Outcome::UserCreated { user } => user,
-                o => panic!("{o:?}"),
-            };
-            let chat = match state.apply(
-                &Command::CreateChat {
-                    creator: user,
-                    kind: ChatKind::Group,
-                    title: "t".into(),
-                    members: vec![],
-                },
-                2,
-                2,
-                0,
-            ) {
-                Outcome::Event { chat, .. } => chat,
-                o => panic!("{o:?}"),
-            };
+            let (user, chat) = crate::chat::index_chunks::tests::user_and_chat(&mut state);
             Chat {
                 state,
                 user,
@@ -515,20 +490,12 @@ mod tests {
         fn post(&mut self, n: u64) {
             for _ in 0..n {
                 self.index += 1;
-                let o = self.state.apply(
-                    &Command::Post {
-                        chat: self.chat,
-                        sender: self.user,
-                        client_message_id: self.index,
-                        text: "x".into(),
-                        media: None,
-                        reply_to: 0,
-                    },
-                    self.index * 60_000,
+                crate::chat::index_chunks::tests::post(
+                    &mut self.state,
+                    self.user,
+                    self.chat,
                     self.index,
-                    0,
                 );
-                assert!(matches!(o, Outcome::Event { .. }), "{o:?}");
             }
         }
     }

@@ -347,13 +347,13 @@ pub fn decode_outside(bytes: &[u8], chunks: Vec<ChunkRuns>) -> Result<GroupState
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chat::command::{ChatKind, Command, Outcome};
 
-    /// A state with one user, one chat and `posts` posts, one per Raft entry from 3.
-    fn state_with(posts: u64) -> (GroupState, u64, u64, u64) {
-        let mut st = GroupState::new(3);
+    /// Creates user "ann" (Raft entry 1) and a group chat of hers (entry 2) in `st`;
+    /// returns (user, chat). Shared with `checkpoint_chunks`'s tests.
+    pub(crate) fn user_and_chat(st: &mut GroupState) -> (u64, u64) {
         let user = match st.apply(
             &Command::CreateUser {
                 name: "ann".into(),
@@ -380,6 +380,13 @@ mod tests {
             Outcome::Event { chat, .. } => chat,
             o => panic!("{o:?}"),
         };
+        (user, chat)
+    }
+
+    /// A state with one user, one chat and `posts` posts, one per Raft entry from 3.
+    fn state_with(posts: u64) -> (GroupState, u64, u64, u64) {
+        let mut st = GroupState::new(3);
+        let (user, chat) = user_and_chat(&mut st);
         let mut index = 2;
         for _ in 0..posts {
             index += 1;
@@ -388,7 +395,9 @@ mod tests {
         (st, user, chat, index)
     }
 
-    fn post(st: &mut GroupState, user: u64, chat: u64, index: u64) {
+    /// Posts as Raft entry `index`, a minute after the one before (the de-duplication
+    /// window, 15 minutes, stays small). Shared with `checkpoint_chunks`'s tests.
+    pub(crate) fn post(st: &mut GroupState, user: u64, chat: u64, index: u64) {
         let o = st.apply(
             &Command::Post {
                 chat,
@@ -398,7 +407,6 @@ mod tests {
                 media: None,
                 reply_to: 0,
             },
-            // A minute apart: the de-duplication window (15 minutes) stays small.
             index * 60_000,
             index,
             0,
