@@ -984,27 +984,16 @@ impl Node {
         if self.read_groups().contains_key(&g) {
             return Ok(());
         }
-        let group = self.build_cutting_damage(g).await?;
-        self.write_groups().insert(g, group);
-        self.local_changes.send_modify(|v| *v += 1);
-        Ok(())
+        self.start_local_replica(g).await
     }
 
     /// Stops the local replica of `g` and deletes its Raft log and checkpoints from the
     /// engine (the space returns with compaction): the replica moved to another node.
     pub async fn drop_group(&self, g: GroupId) -> Result<(), Error> {
         let _changing = self.changing.lock().await;
-        let Some(group) = self.write_groups().remove(&g) else {
+        if !self.stop_local_replica(g).await {
             return Ok(());
-        };
-        self.registry.remove(g);
-        self.local_changes.send_modify(|v| *v += 1);
-        group.secret_eraser.abort();
-        group.retention.abort();
-        if let Err(e) = group.raft.shutdown().await {
-            tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
         }
-        drop(group);
         crate::replica_drop::clear_replica_logs(&self.engine, g).await?;
         tracing::info!(group = g, "replica dropped: it moved to another node");
         Ok(())
@@ -1015,22 +1004,12 @@ impl Node {
     /// replica again, repairing. Returns the first Raft index dropped.
     pub async fn restart_damaged_group(&self, g: GroupId) -> Result<Option<u64>, Error> {
         let _changing = self.changing.lock().await;
-        let Some(group) = self.write_groups().remove(&g) else {
+        if !self.stop_local_replica(g).await {
             return Ok(None);
-        };
-        self.registry.remove(g);
-        self.local_changes.send_modify(|v| *v += 1);
-        group.secret_eraser.abort();
-        group.retention.abort();
-        if let Err(e) = group.raft.shutdown().await {
-            tracing::warn!(group = g, error = %e, "damaged group did not shut down cleanly");
         }
-        drop(group);
         let cut = crate::damage_watch::cut_damaged_raft_log(&self.engine, g).await?;
         crate::damage_watch::cut_damaged_checkpoint_log(&self.engine, g).await?;
-        let group = self.build_cutting_damage(g).await?;
-        self.write_groups().insert(g, group);
-        self.local_changes.send_modify(|v| *v += 1);
+        self.start_local_replica(g).await?;
         Ok(cut)
     }
 
@@ -1043,17 +1022,9 @@ impl Node {
         batch: chatlog_storage::WriteBatch,
     ) -> Result<(), Error> {
         let _changing = self.changing.lock().await;
-        let Some(group) = self.write_groups().remove(&g) else {
+        if !self.stop_local_replica(g).await {
             return Ok(());
-        };
-        self.registry.remove(g);
-        self.local_changes.send_modify(|v| *v += 1);
-        group.secret_eraser.abort();
-        group.retention.abort();
-        if let Err(e) = group.raft.shutdown().await {
-            tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
         }
-        drop(group);
         self.engine
             .write(&batch)
             .await
@@ -1063,6 +1034,29 @@ impl Node {
                 subject: "the probed vote and marker".into(),
                 source,
             })?;
+        self.start_local_replica(g).await
+    }
+
+    /// Takes the local replica of `g` out of the node and shuts its Raft instance down
+    /// (its background tasks aborted); `false` if the node holds none. The caller holds
+    /// `changing`.
+    async fn stop_local_replica(&self, g: GroupId) -> bool {
+        let Some(group) = self.write_groups().remove(&g) else {
+            return false;
+        };
+        self.registry.remove(g);
+        self.local_changes.send_modify(|v| *v += 1);
+        group.secret_eraser.abort();
+        group.retention.abort();
+        if let Err(e) = group.raft.shutdown().await {
+            tracing::warn!(group = g, error = %e, "group did not shut down cleanly");
+        }
+        true
+    }
+
+    /// Builds the local replica of `g` ([`Node::build_cutting_damage`]) and puts it in
+    /// the node. The caller holds `changing`.
+    async fn start_local_replica(&self, g: GroupId) -> Result<(), Error> {
         let group = self.build_cutting_damage(g).await?;
         self.write_groups().insert(g, group);
         self.local_changes.send_modify(|v| *v += 1);
