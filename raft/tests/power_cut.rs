@@ -171,6 +171,26 @@ async fn start_group(
     }
 }
 
+/// Puts a started replica of `group` ([`start_group`]) where the node finds it: its
+/// reader, its repair status and its Raft instance.
+fn register(
+    readers: &Mutex<HashMap<GroupId, (LogReader, Arc<GroupShared>)>>,
+    directory: &Directory,
+    group: GroupId,
+    (raft, repair, reader, shared): (ChatRaft, Arc<RepairStatus>, LogReader, Arc<GroupShared>),
+) {
+    readers
+        .lock()
+        .expect("lock")
+        .insert(group, (reader, shared));
+    directory
+        .repairs
+        .lock()
+        .expect("lock")
+        .insert(group, repair);
+    directory.rafts.lock().expect("lock").insert(group, raft);
+}
+
 async fn start_group_once(
     id: NodeId,
     engine: &Arc<Engine>,
@@ -221,20 +241,12 @@ impl TestNode {
             start_group(self.id, &self.engine, &self.router, group, &self.directory)
                 .await
                 .expect("the damaged replica starts again");
-        self.readers
-            .lock()
-            .expect("lock")
-            .insert(group, (reader, shared));
-        self.directory
-            .repairs
-            .lock()
-            .expect("lock")
-            .insert(group, repair);
-        self.directory
-            .rafts
-            .lock()
-            .expect("lock")
-            .insert(group, raft);
+        register(
+            &self.readers,
+            &self.directory,
+            group,
+            (raft, repair, reader, shared),
+        );
         cut
     }
 
@@ -288,20 +300,12 @@ impl TestNode {
                 !repair.is_vote_unknown(),
                 "seed={seed}: probed once is enough"
             );
-            self.readers
-                .lock()
-                .expect("lock")
-                .insert(group, (reader, shared));
-            self.directory
-                .repairs
-                .lock()
-                .expect("lock")
-                .insert(group, repair);
-            self.directory
-                .rafts
-                .lock()
-                .expect("lock")
-                .insert(group, raft);
+            register(
+                &self.readers,
+                &self.directory,
+                group,
+                (raft, repair, reader, shared),
+            );
             probed.push(group);
         }
         probed
@@ -337,18 +341,8 @@ impl TestNode {
         let directory = Arc::new(Directory::default());
         let readers = Mutex::new(HashMap::new());
         for group in GROUPS {
-            let (raft, repair, reader, shared) =
-                start_group(id, &engine, &router, group, &directory).await?;
-            readers
-                .lock()
-                .expect("lock")
-                .insert(group, (reader, shared));
-            directory
-                .repairs
-                .lock()
-                .expect("lock")
-                .insert(group, repair);
-            directory.rafts.lock().expect("lock").insert(group, raft);
+            let started = start_group(id, &engine, &router, group, &directory).await?;
+            register(&readers, &directory, group, started);
         }
         let addr = listener.local_addr().expect("local addr");
         let (stop_server, stopped) = oneshot::channel();
