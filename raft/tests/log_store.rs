@@ -9,39 +9,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chatlog_raft::types::{Entry, EntryPayload, LogId, Membership, Vote, log_id};
 use chatlog_raft::{ChatBatch, GroupId, LogStore, TypeConfig};
-use chatlog_storage::{Config, Engine};
+use chatlog_storage::Engine;
 use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftLogStorageExt};
 use openraft::type_config::TypeConfigExt;
 
 const GROUP: GroupId = 3;
 
+#[path = "common/store.rs"]
+mod store;
+use store::close;
+
 fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
-    let mut config = Config::new(dir);
-    config.segment_bytes = 1 << 20;
-    let engine = Arc::new(Engine::open(config).expect("engine opens"));
-    let store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store opens");
-    (engine, store)
-}
-
-/// Drops the store and closes the engine, checking it stopped cleanly. Every reader of
-/// the store must be dropped first.
-fn close(engine: Arc<Engine>, store: LogStore) {
-    drop(store);
-    let engine = only_handle(engine).expect("the store held the only other handle");
-    engine.close().expect("engine closes cleanly");
-}
-
-/// The engine once no log store holds it: a dropped store's "synced" marker writer
-/// (`chatlog_raft::repair`) lets go of it when it next runs (on another worker thread).
-fn only_handle(mut engine: Arc<Engine>) -> Result<Engine, Arc<Engine>> {
-    for _ in 0..500 {
-        match Arc::try_unwrap(engine) {
-            Ok(e) => return Ok(e),
-            Err(shared) => engine = shared,
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Err(engine)
+    store::open(dir, GROUP)
 }
 
 fn normal(term: u64, index: u64, body: &str) -> Entry {

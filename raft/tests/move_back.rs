@@ -15,25 +15,12 @@ use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt};
 
 const GROUP: GroupId = 5;
 
-fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
-    let mut config = Config::new(dir);
-    config.segment_bytes = 1 << 20;
-    let engine = Arc::new(Engine::open(config).expect("engine opens"));
-    let store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store opens");
-    (engine, store)
-}
+#[path = "common/store.rs"]
+mod store;
+use store::close;
 
-fn close(engine: Arc<Engine>, store: LogStore) {
-    drop(store);
-    let mut engine = engine;
-    for _ in 0..500 {
-        match Arc::try_unwrap(engine) {
-            Ok(e) => return e.close().expect("engine closes cleanly"),
-            Err(shared) => engine = shared,
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("the engine is still shared");
+fn open(dir: &Path) -> (Arc<Engine>, LogStore) {
+    store::open(dir, GROUP)
 }
 
 fn normal(term: u64, index: u64) -> Entry {
