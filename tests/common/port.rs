@@ -11,11 +11,18 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Lowest port handed out: above the well-known and common service ports.
 const PORT_LOW: u16 = 20_000;
 
-/// A port below the ephemeral range that was free a moment ago (bound and released).
+/// The next candidate port, as an offset from [`PORT_LOW`]: random once per process, then
+/// counted up, so one process never hands out the same port twice (two random picks of a
+/// cluster's eight ports could collide before any node had bound its own).
+static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// A port below the ephemeral range that was free a moment ago (bound and released), and
+/// not handed out before by this process.
 pub fn free_port() -> u16 {
     let high = ephemeral_low().min(32_768);
     if high <= PORT_LOW + 1_000 {
@@ -25,8 +32,9 @@ pub fn free_port() -> u16 {
     }
     let span = u64::from(high - PORT_LOW);
     let start = RandomState::new().hash_one(std::process::id()) % span;
-    for i in 0..span {
-        let port = PORT_LOW + ((start + i * 7_919) % span) as u16;
+    let _ = NEXT.compare_exchange(u64::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = PORT_LOW + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
