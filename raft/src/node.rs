@@ -784,6 +784,7 @@ where
             Arc::clone(&shared),
             reader.clone(),
             Arc::clone(&secret_erased),
+            Arc::clone(&queue),
         ))
         .abort_handle(),
     );

@@ -1,9 +1,13 @@
 //! The physical side of log retention on one replica: purging the group's Raft log
 //! below the horizon the applied state allows.
 //!
-//! What it owns: the retention task of each local group (started only when the node has
-//! a retention policy, `SmConfig::retention`). What it must not do: purge what this
-//! replica may still need, which is more than the state's horizon says:
+//! What it owns: the retention task of each local group, and the seeding of a group's
+//! replicated policy from this node's `--retain-*` flags (`SmConfig::retention`): while
+//! the group has no policy and this replica leads, it proposes the flags' policy with
+//! `only_if_unset` (`chat::retention::RetentionCommand`), so a node's flags never
+//! override a policy set since. What it must not do: read the flags for anything else
+//! (the horizon follows the replicated policy), or purge what this replica may still
+//! need, which is more than the state's horizon says:
 //!
 //! - the state's horizon (`GroupState::retained_from`, moved deterministically by apply,
 //!   `chat::retention`): the indexes point at nothing below it;
@@ -27,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::ChatRaft;
-use crate::chat::retention::RetentionPolicy;
+use crate::chat::Command;
+use crate::chat::retention::{RetentionCommand, RetentionPolicy};
+use crate::proposer::ProposalQueue;
 use crate::log_store::LogReader;
 use crate::state_machine::GroupShared;
 use crate::types::GroupId;
@@ -58,26 +64,74 @@ pub fn horizon(shared: &GroupShared, secret_erased: u64) -> Option<u64> {
     (h > 1).then_some(h)
 }
 
-/// Runs group `group`'s retention until the group stops (see the module docs).
-pub async fn run(
+/// Proposes the seed `policy` for `group` when it has no replicated policy and this
+/// replica leads; says whether seeding is over (the group has a policy).
+async fn seed(
     group: GroupId,
     policy: RetentionPolicy,
+    raft: &ChatRaft,
+    shared: &GroupShared,
+    proposals: &ProposalQueue,
+) -> bool {
+    if let Some(current) = shared.read().retention_policy() {
+        if current != policy {
+            tracing::info!(
+                group,
+                replicated = %current.describe(),
+                flags = %policy.describe(),
+                "retention: the group's replicated policy differs from this node's --retain-* \
+                 flags, which only seed a group without one; the replicated policy applies \
+                 (change it with `chatlog admin retention set`)"
+            );
+        }
+        return true;
+    }
+    let metrics = openraft::async_runtime::WatchReceiver::borrow_watched(&raft.metrics()).clone();
+    if metrics.current_leader != Some(metrics.id) {
+        return false;
+    }
+    let cmd = Command::Retention(RetentionCommand {
+        policy,
+        only_if_unset: true,
+    });
+    match proposals.propose(&cmd).await {
+        Ok((outcome, index)) => {
+            tracing::info!(group, policy = %policy.describe(), index, ?outcome, "retention: seeded the group's policy from --retain-* flags");
+            false // the next tick sees the applied policy
+        }
+        Err(e) => {
+            tracing::debug!(group, error = %e, "retention: seeding the policy failed; next tick");
+            false
+        }
+    }
+}
+
+/// Runs group `group`'s retention until the group stops (see the module docs); `seed_policy`
+/// is this node's `--retain-*` flags.
+pub async fn run(
+    group: GroupId,
+    seed_policy: RetentionPolicy,
     raft: ChatRaft,
     shared: Arc<GroupShared>,
     log: LogReader,
     secret_erased: Arc<AtomicU64>,
+    proposals: Arc<ProposalQueue>,
 ) {
-    if !policy.is_some() {
-        return;
-    }
-    // A snapshot (a full checkpoint) only when it lets the purge move this much.
-    let slack = policy
-        .retain_entries
-        .map_or(8 * crate::chat::retention::MARK_EVERY_ENTRIES, |keep| {
-            (keep / 8).max(1)
-        });
+    let mut seeded = !seed_policy.is_some();
     loop {
         tokio::time::sleep(RETENTION_TICK).await;
+        if !seeded {
+            seeded = seed(group, seed_policy, &raft, &shared, &proposals).await;
+        }
+        let Some(policy) = shared.read().retention_policy().filter(|p| p.is_some()) else {
+            continue;
+        };
+        // A snapshot (a full checkpoint) only when it lets the purge move this much.
+        let slack = policy
+            .retain_entries
+            .map_or(8 * crate::chat::retention::MARK_EVERY_ENTRIES, |keep| {
+                (keep / 8).max(1)
+            });
         let Some(wanted) = horizon(&shared, secret_erased.load(Ordering::Acquire)) else {
             continue;
         };

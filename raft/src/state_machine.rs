@@ -81,8 +81,9 @@ pub struct SmConfig {
     /// Entries applied between two checkpoints. A restart re-applies at most about this
     /// many entries per group (plus what arrived since the last one).
     pub checkpoint_every_entries: u64,
-    /// How much of the log the indexes keep (`chat::retention`); the same on every
-    /// replica. The physical purge follows it (`crate::retention`).
+    /// The policy this node's `--retain-*` flags seed (s8retention): proposed for a
+    /// group that has no replicated policy yet (`crate::retention`). Apply never reads
+    /// it: the indexes follow the group's replicated policy (`chat::retention`).
     pub retention: RetentionPolicy,
 }
 
@@ -483,13 +484,12 @@ impl ChatStateMachine {
                 }
             },
         };
-        if self.config.retention.is_some() {
-            self.shared
-                .state
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .note_applied_entry(&self.config.retention, index, entry_bytes);
-        }
+        // Under the group's replicated policy only (s8retention), never this node's flags.
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .note_applied_entry(index, entry_bytes);
         self.header.last_applied = Some(entry.log_id);
         self.applied_since_checkpoint += 1;
         Ok(ChatBatchReply {
@@ -936,3 +936,7 @@ impl ChatStateMachine {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "state_machine_retention_tests.rs"]
+mod retention_tests;

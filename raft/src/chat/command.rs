@@ -282,6 +282,9 @@ pub enum Command {
     // ---- cluster placement (controller group 0 only; tags 70-79) ----
     /// A change to the cluster placement (`chat::placement`); refused outside group 0.
     Placement(crate::chat::placement::PlacementCommand),
+    // ---- retention policy (s8retention; tags 80-84, `chat::retention`) ----
+    /// Sets the group's retention policy (replicated state; `chat/retention.rs`).
+    Retention(crate::chat::retention::RetentionCommand),
     /// Records that `uploader` finished uploading a file, checked and stored by the node
     /// that proposes it (in the uploader's group; `chat/media.rs`).
     MediaStored {
@@ -512,6 +515,7 @@ impl Command {
                 w.u8(tag::PLACEMENT);
                 p.encode_into(w.0);
             }
+            Command::Retention(c) => c.encode_into(w.0),
             Command::MediaStored { uploader, media } => {
                 w.u8(tag::MEDIA_STORED);
                 w.u64(*uploader);
@@ -675,6 +679,9 @@ impl Command {
             tag::PLACEMENT => {
                 Command::Placement(crate::chat::placement::PlacementCommand::decode(&mut r)?)
             }
+            t if crate::chat::retention::tag::RANGE.contains(&t) => Command::Retention(
+                crate::chat::retention::RetentionCommand::decode_fields(t, &mut r)?,
+            ),
             tag::MEDIA_STORED => Command::MediaStored {
                 uploader: r.u64()?,
                 media: MediaRef {
@@ -929,6 +936,12 @@ pub enum Outcome {
     ChatListsDelivered {
         /// The users.
         users: Vec<UserId>,
+    },
+    /// A retention command was applied (`chat::retention`).
+    Retention {
+        /// False when it changed nothing (the same policy, or a seed for a group that
+        /// already has one).
+        changed: bool,
     },
     /// A placement command was applied (group 0).
     Placement {

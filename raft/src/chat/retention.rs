@@ -7,8 +7,15 @@
 //! trim horizon ([`RetentionPolicy::note_entry`], with the [`ByteLedger`] of the size
 //! limit, which is part of the state). What it must not do: read clocks, look at the disk or
 //! depend on anything but applied entries and the policy: every replica trims at the same
-//! entries to the same horizon, so the encoded state stays byte-identical (the policy
-//! must be the same on every node, as `chatlog serve --help` says).
+//! entries to the same horizon, so the encoded state stays byte-identical.
+//!
+//! The policy is replicated state (session 8): a group's policy lives in its
+//! `GroupState` and changes only when a [`RetentionCommand`] (chat command tags 80–84)
+//! is applied, so every replica trims under the same policy whatever flags its node runs
+//! with and however often the cluster restarts. `--retain-entries` / `--retain-bytes`
+//! only *seed* it: a group's leader proposes them with `only_if_unset` while the group has
+//! no policy (`crate::retention`); `chatlog admin retention set` (`POST /admin/retention`)
+//! changes it while the cluster serves.
 //!
 //! The physical purge of the Raft log (`crate::retention`) follows this horizon, further
 //! held back by what only one replica knows (its durable checkpoint, its eraser).
@@ -77,6 +84,126 @@ impl RetentionPolicy {
         Some(raft_index + 1 - keep)
     }
 }
+
+// ---- replicated policy (s8retention; chat command tags 80-84) ----
+
+/// Chat command tags of retention commands (80–84; 81–84 are free for later ones).
+pub mod tag {
+    /// [`super::RetentionCommand`].
+    pub const SET_POLICY: u8 = 80;
+    /// Every tag this module owns.
+    pub const RANGE: std::ops::RangeInclusive<u8> = 80..=84;
+}
+
+/// Sets a group's retention policy (replicated: applied in log order on every replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionCommand {
+    /// The new policy; [`RetentionPolicy::keep_all`] sets "keep everything" explicitly.
+    pub policy: RetentionPolicy,
+    /// Apply only while the group has no policy yet (the seed from a node's flags, which
+    /// must never undo an operator's `admin retention set`).
+    pub only_if_unset: bool,
+}
+
+/// Flag bits of an encoded [`RetentionCommand`] / policy.
+const HAS_ENTRIES: u8 = 1;
+const HAS_BYTES: u8 = 2;
+const ONLY_IF_UNSET: u8 = 4;
+
+impl RetentionPolicy {
+    /// Appends `flags u8 | entries u64 | bytes u64` (absent limits as 0), with `extra`
+    /// flag bits.
+    fn encode_with_flags(&self, extra: u8, out: &mut Vec<u8>) {
+        let flags = extra
+            | if self.retain_entries.is_some() { HAS_ENTRIES } else { 0 }
+            | if self.retain_bytes.is_some() { HAS_BYTES } else { 0 };
+        out.push(flags);
+        out.extend_from_slice(&self.retain_entries.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.retain_bytes.unwrap_or(0).to_le_bytes());
+    }
+
+    /// Reads what `encode_with_flags` wrote; the flags byte too.
+    fn decode_with_flags(r: &mut Reader<'_>) -> Result<(RetentionPolicy, u8), DecodeError> {
+        let flags = r.u8()?;
+        if flags & !(HAS_ENTRIES | HAS_BYTES | ONLY_IF_UNSET) != 0 {
+            return Err(r.error(format!("retention policy flags {flags:#x}")));
+        }
+        let (entries, bytes) = (r.u64()?, r.u64()?);
+        let policy = RetentionPolicy {
+            retain_entries: (flags & HAS_ENTRIES != 0).then_some(entries),
+            retain_bytes: (flags & HAS_BYTES != 0).then_some(bytes),
+        };
+        Ok((policy, flags))
+    }
+
+    /// Why the policy cannot be applied, if it cannot: a limit of 0 keeps nothing.
+    pub fn invalid(&self) -> Option<&'static str> {
+        (self.retain_entries == Some(0) || self.retain_bytes == Some(0))
+            .then_some("a retention limit must be at least 1 (leave it out for no limit)")
+    }
+
+    /// For people and logs: `entries=N bytes=B`, `keep-all`.
+    pub fn describe(&self) -> String {
+        match (self.retain_entries, self.retain_bytes) {
+            (None, None) => "keep-all".into(),
+            (e, b) => [e.map(|e| format!("entries={e}")), b.map(|b| format!("bytes={b}"))]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+impl RetentionCommand {
+    /// Appends the command's bytes: `tag 80 | flags u8 | entries u64 | bytes u64`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(tag::SET_POLICY);
+        let extra = if self.only_if_unset { ONLY_IF_UNSET } else { 0 };
+        self.policy.encode_with_flags(extra, out);
+    }
+
+    /// Reads the fields after tag `t` (one of [`tag::RANGE`]).
+    pub fn decode_fields(t: u8, r: &mut Reader<'_>) -> Result<RetentionCommand, DecodeError> {
+        if t != tag::SET_POLICY {
+            return Err(r.error(format!("unknown retention command tag {t}")));
+        }
+        let (policy, flags) = RetentionPolicy::decode_with_flags(r)?;
+        Ok(RetentionCommand {
+            policy,
+            only_if_unset: flags & ONLY_IF_UNSET != 0,
+        })
+    }
+}
+
+/// Tag of the policy section of the encoded state, written after the placement and only
+/// once a policy was set (older checkpoints end before it and decode as "no policy").
+/// Never equal to `placement::PLACEMENT_VERSION`, which may stand where it stands.
+pub const POLICY_SECTION_TAG: u8 = 0xE8;
+const _: () = assert!(POLICY_SECTION_TAG != crate::chat::placement::PLACEMENT_VERSION);
+
+/// Appends the policy section (nothing for `None`).
+pub fn encode_policy_section(policy: Option<RetentionPolicy>, out: &mut Vec<u8>) {
+    if let Some(p) = policy {
+        out.push(POLICY_SECTION_TAG);
+        p.encode_with_flags(0, out);
+    }
+}
+
+/// Reads the policy section if the next byte starts one; `None` otherwise.
+pub fn decode_policy_section(r: &mut Reader<'_>) -> Result<Option<RetentionPolicy>, DecodeError> {
+    if r.peek_u8() != Some(POLICY_SECTION_TAG) {
+        return Ok(None);
+    }
+    r.u8()?;
+    let (policy, flags) = RetentionPolicy::decode_with_flags(r)?;
+    if flags & ONLY_IF_UNSET != 0 {
+        return Err(r.error("a stored retention policy has no only-if-unset flag"));
+    }
+    Ok(Some(policy))
+}
+
+// ---- end replicated policy ----
 
 /// Running byte counts of the applied log, for the byte policy: the total, and marks
 /// `(raft index, total before it)` every [`MARK_EVERY_ENTRIES`] entries from the oldest

@@ -341,6 +341,9 @@ pub struct GroupState {
     retained_from: u64,
     /// Retention: byte counts of the applied log for the byte policy.
     ledger: crate::chat::retention::ByteLedger,
+    /// Retention (s8retention): the group's replicated policy, `None` until a
+    /// `Command::Retention` set one (keep everything). Encoded last.
+    retention_policy: Option<crate::chat::retention::RetentionPolicy>,
 }
 
 fn refuse(code: RefusalCode, msg: impl Into<String>) -> Outcome {
@@ -376,6 +379,7 @@ impl GroupState {
             chat_lists: ChatLists::default(),
             retained_from: 0,
             ledger: Default::default(),
+            retention_policy: None,
         }
     }
 
@@ -422,6 +426,7 @@ impl GroupState {
         }
         let at = |kind, sender| EventLoc::new(raft_index, pos, kind, sender);
         match cmd {
+            Command::Retention(c) => self.apply_retention(c),
             Command::Placement(p) => {
                 if self.group != 0 {
                     return refuse(
@@ -1693,6 +1698,8 @@ impl GroupState {
         self.encode_retention(&mut w);
         // Last, and nothing outside group 0: older checkpoints decode unchanged.
         self.placement.encode_into(&mut w.0);
+        // After the placement (s8retention): older checkpoints end before it.
+        crate::chat::retention::encode_policy_section(self.retention_policy, &mut w.0);
         w.0
     }
 
@@ -1844,7 +1851,10 @@ impl GroupState {
             st.chat_lists = ChatLists::decode_from(&mut r)?;
         }
         st.decode_retention(&mut r)?;
-        st.placement = crate::chat::placement::Placement::decode(&mut r)?;
+        if r.peek_u8() != Some(crate::chat::retention::POLICY_SECTION_TAG) {
+            st.placement = crate::chat::placement::Placement::decode(&mut r)?;
+        }
+        st.retention_policy = crate::chat::retention::decode_policy_section(&mut r)?;
         r.finish()?;
         Ok(st)
     }
@@ -1875,17 +1885,44 @@ impl GroupState {
         }
     }
 
-    /// Records an applied entry for `policy` (`bytes` long) and trims where the policy
-    /// says (`RetentionPolicy::note_entry`). Apply calls it for every entry.
-    pub fn note_applied_entry(
-        &mut self,
-        policy: &crate::chat::retention::RetentionPolicy,
-        raft_index: u64,
-        bytes: u64,
-    ) {
+    /// Records an applied entry (`bytes` long) under the group's replicated policy and
+    /// trims where it says (`RetentionPolicy::note_entry`); nothing without a policy.
+    /// Apply calls it for every entry, after the entry's commands (so an entry that sets
+    /// a policy is itself counted under it).
+    pub fn note_applied_entry(&mut self, raft_index: u64, bytes: u64) {
+        let Some(policy) = self.retention_policy.filter(|p| p.is_some()) else {
+            return;
+        };
         if let Some(horizon) = policy.note_entry(&mut self.ledger, raft_index, bytes) {
             self.trim_below(horizon);
         }
+    }
+
+    /// The group's replicated retention policy; `None` while none was ever set (the
+    /// group keeps everything).
+    pub fn retention_policy(&self) -> Option<crate::chat::retention::RetentionPolicy> {
+        self.retention_policy
+    }
+
+    /// Applies a [`crate::chat::retention::RetentionCommand`]. A policy without a byte
+    /// limit clears the byte ledger, so a later byte limit counts from where it is set
+    /// (the same on every replica). A looser policy keeps what was already trimmed.
+    fn apply_retention(&mut self, c: &crate::chat::retention::RetentionCommand) -> Outcome {
+        if let Some(why) = c.policy.invalid() {
+            return refuse(RefusalCode::BadRequest, why);
+        }
+        let changed = match self.retention_policy {
+            Some(_) if c.only_if_unset => false,
+            Some(p) => p != c.policy,
+            None => true,
+        };
+        if changed {
+            self.retention_policy = Some(c.policy);
+            if c.policy.retain_bytes.is_none() {
+                self.ledger = Default::default();
+            }
+        }
+        Outcome::Retention { changed }
     }
 
     /// The Raft index below which no index entry points (0: nothing trimmed).

@@ -413,6 +413,8 @@ const RESULT_UNAVAILABLE: u8 = 7;
 const RESULT_BOT_DONE: u8 = 8;
 /// A placement command's outcome: version u64 | changed u8 (cluster changes, 70-79).
 const RESULT_PLACEMENT: u8 = 70;
+/// A retention command's outcome: changed u8 (s8retention, 80-84).
+const RESULT_RETENTION: u8 = 80;
 const RESULT_CHAT_LISTS: u8 = 33;
 const RESULT_CHAT_LISTS_DELIVERED: u8 = 34;
 const RESULT_MEDIA_STORED: u8 = 40;
@@ -600,6 +602,10 @@ pub fn encode_propose_response(index: u64, results: &[ProposeResult]) -> Bytes {
                     out.extend_from_slice(&u.to_le_bytes());
                 }
             }
+            Ok(Outcome::Retention { changed }) => {
+                out.push(RESULT_RETENTION);
+                out.push(u8::from(*changed));
+            }
             Ok(Outcome::Placement { version, changed }) => {
                 out.push(RESULT_PLACEMENT);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -661,6 +667,9 @@ pub fn decode_propose_response(
                 chat: r.u64()?,
                 n: r.u64()?,
             })),
+            RESULT_RETENTION => Ok(Outcome::Retention {
+                changed: r.bool()?,
+            }),
             RESULT_PLACEMENT => Ok(Outcome::Placement {
                 version: r.u64()?,
                 changed: r.bool()?,
@@ -1007,6 +1016,8 @@ mod tests {
                 version: 9,
                 changed: true,
             }),
+            Ok(Outcome::Retention { changed: true }),
+            Ok(Outcome::Retention { changed: false }),
             Ok(Outcome::Refused(Refusal {
                 code: RefusalCode::Conflict,
                 message: "taken".into(),
