@@ -112,6 +112,11 @@ pub enum AdminCommand {
     /// "done": BOOL}
     Snapshot(StatusArgs),
     // ---- end backup ----
+    // ---- retention policy (`crate::admin_retention`, s8retention) ----
+    /// Shows or sets the replicated retention policy of every group.
+    #[command(subcommand)]
+    Retention(crate::admin_retention::RetentionCommand),
+    // ---- end retention policy ----
 }
 
 /// `chatlog admin node …`.
@@ -272,12 +277,13 @@ pub fn run(cmd: AdminCommand) -> Result<(), CliError> {
             AdminCommand::Rebalance(a) => rebalance(a).await,
             AdminCommand::Backup(a) => crate::backup::cmd::backup(a).await,
             AdminCommand::Snapshot(a) => crate::backup::cmd::snapshot(a.conn).await,
+            AdminCommand::Retention(c) => crate::admin_retention::run(c).await,
         }
     })
 }
 
 /// Makes the call; a 2xx answer's JSON body, or the server's error as `CODE: message`.
-async fn call(
+pub(crate) async fn call(
     conn: &AdminConn,
     method: &str,
     path: &str,
@@ -313,7 +319,7 @@ async fn call(
     Err(fail(&code, format!("{message} (HTTP {})", r.status)))
 }
 
-fn opt(v: &Value) -> String {
+pub(crate) fn opt(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::Number(n) => n.to_string(),
@@ -514,7 +520,7 @@ async fn leader_transfer(a: TransferArgs) -> Result<(), CliError> {
 /// Bound of a change that waits for its completion (the server waits up to 300 s).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(320);
 
-fn print_or_json(conn: &AdminConn, v: &Value, line: String) {
+pub(crate) fn print_or_json(conn: &AdminConn, v: &Value, line: String) {
     if conn.json {
         println!("{v}");
     } else {

@@ -6,6 +6,7 @@
 //! `storage_cmd`), and media uploads and downloads (`media`).
 
 pub mod admin_cmd;
+pub mod admin_retention;
 pub mod backup;
 pub mod bench_cmd;
 pub mod bot;

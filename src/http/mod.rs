@@ -22,6 +22,8 @@
 //!   segment, compacts; see `compact.rs`.
 //! - Cluster changes (`cluster.rs`): `GET /admin/cluster`, `POST /admin/node-add`,
 //!   `/admin/node-remove`, `/admin/replica-move`, `/admin/group-add`, `/admin/rebalance`.
+//! - Retention (`retention.rs`): `GET /admin/retention` (each local replica's replicated
+//!   policy, horizon and state digest), `POST /admin/retention` (sets every group's policy).
 //! - Backups (`crate::backup::serve`): `GET /admin/backup` (what this node holds),
 //!   `GET /admin/backup/group/{g}` (one group's copy, streamed),
 //!   `GET /admin/backup/media/{sha256 hex}` (one media file, streamed).
@@ -44,6 +46,7 @@ mod counters;
 mod disk;
 mod metrics;
 mod page;
+pub mod retention;
 mod status;
 
 use std::collections::BTreeMap;
@@ -136,6 +139,9 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/admin/group-add", post(cluster::group_add))
         .route("/admin/rebalance", post(cluster::rebalance))
         // ---- end cluster changes ----
+        // ---- retention policy (retention.rs, s8retention) ----
+        .merge(retention::routes())
+        // ---- end retention policy ----
         // ---- backup (crate::backup::serve) ----
         .merge(crate::backup::serve::routes())
         // ---- end backup ----

@@ -126,6 +126,9 @@ pub struct GroupView {
     /// Issue 9: why this replica's log is damaged while it repairs from the leader (it
     /// grants no votes, does not campaign, serves no reads); `None` when sound.
     pub damage: Option<chatlog_raft::repair::LogDamage>,
+    /// s8retention: the group's replicated retention policy (`None`: never set, keep
+    /// everything) and the first Raft index its indexes keep (0: nothing trimmed).
+    pub retention: (Option<chatlog_raft::chat::retention::RetentionPolicy>, u64),
 }
 
 /// Entries up to and including `index`: `None` (empty) is 0.
@@ -184,6 +187,10 @@ impl GroupView {
             commit_latency: group.commit_latency().snapshot(),
             proposal_queue_len: group.proposal_queue_len(),
             damage: group.repair_status().damage(),
+            retention: {
+                let st = group.shared().read();
+                (st.retention_policy(), st.retained_from())
+            },
         }
     }
 
@@ -218,6 +225,9 @@ impl GroupView {
             "disk_bytes": self.disk_bytes,
             // The upper bucket bound in seconds; null before the first entry led here.
             "commit_latency_p99_s": p99_json(&self.commit_latency),
+            // s8retention: the replicated policy (null: never set, keep everything).
+            "retention": {"policy": super::retention::policy_json(self.retention.0),
+                          "retained_from": self.retention.1},
             // Issue 9: "sound", or "repairing" with what the log must hold again.
             "repair": match &self.damage {
                 None => json!({"status": "sound"}),
