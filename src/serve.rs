@@ -79,15 +79,18 @@ pub struct ServeArgs {
     /// Log retention: keep about the newest N Raft entries of each group and purge older
     /// ones from disk (default: keep everything). History below a chat's first retained
     /// event is no longer served: a read from an older seq starts at the first retained
-    /// one. Every node of the cluster must run with the same value (the replicated state
-    /// records what was dropped). Entries holding pending secret messages and entries
-    /// above the last checkpoint are kept regardless.
+    /// one. Entries holding pending secret messages and entries above the last checkpoint
+    /// are kept regardless. The policy is replicated state of each group: this flag only
+    /// seeds a group that has none yet (its leader proposes it); afterwards
+    /// `chatlog admin retention set` changes it and a restart with other flags changes
+    /// nothing (a node logs the difference). Every node must still run with the same
+    /// value (peers with other flags refuse each other's handshake).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub retain_entries: Option<u64>,
     /// Log retention by size: keep the newest Raft entries of each group whose bytes sum
     /// to at least B (plus less than 64 entries) and purge older ones; with `--retain-entries`
-    /// too, the stricter limit wins. Default: no size limit. The same on every node, like
-    /// `--retain-entries`.
+    /// too, the stricter limit wins. Default: no size limit. Seeds the replicated policy
+    /// and must be the same on every node, like `--retain-entries`.
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
     pub retain_bytes: Option<u64>,
     /// Size of the storage engine's segment files in MiB (default 64; at least 1). Each
@@ -328,7 +331,8 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     runtime.block_on(serve(args, config, cluster, id))
 }
 
-/// The state machine knobs the flags give (retention: `--retain-entries`).
+/// The state machine knobs the flags give (retention: `--retain-entries`, the seed of a
+/// group's replicated policy).
 fn sm_config(args: &ServeArgs) -> chatlog_raft::state_machine::SmConfig {
     chatlog_raft::state_machine::SmConfig {
         retention: chatlog_raft::chat::retention::RetentionPolicy {

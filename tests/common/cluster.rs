@@ -478,6 +478,12 @@ impl Cluster {
         }
     }
 
+    /// Replaces [`Options::extra`] for the processes started from now on (a restart with
+    /// other flags).
+    pub fn set_extra(&mut self, extra: Vec<String>) {
+        self.options.extra = extra;
+    }
+
     /// SIGSTOP.
     pub fn pause(&mut self, id: u64) {
         let node = self.node(id);
