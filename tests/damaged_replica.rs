@@ -1222,6 +1222,14 @@ async fn damage_found_by_a_read_while_running_is_repaired_by_the_watcher() {
         }
     }
     eprintln!("history read through node {victim}: error {read_error:?}, read to seq {from}");
+    // s8retention: a read that hits the damage is UNAVAILABLE (retry; the replica repairs),
+    // never INTERNAL.
+    if let Some(e) = &read_error {
+        assert!(
+            e.contains("Unavailable") && !e.contains("Internal"),
+            "the damaged read's error: {e}"
+        );
+    }
     // The watcher found it, stopped the replica and restarted it repairing.
     let deadline = Instant::now() + WAIT;
     loop {

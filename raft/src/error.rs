@@ -66,6 +66,20 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// s8retention: whether stored bytes failed their checks (a damaged record, a log the
+    /// engine stopped because of one, or read-back bytes that do not decode), as opposed
+    /// to a bug or a usage error. A read that hits damage is refused as unavailable: the
+    /// node's damage watcher repairs the replica, and another replica may serve meanwhile.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Error::Storage { source, .. } => source.is_corruption(),
+            Error::Decode { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         io::Error::other(e)

@@ -350,13 +350,17 @@ impl Group {
                 }
             }
             // History reads see what retention keeps below openraft's purge mark too.
-            let entries =
-                self.reader
-                    .read_history(first, last + 1)
-                    .map_err(|e| Error::Inconsistent {
+            // Damage keeps its type (`Error::is_damage`: the gateway answers UNAVAILABLE).
+            let entries = self
+                .reader
+                .read_history(first, last + 1)
+                .map_err(|e| match e {
+                    e if e.is_damage() => e,
+                    e => Error::Inconsistent {
                         group: self.id,
                         detail: format!("reading log entries {first}..={last} for events: {e}"),
-                    })?;
+                    },
+                })?;
             let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
             for e in entries {
                 if let EntryPayload::Normal(b) = e.payload {

@@ -349,3 +349,77 @@ async fn a_history_pin_holds_entries_against_purges() {
     drop(reader);
     close(engine, store);
 }
+
+/// s8retention: a history read that hits damaged bytes fails with an error that says so
+/// (`Error::is_damage`, which the gateway answers as UNAVAILABLE naming the damage), not
+/// with bytes and not as an internal error. One byte of an entry's record is flipped on
+/// disk (in a sealed segment) while the engine runs, after a restart (nothing of it is
+/// cached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_of_damaged_bytes_is_a_damage_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 40 entries of 64 KiB: the 1 MiB segment holding entry 5 is sealed (read from its
+    // file, not from the active segment's memory).
+    // Printable noise, so the engine's compression leaves the bytes as they are.
+    let marker = |i: u64| {
+        let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let noise: String = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'0' + (x % 75) as u8)
+            })
+            .collect();
+        format!("damage-me-{i:04}-{noise}")
+    };
+    let entries: Vec<Entry> = (1..=40).map(|i| normal(1, i, &marker(i))).collect();
+    {
+        let (engine, mut store) = open(dir.path());
+        store.blocking_append(entries).await.expect("appends");
+        close(engine, store);
+    }
+    let (engine, mut store) = open(dir.path());
+    let reader = store.get_log_reader().await;
+    // Flip a byte of entry 5's body in whichever file holds it.
+    let needle = "damage-me-0005-";
+    let mut flipped = false;
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            // Files the engine replaces meanwhile (its checkpoint) may be gone.
+            let Ok(mut bytes) = std::fs::read(&p) else {
+                continue;
+            };
+            if let Some(at) = bytes
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+            {
+                bytes[at + 3] ^= 0x10;
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .expect("open");
+                f.write_all_at(&bytes[at + 3..at + 4], (at + 3) as u64)
+                    .expect("flip");
+                f.sync_all().expect("sync");
+                flipped = true;
+            }
+        }
+    }
+    assert!(flipped, "entry 5's bytes are on disk");
+    let err = reader
+        .read_history(1, 41)
+        .expect_err("a read over damaged bytes fails");
+    assert!(err.is_damage(), "{err}");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    drop(reader);
+    drop(store);
+    drop(engine);
+}

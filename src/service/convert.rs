@@ -33,6 +33,30 @@ pub fn refusal(r: Refusal) -> v1::Error {
     error(code, r.message)
 }
 
+/// `retry_after_ms` of a read that hit damaged storage: about the damage watcher's look
+/// plus an election, after which the replica repairs or another one serves.
+pub const DAMAGED_READ_RETRY_AFTER_MS: u64 = 1_000;
+
+/// s8retention: the protocol error for a failed read of stored events. Damaged bytes
+/// (`chatlog_raft::Error::is_damage`) are `UNAVAILABLE` with a message naming the damage
+/// (the node's damage watcher repairs the replica; retry, or read through another node);
+/// anything else is `INTERNAL`.
+pub fn read_error(e: &chatlog_raft::Error) -> v1::Error {
+    if e.is_damage() {
+        let mut err = error(
+            ErrorCode::Unavailable,
+            format!(
+                "this node's copy of the history is damaged and is being repaired \
+                 (retry, or read through another node): {e}"
+            ),
+        );
+        err.retry_after_ms = DAMAGED_READ_RETRY_AFTER_MS;
+        err
+    } else {
+        error(ErrorCode::Internal, e.to_string())
+    }
+}
+
 /// `retry_after_ms` when a group has no leader here: about one election.
 pub const NO_LEADER_RETRY_AFTER_MS: u64 = 500;
 
@@ -264,4 +288,35 @@ pub fn chat_event(
         timestamp_ms: ts,
         body: Some(body),
     })
+}
+
+#[cfg(test)]
+mod read_error_tests {
+    use super::*;
+
+    /// s8retention: damaged stored bytes reach the client as UNAVAILABLE naming the
+    /// damage, with a retry hint; anything else stays INTERNAL.
+    #[test]
+    fn damage_is_unavailable_and_other_failures_internal() {
+        let damaged = chatlog_raft::Error::Storage {
+            group: 3,
+            verb: "reading",
+            subject: "history entries [1, 41)".into(),
+            source: chatlog_storage::Error::Corruption {
+                file: "d/seg-000001".into(),
+                offset: 4096,
+                detail: "record checksum mismatch".into(),
+            },
+        };
+        let e = read_error(&damaged);
+        assert_eq!(e.code(), ErrorCode::Unavailable, "{e:?}");
+        assert!(e.message.contains("damaged"), "{}", e.message);
+        assert!(e.message.contains("checksum mismatch"), "{}", e.message);
+        assert_eq!(e.retry_after_ms, DAMAGED_READ_RETRY_AFTER_MS);
+        let bug = chatlog_raft::Error::Inconsistent {
+            group: 3,
+            detail: "event 5 points at log entry 9, which this replica does not hold".into(),
+        };
+        assert_eq!(read_error(&bug).code(), ErrorCode::Internal);
+    }
 }

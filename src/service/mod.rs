@@ -398,7 +398,7 @@ impl ChatService {
         let rows = group
             .read_commands(&locs)
             .await
-            .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+            .map_err(|e| convert::read_error(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0;
         for (seq, loc, cmd, ts) in rows {
@@ -1244,7 +1244,7 @@ impl ChatService {
                 let rows = group
                     .read_commands(&locs)
                     .await
-                    .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+                    .map_err(|e| convert::read_error(&e))?;
                 for (seq, loc, cmd, ts) in rows {
                     let ev = convert::chat_event(chat, seq, &loc, &cmd, ts).ok_or_else(|| {
                         error(
@@ -1339,7 +1339,14 @@ impl ChatService {
                     let rows = match group.read_commands(&locs).await {
                         Ok(rows) => rows,
                         Err(e) => {
-                            let _ = pushes.push(request_id, ended(e.to_string()));
+                            let _ = pushes.push(
+                                request_id,
+                                v1::push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
+                                    chat_id: chat,
+                                    next_seq: next,
+                                    reason: Some(convert::read_error(&e)),
+                                }),
+                            );
                             return;
                         }
                     };

@@ -340,7 +340,7 @@ impl ChatService {
                             p.pos,
                         )
                         .await
-                        .map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+                        .map_err(|e| super::convert::read_error(&e))?;
                         // Erased meanwhile (acknowledged or expired): not delivered.
                         let Some(sent) = sent else { continue };
                         let m = secret_message(&view, &p, sent);
