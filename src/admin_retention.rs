@@ -66,11 +66,14 @@ fn describe(p: &Value) -> String {
     }
     match (p["entries"].as_u64(), p["bytes"].as_u64()) {
         (None, None) => "keep everything".into(),
-        (e, b) => [e.map(|e| format!("entries={e}")), b.map(|b| format!("bytes={b}"))]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" "),
+        (e, b) => [
+            e.map(|e| format!("entries={e}")),
+            b.map(|b| format!("bytes={b}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" "),
     }
 }
 

@@ -97,7 +97,10 @@ fn wait_agreement(cluster: &Cluster, want: &Value) -> BTreeMap<u64, (u64, u64)> 
             if reps.len() != nodes {
                 why = Some(format!("group {group}: {} replicas report", reps.len()));
             } else if let Some((id, g)) = reps.iter().find(|(_, g)| &g["policy"] != want) {
-                why = Some(format!("group {group}: node {id} has policy {}", g["policy"]));
+                why = Some(format!(
+                    "group {group}: node {id} has policy {}",
+                    g["policy"]
+                ));
             } else if reps.iter().any(|(_, g)| g["applied"] != first["applied"]) {
                 why = Some(format!("group {group}: applied indexes differ: {reps:?}"));
             } else if let Some((id, g)) = reps
@@ -174,9 +177,14 @@ async fn connect(addr: &str, token: Option<String>) -> Client {
 }
 
 fn flags(entries: u64) -> Vec<String> {
-    ["--retain-entries", &entries.to_string(), "--segment-mb", "1"]
-        .map(String::from)
-        .to_vec()
+    [
+        "--retain-entries",
+        &entries.to_string(),
+        "--segment-mb",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +261,8 @@ async fn the_policy_is_replicated_changed_while_serving_and_survives_other_flags
     }
 
     // Every replica applied the same log to the same bytes, and serves the same history.
-    let before = tokio::task::block_in_place(|| wait_agreement(&cluster, &policy(Some(SET_ENTRIES))));
+    let before =
+        tokio::task::block_in_place(|| wait_agreement(&cluster, &policy(Some(SET_ENTRIES))));
     let group = chatlog_raft::chat::group_of(chat);
     check_kept(&before, group);
     let first_before = same_history(&cluster, &token, chat).await;
@@ -277,11 +286,18 @@ async fn the_policy_is_replicated_changed_while_serving_and_survives_other_flags
 
     // The replicated policy stays; the replicas still agree byte for byte; history is
     // trimmed under it (the new flags would keep 5,000 entries: everything here).
-    let after = tokio::task::block_in_place(|| wait_agreement(&cluster, &policy(Some(SET_ENTRIES))));
+    let after =
+        tokio::task::block_in_place(|| wait_agreement(&cluster, &policy(Some(SET_ENTRIES))));
     check_kept(&after, group);
     let first_after = same_history(&cluster, &token, chat).await;
-    assert!(first_after > first_before, "{first_before} -> {first_after}");
+    assert!(
+        first_after > first_before,
+        "{first_before} -> {first_after}"
+    );
     let told: usize = cluster.ids().map(|id| cluster.captured(id).len()).sum();
-    assert!(told > 0, "no node logged that its flags differ from the policy");
+    assert!(
+        told > 0,
+        "no node logged that its flags differ from the policy"
+    );
     eprintln!("test took {:?}", started.elapsed());
 }

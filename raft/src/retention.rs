@@ -33,8 +33,8 @@ use std::time::Duration;
 use crate::ChatRaft;
 use crate::chat::Command;
 use crate::chat::retention::{RetentionCommand, RetentionPolicy};
-use crate::proposer::ProposalQueue;
 use crate::log_store::LogReader;
+use crate::proposer::ProposalQueue;
 use crate::state_machine::GroupShared;
 use crate::types::GroupId;
 

@@ -72,7 +72,10 @@ async fn replicas_with_different_flags_apply_the_same_log_to_the_same_bytes() {
     // session 8 each trimmed under its own flags and the states diverged.
     let mut a = replica(dirs[0].path(), entries(20));
     let mut b = replica(dirs[1].path(), bytes(3_000));
-    let (user, chat) = (crate::chat::make_id(GROUP, 1), crate::chat::make_id(GROUP, 1));
+    let (user, chat) = (
+        crate::chat::make_id(GROUP, 1),
+        crate::chat::make_id(GROUP, 1),
+    );
     let mut log = vec![
         vec![Command::CreateUser {
             name: "ann".into(),
@@ -108,7 +111,9 @@ async fn replicas_with_different_flags_apply_the_same_log_to_the_same_bytes() {
     let mut horizons = Vec::new();
     for (k, commands) in log.into_iter().enumerate() {
         let index = k as u64 + 1;
-        let ra = a.apply_entry(entry(index, commands.clone())).expect("A applies");
+        let ra = a
+            .apply_entry(entry(index, commands.clone()))
+            .expect("A applies");
         let rb = b.apply_entry(entry(index, commands)).expect("B applies");
         assert_eq!(ra.outcomes, rb.outcomes, "entry {index}: same outcomes");
         for o in &ra.outcomes {
@@ -172,7 +177,10 @@ fn encodings_without_a_policy_decode_as_none_and_refuse_zero_limits() {
         Outcome::Retention { changed: false }
     );
     let enc = st.encode();
-    assert!(enc.len() > plain.len() && enc.starts_with(&plain), "appended at the end");
+    assert!(
+        enc.len() > plain.len() && enc.starts_with(&plain),
+        "appended at the end"
+    );
     let back = GroupState::decode(&enc).unwrap();
     assert_eq!(back.retention_policy(), Some(p));
     assert_eq!(back.encode(), enc);

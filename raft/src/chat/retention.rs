@@ -115,8 +115,16 @@ impl RetentionPolicy {
     /// flag bits.
     fn encode_with_flags(&self, extra: u8, out: &mut Vec<u8>) {
         let flags = extra
-            | if self.retain_entries.is_some() { HAS_ENTRIES } else { 0 }
-            | if self.retain_bytes.is_some() { HAS_BYTES } else { 0 };
+            | if self.retain_entries.is_some() {
+                HAS_ENTRIES
+            } else {
+                0
+            }
+            | if self.retain_bytes.is_some() {
+                HAS_BYTES
+            } else {
+                0
+            };
         out.push(flags);
         out.extend_from_slice(&self.retain_entries.unwrap_or(0).to_le_bytes());
         out.extend_from_slice(&self.retain_bytes.unwrap_or(0).to_le_bytes());
@@ -146,11 +154,14 @@ impl RetentionPolicy {
     pub fn describe(&self) -> String {
         match (self.retain_entries, self.retain_bytes) {
             (None, None) => "keep-all".into(),
-            (e, b) => [e.map(|e| format!("entries={e}")), b.map(|b| format!("bytes={b}"))]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(" "),
+            (e, b) => [
+                e.map(|e| format!("entries={e}")),
+                b.map(|b| format!("bytes={b}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" "),
         }
     }
 }

@@ -667,9 +667,7 @@ pub fn decode_propose_response(
                 chat: r.u64()?,
                 n: r.u64()?,
             })),
-            RESULT_RETENTION => Ok(Outcome::Retention {
-                changed: r.bool()?,
-            }),
+            RESULT_RETENTION => Ok(Outcome::Retention { changed: r.bool()? }),
             RESULT_PLACEMENT => Ok(Outcome::Placement {
                 version: r.u64()?,
                 changed: r.bool()?,
