@@ -668,6 +668,9 @@ fn help_of_every_command_exits_zero() {
         &["sync"],
         &["serve"],
         &["storage"],
+        &["admin", "retention"],
+        &["admin", "retention", "show"],
+        &["admin", "retention", "set"],
     ];
     for cmd in commands {
         let out = chatlog().args(*cmd).arg("--help").output().expect("runs");
@@ -681,6 +684,8 @@ fn help_of_every_command_exits_zero() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(help(&["user", "create"]).contains(r#""token""#));
+    assert!(help(&["admin", "retention", "show"]).contains(r#""state_digest""#));
+    assert!(help(&["admin", "retention", "set"]).contains(r#""changed""#));
     assert!(help(&["history"]).contains(r#""events""#));
     assert!(help(&["send"]).contains("--client-id"));
     assert!(help(&["send"]).contains("CHATLOG_TOKEN"));
