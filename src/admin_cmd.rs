@@ -441,6 +441,26 @@ fn render_status(v: &Value) -> String {
         ));
     }
     // ---- end ops status ----
+    // ---- retention policy (s8retention): groups by replicated policy ----
+    let mut by_policy: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for g in v["groups"].as_array().into_iter().flatten() {
+        let r = &g["retention"];
+        if r.is_null() {
+            continue;
+        }
+        by_policy
+            .entry(crate::admin_retention::describe(&r["policy"]))
+            .or_default()
+            .push(opt(&g["id"]));
+    }
+    if !by_policy.is_empty() {
+        let parts: Vec<String> = by_policy
+            .iter()
+            .map(|(p, gs)| format!("{p} (groups {})", gs.join(",")))
+            .collect();
+        out.push_str(&format!("retention: {}\n", parts.join("; ")));
+    }
+    // ---- end retention policy ----
     // The cluster's placement (replicated in group 0): members and moves in progress.
     let p = &v["placement"];
     if let Some(members) = p["members"].as_array() {
@@ -704,6 +724,19 @@ mod tests {
         assert_eq!(
             lines[4],
             "disk of node 1: data dir 70.0 MiB, segment files 64.0 MiB, free 1.0 GiB"
+        );
+        // s8retention: the replicated retention policy, groups by policy.
+        let mut v = v;
+        v["groups"][0]["retention"] = json!({"policy": {"entries": 60, "bytes": null},
+                                             "retained_from": 9});
+        let mut g1 = v["groups"][0].clone();
+        g1["id"] = json!(1);
+        g1["retention"] = json!({"policy": null, "retained_from": 0});
+        v["groups"].as_array_mut().unwrap().push(g1);
+        let text = render_status(&v);
+        assert!(
+            text.contains("retention: entries=60 (groups 0); none (keep everything) (groups 1)"),
+            "{text}"
         );
     }
 }

@@ -59,8 +59,8 @@ pub struct SetArgs {
     pub keep_all: bool,
 }
 
-/// A policy's JSON for people.
-fn describe(p: &Value) -> String {
+/// A policy's JSON for people (also `admin status`).
+pub(crate) fn describe(p: &Value) -> String {
     if p.is_null() {
         return "none (keep everything)".into();
     }

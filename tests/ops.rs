@@ -435,6 +435,33 @@ async fn admin_endpoints_need_the_admin_token() {
     .await
     .expect("answers");
     assert_eq!(r.status, 401, "transfer needs the token too");
+    // s8retention: the retention policy endpoints too; a bad body is a typed 400.
+    assert_eq!(get(&http, "/admin/retention", None).await.status, 401);
+    let set = |token: Option<&'static str>, body: &'static [u8]| {
+        let http = http.clone();
+        async move {
+            request(&http, "POST", "/admin/retention", token, Some(body), CALL)
+                .await
+                .expect("answers")
+        }
+    };
+    assert_eq!(set(None, b"{\"entries\": 10}").await.status, 401);
+    let r = set(Some("secret"), b"{\"entries\": 0}").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("at least 1"), "{}", r.text());
+    let r = set(Some("secret"), b"{\"entries\": \"ten\"}").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = set(Some("secret"), b"{\"entries\": 1000, \"bytes\": null}").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["groups"].as_array().map(Vec::len), Some(3), "{v}");
+    let r = get(&http, "/admin/retention", Some("secret")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    for g in v["groups"].as_array().expect("groups") {
+        assert_eq!(g["policy"]["entries"], 1000, "{g}");
+        assert_eq!(g["state_digest"].as_str().map(str::len), Some(16), "{g}");
+    }
 
     let (ok, _, err) = admin(&["status", "--server", &http], &[]);
     assert!(!ok && err.contains("UNAUTHENTICATED"), "{err}");
