@@ -118,12 +118,21 @@ pub async fn run(
     proposals: Arc<ProposalQueue>,
 ) {
     let mut seeded = !seed_policy.is_some();
+    let mut applied = shared.applied();
     loop {
         tokio::time::sleep(RETENTION_TICK).await;
         if !seeded {
             seeded = seed(group, seed_policy, &raft, &shared, &proposals).await;
         }
+        // Seen before the state is read: an entry applied after this wakes the wait below.
+        applied.borrow_and_update();
         let Some(policy) = shared.read().retention_policy().filter(|p| p.is_some()) else {
+            // Only an applied entry can set a policy: an idle group without one sleeps
+            // until something is applied (no wake-up per second per group; the task is
+            // aborted when the group stops).
+            if seeded && applied.changed().await.is_err() {
+                return;
+            }
             continue;
         };
         // A snapshot (a full checkpoint) only when it lets the purge move this much.
