@@ -453,7 +453,9 @@ fn render_status(v: &Value) -> String {
             .or_default()
             .push(opt(&g["id"]));
     }
-    if !by_policy.is_empty() {
+    // Printed once some group has a policy (a cluster without retention prints as before).
+    let none = crate::admin_retention::describe(&Value::Null);
+    if by_policy.keys().any(|p| *p != none) {
         let parts: Vec<String> = by_policy
             .iter()
             .map(|(p, gs)| format!("{p} (groups {})", gs.join(",")))
