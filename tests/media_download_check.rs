@@ -208,7 +208,10 @@ async fn download_detects_damaged_stored_files_forged_parts_and_damaged_partial_
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not hash"), "{stderr}");
     assert!(!output.exists());
-    assert!(!part_path(&output).exists(), "the damaged partial is removed");
+    assert!(
+        !part_path(&output).exists(),
+        "the damaged partial is removed"
+    );
     let out = json_of(&download(&addr, &alice, &media_id, &output, &[]));
     assert_eq!(out["resumed_from"].as_u64(), Some(0));
     assert!(std::fs::read(&output).expect("reads") == data);

@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 
 use chatlog_wire::client::{
     Client, ClientError, ClientOptions, DownloadCheck, DownloadOptions, UPLOAD_PARTS_IN_FLIGHT_MAX,
-    UploadOptions,
-    media_id_hex,
+    UploadOptions, media_id_hex,
 };
 use chatlog_wire::limits::MEDIA_PART_BYTES;
 use chatlog_wire::proto::v1::{self, ErrorCode};

@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use chatlog_wire::client::{
-    DownloadCheck, DownloadOptions, TransferProgress, UploadOptions, media_id_hex,
-    parse_media_id,
+    DownloadCheck, DownloadOptions, TransferProgress, UploadOptions, media_id_hex, parse_media_id,
 };
 use chatlog_wire::proto::v1;
 use clap::Args;
