@@ -32,8 +32,9 @@ use crate::proto::v1;
 /// Why: each part in flight holds one part in memory (512 KiB) and one request slot;
 /// parts in flight together share the server's fdatasyncs, so more in flight means more
 /// bytes per sync and parts arriving while a sync runs (with 16, the pipe ran dry while
-/// a sync of the previous group ran; with 32, the whole window sat in one sync while
-/// nothing arrived, session 8). 64 keep the server's disk busy across its syncs while
+/// a sync of the previous group ran). With 32, a window could sit whole in one sync
+/// while nothing new arrived; 64 leave parts arriving during a sync (session 8, on a
+/// loaded host: 64 ahead of 32 in three interleaved pairs, by 0.5% to 8%), while
 /// bounding the client's memory to 32 MiB, half the server's 128 requests in flight
 /// per connection.
 pub const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 64;
