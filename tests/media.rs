@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatlog_wire::client::{Client, ClientError, ClientOptions, UploadOptions, media_id_hex};
+use chatlog_wire::client::{
+    Client, ClientError, ClientOptions, DownloadCheck, UploadOptions, media_id_hex,
+};
 use chatlog_wire::limits::MEDIA_PART_BYTES;
 use chatlog_wire::proto::v1::{self, ErrorCode};
 use rand::{RngCore, SeedableRng};
@@ -380,7 +382,7 @@ async fn ranges_dedupe_permissions_and_bad_input() {
     assert_eq!(
         alice
             .client
-            .download_checked(sha, 0, |_| {})
+            .download_checked(sha, 0, DownloadCheck::Sha256, |_| {})
             .await
             .expect("checked download"),
         data.len() as u64

@@ -13,8 +13,8 @@
 use std::path::{Path, PathBuf};
 
 use chatlog_wire::client::{
-    Client, ClientError, ClientOptions, DownloadOptions, UPLOAD_PARTS_IN_FLIGHT_MAX, UploadOptions,
-    media_id_hex,
+    Client, ClientError, ClientOptions, DownloadCheck, DownloadOptions, UPLOAD_PARTS_IN_FLIGHT_MAX,
+    UploadOptions, media_id_hex,
 };
 use chatlog_wire::limits::MEDIA_PART_BYTES;
 use chatlog_wire::proto::v1::{self, ErrorCode};
@@ -179,13 +179,16 @@ async fn a_known_hash_upload_is_checked_by_the_server_and_dedupes_from_the_start
         .expect("downloads");
     assert_eq!(n, data.len() as u64);
     assert!(std::fs::read(&out).expect("reads") == data, "same bytes");
-    assert_eq!(
-        alice
-            .download_checked(sha, 0, |_| {})
-            .await
-            .expect("checked"),
-        data.len() as u64
-    );
+    for check in [DownloadCheck::PartCrcs, DownloadCheck::Sha256] {
+        assert_eq!(
+            alice
+                .download_checked(sha, 0, check, |_| {})
+                .await
+                .expect("checked"),
+            data.len() as u64,
+            "{check:?}"
+        );
+    }
     let pb = u64::from(MEDIA_PART_BYTES);
     for (offset, length) in [
         (0, MEDIA_PART_BYTES),

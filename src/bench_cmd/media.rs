@@ -5,7 +5,7 @@
 //!
 //! What it owns: making the files (random, seeded, one per transfer so dedupe never
 //! skips one), timing each phase and each file, checking what came back (the download
-//! checks every chunk's CRC and the whole file's SHA-256), sampling the process's memory
+//! checks every chunk's CRC, and with `--verify-sha256` the whole file's SHA-256), sampling the process's memory
 //! while transfers run, and the report. What it must not do: leave files behind (all
 //! live in a temporary directory removed at the end) or run unbounded (`--count` files,
 //! each at most 4 GiB).
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chatlog_wire::client::{DownloadOptions, UploadOptions, parse_media_id};
+use chatlog_wire::client::{DownloadCheck, DownloadOptions, UploadOptions, parse_media_id};
 use rand::{RngCore, SeedableRng};
 use serde_json::{Map, json};
 
@@ -192,13 +192,20 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
         let out = dir.path().join(format!("out-{i}"));
         let live = Arc::clone(&live);
         let sink = args.sink;
+        let check = if args.verify_sha256 {
+            DownloadCheck::Sha256
+        } else {
+            DownloadCheck::PartCrcs
+        };
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let progress = |_| {
                 live.ops.fetch_add(1, Ordering::Relaxed);
             };
             let r = if sink {
-                client.download_checked(id, in_flight, progress).await
+                client
+                    .download_checked(id, in_flight, check, progress)
+                    .await
             } else {
                 client
                     .download_file(
@@ -207,6 +214,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
                         DownloadOptions {
                             resume: false,
                             chunks_in_flight: in_flight,
+                            check,
                         },
                         progress,
                     )
@@ -271,6 +279,7 @@ pub async fn media(args: &BenchArgs, world: &World, embedded: bool) -> Result<Re
             "files": files,
             "parts_in_flight": in_flight.min(chatlog_wire::client::UPLOAD_PARTS_IN_FLIGHT_MAX),
             "download_to": if args.sink { "sink (checked, not kept)" } else { "file" },
+            "download_check": if args.verify_sha256 { "chunk CRC-32s and SHA-256" } else { "chunk CRC-32s" },
             "upload": {
                 "files": upload.files,
                 "secs": report::round3(upload.secs),

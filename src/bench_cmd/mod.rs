@@ -89,9 +89,10 @@ Scenarios:
           written to a temporary directory and hashed before any timing (so an upload
           reads its file from page cache and sends the SHA-256 it knows instead of
           hashing again; the server hashes and checks every byte), uploaded at once, file i through connection i mod
-          --connections with --in-flight parts in flight (at most 32), then downloaded
-          again the same way (every chunk CRC-checked, every file checked against its
-          SHA-256 on a separate thread). The download is written to a file, or with
+          --connections with --in-flight parts in flight (at most 64), then downloaded
+          again the same way (every chunk checked against the CRC-32 stored with its
+          part; with --verify-sha256 every file also against its SHA-256 on a separate
+          thread). The download is written to a file, or with
           --sink to nowhere (checked all the same), so the figure is the server's and
           the network's, not the client's disk. Reports MB/s and per-file latency of
           each phase and the peak resident memory (anonymous and file-backed: mapped
@@ -243,10 +244,14 @@ pub struct BenchArgs {
     /// fanout: milliseconds between two posts (open loop).
     #[arg(long, value_name = "MS", default_value_t = 10.0)]
     pub post_interval_ms: f64,
-    /// media: download to nowhere instead of a file (chunks CRC-checked and the whole
-    /// SHA-256-checked as always), so the client's disk is not measured.
+    /// media: download to nowhere instead of a file (chunks CRC-checked as always), so
+    /// the client's disk is not measured.
     #[arg(long)]
     pub sink: bool,
+    /// media: also check each downloaded file's SHA-256 against its media id (as
+    /// `chatlog download --verify-sha256`), not only every chunk's CRC-32.
+    #[arg(long)]
+    pub verify_sha256: bool,
     /// media: bytes of each file (1 to 4 GiB).
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
     pub file_size: u64,
@@ -397,6 +402,9 @@ impl BenchArgs {
                 c.insert("file_size".into(), json!(self.file_size));
                 if self.sink {
                     c.insert("sink".into(), json!(true));
+                }
+                if self.verify_sha256 {
+                    c.insert("verify_sha256".into(), json!(true));
                 }
             }
             _ => {}

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use chatlog_wire::client::{
-    DownloadOptions, TransferProgress, UploadOptions, media_id_hex, parse_media_id,
+    DownloadCheck, DownloadOptions, TransferProgress, UploadOptions, media_id_hex, parse_media_id,
 };
 use chatlog_wire::proto::v1;
 use clap::Args;
@@ -51,6 +51,10 @@ pub struct DownloadArgs {
     /// directory). Written as `FILE.part` until complete and checked, then renamed.
     #[arg(short = 'o', long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Also check the whole file's SHA-256 against the media id (always done when
+    /// resuming from FILE.part).
+    #[arg(long)]
+    verify_sha256: bool,
     #[command(flatten)]
     conn: Conn,
 }
@@ -237,6 +241,11 @@ pub(super) async fn download(a: DownloadArgs) -> CmdResult {
             &part,
             DownloadOptions {
                 resume: true,
+                check: if a.verify_sha256 {
+                    DownloadCheck::Sha256
+                } else {
+                    DownloadCheck::PartCrcs
+                },
                 ..Default::default()
             },
             |p| bar.set_position(p.bytes_done),

@@ -165,8 +165,12 @@ pub enum ClientCommand {
     /// Download a stored file by media id (you must have uploaded it or be a member of a
     /// chat it was sent to).
     ///
-    /// Every chunk is checked against its CRC-32 and the whole file against the media id
-    /// (its SHA-256). Interrupted? Run the same command again: it resumes from FILE.part.
+    /// Every chunk is checked against the CRC-32 the server stored with that part at
+    /// upload; --verify-sha256 also checks the whole file against the media id (its
+    /// SHA-256: slower, it catches a server that sends wrong bytes with their CRC).
+    /// Interrupted? Run the same command again: it resumes from FILE.part, and then the
+    /// whole file's SHA-256 is always checked (the kept bytes are checked by nothing
+    /// else). A file that fails a check is reported and never renamed into place.
     ///
     /// --json: {"media_id": "…", "path": "…", "size_bytes": N, "mime_type": "…",
     /// "file_name": "…", "resumed_from": N}

@@ -24,7 +24,8 @@
 //!
 //! A slot is valid when its CRC checks and its index is its position; an all-zero
 //! (never written) slot never checks. Writing part i is: `pwrite` the bytes, `pwrite`
-//! its slot, `fdatasync`, then acknowledge (parts written at the same time share one
+//! its slot, start their writeback (`sync_file_range`, a hint), `fdatasync`, then
+//! acknowledge (parts written at the same time share one
 //! `fdatasync` started after all their `pwrite`s: a group commit). The whole file is `fallocate`d when the
 //! upload starts, so a full disk shows then (`RESOURCE_EXHAUSTED`), not mid-upload;
 //! should a write still fail for space, the part is refused the same way and stays
@@ -899,6 +900,12 @@ impl MediaStore {
                 h.slots_offset() + SLOT_BYTES * u64::from(part),
             )
             .map_err(io_error("writing", path))?;
+        // Start the part's writeback now, without waiting for it: the group's fdatasync
+        // then finds these pages on their way to the disk (or there) instead of starting
+        // all of a group's pages at once, so the disk works while the next parts arrive
+        // and are written, not only during the syncs. A hint: only the fdatasync below
+        // makes the part durable, and only then is it acknowledged.
+        start_writeback(&upload.file, at, data.len());
         upload.sync_written()?;
         let held = {
             let mut st = lock(&upload.state);
@@ -1273,6 +1280,23 @@ impl Upload {
 /// Reserves `len` bytes for `file` (`fallocate`), so a full disk shows when an upload
 /// starts. Where the file system cannot (EOPNOTSUPP), the length is set instead and a
 /// full disk shows as a refused part.
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to the disk
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, no durability promise, no
+/// metadata). A failure is ignored: it only means the later fdatasync writes the pages
+/// itself, as it did before this hint.
+fn start_writeback(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor we own; it reads no user memory.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 fn preallocate(file: &File, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain system call on a descriptor we own.

@@ -1135,8 +1135,8 @@ mod secret;
 pub use secret::SecretFlowError;
 mod media;
 pub use media::{
-    DOWNLOAD_IN_FLIGHT_MAX, DownloadOptions, TransferProgress, UPLOAD_PARTS_IN_FLIGHT_MAX,
-    UploadOptions, media_id_hex, parse_media_id,
+    DOWNLOAD_IN_FLIGHT_MAX, DownloadCheck, DownloadOptions, TransferProgress,
+    UPLOAD_PARTS_IN_FLIGHT_MAX, UploadOptions, media_id_hex, parse_media_id,
 };
 
 #[cfg(test)]

@@ -302,3 +302,145 @@ fn only_live_pushes_are_recognised_undecoded() {
     assert!(is_live_push(&explicit));
     assert!(!is_live_push(&[]));
 }
+
+/// A scripted server holding one file of `content` (whole parts and a short last one):
+/// `media_info` answers its size, `media_download` the asked range with the CRC-32 that
+/// `crc_of(offset, bytes)` gives (a correct server gives `crc32fast::hash(bytes)`), the
+/// bytes being `served` (a correct server serves `content`).
+async fn media_server(
+    content: Vec<u8>,
+    served: Vec<u8>,
+    crc_of: fn(u64, &[u8]) -> u32,
+) -> (String, [u8; crate::limits::MEDIA_SHA256_BYTES]) {
+    use sha2::Digest;
+    let sha: [u8; crate::limits::MEDIA_SHA256_BYTES] = sha2::Sha256::digest(&content).into();
+    let size = content.len() as u64;
+    let addr = scripted_server(
+        handshake_ok,
+        Box::new(move |request_id, kind| match kind {
+            request::Kind::MediaInfo(_) => vec![v1::Frame::response(
+                request_id,
+                response::Kind::MediaInfo(v1::MediaInfoResponse {
+                    media: Some(v1::MediaRef {
+                        sha256: Bytes::copy_from_slice(&sha),
+                        size_bytes: size,
+                        ..Default::default()
+                    }),
+                }),
+            )],
+            request::Kind::MediaDownload(r) => {
+                let end = (r.offset + u64::from(r.length)).min(size) as usize;
+                let data = &served[r.offset as usize..end];
+                vec![v1::Frame::response(
+                    request_id,
+                    response::Kind::MediaDownload(v1::MediaDownloadResponse {
+                        offset: r.offset,
+                        crc32: crc_of(r.offset, data),
+                        data: Bytes::copy_from_slice(data),
+                        size_bytes: size,
+                    }),
+                )]
+            }
+            other => panic!("unexpected {other:?}"),
+        }),
+    )
+    .await;
+    (addr, sha)
+}
+
+/// Three chunks' worth of bytes (the last one short), deterministic.
+fn media_content() -> Vec<u8> {
+    let len = 2 * crate::limits::MEDIA_DOWNLOAD_BYTES_MAX as usize + 1234;
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_download_checks_every_chunk_against_its_crc_and_the_sha256_when_asked() {
+    use crate::limits::MEDIA_DOWNLOAD_BYTES_MAX as CHUNK;
+    let content = media_content();
+    let right = |_: u64, b: &[u8]| crc32fast::hash(b);
+
+    // An honest server: both checks pass.
+    for check in [DownloadCheck::PartCrcs, DownloadCheck::Sha256] {
+        let (addr, sha) = media_server(content.clone(), content.clone(), right).await;
+        let client = within(Client::connect(&addr, ClientOptions::default()))
+            .await
+            .unwrap();
+        let n = within(client.download_checked(sha, 0, check, |_| {}))
+            .await
+            .unwrap_or_else(|e| panic!("{check:?}: {e}"));
+        assert_eq!(n, content.len() as u64);
+    }
+
+    // The second chunk's bytes changed after its CRC was taken (damage on the way or
+    // on the server's disk after its check): refused by the chunk check alone.
+    let mut damaged = content.clone();
+    damaged[CHUNK as usize + 99] ^= 0x20;
+    let stored_crc = |offset: u64, b: &[u8]| {
+        let content = media_content();
+        let end = offset as usize + b.len();
+        crc32fast::hash(&content[offset as usize..end])
+    };
+    for check in [DownloadCheck::PartCrcs, DownloadCheck::Sha256] {
+        let (addr, sha) = media_server(content.clone(), damaged.clone(), stored_crc).await;
+        let client = within(Client::connect(&addr, ClientOptions::default()))
+            .await
+            .unwrap();
+        let e = within(client.download_checked(sha, 0, check, |_| {}))
+            .await
+            .expect_err("a chunk that fails its CRC is refused");
+        assert!(
+            matches!(&e, ClientError::Protocol(m) if m.contains(&format!("offset {CHUNK}")) && m.contains("CRC")),
+            "{check:?}: {e}"
+        );
+    }
+
+    // A server that sends other bytes with their own CRC passes the chunk check; the
+    // SHA-256 check refuses it.
+    let (addr, sha) = media_server(content.clone(), damaged.clone(), right).await;
+    let client = within(Client::connect(&addr, ClientOptions::default()))
+        .await
+        .unwrap();
+    let e = within(client.download_checked(sha, 0, DownloadCheck::Sha256, |_| {}))
+        .await
+        .expect_err("bytes that do not hash to the media id are refused");
+    assert!(
+        matches!(&e, ClientError::Protocol(m) if m.contains("does not hash")),
+        "{e}"
+    );
+
+    // A resumed download keeps bytes from the local disk: they are checked against the
+    // SHA-256 even when only chunk CRCs were asked for. A kept first chunk with one
+    // byte flipped is reported, never returned as the file.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.bin");
+    let mut partial = content[..CHUNK as usize].to_vec();
+    partial[5] ^= 1;
+    std::fs::write(&out, &partial).unwrap();
+    let (addr, sha) = media_server(content.clone(), content.clone(), right).await;
+    let client = within(Client::connect(&addr, ClientOptions::default()))
+        .await
+        .unwrap();
+    let options = DownloadOptions {
+        resume: true,
+        check: DownloadCheck::PartCrcs,
+        ..Default::default()
+    };
+    let e = within(client.download_file(sha, &out, options.clone(), |_| {}))
+        .await
+        .expect_err("a damaged kept chunk is found by the SHA-256");
+    assert!(
+        matches!(&e, ClientError::Protocol(m) if m.contains("does not hash")),
+        "{e}"
+    );
+    // The same resume from an intact partial file succeeds, byte for byte.
+    std::fs::write(&out, &content[..CHUNK as usize]).unwrap();
+    let (addr, sha) = media_server(content.clone(), content.clone(), right).await;
+    let client = within(Client::connect(&addr, ClientOptions::default()))
+        .await
+        .unwrap();
+    within(client.download_file(sha, &out, options, |_| {}))
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == content);
+}
