@@ -706,8 +706,14 @@ mod tests {
         assert_eq!(staged.counts, whole.counts);
         assert_eq!(staged.runs[&3], whole.runs[&3]);
         // Anything but appends is not staged (applied whole once durable).
-        let mixed = [op(OpKind::Append, 1, 15, 1, 0), op(OpKind::PurgeBefore, 1, 3, 0, 0)];
+        let mixed = [
+            op(OpKind::Append, 1, 15, 1, 0),
+            op(OpKind::PurgeBefore, 1, 3, 0, 0),
+        ];
         assert!(!staged.stage_appends(3, 8192, &mixed));
-        assert_eq!(staged.counts, whole.counts, "a refused stage changes nothing");
+        assert_eq!(
+            staged.counts, whole.counts,
+            "a refused stage changes nothing"
+        );
     }
 }

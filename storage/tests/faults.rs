@@ -246,7 +246,11 @@ fn fault_in_flight(fault: Fault) {
             matches!(engine.get(*log, *index), Err(Error::OutOfRange { .. })),
             "{fault:?}: unacknowledged entry {log}/{index} is readable"
         );
-        assert_eq!(engine.bounds(*log).map(|b| b.next), Some(*index), "{fault:?}");
+        assert_eq!(
+            engine.bounds(*log).map(|b| b.next),
+            Some(*index),
+            "{fault:?}"
+        );
     }
     assert!(matches!(engine.close(), Err(Error::Stopped { .. })));
 
