@@ -507,7 +507,8 @@ impl Committer {
             let (f, result) = self.wait(f);
             self.complete(shared, f, result);
         }
-        if let Some(f) = self.start_group(shared, true) {
+        if let Some(mut f) = self.start_group(shared) {
+            self.stage(shared, &mut f);
             let (f, result) = self.wait(f);
             self.complete(shared, f, result);
         }
@@ -522,24 +523,22 @@ impl Committer {
         let done = self.in_flight.take().map(|f| self.wait(f));
         let failed = matches!(&done, Some((_, Err(_))));
         if !failed {
-            // N+1 may be staged before N is published only if all of N was staged: the
-            // index must take records' structure in record order.
-            let n_staged = done
-                .as_ref()
-                .is_none_or(|(f, _)| f.staged == f.pending.len());
-            self.in_flight = self.start_group(shared, n_staged);
+            self.in_flight = self.start_group(shared);
         }
         if let Some((f, result)) = done {
             // A failure here also refuses the buffered group (it was never submitted).
             self.complete(shared, f, result);
         }
+        // N is in the index and acknowledged: N+1's index update runs while its write
+        // and fdatasync are in flight (after N's callbacks, so it never delays them).
+        if let Some(mut f) = self.in_flight.take() {
+            self.stage(shared, &mut f);
+            self.in_flight = Some(f);
+        }
     }
 
     /// Begins the write (and fdatasync) of the buffered group; `None` if none is buffered.
-    /// While the I/O runs, stages the group's leading append-only records in the index
-    /// (`may_stage`: every record before the group was staged or applied, so the index
-    /// still takes records in order).
-    fn start_group(&mut self, shared: &Shared, may_stage: bool) -> Option<InFlight> {
+    fn start_group(&mut self, shared: &Shared) -> Option<InFlight> {
         debug_assert!(self.in_flight.is_none(), "one group in flight at a time");
         if self.group.is_empty() {
             return None;
@@ -568,26 +567,12 @@ impl Committer {
         // validated.)
         std::mem::swap(&mut self.overlay, &mut self.overlay_in_flight);
         self.overlay.clear();
-        let pending = std::mem::take(&mut self.pending);
-        // Staged while the write and fdatasync run (this thread would otherwise only wait):
-        // once durable each record costs one bounds update per op instead of the whole
-        // index update. Nothing staged is visible to readers before it is published.
-        let mut staged = 0;
-        if may_stage && buffered.is_none() {
-            let mut index = shared.index.write().expect("index lock");
-            for (at, ops) in &pending {
-                if !index.stage_appends(self.active.id, *at, ops) {
-                    break;
-                }
-                staged += 1;
-            }
-        }
         let f = InFlight {
             group,
             bytes: std::mem::take(&mut self.group_bytes),
             offset: self.offset,
-            pending,
-            staged,
+            pending: std::mem::take(&mut self.pending),
+            staged: 0,
             callbacks: std::mem::take(&mut self.callbacks),
             submitted: std::mem::take(&mut self.submitted),
             started,
@@ -595,6 +580,23 @@ impl Committer {
         };
         self.offset += f.bytes as u64;
         Some(f)
+    }
+
+    /// Stages a started group's leading append-only records in the index while its write
+    /// and fdatasync run (this thread would otherwise only wait): once durable each costs
+    /// one bounds update per op instead of the whole index update
+    /// ([`crate::index::Index::stage_appends`]). Nothing staged is readable before it is
+    /// published. Called only once every group before `f` is in the index, so the index
+    /// takes records in order.
+    fn stage(&self, shared: &Shared, f: &mut InFlight) {
+        debug_assert_eq!(f.staged, 0);
+        let mut index = shared.index.write().expect("index lock");
+        for (at, ops) in &f.pending {
+            if !index.stage_appends(self.active.id, *at, ops) {
+                break;
+            }
+            f.staged += 1;
+        }
     }
 
     /// Waits for a started group's write and fdatasync.
