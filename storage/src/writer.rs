@@ -23,8 +23,11 @@
 //! only the last write can be torn still holds. The syscall backend writes and syncs at
 //! submit, so its groups stay serial.
 //!
-//! Entries become readable once durable: the index is updated after the fdatasync, so no
-//! reader ever sees bytes that a crash could take back.
+//! Entries become readable once durable: the logs' bounds in the index move after the
+//! fdatasync, so no reader ever sees bytes that a crash could take back. The rest of a
+//! group's index update (spans, runs, counts: the cache misses) is staged while its write
+//! and fdatasync are in flight, once every earlier group is applied, so only the bounds
+//! update is left between fdatasync and acknowledgement (session 8).
 //!
 //! What it must not do: report a batch durable before its fdatasync returned, retry after
 //! a failed write or sync (fail-stop), or block a tokio task in I/O.
