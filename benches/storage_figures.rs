@@ -10,7 +10,8 @@
 //! child process per engine (`child ENGINE GIB`) so each memory figure starts clean.
 //! For investigations: `CHATLOG_FIGURES_SEGMENT_MB` sets chatlog's segment size and
 //! `CHATLOG_FIGURES_SETTLE_SECS` waits after open before the warm-up, and
-//! `CHATLOG_FIGURES_SPIN_US` sets `sync_spin_us`; `CHATLOG_FIGURES_SIZES=256,4096` and
+//! `CHATLOG_FIGURES_SPIN_US` sets `sync_spin_us`, `CHATLOG_FIGURES_GROUP_MB` sets
+//! `group_commit_bytes_max`; `CHATLOG_FIGURES_SIZES=256,4096` and
 //! `CHATLOG_FIGURES_ENGINES=chatlog,bound` narrow the `write` section (and `prealloc`).
 //! `CHATLOG_FIGURES_IO=uring|syscall` forces chatlog's I/O backend.
 //! Section `prealloc` (not in the default set) runs chatlog with each
@@ -119,9 +120,13 @@ fn run_once(kind: Kind, scenario: Scenario, size: usize, tweak: &dyn Fn(&mut Con
     let spin_us = std::env::var("CHATLOG_FIGURES_SPIN_US")
         .ok()
         .and_then(|v| v.parse().ok());
+    let group_mb = env_u64("CHATLOG_FIGURES_GROUP_MB", 0) as usize;
     let tweak = |c: &mut Config| {
         if segment_mb > 0 {
             c.segment_bytes = segment_mb << 20;
+        }
+        if group_mb > 0 {
+            c.group_commit_bytes_max = group_mb << 20;
         }
         if let Some(spin) = spin_us {
             c.sync_spin_us = spin;

@@ -9,6 +9,10 @@
 //! with MODE `pipelined` (one thread submits without waiting, as `append_buffered`) or
 //! `blocking` (`write_blocking`, as `append_durable`). To run it against an engine
 //! without `WriteBatch::with_capacity`, replace that call with `WriteBatch::new()`.
+//! `blocking` also prints the p10 and p50 of one `write_blocking` call (batch built
+//! beforehand) over every batch of every run: the engine's own latency per batch without
+//! the disk, what a lone durable writer adds to `bound`'s write and fdatasync. The p10 is
+//! the least disturbed by other tenants of a shared host.
 use chatlog_storage::{Config, Engine, WriteBatch};
 use std::time::Instant;
 
@@ -57,6 +61,7 @@ fn main() {
     let pool: Vec<u8> = (0..(4 << 20) + size).map(|_| rng.next() as u8).collect();
     let mut next = vec![1u64; 1001];
     let mut results = Vec::new();
+    let mut calls_us: Vec<f64> = Vec::new();
     for _ in 0..reps {
         let dir = tempfile::tempdir_in(std::env::var("WRITE_CPU_DIR").unwrap_or("/dev/shm".into()))
             .unwrap();
@@ -86,7 +91,10 @@ fn main() {
         let w0 = Instant::now();
         if mode == "blocking" {
             for s in &specs {
-                engine.write_blocking(&build(s)).unwrap();
+                let b = build(s);
+                let at = Instant::now();
+                engine.write_blocking(&b).unwrap();
+                calls_us.push(at.elapsed().as_secs_f64() * 1e6);
             }
         } else {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -136,4 +144,14 @@ fn main() {
         th[reps / 2],
         min.2
     );
+    if !calls_us.is_empty() {
+        calls_us.sort_by(|a, b| a.total_cmp(b));
+        let q = |f: f64| calls_us[((calls_us.len() - 1) as f64 * f) as usize];
+        println!(
+            "{mode} {size}B: write_blocking per batch µs p10 {:.1} p50 {:.1} ({} calls)",
+            q(0.1),
+            q(0.5),
+            calls_us.len()
+        );
+    }
 }

@@ -309,28 +309,42 @@ impl Index {
     /// (the common case: a group commit of new entries) take a path that looks up the
     /// segment's tables once per record instead of once per op.
     pub fn apply_record(&mut self, segment: u64, offset: u32, ops: &[OpSummary]) {
-        if !ops.iter().all(|op| op.kind == OpKind::Append) {
-            for (k, op) in ops.iter().enumerate() {
-                self.apply(
-                    op,
-                    Location {
-                        segment,
-                        offset,
-                        op: k as u16,
-                    },
-                );
-            }
+        if self.stage_appends(segment, offset, ops) {
+            self.publish_appends(ops);
             return;
+        }
+        for (k, op) in ops.iter().enumerate() {
+            self.apply(
+                op,
+                Location {
+                    segment,
+                    offset,
+                    op: k as u16,
+                },
+            );
+        }
+    }
+
+    /// The first half of [`Index::apply_record`] for a record of appends only (returns
+    /// `false`, doing nothing, for any other record): its spans, runs, counts and seen
+    /// bytes, but not the logs' bounds, so no reader finds its entries yet (every lookup
+    /// checks the bounds first, [`Index::locate`]). The committer stages a record while
+    /// its write and fdatasync are in flight and publishes it once durable
+    /// ([`Index::publish_appends`]): the index update's cache misses (three per op: the
+    /// log's state, its last span, its last run) leave the path between fdatasync and
+    /// acknowledgement. Records must be staged and published in record order, with no
+    /// other apply of those logs in between (the committer keeps staged records a prefix
+    /// of what is pending). A staged record whose write fails is never published: the
+    /// engine stops, and the spans and runs past a log's bounds are never looked at.
+    pub fn stage_appends(&mut self, segment: u64, offset: u32, ops: &[OpSummary]) -> bool {
+        if !ops.iter().all(|op| op.kind == OpKind::Append) {
+            return false;
         }
         let Index { logs, counts, runs } = self;
         let seg_runs = runs.entry(segment).or_default();
         let mut added = 0u64;
         for (k, op) in ops.iter().enumerate() {
             let state = logs.entry(op.log_id).or_default();
-            state.bounds = state
-                .bounds
-                .after(op)
-                .expect("op was validated before it was applied");
             append_span(state, segment, op);
             state.seen.add(op);
             append_run(seg_runs.entry(op.log_id).or_default(), op, offset, k as u16);
@@ -339,6 +353,22 @@ impl Index {
         let c = counts.entry(segment).or_default();
         c.total += added;
         c.live += added;
+        true
+    }
+
+    /// The second half of [`Index::apply_record`] for a record [`Index::stage_appends`]
+    /// staged: moves each log's bounds past its appends, which makes them readable.
+    pub fn publish_appends(&mut self, ops: &[OpSummary]) {
+        for op in ops {
+            let state = self
+                .logs
+                .get_mut(&op.log_id)
+                .expect("a staged log has a state");
+            state.bounds = state
+                .bounds
+                .after(op)
+                .expect("op was validated before it was applied");
+        }
     }
 
     /// Drops indexes `[from, to)` of `log`: spans, overrides, live counts.
@@ -638,5 +668,52 @@ mod tests {
         for i in 50..=52 {
             assert_eq!(index.locate(log, i).expect("held"), Lookup::At(at(1, 100)));
         }
+    }
+
+    /// Session 8: a record staged while its write runs is invisible until published, and
+    /// staging then publishing gives the same index as applying it whole.
+    #[test]
+    fn staged_appends_are_invisible_until_published_and_match_a_whole_apply() {
+        let ops = [
+            op(OpKind::Append, 1, 11, 3, 0),
+            op(OpKind::Append, 2, 1, 2, 0),
+            op(OpKind::Append, 1, 14, 1, 0),
+        ];
+        let mut staged = Index::default();
+        let mut whole = Index::default();
+        for ix in [&mut staged, &mut whole] {
+            ix.apply(&op(OpKind::Append, 1, 1, 10, 0), at(3, 64));
+        }
+        assert!(staged.stage_appends(3, 4096, &ops));
+        for i in 11..=14 {
+            assert!(
+                matches!(staged.locate(1, i), Err(Error::OutOfRange { next: 11, .. })),
+                "staged index {i} is visible"
+            );
+        }
+        assert!(matches!(staged.locate(2, 1), Err(Error::OutOfRange { .. })));
+        assert_eq!(staged.locate(1, 10).expect("held"), Lookup::At(at(3, 64)));
+        staged.publish_appends(&ops);
+        whole.apply_record(3, 4096, &ops);
+        for (log, range) in [(1u64, 1..15u64), (2, 1..3)] {
+            for i in range {
+                assert_eq!(staged.locate(log, i).ok(), whole.locate(log, i).ok());
+                assert!(staged.locate(log, i).is_ok(), "{log}/{i} published");
+            }
+            let (a, b) = (&staged.logs[&log], &whole.logs[&log]);
+            assert_eq!((a.bounds, &a.spans, a.seen), (b.bounds, &b.spans, b.seen));
+        }
+        assert_eq!(staged.counts, whole.counts);
+        assert_eq!(staged.runs[&3], whole.runs[&3]);
+        // Anything but appends is not staged (applied whole once durable).
+        let mixed = [
+            op(OpKind::Append, 1, 15, 1, 0),
+            op(OpKind::PurgeBefore, 1, 3, 0, 0),
+        ];
+        assert!(!staged.stage_appends(3, 8192, &mixed));
+        assert_eq!(
+            staged.counts, whole.counts,
+            "a refused stage changes nothing"
+        );
     }
 }

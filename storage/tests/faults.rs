@@ -239,6 +239,19 @@ fn fault_in_flight(fault: Fault) {
     assert!(matches!(engine.compact_now(), Err(Error::Stopped { .. })));
     // Reads of acknowledged data still work while stopped.
     check_acked(&engine, &acked);
+    // The failed batch was staged in the index while its write and sync ran (session 8):
+    // never published, so none of it is readable and no log's bounds moved past it.
+    for (log, index, _) in &in_flight {
+        assert!(
+            matches!(engine.get(*log, *index), Err(Error::OutOfRange { .. })),
+            "{fault:?}: unacknowledged entry {log}/{index} is readable"
+        );
+        assert_eq!(
+            engine.bounds(*log).map(|b| b.next),
+            Some(*index),
+            "{fault:?}"
+        );
+    }
     assert!(matches!(engine.close(), Err(Error::Stopped { .. })));
 
     if fault == Fault::ShortWrite {
