@@ -13,6 +13,10 @@
 //! the server process's, though the cores are still shared). CPU per post is the
 //! process's CPU time (`getrusage`) over the posts acknowledged in the same interval.
 
+// The server's allocator (root Cargo.toml, `tikv-jemallocator`: why).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

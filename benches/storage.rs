@@ -25,6 +25,11 @@
 
 mod common;
 
+// The server's allocator (root Cargo.toml, `tikv-jemallocator`: why); the peers
+// (bound, raft-engine) run in this process, so they get it too.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

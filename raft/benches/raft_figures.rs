@@ -42,6 +42,10 @@
 //! R3 on three real processes (through the client protocol, so the gateway's cost is
 //! included) is `scripts/r3-processes`.
 
+// The server's allocator (root Cargo.toml, `tikv-jemallocator`: why).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

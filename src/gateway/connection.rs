@@ -490,11 +490,11 @@ impl Outbox {
             } => {
                 let mut state = self.state();
                 match after {
-                    AfterResponse::Subscribed => {
-                        state.requests.insert(*request_id, InFlight::Subscribed);
-                    }
                     AfterResponse::Done => {
                         state.requests.remove(request_id);
+                    }
+                    AfterResponse::Subscribed => {
+                        state.requests.insert(*request_id, InFlight::Subscribed);
                     }
                     AfterResponse::Unsubscribed(subscription) => {
                         state.requests.remove(request_id);
@@ -516,11 +516,20 @@ impl Outbox {
     /// Bookkeeping for the pushes of one write batch at once: one lock and one wake of
     /// [`PushSender::room`] waiters per batch instead of per push (a fan-out of a busy
     /// chat queues many pushes per connection, and the writer takes them together).
+    ///
+    /// The answered requests of the batch (`AfterResponse::Done`) leave the in-flight
+    /// table here too, under the same lock, instead of one lock per response.
     fn taken_pushes(&self, pushes: &mut TakenPushes) {
-        if pushes.count == 0 {
+        if pushes.count == 0 && pushes.answered.is_empty() {
             return;
         }
         let mut state = self.state();
+        for request_id in pushes.answered.drain(..) {
+            state.requests.remove(&request_id);
+        }
+        if pushes.count == 0 {
+            return;
+        }
         state.pushes_queued -= pushes.count;
         state.push_bytes_queued -= pushes.bytes;
         for subscription in pushes.ended.drain(..) {
@@ -535,14 +544,17 @@ impl Outbox {
     }
 }
 
-/// Pushes the writer has taken off the queue and not yet accounted for in the outbox's
-/// state ([`Outbox::taken_pushes`]).
+/// Pushes and final responses the writer has taken off the queue and not yet accounted
+/// for in the outbox's state ([`Outbox::taken_pushes`]).
 #[derive(Debug, Default)]
 struct TakenPushes {
     count: usize,
     bytes: usize,
     /// Subscriptions whose `SubscriptionEnded` push was taken.
     ended: Vec<u64>,
+    /// Requests whose final response was taken (`AfterResponse::Done`). At most one
+    /// write batch's worth ([`WRITE_BATCH_FRAMES_MAX`]); the vector is reused.
+    answered: Vec<u64>,
 }
 
 impl TakenPushes {
@@ -611,6 +623,27 @@ async fn linger(read_half: &mut OwnedReadHalf) {
         match tokio::time::timeout_at(deadline, read_half.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(read)) => discarded += read,
+        }
+    }
+}
+
+/// Why a connection's read loop ends.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// The outbox closed (its reason is set already).
+    Closed,
+    /// The gateway is shutting down: the connection is told so.
+    ShuttingDown,
+}
+
+impl Stop {
+    fn close(self, outbox: &Outbox) {
+        if let Stop::ShuttingDown = self {
+            outbox.close(Close::Disconnect(v1::Error {
+                code: ErrorCode::Unavailable.into(),
+                message: "the server is shutting down".into(),
+                retry_after_ms: REFUSED_RETRY_AFTER_MS,
+            }));
         }
     }
 }
@@ -707,6 +740,18 @@ pub(super) async fn run<S: Service>(
     let inline_max = limits.requests_in_flight_max as usize;
     let mut inline = FuturesUnordered::new();
     let mut close_receiver = close_receiver;
+    // Why the loop ends: the outbox closing or the gateway shutting down. One future for
+    // the connection's life, polled by every pass of the loop: made anew per pass (as it
+    // was), each of the two watch waits registered and removed a waiter, a lock each, for
+    // every frame read and every answer. It completes once, and the loop then ends.
+    let stopping = async {
+        tokio::select! {
+            biased;
+            _ = close_receiver.changed() => Stop::Closed,
+            () = shutting_down(&mut shutdown) => Stop::ShuttingDown,
+        }
+    };
+    tokio::pin!(stopping);
     let mut idle_deadline = Instant::now() + limits.idle_timeout;
     // One timer for the idle timeout, kept across iterations and moved only when it
     // fires early: a `sleep_until` made per iteration would enter and leave the timer
@@ -717,13 +762,8 @@ pub(super) async fn run<S: Service>(
     loop {
         tokio::select! {
             biased;
-            _ = close_receiver.changed() => break,
-            () = shutting_down(&mut shutdown) => {
-                outbox.close(Close::Disconnect(v1::Error {
-                    code: ErrorCode::Unavailable.into(),
-                    message: "the server is shutting down".into(),
-                    retry_after_ms: REFUSED_RETRY_AFTER_MS,
-                }));
+            stop = &mut stopping => {
+                stop.close(&outbox);
                 break;
             }
             Some(answered) = inline.next(), if !inline.is_empty() => {
@@ -893,7 +933,10 @@ pub(super) async fn run<S: Service>(
                     slot = Arc::clone(&outbox.immediate_slots).acquire_owned() => {
                         slot.expect("the immediate semaphore is never closed")
                     }
-                    _ = close_receiver.changed() => break,
+                    stop = &mut stopping => {
+                        stop.close(&outbox);
+                        break;
+                    }
                 };
                 let frame = v1::Frame::response(request_id, immediate);
                 let frame = outbox.encode(&frame).expect("the gateway's answers are small");
@@ -1071,10 +1114,19 @@ async fn write_loop(
     // False once a write was cut short: the stream is then mid-frame and nothing more
     // may be written.
     let mut in_step = true;
+    // One wait for the close for the writer's life (not one made per batch, twice: each
+    // registered and removed a waiter on the watch, a lock each). It completes once, and
+    // the loop then ends.
+    let closing = close.clone();
+    let closing = async move {
+        let mut closing = closing;
+        let _ = closing.changed().await;
+    };
+    tokio::pin!(closing);
     loop {
         let first = tokio::select! {
             biased;
-            _ = close.changed() => break,
+            () = &mut closing => break,
             first = queued.recv() => first,
         };
         let Some(first) = first else { break };
@@ -1095,7 +1147,7 @@ async fn write_loop(
         outbox.taken_pushes(&mut pushes);
         let written = tokio::select! {
             biased;
-            _ = close.changed() => None,
+            () = &mut closing => None,
             written = timeout(write_timeout, batch.write_to(&mut write_half)) => Some(written),
         };
         match written {
@@ -1114,7 +1166,7 @@ async fn write_loop(
         }
     }
 
-    let reason = close.borrow().clone();
+    let reason = close.borrow_and_update().clone();
     if in_step && let Some(Close::Disconnect(reason)) = reason {
         // Responses already queued go out first; pushes are dropped (a slow reader is
         // being cut off, and subscriptions end with the connection anyway).
@@ -1146,6 +1198,11 @@ async fn write_loop(
 fn take_into(outbox: &Outbox, outgoing: Outgoing, batch: &mut Batch, pushes: &mut TakenPushes) {
     match &outgoing {
         Outgoing::Push { .. } => pushes.add(&outgoing),
+        Outgoing::Response {
+            request_id,
+            after: AfterResponse::Done,
+            ..
+        } => pushes.answered.push(*request_id),
         _ => outbox.taken(&outgoing),
     }
     let (frame, tail) = match outgoing {

@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::frame::{FrameReader, decode_message, encode_message};
 use crate::limits::{FRAME_BYTES_MAX, PROTOCOL_VERSION};
@@ -88,6 +89,28 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Request id of the handshake, the first request on every connection.
 const HANDSHAKE_REQUEST_ID: u64 = 1;
+
+/// How often a connection's reader checks its pending requests' deadlines, as a
+/// fraction of [`ClientOptions::request_timeout`]: a request times out between its
+/// timeout and 1/16 of it later.
+///
+/// Why a sweep and not a timer per call: a `tokio::time::timeout` per request entered and
+/// left the runtime's timer wheel (a lock each) for every call, at load ~100,000 a second
+/// and most of them answered within a millisecond; one sleep per connection, re-armed once
+/// per period, costs the same whatever the rate. 1/16: late by at most ~6%.
+pub const TIMEOUT_SWEEP_FRACTION: u32 = 16;
+
+/// Bounds of the sweep period ([`TIMEOUT_SWEEP_FRACTION`]): at least 5 ms (a very short
+/// timeout must not turn the reader into a busy loop), at most 1 s (a long timeout is
+/// still enforced within a second of its deadline).
+pub const TIMEOUT_SWEEP_MIN: Duration = Duration::from_millis(5);
+/// See [`TIMEOUT_SWEEP_MIN`].
+pub const TIMEOUT_SWEEP_MAX: Duration = Duration::from_secs(1);
+
+/// The sweep period for a connection whose requests time out after `request_timeout`.
+fn sweep_period(request_timeout: Duration) -> Duration {
+    (request_timeout / TIMEOUT_SWEEP_FRACTION).clamp(TIMEOUT_SWEEP_MIN, TIMEOUT_SWEEP_MAX)
+}
 
 /// How a [`Client`] redials after its connection dropped.
 #[derive(Debug, Clone)]
@@ -758,12 +781,22 @@ struct ConnectionShared {
     /// Set once, under the `pending` lock, when either task stops.
     closed: AtomicBool,
     pushes: Arc<PushShared>,
+    /// True while the reader sweeps deadlines ([`TIMEOUT_SWEEP_FRACTION`]); read and
+    /// written only under the `pending` lock. The reader clears it when no request waits
+    /// for an answer (an idle connection has no timer), and the next request sets it and
+    /// wakes the reader through `sweep_wanted`.
+    sweeping: AtomicBool,
+    sweep_wanted: tokio::sync::Notify,
 }
 
 /// A request waiting for its response.
 #[derive(Debug)]
 struct Pending {
-    reply: oneshot::Sender<Result<response::Kind, ClientError>>,
+    /// `None` once the caller was told [`ClientError::Timeout`] (the entry stays, holding
+    /// its permit, until the server answers).
+    reply: Option<oneshot::Sender<Result<response::Kind, ClientError>>>,
+    /// When the caller is told [`ClientError::Timeout`] (by the reader's sweep).
+    deadline: Instant,
     /// Released when the response arrives (or, for a subscription, when it ends): the
     /// server counts the request in flight until then even if the caller gave up.
     permit: OwnedSemaphorePermit,
@@ -774,6 +807,31 @@ struct Pending {
 impl ConnectionShared {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Tells every pending caller whose deadline passed [`ClientError::Timeout`] (the
+    /// entries stay until the server answers: it counts them in flight until then).
+    /// Returns whether a caller still waits; if none does, the sweep stops (`sweeping`
+    /// cleared under the lock, so a request registered next sees it and restarts it).
+    fn sweep(&self, now: Instant) -> bool {
+        let mut pending = lock(&self.pending);
+        let mut waiting = false;
+        for entry in pending.values_mut() {
+            if entry.reply.is_none() {
+                continue;
+            }
+            if entry.deadline <= now {
+                if let Some(reply) = entry.reply.take() {
+                    let _ = reply.send(Err(ClientError::Timeout));
+                }
+            } else {
+                waiting = true;
+            }
+        }
+        if !waiting {
+            self.sweeping.store(false, Ordering::Relaxed);
+        }
+        waiting
     }
 
     /// Marks the connection dead and fails every pending request with `Disconnected`
@@ -804,8 +862,12 @@ impl ConnectionShared {
                 let result = match response.kind {
                     Some(response::Kind::Error(error)) => Err(ClientError::from_proto(error)),
                     Some(response::Kind::Subscribe(subscribed)) => {
+                        // A subscription whose caller timed out is not kept: nobody
+                        // knows its id. Its slot is released when it ends.
                         lock(&self.subscriptions).insert(frame.request_id, entry.permit);
-                        let _ = entry.reply.send(Ok(response::Kind::Subscribe(subscribed)));
+                        if let Some(reply) = entry.reply {
+                            let _ = reply.send(Ok(response::Kind::Subscribe(subscribed)));
+                        }
                         return Ok(());
                     }
                     Some(kind) => {
@@ -817,7 +879,9 @@ impl ConnectionShared {
                     None => Err(ClientError::Protocol("an empty response".into())),
                 };
                 // The caller may have timed out and gone; that is fine.
-                let _ = entry.reply.send(result);
+                if let Some(reply) = entry.reply {
+                    let _ = reply.send(result);
+                }
                 drop(entry.permit);
                 Ok(())
             }
@@ -922,10 +986,16 @@ impl Connection {
             next_request_id: AtomicU64::new(HANDSHAKE_REQUEST_ID + 1),
             closed: AtomicBool::new(false),
             pushes: Arc::clone(pushes),
+            sweeping: AtomicBool::new(false),
+            sweep_wanted: tokio::sync::Notify::new(),
         });
         let (outgoing, queued) = mpsc::channel(in_flight_max);
         let writer_task = tokio::spawn(write_loop(write_half, queued, Arc::clone(&shared)));
-        let reader_task = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
+        let reader_task = tokio::spawn(read_loop(
+            reader,
+            Arc::clone(&shared),
+            sweep_period(options.request_timeout),
+        ));
         Ok(Connection {
             shared,
             outgoing,
@@ -957,11 +1027,20 @@ impl Connection {
             request::Kind::Unsubscribe(unsubscribe) => Some(unsubscribe.subscription_id),
             _ => None,
         };
+        // No timer per call: the reader's sweep tells a caller still waiting at its
+        // deadline `Timeout` (TIMEOUT_SWEEP_FRACTION). Only waiting for a slot, which a
+        // request rarely does, is bounded by a timer of its own.
+        let deadline = Instant::now() + timeout;
         let attempt = async {
-            let permit = Arc::clone(&self.in_flight)
-                .acquire_owned()
-                .await
-                .expect("the in-flight semaphore is never closed");
+            let permit = match Arc::clone(&self.in_flight).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    tokio::time::timeout_at(deadline, Arc::clone(&self.in_flight).acquire_owned())
+                        .await
+                        .map_err(|_| ClientError::Timeout)?
+                        .expect("the in-flight semaphore is never closed")
+                }
+            };
             let request_id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
             // From the borrowed request: the caller keeps it for a retry, uncopied (a
             // media part's bytes not even into the frame: they follow its head).
@@ -979,11 +1058,16 @@ impl Connection {
                 pending.insert(
                     request_id,
                     Pending {
-                        reply,
+                        reply: Some(reply),
+                        deadline,
                         permit,
                         ends_subscription,
                     },
                 );
+                if !self.shared.sweeping.load(Ordering::Relaxed) {
+                    self.shared.sweeping.store(true, Ordering::Relaxed);
+                    self.shared.sweep_wanted.notify_one();
+                }
             }
             if self.outgoing.send(OutFrame { head, tail }).await.is_err() {
                 lock(&self.shared.pending).remove(&request_id);
@@ -997,9 +1081,7 @@ impl Connection {
         };
         // On a timeout the request stays pending: its slot is released only when the
         // server answers, since the server counts it in flight until then.
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .unwrap_or(Err(ClientError::Timeout))
+        attempt.await
     }
 }
 
@@ -1096,8 +1178,34 @@ async fn write_loop(
 }
 
 /// The reader task: routes each frame until the stream ends or breaks the protocol.
-async fn read_loop(mut reader: FrameReader<OwnedReadHalf>, shared: Arc<ConnectionShared>) {
-    while let Ok(Some(payload)) = reader.next_frame().await {
+///
+/// It also enforces the pending requests' deadlines: every `sweep_every` while a caller
+/// waits ([`ConnectionShared::sweep`]); while none does, it holds no timer.
+async fn read_loop(
+    mut reader: FrameReader<OwnedReadHalf>,
+    shared: Arc<ConnectionShared>,
+    sweep_every: Duration,
+) {
+    let sweep = tokio::time::sleep(sweep_every);
+    tokio::pin!(sweep);
+    let mut sweeping = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = reader.next_frame() => next,
+            () = &mut sweep, if sweeping => {
+                let now = Instant::now();
+                sweeping = shared.sweep(now);
+                sweep.as_mut().reset(now + sweep_every);
+                continue;
+            }
+            () = shared.sweep_wanted.notified(), if !sweeping => {
+                sweeping = true;
+                sweep.as_mut().reset(Instant::now() + sweep_every);
+                continue;
+            }
+        };
+        let Ok(Some(payload)) = next else { break };
         // A live push that would be dropped anyway (nobody drains the queue: a load
         // generator, a CLI `send`) is counted without decoding it: the same outcome as
         // decoding and dropping it, without the allocations of its events. Only live

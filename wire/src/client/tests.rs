@@ -444,3 +444,77 @@ async fn a_download_checks_every_chunk_against_its_crc_and_the_sha256_when_asked
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == content);
 }
+
+/// The reader's deadline sweep (`TIMEOUT_SWEEP_FRACTION`): a request times out no
+/// earlier than its timeout and within a sweep period or so after it; the sweep stops
+/// when nobody waits and restarts with the next request (a second unanswered request,
+/// sent after the sweep stopped, times out too); and a timed-out request keeps its
+/// in-flight slot until the server answers (the server counts it until then), when its
+/// late answer releases it and finds no caller.
+#[tokio::test]
+async fn deadlines_are_swept_without_a_timer_per_call() {
+    // Holds every `get_by_seq` unanswered; a ping answers the held ones first (late),
+    // then the ping.
+    let mut held = Vec::new();
+    let addr = scripted_server(
+        handshake_ok,
+        Box::new(move |request_id, kind| match kind {
+            request::Kind::GetBySeq(_) => {
+                held.push(request_id);
+                Vec::new()
+            }
+            request::Kind::Ping(ping) => {
+                let mut frames: Vec<v1::Frame> = held
+                    .drain(..)
+                    .map(|id| {
+                        v1::Frame::response(
+                            id,
+                            response::Kind::GetBySeq(v1::GetBySeqResponse::default()),
+                        )
+                    })
+                    .collect();
+                frames.push(pong(request_id, ping.nonce));
+                frames
+            }
+            other => panic!("unexpected {other:?}"),
+        }),
+    )
+    .await;
+    let timeout = Duration::from_millis(160);
+    let period = sweep_period(timeout);
+    let options = ClientOptions {
+        request_timeout: timeout,
+        requests_in_flight_max: 3,
+        ..ClientOptions::default()
+    };
+    let client = within(Client::connect(&addr, options)).await.unwrap();
+    for round in 0..2 {
+        let started = tokio::time::Instant::now();
+        let timed_out = within(client.get_by_seq(v1::GetBySeqRequest::default()))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(timed_out, ClientError::Timeout), "{timed_out}");
+        assert!(
+            took >= timeout,
+            "round {round}: timed out early, after {took:?}"
+        );
+        // A sweep period late at most, plus generous room for a loaded host.
+        assert!(
+            took < timeout + period + Duration::from_millis(500),
+            "round {round}: timed out late, after {took:?}"
+        );
+        // Let the sweep find nobody waiting and stop before the next round.
+        tokio::time::sleep(period * 3).await;
+    }
+    // Both timed-out requests still hold their slots (2 of 3).
+    let connection = client.live_connection().expect("connected");
+    assert_eq!(connection.in_flight.available_permits(), 1);
+    // The ping makes the server answer them (late), then the ping: the late answers
+    // release their slots, and find no caller.
+    let pong = within(client.ping(v1::PingRequest { nonce: 7 }))
+        .await
+        .unwrap();
+    assert_eq!(pong.nonce, 7);
+    assert_eq!(connection.in_flight.available_permits(), 3);
+}
