@@ -53,6 +53,17 @@ pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 /// pack ~40 per entry and ran at ~180,000–320,000 posts/s on the same (noisy) machine
 /// (`raft/benches/raft_figures.rs` prints the ratio).
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
+/// Entries of one group in flight beyond [`ENTRIES_IN_FLIGHT_MAX`], at most, each used
+/// only by an entry whose first command has waited [`ENTRY_WAIT_EXTRA`] already (session
+/// 8, issue 3's half-load p99). Why: with two slots a post at half load waits for one of
+/// them, up to a whole entry lifetime (propose → durable → applied), before its own entry
+/// even starts: ~6–8 ms at p99 on the 2-vCPU host. A slot that opens only after a wait
+/// leaves a busy group's entries as large as before (a full-load entry fills well within
+/// the wait) but caps a calm group's queueing at the wait.
+pub const ENTRIES_IN_FLIGHT_EXTRA_MAX: usize = 2;
+/// How long an entry's first command waits for one of the [`ENTRIES_IN_FLIGHT_MAX`]
+/// slots before the entry may take one of the [`ENTRIES_IN_FLIGHT_EXTRA_MAX`] ones.
+pub const ENTRY_WAIT_EXTRA: Duration = Duration::from_millis(1);
 /// Groups started per wave at startup.
 const START_WAVE_GROUPS: usize = 32;
 /// Longest one forwarded proposal or read index may take, per hop. Under the client's
@@ -407,8 +418,9 @@ impl Group {
 
 /// The batcher of one group: takes the queued entries (`crate::proposer`) and hands
 /// them to openraft in order, with at most [`ENTRIES_IN_FLIGHT_MAX`] entries awaiting
-/// apply. An entry is taken only once an in-flight permit is free, so commands arriving
-/// meanwhile still join it.
+/// apply, plus up to [`ENTRIES_IN_FLIGHT_EXTRA_MAX`] more for an entry whose first
+/// command has waited [`ENTRY_WAIT_EXTRA`]. An entry is taken only once an in-flight
+/// permit is free, so commands arriving meanwhile still join it.
 async fn run_batcher(
     group: GroupId,
     raft: ChatRaft,
@@ -416,9 +428,14 @@ async fn run_batcher(
     queue: Arc<crate::proposer::ProposalQueue>,
     commit_latency: Arc<chatlog_storage::Histogram>,
 ) {
+    let (extra_slots, extra_wait) = pipeline();
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
+    let extra = Arc::new(Semaphore::new(extra_slots));
     loop {
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+        let Some(opened) = queue.first_opened().await else {
+            return;
+        };
+        let Some(permit) = entry_permit(&in_flight, &extra, opened + extra_wait).await else {
             return;
         };
         let Some(mut entry) = queue.next_entry().await else {
@@ -460,6 +477,55 @@ async fn run_batcher(
             entry.answer(result);
         });
     }
+}
+
+/// An in-flight permit for the entry at the head of the queue: one of `base` as soon as
+/// one is free; from `extra_at` on, one of `extra` too (whichever frees first). `None`
+/// when a semaphore was closed (never: they live as long as the batcher).
+async fn entry_permit(
+    base: &Arc<Semaphore>,
+    extra: &Arc<Semaphore>,
+    extra_at: std::time::Instant,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(p) = Arc::clone(base).try_acquire_owned() {
+        return Some(p);
+    }
+    let from_base = Arc::clone(base).acquire_owned();
+    tokio::pin!(from_base);
+    tokio::select! {
+        biased;
+        p = &mut from_base => return p.ok(),
+        _ = tokio::time::sleep_until(extra_at.into()) => {}
+    }
+    tokio::select! {
+        biased;
+        p = &mut from_base => p.ok(),
+        p = Arc::clone(extra).acquire_owned() => p.ok(),
+    }
+}
+
+/// The pipeline's extra slots and wait: [`ENTRIES_IN_FLIGHT_EXTRA_MAX`] and
+/// [`ENTRY_WAIT_EXTRA`] unless [`set_pipeline`] changed them.
+fn pipeline() -> (usize, Duration) {
+    use std::sync::atomic::Ordering;
+    match PIPELINE_OVERRIDE.load(Ordering::Relaxed) {
+        0 => (ENTRIES_IN_FLIGHT_EXTRA_MAX, ENTRY_WAIT_EXTRA),
+        v => (((v >> 32) & 0x7fff_ffff) as usize, Duration::from_micros(v & 0xffff_ffff)),
+    }
+}
+
+/// [`set_pipeline`]'s value: extra slots in the high 32 bits, the wait (µs) in the low;
+/// 0 means the defaults.
+static PIPELINE_OVERRIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the extra in-flight slots per group and the wait before an entry may use one
+/// for batchers started from now on, in place of [`ENTRIES_IN_FLIGHT_EXTRA_MAX`] and
+/// [`ENTRY_WAIT_EXTRA`] (benchmarks: `raft_figures`' `CHATLOG_RAFT_EXTRA_SLOTS` and
+/// `CHATLOG_RAFT_EXTRA_WAIT_US`). The slots are capped at 64, the wait at 1 s.
+pub fn set_pipeline(extra_slots: usize, wait: Duration) {
+    let slots = extra_slots.min(64) as u64;
+    let us = wait.min(Duration::from_secs(1)).as_micros() as u64;
+    PIPELINE_OVERRIDE.store(slots << 32 | us | 1 << 63, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The outcomes of one proposed entry of `n` commands and the entry's index, from the

@@ -253,6 +253,25 @@ impl ProposalQueue {
         }
     }
 
+    /// When the oldest queued entry's first command arrived, waiting for one; `None` once
+    /// the queue is closed and empty. The entry stays queued (and keeps collecting
+    /// commands) until [`ProposalQueue::next_entry`] takes it.
+    pub async fn first_opened(&self) -> Option<Instant> {
+        loop {
+            {
+                let p = self.lock();
+                if let Some(entry) = p.entries.front() {
+                    return Some(entry.opened);
+                }
+                if p.closed {
+                    return None;
+                }
+            }
+            // As in `next_entry`: a proposer that queued after the check left a permit.
+            self.ready.notified().await;
+        }
+    }
+
     /// The oldest entry with commands, waiting for one; `None` once the queue is closed
     /// and empty.
     pub async fn next_entry(&self) -> Option<OpenEntry> {
