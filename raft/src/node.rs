@@ -485,7 +485,7 @@ async fn run_batcher(
 async fn entry_permit(
     base: &Arc<Semaphore>,
     extra: &Arc<Semaphore>,
-    extra_at: std::time::Instant,
+    extra_at: tokio::time::Instant,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     if let Ok(p) = Arc::clone(base).try_acquire_owned() {
         return Some(p);
@@ -495,7 +495,7 @@ async fn entry_permit(
     tokio::select! {
         biased;
         p = &mut from_base => return p.ok(),
-        _ = tokio::time::sleep_until(extra_at.into()) => {}
+        _ = tokio::time::sleep_until(extra_at) => {}
     }
     tokio::select! {
         biased;
@@ -1613,5 +1613,56 @@ impl openraft::network::v2::RaftNetworkV2<TypeConfig> for NoPeers {
         openraft::error::StreamingError<TypeConfig>,
     > {
         Err(openraft::error::StreamingError::Unreachable(no_peer()))
+    }
+}
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+
+    /// Virtual time: the waits below are exact, not a busy host's.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_takes_an_extra_slot_only_after_its_wait_and_a_freed_base_slot_first() {
+        let base = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
+        let extra = Arc::new(Semaphore::new(1));
+        let t0 = tokio::time::Instant::now();
+        let wait = Duration::from_millis(1);
+        // Free base slots are taken at once, even before the wait.
+        let b1 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
+        let b2 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
+        assert_eq!((base.available_permits(), extra.available_permits()), (0, 1));
+        // Both busy: the extra slot, no sooner than the wait.
+        let start = tokio::time::Instant::now();
+        let e1 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait)
+            .await
+            .expect("extra");
+        assert!(start.elapsed() >= wait, "took the extra slot early");
+        assert_eq!(extra.available_permits(), 0);
+        // Everything busy: a base slot freed later is taken (not more than the slots).
+        let freer = {
+            let b1 = b1;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(b1);
+            })
+        };
+        let start = tokio::time::Instant::now();
+        let b3 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait)
+            .await
+            .expect("freed base");
+        assert!(start.elapsed() >= Duration::from_millis(5));
+        freer.await.expect("freer");
+        assert_eq!((base.available_permits(), extra.available_permits()), (0, 0));
+        drop((b2, b3, e1));
+        assert_eq!(
+            (base.available_permits(), extra.available_permits()),
+            (ENTRIES_IN_FLIGHT_MAX, 1)
+        );
+    }
+
+    #[test]
+    fn the_pipeline_defaults_hold_until_set() {
+        // Other tests of this process never call `set_pipeline`.
+        assert_eq!(pipeline(), (ENTRIES_IN_FLIGHT_EXTRA_MAX, ENTRY_WAIT_EXTRA));
     }
 }

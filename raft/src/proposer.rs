@@ -22,9 +22,10 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
-
 use bytes::Bytes;
+// tokio's clock, not std's: the batcher times the extra in-flight slots from `opened`,
+// and a simulation's paused clock must decide that, not the host's (issue 9).
+use tokio::time::Instant;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::chat::Command;
@@ -77,7 +78,8 @@ pub struct OpenEntry {
     buf: Vec<u8>,
     commands: usize,
     slot: Arc<Slot>,
-    /// When its first command arrived: the longest a command of it waited to be taken.
+    /// When its first command arrived (tokio's clock): the longest a command of it waited
+    /// to be taken.
     opened: Instant,
 }
 
@@ -364,6 +366,30 @@ mod tests {
                 o,
                 Outcome::refused(crate::chat::RefusalCode::BadRequest, format!("{i}"))
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn first_opened_leaves_the_entry_queued_and_growing() {
+        let q = Arc::new(ProposalQueue::new(2));
+        let before = Instant::now();
+        let mut waiters = Vec::new();
+        for i in 0..2u64 {
+            let q2 = Arc::clone(&q);
+            waiters.push(tokio::spawn(async move { q2.propose(&post(i)).await }));
+            while q.queued() < i as usize + 1 {
+                tokio::task::yield_now().await;
+            }
+            let opened = q.first_opened().await.expect("an entry is queued");
+            assert!(opened >= before && opened <= Instant::now());
+        }
+        let entry = q.next_entry().await.expect("entry");
+        assert_eq!(entry.len(), 2, "both commands joined the entry first_opened saw");
+        drop(entry);
+        q.close();
+        assert!(q.first_opened().await.is_none());
+        for w in waiters {
+            assert!(w.await.expect("task").is_err());
         }
     }
 
