@@ -510,7 +510,10 @@ fn pipeline() -> (usize, Duration) {
     use std::sync::atomic::Ordering;
     match PIPELINE_OVERRIDE.load(Ordering::Relaxed) {
         0 => (ENTRIES_IN_FLIGHT_EXTRA_MAX, ENTRY_WAIT_EXTRA),
-        v => (((v >> 32) & 0x7fff_ffff) as usize, Duration::from_micros(v & 0xffff_ffff)),
+        v => (
+            ((v >> 32) & 0x7fff_ffff) as usize,
+            Duration::from_micros(v & 0xffff_ffff),
+        ),
     }
 }
 
@@ -525,7 +528,10 @@ static PIPELINE_OVERRIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 pub fn set_pipeline(extra_slots: usize, wait: Duration) {
     let slots = extra_slots.min(64) as u64;
     let us = wait.min(Duration::from_secs(1)).as_micros() as u64;
-    PIPELINE_OVERRIDE.store(slots << 32 | us | 1 << 63, std::sync::atomic::Ordering::Relaxed);
+    PIPELINE_OVERRIDE.store(
+        slots << 32 | us | 1 << 63,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 /// The outcomes of one proposed entry of `n` commands and the entry's index, from the
@@ -1630,7 +1636,10 @@ mod pipeline_tests {
         // Free base slots are taken at once, even before the wait.
         let b1 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
         let b2 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
-        assert_eq!((base.available_permits(), extra.available_permits()), (0, 1));
+        assert_eq!(
+            (base.available_permits(), extra.available_permits()),
+            (0, 1)
+        );
         // Both busy: the extra slot, no sooner than the wait.
         let start = tokio::time::Instant::now();
         let e1 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait)
@@ -1652,7 +1661,10 @@ mod pipeline_tests {
             .expect("freed base");
         assert!(start.elapsed() >= Duration::from_millis(5));
         freer.await.expect("freer");
-        assert_eq!((base.available_permits(), extra.available_permits()), (0, 0));
+        assert_eq!(
+            (base.available_permits(), extra.available_permits()),
+            (0, 0)
+        );
         drop((b2, b3, e1));
         assert_eq!(
             (base.available_permits(), extra.available_permits()),

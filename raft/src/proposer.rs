@@ -20,13 +20,13 @@
 //! leave in the order they were opened, so a proposer's commands are proposed in the
 //! order it proposed them (as through the channel before).
 
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use bytes::Bytes;
 // tokio's clock, not std's: the batcher times the extra in-flight slots from `opened`,
 // and a simulation's paused clock must decide that, not the host's (issue 9).
-use tokio::time::Instant;
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 
 use crate::chat::Command;
 use crate::chat::Outcome;
@@ -384,7 +384,11 @@ mod tests {
             assert!(opened >= before && opened <= Instant::now());
         }
         let entry = q.next_entry().await.expect("entry");
-        assert_eq!(entry.len(), 2, "both commands joined the entry first_opened saw");
+        assert_eq!(
+            entry.len(),
+            2,
+            "both commands joined the entry first_opened saw"
+        );
         drop(entry);
         q.close();
         assert!(q.first_opened().await.is_none());
