@@ -529,7 +529,7 @@ pub fn set_pipeline(extra_slots: usize, wait: Duration) {
     let slots = extra_slots.min(64) as u64;
     let us = wait.min(Duration::from_secs(1)).as_micros() as u64;
     PIPELINE_OVERRIDE.store(
-        slots << 32 | us | 1 << 63,
+        (slots << 32) | us | (1 << 63),
         std::sync::atomic::Ordering::Relaxed,
     );
 }
