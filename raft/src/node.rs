@@ -64,6 +64,13 @@ pub const ENTRIES_IN_FLIGHT_EXTRA_MAX: usize = 2;
 /// How long an entry's first command waits for one of the [`ENTRIES_IN_FLIGHT_MAX`]
 /// slots before the entry may take one of the [`ENTRIES_IN_FLIGHT_EXTRA_MAX`] ones.
 pub const ENTRY_WAIT_EXTRA: Duration = Duration::from_millis(1);
+/// Commands in the group's in-flight entries above which no extra slot is taken however
+/// long the entry waited. Why: a group at full load (every slot carrying ~40–50 posts)
+/// would otherwise always wait past [`ENTRY_WAIT_EXTRA`] and spread the same posts over
+/// twice the entries, and the core's cost is per entry (R3 fell from ~48 to ~33 posts
+/// per entry with the extra slots ungated, session 8); a calm group (half load: ~15–35
+/// posts in flight) gets them.
+pub const EXTRA_SLOT_IN_FLIGHT_COMMANDS_MAX: usize = 64;
 /// Groups started per wave at startup.
 const START_WAVE_GROUPS: usize = 32;
 /// Longest one forwarded proposal or read index may take, per hop. Under the client's
@@ -431,22 +438,31 @@ async fn run_batcher(
     let (extra_slots, extra_wait) = pipeline();
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     let extra = Arc::new(Semaphore::new(extra_slots));
+    // Commands in the entries in flight (`EXTRA_SLOT_IN_FLIGHT_COMMANDS_MAX`).
+    let commands_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let Some(opened) = queue.first_opened().await else {
             return;
         };
-        let Some(permit) = entry_permit(&in_flight, &extra, opened + extra_wait).await else {
+        let calm = || {
+            commands_in_flight.load(std::sync::atomic::Ordering::Relaxed)
+                <= EXTRA_SLOT_IN_FLIGHT_COMMANDS_MAX
+        };
+        let Some(permit) = entry_permit(&in_flight, &extra, opened + extra_wait, calm).await else {
             return;
         };
         let Some(mut entry) = queue.next_entry().await else {
             return;
         };
         let n = entry.len();
+        commands_in_flight.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let in_flight_count = Arc::clone(&commands_in_flight);
         let payload = entry.seal(shared.clock().next());
         let proposed = std::time::Instant::now();
         let stream = match raft.client_write_many([ChatBatch(payload)]).await {
             Ok(s) => s,
             Err(fatal) => {
+                commands_in_flight.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
                 entry.answer(Err(ProposeError::Unavailable {
                     group,
                     detail: fatal.to_string(),
@@ -464,6 +480,7 @@ async fn run_batcher(
             use futures_util::StreamExt;
             let mut stream = stream;
             let result = stream.next().await;
+            in_flight_count.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             let result = write_outcomes(group, result, n);
             if let Ok((_, index)) = &result {
@@ -480,12 +497,14 @@ async fn run_batcher(
 }
 
 /// An in-flight permit for the entry at the head of the queue: one of `base` as soon as
-/// one is free; from `extra_at` on, one of `extra` too (whichever frees first). `None`
-/// when a semaphore was closed (never: they live as long as the batcher).
+/// one is free; from `extra_at` on, if `calm()` says so then, one of `extra` too
+/// (whichever frees first). `None` when a semaphore was closed (never: they live as long
+/// as the batcher).
 async fn entry_permit(
     base: &Arc<Semaphore>,
     extra: &Arc<Semaphore>,
     extra_at: tokio::time::Instant,
+    calm: impl Fn() -> bool,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     if let Ok(p) = Arc::clone(base).try_acquire_owned() {
         return Some(p);
@@ -496,6 +515,9 @@ async fn entry_permit(
         biased;
         p = &mut from_base => return p.ok(),
         _ = tokio::time::sleep_until(extra_at) => {}
+    }
+    if !calm() {
+        return from_base.await.ok();
     }
     tokio::select! {
         biased;
@@ -1634,15 +1656,19 @@ mod pipeline_tests {
         let t0 = tokio::time::Instant::now();
         let wait = Duration::from_millis(1);
         // Free base slots are taken at once, even before the wait.
-        let b1 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
-        let b2 = entry_permit(&base, &extra, t0 + wait).await.expect("base");
+        let b1 = entry_permit(&base, &extra, t0 + wait, || true)
+            .await
+            .expect("base");
+        let b2 = entry_permit(&base, &extra, t0 + wait, || true)
+            .await
+            .expect("base");
         assert_eq!(
             (base.available_permits(), extra.available_permits()),
             (0, 1)
         );
         // Both busy: the extra slot, no sooner than the wait.
         let start = tokio::time::Instant::now();
-        let e1 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait)
+        let e1 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait, || true)
             .await
             .expect("extra");
         assert!(start.elapsed() >= wait, "took the extra slot early");
@@ -1656,7 +1682,7 @@ mod pipeline_tests {
             })
         };
         let start = tokio::time::Instant::now();
-        let b3 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait)
+        let b3 = entry_permit(&base, &extra, tokio::time::Instant::now() + wait, || true)
             .await
             .expect("freed base");
         assert!(start.elapsed() >= Duration::from_millis(5));
@@ -1670,6 +1696,28 @@ mod pipeline_tests {
             (base.available_permits(), extra.available_permits()),
             (ENTRIES_IN_FLIGHT_MAX, 1)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_group_waits_for_a_base_slot_however_long_its_entry_waited() {
+        let base = Arc::new(Semaphore::new(1));
+        let extra = Arc::new(Semaphore::new(1));
+        let b1 = Arc::clone(&base).acquire_owned().await.expect("base");
+        let freer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(b1);
+        });
+        let start = tokio::time::Instant::now();
+        let p = entry_permit(&base, &extra, start + Duration::from_millis(1), || false)
+            .await
+            .expect("base");
+        assert!(
+            start.elapsed() >= Duration::from_millis(10),
+            "not calm: no extra slot"
+        );
+        assert_eq!(extra.available_permits(), 1);
+        drop(p);
+        freer.await.expect("freer");
     }
 
     #[test]
