@@ -25,6 +25,10 @@
 //! each engine's write + fdatasync, over the same window (fixed buckets: upper bounds), so
 //! time a post spent queued before its entry was proposed shows as the difference.
 //!
+//! `CHATLOG_RAFT_EXTRA_SLOTS` and `CHATLOG_RAFT_EXTRA_WAIT_US` set the batcher's extra
+//! in-flight entries per group and the wait before an entry may use one
+//! (`node::set_pipeline`; `CHATLOG_RAFT_EXTRA_SLOTS=0` is session 7's pipeline of two).
+//!
 //! `CHATLOG_RAFT_WORKERS` sets the runtime's worker threads and `CHATLOG_RAFT_GENERATOR=worker`
 //! runs the open loop's generator on them instead of the main thread (experiments).
 //!
@@ -88,6 +92,21 @@ fn main() {
         builder.worker_threads(n);
     }
     let rt = builder.enable_all().build().expect("runtime");
+    // `CHATLOG_RAFT_EXTRA_SLOTS` / `CHATLOG_RAFT_EXTRA_WAIT_US`: the batcher's extra
+    // in-flight entries per group and the wait before an entry may take one (default
+    // `node::ENTRIES_IN_FLIGHT_EXTRA_MAX` and `node::ENTRY_WAIT_EXTRA`; slots 0 is the
+    // session-7 pipeline of two).
+    let slots = std::env::var("CHATLOG_RAFT_EXTRA_SLOTS").ok();
+    let wait = std::env::var("CHATLOG_RAFT_EXTRA_WAIT_US").ok();
+    if slots.is_some() || wait.is_some() {
+        let slots = slots
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(chatlog_raft::node::ENTRIES_IN_FLIGHT_EXTRA_MAX);
+        let wait = wait
+            .and_then(|v| v.parse().ok())
+            .map_or(chatlog_raft::node::ENTRY_WAIT_EXTRA, Duration::from_micros);
+        chatlog_raft::node::set_pipeline(slots, wait);
+    }
     if timeline_path().is_some() {
         chatlog_storage::timeline::enable();
         rt.spawn(runtime_probe());

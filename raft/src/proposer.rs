@@ -20,12 +20,13 @@
 //! leave in the order they were opened, so a proposer's commands are proposed in the
 //! order it proposed them (as through the channel before).
 
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
-
-use bytes::Bytes;
+// tokio's clock, not std's: the batcher times the extra in-flight slots from `opened`,
+// and a simulation's paused clock must decide that, not the host's (issue 9).
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 
 use crate::chat::Command;
 use crate::chat::Outcome;
@@ -77,7 +78,8 @@ pub struct OpenEntry {
     buf: Vec<u8>,
     commands: usize,
     slot: Arc<Slot>,
-    /// When its first command arrived: the longest a command of it waited to be taken.
+    /// When its first command arrived (tokio's clock): the longest a command of it waited
+    /// to be taken.
     opened: Instant,
 }
 
@@ -253,6 +255,25 @@ impl ProposalQueue {
         }
     }
 
+    /// When the oldest queued entry's first command arrived, waiting for one; `None` once
+    /// the queue is closed and empty. The entry stays queued (and keeps collecting
+    /// commands) until [`ProposalQueue::next_entry`] takes it.
+    pub async fn first_opened(&self) -> Option<Instant> {
+        loop {
+            {
+                let p = self.lock();
+                if let Some(entry) = p.entries.front() {
+                    return Some(entry.opened);
+                }
+                if p.closed {
+                    return None;
+                }
+            }
+            // As in `next_entry`: a proposer that queued after the check left a permit.
+            self.ready.notified().await;
+        }
+    }
+
     /// The oldest entry with commands, waiting for one; `None` once the queue is closed
     /// and empty.
     pub async fn next_entry(&self) -> Option<OpenEntry> {
@@ -345,6 +366,34 @@ mod tests {
                 o,
                 Outcome::refused(crate::chat::RefusalCode::BadRequest, format!("{i}"))
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn first_opened_leaves_the_entry_queued_and_growing() {
+        let q = Arc::new(ProposalQueue::new(2));
+        let before = Instant::now();
+        let mut waiters = Vec::new();
+        for i in 0..2u64 {
+            let q2 = Arc::clone(&q);
+            waiters.push(tokio::spawn(async move { q2.propose(&post(i)).await }));
+            while q.queued() < i as usize + 1 {
+                tokio::task::yield_now().await;
+            }
+            let opened = q.first_opened().await.expect("an entry is queued");
+            assert!(opened >= before && opened <= Instant::now());
+        }
+        let entry = q.next_entry().await.expect("entry");
+        assert_eq!(
+            entry.len(),
+            2,
+            "both commands joined the entry first_opened saw"
+        );
+        drop(entry);
+        q.close();
+        assert!(q.first_opened().await.is_none());
+        for w in waiters {
+            assert!(w.await.expect("task").is_err());
         }
     }
 
