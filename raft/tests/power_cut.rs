@@ -1007,6 +1007,44 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
             .expect("writer");
     }
 
+    // One node is away while each group moves on past the next snapshot and purge: it
+    // comes back behind the leaders' purge marks and is sent a snapshot, with its range
+    // (checked by `check_history_kept`).
+    let away = NODES[(seed % 3) as usize];
+    cluster.remove_node(away).await;
+    for (group, chat, users) in &chats {
+        for n in 0..2 * (SNAPSHOT_EVERY + LOGS_KEPT) {
+            let cmid = (WRITERS + 1) << 32 | n;
+            let text = format!("away.{n}");
+            let invoked = history.tick();
+            let cmd = Command::Post {
+                chat: *chat,
+                sender: users[0],
+                client_message_id: cmid,
+                text: text.clone(),
+                media: None,
+                reply_to: 0,
+            };
+            let outcome = match propose(&cluster, *group, cmd, SEND_RETRY).await {
+                Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
+                Some(o) => history::Outcome::Refused {
+                    code: format!("{o:?}"),
+                },
+                None => history::Outcome::Unknown,
+            };
+            history.record_send(Send {
+                chat: *chat,
+                sender: users[0],
+                cmid,
+                text,
+                outcome,
+                invoked,
+                completed: history.tick(),
+            });
+        }
+    }
+    cluster.start_node(away).await;
+
     let acked = heal_and_check(&cluster, &chats, &history, seed).await;
     check_history_kept(&cluster, &chats, seed);
     eprintln!(
