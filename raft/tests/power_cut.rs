@@ -35,9 +35,9 @@ use chatlog_raft::{
 use chatlog_storage::fault::{FaultyFileSystem, PowerCut, PowerCutReport};
 use chatlog_storage::{Config as EngineConfig, Engine, RecoveryMode};
 use history::{Event, History, Send};
-use openraft::Config;
 use openraft::async_runtime::WatchReceiver;
 use openraft::storage::{RaftLogReader, RaftLogStorage};
+use openraft::{Config, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -52,6 +52,16 @@ const WAIT: Duration = Duration::from_secs(30);
 const SEND_RETRY: Duration = Duration::from_secs(8);
 /// Concurrent writers.
 const WRITERS: u64 = 4;
+/// Openraft builds a snapshot every this many entries and then purges its log (logically:
+/// retention keeps the entries as history, `chatlog_raft::log_store`, "Retention") up to
+/// [`LOGS_KEPT`] below it. Small, so that every run, debug builds included, purges below
+/// the chats' first events and the checker reads them back from the history (openraft's
+/// default, 5,000, was reached only by fast release runs, which then failed in the
+/// checker: `common/replica_events.rs`).
+const SNAPSHOT_EVERY: u64 = 300;
+/// Entries openraft keeps visible below its newest snapshot (see [`SNAPSHOT_EVERY`]); a
+/// replica restarting further behind is sent a snapshot (`snapshot_stream`).
+const LOGS_KEPT: u64 = 100;
 
 /// A seeded splitmix64: the fault schedule follows the seed.
 struct Rng(u64);
@@ -93,6 +103,10 @@ fn raft_config() -> Arc<Config> {
         enable_leader_restore: Some(false),
         // As in production: a replica that cut a damaged record is sent it again.
         allow_log_reversion: Some(true),
+        // Unlike production (purges by retention only): snapshots and purges during the
+        // faults, so the history below the purge mark is read and sent too.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+        max_in_snapshot_log_to_keep: LOGS_KEPT,
         ..Default::default()
     };
     Arc::new(config.validate().expect("valid raft config"))
@@ -214,7 +228,11 @@ async fn start_group_once(
             ..Default::default()
         },
     )
-    .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?;
+    .map_err(|e| format!("node {id} group {group}: the state does not open: {e}"))?
+    // As in production (`node.rs`): snapshots carry the log range and installing one
+    // writes it as history. Without it a replica sent a snapshot held the state but not
+    // the entries below it, and its next append re-anchored its log past its history.
+    .with_log(reader.clone());
     let shared = sm.shared();
     let raft = ChatRaft::new(id, raft_config(), router.network_factory(group), store, sm)
         .await
@@ -837,6 +855,40 @@ async fn heal_and_check(
     acked
 }
 
+/// After [`heal_and_check`] in the power-cut test: the checker read every chat's first
+/// events from below openraft's purge mark on some replica (the history, see
+/// [`SNAPSHOT_EVERY`]), and every replica still holds its log from the first entry.
+fn check_history_kept(cluster: &Cluster, chats: &[TestChat], seed: u64) {
+    for (group, chat, _) in chats {
+        let below_purge = cluster.live().iter().any(|node| {
+            let (reader, shared) = node.reader(*group);
+            let first = shared.read().chat_events(*chat, 1, 1).unwrap_or_default();
+            let purged = reader.retained_bounds().1.map(|p| p.index);
+            first
+                .first()
+                .is_some_and(|(_, loc)| purged.is_some_and(|p| loc.raft_index() <= p))
+        });
+        assert!(
+            below_purge,
+            "seed={seed}: group {group}: no replica purged below chat {chat}'s first event"
+        );
+    }
+    // Nothing deletes history here (retention's mark stays 0): every replica holds its
+    // group's log from the first entry, snapshots it was sent included (their range).
+    for node in cluster.live() {
+        for group in GROUPS {
+            let bounds = node.reader(group).0.retained_bounds();
+            assert_eq!(
+                bounds.0,
+                Some(0),
+                "seed={seed}: node {} group {group}: history lost; (first held, purged, \
+                 last) = {bounds:?}",
+                node.id
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_posts_survive_power_cuts_under_raft() {
     let seed = seed();
@@ -955,7 +1007,46 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
             .expect("writer");
     }
 
+    // One node is away while each group moves on past the next snapshot and purge: it
+    // comes back behind the leaders' purge marks and is sent a snapshot, with its range
+    // (checked by `check_history_kept`).
+    let away = NODES[(seed % 3) as usize];
+    cluster.remove_node(away).await;
+    for (group, chat, users) in &chats {
+        for n in 0..2 * (SNAPSHOT_EVERY + LOGS_KEPT) {
+            let cmid = (WRITERS + 1) << 32 | n;
+            let text = format!("away.{n}");
+            let invoked = history.tick();
+            let cmd = Command::Post {
+                chat: *chat,
+                sender: users[0],
+                client_message_id: cmid,
+                text: text.clone(),
+                media: None,
+                reply_to: 0,
+            };
+            let outcome = match propose(&cluster, *group, cmd, SEND_RETRY).await {
+                Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
+                Some(o) => history::Outcome::Refused {
+                    code: format!("{o:?}"),
+                },
+                None => history::Outcome::Unknown,
+            };
+            history.record_send(Send {
+                chat: *chat,
+                sender: users[0],
+                cmid,
+                text,
+                outcome,
+                invoked,
+                completed: history.tick(),
+            });
+        }
+    }
+    cluster.start_node(away).await;
+
     let acked = heal_and_check(&cluster, &chats, &history, seed).await;
+    check_history_kept(&cluster, &chats, seed);
     eprintln!(
         "seed={seed}: faults {faults:?}; {dropped} unsynced bytes dropped, \
          {kept} kept by torn or scrambled cuts"

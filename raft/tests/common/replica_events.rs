@@ -1,5 +1,6 @@
 //! Reading one replica's events of a chat the way the history checker wants them (the
-//! state's per-chat index, then each command from the Raft log), shared by the tests that
+//! state's per-chat index, then each command from the Raft log, history below openraft's
+//! purge mark included, as the node reads it), shared by the tests that
 //! run replicas in one process (`power_cut.rs`, `sim.rs`).
 //!
 //! What it owns: the decoding of indexed events into `history::Event`. What it must not
@@ -14,7 +15,6 @@ use chatlog_raft::chat::Command;
 use chatlog_raft::chat::command::DecodedBatch;
 use chatlog_raft::state_machine::GroupShared;
 use chatlog_raft::types::{EntryPayload, GroupId};
-use openraft::storage::RaftLogReader;
 
 use crate::history::Event;
 
@@ -31,15 +31,18 @@ pub async fn replica_chat_events(
         .read()
         .chat_events(chat, 1, u64::MAX)
         .unwrap_or_default();
-    let mut reader = reader.clone();
     let mut out = Vec::new();
     let mut batches: BTreeMap<u64, DecodedBatch> = BTreeMap::new();
     for (seq, loc) in locs {
         let index = loc.raft_index();
         if let std::collections::btree_map::Entry::Vacant(slot) = batches.entry(index) {
+            // As the node's chat reads do (`node.rs`): through `read_history`, which also
+            // sees the committed entries kept below openraft's purge mark. A snapshot
+            // (openraft's policy in `power_cut.rs`, or one installed from the leader)
+            // purges the log logically, not physically; `try_get_log_entries` no longer
+            // returns those entries, but the replica still holds them and must.
             let entries = reader
-                .try_get_log_entries(index..=index)
-                .await
+                .read_history(index, index + 1)
                 .map_err(|e| format!("entry {index}: {e}"))?;
             let entry = entries.into_iter().next().unwrap_or_else(|| {
                 panic!(
