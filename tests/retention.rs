@@ -303,9 +303,17 @@ async fn pending_secret_messages_outlive_retention_purges() {
     let dir = tempfile::tempdir().expect("temp dir");
     let keys = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let mut flags = vec!["--segment-mb", "1", "--retain-entries", "50"];
+    let mut flags = vec![
+        "--segment-mb",
+        "1",
+        "--retain-entries",
+        "50",
+        "--http",
+        "127.0.0.1:0",
+    ];
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
+    wait_policy_seeded(srv.http.as_deref().expect("http")).await;
     let listen = srv.addr.clone();
     let anon = connect(&listen, None).await;
     let alice = cluster::create_user(&anon, "alice").await;
@@ -461,9 +469,17 @@ async fn the_byte_policy_keeps_about_its_bytes_across_a_restart() {
     let data = dir.path().join("data");
     // 400 posts of ~1 KB, one per entry; keep 50 KB: at least ~45 posts, and less than
     // 64 entries more.
-    let mut flags = vec!["--segment-mb", "1", "--retain-bytes", "50000"];
+    let mut flags = vec![
+        "--segment-mb",
+        "1",
+        "--retain-bytes",
+        "50000",
+        "--http",
+        "127.0.0.1:0",
+    ];
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
+    wait_policy_seeded(srv.http.as_deref().expect("http")).await;
     let (c, token, chat) = one_user_and_chat(&srv.addr, "bytes").await;
     for i in 0..400u64 {
         c.send_message(send_request(chat, i + 1, &"y".repeat(1000)))
@@ -488,6 +504,33 @@ async fn the_byte_policy_keeps_about_its_bytes_across_a_restart() {
     let c = connect(&srv.addr, Some(token)).await;
     let after = full_history(&c, chat, WAIT).await;
     assert!(after == before, "history after the restart differs");
+}
+
+/// Waits until every group of the single node at `http` holds a replicated retention
+/// policy. The `--retain-*` flags only seed it: each group's leader proposes it about a
+/// retention tick after it leads (`chatlog_raft::retention`), and posts applied before
+/// that are trimmed only as later posts move the horizon, so a test that writes a fixed
+/// count and then expects trimming starts writing after the seed.
+async fn wait_policy_seeded(http: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let http = http.to_owned();
+        let shown = tokio::task::spawn_blocking(move || {
+            chatlog(&["admin", "retention", "show", "--json", "--server", &http])
+        })
+        .await
+        .expect("show");
+        let v: serde_json::Value = serde_json::from_str(shown.trim()).expect("JSON");
+        let groups = v["groups"].as_array().expect("groups");
+        if !groups.is_empty() && groups.iter().all(|g| !g["policy"].is_null()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the retention policy was never seeded: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs `chatlog ARGS`, panicking with its stderr on failure.
@@ -521,6 +564,7 @@ async fn a_backup_of_a_purged_log_restores_the_same_retained_history() {
     flags.extend(server::NO_RATE_LIMITS);
     let srv = server::Server::start(&data, &flags);
     let http = srv.http.clone().expect("http");
+    wait_policy_seeded(&http).await;
     let (c, token, chat) = one_user_and_chat(&srv.addr, "backup").await;
     for i in 0..300u64 {
         c.send_message(send_request(chat, i + 1, &format!("b{i}")))

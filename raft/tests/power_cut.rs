@@ -788,27 +788,22 @@ async fn heal_and_check(
 ) -> usize {
     // Heal: one more post per chat through the leader, then every replica applies it.
     for (group, chat, users) in chats {
-        let cmd = Command::Post {
-            chat: *chat,
-            sender: users[0],
-            client_message_id: u64::MAX - group,
-            text: "final".into(),
-            media: None,
-            reply_to: 0,
-        };
-        let invoked = history.tick();
-        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
-            panic!("seed={seed}: the final post to chat {chat} was not acknowledged");
-        };
-        history.record_send(Send {
-            chat: *chat,
-            sender: users[0],
-            cmid: u64::MAX - group,
-            text: "final".into(),
-            outcome: history::Outcome::Acked { seq },
-            invoked,
-            completed: history.tick(),
-        });
+        let cmid = u64::MAX - group;
+        let outcome = post_recorded(
+            cluster,
+            history,
+            *group,
+            *chat,
+            users[0],
+            cmid,
+            "final".into(),
+            WAIT,
+        )
+        .await;
+        assert!(
+            matches!(outcome, history::Outcome::Acked { .. }),
+            "seed={seed}: the final post to chat {chat} was not acknowledged: {outcome:?}"
+        );
         let leader = cluster.leader(*group).expect("a leader");
         let metrics = cluster.nodes.lock().expect("lock")[&leader]
             .raft(*group)
@@ -889,6 +884,48 @@ fn check_history_kept(cluster: &Cluster, chats: &[TestChat], seed: u64) {
     }
 }
 
+/// Posts `text` to `chat` as `sender` with client message id `cmid` (retrying through
+/// leader changes for up to `within`), records the send and its outcome in `history`,
+/// and returns the outcome.
+#[allow(clippy::too_many_arguments)]
+async fn post_recorded(
+    cluster: &Cluster,
+    history: &History,
+    group: GroupId,
+    chat: u64,
+    sender: u64,
+    cmid: u64,
+    text: String,
+    within: Duration,
+) -> history::Outcome {
+    let invoked = history.tick();
+    let cmd = Command::Post {
+        chat,
+        sender,
+        client_message_id: cmid,
+        text: text.clone(),
+        media: None,
+        reply_to: 0,
+    };
+    let outcome = match propose(cluster, group, cmd, within).await {
+        Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
+        Some(o) => history::Outcome::Refused {
+            code: format!("{o:?}"),
+        },
+        None => history::Outcome::Unknown,
+    };
+    history.record_send(Send {
+        chat,
+        sender,
+        cmid,
+        text,
+        outcome: outcome.clone(),
+        invoked,
+        completed: history.tick(),
+    });
+    outcome
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_posts_survive_power_cuts_under_raft() {
     let seed = seed();
@@ -917,31 +954,10 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
                 let sender = users[wrng.below(2) as usize];
                 let cmid = (w + 1) << 32 | n;
                 let text = format!("w{w}.{n}");
-                let invoked = history.tick();
-                let cmd = Command::Post {
-                    chat: *chat,
-                    sender,
-                    client_message_id: cmid,
-                    text: text.clone(),
-                    media: None,
-                    reply_to: 0,
-                };
-                let outcome = match propose(&cluster, *group, cmd, SEND_RETRY).await {
-                    Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
-                    Some(o) => history::Outcome::Refused {
-                        code: format!("{o:?}"),
-                    },
-                    None => history::Outcome::Unknown,
-                };
-                history.record_send(Send {
-                    chat: *chat,
-                    sender,
-                    cmid,
-                    text,
-                    outcome,
-                    invoked,
-                    completed: history.tick(),
-                });
+                post_recorded(
+                    &cluster, &history, *group, *chat, sender, cmid, text, SEND_RETRY,
+                )
+                .await;
                 if n.is_multiple_of(8) {
                     linearizable_read(&cluster, &history, *group, *chat).await;
                 }
@@ -1016,31 +1032,10 @@ async fn acknowledged_posts_survive_power_cuts_under_raft() {
         for n in 0..2 * (SNAPSHOT_EVERY + LOGS_KEPT) {
             let cmid = (WRITERS + 1) << 32 | n;
             let text = format!("away.{n}");
-            let invoked = history.tick();
-            let cmd = Command::Post {
-                chat: *chat,
-                sender: users[0],
-                client_message_id: cmid,
-                text: text.clone(),
-                media: None,
-                reply_to: 0,
-            };
-            let outcome = match propose(&cluster, *group, cmd, SEND_RETRY).await {
-                Some(Outcome::Event { seq, .. }) => history::Outcome::Acked { seq },
-                Some(o) => history::Outcome::Refused {
-                    code: format!("{o:?}"),
-                },
-                None => history::Outcome::Unknown,
-            };
-            history.record_send(Send {
-                chat: *chat,
-                sender: users[0],
-                cmid,
-                text,
-                outcome,
-                invoked,
-                completed: history.tick(),
-            });
+            post_recorded(
+                &cluster, &history, *group, *chat, users[0], cmid, text, SEND_RETRY,
+            )
+            .await;
         }
     }
     cluster.start_node(away).await;
@@ -1254,27 +1249,12 @@ async fn post_many(
         let (group, chat, users) = &chats[(n % chats.len() as u64) as usize];
         let cmid = (0xD0 << 32) | n | (u64::from(tag.len() as u8) << 24);
         let text = format!("{tag}.{n}");
-        let invoked = history.tick();
-        let cmd = Command::Post {
-            chat: *chat,
-            sender: users[0],
-            client_message_id: cmid,
-            text: text.clone(),
-            media: None,
-            reply_to: 0,
-        };
-        let Some(Outcome::Event { seq, .. }) = propose(cluster, *group, cmd, WAIT).await else {
-            panic!("post {n} not acknowledged");
-        };
-        history.record_send(Send {
-            chat: *chat,
-            sender: users[0],
-            cmid,
-            text,
-            outcome: history::Outcome::Acked { seq },
-            invoked,
-            completed: history.tick(),
-        });
+        let outcome =
+            post_recorded(cluster, history, *group, *chat, users[0], cmid, text, WAIT).await;
+        assert!(
+            matches!(outcome, history::Outcome::Acked { .. }),
+            "post {n} not acknowledged: {outcome:?}"
+        );
     }
 }
 
