@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
@@ -141,24 +141,52 @@ fn local(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Cl
 }
 
 /// Reads `len` bytes at `offset` of `file` with their CRC-32, on the blocking pool (the
-/// runtime's threads stay free for the connection).
+/// runtime's threads stay free for the connection), into `reuse` when it is given (a
+/// part buffer sent before and handed back, see [`PartBuffers`]) or a new buffer.
 async fn read_part(
     file: &Arc<File>,
     path: &Path,
     offset: u64,
     len: usize,
+    reuse: Option<BytesMut>,
 ) -> Result<(Bytes, u32), ClientError> {
     let file = Arc::clone(file);
-    let mut buf = vec![0u8; len];
+    // A reused buffer keeps its old bytes (overwritten below); only growth is zeroed.
+    let mut buf = reuse.unwrap_or_default();
+    buf.truncate(len);
+    buf.resize(len, 0);
     let result = tokio::task::spawn_blocking(move || {
         file.read_exact_at(&mut buf, offset).map(|()| {
             let crc = crc32fast::hash(&buf);
-            (Bytes::from(buf), crc)
+            (buf.freeze(), crc)
         })
     })
     .await
     .map_err(|e| ClientError::Protocol(format!("file reader task failed: {e}")))?;
     result.map_err(local("reading", path))
+}
+
+/// Part buffers of an upload taken back once their part is acknowledged, at most
+/// [`UPLOAD_PARTS_IN_FLIGHT_MAX`] + 1 of them. A new buffer per part cost the load
+/// generator about a third of its upload CPU (the allocator hands the freed pages back
+/// to the kernel and every new part faulted fresh zeroed pages in again: `perf`, session
+/// 9, `benches/RESULTS.md`). A buffer still shared (the hasher has not reached it, or
+/// the connection still holds it) is simply dropped, never waited for.
+#[derive(Default)]
+struct PartBuffers(Vec<BytesMut>);
+
+impl PartBuffers {
+    fn take(&mut self) -> Option<BytesMut> {
+        self.0.pop()
+    }
+
+    fn give_back(&mut self, sent: Bytes) {
+        if self.0.len() <= UPLOAD_PARTS_IN_FLIGHT_MAX
+            && let Ok(buf) = sent.try_into_mut()
+        {
+            self.0.push(buf);
+        }
+    }
 }
 
 /// A SHA-256 computed on its own thread of the blocking pool from buffers sent to it in
@@ -328,9 +356,10 @@ impl Client {
             None => Some(Hasher::start(Sha256::new(), window)),
         };
         let mut in_flight: VecDeque<(
-            usize,
+            Bytes,
             JoinHandle<Result<v1::MediaUploadPartResponse, ClientError>>,
         )> = VecDeque::new();
+        let mut buffers = PartBuffers::default();
         let result: Result<(), ClientError> = async {
             for i in 0..part_count {
                 let len = part_len(i);
@@ -338,8 +367,14 @@ impl Client {
                     // Held by the server and the hash is known: not even read.
                     continue;
                 }
-                let (data, crc32) =
-                    read_part(&file, path, u64::from(i) * u64::from(part_bytes), len).await?;
+                let (data, crc32) = read_part(
+                    &file,
+                    path,
+                    u64::from(i) * u64::from(part_bytes),
+                    len,
+                    buffers.take(),
+                )
+                .await?;
                 if !missing.contains(&i) {
                     if let Some(hasher) = &hasher {
                         hasher.update(data).await?;
@@ -350,9 +385,10 @@ impl Client {
                     hasher.update(data.clone()).await?;
                 }
                 while in_flight.len() >= window {
-                    let (len, handle) = in_flight.pop_front().expect("non-empty");
+                    let (sent, handle) = in_flight.pop_front().expect("non-empty");
                     join_part(handle).await?;
-                    done += len as u64;
+                    done += sent.len() as u64;
+                    buffers.give_back(sent);
                     on_progress(TransferProgress {
                         upload_id,
                         bytes_done: done,
@@ -364,16 +400,16 @@ impl Client {
                     upload_id,
                     part_index: i,
                     crc32,
-                    data,
+                    data: data.clone(),
                 };
                 in_flight.push_back((
-                    len,
+                    data,
                     tokio::spawn(async move { client.media_upload_part(request).await }),
                 ));
             }
-            while let Some((len, handle)) = in_flight.pop_front() {
+            while let Some((sent, handle)) = in_flight.pop_front() {
                 join_part(handle).await?;
-                done += len as u64;
+                done += sent.len() as u64;
                 on_progress(TransferProgress {
                     upload_id,
                     bytes_done: done,
