@@ -6,7 +6,8 @@
 //! `cargo bench -p chatlog-raft --bench snapshot_memory` (release; `bench = false`, so by
 //! name). `CHATLOG_SNAPSHOT_RSS_EVENTS` posts (default 5,000,000; 16 per Raft entry,
 //! spread over 64 chats, timestamps 1 ms apart so the de-duplication window holds its
-//! maximum), data under `CHATLOG_SNAPSHOT_RSS_DIR` (default the temp dir). The group's
+//! maximum), data under `CHATLOG_SNAPSHOT_RSS_DIR` (default the temp dir), each engine's
+//! record cache `CHATLOG_SNAPSHOT_RSS_CACHE_MB` (default 64 MiB). The group's
 //! replicated retention policy keeps 1,000,000 entries: nothing is trimmed, every event
 //! stays indexed. Periodic checkpoints every 20,000 entries, as production.
 //!
@@ -85,8 +86,15 @@ async fn measured<T>(name: &str, phase: impl std::future::Future<Output = T>) ->
     out
 }
 
+/// Each engine's cache of checked records (`chatlog_storage::Config::read_cache_bytes`):
+/// `CHATLOG_SNAPSHOT_RSS_CACHE_MB`, default the engine's (64 MiB). Reads fill it up to
+/// that bound whatever reads them, so a small one isolates the snapshot's own memory.
 fn engine(dir: &std::path::Path) -> Arc<Engine> {
-    Arc::new(Engine::open(chatlog_storage::Config::new(dir)).expect("engine opens"))
+    let mut config = chatlog_storage::Config::new(dir);
+    if let Ok(mb) = std::env::var("CHATLOG_SNAPSHOT_RSS_CACHE_MB") {
+        config.read_cache_bytes = mb.parse::<usize>().expect("a number of MiB") << 20;
+    }
+    Arc::new(Engine::open(config).expect("engine opens"))
 }
 
 fn entry(index: u64, commands: Vec<Command>) -> Entry {

@@ -682,6 +682,11 @@ impl CheckpointHandle {
         self.pointer
     }
 
+    /// Whether it is a checkpoint of group `group` in `engine` (not another replica's).
+    pub fn is_in(&self, engine: &Arc<Engine>, group: GroupId) -> bool {
+        Arc::ptr_eq(&self.engine, engine) && self.group == group
+    }
+
     /// Starts reading it as a snapshot stream's checkpoint section ([`SectionReader`]),
     /// its pieces pinned until the reader is dropped.
     pub fn open(&self) -> Result<SectionReader, Error> {

@@ -1694,41 +1694,16 @@ impl StagedSnapshot {
         }
         let write_range =
             self.layout.entries_count > 0 && log.is_some_and(|l| !l.holds(self.layout.last));
-        // Where the new pieces start, durable before any of them: a crash before the
-        // intent drops them at the next open.
-        let from = checkpoint_chunks::next_pieces(engine, group)?;
-        let mut mark = WriteBatch::new();
-        mark.put_meta(staging.log, ids::META_STAGED_COPY, &encode_copy_mark(from));
-        engine
-            .write(&mark)
-            .await
-            .map_err(|e| staging.storage("writing", "the snapshot install copy mark", e))?;
         let mut reader = self.reader();
-        let written = checkpoint_chunks::write_section(
+        let (written, loaded) = write_and_load(
             engine,
             group,
             &mut reader,
             self.layout.rest_bytes,
             self.layout.chunks,
+            load,
         )
-        .await;
-        test_pause(group, "install pieces written").await;
-        // Loaded as a restart loads a checkpoint: every piece and chunk read back and
-        // checked, the state decoded and compared with the meta.
-        let loaded = written.and_then(|w| load(w.pointer).map(|t| (w, t)));
-        let (written, loaded) = match loaded {
-            Ok(ok) => ok,
-            Err(e) => {
-                tracing::warn!(group, error = %e, "snapshot stream: the received checkpoint is refused; its pieces are dropped");
-                checkpoint_chunks::discard_from(engine, group, from).await?;
-                let mut unmark = WriteBatch::new();
-                unmark.delete_meta(staging.log, ids::META_STAGED_COPY);
-                engine.write(&unmark).await.map_err(|e| {
-                    staging.storage("clearing", "the snapshot install copy mark", e)
-                })?;
-                return Err(e);
-            }
-        };
+        .await?;
         let mut intent = WriteBatch::new();
         intent.put_meta(
             staging.log,
@@ -1774,6 +1749,129 @@ impl StagedSnapshot {
             "snapshot stream: installed"
         );
         Ok((loaded, written.pointer))
+    }
+}
+
+/// Steps 2 of the install (module docs): a copy mark, the checkpoint section read from
+/// `source` written as group `group`'s checkpoint pieces (unpublished), and `load` run on
+/// their pointer; if either fails, the pieces and the mark are dropped. Holds what
+/// `write_section` holds. The caller holds the group's checkpoint lock.
+async fn write_and_load<S: ByteSource, T>(
+    engine: &Engine,
+    group: GroupId,
+    source: &mut S,
+    rest_bytes: u64,
+    chunks: u64,
+    load: impl FnOnce(Pointer) -> Result<T>,
+) -> Result<(Unpublished, T)> {
+    let storage = |verb: &'static str, subject: &str, source| Error::Storage {
+        group,
+        verb,
+        subject: subject.to_string(),
+        source,
+    };
+    let staging_log = ids::staging_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    // Where the new pieces start, durable before any of them: a crash before the
+    // intent drops them at the next open.
+    let from = checkpoint_chunks::next_pieces(engine, group)?;
+    let mut mark = WriteBatch::new();
+    mark.put_meta(staging_log, ids::META_STAGED_COPY, &encode_copy_mark(from));
+    engine
+        .write(&mark)
+        .await
+        .map_err(|e| storage("writing", "the snapshot install copy mark", e))?;
+    let written = checkpoint_chunks::write_section(engine, group, source, rest_bytes, chunks).await;
+    test_pause(group, "install pieces written").await;
+    // Loaded as a restart loads a checkpoint: every piece and chunk read back and
+    // checked, the state decoded and compared with the meta.
+    match written.and_then(|w| load(w.pointer).map(|t| (w, t))) {
+        Ok(ok) => Ok(ok),
+        Err(e) => {
+            tracing::warn!(group, error = %e, "snapshot stream: the received checkpoint is refused; its pieces are dropped");
+            checkpoint_chunks::discard_from(engine, group, from).await?;
+            let mut unmark = WriteBatch::new();
+            unmark.delete_meta(staging_log, ids::META_STAGED_COPY);
+            engine
+                .write(&unmark)
+                .await
+                .map_err(|e| storage("clearing", "the snapshot install copy mark", e))?;
+            Err(e)
+        }
+    }
+}
+
+/// Installs another replica's checkpoint handed over in the same process (openraft's
+/// storage conformance suite hands one state machine's snapshot to another; the
+/// transport never does, it streams): its section copied into group `group`'s
+/// checkpoint pieces in `engine`, loaded by `load`, then published (no range: the
+/// snapshot's log is the other replica's). Crash-safe like a streamed install's
+/// checkpoint part: a crash before the pointer drops the pieces at the next open.
+/// Returns what `load` returned and the pointer. The caller holds the group's
+/// checkpoint lock.
+pub async fn install_copy<T>(
+    engine: &Engine,
+    group: GroupId,
+    from: &CheckpointHandle,
+    keeper: &Keeper,
+    load: impl FnOnce(Pointer) -> Result<T>,
+) -> Result<(T, Pointer)> {
+    let mut section = from.open()?;
+    let (rest_bytes, chunks) = (section.rest_bytes(), section.chunks());
+    let mut source = SectionSource {
+        group,
+        section: &mut section,
+        held: Bytes::new(),
+    };
+    let (written, loaded) =
+        write_and_load(engine, group, &mut source, rest_bytes, chunks, load).await?;
+    checkpoint_chunks::publish(
+        engine,
+        group,
+        Some(keeper),
+        written.pointer,
+        written.keep_chunks_from,
+    )
+    .await?;
+    let staging_log = ids::staging_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let mut unmark = WriteBatch::new();
+    unmark.delete_meta(staging_log, ids::META_STAGED_COPY);
+    engine
+        .write(&unmark)
+        .await
+        .map_err(|source| Error::Storage {
+            group,
+            verb: "clearing",
+            subject: "the snapshot install copy mark".into(),
+            source,
+        })?;
+    Ok((loaded, written.pointer))
+}
+
+/// A [`SectionReader`] as a [`ByteSource`]: its parts cut to what is asked.
+struct SectionSource<'a> {
+    group: GroupId,
+    section: &'a mut SectionReader,
+    held: Bytes,
+}
+
+impl ByteSource for SectionSource<'_> {
+    fn next_bytes(&mut self, max: usize) -> Result<Bytes> {
+        if self.held.is_empty() {
+            self.held = self.section.next_part()?;
+            if self.held.is_empty() {
+                return Err(Error::Inconsistent {
+                    group: self.group,
+                    detail: "a checkpoint section ends early".into(),
+                });
+            }
+        }
+        Ok(self.held.split_to(max.min(self.held.len())))
     }
 }
 
@@ -2482,6 +2580,9 @@ mod tests {
             let sender = sender(dir.path()).await;
             drop(sender.checkpoint);
             drop((sender._store, sender.reader));
+            // An empty active segment: the reopen replays nothing, so every read after
+            // it is one the test makes.
+            sender.engine.rotate_blocking().expect("rotates");
             close(sender.engine);
         }
         let fs = FaultyFileSystem::new();

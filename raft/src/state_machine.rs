@@ -914,9 +914,29 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
             // This replica's own checkpoint (openraft restoring a snapshot newer than the
             // applied state at start, which `get_current_snapshot` never offers): loaded
             // as a restart loads it, nothing written.
-            SnapshotData::Local(local) => {
+            SnapshotData::Local(local) if local.checkpoint.is_in(&self.engine, group) => {
                 let pointer = local.checkpoint.pointer();
                 let loaded = load_snapshot_checkpoint(&self.engine, group, pointer, meta)?;
+                self.keeper.set_current(meta.clone(), pointer);
+                loaded
+            }
+            // Another replica's, handed over in this process (openraft's conformance
+            // suite): its checkpoint copied in as pieces, loaded, published; its range is
+            // that replica's log and is not copied.
+            SnapshotData::Local(local) => {
+                let lock = Arc::clone(self.checkpointer.lock());
+                let _writing = lock.lock().await;
+                let engine = Arc::clone(&self.engine);
+                let (loaded, pointer) = crate::snapshot_stream::install_copy(
+                    &self.engine,
+                    group,
+                    &local.checkpoint,
+                    &self.keeper,
+                    |pointer| load_snapshot_checkpoint(&engine, group, pointer, meta),
+                )
+                .await?;
+                self.shared
+                    .set_checkpointed(meta.last_log_id.map_or(0, |l| l.index));
                 self.keeper.set_current(meta.clone(), pointer);
                 loaded
             }
