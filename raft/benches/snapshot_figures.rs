@@ -18,31 +18,36 @@
 //! over one real TCP connection on 127.0.0.1 (length-prefixed frames, a request id per
 //! frame, answers paired by id like the node transport's, one task per request on the
 //! receiving side like `network::server`) into the receiver's `snapshot_stream::Staging`,
-//! which stages it; then the staged snapshot is installed (intent, checkpoint, the range
-//! written into the receiver's Raft log, clear). It prints, per repeat, the transfer (Begin
-//! to the answer of End: the staged stream durable) and the install, in MB/s of stream
-//! bytes, and the median of `CHATLOG_SNAPSHOT_REPEATS` repeats (default 3; the sender's
-//! log is written once, each repeat streams into a fresh receiver).
+//! which stages it; then the staged snapshot is installed by a receiver state machine
+//! (`install_snapshot`: the checkpoint's pieces, their load, intent, pointer, the range
+//! written into the receiver's Raft log, clear). The checkpoint is a small real one (an
+//! empty group's state, written incrementally): this measures the range. It prints, per
+//! repeat, the transfer (Begin to the answer of End: the staged stream durable) and the
+//! install, in MB/s of stream bytes, and the median of `CHATLOG_SNAPSHOT_REPEATS` repeats
+//! (default 3; the sender's log is written once, each repeat streams into a fresh
+//! receiver).
 //!
-//! Only public APIs that existed before the windowed stream are used, so the same file
-//! measures an older revision for an A/B (benches/RESULTS.md says how).
+//! Since s9snap the snapshot's checkpoint is a stored incremental one
+//! (`checkpoint_chunks::CheckpointHandle`), so this file no longer builds against
+//! revisions before it; the memory side of snapshots is `snapshot_memory`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatlog_raft::codec;
+use chatlog_raft::checkpoint_chunks::CheckpointHandle;
 use chatlog_raft::log_store::LogStore;
 use chatlog_raft::snapshot_stream::{
     self, LocalSnapshot, Received, SnapshotData, Staging, StreamAck,
 };
+use chatlog_raft::state_machine::{ChatStateMachine, SmConfig};
 use chatlog_raft::types::{
     ChatBatch, Entry, EntryPayload, GroupId, Membership, Snapshot, SnapshotMeta, StoredMembership,
     Vote, log_id,
 };
 use chatlog_storage::Engine;
-use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -90,25 +95,6 @@ fn meta(last: u64) -> SnapshotMeta {
             Membership::new_with_defaults(vec![voters], []),
         ),
     }
-}
-
-/// Checkpoint bytes with the header the receiver checks (`state_machine`'s layout:
-/// version, last applied, membership log id, membership, then the state, opaque here).
-fn checkpoint(meta: &SnapshotMeta) -> Bytes {
-    let mut out = vec![chatlog_raft::state_machine::SNAPSHOT_VERSION];
-    for id in [meta.last_log_id, *meta.last_membership.log_id()] {
-        match id {
-            Some(id) => {
-                out.push(1);
-                codec::put_log_id(&mut out, &id);
-            }
-            None => out.push(0),
-        }
-    }
-    codec::put_membership(&mut out, meta.last_membership.membership());
-    out.extend_from_slice(&(4096u64).to_le_bytes());
-    out.extend((0..4096).map(|i| i as u8));
-    Bytes::from(out)
 }
 
 /// Fills the sender's log with `total` bytes of entries; returns the last index.
@@ -366,14 +352,28 @@ async fn run() {
     );
     let reader = sender.get_log_reader().await;
     let meta = meta(last);
-    let cp = checkpoint(&meta);
+    chatlog_raft::state_machine::write_incremental_checkpoint(
+        &sender_engine,
+        GROUP,
+        &meta,
+        &chatlog_raft::chat::GroupState::new(GROUP),
+    )
+    .await
+    .expect("the sender's checkpoint");
+    let cp = CheckpointHandle::durable(Arc::clone(&sender_engine), GROUP, Arc::default())
+        .expect("reads the pointer")
+        .expect("an incremental checkpoint");
     let (mut transfers, mut installs) = (Vec::new(), Vec::new());
     for repeat in 0..repeats {
         let dir = root.path().join(format!("receiver-{repeat}"));
         let receiver_engine = engine(&dir);
         let mut receiver = LogStore::open(Arc::clone(&receiver_engine), GROUP).expect("log store");
         let receiver_reader = receiver.get_log_reader().await;
-        let staging = Staging::new(Arc::clone(&receiver_engine), GROUP).expect("staging");
+        let mut receiver_sm =
+            ChatStateMachine::open(Arc::clone(&receiver_engine), GROUP, SmConfig::default())
+                .expect("the receiver's state machine")
+                .with_log(receiver_reader.clone());
+        let staging = receiver_sm.staging().expect("staging");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (done_tx, mut done_rx) = mpsc::channel(1);
@@ -417,17 +417,8 @@ async fn run() {
             panic!("a staged snapshot")
         };
         let started = Instant::now();
-        let engine = Arc::clone(&receiver_engine);
-        let checkpoint = staged.read_checkpoint().expect("the staged checkpoint");
-        staged
-            .install(
-                &checkpoint,
-                Some(&receiver_reader),
-                async move |bytes: Vec<u8>| {
-                    chatlog_raft::state_machine::write_checkpoint_bytes(&engine, GROUP, &bytes)
-                        .await
-                },
-            )
+        receiver_sm
+            .install_snapshot(&meta, SnapshotData::Staged(staged))
             .await
             .expect("installs");
         let install = started.elapsed();
@@ -441,7 +432,7 @@ async fn run() {
                 "the receiver's log holds the range's entry {index}"
             );
         }
-        let stream_mb = (total as f64 + cp.len() as f64) / 1e6;
+        let stream_mb = total as f64 / 1e6;
         let (t, i) = (
             stream_mb / transfer.as_secs_f64(),
             stream_mb / install.as_secs_f64(),
@@ -454,7 +445,7 @@ async fn run() {
         transfers.push(t);
         installs.push(i);
         server.abort();
-        drop((staged, staging, receiver, receiver_reader));
+        drop((receiver_sm, staging, receiver, receiver_reader));
         close(receiver_engine);
         let _ = std::fs::remove_dir_all(&dir);
     }

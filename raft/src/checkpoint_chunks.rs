@@ -43,10 +43,34 @@
 //! pointer, the purge of older checkpoint pieces, and the purge of chunks no longer
 //! referenced (a prefix of the chunk log: chunks are written in region order and the
 //! region only moves up). The engine makes a batch durable only after the ones before
-//! it, so the pointer never names a missing piece or chunk.
+//! it, so the pointer never names a missing piece or chunk. The purges spare the pieces
+//! of checkpoints being sent as snapshots ([`Keeper`] pins, s9snap); the next checkpoint
+//! purges them.
+//!
+//! # As a snapshot (s9snap)
+//!
+//! A snapshot is this replica's durable incremental checkpoint ([`CheckpointHandle`]:
+//! meta and pointer, no bytes) plus the retained log range (`snapshot_stream`). Its
+//! checkpoint section in the stream is read piece by piece from the engine
+//! ([`SectionReader`]), never assembled:
+//!
+//! ```text
+//! section   checkpoint (rest_bytes: header + index_chunks::encode_outside)
+//!           | chunks × (k u64 | bytes u64 | crc u32 | bytes of chunk k)
+//! ```
+//!
+//! with the chunks of the region in order (k consecutive). The directory is not sent:
+//! it says where the sender's engine put the chunks. The receiver writes the section as
+//! its own pieces ([`write_section`]: chunks into its chunk log, checked against their
+//! CRC as they are copied, then the checkpoint and a directory of its own), loads the
+//! state from them as a restart does, and only then publishes the pointer ([`publish`],
+//! after `snapshot_stream`'s durable install intent); an abandoned write is dropped
+//! ([`discard_from`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use chatlog_storage::{Engine, WriteBatch};
 
 use crate::chat::GroupState;
@@ -292,8 +316,15 @@ pub fn plan(
     })
 }
 
-/// Writes `plan` (module docs, "Order of writes") and waits until the pointer is durable.
-pub async fn write(engine: &Engine, group: GroupId, plan: Plan) -> Result<(), Error> {
+/// Writes `plan` (module docs, "Order of writes") and waits until the pointer is durable;
+/// returns the pointer. Its purges spare the pieces `keeper` has pinned (snapshots being
+/// sent).
+pub async fn write(
+    engine: &Engine,
+    group: GroupId,
+    plan: Plan,
+    keeper: &Keeper,
+) -> Result<Pointer, Error> {
     let (Some(chunk_log), Some(cp_log)) = (ids::index_chunk_log(group), ids::checkpoint_log(group))
     else {
         return Err(Error::GroupIdTooLarge {
@@ -350,11 +381,48 @@ pub async fn write(engine: &Engine, group: GroupId, plan: Plan) -> Result<(), Er
         checkpoint: checkpoint_bytes,
         directory: body.len() as u64 - checkpoint_bytes,
     };
+    publish(engine, group, Some(keeper), pointer, plan.keep_chunks_from).await?;
+    Ok(pointer)
+}
+
+/// Makes `pointer` the group's checkpoint in one batch, with the purge of the checkpoint
+/// pieces below it and of the index chunks below `keep_chunks_from`, except what
+/// `keeper` has pinned; waits until it is durable.
+pub async fn publish(
+    engine: &Engine,
+    group: GroupId,
+    keeper: Option<&Keeper>,
+    pointer: Pointer,
+    keep_chunks_from: u64,
+) -> Result<(), Error> {
+    let (chunk_log, cp_log) = logs(group)?;
+    let (first, _, _) = pointer.pieces();
+    let want = PiecesFrom {
+        checkpoint: first,
+        chunks: keep_chunks_from,
+    };
+    let at = keeper.map_or(want, |k| k.purge_points(want));
     let mut batch = WriteBatch::new();
     batch.put_meta(cp_log, ids::META_CHECKPOINT, &pointer.encode());
-    batch.purge_before(cp_log, first);
-    batch.purge_before(chunk_log, plan.keep_chunks_from);
-    engine.write(&batch).await.map_err(storage_err)
+    batch.purge_before(cp_log, at.checkpoint);
+    batch.purge_before(chunk_log, at.chunks);
+    engine.write(&batch).await.map_err(|source| Error::Storage {
+        group,
+        verb: "writing",
+        subject: "the checkpoint pointer".into(),
+        source,
+    })
+}
+
+/// The group's index chunk log and checkpoint log.
+fn logs(group: GroupId) -> Result<(chatlog_storage::LogId, chatlog_storage::LogId), Error> {
+    match (ids::index_chunk_log(group), ids::checkpoint_log(group)) {
+        (Some(chunks), Some(checkpoints)) => Ok((chunks, checkpoints)),
+        _ => Err(Error::GroupIdTooLarge {
+            group,
+            max: ids::GROUP_ID_MAX,
+        }),
+    }
 }
 
 /// An incremental checkpoint read back: its chunks, decoded in region order, and the
@@ -443,6 +511,685 @@ pub fn load_chunks(
     Ok(Loaded { chunks, directory })
 }
 
+// ---------------------------------------------------------------------------------------
+// Snapshots: a stored checkpoint sent piece by piece, and received pieces written
+// ---------------------------------------------------------------------------------------
+
+/// First entries of the checkpoint log and of the index chunk log a checkpoint uses (or a
+/// purge keeps). `chunks` is `u64::MAX` for a checkpoint without chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PiecesFrom {
+    /// First entry of the checkpoint log.
+    pub checkpoint: u64,
+    /// First entry of the index chunk log.
+    pub chunks: u64,
+}
+
+/// Snapshots of one group being sent at once, at most: 16. Why: openraft runs one
+/// snapshot transmission per follower of a group, so a group has at most as many as
+/// followers; each pins its checkpoint's pieces against purges until it is sent.
+pub const SNAPSHOTS_SENT_MAX: usize = 16;
+
+/// What a replica keeps of its durable incremental checkpoints for snapshots (one per
+/// replica, shared by the state machine's checkpoint writes and the snapshots it hands
+/// out): which checkpoint is the current one (its meta and pointer: the snapshot openraft
+/// is given), and pins on the pieces of those being sent, which checkpoint writes do not
+/// purge meanwhile (the purge they skip is done by the next checkpoint write).
+#[derive(Debug, Default)]
+pub struct Keeper {
+    state: std::sync::Mutex<KeeperState>,
+}
+
+#[derive(Debug, Default)]
+struct KeeperState {
+    current: Option<(crate::types::SnapshotMeta, Pointer)>,
+    pins: BTreeMap<u64, PiecesFrom>,
+    next_pin: u64,
+    /// The purge points of the last publish planned (its batch may still be on its way):
+    /// a pin below them would come too late.
+    purging: Option<PiecesFrom>,
+}
+
+impl Keeper {
+    fn state(&self) -> std::sync::MutexGuard<'_, KeeperState> {
+        // Nothing panics under this lock; a poisoned one still holds consistent fields.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The durable incremental checkpoint, if the replica has one (`None` before the
+    /// first, or while the durable one is a whole checkpoint of older code or a restore).
+    pub fn current(&self) -> Option<(crate::types::SnapshotMeta, Pointer)> {
+        self.state().current.clone()
+    }
+
+    /// Records `pointer`, at `meta`, as the durable checkpoint (once its pointer is).
+    pub fn set_current(&self, meta: crate::types::SnapshotMeta, pointer: Pointer) {
+        self.state().current = Some((meta, pointer));
+    }
+
+    /// Pins the pieces from `from` until the pin is dropped; refused when a purge of
+    /// them is already planned, or [`SNAPSHOTS_SENT_MAX`] pins are held.
+    pub fn pin(self: &Arc<Self>, from: PiecesFrom) -> Result<Pin, String> {
+        let mut st = self.state();
+        if let Some(p) = st.purging
+            && (from.checkpoint < p.checkpoint || from.chunks < p.chunks)
+        {
+            return Err(format!(
+                "the checkpoint's pieces (from {}/{}) are being purged by a newer checkpoint \
+                 (below {}/{})",
+                from.checkpoint, from.chunks, p.checkpoint, p.chunks
+            ));
+        }
+        if st.pins.len() >= SNAPSHOTS_SENT_MAX {
+            return Err(format!(
+                "{SNAPSHOTS_SENT_MAX} snapshots of the group are being sent already"
+            ));
+        }
+        st.next_pin += 1;
+        let id = st.next_pin;
+        st.pins.insert(id, from);
+        Ok(Pin {
+            keeper: Arc::clone(self),
+            id,
+        })
+    }
+
+    /// Where a publish that wants to purge below `want` may purge: no higher than any
+    /// pin. Recorded, so a pin taken from now on is refused below it.
+    fn purge_points(&self, want: PiecesFrom) -> PiecesFrom {
+        let mut st = self.state();
+        let at = st.pins.values().fold(want, |at, p| PiecesFrom {
+            checkpoint: at.checkpoint.min(p.checkpoint),
+            chunks: at.chunks.min(p.chunks),
+        });
+        st.purging = Some(st.purging.map_or(at, |p| PiecesFrom {
+            checkpoint: p.checkpoint.max(at.checkpoint),
+            chunks: p.chunks.max(at.chunks),
+        }));
+        at
+    }
+}
+
+/// Keeps a checkpoint's pieces from being purged while it is sent ([`Keeper::pin`]).
+#[derive(Debug)]
+pub struct Pin {
+    keeper: Arc<Keeper>,
+    id: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.keeper.state().pins.remove(&self.id);
+    }
+}
+
+/// One of this replica's durable incremental checkpoints, by its pointer: what a
+/// snapshot sends (`snapshot_stream`). Holds no bytes.
+#[derive(Clone)]
+pub struct CheckpointHandle {
+    engine: Arc<Engine>,
+    group: GroupId,
+    pointer: Pointer,
+    keeper: Arc<Keeper>,
+}
+
+impl std::fmt::Debug for CheckpointHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointHandle")
+            .field("group", &self.group)
+            .field("pointer", &self.pointer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointHandle {
+    /// The checkpoint `pointer` names in `engine` (`keeper` pins it while it is read).
+    pub fn new(
+        engine: Arc<Engine>,
+        group: GroupId,
+        pointer: Pointer,
+        keeper: Arc<Keeper>,
+    ) -> CheckpointHandle {
+        CheckpointHandle {
+            engine,
+            group,
+            pointer,
+            keeper,
+        }
+    }
+
+    /// The group's durable checkpoint, if it is an incremental one.
+    pub fn durable(
+        engine: Arc<Engine>,
+        group: GroupId,
+        keeper: Arc<Keeper>,
+    ) -> Result<Option<CheckpointHandle>, Error> {
+        let (_, cp_log) = logs(group)?;
+        let Some(bytes) = engine.meta(cp_log, ids::META_CHECKPOINT) else {
+            return Ok(None);
+        };
+        let pointer = Pointer::decode(&bytes).map_err(|source| Error::Decode {
+            group,
+            subject: "the checkpoint pointer".into(),
+            source,
+        })?;
+        Ok(matches!(pointer, Pointer::Incremental { .. })
+            .then(|| CheckpointHandle::new(engine, group, pointer, keeper)))
+    }
+
+    /// The pointer.
+    pub fn pointer(&self) -> Pointer {
+        self.pointer
+    }
+
+    /// Whether it is a checkpoint of group `group` in `engine` (not another replica's).
+    pub fn is_in(&self, engine: &Arc<Engine>, group: GroupId) -> bool {
+        Arc::ptr_eq(&self.engine, engine) && self.group == group
+    }
+
+    /// Starts reading it as a snapshot stream's checkpoint section ([`SectionReader`]),
+    /// its pieces pinned until the reader is dropped.
+    pub fn open(&self) -> Result<SectionReader, Error> {
+        let (chunk_log, cp_log) = logs(self.group)?;
+        let group = self.group;
+        let Pointer::Incremental {
+            first,
+            count,
+            checkpoint,
+            directory,
+        } = self.pointer
+        else {
+            return Err(Error::Inconsistent {
+                group,
+                detail: "a whole checkpoint is not sent as a snapshot".into(),
+            });
+        };
+        let purged = |log: chatlog_storage::LogId, at: u64| {
+            (at != u64::MAX && self.engine.bounds(log).is_none_or(|b| b.first > at)).then(|| {
+                Error::Inconsistent {
+                    group,
+                    detail: format!(
+                        "the checkpoint's pieces from {at} of log {log} were purged by a newer \
+                         checkpoint; a new snapshot will be sent"
+                    ),
+                }
+            })
+        };
+        if let Some(e) = purged(cp_log, first) {
+            return Err(e);
+        }
+        let refs = read_directory(&self.engine, group, cp_log, first, count, directory)
+            .map_err(|e| purged(cp_log, first).unwrap_or(e))?;
+        let from = PiecesFrom {
+            checkpoint: first,
+            chunks: refs.first().map_or(u64::MAX, |c| c.first_piece),
+        };
+        let pin = self
+            .keeper
+            .pin(from)
+            .map_err(|detail| Error::Inconsistent {
+                group,
+                detail: format!("{detail}; a new snapshot will be sent"),
+            })?;
+        // Pinned only now: the pieces may have gone just before (a purge racing the pin
+        // is refused by it; one already done is found here).
+        if let Some(e) = purged(cp_log, first).or_else(|| purged(chunk_log, from.chunks)) {
+            return Err(e);
+        }
+        Ok(SectionReader {
+            engine: Arc::clone(&self.engine),
+            group,
+            cp_log,
+            chunk_log,
+            _pin: pin,
+            rest_bytes: checkpoint,
+            cp_next: first,
+            cp_end: first + count,
+            rest_left: checkpoint,
+            directory: refs,
+            chunk_at: 0,
+            chunk_started: false,
+            chunk_next: 0,
+            chunk_seen: 0,
+            chunk_crc: crc32fast::Hasher::new(),
+        })
+    }
+}
+
+/// Bytes of a chunk record's head in a snapshot stream: `k u64 | bytes u64 | crc u32`.
+pub const CHUNK_HEAD_BYTES: usize = 20;
+
+/// Encodes a chunk record's head (module docs, "As a snapshot").
+pub fn encode_chunk_head(k: u64, bytes: u64, crc: u32) -> [u8; CHUNK_HEAD_BYTES] {
+    let mut out = [0u8; CHUNK_HEAD_BYTES];
+    out[..8].copy_from_slice(&k.to_le_bytes());
+    out[8..16].copy_from_slice(&bytes.to_le_bytes());
+    out[16..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a chunk record's head: `(k, bytes, crc)`.
+pub fn decode_chunk_head(head: &[u8; CHUNK_HEAD_BYTES]) -> (u64, u64, u32) {
+    let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(head[16..].try_into().expect("4 bytes"));
+    (u64_at(0), u64_at(8), crc)
+}
+
+/// Reads a stored incremental checkpoint as a snapshot stream's checkpoint section
+/// (module docs, "As a snapshot"), one engine entry at a time: the checkpoint bytes,
+/// then each chunk's head and pieces, every piece checked by the engine's read and every
+/// chunk against its directory record (length and CRC-32) once its last piece is read.
+/// Holds a [`Pin`] on the pieces.
+pub struct SectionReader {
+    engine: Arc<Engine>,
+    group: GroupId,
+    cp_log: chatlog_storage::LogId,
+    chunk_log: chatlog_storage::LogId,
+    _pin: Pin,
+    rest_bytes: u64,
+    cp_next: u64,
+    cp_end: u64,
+    rest_left: u64,
+    directory: Vec<ChunkRef>,
+    chunk_at: usize,
+    chunk_started: bool,
+    chunk_next: u64,
+    chunk_seen: u64,
+    chunk_crc: crc32fast::Hasher,
+}
+
+impl std::fmt::Debug for SectionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SectionReader")
+            .field("group", &self.group)
+            .field("rest_left", &self.rest_left)
+            .field("chunk_at", &self.chunk_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SectionReader {
+    /// Bytes of the checkpoint (header and the state outside the chunks).
+    pub fn rest_bytes(&self) -> u64 {
+        self.rest_bytes
+    }
+
+    /// Chunks the section carries.
+    pub fn chunks(&self) -> u64 {
+        self.directory.len() as u64
+    }
+
+    /// Bytes of the whole section: the checkpoint, then each chunk with its head.
+    pub fn section_bytes(&self) -> u64 {
+        self.rest_bytes
+            + self
+                .directory
+                .iter()
+                .map(|c| CHUNK_HEAD_BYTES as u64 + c.bytes)
+                .sum::<u64>()
+    }
+
+    fn get(&self, log: chatlog_storage::LogId, index: u64, what: &str) -> Result<Bytes, Error> {
+        self.engine
+            .get(log, index)
+            .map_err(|source| Error::Storage {
+                group: self.group,
+                verb: "reading",
+                subject: format!("{what} (entry {index}) of a checkpoint sent as a snapshot"),
+                source,
+            })
+    }
+
+    /// The next part of the section (a piece, or part of one, or a chunk's head); empty
+    /// at its end. A chunk whose bytes do not match its directory record is an error.
+    pub fn next_part(&mut self) -> Result<Bytes, Error> {
+        let group = self.group;
+        if self.rest_left > 0 {
+            if self.cp_next >= self.cp_end {
+                return Err(Error::Inconsistent {
+                    group,
+                    detail: format!(
+                        "the checkpoint's pieces end {} bytes short of its state",
+                        self.rest_left
+                    ),
+                });
+            }
+            let mut piece = self.get(self.cp_log, self.cp_next, "a checkpoint piece")?;
+            self.cp_next += 1;
+            if piece.len() as u64 > self.rest_left {
+                // The rest of this piece is the directory, read already.
+                piece.truncate(self.rest_left as usize);
+            }
+            self.rest_left -= piece.len() as u64;
+            return Ok(piece);
+        }
+        while let Some(&c) = self.directory.get(self.chunk_at) {
+            if !self.chunk_started {
+                self.chunk_started = true;
+                self.chunk_next = c.first_piece;
+                self.chunk_seen = 0;
+                self.chunk_crc = crc32fast::Hasher::new();
+                return Ok(Bytes::copy_from_slice(&encode_chunk_head(
+                    c.k, c.bytes, c.crc,
+                )));
+            }
+            if self.chunk_next < c.first_piece + c.pieces {
+                let piece = self.get(
+                    self.chunk_log,
+                    self.chunk_next,
+                    &format!("a piece of index chunk {}", c.k),
+                )?;
+                self.chunk_next += 1;
+                self.chunk_seen += piece.len() as u64;
+                self.chunk_crc.update(&piece);
+                if self.chunk_seen > c.bytes {
+                    return Err(self.damaged(c));
+                }
+                if !piece.is_empty() {
+                    return Ok(piece);
+                }
+                continue;
+            }
+            let crc = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new()).finalize();
+            if self.chunk_seen != c.bytes || crc != c.crc {
+                return Err(self.damaged_crc(c, crc));
+            }
+            self.chunk_at += 1;
+            self.chunk_started = false;
+        }
+        Ok(Bytes::new())
+    }
+
+    fn damaged(&self, c: ChunkRef) -> Error {
+        Error::Inconsistent {
+            group: self.group,
+            detail: format!(
+                "index chunk {} of the checkpoint sent as a snapshot is damaged: more than the \
+                 {} bytes its directory record says",
+                c.k, c.bytes
+            ),
+        }
+    }
+
+    fn damaged_crc(&self, c: ChunkRef, crc: u32) -> Error {
+        Error::Inconsistent {
+            group: self.group,
+            detail: format!(
+                "index chunk {} of the checkpoint sent as a snapshot is damaged: {} bytes with \
+                 CRC-32 {crc:08x}, its directory record says {} bytes with {:08x}",
+                c.k, self.chunk_seen, c.bytes, c.crc
+            ),
+        }
+    }
+}
+
+/// The directory at the end of the checkpoint pieces `[first, first + count)` (read from
+/// the last pieces back, so the checkpoint itself is not read).
+fn read_directory(
+    engine: &Engine,
+    group: GroupId,
+    cp_log: chatlog_storage::LogId,
+    first: u64,
+    count: u64,
+    directory_bytes: u64,
+) -> Result<Vec<ChunkRef>, Error> {
+    let mut tail: Vec<Bytes> = Vec::new();
+    let mut held = 0u64;
+    let mut index = first + count;
+    while held < directory_bytes {
+        if index == first {
+            return Err(Error::Inconsistent {
+                group,
+                detail: format!(
+                    "the checkpoint's pieces hold {held} bytes, its directory {directory_bytes}"
+                ),
+            });
+        }
+        index -= 1;
+        let piece = engine.get(cp_log, index).map_err(|source| Error::Storage {
+            group,
+            verb: "reading",
+            subject: format!("the checkpoint's chunk directory (entry {index})"),
+            source,
+        })?;
+        held += piece.len() as u64;
+        tail.push(piece);
+    }
+    let mut bytes = Vec::with_capacity(held as usize);
+    for piece in tail.iter().rev() {
+        bytes.extend_from_slice(piece);
+    }
+    let start = (held - directory_bytes) as usize;
+    decode_directory(&bytes[start..]).map_err(|source| Error::Decode {
+        group,
+        subject: "the checkpoint's chunk directory".into(),
+        source,
+    })
+}
+
+/// Bytes read in order from a checked source (a staged snapshot stream).
+pub trait ByteSource {
+    /// The next bytes, at most `max` (at least one unless `max` is 0); an error at the
+    /// source's end.
+    fn next_bytes(&mut self, max: usize) -> Result<Bytes, Error>;
+}
+
+/// Appends pieces to one log, `per_batch` per write, each write awaited durable.
+struct PieceWriter<'a> {
+    engine: &'a Engine,
+    group: GroupId,
+    log: chatlog_storage::LogId,
+    piece: usize,
+    per_batch: usize,
+    /// The index the next finished piece gets.
+    next: u64,
+    current: bytes::BytesMut,
+    batch: Vec<Bytes>,
+    batch_first: u64,
+}
+
+impl<'a> PieceWriter<'a> {
+    fn new(engine: &'a Engine, group: GroupId, log: chatlog_storage::LogId) -> PieceWriter<'a> {
+        let piece = piece_bytes(engine);
+        let next = engine.bounds(log).map_or(1, |b| b.next.max(1));
+        PieceWriter {
+            engine,
+            group,
+            log,
+            piece,
+            per_batch: (engine.write_batch_bytes_max() / 2 / piece).max(1),
+            next,
+            current: bytes::BytesMut::new(),
+            batch: Vec::new(),
+            batch_first: next,
+        }
+    }
+
+    /// Adds `bytes` to the piece being filled, finishing each full one.
+    async fn push(&mut self, mut bytes: &[u8]) -> Result<(), Error> {
+        while !bytes.is_empty() {
+            let n = (self.piece - self.current.len()).min(bytes.len());
+            self.current.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.current.len() == self.piece {
+                self.end_piece(false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the piece being filled (an empty one only if `even_empty`).
+    async fn end_piece(&mut self, even_empty: bool) -> Result<(), Error> {
+        if self.current.is_empty() && !even_empty {
+            return Ok(());
+        }
+        self.batch.push(self.current.split().freeze());
+        self.next += 1;
+        if self.batch.len() >= self.per_batch {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the finished pieces and waits until they are durable.
+    async fn flush(&mut self) -> Result<(), Error> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        batch.append_many(self.log, self.batch_first, self.batch.iter());
+        self.engine
+            .write(&batch)
+            .await
+            .map_err(|source| Error::Storage {
+                group: self.group,
+                verb: "writing",
+                subject: "the pieces of a received checkpoint".into(),
+                source,
+            })?;
+        self.batch.clear();
+        self.batch_first = self.next;
+        Ok(())
+    }
+}
+
+/// A received checkpoint written, not yet published ([`write_section`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unpublished {
+    /// The pointer that names it.
+    pub pointer: Pointer,
+    /// The chunk log's first entry it references (what its publish keeps).
+    pub keep_chunks_from: u64,
+}
+
+/// Where the next pieces of group `group`'s checkpoint and chunk logs will go: what
+/// [`discard_from`] drops if a write from here is abandoned.
+pub fn next_pieces(engine: &Engine, group: GroupId) -> Result<PiecesFrom, Error> {
+    let (chunk_log, cp_log) = logs(group)?;
+    let next = |log| engine.bounds(log).map_or(1, |b| b.next.max(1));
+    Ok(PiecesFrom {
+        checkpoint: next(cp_log),
+        chunks: next(chunk_log),
+    })
+}
+
+/// Writes a snapshot stream's checkpoint section, read from `source` (`rest_bytes` of
+/// checkpoint, then `chunks` chunk records), as this replica's pieces: each chunk into
+/// the index chunk log (checked against its head's length and CRC-32 as it is copied),
+/// the checkpoint and a directory of where the chunks went into the checkpoint log, all
+/// durable when it returns. Publishes nothing: the caller checks the pieces (loads them)
+/// and then publishes the pointer ([`publish`]) or drops them ([`discard_from`]). Holds
+/// one piece and one batch of them at a time. Must run under the group's checkpoint lock.
+pub async fn write_section<S: ByteSource>(
+    engine: &Engine,
+    group: GroupId,
+    source: &mut S,
+    rest_bytes: u64,
+    chunks: u64,
+) -> Result<Unpublished, Error> {
+    let (chunk_log, cp_log) = logs(group)?;
+    let mut cp = PieceWriter::new(engine, group, cp_log);
+    let first = cp.next;
+    let mut left = rest_bytes;
+    while left > 0 {
+        let bytes = source.next_bytes(left.min(cp.piece as u64) as usize)?;
+        left -= bytes.len() as u64;
+        cp.push(&bytes).await?;
+    }
+    cp.end_piece(false).await?;
+    let mut ch = PieceWriter::new(engine, group, chunk_log);
+    let mut directory = Vec::with_capacity(chunks.min(1 << 16) as usize);
+    for _ in 0..chunks {
+        let mut head = [0u8; CHUNK_HEAD_BYTES];
+        let mut at = 0;
+        while at < CHUNK_HEAD_BYTES {
+            let b = source.next_bytes(CHUNK_HEAD_BYTES - at)?;
+            head[at..at + b.len()].copy_from_slice(&b);
+            at += b.len();
+        }
+        let (k, bytes, crc) = decode_chunk_head(&head);
+        if let Some(prev) = directory.last().map(|c: &ChunkRef| c.k)
+            && k != prev + 1
+        {
+            return Err(Error::Inconsistent {
+                group,
+                detail: format!("a received checkpoint's chunk {k} follows chunk {prev}"),
+            });
+        }
+        let first_piece = ch.next;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut left = bytes;
+        while left > 0 {
+            let b = source.next_bytes(left.min(ch.piece as u64) as usize)?;
+            left -= b.len() as u64;
+            hasher.update(&b);
+            ch.push(&b).await?;
+        }
+        ch.end_piece(bytes == 0).await?;
+        let got = hasher.finalize();
+        if got != crc {
+            return Err(Error::Inconsistent {
+                group,
+                detail: format!(
+                    "a received checkpoint's index chunk {k} has CRC-32 {got:08x}, its record \
+                     says {crc:08x}"
+                ),
+            });
+        }
+        directory.push(ChunkRef {
+            k,
+            first_piece,
+            pieces: ch.next - first_piece,
+            bytes,
+            crc,
+        });
+    }
+    ch.flush().await?;
+    let directory_bytes = encode_directory(&directory);
+    cp.push(&directory_bytes).await?;
+    cp.end_piece(false).await?;
+    cp.flush().await?;
+    Ok(Unpublished {
+        pointer: Pointer::Incremental {
+            first,
+            count: cp.next - first,
+            checkpoint: rest_bytes,
+            directory: directory_bytes.len() as u64,
+        },
+        keep_chunks_from: directory.first().map_or(ch.next, |c| c.first_piece),
+    })
+}
+
+/// Drops the checkpoint and chunk pieces from `from` on (an abandoned [`write_section`]:
+/// nothing published names them), and waits until that is durable.
+pub async fn discard_from(engine: &Engine, group: GroupId, from: PiecesFrom) -> Result<(), Error> {
+    let (chunk_log, cp_log) = logs(group)?;
+    let mut batch = WriteBatch::new();
+    for (log, at) in [(cp_log, from.checkpoint), (chunk_log, from.chunks)] {
+        let Some(b) = engine.bounds(log) else {
+            continue;
+        };
+        if b.next <= at {
+            continue;
+        }
+        if b.first < at {
+            batch.truncate_after(log, at - 1);
+        } else {
+            // Nothing below `at` is held: empty the log, to continue where it ended.
+            batch.purge_before(log, b.next);
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    engine.write(&batch).await.map_err(|source| Error::Storage {
+        group,
+        verb: "dropping",
+        subject: "the pieces of an abandoned checkpoint".into(),
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,7 +1258,9 @@ mod tests {
     async fn checkpoint(engine: &Engine, c: &Chat, written: &mut ChunkDirectory) -> u64 {
         let plan = plan(engine, GROUP, &c.state, c.index, written, wrap).expect("plans");
         let bytes = plan.bytes_written();
-        write(engine, GROUP, plan).await.expect("writes");
+        write(engine, GROUP, plan, &Keeper::default())
+            .await
+            .expect("writes");
         let back = crate::state_machine::read_checkpoint(engine, GROUP)
             .expect("reads")
             .expect("a checkpoint");

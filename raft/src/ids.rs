@@ -77,6 +77,12 @@ pub fn index_chunk_log(group: GroupId) -> Option<chatlog_storage::LogId> {
 /// to after its last, so a restart finishes an install a crash interrupted.
 pub const META_STAGED_INSTALL: &[u8] = b"install";
 
+/// Meta key of the staging log (s9snap): where the pieces of a received checkpoint start
+/// in the checkpoint and index chunk logs while an install writes and checks them, before
+/// its intent; an open that finds it without an intent drops those pieces
+/// (`snapshot_stream::finish_interrupted_install`).
+pub const META_STAGED_COPY: &[u8] = b"install-copy";
+
 /// The engine log holding group `group`'s Raft log, or `None` if the id is too large.
 pub fn raft_log(group: GroupId) -> Option<chatlog_storage::LogId> {
     (group <= GROUP_ID_MAX).then_some(group << LOGS_PER_GROUP_SHIFT)

@@ -7,27 +7,43 @@
 //! sender's loop ([`send`]), the receiver's staging in the group's staging engine log
 //! ([`Staging`], `ids::staging_log`), the install intent and the roll-forward at open
 //! ([`finish_interrupted_install`]). What it must not do: hold a whole snapshot in memory
-//! (the sender holds one chunk and one window of entries, the receiver one chunk and at
-//! most one partial entry), install anything it has not checked end to end, or decide
-//! what a checkpoint holds (`state_machine` decodes it; this module moves its bytes).
+//! (the sender holds one chunk, one engine entry of the checkpoint and one window of
+//! entries, the receiver one chunk and at most one chunk head or partial entry), hold an
+//! encoding of the whole state (s9snap: the checkpoint is sent from its stored pieces and
+//! installed as pieces), install anything it has not checked end to end, or decide what a
+//! checkpoint holds (`state_machine` decodes it, `checkpoint_chunks` stores it; this
+//! module moves its bytes).
 //!
 //! # The stream
 //!
-//! A snapshot at log id `S` is one byte stream: the checkpoint (as
-//! `state_machine::read_checkpoint` returns it: header and state), then the retained log
-//! range, every entry this replica holds from its first (history below openraft's purge
-//! mark included) to `S`, each as `len u32 | entry (codec::encode_entry)`, oldest first.
-//! The sender reads the range lazily, [`SEND_WINDOW_ENTRIES`] entries at a time, as the
-//! chunks go out; nothing bounds the range's size. A `log_store::HistoryPin` keeps the
-//! entries not sent yet from being purged by retention meanwhile (it moves up as they go).
+//! A snapshot at log id `S` is one byte stream: the checkpoint section, then the
+//! retained log range. The section (s9snap) is the sender's durable incremental
+//! checkpoint at `S`, read piece by piece from its engine
+//! (`checkpoint_chunks::SectionReader`, "As a snapshot" there): the checkpoint proper
+//! (header and the state outside the index chunks, `rest_bytes`), then each index chunk
+//! of its region as `k u64 | bytes u64 | crc u32 | bytes`. The range is every entry this
+//! replica holds from its first (history below openraft's purge mark included) to `S`,
+//! each as `len u32 | entry (codec::encode_entry)`, oldest first. The sender reads the
+//! range lazily, [`SEND_WINDOW_ENTRIES`] entries at a time, as the chunks go out;
+//! nothing bounds the range's size. A `log_store::HistoryPin` keeps the entries not sent
+//! yet from being purged by retention meanwhile (it moves up as they go), and a
+//! `checkpoint_chunks::Pin` keeps the checkpoint's pieces until they are read (a newer
+//! checkpoint purges them afterwards).
+//!
+//! Compatibility: the stream of chatlog before s9snap carried a whole checkpoint under
+//! `Begin` kind 1; this version refuses it by name (and an older node refuses kind 4 as
+//! an unknown kind): every node of a cluster runs the same version
+//! (docs/operations.md). An install intent an older version left (a crash in the middle
+//! of an install, then an upgrade) is still finished at open.
 //!
 //! # Chunk messages (little-endian, fixed width; `OptLogId`/`Membership` as in `codec`)
 //!
 //! ```text
 //! StreamChunk  Vote | transfer u64 | seq u32 | kind u8 | body | crc u32
 //!              (crc: CRC-32 of every byte before it)
-//!   kind 1 Begin  last_log_id OptLogId | membership_log_id OptLogId | Membership
-//!                 | checkpoint_bytes u64 | entries_first u64 | entries_count u64
+//!   kind 4 Begin  last_log_id OptLogId | membership_log_id OptLogId | Membership
+//!                 | checkpoint_bytes u64 (the section) | rest_bytes u64 | chunks u64
+//!                 | entries_first u64 | entries_count u64
 //!   kind 2 Data   offset u64 | len u32 | len bytes of the stream at offset
 //!   kind 3 End    stream_bytes u64 | stream_crc u32 (CRC-32 of the whole stream)
 //! StreamAck    transfer u64 | seq u32 | Vote
@@ -41,9 +57,10 @@
 //! order, a chunk ahead of its turn waiting for it (at most [`CHUNK_REORDER_WAIT`] and
 //! [`STREAM_WINDOW_CHUNKS_MAX`] ahead). The receiver refuses with a clear error a chunk whose CRC is
 //! wrong, whose transfer, vote, seq or offset is not the next expected, a stream whose
-//! total bytes or CRC at `End` differ from what arrived, an entry out of order, a count
-//! of entries or a last log id other than `Begin` announced, and a checkpoint whose
-//! header does not match the meta. A refused or abandoned transfer is never installed;
+//! total bytes or CRC at `End` differ from what arrived, an index chunk out of order or
+//! whose bytes do not match its CRC-32, a checkpoint section or a count of entries or a
+//! last log id other than `Begin` announced, an entry out of order, and a checkpoint
+//! whose header does not match the meta. A refused or abandoned transfer is never installed;
 //! the next `Begin` of the group (same or new leader, any connection) discards what was
 //! staged. The answer to `End` comes after the install (its vote is openraft's answer).
 //!
@@ -58,25 +75,38 @@
 //!    checkpoint nor the Raft log is touched, so a crash (or a sender that vanishes)
 //!    leaves the old state; at open, staged pieces without an intent are deleted
 //!    ([`finish_interrupted_install`]), at run time the next `Begin` deletes them.
-//! 2. `install_snapshot`: reads the staged checkpoint back (engine-checked), decodes it,
-//!    then writes the **intent** (`ids::META_STAGED_INSTALL` on the staging log: where
-//!    the stream is, the entries and the last log id, whether the Raft log is
-//!    rewritten) and waits until it is durable. From here on the new state is complete
-//!    on disk (the staged stream) and the intent says to install it.
-//! 3. The checkpoint (`state_machine::write_checkpoint_bytes`: chunks, then pointer).
-//! 4. The Raft log rewritten from the staged entries (`log_store::write_staged_range`:
+//! 2. `install_snapshot` ([`StagedSnapshot::install`], under the group's checkpoint
+//!    lock): a **copy mark** (`ids::META_STAGED_COPY`: where the checkpoint and chunk
+//!    logs end now), then the staged checkpoint section is written as this replica's
+//!    checkpoint pieces (`checkpoint_chunks::write_section`: each chunk into the chunk
+//!    log, checked against its CRC as it is copied, then the checkpoint and a directory
+//!    of its own), durable, but not published. The state is loaded from those pieces as
+//!    a restart loads a checkpoint (every piece read back checked, chunks against the
+//!    directory, the state decoded and its header compared with the meta). A failure
+//!    here drops the pieces (`checkpoint_chunks::discard_from`) and the install fails:
+//!    nothing changed.
+//! 3. The **intent** (`ids::META_STAGED_INSTALL` on the staging log: where the stream
+//!    is, the range and the last log id, whether the Raft log is rewritten, and the
+//!    pointer to publish), awaited durable. From here on the new state is complete on
+//!    disk and the intent says to install it.
+//! 4. The pointer is published (`checkpoint_chunks::publish`: one batch, the pointer and
+//!    the purge of the old checkpoint's pieces and chunks, except pinned ones).
+//! 5. The Raft log rewritten from the staged entries (`log_store::write_staged_range`:
 //!    truncate, continue at the range's first index, append, and in the last batch the
 //!    purge mark `S`), unless the log already holds `S` from the same leader.
-//! 5. One batch deletes the intent and the staged pieces.
+//! 6. One batch deletes the intent, the copy mark and the staged pieces.
 //!
-//! A crash before 2 is durable leaves the old state (the staging is ignored). A crash
-//! after it, at any point of 3–5, is finished at the next open, before the log store
-//! and the state machine read anything: [`finish_interrupted_install`] redoes 3 and 4
-//! from the staged stream (both are idempotent: they rewrite the same bytes) and then 5.
-//! So the replica has either the old checkpoint with its old log, or the new checkpoint
-//! with every entry of the range, never a checkpoint without its history. The engine
-//! makes a batch durable only after every batch submitted before it, which is what
-//! makes "the intent is durable" mean "every staged piece is durable".
+//! A crash before 3 is durable leaves the old state: at open the copy mark without an
+//! intent drops the unpublished pieces and the staging is deleted. A crash after it, at
+//! any point of 4–6, is finished at the next open, before the log store and the state
+//! machine read anything: [`finish_interrupted_install`] redoes 4 and 5 (both are
+//! idempotent: they rewrite the same pointer and bytes) and then 6. So the replica has
+//! either the old checkpoint with its old log, or the new checkpoint with every entry of
+//! the range, never a checkpoint without its history and never a pointer to pieces
+//! that did not load. The engine makes a batch durable only after every batch submitted
+//! before it, which is what makes "the intent is durable" mean "every staged and
+//! written piece is durable". Memory: the receiver holds one staged read (4 MiB) and one
+//! batch of pieces while writing, then the loaded state (what a restart holds).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -88,6 +118,9 @@ use bytes::{Bytes, BytesMut};
 use chatlog_storage::{Engine, WriteBatch};
 use futures_util::StreamExt;
 
+use crate::checkpoint_chunks::{
+    self, ByteSource, CheckpointHandle, Keeper, PiecesFrom, Pointer, SectionReader, Unpublished,
+};
 use crate::codec::{self, DecodeError, Reader};
 use crate::error::{Error, Result};
 use crate::ids;
@@ -161,10 +194,20 @@ pub const CHUNK_WAIT: Duration = Duration::from_secs(10);
 /// installed the snapshot (writing its whole range): far longer than a chunk's round trip.
 pub const INSTALL_WAIT: Duration = Duration::from_secs(600);
 
-const KIND_BEGIN: u8 = 1;
+/// `Begin` of the first stream format (a whole checkpoint), sent by chatlog before s9snap:
+/// refused with an error naming it.
+const KIND_BEGIN_WHOLE: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_END: u8 = 3;
-const INTENT_VERSION: u8 = 1;
+/// `Begin` of the current format: an incremental checkpoint's section (s9snap).
+const KIND_BEGIN: u8 = 4;
+/// Intent of an install by chatlog before s9snap: the staged checkpoint is whole and is
+/// written at the roll-forward.
+const INTENT_WHOLE: u8 = 1;
+/// Intent of an install since s9snap: the checkpoint's pieces are written and checked,
+/// the intent carries the pointer to publish.
+const INTENT_WRITTEN: u8 = 2;
+const COPY_MARK_VERSION: u8 = 1;
 
 /// The chunk size in use: [`STREAM_CHUNK_BYTES`], or [`CHUNK_BYTES_ENV`] if set.
 pub fn chunk_bytes() -> usize {
@@ -195,8 +238,8 @@ async fn test_pause(group: GroupId, step: &str) {
 /// one value.
 #[derive(Debug, Clone)]
 pub enum SnapshotData {
-    /// This replica's own snapshot: the checkpoint in memory (the encoding of a state the
-    /// node holds anyway), the range read from the log when it is sent.
+    /// This replica's own snapshot: its durable incremental checkpoint, by pointer, and
+    /// the log; both are read from the engine piece by piece when it is sent.
     Local(LocalSnapshot),
     /// A snapshot received into the staging log, complete and checked.
     Staged(StagedSnapshot),
@@ -205,8 +248,9 @@ pub enum SnapshotData {
 /// A snapshot of this replica.
 #[derive(Debug, Clone)]
 pub struct LocalSnapshot {
-    /// The checkpoint bytes (header and state).
-    pub checkpoint: Bytes,
+    /// The checkpoint: a durable incremental checkpoint of this replica, by its pointer
+    /// (`checkpoint_chunks::CheckpointHandle`), no bytes.
+    pub checkpoint: CheckpointHandle,
     /// The group's log, for the range (`None`: the snapshot is the state alone).
     pub log: Option<LogReader>,
     /// The snapshot's last Raft index: the range ends there.
@@ -227,7 +271,12 @@ struct StagedLayout {
     /// Staging engine indexes `[first_piece, next_piece)` hold the stream, in order.
     first_piece: u64,
     next_piece: u64,
+    /// Bytes of the checkpoint section (before the range).
     checkpoint_bytes: u64,
+    /// Bytes of the checkpoint at its start.
+    rest_bytes: u64,
+    /// Chunk records after it.
+    chunks: u64,
     entries_first: u64,
     entries_count: u64,
     /// The snapshot's last log id.
@@ -243,8 +292,14 @@ struct StagedLayout {
 pub struct Begin {
     /// The snapshot's meta.
     pub meta: SnapshotMeta,
-    /// Bytes of the checkpoint at the stream's start.
+    /// Bytes of the checkpoint section at the stream's start (the checkpoint, then its
+    /// chunk records: `checkpoint_chunks`, "As a snapshot").
     pub checkpoint_bytes: u64,
+    /// Bytes of the checkpoint itself (header and the state outside the chunks), the
+    /// section's first part.
+    pub rest_bytes: u64,
+    /// Chunk records after it.
+    pub chunks: u64,
     /// Raft index of the range's first entry (meaningless when the count is 0).
     pub entries_first: u64,
     /// Entries in the range.
@@ -331,6 +386,8 @@ pub fn encode_chunk(chunk: &StreamChunk) -> Bytes {
             put_opt_log_id(&mut out, b.meta.last_membership.log_id().as_ref());
             codec::put_membership(&mut out, b.meta.last_membership.membership());
             out.extend_from_slice(&b.checkpoint_bytes.to_le_bytes());
+            out.extend_from_slice(&b.rest_bytes.to_le_bytes());
+            out.extend_from_slice(&b.chunks.to_le_bytes());
             out.extend_from_slice(&b.entries_first.to_le_bytes());
             out.extend_from_slice(&b.entries_count.to_le_bytes());
         }
@@ -385,9 +442,17 @@ pub fn decode_chunk(bytes: &Bytes) -> std::result::Result<StreamChunk, DecodeErr
                     last_membership: StoredMembership::new(membership_log_id, membership),
                 },
                 checkpoint_bytes: r.u64()?,
+                rest_bytes: r.u64()?,
+                chunks: r.u64()?,
                 entries_first: r.u64()?,
                 entries_count: r.u64()?,
             })
+        }
+        KIND_BEGIN_WHOLE => {
+            return Err(r.error(
+                "a snapshot stream of the first format (a whole checkpoint), sent by an older \
+                 chatlog: every node of a cluster must run the same version (docs/operations.md)",
+            ));
         }
         KIND_DATA => {
             let offset = r.u64()?;
@@ -467,8 +532,8 @@ fn next_transfer() -> u64 {
 /// Produces a local snapshot's stream a piece at a time.
 struct StreamSource {
     group: GroupId,
-    checkpoint: Bytes,
-    at: usize,
+    /// The checkpoint section, read from the engine (`None` once read to its end).
+    section: Option<SectionReader>,
     log: Option<LogReader>,
     /// Keeps the entries not sent yet from being purged meanwhile.
     pin: Option<crate::log_store::HistoryPin>,
@@ -481,11 +546,14 @@ impl StreamSource {
     /// Up to `max` bytes of the stream; empty at its end.
     async fn next_piece(&mut self, max: usize) -> std::result::Result<Bytes, String> {
         while self.pending.len() < max {
-            if self.at < self.checkpoint.len() {
-                let end = (self.at + max - self.pending.len()).min(self.checkpoint.len());
-                self.pending
-                    .extend_from_slice(&self.checkpoint[self.at..end]);
-                self.at = end;
+            if let Some(section) = self.section.as_mut() {
+                let part = section.next_part().map_err(|e| e.to_string())?;
+                if part.is_empty() {
+                    // Read to its end: its pin goes (the range has a pin of its own).
+                    self.section = None;
+                } else {
+                    self.pending.extend_from_slice(&part);
+                }
                 continue;
             }
             let Some(log) = self.log.clone() else { break };
@@ -555,6 +623,13 @@ where
             local.upto
         )));
     }
+    // The checkpoint's pieces are pinned from here until read (a checkpoint written
+    // meanwhile purges them only afterwards; one that already did fails the transfer
+    // cleanly and openraft retries with the newer checkpoint).
+    let section = local
+        .checkpoint
+        .open()
+        .map_err(|e| SendError::Source(format!("group {group}: the snapshot's checkpoint: {e}")))?;
     let first = local
         .log
         .as_ref()
@@ -588,7 +663,9 @@ where
     };
     let begin = ChunkBody::Begin(Begin {
         meta: snapshot.meta.clone(),
-        checkpoint_bytes: local.checkpoint.len() as u64,
+        checkpoint_bytes: section.section_bytes(),
+        rest_bytes: section.rest_bytes(),
+        chunks: section.chunks(),
         entries_first,
         entries_count,
     });
@@ -597,8 +674,7 @@ where
     check(call(chunk(0, begin), CHUNK_WAIT).await, 0)?;
     let mut source = StreamSource {
         group,
-        checkpoint: local.checkpoint,
-        at: 0,
+        section: Some(section),
         log: local.log,
         pin,
         next: entries_first,
@@ -746,23 +822,95 @@ struct Receiving {
     progress: Arc<tokio::sync::watch::Sender<StageProgress>>,
 }
 
-/// Follows the entry records of the stream as they arrive (checks order and count).
+/// Follows the stream as it arrives: skips the checkpoint, checks each chunk record (its
+/// chunk number next in order, its bytes against its CRC-32) and the entry records after
+/// them (order and count). Holds at most one chunk head or one partial entry.
 struct RecordParser {
-    checkpoint_left: u64,
+    /// Checkpoint bytes still to come.
+    rest_left: u64,
+    /// Chunk records whose head has not arrived yet.
+    chunks_left: u64,
+    /// The chunk whose bytes are arriving.
+    chunk: Option<ChunkArriving>,
+    /// The last chunk number seen.
+    last_k: Option<u64>,
     carry: Vec<u8>,
+    /// Bytes of the range (the entry records) seen.
+    entry_bytes: u64,
     next_index: u64,
     count_left: u64,
     last: Option<LogId>,
 }
 
+/// A chunk record whose bytes are arriving.
+struct ChunkArriving {
+    k: u64,
+    left: u64,
+    crc: u32,
+    hasher: crc32fast::Hasher,
+}
+
 impl RecordParser {
+    fn new(begin: &Begin) -> RecordParser {
+        RecordParser {
+            rest_left: begin.rest_bytes,
+            chunks_left: begin.chunks,
+            chunk: None,
+            last_k: None,
+            carry: Vec::new(),
+            entry_bytes: 0,
+            next_index: begin.entries_first,
+            count_left: begin.entries_count,
+            last: None,
+        }
+    }
+
     fn feed(&mut self, mut data: &[u8]) -> std::result::Result<(), String> {
-        let n = (self.checkpoint_left.min(data.len() as u64)) as usize;
-        self.checkpoint_left -= n as u64;
+        let n = (self.rest_left.min(data.len() as u64)) as usize;
+        self.rest_left -= n as u64;
         data = &data[n..];
+        while !data.is_empty() && (self.chunk.is_some() || self.chunks_left > 0) {
+            if let Some(c) = self.chunk.as_mut() {
+                let n = (c.left.min(data.len() as u64)) as usize;
+                c.hasher.update(&data[..n]);
+                c.left -= n as u64;
+                data = &data[n..];
+                if c.left == 0 {
+                    self.end_chunk()?;
+                }
+                continue;
+            }
+            let n = (checkpoint_chunks::CHUNK_HEAD_BYTES - self.carry.len()).min(data.len());
+            self.carry.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.carry.len() < checkpoint_chunks::CHUNK_HEAD_BYTES {
+                break;
+            }
+            let head: [u8; checkpoint_chunks::CHUNK_HEAD_BYTES] =
+                self.carry[..].try_into().expect("a whole head");
+            self.carry.clear();
+            let (k, bytes, crc) = checkpoint_chunks::decode_chunk_head(&head);
+            if let Some(prev) = self.last_k
+                && Some(k) != prev.checked_add(1)
+            {
+                return Err(format!("index chunk {k} after chunk {prev}"));
+            }
+            self.last_k = Some(k);
+            self.chunks_left -= 1;
+            self.chunk = Some(ChunkArriving {
+                k,
+                left: bytes,
+                crc,
+                hasher: crc32fast::Hasher::new(),
+            });
+            if bytes == 0 {
+                self.end_chunk()?;
+            }
+        }
         if data.is_empty() {
             return Ok(());
         }
+        self.entry_bytes += data.len() as u64;
         self.carry.extend_from_slice(data);
         let mut at = 0;
         loop {
@@ -797,6 +945,39 @@ impl RecordParser {
         }
         self.carry.drain(..at);
         Ok(())
+    }
+
+    /// The chunk whose bytes all arrived: its CRC must match its head's.
+    fn end_chunk(&mut self) -> std::result::Result<(), String> {
+        let c = self.chunk.take().expect("a chunk arriving");
+        let got = c.hasher.finalize();
+        if got != c.crc {
+            return Err(format!(
+                "index chunk {} has CRC-32 {got:08x}, its record says {:08x}",
+                c.k, c.crc
+            ));
+        }
+        Ok(())
+    }
+
+    /// What is still missing at the stream's end, if anything.
+    fn missing(&self) -> Option<String> {
+        (self.rest_left > 0
+            || self.chunks_left > 0
+            || self.chunk.is_some()
+            || !self.carry.is_empty()
+            || self.count_left > 0)
+            .then(|| {
+                format!(
+                    "{} checkpoint bytes, {} chunks ({} bytes of one), {} entries missing, {} \
+                     bytes of a cut record",
+                    self.rest_left,
+                    self.chunks_left,
+                    self.chunk.as_ref().map_or(0, |c| c.left),
+                    self.count_left,
+                    self.carry.len()
+                )
+            })
     }
 }
 
@@ -923,6 +1104,19 @@ impl Staging {
                     begin.entries_count, begin.entries_first
                 )));
             }
+            let heads = begin
+                .chunks
+                .checked_mul(checkpoint_chunks::CHUNK_HEAD_BYTES as u64);
+            if heads
+                .and_then(|h| h.checked_add(begin.rest_bytes))
+                .is_none_or(|least| least > begin.checkpoint_bytes)
+            {
+                return Err(ChunkError::BadRequest(format!(
+                    "group {group}: a checkpoint section of {} bytes cannot hold {} bytes of \
+                     checkpoint and {} chunk records",
+                    begin.checkpoint_bytes, begin.rest_bytes, begin.chunks
+                )));
+            }
             // A new transfer replaces whatever was staged (an abandoned one).
             st.receiving = None;
             // Twice: an abandoned transfer's pieces may still be on their way to the
@@ -950,13 +1144,7 @@ impl Staging {
                 first_piece: next,
                 next_piece: next,
                 prefix: Vec::new(),
-                parser: RecordParser {
-                    checkpoint_left: begin.checkpoint_bytes,
-                    carry: Vec::new(),
-                    next_index: begin.entries_first,
-                    count_left: begin.entries_count,
-                    last: None,
-                },
+                parser: RecordParser::new(begin),
                 submitted: 0,
                 progress: Arc::new(tokio::sync::watch::Sender::new(StageProgress::default())),
             });
@@ -965,6 +1153,8 @@ impl Staging {
                 transfer = format_args!("{:x}", chunk.transfer),
                 last = %last,
                 checkpoint_bytes = begin.checkpoint_bytes,
+                rest_bytes = begin.rest_bytes,
+                chunks = begin.chunks,
                 entries = begin.entries_count,
                 "snapshot stream: receiving"
             );
@@ -1009,7 +1199,7 @@ impl Staging {
                     st.receiving = None;
                     return Err(ChunkError::BadRequest(format!("group {group}: {e}")));
                 }
-                let keep = (rx.begin.checkpoint_bytes as usize).min(HEADER_PREFIX_BYTES_MAX);
+                let keep = (rx.begin.rest_bytes as usize).min(HEADER_PREFIX_BYTES_MAX);
                 if rx.prefix.len() < keep {
                     let n = (keep - rx.prefix.len()).min(data.len());
                     rx.prefix.extend_from_slice(&data[..n]);
@@ -1072,16 +1262,14 @@ impl Staging {
                         "the stream's checksum is {crc:08x}, the sender's {stream_crc:08x}"
                     ));
                 }
-                if rx.parser.checkpoint_left > 0
-                    || !rx.parser.carry.is_empty()
-                    || rx.parser.count_left > 0
-                {
+                if let Some(missing) = rx.parser.missing() {
+                    return fail(format!("the stream ends early: {missing}"));
+                }
+                if rx.received != rx.begin.checkpoint_bytes + rx.parser.entry_bytes {
                     return fail(format!(
-                        "the stream ends early: {} checkpoint bytes, {} entries missing, {} \
-                         bytes of a cut entry",
-                        rx.parser.checkpoint_left,
-                        rx.parser.count_left,
-                        rx.parser.carry.len()
+                        "the checkpoint section took {} bytes, Begin announced {}",
+                        rx.received - rx.parser.entry_bytes,
+                        rx.begin.checkpoint_bytes
                     ));
                 }
                 if rx.begin.entries_count > 0 && rx.parser.last != Some(last) {
@@ -1121,6 +1309,8 @@ impl Staging {
                                 first_piece: rx.first_piece,
                                 next_piece: rx.next_piece,
                                 checkpoint_bytes: rx.begin.checkpoint_bytes,
+                                rest_bytes: rx.begin.rest_bytes,
+                                chunks: rx.begin.chunks,
                                 entries_first: rx.begin.entries_first,
                                 entries_count: rx.begin.entries_count,
                                 last,
@@ -1200,45 +1390,157 @@ impl Staging {
 // Installing
 // ---------------------------------------------------------------------------------------
 
-/// The intent: `version u8 | transfer u64 | first_piece u64 | next_piece u64
-/// | checkpoint_bytes u64 | entries_first u64 | entries_count u64 | last LogId
-/// | write_range u8 (0/1)`.
-fn encode_intent(layout: &StagedLayout, write_range: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 6 * 8 + codec::LOG_ID_BYTES + 1);
-    out.push(INTENT_VERSION);
-    for v in [
-        layout.transfer,
-        layout.first_piece,
-        layout.next_piece,
-        layout.checkpoint_bytes,
-        layout.entries_first,
-        layout.entries_count,
-    ] {
-        out.extend_from_slice(&v.to_le_bytes());
+/// What the install intent says about the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntentCheckpoint {
+    /// Written by chatlog before s9snap: the staged checkpoint is a whole one, written
+    /// (again) at the roll-forward.
+    Whole,
+    /// The checkpoint's pieces are written and were loaded; the pointer to publish.
+    Written(Unpublished),
+}
+
+/// The install intent (meta `ids::META_STAGED_INSTALL` of the staging log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Intent {
+    layout: StagedLayout,
+    /// Whether the range is written into the Raft log.
+    write_range: bool,
+    checkpoint: IntentCheckpoint,
+}
+
+/// The intent's bytes:
+///
+/// ```text
+/// v1 (before s9snap)  1 u8 | transfer u64 | first_piece u64 | next_piece u64
+///                     | checkpoint_bytes u64 | entries_first u64 | entries_count u64
+///                     | last LogId | write_range u8
+/// v2                  2 u8 | transfer u64 | first_piece u64 | next_piece u64
+///                     | checkpoint_bytes u64 | rest_bytes u64 | chunks u64
+///                     | entries_first u64 | entries_count u64 | last LogId
+///                     | write_range u8 | pointer (checkpoint_chunks v2, 33 bytes)
+///                     | keep_chunks_from u64
+/// ```
+fn encode_intent(intent: &Intent) -> Vec<u8> {
+    let l = &intent.layout;
+    let mut out = Vec::with_capacity(1 + 10 * 8 + codec::LOG_ID_BYTES + 1 + 33);
+    match intent.checkpoint {
+        IntentCheckpoint::Whole => {
+            out.push(INTENT_WHOLE);
+            for v in [
+                l.transfer,
+                l.first_piece,
+                l.next_piece,
+                l.checkpoint_bytes,
+                l.entries_first,
+                l.entries_count,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            codec::put_log_id(&mut out, &l.last);
+            out.push(u8::from(intent.write_range));
+        }
+        IntentCheckpoint::Written(w) => {
+            out.push(INTENT_WRITTEN);
+            for v in [
+                l.transfer,
+                l.first_piece,
+                l.next_piece,
+                l.checkpoint_bytes,
+                l.rest_bytes,
+                l.chunks,
+                l.entries_first,
+                l.entries_count,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            codec::put_log_id(&mut out, &l.last);
+            out.push(u8::from(intent.write_range));
+            out.extend_from_slice(&w.pointer.encode());
+            out.extend_from_slice(&w.keep_chunks_from.to_le_bytes());
+        }
     }
-    codec::put_log_id(&mut out, &layout.last);
-    out.push(u8::from(write_range));
     out
 }
 
-fn decode_intent(bytes: &[u8]) -> std::result::Result<(StagedLayout, bool), DecodeError> {
+fn decode_intent(bytes: &[u8]) -> std::result::Result<Intent, DecodeError> {
     let mut r = Reader::new("snapshot install intent", bytes);
     let version = r.u8()?;
-    if version != INTENT_VERSION {
+    let intent = match version {
+        INTENT_WHOLE => {
+            let (transfer, first_piece, next_piece, checkpoint_bytes) =
+                (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let layout = StagedLayout {
+                transfer,
+                first_piece,
+                next_piece,
+                checkpoint_bytes,
+                rest_bytes: checkpoint_bytes,
+                chunks: 0,
+                entries_first: r.u64()?,
+                entries_count: r.u64()?,
+                last: r.log_id()?,
+            };
+            Intent {
+                layout,
+                write_range: r.bool()?,
+                checkpoint: IntentCheckpoint::Whole,
+            }
+        }
+        INTENT_WRITTEN => {
+            let layout = StagedLayout {
+                transfer: r.u64()?,
+                first_piece: r.u64()?,
+                next_piece: r.u64()?,
+                checkpoint_bytes: r.u64()?,
+                rest_bytes: r.u64()?,
+                chunks: r.u64()?,
+                entries_first: r.u64()?,
+                entries_count: r.u64()?,
+                last: r.log_id()?,
+            };
+            let write_range = r.bool()?;
+            let pointer = Pointer::decode(r.take(33)?)?;
+            if !matches!(pointer, Pointer::Incremental { .. }) {
+                return Err(r.error("a whole checkpoint's pointer"));
+            }
+            Intent {
+                layout,
+                write_range,
+                checkpoint: IntentCheckpoint::Written(Unpublished {
+                    pointer,
+                    keep_chunks_from: r.u64()?,
+                }),
+            }
+        }
+        v => return Err(r.error(format!("version {v}"))),
+    };
+    r.finish()?;
+    Ok(intent)
+}
+
+/// The copy mark (meta `ids::META_STAGED_COPY` of the staging log): where a received
+/// checkpoint's pieces start in the checkpoint and chunk logs while they are written
+/// and checked, before the intent: `version u8 (1) | checkpoint u64 | chunks u64`.
+fn encode_copy_mark(from: PiecesFrom) -> Vec<u8> {
+    let mut out = vec![COPY_MARK_VERSION];
+    out.extend_from_slice(&from.checkpoint.to_le_bytes());
+    out.extend_from_slice(&from.chunks.to_le_bytes());
+    out
+}
+
+fn decode_copy_mark(bytes: &[u8]) -> std::result::Result<PiecesFrom, DecodeError> {
+    let mut r = Reader::new("snapshot install copy mark", bytes);
+    let version = r.u8()?;
+    if version != COPY_MARK_VERSION {
         return Err(r.error(format!("version {version}")));
     }
-    let layout = StagedLayout {
-        transfer: r.u64()?,
-        first_piece: r.u64()?,
-        next_piece: r.u64()?,
-        checkpoint_bytes: r.u64()?,
-        entries_first: r.u64()?,
-        entries_count: r.u64()?,
-        last: r.log_id()?,
+    let from = PiecesFrom {
+        checkpoint: r.u64()?,
+        chunks: r.u64()?,
     };
-    let write_range = r.bool()?;
     r.finish()?;
-    Ok((layout, write_range))
+    Ok(from)
 }
 
 /// Reads a staged stream back in order (every piece checked by the engine's read).
@@ -1259,41 +1561,58 @@ impl StagedReader<'_> {
         }
     }
 
+    /// The next staged bytes, at most `max` (more pieces read when none is held).
+    fn next(&mut self, max: usize) -> Result<Bytes> {
+        loop {
+            if let Some(mut piece) = self.pieces.pop_front() {
+                if piece.len() > max {
+                    self.pieces.push_front(piece.split_off(max));
+                }
+                if piece.is_empty() && max > 0 {
+                    continue;
+                }
+                return Ok(piece);
+            }
+            if self.next_piece >= self.end_piece {
+                return Err(self.missing(format!("piece {} is past its end", self.next_piece)));
+            }
+            let got = self
+                .engine
+                .read(
+                    self.log,
+                    self.next_piece..self.end_piece,
+                    STAGING_READ_BYTES,
+                )
+                .map_err(|source| Error::Storage {
+                    group: self.group,
+                    verb: "reading",
+                    subject: format!("staged snapshot pieces from {}", self.next_piece),
+                    source,
+                })?;
+            if got.is_empty() {
+                return Err(self.missing(format!("piece {} is gone", self.next_piece)));
+            }
+            self.next_piece += got.len() as u64;
+            self.pieces.extend(got);
+        }
+    }
+
     /// Exactly `n` bytes of the stream.
     fn read_exact(&mut self, n: usize) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let Some(mut piece) = self.pieces.pop_front() else {
-                if self.next_piece >= self.end_piece {
-                    return Err(self.missing(format!("{} of {n} bytes", out.len())));
-                }
-                let got = self
-                    .engine
-                    .read(
-                        self.log,
-                        self.next_piece..self.end_piece,
-                        STAGING_READ_BYTES,
-                    )
-                    .map_err(|source| Error::Storage {
-                        group: self.group,
-                        verb: "reading",
-                        subject: format!("staged snapshot pieces from {}", self.next_piece),
-                        source,
-                    })?;
-                if got.is_empty() {
-                    return Err(self.missing(format!("piece {} is gone", self.next_piece)));
-                }
-                self.next_piece += got.len() as u64;
-                self.pieces.extend(got);
-                continue;
-            };
-            let take = (n - out.len()).min(piece.len());
-            out.extend_from_slice(&piece[..take]);
-            if take < piece.len() {
-                self.pieces.push_front(piece.split_off(take));
-            }
+            let b = self.next(n - out.len())?;
+            out.extend_from_slice(&b);
         }
         Ok(out)
+    }
+
+    /// Passes over `n` bytes of the stream (holding one piece at a time).
+    fn skip(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            n -= self.next(n.min(STAGING_READ_BYTES as u64) as usize)?.len() as u64;
+        }
+        Ok(())
     }
 
     /// The next entries of the range, about `bytes_max` bytes of them, at most `left`.
@@ -1319,6 +1638,12 @@ impl StagedReader<'_> {
     }
 }
 
+impl ByteSource for StagedReader<'_> {
+    fn next_bytes(&mut self, max: usize) -> Result<Bytes> {
+        self.next(max)
+    }
+}
+
 impl StagedSnapshot {
     fn reader(&self) -> StagedReader<'_> {
         reader(
@@ -1329,10 +1654,11 @@ impl StagedSnapshot {
         )
     }
 
-    /// The staged checkpoint bytes (header and state).
-    pub fn read_checkpoint(&self) -> Result<Vec<u8>> {
+    /// The staged checkpoint's first bytes, at most `max` (its header; the whole
+    /// checkpoint is never read into one value).
+    pub fn read_checkpoint_prefix(&self, max: usize) -> Result<Vec<u8>> {
         self.reader()
-            .read_exact(self.layout.checkpoint_bytes as usize)
+            .read_exact(max.min(self.layout.rest_bytes as usize))
     }
 
     /// The snapshot's last log id.
@@ -1340,22 +1666,22 @@ impl StagedSnapshot {
         self.layout.last
     }
 
-    /// Runs the install (module docs, steps 2–5): `checkpoint` was read with
-    /// [`StagedSnapshot::read_checkpoint`] and decoded by the caller; `write_checkpoint`
-    /// writes it durably; the range goes into `log` unless it already holds the last
-    /// entry. Holds the staging for the whole install.
-    pub async fn install<W, WF>(
+    /// Runs the install (module docs, "The install"): writes the staged checkpoint
+    /// section as the replica's checkpoint pieces, has `load` load the state from them
+    /// (`load` gets their pointer, not published yet, and checks what it loads), and only
+    /// then writes the intent, publishes the pointer (sparing what `keeper` pins) and
+    /// writes the range into `log` unless it already holds the last entry. Returns what
+    /// `load` returned and the published pointer. Holds the staging for the whole install;
+    /// the caller holds the group's checkpoint lock.
+    pub async fn install<T>(
         &self,
-        checkpoint: &[u8],
         log: Option<&LogReader>,
-        write_checkpoint: W,
-    ) -> Result<()>
-    where
-        W: FnOnce(Vec<u8>) -> WF,
-        WF: Future<Output = Result<()>>,
-    {
+        keeper: &Keeper,
+        load: impl FnOnce(Pointer) -> Result<T>,
+    ) -> Result<(T, Pointer)> {
         let staging = &self.staging;
         let group = staging.group;
+        let engine = &*staging.engine;
         let st = staging.state.lock().await;
         if st.installing != Some(self.layout.transfer) {
             return Err(Error::Inconsistent {
@@ -1368,23 +1694,42 @@ impl StagedSnapshot {
         }
         let write_range =
             self.layout.entries_count > 0 && log.is_some_and(|l| !l.holds(self.layout.last));
+        let mut reader = self.reader();
+        let (written, loaded) = write_and_load(
+            engine,
+            group,
+            &mut reader,
+            self.layout.rest_bytes,
+            self.layout.chunks,
+            load,
+        )
+        .await?;
         let mut intent = WriteBatch::new();
         intent.put_meta(
             staging.log,
             ids::META_STAGED_INSTALL,
-            &encode_intent(&self.layout, write_range),
+            &encode_intent(&Intent {
+                layout: self.layout,
+                write_range,
+                checkpoint: IntentCheckpoint::Written(written),
+            }),
         );
-        staging
-            .engine
+        engine
             .write(&intent)
             .await
             .map_err(|e| staging.storage("writing", "the snapshot install intent", e))?;
         test_pause(group, "install intent written").await;
-        write_checkpoint(checkpoint.to_vec()).await?;
+        checkpoint_chunks::publish(
+            engine,
+            group,
+            Some(keeper),
+            written.pointer,
+            written.keep_chunks_from,
+        )
+        .await?;
         test_pause(group, "install checkpoint written").await;
         if write_range && let Some(log) = log {
-            let mut reader = self.reader();
-            reader.read_exact(self.layout.checkpoint_bytes as usize)?;
+            // `reader` stands right after the checkpoint section.
             let mut left = self.layout.entries_count;
             log.install_staged(self.layout.entries_first, self.layout.last, || {
                 let window = reader.entries(left, INSTALL_WINDOW_BYTES)?;
@@ -1394,15 +1739,139 @@ impl StagedSnapshot {
             .await?;
             test_pause(group, "install range written").await;
         }
-        clear(&staging.engine, group, staging.log, self.layout.next_piece).await?;
+        clear(engine, group, staging.log, self.layout.next_piece).await?;
         drop(st);
         tracing::info!(
             group,
             last = %self.layout.last,
+            chunks = self.layout.chunks,
             entries = self.layout.entries_count,
             "snapshot stream: installed"
         );
-        Ok(())
+        Ok((loaded, written.pointer))
+    }
+}
+
+/// Steps 2 of the install (module docs): a copy mark, the checkpoint section read from
+/// `source` written as group `group`'s checkpoint pieces (unpublished), and `load` run on
+/// their pointer; if either fails, the pieces and the mark are dropped. Holds what
+/// `write_section` holds. The caller holds the group's checkpoint lock.
+async fn write_and_load<S: ByteSource, T>(
+    engine: &Engine,
+    group: GroupId,
+    source: &mut S,
+    rest_bytes: u64,
+    chunks: u64,
+    load: impl FnOnce(Pointer) -> Result<T>,
+) -> Result<(Unpublished, T)> {
+    let storage = |verb: &'static str, subject: &str, source| Error::Storage {
+        group,
+        verb,
+        subject: subject.to_string(),
+        source,
+    };
+    let staging_log = ids::staging_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    // Where the new pieces start, durable before any of them: a crash before the
+    // intent drops them at the next open.
+    let from = checkpoint_chunks::next_pieces(engine, group)?;
+    let mut mark = WriteBatch::new();
+    mark.put_meta(staging_log, ids::META_STAGED_COPY, &encode_copy_mark(from));
+    engine
+        .write(&mark)
+        .await
+        .map_err(|e| storage("writing", "the snapshot install copy mark", e))?;
+    let written = checkpoint_chunks::write_section(engine, group, source, rest_bytes, chunks).await;
+    test_pause(group, "install pieces written").await;
+    // Loaded as a restart loads a checkpoint: every piece and chunk read back and
+    // checked, the state decoded and compared with the meta.
+    match written.and_then(|w| load(w.pointer).map(|t| (w, t))) {
+        Ok(ok) => Ok(ok),
+        Err(e) => {
+            tracing::warn!(group, error = %e, "snapshot stream: the received checkpoint is refused; its pieces are dropped");
+            checkpoint_chunks::discard_from(engine, group, from).await?;
+            let mut unmark = WriteBatch::new();
+            unmark.delete_meta(staging_log, ids::META_STAGED_COPY);
+            engine
+                .write(&unmark)
+                .await
+                .map_err(|e| storage("clearing", "the snapshot install copy mark", e))?;
+            Err(e)
+        }
+    }
+}
+
+/// Installs another replica's checkpoint handed over in the same process (openraft's
+/// storage conformance suite hands one state machine's snapshot to another; the
+/// transport never does, it streams): its section copied into group `group`'s
+/// checkpoint pieces in `engine`, loaded by `load`, then published (no range: the
+/// snapshot's log is the other replica's). Crash-safe like a streamed install's
+/// checkpoint part: a crash before the pointer drops the pieces at the next open.
+/// Returns what `load` returned and the pointer. The caller holds the group's
+/// checkpoint lock.
+pub async fn install_copy<T>(
+    engine: &Engine,
+    group: GroupId,
+    from: &CheckpointHandle,
+    keeper: &Keeper,
+    load: impl FnOnce(Pointer) -> Result<T>,
+) -> Result<(T, Pointer)> {
+    let mut section = from.open()?;
+    let (rest_bytes, chunks) = (section.rest_bytes(), section.chunks());
+    let mut source = SectionSource {
+        group,
+        section: &mut section,
+        held: Bytes::new(),
+    };
+    let (written, loaded) =
+        write_and_load(engine, group, &mut source, rest_bytes, chunks, load).await?;
+    checkpoint_chunks::publish(
+        engine,
+        group,
+        Some(keeper),
+        written.pointer,
+        written.keep_chunks_from,
+    )
+    .await?;
+    let staging_log = ids::staging_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let mut unmark = WriteBatch::new();
+    unmark.delete_meta(staging_log, ids::META_STAGED_COPY);
+    engine
+        .write(&unmark)
+        .await
+        .map_err(|source| Error::Storage {
+            group,
+            verb: "clearing",
+            subject: "the snapshot install copy mark".into(),
+            source,
+        })?;
+    Ok((loaded, written.pointer))
+}
+
+/// A [`SectionReader`] as a [`ByteSource`]: its parts cut to what is asked.
+struct SectionSource<'a> {
+    group: GroupId,
+    section: &'a mut SectionReader,
+    held: Bytes,
+}
+
+impl ByteSource for SectionSource<'_> {
+    fn next_bytes(&mut self, max: usize) -> Result<Bytes> {
+        if self.held.is_empty() {
+            self.held = self.section.next_part()?;
+            if self.held.is_empty() {
+                return Err(Error::Inconsistent {
+                    group: self.group,
+                    detail: "a checkpoint section ends early".into(),
+                });
+            }
+        }
+        Ok(self.held.split_to(max.min(self.held.len())))
     }
 }
 
@@ -1422,7 +1891,7 @@ fn reader<'a>(
     }
 }
 
-/// Deletes the intent and every staged piece below `next` in one batch.
+/// Deletes the intent, the copy mark and every staged piece below `next` in one batch.
 async fn clear(
     engine: &Engine,
     group: GroupId,
@@ -1431,6 +1900,7 @@ async fn clear(
 ) -> Result<()> {
     let mut batch = WriteBatch::new();
     batch.delete_meta(log, ids::META_STAGED_INSTALL);
+    batch.delete_meta(log, ids::META_STAGED_COPY);
     if engine.bounds(log).is_some_and(|b| b.next > b.first) {
         batch.purge_before(log, next.max(engine.bounds(log).map_or(1, |b| b.next)));
     }
@@ -1443,41 +1913,70 @@ async fn clear(
 }
 
 /// At open, before the group's log store and state machine read anything: finishes an
-/// install a crash interrupted (an intent is present: redo the checkpoint and the range
-/// from the staged stream, then clear), or deletes the pieces of a transfer that never
-/// completed. Returns whether an install was finished.
+/// install a crash interrupted (an intent is present: publish the written checkpoint
+/// again, or write a whole one an older version staged, then the range from the staged
+/// stream, then clear), or drops what an install interrupted before its intent wrote
+/// (the copy mark says from where) and the pieces of a transfer that never completed.
+/// Returns whether an install was finished.
 pub async fn finish_interrupted_install(engine: &Engine, group: GroupId) -> Result<bool> {
     let Some(log) = ids::staging_log(group) else {
         return Ok(false);
     };
     let Some(bytes) = engine.meta(log, ids::META_STAGED_INSTALL) else {
-        if engine.bounds(log).is_some_and(|b| b.next > b.first) {
-            let next = engine.bounds(log).map_or(1, |b| b.next);
+        if let Some(mark) = engine.meta(log, ids::META_STAGED_COPY) {
+            let from = decode_copy_mark(&mark).map_err(|source| Error::Decode {
+                group,
+                subject: "the snapshot install copy mark".into(),
+                source,
+            })?;
+            tracing::info!(
+                group,
+                "snapshot stream: dropping the checkpoint pieces of an install interrupted before its intent"
+            );
+            checkpoint_chunks::discard_from(engine, group, from).await?;
+        }
+        let pieces = engine.bounds(log).is_some_and(|b| b.next > b.first);
+        if pieces {
             tracing::info!(
                 group,
                 "snapshot stream: deleting the pieces of an unfinished transfer"
             );
+        }
+        if pieces || engine.meta(log, ids::META_STAGED_COPY).is_some() {
+            let next = engine.bounds(log).map_or(1, |b| b.next);
             clear(engine, group, log, next).await?;
         }
         return Ok(false);
     };
-    let (layout, write_range) = decode_intent(&bytes).map_err(|source| Error::Decode {
+    let intent = decode_intent(&bytes).map_err(|source| Error::Decode {
         group,
         subject: "the snapshot install intent".into(),
         source,
     })?;
+    let layout = intent.layout;
     tracing::warn!(
         group,
         last = %layout.last,
         entries = layout.entries_count,
-        write_range,
+        write_range = intent.write_range,
         "snapshot stream: finishing an install interrupted by a crash"
     );
     let mut r = reader(engine, group, log, &layout);
-    let checkpoint = r.read_exact(layout.checkpoint_bytes as usize)?;
-    crate::state_machine::write_checkpoint_bytes(engine, group, &checkpoint).await?;
-    drop(checkpoint);
-    if write_range {
+    match intent.checkpoint {
+        IntentCheckpoint::Whole => {
+            // Staged by an older version: its checkpoint is whole (and in memory once,
+            // at this upgrade only).
+            let checkpoint = r.read_exact(layout.checkpoint_bytes as usize)?;
+            crate::state_machine::write_checkpoint_bytes(engine, group, &checkpoint).await?;
+        }
+        IntentCheckpoint::Written(w) => {
+            checkpoint_chunks::publish(engine, group, None, w.pointer, w.keep_chunks_from).await?;
+            if intent.write_range {
+                r.skip(layout.checkpoint_bytes)?;
+            }
+        }
+    }
+    if intent.write_range {
         let mut left = layout.entries_count;
         crate::log_store::write_staged_range(
             engine,
@@ -1521,6 +2020,8 @@ mod tests {
                 body: ChunkBody::Begin(Begin {
                     meta: meta(99),
                     checkpoint_bytes: 1000,
+                    rest_bytes: 900,
+                    chunks: 2,
                     entries_first: 10,
                     entries_count: 90,
                 }),
@@ -1566,12 +2067,17 @@ mod tests {
 
     // ---- against real engines ----
 
+    use crate::chat::GroupState;
+    use crate::chat::index_chunks::CHUNK_ENTRIES;
     use crate::log_store::LogStore;
+    use crate::state_machine::{ChatStateMachine, SmConfig};
     use crate::types::{ChatBatch, EntryPayload};
-    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 
     const GROUP: GroupId = 3;
-    const LAST: u64 = 300;
+    /// The sender's state and log: posts at Raft entries 3..=LAST, one per entry, so its
+    /// index spans two whole chunks (0 and 1) and part of a third.
+    const LAST: u64 = 2 * CHUNK_ENTRIES + 100;
 
     fn engine(dir: &std::path::Path) -> Arc<Engine> {
         let mut config = chatlog_storage::Config::new(dir);
@@ -1594,21 +2100,30 @@ mod tests {
         panic!("the engine is still shared");
     }
 
+    /// The log's entries 1..=n (their payloads are not chat batches: the state is made
+    /// apart, [`state`]; only the bytes are compared).
     fn entries(n: u64) -> Vec<Entry> {
         (1..=n)
             .map(|i| Entry {
                 log_id: log_id(2, 1, i),
-                payload: EntryPayload::Normal(ChatBatch(Bytes::from(format!(
-                    "entry {i} {}",
-                    "y".repeat(100)
-                )))),
+                payload: EntryPayload::Normal(ChatBatch(Bytes::from(format!("entry {i}")))),
             })
             .collect()
     }
 
-    /// Checkpoint bytes with a real header for `meta` (only the header is checked before
-    /// an install; the state is opaque here).
-    fn checkpoint(meta: &SnapshotMeta, state_bytes: usize) -> Bytes {
+    /// A state applied through `last`: one user and chat, then one post per entry.
+    fn state(last: u64) -> GroupState {
+        let mut st = GroupState::new(GROUP);
+        let (user, chat) = crate::chat::index_chunks::tests::user_and_chat(&mut st);
+        for index in 3..=last {
+            crate::chat::index_chunks::tests::post(&mut st, user, chat, index);
+        }
+        st
+    }
+
+    /// Checkpoint bytes with a real header for `meta` (only the header is checked when a
+    /// stream arrives; the state is opaque to the staging).
+    fn opaque_checkpoint(meta: &SnapshotMeta, state_bytes: usize) -> Bytes {
         let mut out = vec![crate::state_machine::SNAPSHOT_VERSION];
         put_opt_log_id(&mut out, meta.last_log_id.as_ref());
         put_opt_log_id(&mut out, meta.last_membership.log_id().as_ref());
@@ -1618,9 +2133,17 @@ mod tests {
         Bytes::from(out)
     }
 
-    /// The stream of `checkpoint` and `entries` (module docs).
-    fn stream(checkpoint: &[u8], entries: &[Entry]) -> Vec<u8> {
-        let mut out = checkpoint.to_vec();
+    /// The stream of `rest`, the chunk records of `chunks` and `entries` (module docs).
+    fn stream(rest: &[u8], chunks: &[(u64, &[u8])], entries: &[Entry]) -> Vec<u8> {
+        let mut out = rest.to_vec();
+        for (k, bytes) in chunks {
+            out.extend_from_slice(&checkpoint_chunks::encode_chunk_head(
+                *k,
+                bytes.len() as u64,
+                crc32fast::hash(bytes),
+            ));
+            out.extend_from_slice(bytes);
+        }
         for e in entries {
             let b = codec::encode_entry(e);
             out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -1629,25 +2152,56 @@ mod tests {
         out
     }
 
-    /// A sender's log holding `entries(LAST)`.
-    async fn sender_log(dir: &std::path::Path) -> (Arc<Engine>, LogStore, LogReader) {
+    /// A sender: its log holds `entries(LAST)` and its durable checkpoint is an
+    /// incremental one of `state(LAST)` at `meta(LAST)`.
+    struct Sender {
+        engine: Arc<Engine>,
+        _store: LogStore,
+        reader: LogReader,
+        state: GroupState,
+        checkpoint: CheckpointHandle,
+    }
+
+    async fn sender(dir: &std::path::Path) -> Sender {
         let engine = engine(dir);
         let mut store = LogStore::open(Arc::clone(&engine), GROUP).expect("log store");
         store.blocking_append(entries(LAST)).await.expect("appends");
         let reader = store.get_log_reader().await;
-        (engine, store, reader)
+        let state = state(LAST);
+        crate::state_machine::write_incremental_checkpoint(&engine, GROUP, &meta(LAST), &state)
+            .await
+            .expect("the checkpoint is written");
+        let checkpoint =
+            CheckpointHandle::durable(Arc::clone(&engine), GROUP, Arc::new(Keeper::default()))
+                .expect("reads the pointer")
+                .expect("an incremental checkpoint");
+        Sender {
+            engine,
+            _store: store,
+            reader,
+            state,
+            checkpoint,
+        }
     }
 
-    /// Streams a snapshot at `LAST` from `reader` into `staging` through [`send`] with
-    /// `chunk` bytes per chunk; returns the staged snapshot, the checkpoint and the
+    /// A receiver's state machine over `engine`, with its log.
+    async fn receiver(engine: &Arc<Engine>) -> (ChatStateMachine, LogStore, LogReader) {
+        let mut store = LogStore::open(Arc::clone(engine), GROUP).expect("log store");
+        let reader = store.get_log_reader().await;
+        let sm = ChatStateMachine::open(Arc::clone(engine), GROUP, SmConfig::default())
+            .expect("state machine opens")
+            .with_log(reader.clone());
+        (sm, store, reader)
+    }
+
+    /// Streams the sender's snapshot at `LAST` into `staging` through [`send`] with
+    /// `chunk` bytes per chunk; returns the staged snapshot (or the send's error) and the
     /// number of chunks sent.
     async fn transfer(
-        reader: &LogReader,
+        sender: &Sender,
         staging: &Arc<Staging>,
         chunk: usize,
-    ) -> (StagedSnapshot, Bytes, u64) {
-        let meta = meta(LAST);
-        let checkpoint = checkpoint(&meta, 5000);
+    ) -> (std::result::Result<StagedSnapshot, SendError<String>>, u64) {
         let staged: Arc<std::sync::Mutex<Option<Snapshot<SnapshotData>>>> = Arc::default();
         let sent = Arc::new(AtomicU64::new(0));
         let call = |body: Bytes, _wait: Duration| {
@@ -1671,117 +2225,200 @@ mod tests {
             }
         };
         let snapshot = Snapshot {
-            meta: meta.clone(),
+            meta: meta(LAST),
             snapshot: SnapshotData::Local(LocalSnapshot {
-                checkpoint: checkpoint.clone(),
-                log: Some(reader.clone()),
+                checkpoint: sender.checkpoint.clone(),
+                log: Some(sender.reader.clone()),
                 upto: LAST,
             }),
         };
-        let vote = send(GROUP, Vote::new(1, 1), snapshot, chunk, call)
-            .await
-            .expect("the transfer succeeds");
-        assert_eq!(vote, Vote::new(1, 1));
-        let snapshot = staged.lock().unwrap().take().expect("complete");
-        assert_eq!(snapshot.meta, meta);
-        let SnapshotData::Staged(staged) = snapshot.snapshot else {
-            panic!("a staged snapshot")
-        };
-        (staged, checkpoint, sent.load(Ordering::Relaxed))
+        let result = send(GROUP, Vote::new(1, 1), snapshot, chunk, call).await;
+        let sent = sent.load(Ordering::Relaxed);
+        let result = result.map(|vote| {
+            assert_eq!(vote, Vote::new(1, 1));
+            let snapshot = staged.lock().unwrap().take().expect("complete");
+            assert_eq!(snapshot.meta, meta(LAST));
+            let SnapshotData::Staged(staged) = snapshot.snapshot else {
+                panic!("a staged snapshot")
+            };
+            staged
+        });
+        (result, sent)
+    }
+
+    /// The durable checkpoint of `engine`'s group, loaded as a restart loads it.
+    fn loaded_state(engine: &Arc<Engine>) -> GroupState {
+        let sm = ChatStateMachine::open(Arc::clone(engine), GROUP, SmConfig::default())
+            .expect("the checkpoint loads");
+        sm.shared().read().clone()
+    }
+
+    /// `(first, next)` of one of the group's logs.
+    fn bounds(engine: &Engine, log: Option<chatlog_storage::LogId>) -> (u64, u64) {
+        engine
+            .bounds(log.expect("a log id"))
+            .map_or((0, 0), |b| (b.first, b.next))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_snapshot_streams_in_chunks_and_installs_with_its_whole_range() {
+    async fn a_snapshot_streams_its_checkpoint_pieces_and_installs_them_as_the_receivers() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
+        let sender = sender(a.path()).await;
         let engine_b = engine(b.path());
-        let mut store_b = LogStore::open(Arc::clone(&engine_b), GROUP).expect("log store");
-        // The receiver's own log: a few entries of another leader, all replaced.
-        store_b
-            .blocking_append(
-                (1..=5)
-                    .map(|i| Entry {
-                        log_id: log_id(1, 2, i),
-                        payload: EntryPayload::Blank,
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .await
-            .unwrap();
-        let reader_b = store_b.get_log_reader().await;
-        let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
-        // A transfer whose sender vanished half way: staged bytes, never completed. The
-        // next Begin discards them.
-        let abandoned = StreamChunk {
-            vote: Vote::new(1, 3),
-            transfer: 99,
-            seq: 0,
-            body: ChunkBody::Begin(Begin {
-                meta: meta(LAST),
-                checkpoint_bytes: 10,
-                entries_first: 0,
-                entries_count: 0,
-            }),
-        };
-        staging.receive(abandoned).await.expect("begins");
-        let garbage = StreamChunk {
-            vote: Vote::new(1, 3),
-            transfer: 99,
-            seq: 1,
-            body: ChunkBody::Data {
-                offset: 0,
-                data: Bytes::from_static(b"garbage"),
-            },
-        };
-        staging.receive(garbage).await.expect("staged");
-        let (staged, checkpoint, chunks) = transfer(&reader_a, &staging, 512).await;
-        let stream_bytes = stream(&checkpoint, &entries(LAST)).len() as u64;
-        assert_eq!(chunks, 2 + stream_bytes.div_ceil(512), "Begin, Data…, End");
-        assert!(chunks > 50, "{chunks} chunks");
-        assert_eq!(staged.read_checkpoint().unwrap(), checkpoint.to_vec());
-        let engine = Arc::clone(&engine_b);
-        staged
-            .install(&checkpoint, Some(&reader_b), async move |bytes: Vec<u8>| {
-                crate::state_machine::write_checkpoint_bytes(&engine, GROUP, &bytes).await
-            })
-            .await
-            .expect("installs");
-        staging.done_installing(staged.layout.transfer).await;
-        assert_eq!(
-            crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap(),
-            Some(checkpoint.to_vec())
+        {
+            let (mut sm, mut store_b, reader_b) = receiver(&engine_b).await;
+            // The receiver's own log: a few entries of another leader, all replaced.
+            store_b
+                .blocking_append(
+                    (1..=5)
+                        .map(|i| Entry {
+                            log_id: log_id(1, 2, i),
+                            payload: EntryPayload::Blank,
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .await
+                .unwrap();
+            let staging = sm.staging().expect("a staging log");
+            // A transfer whose sender vanished half way: staged bytes, never completed.
+            // The next Begin discards them.
+            let abandoned = StreamChunk {
+                vote: Vote::new(1, 3),
+                transfer: 99,
+                seq: 0,
+                body: ChunkBody::Begin(Begin {
+                    meta: meta(LAST),
+                    checkpoint_bytes: 10,
+                    rest_bytes: 10,
+                    chunks: 0,
+                    entries_first: 0,
+                    entries_count: 0,
+                }),
+            };
+            staging.receive(abandoned).await.expect("begins");
+            let garbage = StreamChunk {
+                vote: Vote::new(1, 3),
+                transfer: 99,
+                seq: 1,
+                body: ChunkBody::Data {
+                    offset: 0,
+                    data: Bytes::from_static(b"garbage"),
+                },
+            };
+            staging.receive(garbage).await.expect("staged");
+            let chunk = 16 << 10;
+            let (staged, chunks) = transfer(&sender, &staging, chunk).await;
+            let staged = staged.expect("the transfer succeeds");
+            assert_eq!(staged.layout.chunks, 2, "chunks 0 and 1");
+            let section = staged.layout.checkpoint_bytes;
+            let whole = sender.state.encode().len() as u64;
+            assert!(
+                staged.layout.rest_bytes < whole / 4,
+                "the checkpoint proper ({} bytes) leaves the chunks out (whole state {whole})",
+                staged.layout.rest_bytes
+            );
+            assert!(
+                section > whole / 2,
+                "the chunks are in the section: {section}"
+            );
+            let range = stream(&[], &[], &entries(LAST)).len() as u64;
+            assert_eq!(
+                chunks,
+                2 + (section + range).div_ceil(chunk as u64),
+                "Begin, Data…, End"
+            );
+            let transfer_id = staged.layout.transfer;
+            sm.install_snapshot(&meta(LAST), SnapshotData::Staged(staged))
+                .await
+                .expect("installs");
+            staging.done_installing(transfer_id).await;
+            assert!(
+                sm.shared().read().clone() == sender.state,
+                "the installed state is the sender's"
+            );
+            assert_eq!(reader_b.read_history(0, LAST + 1).unwrap(), entries(LAST));
+            // Written as this replica's incremental checkpoint: its own chunks, its own
+            // directory; what the snapshot hands on is that checkpoint, by pointer.
+            let (_, pointer) =
+                CheckpointHandle::durable(Arc::clone(&engine_b), GROUP, Arc::default())
+                    .unwrap()
+                    .map(|h| ((), h.pointer()))
+                    .expect("an incremental checkpoint");
+            assert!(matches!(pointer, Pointer::Incremental { .. }));
+            let (first, next) = bounds(&engine_b, ids::index_chunk_log(GROUP));
+            assert!(next > first, "the chunks are in the receiver's chunk log");
+            let current = sm
+                .get_current_snapshot()
+                .await
+                .unwrap()
+                .expect("a snapshot");
+            assert_eq!(current.meta, meta(LAST));
+            let SnapshotData::Local(local) = current.snapshot else {
+                panic!("a local snapshot")
+            };
+            assert_eq!(local.checkpoint.pointer(), pointer);
+            let log = ids::staging_log(GROUP).unwrap();
+            assert!(engine_b.meta(log, ids::META_STAGED_INSTALL).is_none());
+            assert!(engine_b.meta(log, ids::META_STAGED_COPY).is_none());
+            assert!(engine_b.bounds(log).is_none_or(|b| b.next == b.first));
+        }
+        // A restart loads the installed checkpoint.
+        assert!(
+            loaded_state(&engine_b) == sender.state,
+            "after a restart too"
         );
-        assert_eq!(reader_b.read_history(0, LAST + 1).unwrap(), entries(LAST));
-        let log = ids::staging_log(GROUP).unwrap();
-        assert!(engine_b.meta(log, ids::META_STAGED_INSTALL).is_none());
-        assert!(engine_b.bounds(log).is_none_or(|b| b.next == b.first));
+        close(engine_b);
+    }
+
+    /// The receiver's old state, before a snapshot: a checkpoint of a smaller state and
+    /// a log of its own. Returns the old state.
+    async fn old_receiver_state(engine_b: &Arc<Engine>) -> GroupState {
+        let old = state(CHUNK_ENTRIES + 10);
+        crate::state_machine::write_incremental_checkpoint(
+            engine_b,
+            GROUP,
+            &meta(CHUNK_ENTRIES + 10),
+            &old,
+        )
+        .await
+        .unwrap();
+        old
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_install_interrupted_after_its_intent_is_finished_at_open() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
-        let old = meta(10);
+        let sender = sender(a.path()).await;
         {
             let engine_b = engine(b.path());
-            // The receiver's old state: a checkpoint and a log of its own.
-            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &checkpoint(&old, 10))
-                .await
-                .unwrap();
+            let old = old_receiver_state(&engine_b).await;
+            assert!(loaded_state(&engine_b) == old);
             let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
-            let (staged, checkpoint, _) = transfer(&reader_a, &staging, 4096).await;
-            // The install's first steps, then a crash: the intent, the checkpoint and half
-            // of the range are durable.
+            let (staged, _) = transfer(&sender, &staging, 64 << 10).await;
+            let staged = staged.expect("the transfer succeeds");
+            // The install's first steps, then a crash: pieces, intent, and half of the
+            // range are durable; the pointer is not published.
+            let mut reader = staged.reader();
+            let written = checkpoint_chunks::write_section(
+                &engine_b,
+                GROUP,
+                &mut reader,
+                staged.layout.rest_bytes,
+                staged.layout.chunks,
+            )
+            .await
+            .expect("the pieces are written");
             let mut intent = WriteBatch::new();
             intent.put_meta(
                 staging.log,
                 ids::META_STAGED_INSTALL,
-                &encode_intent(&staged.layout, true),
+                &encode_intent(&Intent {
+                    layout: staged.layout,
+                    write_range: true,
+                    checkpoint: IntentCheckpoint::Written(written),
+                }),
             );
             engine_b.write(&intent).await.unwrap();
-            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &checkpoint)
-                .await
-                .unwrap();
             let mut half = Some(entries(LAST / 2));
             let cut = crate::log_store::write_staged_range(
                 &engine_b,
@@ -1792,6 +2429,10 @@ mod tests {
             )
             .await;
             assert!(cut.is_err(), "a range that stops short is refused: {cut:?}");
+            assert!(
+                loaded_state(&engine_b) == old,
+                "the pointer is not published: the old state loads"
+            );
             drop((staging, staged));
             close(engine_b);
         }
@@ -1803,42 +2444,237 @@ mod tests {
         assert_eq!(reader_b.read_history(0, LAST + 1).unwrap(), entries(LAST));
         let state = store_b.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(log_id(2, 1, LAST)));
-        let (applied, _) = crate::state_machine::checkpoint_header(
-            &crate::state_machine::read_checkpoint(&engine_b, GROUP)
-                .unwrap()
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(applied, Some(log_id(2, 1, LAST)));
+        assert!(
+            loaded_state(&engine_b) == sender.state,
+            "the new state loads"
+        );
+        drop((reader_b, store_b));
+        close(engine_b);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_transfer_interrupted_before_its_intent_leaves_the_old_state() {
+    async fn an_install_interrupted_before_its_intent_leaves_the_old_state() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (_engine_a, _store_a, reader_a) = sender_log(a.path()).await;
-        let old = checkpoint(&meta(10), 10);
-        {
+        let sender = sender(a.path()).await;
+        let (old, chunk_log_before, cp_log_before) = {
             let engine_b = engine(b.path());
-            crate::state_machine::write_checkpoint_bytes(&engine_b, GROUP, &old)
-                .await
-                .unwrap();
+            let old = old_receiver_state(&engine_b).await;
+            let chunks_before = bounds(&engine_b, ids::index_chunk_log(GROUP));
+            let cp_before = bounds(&engine_b, ids::checkpoint_log(GROUP));
             let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
-            // Staged completely, never installed (a crash before the intent).
-            let (staged, _, _) = transfer(&reader_a, &staging, 4096).await;
+            // Staged completely, then the install wrote its copy mark and the pieces of
+            // the new checkpoint, and the power went before its intent.
+            let (staged, _) = transfer(&sender, &staging, 64 << 10).await;
+            let staged = staged.expect("the transfer succeeds");
+            let from = checkpoint_chunks::next_pieces(&engine_b, GROUP).unwrap();
+            let mut mark = WriteBatch::new();
+            mark.put_meta(staging.log, ids::META_STAGED_COPY, &encode_copy_mark(from));
+            engine_b.write(&mark).await.unwrap();
+            checkpoint_chunks::write_section(
+                &engine_b,
+                GROUP,
+                &mut staged.reader(),
+                staged.layout.rest_bytes,
+                staged.layout.chunks,
+            )
+            .await
+            .expect("the pieces are written");
+            assert!(bounds(&engine_b, ids::index_chunk_log(GROUP)).1 > chunks_before.1);
             drop((staging, staged));
             close(engine_b);
-        }
+            (old, chunks_before, cp_before)
+        };
         let engine_b = engine(b.path());
         assert!(!finish_interrupted_install(&engine_b, GROUP).await.unwrap());
+        assert!(loaded_state(&engine_b) == old, "the old state loads");
         assert_eq!(
-            crate::state_machine::read_checkpoint(&engine_b, GROUP).unwrap(),
-            Some(old.to_vec())
+            bounds(&engine_b, ids::index_chunk_log(GROUP)),
+            chunk_log_before,
+            "the new chunks are dropped"
+        );
+        assert_eq!(
+            bounds(&engine_b, ids::checkpoint_log(GROUP)),
+            cp_log_before,
+            "the new checkpoint pieces are dropped"
         );
         let log = ids::staging_log(GROUP).unwrap();
+        assert!(engine_b.meta(log, ids::META_STAGED_COPY).is_none());
         assert!(
             engine_b.bounds(log).is_none_or(|b| b.next == b.first),
-            "pieces deleted"
+            "staged pieces deleted"
         );
+        close(engine_b);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_received_checkpoint_that_does_not_load_is_refused_and_dropped() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sender = sender(a.path()).await;
+        let engine_b = engine(b.path());
+        let old = old_receiver_state(&engine_b).await;
+        let chunks_before = bounds(&engine_b, ids::index_chunk_log(GROUP));
+        {
+            let (mut sm, _store, _reader) = receiver(&engine_b).await;
+            let staging = sm.staging().expect("a staging log");
+            let (staged, _) = transfer(&sender, &staging, 64 << 10).await;
+            let staged = staged.expect("the transfer succeeds");
+            // Meta that the checkpoint does not match (another membership).
+            let mut wrong = meta(LAST);
+            wrong.last_membership = StoredMembership::new(
+                Some(log_id(1, 1, 2)),
+                wrong.last_membership.membership().clone(),
+            );
+            let err = sm
+                .install_snapshot(&wrong, SnapshotData::Staged(staged))
+                .await
+                .expect_err("refused");
+            assert!(err.to_string().contains("its meta says"), "{err}");
+            assert!(sm.shared().read().clone() == old, "the state is unchanged");
+        }
+        assert_eq!(
+            bounds(&engine_b, ids::index_chunk_log(GROUP)),
+            chunks_before,
+            "the received chunks are dropped"
+        );
+        assert!(loaded_state(&engine_b) == old, "the old state loads");
+        close(engine_b);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_whose_chunk_does_not_match_its_directory_fails_the_transfer() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sender = sender(a.path()).await;
+        // A chunk piece whose bytes changed while its record stays valid for the engine
+        // (rewritten in place): only the directory's CRC-32 can tell.
+        let Pointer::Incremental { .. } = sender.checkpoint.pointer() else {
+            panic!("incremental")
+        };
+        let chunk_log = ids::index_chunk_log(GROUP).unwrap();
+        let (first, _) = bounds(&sender.engine, Some(chunk_log));
+        let mut piece = sender.engine.get(chunk_log, first).unwrap().to_vec();
+        let at = piece.len() / 2;
+        piece[at] ^= 0x40;
+        let mut redact = WriteBatch::new();
+        redact.redact(chunk_log, first, &piece);
+        sender.engine.write(&redact).await.unwrap();
+        let engine_b = engine(b.path());
+        let staging = Staging::new(Arc::clone(&engine_b), GROUP).unwrap();
+        let (result, _) = transfer(&sender, &staging, 64 << 10).await;
+        match result {
+            Err(SendError::Source(m)) => assert!(
+                m.contains("index chunk 0") && m.contains("damaged"),
+                "the error names the chunk: {m}"
+            ),
+            Err(other) => panic!("expected a source error, got {other:?}"),
+            Ok(_) => panic!("a damaged checkpoint was sent"),
+        }
+        drop(staging);
+        close(engine_b);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_reading_a_damaged_chunk_from_disk_fails_with_the_read_error() {
+        use chatlog_storage::fault::FaultyFileSystem;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sender = sender(dir.path()).await;
+            drop(sender.checkpoint);
+            drop((sender._store, sender.reader));
+            // An empty active segment: the reopen replays nothing, so every read after
+            // it is one the test makes.
+            sender.engine.rotate_blocking().expect("rotates");
+            close(sender.engine);
+        }
+        let fs = FaultyFileSystem::new();
+        let mut config = chatlog_storage::Config::new(dir.path());
+        config.segment_bytes = 1 << 20;
+        let engine = Arc::new(Engine::open_with(config, Arc::new(fs.clone())).unwrap());
+        let handle = CheckpointHandle::durable(Arc::clone(&engine), GROUP, Arc::default())
+            .unwrap()
+            .expect("an incremental checkpoint");
+        let mut section = handle.open().expect("opens");
+        // The checkpoint proper, then the first chunk's head: no chunk bytes read yet.
+        let mut read = 0;
+        while read < section.rest_bytes() {
+            read += section.next_part().expect("a checkpoint piece").len() as u64;
+        }
+        assert_eq!(
+            section.next_part().expect("the head").len(),
+            checkpoint_chunks::CHUNK_HEAD_BYTES
+        );
+        // The next disk read returns a flipped bit.
+        fs.plan()
+            .flip_read_after
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        let err = section.next_part().expect_err("a damaged piece was read");
+        assert!(err.is_damage(), "{err:?}");
+        assert!(
+            err.to_string().contains("index chunk 0"),
+            "the error names what was read: {err}"
+        );
+        drop((section, handle));
+        close(engine);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_being_sent_is_not_purged_until_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sender = sender(dir.path()).await;
+        let keeper = Arc::new(Keeper::default());
+        let handle = CheckpointHandle::new(
+            Arc::clone(&sender.engine),
+            GROUP,
+            sender.checkpoint.pointer(),
+            Arc::clone(&keeper),
+        );
+        let section = handle.open().expect("opens");
+        let cp_log = ids::checkpoint_log(GROUP);
+        let chunk_log = ids::index_chunk_log(GROUP);
+        let (cp_first, _) = bounds(&sender.engine, cp_log);
+        let (chunk_first, _) = bounds(&sender.engine, chunk_log);
+        // A newer checkpoint whose region starts higher (retention moved): it would
+        // purge every old piece and chunk, but spares the pinned ones.
+        let mut newer = sender.state.clone();
+        newer.trim_below(2 * CHUNK_ENTRIES);
+        let write_newer = async || {
+            let plan = checkpoint_chunks::plan(
+                &sender.engine,
+                GROUP,
+                &newer,
+                LAST,
+                &mut Default::default(),
+                |rest| rest.to_vec(),
+            )
+            .unwrap();
+            checkpoint_chunks::write(&sender.engine, GROUP, plan, &keeper)
+                .await
+                .unwrap();
+        };
+        write_newer().await;
+        assert_eq!(bounds(&sender.engine, cp_log).0, cp_first, "pinned");
+        assert_eq!(bounds(&sender.engine, chunk_log).0, chunk_first, "pinned");
+        // Another transfer of it may still start: its pieces are still spared.
+        drop(handle.open().expect("not purged"));
+        drop(section);
+        write_newer().await;
+        assert!(
+            bounds(&sender.engine, cp_log).0 > cp_first,
+            "purged once sent"
+        );
+        assert!(
+            bounds(&sender.engine, chunk_log).0 > chunk_first,
+            "purged once sent"
+        );
+        // A transfer of the old checkpoint now is refused, naming the way out.
+        let late = handle.open().expect_err("purged");
+        assert!(
+            late.to_string().contains("a new snapshot will be sent"),
+            "{late}"
+        );
+        drop(handle);
+        drop(sender.checkpoint);
+        drop((sender._store, sender.reader));
+        close(sender.engine);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1850,20 +2686,27 @@ mod tests {
                 .unwrap();
         let vote = Vote::new(4, 1);
         let meta = meta(20);
-        let cp = checkpoint(&meta, 100);
+        let cp = opaque_checkpoint(&meta, 100);
         let good: Vec<Entry> = (11..=20)
             .map(|i| Entry {
                 log_id: log_id(2, 1, i),
                 payload: EntryPayload::Blank,
             })
             .collect();
+        // A checkpoint section of `cp` and two chunk records (opaque here: only their
+        // CRC is checked as they arrive).
+        let (c3, c4) = (vec![3u8; 700], vec![4u8; 300]);
+        let chunks: [(u64, &[u8]); 2] = [(3, &c3), (4, &c4)];
+        let section = stream(&cp, &chunks, &[]).len() as u64;
         let begin = |transfer: u64, count: u64| StreamChunk {
             vote,
             transfer,
             seq: 0,
             body: ChunkBody::Begin(Begin {
                 meta: meta.clone(),
-                checkpoint_bytes: cp.len() as u64,
+                checkpoint_bytes: section,
+                rest_bytes: cp.len() as u64,
+                chunks: 2,
                 entries_first: 11,
                 entries_count: count,
             }),
@@ -1894,7 +2737,7 @@ mod tests {
             Ok(Received::Ack(_)) => {}
             other => panic!("expected an ack, got {other:?}"),
         };
-        let all = stream(&cp, &good);
+        let all = stream(&cp, &chunks, &good);
         let crc = crc32fast::hash(&all);
 
         // A chunk with no transfer started.
@@ -1947,7 +2790,7 @@ mod tests {
             acked(data(transfer, 1, 0, &all)).await;
             refused(end(transfer, 2, total, sum), what).await;
         }
-        let short = stream(&cp, &good[..9]);
+        let short = stream(&cp, &chunks, &good[..9]);
         acked(begin(10, 10)).await;
         acked(data(10, 1, 0, &short)).await;
         refused(
@@ -1959,9 +2802,60 @@ mod tests {
         let mut swapped = good.clone();
         swapped.swap(3, 4);
         acked(begin(11, 10)).await;
-        refused(data(11, 1, 0, &stream(&cp, &swapped)), "was expected").await;
+        refused(
+            data(11, 1, 0, &stream(&cp, &chunks, &swapped)),
+            "was expected",
+        )
+        .await;
+        // A chunk whose bytes do not match its record's CRC-32, chunks out of order, and
+        // a section that does not end where Begin said.
+        let mut bad_chunk = stream(&cp, &chunks, &good);
+        let at = cp.len() + checkpoint_chunks::CHUNK_HEAD_BYTES + 10;
+        bad_chunk[at] ^= 1;
+        acked(begin(15, 10)).await;
+        refused(data(15, 1, 0, &bad_chunk), "index chunk 3 has CRC-32").await;
+        acked(begin(16, 10)).await;
+        refused(
+            data(16, 1, 0, &stream(&cp, &[(3, &c3), (5, &c4)], &good)),
+            "index chunk 5 after chunk 3",
+        )
+        .await;
+        let longer = StreamChunk {
+            vote,
+            transfer: 17,
+            seq: 0,
+            body: ChunkBody::Begin(Begin {
+                meta: meta.clone(),
+                checkpoint_bytes: section + 8,
+                rest_bytes: cp.len() as u64,
+                chunks: 2,
+                entries_first: 11,
+                entries_count: 10,
+            }),
+        };
+        acked(longer).await;
+        acked(data(17, 1, 0, &all)).await;
+        refused(
+            end(17, 2, all.len() as u64, crc),
+            "the checkpoint section took",
+        )
+        .await;
+        let too_small = StreamChunk {
+            vote,
+            transfer: 18,
+            seq: 0,
+            body: ChunkBody::Begin(Begin {
+                meta: meta.clone(),
+                checkpoint_bytes: cp.len() as u64 + 39,
+                rest_bytes: cp.len() as u64,
+                chunks: 2,
+                entries_first: 11,
+                entries_count: 10,
+            }),
+        };
+        refused(too_small, "cannot hold").await;
         // A checkpoint whose header is not the meta's.
-        let wrong = stream(&checkpoint(&self::meta(19), 100), &good);
+        let wrong = stream(&opaque_checkpoint(&self::meta(19), 100), &chunks, &good);
         acked(begin(12, 10)).await;
         acked(data(12, 1, 0, &wrong)).await;
         refused(
@@ -1995,13 +2889,79 @@ mod tests {
             first_piece: 2,
             next_piece: 3,
             checkpoint_bytes: 4,
+            rest_bytes: 3,
+            chunks: 0,
             entries_first: 5,
             entries_count: 6,
             last: log_id(7, 8, 10),
         };
-        for w in [false, true] {
-            assert_eq!(decode_intent(&encode_intent(&layout, w)), Ok((layout, w)));
+        let written = Unpublished {
+            pointer: Pointer::Incremental {
+                first: 11,
+                count: 2,
+                checkpoint: 3,
+                directory: 8,
+            },
+            keep_chunks_from: 12,
+        };
+        for write_range in [false, true] {
+            for checkpoint in [IntentCheckpoint::Whole, IntentCheckpoint::Written(written)] {
+                let mut layout = layout;
+                if checkpoint == IntentCheckpoint::Whole {
+                    // A whole checkpoint is the whole section.
+                    (layout.rest_bytes, layout.chunks) = (layout.checkpoint_bytes, 0);
+                }
+                let intent = Intent {
+                    layout,
+                    write_range,
+                    checkpoint,
+                };
+                assert_eq!(decode_intent(&encode_intent(&intent)), Ok(intent));
+            }
         }
-        assert!(decode_intent(&[2]).is_err());
+        assert!(decode_intent(&[3]).is_err());
+        // An intent written before s9snap (v1) still decodes: a whole staged checkpoint.
+        let mut v1 = vec![1u8];
+        for v in [1u64, 2, 3, 4, 5, 6] {
+            v1.extend_from_slice(&v.to_le_bytes());
+        }
+        codec::put_log_id(&mut v1, &log_id(7, 8, 10));
+        v1.push(1);
+        let old = decode_intent(&v1).expect("decodes");
+        assert_eq!(old.checkpoint, IntentCheckpoint::Whole);
+        assert_eq!((old.layout.rest_bytes, old.layout.chunks), (4, 0));
+        assert!(old.write_range);
+        let mark = PiecesFrom {
+            checkpoint: 9,
+            chunks: 10,
+        };
+        assert_eq!(decode_copy_mark(&encode_copy_mark(mark)), Ok(mark));
+    }
+
+    #[test]
+    fn a_begin_of_the_whole_checkpoint_format_is_refused_by_name() {
+        let mut begin = encode_chunk(&StreamChunk {
+            vote: Vote::new(1, 1),
+            transfer: 1,
+            seq: 0,
+            body: ChunkBody::Begin(Begin {
+                meta: meta(5),
+                checkpoint_bytes: 10,
+                rest_bytes: 10,
+                chunks: 0,
+                entries_first: 0,
+                entries_count: 0,
+            }),
+        })
+        .to_vec();
+        // The kind byte: after the vote, the transfer and the seq.
+        let at = codec::VOTE_BYTES + 12;
+        assert_eq!(begin[at], KIND_BEGIN);
+        begin[at] = KIND_BEGIN_WHOLE;
+        let n = begin.len() - 4;
+        let crc = crc32fast::hash(&begin[..n]);
+        begin[n..].copy_from_slice(&crc.to_le_bytes());
+        let err = decode_chunk(&Bytes::from(begin)).expect_err("refused");
+        assert!(err.to_string().contains("same version"), "{err}");
     }
 }

@@ -17,34 +17,42 @@
 //! directory of the chunks it uses, written as pieces into `ids::checkpoint_log(g)`,
 //! then one batch sets the meta key `ids::META_CHECKPOINT` to point at them (pointer
 //! v2) and purges older pieces and chunks no longer used. A whole-state checkpoint
-//! (`write_checkpoint_bytes`: snapshot installs, `chatlog restore`) writes the whole
+//! (`write_checkpoint_bytes`: `chatlog restore`, installs staged by older code) writes the whole
 //! encoding (`GroupState::encode`) and a v1 pointer. The engine makes a batch durable
 //! only after the ones before it, so the pointer never names missing pieces. On open the
 //! state machine loads either form and reports its applied id; openraft re-applies
 //! `(checkpoint, committed]` from the log (`save_committed`). [`read_checkpoint`] always
-//! returns the whole form (backups and snapshots carry whole states).
+//! returns the whole form (backups carry whole states; snapshots do not, s9snap).
 //!
 //! A snapshot openraft asks for (`get_snapshot_builder`; the policy is `Never`, so only for
-//! a lagging replica or `trigger().snapshot()`, which `chatlog admin snapshot` pulls) is
-//! also written as the checkpoint. Backups read the durable checkpoint
-//! ([`read_checkpoint`]) and restore writes one ([`write_checkpoint_bytes`]).
+//! retention's purge, a lagging replica, or `trigger().snapshot()`, which `chatlog admin
+//! snapshot` pulls) is the durable incremental checkpoint at the applied index: reused
+//! when it is there, written when not. Backups read the durable checkpoint
+//! ([`read_checkpoint`], the whole form) and restore writes one
+//! ([`write_checkpoint_bytes`]); older code's whole checkpoints load too.
 //!
-//! Snapshots (`SnapshotData`, `crate::snapshot_stream`): the checkpoint bytes and the
-//! retained log range, the entries from the first one this replica holds (history below
-//! openraft's purge mark included) to the snapshot's index. The state alone is kept as
-//! the current snapshot, with a handle on the log; the transport reads the range lazily
-//! while it streams the snapshot in chunks, so no size bound applies. A received
-//! snapshot is staged on disk while it arrives and installed by
-//! `snapshot_stream::StagedSnapshot::install`: an install intent first, then the
-//! checkpoint, then the range as the log's history below the purge mark openraft sets
-//! right after; a crash anywhere after the intent is finished at the next open
-//! (`snapshot_stream::finish_interrupted_install`), so a replica never has a checkpoint
-//! without its history (the order and why it is safe: `snapshot_stream`'s docs).
+//! Snapshots (s9snap; `SnapshotData`, `crate::snapshot_stream`): a handle, never bytes:
+//! the durable incremental checkpoint's meta and pointer
+//! (`checkpoint_chunks::CheckpointHandle`, recorded in the replica's
+//! `checkpoint_chunks::Keeper` whenever a pointer becomes durable) and the group's log.
+//! The transport reads the checkpoint's pieces and the retained log range (the entries
+//! from the first one this replica holds, history below openraft's purge mark included,
+//! to the snapshot's index) from the engine while it streams them in chunks; no encoding
+//! of the whole state is made or kept, and `get_current_snapshot` hands out the newest
+//! durable checkpoint (never one ahead of the applied state). A received snapshot is
+//! staged on disk while it arrives and installed by
+//! `snapshot_stream::StagedSnapshot::install`: its checkpoint section written as this
+//! replica's own checkpoint pieces and loaded from them as a restart does (so the state
+//! installed is what a restart would load), then an install intent, the pointer, the
+//! range as the log's history below the purge mark openraft sets right after; a crash
+//! anywhere after the intent is finished at the next open
+//! (`snapshot_stream::finish_interrupted_install`), one before it drops the pieces, so a
+//! replica never has a checkpoint without its history (the order and why it is safe:
+//! `snapshot_stream`'s docs).
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
-use bytes::Bytes;
 use chatlog_storage::{Engine, WriteBatch};
 use futures_util::{Stream, StreamExt};
 use openraft::OptionalSend;
@@ -53,7 +61,7 @@ use tokio::sync::watch;
 
 use crate::chat::retention::RetentionPolicy;
 use crate::chat::{DecodedBatch, GroupState, Outcome, RefusalCode};
-use crate::checkpoint_chunks::{ChunkDirectory, Pointer};
+use crate::checkpoint_chunks::{CheckpointHandle, ChunkDirectory, Keeper, Pointer};
 use crate::checkpointer::{Checkpointer, Reservation};
 use crate::clock::BatchClock;
 use crate::codec::{self, DecodeError, Reader};
@@ -233,8 +241,6 @@ fn optional_log_id(r: &mut Reader<'_>) -> Result<Option<LogId>, DecodeError> {
     }
 }
 
-type CurrentSnapshot = Arc<Mutex<Option<Snapshot<SnapshotData>>>>;
-
 /// The state machine of one group.
 #[derive(Debug)]
 pub struct ChatStateMachine {
@@ -244,7 +250,9 @@ pub struct ChatStateMachine {
     header: Header,
     shared: Arc<GroupShared>,
     applied_since_checkpoint: u64,
-    current_snapshot: CurrentSnapshot,
+    /// The durable incremental checkpoint (the snapshot openraft is given: meta and
+    /// pointer, no bytes) and the pins of snapshots being sent (`crate::checkpoint_chunks`).
+    keeper: Arc<Keeper>,
     /// The group's log, for the entries a snapshot carries (`None`: state only).
     log: Option<LogReader>,
     /// Writes the periodic checkpoint off the apply path; its lock orders every
@@ -261,26 +269,32 @@ impl ChatStateMachine {
     /// Opens group `group`'s state machine, loading its latest checkpoint if any.
     pub fn open(engine: Arc<Engine>, group: GroupId, config: SmConfig) -> Result<Self, Error> {
         // `read_checkpoint` refuses a group id too large for the engine's log ids.
-        let (header, state, chunks) = match checkpoint_unless_lost_to_damage(&engine, group)? {
-            None => (
-                Header::default(),
-                GroupState::new(group),
-                ChunkDirectory::new(),
-            ),
-            Some(Stored::Whole(data)) => {
-                let (header, state) = Header::decode(&data).map_err(|source| Error::Decode {
-                    group,
-                    subject: "the checkpoint".into(),
-                    source,
-                })?;
-                (header, state, ChunkDirectory::new())
-            }
-            Some(Stored::Incremental {
-                header,
-                state,
-                directory,
-            }) => (header, *state, directory),
-        };
+        let (header, state, chunks, pointer) =
+            match checkpoint_unless_lost_to_damage(&engine, group)? {
+                None => (
+                    Header::default(),
+                    GroupState::new(group),
+                    ChunkDirectory::new(),
+                    None,
+                ),
+                // Written by older code or by a restore: loads; the first snapshot asked
+                // for writes an incremental one.
+                Some(Stored::Whole(data)) => {
+                    let (header, state) =
+                        Header::decode(&data).map_err(|source| Error::Decode {
+                            group,
+                            subject: "the checkpoint".into(),
+                            source,
+                        })?;
+                    (header, state, ChunkDirectory::new(), None)
+                }
+                Some(Stored::Incremental {
+                    header,
+                    state,
+                    directory,
+                    pointer,
+                }) => (header, *state, directory, Some(pointer)),
+            };
         if state.group() != group {
             return Err(Error::Inconsistent {
                 group,
@@ -290,6 +304,7 @@ impl ChatStateMachine {
         // Issue 9 (session 6): a checkpoint ahead of a damaged log is set aside when the
         // log can rebuild the state (`repair::rebuild_state_from_log`).
         let applied = header.last_applied.map_or(0, |l| l.index);
+        let keeper = Arc::new(Keeper::default());
         let (header, state, chunks) = if crate::repair::rebuild_state_from_log(
             &engine, group, applied,
         ) {
@@ -305,6 +320,9 @@ impl ChatStateMachine {
                 ChunkDirectory::new(),
             )
         } else {
+            if let Some(pointer) = pointer {
+                keeper.set_current(header.snapshot_meta(), pointer);
+            }
             (header, state, chunks)
         };
         let applied_index = header.last_applied.map_or(0, |l| l.index);
@@ -326,7 +344,7 @@ impl ChatStateMachine {
             log: None,
             checkpointer: Checkpointer::new(group),
             applied_since_checkpoint: 0,
-            current_snapshot: CurrentSnapshot::default(),
+            keeper,
             chunks,
         })
     }
@@ -352,11 +370,6 @@ impl ChatStateMachine {
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
         self.header.last_applied
-    }
-
-    fn encode_snapshot(&self) -> Bytes {
-        let state = self.shared.read().encode();
-        Bytes::from(self.header.encode_with(&state))
     }
 
     /// Writes the current state as the group's checkpoint and waits until it is durable
@@ -386,15 +399,18 @@ impl ChatStateMachine {
     }
 
     /// Writes an incremental checkpoint now and waits until it is durable (after any
-    /// background checkpoint: the pointer only moves forward).
-    async fn write_incremental(&mut self) -> Result<(), Error> {
+    /// background checkpoint: the pointer only moves forward); returns its pointer.
+    async fn write_incremental(&mut self) -> Result<Pointer, Error> {
         let lock = Arc::clone(self.checkpointer.lock());
         let _writing = lock.lock().await;
         let applied = self.header.last_applied.map_or(0, |l| l.index);
         let plan = self.plan_incremental()?;
-        crate::checkpoint_chunks::write(&self.engine, self.group, plan).await?;
+        let pointer =
+            crate::checkpoint_chunks::write(&self.engine, self.group, plan, &self.keeper).await?;
         self.shared.set_checkpointed(applied);
-        Ok(())
+        self.keeper
+            .set_current(self.header.snapshot_meta(), pointer);
+        Ok(pointer)
     }
 
     /// Encodes the state at the applied index and has `crate::checkpointer` write it in
@@ -408,25 +424,16 @@ impl ChatStateMachine {
         // state outside the chunks, not the whole state (`crate::checkpoint_chunks`).
         let plan = self.plan_incremental()?;
         let applied = self.header.last_applied.map_or(0, |l| l.index);
+        let meta = self.header.snapshot_meta();
         let (engine, shared, group) = (Arc::clone(&self.engine), self.shared(), self.group);
+        let keeper = Arc::clone(&self.keeper);
         self.checkpointer.start(guard, async move {
-            crate::checkpoint_chunks::write(&engine, group, plan).await?;
+            let pointer = crate::checkpoint_chunks::write(&engine, group, plan, &keeper).await?;
             shared.set_checkpointed(applied);
+            keeper.set_current(meta, pointer);
             Ok(())
         });
         self.applied_since_checkpoint = 0;
-        Ok(())
-    }
-
-    async fn write_checkpoint(&self, bytes: &[u8]) -> Result<(), Error> {
-        // After any background checkpoint: the pointer only moves forward.
-        let _writing = self.checkpointer.lock().lock().await;
-        write_checkpoint_bytes(&self.engine, self.group, bytes).await?;
-        let applied = checkpoint_header(bytes)
-            .ok()
-            .and_then(|(a, _)| a)
-            .map_or(0, |a| a.index);
-        self.shared.set_checkpointed(applied);
         Ok(())
     }
 
@@ -544,6 +551,7 @@ enum Stored {
         header: Header,
         state: Box<GroupState>,
         directory: ChunkDirectory,
+        pointer: Pointer,
     },
 }
 
@@ -558,7 +566,12 @@ fn read_stored(engine: &Engine, group: GroupId) -> Result<Option<Stored>, Error>
         let Some(ptr) = engine.meta(log, ids::META_CHECKPOINT) else {
             return Ok(None);
         };
-        match read_checkpoint_at(engine, group, log, &ptr) {
+        let pointer = Pointer::decode(&ptr).map_err(|source| Error::Decode {
+            group,
+            subject: "the checkpoint pointer".into(),
+            source,
+        })?;
+        match read_checkpoint_at(engine, group, log, pointer) {
             Ok(data) => return Ok(Some(data)),
             // A checkpoint written meanwhile purged the chunks this pointer named (a
             // backup reading while the group checkpoints): read the new one.
@@ -580,19 +593,19 @@ fn read_stored(engine: &Engine, group: GroupId) -> Result<Option<Stored>, Error>
 /// in a row means something writes checkpoints in a loop.
 const CHECKPOINT_READ_RETRIES_MAX: u32 = 8;
 
-/// The checkpoint the pointer `ptr` of `log` names.
+/// The checkpoint `pointer` names in `log` (published or not yet: an install loads the
+/// pieces it wrote before it publishes them).
 fn read_checkpoint_at(
     engine: &Engine,
     group: GroupId,
     log: u64,
-    ptr: &[u8],
+    pointer: Pointer,
 ) -> Result<Stored, Error> {
     let decode_err = |subject: &str, source| Error::Decode {
         group,
         subject: subject.into(),
         source,
     };
-    let pointer = Pointer::decode(ptr).map_err(|e| decode_err("the checkpoint pointer", e))?;
     let data = read_pieces(engine, group, log, pointer.pieces())?;
     let Pointer::Incremental { checkpoint, .. } = pointer else {
         return Ok(Stored::Whole(data));
@@ -611,7 +624,75 @@ fn read_checkpoint_at(
         header,
         state: Box::new(state),
         directory: loaded.unwrap_or_default(),
+        pointer,
     })
+}
+
+/// A loaded incremental checkpoint: header, state and chunk directory.
+type LoadedCheckpoint = (Header, GroupState, ChunkDirectory);
+
+/// Loads the incremental checkpoint `pointer` names as a restart does, and checks it is
+/// the snapshot `meta` of group `group` says.
+fn load_snapshot_checkpoint(
+    engine: &Engine,
+    group: GroupId,
+    pointer: Pointer,
+    meta: &SnapshotMeta,
+) -> Result<LoadedCheckpoint, Error> {
+    let log = ids::checkpoint_log(group).ok_or(Error::GroupIdTooLarge {
+        group,
+        max: ids::GROUP_ID_MAX,
+    })?;
+    let Stored::Incremental {
+        header,
+        state,
+        directory,
+        ..
+    } = read_checkpoint_at(engine, group, log, pointer)?
+    else {
+        return Err(Error::Inconsistent {
+            group,
+            detail: "a snapshot's checkpoint is not incremental".into(),
+        });
+    };
+    if header.snapshot_meta() != *meta || state.group() != group {
+        return Err(Error::Inconsistent {
+            group,
+            detail: format!(
+                "snapshot data says {:?} / {:?} of group {}, its meta says {meta}",
+                header.last_applied,
+                header.last_membership,
+                state.group()
+            ),
+        });
+    }
+    Ok((header, *state, directory))
+}
+
+/// Writes `state`, applied through `meta`'s last log id, as group `group`'s checkpoint in
+/// the incremental form (every chunk written afresh) and waits until it is durable;
+/// returns its pointer. For tests and benches that need a stored snapshot without a
+/// running group.
+pub async fn write_incremental_checkpoint(
+    engine: &Engine,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    state: &GroupState,
+) -> Result<Pointer, Error> {
+    let header = Header {
+        last_applied: meta.last_log_id,
+        last_membership: meta.last_membership.clone(),
+    };
+    let applied = meta.last_log_id.map_or(0, |l| l.index);
+    let plan = crate::checkpoint_chunks::plan(
+        engine,
+        group,
+        state,
+        applied,
+        &mut ChunkDirectory::new(),
+        |rest| header.encode_with(rest),
+    )?;
+    crate::checkpoint_chunks::write(engine, group, plan, &Keeper::default()).await
 }
 
 /// The checkpoint log's pieces `(first, count, bytes)`, concatenated.
@@ -719,22 +800,24 @@ pub async fn write_checkpoint_bytes(
     engine.write(&batch).await.map_err(storage_err)
 }
 
-/// Builds a snapshot of the state as it was when the builder was made.
+/// Hands openraft the snapshot made when the builder was: the durable incremental
+/// checkpoint at the applied index (written, or reused, by `get_snapshot_builder`), by
+/// pointer. No encoding of the state is made or kept.
 #[derive(Debug)]
 pub struct ChatSnapshotBuilder {
-    snapshot: Snapshot<SnapshotData>,
-    current_snapshot: CurrentSnapshot,
+    snapshot: Option<Result<Snapshot<SnapshotData>, Error>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for ChatSnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, io::Error> {
-        *self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(self.snapshot.clone());
-        Ok(self.snapshot.clone())
+        // A checkpoint write that failed is a storage error: fatal for the group.
+        match self.snapshot.take() {
+            Some(Ok(snapshot)) => Ok(snapshot),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(io::Error::other("the snapshot builder was used twice")),
+        }
     }
 }
 
@@ -812,28 +895,12 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let snapshot = self.encode_snapshot();
         // Openraft asks for a snapshot only when one is needed (the policy is `Never`: a
-        // replica too far behind, or `trigger().snapshot()` from `chatlog admin snapshot`);
-        // it is also made the durable checkpoint, so a restart and a backup start there.
-        if self.applied_since_checkpoint > 0 {
-            let written = async {
-                self.checkpointer.finish().await?;
-                self.write_incremental().await
-            };
-            match written.await {
-                Ok(()) => self.applied_since_checkpoint = 0,
-                Err(e) => {
-                    tracing::warn!(group = self.group, error = %e, "checkpoint with a snapshot failed")
-                }
-            }
-        }
+        // replica too far behind, retention's purge, or `trigger().snapshot()` from
+        // `chatlog admin snapshot`). The snapshot is the durable checkpoint at the applied
+        // index: reused if it is there, written (incrementally) if not.
         ChatSnapshotBuilder {
-            snapshot: Snapshot {
-                meta: self.header.snapshot_meta(),
-                snapshot: self.local_snapshot(snapshot),
-            },
-            current_snapshot: Arc::clone(&self.current_snapshot),
+            snapshot: Some(self.checkpoint_for_snapshot().await),
         }
     }
 
@@ -843,97 +910,116 @@ impl RaftStateMachine<TypeConfig> for ChatStateMachine {
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
         let group = self.group;
-        let decode_err = |source| Error::Decode {
-            group,
-            subject: format!("the snapshot at {:?}", meta.last_log_id),
-            source,
-        };
-        let checkpoint = match &snapshot {
-            SnapshotData::Local(local) => local.checkpoint.to_vec(),
-            SnapshotData::Staged(staged) => staged.read_checkpoint()?,
-        };
-        let (header, state) = Header::decode(&checkpoint).map_err(decode_err)?;
-        if header.snapshot_meta() != *meta || state.group() != group {
-            return Err(Error::Inconsistent {
-                group,
-                detail: format!(
-                    "snapshot data says {:?} / {:?} of group {}, its meta says {meta}",
-                    header.last_applied,
-                    header.last_membership,
-                    state.group()
-                ),
+        let (header, state, directory) = match &snapshot {
+            // This replica's own checkpoint (openraft restoring a snapshot newer than the
+            // applied state at start, which `get_current_snapshot` never offers): loaded
+            // as a restart loads it, nothing written.
+            SnapshotData::Local(local) if local.checkpoint.is_in(&self.engine, group) => {
+                let pointer = local.checkpoint.pointer();
+                let loaded = load_snapshot_checkpoint(&self.engine, group, pointer, meta)?;
+                self.keeper.set_current(meta.clone(), pointer);
+                loaded
             }
-            .into());
-        }
-        match &snapshot {
-            // This replica's own snapshot (openraft restoring one at start): the state
-            // alone, its log is already here.
-            SnapshotData::Local(_) => self.write_checkpoint(&checkpoint).await?,
+            // Another replica's, handed over in this process (openraft's conformance
+            // suite): its checkpoint copied in as pieces, loaded, published; its range is
+            // that replica's log and is not copied.
+            SnapshotData::Local(local) => {
+                let lock = Arc::clone(self.checkpointer.lock());
+                let _writing = lock.lock().await;
+                let engine = Arc::clone(&self.engine);
+                let (loaded, pointer) = crate::snapshot_stream::install_copy(
+                    &self.engine,
+                    group,
+                    &local.checkpoint,
+                    &self.keeper,
+                    |pointer| load_snapshot_checkpoint(&engine, group, pointer, meta),
+                )
+                .await?;
+                self.shared
+                    .set_checkpointed(meta.last_log_id.map_or(0, |l| l.index));
+                self.keeper.set_current(meta.clone(), pointer);
+                loaded
+            }
             // The order of writes that makes the install crash-safe lives in
-            // `snapshot_stream` (intent, checkpoint, range, clear).
+            // `snapshot_stream` (pieces, load, intent, pointer, range, clear).
             SnapshotData::Staged(staged) => {
                 // After any background checkpoint in flight (`crate::checkpointer`): an
                 // older state's checkpoint must not land after the installed one.
-                let _writing = self.checkpointer.lock().lock().await;
+                let lock = Arc::clone(self.checkpointer.lock());
+                let _writing = lock.lock().await;
                 let engine = Arc::clone(&self.engine);
-                let shared = Arc::clone(&self.shared);
-                staged
-                    .install(
-                        &checkpoint,
-                        self.log.as_ref(),
-                        async move |bytes: Vec<u8>| {
-                            write_checkpoint_bytes(&engine, group, &bytes).await?;
-                            let applied = checkpoint_header(&bytes)
-                                .ok()
-                                .and_then(|(a, _)| a)
-                                .map_or(0, |a| a.index);
-                            shared.set_checkpointed(applied);
-                            Ok(())
-                        },
-                    )
+                let (loaded, pointer) = staged
+                    .install(self.log.as_ref(), &self.keeper, |pointer| {
+                        load_snapshot_checkpoint(&engine, group, pointer, meta)
+                    })
                     .await?;
+                self.shared
+                    .set_checkpointed(meta.last_log_id.map_or(0, |l| l.index));
+                self.keeper.set_current(meta.clone(), pointer);
+                loaded
             }
-        }
+        };
         *self.shared.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.header = header;
         self.applied_since_checkpoint = 0;
-        // The installed checkpoint is whole; chunks this replica wrote before are not
-        // reused (the next incremental checkpoint writes the region afresh).
-        self.chunks.clear();
+        // The installed checkpoint's chunks are this replica's now: the next checkpoint
+        // writes only chunks completed after it.
+        self.chunks = directory;
         let applied = meta.last_log_id.map_or(0, |l| l.index);
         // What the snapshot changed is unknown to the feed: readers rescan.
         self.shared.feed().reset(applied);
         self.shared.applied.send_replace(applied);
-        let current = self.local_snapshot(Bytes::from(checkpoint));
-        *self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Snapshot {
-            meta: meta.clone(),
-            snapshot: current,
-        });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<SnapshotData>>, io::Error> {
-        // A handle: the checkpoint in memory, the range read by the transport as it
-        // streams the snapshot (`snapshot_stream::send`).
+        // The durable incremental checkpoint, by pointer (the transport reads its pieces
+        // and the range as it streams the snapshot, `snapshot_stream::send`). The newest
+        // one, so a transfer that failed because a newer checkpoint purged its pieces is
+        // retried with that one. Never one ahead of the applied state (a checkpoint a
+        // damaged log's repair set aside, `repair::rebuild_state_from_log`).
+        let applied = self.header.last_applied;
         Ok(self
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone())
+            .keeper
+            .current()
+            .filter(|(meta, _)| meta.last_log_id <= applied)
+            .map(|(meta, pointer)| self.local_snapshot(meta, pointer)))
     }
 }
 
 impl ChatStateMachine {
-    /// A snapshot of this replica at its applied id: `checkpoint` and the log.
-    fn local_snapshot(&self, checkpoint: Bytes) -> SnapshotData {
-        SnapshotData::Local(crate::snapshot_stream::LocalSnapshot {
-            checkpoint,
-            log: self.log.clone(),
-            upto: self.header.last_applied.map_or(0, |l| l.index),
-        })
+    /// The snapshot at the applied index: the durable checkpoint if it is there (after
+    /// any background write), otherwise an incremental checkpoint written now.
+    async fn checkpoint_for_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, Error> {
+        self.checkpointer.finish().await?;
+        let meta = self.header.snapshot_meta();
+        let pointer = match self.keeper.current() {
+            Some((durable, pointer)) if durable == meta => pointer,
+            _ => {
+                let pointer = self.write_incremental().await?;
+                self.applied_since_checkpoint = 0;
+                pointer
+            }
+        };
+        Ok(self.local_snapshot(meta, pointer))
+    }
+
+    /// A snapshot of this replica: its checkpoint `pointer` at `meta`, and the log.
+    fn local_snapshot(&self, meta: SnapshotMeta, pointer: Pointer) -> Snapshot<SnapshotData> {
+        let upto = meta.last_log_id.map_or(0, |l| l.index);
+        Snapshot {
+            meta,
+            snapshot: SnapshotData::Local(crate::snapshot_stream::LocalSnapshot {
+                checkpoint: CheckpointHandle::new(
+                    Arc::clone(&self.engine),
+                    self.group,
+                    pointer,
+                    Arc::clone(&self.keeper),
+                ),
+                log: self.log.clone(),
+                upto,
+            }),
+        }
     }
 }
 

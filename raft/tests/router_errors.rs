@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use chatlog_raft::chat::retention::RetentionPolicy;
 use chatlog_raft::types::Vote;
 use chatlog_raft::types::{Snapshot, SnapshotMeta};
@@ -219,14 +218,33 @@ async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
     let (addr, silent) = spawn_silent_peer().await;
     let router = Router::new(identity(1));
     router.set_peer_addr(2, addr);
+    // A stored checkpoint to send (only `Begin` goes out: the peer never answers it).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = Arc::new(
+        chatlog_storage::Engine::open(chatlog_storage::Config::new(dir.path()))
+            .expect("engine opens"),
+    );
+    let meta = SnapshotMeta {
+        last_log_id: Some(chatlog_raft::types::log_id(1, 1, 5)),
+        ..SnapshotMeta::default()
+    };
+    chatlog_raft::state_machine::write_incremental_checkpoint(
+        &engine,
+        1,
+        &meta,
+        &chatlog_raft::chat::GroupState::new(1),
+    )
+    .await
+    .expect("a checkpoint");
+    let checkpoint =
+        chatlog_raft::checkpoint_chunks::CheckpointHandle::durable(engine, 1, Arc::default())
+            .expect("reads")
+            .expect("an incremental checkpoint");
     let snapshot = Snapshot {
-        meta: SnapshotMeta {
-            last_log_id: Some(chatlog_raft::types::log_id(1, 1, 5)),
-            ..SnapshotMeta::default()
-        },
+        meta,
         snapshot: chatlog_raft::snapshot_stream::SnapshotData::Local(
             chatlog_raft::snapshot_stream::LocalSnapshot {
-                checkpoint: Bytes::from(vec![7u8; 3 << 20]),
+                checkpoint,
                 log: None,
                 upto: 5,
             },
