@@ -97,6 +97,12 @@ pub struct ServeArgs {
     /// segment is preallocated in full, so a small disk wants small segments.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=2048))]
     pub segment_mb: Option<u64>,
+    /// How the storage engine writes: `auto` (io_uring when the kernel allows it,
+    /// otherwise pwrite + fdatasync; container seccomp profiles often block io_uring),
+    /// `io-uring` (refuse to start without it) or `syscall` (pwrite + fdatasync). The
+    /// backend in use is logged at start (`node started … io=…`).
+    #[arg(long, value_enum, default_value_t = IoBackendArg::Auto)]
+    pub io_backend: IoBackendArg,
     /// Messages (sends, edits, deletes, reactions, pins, new chats) per second per user,
     /// with a burst of as many; over it a request gets RATE_LIMITED with a retry-after.
     /// 0 turns the limit off (load tests).
@@ -322,6 +328,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         sm: sm_config(&args),
         segment_bytes: args.segment_mb.map(|mb| mb << 20),
         heartbeat_ms: args.heartbeat_ms,
+        io_mode: args.io_backend.into(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -329,6 +336,27 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .build()?;
     let id = cluster_id(&cluster);
     runtime.block_on(serve(args, config, cluster, id))
+}
+
+/// `chatlog serve --io-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoBackendArg {
+    /// io_uring when the kernel allows it, otherwise pwrite + fdatasync.
+    Auto,
+    /// io_uring, or refuse to start.
+    IoUring,
+    /// pwrite + fdatasync.
+    Syscall,
+}
+
+impl From<IoBackendArg> for chatlog_storage::IoMode {
+    fn from(arg: IoBackendArg) -> Self {
+        match arg {
+            IoBackendArg::Auto => chatlog_storage::IoMode::Auto,
+            IoBackendArg::IoUring => chatlog_storage::IoMode::Uring,
+            IoBackendArg::Syscall => chatlog_storage::IoMode::Syscall,
+        }
+    }
 }
 
 /// The state machine knobs the flags give (retention: `--retain-entries`, the seed of a
@@ -376,6 +404,7 @@ fn run_joining(args: ServeArgs) -> Result<(), CliError> {
         sm: sm_config(&args),
         segment_bytes: None,
         heartbeat_ms: args.heartbeat_ms,
+        io_mode: args.io_backend.into(),
     };
     runtime.block_on(serve(args, config, cluster, info.cluster_id))
 }

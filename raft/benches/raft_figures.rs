@@ -13,6 +13,8 @@
 //! - `idle`: three nodes in this process holding 1,001 groups × 3 replicas, idle: CPU and
 //!   resident memory per group replica (not in the default set).
 //!
+//! `CHATLOG_RAFT_IO=syscall|uring` forces the engines' I/O backend (default: io_uring when
+//! the kernel allows it, as `chatlog serve --io-backend auto`).
 //! `CHATLOG_RAFT_SEGMENT_MB` sets the engine's segment size and `CHATLOG_RAFT_OPEN_RATE`
 //! the open loop's rate instead of half the median, `CHATLOG_RAFT_CHECKPOINT_EVERY` the
 //! applied entries between two state checkpoints per group (for investigations).
@@ -256,6 +258,15 @@ fn segment_bytes() -> Option<u64> {
         .map(|mb| mb << 20)
 }
 
+/// `CHATLOG_RAFT_IO`: the engines' I/O backend (`syscall`, `uring`; default auto).
+fn io_mode() -> chatlog_storage::IoMode {
+    match std::env::var("CHATLOG_RAFT_IO").as_deref() {
+        Ok("syscall") => chatlog_storage::IoMode::Syscall,
+        Ok("uring") => chatlog_storage::IoMode::Uring,
+        _ => chatlog_storage::IoMode::Auto,
+    }
+}
+
 /// CPU seconds this process used so far (user + system).
 fn cpu_secs() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we own.
@@ -354,6 +365,7 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
         let mut config = NodeConfig::single(dir.path(), groups);
         config.segment_bytes = segment_bytes();
+        config.io_mode = io_mode();
         checkpoint_every(&mut config);
         let node = Node::start(config, |_| NoPeers, Default::default())
             .await
@@ -381,6 +393,8 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
             let mut config = NodeConfig::single(dir.path(), groups);
             config.node_id = id;
             config.segment_bytes = segment_bytes();
+            config.io_mode = io_mode();
+            config.io_mode = io_mode();
             checkpoint_every(&mut config);
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;

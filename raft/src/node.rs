@@ -107,6 +107,9 @@ pub struct NodeConfig {
     pub segment_bytes: Option<u64>,
     /// Raft heartbeat interval; None = derived from the group count ([`timing`]).
     pub heartbeat_ms: Option<u64>,
+    /// How the engine writes (`chatlog_storage::IoMode`): io_uring when the kernel
+    /// allows it (`Auto`, the default), or forced either way.
+    pub io_mode: chatlog_storage::IoMode,
 }
 
 impl NodeConfig {
@@ -121,6 +124,7 @@ impl NodeConfig {
             sm: SmConfig::default(),
             segment_bytes: None,
             heartbeat_ms: None,
+            io_mode: chatlog_storage::IoMode::Auto,
         }
     }
 
@@ -987,6 +991,7 @@ impl Node {
         if let Some(s) = config.segment_bytes {
             engine_config.segment_bytes = s;
         }
+        engine_config.io_mode = config.io_mode;
         // Issue 9: damage is cut and repaired from peers (`crate::repair`,
         // `crate::damage_watch`) instead of stopping the node. Without peers to repair
         // from (one replica per group) the open still refuses it, naming file and offset.
