@@ -7,21 +7,12 @@
 mod server;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chatlog::http::client::request;
 use server::Server;
 
 const CALL: Duration = Duration::from_secs(20);
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn get(http: &str, path: &str) -> String {
-    let r = request(http, "GET", path, None, None, CALL)
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
-    r.text()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_syscall_backend_is_used_and_reported() {
@@ -30,16 +21,8 @@ async fn a_forced_syscall_backend_is_used_and_reported() {
         &dir.path().join("data"),
         &["--http", "127.0.0.1:0", "--io-backend", "syscall"],
     );
-    let http = server.http.clone().expect("http");
-    let deadline = Instant::now() + WAIT;
-    while request(&http, "GET", "/ready", None, None, CALL)
-        .await
-        .map_or(true, |r| r.status != 200)
-    {
-        assert!(Instant::now() < deadline, "not ready in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let metrics = get(&http, "/metrics").await;
+    server.wait_ready(WAIT).await;
+    let metrics = server.http_get("/metrics", CALL).await;
     let info = metrics
         .lines()
         .find(|l| l.starts_with("chatlog_node_info{"))
@@ -49,7 +32,7 @@ async fn a_forced_syscall_backend_is_used_and_reported() {
         "forced syscall backend not reported: {info}"
     );
     let status: serde_json::Value =
-        serde_json::from_str(&get(&http, "/admin/status").await).expect("status JSON");
+        serde_json::from_str(&server.http_get("/admin/status", CALL).await).expect("status JSON");
     let text = status.to_string();
     assert!(
         text.contains("\"io_backend\":\"Syscall\""),

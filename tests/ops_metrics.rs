@@ -11,7 +11,7 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatlog::http::client::request;
 use chatlog_wire::client::{Client, ClientOptions};
@@ -115,14 +115,7 @@ async fn histograms_counters_and_group_disk_sizes_move_with_traffic() {
         &["--http", "127.0.0.1:0", "--user-sends-per-sec", "5"],
     );
     let http = server.http.clone().expect("http");
-    let deadline = Instant::now() + WAIT;
-    while request(&http, "GET", "/ready", None, None, CALL)
-        .await
-        .map_or(true, |r| r.status != 200)
-    {
-        assert!(Instant::now() < deadline, "not ready in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server.wait_ready(WAIT).await;
     let status = |http: String| async move {
         serde_json::from_str::<Value>(&get(&http, "/admin/status").await).expect("JSON")
     };

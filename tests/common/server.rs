@@ -77,6 +77,30 @@ impl Server {
         Server { child, addr, http }
     }
 
+    /// Waits (at most `within`) until the HTTP port's `/ready` answers 200: every local
+    /// group has a leader. Panics if the server was started without `--http`.
+    pub async fn wait_ready(&self, within: std::time::Duration) {
+        let http = self.http.as_deref().expect("started with --http");
+        let deadline = std::time::Instant::now() + within;
+        while chatlog::http::client::request(http, "GET", "/ready", None, None, within)
+            .await
+            .map_or(true, |r| r.status != 200)
+        {
+            assert!(std::time::Instant::now() < deadline, "not ready in time");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET path` on the HTTP port; panics unless it answers 200. Returns the body.
+    pub async fn http_get(&self, path: &str, within: std::time::Duration) -> String {
+        let http = self.http.as_deref().expect("started with --http");
+        let r = chatlog::http::client::request(http, "GET", path, None, None, within)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        r.text()
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
