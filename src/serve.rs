@@ -446,14 +446,11 @@ async fn register(
 /// The cluster id every node of an initial cluster derives alike: FNV-1a over the
 /// sorted `id=addr` entries. Frames between nodes of different clusters are refused.
 fn cluster_id(cluster: &BTreeMap<u64, SocketAddr>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (id, addr) in cluster {
-        for b in format!("{id}={addr};").bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
+    cluster
+        .iter()
+        .fold(chatlog_raft::codec::FNV1A_OFFSET, |h, (id, addr)| {
+            chatlog_raft::codec::fnv1a_update(h, format!("{id}={addr};").as_bytes())
+        })
 }
 
 async fn serve(

@@ -15,10 +15,11 @@ use std::process::{Command, Output, Stdio};
 
 use chatlog_wire::client::{Client, ClientOptions};
 use chatlog_wire::limits::MEDIA_PART_BYTES;
-use chatlog_wire::proto::v1;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "common/server.rs"]
 mod server;
 
@@ -33,33 +34,12 @@ const SLOT_BYTES: u64 = 16;
 /// The salt of a slot's own CRC (`src/media/store.rs`).
 const SLOT_CRC_SALT: u32 = 0x4d45_4431;
 
-fn seed() -> u64 {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed={seed} (rerun with CHATLOG_TEST_SEED={seed})");
-    seed
-}
-
 /// A new user's session token.
 async fn token(addr: &str, name: &str) -> String {
     let anon = Client::connect(addr, ClientOptions::default())
         .await
         .expect("connects");
-    let created = anon
-        .create_user(v1::CreateUserRequest { name: name.into() })
-        .await
-        .expect("creates the user");
-    anon.login(v1::LoginRequest {
-        user_id: created.user_id,
-        login_token: created.login_token,
-        device_id: "test".into(),
-        device_name: String::new(),
-    })
-    .await
-    .expect("logs in")
-    .session_token
+    cluster::create_and_login(&anon, name, "test").await.1
 }
 
 fn chatlog(addr: &str, token: &str, args: &[&str]) -> Output {
@@ -107,7 +87,7 @@ fn slot(part: u32, crc: u32) -> [u8; SLOT_BYTES as usize] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_detects_damaged_stored_files_forged_parts_and_damaged_partial_files() {
-    let seed = seed();
+    let seed = cluster::seed();
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
     let server = Server::start(&data_dir, &[]);

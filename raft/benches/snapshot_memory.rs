@@ -185,11 +185,10 @@ async fn build(sm: &mut ChatStateMachine, events: u64) -> u64 {
 fn digest(sm: &ChatStateMachine) -> (u64, u64) {
     let state = sm.shared();
     let st = state.read();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in st.encode() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h, st.events_applied())
+    (
+        chatlog_raft::codec::fnv1a(&st.encode()),
+        st.events_applied(),
+    )
 }
 
 async fn run() {

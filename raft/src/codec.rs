@@ -152,17 +152,30 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     out
 }
 
+/// FNV-1a 64: its offset basis, the starting value of [`fnv1a_update`].
+pub const FNV1A_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Continues the 64-bit FNV-1a hash `h` over `bytes`. Stable across builds and platforms
+/// (a std `Hasher` is not): for ids derived alike on every node, and for digests that
+/// replicas compare. Not a checksum of record.
+pub fn fnv1a_update(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The 64-bit FNV-1a hash of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_update(FNV1A_OFFSET, bytes)
+}
+
 /// A 64-bit FNV-1a digest of an entry's payload (kind and bytes, not its log id), for
 /// diagnostics: replicas that applied the same entry log the same digest
 /// (`state_machine` at debug level, `tests/dump_raft_log.rs`). Not a checksum of record.
 pub fn payload_digest(entry: &Entry) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
+    let mut h = FNV1A_OFFSET;
+    let mut eat = |bytes: &[u8]| h = fnv1a_update(h, bytes);
     match &entry.payload {
         EntryPayload::Blank => eat(&[KIND_BLANK]),
         EntryPayload::Normal(batch) => {
@@ -542,5 +555,15 @@ mod tests {
         let mut vote = encode_vote(&Vote::new(1, 1));
         vote[16] = 2;
         assert!(decode_vote(&vote).is_err());
+    }
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        // Cluster ids, name groups and replica digests are derived with it on every node:
+        // a change of the function would split clusters made by older versions.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fnv1a_update(fnv1a(b"foo"), b"bar"), fnv1a(b"foobar"));
     }
 }

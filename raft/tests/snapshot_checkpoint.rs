@@ -130,9 +130,7 @@ impl Member {
 
 /// FNV-1a 64 of a state's whole encoding.
 fn digest(state: &GroupState) -> u64 {
-    state.encode().iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    chatlog_raft::codec::fnv1a(&state.encode())
 }
 
 /// The member leading `G` among the running ones.

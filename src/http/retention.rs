@@ -49,12 +49,7 @@ pub fn policy_json(p: Option<RetentionPolicy>) -> Value {
 
 /// FNV-1a 64 of `bytes`, as 16 hex digits.
 pub fn digest(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", chatlog_raft::codec::fnv1a(bytes))
 }
 
 async fn show(

@@ -55,12 +55,7 @@ pub fn make_id(group: GroupId, local: u64) -> u64 {
 /// handle's group is a hash of it, so uniqueness is checked where the name must live.
 /// FNV-1a: stable across builds and platforms (a std `Hasher` is not).
 pub fn group_of_name(name: &str, groups: u64) -> GroupId {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h % groups.max(1)
+    crate::codec::fnv1a(name.as_bytes()) % groups.max(1)
 }
 
 #[cfg(test)]
