@@ -43,6 +43,8 @@ pub(crate) struct Counters {
     pub records: AtomicU64,
     pub bytes_written: AtomicU64,
     pub syncs: AtomicU64,
+    /// Group commits written and synced through io_uring (the rest: plain syscalls).
+    pub ring_syncs: AtomicU64,
     pub sync_ns_total: AtomicU64,
     pub compacted_bytes: AtomicU64,
     pub segments_deleted: AtomicU64,
@@ -157,6 +159,11 @@ pub struct Stats {
     pub bytes_written: u64,
     /// fdatasync calls since open.
     pub syncs: u64,
+    /// Of those, the group commits written and synced through io_uring (the io_uring
+    /// backend uses the ring only when a group has company to overlap with; a lone
+    /// writer's rounds are plain pwritev + fdatasync: see `Writer::start`). Always 0 on
+    /// the syscall backend.
+    pub ring_syncs: u64,
     /// Mean fdatasync (write + sync for io_uring) time since open, in microseconds.
     pub sync_mean_us: f64,
     /// Bytes rewritten by compaction since open.
@@ -488,6 +495,7 @@ impl Engine {
             records_written: c.records.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
             syncs,
+            ring_syncs: c.ring_syncs.load(Ordering::Relaxed),
             sync_mean_us: if syncs == 0 {
                 0.0
             } else {

@@ -129,21 +129,36 @@ impl Writer {
     /// group; the syscall backend (and a file without a descriptor) does both now, on
     /// this thread. [`Writer::finish`] reports the outcome. One started write at a time.
     ///
+    /// `overlap`: whether the caller has other work to do while the write and sync run
+    /// (more batches queued behind this group). Without it the io_uring backend, too,
+    /// writes and syncs here with plain syscalls: the ring's only gain is that overlap,
+    /// and without it a round on the ring costs a hand-off to a kernel worker thread and
+    /// a wake-up back, which made a lone writer ~10% slower per sync than
+    /// pwritev + fdatasync on this machine class (`benches/RESULTS.md`, session 10). Both
+    /// paths write the same bytes at the same offset, one round at a time.
+    ///
     /// # Safety
     /// With io_uring the kernel reads the buffers `bufs` points at after this returns:
     /// they must stay valid and unchanged until [`Writer::finish`] has returned. (The
     /// `bufs` array itself may go: the ring copies it at submit.)
-    pub(crate) unsafe fn start(&mut self, file: &dyn File, bufs: &[IoSlice<'_>], offset: u64) {
+    /// Returns whether the round went to the ring.
+    pub(crate) unsafe fn start(
+        &mut self,
+        file: &dyn File,
+        bufs: &[IoSlice<'_>],
+        offset: u64,
+        overlap: bool,
+    ) -> bool {
         assert!(self.started.is_none(), "one started write at a time");
         #[cfg(target_os = "linux")]
-        if let (Some(ring), Some(fd)) = (self.ring.as_mut(), file.raw_fd()) {
+        if overlap && let (Some(ring), Some(fd)) = (self.ring.as_mut(), file.raw_fd()) {
             // SAFETY: passed on to our caller (see above).
             let r = unsafe { uring_submit(ring, fd, bufs, offset) };
             self.started = Some(match r {
                 Ok(expected) => Started::Uring { expected },
                 Err(e) => Started::Done(Err(e)),
             });
-            return;
+            return true;
         }
         let r = if bufs.is_empty() {
             file.sync_data()
@@ -152,6 +167,7 @@ impl Writer {
                 .and_then(|()| file.sync_data())
         };
         self.started = Some(Started::Done(r));
+        false
     }
 
     /// Waits for the write and fdatasync begun by [`Writer::start`]. `bufs` and `offset`

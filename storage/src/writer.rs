@@ -21,7 +21,9 @@
 //! the first is durable it submits the next at once and only then applies the first to
 //! the index and calls back. At most one group is in flight, so recovery's rule that
 //! only the last write can be torn still holds. The syscall backend writes and syncs at
-//! submit, so its groups stay serial.
+//! submit, so its groups stay serial; so does the io_uring backend for a group without
+//! company (one batch, nothing queued behind it: a lone writer), where the ring would only
+//! add a hand-off to a kernel worker and a wake-up back (`Writer::start`).
 //!
 //! Entries become readable once durable: the logs' bounds in the index move after the
 //! fdatasync, so no reader ever sees bytes that a crash could take back. The rest of a
@@ -555,11 +557,21 @@ impl Committer {
         let file = self.active.file.clone();
         let group = std::mem::take(&mut self.group);
         let iovecs: Vec<IoSlice<'_>> = group.iter().map(|r| IoSlice::new(r)).collect();
+        // Something to gather while this group is in flight: batches already queued
+        // behind it, or likely to come (this group merged several submitters' batches).
+        // A lone writer has neither (see `Writer::start`).
+        let overlap = group.len() > 1 || !shared.queue.lock().expect("queue lock").msgs.is_empty();
         let buffered = if shared.config.sync_on_commit {
             // SAFETY: the buffers are `group`'s records, which move into the returned
             // `InFlight` (moving a `Vec<Vec<u8>>` does not move the records' bytes) and
             // are only dropped after `wait` finished the write (`Committer`'s `Drop` too).
-            unsafe { self.writer.start(file.as_ref(), &iovecs, self.offset) };
+            let on_ring = unsafe {
+                self.writer
+                    .start(file.as_ref(), &iovecs, self.offset, overlap)
+            };
+            if on_ring {
+                shared.counters.ring_syncs.fetch_add(1, Ordering::Relaxed);
+            }
             None
         } else {
             Some(self.writer.write_only(file.as_ref(), &iovecs, self.offset))

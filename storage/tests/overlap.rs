@@ -290,3 +290,88 @@ fn failed_fdatasync_under_pipelining_refuses_all_later_batches() {
         check_items(&engine, items);
     }
 }
+
+/// The io_uring backend takes the ring only when a group has company to overlap with: a
+/// lone blocking writer's rounds are plain pwritev + fdatasync (`ring_syncs` stays put),
+/// a stream of queued async batches goes through the ring (`ring_syncs` grows), and
+/// everything both wrote reads back after a reopen. On the syscall backend the ring is
+/// never used.
+#[test]
+fn a_lone_writer_skips_the_ring_and_queued_batches_take_it() {
+    for mode in [IoMode::Uring, IoMode::Syscall] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = match Engine::open(config(dir.path(), mode)) {
+            Ok(e) => e,
+            Err(e) if mode == IoMode::Uring => {
+                println!("io_uring unavailable here ({e}); that backend is not exercised");
+                continue;
+            }
+            Err(e) => panic!("open: {e}"),
+        };
+        println!("backend {}", engine.io_backend());
+        let mut all: Items = Vec::new();
+        let lone = 40;
+        let before = engine.stats();
+        for index in 1..=lone {
+            let p = payload(BLOCKING_LOG, index, 300);
+            let mut b = WriteBatch::new();
+            b.append(BLOCKING_LOG, index, &p);
+            engine.write_blocking(&b).unwrap();
+            all.push((BLOCKING_LOG, index, p));
+        }
+        let after_lone = engine.stats();
+        assert!(
+            after_lone.syncs >= before.syncs + lone,
+            "{mode:?}: one sync per lone batch"
+        );
+        assert_eq!(
+            after_lone.ring_syncs, before.ring_syncs,
+            "{mode:?}: a lone writer's rounds must not go through the ring"
+        );
+        // Async batches submitted back to back: each group has batches queued behind it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut rng = StdRng::seed_from_u64(7);
+            let mut next = vec![1u64; ASYNC_LOGS as usize];
+            let mut waits = Vec::new();
+            for k in 0..BATCHES {
+                let (b, items) = async_batch(k, &mut next, &mut rng);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                engine
+                    .submit(
+                        &b,
+                        Box::new(move |r| {
+                            let _ = tx.send(r.map_err(|e| e.to_string()));
+                        }),
+                    )
+                    .await
+                    .unwrap();
+                waits.push(rx);
+                all.extend(items);
+            }
+            for (k, rx) in waits.into_iter().enumerate() {
+                rx.await
+                    .expect("callback")
+                    .unwrap_or_else(|e| panic!("batch {k}: {e}"));
+            }
+        });
+        let after_queued = engine.stats();
+        if mode == IoMode::Uring {
+            assert!(
+                after_queued.ring_syncs > after_lone.ring_syncs,
+                "queued batches must overlap on the ring: {after_queued:?}"
+            );
+        } else {
+            assert_eq!(
+                after_queued.ring_syncs, 0,
+                "the syscall backend has no ring"
+            );
+        }
+        check_items(&engine, &all);
+        drop(engine);
+        let engine = Engine::open(config(dir.path(), mode)).unwrap();
+        check_items(&engine, &all);
+    }
+}
