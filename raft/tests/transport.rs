@@ -279,10 +279,7 @@ async fn applied_everywhere(nodes: &[&TestNode], group: GroupId, index: u64) {
 /// A batch creating one user named after `body`, so each distinct body written counts
 /// once in the state (a retried write is refused as a duplicate name).
 fn user_batch(body: &str) -> Bytes {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in body.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = chatlog_raft::codec::fnv1a(body.as_bytes());
     Batch {
         timestamp_ms: 1,
         commands: vec![Command::CreateUser {
