@@ -16,6 +16,9 @@
 //! - pending secret messages (lost unread otherwise) and erasures this replica's eraser
 //!   has not zeroed yet (a purged segment may be recycled with the plaintext in it).
 //!
+//! Seeding starts as soon as the replica leads (not a tick later), so a fresh group
+//! gets its policy with its first leader.
+//!
 //! How. Every [`RETENTION_TICK`] it computes the horizon `h` (first index kept). Openraft
 //! purges only what a snapshot covers, so when `h - 1` is above openraft's snapshot it
 //! asks for one (`trigger().snapshot()`; our snapshot is the durable checkpoint, so it
@@ -64,15 +67,26 @@ pub fn horizon(shared: &GroupShared, secret_erased: u64) -> Option<u64> {
     (h > 1).then_some(h)
 }
 
+/// Where seeding stands after one [`seed`] attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seeding {
+    /// The group has a policy: seeding is over.
+    Done,
+    /// This replica does not lead: try again as soon as it does.
+    NotLeading,
+    /// Proposed (or the proposal failed): look again after a tick.
+    Proposed,
+}
+
 /// Proposes the seed `policy` for `group` when it has no replicated policy and this
-/// replica leads; says whether seeding is over (the group has a policy).
+/// replica leads.
 async fn seed(
     group: GroupId,
     policy: RetentionPolicy,
     raft: &ChatRaft,
     shared: &GroupShared,
     proposals: &ProposalQueue,
-) -> bool {
+) -> Seeding {
     if let Some(current) = shared.read().retention_policy() {
         if current != policy {
             tracing::info!(
@@ -84,11 +98,11 @@ async fn seed(
                  (change it with `chatlog admin retention set`)"
             );
         }
-        return true;
+        return Seeding::Done;
     }
     let metrics = openraft::async_runtime::WatchReceiver::borrow_watched(&raft.metrics()).clone();
     if metrics.current_leader != Some(metrics.id) {
-        return false;
+        return Seeding::NotLeading;
     }
     let cmd = Command::Retention(RetentionCommand {
         policy,
@@ -97,11 +111,11 @@ async fn seed(
     match proposals.propose(&cmd).await {
         Ok((outcome, index)) => {
             tracing::info!(group, policy = %policy.describe(), index, ?outcome, "retention: seeded the group's policy from --retain-* flags");
-            false // the next tick sees the applied policy
+            Seeding::Proposed // the next tick sees the applied policy
         }
         Err(e) => {
             tracing::debug!(group, error = %e, "retention: seeding the policy failed; next tick");
-            false
+            Seeding::Proposed
         }
     }
 }
@@ -118,11 +132,34 @@ pub async fn run(
     proposals: Arc<ProposalQueue>,
 ) {
     let mut seeded = !seed_policy.is_some();
+    // Until seeded, a replica that does not lead tries again the moment it leads (a
+    // fresh group's policy is then in place as soon as it has a leader, not a tick
+    // later), at the latest after a tick; an attempt while leading waits a tick (the
+    // proposal is applied meanwhile, or failed and is not retried in a loop).
+    let mut waiting_to_lead = !seeded;
     let mut applied = shared.applied();
     loop {
-        tokio::time::sleep(RETENTION_TICK).await;
+        if waiting_to_lead {
+            let led = raft
+                .wait(Some(RETENTION_TICK))
+                .metrics(
+                    |m| m.current_leader == Some(m.id),
+                    "retention: this replica leads",
+                )
+                .await;
+            if let Err(openraft::metrics::WaitError::ShuttingDown) = led {
+                return; // the group stopped
+            }
+        } else {
+            tokio::time::sleep(RETENTION_TICK).await;
+        }
+        waiting_to_lead = false;
         if !seeded {
-            seeded = seed(group, seed_policy, &raft, &shared, &proposals).await;
+            match seed(group, seed_policy, &raft, &shared, &proposals).await {
+                Seeding::Done => seeded = true,
+                Seeding::NotLeading => waiting_to_lead = true,
+                Seeding::Proposed => {}
+            }
         }
         // Seen before the state is read: an entry applied after this wakes the wait below.
         applied.borrow_and_update();
