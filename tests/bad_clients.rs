@@ -109,6 +109,7 @@ fn handshake(token: &str) -> request::Kind {
         protocol_version: PROTOCOL_VERSION,
         client_name: "bad-client".into(),
         session_token: token.into(),
+        no_live_pushes: false,
     })
 }
 

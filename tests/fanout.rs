@@ -218,6 +218,7 @@ impl RawDevice {
                     protocol_version: 1,
                     client_name: "slow-device".into(),
                     session_token: token.into(),
+                    no_live_pushes: false,
                 })),
             })),
         };

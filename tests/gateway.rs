@@ -278,6 +278,7 @@ impl Raw {
                 protocol_version: 1,
                 client_name: "raw".into(),
                 session_token: String::new(),
+                no_live_pushes: false,
             }),
         ))
         .await;

@@ -235,6 +235,7 @@ async fn inline_requests_count_against_the_in_flight_limit() {
             protocol_version: PROTOCOL_VERSION,
             client_name: "raw".into(),
             session_token: String::new(),
+            no_live_pushes: false,
         }),
     );
     encode_message(&handshake, FRAME_BYTES_MAX, &mut bytes).unwrap();

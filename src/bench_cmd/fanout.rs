@@ -411,6 +411,7 @@ async fn subscribe_one(
         protocol_version: PROTOCOL_VERSION,
         client_name: CLIENT_NAME.to_owned(),
         session_token: String::new(),
+        no_live_pushes: false,
     });
     send_frame(&mut wh, &v1::Frame::request(1, hs)).await?;
     match answer(&mut reader).await? {

@@ -592,8 +592,20 @@ pub fn run(cmd: ClientCommand) -> Result<(), CliError> {
         .map_err(|e| Box::new(e) as CliError)
 }
 
-/// Connects to `conn.server`, authenticated when a token is given.
+/// Connects to `conn.server`, authenticated when a token is given, without live pushes:
+/// a command sends and asks, and a one-shot command's connection must not make its user
+/// online (`tail` follows a chat with a subscription, which works either way).
 pub(crate) async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> {
+    connect_with(conn, need_token, false).await
+}
+
+/// [`connect`], choosing whether the server pushes live events (`secret tail` waits for
+/// live `secret_message` pushes).
+pub(crate) async fn connect_with(
+    conn: &Conn,
+    need_token: bool,
+    live_pushes: bool,
+) -> CmdResult<Client> {
     let token = conn.token.clone().filter(|t| !t.is_empty());
     if need_token && token.is_none() {
         return Err(CmdError::new(
@@ -605,6 +617,7 @@ pub(crate) async fn connect(conn: &Conn, need_token: bool) -> CmdResult<Client> 
     let options = ClientOptions {
         client_name: CLIENT_NAME.to_owned(),
         token,
+        live_pushes,
         ..ClientOptions::default()
     };
     match Client::connect(&conn.server, options).await {

@@ -21,7 +21,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::output::Printer;
-use super::{CmdError, CmdResult, Conn, connect};
+use super::{CmdError, CmdResult, Conn, connect_with};
 
 /// Default `--ttl` of `secret send`, in seconds. Why: a day covers a device that is off
 /// overnight; the server's limit is a week.
@@ -177,7 +177,8 @@ fn file_part(device: &str) -> String {
 /// Connects, finds this session's user and device, opens (or creates) the device's key
 /// file and makes sure the server has its public key.
 async fn open_device(c: &SecretConn) -> CmdResult<(Client, DeviceKeys)> {
-    let client = connect(&c.conn, true).await?;
+    // Live: `secret tail` waits for `secret_message` pushes.
+    let client = connect_with(&c.conn, true, true).await?;
     let info = client
         .server_info()
         .ok_or_else(|| CmdError::new("DISCONNECTED", "the connection dropped"))?;

@@ -685,8 +685,8 @@ pub(super) async fn run<S: Service>(
             retry_after_ms: REFUSED_RETRY_AFTER_MS,
         })),
     };
-    let principal = match principal {
-        Ok(principal) => principal,
+    let (principal, live_pushes) = match principal {
+        Ok(accepted) => accepted,
         Err(reason) => {
             if let Some(reason) = reason {
                 let _ = write_frame(&mut write_half, &disconnect_frame(reason), &limits).await;
@@ -719,6 +719,7 @@ pub(super) async fn run<S: Service>(
         id,
         peer_addr,
         principal: Mutex::new(principal),
+        live_pushes,
         pushes: PushSender {
             outbox: Arc::clone(&outbox),
         },
@@ -990,15 +991,16 @@ fn log_answer(started: Instant, result: &Result<response::Kind, v1::Error>) {
     }
 }
 
-/// Reads and answers the handshake. `Ok` is the authenticated principal, if any; `Err`
-/// means close, after sending the `Disconnect` reason when there is one (the error
-/// responses are written here).
+/// Reads and answers the handshake. `Ok` is the authenticated principal, if any, and
+/// whether the client wants live pushes (`Handshake::no_live_pushes` unset); `Err` means
+/// close, after sending the `Disconnect` reason when there is one (the error responses
+/// are written here).
 async fn handshake<S: Service>(
     reader: &mut FrameReader<OwnedReadHalf>,
     write_half: &mut OwnedWriteHalf,
     service: &S,
     limits: &GatewayLimits,
-) -> Result<Option<Principal>, Option<v1::Error>> {
+) -> Result<(Option<Principal>, bool), Option<v1::Error>> {
     let payload = match timeout(limits.handshake_timeout, reader.next_frame()).await {
         Err(_) => {
             return Err(Some(v1::Error::new(
@@ -1030,7 +1032,7 @@ async fn handshake<S: Service>(
 
     let refuse = async |error: v1::Error,
                         write_half: &mut OwnedWriteHalf|
-           -> Result<Option<Principal>, Option<v1::Error>> {
+           -> Result<(Option<Principal>, bool), Option<v1::Error>> {
         let frame = v1::Frame::response(request_id, response::Kind::Error(error));
         let _ = write_frame(write_half, &frame, limits).await;
         // Answered already: close without a Disconnect.
@@ -1081,7 +1083,7 @@ async fn handshake<S: Service>(
     write_frame(write_half, &frame, limits)
         .await
         .map_err(|()| None)?;
-    Ok(principal)
+    Ok((principal, !handshake.no_live_pushes))
 }
 
 /// Writes one frame directly (before the writer task exists), within the write timeout.

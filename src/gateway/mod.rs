@@ -291,6 +291,8 @@ pub struct ConnCtx {
     id: u64,
     peer_addr: SocketAddr,
     principal: Mutex<Option<Principal>>,
+    /// False when the client's handshake set `no_live_pushes`.
+    live_pushes: bool,
     pushes: PushSender,
 }
 
@@ -319,6 +321,13 @@ impl ConnCtx {
             .principal
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = principal;
+    }
+
+    /// Whether the client wants live pushes (its handshake did not set
+    /// `no_live_pushes`): only such a connection is registered for live fan-out and
+    /// counts its user online.
+    pub fn live_pushes(&self) -> bool {
+        self.live_pushes
     }
 
     /// Sends pushes to this connection; clone it to keep it (for example in a fan-out hub).

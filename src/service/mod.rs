@@ -360,6 +360,9 @@ impl ChatService {
                 .map_err(propose_error)?;
         }
         if !has(group) {
+            // (A connection without live pushes is not in the fan-out registry, which
+            // closes a revoked session's live connections: it stays open, and every
+            // request of it is refused here.)
             return Err(error(
                 ErrorCode::Unauthenticated,
                 "this session was revoked or has expired",
@@ -579,8 +582,13 @@ impl ChatService {
                             user_id: user,
                             session_id,
                         };
-                        self.hub
-                            .register(&principal, conn.connection_id(), conn.pushes().clone());
+                        if conn.live_pushes() {
+                            self.hub.register(
+                                &principal,
+                                conn.connection_id(),
+                                conn.pushes().clone(),
+                            );
+                        }
                         conn.set_principal(Some(principal));
                         Ok(Resp::Login(v1::LoginResponse {
                             user_id: user,
@@ -1465,7 +1473,9 @@ impl Service for ChatService {
     }
 
     fn connection_opened(&self, conn: &ConnCtx) {
-        if let Some(principal) = conn.principal() {
+        // A connection without live pushes is not in the fan-out registry: nothing is
+        // pushed to it unasked, and it does not make its user online.
+        if let Some(principal) = conn.principal().filter(|_| conn.live_pushes()) {
             self.hub
                 .register(&principal, conn.connection_id(), conn.pushes().clone());
         }

@@ -181,6 +181,12 @@ pub struct ClientOptions {
     /// done), and of requests safe to repeat (see [`Client::call`]) after a drop, a
     /// `TIMEOUT` or an `UNAVAILABLE`.
     pub retries_max: u32,
+    /// Whether the server pushes this client live events (the chats' new events, the
+    /// user's own updates, typing, secret messages) and counts its user online. True for
+    /// a client that shows a user's chats; false for one that only sends and asks (a bot
+    /// posting, the CLI's `send`, a load generator): the server then spends nothing on
+    /// pushes it would drop. Answers, subscriptions and `get_presence` work either way.
+    pub live_pushes: bool,
 }
 
 impl Default for ClientOptions {
@@ -194,6 +200,7 @@ impl Default for ClientOptions {
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX,
             push_queue_len_max: PUSH_QUEUE_LEN_MAX,
             retries_max: RETRIES_MAX,
+            live_pushes: true,
         }
     }
 }
@@ -925,6 +932,7 @@ impl Connection {
                 protocol_version: PROTOCOL_VERSION,
                 client_name: options.client_name.clone(),
                 session_token: token.unwrap_or_default(),
+                no_live_pushes: !options.live_pushes,
             }),
         );
         let mut bytes = BytesMut::new();

@@ -142,6 +142,7 @@ fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
             protocol_version: PROTOCOL_VERSION,
             client_name: "chatlog-cli/0.1.0".into(),
             session_token: String::new(),
+            no_live_pushes: false,
         }),
     );
 

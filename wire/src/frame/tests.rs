@@ -379,6 +379,7 @@ fn messages_round_trip_through_the_decoder() {
                 protocol_version: 1,
                 client_name: "test".into(),
                 session_token: String::new(),
+                no_live_pushes: false,
             }),
         ),
         v1::Frame::response(

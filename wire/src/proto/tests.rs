@@ -29,6 +29,7 @@ fn handshake_encoding_matches_protocol_md() {
             protocol_version: PROTOCOL_VERSION,
             client_name: "cli".into(),
             session_token: String::new(),
+            no_live_pushes: false,
         }),
     );
     assert_eq!(
