@@ -10,7 +10,10 @@
 //! gateway's clients run in this process too (the first column: same process, same
 //! cores), and again as a separate load-generator process (this binary started again
 //! with `CHATLOG_GW_LOADGEN_ADDR` set; the second column: the clients' CPU is then not
-//! the server process's, though the cores are still shared). CPU per post is the
+//! the server process's, though the cores are still shared). A third run repeats the
+//! first with the clients' handshakes setting `no_live_pushes` (a sender that takes no
+//! live pushes, as a bot or the CLI's `send`): each chat's only member is its poster, so
+//! that run has no fan-out at all, like the in-process core. CPU per post is the
 //! process's CPU time (`getrusage`) over the posts acknowledged in the same interval.
 
 // The server's allocator (root Cargo.toml, `tikv-jemallocator`: why).
@@ -171,14 +174,42 @@ async fn setup() -> Setup {
     }
 }
 
-/// Posts through the protocol: `conns` connections × `in_flight` callers each.
-async fn through_gateway(s: &Setup, conns: usize, in_flight: usize, secs: u64) -> Run {
+/// Numbers the runs of this process (and, passed on, of its load generator): each run's
+/// client message ids start at `run << RUN_SHIFT`, so no run repeats an earlier run's
+/// (chat, client message id) pairs. Reused ids would be answered from the dedupe
+/// window as retries (no new event, no push), not measured as new posts.
+static RUN: AtomicU64 = AtomicU64::new(1);
+const RUN_SHIFT: u32 = 44;
+
+/// Posts through the protocol: `conns` connections × `in_flight` callers each;
+/// `live_pushes` false sets the handshake's `no_live_pushes` (a sender that takes no
+/// live pushes: its posts are then not pushed back to it).
+async fn through_gateway(
+    s: &Setup,
+    conns: usize,
+    in_flight: usize,
+    secs: u64,
+    live_pushes: bool,
+) -> Run {
     let tokens: Vec<String> = s.users.iter().map(|(token, _)| token.clone()).collect();
-    load(&s.addr, &tokens, &s.chats, conns, in_flight, secs).await
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    load(
+        &s.addr,
+        &tokens,
+        &s.chats,
+        conns,
+        in_flight,
+        secs,
+        live_pushes,
+        run,
+    )
+    .await
 }
 
 /// `conns` client connections to `addr` × `in_flight` callers each, posting to the
-/// chats of connection `c`'s user (`chats[c]`, logged in with `tokens[c]`).
+/// chats of connection `c`'s user (`chats[c]`, logged in with `tokens[c]`), with the
+/// client message ids of run number `run` (see [`RUN`]).
+#[allow(clippy::too_many_arguments)] // the load's shape, spelled out at its three callers
 async fn load(
     addr: &str,
     tokens: &[String],
@@ -186,6 +217,8 @@ async fn load(
     conns: usize,
     in_flight: usize,
     secs: u64,
+    live_pushes: bool,
+    run: u64,
 ) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -196,6 +229,7 @@ async fn load(
             addr,
             ClientOptions {
                 token: Some(tokens[c].clone()),
+                live_pushes,
                 ..ClientOptions::default()
             },
         )
@@ -209,7 +243,7 @@ async fn load(
             tasks.push(tokio::spawn(async move {
                 let mut hist = Histogram::<u64>::new(3).expect("hist");
                 let mut k = (c * 997 + w * 7919) % chats.len();
-                let mut id = ((c * in_flight + w) as u64) << 32;
+                let mut id = (run << RUN_SHIFT) | ((c * in_flight + w) as u64) << 32;
                 while !stop.load(Ordering::Relaxed) {
                     k = (k + 104_729) % chats.len();
                     id += 1;
@@ -238,6 +272,7 @@ async fn load(
 
 /// The same load straight into the node (no protocol, no sockets).
 async fn in_process(s: &Setup, callers: usize, secs: u64) -> Run {
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -251,7 +286,7 @@ async fn in_process(s: &Setup, callers: usize, secs: u64) -> Run {
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
             let mut k = (w * 7919) % chats.len();
-            let mut id = (1u64 << 62) + ((w as u64) << 32);
+            let mut id = (1u64 << 62) | (run << RUN_SHIFT) | ((w as u64) << 32);
             while !stop.load(Ordering::Relaxed) {
                 k = (k + 104_729) % chats.len();
                 id += 1;
@@ -324,6 +359,7 @@ async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
         .collect();
     let program = std::env::current_exe().expect("own path");
     let addr = s.addr.clone();
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     // The child is driven from a blocking thread: reading its output must not hold a
     // runtime worker that the server needs.
     let result = tokio::task::spawn_blocking(move || {
@@ -332,6 +368,7 @@ async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
             .env("CHATLOG_GW_LOADGEN_ADDR", &addr)
             .env("CHATLOG_GW_LOADGEN_TOKENS", tokens.join(" "))
             .env("CHATLOG_GW_LOADGEN_CHATS", chats.join(" "))
+            .env("CHATLOG_GW_LOADGEN_RUN", run.to_string())
             .env("CHATLOG_GW_SECS", secs.to_string())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -404,7 +441,18 @@ fn loadgen_main(addr: String) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             println!("measuring");
         });
-        let run = load(&addr, &tokens, &chats, CONNECTIONS, IN_FLIGHT, secs).await;
+        let run = env_u64("CHATLOG_GW_LOADGEN_RUN", 0);
+        let run = load(
+            &addr,
+            &tokens,
+            &chats,
+            CONNECTIONS,
+            IN_FLIGHT,
+            secs,
+            true,
+            run,
+        )
+        .await;
         announce.await.expect("announce");
         let posts = run.rate * secs as f64;
         println!(
@@ -440,11 +488,12 @@ fn main() {
     rt.block_on(async {
         let s = setup().await;
         let (mut gw, mut core, mut serial, mut serial_core) = (vec![], vec![], vec![], vec![]);
+        let (mut quiet, mut quiet_p99, mut quiet_cpu) = (vec![], vec![], vec![]);
         let (mut gw_p99, mut gw_cpu, mut core_cpu) = (vec![], vec![], vec![]);
         let (mut sep, mut sep_p99, mut sep_server_cpu, mut sep_client_cpu) =
             (vec![], vec![], vec![], vec![]);
         for r in 0..repeats {
-            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs).await;
+            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, true).await;
             let p99 = ms(run.hist.value_at_quantile(0.99));
             eprintln!(
                 "run {r}: gateway {:.0}/s p99 {p99:.2} ms, {:.1} µs CPU per post",
@@ -453,6 +502,16 @@ fn main() {
             gw.push(run.rate);
             gw_p99.push(p99);
             gw_cpu.push(run.cpu_us_per_post);
+            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, false).await;
+            let p99 = ms(run.hist.value_at_quantile(0.99));
+            eprintln!(
+                "run {r}: gateway, connections without live pushes {:.0}/s p99 {p99:.2} ms, \
+                 {:.1} µs CPU per post",
+                run.rate, run.cpu_us_per_post
+            );
+            quiet.push(run.rate);
+            quiet_p99.push(p99);
+            quiet_cpu.push(run.cpu_us_per_post);
             let run = in_process(&s, CONNECTIONS * IN_FLIGHT, secs).await;
             eprintln!(
                 "run {r}: in-process {:.0}/s, {:.1} µs CPU per post",
@@ -471,7 +530,7 @@ fn main() {
             sep_p99.push(p99);
             sep_server_cpu.push(server_cpu);
             sep_client_cpu.push(run.cpu_us_per_post);
-            let run = through_gateway(&s, 1, 1, secs).await;
+            let run = through_gateway(&s, 1, 1, secs, true).await;
             serial.push(ms(run.hist.value_at_quantile(0.5)));
             eprintln!("run {r}: serial p50 {:.3} ms", ms(run.hist.value_at_quantile(0.5)));
             let run = in_process(&s, 1, secs).await;
@@ -484,6 +543,13 @@ fn main() {
             "| 4 conns × 64 in flight, 256 B, 1,000 chats, 16 groups, posts/s (median of {repeats}); clients in the server's process | {g:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
             median(gw_p99),
             100.0 * g / c
+        );
+        let q = median(quiet);
+        println!(
+            "| the same, the clients' connections without live pushes (`no_live_pushes`: no post pushed back to its sender) | {q:.0} (p99 {:.2} ms, {:.1} µs CPU per post) | {c:.0} | {:.0}% |",
+            median(quiet_p99),
+            median(quiet_cpu),
+            100.0 * q / c
         );
         println!(
             "| the same, load generator in its own process | {sp:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
