@@ -90,6 +90,23 @@ async fn drain_quiet(rx: &mut PushReceiver) -> Vec<PushItem> {
     got
 }
 
+async fn post(
+    c: &Client,
+    chat: u64,
+    client_message_id: u64,
+    text: &str,
+) -> v1::SendMessageResponse {
+    c.send_message(v1::SendMessageRequest {
+        chat_id: chat,
+        client_message_id,
+        text: text.into(),
+        media: None,
+        reply_to_seq: 0,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("post {client_message_id}: {e}"))
+}
+
 async fn online(watcher: &Client, user: u64) -> bool {
     let r = watcher
         .get_presence(v1::GetPresenceRequest {
@@ -148,31 +165,13 @@ async fn a_connection_without_live_pushes_sends_and_subscribes_but_gets_nothing_
         .expect("chat")
         .chat_id;
     // Bob posts: alice's live connection gets it, her bot connection gets nothing.
-    let posted = b
-        .send_message(v1::SendMessageRequest {
-            chat_id: chat,
-            client_message_id: 1,
-            text: "hello".into(),
-            media: None,
-            reply_to_seq: 0,
-        })
-        .await
-        .expect("bob posts");
+    let posted = post(&b, chat, 1, "hello").await;
     let mut seen = Vec::new();
     while !seen.contains(&posted.seq) {
         seen.extend(next_live_events(&mut live_rx, chat).await);
     }
     // The bot posts: answered with its seq, pushed to the live connection.
-    let own = quiet
-        .send_message(v1::SendMessageRequest {
-            chat_id: chat,
-            client_message_id: 2,
-            text: "from the bot".into(),
-            media: None,
-            reply_to_seq: 0,
-        })
-        .await
-        .expect("the bot posts");
+    let own = post(&quiet, chat, 2, "from the bot").await;
     assert_eq!(own.seq, posted.seq + 1, "the bot's post is the next event");
     while !seen.contains(&own.seq) {
         seen.extend(next_live_events(&mut live_rx, chat).await);
