@@ -1113,9 +1113,9 @@ impl Damage {
     }
 }
 
-/// Offsets and lengths of the valid records of a segment file, first to last, and
-/// whether each appends to a group's Raft log.
-fn records(path: &Path) -> Vec<(u64, u64, bool)> {
+/// Offsets and lengths of the valid records of a segment file, first to last, and which
+/// of the test's groups' Raft logs each appends to (bit `g` for group `g`; 0: none).
+fn records(path: &Path) -> Vec<(u64, u64, u32)> {
     use chatlog_storage::format::{
         BatchBody, OpKind, RECORD_KIND_BATCH, RecordHeader, SEGMENT_HEADER_BYTES, SegmentHeader,
         decode_body,
@@ -1132,19 +1132,23 @@ fn records(path: &Path) -> Vec<(u64, u64, bool)> {
     {
         let start = at + 40;
         let body = bytes::Bytes::copy_from_slice(&bytes[start..start + h.body_len as usize]);
-        let appends = h.kind == RECORD_KIND_BATCH
-            && decode_body(&h, body)
+        let mut appends = 0u32;
+        if h.kind == RECORD_KIND_BATCH
+            && let Some(b) = decode_body(&h, body)
                 .ok()
                 .and_then(|raw| BatchBody::parse(raw).ok())
-                .is_some_and(|b| {
-                    (0..b.op_count()).any(|k| {
-                        let op = b.op(k);
-                        op.kind == OpKind::Append
-                            && GROUPS
-                                .iter()
-                                .any(|g| chatlog_raft::ids::raft_log(*g) == Some(op.log_id))
-                    })
-                });
+        {
+            for k in 0..b.op_count() {
+                let op = b.op(k);
+                for g in GROUPS {
+                    if op.kind == OpKind::Append
+                        && chatlog_raft::ids::raft_log(g) == Some(op.log_id)
+                    {
+                        appends |= 1 << g;
+                    }
+                }
+            }
+        }
         out.push((at as u64, h.record_bytes() as u64, appends));
         at += h.record_bytes();
     }
@@ -1161,12 +1165,18 @@ fn damage(dir: &Path, how: Damage) -> String {
         .collect();
     segments.sort();
     let newest = segments.pop().expect("a segment with records");
+    // The groups whose appends the damaged record must hold (see below).
+    let wanted = if how == Damage::FlipInOlderSegmentOnLeader {
+        1 << 1
+    } else {
+        u32::MAX
+    };
     let path = if how.older() {
         // The segment before the newest, holding Raft appends.
         segments
             .into_iter()
             .rev()
-            .find(|p| records(p).iter().any(|r| r.2))
+            .find(|p| records(p).iter().any(|r| r.2 & wanted != 0))
             .expect("an older segment with Raft appends")
     } else {
         newest
@@ -1195,15 +1205,21 @@ fn damage(dir: &Path, how: Damage) -> String {
         Damage::FlipInLastRecord => recs[recs.len() - 1],
         Damage::FlipInEarlierRecord | Damage::TruncateSegment => recs[recs.len() / 2],
         Damage::FlipInLastAppend | Damage::FlipInLastAppendVouched => {
-            *recs.iter().rev().find(|r| r.2).expect("an append")
+            *recs.iter().rev().find(|r| r.2 != 0).expect("an append")
         }
         Damage::FlipInOlderSegment
         | Damage::FlipInOlderSegmentNoCheckpoint
         | Damage::TruncateOlderSegment
         | Damage::MissingOlderSegment
-        | Damage::MissingNewestSegment
-        | Damage::FlipInOlderSegmentOnLeader => {
-            let appends: Vec<_> = recs.iter().filter(|r| r.2).collect();
+        | Damage::MissingNewestSegment => {
+            let appends: Vec<_> = recs.iter().filter(|r| r.2 != 0).collect();
+            *appends[appends.len() / 2]
+        }
+        Damage::FlipInOlderSegmentOnLeader => {
+            // A record holding group 1's entries: the read that must find the damage
+            // reads group 1's log (a record of group 2's alone, as a group commit under
+            // load may write, would leave that read clean).
+            let appends: Vec<_> = recs.iter().filter(|r| r.2 & (1 << 1) != 0).collect();
             *appends[appends.len() / 2]
         }
     };
