@@ -394,7 +394,6 @@ async fn start_with(replicas: usize, groups: u64) -> Cluster {
             config.node_id = id;
             config.segment_bytes = segment_bytes();
             config.io_mode = io_mode();
-            config.io_mode = io_mode();
             checkpoint_every(&mut config);
             config.members = ids.iter().copied().collect();
             config.replicas = replicas;

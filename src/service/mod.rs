@@ -346,6 +346,16 @@ impl ChatService {
         }
     }
 
+    /// Registers `conn`, authenticated as `principal`, for live fan-out (after a login
+    /// or a token handshake). A connection without live pushes is left out of the
+    /// registry: nothing is pushed to it unasked, and it does not make its user online.
+    fn register_live(&self, principal: &Principal, conn: &ConnCtx) {
+        if conn.live_pushes() {
+            self.hub
+                .register(principal, conn.connection_id(), conn.pushes().clone());
+        }
+    }
+
     async fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
         let p = conn.principal().ok_or_else(unauthenticated)?;
         // A revoked session stops working at once, not only on the next connection.
@@ -582,13 +592,7 @@ impl ChatService {
                             user_id: user,
                             session_id,
                         };
-                        if conn.live_pushes() {
-                            self.hub.register(
-                                &principal,
-                                conn.connection_id(),
-                                conn.pushes().clone(),
-                            );
-                        }
+                        self.register_live(&principal, conn);
                         conn.set_principal(Some(principal));
                         Ok(Resp::Login(v1::LoginResponse {
                             user_id: user,
@@ -1473,11 +1477,8 @@ impl Service for ChatService {
     }
 
     fn connection_opened(&self, conn: &ConnCtx) {
-        // A connection without live pushes is not in the fan-out registry: nothing is
-        // pushed to it unasked, and it does not make its user online.
-        if let Some(principal) = conn.principal().filter(|_| conn.live_pushes()) {
-            self.hub
-                .register(&principal, conn.connection_id(), conn.pushes().clone());
+        if let Some(principal) = conn.principal() {
+            self.register_live(&principal, conn);
         }
     }
 
