@@ -206,9 +206,24 @@ pub enum ProposeError {
     },
 }
 
-/// One local replica of a group.
+/// One local replica of a group: a handle, cloned with one reference count (every
+/// request looks its group up, some more than once, and a clone per lookup of each
+/// part's own `Arc` was a dozen atomic updates on lines both cores share).
 #[derive(Debug, Clone)]
-pub struct Group {
+pub struct Group(Arc<GroupParts>);
+
+impl std::ops::Deref for Group {
+    type Target = GroupParts;
+
+    fn deref(&self) -> &GroupParts {
+        &self.0
+    }
+}
+
+/// What a [`Group`] handle holds; reached only through the handle's methods.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct GroupParts {
     id: GroupId,
     node_id: NodeId,
     engine: Arc<Engine>,
@@ -733,7 +748,7 @@ impl GroupRegistry {
 
 impl crate::network::GroupDirectory for GroupRegistry {
     fn raft(&self, group: GroupId) -> Option<ChatRaft> {
-        self.group(group).map(|g| g.raft)
+        self.group(group).map(|g| g.raft.clone())
     }
 
     fn vote_refusal(&self, group: GroupId) -> Option<String> {
@@ -805,6 +820,9 @@ pub struct Node {
     /// The placement as group 0 last applied it here; before the controller bootstraps
     /// it, the one computed from the static flags (version 0).
     placement: RwLock<Arc<Placement>>,
+    /// `placement`'s count of chat groups, kept with it: every request checks its id
+    /// against it, and counting the placement's groups per request costs O(groups).
+    chat_groups: std::sync::atomic::AtomicU64,
     /// Peer addresses of the initial members (the bootstrap placement records them).
     member_addrs: BTreeMap<NodeId, String>,
     /// Bumped each time a local replica starts or stops (the fan-out hub and the HTTP
@@ -890,7 +908,7 @@ where
         ))
         .abort_handle(),
     );
-    let group = Group {
+    let group = Group(Arc::new(GroupParts {
         id: g,
         node_id,
         engine,
@@ -903,7 +921,7 @@ where
         retention,
         commit_latency,
         repair,
-    };
+    }));
     registry.insert(group.clone());
     Ok(group)
 }
@@ -1047,6 +1065,7 @@ impl Node {
             build,
             router,
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
+            chat_groups: std::sync::atomic::AtomicU64::new(placement.chat_groups()),
             placement: RwLock::new(Arc::new(placement)),
             member_addrs: addrs,
             local_changes: tokio::sync::watch::channel(0).0,
@@ -1262,7 +1281,12 @@ impl Node {
                 }
             }
         }
-        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placement);
+        let chat_groups = placement.chat_groups();
+        let mut current = self.placement.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(placement);
+        // Under the placement's lock, so two updates store their counts in their order.
+        self.chat_groups
+            .store(chat_groups, std::sync::atomic::Ordering::Release);
     }
 
     /// The static placement with the initial members' addresses: what the controller
@@ -1278,7 +1302,7 @@ impl Node {
 
     /// Chat groups in the cluster now (ids `1..=chat_groups()`).
     pub fn chat_groups(&self) -> u64 {
-        self.placement().chat_groups()
+        self.chat_groups.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Changes each time a local replica starts or stops.
@@ -1324,7 +1348,14 @@ impl Node {
     /// as a voter. A replica that a move is still adding holds only part of the group
     /// (it may be empty), so it serves nothing until the move promoted it.
     pub fn serving_group(&self, g: GroupId) -> Option<Group> {
-        if !self.placement().replicas(g).contains(&self.config.node_id) {
+        // Read under the lock, without a clone of the placement's `Arc`.
+        let voter = self
+            .placement
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .replicas(g)
+            .contains(&self.config.node_id);
+        if !voter {
             return None;
         }
         // Issue 9: a damaged replica serves no reads until repaired.
