@@ -120,7 +120,7 @@ pub struct EventLoc {
 }
 
 impl EventLoc {
-    fn new(raft_index: u64, pos: usize, kind: EventKind, sender: UserId) -> EventLoc {
+    pub(crate) fn new(raft_index: u64, pos: usize, kind: EventKind, sender: UserId) -> EventLoc {
         debug_assert!(raft_index <= EVENT_RAFT_INDEX_MAX && pos < (1 << 16));
         EventLoc {
             packed: (raft_index << 24) | ((pos as u64) << 8) | ((kind as u64) << 1),
@@ -1001,8 +1001,8 @@ impl GroupState {
 
     /// The first seq of `chat` whose event was applied in a Raft entry after
     /// `raft_index` (the head + 1 when none was), `None` if there is no such chat. A
-    /// binary search: events are appended in apply order. For the fan-out cursors
-    /// (`crate::feed`), which are Raft indexes and so the same on every replica.
+    /// search from the head back (events are appended in apply order): for the fan-out
+    /// cursors (`crate::feed`), which are recent Raft indexes, the same on every replica.
     pub fn chat_seq_after(&self, chat: ChatId, raft_index: u64) -> Option<u64> {
         let c = self.chats.get(&chat)?;
         Some(c.events.partition_point(|e| e.raft_index() <= raft_index) as u64 + 1)
