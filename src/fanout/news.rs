@@ -22,8 +22,9 @@ use super::{Hub, OnlineUser};
 
 /// Whose news is wanted.
 pub(super) enum Audience<'a> {
-    /// The users online on this node (the local watcher). Every chat that moved is
-    /// answered, with or without recipients: push notifications look at all of them.
+    /// The users online on this node (the local watcher). With push notifications
+    /// (`--push-webhook`) every chat that moved is answered, with or without recipients:
+    /// the notifier looks at all of them. Without, only chats with a recipient.
     OnlineHere,
     /// Users online on a polling node. Only chats one of them is a member of are
     /// answered.
@@ -125,7 +126,7 @@ impl Hub {
         let (set, every_moved_chat) = match audience {
             Audience::OnlineHere => {
                 online = self.online();
-                (Set::Online(&online.users), true)
+                (Set::Online(&online.users), self.notifier.get().is_some())
             }
             Audience::Users(s) => (Set::Given(s), false),
         };
@@ -140,18 +141,18 @@ impl Hub {
                 .take_while(|chat| st.head_seq(*chat).is_some())
                 .collect::<Vec<_>>()
         };
-        let chats: Vec<ChatId> = chats.map_or_else(all_chats, |c| c.into_iter().collect());
+        // Nobody to answer and no chat wanted without recipients: no chat is looked at
+        // (the watcher of a node with nobody online, or of a busy group whose members
+        // are all elsewhere, otherwise searched two seqs per moved chat, per wake-up).
+        let chats: Vec<ChatId> = if set.len() == 0 && !every_moved_chat {
+            Vec::new()
+        } else {
+            chats.map_or_else(all_chats, |c| c.into_iter().collect())
+        };
         for chat in chats {
-            let (Some(from), Some(next)) = (
-                st.chat_seq_after(chat, after),
-                st.chat_seq_after(chat, through),
-            ) else {
-                continue;
-            };
-            if from >= next {
-                continue;
-            }
             let Some(view) = st.chat(chat) else { continue };
+            // The recipients first: a chat nobody here receives is skipped before its
+            // seqs are searched.
             let mut recipients = Vec::new();
             if (set.len() as u64) < view.member_count {
                 recipients.extend(set.users().filter(|u| st.role(chat, *u).is_some()));
@@ -159,6 +160,15 @@ impl Hub {
                 recipients.extend(members.iter().map(|m| m.user).filter(|u| set.contains(*u)));
             }
             if recipients.is_empty() && !every_moved_chat {
+                continue;
+            }
+            let (Some(from), Some(next)) = (
+                st.chat_seq_after(chat, after),
+                st.chat_seq_after(chat, through),
+            ) else {
+                continue;
+            };
+            if from >= next {
                 continue;
             }
             news.chats.push(ChatNews {
@@ -291,9 +301,23 @@ mod tests {
             5,
             "10 entries, every other one to this chat"
         );
-        // The local watcher's audience (nobody online) still sees both chats move.
+        // The local watcher's audience, nobody online and no push notifications: no
+        // chat is named (nobody to push to), but the cursor still moves on.
         let local = hub.news(&group, mid, u64::MAX, Audience::OnlineHere);
-        assert_eq!(local.chats.len(), 2);
+        assert!(local.chats.is_empty(), "{local:?}");
+        assert_eq!(local.through, old.through);
+        // With push notifications the same audience sees both chats move (the notifier
+        // looks at members without an online session). Its webhook is never called:
+        // nothing is posted once it is set, and its collapse window outlasts the test.
+        let config = crate::notify::NotifyConfig::parse(
+            "http://127.0.0.1:9/hook",
+            None,
+            Duration::from_secs(60),
+        )
+        .expect("webhook url");
+        hub.set_notifier(crate::notify::Notifier::start(Arc::clone(&node), config));
+        let local = hub.news(&group, mid, u64::MAX, Audience::OnlineHere);
+        assert_eq!(local.chats.len(), 2, "{local:?}");
         assert!(local.chats.iter().all(|c| c.recipients.is_empty()));
         drop(hub);
     }
