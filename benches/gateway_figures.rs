@@ -13,8 +13,15 @@
 //! the server process's, though the cores are still shared). A third run repeats the
 //! first with the clients' handshakes setting `no_live_pushes` (a sender that takes no
 //! live pushes, as a bot or the CLI's `send`): each chat's only member is its poster, so
-//! that run has no fan-out at all, like the in-process core. CPU per post is the
-//! process's CPU time (`getrusage`) over the posts acknowledged in the same interval.
+//! that run has no fan-out at all, like the in-process core; the load generator runs
+//! without live pushes too. CPU per post is the process's CPU time (`getrusage`) over
+//! the posts acknowledged in the same interval: with a separate load generator, the
+//! server's CPU per post without live pushes against the core's is what the protocol
+//! itself costs the server, whatever the clients cost. Each run line also gives the
+//! posts acknowledged per fdatasync of the node's engine: throughput is the syncs' pace
+//! times their batch, and posts held outside the core (in clients, sockets, answer
+//! queues) are posts missing from its batches. `CHATLOG_GW_RUNS` picks and orders the
+//! runs of a repeat (see [`RUN_KINDS`]).
 
 // The server's allocator (root Cargo.toml, `tikv-jemallocator`: why).
 #[global_allocator]
@@ -67,6 +74,17 @@ struct Run {
     rate: f64,
     hist: Histogram<u64>,
     cpu_us_per_post: f64,
+    /// Posts acknowledged per fdatasync of the node's engine over the interval (how
+    /// well group commit batched them), where this process runs the node.
+    posts_per_sync: Option<f64>,
+}
+
+/// The node of this process (the server's; unset in a load generator), for its
+/// engine's sync count in [`measure`].
+static NODE: std::sync::OnceLock<Arc<Node>> = std::sync::OnceLock::new();
+
+fn syncs() -> Option<u64> {
+    NODE.get().map(|node| node.engine().stats().syncs)
 }
 
 struct Setup {
@@ -93,6 +111,7 @@ async fn setup() -> Setup {
         .await
         .expect("leaders");
     let node = Arc::new(node);
+    let _ = NODE.set(Arc::clone(&node));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -329,10 +348,14 @@ async fn measure(
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     let cpu0 = cpu_us();
+    let syncs0 = syncs();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     measuring.store(false, Ordering::Relaxed);
     let cpu = cpu_us() - cpu0;
     let posts = done.load(Ordering::Relaxed);
+    let posts_per_sync = syncs()
+        .zip(syncs0)
+        .map(|(end, start)| posts as f64 / (end - start).max(1) as f64);
     let rate = posts as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("hist");
@@ -343,6 +366,7 @@ async fn measure(
         rate,
         hist,
         cpu_us_per_post: cpu as f64 / posts.max(1) as f64,
+        posts_per_sync,
     }
 }
 
@@ -350,7 +374,7 @@ async fn measure(
 /// (see [`loadgen_main`]). Returns the load generator's run (its CPU per post is the
 /// load generator's) and this process's (the server's) CPU µs per post over the same
 /// measured interval.
-async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
+async fn through_gateway_separate(s: &Setup, secs: u64, live_pushes: bool) -> (Run, f64) {
     let tokens: Vec<String> = s.users.iter().map(|(token, _)| token.clone()).collect();
     let chats: Vec<String> = s
         .chats
@@ -369,20 +393,26 @@ async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
             .env("CHATLOG_GW_LOADGEN_TOKENS", tokens.join(" "))
             .env("CHATLOG_GW_LOADGEN_CHATS", chats.join(" "))
             .env("CHATLOG_GW_LOADGEN_RUN", run.to_string())
+            .env(
+                "CHATLOG_GW_LOADGEN_LIVE",
+                u64::from(live_pushes).to_string(),
+            )
             .env("CHATLOG_GW_SECS", secs.to_string())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("the load generator starts");
         let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         // The load generator says when its measured interval starts and ends.
-        let mut cpu0 = 0;
+        let (mut cpu0, mut syncs0) = (0, None);
         let mut result = None;
         for line in stdout.lines() {
             let line = line.expect("load generator output");
             if line == "measuring" {
                 cpu0 = cpu_us();
+                syncs0 = syncs();
             } else if let Some(rest) = line.strip_prefix("done ") {
                 let server_cpu = cpu_us() - cpu0;
+                let synced = syncs().zip(syncs0).map(|(end, start)| (end - start).max(1));
                 // RATE POSTS P50_US P99_US CPU_US_PER_POST
                 let v: Vec<f64> = rest
                     .split(' ')
@@ -395,6 +425,7 @@ async fn through_gateway_separate(s: &Setup, secs: u64) -> (Run, f64) {
                         rate: v[0],
                         hist,
                         cpu_us_per_post: v[4],
+                        posts_per_sync: synced.map(|n| v[1] / n as f64),
                     },
                     server_cpu as f64 / v[1].max(1.0),
                     v[3],
@@ -442,6 +473,7 @@ fn loadgen_main(addr: String) {
             println!("measuring");
         });
         let run = env_u64("CHATLOG_GW_LOADGEN_RUN", 0);
+        let live_pushes = env_u64("CHATLOG_GW_LOADGEN_LIVE", 1) != 0;
         let run = load(
             &addr,
             &tokens,
@@ -449,7 +481,7 @@ fn loadgen_main(addr: String) {
             CONNECTIONS,
             IN_FLIGHT,
             secs,
-            true,
+            live_pushes,
             run,
         )
         .await;
@@ -475,12 +507,71 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The kinds of run of one repeat, in the order they run: `CHATLOG_GW_RUNS`, a comma list
+/// of `live` (clients in this process), `quiet` (the same without live pushes), `core`
+/// (in-process), `separate` (load generator in its own process), `separate_quiet` (the
+/// same without live pushes: the server then does what the core does, plus the
+/// protocol), `serial` (1 × 1 through the gateway and in-process); default all six, in
+/// that order. Choosing some (for a profile of one kind) or another order (each run adds
+/// ~0.5M posts to the state the next one works on) is for A/B work; the table prints the
+/// columns that ran.
+const RUN_KINDS: [&str; 6] = [
+    "live",
+    "quiet",
+    "core",
+    "separate",
+    "separate_quiet",
+    "serial",
+];
+
+fn run_kinds() -> Vec<&'static str> {
+    let Ok(list) = std::env::var("CHATLOG_GW_RUNS") else {
+        return RUN_KINDS.to_vec();
+    };
+    let kinds: Vec<&'static str> = list
+        .split(',')
+        .map(|k| {
+            *RUN_KINDS
+                .iter()
+                .find(|known| **known == k.trim())
+                .unwrap_or_else(|| panic!("CHATLOG_GW_RUNS: {k:?} is none of {RUN_KINDS:?}"))
+        })
+        .collect();
+    assert!(!kinds.is_empty(), "CHATLOG_GW_RUNS names no run");
+    kinds
+}
+
+/// `part / whole` as a percentage, or a dash when either column did not run.
+fn ratio(part: &[f64], whole: &[f64]) -> String {
+    if part.is_empty() || whole.is_empty() {
+        return "–".into();
+    }
+    format!(
+        "{:.0}%",
+        100.0 * median(part.to_vec()) / median(whole.to_vec())
+    )
+}
+
+/// The median as a figure with `decimals`, or a dash for a column that did not run.
+fn fig(v: &[f64], decimals: usize) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    format!("{:.*}", decimals, median(v.to_vec()))
+}
+
+/// ", N posts per sync" for a run line, when the run measured it.
+fn per_sync(posts_per_sync: Option<f64>) -> String {
+    posts_per_sync.map_or_else(String::new, |n| format!(", {n:.1} posts per sync"))
+}
+
 fn main() {
     if let Ok(addr) = std::env::var("CHATLOG_GW_LOADGEN_ADDR") {
         return loadgen_main(addr);
     }
     let secs = env_u64("CHATLOG_GW_SECS", 5);
     let repeats = env_u64("CHATLOG_GW_REPEATS", 3).max(1);
+    let kinds = run_kinds();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -492,81 +583,140 @@ fn main() {
         let (mut gw_p99, mut gw_cpu, mut core_cpu) = (vec![], vec![], vec![]);
         let (mut sep, mut sep_p99, mut sep_server_cpu, mut sep_client_cpu) =
             (vec![], vec![], vec![], vec![]);
+        let (mut sepq, mut sepq_p99, mut sepq_server_cpu, mut sepq_client_cpu) =
+            (vec![], vec![], vec![], vec![]);
         for r in 0..repeats {
-            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, true).await;
-            let p99 = ms(run.hist.value_at_quantile(0.99));
-            eprintln!(
-                "run {r}: gateway {:.0}/s p99 {p99:.2} ms, {:.1} µs CPU per post",
-                run.rate, run.cpu_us_per_post
-            );
-            gw.push(run.rate);
-            gw_p99.push(p99);
-            gw_cpu.push(run.cpu_us_per_post);
-            let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, false).await;
-            let p99 = ms(run.hist.value_at_quantile(0.99));
-            eprintln!(
-                "run {r}: gateway, connections without live pushes {:.0}/s p99 {p99:.2} ms, \
-                 {:.1} µs CPU per post",
-                run.rate, run.cpu_us_per_post
-            );
-            quiet.push(run.rate);
-            quiet_p99.push(p99);
-            quiet_cpu.push(run.cpu_us_per_post);
-            let run = in_process(&s, CONNECTIONS * IN_FLIGHT, secs).await;
-            eprintln!(
-                "run {r}: in-process {:.0}/s, {:.1} µs CPU per post",
-                run.rate, run.cpu_us_per_post
-            );
-            core.push(run.rate);
-            core_cpu.push(run.cpu_us_per_post);
-            let (run, server_cpu) = through_gateway_separate(&s, secs).await;
-            let p99 = SEPARATE_P99_US.load(Ordering::Relaxed) as f64 / 1000.0;
-            eprintln!(
-                "run {r}: gateway, load generator in its own process {:.0}/s p99 {p99:.2} ms, \
-                 server {server_cpu:.1} + load generator {:.1} µs CPU per post",
-                run.rate, run.cpu_us_per_post
-            );
-            sep.push(run.rate);
-            sep_p99.push(p99);
-            sep_server_cpu.push(server_cpu);
-            sep_client_cpu.push(run.cpu_us_per_post);
-            let run = through_gateway(&s, 1, 1, secs, true).await;
-            serial.push(ms(run.hist.value_at_quantile(0.5)));
-            eprintln!("run {r}: serial p50 {:.3} ms", ms(run.hist.value_at_quantile(0.5)));
-            let run = in_process(&s, 1, secs).await;
-            serial_core.push(ms(run.hist.value_at_quantile(0.5)));
+            for kind in &kinds {
+                match *kind {
+                    "live" => {
+                        let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, true).await;
+                        let p99 = ms(run.hist.value_at_quantile(0.99));
+                        eprintln!(
+                            "run {r}: gateway {:.0}/s p99 {p99:.2} ms, {:.1} µs CPU per post{}",
+                            run.rate,
+                            run.cpu_us_per_post,
+                            per_sync(run.posts_per_sync)
+                        );
+                        gw.push(run.rate);
+                        gw_p99.push(p99);
+                        gw_cpu.push(run.cpu_us_per_post);
+                    }
+                    "quiet" => {
+                        let run = through_gateway(&s, CONNECTIONS, IN_FLIGHT, secs, false).await;
+                        let p99 = ms(run.hist.value_at_quantile(0.99));
+                        eprintln!(
+                            "run {r}: gateway, connections without live pushes {:.0}/s p99 \
+                             {p99:.2} ms, {:.1} µs CPU per post{}",
+                            run.rate,
+                            run.cpu_us_per_post,
+                            per_sync(run.posts_per_sync)
+                        );
+                        quiet.push(run.rate);
+                        quiet_p99.push(p99);
+                        quiet_cpu.push(run.cpu_us_per_post);
+                    }
+                    "core" => {
+                        let run = in_process(&s, CONNECTIONS * IN_FLIGHT, secs).await;
+                        eprintln!(
+                            "run {r}: in-process {:.0}/s, {:.1} µs CPU per post{}",
+                            run.rate,
+                            run.cpu_us_per_post,
+                            per_sync(run.posts_per_sync)
+                        );
+                        core.push(run.rate);
+                        core_cpu.push(run.cpu_us_per_post);
+                    }
+                    "separate" => {
+                        let (run, server_cpu) = through_gateway_separate(&s, secs, true).await;
+                        let p99 = SEPARATE_P99_US.load(Ordering::Relaxed) as f64 / 1000.0;
+                        eprintln!(
+                            "run {r}: gateway, load generator in its own process {:.0}/s p99 \
+                             {p99:.2} ms, server {server_cpu:.1} + load generator {:.1} µs CPU \
+                             per post{}",
+                            run.rate,
+                            run.cpu_us_per_post,
+                            per_sync(run.posts_per_sync)
+                        );
+                        sep.push(run.rate);
+                        sep_p99.push(p99);
+                        sep_server_cpu.push(server_cpu);
+                        sep_client_cpu.push(run.cpu_us_per_post);
+                    }
+                    "separate_quiet" => {
+                        let (run, server_cpu) = through_gateway_separate(&s, secs, false).await;
+                        let p99 = SEPARATE_P99_US.load(Ordering::Relaxed) as f64 / 1000.0;
+                        eprintln!(
+                            "run {r}: gateway, load generator in its own process without live \
+                             pushes {:.0}/s p99 {p99:.2} ms, server {server_cpu:.1} + load \
+                             generator {:.1} µs CPU per post{}",
+                            run.rate,
+                            run.cpu_us_per_post,
+                            per_sync(run.posts_per_sync)
+                        );
+                        sepq.push(run.rate);
+                        sepq_p99.push(p99);
+                        sepq_server_cpu.push(server_cpu);
+                        sepq_client_cpu.push(run.cpu_us_per_post);
+                    }
+                    _ => {
+                        let run = through_gateway(&s, 1, 1, secs, true).await;
+                        serial.push(ms(run.hist.value_at_quantile(0.5)));
+                        eprintln!(
+                            "run {r}: serial p50 {:.3} ms",
+                            ms(run.hist.value_at_quantile(0.5))
+                        );
+                        let run = in_process(&s, 1, secs).await;
+                        serial_core.push(ms(run.hist.value_at_quantile(0.5)));
+                    }
+                }
+            }
         }
-        let (g, c, sp) = (median(gw), median(core), median(sep));
+        let c = fig(&core, 0);
         println!("| load | through the gateway | in-process core | ratio |");
         println!("|---|---|---|---|");
         println!(
-            "| 4 conns × 64 in flight, 256 B, 1,000 chats, 16 groups, posts/s (median of {repeats}); clients in the server's process | {g:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
-            median(gw_p99),
-            100.0 * g / c
-        );
-        let q = median(quiet);
-        println!(
-            "| the same, the clients' connections without live pushes (`no_live_pushes`: no post pushed back to its sender) | {q:.0} (p99 {:.2} ms, {:.1} µs CPU per post) | {c:.0} | {:.0}% |",
-            median(quiet_p99),
-            median(quiet_cpu),
-            100.0 * q / c
+            "| 4 conns × 64 in flight, 256 B, 1,000 chats, 16 groups, posts/s (median of {repeats}); clients in the server's process | {} (p99 {} ms) | {c} | {} |",
+            fig(&gw, 0),
+            fig(&gw_p99, 2),
+            ratio(&gw, &core)
         );
         println!(
-            "| the same, load generator in its own process | {sp:.0} (p99 {:.2} ms) | {c:.0} | {:.0}% |",
-            median(sep_p99),
-            100.0 * sp / c
+            "| the same, the clients' connections without live pushes (`no_live_pushes`: no post pushed back to its sender) | {} (p99 {} ms, {} µs CPU per post) | {c} | {} |",
+            fig(&quiet, 0),
+            fig(&quiet_p99, 2),
+            fig(&quiet_cpu, 1),
+            ratio(&quiet, &core)
         );
         println!(
-            "| CPU µs per post (median): clients in process / server + separate load generator / in-process core | {:.1} | {:.1} + {:.1} | {:.1} |",
-            median(gw_cpu),
-            median(sep_server_cpu),
-            median(sep_client_cpu),
-            median(core_cpu)
+            "| the same, load generator in its own process | {} (p99 {} ms) | {c} | {} |",
+            fig(&sep, 0),
+            fig(&sep_p99, 2),
+            ratio(&sep, &core)
         );
         println!(
-            "| 1 conn × 1 in flight, p50 ms (median of {repeats}) | {:.3} | {:.3} | |",
-            median(serial),
-            median(serial_core)
+            "| the same, load generator in its own process, without live pushes | {} (p99 {} ms) | {c} | {} |",
+            fig(&sepq, 0),
+            fig(&sepq_p99, 2),
+            ratio(&sepq, &core)
+        );
+        println!(
+            "| CPU µs per post (median): clients in process / server + separate load generator / in-process core | {} | {} + {} | {} |",
+            fig(&gw_cpu, 1),
+            fig(&sep_server_cpu, 1),
+            fig(&sep_client_cpu, 1),
+            fig(&core_cpu, 1)
+        );
+        println!(
+            "| CPU µs per post (median), without live pushes: server + separate load generator / in-process core (the core's CPU per post over the server's: {}) | {} + {} | {} | |",
+            ratio(&core_cpu, &sepq_server_cpu),
+            fig(&sepq_server_cpu, 1),
+            fig(&sepq_client_cpu, 1),
+            fig(&core_cpu, 1)
+        );
+        println!(
+            "| 1 conn × 1 in flight, p50 ms (median of {repeats}) | {} | {} | |",
+            fig(&serial, 3),
+            fig(&serial_core, 3)
         );
         let _ = s.stop.send(());
     });
