@@ -18,9 +18,9 @@
 //! the posts acknowledged in the same interval: with a separate load generator, the
 //! server's CPU per post without live pushes against the core's is what the protocol
 //! itself costs the server, whatever the clients cost. Each run line also gives the
-//! posts acknowledged per fdatasync of the node's engine: throughput is the syncs' pace
-//! times their batch, and posts held outside the core (in clients, sockets, answer
-//! queues) are posts missing from its batches. `CHATLOG_GW_RUNS` picks and orders the
+//! posts acknowledged per fdatasync of the node's engine and per Raft entry: throughput
+//! is the syncs' pace times their batch, and posts held outside the core (in clients,
+//! sockets, answer queues) are posts missing from its batches. `CHATLOG_GW_RUNS` picks and orders the
 //! runs of a repeat (see [`RUN_KINDS`]).
 
 // The server's allocator (root Cargo.toml, `tikv-jemallocator`: why).
@@ -75,16 +75,38 @@ struct Run {
     hist: Histogram<u64>,
     cpu_us_per_post: f64,
     /// Posts acknowledged per fdatasync of the node's engine over the interval (how
-    /// well group commit batched them), where this process runs the node.
-    posts_per_sync: Option<f64>,
+    /// well group commit batched them), and per Raft entry appended (how well each
+    /// group's batcher did), where this process runs the node.
+    posts_per_sync: Option<(f64, f64)>,
 }
 
 /// The node of this process (the server's; unset in a load generator), for its
 /// engine's sync count in [`measure`].
 static NODE: std::sync::OnceLock<Arc<Node>> = std::sync::OnceLock::new();
 
-fn syncs() -> Option<u64> {
-    NODE.get().map(|node| node.engine().stats().syncs)
+/// The node's engine's fdatasyncs so far, and the Raft entries its groups hold.
+fn syncs() -> Option<(u64, u64)> {
+    NODE.get().map(|node| {
+        let entries = node
+            .groups()
+            .iter()
+            .map(|g| {
+                openraft::async_runtime::WatchReceiver::borrow_watched(&g.raft().metrics())
+                    .last_log_index
+                    .unwrap_or(0)
+            })
+            .sum();
+        (node.engine().stats().syncs, entries)
+    })
+}
+
+/// Posts per sync and per Raft entry between two [`syncs`] readings.
+fn batching(posts: f64, start: Option<(u64, u64)>, end: Option<(u64, u64)>) -> Option<(f64, f64)> {
+    let ((s0, e0), (s1, e1)) = (start?, end?);
+    Some((
+        posts / (s1 - s0).max(1) as f64,
+        posts / (e1 - e0).max(1) as f64,
+    ))
 }
 
 struct Setup {
@@ -353,9 +375,7 @@ async fn measure(
     measuring.store(false, Ordering::Relaxed);
     let cpu = cpu_us() - cpu0;
     let posts = done.load(Ordering::Relaxed);
-    let posts_per_sync = syncs()
-        .zip(syncs0)
-        .map(|(end, start)| posts as f64 / (end - start).max(1) as f64);
+    let posts_per_sync = batching(posts as f64, syncs0, syncs());
     let rate = posts as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new(3).expect("hist");
@@ -412,7 +432,7 @@ async fn through_gateway_separate(s: &Setup, secs: u64, live_pushes: bool) -> (R
                 syncs0 = syncs();
             } else if let Some(rest) = line.strip_prefix("done ") {
                 let server_cpu = cpu_us() - cpu0;
-                let synced = syncs().zip(syncs0).map(|(end, start)| (end - start).max(1));
+                let synced = syncs();
                 // RATE POSTS P50_US P99_US CPU_US_PER_POST
                 let v: Vec<f64> = rest
                     .split(' ')
@@ -425,7 +445,7 @@ async fn through_gateway_separate(s: &Setup, secs: u64, live_pushes: bool) -> (R
                         rate: v[0],
                         hist,
                         cpu_us_per_post: v[4],
-                        posts_per_sync: synced.map(|n| v[1] / n as f64),
+                        posts_per_sync: batching(v[1], syncs0, synced),
                     },
                     server_cpu as f64 / v[1].max(1.0),
                     v[3],
@@ -560,9 +580,11 @@ fn fig(v: &[f64], decimals: usize) -> String {
     format!("{:.*}", decimals, median(v.to_vec()))
 }
 
-/// ", N posts per sync" for a run line, when the run measured it.
-fn per_sync(posts_per_sync: Option<f64>) -> String {
-    posts_per_sync.map_or_else(String::new, |n| format!(", {n:.1} posts per sync"))
+/// ", N posts per sync, M per Raft entry" for a run line, when the run measured them.
+fn per_sync(posts_per_sync: Option<(f64, f64)>) -> String {
+    posts_per_sync.map_or_else(String::new, |(sync, entry)| {
+        format!(", {sync:.1} posts per sync, {entry:.1} per Raft entry")
+    })
 }
 
 fn main() {
