@@ -175,6 +175,11 @@ pub struct Config {
     pub read_cache_bytes: usize,
     /// Who runs the engine's work. Default [`EngineThreads::Background`].
     pub threads: EngineThreads,
+    /// Fault injection for tests (a slow disk): each group commit's write is held this
+    /// long after it started, and again before its completion is awaited. Default zero;
+    /// nothing in the server sets it.
+    #[doc(hidden)]
+    pub slow_device_for_tests: std::time::Duration,
 }
 
 impl Config {
@@ -198,6 +203,7 @@ impl Config {
             sync_on_commit: true,
             read_cache_bytes: 64 << 20,
             threads: EngineThreads::Background,
+            slow_device_for_tests: std::time::Duration::ZERO,
         }
     }
 

@@ -225,8 +225,9 @@ impl Engine {
             EngineThreads::Background => config.io_mode,
             EngineThreads::Inline { .. } => crate::config::IoMode::Syscall,
         };
-        let writer = crate::io::Writer::new(io_mode, config.sync_spin_us)
-            .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
+        let writer =
+            crate::io::Writer::new(io_mode, config.sync_spin_us, config.slow_device_for_tests)
+                .map_err(|e| Error::io("setting up io_uring", &config.dir, e))?;
         let recovered = recovery::recover(&config, fs.as_ref())?;
         let damage = recovered.damage.clone();
         let queue_bytes_max = config

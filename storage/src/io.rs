@@ -19,6 +19,8 @@ pub(crate) struct Writer {
     spin: Duration,
     /// The write + sync begun by [`Writer::start`], not yet finished.
     started: Option<Started>,
+    /// `Config::slow_device_for_tests`: held after a start and before a finish.
+    slow: Duration,
 }
 
 /// See [`Writer::started`].
@@ -40,9 +42,9 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     /// Chooses the backend. `Err` only when io_uring was demanded and is missing.
-    pub(crate) fn new(mode: IoMode, sync_spin_us: u32) -> io::Result<Writer> {
+    pub(crate) fn new(mode: IoMode, sync_spin_us: u32, slow: Duration) -> io::Result<Writer> {
         let spin = Duration::from_micros(sync_spin_us as u64);
-        match mode {
+        let writer = match mode {
             IoMode::Syscall => Ok(Writer::syscall(spin)),
             IoMode::Uring | IoMode::Auto => match Writer::uring(spin) {
                 Ok(w) => Ok(w),
@@ -52,7 +54,8 @@ impl Writer {
                 }
                 Err(e) => Err(e),
             },
-        }
+        };
+        writer.map(|w| Writer { slow, ..w })
     }
 
     fn syscall(spin: Duration) -> Writer {
@@ -61,6 +64,7 @@ impl Writer {
             ring: None,
             spin,
             started: None,
+            slow: Duration::ZERO,
         }
     }
 
@@ -89,6 +93,7 @@ impl Writer {
             ring: Some(ring),
             spin,
             started: None,
+            slow: Duration::ZERO,
         })
     }
 
@@ -158,6 +163,7 @@ impl Writer {
                 Ok(expected) => Started::Uring { expected },
                 Err(e) => Started::Done(Err(e)),
             });
+            self.hold();
             return true;
         }
         let r = if bufs.is_empty() {
@@ -167,7 +173,15 @@ impl Writer {
                 .and_then(|()| file.sync_data())
         };
         self.started = Some(Started::Done(r));
+        self.hold();
         false
+    }
+
+    /// A slow device, for tests (`Config::slow_device_for_tests`).
+    fn hold(&self) {
+        if !self.slow.is_zero() {
+            std::thread::sleep(self.slow);
+        }
     }
 
     /// Waits for the write and fdatasync begun by [`Writer::start`]. `bufs` and `offset`
@@ -179,6 +193,7 @@ impl Writer {
         bufs: &mut [IoSlice<'_>],
         offset: u64,
     ) -> io::Result<()> {
+        self.hold();
         match self.started.take().expect("a started write") {
             Started::Done(r) => r,
             #[cfg(target_os = "linux")]

@@ -18,8 +18,10 @@
 //! Overlap: while one group's write and fdatasync are in flight on io_uring, the leader
 //! gathers, validates and places the next group (records are written straight from the
 //! submitters' buffers with one vectored write, never copied into a group buffer). Once
-//! the first is durable it submits the next at once and only then applies the first to
-//! the index and calls back. At most one group is in flight, so recovery's rule that
+//! the first is durable it takes in what was queued during the flight (the next group
+//! was gathered just after the first went out; session 11: without this, those batches
+//! waited a whole further flight and every group stayed small), submits the next at
+//! once and only then applies the first to the index and calls back. At most one group is in flight, so recovery's rule that
 //! only the last write can be torn still holds. The syscall backend writes and syncs at
 //! submit, so its groups stay serial; so does the io_uring backend for a group without
 //! company (one batch, nothing queued behind it: a lone writer), where the ring would only
@@ -528,6 +530,9 @@ impl Committer {
         let done = self.in_flight.take().map(|f| self.wait(f));
         let failed = matches!(&done, Some((_, Err(_))));
         if !failed {
+            if done.is_some() {
+                self.gather_more(shared);
+            }
             self.in_flight = self.start_group(shared);
         }
         if let Some((f, result)) = done {
@@ -539,6 +544,49 @@ impl Committer {
         if let Some(mut f) = self.in_flight.take() {
             self.stage(shared, &mut f);
             self.in_flight = Some(f);
+        }
+    }
+
+    /// Takes into the buffered group the write batches queued since it was gathered: the
+    /// group was gathered just after the one before it went out, and batches queued while
+    /// that one was in flight would otherwise wait out this group's flight too (a group
+    /// later, and every group smaller). Up to the group limits; it stops at anything but
+    /// a write (a rotation or shutdown keeps its place in the queue) and at a batch that
+    /// would not fit the active segment (sealing here would write the buffered group
+    /// before the one just durable is completed, out of submission order).
+    fn gather_more(&mut self, shared: &Shared) {
+        if self.group.is_empty() {
+            return;
+        }
+        let group_max = shared.config.group_commit_bytes_max;
+        let limit = self.active.len.min(shared.config.segment_bytes) - SEAL_RESERVE_BYTES;
+        let mut taken = Vec::new();
+        {
+            let mut q = shared.queue.lock().expect("queue lock");
+            let (mut bytes, mut records) = (self.group_bytes, self.group.len());
+            while bytes < group_max && records < GROUP_RECORDS_MAX - 1 {
+                let fits = match q.msgs.front() {
+                    Some(Msg::Write(batch, _, _)) => {
+                        self.offset + (bytes + batch.record.len()) as u64 <= limit
+                    }
+                    _ => false,
+                };
+                if !fits {
+                    break;
+                }
+                let m = q.msgs.pop_front().expect("the front was just looked at");
+                bytes += msg_bytes(&m);
+                records += 1;
+                taken.push(m);
+            }
+        }
+        for m in taken {
+            if let Msg::Write(batch, done, submitted) = m {
+                let bytes = crate::engine::queued_bytes(&batch).min(shared.queue_bytes_max);
+                self.add(shared, batch, done, submitted);
+                shared.queue_budget.add_permits(bytes as usize);
+                shared.queue_slots.add_permits(1);
+            }
         }
     }
 

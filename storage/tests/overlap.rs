@@ -14,6 +14,10 @@
 //!   are a prefix and everything after is `Err(Stopped)` (fail-stop), and a reopen holds
 //!   every acknowledged entry.
 //!
+//! - `batches_queued_during_a_flight_join_the_next_group`: on a slow device (fault
+//!   injection), batches queued while a group is in flight go out with the very next
+//!   group, not one group later.
+//!
 //! Seeded: `CHATLOG_TEST_SEED=<n>` replays a run; the seed is printed.
 
 mod common;
@@ -373,5 +377,80 @@ fn a_lone_writer_skips_the_ring_and_queued_batches_take_it() {
         drop(engine);
         let engine = Engine::open(config(dir.path(), mode)).unwrap();
         check_items(&engine, &all);
+    }
+}
+
+/// Session 11: the committer gathers a group just after the one before it went out, and
+/// takes in what was queued meanwhile just before sending it. On a device held 300 ms
+/// after each group starts and again before it is awaited (`slow_device_for_tests`):
+/// batch A goes out alone; B is queued while A's group is starting, so it is gathered
+/// right after; C and D are queued while A's group is awaited. B, C and D then go out as
+/// one group: two fdatasyncs for the four batches. (Before, B went out alone and C and D
+/// one group later: three, and C and D waited out B's flight too.) Every batch is
+/// acknowledged once, in order, and reads back.
+#[test]
+fn batches_queued_during_a_flight_join_the_next_group() {
+    const SLOW: Duration = Duration::from_millis(300);
+    for mode in [IoMode::Uring, IoMode::Syscall] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), mode);
+        c.slow_device_for_tests = SLOW;
+        let engine = match Engine::open(c) {
+            Ok(e) => e,
+            Err(e) if mode == IoMode::Uring => {
+                println!("io_uring unavailable here ({e}); that backend is not exercised");
+                continue;
+            }
+            Err(e) => panic!("open: {e}"),
+        };
+        let syncs_before = engine.stats().syncs;
+        let acked: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // A at 0, B at 100 ms (A's group is starting until 300 ms), C and D at 400 and
+        // 450 ms (A's group is awaited until 600 ms).
+        let start = Instant::now();
+        for (k, at_ms) in [(1u64, 0u64), (2, 100), (3, 400), (4, 450)] {
+            let at = start + Duration::from_millis(at_ms);
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            let mut b = WriteBatch::new();
+            b.append(7, k, &payload(7, k, 100));
+            let acked = acked.clone();
+            rt.block_on(engine.submit(
+                &b,
+                Box::new(move |r| {
+                    r.unwrap_or_else(|e| panic!("batch {k}: {e}"));
+                    acked.lock().unwrap().push(k);
+                }),
+            ))
+            .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap().len() < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "{mode:?}: acknowledgements missing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            *acked.lock().unwrap(),
+            vec![1, 2, 3, 4],
+            "{mode:?}: out of order"
+        );
+        let syncs = engine.stats().syncs - syncs_before;
+        println!(
+            "{mode:?} ({}): 4 batches in {syncs} syncs",
+            engine.io_backend()
+        );
+        assert_eq!(
+            syncs, 2,
+            "{mode:?}: B, C and D go out in one group after A's"
+        );
+        for k in 1..=4 {
+            assert_eq!(engine.get(7, k).unwrap(), payload(7, k, 100));
+        }
+        engine.close().unwrap();
     }
 }
