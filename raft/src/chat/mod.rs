@@ -86,3 +86,5 @@ mod tests {
 mod rules_tests;
 #[cfg(test)]
 mod secret_rules_tests;
+#[cfg(test)]
+mod test_rng;

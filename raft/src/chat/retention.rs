@@ -420,22 +420,7 @@ mod tests {
     fn partition_point_from_the_head_matches_a_whole_search() {
         use crate::chat::state::EventKind;
 
-        let seed = std::env::var("CHATLOG_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        println!("seed {seed} (rerun with CHATLOG_TEST_SEED={seed})");
-        let mut rng = seed | 1;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n.max(1)
-        };
+        let (seed, mut next) = crate::chat::test_rng::seeded();
         for _ in 0..200 {
             let len = next(300) as usize;
             let mut raft_index = 1 + next(5);

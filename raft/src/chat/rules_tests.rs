@@ -373,22 +373,7 @@ fn read_markers_only_move_forward() {
 /// dense.
 #[test]
 fn random_streams_are_deterministic_and_checkpoints_round_trip() {
-    let seed = std::env::var("CHATLOG_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    println!("seed {seed} (rerun with CHATLOG_TEST_SEED={seed})");
-    let mut rng = seed | 1;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
+    let (_seed, mut next) = crate::chat::test_rng::seeded();
     let mut a = T::new();
     let mut b = GroupState::new(G);
     let users: Vec<u64> = (0..8).map(|i| a.user(&format!("u{i}"))).collect();
