@@ -478,21 +478,14 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
         );
     };
     let before = GroupView::of(&group, &ctx.changes);
-    if !before.replicas.contains(&to) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            format!(
-                "node {to} is not a voter of group {g} (voters: {:?})",
-                before.replicas
-            ),
-        );
-    }
     if before.leader == Some(to) {
         return axum::Json(json!({"group": g, "previous_leader": to, "leader": to,
                                  "term": before.term, "moved": false}))
         .into_response();
     }
+    // Leadership first: only the leader's view of the voters is current (a follower that
+    // knows the leader may not have the membership entry yet, and would call every node
+    // a non-voter).
     if before.role != "leader" {
         return json_error(
             StatusCode::CONFLICT,
@@ -502,6 +495,16 @@ async fn transfer(ctx: Ctx, g: u64, to: NodeId) -> Response {
                        None => format!("group {g} has no leader now; retry after the election"),
                    },
                    "leader": before.leader}),
+        );
+    }
+    if !before.replicas.contains(&to) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!(
+                "node {to} is not a voter of group {g} (voters: {:?})",
+                before.replicas
+            ),
         );
     }
     if let Err(e) = group.raft().trigger().transfer_leader(to).await {
