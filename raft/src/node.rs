@@ -1010,6 +1010,9 @@ impl Node {
             engine_config.segment_bytes = s;
         }
         engine_config.io_mode = config.io_mode;
+        // The groups' appends trickle in: let a group commit take in what queued during
+        // the flight before it (session 11, `Config::top_up_groups`).
+        engine_config.top_up_groups = true;
         // Issue 9: damage is cut and repaired from peers (`crate::repair`,
         // `crate::damage_watch`) instead of stopping the node. Without peers to repair
         // from (one replica per group) the open still refuses it, naming file and offset.

@@ -18,10 +18,11 @@
 //! Overlap: while one group's write and fdatasync are in flight on io_uring, the leader
 //! gathers, validates and places the next group (records are written straight from the
 //! submitters' buffers with one vectored write, never copied into a group buffer). Once
-//! the first is durable it takes in what was queued during the flight (the next group
-//! was gathered just after the first went out; session 11: without this, those batches
-//! waited a whole further flight and every group stayed small), submits the next at
-//! once and only then applies the first to the index and calls back. At most one group is in flight, so recovery's rule that
+//! the first is durable it submits the next at once and only then applies the first to
+//! the index and calls back. With `Config::top_up_groups` (a node's engine) it first
+//! takes into a small next group a few batches queued during the flight (that group was
+//! gathered just after the first went out; session 11: without this, under a trickle of
+//! submissions those batches waited a whole further flight and every group stayed small). At most one group is in flight, so recovery's rule that
 //! only the last write can be torn still holds. The syscall backend writes and syncs at
 //! submit, so its groups stay serial; so does the io_uring backend for a group without
 //! company (one batch, nothing queued behind it: a lone writer), where the ring would only
@@ -55,6 +56,14 @@ use crate::io::Writer;
 use crate::loghash::LogMap;
 use crate::maintenance::Job;
 use crate::segment::Segment;
+
+/// `Committer::gather_more` tops up a group holding fewer records than this...
+const GATHER_MORE_BELOW_RECORDS: usize = 4;
+/// ...with at most this many more batches (`Config::top_up_groups`). Why: enough for the
+/// trickle of a node's Raft groups' appends behind a gateway (~3 entries per group
+/// commit without it), few enough that placing them after a flight, before its
+/// callbacks, holds those up little (`raft_figures r1` measured level or better).
+const GATHER_MORE_BATCHES_MAX: usize = 8;
 
 /// The recovered tail handed to the I/O thread.
 #[derive(Debug)]
@@ -547,7 +556,8 @@ impl Committer {
         }
     }
 
-    /// Takes into the buffered group the write batches queued since it was gathered: the
+    /// With `Config::top_up_groups`, takes into the buffered group (when small) a few of
+    /// the write batches queued since it was gathered: the
     /// group was gathered just after the one before it went out, and batches queued while
     /// that one was in flight would otherwise wait out this group's flight too (a group
     /// later, and every group smaller). Up to the group limits; it stops at anything but
@@ -555,7 +565,14 @@ impl Committer {
     /// would not fit the active segment (sealing here would write the buffered group
     /// before the one just durable is completed, out of submission order).
     fn gather_more(&mut self, shared: &Shared) {
-        if self.group.is_empty() {
+        // Only a small group, and only a few batches: the batches taken in here are
+        // placed after the previous group is durable and before its callbacks, on the
+        // critical path (the gathering before a flight overlaps it). Under heavy load
+        // the group is already large and the queue is left to the next one.
+        if !shared.config.top_up_groups
+            || self.group.is_empty()
+            || self.group.len() >= GATHER_MORE_BELOW_RECORDS
+        {
             return;
         }
         let group_max = shared.config.group_commit_bytes_max;
@@ -564,7 +581,10 @@ impl Committer {
         {
             let mut q = shared.queue.lock().expect("queue lock");
             let (mut bytes, mut records) = (self.group_bytes, self.group.len());
-            while bytes < group_max && records < GROUP_RECORDS_MAX - 1 {
+            while bytes < group_max
+                && records < GROUP_RECORDS_MAX - 1
+                && taken.len() < GATHER_MORE_BATCHES_MAX
+            {
                 let fits = match q.msgs.front() {
                     Some(Msg::Write(batch, _, _)) => {
                         self.offset + (bytes + batch.record.len()) as u64 <= limit

@@ -15,8 +15,8 @@
 //!   every acknowledged entry.
 //!
 //! - `batches_queued_during_a_flight_join_the_next_group`: on a slow device (fault
-//!   injection), batches queued while a group is in flight go out with the very next
-//!   group, not one group later.
+//!   injection) and with `Config::top_up_groups`, batches queued while a group is in
+//!   flight go out with the very next group, not one group later (as they do without).
 //!
 //! Seeded: `CHATLOG_TEST_SEED=<n>` replays a run; the seed is printed.
 
@@ -380,21 +380,27 @@ fn a_lone_writer_skips_the_ring_and_queued_batches_take_it() {
     }
 }
 
-/// Session 11: the committer gathers a group just after the one before it went out, and
-/// takes in what was queued meanwhile just before sending it. On a device held 300 ms
+/// Session 11: the committer gathers a group just after the one before it went out; with
+/// `top_up_groups` it takes in what was queued meanwhile just before sending it (a small
+/// group, a few batches). On a device held 300 ms
 /// after each group starts and again before it is awaited (`slow_device_for_tests`):
 /// batch A goes out alone; B is queued while A's group is starting, so it is gathered
 /// right after; C and D are queued while A's group is awaited. B, C and D then go out as
-/// one group: two fdatasyncs for the four batches. (Before, B went out alone and C and D
-/// one group later: three, and C and D waited out B's flight too.) Every batch is
-/// acknowledged once, in order, and reads back.
+/// one group: two fdatasyncs for the four batches. Without it (the default) B goes out
+/// alone and C and D one group later: three, and C and D wait out B's flight too. Every
+/// batch is acknowledged once, in order, and reads back.
 #[test]
 fn batches_queued_during_a_flight_join_the_next_group() {
     const SLOW: Duration = Duration::from_millis(300);
-    for mode in [IoMode::Uring, IoMode::Syscall] {
+    for (mode, top_up) in [
+        (IoMode::Uring, true),
+        (IoMode::Syscall, true),
+        (IoMode::Uring, false),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path(), mode);
         c.slow_device_for_tests = SLOW;
+        c.top_up_groups = top_up;
         let engine = match Engine::open(c) {
             Ok(e) => e,
             Err(e) if mode == IoMode::Uring => {
@@ -441,12 +447,14 @@ fn batches_queued_during_a_flight_join_the_next_group() {
         );
         let syncs = engine.stats().syncs - syncs_before;
         println!(
-            "{mode:?} ({}): 4 batches in {syncs} syncs",
+            "{mode:?} ({}), top_up_groups {top_up}: 4 batches in {syncs} syncs",
             engine.io_backend()
         );
+        let expected = if top_up { 2 } else { 3 };
         assert_eq!(
-            syncs, 2,
-            "{mode:?}: B, C and D go out in one group after A's"
+            syncs, expected,
+            "{mode:?}, top_up_groups {top_up}: with top-ups B, C and D go out in one group \
+             after A's; without, B goes alone and C and D after it"
         );
         for k in 1..=4 {
             assert_eq!(engine.get(7, k).unwrap(), payload(7, k, 100));
