@@ -22,8 +22,9 @@
 //! the index and calls back. With `Config::top_up_groups` (a node's engine) it first
 //! takes into a small next group a few batches queued during the flight (that group was
 //! gathered just after the first went out; session 11: without this, under a trickle of
-//! submissions those batches waited a whole further flight and every group stayed small). At most one group is in flight, so recovery's rule that
-//! only the last write can be torn still holds. The syscall backend writes and syncs at
+//! submissions those batches waited a whole further flight and every group stayed
+//! small). At most one group is in flight, so recovery's rule that only the last write
+//! can be torn still holds. The syscall backend writes and syncs at
 //! submit, so its groups stay serial; so does the io_uring backend for a group without
 //! company (one batch, nothing queued behind it: a lone writer), where the ring would only
 //! add a hand-off to a kernel worker and a wake-up back (`Writer::start`).
@@ -273,12 +274,7 @@ pub(crate) fn lead(shared: &Shared, mine: Option<&AtomicBool>) {
         let mut drained = msgs.drain(..);
         for msg in drained.by_ref() {
             match msg {
-                Msg::Write(batch, done, submitted) => {
-                    let bytes = crate::engine::queued_bytes(&batch).min(shared.queue_bytes_max);
-                    c.add(shared, batch, done, submitted);
-                    shared.queue_budget.add_permits(bytes as usize);
-                    shared.queue_slots.add_permits(1);
-                }
+                Msg::Write(batch, done, submitted) => c.add_queued(shared, batch, done, submitted),
                 Msg::Rotate(done) => {
                     c.flush(shared);
                     let r = if shared.failed.get().is_some() {
@@ -413,6 +409,21 @@ impl Committer {
     }
 
     /// Validates a batch and places its record in the group buffer.
+    /// [`Committer::add`] for a batch taken from the submission queue: its room in the
+    /// queue (bytes and a slot) goes back to the submitters.
+    fn add_queued(
+        &mut self,
+        shared: &Shared,
+        batch: EncodedBatch,
+        done: Durable,
+        submitted: Instant,
+    ) {
+        let bytes = crate::engine::queued_bytes(&batch).min(shared.queue_bytes_max);
+        self.add(shared, batch, done, submitted);
+        shared.queue_budget.add_permits(bytes as usize);
+        shared.queue_slots.add_permits(1);
+    }
+
     fn add(&mut self, shared: &Shared, batch: EncodedBatch, done: Durable, submitted: Instant) {
         if let Some(e) = shared.stopped() {
             done(Err(e));
@@ -577,7 +588,7 @@ impl Committer {
         }
         let group_max = shared.config.group_commit_bytes_max;
         let limit = self.active.len.min(shared.config.segment_bytes) - SEAL_RESERVE_BYTES;
-        let mut taken = Vec::new();
+        let mut taken: Vec<(EncodedBatch, Durable, Instant)> = Vec::new();
         {
             let mut q = shared.queue.lock().expect("queue lock");
             let (mut bytes, mut records) = (self.group_bytes, self.group.len());
@@ -594,19 +605,16 @@ impl Committer {
                 if !fits {
                     break;
                 }
-                let m = q.msgs.pop_front().expect("the front was just looked at");
-                bytes += msg_bytes(&m);
+                let Some(Msg::Write(batch, done, submitted)) = q.msgs.pop_front() else {
+                    unreachable!("the front was just seen to be a write");
+                };
+                bytes += batch.record.len();
                 records += 1;
-                taken.push(m);
+                taken.push((batch, done, submitted));
             }
         }
-        for m in taken {
-            if let Msg::Write(batch, done, submitted) = m {
-                let bytes = crate::engine::queued_bytes(&batch).min(shared.queue_bytes_max);
-                self.add(shared, batch, done, submitted);
-                shared.queue_budget.add_permits(bytes as usize);
-                shared.queue_slots.add_permits(1);
-            }
+        for (batch, done, submitted) in taken {
+            self.add_queued(shared, batch, done, submitted);
         }
     }
 
