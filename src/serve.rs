@@ -604,6 +604,7 @@ async fn serve(
             .set_notifier(Notifier::start(Arc::clone(&node), config));
     }
     let service = Arc::new(CountedService::new(chat_service, clients));
+    fanout_directory.set_service(&service);
     gateway::serve(
         listener,
         service,

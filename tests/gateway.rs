@@ -70,6 +70,7 @@ impl Service for Fixture {
         Ok(Some(Principal {
             user_id,
             session_id: user_id,
+            device_id: String::new(),
         }))
     }
 
@@ -84,6 +85,7 @@ impl Service for Fixture {
                 conn.set_principal(Some(Principal {
                     user_id: login.user_id,
                     session_id: login.user_id,
+                    device_id: login.device_id.clone(),
                 }));
                 Ok(response::Kind::Login(v1::LoginResponse {
                     user_id: login.user_id,

@@ -20,6 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chatlog::http::client::request;
+use chatlog_raft::chat::group_of;
 use chatlog_wire::client::{
     Client, ClientError, ClientOptions, PushItem, PushReceiver, SecretFlowError,
 };
@@ -899,6 +900,82 @@ async fn every_replica_erases_the_ciphertext() {
             assert_eq!(disk_contains(dir, text.as_bytes()), None);
         }
     }
+}
+
+/// On four nodes with three replicas per group, node 1 hosts no replica of group 1
+/// (static placement: group 1 on nodes 2, 3, 4). A secret chat between two users of
+/// group 1 lives in group 1 (its home is the group of the lower user id), so node 1 learns
+/// of its messages only through its cross-node fan-out poller (`src/fanout/remote.rs`).
+/// A device on node 1 gets each message pushed live, opens it, and no other device of
+/// its user on node 1 gets anything; the replies reach the other device on node 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_a_node_without_a_replica_gets_secret_messages_pushed() {
+    const VIEWER_NODE: u64 = 1;
+    const CHAT_GROUP: u64 = 1;
+    let keys = tempfile::tempdir().unwrap();
+    let options = cluster::Options {
+        nodes: 4,
+        groups: 2,
+        extra: vec!["--replicas".into(), "3".into()],
+        ..cluster::Options::default()
+    };
+    let cluster = tokio::task::block_in_place(|| cluster::Cluster::start(options));
+    let setup = anonymous(&cluster.addr(3)).await;
+    // Users are placed round-robin over the groups: create until two live in group 1.
+    let mut in_chat_group = Vec::new();
+    for n in 0.. {
+        let created = create_user(&setup, &format!("user{n}")).await;
+        if group_of(created.0) == CHAT_GROUP {
+            in_chat_group.push(created);
+            if in_chat_group.len() == 2 {
+                break;
+            }
+        }
+    }
+    let (alice, bob) = (in_chat_group[0].clone(), in_chat_group[1].clone());
+    let viewer = cluster.addr(VIEWER_NODE);
+    let mut phone = device(&viewer, &alice, "phone", keys.path()).await;
+    let mut desktop = device(&viewer, &alice, "desktop", keys.path()).await;
+    let mut laptop = device(&cluster.addr(3), &bob, "laptop", keys.path()).await;
+    let chat = laptop
+        .client
+        .secret_start(&mut laptop.keys, alice.0, "phone")
+        .await
+        .expect("start");
+    assert_eq!(
+        group_of(chat),
+        CHAT_GROUP,
+        "the secret chat must live where node {VIEWER_NODE} has no replica"
+    );
+    for i in 0..3 {
+        let text = marker(&format!("to-node-1-{i}"));
+        laptop
+            .client
+            .secret_send(&mut laptop.keys, chat, &text, 60_000, 0, now_ms())
+            .await
+            .expect("send");
+        let m = next_secret(&mut phone).await;
+        let opened = phone
+            .client
+            .secret_receive(&mut phone.keys, &m)
+            .await
+            .expect("alice opens");
+        assert_eq!((opened.text, opened.counter), (text, i + 1));
+    }
+    let text = marker("reply");
+    phone
+        .client
+        .secret_send(&mut phone.keys, chat, &text, 60_000, 0, now_ms())
+        .await
+        .expect("reply");
+    let m = next_secret(&mut laptop).await;
+    let opened = laptop
+        .client
+        .secret_receive(&mut laptop.keys, &m)
+        .await
+        .expect("bob opens");
+    assert_eq!(opened.text, text);
+    no_secret_pushed(&mut desktop).await;
 }
 
 /// With push notifications on, a secret message for a device that is offline yields a

@@ -11,7 +11,8 @@
 //! recipient's queue. It does the same for the per-user logs of online users whose
 //! user lives in the group (`UserEvent` pushes), and disconnects the connections of a
 //! revoked session at once. Secret-chat messages go to the connections of their one
-//! target device only (`secret.rs`, which also runs the expiry ticker).
+//! target device only (`secret.rs`, which also runs the expiry ticker), on a node
+//! without a replica of the secret chat's group through its poller (`remote.rs`).
 //!
 //! What it must not do: work on the write path. Apply is untouched; a post to a chat
 //! with 200,000 members costs one append, and only members with an online session here
@@ -203,7 +204,10 @@ impl Hub {
         let user = principal.user_id;
         // Read before taking the registry lock: lock order is group state, then registry.
         let (log_head, device_id) = self.node.serving_group(group_of(user)).map_or_else(
-            || (0, String::new()),
+            // No replica of the user's group here: the device as authenticated (the
+            // login, or the node that checked the token); the user's log comes through
+            // the cross-node poller from its own cursor.
+            || (0, principal.device_id.clone()),
             |g| {
                 let st = g.shared().read();
                 let device = st

@@ -6,8 +6,9 @@
 //! node transport (`fanout_request`, a `FanoutPoll`: "what moved after Raft index A for
 //! these users online here", held by the replica until something was applied after A or
 //! [`FANOUT_POLL_WAIT_MS`] passed) and pushes the answer (`FanoutAnswer`: per chat its
-//! events and the recipients among those users, and the users' own-log entries) to the
-//! local sessions exactly like the local watcher does. So each event travels once to
+//! events and the recipients among those users, the users' own-log entries, and the
+//! pending secret-chat messages for their devices) to the local sessions exactly like
+//! the local watcher does. So each event travels once to
 //! each node with interested sessions, and that node's hub writes it to each session.
 //! The replica answers from its changed-chats feed (`news.rs`), or by a rescan of every
 //! chat when the poller fell off the feed: nothing is skipped either way.
@@ -133,8 +134,9 @@ impl Hub {
         let mut through_max = u64::MAX;
         loop {
             let news = self.news(&group, after, through_max, Audience::Users(&users));
+            let secrets = Hub::secret_news(&group, after, news.through, &users);
             let narrower = after + (news.through - after) / 2;
-            if news.events() > FANOUT_ANSWER_EVENTS_MAX && narrower > after {
+            if news.events() + secrets.len() as u64 > FANOUT_ANSWER_EVENTS_MAX && narrower > after {
                 through_max = narrower;
                 continue;
             }
@@ -173,6 +175,7 @@ impl Hub {
                         .filter_map(|(seq, _, cmd, ts)| self.user_event(u.user, *seq, cmd, *ts)),
                 );
             }
+            answer.secret_messages = Hub::read_secret_news(&group, secrets).await?;
             if answer.encoded_len() > FANOUT_ANSWER_BYTES_MAX {
                 if narrower > after {
                     through_max = narrower;
@@ -236,6 +239,7 @@ impl Hub {
         for (user, events) in by_user {
             self.deliver_user_events(user, events, None);
         }
+        self.deliver_secret_news(answer.secret_messages);
     }
 }
 
@@ -324,11 +328,16 @@ const FANOUT_ANSWER_TIME: Duration = Duration::from_secs(5);
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
 /// The node's [`GroupDirectory`] for its peer server with fan-out polls answered by the
-/// hub (set once the service exists); everything else goes to the wrapped directory.
+/// hub and forwarded client requests by the service (`service/forward.rs`), each set
+/// once it exists; everything else goes to the wrapped directory.
 pub struct FanoutDirectory {
     inner: Arc<dyn GroupDirectory>,
     hub: OnceLock<Weak<Hub>>,
+    service: OnceLock<Weak<ForwardingService>>,
 }
+
+/// The service that answers forwarded client requests.
+type ForwardingService = crate::http::CountedService<crate::service::ChatService>;
 
 impl std::fmt::Debug for FanoutDirectory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -342,7 +351,13 @@ impl FanoutDirectory {
         FanoutDirectory {
             inner,
             hub: OnceLock::new(),
+            service: OnceLock::new(),
         }
+    }
+
+    /// Answers forwarded client requests with `service` from now on.
+    pub fn set_service(&self, service: &Arc<ForwardingService>) {
+        let _ = self.service.set(Arc::downgrade(service));
     }
 
     /// Answers fan-out polls with `hub` from now on.
@@ -384,6 +399,13 @@ impl GroupDirectory for FanoutDirectory {
             return Box::pin(async { Err("this node's fan-out hub is starting".to_string()) });
         };
         Box::pin(async move { hub.serve_poll(group, body).await })
+    }
+
+    fn client_request(&self, group: GroupId, body: Bytes) -> BoxFuture<Result<Bytes, String>> {
+        let Some(service) = self.service.get().and_then(Weak::upgrade) else {
+            return Box::pin(async { Err("this node's client service is starting".to_string()) });
+        };
+        Box::pin(async move { service.inner().serve_forwarded(group, body).await })
     }
 
     fn online(&self, from: chatlog_raft::NodeId, body: Bytes) -> Result<(), String> {

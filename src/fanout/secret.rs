@@ -10,17 +10,24 @@
 //! for the push and dropped), or push a message already erased (an all-zero ciphertext or
 //! one no longer pending is skipped).
 //!
+//! On a node without a replica of the secret chat's group, the cross-node poller
+//! (`remote.rs`) delivers the same messages: a replica puts the pending ones held in the
+//! answered entries for the poller's users into its answer ([`Hub::secret_news`]), and
+//! the poller pushes each to its target device here ([`Hub::deliver_secret_news`]).
+//!
 //! A device offline when a message arrived gets it with `secret.pending` on reconnect;
 //! with push notifications on, the leader of the group notes a notification that says
 //! only that something arrived for that device (`Notifier::secret_arrived`), never what.
 
+use std::collections::HashSet;
 use std::sync::Weak;
 use std::time::Duration;
 
-use chatlog_raft::chat::Command;
-use chatlog_raft::chat::secret::SecretCommand;
+use chatlog_raft::chat::secret::{PendingView, SecretChatView, SecretCommand};
+use chatlog_raft::chat::{Command, UserId};
 use chatlog_raft::node::Group;
 use chatlog_raft::secret_log;
+use chatlog_wire::proto::node::v1::FanoutSecret;
 use chatlog_wire::proto::v1::push;
 
 use super::{FANOUT_READ_EVENTS_MAX, Hub};
@@ -43,6 +50,60 @@ impl Hub {
                 .map(|c| c.pushes.clone())
                 .collect()
         })
+    }
+
+    /// The pending secret messages held in the Raft entries (`after`, `through`] of
+    /// `group` whose target device belongs to one of `users`, with their chats: what a
+    /// cross-node fan-out answer for those entries carries (`remote.rs`).
+    pub(super) fn secret_news(
+        group: &Group,
+        after: u64,
+        through: u64,
+        users: &HashSet<UserId>,
+    ) -> Vec<(PendingView, SecretChatView)> {
+        let st = group.shared().read();
+        let s = st.secret();
+        s.pending_in_entries(after, through)
+            .into_iter()
+            .filter_map(|p| s.chat(p.chat).map(|v| (p, v)))
+            .filter(|(p, v)| users.contains(&v.party(1 - p.from_side as usize).user))
+            .collect()
+    }
+
+    /// Reads the messages of [`Hub::secret_news`] from the log, for an answer. A message
+    /// erased meanwhile (acknowledged or expired) is left out.
+    pub(super) async fn read_secret_news(
+        group: &Group,
+        due: Vec<(PendingView, SecretChatView)>,
+    ) -> Result<Vec<FanoutSecret>, String> {
+        let mut out = Vec::with_capacity(due.len());
+        for (p, view) in due {
+            let sent = secret_log::read_send(group.id(), group.log_reader(), p.raft_index, p.pos)
+                .await
+                .map_err(|e| format!("reading a secret message of chat {}: {e}", p.chat))?;
+            if let Some(sent) = sent {
+                let target = view.party(1 - p.from_side as usize);
+                out.push(FanoutSecret {
+                    user_id: target.user,
+                    device_id: target.device.clone(),
+                    message: Some(secret_message(&view, &p, sent)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pushes the secret messages of a cross-node fan-out answer to the connections of
+    /// their target devices on this node.
+    pub(super) fn deliver_secret_news(&self, secrets: Vec<FanoutSecret>) {
+        for s in secrets {
+            let Some(m) = s.message else { continue };
+            for c in self.device_conns(s.user_id, &s.device_id) {
+                // A full queue disconnects that session only; the device fetches with
+                // `secret.pending` on reconnect.
+                let _ = c.push(0, push::Kind::SecretMessage(m.clone()));
+            }
+        }
     }
 
     /// Pushes the secret messages of `group` numbered after `cursor` to their target

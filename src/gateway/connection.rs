@@ -259,6 +259,32 @@ struct Outbox {
     answer_buffer: Mutex<BytesMut>,
 }
 
+impl PushSender {
+    /// A sender whose connection is already closed: every push is refused with
+    /// [`PushError::Closed`]. For a [`super::ConnCtx::detached`].
+    pub(super) fn closed() -> PushSender {
+        let (queue, _) = mpsc::channel(1);
+        let (close, _) = watch::channel(Some(Close::Silent));
+        PushSender {
+            outbox: Arc::new(Outbox {
+                queue,
+                state: Mutex::new(OutboxState {
+                    closed: true,
+                    ..OutboxState::default()
+                }),
+                immediate_slots: Arc::new(Semaphore::new(0)),
+                close,
+                requests_in_flight_max: 0,
+                push_queue_len_max: 0,
+                push_queue_bytes_max: 0,
+                room: tokio::sync::Notify::new(),
+                frame_bytes_max: 0,
+                answer_buffer: Mutex::new(BytesMut::new()),
+            }),
+        }
+    }
+}
+
 impl Outbox {
     fn state(&self) -> MutexGuard<'_, OutboxState> {
         self.state

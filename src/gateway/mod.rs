@@ -207,6 +207,9 @@ pub struct Principal {
     pub user_id: u64,
     /// The session (one device's login).
     pub session_id: u64,
+    /// The session's device, where the node that authenticated the connection knows it
+    /// (a login names it; a node holding the user's group reads it); empty otherwise.
+    pub device_id: String,
 }
 
 /// What answers requests: implemented by the Raft-backed service (and by test fixtures).
@@ -333,6 +336,19 @@ impl ConnCtx {
     /// Sends pushes to this connection; clone it to keep it (for example in a fan-out hub).
     pub fn pushes(&self) -> &PushSender {
         &self.pushes
+    }
+
+    /// A context for a request that reached this node without a connection of its own:
+    /// one forwarded by another node for `principal` (`service::forward`). It has no
+    /// pushes (each is refused as closed) and names no client address.
+    pub fn detached(principal: Principal) -> ConnCtx {
+        ConnCtx {
+            id: 0,
+            peer_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            principal: Mutex::new(Some(principal)),
+            live_pushes: false,
+            pushes: PushSender::closed(),
+        }
     }
 
     /// Closes the connection: queued responses are written, then a `Disconnect` with

@@ -42,6 +42,11 @@ impl<S> CountedService<S> {
     pub fn new(inner: S, counters: std::sync::Arc<ClientCounters>) -> Self {
         CountedService { inner, counters }
     }
+
+    /// The wrapped service.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S> CountedService<S> {

@@ -60,6 +60,13 @@ pub fn read_error(e: &chatlog_raft::Error) -> v1::Error {
 /// `retry_after_ms` when a group has no leader here: about one election.
 pub const NO_LEADER_RETRY_AFTER_MS: u64 = 500;
 
+/// `UNAVAILABLE` with a retry after about one election ([`NO_LEADER_RETRY_AFTER_MS`]).
+pub fn unavailable_retry(message: impl Into<String>) -> v1::Error {
+    let mut err = error(ErrorCode::Unavailable, message);
+    err.retry_after_ms = NO_LEADER_RETRY_AFTER_MS;
+    err
+}
+
 /// The protocol error for a proposal or read barrier that did not go through.
 pub fn propose_error(e: ProposeError) -> v1::Error {
     match e {

@@ -21,6 +21,7 @@
 //! its chat list sees the change.
 
 pub mod convert;
+pub mod forward;
 pub mod ratelimit;
 pub mod secret;
 
@@ -240,9 +241,9 @@ impl ChatService {
 
     /// The local replica of the group owning id `id` (a user or chat id), for reads.
     /// Writes go through [`ChatService::propose`], which forwards to the group's leader
-    /// on any node; reads need a local replica: a node without one answers
-    /// `UNAVAILABLE` naming the nodes that host it (reconnect there; forwarding reads
-    /// is future work).
+    /// on any node; reads need a local replica: a node without one forwards the
+    /// request to a node with one (`forward.rs`), and answers `UNAVAILABLE` naming the
+    /// nodes that host it for what cannot be forwarded.
     fn group_for(&self, id: u64, what: &str) -> Result<Group, v1::Error> {
         let g = self.group_id_for(id, what)?;
         // The serving replica first (one lookup on every request); a repairing replica
@@ -253,24 +254,23 @@ impl ChatService {
         if let Some(e) = self.repairing(g, id, what) {
             return Err(e);
         }
-        Err({
-            let hosts: Vec<String> = self
-                .node
-                .replicas_of(g)
-                .iter()
-                .map(|n| n.to_string())
-                .collect();
-            let mut e = error(
-                ErrorCode::Unavailable,
-                format!(
-                    "{what} {id} lives in group {g}, which this node does not host; \
-                     nodes {} do",
-                    hosts.join(", ")
-                ),
-            );
-            e.retry_after_ms = convert::NO_LEADER_RETRY_AFTER_MS;
-            e
-        })
+        Err(self.not_served(g, &format!("{what} {id}")))
+    }
+
+    /// `UNAVAILABLE` for `subject` of group `g`, which this node serves no replica of:
+    /// naming the nodes that do (connect there; most requests are forwarded instead:
+    /// `forward.rs`).
+    fn not_served(&self, g: GroupId, subject: &str) -> v1::Error {
+        let hosts: Vec<String> = self
+            .node
+            .replicas_of(g)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        convert::unavailable_retry(format!(
+            "{subject} lives in group {g}, which this node does not host; nodes {} do",
+            hosts.join(", ")
+        ))
     }
 
     /// Proposes `cmd` in group `g` from this node: locally when this node leads the
@@ -356,10 +356,27 @@ impl ChatService {
         }
     }
 
-    async fn caller(&self, conn: &ConnCtx) -> Result<Principal, v1::Error> {
+    /// Who sends `conn`'s requests, and whether this node checked the session: `false`
+    /// when it serves no replica of the caller's user group but another node does (the
+    /// request is then forwarded there, which checks the session: `forward.rs`).
+    async fn caller(&self, conn: &ConnCtx) -> Result<(Principal, bool), v1::Error> {
         let p = conn.principal().ok_or_else(unauthenticated)?;
+        let g = self.group_id_for(p.user_id, "user")?;
+        let Some(group) = self.node.serving_group(g) else {
+            if self.served_elsewhere(g) {
+                return Ok((p, false));
+            }
+            return Err(self
+                .group_for(p.user_id, "user")
+                .err()
+                .unwrap_or_else(|| error(ErrorCode::Unavailable, "the user's group moved")));
+        };
+        self.check_session(&group, p).await.map(|p| (p, true))
+    }
+
+    /// `p` if its session is live in `group`, this node's replica of its user's group.
+    async fn check_session(&self, group: &Group, p: Principal) -> Result<Principal, v1::Error> {
         // A revoked session stops working at once, not only on the next connection.
-        let group = &self.group_for(p.user_id, "user")?;
         let has = |g: &Group| g.shared().read().has_session(p.user_id, p.session_id);
         // A replica that was just promoted by a replica move may not have applied the
         // login yet: before refusing, catch up with the leader (a read barrier).
@@ -492,10 +509,13 @@ impl ChatService {
         self.limiter
             .conn_request(conn.connection_id())
             .map_err(|after| rate_limited("requests on this connection", after))?;
-        let me = self.caller(conn).await?;
+        let (me, here) = self.caller(conn).await?;
         self.limiter
             .user_send(me.user_id)
             .map_err(|after| rate_limited("messages from this user", after))?;
+        if !here {
+            return Box::pin(self.forward(me, Req::SendMessage(r))).await;
+        }
         let media = Self::check_send_fields(&r)?;
         debug_assert!(
             media.is_none(),
@@ -580,7 +600,7 @@ impl ChatService {
                         Command::Login {
                             user: r.user_id,
                             login_token_hash: hash_token(&r.login_token),
-                            device_id: r.device_id,
+                            device_id: r.device_id.clone(),
                             device_name: r.device_name,
                             session_token_hash: hash_token(&session_token),
                         },
@@ -591,6 +611,7 @@ impl ChatService {
                         let principal = Principal {
                             user_id: user,
                             session_id,
+                            device_id: r.device_id,
                         };
                         self.register_live(&principal, conn);
                         conn.set_principal(Some(principal));
@@ -604,7 +625,7 @@ impl ChatService {
                 }
             }
             other => {
-                let me = self.caller(conn).await?;
+                let (me, here) = self.caller(conn).await?;
                 // Requests that create messages count against the user's send rate,
                 // across all of the user's connections on this node.
                 if matches!(
@@ -619,6 +640,9 @@ impl ChatService {
                     self.limiter
                         .user_send(me.user_id)
                         .map_err(|after| rate_limited("messages from this user", after))?;
+                }
+                if !here || self.reads_elsewhere(me.user_id, &other) {
+                    return Box::pin(self.forward(me, other)).await;
                 }
                 self.dispatch_authenticated(conn, request_id, me, other)
                     .await
@@ -1411,30 +1435,7 @@ impl Service for ChatService {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Ok(None);
         };
-        let bad_token = || {
-            error(
-                ErrorCode::Unauthenticated,
-                "unknown or revoked session token",
-            )
-        };
-        let user: UserId = token
-            .split_once('.')
-            .and_then(|(u, _)| u.parse().ok())
-            .ok_or_else(bad_token)?;
-        // Issue 9: a repairing replica cannot tell a good token from a bad one.
-        if let Some(e) = self.repairing(group_of(user), user, "user") {
-            return Err(e);
-        }
-        let group = &self.group_for(user, "user").map_err(|_| bad_token())?;
-        let session = group
-            .shared()
-            .read()
-            .session_by_token(user, &hash_token(token))
-            .ok_or_else(bad_token)?;
-        Ok(Some(Principal {
-            user_id: user,
-            session_id: session,
-        }))
+        self.authenticate_token(token, true).await.map(Some)
     }
 
     async fn handle(

@@ -772,6 +772,25 @@ impl SecretState {
             .collect()
     }
 
+    /// Pending messages held in the Raft entries after `after_index` through
+    /// `through_index`, in number order: what a cross-node fan-out answer for those
+    /// entries delivers. Numbers follow apply order, so Raft indexes never decrease along
+    /// them: the walk goes back from the newest and stops at the first message at or
+    /// below `after_index`, touching only messages newer than that (not every pending
+    /// one).
+    pub fn pending_in_entries(&self, after_index: u64, through_index: u64) -> Vec<PendingView> {
+        let mut found: Vec<PendingView> = self
+            .pending
+            .values()
+            .rev()
+            .take_while(|p| p.raft_index > after_index)
+            .filter(|p| p.raft_index <= through_index)
+            .copied()
+            .collect();
+        found.reverse();
+        found
+    }
+
     /// The number of the last message accepted (0 before any).
     pub fn last_message_no(&self) -> u64 {
         self.next_message

@@ -186,6 +186,64 @@ fn only_the_two_devices_send_and_only_the_target_acknowledges() {
 }
 
 #[test]
+fn pending_messages_are_found_by_the_entries_holding_them() {
+    let mut t = T::new();
+    let (a, b) = (t.user("alice"), t.user("bob"));
+    let chat = t.start(a, b, 3);
+    // Each send is one entry (`T::run`): remember which.
+    let mut at = Vec::new();
+    for counter in 1..=6 {
+        t.send(chat, a, "phone", counter, 60_000);
+        at.push((t.index, counter));
+    }
+    // An entry with no message in between.
+    t.user("carol");
+    t.send(chat, b, "laptop", 1, 60_000);
+    at.push((t.index, 1));
+    let counters = |after: u64, through: u64| -> Vec<u64> {
+        t.st.secret()
+            .pending_in_entries(after, through)
+            .iter()
+            .map(|p| {
+                assert!(p.raft_index > after && p.raft_index <= through);
+                p.counter
+            })
+            .collect()
+    };
+    let expected = |after: u64, through: u64| -> Vec<u64> {
+        at.iter()
+            .filter(|(i, _)| *i > after && *i <= through)
+            .map(|(_, c)| *c)
+            .collect()
+    };
+    let last = t.index;
+    for after in 0..=last {
+        for through in after..=last + 1 {
+            assert_eq!(
+                counters(after, through),
+                expected(after, through),
+                "({after}, {through}]"
+            );
+        }
+    }
+    // An acknowledged message is no longer pending, wherever it was.
+    t.run(SecretCommand::Ack {
+        chat,
+        user: b,
+        device: "laptop".into(),
+        counter: 3,
+    });
+    assert_eq!(
+        t.st.secret()
+            .pending_in_entries(0, last)
+            .iter()
+            .map(|p| p.counter)
+            .collect::<Vec<_>>(),
+        vec![4, 5, 6, 1]
+    );
+}
+
+#[test]
 fn messages_expire_by_batch_timestamps() {
     let mut t = T::new();
     let (a, b) = (t.user("alice"), t.user("bob"));

@@ -94,6 +94,9 @@ enum Rpc {
     Online,
     /// Issue 9 (session 7): a vote-unknown replica's probe (`crate::vote_probe`).
     RepairProbe,
+    /// A client's request forwarded to a node with a replica of the group it reads (not
+    /// an openraft RPC; opaque to this crate).
+    Client,
 }
 
 impl Rpc {
@@ -111,6 +114,7 @@ impl Rpc {
             Rpc::Fanout => Payload::FanoutRequest(body),
             Rpc::Online => Payload::OnlineRequest(body),
             Rpc::RepairProbe => Payload::RepairProbeRequest(body),
+            Rpc::Client => Payload::ClientRequest(body),
         }
     }
 
@@ -128,6 +132,7 @@ impl Rpc {
             Rpc::Fanout => Payload::FanoutResponse(body),
             Rpc::Online => Payload::OnlineResponse(body),
             Rpc::RepairProbe => Payload::RepairProbeResponse(body),
+            Rpc::Client => Payload::ClientResponse(body),
         }
     }
 
@@ -144,7 +149,8 @@ impl Rpc {
             | (Rpc::Media, Payload::MediaResponse(b))
             | (Rpc::Fanout, Payload::FanoutResponse(b))
             | (Rpc::Online, Payload::OnlineResponse(b))
-            | (Rpc::RepairProbe, Payload::RepairProbeResponse(b)) => Ok(b),
+            | (Rpc::RepairProbe, Payload::RepairProbeResponse(b))
+            | (Rpc::Client, Payload::ClientResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -163,6 +169,7 @@ impl Rpc {
             Payload::FanoutRequest(b) => Some((Rpc::Fanout, b.clone())),
             Payload::OnlineRequest(b) => Some((Rpc::Online, b.clone())),
             Payload::RepairProbeRequest(b) => Some((Rpc::RepairProbe, b.clone())),
+            Payload::ClientRequest(b) => Some((Rpc::Client, b.clone())),
             _ => None,
         }
     }
@@ -177,7 +184,8 @@ impl Rpc {
             | Rpc::Media
             | Rpc::Fanout
             | Rpc::Online
-            | Rpc::RepairProbe => RPCTypes::AppendEntries,
+            | Rpc::RepairProbe
+            | Rpc::Client => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::SnapshotStream => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

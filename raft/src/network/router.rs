@@ -645,6 +645,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::MediaResponse(_) => "media_response",
         Payload::FanoutRequest(_) => "fanout_request",
         Payload::FanoutResponse(_) => "fanout_response",
+        Payload::ClientRequest(_) => "client_request",
+        Payload::ClientResponse(_) => "client_response",
         Payload::OnlineRequest(_) => "online_request",
         Payload::OnlineResponse(_) => "online_response",
         Payload::RepairProbeRequest(_) => "repair_probe_request",
@@ -781,6 +783,18 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Fanout, body, ttl).await?)
+    }
+
+    /// Sends an encoded forwarded client request for `group` to `target` and returns its
+    /// encoded answer (opaque here; chatlog's service encodes both). Waits at most `ttl`.
+    pub async fn client_request(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        Ok(self.call(target, group, Rpc::Client, body, ttl).await?)
     }
 
     /// Sends this node's encoded online users to `target` (frame group 0). Waits at most

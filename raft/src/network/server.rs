@@ -90,6 +90,22 @@ pub trait GroupDirectory: Send + Sync + 'static {
         Box::pin(async move { Err(format!("this node serves no fan-out polls (group {group})")) })
     }
 
+    /// Serves an encoded client request forwarded for `group` (opaque to this crate;
+    /// chatlog's service answers it) and returns its encoded answer, or why it cannot be
+    /// served. This default serves none.
+    fn client_request(
+        &self,
+        group: GroupId,
+        body: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, String>> {
+        let _ = body;
+        Box::pin(async move {
+            Err(format!(
+                "this node serves no client requests (group {group})"
+            ))
+        })
+    }
+
     /// Issue 9: why the local replica of `group` must not grant votes (or take a
     /// leadership handed to it) now — its log is damaged and repairing — or `None`.
     /// This default never refuses: a directory wrapping another must delegate it.
@@ -601,6 +617,21 @@ impl Work {
                     Err(_) => Err(node_error(
                         NodeErrorCode::Unavailable,
                         format!("fan-out poll not served within {FORWARDED_WORK_TIMEOUT:?}"),
+                    )),
+                }
+            }
+            Work::Request(Rpc::Client, body) => {
+                match tokio::time::timeout(
+                    FORWARDED_WORK_TIMEOUT,
+                    directory.client_request(group, body),
+                )
+                .await
+                {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(node_error(NodeErrorCode::Unavailable, e)),
+                    Err(_) => Err(node_error(
+                        NodeErrorCode::Unavailable,
+                        format!("client request not served within {FORWARDED_WORK_TIMEOUT:?}"),
                     )),
                 }
             }

@@ -1,0 +1,329 @@
+//! Forwarded client requests: a client may connect to any node of a cluster.
+//!
+//! What it owns: answering, on a node that serves no replica of a group a request needs,
+//! by sending the whole request to a node that serves one (the `client_request` node
+//! message, `wire/proto/node.proto`), and serving such requests from other nodes. A
+//! request needs the caller's user group (its session is checked there, and most
+//! requests read it) and, for a read naming a chat or another user, that id's group
+//! (`ChatService::reads_elsewhere`). The target is a serving replica of the first
+//! needed group this node lacks, preferring one that serves every needed group; it
+//! answers exactly as if the client were connected to it, errors included, and never
+//! forwards again. A handshake's session token is checked the same way.
+//!
+//! What it must not do: forward what is bound to the client's connection
+//! (subscriptions, typing, presence: they push on that connection) or a media transfer
+//! (its bytes go to the uploader's group from the node it is connected to); those still
+//! answer `UNAVAILABLE` naming the nodes to connect to. Writes need none of this: a
+//! proposal reaches its group's leader from any node (`Node::propose`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatlog_raft::GroupId;
+use chatlog_raft::chat::{UserId, group_of};
+use chatlog_raft::network::ForwardError;
+use chatlog_wire::proto::node::v1::{ForwardedAnswer, ForwardedRequest};
+use chatlog_wire::proto::v1::{
+    self, ErrorCode, request::Kind as Req, response::Kind as Resp, secret_request::Kind as SReq,
+};
+use prost::Message;
+
+use super::{ChatService, hash_token};
+use crate::gateway::{ConnCtx, Principal};
+use crate::service::convert::{error, unavailable_retry};
+
+/// How long a forwarding node waits for the answer. Why: the client library's request
+/// timeout (`chatlog_wire::client::REQUEST_TIMEOUT`, 10 s); the serving node gives up on
+/// the work a little later (`FORWARDED_WORK_TIMEOUT`, 12 s), so this side decides.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ChatService {
+    /// Whether a request needing group `g`, which this node does not serve, goes to
+    /// another node: when another node is a replica of `g` and this node's own replica
+    /// (if any) is not repairing a damaged log (issue 9: that refusal says why, and the
+    /// other replicas may be what it waits for).
+    pub(super) fn served_elsewhere(&self, g: GroupId) -> bool {
+        let me = self.node.node_id();
+        let repairing = self
+            .node
+            .group(g)
+            .is_some_and(|local| local.repair_status().damage().is_some());
+        !repairing && self.node.replicas_of(g).iter().any(|n| *n != me)
+    }
+
+    /// The ids whose groups `req` reads besides the caller's user group: a chat (or
+    /// secret chat), or other users (a new chat's members, whose existence is checked
+    /// where their group is; a secret-chat key; a secret chat's home). Not an invitee:
+    /// an invite checks the user only where its group is local, and must work while
+    /// that group is down (the chat-list outbox delivers it later).
+    fn read_ids(user: UserId, req: &Req) -> Vec<u64> {
+        match req {
+            Req::CreateChat(r) => r.member_ids.clone(),
+            Req::History(r) => vec![r.chat_id],
+            Req::GetBySeq(r) => vec![r.chat_id],
+            Req::ListMembers(r) => vec![r.chat_id],
+            Req::MarkRead(r) => vec![r.chat_id],
+            Req::GetUnreadCounts(r) => r.chat_ids.clone(),
+            Req::Sync(r) => r.chats.iter().map(|c| c.chat_id).collect(),
+            Req::Secret(v1::SecretRequest { kind: Some(kind) }) => match kind {
+                SReq::GetKey(r) => vec![r.user_id],
+                SReq::Start(r) => vec![r.user_id, user.min(r.user_id)],
+                SReq::Send(r) => vec![r.secret_chat_id],
+                SReq::Ack(r) => vec![r.secret_chat_id],
+                SReq::Pending(r) if r.secret_chat_id != 0 => vec![r.secret_chat_id],
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every group `req` of `user` needs, the user's first, each once. Ids naming no
+    /// group are left out: the request is refused where it is handled.
+    fn needed_groups(&self, user: UserId, req: &Req) -> Vec<GroupId> {
+        let mut groups = vec![group_of(user)];
+        for id in Self::read_ids(user, req) {
+            if let Ok(g) = self.group_id_for(id, "chat or user")
+                && !groups.contains(&g)
+            {
+                groups.push(g);
+            }
+        }
+        groups
+    }
+
+    /// Whether `req` reads a group (other than the caller's user group, checked by
+    /// `caller`) that this node serves no replica of but another node does.
+    pub(super) fn reads_elsewhere(&self, user: UserId, req: &Req) -> bool {
+        let ids = Self::read_ids(user, req);
+        !ids.is_empty()
+            && Self::forwardable(req)
+            && self
+                .needed_groups(user, req)
+                .into_iter()
+                .any(|g| self.node.serving_group(g).is_none() && self.served_elsewhere(g))
+    }
+
+    /// Whether `req` may be answered by another node (see the module docs).
+    fn forwardable(req: &Req) -> bool {
+        !matches!(
+            req,
+            Req::Handshake(_)
+                | Req::Ping(_)
+                | Req::Login(_)
+                | Req::CreateUser(_)
+                | Req::Subscribe(_)
+                | Req::Unsubscribe(_)
+                | Req::Typing(_)
+                | Req::GetPresence(_)
+                | Req::MediaUploadStart(_)
+                | Req::MediaUploadPart(_)
+                | Req::MediaUploadStatus(_)
+                | Req::MediaUploadFinish(_)
+                | Req::MediaDownload(_)
+                | Req::MediaInfo(_)
+        )
+    }
+
+    /// Answers `req` of `me` on another node (see the module docs).
+    pub(super) async fn forward(&self, me: Principal, req: Req) -> Result<Resp, v1::Error> {
+        let needed = self.needed_groups(me.user_id, &req);
+        let missing = needed
+            .iter()
+            .copied()
+            .find(|g| self.node.serving_group(*g).is_none());
+        let Some(g) = missing else {
+            return Err(error(
+                ErrorCode::Unavailable,
+                "the request's groups moved here meanwhile: send it again",
+            ));
+        };
+        if !Self::forwardable(&req) {
+            return Err(self.not_served(g, "what this request needs"));
+        }
+        let body = ForwardedRequest {
+            user_id: me.user_id,
+            session_id: me.session_id,
+            request: Some(v1::Request { kind: Some(req) }),
+            session_token: String::new(),
+        };
+        let answer = self.send_forwarded(g, &needed, body).await?;
+        match answer.response.and_then(|r| r.kind) {
+            Some(Resp::Error(e)) => Err(e),
+            Some(kind) => Ok(kind),
+            None => Err(error(
+                ErrorCode::Internal,
+                "a forwarded request came back without an answer",
+            )),
+        }
+    }
+
+    /// Checks a handshake's session token here, or where its user's group is served
+    /// when this node serves no replica of it (and `may_forward`).
+    pub(super) async fn authenticate_token(
+        &self,
+        token: &str,
+        may_forward: bool,
+    ) -> Result<Principal, v1::Error> {
+        let bad_token = || {
+            error(
+                ErrorCode::Unauthenticated,
+                "unknown or revoked session token",
+            )
+        };
+        let user: UserId = token
+            .split_once('.')
+            .and_then(|(u, _)| u.parse().ok())
+            .ok_or_else(bad_token)?;
+        let g = self.group_id_for(user, "user").map_err(|_| bad_token())?;
+        if may_forward && self.node.serving_group(g).is_none() && self.served_elsewhere(g) {
+            let body = ForwardedRequest {
+                session_token: token.to_string(),
+                ..ForwardedRequest::default()
+            };
+            let answer = self.send_forwarded(g, &[g], body).await?;
+            if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
+                return Err(e);
+            }
+            return Ok(Principal {
+                user_id: answer.user_id,
+                session_id: answer.session_id,
+                device_id: answer.device_id,
+            });
+        }
+        // Issue 9: a repairing replica cannot tell a good token from a bad one.
+        if let Some(e) = self.repairing(g, user, "user") {
+            return Err(e);
+        }
+        let group = &self.group_for(user, "user").map_err(|_| bad_token())?;
+        let st = group.shared().read();
+        let session = st
+            .session_by_token(user, &hash_token(token))
+            .ok_or_else(bad_token)?;
+        let device_id = st
+            .sessions(user)
+            .into_iter()
+            .find(|s| s.session_id == session)
+            .map(|s| s.device_id)
+            .unwrap_or_default();
+        Ok(Principal {
+            user_id: user,
+            session_id: session,
+            device_id,
+        })
+    }
+
+    /// Sends `body` to a node serving group `g` (preferring one that serves every group
+    /// in `needed`, then the placement's order), trying the next when one cannot take it.
+    async fn send_forwarded(
+        &self,
+        g: GroupId,
+        needed: &[GroupId],
+        body: ForwardedRequest,
+    ) -> Result<ForwardedAnswer, v1::Error> {
+        let Some(router) = self.node.router() else {
+            return Err(self.not_served(g, "what this request needs"));
+        };
+        let me = self.node.node_id();
+        let placement = self.node.placement();
+        let mut targets: Vec<_> = placement
+            .replicas(g)
+            .iter()
+            .copied()
+            .filter(|n| *n != me)
+            .collect();
+        // Most needed groups served first; a stable sort keeps the placement's order.
+        targets.sort_by_key(|n| {
+            std::cmp::Reverse(
+                needed
+                    .iter()
+                    .filter(|h| placement.replicas(**h).contains(n))
+                    .count(),
+            )
+        });
+        drop(placement);
+        let body = Bytes::from(body.encode_to_vec());
+        let mut last = format!("no other node serves group {g}");
+        for target in targets {
+            match router
+                .client_request(target, g, body.clone(), FORWARD_TIMEOUT)
+                .await
+            {
+                Ok(bytes) => {
+                    return ForwardedAnswer::decode(bytes).map_err(|e| {
+                        error(
+                            ErrorCode::Internal,
+                            format!("node {target} answered a forwarded request badly: {e}"),
+                        )
+                    });
+                }
+                Err(ForwardError::NotSent(detail)) => {
+                    last = format!("node {target}: {detail}");
+                }
+                Err(ForwardError::Unknown(detail)) => {
+                    return Err(error(
+                        ErrorCode::Timeout,
+                        format!(
+                            "forwarded to node {target}, no answer ({detail}): it may have \
+                             been done"
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(unavailable_retry(format!(
+            "no node serving group {g} took the request: {last}"
+        )))
+    }
+
+    /// Serves a request another node forwarded for group `g` (the receiving side).
+    /// `Err` only for a body that is not a forwarded request.
+    pub async fn serve_forwarded(&self, g: GroupId, body: Bytes) -> Result<Bytes, String> {
+        let f = ForwardedRequest::decode(body)
+            .map_err(|e| format!("a bad forwarded request for group {g}: {e}"))?;
+        let answer = |result: Result<Resp, v1::Error>| {
+            let kind = result.unwrap_or_else(Resp::Error);
+            ForwardedAnswer {
+                response: Some(v1::Response { kind: Some(kind) }),
+                ..ForwardedAnswer::default()
+            }
+        };
+        let answered = if !f.session_token.is_empty() {
+            match self.authenticate_token(&f.session_token, false).await {
+                Ok(p) => ForwardedAnswer {
+                    response: None,
+                    user_id: p.user_id,
+                    session_id: p.session_id,
+                    device_id: p.device_id,
+                },
+                Err(e) => answer(Err(e)),
+            }
+        } else {
+            let Some(req) = f.request.and_then(|r| r.kind) else {
+                return Err("a forwarded request without a request".into());
+            };
+            let me = Principal {
+                user_id: f.user_id,
+                session_id: f.session_id,
+                device_id: String::new(),
+            };
+            answer(self.serve_forwarded_request(me, req).await)
+        };
+        Ok(Bytes::from(answered.encode_to_vec()))
+    }
+
+    async fn serve_forwarded_request(&self, me: Principal, req: Req) -> Result<Resp, v1::Error> {
+        if !Self::forwardable(&req) {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "this request is not answered for another node",
+            ));
+        }
+        let g = self.group_id_for(me.user_id, "user")?;
+        let Some(group) = self.node.serving_group(g) else {
+            return Err(self.not_served(g, &format!("user {}", me.user_id)));
+        };
+        let me = self.check_session(&group, me).await?;
+        let conn = ConnCtx::detached(me.clone());
+        Box::pin(self.dispatch_authenticated(&conn, 0, me, req)).await
+    }
+}

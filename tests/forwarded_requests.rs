@@ -1,0 +1,291 @@
+//! Black-box: a client may use any node of a cluster. Four real `chatlog serve`
+//! processes with three replicas per group and two groups, so node 1 hosts no replica
+//! of group 1 (static placement: group 1 on nodes 2, 3, 4; group 2 on nodes 3, 4, 1).
+//!
+//! Users of group 1 log in on node 1, reconnect there with their session token (the
+//! handshake's token is checked on a node that has their group), list their sessions,
+//! create a chat with members of both groups, post, read history, get by seq, list
+//! members, mark read, count unread and list chats, all through node 1. A user of group
+//! 2 (hosted on node 1) reads a chat of group 1 through node 1 too. Refusals come back
+//! typed from the node that answered: a non-member's read is `PERMISSION_DENIED`, a
+//! revoked session `UNAUTHENTICATED`. A request bound to the connection (a
+//! subscription) is not forwarded: `UNAVAILABLE`, naming the nodes to connect to.
+//!
+//! Every wait has a deadline, so a bug fails the test instead of hanging it.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use chatlog_raft::chat::group_of;
+use chatlog_wire::client::{Client, ClientError};
+use chatlog_wire::proto::v1;
+use cluster::{Cluster, Options};
+
+/// Longest wait for a request that the cluster should answer (elections after start).
+const WAIT: Duration = Duration::from_secs(30);
+/// The node without a replica of [`FAR_GROUP`].
+const NODE: u64 = 1;
+/// The group node 1 hosts no replica of.
+const FAR_GROUP: u64 = 1;
+/// The group node 1 hosts.
+const NEAR_GROUP: u64 = 2;
+
+async fn connect(cluster: &Cluster, node: u64, token: Option<String>) -> Client {
+    cluster::connect_with(
+        &cluster.addr(node),
+        cluster::client_options(token, Duration::from_secs(10), 5),
+    )
+    .await
+}
+
+/// Creates users named `{prefix}{n}` through `c` until one lives in `group`: its id and
+/// login token.
+async fn user_in(c: &Client, prefix: &str, group: u64) -> (u64, String) {
+    for n in 0.. {
+        let created = cluster::create_user(c, &format!("{prefix}{n}")).await;
+        if group_of(created.user_id) == group {
+            return (created.user_id, created.login_token);
+        }
+    }
+    unreachable!()
+}
+
+/// Logs `user` in on `node` from `device`: the client and the session token.
+async fn device(
+    cluster: &Cluster,
+    node: u64,
+    user: &(u64, String),
+    device: &str,
+) -> (Client, String) {
+    let c = connect(cluster, node, None).await;
+    let login = cluster::login(
+        &c,
+        v1::LoginRequest {
+            user_id: user.0,
+            login_token: user.1.clone(),
+            device_id: device.into(),
+            device_name: device.into(),
+        },
+    )
+    .await;
+    (c, login.session_token)
+}
+
+/// Repeats `call` while it fails with something retryable (an election), up to [`WAIT`].
+async fn retried<T, F, Fut>(what: &str, call: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn code(e: ClientError) -> v1::ErrorCode {
+    e.code()
+        .unwrap_or_else(|| panic!("expected a server error, got {e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_answers_through_one_that_has_it() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            nodes: 4,
+            groups: 2,
+            extra: vec!["--replicas".into(), "3".into()],
+            ..Options::default()
+        })
+    });
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let bob = user_in(&setup, "bob", FAR_GROUP).await;
+    let carol = user_in(&setup, "carol", NEAR_GROUP).await;
+    let dave = user_in(&setup, "dave", NEAR_GROUP).await;
+
+    // Alice on node 1, which cannot check her session itself.
+    let (phone, token) = device(&cluster, NODE, &alice, "phone").await;
+    let sessions = retried("list sessions", || {
+        phone.list_sessions(v1::ListSessionsRequest {})
+    })
+    .await;
+    assert_eq!(sessions.sessions.len(), 1);
+    assert!(sessions.sessions[0].current);
+    assert_eq!(sessions.sessions[0].device_id, "phone");
+    // Her token works on a new connection to node 1 (checked where group 1 lives).
+    let again = connect(&cluster, NODE, Some(token.clone())).await;
+    let sessions_again = retried("list sessions again", || {
+        again.list_sessions(v1::ListSessionsRequest {})
+    })
+    .await;
+    assert_eq!(sessions_again.sessions, sessions.sessions);
+
+    // A chat with members of both groups, created through node 1 until one lives in
+    // group 1 (new chats go round-robin over the groups).
+    let chat = loop {
+        let created = retried("create chat", || {
+            phone.create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "far".into(),
+                member_ids: vec![bob.0, carol.0],
+            })
+        })
+        .await;
+        if group_of(created.chat_id) == FAR_GROUP {
+            break created.chat_id;
+        }
+    };
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let sent = retried("send", || {
+            phone.send_message(cluster::send_request(
+                chat,
+                1000 + i,
+                &format!("far post {i}"),
+            ))
+        })
+        .await;
+        seqs.push(sent.seq);
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "dense seqs {seqs:?}"
+    );
+
+    // Reads of the chat through node 1, by Alice (group 1) and by Carol (group 2).
+    let (carol_c, _) = device(&cluster, NODE, &carol, "tablet").await;
+    for (who, c) in [("alice", &phone), ("carol", &carol_c)] {
+        let history = cluster::full_history(c, chat, WAIT).await;
+        let posts: Vec<_> = history
+            .iter()
+            .filter(|e| matches!(e.body, Some(v1::event::Body::MessagePosted(_))))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(posts, seqs, "{who}: history through node {NODE}");
+        let got = retried("get by seq", || {
+            c.get_by_seq(v1::GetBySeqRequest {
+                chat_id: chat,
+                seqs: vec![seqs[2]],
+            })
+        })
+        .await;
+        assert_eq!(got.events.len(), 1, "{who}");
+        assert_eq!(got.events[0].seq, seqs[2], "{who}");
+        let members = retried("members", || {
+            c.list_members(v1::ListMembersRequest {
+                chat_id: chat,
+                after_user_id: 0,
+                limit: 10,
+            })
+        })
+        .await;
+        let mut ids: Vec<u64> = members.members.iter().map(|m| m.user_id).collect();
+        ids.sort_unstable();
+        let mut expected = vec![alice.0, bob.0, carol.0];
+        expected.sort_unstable();
+        assert_eq!(ids, expected, "{who}");
+    }
+    // Carol has all five posts unread, then reads up to the third.
+    let unread = retried("unread", || {
+        carol_c.get_unread_counts(v1::GetUnreadCountsRequest {
+            chat_ids: vec![chat],
+        })
+    })
+    .await;
+    assert_eq!(unread.counts.len(), 1);
+    assert_eq!(unread.counts[0].unread_count, 5);
+    retried("mark read", || {
+        carol_c.mark_read(v1::MarkReadRequest {
+            chat_id: chat,
+            seq: seqs[2],
+        })
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let unread = retried("unread", || {
+            carol_c.get_unread_counts(v1::GetUnreadCountsRequest {
+                chat_ids: vec![chat],
+            })
+        })
+        .await;
+        if unread.counts[0].unread_count == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unread stays {:?}",
+            unread.counts
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Alice's chat list (her group's replica is elsewhere) has the chat, in full.
+    let list = retried("list chats", || {
+        phone.list_chats(v1::ListChatsRequest {
+            after_chat_id: 0,
+            limit: 100,
+        })
+    })
+    .await;
+    let summary = list
+        .chats
+        .iter()
+        .find(|c| c.chat_id == chat)
+        .expect("the chat is listed");
+    assert_eq!(summary.head_seq, *seqs.last().unwrap());
+    assert_eq!(summary.member_count, 3);
+
+    // Refusals come back typed from the node that answered.
+    let (dave_c, _) = device(&cluster, NODE, &dave, "laptop").await;
+    let refused = dave_c
+        .history(v1::HistoryRequest {
+            chat_id: chat,
+            from_seq: 1,
+            direction: v1::Direction::Forward.into(),
+            limit: 10,
+        })
+        .await
+        .expect_err("a non-member reads the chat");
+    assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
+    // A subscription is bound to the connection: not forwarded.
+    let refused = phone
+        .subscribe(v1::SubscribeRequest {
+            chat_id: chat,
+            from_seq: 1,
+        })
+        .await
+        .expect_err("a subscription on a node without the chat's group");
+    let message = refused.to_string();
+    assert_eq!(code(refused), v1::ErrorCode::Unavailable);
+    assert!(message.contains("nodes 2, 3, 4"), "{message}");
+    // Alice revokes the phone's session from another device; the phone is refused.
+    let (laptop, _) = device(&cluster, 3, &alice, "laptop").await;
+    let phone_session = sessions.sessions[0].session_id;
+    retried("revoke", || {
+        laptop.revoke_session(v1::RevokeSessionRequest {
+            session_id: phone_session,
+        })
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match again.list_sessions(v1::ListSessionsRequest {}).await {
+            Err(e) if e.code() == Some(v1::ErrorCode::Unauthenticated) => break,
+            Err(e) if !cluster::retryable(&e) && e.code().is_some() => {
+                panic!("a revoked session is refused with {e}")
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "a revoked session still works");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
