@@ -11,6 +11,10 @@
 //! revoked session `UNAUTHENTICATED`. A request bound to the connection (a
 //! subscription) is not forwarded: `UNAVAILABLE`, naming the nodes to connect to.
 //!
+//! Typing indicators reach the members online on every node: typed on a node with a
+//! replica of the chat's group, or on node 1 (forwarded there), the node that accepts it
+//! relays it to the nodes its members are online on.
+//!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it.
 
 #[path = "common/cluster.rs"]
@@ -19,8 +23,8 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
-use chatlog_wire::client::{Client, ClientError};
-use chatlog_wire::proto::v1;
+use chatlog_wire::client::{Client, ClientError, PushItem, PushReceiver};
+use chatlog_wire::proto::v1::{self, push};
 use cluster::{Cluster, Options};
 
 /// Longest wait for a request that the cluster should answer (elections after start).
@@ -288,4 +292,138 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
         assert!(Instant::now() < deadline, "a revoked session still works");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether a `typing` push of `user` in `chat` with `typing` arrives on `pushes` within
+/// `within` (other pushes are skipped).
+async fn typing_arrives(
+    pushes: &mut PushReceiver,
+    chat: u64,
+    user: u64,
+    typing: bool,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, pushes.recv()).await {
+            Ok(Some(PushItem::Push {
+                push: push::Kind::Typing(t),
+                ..
+            })) if t.chat_id == chat && t.user_id == user && t.typing == typing => return true,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the connection closed"),
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Sends `typing` from `from` until each of `to` saw it (online lists reach the other
+/// nodes within about a second of a login), up to [`WAIT`].
+async fn typing_reaches(
+    from: &Client,
+    who: u64,
+    chat: u64,
+    typing: bool,
+    to: &mut [(&str, &mut PushReceiver)],
+) {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = vec![false; to.len()];
+    while seen.iter().any(|s| !s) {
+        assert!(
+            Instant::now() < deadline,
+            "typing of {who} never reached {:?}",
+            to.iter()
+                .zip(&seen)
+                .filter(|(_, s)| !**s)
+                .map(|((name, _), _)| *name)
+                .collect::<Vec<_>>()
+        );
+        retried("typing", || {
+            from.typing(v1::TypingRequest {
+                chat_id: chat,
+                typing,
+            })
+        })
+        .await;
+        for ((_, pushes), seen) in to.iter_mut().zip(seen.iter_mut()) {
+            if !*seen {
+                *seen = typing_arrives(pushes, chat, who, typing, Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_members_online_on_every_node() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            nodes: 4,
+            groups: 2,
+            extra: vec!["--replicas".into(), "3".into()],
+            ..Options::default()
+        })
+    });
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let bob = user_in(&setup, "bob", NEAR_GROUP).await;
+    let carol = user_in(&setup, "carol", NEAR_GROUP).await;
+    let dave = user_in(&setup, "dave", FAR_GROUP).await;
+    // Alice on node 3 (a replica of the chat's group), Bob on node 1 (none), Carol on
+    // node 2 (a replica of the chat's group, none of her own), Dave (no member) on node 1.
+    let (alice_c, _) = device(&cluster, 3, &alice, "phone").await;
+    let mut alice_rx = alice_c.pushes().expect("pushes");
+    let (bob_c, _) = device(&cluster, NODE, &bob, "phone").await;
+    let mut bob_rx = bob_c.pushes().expect("pushes");
+    let (carol_c, _) = device(&cluster, 2, &carol, "phone").await;
+    let mut carol_rx = carol_c.pushes().expect("pushes");
+    let (dave_c, _) = device(&cluster, NODE, &dave, "phone").await;
+    let chat = loop {
+        let created = retried("create chat", || {
+            alice_c.create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "typing".into(),
+                member_ids: vec![bob.0, carol.0],
+            })
+        })
+        .await;
+        if group_of(created.chat_id) == FAR_GROUP {
+            break created.chat_id;
+        }
+    };
+
+    // Typed where the chat's group is: relayed to nodes 1 and 2.
+    typing_reaches(
+        &alice_c,
+        alice.0,
+        chat,
+        true,
+        &mut [
+            ("bob on node 1", &mut bob_rx),
+            ("carol on node 2", &mut carol_rx),
+        ],
+    )
+    .await;
+    // Typed on node 1, which has no replica of the chat's group: forwarded, then pushed
+    // and relayed by the node that took it.
+    typing_reaches(
+        &bob_c,
+        bob.0,
+        chat,
+        false,
+        &mut [
+            ("alice on node 3", &mut alice_rx),
+            ("carol on node 2", &mut carol_rx),
+        ],
+    )
+    .await;
+    // A non-member's typing is refused, by the node that answered.
+    let refused = dave_c
+        .typing(v1::TypingRequest {
+            chat_id: chat,
+            typing: true,
+        })
+        .await
+        .expect_err("a non-member types");
+    assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
 }

@@ -29,7 +29,8 @@
 //! same pushes through `remote.rs`: one poller per such group long-polls a replica over
 //! the node transport with the same Raft-index cursor.
 //!
-//! Not covered: typing indicators and presence stay per node (`presence.rs`).
+//! Typing indicators cross nodes by a relay of their own; presence pushes stay per node
+//! (`presence.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -48,7 +49,7 @@ mod presence;
 mod remote;
 use crate::service::{self, PAGE_BYTES_MAX, convert};
 pub use online::{ONLINE_ANNOUNCE_INTERVAL, ONLINE_REMOTE_EXPIRY};
-pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS};
+pub use presence::{PRESENCE_WATCH_MAX, TYPING_EXPIRES_MS, TYPING_RELAY_TIMEOUT};
 pub use remote::{
     FANOUT_ANSWER_BYTES_MAX, FANOUT_ANSWER_EVENTS_MAX, FANOUT_GROUPS_RECHECK,
     FANOUT_POLL_USERS_MAX, FANOUT_POLL_WAIT_MS, FANOUT_POLL_WAIT_MS_MAX, FANOUT_REPOLL_PAUSE,

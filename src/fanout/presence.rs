@@ -7,24 +7,46 @@
 //! one of those users comes online or goes offline). What it must not do: decide who may
 //! type (the service checks membership first) or keep anything across a restart.
 //!
-//! Limits of this slice: presence pushes and typing are per node: typing reaches the
-//! members online on the typist's node, and a user coming online on another node is not
-//! pushed to followers here (live chat and user events cross nodes: `remote.rs`; these
-//! do not). `get_presence`'s online flag is cluster-wide (`online.rs`); last-seen times
-//! are this node's.
+//! Typing crosses nodes: the node that accepts a `typing` request (one with a replica of
+//! the chat's group; others forward it there, `service/forward.rs`) pushes it to the
+//! members online on it and relays it (`typing_request`, a `TypingRelay`) to each other
+//! node whose online list (`online.rs`) holds members, naming them; that node pushes it
+//! to their sessions. Limits of this slice: presence pushes are per node (a user coming
+//! online on another node is not pushed to followers here); `get_presence`'s online
+//! flag is cluster-wide (`online.rs`); last-seen times are this node's.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
+use bytes::Bytes;
+use chatlog_raft::NodeId;
 use chatlog_raft::chat::{ChatId, UserId};
 use chatlog_raft::node::Group;
+use chatlog_wire::proto::node::v1::TypingRelay;
 use chatlog_wire::proto::v1::{self, push};
+use prost::Message;
 
-use super::Hub;
+use super::{FANOUT_POLL_USERS_MAX, Hub, ONLINE_REMOTE_EXPIRY};
 use crate::gateway::{PushSender, SharedPush};
 
 /// How long a client shows "typing" unless the typist repeats it. Why: Telegram's
 /// clients use about 6 s; a typist whose connection dies is not shown typing for ever.
 pub const TYPING_EXPIRES_MS: u32 = 6_000;
+/// How long a relayed typing indicator may take to reach another node. Why: it shows
+/// for [`TYPING_EXPIRES_MS`]; later than a second it is hardly worth showing, and a
+/// dead node must not keep tasks waiting.
+pub const TYPING_RELAY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The push of a typing indicator.
+fn typing_push(chat: ChatId, user: UserId, typing: bool) -> Option<SharedPush> {
+    SharedPush::new(push::Kind::Typing(v1::Typing {
+        chat_id: chat,
+        user_id: user,
+        typing,
+        expires_in_ms: if typing { TYPING_EXPIRES_MS } else { 0 },
+    }))
+}
+
 /// Users one connection may follow the presence of; asking about more forgets the
 /// oldest. Why: a contact list's worth, and it bounds the follower map.
 pub const PRESENCE_WATCH_MAX: usize = 1_000;
@@ -133,19 +155,92 @@ impl Hub {
     }
 
     /// Pushes `Typing` for `user` in `chat` to the online sessions of the chat's other
-    /// members on this node. The caller checked that `user` may post there.
+    /// members on this node, and relays it to the other nodes with such members online
+    /// (their last online lists, `online.rs`). The caller checked that `user` may post
+    /// there; `group` is this node's replica of the chat's group.
     pub fn typing(&self, group: &Group, chat: ChatId, user: UserId, typing: bool) {
-        let Some(frame) = SharedPush::new(push::Kind::Typing(v1::Typing {
-            chat_id: chat,
-            user_id: user,
-            typing,
-            expires_in_ms: if typing { TYPING_EXPIRES_MS } else { 0 },
-        })) else {
+        let Some(frame) = typing_push(chat, user, typing) else {
             return;
         };
         for to in self.recipients_except(group, chat, user) {
             let _ = to.push_shared(&frame);
         }
+        self.relay_typing(group, chat, user, typing);
+    }
+
+    /// Sends a `TypingRelay` to each other node whose online list holds members of
+    /// `chat` other than `user`, naming them; one task per node, so a dead node holds
+    /// back nobody. Best effort: a typist repeats within [`TYPING_EXPIRES_MS`].
+    fn relay_typing(&self, group: &Group, chat: ChatId, user: UserId, typing: bool) {
+        let Some(router) = self.node.router().cloned() else {
+            return;
+        };
+        let targets: Vec<(NodeId, Vec<UserId>)> = {
+            // Lock order: group state, then the registries.
+            let st = group.shared().read();
+            let Some(view) = st.chat(chat) else {
+                return;
+            };
+            let remote = self.remote_online.lock().unwrap_or_else(|p| p.into_inner());
+            remote
+                .iter()
+                .filter(|(_, (at, _))| at.elapsed() < ONLINE_REMOTE_EXPIRY)
+                .filter_map(|(node, (_, users))| {
+                    let member = |u: &UserId| *u != user && st.role(chat, *u).is_some();
+                    // Whichever side is smaller is walked: the node's online users, or
+                    // the chat's members.
+                    let recipients: Vec<UserId> = if (users.len() as u64) < view.member_count {
+                        users.iter().copied().filter(member).collect()
+                    } else {
+                        st.members(chat, 0, usize::MAX)
+                            .map(|(members, _)| members)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|m| m.user)
+                            .filter(|u| *u != user && users.contains(u))
+                            .collect()
+                    };
+                    (!recipients.is_empty()).then_some((*node, recipients))
+                })
+                .collect()
+        };
+        for (node, mut recipients) in targets {
+            recipients.truncate(FANOUT_POLL_USERS_MAX);
+            let body = Bytes::from(
+                TypingRelay {
+                    chat_id: chat,
+                    user_id: user,
+                    typing,
+                    recipients,
+                }
+                .encode_to_vec(),
+            );
+            let router = router.clone();
+            tokio::spawn(async move {
+                if let Err(error) = router.typing(node, body, TYPING_RELAY_TIMEOUT).await {
+                    tracing::debug!(node, %error, "typing indicator not relayed");
+                }
+            });
+        }
+    }
+
+    /// Pushes a typing indicator relayed by another node ([`Hub::relay_typing`]) to the
+    /// sessions of its recipients here.
+    pub(super) fn typing_from(&self, body: Bytes) -> Result<(), String> {
+        let relay = TypingRelay::decode(body).map_err(|e| format!("a bad typing relay: {e}"))?;
+        if relay.recipients.len() > FANOUT_POLL_USERS_MAX {
+            return Err(format!(
+                "a typing relay names {} users, more than {FANOUT_POLL_USERS_MAX}",
+                relay.recipients.len()
+            ));
+        }
+        let Some(frame) = typing_push(relay.chat_id, relay.user_id, relay.typing) else {
+            return Ok(());
+        };
+        for to in self.conns_of(&relay.recipients) {
+            let _ = to.push_shared(&frame);
+        }
+        Ok(())
     }
 
     /// The presence of `users` as this node knows it; `connection_id` follows them from

@@ -408,6 +408,13 @@ impl GroupDirectory for FanoutDirectory {
         Box::pin(async move { service.inner().serve_forwarded(group, body).await })
     }
 
+    fn typing(&self, body: Bytes) -> Result<(), String> {
+        match self.hub.get().and_then(Weak::upgrade) {
+            Some(hub) => hub.typing_from(body),
+            None => Ok(()),
+        }
+    }
+
     fn online(&self, from: chatlog_raft::NodeId, body: Bytes) -> Result<(), String> {
         match self.hub.get().and_then(Weak::upgrade) {
             Some(hub) => hub.online_from(from, body),

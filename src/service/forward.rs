@@ -11,7 +11,7 @@
 //! forwards again. A handshake's session token is checked the same way.
 //!
 //! What it must not do: forward what is bound to the client's connection
-//! (subscriptions, typing, presence: they push on that connection) or a media transfer
+//! (subscriptions and presence: they push on that connection) or a media transfer
 //! (its bytes go to the uploader's group from the node it is connected to); those still
 //! answer `UNAVAILABLE` naming the nodes to connect to. Writes need none of this: a
 //! proposal reaches its group's leader from any node (`Node::propose`).
@@ -63,6 +63,7 @@ impl ChatService {
             Req::GetBySeq(r) => vec![r.chat_id],
             Req::ListMembers(r) => vec![r.chat_id],
             Req::MarkRead(r) => vec![r.chat_id],
+            Req::Typing(r) => vec![r.chat_id],
             Req::GetUnreadCounts(r) => r.chat_ids.clone(),
             Req::Sync(r) => r.chats.iter().map(|c| c.chat_id).collect(),
             Req::Secret(v1::SecretRequest { kind: Some(kind) }) => match kind {
@@ -113,7 +114,6 @@ impl ChatService {
                 | Req::CreateUser(_)
                 | Req::Subscribe(_)
                 | Req::Unsubscribe(_)
-                | Req::Typing(_)
                 | Req::GetPresence(_)
                 | Req::MediaUploadStart(_)
                 | Req::MediaUploadPart(_)

@@ -97,6 +97,9 @@ enum Rpc {
     /// A client's request forwarded to a node with a replica of the group it reads (not
     /// an openraft RPC; opaque to this crate).
     Client,
+    /// A typing indicator for another node's sessions (not an openraft RPC; opaque to
+    /// this crate).
+    Typing,
 }
 
 impl Rpc {
@@ -115,6 +118,7 @@ impl Rpc {
             Rpc::Online => Payload::OnlineRequest(body),
             Rpc::RepairProbe => Payload::RepairProbeRequest(body),
             Rpc::Client => Payload::ClientRequest(body),
+            Rpc::Typing => Payload::TypingRequest(body),
         }
     }
 
@@ -133,6 +137,7 @@ impl Rpc {
             Rpc::Online => Payload::OnlineResponse(body),
             Rpc::RepairProbe => Payload::RepairProbeResponse(body),
             Rpc::Client => Payload::ClientResponse(body),
+            Rpc::Typing => Payload::TypingResponse(body),
         }
     }
 
@@ -150,7 +155,8 @@ impl Rpc {
             | (Rpc::Fanout, Payload::FanoutResponse(b))
             | (Rpc::Online, Payload::OnlineResponse(b))
             | (Rpc::RepairProbe, Payload::RepairProbeResponse(b))
-            | (Rpc::Client, Payload::ClientResponse(b)) => Ok(b),
+            | (Rpc::Client, Payload::ClientResponse(b))
+            | (Rpc::Typing, Payload::TypingResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -170,6 +176,7 @@ impl Rpc {
             Payload::OnlineRequest(b) => Some((Rpc::Online, b.clone())),
             Payload::RepairProbeRequest(b) => Some((Rpc::RepairProbe, b.clone())),
             Payload::ClientRequest(b) => Some((Rpc::Client, b.clone())),
+            Payload::TypingRequest(b) => Some((Rpc::Typing, b.clone())),
             _ => None,
         }
     }
@@ -185,7 +192,8 @@ impl Rpc {
             | Rpc::Fanout
             | Rpc::Online
             | Rpc::RepairProbe
-            | Rpc::Client => RPCTypes::AppendEntries,
+            | Rpc::Client
+            | Rpc::Typing => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::SnapshotStream => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

@@ -647,6 +647,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::FanoutResponse(_) => "fanout_response",
         Payload::ClientRequest(_) => "client_request",
         Payload::ClientResponse(_) => "client_response",
+        Payload::TypingRequest(_) => "typing_request",
+        Payload::TypingResponse(_) => "typing_response",
         Payload::OnlineRequest(_) => "online_request",
         Payload::OnlineResponse(_) => "online_response",
         Payload::RepairProbeRequest(_) => "repair_probe_request",
@@ -795,6 +797,17 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Client, body, ttl).await?)
+    }
+
+    /// Sends an encoded typing indicator to `target` (frame group 0). Waits at most `ttl`.
+    pub async fn typing(
+        &self,
+        target: NodeId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ForwardError> {
+        self.call(target, 0, Rpc::Typing, body, ttl).await?;
+        Ok(())
     }
 
     /// Sends this node's encoded online users to `target` (frame group 0). Waits at most

@@ -128,6 +128,13 @@ pub trait GroupDirectory: Send + Sync + 'static {
         let _ = (from, body);
         Ok(())
     }
+
+    /// Takes an encoded typing indicator for this node's sessions (opaque to this crate;
+    /// chatlog's fan-out hub pushes it). This default ignores it.
+    fn typing(&self, body: Bytes) -> Result<(), String> {
+        let _ = body;
+        Ok(())
+    }
 }
 
 struct Context {
@@ -635,6 +642,10 @@ impl Work {
                     )),
                 }
             }
+            Work::Request(Rpc::Typing, body) => directory
+                .typing(body)
+                .map(|()| Bytes::new())
+                .map_err(|e| node_error(NodeErrorCode::BadRequest, e)),
             Work::Request(Rpc::Online, body) => directory
                 .online(from, body)
                 .map(|()| Bytes::new())
