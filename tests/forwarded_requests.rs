@@ -8,8 +8,10 @@
 //! members, mark read, count unread and list chats, all through node 1. A user of group
 //! 2 (hosted on node 1) reads a chat of group 1 through node 1 too. Refusals come back
 //! typed from the node that answered: a non-member's read is `PERMISSION_DENIED`, a
-//! revoked session `UNAUTHENTICATED`. A request bound to the connection (a
-//! subscription) is not forwarded: `UNAVAILABLE`, naming the nodes to connect to.
+//! revoked session `UNAUTHENTICATED`. Requests bound to the connection are answered by
+//! node 1 itself once the session was checked elsewhere (presence, a subscription to a
+//! chat of group 2); one that needs what node 1 lacks (a subscription to the group-1
+//! chat, a media upload of a group-1 user) is `UNAVAILABLE`, naming the nodes.
 //!
 //! Typing indicators reach the members online on every node: typed on a node with a
 //! replica of the chat's group, or on node 1 (forwarded there), the node that accepts it
@@ -247,6 +249,56 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
         .expect("the chat is listed");
     assert_eq!(summary.head_seq, *seqs.last().unwrap());
     assert_eq!(summary.member_count, 3);
+
+    // Requests bound to the connection are answered by node 1 itself, once it had
+    // Alice's session checked where her group is: presence (Carol is on node 1 now)...
+    let presence = retried("presence", || {
+        phone.get_presence(v1::GetPresenceRequest {
+            user_ids: vec![carol.0, dave.0],
+        })
+    })
+    .await;
+    let online: Vec<(u64, bool)> = presence
+        .presences
+        .iter()
+        .map(|p| (p.user_id, p.online))
+        .collect();
+    assert_eq!(online, vec![(carol.0, true), (dave.0, false)]);
+    // ...and a subscription to a chat of group 2, which node 1 holds.
+    let near = loop {
+        let created = retried("create chat", || {
+            phone.create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "near".into(),
+                member_ids: vec![carol.0],
+            })
+        })
+        .await;
+        if group_of(created.chat_id) == NEAR_GROUP {
+            break created.chat_id;
+        }
+    };
+    let subscribed = retried("subscribe", || {
+        phone.subscribe(v1::SubscribeRequest {
+            chat_id: near,
+            from_seq: 1,
+        })
+    })
+    .await;
+    assert_eq!(subscribed.chat_id, near);
+    assert!(subscribed.head_seq >= 1, "{subscribed:?}");
+    // A media transfer needs the uploader's group on the node: refused, naming them.
+    let refused = phone
+        .media_upload_start(v1::MediaUploadStartRequest {
+            size_bytes: 10,
+            mime_type: "text/plain".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an upload on a node without the uploader's group");
+    let message = refused.to_string();
+    assert_eq!(code(refused), v1::ErrorCode::Unavailable);
+    assert!(message.contains("nodes 2, 3, 4"), "{message}");
 
     // Refusals come back typed from the node that answered.
     let (dave_c, _) = device(&cluster, NODE, &dave, "laptop").await;

@@ -12,9 +12,12 @@
 //!
 //! What it must not do: forward what is bound to the client's connection
 //! (subscriptions and presence: they push on that connection) or a media transfer
-//! (its bytes go to the uploader's group from the node it is connected to); those still
-//! answer `UNAVAILABLE` naming the nodes to connect to. Writes need none of this: a
-//! proposal reaches its group's leader from any node (`Node::propose`).
+//! (a finish hashes the whole file and waits for the replicas, longer than a forwarded
+//! request may take). Those are answered here: when the caller's user group is
+//! elsewhere, after its session was checked there (a `ForwardedRequest` without a
+//! request); what they read must then be local (a subscription's chat, the uploader's
+//! media), or they answer `UNAVAILABLE` naming the nodes to connect to. Writes need none
+//! of this: a proposal reaches its group's leader from any node (`Node::propose`).
 
 use std::time::Duration;
 
@@ -95,9 +98,7 @@ impl ChatService {
     /// Whether `req` reads a group (other than the caller's user group, checked by
     /// `caller`) that this node serves no replica of but another node does.
     pub(super) fn reads_elsewhere(&self, user: UserId, req: &Req) -> bool {
-        let ids = Self::read_ids(user, req);
-        !ids.is_empty()
-            && Self::forwardable(req)
+        !Self::read_ids(user, req).is_empty()
             && self
                 .needed_groups(user, req)
                 .into_iter()
@@ -105,17 +106,24 @@ impl ChatService {
     }
 
     /// Whether `req` may be answered by another node (see the module docs).
-    fn forwardable(req: &Req) -> bool {
-        !matches!(
+    pub(super) fn forwardable(req: &Req) -> bool {
+        !Self::is_media(req)
+            && !matches!(
+                req,
+                Req::Handshake(_)
+                    | Req::Ping(_)
+                    | Req::Login(_)
+                    | Req::CreateUser(_)
+                    | Req::Subscribe(_)
+                    | Req::Unsubscribe(_)
+                    | Req::GetPresence(_)
+            )
+    }
+
+    fn is_media(req: &Req) -> bool {
+        matches!(
             req,
-            Req::Handshake(_)
-                | Req::Ping(_)
-                | Req::Login(_)
-                | Req::CreateUser(_)
-                | Req::Subscribe(_)
-                | Req::Unsubscribe(_)
-                | Req::GetPresence(_)
-                | Req::MediaUploadStart(_)
+            Req::MediaUploadStart(_)
                 | Req::MediaUploadPart(_)
                 | Req::MediaUploadStatus(_)
                 | Req::MediaUploadFinish(_)
@@ -137,9 +145,7 @@ impl ChatService {
                 "the request's groups moved here meanwhile: send it again",
             ));
         };
-        if !Self::forwardable(&req) {
-            return Err(self.not_served(g, "what this request needs"));
-        }
+        debug_assert!(Self::forwardable(&req), "{req:?} is not forwarded");
         let body = ForwardedRequest {
             user_id: me.user_id,
             session_id: me.session_id,
@@ -154,6 +160,30 @@ impl ChatService {
                 ErrorCode::Internal,
                 "a forwarded request came back without an answer",
             )),
+        }
+    }
+
+    /// Checks `me`'s session on a node serving its user's group (which this node does
+    /// not), for `req`, bound to this connection and answered here. A media transfer is
+    /// refused instead: it needs the uploader's group here.
+    pub(super) async fn check_session_elsewhere(
+        &self,
+        me: &Principal,
+        req: &Req,
+    ) -> Result<(), v1::Error> {
+        let g = self.group_id_for(me.user_id, "user")?;
+        if Self::is_media(req) {
+            return Err(self.not_served(g, &format!("user {}", me.user_id)));
+        }
+        let body = ForwardedRequest {
+            user_id: me.user_id,
+            session_id: me.session_id,
+            ..ForwardedRequest::default()
+        };
+        let answer = self.send_forwarded(g, &[g], body).await?;
+        match answer.response.and_then(|r| r.kind) {
+            Some(Resp::Error(e)) => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -298,17 +328,30 @@ impl ChatService {
                 Err(e) => answer(Err(e)),
             }
         } else {
-            let Some(req) = f.request.and_then(|r| r.kind) else {
-                return Err("a forwarded request without a request".into());
-            };
             let me = Principal {
                 user_id: f.user_id,
                 session_id: f.session_id,
                 device_id: String::new(),
             };
-            answer(self.serve_forwarded_request(me, req).await)
+            match f.request.and_then(|r| r.kind) {
+                Some(req) => answer(self.serve_forwarded_request(me, req).await),
+                // Only the session to check.
+                None => match self.session_here(me).await {
+                    Ok(_) => ForwardedAnswer::default(),
+                    Err(e) => answer(Err(e)),
+                },
+            }
         };
         Ok(Bytes::from(answered.encode_to_vec()))
+    }
+
+    /// `me` if its session is live in this node's replica of its user's group.
+    async fn session_here(&self, me: Principal) -> Result<Principal, v1::Error> {
+        let g = self.group_id_for(me.user_id, "user")?;
+        let Some(group) = self.node.serving_group(g) else {
+            return Err(self.not_served(g, &format!("user {}", me.user_id)));
+        };
+        self.check_session(&group, me).await
     }
 
     async fn serve_forwarded_request(&self, me: Principal, req: Req) -> Result<Resp, v1::Error> {
@@ -318,11 +361,7 @@ impl ChatService {
                 "this request is not answered for another node",
             ));
         }
-        let g = self.group_id_for(me.user_id, "user")?;
-        let Some(group) = self.node.serving_group(g) else {
-            return Err(self.not_served(g, &format!("user {}", me.user_id)));
-        };
-        let me = self.check_session(&group, me).await?;
+        let me = self.session_here(me).await?;
         let conn = ConnCtx::detached(me.clone());
         Box::pin(self.dispatch_authenticated(&conn, 0, me, req)).await
     }

@@ -641,8 +641,14 @@ impl ChatService {
                         .user_send(me.user_id)
                         .map_err(|after| rate_limited("messages from this user", after))?;
                 }
-                if !here || self.reads_elsewhere(me.user_id, &other) {
+                if Self::forwardable(&other) && (!here || self.reads_elsewhere(me.user_id, &other))
+                {
                     return Box::pin(self.forward(me, other)).await;
+                }
+                if !here {
+                    // Bound to this connection: answered here once the session is
+                    // checked where the user's group is.
+                    Box::pin(self.check_session_elsewhere(&me, &other)).await?;
                 }
                 self.dispatch_authenticated(conn, request_id, me, other)
                     .await
