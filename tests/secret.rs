@@ -937,6 +937,51 @@ async fn a_device_on_a_node_without_a_replica_gets_secret_messages_pushed() {
     let mut phone = device(&viewer, &alice, "phone", keys.path()).await;
     let mut desktop = device(&viewer, &alice, "desktop", keys.path()).await;
     let mut laptop = device(&cluster.addr(3), &bob, "laptop", keys.path()).await;
+    // Warm-up: node 1's poller of group 1 may still be finding its first replica right
+    // after start (what is applied before its first answer is history, not pushed).
+    // Post to a chat of group 1 until the phone sees a post live.
+    let warm = loop {
+        let created = laptop
+            .client
+            .create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "warm-up".into(),
+                member_ids: vec![alice.0],
+            })
+            .await
+            .expect("chat created");
+        if group_of(created.chat_id) == CHAT_GROUP {
+            break created.chat_id;
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    'warm: for cmid in 1.. {
+        assert!(
+            Instant::now() < deadline,
+            "no live push reached node {VIEWER_NODE}"
+        );
+        laptop
+            .client
+            .send_message(v1::SendMessageRequest {
+                chat_id: warm,
+                client_message_id: cmid,
+                text: "warm-up".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("post");
+        while let Ok(Some(item)) =
+            tokio::time::timeout(Duration::from_millis(200), phone.pushes.recv()).await
+        {
+            if let PushItem::Push {
+                push: push::Kind::ChatEvents(_),
+                ..
+            } = item
+            {
+                break 'warm;
+            }
+        }
+    }
     let chat = laptop
         .client
         .secret_start(&mut laptop.keys, alice.0, "phone")
