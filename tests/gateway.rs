@@ -70,7 +70,7 @@ impl Service for Fixture {
         Ok(Some(Principal {
             user_id,
             session_id: user_id,
-            device_id: String::new(),
+            device_id: "".into(),
         }))
     }
 
@@ -85,7 +85,7 @@ impl Service for Fixture {
                 conn.set_principal(Some(Principal {
                     user_id: login.user_id,
                     session_id: login.user_id,
-                    device_id: login.device_id.clone(),
+                    device_id: login.device_id.as_str().into(),
                 }));
                 Ok(response::Kind::Login(v1::LoginResponse {
                     user_id: login.user_id,

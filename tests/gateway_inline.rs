@@ -68,7 +68,7 @@ impl Service for Fixture {
         Ok(Some(Principal {
             user_id: 1,
             session_id: 1,
-            device_id: String::new(),
+            device_id: "".into(),
         }))
     }
 

@@ -208,7 +208,7 @@ impl Hub {
             // No replica of the user's group here: the device as authenticated (the
             // login, or the node that checked the token); the user's log comes through
             // the cross-node poller from its own cursor.
-            || (0, principal.device_id.clone()),
+            || (0, principal.device_id.to_string()),
             |g| {
                 let st = g.shared().read();
                 let device = st

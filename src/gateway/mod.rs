@@ -209,7 +209,8 @@ pub struct Principal {
     pub session_id: u64,
     /// The session's device, where the node that authenticated the connection knows it
     /// (a login names it; a node holding the user's group reads it); empty otherwise.
-    pub device_id: String,
+    /// Shared: a principal is cloned for every request, and this never changes.
+    pub device_id: Arc<str>,
 }
 
 /// What answers requests: implemented by the Raft-backed service (and by test fixtures).

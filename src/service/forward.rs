@@ -217,7 +217,7 @@ impl ChatService {
             return Ok(Principal {
                 user_id: answer.user_id,
                 session_id: answer.session_id,
-                device_id: answer.device_id,
+                device_id: answer.device_id.into(),
             });
         }
         // Issue 9: a repairing replica cannot tell a good token from a bad one.
@@ -238,7 +238,7 @@ impl ChatService {
         Ok(Principal {
             user_id: user,
             session_id: session,
-            device_id,
+            device_id: device_id.into(),
         })
     }
 
@@ -323,7 +323,7 @@ impl ChatService {
                     response: None,
                     user_id: p.user_id,
                     session_id: p.session_id,
-                    device_id: p.device_id,
+                    device_id: p.device_id.to_string(),
                 },
                 Err(e) => answer(Err(e)),
             }
@@ -331,7 +331,7 @@ impl ChatService {
             let me = Principal {
                 user_id: f.user_id,
                 session_id: f.session_id,
-                device_id: String::new(),
+                device_id: "".into(),
             };
             match f.request.and_then(|r| r.kind) {
                 Some(req) => answer(self.serve_forwarded_request(me, req).await),

@@ -611,7 +611,7 @@ impl ChatService {
                         let principal = Principal {
                             user_id: user,
                             session_id,
-                            device_id: r.device_id,
+                            device_id: r.device_id.into(),
                         };
                         self.register_live(&principal, conn);
                         conn.set_principal(Some(principal));
