@@ -1,7 +1,8 @@
 //! Figures of cluster changes on real `chatlog serve` processes (release build): leader
 //! failover after SIGKILL, and the time of a replica move of a group filled with data.
 //!
-//! `cargo bench --bench cluster_figures -- [failover] [move]` (both without arguments).
+//! `cargo bench --bench cluster_figures -- [failover] [move] [forward]` (all without
+//! arguments).
 //!
 //! - failover: a 3-node cluster, one writer per surviving node sending to one chat one
 //!   message at a time (retrying with the same client message id on the next node); the
@@ -13,6 +14,13 @@
 //!   messages of random letters, each different, 64 in flight); a 4th node joins and the group's replica moves to it
 //!   (`admin replica move`, waiting) while a writer keeps sending; prints the bytes, the
 //!   move time and the longest gap between acknowledged writes during it.
+//! - forward: what a node without a replica costs a client. 4 nodes, 3 replicas per
+//!   group, 2 groups: node 1 holds no replica of group 1. A user of group 1 with a chat
+//!   of group 1 (100 posts) does, one at a time, a history read (the newest 20 events)
+//!   and a post, through node 1 (both forwarded: the session check needs group 1) and
+//!   through node 2 (a replica of group 1), `CHATLOG_FORWARD_ROUNDS` (4) rounds of
+//!   `CHATLOG_FORWARD_CALLS` (500) calls per path and kind, the paths alternating;
+//!   prints p50 / p99 per path and the ratios.
 
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
@@ -111,6 +119,148 @@ async fn setup(cluster: &Cluster) -> (String, u64) {
         .expect("chat")
         .chat_id;
     (token, chat)
+}
+
+/// Serial latencies (µs) of `calls` history reads and `calls` posts through `c`.
+async fn serial_calls(c: &Client, chat: u64, calls: u64, cmid: &AtomicU64) -> (Vec<u64>, Vec<u64>) {
+    let (mut reads, mut posts) = (Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let t = Instant::now();
+        let page = c
+            .history(v1::HistoryRequest {
+                chat_id: chat,
+                from_seq: 0,
+                direction: v1::Direction::Backward.into(),
+                limit: 20,
+            })
+            .await
+            .expect("history");
+        reads.push(t.elapsed().as_micros() as u64);
+        assert_eq!(page.events.len(), 20);
+        let t = Instant::now();
+        c.send_message(send(
+            chat,
+            cmid.fetch_add(1, Ordering::Relaxed),
+            "x".repeat(256),
+        ))
+        .await
+        .expect("post");
+        posts.push(t.elapsed().as_micros() as u64);
+    }
+    (reads, posts)
+}
+
+fn quantile(v: &mut [u64], q: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q) as usize] as f64 / 1000.0
+}
+
+async fn forward() {
+    let rounds = env_u64("CHATLOG_FORWARD_ROUNDS", 4);
+    let calls = env_u64("CHATLOG_FORWARD_CALLS", 500);
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            nodes: 4,
+            groups: 2,
+            extra: vec!["--replicas".into(), "3".into()],
+            ..Options::default()
+        })
+    });
+    let setup = connect(&cluster.addr(2), None).await;
+    // A user of group 1, and a chat of group 1 (new chats go round-robin).
+    let (user, login_token) = loop {
+        let n = cluster::free_port();
+        let created = cluster::create_user(&setup, &format!("fwd{n}")).await;
+        if group_of(created.user_id) == 1 {
+            break (created.user_id, created.login_token);
+        }
+    };
+    let login = cluster::login(
+        &setup,
+        v1::LoginRequest {
+            user_id: user,
+            login_token,
+            device_id: "bench".into(),
+            device_name: "bench".into(),
+        },
+    )
+    .await;
+    let near = connect(&cluster.addr(2), Some(login.session_token.clone())).await;
+    let far = connect(&cluster.addr(1), Some(login.session_token)).await;
+    let chat = loop {
+        let chat = near
+            .create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: "forward".into(),
+                member_ids: vec![],
+            })
+            .await
+            .expect("chat")
+            .chat_id;
+        if group_of(chat) == 1 {
+            break chat;
+        }
+    };
+    let cmid = AtomicU64::new(1);
+    for _ in 0..100 {
+        near.send_message(send(
+            chat,
+            cmid.fetch_add(1, Ordering::Relaxed),
+            "x".repeat(256),
+        ))
+        .await
+        .expect("fill");
+    }
+    // Warm both paths (connections between the nodes, caches).
+    serial_calls(&far, chat, 50, &cmid).await;
+    serial_calls(&near, chat, 50, &cmid).await;
+    let (mut far_reads, mut far_posts, mut near_reads, mut near_posts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate which path goes first.
+        let order: [(&Client, bool); 2] = if round % 2 == 0 {
+            [(&far, true), (&near, false)]
+        } else {
+            [(&near, false), (&far, true)]
+        };
+        for (c, is_far) in order {
+            let (r, p) = serial_calls(c, chat, calls, &cmid).await;
+            if is_far {
+                far_reads.extend(r);
+                far_posts.extend(p);
+            } else {
+                near_reads.extend(r);
+                near_posts.extend(p);
+            }
+        }
+    }
+    let (fr50, fr99) = (
+        quantile(&mut far_reads, 0.5),
+        quantile(&mut far_reads, 0.99),
+    );
+    let (nr50, nr99) = (
+        quantile(&mut near_reads, 0.5),
+        quantile(&mut near_reads, 0.99),
+    );
+    let (fp50, fp99) = (
+        quantile(&mut far_posts, 0.5),
+        quantile(&mut far_posts, 0.99),
+    );
+    let (np50, np99) = (
+        quantile(&mut near_posts, 0.5),
+        quantile(&mut near_posts, 0.99),
+    );
+    println!(
+        "forward: history (20 events) through node 1 (forwarded) p50 {fr50:.3} ms p99 {fr99:.3} ms, \
+         through node 2 (replica) p50 {nr50:.3} ms p99 {nr99:.3} ms, p50 ratio {:.2}",
+        fr50 / nr50
+    );
+    println!(
+        "forward: post through node 1 (forwarded) p50 {fp50:.3} ms p99 {fp99:.3} ms, \
+         through node 2 (replica) p50 {np50:.3} ms p99 {np99:.3} ms, p50 ratio {:.2}",
+        fp50 / np50
+    );
+    println!("forward: {rounds} rounds × {calls} calls per path and kind, serial (1 in flight)");
 }
 
 async fn failover() {
@@ -357,6 +507,9 @@ fn main() {
         }
         if all || args.iter().any(|a| a == "move") {
             replica_move().await;
+        }
+        if all || args.iter().any(|a| a == "forward") {
+            forward().await;
         }
     });
 }
