@@ -158,14 +158,8 @@ fn quantile(v: &mut [u64], q: f64) -> f64 {
 async fn forward() {
     let rounds = env_u64("CHATLOG_FORWARD_ROUNDS", 4);
     let calls = env_u64("CHATLOG_FORWARD_CALLS", 500);
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            nodes: 4,
-            groups: 2,
-            extra: vec!["--replicas".into(), "3".into()],
-            ..Options::default()
-        })
-    });
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
     let setup = connect(&cluster.addr(2), None).await;
     // A user of group 1, and a chat of group 1 (new chats go round-robin).
     let (user, login_token) = loop {

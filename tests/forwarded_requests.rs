@@ -97,6 +97,24 @@ where
     }
 }
 
+/// Creates group chats named `title` with `members` through `c` until one lives in
+/// `group` (new chats go round-robin over the groups).
+async fn chat_in(c: &Client, title: &str, members: Vec<u64>, group: u64) -> u64 {
+    loop {
+        let created = retried("create chat", || {
+            c.create_chat(v1::CreateChatRequest {
+                kind: v1::ChatKind::Group.into(),
+                title: title.into(),
+                member_ids: members.clone(),
+            })
+        })
+        .await;
+        if group_of(created.chat_id) == group {
+            return created.chat_id;
+        }
+    }
+}
+
 fn code(e: ClientError) -> v1::ErrorCode {
     e.code()
         .unwrap_or_else(|| panic!("expected a server error, got {e:?}"))
@@ -104,14 +122,8 @@ fn code(e: ClientError) -> v1::ErrorCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_answers_through_one_that_has_it() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            nodes: 4,
-            groups: 2,
-            extra: vec!["--replicas".into(), "3".into()],
-            ..Options::default()
-        })
-    });
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
     let setup = connect(&cluster, 3, None).await;
     let alice = user_in(&setup, "alice", FAR_GROUP).await;
     let bob = user_in(&setup, "bob", FAR_GROUP).await;
@@ -135,21 +147,8 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
     .await;
     assert_eq!(sessions_again.sessions, sessions.sessions);
 
-    // A chat with members of both groups, created through node 1 until one lives in
-    // group 1 (new chats go round-robin over the groups).
-    let chat = loop {
-        let created = retried("create chat", || {
-            phone.create_chat(v1::CreateChatRequest {
-                kind: v1::ChatKind::Group.into(),
-                title: "far".into(),
-                member_ids: vec![bob.0, carol.0],
-            })
-        })
-        .await;
-        if group_of(created.chat_id) == FAR_GROUP {
-            break created.chat_id;
-        }
-    };
+    // A chat with members of both groups, created through node 1, living in group 1.
+    let chat = chat_in(&phone, "far", vec![bob.0, carol.0], FAR_GROUP).await;
     let mut seqs = Vec::new();
     for i in 0..5 {
         let sent = retried("send", || {
@@ -265,19 +264,7 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
         .collect();
     assert_eq!(online, vec![(carol.0, true), (dave.0, false)]);
     // ...and a subscription to a chat of group 2, which node 1 holds.
-    let near = loop {
-        let created = retried("create chat", || {
-            phone.create_chat(v1::CreateChatRequest {
-                kind: v1::ChatKind::Group.into(),
-                title: "near".into(),
-                member_ids: vec![carol.0],
-            })
-        })
-        .await;
-        if group_of(created.chat_id) == NEAR_GROUP {
-            break created.chat_id;
-        }
-    };
+    let near = chat_in(&phone, "near", vec![carol.0], NEAR_GROUP).await;
     let subscribed = retried("subscribe", || {
         phone.subscribe(v1::SubscribeRequest {
             chat_id: near,
@@ -408,14 +395,8 @@ async fn typing_reaches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_members_online_on_every_node() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            nodes: 4,
-            groups: 2,
-            extra: vec!["--replicas".into(), "3".into()],
-            ..Options::default()
-        })
-    });
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
     let setup = connect(&cluster, 3, None).await;
     let alice = user_in(&setup, "alice", FAR_GROUP).await;
     let bob = user_in(&setup, "bob", NEAR_GROUP).await;
@@ -430,19 +411,7 @@ async fn typing_reaches_members_online_on_every_node() {
     let (carol_c, _) = device(&cluster, 2, &carol, "phone").await;
     let mut carol_rx = carol_c.pushes().expect("pushes");
     let (dave_c, _) = device(&cluster, NODE, &dave, "phone").await;
-    let chat = loop {
-        let created = retried("create chat", || {
-            alice_c.create_chat(v1::CreateChatRequest {
-                kind: v1::ChatKind::Group.into(),
-                title: "typing".into(),
-                member_ids: vec![bob.0, carol.0],
-            })
-        })
-        .await;
-        if group_of(created.chat_id) == FAR_GROUP {
-            break created.chat_id;
-        }
-    };
+    let chat = chat_in(&alice_c, "typing", vec![bob.0, carol.0], FAR_GROUP).await;
 
     // Typed where the chat's group is: relayed to nodes 1 and 2.
     typing_reaches(

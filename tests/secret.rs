@@ -25,7 +25,7 @@ use chatlog_wire::client::{
     Client, ClientError, ClientOptions, PushItem, PushReceiver, SecretFlowError,
 };
 use chatlog_wire::proto::v1::{self, push};
-use chatlog_wire::secret::{DeviceKeys, REKEY_MESSAGES, SecretError};
+use chatlog_wire::secret::{DeviceKeys, Opened, REKEY_MESSAGES, SecretError};
 use disk::{compact, disk_contains};
 use serde_json::Value;
 
@@ -148,6 +148,36 @@ async fn device(addr: &str, user: &(u64, String), device: &str, keys_dir: &Path)
     }
 }
 
+/// Sends `text` from `from` in `chat` (60 s to live), takes the push on `to` and opens
+/// it there: the message as pushed and as opened.
+async fn send_and_open(
+    from: &mut Device,
+    to: &mut Device,
+    chat: u64,
+    text: &str,
+    self_destruct_s: u32,
+) -> (v1::SecretMessage, Opened) {
+    from.client
+        .secret_send(
+            &mut from.keys,
+            chat,
+            text,
+            60_000,
+            self_destruct_s,
+            now_ms(),
+        )
+        .await
+        .expect("send");
+    let m = next_secret(to).await;
+    let opened = to
+        .client
+        .secret_receive(&mut to.keys, &m)
+        .await
+        .expect("the target opens it");
+    assert_eq!(opened.text, text);
+    (m, opened)
+}
+
 /// The next secret message pushed to `d`, skipping other pushes.
 async fn next_secret(d: &mut Device) -> v1::SecretMessage {
     tokio::time::timeout(WAIT, async {
@@ -217,18 +247,7 @@ async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
     let mut to_bob = Vec::new();
     for i in 0..3 {
         let text = marker(&format!("a2b-{i}"));
-        phone
-            .client
-            .secret_send(&mut phone.keys, chat, &text, 60_000, 0, now_ms())
-            .await
-            .expect("send");
-        let m = next_secret(&mut laptop).await;
-        let opened = laptop
-            .client
-            .secret_receive(&mut laptop.keys, &m)
-            .await
-            .expect("bob opens");
-        assert_eq!(opened.text, text);
+        let (m, opened) = send_and_open(&mut phone, &mut laptop, chat, &text, 0).await;
         assert_eq!((opened.sender_user, opened.counter), (u.alice.0, i + 1));
         plaintexts.push(text);
         to_bob.push(m);
@@ -236,18 +255,7 @@ async fn two_devices_exchange_and_nothing_readable_stays_on_disk() {
     let mut to_alice = Vec::new();
     for i in 0..2 {
         let text = marker(&format!("b2a-{i}"));
-        laptop
-            .client
-            .secret_send(&mut laptop.keys, chat, &text, 60_000, 30, now_ms())
-            .await
-            .expect("reply");
-        let m = next_secret(&mut phone).await;
-        let opened = phone
-            .client
-            .secret_receive(&mut phone.keys, &m)
-            .await
-            .expect("alice opens");
-        assert_eq!(opened.text, text);
+        let (m, opened) = send_and_open(&mut laptop, &mut phone, chat, &text, 30).await;
         assert_eq!(opened.self_destruct_s, 30);
         plaintexts.push(text);
         to_alice.push(m);
@@ -913,13 +921,9 @@ async fn a_device_on_a_node_without_a_replica_gets_secret_messages_pushed() {
     const VIEWER_NODE: u64 = 1;
     const CHAT_GROUP: u64 = 1;
     let keys = tempfile::tempdir().unwrap();
-    let options = cluster::Options {
-        nodes: 4,
-        groups: 2,
-        extra: vec!["--replicas".into(), "3".into()],
-        ..cluster::Options::default()
-    };
-    let cluster = tokio::task::block_in_place(|| cluster::Cluster::start(options));
+    let cluster = tokio::task::block_in_place(|| {
+        cluster::Cluster::start(cluster::Options::more_nodes_than_replicas())
+    });
     let setup = anonymous(&cluster.addr(3)).await;
     // Users are placed round-robin over the groups: create until two live in group 1.
     let mut in_chat_group = Vec::new();
@@ -994,32 +998,10 @@ async fn a_device_on_a_node_without_a_replica_gets_secret_messages_pushed() {
     );
     for i in 0..3 {
         let text = marker(&format!("to-node-1-{i}"));
-        laptop
-            .client
-            .secret_send(&mut laptop.keys, chat, &text, 60_000, 0, now_ms())
-            .await
-            .expect("send");
-        let m = next_secret(&mut phone).await;
-        let opened = phone
-            .client
-            .secret_receive(&mut phone.keys, &m)
-            .await
-            .expect("alice opens");
-        assert_eq!((opened.text, opened.counter), (text, i + 1));
+        let (_, opened) = send_and_open(&mut laptop, &mut phone, chat, &text, 0).await;
+        assert_eq!(opened.counter, i + 1);
     }
-    let text = marker("reply");
-    phone
-        .client
-        .secret_send(&mut phone.keys, chat, &text, 60_000, 0, now_ms())
-        .await
-        .expect("reply");
-    let m = next_secret(&mut laptop).await;
-    let opened = laptop
-        .client
-        .secret_receive(&mut laptop.keys, &m)
-        .await
-        .expect("bob opens");
-    assert_eq!(opened.text, text);
+    send_and_open(&mut phone, &mut laptop, chat, &marker("reply"), 0).await;
     no_secret_pushed(&mut desktop).await;
 }
 

@@ -99,6 +99,20 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// Four nodes, two groups, three replicas per group: node 1 holds no replica of
+    /// group 1 (the static placement puts group 1 on nodes 2, 3, 4 and group 2 on nodes
+    /// 3, 4, 1), for what a node without a replica does.
+    pub fn more_nodes_than_replicas() -> Options {
+        Options {
+            nodes: 4,
+            groups: 2,
+            extra: vec!["--replicas".into(), "3".into()],
+            ..Options::default()
+        }
+    }
+}
+
 /// One node's process and addresses.
 pub struct Node {
     /// Its data directory.
