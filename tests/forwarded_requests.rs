@@ -6,7 +6,8 @@
 //! handshake's token is checked on a node that has their group), list their sessions,
 //! create a chat with members of both groups, post, read history, get by seq, list
 //! members, mark read, count unread and list chats, all through node 1. A user of group
-//! 2 (hosted on node 1) reads a chat of group 1 through node 1 too. Refusals come back
+//! 2 (hosted on node 1) reads a chat of group 1 through node 1 too, and syncs it with a
+//! chat of group 2 in one request (node 1 asks a replica of group 1 for that part). Refusals come back
 //! typed from the node that answered: a non-member's read is `PERMISSION_DENIED`, a
 //! revoked session `UNAUTHENTICATED`. Requests bound to the connection are answered by
 //! node 1 itself once the session was checked elsewhere (presence, a subscription to a
@@ -274,6 +275,55 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
     .await;
     assert_eq!(subscribed.chat_id, near);
     assert!(subscribed.head_seq >= 1, "{subscribed:?}");
+
+    // Sync through node 1 by Carol, whose group it holds, across the chat of group 1
+    // (that part answered by a node holding group 1) and the chat of group 2 (here).
+    let near_head = subscribed.head_seq;
+    let far_head = *seqs.last().unwrap();
+    let synced = retried("sync", || {
+        carol_c.sync(v1::SyncRequest {
+            chats: vec![
+                v1::ChatPosition {
+                    chat_id: chat,
+                    last_seq: seqs[0],
+                },
+                v1::ChatPosition {
+                    chat_id: near,
+                    last_seq: 0,
+                },
+            ],
+            ..Default::default()
+        })
+    })
+    .await;
+    let by_chat = |chats: &[v1::ChatDifference], id: u64| {
+        chats
+            .iter()
+            .find(|d| d.chat_id == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("chat {id} missing from {chats:?}"))
+    };
+    let seqs_of = |d: &v1::ChatDifference| d.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    let far_part = by_chat(&synced.chats, chat);
+    assert_eq!(
+        seqs_of(&far_part),
+        (seqs[0] + 1..=far_head).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (far_part.head_seq, far_part.read_seq, far_part.unread_count),
+        (far_head, seqs[2], 2)
+    );
+    let near_part = by_chat(&synced.chats, near);
+    assert_eq!(seqs_of(&near_part), (1..=near_head).collect::<Vec<_>>());
+    assert!(!far_part.too_long && !near_part.too_long);
+    assert!(synced.chats.windows(2).all(|w| w[0].chat_id < w[1].chat_id));
+    // Every chat of hers, each from her read marker.
+    let synced = retried("sync all", || carol_c.sync(v1::SyncRequest::default())).await;
+    assert_eq!(synced.chats.len(), 2, "{:?}", synced.chats);
+    assert_eq!(
+        seqs_of(&by_chat(&synced.chats, chat)),
+        (seqs[2] + 1..=far_head).collect::<Vec<_>>()
+    );
     // A media transfer needs the uploader's group on the node: refused, naming them.
     let refused = phone
         .media_upload_start(v1::MediaUploadStartRequest {
@@ -447,4 +497,65 @@ async fn typing_reaches_members_online_on_every_node() {
         .await
         .expect_err("a non-member types");
     assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
+}
+
+/// A sync across chats of two groups that no node holds together: 3 nodes, one replica
+/// per group (group 1 on node 2, group 2 on node 3, node 1 holds none). The node holding
+/// the user's group asks the other for its part; through node 1 the whole sync goes to
+/// that node first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_spans_groups_that_no_node_holds_together() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            nodes: 3,
+            groups: 2,
+            extra: vec!["--replicas".into(), "1".into()],
+            ..Options::default()
+        })
+    });
+    let setup = connect(&cluster, 3, None).await;
+    let carol = user_in(&setup, "carol", NEAR_GROUP).await;
+    let (c3, _) = device(&cluster, 3, &carol, "phone").await;
+    let far = chat_in(&c3, "far", vec![], FAR_GROUP).await;
+    let near = chat_in(&c3, "near", vec![], NEAR_GROUP).await;
+    let mut heads = Vec::new();
+    for (n, chat) in [far, near].into_iter().enumerate() {
+        let mut head = 0;
+        for i in 0..3 {
+            let cmid = ((n as u64) << 32) | (i + 1);
+            head = retried("send", || {
+                c3.send_message(cluster::send_request(chat, cmid, "spread"))
+            })
+            .await
+            .seq;
+        }
+        heads.push((chat, head));
+    }
+    let (c1, _) = device(&cluster, 1, &carol, "laptop").await;
+    for (node, c) in [(3, &c3), (1, &c1)] {
+        let synced = retried("sync", || {
+            c.sync(v1::SyncRequest {
+                chats: heads
+                    .iter()
+                    .map(|(chat, _)| v1::ChatPosition {
+                        chat_id: *chat,
+                        last_seq: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        })
+        .await;
+        let got: Vec<(u64, Vec<u64>)> = synced
+            .chats
+            .iter()
+            .map(|d| (d.chat_id, d.events.iter().map(|e| e.seq).collect()))
+            .collect();
+        let mut want: Vec<(u64, Vec<u64>)> = heads
+            .iter()
+            .map(|(chat, head)| (*chat, (1..=*head).collect()))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "sync through node {node}");
+    }
 }

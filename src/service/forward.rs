@@ -25,13 +25,14 @@ use bytes::Bytes;
 use chatlog_raft::GroupId;
 use chatlog_raft::chat::{UserId, group_of};
 use chatlog_raft::network::ForwardError;
-use chatlog_wire::proto::node::v1::{ForwardedAnswer, ForwardedRequest};
+use chatlog_wire::limits::PAGE_ITEMS_MAX;
+use chatlog_wire::proto::node::v1::{ForwardedAnswer, ForwardedRequest, SyncPart};
 use chatlog_wire::proto::v1::{
     self, ErrorCode, request::Kind as Req, response::Kind as Resp, secret_request::Kind as SReq,
 };
 use prost::Message;
 
-use super::{ChatService, hash_token};
+use super::{ChatService, PAGE_BYTES_MAX, SyncAsk, hash_token};
 use crate::gateway::{ConnCtx, Principal};
 use crate::service::convert::{error, unavailable_retry};
 
@@ -68,7 +69,8 @@ impl ChatService {
             Req::MarkRead(r) => vec![r.chat_id],
             Req::Typing(r) => vec![r.chat_id],
             Req::GetUnreadCounts(r) => r.chat_ids.clone(),
-            Req::Sync(r) => r.chats.iter().map(|c| c.chat_id).collect(),
+            // Not a sync's chats: where the user's group is, a sync asks each chat group
+            // it lacks for its part (`ChatService::sync`, [`ChatService::sync_part_elsewhere`]).
             Req::Secret(v1::SecretRequest { kind: Some(kind) }) => match kind {
                 SReq::GetKey(r) => vec![r.user_id],
                 SReq::Start(r) => vec![r.user_id, user.min(r.user_id)],
@@ -150,7 +152,7 @@ impl ChatService {
             user_id: me.user_id,
             session_id: me.session_id,
             request: Some(v1::Request { kind: Some(req) }),
-            session_token: String::new(),
+            ..ForwardedRequest::default()
         };
         let answer = self.send_forwarded(g, &needed, body).await?;
         match answer.response.and_then(|r| r.kind) {
@@ -161,6 +163,80 @@ impl ChatService {
                 "a forwarded request came back without an answer",
             )),
         }
+    }
+
+    /// The part of `user`'s sync in group `g` (which this node does not serve), from a
+    /// node that does: `asks` (chats of `g`, with positions and read markers read here),
+    /// within `budget` bytes of events. The session was checked here.
+    pub(super) async fn sync_part_elsewhere(
+        &self,
+        g: GroupId,
+        user: UserId,
+        asks: &[SyncAsk],
+        per_chat: u64,
+        all: bool,
+        budget: usize,
+    ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+        let body = ForwardedRequest {
+            user_id: user,
+            sync_part: Some(SyncPart {
+                chats: asks
+                    .iter()
+                    .map(|a| v1::ChatPosition {
+                        chat_id: a.chat,
+                        last_seq: a.last,
+                    })
+                    .collect(),
+                read_seqs: asks.iter().map(|a| a.read_seq).collect(),
+                events_per_chat_max: per_chat as u32,
+                all,
+                bytes_max: budget as u64,
+            }),
+            ..ForwardedRequest::default()
+        };
+        let answer = self.send_forwarded(g, &[g], body).await?;
+        if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
+            return Err(e);
+        }
+        Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
+    }
+
+    /// Answers a [`SyncPart`] for `user` from this node's replica of group `g`.
+    async fn serve_sync_part(
+        &self,
+        g: GroupId,
+        user: UserId,
+        part: SyncPart,
+    ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+        if part.chats.len() > PAGE_ITEMS_MAX as usize || part.read_seqs.len() != part.chats.len() {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "a sync part names too many chats, or not one read marker per chat",
+            ));
+        }
+        let Some(group) = self.node.serving_group(g) else {
+            return Err(self.not_served(g, &format!("group {g}")));
+        };
+        if let Some(stray) = part.chats.iter().find(|c| group_of(c.chat_id) != g) {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!("chat {} of a sync part is not in group {g}", stray.chat_id),
+            ));
+        }
+        let asks: Vec<SyncAsk> = part
+            .chats
+            .iter()
+            .zip(&part.read_seqs)
+            .map(|(c, read_seq)| SyncAsk {
+                chat: c.chat_id,
+                last: c.last_seq,
+                read_seq: *read_seq,
+            })
+            .collect();
+        let per_chat = u64::from(part.events_per_chat_max.clamp(1, PAGE_ITEMS_MAX));
+        let budget = (part.bytes_max as usize).min(PAGE_BYTES_MAX);
+        self.sync_part_here(&group, user, &asks, per_chat, part.all, budget)
+            .await
     }
 
     /// Checks `me`'s session on a node serving its user's group (which this node does
@@ -317,13 +393,22 @@ impl ChatService {
                 ..ForwardedAnswer::default()
             }
         };
-        let answered = if !f.session_token.is_empty() {
+        let answered = if let Some(part) = f.sync_part {
+            match self.serve_sync_part(g, f.user_id, part).await {
+                Ok((differences, used)) => ForwardedAnswer {
+                    differences,
+                    bytes_used: used as u64,
+                    ..ForwardedAnswer::default()
+                },
+                Err(e) => answer(Err(e)),
+            }
+        } else if !f.session_token.is_empty() {
             match self.authenticate_token(&f.session_token, false).await {
                 Ok(p) => ForwardedAnswer {
-                    response: None,
                     user_id: p.user_id,
                     session_id: p.session_id,
                     device_id: p.device_id.to_string(),
+                    ..ForwardedAnswer::default()
                 },
                 Err(e) => answer(Err(e)),
             }

@@ -25,7 +25,7 @@ pub mod forward;
 pub mod ratelimit;
 pub mod secret;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chatlog_raft::GroupId;
@@ -82,6 +82,14 @@ fn rate_limited(what: &str, retry_after: std::time::Duration) -> v1::Error {
     );
     e.retry_after_ms = (retry_after.as_millis() as u64).max(1);
     e
+}
+
+/// One chat of a sync: the device's position in it and the user's read marker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SyncAsk {
+    pub(crate) chat: ChatId,
+    pub(crate) last: u64,
+    pub(crate) read_seq: u64,
 }
 
 /// Messages by others in `(after, head]` of a chat, from a local replica of its group.
@@ -1244,18 +1252,88 @@ impl ChatService {
             v.dedup_by_key(|p| p.0);
             (v, false)
         };
-        let mut barriers = BTreeSet::new();
+        // The chats by group, each with the device's position and the user's read marker
+        // (from the user's group, here), the groups in the order of their first chat.
+        let mut by_group: Vec<(GroupId, Vec<SyncAsk>)> = Vec::new();
+        {
+            let st = ugroup.shared().read();
+            for (chat, last) in positions {
+                let g = self.group_id_for(chat, "chat")?;
+                let ask = SyncAsk {
+                    chat,
+                    last,
+                    read_seq: st.read_marker(user, chat),
+                };
+                match by_group.iter_mut().find(|(h, _)| *h == g) {
+                    Some((_, asks)) => asks.push(ask),
+                    None => by_group.push((g, vec![ask])),
+                }
+            }
+        }
+        // One byte budget for the whole answer, spent group by group: a group asked
+        // after it ran out still answers heads and read markers (`too_long`).
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for (chat, last) in positions {
-            let group = &self.group_for(chat, "chat")?;
-            if barriers.insert(group.id()) {
-                // Linearizable, like history: a send acknowledged before is in the answer.
-                self.node
-                    .read_barrier(group.id())
-                    .await
-                    .map_err(propose_error)?;
-            }
+        for (g, asks) in by_group {
+            let budget = PAGE_BYTES_MAX.saturating_sub(bytes);
+            let (differences, used) = match self.node.serving_group(g) {
+                Some(group) => {
+                    self.sync_part_here(&group, user, &asks, per_chat, all, budget)
+                        .await?
+                }
+                // A chat group this node holds no replica of: its half of the answer
+                // comes from a node that does (`forward.rs`).
+                None if self.served_elsewhere(g) => {
+                    Box::pin(self.sync_part_elsewhere(g, user, &asks, per_chat, all, budget))
+                        .await?
+                }
+                None => {
+                    return Err(self
+                        .group_for(asks[0].chat, "chat")
+                        .err()
+                        .unwrap_or_else(|| {
+                            error(
+                                ErrorCode::Unavailable,
+                                "the chat's group moved here: sync again",
+                            )
+                        }));
+                }
+            };
+            bytes += used;
+            out.extend(differences);
+        }
+        out.sort_by_key(|d| d.chat_id);
+        Ok(Resp::Sync(v1::SyncResponse {
+            chats: out,
+            has_more,
+        }))
+    }
+
+    /// The differences of `asks`, chats of `group` (a replica here), for `user`: after
+    /// one read barrier (linearizable, like history: a send acknowledged before is in
+    /// the answer), with events within `budget` bytes. With `all` a chat at its head is
+    /// answered too. Returns them and the bytes their events took.
+    pub(crate) async fn sync_part_here(
+        &self,
+        group: &Group,
+        user: UserId,
+        asks: &[SyncAsk],
+        per_chat: u64,
+        all: bool,
+        budget: usize,
+    ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+        self.node
+            .read_barrier(group.id())
+            .await
+            .map_err(propose_error)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for &SyncAsk {
+            chat,
+            last,
+            read_seq,
+        } in asks
+        {
             let view = {
                 let st = group.shared().read();
                 st.chat(chat).filter(|_| st.role(chat, user).is_some())
@@ -1272,9 +1350,8 @@ impl ChatService {
             if !all && head <= last {
                 continue;
             }
-            let read_seq = ugroup.shared().read().read_marker(user, chat);
             let mut events = Vec::new();
-            if last < head && bytes < PAGE_BYTES_MAX {
+            if last < head && bytes < budget {
                 // Retention: below the chat's first retained seq, start there.
                 let from = (last + 1).max(group.shared().read().chat_first_seq(chat).unwrap_or(1));
                 let to = head.min(from + per_chat - 1);
@@ -1295,8 +1372,8 @@ impl ChatService {
                         )
                     })?;
                     let len = prost::Message::encoded_len(&ev) + 8;
-                    if bytes + len > PAGE_BYTES_MAX {
-                        bytes = PAGE_BYTES_MAX;
+                    if bytes + len > budget {
+                        bytes = budget;
                         break;
                     }
                     bytes += len;
@@ -1314,10 +1391,7 @@ impl ChatService {
                 not_member: false,
             });
         }
-        Ok(Resp::Sync(v1::SyncResponse {
-            chats: out,
-            has_more,
-        }))
+        Ok((out, bytes))
     }
 
     fn subscribe(
