@@ -18,6 +18,9 @@
 //! replica of the chat's group, or on node 1 (forwarded there), the node that accepts it
 //! relays it to the nodes its members are online on.
 //!
+//! With one replica per group on three nodes, no node holds two groups: chats with
+//! members of both groups, reads, syncs and unread counts still work through every node.
+//!
 //! Every wait has a deadline, so a bug fails the test instead of hanging it.
 
 #[path = "common/cluster.rs"]
@@ -499,10 +502,12 @@ async fn typing_reaches_members_online_on_every_node() {
     assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
 }
 
-/// A sync across chats of two groups that no node holds together: 3 nodes, one replica
-/// per group (group 1 on node 2, group 2 on node 3, node 1 holds none). The node holding
-/// the user's group asks the other for its part; through node 1 the whole sync goes to
-/// that node first.
+/// Chats, reads, a sync and unread counts across two groups that no node holds together:
+/// 3 nodes, one replica per group (group 1 on node 2, group 2 on node 3, node 1 holds
+/// none). A chat is created with a member whose group is on another node; a read is
+/// forwarded with the session as checked; for a sync and unread counts the node holding
+/// the user's group asks the other for its part, and through node 1 the whole request
+/// goes to that node first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_spans_groups_that_no_node_holds_together() {
     let cluster = tokio::task::block_in_place(|| {
@@ -515,22 +520,43 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
     });
     let setup = connect(&cluster, 3, None).await;
     let carol = user_in(&setup, "carol", NEAR_GROUP).await;
+    let dave = user_in(&setup, "dave", FAR_GROUP).await;
     let (c3, _) = device(&cluster, 3, &carol, "phone").await;
-    let far = chat_in(&c3, "far", vec![], FAR_GROUP).await;
-    let near = chat_in(&c3, "near", vec![], NEAR_GROUP).await;
+    let far = chat_in(&c3, "far", vec![dave.0], FAR_GROUP).await;
+    let near = chat_in(&c3, "near", vec![dave.0], NEAR_GROUP).await;
+    // Dave posts three messages to each: Carol's unread.
+    let (d2, _) = device(&cluster, 2, &dave, "phone").await;
     let mut heads = Vec::new();
     for (n, chat) in [far, near].into_iter().enumerate() {
         let mut head = 0;
         for i in 0..3 {
             let cmid = ((n as u64) << 32) | (i + 1);
             head = retried("send", || {
-                c3.send_message(cluster::send_request(chat, cmid, "spread"))
+                d2.send_message(cluster::send_request(chat, cmid, "spread"))
             })
             .await
             .seq;
         }
         heads.push((chat, head));
     }
+    // A read of the chat of group 1 through node 3, which holds Carol's group: node 2,
+    // which holds the chat's, does not hold hers and takes the session as node 3
+    // checked it.
+    let page = retried("history", || {
+        c3.history(v1::HistoryRequest {
+            chat_id: far,
+            from_seq: 1,
+            direction: v1::Direction::Forward.into(),
+            limit: 10,
+        })
+    })
+    .await;
+    let posted = page
+        .events
+        .iter()
+        .filter(|e| matches!(e.body, Some(v1::event::Body::MessagePosted(_))))
+        .count();
+    assert_eq!(posted, 3, "{:?}", page.events);
     let (c1, _) = device(&cluster, 1, &carol, "laptop").await;
     for (node, c) in [(3, &c3), (1, &c1)] {
         let synced = retried("sync", || {
@@ -557,5 +583,23 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
             .collect();
         want.sort_unstable();
         assert_eq!(got, want, "sync through node {node}");
+        // Unread counts the same way, listed and all: three each (Dave's posts).
+        for chat_ids in [vec![far, near], vec![]] {
+            let counts = retried("unread", || {
+                c.get_unread_counts(v1::GetUnreadCountsRequest {
+                    chat_ids: chat_ids.clone(),
+                })
+            })
+            .await;
+            let got: Vec<(u64, u64, u64)> = counts
+                .counts
+                .iter()
+                .map(|u| (u.chat_id, u.head_seq, u.unread_count))
+                .collect();
+            let mut want: Vec<(u64, u64, u64)> =
+                heads.iter().map(|(chat, head)| (*chat, *head, 3)).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "unread counts through node {node}, {chat_ids:?}");
+        }
     }
 }

@@ -68,9 +68,9 @@ impl ChatService {
             Req::ListMembers(r) => vec![r.chat_id],
             Req::MarkRead(r) => vec![r.chat_id],
             Req::Typing(r) => vec![r.chat_id],
-            Req::GetUnreadCounts(r) => r.chat_ids.clone(),
-            // Not a sync's chats: where the user's group is, a sync asks each chat group
-            // it lacks for its part (`ChatService::sync`, [`ChatService::sync_part_elsewhere`]).
+            // Not a sync's or an unread count's chats: where the user's group is, each
+            // asks the chat groups it lacks for their part (`ChatService::sync`,
+            // [`ChatService::sync_part_elsewhere`]).
             Req::Secret(v1::SecretRequest { kind: Some(kind) }) => match kind {
                 SReq::GetKey(r) => vec![r.user_id],
                 SReq::Start(r) => vec![r.user_id, user.min(r.user_id)],
@@ -98,13 +98,27 @@ impl ChatService {
     }
 
     /// Whether `req` reads a group (other than the caller's user group, checked by
-    /// `caller`) that this node serves no replica of but another node does.
+    /// `caller`) that this node serves no replica of but another node does. A new chat's
+    /// members are checked where their groups are only when one node holds them all;
+    /// otherwise the chat is created here, checking the members whose group is here (as
+    /// an invite does).
     pub(super) fn reads_elsewhere(&self, user: UserId, req: &Req) -> bool {
-        !Self::read_ids(user, req).is_empty()
-            && self
-                .needed_groups(user, req)
-                .into_iter()
-                .any(|g| self.node.serving_group(g).is_none() && self.served_elsewhere(g))
+        if Self::read_ids(user, req).is_empty() {
+            return false;
+        }
+        let needed = self.needed_groups(user, req);
+        let elsewhere = needed
+            .iter()
+            .any(|g| self.node.serving_group(*g).is_none() && self.served_elsewhere(*g));
+        if elsewhere && matches!(req, Req::CreateChat(_)) {
+            let placement = self.node.placement();
+            let me = self.node.node_id();
+            return placement
+                .members
+                .keys()
+                .any(|n| *n != me && needed.iter().all(|g| placement.replicas(*g).contains(n)));
+        }
+        elsewhere
     }
 
     /// Whether `req` may be answered by another node (see the module docs).
@@ -135,7 +149,14 @@ impl ChatService {
     }
 
     /// Answers `req` of `me` on another node (see the module docs).
-    pub(super) async fn forward(&self, me: Principal, req: Req) -> Result<Resp, v1::Error> {
+    /// `checked`: this node checked the session (it holds the user's group), so the
+    /// receiver need not.
+    pub(super) async fn forward(
+        &self,
+        me: Principal,
+        req: Req,
+        checked: bool,
+    ) -> Result<Resp, v1::Error> {
         let needed = self.needed_groups(me.user_id, &req);
         let missing = needed
             .iter()
@@ -152,6 +173,7 @@ impl ChatService {
             user_id: me.user_id,
             session_id: me.session_id,
             request: Some(v1::Request { kind: Some(req) }),
+            session_checked: checked,
             ..ForwardedRequest::default()
         };
         let answer = self.send_forwarded(g, &needed, body).await?;
@@ -419,7 +441,10 @@ impl ChatService {
                 device_id: "".into(),
             };
             match f.request.and_then(|r| r.kind) {
-                Some(req) => answer(self.serve_forwarded_request(me, req).await),
+                Some(req) => answer(
+                    self.serve_forwarded_request(me, req, f.session_checked)
+                        .await,
+                ),
                 // Only the session to check.
                 None => match self.session_here(me).await {
                     Ok(_) => ForwardedAnswer::default(),
@@ -439,14 +464,23 @@ impl ChatService {
         self.check_session(&group, me).await
     }
 
-    async fn serve_forwarded_request(&self, me: Principal, req: Req) -> Result<Resp, v1::Error> {
+    async fn serve_forwarded_request(
+        &self,
+        me: Principal,
+        req: Req,
+        checked: bool,
+    ) -> Result<Resp, v1::Error> {
         if !Self::forwardable(&req) {
             return Err(error(
                 ErrorCode::BadRequest,
                 "this request is not answered for another node",
             ));
         }
-        let me = self.session_here(me).await?;
+        let me = if checked {
+            me
+        } else {
+            self.session_here(me).await?
+        };
         let conn = ConnCtx::detached(me.clone());
         Box::pin(self.dispatch_authenticated(&conn, 0, me, req)).await
     }

@@ -522,7 +522,7 @@ impl ChatService {
             .user_send(me.user_id)
             .map_err(|after| rate_limited("messages from this user", after))?;
         if !here {
-            return Box::pin(self.forward(me, Req::SendMessage(r))).await;
+            return Box::pin(self.forward(me, Req::SendMessage(r), false)).await;
         }
         let media = Self::check_send_fields(&r)?;
         debug_assert!(
@@ -651,7 +651,7 @@ impl ChatService {
                 }
                 if Self::forwardable(&other) && (!here || self.reads_elsewhere(me.user_id, &other))
                 {
-                    return Box::pin(self.forward(me, other)).await;
+                    return Box::pin(self.forward(me, other, here)).await;
                 }
                 if !here {
                     // Bound to this connection: answered here once the session is
@@ -720,11 +720,11 @@ impl ChatService {
                         ),
                     ));
                 }
+                // Checked where their group is here; a node holding them all answers
+                // otherwise when there is one (`forward.rs`), else, as an invite, the
+                // others are left unchecked.
                 for m in &r.member_ids {
-                    let group = self.group_for(*m, "user")?;
-                    if !self.user_known(&group, *m).await? {
-                        return Err(error(ErrorCode::NotFound, format!("no user {m}")));
-                    }
+                    self.check_user_exists(*m).await?;
                 }
                 // A direct chat lives with the smaller of its two users, so creating it
                 // twice finds the first one. Other chats go round-robin over every group
@@ -1134,21 +1134,55 @@ impl ChatService {
                     ids
                 };
                 let mut counts = Vec::new();
+                // Chats of groups this node holds no replica of, by group: counted where
+                // their group is (the part of a sync without events, `forward.rs`).
+                let mut elsewhere: Vec<(GroupId, Vec<SyncAsk>)> = Vec::new();
                 for id in ids {
-                    let group = &self.group_for(id, "chat")?;
-                    let view = Self::member_check(group, id, user)?;
                     let read_seq = ugroup.shared().read().read_marker(user, id);
-                    let unread_count = unread_count(group, id, user, read_seq);
-                    if r.chat_ids.is_empty() && unread_count == 0 {
+                    let g = self.group_id_for(id, "chat")?;
+                    if self.node.serving_group(g).is_none() && self.served_elsewhere(g) {
+                        let ask = SyncAsk {
+                            chat: id,
+                            last: read_seq,
+                            read_seq,
+                        };
+                        match elsewhere.iter_mut().find(|(h, _)| *h == g) {
+                            Some((_, asks)) => asks.push(ask),
+                            None => elsewhere.push((g, vec![ask])),
+                        }
                         continue;
                     }
+                    let group = &self.group_for(id, "chat")?;
+                    let view = Self::member_check(group, id, user)?;
                     counts.push(v1::UnreadCount {
                         chat_id: id,
                         read_seq,
                         head_seq: view.head_seq,
-                        unread_count,
+                        unread_count: unread_count(group, id, user, read_seq),
                     });
                 }
+                for (g, asks) in elsewhere {
+                    let (differences, _) =
+                        Box::pin(self.sync_part_elsewhere(g, user, &asks, 1, true, 0)).await?;
+                    for d in differences {
+                        if d.not_member {
+                            return Err(error(
+                                ErrorCode::PermissionDenied,
+                                format!("user {user} is not a member of chat {}", d.chat_id),
+                            ));
+                        }
+                        counts.push(v1::UnreadCount {
+                            chat_id: d.chat_id,
+                            read_seq: d.read_seq,
+                            head_seq: d.head_seq,
+                            unread_count: d.unread_count,
+                        });
+                    }
+                }
+                if r.chat_ids.is_empty() {
+                    counts.retain(|c| c.unread_count > 0);
+                }
+                counts.sort_by_key(|c| c.chat_id);
                 Ok(Resp::GetUnreadCounts(v1::GetUnreadCountsResponse {
                     counts,
                 }))
