@@ -9,7 +9,8 @@
 //! 2 (hosted on node 1) reads a chat of group 1 through node 1 too, and syncs it with a
 //! chat of group 2 in one request (node 1 asks a replica of group 1 for that part). Refusals come back
 //! typed from the node that answered: a non-member's read is `PERMISSION_DENIED`, a
-//! revoked session `UNAUTHENTICATED`. Requests bound to the connection are answered by
+//! revoked session `UNAUTHENTICATED`. When the replica node 1 forwards to first is
+//! SIGKILLed, node 1 goes on through the next. Requests bound to the connection are answered by
 //! node 1 itself once the session was checked elsewhere (presence, a subscription to a
 //! chat of group 2); one that needs what node 1 lacks (a subscription to the group-1
 //! chat, a media upload of a group-1 user) is `UNAVAILABLE`, naming the nodes.
@@ -126,7 +127,7 @@ fn code(e: ClientError) -> v1::ErrorCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_answers_through_one_that_has_it() {
-    let cluster =
+    let mut cluster =
         tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
     let setup = connect(&cluster, 3, None).await;
     let alice = user_in(&setup, "alice", FAR_GROUP).await;
@@ -363,6 +364,16 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
     let message = refused.to_string();
     assert_eq!(code(refused), v1::ErrorCode::Unavailable);
     assert!(message.contains("nodes 2, 3, 4"), "{message}");
+    // The replica node 1 forwards to first (node 2) dies: node 1 goes on through the
+    // next one, for reads of the chat and for Alice's session alike.
+    tokio::task::block_in_place(|| cluster.kill(2));
+    let history = cluster::full_history(&carol_c, chat, WAIT).await;
+    assert_eq!(history.last().map(|e| e.seq), Some(*seqs.last().unwrap()));
+    let sessions_after = retried("list sessions", || {
+        phone.list_sessions(v1::ListSessionsRequest {})
+    })
+    .await;
+    assert_eq!(sessions_after.sessions, sessions.sessions);
     // Alice revokes the phone's session from another device; the phone is refused.
     let (laptop, _) = device(&cluster, 3, &alice, "laptop").await;
     let phone_session = sessions.sessions[0].session_id;
