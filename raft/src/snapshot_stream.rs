@@ -219,6 +219,11 @@ pub fn chunk_bytes() -> usize {
         })
 }
 
+/// Whether the test hook ([`PAUSE_ENV`]) is on.
+fn test_pausing() -> bool {
+    std::env::var_os(PAUSE_ENV).is_some()
+}
+
 /// Test hook ([`PAUSE_ENV`]): logs `step` and pauses.
 async fn test_pause(group: GroupId, step: &str) {
     if let Some(ms) = std::env::var(PAUSE_ENV)
@@ -1224,6 +1229,18 @@ impl Staging {
                         st.receiving = None;
                         return Err(ChunkError::Unavailable(e.to_string()));
                     }
+                }
+                if test_pausing() {
+                    // Test hook: the "chunk staged" pause means staged on disk, so a
+                    // SIGKILL inside it leaves pieces for the next start to discard.
+                    // (A chunk is acknowledged once submitted; on a loaded machine it
+                    // could still be queued when the pause began.)
+                    let submitted = rx.submitted;
+                    let _ = rx
+                        .progress
+                        .subscribe()
+                        .wait_for(|p| p.durable >= submitted || p.error.is_some())
+                        .await;
                 }
                 Ok(Received::Ack(ack))
             }
