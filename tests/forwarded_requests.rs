@@ -10,10 +10,11 @@
 //! chat of group 2 in one request (node 1 asks a replica of group 1 for that part). Refusals come back
 //! typed from the node that answered: a non-member's read is `PERMISSION_DENIED`, a
 //! revoked session `UNAUTHENTICATED`. When the replica node 1 forwards to first is
-//! SIGKILLed, node 1 goes on through the next. Requests bound to the connection are answered by
-//! node 1 itself once the session was checked elsewhere (presence, a subscription to a
-//! chat of group 2); one that needs what node 1 lacks (a subscription to the group-1
-//! chat, a media upload of a group-1 user) is `UNAVAILABLE`, naming the nodes.
+//! SIGKILLed, node 1 goes on through the next. Requests bound to the connection are
+//! answered by node 1 itself once the session was checked elsewhere: presence, and
+//! subscriptions (to a chat of group 2, read here, and to the chat of group 1, read from
+//! a replica: history, then a new post, dense and once). A media upload of a group-1
+//! user is `UNAVAILABLE`, naming the nodes.
 //!
 //! Typing indicators reach the members online on every node: typed on a node with a
 //! replica of the chat's group, or on node 1 (forwarded there), the node that accepts it
@@ -116,6 +117,24 @@ async fn chat_in(c: &Client, title: &str, members: Vec<u64>, group: u64) -> u64 
         .await;
         if group_of(created.chat_id) == group {
             return created.chat_id;
+        }
+    }
+}
+
+/// Takes the events of subscription `sid` from `rx` into `got` (their seqs) until it
+/// holds `through`.
+async fn subscription_through(rx: &mut PushReceiver, sid: u64, through: u64, got: &mut Vec<u64>) {
+    let deadline = Instant::now() + WAIT;
+    while got.last().copied().unwrap_or(0) < through {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(PushItem::Push {
+                request_id,
+                push: push::Kind::ChatEvents(ev),
+            })) if request_id == sid => got.extend(ev.events.iter().map(|e| e.seq)),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the subscriber's connection closed"),
+            Err(_) => panic!("the subscription stopped at {:?}", got.last()),
         }
     }
 }
@@ -353,27 +372,44 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
         .await
         .expect_err("a non-member reads the chat");
     assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
-    // A subscription is bound to the connection: not forwarded.
-    let refused = phone
-        .subscribe(v1::SubscribeRequest {
+    // A subscription to the chat of group 1 through node 1, which reads it from a
+    // replica: its history from seq 1, then a new post, dense and once.
+    let (tablet, _) = device(&cluster, NODE, &alice, "tablet").await;
+    let mut tablet_rx = tablet.pushes().expect("pushes");
+    let (sid, subscribed) = retried("subscribe", || {
+        tablet.subscribe_with_id(v1::SubscribeRequest {
             chat_id: chat,
             from_seq: 1,
         })
-        .await
-        .expect_err("a subscription on a node without the chat's group");
-    let message = refused.to_string();
-    assert_eq!(code(refused), v1::ErrorCode::Unavailable);
-    assert!(message.contains("nodes 2, 3, 4"), "{message}");
+    })
+    .await;
+    let mut got: Vec<u64> = Vec::new();
+    subscription_through(&mut tablet_rx, sid, subscribed.head_seq, &mut got).await;
+    let posted = retried("send", || {
+        phone.send_message(cluster::send_request(chat, 2000, "while subscribed"))
+    })
+    .await;
+    subscription_through(&mut tablet_rx, sid, posted.seq, &mut got).await;
+    assert_eq!(got, (1..=posted.seq).collect::<Vec<_>>(), "dense and once");
+    retried("unsubscribe", || {
+        tablet.unsubscribe(v1::UnsubscribeRequest {
+            subscription_id: sid,
+        })
+    })
+    .await;
     // The replica node 1 forwards to first (node 2) dies: node 1 goes on through the
     // next one, for reads of the chat and for Alice's session alike.
     tokio::task::block_in_place(|| cluster.kill(2));
     let history = cluster::full_history(&carol_c, chat, WAIT).await;
-    assert_eq!(history.last().map(|e| e.seq), Some(*seqs.last().unwrap()));
+    assert_eq!(history.last().map(|e| e.seq), Some(posted.seq));
     let sessions_after = retried("list sessions", || {
         phone.list_sessions(v1::ListSessionsRequest {})
     })
     .await;
-    assert_eq!(sessions_after.sessions, sessions.sessions);
+    assert_eq!(
+        sessions_after.sessions[0], sessions.sessions[0],
+        "the phone's session, through the next replica"
+    );
     // Alice revokes the phone's session from another device; the phone is refused.
     let (laptop, _) = device(&cluster, 3, &alice, "laptop").await;
     let phone_session = sessions.sessions[0].session_id;

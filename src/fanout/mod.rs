@@ -126,6 +126,9 @@ pub struct Hub {
     /// Per group, the last Raft index whose events were delivered here (by the local
     /// watcher or the remote poller): handed over when one replaces the other.
     cursors: Mutex<HashMap<GroupId, u64>>,
+    /// Bumped whenever a cursor moves: subscriptions to chats of groups without a replica
+    /// here wake on it (`service/forward.rs`).
+    cursor_moves: tokio::sync::watch::Sender<u64>,
     /// Bumped when a user comes online here: remote pollers ask again for them too.
     online_changes: tokio::sync::watch::Sender<u64>,
     /// The users online on each other node, as it last told (`online.rs`), and when.
@@ -152,6 +155,7 @@ impl Hub {
             notifier: OnceLock::new(),
             presence: Mutex::default(),
             cursors: Mutex::default(),
+            cursor_moves: tokio::sync::watch::Sender::new(0),
             online_changes: tokio::sync::watch::Sender::new(0),
             remote_online: Mutex::default(),
         });
@@ -276,10 +280,26 @@ impl Hub {
     }
 
     fn set_cursor(&self, g: GroupId, index: u64) {
-        self.cursors
+        let moved = self
+            .cursors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(g, index);
+            .insert(g, index)
+            != Some(index);
+        if moved {
+            self.cursor_moves.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The last Raft index of group `g` whose events were delivered on this node (by its
+    /// watcher or, for a group without a replica here, its poller), if any yet.
+    pub fn delivered_through(&self, g: GroupId) -> Option<u64> {
+        self.cursor(g)
+    }
+
+    /// Changes whenever [`Hub::delivered_through`] moves for some group.
+    pub fn deliveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cursor_moves.subscribe()
     }
 
     /// The push senders of the online sessions of `users` here.

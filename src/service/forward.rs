@@ -15,24 +15,29 @@
 //! (a finish hashes the whole file and waits for the replicas, longer than a forwarded
 //! request may take). Those are answered here: when the caller's user group is
 //! elsewhere, after its session was checked there (a `ForwardedRequest` without a
-//! request); what they read must then be local (a subscription's chat, the uploader's
-//! media), or they answer `UNAVAILABLE` naming the nodes to connect to. Writes need none
+//! request). A subscription to a chat of a group not held here reads the chat from a
+//! node that does, a sync part at a time (`ChatService::subscribe_elsewhere`); a media
+//! transfer needs the uploader's group here, or answers `UNAVAILABLE` naming the nodes
+//! to connect to. Writes need none
 //! of this: a proposal reaches its group's leader from any node (`Node::propose`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chatlog_raft::GroupId;
 use chatlog_raft::chat::{UserId, group_of};
 use chatlog_raft::network::ForwardError;
+use chatlog_raft::node::Node;
 use chatlog_wire::limits::PAGE_ITEMS_MAX;
 use chatlog_wire::proto::node::v1::{ForwardedAnswer, ForwardedRequest, SyncPart};
 use chatlog_wire::proto::v1::{
-    self, ErrorCode, request::Kind as Req, response::Kind as Resp, secret_request::Kind as SReq,
+    self, ErrorCode, push, request::Kind as Req, response::Kind as Resp,
+    secret_request::Kind as SReq,
 };
 use prost::Message;
 
-use super::{ChatService, PAGE_BYTES_MAX, SyncAsk, hash_token};
+use super::{ChatService, PAGE_BYTES_MAX, SUBSCRIPTION_PUSH_EVENTS_MAX, SyncAsk, hash_token};
 use crate::gateway::{ConnCtx, Principal};
 use crate::service::convert::{error, unavailable_retry};
 
@@ -41,7 +46,162 @@ use crate::service::convert::{error, unavailable_retry};
 /// the work a little later (`FORWARDED_WORK_TIMEOUT`, 12 s), so this side decides.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a subscription to a chat of a group without a replica here waits between two
+/// looks when nothing wakes it. Why: it wakes when the node's poller of the group
+/// delivers (any entry applied, `fanout/remote.rs`), but the poller waits out its full
+/// poll while no user with live pushes is online here; a second bounds the delay then.
+pub const REMOTE_SUBSCRIPTION_RECHECK: Duration = Duration::from_secs(1);
+
+/// Consecutive failed looks after which such a subscription ends with `UNAVAILABLE`
+/// (the client subscribes again from `next_seq`). Why: with
+/// [`REMOTE_SUBSCRIPTION_RECHECK`] between them, about ten seconds: longer than an
+/// election and a replica's restart, shorter than a person waits on a frozen chat.
+pub const REMOTE_SUBSCRIPTION_FAILURES_MAX: u32 = 10;
+
 impl ChatService {
+    /// Subscribes `conn` to a chat of group `g`, which this node holds no replica of: the
+    /// same pushes as a local subscription (`ChatService::subscribe`), read from a node
+    /// that holds it, a sync part at a time: events from the position on, each new
+    /// event after, in seq order without gaps, ended by `subscription_ended` as a local
+    /// one is. It looks again whenever the node's poller of `g` delivered something.
+    pub(super) async fn subscribe_elsewhere(
+        &self,
+        conn: &ConnCtx,
+        request_id: u64,
+        user: UserId,
+        r: v1::SubscribeRequest,
+        g: GroupId,
+    ) -> Result<Resp, v1::Error> {
+        let chat = r.chat_id;
+        let at = move |last: u64| SyncAsk {
+            chat,
+            last,
+            read_seq: 0,
+        };
+        // The first look: membership and head only.
+        let (first, _) = ask_sync_part(&self.node, g, user, &[at(0)], 1, true, 0).await?;
+        let d = first
+            .into_iter()
+            .find(|d| d.chat_id == chat)
+            .ok_or_else(|| error(ErrorCode::Internal, "a sync part without the chat"))?;
+        if d.not_member {
+            return Err(error(
+                ErrorCode::PermissionDenied,
+                format!("user {user} is not a member of chat {chat}"),
+            ));
+        }
+        let head = d.head_seq;
+        let mut next = if r.from_seq == 0 {
+            head + 1
+        } else {
+            r.from_seq
+        };
+        let pushes = conn.pushes().clone();
+        let node = Arc::clone(&self.node);
+        let hub = Arc::clone(&self.hub);
+        let task = tokio::spawn(async move {
+            let ended = |next: u64, reason: v1::Error| {
+                push::Kind::SubscriptionEnded(v1::SubscriptionEnded {
+                    chat_id: chat,
+                    next_seq: next,
+                    reason: Some(reason),
+                })
+            };
+            let mut deliveries = hub.deliveries();
+            let mut failures = 0;
+            loop {
+                let seen = hub.delivered_through(g);
+                deliveries.borrow_and_update();
+                let looked = ask_sync_part(
+                    &node,
+                    g,
+                    user,
+                    &[at(next - 1)],
+                    SUBSCRIPTION_PUSH_EVENTS_MAX as u64,
+                    true,
+                    PAGE_BYTES_MAX,
+                )
+                .await;
+                let mut more = false;
+                match looked {
+                    Ok((differences, _)) => {
+                        failures = 0;
+                        let Some(d) = differences.into_iter().find(|d| d.chat_id == chat) else {
+                            let reason = error(ErrorCode::Internal, "a sync part without the chat");
+                            let _ = pushes.push(request_id, ended(next, reason));
+                            return;
+                        };
+                        if d.not_member {
+                            let reason = error(
+                                ErrorCode::PermissionDenied,
+                                "no longer a member of this chat",
+                            );
+                            let _ = pushes.push(request_id, ended(next, reason));
+                            return;
+                        }
+                        // Retention: from below the chat's first retained seq the events
+                        // start there; after that, every seq in order or the end.
+                        if let Some(first) = d.events.first() {
+                            next = next.max(first.seq);
+                        }
+                        let dense = d
+                            .events
+                            .iter()
+                            .enumerate()
+                            .all(|(k, e)| e.seq == next + k as u64);
+                        if !dense {
+                            let reason = error(
+                                ErrorCode::Internal,
+                                format!("events from seq {next} of chat {chat} came with a gap"),
+                            );
+                            let _ = pushes.push(request_id, ended(next, reason));
+                            return;
+                        }
+                        next += d.events.len() as u64;
+                        more = !d.events.is_empty() && next <= d.head_seq;
+                        for events in crate::fanout::split_by_bytes(d.events) {
+                            pushes.room().await;
+                            if let Err(e) = pushes.push(
+                                request_id,
+                                push::Kind::ChatEvents(v1::ChatEvents { events }),
+                            ) {
+                                tracing::debug!(chat, error = ?e, "subscription push refused");
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= REMOTE_SUBSCRIPTION_FAILURES_MAX {
+                            let _ = pushes.push(request_id, ended(next, e));
+                            return;
+                        }
+                    }
+                }
+                if more {
+                    continue;
+                }
+                // Until the group's poller delivers something new, or the recheck.
+                let _ = tokio::time::timeout(REMOTE_SUBSCRIPTION_RECHECK, async {
+                    while deliveries.changed().await.is_ok() {
+                        if hub.delivered_through(g) != seen {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((conn.connection_id(), request_id), task.abort_handle());
+        Ok(Resp::Subscribe(v1::SubscribeResponse {
+            chat_id: chat,
+            head_seq: head,
+        }))
+    }
+
     /// Whether a request needing group `g`, which this node does not serve, goes to
     /// another node: when another node is a replica of `g` and this node's own replica
     /// (if any) is not repairing a damaged log (issue 9: that refusal says why, and the
@@ -188,8 +348,7 @@ impl ChatService {
     }
 
     /// The part of `user`'s sync in group `g` (which this node does not serve), from a
-    /// node that does: `asks` (chats of `g`, with positions and read markers read here),
-    /// within `budget` bytes of events. The session was checked here.
+    /// node that does ([`ask_sync_part`]).
     pub(super) async fn sync_part_elsewhere(
         &self,
         g: GroupId,
@@ -199,28 +358,7 @@ impl ChatService {
         all: bool,
         budget: usize,
     ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
-        let body = ForwardedRequest {
-            user_id: user,
-            sync_part: Some(SyncPart {
-                chats: asks
-                    .iter()
-                    .map(|a| v1::ChatPosition {
-                        chat_id: a.chat,
-                        last_seq: a.last,
-                    })
-                    .collect(),
-                read_seqs: asks.iter().map(|a| a.read_seq).collect(),
-                events_per_chat_max: per_chat as u32,
-                all,
-                bytes_max: budget as u64,
-            }),
-            ..ForwardedRequest::default()
-        };
-        let answer = self.send_forwarded(g, &[g], body).await?;
-        if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
-            return Err(e);
-        }
-        Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
+        ask_sync_part(&self.node, g, user, asks, per_chat, all, budget).await
     }
 
     /// Answers a [`SyncPart`] for `user` from this node's replica of group `g`.
@@ -340,67 +478,14 @@ impl ChatService {
         })
     }
 
-    /// Sends `body` to a node serving group `g` (preferring one that serves every group
-    /// in `needed`, then the placement's order), trying the next when one cannot take it.
+    /// Sends `body` to a node serving group `g` ([`send_forwarded`]).
     async fn send_forwarded(
         &self,
         g: GroupId,
         needed: &[GroupId],
         body: ForwardedRequest,
     ) -> Result<ForwardedAnswer, v1::Error> {
-        let Some(router) = self.node.router() else {
-            return Err(self.not_served(g, "what this request needs"));
-        };
-        let me = self.node.node_id();
-        let placement = self.node.placement();
-        let mut targets: Vec<_> = placement
-            .replicas(g)
-            .iter()
-            .copied()
-            .filter(|n| *n != me)
-            .collect();
-        // Most needed groups served first; a stable sort keeps the placement's order.
-        targets.sort_by_key(|n| {
-            std::cmp::Reverse(
-                needed
-                    .iter()
-                    .filter(|h| placement.replicas(**h).contains(n))
-                    .count(),
-            )
-        });
-        drop(placement);
-        let body = Bytes::from(body.encode_to_vec());
-        let mut last = format!("no other node serves group {g}");
-        for target in targets {
-            match router
-                .client_request(target, g, body.clone(), FORWARD_TIMEOUT)
-                .await
-            {
-                Ok(bytes) => {
-                    return ForwardedAnswer::decode(bytes).map_err(|e| {
-                        error(
-                            ErrorCode::Internal,
-                            format!("node {target} answered a forwarded request badly: {e}"),
-                        )
-                    });
-                }
-                Err(ForwardError::NotSent(detail)) => {
-                    last = format!("node {target}: {detail}");
-                }
-                Err(ForwardError::Unknown(detail)) => {
-                    return Err(error(
-                        ErrorCode::Timeout,
-                        format!(
-                            "forwarded to node {target}, no answer ({detail}): it may have \
-                             been done"
-                        ),
-                    ));
-                }
-            }
-        }
-        Err(unavailable_retry(format!(
-            "no node serving group {g} took the request: {last}"
-        )))
+        send_forwarded(&self.node, g, needed, body).await
     }
 
     /// Serves a request another node forwarded for group `g` (the receiving side).
@@ -484,4 +569,102 @@ impl ChatService {
         let conn = ConnCtx::detached(me.clone());
         Box::pin(self.dispatch_authenticated(&conn, 0, me, req)).await
     }
+}
+/// Sends `body` to a node serving group `g` (preferring one that serves every group
+/// in `needed`, then the placement's order), trying the next when one cannot take it.
+pub(super) async fn send_forwarded(
+    node: &Node,
+    g: GroupId,
+    needed: &[GroupId],
+    body: ForwardedRequest,
+) -> Result<ForwardedAnswer, v1::Error> {
+    let Some(router) = node.router() else {
+        return Err(unavailable_retry(format!("group {g} is not on this node")));
+    };
+    let me = node.node_id();
+    let placement = node.placement();
+    let mut targets: Vec<_> = placement
+        .replicas(g)
+        .iter()
+        .copied()
+        .filter(|n| *n != me)
+        .collect();
+    // Most needed groups served first; a stable sort keeps the placement's order.
+    targets.sort_by_key(|n| {
+        std::cmp::Reverse(
+            needed
+                .iter()
+                .filter(|h| placement.replicas(**h).contains(n))
+                .count(),
+        )
+    });
+    drop(placement);
+    let body = Bytes::from(body.encode_to_vec());
+    let mut last = format!("no other node serves group {g}");
+    for target in targets {
+        match router
+            .client_request(target, g, body.clone(), FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(bytes) => {
+                return ForwardedAnswer::decode(bytes).map_err(|e| {
+                    error(
+                        ErrorCode::Internal,
+                        format!("node {target} answered a forwarded request badly: {e}"),
+                    )
+                });
+            }
+            Err(ForwardError::NotSent(detail)) => {
+                last = format!("node {target}: {detail}");
+            }
+            Err(ForwardError::Unknown(detail)) => {
+                return Err(error(
+                    ErrorCode::Timeout,
+                    format!(
+                        "forwarded to node {target}, no answer ({detail}): it may have \
+                         been done"
+                    ),
+                ));
+            }
+        }
+    }
+    Err(unavailable_retry(format!(
+        "no node serving group {g} took the request: {last}"
+    )))
+}
+
+/// The part of `user`'s sync in group `g` from a node serving it: `asks` (chats of `g`,
+/// with positions and read markers), within `budget` bytes of events. The asking node
+/// checked the session.
+pub(super) async fn ask_sync_part(
+    node: &Node,
+    g: GroupId,
+    user: UserId,
+    asks: &[SyncAsk],
+    per_chat: u64,
+    all: bool,
+    budget: usize,
+) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+    let body = ForwardedRequest {
+        user_id: user,
+        sync_part: Some(SyncPart {
+            chats: asks
+                .iter()
+                .map(|a| v1::ChatPosition {
+                    chat_id: a.chat,
+                    last_seq: a.last,
+                })
+                .collect(),
+            read_seqs: asks.iter().map(|a| a.read_seq).collect(),
+            events_per_chat_max: per_chat as u32,
+            all,
+            bytes_max: budget as u64,
+        }),
+        ..ForwardedRequest::default()
+    };
+    let answer = send_forwarded(node, g, &[g], body).await?;
+    if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
+        return Err(e);
+    }
+    Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
 }

@@ -1212,7 +1212,14 @@ impl ChatService {
                         .get_presence(conn.connection_id(), conn.pushes(), &r.user_ids);
                 Ok(Resp::GetPresence(v1::GetPresenceResponse { presences }))
             }
-            Req::Subscribe(r) => self.subscribe(conn, request_id, user, r),
+            Req::Subscribe(r) => {
+                let g = self.group_id_for(r.chat_id, "chat")?;
+                if self.node.serving_group(g).is_none() && self.served_elsewhere(g) {
+                    Box::pin(self.subscribe_elsewhere(conn, request_id, user, r, g)).await
+                } else {
+                    self.subscribe(conn, request_id, user, r)
+                }
+            }
             Req::Sync(r) => self.sync(user, r).await,
             // Secret chats: `secret.rs`.
             Req::Secret(r) => self.secret(me, r).await,
