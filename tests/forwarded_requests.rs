@@ -549,7 +549,8 @@ async fn typing_reaches_members_online_on_every_node() {
     assert_eq!(code(refused), v1::ErrorCode::PermissionDenied);
 }
 
-/// Chats, reads, a sync and unread counts across two groups that no node holds together:
+/// Chats, reads, a sync, unread counts and the chat list across two groups that no node
+/// holds together:
 /// 3 nodes, one replica per group (group 1 on node 2, group 2 on node 3, node 1 holds
 /// none). A chat is created with a member whose group is on another node; a read is
 /// forwarded with the session as checked; for a sync and unread counts the node holding
@@ -648,5 +649,35 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
             want.sort_unstable();
             assert_eq!(got, want, "unread counts through node {node}, {chat_ids:?}");
         }
+        // And her chat list, each chat in full wherever its group is.
+        let list = retried("list chats", || {
+            c.list_chats(v1::ListChatsRequest {
+                after_chat_id: 0,
+                limit: 100,
+            })
+        })
+        .await;
+        // (`chat_in` may have made other chats on its way: not these.)
+        let got: Vec<(u64, String, u64, u64, u64)> = list
+            .chats
+            .iter()
+            .filter(|s| s.chat_id == far || s.chat_id == near)
+            .map(|s| {
+                (
+                    s.chat_id,
+                    s.title.clone(),
+                    s.head_seq,
+                    s.unread_count,
+                    s.member_count,
+                )
+            })
+            .collect();
+        let mut want: Vec<(u64, String, u64, u64, u64)> = [(far, "far"), (near, "near")]
+            .into_iter()
+            .zip(&heads)
+            .map(|((chat, title), (_, head))| (chat, title.to_string(), *head, 3, 2))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(got, want, "chat list through node {node}");
     }
 }

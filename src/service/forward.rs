@@ -361,13 +361,28 @@ impl ChatService {
         ask_sync_part(&self.node, g, user, asks, per_chat, all, budget).await
     }
 
+    /// The `list_chats` summaries of `asks` (chats of group `g`, which this node does not
+    /// serve, with the user's read markers) from a node that does.
+    pub(super) async fn summaries_elsewhere(
+        &self,
+        g: GroupId,
+        user: UserId,
+        asks: &[SyncAsk],
+    ) -> Result<Vec<v1::ChatSummary>, v1::Error> {
+        let part = SyncPart {
+            summaries: true,
+            ..sync_part_of(asks)
+        };
+        Ok(send_sync_part(&self.node, g, user, part).await?.summaries)
+    }
+
     /// Answers a [`SyncPart`] for `user` from this node's replica of group `g`.
     async fn serve_sync_part(
         &self,
         g: GroupId,
         user: UserId,
         part: SyncPart,
-    ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+    ) -> Result<ForwardedAnswer, v1::Error> {
         if part.chats.len() > PAGE_ITEMS_MAX as usize || part.read_seqs.len() != part.chats.len() {
             return Err(error(
                 ErrorCode::BadRequest,
@@ -393,10 +408,26 @@ impl ChatService {
                 read_seq: *read_seq,
             })
             .collect();
+        if part.summaries {
+            let summaries = asks
+                .iter()
+                .filter_map(|a| Self::chat_summary(&group, a.chat, user, a.read_seq))
+                .collect();
+            return Ok(ForwardedAnswer {
+                summaries,
+                ..ForwardedAnswer::default()
+            });
+        }
         let per_chat = u64::from(part.events_per_chat_max.clamp(1, PAGE_ITEMS_MAX));
         let budget = (part.bytes_max as usize).min(PAGE_BYTES_MAX);
-        self.sync_part_here(&group, user, &asks, per_chat, part.all, budget)
-            .await
+        let (differences, used) = self
+            .sync_part_here(&group, user, &asks, per_chat, part.all, budget)
+            .await?;
+        Ok(ForwardedAnswer {
+            differences,
+            bytes_used: used as u64,
+            ..ForwardedAnswer::default()
+        })
     }
 
     /// Checks `me`'s session on a node serving its user's group (which this node does
@@ -502,11 +533,7 @@ impl ChatService {
         };
         let answered = if let Some(part) = f.sync_part {
             match self.serve_sync_part(g, f.user_id, part).await {
-                Ok((differences, used)) => ForwardedAnswer {
-                    differences,
-                    bytes_used: used as u64,
-                    ..ForwardedAnswer::default()
-                },
+                Ok(answered) => answered,
                 Err(e) => answer(Err(e)),
             }
         } else if !f.session_token.is_empty() {
@@ -645,26 +672,47 @@ pub(super) async fn ask_sync_part(
     all: bool,
     budget: usize,
 ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
+    let part = SyncPart {
+        events_per_chat_max: per_chat as u32,
+        all,
+        bytes_max: budget as u64,
+        ..sync_part_of(asks)
+    };
+    let answer = send_sync_part(node, g, user, part).await?;
+    Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
+}
+
+/// A [`SyncPart`] of `asks`: the chats with the device's positions and the read markers.
+fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
+    SyncPart {
+        chats: asks
+            .iter()
+            .map(|a| v1::ChatPosition {
+                chat_id: a.chat,
+                last_seq: a.last,
+            })
+            .collect(),
+        read_seqs: asks.iter().map(|a| a.read_seq).collect(),
+        ..SyncPart::default()
+    }
+}
+
+/// Sends `part` of `user`'s request to a node serving group `g`: its answer, or the
+/// error it carries.
+async fn send_sync_part(
+    node: &Node,
+    g: GroupId,
+    user: UserId,
+    part: SyncPart,
+) -> Result<ForwardedAnswer, v1::Error> {
     let body = ForwardedRequest {
         user_id: user,
-        sync_part: Some(SyncPart {
-            chats: asks
-                .iter()
-                .map(|a| v1::ChatPosition {
-                    chat_id: a.chat,
-                    last_seq: a.last,
-                })
-                .collect(),
-            read_seqs: asks.iter().map(|a| a.read_seq).collect(),
-            events_per_chat_max: per_chat as u32,
-            all,
-            bytes_max: budget as u64,
-        }),
+        sync_part: Some(part),
         ..ForwardedRequest::default()
     };
-    let answer = send_forwarded(node, g, &[g], body).await?;
-    if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
+    let mut answer = send_forwarded(node, g, &[g], body).await?;
+    if let Some(Resp::Error(e)) = answer.response.take().and_then(|r| r.kind) {
         return Err(e);
     }
-    Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
+    Ok(answer)
 }

@@ -860,39 +860,47 @@ impl ChatService {
                         .read()
                         .user_chats(user, r.after_chat_id, limit);
                 let mut chats = Vec::with_capacity(ids.len());
+                // Chats of groups this node holds no replica of, by group: summarized
+                // where their group is (`forward.rs`).
+                let mut elsewhere: Vec<(GroupId, Vec<SyncAsk>)> = Vec::new();
                 for id in ids {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let Ok(group) = &self.group_for(id, "chat") else {
-                        // The chat's group has no replica on this node (a cluster with
-                        // fewer replicas than nodes): the user's list says the chat is
-                        // theirs; its details are read where the chat lives (history,
-                        // sync and members are forwarded there by the client). Listed
-                        // with what this node knows rather than left out.
-                        chats.push(v1::ChatSummary {
-                            chat_id: id,
+                        let g = self.group_id_for(id, "chat")?;
+                        let ask = SyncAsk {
+                            chat: id,
+                            last: read_seq,
                             read_seq,
-                            ..Default::default()
-                        });
+                        };
+                        match elsewhere.iter_mut().find(|(h, _)| *h == g) {
+                            Some((_, asks)) => asks.push(ask),
+                            None => elsewhere.push((g, vec![ask])),
+                        }
                         continue;
                     };
-                    let (view, role) = {
-                        let st = group.shared().read();
-                        (st.chat(id), st.role(id, user))
-                    };
-                    let (Some(view), Some(role)) = (view, role) else {
-                        continue;
-                    };
-                    chats.push(v1::ChatSummary {
-                        chat_id: id,
-                        kind: convert::kind_to_proto(view.kind),
-                        title: view.title,
-                        role: convert::role_to_proto(role),
-                        head_seq: view.head_seq,
-                        read_seq,
-                        unread_count: unread_count(group, id, user, read_seq),
-                        member_count: view.member_count,
-                    });
+                    chats.extend(Self::chat_summary(group, id, user, read_seq));
                 }
+                for (g, asks) in elsewhere {
+                    let summaries = if self.served_elsewhere(g) {
+                        Box::pin(self.summaries_elsewhere(g, user, &asks))
+                            .await
+                            .ok()
+                    } else {
+                        None
+                    };
+                    // No node answered (or none holds the group): listed with what this
+                    // node knows rather than left out.
+                    chats.extend(summaries.unwrap_or_else(|| {
+                        asks.iter()
+                            .map(|a| v1::ChatSummary {
+                                chat_id: a.chat,
+                                read_seq: a.read_seq,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }));
+                }
+                chats.sort_by_key(|c| c.chat_id);
                 Ok(Resp::ListChats(v1::ListChatsResponse { chats, has_more }))
             }
             Req::ListMembers(r) => {
@@ -1348,6 +1356,32 @@ impl ChatService {
             chats: out,
             has_more,
         }))
+    }
+
+    /// The summary of `chat` (of `group`, a replica here) for `user` with read marker
+    /// `read_seq`, as `list_chats` lists it; `None` when the chat is gone or `user` is not
+    /// a member.
+    pub(crate) fn chat_summary(
+        group: &Group,
+        chat: ChatId,
+        user: UserId,
+        read_seq: u64,
+    ) -> Option<v1::ChatSummary> {
+        let (view, role) = {
+            let st = group.shared().read();
+            (st.chat(chat), st.role(chat, user))
+        };
+        let (view, role) = (view?, role?);
+        Some(v1::ChatSummary {
+            chat_id: chat,
+            kind: convert::kind_to_proto(view.kind),
+            title: view.title,
+            role: convert::role_to_proto(role),
+            head_seq: view.head_seq,
+            read_seq,
+            unread_count: unread_count(group, chat, user, read_seq),
+            member_count: view.member_count,
+        })
     }
 
     /// The differences of `asks`, chats of `group` (a replica here), for `user`: after
