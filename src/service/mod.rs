@@ -92,6 +92,17 @@ pub(crate) struct SyncAsk {
     pub(crate) read_seq: u64,
 }
 
+impl SyncAsk {
+    /// Adds `ask` to the list of its group `g` in `by_group` (groups in the order of
+    /// their first ask).
+    fn add(by_group: &mut Vec<(GroupId, Vec<SyncAsk>)>, g: GroupId, ask: SyncAsk) {
+        match by_group.iter_mut().find(|(h, _)| *h == g) {
+            Some((_, asks)) => asks.push(ask),
+            None => by_group.push((g, vec![ask])),
+        }
+    }
+}
+
 /// Messages by others in `(after, head]` of a chat, from a local replica of its group.
 pub(crate) fn unread_count(group: &Group, chat: ChatId, user: UserId, after: u64) -> u64 {
     let state = group.shared().read();
@@ -867,15 +878,15 @@ impl ChatService {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let Ok(group) = &self.group_for(id, "chat") else {
                         let g = self.group_id_for(id, "chat")?;
-                        let ask = SyncAsk {
-                            chat: id,
-                            last: read_seq,
-                            read_seq,
-                        };
-                        match elsewhere.iter_mut().find(|(h, _)| *h == g) {
-                            Some((_, asks)) => asks.push(ask),
-                            None => elsewhere.push((g, vec![ask])),
-                        }
+                        SyncAsk::add(
+                            &mut elsewhere,
+                            g,
+                            SyncAsk {
+                                chat: id,
+                                last: read_seq,
+                                read_seq,
+                            },
+                        );
                         continue;
                     };
                     chats.extend(Self::chat_summary(group, id, user, read_seq));
@@ -1149,15 +1160,15 @@ impl ChatService {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let g = self.group_id_for(id, "chat")?;
                     if self.node.serving_group(g).is_none() && self.served_elsewhere(g) {
-                        let ask = SyncAsk {
-                            chat: id,
-                            last: read_seq,
-                            read_seq,
-                        };
-                        match elsewhere.iter_mut().find(|(h, _)| *h == g) {
-                            Some((_, asks)) => asks.push(ask),
-                            None => elsewhere.push((g, vec![ask])),
-                        }
+                        SyncAsk::add(
+                            &mut elsewhere,
+                            g,
+                            SyncAsk {
+                                chat: id,
+                                last: read_seq,
+                                read_seq,
+                            },
+                        );
                         continue;
                     }
                     let group = &self.group_for(id, "chat")?;
@@ -1308,15 +1319,16 @@ impl ChatService {
             let st = ugroup.shared().read();
             for (chat, last) in positions {
                 let g = self.group_id_for(chat, "chat")?;
-                let ask = SyncAsk {
-                    chat,
-                    last,
-                    read_seq: st.read_marker(user, chat),
-                };
-                match by_group.iter_mut().find(|(h, _)| *h == g) {
-                    Some((_, asks)) => asks.push(ask),
-                    None => by_group.push((g, vec![ask])),
-                }
+                let read_seq = st.read_marker(user, chat);
+                SyncAsk::add(
+                    &mut by_group,
+                    g,
+                    SyncAsk {
+                        chat,
+                        last,
+                        read_seq,
+                    },
+                );
             }
         }
         // One byte budget for the whole answer, spent group by group: a group asked
