@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use chatlog_raft::GroupId;
-use chatlog_raft::chat::{ChatId, Command, EventLoc, UserId, group_of};
+use chatlog_raft::chat::{ChatId, Command, EventLoc, GroupState, UserId, group_of};
 use chatlog_raft::node::{Group, Node};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
 
@@ -145,6 +145,36 @@ impl Drop for Hub {
     }
 }
 
+/// The members of `chat` other than `except` among `count` users (`users`, and `has`
+/// answering whether one is among them), in `st`, the chat group's state. Walks whichever
+/// is smaller: those users or the chat's members.
+fn members_among<'a>(
+    st: &GroupState,
+    chat: ChatId,
+    except: UserId,
+    count: usize,
+    users: impl Iterator<Item = &'a UserId>,
+    has: impl Fn(&UserId) -> bool,
+) -> Vec<UserId> {
+    let Some(view) = st.chat(chat) else {
+        return Vec::new();
+    };
+    if (count as u64) < view.member_count {
+        users
+            .filter(|u| **u != except && st.role(chat, **u).is_some())
+            .copied()
+            .collect()
+    } else {
+        st.members(chat, 0, usize::MAX)
+            .map(|(members, _)| members)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.user)
+            .filter(|u| *u != except && has(u))
+            .collect()
+    }
+}
+
 impl Hub {
     /// Starts the hub and one watcher per local group. Call from within a tokio runtime.
     pub fn start(node: Arc<Node>) -> Arc<Hub> {
@@ -216,10 +246,7 @@ impl Hub {
             |g| {
                 let st = g.shared().read();
                 let device = st
-                    .sessions(user)
-                    .into_iter()
-                    .find(|s| s.session_id == principal.session_id)
-                    .map(|s| s.device_id)
+                    .session_device(user, principal.session_id)
                     .unwrap_or_default();
                 (st.user(user).map_or(0, |u| u.log_head), device)
             },
@@ -269,16 +296,6 @@ impl Hub {
         self.online().user_of_connection.len()
     }
 
-    /// The last Raft index of group `g` whose events were delivered here, if any task
-    /// delivered any.
-    fn cursor(&self, g: GroupId) -> Option<u64> {
-        self.cursors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&g)
-            .copied()
-    }
-
     fn set_cursor(&self, g: GroupId, index: u64) {
         let moved = self
             .cursors
@@ -294,7 +311,11 @@ impl Hub {
     /// The last Raft index of group `g` whose events were delivered on this node (by its
     /// watcher or, for a group without a replica here, its poller), if any yet.
     pub fn delivered_through(&self, g: GroupId) -> Option<u64> {
-        self.cursor(g)
+        self.cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .copied()
     }
 
     /// Changes whenever [`Hub::delivered_through`] moves for some group.
@@ -313,34 +334,18 @@ impl Hub {
     }
 
     /// The push senders of the online sessions of `chat`'s members, except `except`'s
-    /// (0: none). Iterates whichever is smaller: the chat's members or the online users.
+    /// (0: none).
     fn recipients_except(&self, group: &Group, chat: ChatId, except: UserId) -> Vec<PushSender> {
         let st = group.shared().read();
-        let Some(view) = st.chat(chat) else {
-            return Vec::new();
-        };
         let online = self.online();
-        let mut out = Vec::new();
-        let mut add = |user: UserId| {
-            if user == except {
-                return;
-            }
-            if let Some(u) = online.users.get(&user) {
-                out.extend(u.conns.iter().map(|c| c.pushes.clone()));
-            }
-        };
-        if (online.users.len() as u64) < view.member_count {
-            for user in online.users.keys() {
-                if st.role(chat, *user).is_some() {
-                    add(*user);
-                }
-            }
-        } else if let Some((members, _)) = st.members(chat, 0, usize::MAX) {
-            for m in members {
-                add(m.user);
-            }
-        }
-        out
+        let users = &online.users;
+        members_among(&st, chat, except, users.len(), users.keys(), |u| {
+            users.contains_key(u)
+        })
+        .iter()
+        .filter_map(|u| users.get(u))
+        .flat_map(|u| u.conns.iter().map(|c| c.pushes.clone()))
+        .collect()
     }
 
     /// Pushes the events `from..=to` of one chat to `recipients`' sessions here.
@@ -666,7 +671,7 @@ async fn watch_group(
     let mut covered = {
         let now = *applied.borrow_and_update();
         hub.upgrade()
-            .and_then(|h| h.cursor(group.id()))
+            .and_then(|h| h.delivered_through(group.id()))
             .unwrap_or(now)
     };
     // Secret messages accepted before the start are fetched with `secret.pending`.

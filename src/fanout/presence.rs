@@ -26,7 +26,7 @@ use chatlog_wire::proto::node::v1::TypingRelay;
 use chatlog_wire::proto::v1::{self, push};
 use prost::Message;
 
-use super::{FANOUT_POLL_USERS_MAX, Hub, ONLINE_REMOTE_EXPIRY};
+use super::{FANOUT_POLL_USERS_MAX, Hub, ONLINE_REMOTE_EXPIRY, members_among};
 use crate::gateway::{PushSender, SharedPush};
 
 /// How long a client shows "typing" unless the typist repeats it. Why: Telegram's
@@ -178,28 +178,15 @@ impl Hub {
         let targets: Vec<(NodeId, Vec<UserId>)> = {
             // Lock order: group state, then the registries.
             let st = group.shared().read();
-            let Some(view) = st.chat(chat) else {
-                return;
-            };
             let remote = self.remote_online.lock().unwrap_or_else(|p| p.into_inner());
             remote
                 .iter()
                 .filter(|(_, (at, _))| at.elapsed() < ONLINE_REMOTE_EXPIRY)
                 .filter_map(|(node, (_, users))| {
-                    let member = |u: &UserId| *u != user && st.role(chat, *u).is_some();
-                    // Whichever side is smaller is walked: the node's online users, or
-                    // the chat's members.
-                    let recipients: Vec<UserId> = if (users.len() as u64) < view.member_count {
-                        users.iter().copied().filter(member).collect()
-                    } else {
-                        st.members(chat, 0, usize::MAX)
-                            .map(|(members, _)| members)
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|m| m.user)
-                            .filter(|u| *u != user && users.contains(u))
-                            .collect()
-                    };
+                    let recipients =
+                        members_among(&st, chat, user, users.len(), users.iter(), |u| {
+                            users.contains(u)
+                        });
                     (!recipients.is_empty()).then_some((*node, recipients))
                 })
                 .collect()

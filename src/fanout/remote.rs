@@ -247,7 +247,11 @@ impl Hub {
 pub(super) async fn poll_group(hub: Weak<Hub>, g: GroupId) {
     let (me, mut online_changes, mut cursor) = {
         let Some(h) = hub.upgrade() else { return };
-        (h.node.node_id(), h.online_changes.subscribe(), h.cursor(g))
+        (
+            h.node.node_id(),
+            h.online_changes.subscribe(),
+            h.delivered_through(g),
+        )
     };
     let mut turn = me as usize;
     let mut retry = FANOUT_RETRY_MIN;

@@ -230,7 +230,7 @@ impl ChatService {
             Req::Typing(r) => vec![r.chat_id],
             // Not a sync's or an unread count's chats: where the user's group is, each
             // asks the chat groups it lacks for their part (`ChatService::sync`,
-            // [`ChatService::sync_part_elsewhere`]).
+            // [`ask_sync_part`]).
             Req::Secret(v1::SecretRequest { kind: Some(kind) }) => match kind {
                 SReq::GetKey(r) => vec![r.user_id],
                 SReq::Start(r) => vec![r.user_id, user.min(r.user_id)],
@@ -243,11 +243,12 @@ impl ChatService {
         }
     }
 
-    /// Every group `req` of `user` needs, the user's first, each once. Ids naming no
-    /// group are left out: the request is refused where it is handled.
-    fn needed_groups(&self, user: UserId, req: &Req) -> Vec<GroupId> {
+    /// Every group a request of `user` reading `ids` ([`ChatService::read_ids`]) needs,
+    /// the user's first, each once. Ids naming no group are left out: the request is
+    /// refused where it is handled.
+    fn needed_groups(&self, user: UserId, ids: Vec<u64>) -> Vec<GroupId> {
         let mut groups = vec![group_of(user)];
-        for id in Self::read_ids(user, req) {
+        for id in ids {
             if let Ok(g) = self.group_id_for(id, "chat or user")
                 && !groups.contains(&g)
             {
@@ -263,10 +264,11 @@ impl ChatService {
     /// otherwise the chat is created here, checking the members whose group is here (as
     /// an invite does).
     pub(super) fn reads_elsewhere(&self, user: UserId, req: &Req) -> bool {
-        if Self::read_ids(user, req).is_empty() {
+        let ids = Self::read_ids(user, req);
+        if ids.is_empty() {
             return false;
         }
-        let needed = self.needed_groups(user, req);
+        let needed = self.needed_groups(user, ids);
         let elsewhere = needed
             .iter()
             .any(|g| self.node.serving_group(*g).is_none() && self.served_elsewhere(*g));
@@ -317,7 +319,7 @@ impl ChatService {
         req: Req,
         checked: bool,
     ) -> Result<Resp, v1::Error> {
-        let needed = self.needed_groups(me.user_id, &req);
+        let needed = self.needed_groups(me.user_id, Self::read_ids(me.user_id, &req));
         let missing = needed
             .iter()
             .copied()
@@ -336,29 +338,16 @@ impl ChatService {
             session_checked: checked,
             ..ForwardedRequest::default()
         };
-        let answer = self.send_forwarded(g, &needed, body).await?;
-        match answer.response.and_then(|r| r.kind) {
-            Some(Resp::Error(e)) => Err(e),
-            Some(kind) => Ok(kind),
-            None => Err(error(
-                ErrorCode::Internal,
-                "a forwarded request came back without an answer",
-            )),
-        }
-    }
-
-    /// The part of `user`'s sync in group `g` (which this node does not serve), from a
-    /// node that does ([`ask_sync_part`]).
-    pub(super) async fn sync_part_elsewhere(
-        &self,
-        g: GroupId,
-        user: UserId,
-        asks: &[SyncAsk],
-        per_chat: u64,
-        all: bool,
-        budget: usize,
-    ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
-        ask_sync_part(&self.node, g, user, asks, per_chat, all, budget).await
+        send_forwarded(&self.node, g, &needed, body)
+            .await?
+            .response
+            .and_then(|r| r.kind)
+            .ok_or_else(|| {
+                error(
+                    ErrorCode::Internal,
+                    "a forwarded request came back without an answer",
+                )
+            })
     }
 
     /// The `list_chats` summaries of `asks` (chats of group `g`, which this node does not
@@ -447,11 +436,7 @@ impl ChatService {
             session_id: me.session_id,
             ..ForwardedRequest::default()
         };
-        let answer = self.send_forwarded(g, &[g], body).await?;
-        match answer.response.and_then(|r| r.kind) {
-            Some(Resp::Error(e)) => Err(e),
-            _ => Ok(()),
-        }
+        send_forwarded(&self.node, g, &[g], body).await.map(|_| ())
     }
 
     /// Checks a handshake's session token here, or where its user's group is served
@@ -477,10 +462,7 @@ impl ChatService {
                 session_token: token.to_string(),
                 ..ForwardedRequest::default()
             };
-            let answer = self.send_forwarded(g, &[g], body).await?;
-            if let Some(Resp::Error(e)) = answer.response.and_then(|r| r.kind) {
-                return Err(e);
-            }
+            let answer = send_forwarded(&self.node, g, &[g], body).await?;
             return Ok(Principal {
                 user_id: answer.user_id,
                 session_id: answer.session_id,
@@ -496,27 +478,12 @@ impl ChatService {
         let session = st
             .session_by_token(user, &hash_token(token))
             .ok_or_else(bad_token)?;
-        let device_id = st
-            .sessions(user)
-            .into_iter()
-            .find(|s| s.session_id == session)
-            .map(|s| s.device_id)
-            .unwrap_or_default();
+        let device_id = st.session_device(user, session).unwrap_or_default();
         Ok(Principal {
             user_id: user,
             session_id: session,
             device_id: device_id.into(),
         })
-    }
-
-    /// Sends `body` to a node serving group `g` ([`send_forwarded`]).
-    async fn send_forwarded(
-        &self,
-        g: GroupId,
-        needed: &[GroupId],
-        body: ForwardedRequest,
-    ) -> Result<ForwardedAnswer, v1::Error> {
-        send_forwarded(&self.node, g, needed, body).await
     }
 
     /// Serves a request another node forwarded for group `g` (the receiving side).
@@ -599,6 +566,7 @@ impl ChatService {
 }
 /// Sends `body` to a node serving group `g` (preferring one that serves every group
 /// in `needed`, then the placement's order), trying the next when one cannot take it.
+/// An answer that carries an error (the request refused there) is that error.
 pub(super) async fn send_forwarded(
     node: &Node,
     g: GroupId,
@@ -634,12 +602,21 @@ pub(super) async fn send_forwarded(
             .await
         {
             Ok(bytes) => {
-                return ForwardedAnswer::decode(bytes).map_err(|e| {
+                let mut answer = ForwardedAnswer::decode(bytes).map_err(|e| {
                     error(
                         ErrorCode::Internal,
                         format!("node {target} answered a forwarded request badly: {e}"),
                     )
-                });
+                })?;
+                return match answer.response.take() {
+                    Some(v1::Response {
+                        kind: Some(Resp::Error(e)),
+                    }) => Err(e),
+                    response => {
+                        answer.response = response;
+                        Ok(answer)
+                    }
+                };
             }
             Err(ForwardError::NotSent(detail)) => {
                 last = format!("node {target}: {detail}");
@@ -697,8 +674,7 @@ fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
     }
 }
 
-/// Sends `part` of `user`'s request to a node serving group `g`: its answer, or the
-/// error it carries.
+/// Sends `part` of `user`'s request to a node serving group `g`.
 async fn send_sync_part(
     node: &Node,
     g: GroupId,
@@ -710,9 +686,5 @@ async fn send_sync_part(
         sync_part: Some(part),
         ..ForwardedRequest::default()
     };
-    let mut answer = send_forwarded(node, g, &[g], body).await?;
-    if let Some(Resp::Error(e)) = answer.response.take().and_then(|r| r.kind) {
-        return Err(e);
-    }
-    Ok(answer)
+    send_forwarded(node, g, &[g], body).await
 }

@@ -270,10 +270,14 @@ impl ChatService {
         if let Some(group) = self.node.serving_group(g) {
             return Ok(group);
         }
-        if let Some(e) = self.repairing(g, id, what) {
-            return Err(e);
-        }
-        Err(self.not_served(g, &format!("{what} {id}")))
+        Err(self.unserved(g, id, what))
+    }
+
+    /// Why `what` `id` of group `g`, which has no serving replica here, cannot be read
+    /// here: this node's replica is repairing (issue 9), or there is none.
+    fn unserved(&self, g: GroupId, id: u64, what: &str) -> v1::Error {
+        self.repairing(g, id, what)
+            .unwrap_or_else(|| self.not_served(g, &format!("{what} {id}")))
     }
 
     /// `UNAVAILABLE` for `subject` of group `g`, which this node serves no replica of:
@@ -385,10 +389,7 @@ impl ChatService {
             if self.served_elsewhere(g) {
                 return Ok((p, false));
             }
-            return Err(self
-                .group_for(p.user_id, "user")
-                .err()
-                .unwrap_or_else(|| error(ErrorCode::Unavailable, "the user's group moved")));
+            return Err(self.unserved(g, p.user_id, "user"));
         };
         self.check_session(&group, p).await.map(|p| (p, true))
     }
@@ -1181,8 +1182,10 @@ impl ChatService {
                     });
                 }
                 for (g, asks) in elsewhere {
-                    let (differences, _) =
-                        Box::pin(self.sync_part_elsewhere(g, user, &asks, 1, true, 0)).await?;
+                    let (differences, _) = Box::pin(forward::ask_sync_part(
+                        &self.node, g, user, &asks, 1, true, 0,
+                    ))
+                    .await?;
                     for d in differences {
                         if d.not_member {
                             return Err(error(
@@ -1345,20 +1348,12 @@ impl ChatService {
                 // A chat group this node holds no replica of: its half of the answer
                 // comes from a node that does (`forward.rs`).
                 None if self.served_elsewhere(g) => {
-                    Box::pin(self.sync_part_elsewhere(g, user, &asks, per_chat, all, budget))
-                        .await?
+                    Box::pin(forward::ask_sync_part(
+                        &self.node, g, user, &asks, per_chat, all, budget,
+                    ))
+                    .await?
                 }
-                None => {
-                    return Err(self
-                        .group_for(asks[0].chat, "chat")
-                        .err()
-                        .unwrap_or_else(|| {
-                            error(
-                                ErrorCode::Unavailable,
-                                "the chat's group moved here: sync again",
-                            )
-                        }));
-                }
+                None => return Err(self.unserved(g, asks[0].chat, "chat")),
             };
             bytes += used;
             out.extend(differences);

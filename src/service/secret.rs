@@ -89,10 +89,7 @@ impl ChatService {
         group
             .shared()
             .read()
-            .sessions(me.user_id)
-            .into_iter()
-            .find(|s| s.session_id == me.session_id)
-            .map(|s| s.device_id)
+            .session_device(me.user_id, me.session_id)
             .ok_or_else(|| {
                 error(
                     ErrorCode::Unauthenticated,

@@ -1094,6 +1094,18 @@ impl GroupState {
             .is_some_and(|u| u.sessions.contains_key(&session_id))
     }
 
+    /// The device of `user`'s session `session_id`, while it lives.
+    pub fn session_device(&self, user: UserId, session_id: u64) -> Option<String> {
+        Some(
+            self.users
+                .get(&user)?
+                .sessions
+                .get(&session_id)?
+                .device_id
+                .clone(),
+        )
+    }
+
     /// The live sessions of a user, oldest first.
     pub fn sessions(&self, user: UserId) -> Vec<SessionView> {
         self.users.get(&user).map_or_else(Vec::new, |u| {
