@@ -1,7 +1,7 @@
 //! Figures of cluster changes on real `chatlog serve` processes (release build): leader
 //! failover after SIGKILL, and the time of a replica move of a group filled with data.
 //!
-//! `cargo bench --bench cluster_figures -- [failover] [move] [forward]` (all without
+//! `cargo bench --bench cluster_figures -- [failover] [move] [forward] [forward_media]` (all without
 //! arguments).
 //!
 //! - failover: a 3-node cluster, one writer per surviving node sending to one chat one
@@ -21,6 +21,11 @@
 //!   through node 2 (a replica of group 1), `CHATLOG_FORWARD_ROUNDS` (4) rounds of
 //!   `CHATLOG_FORWARD_CALLS` (500) calls per path and kind, the paths alternating;
 //!   prints p50 / p99 per path and the ratios.
+//! - forward_media: the same cluster; the user uploads a new file of
+//!   `CHATLOG_FORWARD_MEDIA_MIB` (64) MiB and downloads it, through node 1 (the upload
+//!   forwarded to a replica of group 1, the download asked of the nodes that store it)
+//!   and through node 2, `CHATLOG_FORWARD_ROUNDS` (4) rounds after a warm-up, the paths
+//!   alternating; prints MiB/s per path and the ratios.
 
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
@@ -155,13 +160,9 @@ fn quantile(v: &mut [u64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q) as usize] as f64 / 1000.0
 }
 
-async fn forward() {
-    let rounds = env_u64("CHATLOG_FORWARD_ROUNDS", 4);
-    let calls = env_u64("CHATLOG_FORWARD_CALLS", 500);
-    let cluster =
-        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
+/// A new user of group 1, logged in through node 2: its session token.
+async fn user_of_group_1(cluster: &Cluster) -> String {
     let setup = connect(&cluster.addr(2), None).await;
-    // A user of group 1, and a chat of group 1 (new chats go round-robin).
     let (user, login_token) = loop {
         let n = cluster::free_port();
         let created = cluster::create_user(&setup, &format!("fwd{n}")).await;
@@ -179,8 +180,18 @@ async fn forward() {
         },
     )
     .await;
-    let near = connect(&cluster.addr(2), Some(login.session_token.clone())).await;
-    let far = connect(&cluster.addr(1), Some(login.session_token)).await;
+    login.session_token
+}
+
+async fn forward() {
+    let rounds = env_u64("CHATLOG_FORWARD_ROUNDS", 4);
+    let calls = env_u64("CHATLOG_FORWARD_CALLS", 500);
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
+    let token = user_of_group_1(&cluster).await;
+    let near = connect(&cluster.addr(2), Some(token.clone())).await;
+    let far = connect(&cluster.addr(1), Some(token)).await;
+    // A chat of group 1 (new chats go round-robin).
     let chat = loop {
         let chat = near
             .create_chat(v1::CreateChatRequest {
@@ -255,6 +266,76 @@ async fn forward() {
         fp50 / np50
     );
     println!("forward: {rounds} rounds × {calls} calls per path and kind, serial (1 in flight)");
+}
+
+async fn forward_media() {
+    let rounds = env_u64("CHATLOG_FORWARD_ROUNDS", 4);
+    let mib = env_u64("CHATLOG_FORWARD_MEDIA_MIB", 64);
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
+    let token = user_of_group_1(&cluster).await;
+    let near = connect(&cluster.addr(2), Some(token.clone())).await;
+    let far = connect(&cluster.addr(1), Some(token)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut speeds: [[Vec<f64>; 2]; 2] = Default::default();
+    for round in 0..rounds + 1 {
+        // Alternate which path goes first; round 0 warms both and is not counted.
+        let order: [(&Client, usize); 2] = if round % 2 == 0 {
+            [(&far, 0), (&near, 1)]
+        } else {
+            [(&near, 1), (&far, 0)]
+        };
+        for (c, path) in order {
+            // A new file each time (else the upload is deduplicated).
+            let file = dir.path().join(format!("up-{round}-{path}"));
+            let mut bytes = vec![0u8; (mib << 20) as usize];
+            let mut x = (round as u64) << 8 | path as u64 | 1;
+            for chunk in bytes.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            std::fs::write(&file, &bytes).expect("write");
+            drop(bytes);
+            let t = Instant::now();
+            let finished = c
+                .upload_file(&file, Default::default(), |_| {})
+                .await
+                .expect("upload");
+            let up = t.elapsed().as_secs_f64();
+            let sha: [u8; 32] = finished.media.expect("media").sha256[..]
+                .try_into()
+                .expect("sha");
+            let t = Instant::now();
+            c.download_file(sha, &dir.path().join("down"), Default::default(), |_| {})
+                .await
+                .expect("download");
+            let down = t.elapsed().as_secs_f64();
+            if round > 0 {
+                speeds[0][path].push(mib as f64 / up);
+                speeds[1][path].push(mib as f64 / down);
+            }
+            std::fs::remove_file(&file).expect("remove");
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (kind, [far, near]) in ["upload", "download"].into_iter().zip(&mut speeds) {
+        let (f, n) = (median(far), median(near));
+        println!(
+            "forward media: {kind} of {mib} MiB through node 1 (forwarded) {f:.0} MiB/s \
+             (runs {far:.0?}), through node 2 (replica) {n:.0} MiB/s (runs {near:.0?}), \
+             ratio {:.2}",
+            f / n
+        );
+    }
+    println!(
+        "forward media: {rounds} rounds, the paths alternating, after a warm-up round; \
+         default transfer options (parts / chunks in flight)"
+    );
 }
 
 async fn failover() {
@@ -504,6 +585,9 @@ fn main() {
         }
         if all || args.iter().any(|a| a == "forward") {
             forward().await;
+        }
+        if all || args.iter().any(|a| a == "forward_media") {
+            forward_media().await;
         }
     });
 }

@@ -13,8 +13,9 @@
 //! SIGKILLed, node 1 goes on through the next. Requests bound to the connection are
 //! answered by node 1 itself once the session was checked elsewhere: presence, and
 //! subscriptions (to a chat of group 2, read here, and to the chat of group 1, read from
-//! a replica: history, then a new post, dense and once). A media upload of a group-1
-//! user is `UNAVAILABLE`, naming the nodes.
+//! a replica: history, then a new post, dense and once). A group-1 user uploads a file
+//! through node 1 and posts it; a group-2 member downloads it through node 1, which
+//! stores no copy, before and after node 2 dies.
 //!
 //! Typing indicators reach the members online on every node: typed on a node with a
 //! replica of the chat's group, or on node 1 (forwarded there), the node that accepts it
@@ -31,7 +32,7 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use chatlog_raft::chat::group_of;
-use chatlog_wire::client::{Client, ClientError, PushItem, PushReceiver};
+use chatlog_wire::client::{Client, ClientError, PushItem, PushReceiver, UploadOptions};
 use chatlog_wire::proto::v1::{self, push};
 use cluster::{Cluster, Options};
 
@@ -137,6 +138,41 @@ async fn subscription_through(rx: &mut PushReceiver, sid: u64, through: u64, got
             Err(_) => panic!("the subscription stopped at {:?}", got.last()),
         }
     }
+}
+
+/// `len` bytes of a pattern that differs with `salt` (and within every part).
+fn file_bytes(len: usize, salt: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt) >> 7) as u8)
+        .collect()
+}
+
+/// Uploads `bytes` through `c` (a file in `dir`): the media reference to send.
+async fn upload(c: &Client, dir: &tempfile::TempDir, bytes: &[u8]) -> v1::MediaRef {
+    let path = dir.path().join(format!("up-{}", bytes.len()));
+    std::fs::write(&path, bytes).expect("write the file");
+    let finished = retried("upload", || {
+        c.upload_file(&path, UploadOptions::default(), |_| {})
+    })
+    .await;
+    finished.media.expect("a finished upload's reference")
+}
+
+/// Downloads `media` through `c` (to a file in `dir` named after `label`): its bytes.
+async fn download(
+    c: &Client,
+    dir: &tempfile::TempDir,
+    media: &v1::MediaRef,
+    label: &str,
+) -> Vec<u8> {
+    let sha: [u8; 32] = media.sha256[..].try_into().expect("a 32-byte media id");
+    let path = dir.path().join(format!("down-{label}"));
+    let size = retried("download", || {
+        c.download_file(sha, &path, Default::default(), |_| {})
+    })
+    .await;
+    assert_eq!(size, media.size_bytes);
+    std::fs::read(&path).expect("read the download")
 }
 
 fn code(e: ClientError) -> v1::ErrorCode {
@@ -347,18 +383,20 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
         seqs_of(&by_chat(&synced.chats, chat)),
         (seqs[2] + 1..=far_head).collect::<Vec<_>>()
     );
-    // A media transfer needs the uploader's group on the node: refused, naming them.
-    let refused = phone
-        .media_upload_start(v1::MediaUploadStartRequest {
-            size_bytes: 10,
-            mime_type: "text/plain".into(),
-            ..Default::default()
+    // Alice uploads a file through node 1 (the upload goes to a replica of her group)
+    // and posts it to the chat; Carol downloads it through node 1, which stores no copy
+    // and holds neither the upload's record nor the chat's.
+    let files = tempfile::tempdir().expect("tempdir");
+    let bytes = file_bytes(700 * 1024, 1);
+    let media = upload(&phone, &files, &bytes).await;
+    retried("send media", || {
+        phone.send_message(v1::SendMessageRequest {
+            media: Some(media.clone()),
+            ..cluster::send_request(chat, 1900, "a file")
         })
-        .await
-        .expect_err("an upload on a node without the uploader's group");
-    let message = refused.to_string();
-    assert_eq!(code(refused), v1::ErrorCode::Unavailable);
-    assert!(message.contains("nodes 2, 3, 4"), "{message}");
+    })
+    .await;
+    assert_eq!(download(&carol_c, &files, &media, "before").await, bytes);
 
     // Refusals come back typed from the node that answered.
     let (dave_c, _) = device(&cluster, NODE, &dave, "laptop").await;
@@ -402,6 +440,9 @@ async fn a_node_without_a_replica_answers_through_one_that_has_it() {
     tokio::task::block_in_place(|| cluster.kill(2));
     let history = cluster::full_history(&carol_c, chat, WAIT).await;
     assert_eq!(history.last().map(|e| e.seq), Some(posted.seq));
+    // The file was stored by every replica of group 1 as it was uploaded: node 1 gets
+    // it from the next one.
+    assert_eq!(download(&carol_c, &files, &media, "after").await, bytes);
     let sessions_after = retried("list sessions", || {
         phone.list_sessions(v1::ListSessionsRequest {})
     })
@@ -679,5 +720,63 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
             .collect();
         want.sort_unstable();
         assert_eq!(got, want, "chat list through node {node}");
+    }
+}
+
+/// Media through nodes that hold neither the file nor the grant to read it: three nodes,
+/// one replica per group, so the uploader's group (the file and its upload record) is on
+/// node 2, the chat's group (the grant to its members) on node 3, and node 1 holds
+/// neither. The uploader uploads and posts through node 1; a member downloads through
+/// every node (node 1 asks both others, node 2 stores the file but needs node 3's grant,
+/// node 3 grants but needs node 2's copy); a user who is no member is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            nodes: 3,
+            groups: 2,
+            extra: vec!["--replicas".into(), "1".into()],
+            ..Options::default()
+        })
+    });
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let bob = user_in(&setup, "bob", FAR_GROUP).await;
+    let eve = user_in(&setup, "eve", FAR_GROUP).await;
+    let (a1, _) = device(&cluster, 1, &alice, "phone").await;
+    let chat = chat_in(&a1, "files", vec![bob.0], NEAR_GROUP).await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let bytes = file_bytes(1200 * 1024, 2);
+    let media = upload(&a1, &files, &bytes).await;
+    retried("send media", || {
+        a1.send_message(v1::SendMessageRequest {
+            media: Some(media.clone()),
+            ..cluster::send_request(chat, 1, "a file")
+        })
+    })
+    .await;
+    for node in [1, 2, 3] {
+        let (b, _) = device(&cluster, node, &bob, &format!("device{node}")).await;
+        let got = download(&b, &files, &media, &format!("via{node}")).await;
+        assert!(got == bytes, "bob's download through node {node} differs");
+        let info = retried("media info", || {
+            b.media_info(v1::MediaInfoRequest {
+                sha256: media.sha256.clone(),
+            })
+        })
+        .await;
+        assert_eq!(info.media.as_ref(), Some(&media), "through node {node}");
+        let (e, _) = device(&cluster, node, &eve, &format!("device{node}")).await;
+        let refused = e
+            .media_info(v1::MediaInfoRequest {
+                sha256: media.sha256.clone(),
+            })
+            .await
+            .expect_err("a user who is no member reads the file");
+        assert_eq!(
+            code(refused),
+            v1::ErrorCode::PermissionDenied,
+            "eve through node {node}"
+        );
     }
 }

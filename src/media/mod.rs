@@ -17,8 +17,9 @@
 //! missed the file (it was down, or a move added it later) fetches it from the others
 //! (`fetch.rs`: in the background, and at once when a download asks for it, which waits
 //! a bounded time and otherwise answers `UNAVAILABLE` with a retry hint); a node outside
-//! that group asked for a file it does not hold answers `UNAVAILABLE`, and the client
-//! asks another node.
+//! that group asked for a file it does not hold answers `UNAVAILABLE` here, and the chat
+//! service asks a node that stores it (`service/media_forward.rs`), which serves it with
+//! the read granted (`handle`'s `read_granted`).
 
 pub mod fetch;
 pub mod replicate;
@@ -166,13 +167,23 @@ impl Media {
                 "{media_id_hex:?} is not a media id (64 hex digits)"
             ))
         })?;
-        self.readable_ref(user, &sha256).await
+        self.readable_ref(user, &sha256, false).await
     }
 
+    /// What this node's replicas know of media `sha256` for `user`: whether they let
+    /// the user read it ([`Media::may_read`]), and the group that recorded its upload
+    /// (whose replicas store the file), when one of them is here.
+    pub fn grant(&self, user: UserId, sha256: &[u8; MEDIA_SHA256_BYTES]) -> (bool, Option<u64>) {
+        (self.may_read(user, sha256), self.holder_group(sha256))
+    }
+
+    /// The media's reference when this node stores it or knows it, and `user` may read
+    /// it (`granted`: another node found so; not checked again).
     async fn readable_ref(
         &self,
         user: UserId,
         sha256: &[u8; MEDIA_SHA256_BYTES],
+        granted: bool,
     ) -> Result<v1::MediaRef, v1::Error> {
         let known = self.known(sha256);
         let store = self.store().await?;
@@ -190,7 +201,7 @@ impl Media {
                 format!("no media {}", store::hex(sha256)),
             ));
         }
-        if !self.may_read(user, sha256) {
+        if !granted && !self.may_read(user, sha256) {
             return Err(error(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -220,7 +231,7 @@ impl Media {
     /// Checks the media of a message about to be sent: stored, of the size stated, and
     /// readable by the sender (so sending it cannot leak a file the sender never had).
     pub async fn check_send(&self, user: UserId, media: &chat::MediaRef) -> Result<(), v1::Error> {
-        let r = self.readable_ref(user, &media.sha256).await?;
+        let r = self.readable_ref(user, &media.sha256, false).await?;
         if r.size_bytes != media.size_bytes {
             return Err(bad(format!(
                 "media {} has {} bytes, not {}",
@@ -232,8 +243,16 @@ impl Media {
         Ok(())
     }
 
-    /// Answers one media request of authenticated `user`.
-    pub async fn handle(&self, user: UserId, req: Req) -> Result<Resp, v1::Error> {
+    /// Answers one media request of authenticated `user`. `read_granted`: another node
+    /// found that the user may read the media of a download or info (see
+    /// `ChatService::media_read`); this node serves what it stores without checking
+    /// that again.
+    pub async fn handle(
+        &self,
+        user: UserId,
+        req: Req,
+        read_granted: bool,
+    ) -> Result<Resp, v1::Error> {
         let store = self.store().await?;
         match req {
             Req::MediaUploadStart(r) => {
@@ -247,7 +266,7 @@ impl Media {
                 }
                 if !r.sha256.is_empty() {
                     let s = sha(&r.sha256)?;
-                    if let Ok(existing) = self.readable_ref(user, &s).await
+                    if let Ok(existing) = self.readable_ref(user, &s, false).await
                         && store.file(&s).ok().flatten().is_some()
                     {
                         return Ok(Resp::MediaUploadStart(v1::MediaUploadStartResponse {
@@ -336,7 +355,7 @@ impl Media {
                         r.length
                     )));
                 }
-                let file = self.readable_file(&store, user, &s).await?;
+                let file = self.readable_file(&store, user, &s, read_granted).await?;
                 let size = file.header.size;
                 let (offset, len) = (r.offset, r.length as usize);
                 // A whole part is a slice of the mapped file (no copy; the gateway
@@ -354,7 +373,7 @@ impl Media {
             }
             Req::MediaInfo(r) => {
                 let s = sha(&r.sha256)?;
-                let media = self.readable_ref(user, &s).await?;
+                let media = self.readable_ref(user, &s, read_granted).await?;
                 Ok(Resp::MediaInfo(v1::MediaInfoResponse {
                     media: Some(media),
                 }))
@@ -369,8 +388,9 @@ impl Media {
         store: &Arc<MediaStore>,
         user: UserId,
         s: &[u8; MEDIA_SHA256_BYTES],
+        granted: bool,
     ) -> Result<Arc<store::StoredFile>, v1::Error> {
-        self.readable_ref(user, s).await?;
+        self.readable_ref(user, s, granted).await?;
         if let Some(f) = store.file_open(s) {
             return Ok(f);
         }
@@ -417,7 +437,7 @@ impl Media {
             // A repeated finish of an upload that finished: answer the same reference.
             let group = self.node.group(group_of(user));
             if group.is_some_and(|g| g.shared().read().media().uploaded_by(&s, user)) {
-                let media = self.readable_ref(user, &s).await?;
+                let media = self.readable_ref(user, &s, false).await?;
                 return Ok(Resp::MediaUploadFinish(v1::MediaUploadFinishResponse {
                     media: Some(media),
                     media_id: store::hex(&s),

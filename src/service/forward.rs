@@ -10,16 +10,21 @@
 //! answers exactly as if the client were connected to it, errors included, and never
 //! forwards again. A handshake's session token is checked the same way.
 //!
+//! A media upload (start, parts, status, finish) goes whole to a replica of the
+//! uploader's user group, like any request needing the caller's group: that replica
+//! keeps the upload and sends each part to the group's other replicas (`crate::media`),
+//! and the placement's order keeps an upload's requests on one replica while it lives
+//! (another replica holds the parts it was sent and answers `media_upload_status`).
+//!
 //! What it must not do: forward what is bound to the client's connection
-//! (subscriptions and presence: they push on that connection) or a media transfer
-//! (a finish hashes the whole file and waits for the replicas, longer than a forwarded
-//! request may take). Those are answered here: when the caller's user group is
-//! elsewhere, after its session was checked there (a `ForwardedRequest` without a
-//! request). A subscription to a chat of a group not held here reads the chat from a
-//! node that does, a sync part at a time (`ChatService::subscribe_elsewhere`); a media
-//! transfer needs the uploader's group here, or answers `UNAVAILABLE` naming the nodes
-//! to connect to. Writes need none
-//! of this: a proposal reaches its group's leader from any node (`Node::propose`).
+//! (subscriptions and presence: they push on that connection). Those are answered here:
+//! when the caller's user group is elsewhere, after its session was checked there (a
+//! `ForwardedRequest` without a request). A subscription to a chat of a group not held
+//! here reads the chat from a node that does, a sync part at a time
+//! (`ChatService::subscribe_elsewhere`). Media downloads and infos are answered here too
+//! when this node stores the file and lets the caller read it, and otherwise asked of
+//! the nodes that store it (`media_forward.rs`). Writes need none of this: a proposal
+//! reaches its group's leader from any node (`Node::propose`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,26 +290,15 @@ impl ChatService {
 
     /// Whether `req` may be answered by another node (see the module docs).
     pub(super) fn forwardable(req: &Req) -> bool {
-        !Self::is_media(req)
-            && !matches!(
-                req,
-                Req::Handshake(_)
-                    | Req::Ping(_)
-                    | Req::Login(_)
-                    | Req::CreateUser(_)
-                    | Req::Subscribe(_)
-                    | Req::Unsubscribe(_)
-                    | Req::GetPresence(_)
-            )
-    }
-
-    fn is_media(req: &Req) -> bool {
-        matches!(
+        !matches!(
             req,
-            Req::MediaUploadStart(_)
-                | Req::MediaUploadPart(_)
-                | Req::MediaUploadStatus(_)
-                | Req::MediaUploadFinish(_)
+            Req::Handshake(_)
+                | Req::Ping(_)
+                | Req::Login(_)
+                | Req::CreateUser(_)
+                | Req::Subscribe(_)
+                | Req::Unsubscribe(_)
+                | Req::GetPresence(_)
                 | Req::MediaDownload(_)
                 | Req::MediaInfo(_)
         )
@@ -420,17 +414,9 @@ impl ChatService {
     }
 
     /// Checks `me`'s session on a node serving its user's group (which this node does
-    /// not), for `req`, bound to this connection and answered here. A media transfer is
-    /// refused instead: it needs the uploader's group here.
-    pub(super) async fn check_session_elsewhere(
-        &self,
-        me: &Principal,
-        req: &Req,
-    ) -> Result<(), v1::Error> {
+    /// not), for a request answered here (bound to this connection, or a media read).
+    pub(super) async fn check_session_elsewhere(&self, me: &Principal) -> Result<(), v1::Error> {
         let g = self.group_id_for(me.user_id, "user")?;
-        if Self::is_media(req) {
-            return Err(self.not_served(g, &format!("user {}", me.user_id)));
-        }
         let body = ForwardedRequest {
             user_id: me.user_id,
             session_id: me.session_id,
@@ -498,7 +484,9 @@ impl ChatService {
                 ..ForwardedAnswer::default()
             }
         };
-        let answered = if let Some(part) = f.sync_part {
+        let answered = if !f.media_grant.is_empty() {
+            self.serve_media_grant(f.user_id, &f.media_grant)
+        } else if let Some(part) = f.sync_part {
             match self.serve_sync_part(g, f.user_id, part).await {
                 Ok(answered) => answered,
                 Err(e) => answer(Err(e)),
@@ -521,7 +509,7 @@ impl ChatService {
             };
             match f.request.and_then(|r| r.kind) {
                 Some(req) => answer(
-                    self.serve_forwarded_request(me, req, f.session_checked)
+                    self.serve_forwarded_request(me, req, f.session_checked, f.media_read_granted)
                         .await,
                 ),
                 // Only the session to check.
@@ -548,8 +536,10 @@ impl ChatService {
         me: Principal,
         req: Req,
         checked: bool,
+        media_read_granted: bool,
     ) -> Result<Resp, v1::Error> {
-        if !Self::forwardable(&req) {
+        let media_read = matches!(req, Req::MediaDownload(_) | Req::MediaInfo(_));
+        if !(Self::forwardable(&req) || media_read && checked) {
             return Err(error(
                 ErrorCode::BadRequest,
                 "this request is not answered for another node",
@@ -560,6 +550,10 @@ impl ChatService {
         } else {
             self.session_here(me).await?
         };
+        if media_read {
+            // From what this node stores, never forwarded again (`media_forward.rs`).
+            return self.media.handle(me.user_id, req, media_read_granted).await;
+        }
         let conn = ConnCtx::detached(me.clone());
         Box::pin(self.dispatch_authenticated(&conn, 0, me, req)).await
     }
@@ -573,9 +567,6 @@ pub(super) async fn send_forwarded(
     needed: &[GroupId],
     body: ForwardedRequest,
 ) -> Result<ForwardedAnswer, v1::Error> {
-    let Some(router) = node.router() else {
-        return Err(unavailable_retry(format!("group {g} is not on this node")));
-    };
     let me = node.node_id();
     let placement = node.placement();
     let mut targets: Vec<_> = placement
@@ -597,44 +588,60 @@ pub(super) async fn send_forwarded(
     let body = Bytes::from(body.encode_to_vec());
     let mut last = format!("no other node serves group {g}");
     for target in targets {
-        match router
-            .client_request(target, g, body.clone(), FORWARD_TIMEOUT)
-            .await
-        {
-            Ok(bytes) => {
-                let mut answer = ForwardedAnswer::decode(bytes).map_err(|e| {
-                    error(
-                        ErrorCode::Internal,
-                        format!("node {target} answered a forwarded request badly: {e}"),
-                    )
-                })?;
-                return match answer.response.take() {
-                    Some(v1::Response {
-                        kind: Some(Resp::Error(e)),
-                    }) => Err(e),
-                    response => {
-                        answer.response = response;
-                        Ok(answer)
-                    }
-                };
-            }
-            Err(ForwardError::NotSent(detail)) => {
-                last = format!("node {target}: {detail}");
-            }
-            Err(ForwardError::Unknown(detail)) => {
-                return Err(error(
-                    ErrorCode::Timeout,
-                    format!(
-                        "forwarded to node {target}, no answer ({detail}): it may have \
-                         been done"
-                    ),
-                ));
-            }
+        match send_once(node, target, g, body.clone()).await {
+            Sent::Answered(answer) => return answer,
+            Sent::NotSent(detail) => last = detail,
         }
     }
     Err(unavailable_retry(format!(
         "no node serving group {g} took the request: {last}"
     )))
+}
+
+/// What became of one forwarded request.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per forwarded request, matched at once"
+)]
+pub(super) enum Sent {
+    /// The target answered (a refusal it answered is the `Err`), or took the request and
+    /// gave no answer in time (a `TIMEOUT` error: it may have been done).
+    Answered(Result<ForwardedAnswer, v1::Error>),
+    /// The target did not take it (unreachable, or not serving the frame's group): why.
+    NotSent(String),
+}
+
+/// Sends an encoded [`ForwardedRequest`] for group `g` (which `target` must host) to
+/// `target`.
+pub(super) async fn send_once(node: &Node, target: u64, g: GroupId, body: Bytes) -> Sent {
+    let Some(router) = node.router() else {
+        return Sent::NotSent(format!("group {g} is not on this node"));
+    };
+    match router
+        .client_request(target, g, body, FORWARD_TIMEOUT)
+        .await
+    {
+        Ok(bytes) => Sent::Answered(match ForwardedAnswer::decode(bytes) {
+            Err(e) => Err(error(
+                ErrorCode::Internal,
+                format!("node {target} answered a forwarded request badly: {e}"),
+            )),
+            Ok(mut answer) => match answer.response.take() {
+                Some(v1::Response {
+                    kind: Some(Resp::Error(e)),
+                }) => Err(e),
+                response => {
+                    answer.response = response;
+                    Ok(answer)
+                }
+            },
+        }),
+        Err(ForwardError::NotSent(detail)) => Sent::NotSent(format!("node {target}: {detail}")),
+        Err(ForwardError::Unknown(detail)) => Sent::Answered(Err(error(
+            ErrorCode::Timeout,
+            format!("forwarded to node {target}, no answer ({detail}): it may have been done"),
+        ))),
+    }
 }
 
 /// The part of `user`'s sync in group `g` from a node serving it: `asks` (chats of `g`,

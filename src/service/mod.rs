@@ -22,6 +22,7 @@
 
 pub mod convert;
 pub mod forward;
+mod media_forward;
 pub mod ratelimit;
 pub mod secret;
 
@@ -668,7 +669,7 @@ impl ChatService {
                 if !here {
                     // Bound to this connection: answered here once the session is
                     // checked where the user's group is.
-                    Box::pin(self.check_session_elsewhere(&me, &other)).await?;
+                    Box::pin(self.check_session_elsewhere(&me)).await?;
                 }
                 self.dispatch_authenticated(conn, request_id, me, other)
                     .await
@@ -688,9 +689,10 @@ impl ChatService {
             media @ (Req::MediaUploadStart(_)
             | Req::MediaUploadPart(_)
             | Req::MediaUploadStatus(_)
-            | Req::MediaUploadFinish(_)
-            | Req::MediaDownload(_)
-            | Req::MediaInfo(_)) => self.media.handle(user, media).await,
+            | Req::MediaUploadFinish(_)) => self.media.handle(user, media, false).await,
+            read @ (Req::MediaDownload(_) | Req::MediaInfo(_)) => {
+                Box::pin(self.media_read(user, read)).await
+            }
             Req::ListSessions(_) => {
                 let group = &self.group_for(user, "user")?;
                 let sessions = group.shared().read().sessions(user);

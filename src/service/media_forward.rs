@@ -1,0 +1,216 @@
+//! Media downloads and infos on any node of a cluster.
+//!
+//! What it owns: answering `media_download` and `media_info` on a node that cannot alone:
+//! the file is stored only by the replicas of the group that recorded its upload (the
+//! uploader's user group, `crate::media`), and who may read it is recorded there (an
+//! uploader) and in the group of every chat it was sent to (a member). A node that lacks
+//! the file, or whose replicas do not let the caller read it, asks every other node what
+//! its replicas know (a `ForwardedRequest` with `media_grant`: readable by the user?
+//! which group stores it?), then sends the request to a replica of the storing group
+//! with `media_read_granted` when some node let the user read it. The receiver serves
+//! what it stores without checking again and never forwards.
+//!
+//! What it must not do: widen the read rule (a node grants only from its own replicas'
+//! records, as a local read does) or forward an upload (an upload goes whole to a replica
+//! of the uploader's group: `forward.rs`).
+//!
+//! Costs: a read the connected node can answer costs nothing more. Otherwise each request
+//! (a download chunk) costs one round of grant questions to the other nodes, in parallel,
+//! unless this node both lets the caller read and knows the storing group, and then one
+//! forwarded request, whose answer carries the chunk.
+
+use bytes::Bytes;
+use chatlog_raft::GroupId;
+use chatlog_raft::chat::UserId;
+use chatlog_wire::limits::MEDIA_SHA256_BYTES;
+use chatlog_wire::proto::node::v1::{ForwardedAnswer, ForwardedRequest};
+use chatlog_wire::proto::v1::{self, ErrorCode, request::Kind as Req, response::Kind as Resp};
+use prost::Message;
+
+use super::ChatService;
+use super::forward::{Sent, send_once};
+use crate::service::convert::error;
+
+impl ChatService {
+    /// Answers a `media_download` or `media_info` of `user` (whose session was checked):
+    /// here when this node can, otherwise from a node storing the file (module docs).
+    pub(super) async fn media_read(&self, user: UserId, req: Req) -> Result<Resp, v1::Error> {
+        let sha = match &req {
+            Req::MediaDownload(r) => r.sha256.clone(),
+            Req::MediaInfo(r) => r.sha256.clone(),
+            other => {
+                return Err(error(
+                    ErrorCode::Internal,
+                    format!("not a media read: {other:?}"),
+                ));
+            }
+        };
+        let mut refused = match self.media.handle(user, req.clone(), false).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => e,
+        };
+        let another_node_may_answer = matches!(
+            ErrorCode::try_from(refused.code),
+            Ok(ErrorCode::NotFound | ErrorCode::PermissionDenied | ErrorCode::Unavailable)
+        );
+        let Ok(sha256) = <[u8; MEDIA_SHA256_BYTES]>::try_from(&sha[..]) else {
+            return Err(refused);
+        };
+        if !another_node_may_answer || self.other_nodes().is_empty() {
+            return Err(refused);
+        }
+        let (mut readable, holder) = self.media.grant(user, &sha256);
+        let mut holders: Vec<GroupId> = holder.into_iter().collect();
+        if !readable || holders.is_empty() {
+            for (r, g) in self.media_grants_elsewhere(user, &sha256).await {
+                readable |= r;
+                if let Some(g) = g
+                    && !holders.contains(&g)
+                {
+                    holders.push(g);
+                }
+            }
+        }
+        if !readable {
+            if !holders.is_empty() && ErrorCode::try_from(refused.code) == Ok(ErrorCode::NotFound) {
+                return Err(error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "user {user} may not read media {}: neither its uploader nor a \
+                         member of a chat it was sent to",
+                        crate::media::store::hex(&sha256)
+                    ),
+                ));
+            }
+            return Err(refused);
+        }
+        // Refused here only for want of the grant another node gave: this node may store
+        // the file itself.
+        if ErrorCode::try_from(refused.code) == Ok(ErrorCode::PermissionDenied) {
+            match self.media.handle(user, req.clone(), true).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => refused = e,
+            }
+        }
+        if holders.is_empty() {
+            return Err(refused);
+        }
+        let body = Bytes::from(
+            ForwardedRequest {
+                user_id: user,
+                request: Some(v1::Request { kind: Some(req) }),
+                session_checked: true,
+                media_read_granted: true,
+                ..ForwardedRequest::default()
+            }
+            .encode_to_vec(),
+        );
+        let me = self.node.node_id();
+        let mut last = refused;
+        for g in holders {
+            let replicas: Vec<u64> = self.node.placement().replicas(g).to_vec();
+            for target in replicas.into_iter().filter(|n| *n != me) {
+                match send_once(&self.node, target, g, body.clone()).await {
+                    Sent::Answered(Ok(answer)) => {
+                        return answer.response.and_then(|r| r.kind).ok_or_else(|| {
+                            error(
+                                ErrorCode::Internal,
+                                "a forwarded media read came back without an answer",
+                            )
+                        });
+                    }
+                    // A replica that missed the file (it is fetching it) or lost it: the
+                    // next may have it.
+                    Sent::Answered(Err(e))
+                        if matches!(
+                            ErrorCode::try_from(e.code),
+                            Ok(ErrorCode::Unavailable | ErrorCode::NotFound)
+                        ) =>
+                    {
+                        last = e
+                    }
+                    Sent::Answered(Err(e)) => return Err(e),
+                    Sent::NotSent(detail) => {
+                        last = crate::service::convert::unavailable_retry(format!(
+                            "media {} is stored by group {g}, whose replicas did not \
+                             answer: {detail}",
+                            crate::media::store::hex(&sha256)
+                        ))
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Every other member node of the cluster, each with a group it hosts (a forwarded
+    /// request is addressed to a group its receiver hosts).
+    fn other_nodes(&self) -> Vec<(u64, GroupId)> {
+        let me = self.node.node_id();
+        let placement = self.node.placement();
+        placement
+            .members
+            .keys()
+            .filter(|n| **n != me)
+            .filter_map(|n| {
+                placement
+                    .groups
+                    .iter()
+                    .find(|(_, p)| p.replicas.contains(n))
+                    .map(|(g, _)| (*n, *g))
+            })
+            .collect()
+    }
+
+    /// What each other node's replicas know of media `sha256` for `user`
+    /// ([`crate::media::Media::grant`]), asked of all of them at once; a node that does
+    /// not answer knows nothing.
+    async fn media_grants_elsewhere(
+        &self,
+        user: UserId,
+        sha256: &[u8; MEDIA_SHA256_BYTES],
+    ) -> Vec<(bool, Option<GroupId>)> {
+        let body = Bytes::from(
+            ForwardedRequest {
+                user_id: user,
+                media_grant: Bytes::copy_from_slice(sha256),
+                ..ForwardedRequest::default()
+            }
+            .encode_to_vec(),
+        );
+        let asks = self.other_nodes().into_iter().map(|(target, g)| {
+            let body = body.clone();
+            async move {
+                match send_once(&self.node, target, g, body).await {
+                    Sent::Answered(Ok(a)) => (
+                        a.media_readable,
+                        (a.media_group > 0).then_some(a.media_group),
+                    ),
+                    _ => (false, None),
+                }
+            }
+        });
+        futures_util::future::join_all(asks).await
+    }
+
+    /// The answer to a `media_grant` (the receiving side): what this node's replicas know.
+    pub(super) fn serve_media_grant(&self, user: UserId, sha256: &[u8]) -> ForwardedAnswer {
+        let Ok(sha256) = <[u8; MEDIA_SHA256_BYTES]>::try_from(sha256) else {
+            return ForwardedAnswer {
+                response: Some(v1::Response {
+                    kind: Some(Resp::Error(error(
+                        ErrorCode::BadRequest,
+                        format!("a media id is 32 bytes, not {}", sha256.len()),
+                    ))),
+                }),
+                ..ForwardedAnswer::default()
+            };
+        };
+        let (readable, group) = self.media.grant(user, &sha256);
+        ForwardedAnswer {
+            media_readable: readable,
+            media_group: group.unwrap_or(0),
+            ..ForwardedAnswer::default()
+        }
+    }
+}
