@@ -36,6 +36,10 @@ use chatlog_wire::client::{Client, ClientError, PushItem, PushReceiver, UploadOp
 use chatlog_wire::proto::v1::{self, push};
 use cluster::{Cluster, Options};
 
+/// How long a node remembers a read of media another node granted (`GRANT_TTL` in
+/// `src/service/media_forward.rs`).
+const GRANT_TTL: Duration = Duration::from_secs(5);
+
 /// Longest wait for a request that the cluster should answer (elections after start).
 const WAIT: Duration = Duration::from_secs(30);
 /// The node without a replica of [`FAR_GROUP`].
@@ -728,7 +732,8 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
 /// node 2, the chat's group (the grant to its members) on node 3, and node 1 holds
 /// neither. The uploader uploads and posts through node 1; a member downloads through
 /// every node (node 1 asks both others, node 2 stores the file but needs node 3's grant,
-/// node 3 grants but needs node 2's copy); a user who is no member is refused.
+/// node 3 grants but needs node 2's copy); a user who is no member is refused, and so is
+/// the member once removed (through node 1 after the grant it remembers expired).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
     let cluster = tokio::task::block_in_place(|| {
@@ -778,5 +783,36 @@ async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
             v1::ErrorCode::PermissionDenied,
             "eve through node {node}"
         );
+    }
+    // Bob is removed from the chat: through node 1, which remembers the grant node 3
+    // gave for a few seconds, his reads stop once it expires.
+    let (b1, _) = device(&cluster, 1, &bob, "after").await;
+    retried("remove bob", || {
+        a1.remove_member(v1::RemoveMemberRequest {
+            chat_id: chat,
+            user_id: bob.0,
+        })
+    })
+    .await;
+    let removed = Instant::now();
+    let deadline = removed + GRANT_TTL + Duration::from_secs(5);
+    loop {
+        let read = b1
+            .media_info(v1::MediaInfoRequest {
+                sha256: media.sha256.clone(),
+            })
+            .await;
+        match read {
+            Err(e) if e.code() == Some(v1::ErrorCode::PermissionDenied) => break,
+            Ok(_) => {}
+            Err(e) if cluster::retryable(&e) => {}
+            Err(e) => panic!("a removed member's read: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a removed member still reads the file {:?} after his removal",
+            removed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -14,10 +14,18 @@
 //! records, as a local read does) or forward an upload (an upload goes whole to a replica
 //! of the uploader's group: `forward.rs`).
 //!
-//! Costs: a read the connected node can answer costs nothing more. Otherwise each request
-//! (a download chunk) costs one round of grant questions to the other nodes, in parallel,
-//! unless this node both lets the caller read and knows the storing group, and then one
-//! forwarded request, whose answer carries the chunk.
+//! Costs: a read the connected node can answer costs nothing more. Otherwise a request
+//! costs one round of grant questions to the other nodes, in parallel (unless this node
+//! both lets the caller read and knows the storing group), and one forwarded request,
+//! whose answer carries the chunk. A download's next chunks within [`GRANT_TTL`] skip
+//! the questions: the grant and the storing group are remembered (bounded,
+//! [`GRANTS_MAX`]). So a member removed from the chat may go on downloading through such
+//! a node for up to [`GRANT_TTL`], where a node that checks the grant itself stops at
+//! once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatlog_raft::GroupId;
@@ -30,6 +38,54 @@ use prost::Message;
 use super::ChatService;
 use super::forward::{Sent, send_once};
 use crate::service::convert::error;
+
+/// How long a read another node granted is remembered. Why: a download asks for its
+/// chunks back to back (each 512 KiB); a few seconds spare every chunk but the first the
+/// round of questions, and bound how long a revoked grant still works through a node
+/// that cannot check it itself.
+pub const GRANT_TTL: Duration = Duration::from_secs(5);
+/// Most grants remembered per node; beyond, the expired ones are dropped, then all. Why:
+/// an entry is ~64 bytes, and a node serves at most a few thousand downloads at once.
+pub const GRANTS_MAX: usize = 4096;
+
+/// Reads other nodes granted lately: (user, media id) → when it expires and the group
+/// that stores the file.
+#[derive(Debug, Default)]
+pub(super) struct Grants(Mutex<HashMap<GrantKey, (Instant, GroupId)>>);
+
+type GrantKey = (UserId, [u8; MEDIA_SHA256_BYTES]);
+
+impl Grants {
+    fn get(&self, user: UserId, sha256: &[u8; MEDIA_SHA256_BYTES]) -> Option<GroupId> {
+        let map = self.0.lock().expect("grants lock");
+        map.get(&(user, *sha256))
+            .filter(|(expires, _)| *expires > Instant::now())
+            .map(|(_, g)| *g)
+    }
+
+    fn put(&self, user: UserId, sha256: &[u8; MEDIA_SHA256_BYTES], g: GroupId) {
+        let mut map = self.0.lock().expect("grants lock");
+        let now = Instant::now();
+        if map.len() >= GRANTS_MAX {
+            map.retain(|_, (expires, _)| *expires > now);
+            if map.len() >= GRANTS_MAX {
+                map.clear();
+            }
+        }
+        // A live entry keeps its expiry: reads do not prolong the grant they used.
+        map.entry((user, *sha256))
+            .and_modify(|e| {
+                if e.0 <= now {
+                    *e = (now + GRANT_TTL, g);
+                }
+            })
+            .or_insert((now + GRANT_TTL, g));
+    }
+
+    fn forget(&self, user: UserId, sha256: &[u8; MEDIA_SHA256_BYTES]) {
+        self.0.lock().expect("grants lock").remove(&(user, *sha256));
+    }
+}
 
 impl ChatService {
     /// Answers a `media_download` or `media_info` of `user` (whose session was checked):
@@ -61,7 +117,13 @@ impl ChatService {
         }
         let (mut readable, holder) = self.media.grant(user, &sha256);
         let mut holders: Vec<GroupId> = holder.into_iter().collect();
-        if !readable || holders.is_empty() {
+        let remembered = self.media_grants.get(user, &sha256);
+        if let Some(g) = remembered {
+            readable = true;
+            if !holders.contains(&g) {
+                holders.push(g);
+            }
+        } else if !readable || holders.is_empty() {
             for (r, g) in self.media_grants_elsewhere(user, &sha256).await {
                 readable |= r;
                 if let Some(g) = g
@@ -88,7 +150,12 @@ impl ChatService {
         // the file itself.
         if ErrorCode::try_from(refused.code) == Ok(ErrorCode::PermissionDenied) {
             match self.media.handle(user, req.clone(), true).await {
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => {
+                    if let Some(g) = holder {
+                        self.media_grants.put(user, &sha256, g);
+                    }
+                    return Ok(answer);
+                }
                 Err(e) => refused = e,
             }
         }
@@ -112,6 +179,7 @@ impl ChatService {
             for target in replicas.into_iter().filter(|n| *n != me) {
                 match send_once(&self.node, target, g, body.clone()).await {
                     Sent::Answered(Ok(answer)) => {
+                        self.media_grants.put(user, &sha256, g);
                         return answer.response.and_then(|r| r.kind).ok_or_else(|| {
                             error(
                                 ErrorCode::Internal,
@@ -140,6 +208,7 @@ impl ChatService {
                 }
             }
         }
+        self.media_grants.forget(user, &sha256);
         Err(last)
     }
 

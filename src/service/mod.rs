@@ -74,6 +74,8 @@ pub struct ChatService {
     limiter: ratelimit::Limiter,
     /// Media uploads, downloads and the read rule (`crate::media`).
     media: Arc<crate::media::Media>,
+    /// Reads of media other nodes granted lately (`media_forward.rs`).
+    media_grants: media_forward::Grants,
 }
 
 fn rate_limited(what: &str, retry_after: std::time::Duration) -> v1::Error {
@@ -208,6 +210,7 @@ impl ChatService {
             hub,
             limiter: ratelimit::Limiter::new(limits),
             media,
+            media_grants: Default::default(),
         }
     }
 
