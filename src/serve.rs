@@ -552,6 +552,8 @@ async fn serve(
         ),
         cluster_id,
     });
+    // Bot calls other nodes forward (`bot/forward.rs`) are answered from here on.
+    fanout_directory.set_bots(&http_ctx.bots);
     let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http_server = tokio::spawn(crate::http::serve(
         http_listener,

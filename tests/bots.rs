@@ -16,6 +16,9 @@
 //! - A three-node cluster: every node answers the bot, one delivery loop per bot (on
 //!   the leader of its group) delivers each update once, `getUpdates` works on a
 //!   follower after `deleteWebhook`.
+//! - A cluster with more nodes than replicas: a node without the bot's group forwards
+//!   every call to one with it (the next one once that is SIGKILLed) and answers what
+//!   it answered, refusals and a 429's `Retry-After` included.
 //! - `/bot/openapi.json` parses and describes exactly the implemented methods, each of
 //!   which answers something other than 404; `chatlog bot create --json` and
 //!   `bot list --json` work.
@@ -1253,4 +1256,309 @@ async fn send_media_posts_a_file_the_bot_may_read() {
     assert_eq!(page.events[0].sender_id, bot, "posted by the bot");
     assert_eq!(m.text, "look");
     assert_eq!(m.media, up.media, "the bot's message carries the file");
+}
+
+/// A bot call with a JSON body and more headers.
+async fn call_with(
+    http_addr: &str,
+    token: &str,
+    method: &str,
+    params: Value,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let body = params.to_string();
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    http(
+        http_addr,
+        "POST",
+        &format!("/bot{token}/{method}"),
+        &all,
+        body.as_bytes(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method}: {e}"))
+}
+
+/// [`call_with`] again while it answers 503 (an election, a node just killed), up to
+/// [`WAIT`]: the last answer.
+async fn call_through_503(
+    http_addr: &str,
+    token: &str,
+    method: &str,
+    params: Value,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = call_with(http_addr, token, method, params.clone(), headers).await;
+        if a.status != 503 || Instant::now() > deadline {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The updates from `offset` on (confirming those below), polled until one satisfies
+/// `wanted` (each poll waiting up to a second): every update seen and the next offset.
+async fn updates_until(
+    http_addr: &str,
+    token: &str,
+    mut offset: u64,
+    wanted: impl Fn(&Value) -> bool,
+) -> (Vec<Value>, u64) {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let got = call_through_503(
+            http_addr,
+            token,
+            "getUpdates",
+            json!({"offset": offset, "timeout": 1}),
+            &[],
+        )
+        .await;
+        let got = got.result().as_array().expect("an array").clone();
+        if let Some(last) = got.last() {
+            offset = last["update_id"].as_u64().expect("update_id") + 1;
+        }
+        let found = got.iter().any(&wanted);
+        seen.extend(got);
+        if found {
+            return (seen, offset);
+        }
+        assert!(Instant::now() < deadline, "no wanted update among {seen:?}");
+    }
+}
+
+/// Whether update `u` is a new message with `text`.
+fn message_with(u: &Value, text: &str) -> bool {
+    u["message"]["text"] == text
+}
+
+/// Four nodes, three replicas per group, two groups: node 1 serves no replica of group
+/// 1, which holds the bot and its chat. Every call through node 1 is answered by a node
+/// that does (node 2 first, the next once node 2 is SIGKILLed) with exactly that node's
+/// answer: getMe, sendMessage and its idempotent retry, editMessage, getUpdates (a long
+/// poll woken by a user's post), refusals (403 for a chat the bot is not in, 401 for a
+/// bad token: the same body as the node that answers directly), a 429 with its
+/// `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_bots_group_forwards_its_calls() {
+    use chatlog_raft::chat::group_of;
+    const FAR_GROUP: u64 = 1;
+    let mut options = cluster::Options::more_nodes_than_replicas();
+    options.http = true;
+    // A send rate the burst at the end exceeds (a burst of twice this is allowed).
+    options
+        .extra
+        .extend(["--user-sends-per-sec".to_string(), "20".to_string()]);
+    let mut cluster = tokio::task::block_in_place(|| cluster::Cluster::start(options));
+    let h1 = cluster.http_addr(1);
+    for id in cluster.ids() {
+        let h = cluster.http_addr(id);
+        let deadline = Instant::now() + WAIT;
+        while http(&h, "GET", "/ready", &[], b"").await.map(|a| a.status) != Ok(200) {
+            assert!(Instant::now() < deadline, "{h} never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let anon = cluster::connect_with(
+        &cluster.addr(3),
+        cluster::client_options(None, Duration::from_secs(10), 5),
+    )
+    .await;
+    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
+    let alice = client(&cluster.addr(3), Some(alice_token)).await;
+    // A bot in group 1 (bots land in their name's group).
+    let mut n = 0;
+    let (bot, token) = loop {
+        let created = alice
+            .create_bot(v1::CreateBotRequest {
+                name: format!("far_bot{n}"),
+            })
+            .await
+            .expect("bot created");
+        if group_of(created.user_id) == FAR_GROUP {
+            break (created.user_id, created.token);
+        }
+        n += 1;
+    };
+    // Two chats in group 1 (new chats go round-robin over the groups), the bot in one.
+    let mut far_chats = Vec::new();
+    while far_chats.len() < 2 {
+        let chat = chat_with(&alice, "far", None).await;
+        if group_of(chat) == FAR_GROUP {
+            far_chats.push(chat);
+        }
+    }
+    let (chat, without_bot) = (far_chats[0], far_chats[1]);
+    alice
+        .invite(v1::InviteRequest {
+            chat_id: chat,
+            user_id: bot,
+        })
+        .await
+        .expect("bot invited");
+
+    // getMe through node 1.
+    let me = call_through_503(&h1, &token, "getMe", json!({}), &[]).await;
+    assert_eq!(me.result()["id"], bot, "{:?}", me.body);
+    assert_eq!(me.result()["username"], format!("far_bot{n}"));
+    assert_eq!(me.header("content-type"), Some("application/json"));
+
+    // A user's post reaches the bot through node 1.
+    post(&alice, chat, "hello bot", 1).await;
+    let (seen, mut offset) = updates_until(&h1, &token, 0, |u| message_with(u, "hello bot")).await;
+    let hello = seen.iter().find(|u| message_with(u, "hello bot")).unwrap();
+    assert_eq!(hello["message"]["chat"]["id"], chat);
+
+    // sendMessage, retried with the same Idempotency-Key: one post.
+    let key = [("Idempotency-Key", "forwarded-1")];
+    let send = json!({"chat_id": chat, "text": "from node 1"});
+    let sent = call_through_503(&h1, &token, "sendMessage", send.clone(), &key).await;
+    let sent = sent.result().clone();
+    assert_eq!(sent["deduplicated"], false, "{sent}");
+    assert_eq!(sent["chat"]["id"], chat);
+    let again = call_through_503(&h1, &token, "sendMessage", send, &key).await;
+    assert_eq!(again.result()["deduplicated"], true, "{:?}", again.body);
+    assert_eq!(again.result()["message_id"], sent["message_id"]);
+    let history = alice
+        .history(v1::HistoryRequest {
+            chat_id: chat,
+            from_seq: 1,
+            direction: v1::Direction::Forward.into(),
+            limit: 100,
+        })
+        .await
+        .expect("history");
+    let posted: Vec<u64> = history
+        .events
+        .iter()
+        .filter(|e| matches!(&e.body, Some(v1::event::Body::MessagePosted(m)) if m.text == "from node 1"))
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        posted,
+        vec![sent["message_id"].as_u64().unwrap()],
+        "posted once"
+    );
+
+    // editMessage through node 1; the bot sees its post and the edit as updates.
+    let edited = call_through_503(
+        &h1,
+        &token,
+        "editMessage",
+        json!({"chat_id": chat, "message_id": sent["message_id"], "text": "edited on node 2"}),
+        &[],
+    )
+    .await;
+    assert_eq!(edited.result()["text"], "edited on node 2");
+    assert!(edited.result()["event_seq"].as_u64().unwrap() > sent["message_id"].as_u64().unwrap());
+    let (seen, next) = updates_until(&h1, &token, offset, |u| {
+        u["edited_message"]["text"] == "edited on node 2"
+    })
+    .await;
+    assert!(
+        seen.iter().any(|u| message_with(u, "from node 1")),
+        "{seen:?}"
+    );
+    offset = next;
+    // Nothing left: an empty poll.
+    let empty = call_through_503(
+        &h1,
+        &token,
+        "getUpdates",
+        json!({"offset": offset, "timeout": 0}),
+        &[],
+    )
+    .await;
+    assert_eq!(empty.result(), &json!([]), "nothing left");
+
+    // A long poll through node 1 waits until a user posts, then answers with the post.
+    let poll = {
+        let (h1, token) = (h1.clone(), token.clone());
+        let params = json!({"offset": offset, "timeout": 30});
+        tokio::spawn(async move { call(&h1, &token, "getUpdates", params).await })
+    };
+    let mut poll = poll;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut poll)
+            .await
+            .is_err(),
+        "the long poll answered with nothing new"
+    );
+    let posted_at = Instant::now();
+    let seq = post(&alice, chat, "wake up", 2).await;
+    let woke = tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the long poll answers")
+        .expect("the poll task");
+    assert!(
+        posted_at.elapsed() < Duration::from_secs(15),
+        "answered by the post, not the poll's timeout"
+    );
+    let got = woke.result().as_array().expect("an array").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(message_with(&got[0], "wake up"), "{got:?}");
+    assert_eq!(named(&got[0]).1, seq);
+    offset = got[0]["update_id"].as_u64().unwrap() + 1;
+
+    // Refusals come back as the answering node gives them.
+    let h3 = cluster.http_addr(3);
+    let not_in = json!({"chat_id": without_bot, "text": "let me in"});
+    let forwarded = call_through_503(&h1, &token, "sendMessage", not_in.clone(), &[]).await;
+    forwarded.refused(403);
+    let direct = call_through_503(&h3, &token, "sendMessage", not_in, &[]).await;
+    assert_eq!(forwarded.body, direct.body);
+    let bad_token = format!("{bot}:{}", "0".repeat(64));
+    let forwarded = call_through_503(&h1, &bad_token, "getMe", json!({}), &[]).await;
+    forwarded.refused(401);
+    let direct = call_through_503(&h3, &bad_token, "getMe", json!({}), &[]).await;
+    assert_eq!(forwarded.body, direct.body);
+    call_with(&h1, "nonsense", "getMe", json!({}), &[])
+        .await
+        .refused(401);
+
+    // The replica node 1 sends to first (node 2) dies: the next one answers.
+    tokio::task::block_in_place(|| cluster.kill(2));
+    let me = call_through_503(&h1, &token, "getMe", json!({}), &[]).await;
+    assert_eq!(me.result()["id"], bot, "{:?}", me.body);
+    let key = [("Idempotency-Key", "after-the-kill")];
+    let after = json!({"chat_id": chat, "text": "after the kill"});
+    let sent = call_through_503(&h1, &token, "sendMessage", after, &key).await;
+    assert_eq!(sent.result()["chat"]["id"], chat, "{:?}", sent.body);
+    let (seen, _) = updates_until(&h1, &token, offset, |u| message_with(u, "after the kill")).await;
+    assert!(
+        seen.iter()
+            .all(|u| u["update_id"].as_u64().unwrap() >= offset),
+        "nothing confirmed comes again: {seen:?}"
+    );
+
+    // Over the send rate: 429 with its retry hint, in the body and the header.
+    let burst: Vec<_> = (0..100)
+        .map(|i| {
+            let (h1, token) = (h1.clone(), token.clone());
+            let params = json!({"chat_id": chat, "text": format!("burst {i}")});
+            tokio::spawn(async move { call(&h1, &token, "sendMessage", params).await })
+        })
+        .collect();
+    let mut limited = None;
+    for b in burst {
+        let a = b.await.expect("a burst call");
+        assert!(matches!(a.status, 200 | 429), "{:?}", a.body);
+        if a.status == 429 {
+            limited = Some(a);
+        }
+    }
+    let limited = limited.expect("the burst is over the rate");
+    limited.refused(429);
+    let retry_after = limited.body["parameters"]["retry_after"]
+        .as_u64()
+        .expect("retry_after");
+    assert!(retry_after >= 1);
+    assert_eq!(
+        limited.header("retry-after"),
+        Some(retry_after.to_string().as_str())
+    );
 }

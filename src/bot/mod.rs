@@ -16,12 +16,20 @@
 //! `"123:ABC…"`): the user id names the group holding the bot, and only the SHA-256 of
 //! the secret part enters the log, as the bot user's one session.
 //!
-//! Limits of this slice: a bot call is answered by a node that hosts the bot's group
-//! and the groups of its chats (every node of a single-node setup); elsewhere it gets
-//! `503` naming no leader. Updates are read from local replicas.
+//! Any node answers a bot call: one that serves no replica of the bot's group (or of the
+//! group of the call's `chat_id`, when another node serves both) sends the whole call to
+//! a node that does and answers what that node answered (`forward.rs`).
+//!
+//! Limits of this slice: updates are read from the replicas of the node answering the
+//! call (the bot's group's): a chat of the bot in a group that node does not serve is
+//! left out of `getUpdates` until it does (every group is everywhere on a cluster with
+//! as many replicas as nodes). Long polls of one bot supersede each other on the node
+//! that answers them: two polls answered by two nodes do not. Webhook delivery runs on
+//! the leader of the bot's group and is never forwarded.
 
 pub mod account;
 pub mod cli;
+pub mod forward;
 pub mod methods;
 pub mod updates;
 pub mod webhook;
@@ -49,6 +57,10 @@ pub const REQUEST_BODY_BYTES_MAX: usize = 128 * 1024;
 /// 50 s; a bound keeps a forgotten poll from holding a task and the bot's poll slot, and
 /// stays under common proxy idle timeouts (60 s).
 pub const LONG_POLL_TIMEOUT_S_MAX: u64 = 50;
+/// Longest a bot call answered on this node takes before answering 503: the longest
+/// long poll plus the time to commit its hand-out and read the events. A call answered
+/// by another node is bounded there by the same, and here by `forward::FORWARD_TIMEOUT`.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(LONG_POLL_TIMEOUT_S_MAX + 10);
 /// Most updates one `getUpdates` returns (Telegram's limit too), and its default.
 pub const UPDATES_LIMIT_MAX: u64 = chatlog_raft::chat::bot::HANDOUT_UPDATES_MAX;
 /// Longest idempotency key accepted (`idempotency_key` or the `Idempotency-Key` header).
@@ -296,16 +308,39 @@ impl BotApi {
         Ok(())
     }
 
-    /// The local replica of the group of `id`, or 503/400.
+    /// The local replica of the group of `id` if it may answer reads (a voter of the
+    /// placement, not repairing: `Node::serving_group`), or 503 saying why not, or 400.
     pub(crate) fn group(&self, id: u64, what: &str) -> Result<Group, BotError> {
         self.check_id(id, what)?;
         let g = group_of(id);
-        self.node.group(g).ok_or_else(|| {
-            BotError::new(
-                503,
-                format!("{what} {id} lives in group {g}, which this node does not host"),
-            )
-        })
+        if let Some(group) = self.node.serving_group(g) {
+            return Ok(group);
+        }
+        let damage = self
+            .node
+            .group(g)
+            .and_then(|local| local.repair_status().damage());
+        let description = match damage {
+            // Issue 9: a repairing replica cannot tell what its log holds.
+            Some(damage) => {
+                format!("{what} {id}: this node's replica of group {g} is repairing: {damage}")
+            }
+            None => {
+                let hosts: Vec<String> = self
+                    .node
+                    .replicas_of(g)
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect();
+                format!(
+                    "{what} {id} lives in group {g}, which this node does not serve; nodes {} do",
+                    hosts.join(", ")
+                )
+            }
+        };
+        let mut e = BotError::new(503, description);
+        e.retry_after_s = Some(1);
+        Err(e)
     }
 
     /// Checks a token; returns the bot's user id.
@@ -356,8 +391,56 @@ impl BotApi {
         self.applied.clone()
     }
 
-    /// Answers one call: `token` from the path, `method` as named there.
+    /// Answers one call: `token` from the path, `method` as named there; on this node,
+    /// or on one that serves the groups it needs (`forward.rs`).
     pub async fn call(
+        &self,
+        token: &str,
+        method: &str,
+        params: &Params,
+        idempotency_header: Option<&str>,
+    ) -> Result<Value, BotError> {
+        match self.route(token, params) {
+            forward::Route::Here => {
+                self.call_here(token, method, params, idempotency_header)
+                    .await
+            }
+            forward::Route::Elsewhere { bot_group, needed } => {
+                self.forward(
+                    bot_group,
+                    &needed,
+                    token,
+                    method,
+                    params,
+                    idempotency_header,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Answers one call on this node (never forwarded), within [`CALL_TIMEOUT`].
+    pub(crate) async fn call_here(
+        &self,
+        token: &str,
+        method: &str,
+        params: &Params,
+        idempotency_header: Option<&str>,
+    ) -> Result<Value, BotError> {
+        let answered = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.dispatch(token, method, params, idempotency_header),
+        )
+        .await;
+        answered.unwrap_or_else(|_| {
+            Err(BotError::new(
+                503,
+                format!("no answer within {CALL_TIMEOUT:?}"),
+            ))
+        })
+    }
+
+    async fn dispatch(
         &self,
         token: &str,
         method: &str,

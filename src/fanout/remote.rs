@@ -332,12 +332,14 @@ const FANOUT_ANSWER_TIME: Duration = Duration::from_secs(5);
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
 /// The node's [`GroupDirectory`] for its peer server with fan-out polls answered by the
-/// hub and forwarded client requests by the service (`service/forward.rs`), each set
-/// once it exists; everything else goes to the wrapped directory.
+/// hub, forwarded client requests by the service (`service/forward.rs`) and forwarded
+/// bot calls by the bot API (`bot/forward.rs`), each set once it exists; everything
+/// else goes to the wrapped directory.
 pub struct FanoutDirectory {
     inner: Arc<dyn GroupDirectory>,
     hub: OnceLock<Weak<Hub>>,
     service: OnceLock<Weak<ForwardingService>>,
+    bots: OnceLock<Weak<crate::bot::BotApi>>,
 }
 
 /// The service that answers forwarded client requests.
@@ -356,7 +358,13 @@ impl FanoutDirectory {
             inner,
             hub: OnceLock::new(),
             service: OnceLock::new(),
+            bots: OnceLock::new(),
         }
+    }
+
+    /// Answers forwarded bot calls with `bots` from now on.
+    pub fn set_bots(&self, bots: &Arc<crate::bot::BotApi>) {
+        let _ = self.bots.set(Arc::downgrade(bots));
     }
 
     /// Answers forwarded client requests with `service` from now on.
@@ -410,6 +418,13 @@ impl GroupDirectory for FanoutDirectory {
             return Box::pin(async { Err("this node's client service is starting".to_string()) });
         };
         Box::pin(async move { service.inner().serve_forwarded(group, body).await })
+    }
+
+    fn bot_request(&self, group: GroupId, body: Bytes) -> BoxFuture<Result<Bytes, String>> {
+        let Some(bots) = self.bots.get().and_then(Weak::upgrade) else {
+            return Box::pin(async { Err("this node's bot API is starting".to_string()) });
+        };
+        Box::pin(async move { bots.serve_forwarded(group, body).await })
     }
 
     fn typing(&self, body: Bytes) -> Result<(), String> {

@@ -3,10 +3,10 @@
 //!
 //! What it owns: reading parameters from the query string and the body (JSON object or
 //! `application/x-www-form-urlencoded`, at most [`REQUEST_BODY_BYTES_MAX`] bytes), the
-//! `{"ok": true, "result": …}` / `{"ok": false, …}` envelope, the `Retry-After` header
-//! of a 429, and the time bound of a call. What it must not do: interpret a method.
-
-use std::time::Duration;
+//! `{"ok": true, "result": …}` / `{"ok": false, …}` envelope and the `Retry-After`
+//! header of an answer with a retry hint. What it must not do: interpret a method, or
+//! decide which node answers it and how long that may take (`crate::bot`: a call may
+//! be answered by another node, `bot/forward.rs`).
 
 use axum::Router;
 use axum::body::Body;
@@ -17,11 +17,7 @@ use axum::routing::{any, get};
 use serde_json::{Value, json};
 
 use super::Ctx;
-use crate::bot::{BotError, LONG_POLL_TIMEOUT_S_MAX, OPENAPI_JSON, Params, REQUEST_BODY_BYTES_MAX};
-
-/// Longest a bot call takes before answering 503: the longest long poll plus the time
-/// to commit its hand-out and read the events.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(LONG_POLL_TIMEOUT_S_MAX + 10);
+use crate::bot::{BotError, OPENAPI_JSON, Params, REQUEST_BODY_BYTES_MAX};
 
 /// The bot routes, merged into the node's router.
 pub(super) fn routes() -> Router<Ctx> {
@@ -142,23 +138,19 @@ async fn call(State(ctx): State<Ctx>, uri: Uri, headers: HeaderMap, body: Body) 
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let api = &ctx.bots;
-    match tokio::time::timeout(
-        CALL_TIMEOUT,
-        api.call(token, method, &params, idempotency.as_deref()),
-    )
-    .await
-    {
-        Ok(r) => answer(r),
-        Err(_) => answer(Err(BotError::new(
-            503,
-            format!("no answer within {CALL_TIMEOUT:?}"),
-        ))),
-    }
+    // Bounded there: by `CALL_TIMEOUT` on the node that answers, and by
+    // `bot::forward::FORWARD_TIMEOUT` per node a forwarded call is sent to.
+    let result = ctx
+        .bots
+        .call(token, method, &params, idempotency.as_deref())
+        .await;
+    answer(result)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

@@ -333,8 +333,15 @@ impl Cluster {
         ])
         .args(["--groups", &options.groups.to_string()])
         .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
-        // The load here is many users' worth; rate limits have their own test.
-        .args(["--user-sends-per-sec", "0", "--conn-requests-per-sec", "0"])
+        // The load here is many users' worth; rate limits have their own test (which
+        // sets `--user-sends-per-sec` in `Options::extra`).
+        .args(["--conn-requests-per-sec", "0"])
+        .args(
+            (!options.extra.iter().any(|a| a == "--user-sends-per-sec"))
+                .then_some(["--user-sends-per-sec", "0"])
+                .into_iter()
+                .flatten(),
+        )
         .args(&options.extra)
         .arg("--data-dir")
         .arg(&node.dir)

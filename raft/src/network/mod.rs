@@ -34,7 +34,8 @@ pub use router::{
     CONNECT_TIMEOUT, ForwardError, NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router,
 };
 pub use server::{
-    CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory, REQUESTS_IN_FLIGHT_MAX, serve,
+    BOT_WORK_TIMEOUT, CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory,
+    REQUESTS_IN_FLIGHT_MAX, serve,
 };
 
 use crate::types::{GroupId, NodeId};
@@ -100,6 +101,9 @@ enum Rpc {
     /// A typing indicator for another node's sessions (not an openraft RPC; opaque to
     /// this crate).
     Typing,
+    /// An HTTP bot call forwarded to a node with a replica of the bot's group (not an
+    /// openraft RPC; opaque to this crate).
+    Bot,
 }
 
 impl Rpc {
@@ -119,6 +123,7 @@ impl Rpc {
             Rpc::RepairProbe => Payload::RepairProbeRequest(body),
             Rpc::Client => Payload::ClientRequest(body),
             Rpc::Typing => Payload::TypingRequest(body),
+            Rpc::Bot => Payload::BotRequest(body),
         }
     }
 
@@ -138,6 +143,7 @@ impl Rpc {
             Rpc::RepairProbe => Payload::RepairProbeResponse(body),
             Rpc::Client => Payload::ClientResponse(body),
             Rpc::Typing => Payload::TypingResponse(body),
+            Rpc::Bot => Payload::BotResponse(body),
         }
     }
 
@@ -156,7 +162,8 @@ impl Rpc {
             | (Rpc::Online, Payload::OnlineResponse(b))
             | (Rpc::RepairProbe, Payload::RepairProbeResponse(b))
             | (Rpc::Client, Payload::ClientResponse(b))
-            | (Rpc::Typing, Payload::TypingResponse(b)) => Ok(b),
+            | (Rpc::Typing, Payload::TypingResponse(b))
+            | (Rpc::Bot, Payload::BotResponse(b)) => Ok(b),
             (_, other) => Err(other),
         }
     }
@@ -177,6 +184,7 @@ impl Rpc {
             Payload::RepairProbeRequest(b) => Some((Rpc::RepairProbe, b.clone())),
             Payload::ClientRequest(b) => Some((Rpc::Client, b.clone())),
             Payload::TypingRequest(b) => Some((Rpc::Typing, b.clone())),
+            Payload::BotRequest(b) => Some((Rpc::Bot, b.clone())),
             _ => None,
         }
     }
@@ -193,7 +201,8 @@ impl Rpc {
             | Rpc::Online
             | Rpc::RepairProbe
             | Rpc::Client
-            | Rpc::Typing => RPCTypes::AppendEntries,
+            | Rpc::Typing
+            | Rpc::Bot => RPCTypes::AppendEntries,
             Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
             Rpc::SnapshotStream => RPCTypes::InstallSnapshot,
             Rpc::TransferLeader => RPCTypes::TransferLeader,

@@ -649,6 +649,8 @@ fn payload_name(payload: &Payload) -> &'static str {
         Payload::ClientResponse(_) => "client_response",
         Payload::TypingRequest(_) => "typing_request",
         Payload::TypingResponse(_) => "typing_response",
+        Payload::BotRequest(_) => "bot_request",
+        Payload::BotResponse(_) => "bot_response",
         Payload::OnlineRequest(_) => "online_request",
         Payload::OnlineResponse(_) => "online_response",
         Payload::RepairProbeRequest(_) => "repair_probe_request",
@@ -797,6 +799,20 @@ impl Router {
         ttl: Duration,
     ) -> Result<Bytes, ForwardError> {
         Ok(self.call(target, group, Rpc::Client, body, ttl).await?)
+    }
+
+    /// Sends an encoded forwarded bot call for `group` (the bot's) to `target` and
+    /// returns its encoded answer (opaque here; chatlog's `src/bot/forward.rs` encodes
+    /// both). Waits at most `ttl`, which must cover a long poll: the receiver gives up
+    /// only after [`super::BOT_WORK_TIMEOUT`].
+    pub async fn bot_request(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        Ok(self.call(target, group, Rpc::Bot, body, ttl).await?)
     }
 
     /// Sends an encoded typing indicator to `target` (frame group 0). Waits at most `ttl`.

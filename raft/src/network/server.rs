@@ -56,6 +56,15 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// (`node::FORWARD_TIMEOUT`), so a handler never outlives the wait it serves by much.
 pub const FORWARDED_WORK_TIMEOUT: Duration = Duration::from_secs(12);
 
+/// Longest a forwarded bot call (`bot_request`) is served before it is answered as
+/// failed (unavailable). Why: a bot call may be a `getUpdates` long poll of up to 50 s;
+/// the receiver answers it within its own call bound (chatlog's `bot::CALL_TIMEOUT`,
+/// 60 s) and the forwarder waits a little longer (`bot::forward::FORWARD_TIMEOUT`,
+/// 65 s, checked against this at compile time there), so this backstop only ends a
+/// handler that outlived both and never makes the forwarder try another node while
+/// the call may still be running.
+pub const BOT_WORK_TIMEOUT: Duration = Duration::from_secs(70);
+
 /// What the transport needs from the group manager: the `Raft` of a group this node holds.
 pub trait GroupDirectory: Send + Sync + 'static {
     /// The local replica of `group`, or `None` if this node holds none.
@@ -104,6 +113,19 @@ pub trait GroupDirectory: Send + Sync + 'static {
                 "this node serves no client requests (group {group})"
             ))
         })
+    }
+
+    /// Serves an encoded HTTP bot call forwarded for `group`, the bot's (opaque to this
+    /// crate; chatlog's bot API answers it), and returns its encoded answer, or why it
+    /// cannot be served here (the forwarder then asks another node). This default
+    /// serves none.
+    fn bot_request(
+        &self,
+        group: GroupId,
+        body: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, String>> {
+        let _ = body;
+        Box::pin(async move { Err(format!("this node serves no bot calls (group {group})")) })
     }
 
     /// Issue 9: why the local replica of `group` must not grant votes (or take a
@@ -639,6 +661,18 @@ impl Work {
                     Err(_) => Err(node_error(
                         NodeErrorCode::Unavailable,
                         format!("client request not served within {FORWARDED_WORK_TIMEOUT:?}"),
+                    )),
+                }
+            }
+            Work::Request(Rpc::Bot, body) => {
+                match tokio::time::timeout(BOT_WORK_TIMEOUT, directory.bot_request(group, body))
+                    .await
+                {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(e)) => Err(node_error(NodeErrorCode::Unavailable, e)),
+                    Err(_) => Err(node_error(
+                        NodeErrorCode::Unavailable,
+                        format!("bot call not served within {BOT_WORK_TIMEOUT:?}"),
                     )),
                 }
             }

@@ -1,0 +1,371 @@
+//! Forwarded bot calls: a bot may call any node of a cluster.
+//!
+//! What it owns: deciding whether a call is answered here or by another node
+//! ([`BotApi::route`]), sending the whole call there (the `bot_request` node message,
+//! `wire/proto/node.proto`: token, method, parameters as JSON, idempotency header)
+//! and giving the HTTP client exactly the answer that node gave (status, JSON, retry
+//! hint), and serving such calls from other nodes ([`BotApi::serve_forwarded`]).
+//!
+//! A call needs the bot's user group (its token is checked there, and its bot state
+//! lives there) and, when it names a `chat_id`, that chat's group. A node that serves
+//! no replica of the bot's group sends the call to one of that group's replicas; a node
+//! that serves the bot's group but not the chat's sends it only when another node
+//! serves both (the methods that name a chat write to it, and a write reaches its
+//! group's leader from any node: the call works here too). The targets are the bot
+//! group's replicas, those serving every needed group first, then in placement order,
+//! each until one takes the call. The receiver answers as if it were called directly
+//! (errors included) and never forwards again; one that cannot take it (it serves no
+//! replica of the group now) says so and the next is asked.
+//!
+//! What it must not do: forward while this node's own replica of the bot's group is
+//! repairing (issue 9: that refusal says why, and the other replicas may be what it
+//! waits for), try another node once a call may have run (a node that does not answer
+//! in time), or interpret a method: the receiver runs [`BotApi::call_here`].
+//! Webhook delivery is not forwarded: it runs on the leader of the bot's group.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatlog_raft::GroupId;
+use chatlog_raft::chat::group_of;
+use chatlog_raft::network::{BOT_WORK_TIMEOUT, ForwardError};
+use chatlog_wire::proto::node::v1::{ForwardedBotAnswer, ForwardedBotCall};
+use prost::Message;
+use serde_json::Value;
+
+use super::{BotApi, BotError, CALL_TIMEOUT, Params, REQUEST_BODY_BYTES_MAX, methods};
+
+/// How long the forwarding node waits for one node's answer. Why: the receiver answers
+/// within [`CALL_TIMEOUT`] (the longest long poll, 50 s, plus 10 s to commit its
+/// hand-out and read the events); 5 s more carry the answer back. The receiver's
+/// transport gives up on the work only after `BOT_WORK_TIMEOUT` (70 s), so this side
+/// decides and a call that may still run is never sent to a second node.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(CALL_TIMEOUT.as_secs() + 5);
+
+const _: () = assert!(CALL_TIMEOUT.as_secs() < FORWARD_TIMEOUT.as_secs());
+const _: () = assert!(FORWARD_TIMEOUT.as_secs() < BOT_WORK_TIMEOUT.as_secs());
+
+/// Largest encoded `ForwardedBotCall`, in bytes. Why: its parameters come from a body of
+/// at most [`REQUEST_BODY_BYTES_MAX`] (128 KiB) and a query string (hyper reads at most
+/// about 400 KiB of head); re-encoded as JSON they can grow by escaping. 1 MiB holds any
+/// call a client can make with room; the receiver checks it before decoding.
+pub const CALL_BYTES_MAX: usize = 1 << 20;
+
+const _: () = assert!(8 * REQUEST_BODY_BYTES_MAX <= CALL_BYTES_MAX);
+
+/// Largest encoded `ForwardedBotAnswer`, in bytes. Why: it must fit in one node frame
+/// (`NODE_FRAME_BYTES_MAX`, 16 MiB) with its envelope. A `getUpdates` answer of 100
+/// updates with texts of 16 KiB fits unless most of their characters need JSON's
+/// six-byte escapes; such an answer is refused (500) and the updates come again on the
+/// next call, which can ask for fewer (`limit`).
+pub const ANSWER_BYTES_MAX: usize =
+    chatlog_wire::limits::NODE_FRAME_BYTES_MAX as usize - (64 << 10);
+
+/// Where a call is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// On this node.
+    Here,
+    /// On a replica of `bot_group`, preferring one that serves every group of `needed`
+    /// (the bot's first).
+    Elsewhere {
+        bot_group: GroupId,
+        needed: Vec<GroupId>,
+    },
+}
+
+impl BotApi {
+    /// Whether this node serves a replica of `g` that may answer reads.
+    fn serves(&self, g: GroupId) -> bool {
+        self.node.serving_group(g).is_some()
+    }
+
+    /// Whether a call needing group `g`, which this node does not serve, may go to
+    /// another node: one is a replica of `g`, and this node's own replica (if any) is
+    /// not repairing a damaged log (issue 9: the local refusal says why).
+    fn served_elsewhere(&self, g: GroupId) -> bool {
+        let me = self.node.node_id();
+        let repairing = self
+            .node
+            .group(g)
+            .is_some_and(|local| local.repair_status().damage().is_some());
+        !repairing && self.node.replicas_of(g).iter().any(|n| *n != me)
+    }
+
+    /// Where the call with `token` and `params` is answered (see the module docs). A
+    /// token or `chat_id` that names no group leaves the call here, which refuses it.
+    pub(crate) fn route(&self, token: &str, params: &Params) -> Route {
+        let Some(bot) = token
+            .split_once(':')
+            .and_then(|(id, _)| id.parse::<u64>().ok())
+            .filter(|id| self.check_id(*id, "bot").is_ok())
+        else {
+            return Route::Here;
+        };
+        let bot_group = group_of(bot);
+        let mut needed = vec![bot_group];
+        if let Ok(Some(chat)) = methods::u64_param(params, "chat_id")
+            && self.check_id(chat, "chat").is_ok()
+            && !needed.contains(&group_of(chat))
+        {
+            needed.push(group_of(chat));
+        }
+        if self.goes_elsewhere(&needed) {
+            Route::Elsewhere { bot_group, needed }
+        } else {
+            Route::Here
+        }
+    }
+
+    /// Whether a call needing `needed` (the bot's group first) is answered elsewhere.
+    fn goes_elsewhere(&self, needed: &[GroupId]) -> bool {
+        let bot_group = needed[0];
+        if !self.serves(bot_group) {
+            return self.served_elsewhere(bot_group);
+        }
+        // The bot's group is here: a chat's group only when another node has both.
+        let lacking = needed[1..]
+            .iter()
+            .any(|g| !self.serves(*g) && self.served_elsewhere(*g));
+        if !lacking {
+            return false;
+        }
+        let me = self.node.node_id();
+        let placement = self.node.placement();
+        placement
+            .members
+            .keys()
+            .any(|n| *n != me && needed.iter().all(|g| placement.replicas(*g).contains(n)))
+    }
+
+    /// Answers a call on another node (see the module docs): what that node answered.
+    pub(crate) async fn forward(
+        &self,
+        bot_group: GroupId,
+        needed: &[GroupId],
+        token: &str,
+        method: &str,
+        params: &Params,
+        idempotency_header: Option<&str>,
+    ) -> Result<Value, BotError> {
+        let call = ForwardedBotCall {
+            token: token.to_string(),
+            method: method.to_string(),
+            params_json: Value::Object(params.clone()).to_string(),
+            idempotency_key: idempotency_header.map(str::to_owned),
+        };
+        if call.encoded_len() > CALL_BYTES_MAX {
+            return Err(BotError::new(
+                413,
+                format!(
+                    "the call is over {CALL_BYTES_MAX} bytes, more than is forwarded to the \
+                     node serving the bot"
+                ),
+            ));
+        }
+        let unavailable = |description: String| {
+            let mut e = BotError::new(503, description);
+            e.retry_after_s = Some(1);
+            e
+        };
+        let Some(router) = self.node.router() else {
+            return Err(unavailable(format!(
+                "the bot's group {bot_group} is not served by this node"
+            )));
+        };
+        let body = Bytes::from(call.encode_to_vec());
+        let mut tried = Vec::new();
+        for target in self.targets(bot_group, needed) {
+            match router
+                .bot_request(target, bot_group, body.clone(), FORWARD_TIMEOUT)
+                .await
+            {
+                Ok(bytes) => return answer_of(target, &bytes),
+                Err(ForwardError::NotSent(detail)) => tried.push((target, detail)),
+                Err(ForwardError::Unknown(detail)) => {
+                    return Err(BotError::new(
+                        503,
+                        format!(
+                            "forwarded to node {target}, no answer ({detail}): it may have \
+                             been done"
+                        ),
+                    ));
+                }
+            }
+        }
+        let nodes: Vec<String> = tried.iter().map(|(n, _)| n.to_string()).collect();
+        let why: Vec<String> = tried
+            .iter()
+            .map(|(n, detail)| format!("node {n}: {detail}"))
+            .collect();
+        Err(unavailable(if tried.is_empty() {
+            format!("no other node serves the bot's group {bot_group}")
+        } else {
+            format!(
+                "no node serving the bot's group {bot_group} took the call (tried nodes {}): {}",
+                nodes.join(", "),
+                why.join("; ")
+            )
+        }))
+    }
+
+    /// The replicas of `bot_group` other than this node: those serving the most groups
+    /// of `needed` first, then in the placement's order.
+    fn targets(&self, bot_group: GroupId, needed: &[GroupId]) -> Vec<u64> {
+        let me = self.node.node_id();
+        let placement = self.node.placement();
+        let mut targets: Vec<u64> = placement
+            .replicas(bot_group)
+            .iter()
+            .copied()
+            .filter(|n| *n != me)
+            .collect();
+        // A stable sort keeps the placement's order among equals.
+        targets.sort_by_key(|n| {
+            std::cmp::Reverse(
+                needed
+                    .iter()
+                    .filter(|g| placement.replicas(**g).contains(n))
+                    .count(),
+            )
+        });
+        targets
+    }
+
+    /// Serves a call another node forwarded for group `g`, the bot's (the receiving
+    /// side): answered here whatever it needs, never forwarded again. `Err` when this
+    /// node cannot take it (no serving replica of `g`: the forwarder asks another) or
+    /// for a body that is not a forwarded call.
+    pub async fn serve_forwarded(&self, g: GroupId, body: Bytes) -> Result<Bytes, String> {
+        if body.len() > CALL_BYTES_MAX {
+            return Err(format!(
+                "a forwarded bot call of {} bytes is over {CALL_BYTES_MAX}",
+                body.len()
+            ));
+        }
+        let call = ForwardedBotCall::decode(body)
+            .map_err(|e| format!("a bad forwarded bot call for group {g}: {e}"))?;
+        let params = match serde_json::from_str::<Value>(&call.params_json) {
+            Ok(Value::Object(params)) => params,
+            Ok(_) => return Err("a forwarded bot call's parameters are not an object".into()),
+            Err(e) => return Err(format!("a forwarded bot call's parameters: {e}")),
+        };
+        if !self.serves(g) {
+            return Err(format!(
+                "node {} serves no replica of group {g} now",
+                self.node.node_id()
+            ));
+        }
+        let result = self
+            .call_here(
+                &call.token,
+                &call.method,
+                &params,
+                call.idempotency_key.as_deref(),
+            )
+            .await;
+        let answer = encode_answer(result);
+        Ok(Bytes::from(answer.encode_to_vec()))
+    }
+}
+
+/// The answer to send back for `result`, within [`ANSWER_BYTES_MAX`].
+fn encode_answer(result: Result<Value, BotError>) -> ForwardedBotAnswer {
+    let answer = match result {
+        Ok(v) => ForwardedBotAnswer {
+            status: 200,
+            result_json: v.to_string(),
+            ..ForwardedBotAnswer::default()
+        },
+        Err(e) => ForwardedBotAnswer {
+            status: u32::from(e.status),
+            description: e.description,
+            retry_after_s: e.retry_after_s,
+            ..ForwardedBotAnswer::default()
+        },
+    };
+    let bytes = answer.encoded_len();
+    if bytes <= ANSWER_BYTES_MAX {
+        return answer;
+    }
+    let e = BotError::new(
+        500,
+        format!(
+            "the answer is {bytes} bytes, over the {ANSWER_BYTES_MAX} a forwarded answer \
+             carries; call the node serving the bot, or getUpdates with a smaller limit"
+        ),
+    );
+    ForwardedBotAnswer {
+        status: u32::from(e.status),
+        description: e.description,
+        ..ForwardedBotAnswer::default()
+    }
+}
+
+/// The call's result from `target`'s encoded answer, as `target` gave it.
+fn answer_of(target: u64, bytes: &[u8]) -> Result<Value, BotError> {
+    let bad = |what: String| {
+        BotError::new(
+            500,
+            format!("node {target} answered a forwarded bot call badly: {what}"),
+        )
+    };
+    if bytes.len() > ANSWER_BYTES_MAX {
+        return Err(bad(format!("{} bytes", bytes.len())));
+    }
+    let answer = ForwardedBotAnswer::decode(bytes).map_err(|e| bad(e.to_string()))?;
+    let status = u16::try_from(answer.status)
+        .ok()
+        .filter(|s| (200..600).contains(s))
+        .ok_or_else(|| bad(format!("status {}", answer.status)))?;
+    if status == 200 {
+        return serde_json::from_str(&answer.result_json).map_err(|e| bad(e.to_string()));
+    }
+    // As given there: the description carries its prefix already.
+    Err(BotError {
+        status,
+        description: answer.description,
+        retry_after_s: answer.retry_after_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_travel_unchanged() {
+        let ok = encode_answer(Ok(serde_json::json!({"id": 7, "text": "hé"})));
+        let back = answer_of(2, &ok.encode_to_vec()).expect("a result");
+        assert_eq!(back, serde_json::json!({"id": 7, "text": "hé"}));
+        let limited = BotError::rate_limited("sends", Duration::from_millis(1500));
+        let refused = encode_answer(Err(limited.clone()));
+        let back = answer_of(2, &refused.encode_to_vec()).expect_err("an error");
+        assert_eq!(back, limited);
+        assert_eq!(back.to_json(), limited.to_json());
+    }
+
+    #[test]
+    fn an_oversized_answer_is_refused_at_the_source() {
+        let text = "\u{1}".repeat(ANSWER_BYTES_MAX / 6 + 1);
+        let answer = encode_answer(Ok(Value::String(text)));
+        assert_eq!(answer.status, 500);
+        assert!(answer.description.contains("smaller limit"));
+        assert!(answer.encoded_len() <= ANSWER_BYTES_MAX);
+    }
+
+    #[test]
+    fn bad_answers_are_errors() {
+        let weird = ForwardedBotAnswer {
+            status: 42,
+            ..ForwardedBotAnswer::default()
+        };
+        assert_eq!(
+            answer_of(3, &weird.encode_to_vec())
+                .expect_err("refused")
+                .status,
+            500
+        );
+        assert!(answer_of(3, b"\xff\xff\xff").is_err());
+    }
+}
