@@ -1365,6 +1365,52 @@ impl Node {
         self.group(g).filter(|group| !group.repair.is_repairing())
     }
 
+    /// Whether a request needing group `g`, which this node does not serve, may go to
+    /// another node: another node is a replica of `g`, and this node's own replica (if
+    /// any) is not repairing a damaged log (issue 9: its refusal says why, and the other
+    /// replicas may be what it waits for).
+    pub fn served_elsewhere(&self, g: GroupId) -> bool {
+        let me = self.config.node_id;
+        let repairing = self
+            .group(g)
+            .is_some_and(|local| local.repair_status().damage().is_some());
+        !repairing && self.placement().replicas(g).iter().any(|n| *n != me)
+    }
+
+    /// Whether another node is a replica of every group of `groups`.
+    pub fn another_hosts_all(&self, groups: &[GroupId]) -> bool {
+        let me = self.config.node_id;
+        let placement = self.placement();
+        placement
+            .members
+            .keys()
+            .any(|n| *n != me && groups.iter().all(|g| placement.replicas(*g).contains(n)))
+    }
+
+    /// The replicas of `g` other than this node to send a request needing the groups
+    /// `needed` to, in the order to try them: those serving the most of `needed` first,
+    /// then in the placement's order.
+    pub fn forward_targets(&self, g: GroupId, needed: &[GroupId]) -> Vec<NodeId> {
+        let me = self.config.node_id;
+        let placement = self.placement();
+        let mut targets: Vec<NodeId> = placement
+            .replicas(g)
+            .iter()
+            .copied()
+            .filter(|n| *n != me)
+            .collect();
+        // A stable sort keeps the placement's order among equals.
+        targets.sort_by_key(|n| {
+            std::cmp::Reverse(
+                needed
+                    .iter()
+                    .filter(|h| placement.replicas(**h).contains(n))
+                    .count(),
+            )
+        });
+        targets
+    }
+
     /// Every local replica (as of the call: replicas start and stop with the placement).
     pub fn groups(&self) -> Vec<Group> {
         self.read_groups().values().cloned().collect()

@@ -81,15 +81,9 @@ impl BotApi {
     }
 
     /// Whether a call needing group `g`, which this node does not serve, may go to
-    /// another node: one is a replica of `g`, and this node's own replica (if any) is
-    /// not repairing a damaged log (issue 9: the local refusal says why).
+    /// another node (`Node::served_elsewhere`).
     fn served_elsewhere(&self, g: GroupId) -> bool {
-        let me = self.node.node_id();
-        let repairing = self
-            .node
-            .group(g)
-            .is_some_and(|local| local.repair_status().damage().is_some());
-        !repairing && self.node.replicas_of(g).iter().any(|n| *n != me)
+        self.node.served_elsewhere(g)
     }
 
     /// Where the call with `token` and `params` is answered (see the module docs). A
@@ -130,12 +124,7 @@ impl BotApi {
         if !lacking {
             return false;
         }
-        let me = self.node.node_id();
-        let placement = self.node.placement();
-        placement
-            .members
-            .keys()
-            .any(|n| *n != me && needed.iter().all(|g| placement.replicas(*g).contains(n)))
+        self.node.another_hosts_all(needed)
     }
 
     /// Answers a call on another node (see the module docs): what that node answered.
@@ -175,7 +164,7 @@ impl BotApi {
         };
         let body = Bytes::from(call.encode_to_vec());
         let mut tried = Vec::new();
-        for target in self.targets(bot_group, needed) {
+        for target in self.node.forward_targets(bot_group, needed) {
             match router
                 .bot_request(target, bot_group, body.clone(), FORWARD_TIMEOUT)
                 .await
@@ -207,29 +196,6 @@ impl BotApi {
                 why.join("; ")
             )
         }))
-    }
-
-    /// The replicas of `bot_group` other than this node: those serving the most groups
-    /// of `needed` first, then in the placement's order.
-    fn targets(&self, bot_group: GroupId, needed: &[GroupId]) -> Vec<u64> {
-        let me = self.node.node_id();
-        let placement = self.node.placement();
-        let mut targets: Vec<u64> = placement
-            .replicas(bot_group)
-            .iter()
-            .copied()
-            .filter(|n| *n != me)
-            .collect();
-        // A stable sort keeps the placement's order among equals.
-        targets.sort_by_key(|n| {
-            std::cmp::Reverse(
-                needed
-                    .iter()
-                    .filter(|g| placement.replicas(**g).contains(n))
-                    .count(),
-            )
-        });
-        targets
     }
 
     /// Serves a call another node forwarded for group `g`, the bot's (the receiving

@@ -208,16 +208,9 @@ impl ChatService {
     }
 
     /// Whether a request needing group `g`, which this node does not serve, goes to
-    /// another node: when another node is a replica of `g` and this node's own replica
-    /// (if any) is not repairing a damaged log (issue 9: that refusal says why, and the
-    /// other replicas may be what it waits for).
+    /// another node (`Node::served_elsewhere`).
     pub(super) fn served_elsewhere(&self, g: GroupId) -> bool {
-        let me = self.node.node_id();
-        let repairing = self
-            .node
-            .group(g)
-            .is_some_and(|local| local.repair_status().damage().is_some());
-        !repairing && self.node.replicas_of(g).iter().any(|n| *n != me)
+        self.node.served_elsewhere(g)
     }
 
     /// The ids whose groups `req` reads besides the caller's user group: a chat (or
@@ -278,12 +271,7 @@ impl ChatService {
             .iter()
             .any(|g| self.node.serving_group(*g).is_none() && self.served_elsewhere(*g));
         if elsewhere && matches!(req, Req::CreateChat(_)) {
-            let placement = self.node.placement();
-            let me = self.node.node_id();
-            return placement
-                .members
-                .keys()
-                .any(|n| *n != me && needed.iter().all(|g| placement.replicas(*g).contains(n)));
+            return self.node.another_hosts_all(&needed);
         }
         elsewhere
     }
@@ -567,27 +555,9 @@ pub(super) async fn send_forwarded(
     needed: &[GroupId],
     body: ForwardedRequest,
 ) -> Result<ForwardedAnswer, v1::Error> {
-    let me = node.node_id();
-    let placement = node.placement();
-    let mut targets: Vec<_> = placement
-        .replicas(g)
-        .iter()
-        .copied()
-        .filter(|n| *n != me)
-        .collect();
-    // Most needed groups served first; a stable sort keeps the placement's order.
-    targets.sort_by_key(|n| {
-        std::cmp::Reverse(
-            needed
-                .iter()
-                .filter(|h| placement.replicas(**h).contains(n))
-                .count(),
-        )
-    });
-    drop(placement);
     let body = Bytes::from(body.encode_to_vec());
     let mut last = format!("no other node serves group {g}");
-    for target in targets {
+    for target in node.forward_targets(g, needed) {
         match send_once(node, target, g, body.clone()).await {
             Sent::Answered(answer) => return answer,
             Sent::NotSent(detail) => last = detail,
