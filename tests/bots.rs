@@ -1562,3 +1562,122 @@ async fn a_node_without_the_bots_group_forwards_its_calls() {
         Some(retry_after.to_string().as_str())
     );
 }
+
+/// Three nodes, one replica per group, two groups: the bot's group (1) is on node 2, one
+/// of its chats in group 2 on node 3, and node 1 serves neither. Through node 1 (its
+/// calls forwarded to node 2, which reads the chat of group 2 from node 3), the bot gets
+/// every event of both chats from the one it joined on: in seq order per chat, with
+/// consecutive update ids, nothing before it joined; a long poll wakes for a post in the
+/// far chat; `getWebhookInfo` counts the far chat's waiting updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
+    use chatlog_raft::chat::group_of;
+    const BOT_GROUP: u64 = 1;
+    const FAR_GROUP: u64 = 2;
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(cluster::Options {
+            nodes: 3,
+            groups: 2,
+            http: true,
+            extra: vec!["--replicas".into(), "1".into()],
+            ..cluster::Options::default()
+        })
+    });
+    let h1 = cluster.http_addr(1);
+    let anon = cluster::connect_with(
+        &cluster.addr(3),
+        cluster::client_options(None, Duration::from_secs(10), 5),
+    )
+    .await;
+    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
+    let alice = client(&cluster.addr(3), Some(alice_token)).await;
+    let mut n = 0;
+    let (bot, token) = loop {
+        let created = alice
+            .create_bot(v1::CreateBotRequest {
+                name: format!("spread_bot{n}"),
+            })
+            .await
+            .expect("bot created");
+        if group_of(created.user_id) == BOT_GROUP {
+            break (created.user_id, created.token);
+        }
+        n += 1;
+    };
+    // A chat in each group; posts before the bot joins the far one are not its updates.
+    let (mut near, mut far) = (None, None);
+    while near.is_none() || far.is_none() {
+        let chat = chat_with(&alice, "chat", None).await;
+        match group_of(chat) {
+            BOT_GROUP if near.is_none() => near = Some(chat),
+            FAR_GROUP if far.is_none() => far = Some(chat),
+            _ => {}
+        }
+    }
+    let (near, far) = (near.unwrap(), far.unwrap());
+    post(&alice, far, "before the bot", 1).await;
+    for chat in [near, far] {
+        alice
+            .invite(v1::InviteRequest {
+                chat_id: chat,
+                user_id: bot,
+            })
+            .await
+            .expect("bot invited");
+    }
+    let mut posted: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for i in 0..6u64 {
+        let chat = if i % 2 == 0 { far } else { near };
+        let seq = post(&alice, chat, &format!("post {i}"), 10 + i).await;
+        posted.entry(chat).or_default().push(seq);
+    }
+    let info = call_through_503(&h1, &token, "getWebhookInfo", json!({}), &[]).await;
+    let waiting = info.result()["pending_update_count"].as_u64().unwrap();
+    assert!(
+        waiting >= 6,
+        "the far chat's updates are counted: {:?}",
+        info.body
+    );
+    let (seen, offset) = updates_until(&h1, &token, 0, |u| message_with(u, "post 5")).await;
+    let ids: Vec<u64> = seen
+        .iter()
+        .map(|u| u["update_id"].as_u64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive update ids: {ids:?}"
+    );
+    assert!(
+        !seen.iter().any(|u| message_with(u, "before the bot")),
+        "nothing from before the bot joined: {seen:?}"
+    );
+    for (chat, seqs) in &posted {
+        let got: Vec<u64> = seen
+            .iter()
+            .filter(|u| u["message"]["chat"]["id"] == *chat)
+            .map(|u| named(u).1)
+            .collect();
+        assert_eq!(&got, seqs, "chat {chat}'s posts, in order, once");
+    }
+    // A long poll through node 1 wakes for a post in the far chat.
+    let poll = {
+        let (h1, token) = (h1.clone(), token.clone());
+        let params = json!({"offset": offset, "timeout": 30});
+        tokio::spawn(async move { call(&h1, &token, "getUpdates", params).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let posted_at = Instant::now();
+    let seq = post(&alice, far, "far news", 99).await;
+    let woke = tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the long poll answers")
+        .expect("the poll task");
+    assert!(
+        posted_at.elapsed() < Duration::from_secs(15),
+        "answered by the post, not the poll's timeout"
+    );
+    let got = woke.result().as_array().expect("an array").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(message_with(&got[0], "far news"), "{got:?}");
+    assert_eq!(named(&got[0]).1, seq);
+}

@@ -349,7 +349,7 @@ pub(crate) async fn delete_webhook(
     Ok(json!(true))
 }
 
-pub(crate) fn get_webhook_info(api: &BotApi, bot: UserId) -> Result<Value, BotError> {
+pub(crate) async fn get_webhook_info(api: &BotApi, bot: UserId) -> Result<Value, BotError> {
     let (url, handed_out) = {
         let g = api.group(bot, "bot")?;
         let st = g.shared().read();
@@ -362,7 +362,7 @@ pub(crate) fn get_webhook_info(api: &BotApi, bot: UserId) -> Result<Value, BotEr
             b.pending_updates(),
         )
     };
-    let waiting = updates::not_handed_out(api, bot)?;
+    let waiting = updates::not_handed_out(api, bot).await?;
     let mut v = json!({
         "url": url,
         "has_custom_certificate": false,

@@ -20,12 +20,12 @@
 //! group of the call's `chat_id`, when another node serves both) sends the whole call to
 //! a node that does and answers what that node answered (`forward.rs`).
 //!
-//! Limits of this slice: updates are read from the replicas of the node answering the
-//! call (the bot's group's): a chat of the bot in a group that node does not serve is
-//! left out of `getUpdates` until it does (every group is everywhere on a cluster with
-//! as many replicas as nodes). Long polls of one bot supersede each other on the node
-//! that answers them: two polls answered by two nodes do not. Webhook delivery runs on
-//! the leader of the bot's group and is never forwarded.
+//! Updates are handed out by a replica of the bot's group; a chat of the bot in a group
+//! that node does not serve is read from a replica of that group (`updates.rs`).
+//!
+//! Limits of this slice: long polls of one bot supersede each other on the node that
+//! answers them: two polls answered by two nodes do not. Webhook delivery runs on the
+//! leader of the bot's group and is never forwarded.
 
 pub mod account;
 pub mod cli;
@@ -480,7 +480,7 @@ impl BotApi {
             "sendMedia" => methods::send_media(self, bot, params, idempotency_header).await,
             "setWebhook" => methods::set_webhook(self, bot, params).await,
             "deleteWebhook" => methods::delete_webhook(self, bot, params).await,
-            "getWebhookInfo" => methods::get_webhook_info(self, bot),
+            "getWebhookInfo" => methods::get_webhook_info(self, bot).await,
             other => Err(BotError::new(
                 404,
                 format!("method {other:?} does not exist"),

@@ -15,14 +15,25 @@
 //! member. A waiting poll (or webhook loop) wakes after every apply of any local group
 //! and compares each of its chats' heads with its cursor: O(chats of the bot) per
 //! wake-up, no log read without news; a feed of changed chats from apply would remove
-//! the scan (the fan-out hub has the same one). A chat joins the bot's list through the
+//! the scan (the fan-out hub has the same one).
+//!
+//! Chats of groups this node does not serve are asked of a replica of their group with
+//! the node message the chat service uses for syncs (`SyncPart`: heads and the bot's
+//! joined seqs, then the events of a handed-out range, as the bot, which must still be a
+//! member: a range of a chat it left is skipped). Their news wakes no local apply, so a
+//! waiting poll of such a bot looks again every [`REMOTE_RECHECK`]: one small request
+//! per such group per second. A chat joins the bot's list through the
 //! bot user's own log, which the service updates after the invite commits (see
 //! `service/mod.rs`: a crash in between leaves the chat out until the next change).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use chatlog_raft::GroupId;
 use chatlog_raft::chat::bot::{BotCommand, HANDOUT_RANGES_MAX, HandOutRange, PendingRange};
-use chatlog_raft::chat::{Command, UserId};
+use chatlog_raft::chat::{ChatId, Command, UserId, group_of};
+use chatlog_wire::limits::PAGE_ITEMS_MAX;
+use chatlog_wire::proto::node::v1::SyncPart;
 use chatlog_wire::proto::v1::{self, event::Body};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -30,7 +41,14 @@ use tokio::sync::watch;
 use super::methods::u64_param;
 use super::{BotApi, BotError, LONG_POLL_TIMEOUT_S_MAX, Params, UPDATES_LIMIT_MAX, bot_chats};
 use crate::client_cmd::output::event_json;
-use crate::service::convert;
+use crate::service::forward::{send_sync_part, sync_part_of};
+use crate::service::{PAGE_BYTES_MAX, SyncAsk, convert};
+
+/// Longest a waiting poll (or webhook loop) of a bot with chats in groups this node does
+/// not serve goes without looking at them again. Why: their news wakes no local apply;
+/// a second is what a person waits for a bot's answer without noticing, and costs one
+/// small request per such group per second.
+pub const REMOTE_RECHECK: Duration = Duration::from_secs(1);
 
 /// One update: its id and the event it names.
 #[derive(Debug, Clone)]
@@ -91,6 +109,7 @@ impl Update {
 /// logs.
 async fn read_pending(
     api: &BotApi,
+    bot: UserId,
     pending: &[PendingRange],
     from_id: u64,
     limit: u64,
@@ -108,6 +127,29 @@ async fn read_pending(
         let room = limit - out.len() as u64;
         let to_seq = p.range.to_seq.min(from_seq + room - 1);
         let chat = p.range.chat;
+        if let Some(g) = elsewhere(api, chat) {
+            // Read from a replica of the chat's group: a page may stop short (bytes), and
+            // the ids after a short range must wait, so the answer ends there. A bot
+            // removed from the chat since reads nothing of it there: the range is skipped.
+            let Some(events) = read_elsewhere(api, bot, g, chat, from_seq, to_seq).await? else {
+                continue;
+            };
+            let short = events.len() as u64 != to_seq - from_seq + 1;
+            for event in events {
+                let sender_is_bot = api
+                    .group(event.sender_id, "user")
+                    .is_ok_and(|g| g.shared().read().bots().get(event.sender_id).is_some());
+                out.push(Update {
+                    update_id: p.first_update_id + (event.seq - p.range.from_seq),
+                    event,
+                    sender_is_bot,
+                });
+            }
+            if short {
+                break;
+            }
+            continue;
+        }
         let group = api.group(chat, "chat")?;
         let locs = group
             .shared()
@@ -144,43 +186,169 @@ async fn read_pending(
     Ok(out)
 }
 
-/// Per chat of the bot, the seqs waiting for a hand-out: `(chat, first, head)`.
-fn waiting(api: &BotApi, bot: UserId) -> Result<Vec<(u64, u64, u64)>, BotError> {
+/// The group of `chat` when this node serves no replica of it but another node does:
+/// the chat is read from there (`read_elsewhere`, `heads_elsewhere`).
+fn elsewhere(api: &BotApi, chat: ChatId) -> Option<GroupId> {
+    let g = group_of(chat);
+    (api.node.serving_group(g).is_none() && api.node.served_elsewhere(g)).then_some(g)
+}
+
+/// Events `from..=to` of `chat` (group `g`, not served here) as `bot` reads them, from
+/// a replica of `g`: from `from` on, possibly fewer (a page is bounded by bytes); `None`
+/// when the bot is no longer a member.
+async fn read_elsewhere(
+    api: &BotApi,
+    bot: UserId,
+    g: GroupId,
+    chat: ChatId,
+    from: u64,
+    to: u64,
+) -> Result<Option<Vec<v1::Event>>, BotError> {
+    let asks = [SyncAsk {
+        chat,
+        last: from - 1,
+        read_seq: 0,
+    }];
+    let part = SyncPart {
+        events_per_chat_max: (to - from + 1).min(u64::from(PAGE_ITEMS_MAX)) as u32,
+        bytes_max: PAGE_BYTES_MAX as u64,
+        ..sync_part_of(&asks)
+    };
+    let answer = send_sync_part(&api.node, g, bot, part).await?;
+    let Some(d) = answer.differences.into_iter().find(|d| d.chat_id == chat) else {
+        return Err(BotError::new(
+            500,
+            format!("a read of chat {chat} without it"),
+        ));
+    };
+    if d.not_member {
+        return Ok(None);
+    }
+    let events: Vec<v1::Event> = d
+        .events
+        .into_iter()
+        .filter(|e| e.seq >= from && e.seq <= to)
+        .collect();
+    if events.first().map(|e| e.seq) != Some(from)
+        || events.windows(2).any(|w| w[1].seq != w[0].seq + 1)
+    {
+        return Err(BotError::new(
+            500,
+            format!("chat {chat} lacks events {from}..={to} that were handed out"),
+        ));
+    }
+    Ok(Some(events))
+}
+
+/// Per chat of `chats` (of group `g`, not served here): its head and the seq the bot
+/// joined it at, from a replica of `g`; chats the bot is not a member of are left out.
+async fn heads_elsewhere(
+    api: &BotApi,
+    bot: UserId,
+    g: GroupId,
+    chats: &[ChatId],
+) -> Result<Vec<(ChatId, u64, u64)>, BotError> {
+    let mut out = Vec::new();
+    for page in chats.chunks(PAGE_ITEMS_MAX as usize) {
+        let asks: Vec<SyncAsk> = page
+            .iter()
+            .map(|chat| SyncAsk {
+                chat: *chat,
+                last: 0,
+                read_seq: 0,
+            })
+            .collect();
+        let part = SyncPart {
+            events_per_chat_max: 1,
+            all: true,
+            bytes_max: 0,
+            joined_seqs: true,
+            ..sync_part_of(&asks)
+        };
+        let answer = send_sync_part(&api.node, g, bot, part).await?;
+        for d in answer.differences.iter().filter(|d| !d.not_member) {
+            let joined = page
+                .iter()
+                .position(|c| *c == d.chat_id)
+                .and_then(|i| answer.joined_seqs.get(i))
+                .copied()
+                .unwrap_or(0);
+            if joined > 0 {
+                out.push((d.chat_id, d.head_seq, joined));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per chat of the bot, the seqs waiting for a hand-out: `(chat, first, head)`. Chats of
+/// groups not served here are asked of a replica of theirs.
+async fn waiting(api: &BotApi, bot: UserId) -> Result<Vec<(u64, u64, u64)>, BotError> {
     let chats = bot_chats(api, bot)?;
-    let cursors: Vec<Option<u64>> = {
+    let cursors: HashMap<ChatId, u64> = {
         let g = api.group(bot, "bot")?;
         let st = g.shared().read();
         let b = st
             .bots()
             .get(bot)
             .ok_or_else(|| BotError::new(401, "invalid bot token"))?;
-        chats.iter().map(|c| b.cursor(*c)).collect()
+        chats
+            .iter()
+            .filter_map(|c| b.cursor(*c).map(|at| (*c, at)))
+            .collect()
     };
-    let mut out = Vec::new();
-    for (chat, cursor) in chats.into_iter().zip(cursors) {
+    // (chat, head, joined): here, then per group elsewhere.
+    let mut heads: Vec<(ChatId, u64, u64)> = Vec::new();
+    let mut far: Vec<(GroupId, Vec<ChatId>)> = Vec::new();
+    for chat in chats {
+        if let Some(g) = elsewhere(api, chat) {
+            match far.iter_mut().find(|(h, _)| *h == g) {
+                Some((_, list)) => list.push(chat),
+                None => far.push((g, vec![chat])),
+            }
+            continue;
+        }
         let Ok(group) = api.group(chat, "chat") else {
             continue;
         };
         let st = group.shared().read();
-        let Some(head) = st.head_seq(chat) else {
-            continue;
-        };
         // Only while a member, and never from before the bot joined.
-        let joined = match st.members(chat, bot.saturating_sub(1), 1) {
-            Some((m, _)) if m.first().is_some_and(|m| m.user == bot) => m[0].joined_seq,
-            _ => continue,
-        };
+        if let (Some(head), Some(joined)) = (st.head_seq(chat), st.joined_seq(chat, bot)) {
+            heads.push((chat, head, joined));
+        }
+    }
+    for (g, mut list) in far {
+        list.sort_unstable();
+        match heads_elsewhere(api, bot, g, &list).await {
+            Ok(got) => heads.extend(got),
+            // A group no replica answers for now: its chats wait, the others go on.
+            Err(e) => {
+                tracing::debug!(bot, group = g, error = %e.description, "bot chats elsewhere")
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (chat, head, joined) in heads {
+        let cursor = cursors.get(&chat).copied();
         let first = cursor.map_or(joined, |c| (c + 1).max(joined)).max(1);
         if first <= head {
             out.push((chat, first, head));
         }
     }
+    out.sort_unstable();
     Ok(out)
 }
 
+/// Whether some chat of the bot lives in a group this node does not serve (its news
+/// wakes no local apply: a waiting poll looks again every [`REMOTE_RECHECK`]).
+fn has_chats_elsewhere(api: &BotApi, bot: UserId) -> bool {
+    bot_chats(api, bot).is_ok_and(|chats| chats.iter().any(|c| elsewhere(api, *c).is_some()))
+}
+
 /// Updates of the bot's chats not handed out yet (for `getWebhookInfo`).
-pub(crate) fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, BotError> {
-    Ok(waiting(api, bot)?
+pub(crate) async fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, BotError> {
+    Ok(waiting(api, bot)
+        .await?
         .iter()
         .map(|(_, first, head)| head - first + 1)
         .sum())
@@ -190,7 +358,7 @@ pub(crate) fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, BotError>
 /// news gets a fair share of `limit` (at least one), so one busy chat cannot starve the
 /// others.
 pub(crate) async fn hand_out(api: &BotApi, bot: UserId, limit: u64) -> Result<bool, BotError> {
-    let mut news = waiting(api, bot)?;
+    let mut news = waiting(api, bot).await?;
     if news.is_empty() {
         return Ok(false);
     }
@@ -250,11 +418,12 @@ pub(crate) async fn next_updates(
     let deadline = tokio::time::Instant::now() + timeout;
     confirm(api, bot, offset).await?;
     let mut applied = api.applied();
+    let recheck = has_chats_elsewhere(api, bot);
     loop {
         applied.borrow_and_update();
         let (pending, confirmed) = pending(api, bot)?;
         if !pending.is_empty() {
-            let got = read_pending(api, &pending, offset.max(confirmed), limit).await?;
+            let got = read_pending(api, bot, &pending, offset.max(confirmed), limit).await?;
             if !got.is_empty() {
                 return Ok(got);
             }
@@ -269,12 +438,17 @@ pub(crate) async fn next_updates(
                 None => std::future::pending().await,
             }
         };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(Vec::new());
+        }
+        let until = if recheck {
+            deadline.min(now + REMOTE_RECHECK)
+        } else {
+            deadline
+        };
         tokio::select! {
-            waited = tokio::time::timeout_at(deadline, applied.changed()) => {
-                if waited.is_err() {
-                    return Ok(Vec::new());
-                }
-            }
+            _ = tokio::time::timeout_at(until, applied.changed()) => {}
             () = newer => return Err(super::superseded()),
         }
     }

@@ -394,9 +394,18 @@ impl ChatService {
         let (differences, used) = self
             .sync_part_here(&group, user, &asks, per_chat, part.all, budget)
             .await?;
+        let joined_seqs = if part.joined_seqs {
+            let st = group.shared().read();
+            asks.iter()
+                .map(|a| st.joined_seq(a.chat, user).unwrap_or(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(ForwardedAnswer {
             differences,
             bytes_used: used as u64,
+            joined_seqs,
             ..ForwardedAnswer::default()
         })
     }
@@ -637,7 +646,7 @@ pub(super) async fn ask_sync_part(
 }
 
 /// A [`SyncPart`] of `asks`: the chats with the device's positions and the read markers.
-fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
+pub(crate) fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
     SyncPart {
         chats: asks
             .iter()
@@ -652,7 +661,7 @@ fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
 }
 
 /// Sends `part` of `user`'s request to a node serving group `g`.
-async fn send_sync_part(
+pub(crate) async fn send_sync_part(
     node: &Node,
     g: GroupId,
     user: UserId,

@@ -11,8 +11,11 @@
 //! what it stores without checking again and never forwards.
 //!
 //! What it must not do: widen the read rule (a node grants only from its own replicas'
-//! records, as a local read does) or forward an upload (an upload goes whole to a replica
-//! of the uploader's group: `forward.rs`).
+//! records, as a local read does), forward the read of a file whose storing group this
+//! node serves (it fetches a copy it lacks from the group's other replicas itself,
+//! checking it: `crate::media::fetch`; its answer stands, only a grant may come from
+//! elsewhere), or forward an upload (an upload goes whole to a replica of the uploader's
+//! group: `forward.rs`).
 //!
 //! Costs: a read the connected node can answer costs nothing more. Otherwise a request
 //! costs one round of grant questions to the other nodes, in parallel (unless this node
@@ -116,6 +119,12 @@ impl ChatService {
             return Err(refused);
         }
         let (mut readable, holder) = self.media.grant(user, &sha256);
+        // A replica of the storing group gets a file it lacks from the group's other
+        // replicas itself, checking it (`crate::media::fetch`); its answer stands.
+        let storing_here = holder.is_some_and(|g| self.node.serving_group(g).is_some());
+        if storing_here && ErrorCode::try_from(refused.code) != Ok(ErrorCode::PermissionDenied) {
+            return Err(refused);
+        }
         let mut holders: Vec<GroupId> = holder.into_iter().collect();
         let remembered = self.media_grants.get(user, &sha256);
         if let Some(g) = remembered {
@@ -159,7 +168,7 @@ impl ChatService {
                 Err(e) => refused = e,
             }
         }
-        if holders.is_empty() {
+        if holders.is_empty() || storing_here {
             return Err(refused);
         }
         let body = Bytes::from(
@@ -187,12 +196,12 @@ impl ChatService {
                             )
                         });
                     }
-                    // A replica that missed the file (it is fetching it) or lost it: the
-                    // next may have it.
+                    // A replica that missed the file (it is fetching it), lost it or holds
+                    // a damaged copy (its check refused it): the next may serve it.
                     Sent::Answered(Err(e))
                         if matches!(
                             ErrorCode::try_from(e.code),
-                            Ok(ErrorCode::Unavailable | ErrorCode::NotFound)
+                            Ok(ErrorCode::Unavailable | ErrorCode::NotFound | ErrorCode::Internal)
                         ) =>
                     {
                         last = e

@@ -1019,6 +1019,15 @@ impl GroupState {
         self.chats.get(&chat)?.members.get(&user).map(|m| m.role)
     }
 
+    /// The seq at which member `user` joined `chat` (None when not a member).
+    pub fn joined_seq(&self, chat: ChatId, user: UserId) -> Option<u64> {
+        self.chats
+            .get(&chat)?
+            .members
+            .get(&user)
+            .map(|m| m.joined_seq)
+    }
+
     /// True if `user` is banned from `chat`.
     pub fn is_banned(&self, chat: ChatId, user: UserId) -> bool {
         self.chats
