@@ -816,3 +816,75 @@ async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An upload through node 1 (no replica of the uploader's group) whose replica (node 2,
+/// where node 1 sends it) is SIGKILLed midway: resumed through node 1 with the same
+/// upload id, it goes on at the next replica, which holds the parts node 2 sent it, and
+/// finishes; the file then downloads through node 1, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_through_a_node_without_its_group_survives_its_replica_dying() {
+    let mut cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let (phone, _) = device(&cluster, NODE, &alice, "phone").await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let bytes = file_bytes(12 * 512 * 1024 + 99, 3);
+    let path = files.path().join("big");
+    std::fs::write(&path, &bytes).expect("write the file");
+    // One part at a time; node 2 dies once four parts are acknowledged.
+    let mut upload_id = 0;
+    let mut acked = 0;
+    let first = phone
+        .upload_file(
+            &path,
+            UploadOptions {
+                parts_in_flight: 1,
+                ..Default::default()
+            },
+            |p| {
+                upload_id = p.upload_id;
+                if p.bytes_done > 0 {
+                    acked += 1;
+                }
+                if acked == 4 {
+                    tokio::task::block_in_place(|| cluster.kill(2));
+                }
+            },
+        )
+        .await;
+    assert!(
+        acked >= 4,
+        "node 2 died mid-upload ({acked} parts acknowledged)"
+    );
+    assert_ne!(upload_id, 0);
+    let finished = match first {
+        // The next replica took the remaining parts and the finish at once.
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("the first attempt ended with {e}; resuming upload {upload_id:016x}");
+            retried("resumed upload", || {
+                phone.upload_file(
+                    &path,
+                    UploadOptions {
+                        resume_upload_id: Some(upload_id),
+                        ..Default::default()
+                    },
+                    |_| {},
+                )
+            })
+            .await
+        }
+    };
+    let media = finished.media.expect("a finished upload's reference");
+    assert_eq!(media.size_bytes, bytes.len() as u64);
+    assert!(download(&phone, &files, &media, "after").await == bytes);
+    for n in [3, 4] {
+        let stored = cluster
+            .dir(n)
+            .join("media")
+            .join("files")
+            .join(&finished.media_id);
+        assert!(stored.exists(), "node {n} stores the file");
+    }
+}
