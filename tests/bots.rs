@@ -1331,6 +1331,35 @@ async fn updates_until(
     }
 }
 
+/// Alice, logged in through node 3 of `cluster`, and a bot of hers in `group` (bots land
+/// in their name's group: names `{prefix}{n}` are tried until one does): her client,
+/// the bot's id and token, and `n`.
+async fn alice_and_bot_in(
+    cluster: &Cluster,
+    prefix: &str,
+    group: u64,
+) -> (Client, u64, String, u32) {
+    let anon = cluster::connect_with(
+        &cluster.addr(3),
+        cluster::client_options(None, Duration::from_secs(10), 5),
+    )
+    .await;
+    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
+    let alice = client(&cluster.addr(3), Some(alice_token)).await;
+    for n in 0.. {
+        let created = alice
+            .create_bot(v1::CreateBotRequest {
+                name: format!("{prefix}{n}"),
+            })
+            .await
+            .expect("bot created");
+        if chatlog_raft::chat::group_of(created.user_id) == group {
+            return (alice, created.user_id, created.token, n);
+        }
+    }
+    unreachable!()
+}
+
 /// Whether update `u` is a new message with `text`.
 fn message_with(u: &Value, text: &str) -> bool {
     u["message"]["text"] == text
@@ -1363,27 +1392,7 @@ async fn a_node_without_the_bots_group_forwards_its_calls() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let anon = cluster::connect_with(
-        &cluster.addr(3),
-        cluster::client_options(None, Duration::from_secs(10), 5),
-    )
-    .await;
-    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
-    let alice = client(&cluster.addr(3), Some(alice_token)).await;
-    // A bot in group 1 (bots land in their name's group).
-    let mut n = 0;
-    let (bot, token) = loop {
-        let created = alice
-            .create_bot(v1::CreateBotRequest {
-                name: format!("far_bot{n}"),
-            })
-            .await
-            .expect("bot created");
-        if group_of(created.user_id) == FAR_GROUP {
-            break (created.user_id, created.token);
-        }
-        n += 1;
-    };
+    let (alice, bot, token, n) = alice_and_bot_in(&cluster, "far_bot", FAR_GROUP).await;
     // Two chats in group 1 (new chats go round-robin over the groups), the bot in one.
     let mut far_chats = Vec::new();
     while far_chats.len() < 2 {
@@ -1576,34 +1585,12 @@ async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
     const FAR_GROUP: u64 = 2;
     let cluster = tokio::task::block_in_place(|| {
         Cluster::start(cluster::Options {
-            nodes: 3,
-            groups: 2,
             http: true,
-            extra: vec!["--replicas".into(), "1".into()],
-            ..cluster::Options::default()
+            ..cluster::Options::one_replica_per_group()
         })
     });
     let h1 = cluster.http_addr(1);
-    let anon = cluster::connect_with(
-        &cluster.addr(3),
-        cluster::client_options(None, Duration::from_secs(10), 5),
-    )
-    .await;
-    let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
-    let alice = client(&cluster.addr(3), Some(alice_token)).await;
-    let mut n = 0;
-    let (bot, token) = loop {
-        let created = alice
-            .create_bot(v1::CreateBotRequest {
-                name: format!("spread_bot{n}"),
-            })
-            .await
-            .expect("bot created");
-        if group_of(created.user_id) == BOT_GROUP {
-            break (created.user_id, created.token);
-        }
-        n += 1;
-    };
+    let (alice, bot, token, _) = alice_and_bot_in(&cluster, "spread_bot", BOT_GROUP).await;
     // A chat in each group; posts before the bot joins the far one are not its updates.
     let (mut near, mut far) = (None, None);
     while near.is_none() || far.is_none() {

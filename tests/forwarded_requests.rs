@@ -603,14 +603,7 @@ async fn typing_reaches_members_online_on_every_node() {
 /// goes to that node first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_spans_groups_that_no_node_holds_together() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            nodes: 3,
-            groups: 2,
-            extra: vec!["--replicas".into(), "1".into()],
-            ..Options::default()
-        })
-    });
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Options::one_replica_per_group()));
     let setup = connect(&cluster, 3, None).await;
     let carol = user_in(&setup, "carol", NEAR_GROUP).await;
     let dave = user_in(&setup, "dave", FAR_GROUP).await;
@@ -736,14 +729,7 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
 /// the member once removed (through node 1 after the grant it remembers expired).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
-    let cluster = tokio::task::block_in_place(|| {
-        Cluster::start(Options {
-            nodes: 3,
-            groups: 2,
-            extra: vec!["--replicas".into(), "1".into()],
-            ..Options::default()
-        })
-    });
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Options::one_replica_per_group()));
     let setup = connect(&cluster, 3, None).await;
     let alice = user_in(&setup, "alice", FAR_GROUP).await;
     let bob = user_in(&setup, "bob", FAR_GROUP).await;

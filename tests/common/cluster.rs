@@ -111,6 +111,17 @@ impl Options {
             ..Options::default()
         }
     }
+
+    /// Three nodes, two groups, one replica per group: group 1 on node 2, group 2 on
+    /// node 3, and node 1 holds neither (no node holds two groups).
+    pub fn one_replica_per_group() -> Options {
+        Options {
+            nodes: 3,
+            groups: 2,
+            extra: vec!["--replicas".into(), "1".into()],
+            ..Options::default()
+        }
+    }
 }
 
 /// One node's process and addresses.
