@@ -1576,8 +1576,9 @@ async fn a_node_without_the_bots_group_forwards_its_calls() {
 /// of its chats in group 2 on node 3, and node 1 serves neither. Through node 1 (its
 /// calls forwarded to node 2, which reads the chat of group 2 from node 3), the bot gets
 /// every event of both chats from the one it joined on: in seq order per chat, with
-/// consecutive update ids, nothing before it joined; a long poll wakes for a post in the
-/// far chat; `getWebhookInfo` counts the far chat's waiting updates.
+/// consecutive update ids, nothing before it joined; a message of another bot (of group
+/// 2) says it is from a bot; a long poll wakes for a post in the far chat;
+/// `getWebhookInfo` counts the far chat's waiting updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
     use chatlog_raft::chat::group_of;
@@ -1646,6 +1647,44 @@ async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
             .collect();
         assert_eq!(&got, seqs, "chat {chat}'s posts, in order, once");
     }
+    assert!(
+        seen.iter()
+            .all(|u| u["message"].is_null() || u["message"]["from"]["is_bot"] == false)
+    );
+    // Another bot, of group 2 (which node 2, answering for the first, does not serve),
+    // posts in the far chat: its message comes from a bot.
+    let (other, other_token) = {
+        let mut n = 0;
+        loop {
+            let created = alice
+                .create_bot(v1::CreateBotRequest {
+                    name: format!("other_bot{n}"),
+                })
+                .await
+                .expect("bot created");
+            if group_of(created.user_id) == FAR_GROUP {
+                break (created.user_id, created.token);
+            }
+            n += 1;
+        }
+    };
+    alice
+        .invite(v1::InviteRequest {
+            chat_id: far,
+            user_id: other,
+        })
+        .await
+        .expect("bot invited");
+    let h3 = cluster.http_addr(3);
+    let said = json!({"chat_id": far, "text": "from a bot"});
+    call_through_503(&h3, &other_token, "sendMessage", said, &[])
+        .await
+        .result();
+    let (seen, offset) =
+        updates_until(&h1, &token, offset, |u| message_with(u, "from a bot")).await;
+    let from_bot = seen.iter().find(|u| message_with(u, "from a bot")).unwrap();
+    assert_eq!(from_bot["message"]["from"]["id"], other);
+    assert_eq!(from_bot["message"]["from"]["is_bot"], true, "{from_bot}");
     // A long poll through node 1 wakes for a post in the far chat.
     let poll = {
         let (h1, token) = (h1.clone(), token.clone());

@@ -238,7 +238,15 @@ pub struct BotApi {
     /// One long poll at a time per bot; a new one supersedes the running one.
     polls: Mutex<HashMap<UserId, Arc<PollSlot>>>,
     pub(crate) webhook_status: Mutex<HashMap<UserId, WebhookStatus>>,
+    /// Whether each sender of an update whose group this node does not serve is a bot
+    /// (`updates.rs`): asked once (a user never becomes a bot or stops being one),
+    /// at most [`SENDER_KINDS_MAX`] remembered.
+    sender_kinds: Mutex<HashMap<UserId, bool>>,
 }
+
+/// Senders remembered as bots or people (`BotApi::sender_kinds`); beyond, all are
+/// forgotten and asked again. Why: an entry is ~16 bytes, so 1 MiB at most.
+pub const SENDER_KINDS_MAX: usize = 1 << 16;
 
 /// The SHA-256 of a token's secret part: what the log keeps.
 pub(crate) fn hash_secret(secret: &str) -> TokenHash {
@@ -289,6 +297,7 @@ impl BotApi {
             applied,
             polls: Mutex::new(HashMap::new()),
             webhook_status: Mutex::new(HashMap::new()),
+            sender_kinds: Mutex::new(HashMap::new()),
         });
         webhook::start_supervisor(Arc::downgrade(&api));
         api

@@ -22,7 +22,8 @@
 //! joined seqs, then the events of a handed-out range, as the bot, which must still be a
 //! member: a range of a chat it left is skipped). Their news wakes no local apply, so a
 //! waiting poll of such a bot looks again every [`REMOTE_RECHECK`]: one small request
-//! per such group per second. A chat joins the bot's list through the
+//! per such group per second. Whether a sender of a group not served here is a bot is
+//! asked of a replica of its group once (`bot_check`) and remembered. A chat joins the bot's list through the
 //! bot user's own log, which the service updates after the invite commits (see
 //! `service/mod.rs`: a crash in between leaves the chat out until the next change).
 
@@ -39,9 +40,12 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::methods::u64_param;
-use super::{BotApi, BotError, LONG_POLL_TIMEOUT_S_MAX, Params, UPDATES_LIMIT_MAX, bot_chats};
+use super::{
+    BotApi, BotError, LONG_POLL_TIMEOUT_S_MAX, Params, SENDER_KINDS_MAX, UPDATES_LIMIT_MAX,
+    bot_chats, lock,
+};
 use crate::client_cmd::output::event_json;
-use crate::service::forward::{send_sync_part, sync_part_of};
+use crate::service::forward::{bots_among, send_sync_part, sync_part_of};
 use crate::service::{PAGE_BYTES_MAX, SyncAsk, convert};
 
 /// Longest a waiting poll (or webhook loop) of a bot with chats in groups this node does
@@ -57,8 +61,8 @@ pub struct Update {
     pub update_id: u64,
     /// The chat event.
     pub event: v1::Event,
-    /// Whether the event's sender is a bot (as far as this node can tell: its group is
-    /// hosted here).
+    /// Whether the event's sender is a bot (asked of a replica of the sender's group
+    /// when this node serves none; a person when none answers).
     pub sender_is_bot: bool,
 }
 
@@ -136,13 +140,10 @@ async fn read_pending(
             };
             let short = events.len() as u64 != to_seq - from_seq + 1;
             for event in events {
-                let sender_is_bot = api
-                    .group(event.sender_id, "user")
-                    .is_ok_and(|g| g.shared().read().bots().get(event.sender_id).is_some());
                 out.push(Update {
                     update_id: p.first_update_id + (event.seq - p.range.from_seq),
                     event,
-                    sender_is_bot,
+                    sender_is_bot: false,
                 });
             }
             if short {
@@ -173,17 +174,62 @@ async fn read_pending(
                     format!("event {seq} of chat {chat} does not match its command"),
                 )
             })?;
-            let sender_is_bot = api
-                .group(event.sender_id, "user")
-                .is_ok_and(|g| g.shared().read().bots().get(event.sender_id).is_some());
             out.push(Update {
                 update_id: p.first_update_id + (seq - p.range.from_seq),
                 event,
-                sender_is_bot,
+                sender_is_bot: false,
             });
         }
     }
+    mark_bots(api, &mut out).await;
     Ok(out)
+}
+
+/// Sets each update's `sender_is_bot`: from this node's replica of the sender's group,
+/// or else as a replica of it answers (remembered: a user never becomes a bot or stops
+/// being one). A sender no replica answers for is taken for a person.
+async fn mark_bots(api: &BotApi, updates: &mut [Update]) {
+    let mut far: Vec<(GroupId, Vec<UserId>)> = Vec::new();
+    for u in updates.iter_mut() {
+        let sender = u.event.sender_id;
+        if let Some(g) = api.node.serving_group(group_of(sender)) {
+            u.sender_is_bot = g.shared().read().bots().get(sender).is_some();
+        } else if let Some(known) = lock(&api.sender_kinds).get(&sender) {
+            u.sender_is_bot = *known;
+        } else if sender != 0 {
+            let g = group_of(sender);
+            match far.iter_mut().find(|(h, _)| *h == g) {
+                Some((_, users)) if !users.contains(&sender) => users.push(sender),
+                Some(_) => {}
+                None => far.push((g, vec![sender])),
+            }
+        }
+    }
+    if far.is_empty() {
+        return;
+    }
+    for (g, users) in far {
+        for page in users.chunks(PAGE_ITEMS_MAX as usize) {
+            match bots_among(&api.node, g, page.to_vec()).await {
+                Ok(bots) => {
+                    let mut kinds = lock(&api.sender_kinds);
+                    if kinds.len() + page.len() > SENDER_KINDS_MAX {
+                        kinds.clear();
+                    }
+                    for user in page {
+                        kinds.insert(*user, bots.contains(user));
+                    }
+                }
+                Err(e) => tracing::debug!(group = g, error = %e.message, "telling bots apart"),
+            }
+        }
+    }
+    let kinds = lock(&api.sender_kinds);
+    for u in updates.iter_mut() {
+        if let Some(known) = kinds.get(&u.event.sender_id) {
+            u.sender_is_bot = *known;
+        }
+    }
 }
 
 /// The group of `chat` when this node serves no replica of it but another node does:

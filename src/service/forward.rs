@@ -483,6 +483,14 @@ impl ChatService {
         };
         let answered = if !f.media_grant.is_empty() {
             self.serve_media_grant(f.user_id, &f.media_grant)
+        } else if !f.bot_check.is_empty() {
+            match self.serve_bot_check(g, &f.bot_check) {
+                Ok(bots) => ForwardedAnswer {
+                    bots,
+                    ..ForwardedAnswer::default()
+                },
+                Err(e) => answer(Err(e)),
+            }
         } else if let Some(part) = f.sync_part {
             match self.serve_sync_part(g, f.user_id, part).await {
                 Ok(answered) => answered,
@@ -517,6 +525,25 @@ impl ChatService {
             }
         };
         Ok(Bytes::from(answered.encode_to_vec()))
+    }
+
+    /// Which of `users` (of group `g`, served here) are bots: a `bot_check`.
+    fn serve_bot_check(&self, g: GroupId, users: &[u64]) -> Result<Vec<u64>, v1::Error> {
+        if users.len() > PAGE_ITEMS_MAX as usize {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!("a bot check names more than {PAGE_ITEMS_MAX} users"),
+            ));
+        }
+        let Some(group) = self.node.serving_group(g) else {
+            return Err(self.not_served(g, &format!("group {g}")));
+        };
+        let st = group.shared().read();
+        Ok(users
+            .iter()
+            .copied()
+            .filter(|u| group_of(*u) == g && st.bots().get(*u).is_some())
+            .collect())
     }
 
     /// `me` if its session is live in this node's replica of its user's group.
@@ -658,6 +685,20 @@ pub(crate) fn sync_part_of(asks: &[SyncAsk]) -> SyncPart {
         read_seqs: asks.iter().map(|a| a.read_seq).collect(),
         ..SyncPart::default()
     }
+}
+
+/// Which of `users` (all of group `g`, at most `PAGE_ITEMS_MAX`) are bots, from a node
+/// serving `g`.
+pub(crate) async fn bots_among(
+    node: &Node,
+    g: GroupId,
+    users: Vec<u64>,
+) -> Result<Vec<u64>, v1::Error> {
+    let body = ForwardedRequest {
+        bot_check: users,
+        ..ForwardedRequest::default()
+    };
+    Ok(send_forwarded(node, g, &[g], body).await?.bots)
 }
 
 /// Sends `part` of `user`'s request to a node serving group `g`.
