@@ -328,8 +328,13 @@ async fn heads_elsewhere(
 }
 
 /// Per chat of the bot, the seqs waiting for a hand-out: `(chat, first, head)`. Chats of
-/// groups not served here are asked of a replica of theirs.
-async fn waiting(api: &BotApi, bot: UserId) -> Result<Vec<(u64, u64, u64)>, BotError> {
+/// groups not served here are asked of a replica of theirs with `remote`, and left out
+/// without.
+async fn waiting(
+    api: &BotApi,
+    bot: UserId,
+    remote: bool,
+) -> Result<Vec<(u64, u64, u64)>, BotError> {
     let chats = bot_chats(api, bot)?;
     let cursors: HashMap<ChatId, u64> = {
         let g = api.group(bot, "bot")?;
@@ -348,6 +353,9 @@ async fn waiting(api: &BotApi, bot: UserId) -> Result<Vec<(u64, u64, u64)>, BotE
     let mut far: Vec<(GroupId, Vec<ChatId>)> = Vec::new();
     for chat in chats {
         if let Some(g) = elsewhere(api, chat) {
+            if !remote {
+                continue;
+            }
             match far.iter_mut().find(|(h, _)| *h == g) {
                 Some((_, list)) => list.push(chat),
                 None => far.push((g, vec![chat])),
@@ -393,7 +401,7 @@ fn has_chats_elsewhere(api: &BotApi, bot: UserId) -> bool {
 
 /// Updates of the bot's chats not handed out yet (for `getWebhookInfo`).
 pub(crate) async fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, BotError> {
-    Ok(waiting(api, bot)
+    Ok(waiting(api, bot, true)
         .await?
         .iter()
         .map(|(_, first, head)| head - first + 1)
@@ -402,9 +410,15 @@ pub(crate) async fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, Bot
 
 /// Hands out up to `limit` new updates; false when there is nothing new. Each chat with
 /// news gets a fair share of `limit` (at least one), so one busy chat cannot starve the
-/// others.
-pub(crate) async fn hand_out(api: &BotApi, bot: UserId, limit: u64) -> Result<bool, BotError> {
-    let mut news = waiting(api, bot).await?;
+/// others. `remote`: chats of groups not served here are looked at too (a request per
+/// such group).
+pub(crate) async fn hand_out(
+    api: &BotApi,
+    bot: UserId,
+    limit: u64,
+    remote: bool,
+) -> Result<bool, BotError> {
+    let mut news = waiting(api, bot, remote).await?;
     if news.is_empty() {
         return Ok(false);
     }
@@ -465,6 +479,9 @@ pub(crate) async fn next_updates(
     confirm(api, bot, offset).await?;
     let mut applied = api.applied();
     let recheck = has_chats_elsewhere(api, bot);
+    // Local applies wake the loop often on a busy node: chats elsewhere are looked at
+    // on the first pass and then every REMOTE_RECHECK, not on every wake.
+    let mut looked_elsewhere: Option<tokio::time::Instant> = None;
     loop {
         applied.borrow_and_update();
         let (pending, confirmed) = pending(api, bot)?;
@@ -473,8 +490,15 @@ pub(crate) async fn next_updates(
             if !got.is_empty() {
                 return Ok(got);
             }
-        } else if hand_out(api, bot, limit).await? {
-            continue;
+        } else {
+            let remote =
+                recheck && looked_elsewhere.is_none_or(|at| at.elapsed() >= REMOTE_RECHECK);
+            if remote {
+                looked_elsewhere = Some(tokio::time::Instant::now());
+            }
+            if hand_out(api, bot, limit, remote).await? {
+                continue;
+            }
         }
         let newer = async {
             match superseded.as_mut() {
