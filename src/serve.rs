@@ -471,7 +471,7 @@ async fn serve(
     // ... and fan-out polls from nodes without a replica (answered by the hub, set below).
     let fanout_directory = Arc::new(crate::fanout::FanoutDirectory::new(media_directory.clone()));
     // The bot API's way to media, bound once the chat service started the media side.
-    let media_link = Arc::new(crate::media::MediaLink::default());
+    let media_link = Arc::new(crate::service::MediaLink::default());
     let (stop_peers, peers_stopped) = tokio::sync::watch::channel(false);
     let mut peer_server = None;
     let node = if cluster.is_empty() {
@@ -597,7 +597,6 @@ async fn serve(
         },
     );
     media_directory.set_media(std::sync::Arc::clone(chat_service.media()));
-    media_link.set(Arc::clone(chat_service.media()));
     fanout_directory.set_hub(chat_service.hub());
     if let Some(config) = notify_config(&args)? {
         tracing::info!(webhook = %args.push_webhook.as_deref().unwrap_or_default(), "push notifications on");
@@ -607,6 +606,7 @@ async fn serve(
     }
     let service = Arc::new(CountedService::new(chat_service, clients));
     fanout_directory.set_service(&service);
+    media_link.set(&service);
     gateway::serve(
         listener,
         service,

@@ -726,7 +726,9 @@ async fn a_sync_spans_groups_that_no_node_holds_together() {
 /// neither. The uploader uploads and posts through node 1; a member downloads through
 /// every node (node 1 asks both others, node 2 stores the file but needs node 3's grant,
 /// node 3 grants but needs node 2's copy); a user who is no member is refused, and so is
-/// the member once removed (through node 1 after the grant it remembers expired).
+/// the member once removed (through node 1 after the grant it remembers expired). A
+/// member who is not the uploader sends the file on to a chat of another group (her
+/// right to it is on node 3, the file on node 2), whose member then reads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
     let cluster = tokio::task::block_in_place(|| Cluster::start(Options::one_replica_per_group()));
@@ -801,6 +803,28 @@ async fn media_is_read_through_nodes_without_its_copy_or_its_grant() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Eve, invited to the chat, sends the file on to a chat of group 1 with Finn: her
+    // right to it is node 3's grant, the file is on node 2 (where her request goes).
+    // Finn may then read it, through node 1.
+    let finn = user_in(&setup, "finn", FAR_GROUP).await;
+    retried("invite eve", || {
+        a1.invite(v1::InviteRequest {
+            chat_id: chat,
+            user_id: eve.0,
+        })
+    })
+    .await;
+    let (e1, _) = device(&cluster, 1, &eve, "sender").await;
+    let onward = chat_in(&e1, "onward", vec![finn.0], FAR_GROUP).await;
+    retried("send it on", || {
+        e1.send_message(v1::SendMessageRequest {
+            media: Some(media.clone()),
+            ..cluster::send_request(onward, 1, "look")
+        })
+    })
+    .await;
+    let (f1, _) = device(&cluster, 1, &finn, "phone").await;
+    assert!(download(&f1, &files, &media, "finn").await == bytes);
 }
 
 /// An upload through node 1 (no replica of the uploader's group) whose replica (node 2,

@@ -200,7 +200,8 @@ pub type MediaFuture<'a> =
     std::pin::Pin<Box<dyn Future<Output = Result<MediaRef, BotError>> + Send + 'a>>;
 
 /// Resolves a media id (hex SHA-256 of an uploaded file) into a reference `user` may
-/// send: `chatlog serve` wires in the node's media side (`crate::media::MediaLink`);
+/// send: `chatlog serve` wires in the node's chat service (`crate::service::MediaLink`,
+/// which asks other nodes when this one cannot say);
 /// [`NoMedia`] (for a bot API without media) answers "media not found".
 pub trait MediaResolver: Send + Sync + std::fmt::Debug + 'static {
     /// The file named `media_id`, or why not.

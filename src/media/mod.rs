@@ -5,8 +5,9 @@
 //! finished upload in the uploader's group (`Command::MediaStored`, through Raft); the
 //! read rule — a media id is readable by its uploaders and by the members of every chat a
 //! message carrying it was sent to (the grants `chat/media.rs` records when such a post
-//! is applied); the check that a message's media exists and may be used by its sender;
-//! [`Media::media_ref`] for other features that send media by id; the expiry task; and,
+//! is applied), from this node's replicas ([`Media::grant`]: the chat service asks other
+//! nodes for theirs, `service/media_forward.rs`, which also checks a message's media
+//! before it is sent and resolves the media ids bots send); the expiry task; and,
 //! in a cluster, sending each part to the other replicas of the uploader's group before
 //! acknowledging it (`replicate.rs`). What it must not do: frame bytes or manage
 //! connections (the gateway does), or put media bytes into the Raft log.
@@ -155,21 +156,6 @@ impl Media {
             .find_map(|g| g.shared().read().media().file(sha256))
     }
 
-    /// The reference to send media `media_id_hex` (64 hex digits) in a message, when it
-    /// is stored and `user` may use it: for features that send media by id (bots).
-    pub async fn media_ref(
-        &self,
-        user: UserId,
-        media_id_hex: &str,
-    ) -> Result<v1::MediaRef, v1::Error> {
-        let sha256 = chatlog_wire::client::parse_media_id(media_id_hex).ok_or_else(|| {
-            bad(format!(
-                "{media_id_hex:?} is not a media id (64 hex digits)"
-            ))
-        })?;
-        self.readable_ref(user, &sha256, false).await
-    }
-
     /// What this node's replicas know of media `sha256` for `user`: whether they let
     /// the user read it ([`Media::may_read`]), and the group that recorded its upload
     /// (whose replicas store the file), when one of them is here.
@@ -226,21 +212,6 @@ impl Media {
             },
             (None, None) => unreachable!("checked above"),
         })
-    }
-
-    /// Checks the media of a message about to be sent: stored, of the size stated, and
-    /// readable by the sender (so sending it cannot leak a file the sender never had).
-    pub async fn check_send(&self, user: UserId, media: &chat::MediaRef) -> Result<(), v1::Error> {
-        let r = self.readable_ref(user, &media.sha256, false).await?;
-        if r.size_bytes != media.size_bytes {
-            return Err(bad(format!(
-                "media {} has {} bytes, not {}",
-                store::hex(&media.sha256),
-                r.size_bytes,
-                media.size_bytes
-            )));
-        }
-        Ok(())
     }
 
     /// Answers one media request of authenticated `user`. `read_granted`: another node
@@ -513,30 +484,5 @@ async fn expiry_task(media: Weak<Media>) {
         if let Some(store) = m.store_if_open() {
             let _ = tokio::task::spawn_blocking(move || store.expire(now_ms())).await;
         }
-    }
-}
-
-/// The bot API's way to media (`crate::bot::MediaResolver`), bound to the node's media
-/// side once the chat service has started it (the bot API starts first, with the HTTP
-/// port).
-#[derive(Debug, Default)]
-pub struct MediaLink(OnceLock<Arc<Media>>);
-
-impl MediaLink {
-    /// Binds the node's media side (once; later calls change nothing).
-    pub fn set(&self, media: Arc<Media>) {
-        let _ = self.0.set(media);
-    }
-}
-
-impl crate::bot::MediaResolver for MediaLink {
-    fn resolve_media<'a>(&'a self, user: UserId, media_id: &'a str) -> crate::bot::MediaFuture<'a> {
-        Box::pin(async move {
-            let media = self.0.get().ok_or_else(|| {
-                crate::bot::BotError::new(503, "media is not ready on this node yet")
-            })?;
-            let r = media.media_ref(user, media_id).await?;
-            Ok(crate::service::convert::media_from_proto(r)?)
-        })
     }
 }

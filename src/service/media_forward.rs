@@ -40,6 +40,7 @@ use prost::Message;
 
 use super::ChatService;
 use super::forward::{Sent, send_once};
+use crate::http::CountedService;
 use crate::service::convert::error;
 
 /// How long a read another node granted is remembered. Why: a download asks for its
@@ -221,6 +222,48 @@ impl ChatService {
         Err(last)
     }
 
+    /// The reference of media `sha256` when `user` may read it, from this node or another
+    /// (a `media_info` through [`ChatService::media_read`]).
+    pub(super) async fn media_ref_anywhere(
+        &self,
+        user: UserId,
+        sha256: &[u8; MEDIA_SHA256_BYTES],
+    ) -> Result<v1::MediaRef, v1::Error> {
+        let info = Req::MediaInfo(v1::MediaInfoRequest {
+            sha256: Bytes::copy_from_slice(sha256),
+        });
+        match Box::pin(self.media_read(user, info)).await? {
+            Resp::MediaInfo(v1::MediaInfoResponse { media: Some(m) }) => Ok(m),
+            other => Err(error(
+                ErrorCode::Internal,
+                format!("a media info answered {other:?}"),
+            )),
+        }
+    }
+
+    /// Checks the media of a message about to be sent: stored (on some node), of the size
+    /// stated, and readable by the sender (so sending it cannot leak a file the sender
+    /// never had).
+    pub(super) async fn check_media_send(
+        &self,
+        user: UserId,
+        media: &chatlog_raft::chat::MediaRef,
+    ) -> Result<(), v1::Error> {
+        let r = self.media_ref_anywhere(user, &media.sha256).await?;
+        if r.size_bytes != media.size_bytes {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!(
+                    "media {} has {} bytes, not {}",
+                    crate::media::store::hex(&media.sha256),
+                    r.size_bytes,
+                    media.size_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Every other member node of the cluster, each with a group it hosts (a forwarded
     /// request is addressed to a group its receiver hosts).
     fn other_nodes(&self) -> Vec<(u64, GroupId)> {
@@ -290,5 +333,34 @@ impl ChatService {
             media_group: group.unwrap_or(0),
             ..ForwardedAnswer::default()
         }
+    }
+}
+
+/// The bot API's way to media (`crate::bot::MediaResolver`), bound to the node's chat
+/// service once it started (the bot API starts first, with the HTTP port): a media id a
+/// bot sends is resolved like a client's, on this node or another.
+#[derive(Debug, Default)]
+pub struct MediaLink(std::sync::OnceLock<std::sync::Weak<CountedService<ChatService>>>);
+
+impl MediaLink {
+    /// Binds the node's chat service (once; later calls change nothing).
+    pub fn set(&self, service: &std::sync::Arc<CountedService<ChatService>>) {
+        let _ = self.0.set(std::sync::Arc::downgrade(service));
+    }
+}
+
+impl crate::bot::MediaResolver for MediaLink {
+    fn resolve_media<'a>(&'a self, user: UserId, media_id: &'a str) -> crate::bot::MediaFuture<'a> {
+        Box::pin(async move {
+            let service = self
+                .0
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .ok_or_else(|| {
+                    crate::bot::BotError::new(503, "media is not ready on this node yet")
+                })?;
+            let r = service.inner().media_ref(user, media_id).await?;
+            Ok(crate::service::convert::media_from_proto(r)?)
+        })
     }
 }

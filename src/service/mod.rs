@@ -23,6 +23,8 @@
 pub mod convert;
 pub mod forward;
 mod media_forward;
+
+pub use media_forward::MediaLink;
 pub mod ratelimit;
 pub mod secret;
 
@@ -221,13 +223,19 @@ impl ChatService {
 
     /// The reference to send media `media_id_hex` (its 64 hex digits) in a message, when
     /// the file is stored and `user` may use it (its uploader, or a member of a chat it
-    /// was sent to). For features that send media by id, such as bots.
+    /// was sent to), on this node or another (`media_forward.rs`). For features that send
+    /// media by id, such as bots.
     pub async fn media_ref(
         &self,
         user: UserId,
         media_id_hex: &str,
     ) -> Result<v1::MediaRef, v1::Error> {
-        self.media.media_ref(user, media_id_hex).await
+        let sha256 = chatlog_wire::client::parse_media_id(media_id_hex).ok_or_else(|| {
+            bad(format!(
+                "{media_id_hex:?} is not a media id (64 hex digits)"
+            ))
+        })?;
+        self.media_ref_anywhere(user, &sha256).await
     }
 
     /// The node's fan-out hub.
@@ -946,7 +954,7 @@ impl ChatService {
                 if let Some(m) = &media {
                     // The file must exist and the sender may read it; posting then lets
                     // the chat's members read it (`chat/media.rs`).
-                    self.media.check_send(user, m).await?;
+                    self.check_media_send(user, m).await?;
                 }
                 self.post(user, r, media).await
             }
