@@ -1153,6 +1153,18 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
         .map(|u| u["update_id"].as_u64().expect("id"))
         .collect();
     assert_eq!(ids, (1..=7).collect::<Vec<_>>());
+    // The first delivery failed: every node's getWebhookInfo says so, the delivering
+    // leader's as the followers' (they ask the leader, which holds the last error).
+    for h in &https {
+        let info = call_until_ok(h, &token, "getWebhookInfo", json!({})).await;
+        assert!(
+            info["last_error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("500")),
+            "through {h}: {info}"
+        );
+        assert_eq!(info["url"], url.as_str());
+    }
     // getUpdates through a follower once the webhook is gone: nothing left over, and a
     // new post arrives there.
     call_until_ok(&https[2], &token, "deleteWebhook", json!({})).await;

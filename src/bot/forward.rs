@@ -21,7 +21,10 @@
 //! repairing (issue 9: that refusal says why, and the other replicas may be what it
 //! waits for), try another node once a call may have run (a node that does not answer
 //! in time), or interpret a method: the receiver runs [`BotApi::call_here`].
-//! Webhook delivery is not forwarded: it runs on the leader of the bot's group.
+//! Webhook delivery is not forwarded: it runs on the leader of the bot's group, which
+//! keeps the last delivery error in memory; so a `getWebhookInfo` answered by a replica
+//! that does not lead goes on once to the leader (`at_leader`), and is answered there
+//! whatever that node then believes (no second hop).
 
 use std::time::Duration;
 
@@ -142,7 +145,48 @@ impl BotApi {
             method: method.to_string(),
             params_json: Value::Object(params.clone()).to_string(),
             idempotency_key: idempotency_header.map(str::to_owned),
+            at_leader: false,
         };
+        let targets = self.node.forward_targets(bot_group, needed);
+        self.send_call(bot_group, &call, targets).await
+    }
+
+    /// `getWebhookInfo` on a replica of the bot's group that is not its leader: the
+    /// leader's answer (the webhook's last delivery error lives in memory on the node
+    /// that delivers, the leader: `webhook.rs`), or `None` to answer here (this node
+    /// leads, knows no leader, or the leader did not take the call).
+    pub(crate) async fn webhook_info_at_leader(
+        &self,
+        bot: u64,
+        token: &str,
+        method: &str,
+    ) -> Option<Result<Value, BotError>> {
+        let g = group_of(bot);
+        let leader = self.node.serving_group(g)?.leader()?;
+        if leader == self.node.node_id() {
+            return None;
+        }
+        let call = ForwardedBotCall {
+            token: token.to_string(),
+            method: method.to_string(),
+            params_json: "{}".to_string(),
+            idempotency_key: None,
+            at_leader: true,
+        };
+        match self.send_call(g, &call, vec![leader]).await {
+            Err(e) if e.status == 503 => None,
+            answered => Some(answered),
+        }
+    }
+
+    /// Sends `call` for the bot's group `bot_group` to `targets` in order, until one
+    /// takes it: what that node answered.
+    async fn send_call(
+        &self,
+        bot_group: GroupId,
+        call: &ForwardedBotCall,
+        targets: Vec<u64>,
+    ) -> Result<Value, BotError> {
         if call.encoded_len() > CALL_BYTES_MAX {
             return Err(BotError::new(
                 413,
@@ -164,7 +208,7 @@ impl BotApi {
         };
         let body = Bytes::from(call.encode_to_vec());
         let mut tried = Vec::new();
-        for target in self.node.forward_targets(bot_group, needed) {
+        for target in targets {
             match router
                 .bot_request(target, bot_group, body.clone(), FORWARD_TIMEOUT)
                 .await
@@ -198,8 +242,25 @@ impl BotApi {
         }))
     }
 
+    /// For a `getWebhookInfo` answered on a replica of the bot's group that does not lead
+    /// it: the leader's answer ([`BotApi::webhook_info_at_leader`]); `None` otherwise.
+    pub(crate) async fn webhook_info_elsewhere(
+        &self,
+        token: &str,
+        method: &str,
+    ) -> Option<Result<Value, BotError>> {
+        if !method.eq_ignore_ascii_case("getWebhookInfo") {
+            return None;
+        }
+        let bot = token.split_once(':')?.0.parse::<u64>().ok()?;
+        self.check_id(bot, "bot").ok()?;
+        self.webhook_info_at_leader(bot, token, method).await
+    }
+
     /// Serves a call another node forwarded for group `g`, the bot's (the receiving
-    /// side): answered here whatever it needs, never forwarded again. `Err` when this
+    /// side): answered here whatever it needs, never forwarded again but for a
+    /// `getWebhookInfo` on a replica that does not lead the bot's group, which goes on
+    /// once to the leader (`at_leader`). `Err` when this
     /// node cannot take it (no serving replica of `g`: the forwarder asks another) or
     /// for a body that is not a forwarded call.
     pub async fn serve_forwarded(&self, g: GroupId, body: Bytes) -> Result<Bytes, String> {
@@ -222,14 +283,23 @@ impl BotApi {
                 self.node.node_id()
             ));
         }
-        let result = self
-            .call_here(
-                &call.token,
-                &call.method,
-                &params,
-                call.idempotency_key.as_deref(),
-            )
-            .await;
+        let at_leader = if call.at_leader {
+            None
+        } else {
+            self.webhook_info_elsewhere(&call.token, &call.method).await
+        };
+        let result = match at_leader {
+            Some(answered) => answered,
+            None => {
+                self.call_here(
+                    &call.token,
+                    &call.method,
+                    &params,
+                    call.idempotency_key.as_deref(),
+                )
+                .await
+            }
+        };
         let answer = encode_answer(result);
         Ok(Bytes::from(answer.encode_to_vec()))
     }

@@ -412,6 +412,9 @@ impl BotApi {
     ) -> Result<Value, BotError> {
         match self.route(token, params) {
             forward::Route::Here => {
+                if let Some(answered) = self.webhook_info_elsewhere(token, method).await {
+                    return answered;
+                }
                 self.call_here(token, method, params, idempotency_header)
                     .await
             }
