@@ -2,7 +2,9 @@
 //! be reached (no address, nothing listening, a handshake refused, an error frame) is
 //! `Unreachable`, so openraft backs off; a peer that accepted the request but did not
 //! answer within the deadline is `Timeout`; a snapshot transfer whose replication was
-//! cancelled stops with `StreamingError::Closed` instead of running to its deadline.
+//! cancelled stops with `StreamingError::Closed` instead of running to its deadline;
+//! forwarded client requests and bot calls leave most of a connection to Raft's own
+//! messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -276,6 +278,86 @@ async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
         "{:?}",
         started.elapsed()
     );
+    router.shutdown();
+    timeout(WAIT, silent)
+        .await
+        .expect("the silent peer sees the connection close")
+        .expect("peer task");
+}
+
+/// Forwarded client requests and bot calls take at most `FORWARDED_IN_FLIGHT_MAX` of a
+/// connection's requests in flight (the peer serves 4,096 at most, and Raft's own
+/// messages share the connection): with that many held by a peer that does not answer,
+/// the next forwarded request is refused at once as not sent, while a vote still goes
+/// out on the same connection (and times out there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_leave_room_for_raft_on_a_connection() {
+    use bytes::Bytes;
+    use chatlog_raft::network::{FORWARDED_IN_FLIGHT_MAX, ForwardError};
+
+    let (addr, silent) = spawn_silent_peer().await;
+    let router = Arc::new(Router::new(identity(1)));
+    router.set_peer_addr(2, addr);
+    let held: Vec<_> = (0..FORWARDED_IN_FLIGHT_MAX)
+        .map(|i| {
+            let router = Arc::clone(&router);
+            tokio::spawn(async move {
+                let body = Bytes::from_static(b"held");
+                if i % 2 == 0 {
+                    router.client_request(2, 1, body, WAIT * 3).await
+                } else {
+                    router.bot_request(2, 1, body, WAIT * 3).await
+                }
+            })
+        })
+        .collect();
+    // Every one of them sent (so holding its slot), none finished.
+    let deadline = Instant::now() + WAIT;
+    while router.connection_stats(2).map(|(frames, _)| frames)
+        < Some(FORWARDED_IN_FLIGHT_MAX as u64)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the held requests were never all sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "a held request ended"
+    );
+    // The next is refused without being sent.
+    let refused = match router
+        .client_request(
+            2,
+            1,
+            Bytes::from_static(b"extra"),
+            Duration::from_millis(20),
+        )
+        .await
+    {
+        Err(ForwardError::NotSent(detail)) => detail,
+        other => panic!("one forwarded request too many: {other:?}"),
+    };
+    assert!(
+        refused.contains(&FORWARDED_IN_FLIGHT_MAX.to_string()),
+        "{refused}"
+    );
+    let err = router
+        .bot_request(2, 1, Bytes::from_static(b"bot"), Duration::from_millis(20))
+        .await
+        .expect_err("no slot for a bot call either");
+    assert!(matches!(err, ForwardError::NotSent(_)), "{err:?}");
+    // Raft's messages still go out on that connection: the vote reaches the silent peer
+    // and times out there instead of being refused here.
+    let err = timeout(WAIT, router.vote(2, 1, vote_request(), option()))
+        .await
+        .expect("the deadline fires")
+        .expect_err("no answer");
+    assert!(matches!(err, RPCError::Timeout(_)), "{err}");
+    for h in held {
+        h.abort();
+    }
     router.shutdown();
     timeout(WAIT, silent)
         .await

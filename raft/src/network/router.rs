@@ -128,10 +128,21 @@ enum Link {
     Up(Arc<Connection>),
 }
 
+/// Forwarded client requests and bot calls (`client_request`, `bot_request`) in flight
+/// on one connection at most; beyond, a new one is not sent (`ForwardError::NotSent`:
+/// the caller tries another node or answers "unavailable, retry"). Why: the peer serves
+/// at most [`super::REQUESTS_IN_FLIGHT_MAX`] (4,096) requests per connection and refuses
+/// the rest, and Raft's own messages share the connection. Forwarded work can be held
+/// long (a bot's long poll, 50 s) and comes from clients, so it keeps to a quarter and
+/// leaves the rest to replication, votes and fan-out polls.
+pub const FORWARDED_IN_FLIGHT_MAX: usize = super::REQUESTS_IN_FLIGHT_MAX / 4;
+
 /// One live connection: where requests are queued and where they wait for responses.
 struct Connection {
     sink: FrameSink,
     waiting: Arc<Waiting>,
+    /// Slots for forwarded client requests and bot calls ([`FORWARDED_IN_FLIGHT_MAX`]).
+    forwarded: Arc<tokio::sync::Semaphore>,
     next_request_id: AtomicU64,
     /// The peer's software release from its hello-ok (empty when it sent none).
     peer_version: String,
@@ -314,6 +325,19 @@ impl Router {
     ) -> Result<Bytes, CallError> {
         let deadline = Instant::now() + ttl;
         let conn = self.connection(target, deadline).await?;
+        let _slot = match rpc {
+            Rpc::Client | Rpc::Bot => Some(
+                Arc::clone(&conn.forwarded)
+                    .try_acquire_owned()
+                    .map_err(|_| {
+                        CallError::NotSent(format!(
+                            "{FORWARDED_IN_FLIGHT_MAX} forwarded requests in flight to node \
+                             {target} already"
+                        ))
+                    })?,
+            ),
+            _ => None,
+        };
         let request_id = conn.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match lock(&conn.waiting.requests).as_mut() {
@@ -552,6 +576,7 @@ async fn dial(
     Ok(Connection {
         sink: FrameSink::spawn(writer),
         waiting,
+        forwarded: Arc::new(tokio::sync::Semaphore::new(FORWARDED_IN_FLIGHT_MAX)),
         next_request_id: AtomicU64::new(1),
         peer_version,
     })
