@@ -1372,6 +1372,46 @@ async fn alice_and_bot_in(
     unreachable!()
 }
 
+/// A 30 s `getUpdates` through `h` from `offset`, still waiting after half a second,
+/// answers soon after `poster` posts `text` (client message id `cmid`) to `chat`, with
+/// that post alone: the update.
+async fn long_poll_woken_by_post(
+    h: &str,
+    token: &str,
+    offset: u64,
+    poster: &Client,
+    chat: u64,
+    text: &str,
+    cmid: u64,
+) -> Value {
+    let mut poll = {
+        let (h, token) = (h.to_string(), token.to_string());
+        let params = json!({"offset": offset, "timeout": 30});
+        tokio::spawn(async move { call(&h, &token, "getUpdates", params).await })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut poll)
+            .await
+            .is_err(),
+        "the long poll answered with nothing new"
+    );
+    let posted_at = Instant::now();
+    let seq = post(poster, chat, text, cmid).await;
+    let woke = tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the long poll answers")
+        .expect("the poll task");
+    assert!(
+        posted_at.elapsed() < Duration::from_secs(15),
+        "answered by the post, not the poll's timeout"
+    );
+    let got = woke.result().as_array().expect("an array").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(message_with(&got[0], text), "{got:?}");
+    assert_eq!(named(&got[0]).1, seq);
+    got[0].clone()
+}
+
 /// Whether update `u` is a new message with `text`.
 fn message_with(u: &Value, text: &str) -> bool {
     u["message"]["text"] == text
@@ -1497,33 +1537,8 @@ async fn a_node_without_the_bots_group_forwards_its_calls() {
     assert_eq!(empty.result(), &json!([]), "nothing left");
 
     // A long poll through node 1 waits until a user posts, then answers with the post.
-    let poll = {
-        let (h1, token) = (h1.clone(), token.clone());
-        let params = json!({"offset": offset, "timeout": 30});
-        tokio::spawn(async move { call(&h1, &token, "getUpdates", params).await })
-    };
-    let mut poll = poll;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), &mut poll)
-            .await
-            .is_err(),
-        "the long poll answered with nothing new"
-    );
-    let posted_at = Instant::now();
-    let seq = post(&alice, chat, "wake up", 2).await;
-    let woke = tokio::time::timeout(WAIT, poll)
-        .await
-        .expect("the long poll answers")
-        .expect("the poll task");
-    assert!(
-        posted_at.elapsed() < Duration::from_secs(15),
-        "answered by the post, not the poll's timeout"
-    );
-    let got = woke.result().as_array().expect("an array").clone();
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert!(message_with(&got[0], "wake up"), "{got:?}");
-    assert_eq!(named(&got[0]).1, seq);
-    offset = got[0]["update_id"].as_u64().unwrap() + 1;
+    let woke = long_poll_woken_by_post(&h1, &token, offset, &alice, chat, "wake up", 2).await;
+    offset = woke["update_id"].as_u64().unwrap() + 1;
 
     // Refusals come back as the answering node gives them.
     let h3 = cluster.http_addr(3);
@@ -1698,24 +1713,5 @@ async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
     assert_eq!(from_bot["message"]["from"]["id"], other);
     assert_eq!(from_bot["message"]["from"]["is_bot"], true, "{from_bot}");
     // A long poll through node 1 wakes for a post in the far chat.
-    let poll = {
-        let (h1, token) = (h1.clone(), token.clone());
-        let params = json!({"offset": offset, "timeout": 30});
-        tokio::spawn(async move { call(&h1, &token, "getUpdates", params).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let posted_at = Instant::now();
-    let seq = post(&alice, far, "far news", 99).await;
-    let woke = tokio::time::timeout(WAIT, poll)
-        .await
-        .expect("the long poll answers")
-        .expect("the poll task");
-    assert!(
-        posted_at.elapsed() < Duration::from_secs(15),
-        "answered by the post, not the poll's timeout"
-    );
-    let got = woke.result().as_array().expect("an array").clone();
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert!(message_with(&got[0], "far news"), "{got:?}");
-    assert_eq!(named(&got[0]).1, seq);
+    long_poll_woken_by_post(&h1, &token, offset, &alice, far, "far news", 99).await;
 }
