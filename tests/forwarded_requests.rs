@@ -898,3 +898,79 @@ async fn an_upload_through_a_node_without_its_group_survives_its_replica_dying()
         assert!(stored.exists(), "node {n} stores the file");
     }
 }
+
+/// `chatlog_remote_subscription_looks_total` on the node at `http`.
+async fn remote_looks(http: &str) -> u64 {
+    let r = chatlog::http::client::request(http, "GET", "/metrics", None, None, WAIT)
+        .await
+        .expect("GET /metrics");
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix("chatlog_remote_subscription_looks_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the looks counter")
+}
+
+/// A subscription on node 1 to a quiet chat of group 1 (no replica there), whose user is
+/// online there with live pushes, does not read the chat again for every delivery of
+/// the group's poller: while a hundred posts go to another chat of that group it looks
+/// only on its once-a-second recheck, and a post to its own chat still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start(Options {
+            http: true,
+            ..Options::more_nodes_than_replicas()
+        })
+    });
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let carol = user_in(&setup, "carol", NEAR_GROUP).await;
+    let (a3, _) = device(&cluster, 3, &alice, "phone").await;
+    let quiet = chat_in(&a3, "quiet", vec![carol.0], FAR_GROUP).await;
+    let busy = chat_in(&a3, "busy", vec![carol.0], FAR_GROUP).await;
+    // Carol online on node 1 with live pushes (so node 1's poller of group 1 covers
+    // her), subscribed to the quiet chat from its next post.
+    let (phone, _) = device(&cluster, NODE, &carol, "phone").await;
+    let mut rx = phone.pushes().expect("pushes");
+    let (sid, subscribed) = retried("subscribe", || {
+        phone.subscribe_with_id(v1::SubscribeRequest {
+            chat_id: quiet,
+            from_seq: 0,
+        })
+    })
+    .await;
+    // Let the poller take Carol in and deliver once.
+    retried("send", || {
+        a3.send_message(cluster::send_request(busy, 1, "warm-up"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let h1 = cluster.http_addr(NODE);
+    let before = remote_looks(&h1).await;
+    let started = Instant::now();
+    for i in 0..100 {
+        retried("send", || {
+            a3.send_message(cluster::send_request(busy, 10 + i, "busy"))
+        })
+        .await;
+    }
+    let looks = remote_looks(&h1).await - before;
+    let rechecks = started.elapsed().as_secs() + 2;
+    assert!(
+        looks <= rechecks,
+        "{looks} looks in {:?} while only another chat of the group had news",
+        started.elapsed()
+    );
+    // A post to the quiet chat still reaches the subscription.
+    let posted = retried("send", || {
+        a3.send_message(cluster::send_request(quiet, 1, "news"))
+    })
+    .await;
+    let mut got = Vec::new();
+    subscription_through(&mut rx, sid, posted.seq, &mut got).await;
+    assert_eq!(
+        got,
+        (subscribed.head_seq + 1..=posted.seq).collect::<Vec<_>>()
+    );
+}

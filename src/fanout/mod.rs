@@ -131,6 +131,9 @@ pub struct Hub {
     cursor_moves: tokio::sync::watch::Sender<u64>,
     /// Bumped when a user comes online here: remote pollers ask again for them too.
     online_changes: tokio::sync::watch::Sender<u64>,
+    /// What the pollers of groups without a replica here delivered (`remote.rs`), for
+    /// subscriptions to their chats to tell whether a delivery can concern them.
+    remote_news: Mutex<remote::RemoteNews>,
     /// The users online on each other node, as it last told (`online.rs`), and when.
     remote_online: Mutex<
         HashMap<chatlog_raft::NodeId, (std::time::Instant, std::collections::HashSet<UserId>)>,
@@ -188,6 +191,7 @@ impl Hub {
             cursor_moves: tokio::sync::watch::Sender::new(0),
             online_changes: tokio::sync::watch::Sender::new(0),
             remote_online: Mutex::default(),
+            remote_news: Mutex::default(),
         });
         let mut watchers = Vec::new();
         let mut watched = BTreeMap::new();

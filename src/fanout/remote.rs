@@ -29,12 +29,12 @@
 //! users' sessions off as slow readers (`RATE_LIMITED`), and they resync, as a session
 //! whose queue overflowed does.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatlog_raft::chat::{Command, UserId};
+use chatlog_raft::chat::{ChatId, Command, UserId};
 use chatlog_raft::{ChatRaft, GroupDirectory, GroupId};
 use chatlog_wire::proto::node::v1::{FanoutAnswer, FanoutChat, FanoutPoll};
 use chatlog_wire::proto::v1::{self, ErrorCode, push};
@@ -81,7 +81,56 @@ pub const FANOUT_REPOLL_PAUSE: Duration = Duration::from_millis(20);
 /// with members online here for a while; a second is plenty.
 pub const FANOUT_GROUPS_RECHECK: Duration = Duration::from_secs(1);
 
+/// Chats whose newest delivered seq [`RemoteNews`] keeps at most; beyond, it forgets
+/// everything (subscriptions then look at every delivery until the next ones). Why: one
+/// entry per chat with news for users online here, ~16 bytes each: 1 MiB.
+pub const REMOTE_NEWS_CHATS_MAX: usize = 1 << 16;
+
+/// What the pollers of groups without a replica here delivered: per group, the users its
+/// last delivered answer covered (its news for them was complete), sorted; per chat, the
+/// newest seq an answer carried.
+#[derive(Debug, Default)]
+pub(crate) struct RemoteNews {
+    covered: HashMap<GroupId, Vec<UserId>>,
+    heads: HashMap<ChatId, u64>,
+}
+
 impl Hub {
+    /// Notes a delivered answer of `g`'s poller that covered `users` and carried these
+    /// chats' events up to these seqs (before the group's cursor moves, so a
+    /// subscription woken by it sees them).
+    fn note_remote_news(&self, g: GroupId, users: &[UserId], heads: &[(ChatId, u64)]) {
+        let mut news = self.remote_news.lock().unwrap_or_else(|p| p.into_inner());
+        if news.heads.len() + heads.len() > REMOTE_NEWS_CHATS_MAX {
+            *news = RemoteNews::default();
+        }
+        for (chat, seq) in heads {
+            let head = news.heads.entry(*chat).or_default();
+            *head = (*head).max(*seq);
+        }
+        let mut covered = users.to_vec();
+        covered.sort_unstable();
+        news.covered.insert(g, covered);
+    }
+
+    /// Forgets what `g`'s poller covered (an answer that lost news, a failed poll).
+    fn forget_remote_news(&self, g: GroupId) {
+        let mut news = self.remote_news.lock().unwrap_or_else(|p| p.into_inner());
+        news.covered.remove(&g);
+    }
+
+    /// Whether the deliveries of `g`'s poller so far may hold events of `chat` from seq
+    /// `next` on for `user`: false only when its last answer covered the user and no
+    /// answer carried the chat that far (a subscription then need not look).
+    pub fn remote_news_may_hold(&self, g: GroupId, user: UserId, chat: ChatId, next: u64) -> bool {
+        let news = self.remote_news.lock().unwrap_or_else(|p| p.into_inner());
+        let covered = news
+            .covered
+            .get(&g)
+            .is_some_and(|users| users.binary_search(&user).is_ok());
+        !covered || news.heads.get(&chat).is_some_and(|head| *head >= next)
+    }
+
     /// The users online here, at most [`FANOUT_POLL_USERS_MAX`] (the lowest ids).
     pub(super) fn online_users(&self) -> Vec<UserId> {
         let online = self.online();
@@ -318,6 +367,16 @@ pub(super) async fn poll_group(hub: Weak<Hub>, g: GroupId) {
             continue;
         }
         if cursor.is_some() {
+            if answer.lost {
+                h.forget_remote_news(g);
+            } else {
+                let heads: Vec<(ChatId, u64)> = answer
+                    .chats
+                    .iter()
+                    .filter_map(|c| c.events.last().map(|e| (c.chat_id, e.seq)))
+                    .collect();
+                h.note_remote_news(g, &users, &heads);
+            }
             h.deliver(answer, &users);
         }
         cursor = Some(through);

@@ -244,6 +244,12 @@ pub fn render(
         "Pushes refused because a connection's push queue was full (that connection closes).",
         pushes.slow_reader_cutoffs.load(Relaxed),
     );
+    e.single(
+        "chatlog_remote_subscription_looks_total",
+        "counter",
+        "Reads of a subscribed chat from a node holding its group, for subscriptions on this node to chats of groups it holds no replica of, since start.",
+        crate::service::forward::REMOTE_SUBSCRIPTION_LOOKS.load(Relaxed),
+    );
     // ---- end ops metrics ----
 
     // Client gateway.

@@ -57,6 +57,11 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// poll while no user with live pushes is online here; a second bounds the delay then.
 pub const REMOTE_SUBSCRIPTION_RECHECK: Duration = Duration::from_secs(1);
 
+/// Looks of subscriptions at chats of groups without a replica here (each a forwarded
+/// read), since start: `chatlog_remote_subscription_looks_total` in `/metrics`.
+pub static REMOTE_SUBSCRIPTION_LOOKS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// Consecutive failed looks after which such a subscription ends with `UNAVAILABLE`
 /// (the client subscribes again from `next_seq`). Why: with
 /// [`REMOTE_SUBSCRIPTION_RECHECK`] between them, about ten seconds: longer than an
@@ -68,7 +73,10 @@ impl ChatService {
     /// same pushes as a local subscription (`ChatService::subscribe`), read from a node
     /// that holds it, a sync part at a time: events from the position on, each new
     /// event after, in seq order without gaps, ended by `subscription_ended` as a local
-    /// one is. It looks again whenever the node's poller of `g` delivered something.
+    /// one is. It looks again whenever the node's poller of `g` delivered something that
+    /// may hold the chat's next events: anything, unless the poller's last answer covered
+    /// the user (online here with live pushes) and carried no events of the chat that far
+    /// (`Hub::remote_news_may_hold`); and every [`REMOTE_SUBSCRIPTION_RECHECK`] at least.
     pub(super) async fn subscribe_elsewhere(
         &self,
         conn: &ConnCtx,
@@ -117,6 +125,7 @@ impl ChatService {
             loop {
                 let seen = hub.delivered_through(g);
                 deliveries.borrow_and_update();
+                REMOTE_SUBSCRIPTION_LOOKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let looked = ask_sync_part(
                     &node,
                     g,
@@ -186,10 +195,14 @@ impl ChatService {
                 if more {
                     continue;
                 }
-                // Until the group's poller delivers something new, or the recheck.
+                // Until the group's poller delivers something that may hold this chat's
+                // next events (anything, unless its last answer covered this user:
+                // `Hub::remote_news_may_hold`), or the recheck.
                 let _ = tokio::time::timeout(REMOTE_SUBSCRIPTION_RECHECK, async {
                     while deliveries.changed().await.is_ok() {
-                        if hub.delivered_through(g) != seen {
+                        if hub.delivered_through(g) != seen
+                            && hub.remote_news_may_hold(g, user, chat, next)
+                        {
                             break;
                         }
                     }
