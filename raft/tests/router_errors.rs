@@ -285,69 +285,77 @@ async fn a_snapshot_transfer_stops_when_replication_is_cancelled() {
         .expect("peer task");
 }
 
-/// Forwarded client requests and bot calls take at most `FORWARDED_IN_FLIGHT_MAX` of a
-/// connection's requests in flight (the peer serves 4,096 at most, and Raft's own
-/// messages share the connection): with that many held by a peer that does not answer,
-/// the next forwarded request is refused at once as not sent, while a vote still goes
-/// out on the same connection (and times out there).
+/// Forwarded client requests and bot calls each have a pool of a connection's requests
+/// in flight (`FORWARDED_IN_FLIGHT_MAX`, `BOT_CALLS_IN_FLIGHT_MAX`; the peer serves 4,096
+/// at most, and Raft's own messages share the connection). Against a peer that does not
+/// answer: with every bot slot held, the next bot call is refused at once as not sent
+/// while a client request still goes out; with every client slot held too, the next
+/// client request is refused the same way; a vote still goes out (and times out there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_requests_leave_room_for_raft_on_a_connection() {
     use bytes::Bytes;
-    use chatlog_raft::network::{FORWARDED_IN_FLIGHT_MAX, ForwardError};
+    use chatlog_raft::network::{BOT_CALLS_IN_FLIGHT_MAX, FORWARDED_IN_FLIGHT_MAX, ForwardError};
 
     let (addr, silent) = spawn_silent_peer().await;
     let router = Arc::new(Router::new(identity(1)));
     router.set_peer_addr(2, addr);
-    let held: Vec<_> = (0..FORWARDED_IN_FLIGHT_MAX)
-        .map(|i| {
-            let router = Arc::clone(&router);
-            tokio::spawn(async move {
-                let body = Bytes::from_static(b"held");
-                if i % 2 == 0 {
-                    router.client_request(2, 1, body, WAIT * 3).await
-                } else {
-                    router.bot_request(2, 1, body, WAIT * 3).await
-                }
-            })
-        })
-        .collect();
-    // Every one of them sent (so holding its slot), none finished.
-    let deadline = Instant::now() + WAIT;
-    while router.connection_stats(2).map(|(frames, _)| frames)
-        < Some(FORWARDED_IN_FLIGHT_MAX as u64)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the held requests were never all sent"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        held.iter().all(|h| !h.is_finished()),
-        "a held request ended"
-    );
-    // The next is refused without being sent.
-    let refused = match router
-        .client_request(
-            2,
-            1,
-            Bytes::from_static(b"extra"),
-            Duration::from_millis(20),
-        )
-        .await
-    {
-        Err(ForwardError::NotSent(detail)) => detail,
-        other => panic!("one forwarded request too many: {other:?}"),
+    // Holds `n` requests of one kind at the silent peer; returns once all were sent
+    // (so each holds its slot) and the connection carried `sent_then` frames.
+    let hold = |n: usize, bot: bool, sent_then: usize| {
+        let router = Arc::clone(&router);
+        async move {
+            let held: Vec<_> = (0..n)
+                .map(|_| {
+                    let router = Arc::clone(&router);
+                    tokio::spawn(async move {
+                        let body = Bytes::from_static(b"held");
+                        if bot {
+                            router.bot_request(2, 1, body, WAIT * 3).await
+                        } else {
+                            router.client_request(2, 1, body, WAIT * 3).await
+                        }
+                    })
+                })
+                .collect();
+            let deadline = Instant::now() + WAIT;
+            while router.connection_stats(2).map(|(frames, _)| frames) < Some(sent_then as u64) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the held requests were never all sent"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                held.iter().all(|h| !h.is_finished()),
+                "a held request ended"
+            );
+            held
+        }
     };
-    assert!(
-        refused.contains(&FORWARDED_IN_FLIGHT_MAX.to_string()),
-        "{refused}"
-    );
-    let err = router
-        .bot_request(2, 1, Bytes::from_static(b"bot"), Duration::from_millis(20))
-        .await
-        .expect_err("no slot for a bot call either");
-    assert!(matches!(err, ForwardError::NotSent(_)), "{err:?}");
+    let extra = Bytes::from_static(b"extra");
+    let short = Duration::from_millis(20);
+    let mut held = hold(BOT_CALLS_IN_FLIGHT_MAX, true, BOT_CALLS_IN_FLIGHT_MAX).await;
+    match router.bot_request(2, 1, extra.clone(), short).await {
+        Err(ForwardError::NotSent(detail)) => assert!(
+            detail.contains(&format!("{BOT_CALLS_IN_FLIGHT_MAX} forwarded bot calls")),
+            "{detail}"
+        ),
+        other => panic!("one bot call too many: {other:?}"),
+    }
+    // Bots waiting take no client slot: a client request is sent (and times out).
+    let sent = router.client_request(2, 1, extra.clone(), short).await;
+    assert!(matches!(sent, Err(ForwardError::Unknown(_))), "{sent:?}");
+    let sent_then = BOT_CALLS_IN_FLIGHT_MAX + 1 + FORWARDED_IN_FLIGHT_MAX;
+    held.extend(hold(FORWARDED_IN_FLIGHT_MAX, false, sent_then).await);
+    match router.client_request(2, 1, extra, short).await {
+        Err(ForwardError::NotSent(detail)) => assert!(
+            detail.contains(&format!(
+                "{FORWARDED_IN_FLIGHT_MAX} forwarded client requests"
+            )),
+            "{detail}"
+        ),
+        other => panic!("one client request too many: {other:?}"),
+    }
     // Raft's messages still go out on that connection: the vote reaches the silent peer
     // and times out there instead of being refused here.
     let err = timeout(WAIT, router.vote(2, 1, vote_request(), option()))

@@ -31,8 +31,8 @@ use chatlog_wire::proto::node::v1::{NodeError, NodeErrorCode, NodeFrame, node_fr
 use openraft::network::RPCTypes;
 
 pub use router::{
-    CONNECT_TIMEOUT, FORWARDED_IN_FLIGHT_MAX, ForwardError, NetworkFactory, REDIAL_BACKOFF_MAX,
-    REDIAL_BACKOFF_MIN, Router,
+    BOT_CALLS_IN_FLIGHT_MAX, CONNECT_TIMEOUT, FORWARDED_IN_FLIGHT_MAX, ForwardError,
+    NetworkFactory, REDIAL_BACKOFF_MAX, REDIAL_BACKOFF_MIN, Router,
 };
 pub use server::{
     BOT_WORK_TIMEOUT, CONNECTIONS_MAX, FORWARDED_WORK_TIMEOUT, GroupDirectory,

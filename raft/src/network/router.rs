@@ -128,21 +128,32 @@ enum Link {
     Up(Arc<Connection>),
 }
 
-/// Forwarded client requests and bot calls (`client_request`, `bot_request`) in flight
-/// on one connection at most; beyond, a new one is not sent (`ForwardError::NotSent`:
-/// the caller tries another node or answers "unavailable, retry"). Why: the peer serves
-/// at most [`super::REQUESTS_IN_FLIGHT_MAX`] (4,096) requests per connection and refuses
-/// the rest, and Raft's own messages share the connection. Forwarded work can be held
-/// long (a bot's long poll, 50 s) and comes from clients, so it keeps to a quarter and
-/// leaves the rest to replication, votes and fan-out polls.
+/// Forwarded client requests (`client_request`) in flight on one connection at most;
+/// beyond, a new one is not sent (`ForwardError::NotSent`: the caller tries another node
+/// or answers "unavailable, retry"). Why: the peer serves at most
+/// [`super::REQUESTS_IN_FLIGHT_MAX`] (4,096) requests per connection and refuses the
+/// rest, and Raft's own messages share the connection; forwarded work comes from
+/// clients, so it keeps to a quarter and leaves the rest to replication, votes and
+/// fan-out polls.
 pub const FORWARDED_IN_FLIGHT_MAX: usize = super::REQUESTS_IN_FLIGHT_MAX / 4;
+
+/// Forwarded bot calls (`bot_request`) in flight on one connection at most, apart from
+/// [`FORWARDED_IN_FLIGHT_MAX`]. Why: a bot call may be a long poll held 50 s; a pool of
+/// its own keeps bots waiting for news from taking the slots short client requests
+/// need, and the two together stay well under the peer's 4,096.
+pub const BOT_CALLS_IN_FLIGHT_MAX: usize = super::REQUESTS_IN_FLIGHT_MAX / 8;
+
+const _: () =
+    assert!(FORWARDED_IN_FLIGHT_MAX + BOT_CALLS_IN_FLIGHT_MAX <= super::REQUESTS_IN_FLIGHT_MAX / 2);
 
 /// One live connection: where requests are queued and where they wait for responses.
 struct Connection {
     sink: FrameSink,
     waiting: Arc<Waiting>,
-    /// Slots for forwarded client requests and bot calls ([`FORWARDED_IN_FLIGHT_MAX`]).
+    /// Slots for forwarded client requests ([`FORWARDED_IN_FLIGHT_MAX`]).
     forwarded: Arc<tokio::sync::Semaphore>,
+    /// Slots for forwarded bot calls ([`BOT_CALLS_IN_FLIGHT_MAX`]).
+    bot_calls: Arc<tokio::sync::Semaphore>,
     next_request_id: AtomicU64,
     /// The peer's software release from its hello-ok (empty when it sent none).
     peer_version: String,
@@ -325,18 +336,20 @@ impl Router {
     ) -> Result<Bytes, CallError> {
         let deadline = Instant::now() + ttl;
         let conn = self.connection(target, deadline).await?;
-        let _slot = match rpc {
-            Rpc::Client | Rpc::Bot => Some(
-                Arc::clone(&conn.forwarded)
-                    .try_acquire_owned()
-                    .map_err(|_| {
-                        CallError::NotSent(format!(
-                            "{FORWARDED_IN_FLIGHT_MAX} forwarded requests in flight to node \
-                             {target} already"
-                        ))
-                    })?,
-            ),
+        let pool = match rpc {
+            Rpc::Client => Some((&conn.forwarded, FORWARDED_IN_FLIGHT_MAX, "client requests")),
+            Rpc::Bot => Some((&conn.bot_calls, BOT_CALLS_IN_FLIGHT_MAX, "bot calls")),
             _ => None,
+        };
+        let _slot = match pool {
+            Some((slots, max, what)) => {
+                Some(Arc::clone(slots).try_acquire_owned().map_err(|_| {
+                    CallError::NotSent(format!(
+                        "{max} forwarded {what} in flight to node {target} already"
+                    ))
+                })?)
+            }
+            None => None,
         };
         let request_id = conn.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -577,6 +590,7 @@ async fn dial(
         sink: FrameSink::spawn(writer),
         waiting,
         forwarded: Arc::new(tokio::sync::Semaphore::new(FORWARDED_IN_FLIGHT_MAX)),
+        bot_calls: Arc::new(tokio::sync::Semaphore::new(BOT_CALLS_IN_FLIGHT_MAX)),
         next_request_id: AtomicU64::new(1),
         peer_version,
     })
