@@ -257,13 +257,35 @@ struct DedupeKey {
 /// different posts, so no single apply does more than a small one.
 pub const DEDUPE_SHARDS: usize = 64;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One remembered send: its seq and timestamp, and its number among every key
+/// [`Dedupe`] appended (live while not below the evicted count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DedupeEntry {
+    seq: u64,
+    ts: u64,
+    number: u64,
+}
+
+/// Smallest number of entries a shard holds before evicted keys are swept out of it.
+/// Why: a shard holds about `DEDUPE_ENTRIES_MAX / DEDUPE_SHARDS` (4 Ki) live keys when
+/// full; a quarter more leaves evicted keys in place (never removed one by one, a cold
+/// probe per post) until one sequential sweep (`retain`) per ~1 Ki inserts clears them.
+const DEDUPE_SHARD_SWEEP_MIN: usize = DEDUPE_ENTRIES_MAX / DEDUPE_SHARDS * 5 / 4;
+
+#[derive(Debug, Clone)]
 struct Dedupe {
+    /// The live keys, oldest first, with their timestamps (what a checkpoint encodes).
     order: VecDeque<(u64, DedupeKey)>,
     /// [`DEDUPE_SHARDS`] maps; a key lives in the one its hash picks ([`Dedupe::shard`]).
     /// Looked up and inserted once per post: a cheap fixed hasher (`key_hash.rs`); their
-    /// iteration order is never used (the encoding walks `order`).
-    seqs: Vec<HashMap<DedupeKey, (u64, u64), KeyHashBuilder>>,
+    /// iteration order is never used (the encoding walks `order`). They also hold keys
+    /// evicted from `order` (not live: [`Dedupe::get`] ignores them) until a sweep.
+    seqs: Vec<HashMap<DedupeKey, DedupeEntry, KeyHashBuilder>>,
+    /// Per shard, the size beyond which the next insert sweeps it (at least
+    /// [`DEDUPE_SHARD_SWEEP_MIN`], a quarter above what a sweep left).
+    sweep_at: Vec<usize>,
+    /// Keys ever appended to `order`.
+    appended: u64,
 }
 
 impl Default for Dedupe {
@@ -271,9 +293,21 @@ impl Default for Dedupe {
         Dedupe {
             order: VecDeque::new(),
             seqs: (0..DEDUPE_SHARDS).map(|_| HashMap::default()).collect(),
+            sweep_at: vec![DEDUPE_SHARD_SWEEP_MIN; DEDUPE_SHARDS],
+            appended: 0,
         }
     }
 }
+
+/// Equal when the same sends are remembered, in the same order (evicted keys still held
+/// in the maps do not count: a replica restored from a checkpoint holds none).
+impl PartialEq for Dedupe {
+    fn eq(&self, other: &Dedupe) -> bool {
+        self.order == other.order && self.order.iter().all(|(_, k)| self.get(k) == other.get(k))
+    }
+}
+
+impl Eq for Dedupe {}
 
 impl Dedupe {
     /// The shard of `key`: bits 32.. of its hash (the maps index buckets by the low bits
@@ -283,8 +317,17 @@ impl Dedupe {
         (KeyHashBuilder::default().hash_one(key) >> 32) as usize % DEDUPE_SHARDS
     }
 
+    /// Keys appended and evicted since: entries numbered below are not live.
+    fn evicted(&self) -> u64 {
+        self.appended - self.order.len() as u64
+    }
+
     fn get(&self, key: &DedupeKey) -> Option<(u64, u64)> {
-        self.seqs[Dedupe::shard(key)].get(key).copied()
+        let evicted = self.evicted();
+        self.seqs[Dedupe::shard(key)]
+            .get(key)
+            .filter(|e| e.number >= evicted)
+            .map(|e| (e.seq, e.ts))
     }
 
     fn insert(&mut self, key: DedupeKey, seq: u64, ts: u64) {
@@ -294,10 +337,10 @@ impl Dedupe {
                 .front()
                 .is_some_and(|(t, _)| t.saturating_add(DEDUPE_WINDOW_MS) < ts)
         {
-            let Some((_, old)) = self.order.pop_front() else {
+            // Left in its map, not live any more (swept later).
+            if self.order.pop_front().is_none() {
                 break;
-            };
-            self.seqs[Dedupe::shard(&old)].remove(&old);
+            }
         }
         self.restore(key, seq, ts);
     }
@@ -305,8 +348,17 @@ impl Dedupe {
     /// Appends `key` as the newest remembered send without expiring any (decoding a
     /// checkpoint, whose window was already cut).
     fn restore(&mut self, key: DedupeKey, seq: u64, ts: u64) {
+        let number = self.appended;
+        self.appended += 1;
         self.order.push_back((ts, key));
-        self.seqs[Dedupe::shard(&key)].insert(key, (seq, ts));
+        let evicted = self.evicted();
+        let i = Dedupe::shard(&key);
+        let shard = &mut self.seqs[i];
+        shard.insert(key, DedupeEntry { seq, ts, number });
+        if shard.len() > self.sweep_at[i] {
+            shard.retain(|_, e| e.number >= evicted);
+            self.sweep_at[i] = DEDUPE_SHARD_SWEEP_MIN.max(shard.len() + shard.len() / 4);
+        }
     }
 }
 
@@ -2010,5 +2062,79 @@ impl GroupState {
         }
         self.ledger = crate::chat::retention::ByteLedger::decode_from(r)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod dedupe_tests {
+    use super::*;
+
+    fn key(n: u64) -> DedupeKey {
+        DedupeKey {
+            chat: 65537 + n % 7,
+            sender: 65537 + n % 3,
+            client_message_id: n,
+        }
+    }
+
+    /// Restores `d`'s live sends into a new map, as a checkpoint's decoding does.
+    fn restored(d: &Dedupe) -> Dedupe {
+        let mut r = Dedupe::default();
+        for (ts, k) in &d.order {
+            let (seq, _) = d.get(k).expect("live keys are mapped");
+            r.restore(*k, seq, *ts);
+        }
+        r
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_are_forgotten_and_the_maps_stay_bounded() {
+        let mut d = Dedupe::default();
+        let extra = 10_000;
+        let total = (DEDUPE_ENTRIES_MAX + extra) as u64;
+        for n in 0..total {
+            d.insert(key(n), n + 1, 1_000 + n);
+        }
+        assert_eq!(d.order.len(), DEDUPE_ENTRIES_MAX);
+        for n in (0..extra as u64).step_by(97) {
+            assert_eq!(d.get(&key(n)), None, "key {n} was evicted");
+        }
+        for n in (extra as u64..total).step_by(89) {
+            assert_eq!(d.get(&key(n)), Some((n + 1, 1_000 + n)), "key {n} is live");
+        }
+        // Evicted keys are swept in batches: the maps never hold much more than the live.
+        let held: usize = d.seqs.iter().map(HashMap::len).sum();
+        assert!(
+            held <= DEDUPE_ENTRIES_MAX * 5 / 4 + DEDUPE_SHARDS,
+            "{held} entries held for {DEDUPE_ENTRIES_MAX} live"
+        );
+        // A replica restored from a checkpoint holds no evicted keys and is equal.
+        let r = restored(&d);
+        assert_eq!(
+            r.seqs.iter().map(HashMap::len).sum::<usize>(),
+            DEDUPE_ENTRIES_MAX
+        );
+        assert!(r == d, "a restored map equals the one that evicted");
+        // An evicted key sent again is a new send.
+        d.insert(key(0), total + 1, 1_000 + total);
+        assert_eq!(d.get(&key(0)), Some((total + 1, 1_000 + total)));
+        assert!(r != d);
+    }
+
+    #[test]
+    fn sends_older_than_the_window_are_forgotten() {
+        let mut d = Dedupe::default();
+        for n in 0..100 {
+            d.insert(key(n), n + 1, n);
+        }
+        // A send past the window of the first fifty.
+        d.insert(key(100), 101, 50 + DEDUPE_WINDOW_MS);
+        for n in 0..50 {
+            assert_eq!(d.get(&key(n)), None, "key {n} is older than the window");
+        }
+        for n in 50..=100 {
+            assert!(d.get(&key(n)).is_some(), "key {n} is within the window");
+        }
+        assert!(restored(&d) == d);
     }
 }
