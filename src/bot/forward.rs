@@ -83,20 +83,19 @@ impl BotApi {
         self.node.serving_group(g).is_some()
     }
 
-    /// Whether a call needing group `g`, which this node does not serve, may go to
-    /// another node (`Node::served_elsewhere`).
-    fn served_elsewhere(&self, g: GroupId) -> bool {
-        self.node.served_elsewhere(g)
+    /// The bot a token names (its `"{user_id}:"` prefix), if that id names a group; the
+    /// token itself is checked where the call is answered.
+    fn bot_of_token(&self, token: &str) -> Option<u64> {
+        token
+            .split_once(':')
+            .and_then(|(id, _)| id.parse::<u64>().ok())
+            .filter(|id| self.check_id(*id, "bot").is_ok())
     }
 
     /// Where the call with `token` and `params` is answered (see the module docs). A
     /// token or `chat_id` that names no group leaves the call here, which refuses it.
     pub(crate) fn route(&self, token: &str, params: &Params) -> Route {
-        let Some(bot) = token
-            .split_once(':')
-            .and_then(|(id, _)| id.parse::<u64>().ok())
-            .filter(|id| self.check_id(*id, "bot").is_ok())
-        else {
+        let Some(bot) = self.bot_of_token(token) else {
             return Route::Here;
         };
         let bot_group = group_of(bot);
@@ -118,12 +117,12 @@ impl BotApi {
     fn goes_elsewhere(&self, needed: &[GroupId]) -> bool {
         let bot_group = needed[0];
         if !self.serves(bot_group) {
-            return self.served_elsewhere(bot_group);
+            return self.node.served_elsewhere(bot_group);
         }
         // The bot's group is here: a chat's group only when another node has both.
         let lacking = needed[1..]
             .iter()
-            .any(|g| !self.serves(*g) && self.served_elsewhere(*g));
+            .any(|g| !self.serves(*g) && self.node.served_elsewhere(*g));
         if !lacking {
             return false;
         }
@@ -252,8 +251,7 @@ impl BotApi {
         if !method.eq_ignore_ascii_case("getWebhookInfo") {
             return None;
         }
-        let bot = token.split_once(':')?.0.parse::<u64>().ok()?;
-        self.check_id(bot, "bot").ok()?;
+        let bot = self.bot_of_token(token)?;
         self.webhook_info_at_leader(bot, token, method).await
     }
 

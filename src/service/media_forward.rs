@@ -116,7 +116,8 @@ impl ChatService {
         let Ok(sha256) = <[u8; MEDIA_SHA256_BYTES]>::try_from(&sha[..]) else {
             return Err(refused);
         };
-        if !another_node_may_answer || self.other_nodes().is_empty() {
+        let others = self.other_nodes();
+        if !another_node_may_answer || others.is_empty() {
             return Err(refused);
         }
         let (mut readable, holder) = self.media.grant(user, &sha256);
@@ -134,7 +135,7 @@ impl ChatService {
                 holders.push(g);
             }
         } else if !readable || holders.is_empty() {
-            for (r, g) in self.media_grants_elsewhere(user, &sha256).await {
+            for (r, g) in self.media_grants_elsewhere(user, &sha256, others).await {
                 readable |= r;
                 if let Some(g) = g
                     && !holders.contains(&g)
@@ -283,13 +284,14 @@ impl ChatService {
             .collect()
     }
 
-    /// What each other node's replicas know of media `sha256` for `user`
-    /// ([`crate::media::Media::grant`]), asked of all of them at once; a node that does
-    /// not answer knows nothing.
+    /// What the replicas of `others` ([`ChatService::other_nodes`]) know of media
+    /// `sha256` for `user` ([`crate::media::Media::grant`]), asked of all of them at once;
+    /// a node that does not answer knows nothing.
     async fn media_grants_elsewhere(
         &self,
         user: UserId,
         sha256: &[u8; MEDIA_SHA256_BYTES],
+        others: Vec<(u64, GroupId)>,
     ) -> Vec<(bool, Option<GroupId>)> {
         let body = Bytes::from(
             ForwardedRequest {
@@ -299,7 +301,7 @@ impl ChatService {
             }
             .encode_to_vec(),
         );
-        let asks = self.other_nodes().into_iter().map(|(target, g)| {
+        let asks = others.into_iter().map(|(target, g)| {
             let body = body.clone();
             async move {
                 match send_once(&self.node, target, g, body).await {
