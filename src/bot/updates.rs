@@ -46,7 +46,7 @@ use super::{
 };
 use crate::client_cmd::output::event_json;
 use crate::service::forward::{bots_among, send_sync_part, sync_part_of};
-use crate::service::{PAGE_BYTES_MAX, SyncAsk, convert};
+use crate::service::{PAGE_BYTES_MAX, SyncAsk, add_by_group, convert};
 
 /// Longest a waiting poll (or webhook loop) of a bot with chats in groups this node does
 /// not serve goes without looking at them again. Why: their news wakes no local apply;
@@ -196,13 +196,8 @@ async fn mark_bots(api: &BotApi, updates: &mut [Update]) {
             u.sender_is_bot = g.shared().read().bots().get(sender).is_some();
         } else if let Some(known) = lock(&api.sender_kinds).get(&sender) {
             u.sender_is_bot = *known;
-        } else if sender != 0 {
-            let g = group_of(sender);
-            match far.iter_mut().find(|(h, _)| *h == g) {
-                Some((_, users)) if !users.contains(&sender) => users.push(sender),
-                Some(_) => {}
-                None => far.push((g, vec![sender])),
-            }
+        } else if sender != 0 && !far.iter().any(|(_, users)| users.contains(&sender)) {
+            add_by_group(&mut far, group_of(sender), sender);
         }
     }
     if far.is_empty() {
@@ -356,10 +351,7 @@ async fn waiting(
             if !remote {
                 continue;
             }
-            match far.iter_mut().find(|(h, _)| *h == g) {
-                Some((_, list)) => list.push(chat),
-                None => far.push((g, vec![chat])),
-            }
+            add_by_group(&mut far, g, chat);
             continue;
         }
         let Ok(group) = api.group(chat, "chat") else {

@@ -97,14 +97,12 @@ pub(crate) struct SyncAsk {
     pub(crate) read_seq: u64,
 }
 
-impl SyncAsk {
-    /// Adds `ask` to the list of its group `g` in `by_group` (groups in the order of
-    /// their first ask).
-    fn add(by_group: &mut Vec<(GroupId, Vec<SyncAsk>)>, g: GroupId, ask: SyncAsk) {
-        match by_group.iter_mut().find(|(h, _)| *h == g) {
-            Some((_, asks)) => asks.push(ask),
-            None => by_group.push((g, vec![ask])),
-        }
+/// Adds `item` to the list of its group `g` in `by_group` (groups in the order of their
+/// first item): how requests spanning groups gather what to ask each group's replicas.
+pub(crate) fn add_by_group<T>(by_group: &mut Vec<(GroupId, Vec<T>)>, g: GroupId, item: T) {
+    match by_group.iter_mut().find(|(h, _)| *h == g) {
+        Some((_, items)) => items.push(item),
+        None => by_group.push((g, vec![item])),
     }
 }
 
@@ -892,7 +890,7 @@ impl ChatService {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let Ok(group) = &self.group_for(id, "chat") else {
                         let g = self.group_id_for(id, "chat")?;
-                        SyncAsk::add(
+                        add_by_group(
                             &mut elsewhere,
                             g,
                             SyncAsk {
@@ -1174,7 +1172,7 @@ impl ChatService {
                     let read_seq = ugroup.shared().read().read_marker(user, id);
                     let g = self.group_id_for(id, "chat")?;
                     if self.node.serving_group(g).is_none() && self.served_elsewhere(g) {
-                        SyncAsk::add(
+                        add_by_group(
                             &mut elsewhere,
                             g,
                             SyncAsk {
@@ -1336,7 +1334,7 @@ impl ChatService {
             for (chat, last) in positions {
                 let g = self.group_id_for(chat, "chat")?;
                 let read_seq = st.read_marker(user, chat);
-                SyncAsk::add(
+                add_by_group(
                     &mut by_group,
                     g,
                     SyncAsk {
