@@ -1358,13 +1358,21 @@ async fn alice_and_bot_in(
     .await;
     let (_, alice_token) = cluster::create_and_login(&anon, "alice", "test").await;
     let alice = client(&cluster.addr(3), Some(alice_token)).await;
+    let deadline = Instant::now() + WAIT;
     for n in 0.. {
-        let created = alice
-            .create_bot(v1::CreateBotRequest {
-                name: format!("{prefix}{n}"),
-            })
-            .await
-            .expect("bot created");
+        let name = format!("{prefix}{n}");
+        // Right after the cluster starts a group may still be electing its leader.
+        let created = loop {
+            match alice
+                .create_bot(v1::CreateBotRequest { name: name.clone() })
+                .await
+            {
+                Err(e) if cluster::retryable(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                created => break created.expect("bot created"),
+            }
+        };
         if chatlog_raft::chat::group_of(created.user_id) == group {
             return (alice, created.user_id, created.token, n);
         }
