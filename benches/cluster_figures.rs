@@ -18,7 +18,8 @@
 //!   group, 2 groups: node 1 holds no replica of group 1. A user of group 1 with a chat
 //!   of group 1 (100 posts) does, one at a time, a history read (the newest 20 events)
 //!   and a post, through node 1 (both forwarded: the session check needs group 1) and
-//!   through node 2 (a replica of group 1), `CHATLOG_FORWARD_ROUNDS` (4) rounds of
+//!   through node 2 (a replica of group 1, not its leader: the leadership is moved to
+//!   node 3 first), `CHATLOG_FORWARD_ROUNDS` (4) rounds of
 //!   `CHATLOG_FORWARD_CALLS` (500) calls per path and kind, the paths alternating;
 //!   prints p50 / p99 per path and the ratios.
 //! - forward_media: the same cluster; the user uploads a new file of
@@ -216,6 +217,9 @@ async fn forward() {
         .await
         .expect("fill");
     }
+    // Group 1's leader on node 3: through node 2 (a follower) a post goes on to it, and
+    // through node 1 it takes one hop once node 1 knows the leader (two before).
+    cluster.lead_on(1, 3).await;
     // Warm both paths (connections between the nodes, caches).
     serial_calls(&far, chat, 50, &cmid).await;
     serial_calls(&near, chat, 50, &cmid).await;
@@ -265,7 +269,11 @@ async fn forward() {
          through node 2 (replica) p50 {np50:.3} ms p99 {np99:.3} ms, p50 ratio {:.2}",
         fp50 / np50
     );
-    println!("forward: {rounds} rounds × {calls} calls per path and kind, serial (1 in flight)");
+    println!(
+        "forward: {rounds} rounds × {calls} calls per path and kind, serial (1 in flight), \
+         group 1's leader on node {:?}",
+        cluster.last_leader(1)
+    );
 }
 
 async fn forward_media() {

@@ -974,3 +974,66 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
         (subscribed.head_seq + 1..=posted.seq).collect::<Vec<_>>()
     );
 }
+
+/// Node `http`'s count of client requests it answered for other nodes.
+async fn forwarded_served(http: &str) -> u64 {
+    let r = chatlog::http::client::request(http, "GET", "/metrics", None, None, WAIT)
+        .await
+        .expect("GET /metrics");
+    r.text()
+        .lines()
+        .find_map(|l| l.strip_prefix("chatlog_forwarded_requests_served_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the forwarded requests counter")
+}
+
+/// A node without a replica of a group sends that group's requests to its leader once
+/// an answer named it, not to the placement's first replica (which would hand a write
+/// on to the leader: two hops). Group 1's leadership is moved off node 2 (its first
+/// replica) first, so the placement's order alone would pick the wrong node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_requests_go_to_the_groups_leader() {
+    let cluster =
+        tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
+    let setup = connect(&cluster, 3, None).await;
+    let alice = user_in(&setup, "alice", FAR_GROUP).await;
+    let (phone, _) = device(&cluster, NODE, &alice, "phone").await;
+    let chat = chat_in(&phone, "led", vec![], FAR_GROUP).await;
+
+    let leader = 3;
+    cluster.lead_on(FAR_GROUP, leader).await;
+
+    let post = |n: u64| {
+        let phone = phone.clone();
+        async move {
+            retried("send", || {
+                phone.send_message(cluster::send_request(chat, n, &format!("post {n}")))
+            })
+            .await
+        }
+    };
+    // The first answer names the leader.
+    post(1).await;
+    let replicas = [2, 3, 4];
+    let mut before = Vec::new();
+    for n in replicas {
+        before.push(forwarded_served(&cluster.http_addr(n)).await);
+    }
+    const POSTS: u64 = 20;
+    for n in 0..POSTS {
+        post(100 + n).await;
+    }
+    assert_eq!(
+        cluster.last_leader(FAR_GROUP),
+        Some(leader),
+        "leadership moved during the test"
+    );
+    for (n, before) in replicas.into_iter().zip(before) {
+        let served = forwarded_served(&cluster.http_addr(n)).await - before;
+        let expected = if n == leader { POSTS } else { 0 };
+        assert_eq!(
+            served, expected,
+            "node {n} answered {served} of {POSTS} posts forwarded by node 1 (group 1's leader: node {leader})"
+        );
+    }
+}

@@ -20,7 +20,7 @@
 //! the first replica of a group never moved, so a replica that moved away and came back
 //! (or a node that joined) learns the group from the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -84,6 +84,11 @@ pub const FORWARD_HOPS_MAX: usize = 3;
 /// [`FORWARD_TIMEOUT`]). Leaves most of a peer's per-connection request budget
 /// (`network::REQUESTS_IN_FLIGHT_MAX`, 4096) to Raft's own messages.
 pub const FORWARDS_IN_FLIGHT_MAX: usize = 1024;
+
+/// Most groups whose leader a node remembers from other nodes' answers
+/// ([`Node::note_leader`]). Why: one entry per group of the placement, which has far
+/// fewer; the bound only keeps a placement that keeps changing from growing the map.
+pub const LEADER_HINTS_MAX: usize = 65_536;
 /// Longest a follower waits to apply the leader's read index before a read fails as
 /// unavailable (it is a heartbeat behind normally; a follower catching up may take longer).
 pub const READ_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -817,6 +822,10 @@ pub struct Node {
     router: Option<Router>,
     /// Forwarded requests in flight from this node ([`FORWARDS_IN_FLIGHT_MAX`]).
     forwards: Arc<Semaphore>,
+    /// The leader last reported for groups without a replica here (a forwarded
+    /// request's answer names it: [`Node::note_leader`]), tried first by
+    /// [`Node::forward_targets`]. At most one entry per group of the placement.
+    leader_hints: std::sync::Mutex<HashMap<GroupId, NodeId>>,
     /// The placement as group 0 last applied it here; before the controller bootstraps
     /// it, the one computed from the static flags (version 0).
     placement: RwLock<Arc<Placement>>,
@@ -1068,6 +1077,7 @@ impl Node {
             build,
             router,
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
+            leader_hints: std::sync::Mutex::new(HashMap::new()),
             chat_groups: std::sync::atomic::AtomicU64::new(placement.chat_groups()),
             placement: RwLock::new(Arc::new(placement)),
             member_addrs: addrs,
@@ -1388,11 +1398,13 @@ impl Node {
     }
 
     /// The replicas of `g` other than this node to send a request needing the groups
-    /// `needed` to, in the order to try them: those serving the most of `needed` first,
-    /// then in the placement's order.
+    /// `needed` to, in the order to try them: those serving the most of `needed` first;
+    /// among those, `g`'s leader as last reported ([`Node::note_leader`]), whose answer
+    /// to a write needs no further hop; then the placement's order.
     pub fn forward_targets(&self, g: GroupId, needed: &[GroupId]) -> Vec<NodeId> {
         let me = self.config.node_id;
         let placement = self.placement();
+        let leader = self.leader_hint(g);
         let mut targets: Vec<NodeId> = placement
             .replicas(g)
             .iter()
@@ -1401,14 +1413,45 @@ impl Node {
             .collect();
         // A stable sort keeps the placement's order among equals.
         targets.sort_by_key(|n| {
-            std::cmp::Reverse(
-                needed
-                    .iter()
-                    .filter(|h| placement.replicas(**h).contains(n))
-                    .count(),
+            (
+                std::cmp::Reverse(
+                    needed
+                        .iter()
+                        .filter(|h| placement.replicas(**h).contains(n))
+                        .count(),
+                ),
+                Some(*n) != leader,
             )
         });
         targets
+    }
+
+    /// Records `leader` (0: none known) as the leader of group `g` that another node
+    /// reported, for [`Node::forward_targets`]. Kept only for groups of the placement
+    /// this node holds no replica of (a local replica knows its leader itself); a stale
+    /// entry costs one hop more, until the next answer corrects it.
+    pub fn note_leader(&self, g: GroupId, leader: NodeId) {
+        if leader == 0 || leader == self.config.node_id || self.group(g).is_some() {
+            return;
+        }
+        if !self.placement().replicas(g).contains(&leader) {
+            return;
+        }
+        let mut hints = self.leader_hints.lock().expect("leader hints lock");
+        if hints.len() >= LEADER_HINTS_MAX && !hints.contains_key(&g) {
+            // Groups come and go with the placement: forget the old ones at once.
+            hints.clear();
+        }
+        hints.insert(g, leader);
+    }
+
+    /// The leader of `g` last reported by another node, if any.
+    pub fn leader_hint(&self, g: GroupId) -> Option<NodeId> {
+        self.leader_hints
+            .lock()
+            .expect("leader hints lock")
+            .get(&g)
+            .copied()
     }
 
     /// Every local replica (as of the call: replicas start and stop with the placement).

@@ -250,6 +250,12 @@ pub fn render(
         "Reads of a subscribed chat from a node holding its group, for subscriptions on this node to chats of groups it holds no replica of, since start.",
         crate::service::forward::REMOTE_SUBSCRIPTION_LOOKS.load(Relaxed),
     );
+    e.single(
+        "chatlog_forwarded_requests_served_total",
+        "counter",
+        "Client requests this node answered for other nodes (forwarded to it by a node without a replica of the request's group), since start.",
+        crate::service::forward::FORWARDED_REQUESTS_SERVED.load(Relaxed),
+    );
     // ---- end ops metrics ----
 
     // Client gateway.

@@ -62,6 +62,11 @@ pub const REMOTE_SUBSCRIPTION_RECHECK: Duration = Duration::from_secs(1);
 pub static REMOTE_SUBSCRIPTION_LOOKS: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
 
+/// Client requests this node answered for other nodes (forwarded to it), since start:
+/// `chatlog_forwarded_requests_served_total` in `/metrics`.
+pub static FORWARDED_REQUESTS_SERVED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// Consecutive failed looks after which such a subscription ends with `UNAVAILABLE`
 /// (the client subscribes again from `next_seq`). Why: with
 /// [`REMOTE_SUBSCRIPTION_RECHECK`] between them, about ten seconds: longer than an
@@ -494,7 +499,7 @@ impl ChatService {
                 ..ForwardedAnswer::default()
             }
         };
-        let answered = if !f.media_grant.is_empty() {
+        let mut answered = if !f.media_grant.is_empty() {
             self.serve_media_grant(f.user_id, &f.media_grant)
         } else if !f.bot_check.is_empty() {
             match self.serve_bot_check(g, &f.bot_check) {
@@ -526,10 +531,18 @@ impl ChatService {
                 device_id: "".into(),
             };
             match f.request.and_then(|r| r.kind) {
-                Some(req) => answer(
-                    self.serve_forwarded_request(me, req, f.session_checked, f.media_read_granted)
+                Some(req) => {
+                    FORWARDED_REQUESTS_SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    answer(
+                        self.serve_forwarded_request(
+                            me,
+                            req,
+                            f.session_checked,
+                            f.media_read_granted,
+                        )
                         .await,
-                ),
+                    )
+                }
                 // Only the session to check.
                 None => match self.session_here(me).await {
                     Ok(_) => ForwardedAnswer::default(),
@@ -537,6 +550,7 @@ impl ChatService {
                 },
             }
         };
+        answered.leader = self.node.group(g).and_then(|r| r.leader()).unwrap_or(0);
         Ok(Bytes::from(answered.encode_to_vec()))
     }
 
@@ -645,15 +659,18 @@ pub(super) async fn send_once(node: &Node, target: u64, g: GroupId, body: Bytes)
                 ErrorCode::Internal,
                 format!("node {target} answered a forwarded request badly: {e}"),
             )),
-            Ok(mut answer) => match answer.response.take() {
-                Some(v1::Response {
-                    kind: Some(Resp::Error(e)),
-                }) => Err(e),
-                response => {
-                    answer.response = response;
-                    Ok(answer)
+            Ok(mut answer) => {
+                node.note_leader(g, answer.leader);
+                match answer.response.take() {
+                    Some(v1::Response {
+                        kind: Some(Resp::Error(e)),
+                    }) => Err(e),
+                    response => {
+                        answer.response = response;
+                        Ok(answer)
+                    }
                 }
-            },
+            }
         }),
         Err(ForwardError::NotSent(detail)) => Sent::NotSent(format!("node {target}: {detail}")),
         Err(ForwardError::Unknown(detail)) => Sent::Answered(Err(error(

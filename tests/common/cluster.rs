@@ -541,6 +541,32 @@ impl Cluster {
             .map(|(_, _, n)| *n)
     }
 
+    /// Moves `group`'s leadership to node `to` (`POST /admin/leader-transfer` on the
+    /// leader's HTTP port, again until the logs show `to` leading), within
+    /// [`LEADER_WAIT`].
+    #[allow(dead_code)] // not every test file that includes this module moves leaders
+    pub async fn lead_on(&self, group: u64, to: u64) {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let (mut leader, mut term) = tokio::task::block_in_place(|| self.leader(group, 0));
+        while leader != to {
+            assert!(
+                Instant::now() < deadline,
+                "group {group}'s leadership never moved to node {to}"
+            );
+            let body = format!("{{\"group\": {group}, \"to\": {to}}}");
+            let _ = chatlog::http::client::request(
+                &self.http_addr(leader),
+                "POST",
+                "/admin/leader-transfer",
+                None,
+                Some(body.as_bytes()),
+                LEADER_WAIT,
+            )
+            .await;
+            (leader, term) = tokio::task::block_in_place(|| self.leader(group, term));
+        }
+    }
+
     /// The node that leads `group` in the highest term logged so far, once that term is
     /// above `above_term`; with the term. Waits up to [`LEADER_WAIT`]. Blocks.
     pub fn leader(&self, group: u64, above_term: u64) -> (u64, u64) {
