@@ -212,7 +212,11 @@ impl BotApi {
                 .bot_request(target, bot_group, body.clone(), FORWARD_TIMEOUT)
                 .await
             {
-                Ok(bytes) => return answer_of(target, &bytes),
+                Ok(bytes) => {
+                    let (result, leader) = answer_of(target, &bytes);
+                    self.node.note_leader(bot_group, leader);
+                    return result;
+                }
                 Err(ForwardError::NotSent(detail)) => tried.push((target, detail)),
                 Err(ForwardError::Unknown(detail)) => {
                     return Err(BotError::new(
@@ -298,7 +302,8 @@ impl BotApi {
                 .await
             }
         };
-        let answer = encode_answer(result);
+        let mut answer = encode_answer(result);
+        answer.leader = self.node.group(g).and_then(|r| r.leader()).unwrap_or(0);
         Ok(Bytes::from(answer.encode_to_vec()))
     }
 }
@@ -336,18 +341,31 @@ fn encode_answer(result: Result<Value, BotError>) -> ForwardedBotAnswer {
     }
 }
 
-/// The call's result from `target`'s encoded answer, as `target` gave it.
-fn answer_of(target: u64, bytes: &[u8]) -> Result<Value, BotError> {
-    let bad = |what: String| {
-        BotError::new(
-            500,
-            format!("node {target} answered a forwarded bot call badly: {what}"),
-        )
-    };
+/// The call's result from `target`'s encoded answer, as `target` gave it, and the
+/// leader of the bot's group that `target` named (0: none).
+fn answer_of(target: u64, bytes: &[u8]) -> (Result<Value, BotError>, u64) {
     if bytes.len() > ANSWER_BYTES_MAX {
-        return Err(bad(format!("{} bytes", bytes.len())));
+        return (Err(bad_answer(target, format!("{} bytes", bytes.len()))), 0);
     }
-    let answer = ForwardedBotAnswer::decode(bytes).map_err(|e| bad(e.to_string()))?;
+    match ForwardedBotAnswer::decode(bytes) {
+        Ok(answer) => {
+            let leader = answer.leader;
+            (result_of(target, answer), leader)
+        }
+        Err(e) => (Err(bad_answer(target, e.to_string())), 0),
+    }
+}
+
+fn bad_answer(target: u64, what: String) -> BotError {
+    BotError::new(
+        500,
+        format!("node {target} answered a forwarded bot call badly: {what}"),
+    )
+}
+
+/// The call's result from `target`'s decoded answer.
+fn result_of(target: u64, answer: ForwardedBotAnswer) -> Result<Value, BotError> {
+    let bad = |what: String| bad_answer(target, what);
     let status = u16::try_from(answer.status)
         .ok()
         .filter(|s| (200..600).contains(s))
@@ -370,13 +388,22 @@ mod tests {
     #[test]
     fn answers_travel_unchanged() {
         let ok = encode_answer(Ok(serde_json::json!({"id": 7, "text": "hé"})));
-        let back = answer_of(2, &ok.encode_to_vec()).expect("a result");
+        let back = answer_of(2, &ok.encode_to_vec()).0.expect("a result");
         assert_eq!(back, serde_json::json!({"id": 7, "text": "hé"}));
         let limited = BotError::rate_limited("sends", Duration::from_millis(1500));
         let refused = encode_answer(Err(limited.clone()));
-        let back = answer_of(2, &refused.encode_to_vec()).expect_err("an error");
+        let back = answer_of(2, &refused.encode_to_vec())
+            .0
+            .expect_err("an error");
         assert_eq!(back, limited);
         assert_eq!(back.to_json(), limited.to_json());
+        // The leader the receiver named comes back beside the result.
+        let mut led = encode_answer(Ok(serde_json::json!(true)));
+        led.leader = 3;
+        assert_eq!(
+            answer_of(2, &led.encode_to_vec()),
+            (Ok(serde_json::json!(true)), 3)
+        );
     }
 
     #[test]
@@ -396,10 +423,11 @@ mod tests {
         };
         assert_eq!(
             answer_of(3, &weird.encode_to_vec())
+                .0
                 .expect_err("refused")
                 .status,
             500
         );
-        assert!(answer_of(3, b"\xff\xff\xff").is_err());
+        assert!(answer_of(3, b"\xff\xff\xff").0.is_err());
     }
 }
