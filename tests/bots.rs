@@ -1721,5 +1721,46 @@ async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
     assert_eq!(from_bot["message"]["from"]["id"], other);
     assert_eq!(from_bot["message"]["from"]["is_bot"], true, "{from_bot}");
     // A long poll through node 1 wakes for a post in the far chat.
-    long_poll_woken_by_post(&h1, &token, offset, &alice, far, "far news", 99).await;
+    let woke = long_poll_woken_by_post(&h1, &token, offset, &alice, far, "far news", 99).await;
+    // While a poll waits, its once-a-second looks at the far chat read heads without a
+    // read barrier: an idle 3 s poll asks for the first look's barrier only (one
+    // per second more before: three in this poll).
+    drop(alice);
+    let offset = woke["update_id"].as_u64().unwrap() + 1;
+    let barriers = || async {
+        let mut sum = 0;
+        for n in cluster.ids() {
+            let r = chatlog::http::client::request(
+                &cluster.http_addr(n),
+                "GET",
+                "/metrics",
+                None,
+                None,
+                WAIT,
+            )
+            .await
+            .expect("GET /metrics");
+            sum += r
+                .text()
+                .lines()
+                .find_map(|l| l.strip_prefix("chatlog_read_barriers_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("the read barriers counter");
+        }
+        sum
+    };
+    let before = barriers().await;
+    let idle = call(
+        &h1,
+        &token,
+        "getUpdates",
+        json!({"offset": offset, "timeout": 3}),
+    )
+    .await;
+    assert_eq!(idle.result(), &json!([]), "nothing new came");
+    let asked = barriers().await - before;
+    assert!(
+        asked <= 1,
+        "an idle 3 s poll asked for {asked} read barriers"
+    );
 }

@@ -826,6 +826,8 @@ pub struct Node {
     /// request's answer names it: [`Node::note_leader`]), tried first by
     /// [`Node::forward_targets`]. At most one entry per group of the placement.
     leader_hints: std::sync::Mutex<HashMap<GroupId, NodeId>>,
+    /// [`Node::read_barriers`].
+    read_barriers: std::sync::atomic::AtomicU64,
     /// The placement as group 0 last applied it here; before the controller bootstraps
     /// it, the one computed from the static flags (version 0).
     placement: RwLock<Arc<Placement>>,
@@ -1078,6 +1080,7 @@ impl Node {
             router,
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
             leader_hints: std::sync::Mutex::new(HashMap::new()),
+            read_barriers: std::sync::atomic::AtomicU64::new(0),
             chat_groups: std::sync::atomic::AtomicU64::new(placement.chat_groups()),
             placement: RwLock::new(Arc::new(placement)),
             member_addrs: addrs,
@@ -1454,6 +1457,13 @@ impl Node {
             .copied()
     }
 
+    /// Read barriers asked of this node ([`Node::read_barrier`]) since it started: each
+    /// linearizable read's, a quorum round at the group's leader.
+    pub fn read_barriers(&self) -> u64 {
+        self.read_barriers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every local replica (as of the call: replicas start and stop with the placement).
     pub fn groups(&self) -> Vec<Group> {
         self.read_groups().values().cloned().collect()
@@ -1633,6 +1643,8 @@ impl Node {
     /// [`READ_APPLY_TIMEOUT`]) until this replica applied it. A node without a replica
     /// of `g` cannot read it: `Unavailable`.
     pub async fn read_barrier(&self, g: GroupId) -> Result<(), ProposeError> {
+        self.read_barriers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let me = self.config.node_id;
         let Some(group) = self.group(g) else {
             return Err(ProposeError::Unavailable {

@@ -288,6 +288,7 @@ async fn heads_elsewhere(
     bot: UserId,
     g: GroupId,
     chats: &[ChatId],
+    barrier: bool,
 ) -> Result<Vec<(ChatId, u64, u64)>, BotError> {
     let mut out = Vec::new();
     for page in chats.chunks(PAGE_ITEMS_MAX as usize) {
@@ -304,6 +305,7 @@ async fn heads_elsewhere(
             all: true,
             bytes_max: 0,
             joined_seqs: true,
+            no_read_barrier: !barrier,
             ..sync_part_of(&asks)
         };
         let answer = send_sync_part(&api.node, g, bot, part).await?;
@@ -322,13 +324,27 @@ async fn heads_elsewhere(
     Ok(out)
 }
 
+/// How a look at the bot's chats treats those of groups not served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elsewhere {
+    /// Left out.
+    Skip,
+    /// Asked of a replica of their group after a read barrier there: a post
+    /// acknowledged before the call is seen.
+    Linearizable,
+    /// Asked of a replica's applied state, without a read barrier (heads at most a
+    /// few milliseconds behind): a waiting poll's once-a-second recheck, which would
+    /// otherwise cost a quorum round per bot and group every second. The events of
+    /// what it finds are read after a barrier, as always.
+    Applied,
+}
+
 /// Per chat of the bot, the seqs waiting for a hand-out: `(chat, first, head)`. Chats of
-/// groups not served here are asked of a replica of theirs with `remote`, and left out
-/// without.
+/// groups not served here are asked of a replica of theirs as `elsewhere` says.
 async fn waiting(
     api: &BotApi,
     bot: UserId,
-    remote: bool,
+    elsewhere_chats: Elsewhere,
 ) -> Result<Vec<(u64, u64, u64)>, BotError> {
     let chats = bot_chats(api, bot)?;
     let cursors: HashMap<ChatId, u64> = {
@@ -348,7 +364,7 @@ async fn waiting(
     let mut far: Vec<(GroupId, Vec<ChatId>)> = Vec::new();
     for chat in chats {
         if let Some(g) = elsewhere(api, chat) {
-            if !remote {
+            if elsewhere_chats == Elsewhere::Skip {
                 continue;
             }
             add_by_group(&mut far, g, chat);
@@ -365,7 +381,8 @@ async fn waiting(
     }
     for (g, mut list) in far {
         list.sort_unstable();
-        match heads_elsewhere(api, bot, g, &list).await {
+        let barrier = elsewhere_chats == Elsewhere::Linearizable;
+        match heads_elsewhere(api, bot, g, &list, barrier).await {
             Ok(got) => heads.extend(got),
             // A group no replica answers for now: its chats wait, the others go on.
             Err(e) => {
@@ -393,7 +410,7 @@ fn has_chats_elsewhere(api: &BotApi, bot: UserId) -> bool {
 
 /// Updates of the bot's chats not handed out yet (for `getWebhookInfo`).
 pub(crate) async fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, BotError> {
-    Ok(waiting(api, bot, true)
+    Ok(waiting(api, bot, Elsewhere::Linearizable)
         .await?
         .iter()
         .map(|(_, first, head)| head - first + 1)
@@ -402,15 +419,15 @@ pub(crate) async fn not_handed_out(api: &BotApi, bot: UserId) -> Result<u64, Bot
 
 /// Hands out up to `limit` new updates; false when there is nothing new. Each chat with
 /// news gets a fair share of `limit` (at least one), so one busy chat cannot starve the
-/// others. `remote`: chats of groups not served here are looked at too (a request per
-/// such group).
+/// others. `elsewhere`: whether and how chats of groups not served here are looked at
+/// (a request per such group).
 pub(crate) async fn hand_out(
     api: &BotApi,
     bot: UserId,
     limit: u64,
-    remote: bool,
+    elsewhere: Elsewhere,
 ) -> Result<bool, BotError> {
-    let mut news = waiting(api, bot, remote).await?;
+    let mut news = waiting(api, bot, elsewhere).await?;
     if news.is_empty() {
         return Ok(false);
     }
@@ -483,12 +500,18 @@ pub(crate) async fn next_updates(
                 return Ok(got);
             }
         } else {
-            let remote =
-                recheck && looked_elsewhere.is_none_or(|at| at.elapsed() >= REMOTE_RECHECK);
-            if remote {
+            // The first look is linearizable (a post acknowledged before the call is
+            // seen); the rechecks while waiting read heads without a barrier.
+            let elsewhere = match looked_elsewhere {
+                _ if !recheck => Elsewhere::Skip,
+                None => Elsewhere::Linearizable,
+                Some(at) if at.elapsed() >= REMOTE_RECHECK => Elsewhere::Applied,
+                Some(_) => Elsewhere::Skip,
+            };
+            if elsewhere != Elsewhere::Skip {
                 looked_elsewhere = Some(tokio::time::Instant::now());
             }
-            if hand_out(api, bot, limit, remote).await? {
+            if hand_out(api, bot, limit, elsewhere).await? {
                 continue;
             }
         }

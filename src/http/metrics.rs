@@ -251,6 +251,12 @@ pub fn render(
         crate::service::forward::REMOTE_SUBSCRIPTION_LOOKS.load(Relaxed),
     );
     e.single(
+        "chatlog_read_barriers_total",
+        "counter",
+        "Read barriers this node asked for (each linearizable read's: a quorum round at the group's leader, through the transport from a follower), since start.",
+        node.read_barriers(),
+    );
+    e.single(
         "chatlog_forwarded_requests_served_total",
         "counter",
         "Client requests this node answered for other nodes (forwarded to it by a node without a replica of the request's group), since start.",

@@ -409,8 +409,22 @@ impl ChatService {
         }
         let per_chat = u64::from(part.events_per_chat_max.clamp(1, PAGE_ITEMS_MAX));
         let budget = (part.bytes_max as usize).min(PAGE_BYTES_MAX);
+        if part.no_read_barrier && part.bytes_max > 0 {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "a sync part without a read barrier carries no events (bytes_max 0)",
+            ));
+        }
         let (differences, used) = self
-            .sync_part_here(&group, user, &asks, per_chat, part.all, budget)
+            .sync_part_here(
+                &group,
+                user,
+                &asks,
+                per_chat,
+                part.all,
+                budget,
+                !part.no_read_barrier,
+            )
             .await?;
         let joined_seqs = if part.joined_seqs {
             let st = group.shared().read();

@@ -1353,7 +1353,7 @@ impl ChatService {
             let budget = PAGE_BYTES_MAX.saturating_sub(bytes);
             let (differences, used) = match self.node.serving_group(g) {
                 Some(group) => {
-                    self.sync_part_here(&group, user, &asks, per_chat, all, budget)
+                    self.sync_part_here(&group, user, &asks, per_chat, all, budget, true)
                         .await?
                 }
                 // A chat group this node holds no replica of: its half of the answer
@@ -1404,8 +1404,10 @@ impl ChatService {
 
     /// The differences of `asks`, chats of `group` (a replica here), for `user`: after
     /// one read barrier (linearizable, like history: a send acknowledged before is in
-    /// the answer), with events within `budget` bytes. With `all` a chat at its head is
-    /// answered too. Returns them and the bytes their events took.
+    /// the answer) unless `barrier` is false (heads from the replica's applied state),
+    /// with events within `budget` bytes. With `all` a chat at its head is answered too.
+    /// Returns them and the bytes their events took.
+    #[allow(clippy::too_many_arguments)] // a sync part's fields, spelled out at its two callers
     pub(crate) async fn sync_part_here(
         &self,
         group: &Group,
@@ -1414,11 +1416,14 @@ impl ChatService {
         per_chat: u64,
         all: bool,
         budget: usize,
+        barrier: bool,
     ) -> Result<(Vec<v1::ChatDifference>, usize), v1::Error> {
-        self.node
-            .read_barrier(group.id())
-            .await
-            .map_err(propose_error)?;
+        if barrier {
+            self.node
+                .read_barrier(group.id())
+                .await
+                .map_err(propose_error)?;
+        }
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for &SyncAsk {
