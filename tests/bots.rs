@@ -1730,22 +1730,7 @@ async fn a_bot_gets_updates_from_chats_in_groups_its_node_does_not_serve() {
     let barriers = || async {
         let mut sum = 0;
         for n in cluster.ids() {
-            let r = chatlog::http::client::request(
-                &cluster.http_addr(n),
-                "GET",
-                "/metrics",
-                None,
-                None,
-                WAIT,
-            )
-            .await
-            .expect("GET /metrics");
-            sum += r
-                .text()
-                .lines()
-                .find_map(|l| l.strip_prefix("chatlog_read_barriers_total "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .expect("the read barriers counter");
+            sum += cluster.counter(n, "chatlog_read_barriers_total").await;
         }
         sum
     };

@@ -899,18 +899,6 @@ async fn an_upload_through_a_node_without_its_group_survives_its_replica_dying()
     }
 }
 
-/// `chatlog_remote_subscription_looks_total` on the node at `http`.
-async fn remote_looks(http: &str) -> u64 {
-    let r = chatlog::http::client::request(http, "GET", "/metrics", None, None, WAIT)
-        .await
-        .expect("GET /metrics");
-    r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix("chatlog_remote_subscription_looks_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the looks counter")
-}
-
 /// A subscription on node 1 to a quiet chat of group 1 (no replica there), whose user is
 /// online there with live pushes, does not read the chat again for every delivery of
 /// the group's poller: while a hundred posts go to another chat of that group it looks
@@ -946,8 +934,8 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let h1 = cluster.http_addr(NODE);
-    let before = remote_looks(&h1).await;
+    const LOOKS: &str = "chatlog_remote_subscription_looks_total";
+    let before = cluster.counter(NODE, LOOKS).await;
     let started = Instant::now();
     for i in 0..100 {
         retried("send", || {
@@ -955,7 +943,7 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
         })
         .await;
     }
-    let looks = remote_looks(&h1).await - before;
+    let looks = cluster.counter(NODE, LOOKS).await - before;
     let rechecks = started.elapsed().as_secs() + 2;
     assert!(
         looks <= rechecks,
@@ -973,18 +961,6 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
         got,
         (subscribed.head_seq + 1..=posted.seq).collect::<Vec<_>>()
     );
-}
-
-/// Node `http`'s count of client requests it answered for other nodes.
-async fn forwarded_served(http: &str) -> u64 {
-    let r = chatlog::http::client::request(http, "GET", "/metrics", None, None, WAIT)
-        .await
-        .expect("GET /metrics");
-    r.text()
-        .lines()
-        .find_map(|l| l.strip_prefix("chatlog_forwarded_requests_served_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the forwarded requests counter")
 }
 
 /// A node without a replica of a group sends that group's requests to its leader once
@@ -1015,9 +991,10 @@ async fn forwarded_requests_go_to_the_groups_leader() {
     // The first answer names the leader.
     post(1).await;
     let replicas = [2, 3, 4];
+    const SERVED: &str = "chatlog_forwarded_requests_served_total";
     let mut before = Vec::new();
     for n in replicas {
-        before.push(forwarded_served(&cluster.http_addr(n)).await);
+        before.push(cluster.counter(n, SERVED).await);
     }
     const POSTS: u64 = 20;
     for n in 0..POSTS {
@@ -1029,7 +1006,7 @@ async fn forwarded_requests_go_to_the_groups_leader() {
         "leadership moved during the test"
     );
     for (n, before) in replicas.into_iter().zip(before) {
-        let served = forwarded_served(&cluster.http_addr(n)).await - before;
+        let served = cluster.counter(n, SERVED).await - before;
         let expected = if n == leader { POSTS } else { 0 };
         assert_eq!(
             served, expected,

@@ -541,6 +541,26 @@ impl Cluster {
             .map(|(_, _, n)| *n)
     }
 
+    /// The value of counter `name` in node `id`'s `/metrics`.
+    #[allow(dead_code)] // not every test file that includes this module reads metrics
+    pub async fn counter(&self, id: u64, name: &str) -> u64 {
+        let r = chatlog::http::client::request(
+            &self.http_addr(id),
+            "GET",
+            "/metrics",
+            None,
+            None,
+            LEADER_WAIT,
+        )
+        .await
+        .expect("GET /metrics");
+        r.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} on node {id}"))
+    }
+
     /// Moves `group`'s leadership to node `to` (`POST /admin/leader-transfer` on the
     /// leader's HTTP port, again until the logs show `to` leading), within
     /// [`LEADER_WAIT`].
