@@ -961,6 +961,30 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
         got,
         (subscribed.head_seq + 1..=posted.seq).collect::<Vec<_>>()
     );
+    // Idle, the subscription looks once a second; after one full look that finds
+    // nothing, at the chat's head without a read barrier: 3 s ask for at most that
+    // look's barrier (a quorum round per look before).
+    let barriers = || async {
+        let mut sum = 0;
+        for n in cluster.ids() {
+            sum += cluster.counter(n, "chatlog_read_barriers_total").await;
+        }
+        sum
+    };
+    let (before, looks_before) = (barriers().await, cluster.counter(NODE, LOOKS).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (asked, looked) = (
+        barriers().await - before,
+        cluster.counter(NODE, LOOKS).await - looks_before,
+    );
+    assert!(
+        looked >= 2,
+        "the idle subscription looked {looked} times in 3 s"
+    );
+    assert!(
+        asked <= 1,
+        "{asked} read barriers in 3 s of an idle subscription ({looked} looks)"
+    );
 }
 
 /// A node without a replica of a group sends that group's requests to its leader once

@@ -127,78 +127,96 @@ impl ChatService {
             };
             let mut deliveries = hub.deliveries();
             let mut failures = 0;
-            loop {
+            // Whether the last look found nothing new: the next one first reads the
+            // chat's head without a read barrier (`ask_head`), and reads events (after a
+            // barrier) only once the head moved. Most looks at a quiet chat in a busy
+            // group, and every idle recheck, find nothing: each cost a quorum round.
+            let mut quiet = false;
+            'looks: loop {
                 let seen = hub.delivered_through(g);
                 deliveries.borrow_and_update();
                 REMOTE_SUBSCRIPTION_LOOKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let looked = ask_sync_part(
-                    &node,
-                    g,
-                    user,
-                    &[at(next - 1)],
-                    SUBSCRIPTION_PUSH_EVENTS_MAX as u64,
-                    true,
-                    PAGE_BYTES_MAX,
-                )
-                .await;
-                let mut more = false;
-                match looked {
-                    Ok((differences, _)) => {
-                        failures = 0;
-                        let Some(d) = differences.into_iter().find(|d| d.chat_id == chat) else {
-                            let reason = error(ErrorCode::Internal, "a sync part without the chat");
-                            let _ = pushes.push(request_id, ended(next, reason));
-                            return;
-                        };
-                        if d.not_member {
-                            let reason = error(
-                                ErrorCode::PermissionDenied,
-                                "no longer a member of this chat",
-                            );
-                            let _ = pushes.push(request_id, ended(next, reason));
-                            return;
+                'look: {
+                    if quiet
+                        && let Ok(Some(head)) = ask_head(&node, g, user, chat).await
+                        && head < next
+                    {
+                        break 'look;
+                    }
+                    let looked = ask_sync_part(
+                        &node,
+                        g,
+                        user,
+                        &[at(next - 1)],
+                        SUBSCRIPTION_PUSH_EVENTS_MAX as u64,
+                        true,
+                        PAGE_BYTES_MAX,
+                    )
+                    .await;
+                    let mut more = false;
+                    match looked {
+                        Ok((differences, _)) => {
+                            failures = 0;
+                            let Some(d) = differences.into_iter().find(|d| d.chat_id == chat)
+                            else {
+                                let reason =
+                                    error(ErrorCode::Internal, "a sync part without the chat");
+                                let _ = pushes.push(request_id, ended(next, reason));
+                                return;
+                            };
+                            if d.not_member {
+                                let reason = error(
+                                    ErrorCode::PermissionDenied,
+                                    "no longer a member of this chat",
+                                );
+                                let _ = pushes.push(request_id, ended(next, reason));
+                                return;
+                            }
+                            // Retention: from below the chat's first retained seq the events
+                            // start there; after that, every seq in order or the end.
+                            if let Some(first) = d.events.first() {
+                                next = next.max(first.seq);
+                            }
+                            let dense = d
+                                .events
+                                .iter()
+                                .enumerate()
+                                .all(|(k, e)| e.seq == next + k as u64);
+                            if !dense {
+                                let reason = error(
+                                    ErrorCode::Internal,
+                                    format!(
+                                        "events from seq {next} of chat {chat} came with a gap"
+                                    ),
+                                );
+                                let _ = pushes.push(request_id, ended(next, reason));
+                                return;
+                            }
+                            quiet = d.events.is_empty();
+                            next += d.events.len() as u64;
+                            more = !d.events.is_empty() && next <= d.head_seq;
+                            for events in crate::fanout::split_by_bytes(d.events) {
+                                pushes.room().await;
+                                if let Err(e) = pushes.push(
+                                    request_id,
+                                    push::Kind::ChatEvents(v1::ChatEvents { events }),
+                                ) {
+                                    tracing::debug!(chat, error = ?e, "subscription push refused");
+                                    return;
+                                }
+                            }
                         }
-                        // Retention: from below the chat's first retained seq the events
-                        // start there; after that, every seq in order or the end.
-                        if let Some(first) = d.events.first() {
-                            next = next.max(first.seq);
-                        }
-                        let dense = d
-                            .events
-                            .iter()
-                            .enumerate()
-                            .all(|(k, e)| e.seq == next + k as u64);
-                        if !dense {
-                            let reason = error(
-                                ErrorCode::Internal,
-                                format!("events from seq {next} of chat {chat} came with a gap"),
-                            );
-                            let _ = pushes.push(request_id, ended(next, reason));
-                            return;
-                        }
-                        next += d.events.len() as u64;
-                        more = !d.events.is_empty() && next <= d.head_seq;
-                        for events in crate::fanout::split_by_bytes(d.events) {
-                            pushes.room().await;
-                            if let Err(e) = pushes.push(
-                                request_id,
-                                push::Kind::ChatEvents(v1::ChatEvents { events }),
-                            ) {
-                                tracing::debug!(chat, error = ?e, "subscription push refused");
+                        Err(e) => {
+                            failures += 1;
+                            if failures >= REMOTE_SUBSCRIPTION_FAILURES_MAX {
+                                let _ = pushes.push(request_id, ended(next, e));
                                 return;
                             }
                         }
                     }
-                    Err(e) => {
-                        failures += 1;
-                        if failures >= REMOTE_SUBSCRIPTION_FAILURES_MAX {
-                            let _ = pushes.push(request_id, ended(next, e));
-                            return;
-                        }
+                    if more {
+                        continue 'looks;
                     }
-                }
-                if more {
-                    continue;
                 }
                 // Until the group's poller delivers something that may hold this chat's
                 // next events (anything, unless its last answer covered this user:
@@ -714,6 +732,35 @@ pub(super) async fn ask_sync_part(
     };
     let answer = send_sync_part(node, g, user, part).await?;
     Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
+}
+
+/// The head of `chat` (of group `g`, not served here) from a replica's applied state,
+/// without a read barrier (`SyncPart.no_read_barrier`): at most a few milliseconds
+/// behind; `None` when `user` is not a member.
+async fn ask_head(
+    node: &Node,
+    g: GroupId,
+    user: UserId,
+    chat: u64,
+) -> Result<Option<u64>, v1::Error> {
+    let asks = [SyncAsk {
+        chat,
+        last: 0,
+        read_seq: 0,
+    }];
+    let part = SyncPart {
+        events_per_chat_max: 1,
+        all: true,
+        bytes_max: 0,
+        no_read_barrier: true,
+        ..sync_part_of(&asks)
+    };
+    let answer = send_sync_part(node, g, user, part).await?;
+    Ok(answer
+        .differences
+        .iter()
+        .find(|d| d.chat_id == chat && !d.not_member)
+        .map(|d| d.head_seq))
 }
 
 /// A [`SyncPart`] of `asks`: the chats with the device's positions and the read markers.
