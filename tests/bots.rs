@@ -1186,6 +1186,41 @@ async fn a_cluster_runs_one_delivery_loop_per_bot_and_any_node_answers() {
         }
         assert!(Instant::now() < deadline, "the post never arrived");
     }
+    // Long polls of one bot made on two nodes end each other: both wait at the leader of
+    // the bot's group. A 30 s poll through node 1 answers 409 soon after a poll through
+    // node 2 starts.
+    let first = {
+        let (h, token) = (https[0].clone(), token.clone());
+        tokio::spawn(async move {
+            call(
+                &h,
+                &token,
+                "getUpdates",
+                json!({"offset": 9, "timeout": 30}),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let second = call(
+        &https[1],
+        &token,
+        "getUpdates",
+        json!({"offset": 9, "timeout": 1}),
+    )
+    .await;
+    assert_eq!(
+        second.result(),
+        &json!([]),
+        "nothing new for the second poll"
+    );
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first poll ended by the second, not its own 30 s")
+        .expect("the poll task");
+    assert_eq!(first.status, 409, "{:?}", first.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 /// `sendMedia` sends a file by its media id once the bot may read it: the file was sent to

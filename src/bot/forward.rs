@@ -24,7 +24,10 @@
 //! Webhook delivery is not forwarded: it runs on the leader of the bot's group, which
 //! keeps the last delivery error in memory; so a `getWebhookInfo` answered by a replica
 //! that does not lead goes on once to the leader (`at_leader`), and is answered there
-//! whatever that node then believes (no second hop).
+//! whatever that node then believes (no second hop). A `getUpdates` likewise: a new
+//! poll ends the bot's waiting one only where both wait, so every poll waits at the
+//! leader ([`answered_at_leader`]); when the leader does not take it, the replica
+//! answers it itself.
 
 use std::time::Duration;
 
@@ -150,15 +153,16 @@ impl BotApi {
         self.send_call(bot_group, &call, targets).await
     }
 
-    /// `getWebhookInfo` on a replica of the bot's group that is not its leader: the
-    /// leader's answer (the webhook's last delivery error lives in memory on the node
-    /// that delivers, the leader: `webhook.rs`), or `None` to answer here (this node
-    /// leads, knows no leader, or the leader did not take the call).
-    pub(crate) async fn webhook_info_at_leader(
+    /// A call answered at the leader of the bot's group ([`answered_at_leader`]), made on
+    /// a replica of that group that does not lead it: the leader's answer, or `None` to
+    /// answer here (this node leads, knows no leader, or the leader did not take the
+    /// call: an answer here beats none).
+    async fn call_at_leader(
         &self,
         bot: u64,
         token: &str,
         method: &str,
+        params_json: String,
     ) -> Option<Result<Value, BotError>> {
         let g = group_of(bot);
         let leader = self.node.serving_group(g)?.leader()?;
@@ -168,7 +172,7 @@ impl BotApi {
         let call = ForwardedBotCall {
             token: token.to_string(),
             method: method.to_string(),
-            params_json: "{}".to_string(),
+            params_json,
             idempotency_key: None,
             at_leader: true,
         };
@@ -245,24 +249,27 @@ impl BotApi {
         }))
     }
 
-    /// For a `getWebhookInfo` answered on a replica of the bot's group that does not lead
-    /// it: the leader's answer ([`BotApi::webhook_info_at_leader`]); `None` otherwise.
-    pub(crate) async fn webhook_info_elsewhere(
+    /// For a call answered at the leader ([`answered_at_leader`]) made on a replica of the
+    /// bot's group that does not lead it: the leader's answer
+    /// ([`BotApi::call_at_leader`]); `None` otherwise.
+    pub(crate) async fn at_leader_elsewhere(
         &self,
         token: &str,
         method: &str,
+        params: &Params,
     ) -> Option<Result<Value, BotError>> {
-        if !method.eq_ignore_ascii_case("getWebhookInfo") {
+        if !answered_at_leader(method) {
             return None;
         }
         let bot = self.bot_of_token(token)?;
-        self.webhook_info_at_leader(bot, token, method).await
+        let params_json = Value::Object(params.clone()).to_string();
+        self.call_at_leader(bot, token, method, params_json).await
     }
 
     /// Serves a call another node forwarded for group `g`, the bot's (the receiving
     /// side): answered here whatever it needs, never forwarded again but for a
-    /// `getWebhookInfo` on a replica that does not lead the bot's group, which goes on
-    /// once to the leader (`at_leader`). `Err` when this
+    /// `getWebhookInfo` or `getUpdates` on a replica that does not lead the bot's group,
+    /// which goes on once to the leader (`at_leader`). `Err` when this
     /// node cannot take it (no serving replica of `g`: the forwarder asks another) or
     /// for a body that is not a forwarded call.
     pub async fn serve_forwarded(&self, g: GroupId, body: Bytes) -> Result<Bytes, String> {
@@ -288,7 +295,8 @@ impl BotApi {
         let at_leader = if call.at_leader {
             None
         } else {
-            self.webhook_info_elsewhere(&call.token, &call.method).await
+            self.at_leader_elsewhere(&call.token, &call.method, &params)
+                .await
         };
         let result = match at_leader {
             Some(answered) => answered,
@@ -306,6 +314,14 @@ impl BotApi {
         answer.leader = self.node.group(g).and_then(|r| r.leader()).unwrap_or(0);
         Ok(Bytes::from(answer.encode_to_vec()))
     }
+}
+
+/// Whether `method` is answered by the leader of the bot's group wherever it is called:
+/// `getWebhookInfo` (the webhook's last delivery error lives in memory on the node that
+/// delivers, the leader: `webhook.rs`) and `getUpdates` (a new poll ends the bot's
+/// waiting one, and only polls that meet on one node can: `BotApi::poll_slot`).
+pub(crate) fn answered_at_leader(method: &str) -> bool {
+    method.eq_ignore_ascii_case("getWebhookInfo") || method.eq_ignore_ascii_case("getUpdates")
 }
 
 /// The answer to send back for `result`, within [`ANSWER_BYTES_MAX`].

@@ -23,9 +23,10 @@
 //! Updates are handed out by a replica of the bot's group; a chat of the bot in a group
 //! that node does not serve is read from a replica of that group (`updates.rs`).
 //!
-//! Limits of this slice: long polls of one bot supersede each other on the node that
-//! answers them: two polls answered by two nodes do not. Webhook delivery runs on the
-//! leader of the bot's group and is never forwarded.
+//! Long polls of one bot supersede each other on the node that answers them, which is
+//! the leader of the bot's group wherever they are made (`forward::answered_at_leader`);
+//! only while a replica cannot reach the leader does it answer a poll itself. Webhook
+//! delivery runs on the leader of the bot's group and is never forwarded.
 
 pub mod account;
 pub mod cli;
@@ -412,7 +413,7 @@ impl BotApi {
     ) -> Result<Value, BotError> {
         match self.route(token, params) {
             forward::Route::Here => {
-                if let Some(answered) = self.webhook_info_elsewhere(token, method).await {
+                if let Some(answered) = self.at_leader_elsewhere(token, method, params).await {
                     return answered;
                 }
                 self.call_here(token, method, params, idempotency_header)
