@@ -993,7 +993,7 @@ async fn a_remote_subscription_looks_only_when_its_chat_may_have_news() {
 /// replica) first, so the placement's order alone would pick the wrong node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_requests_go_to_the_groups_leader() {
-    let cluster =
+    let mut cluster =
         tokio::task::block_in_place(|| Cluster::start(Options::more_nodes_than_replicas()));
     let setup = connect(&cluster, 3, None).await;
     let alice = user_in(&setup, "alice", FAR_GROUP).await;
@@ -1012,29 +1012,62 @@ async fn forwarded_requests_go_to_the_groups_leader() {
             .await
         }
     };
-    // The first answer names the leader.
-    post(1).await;
-    let replicas = [2, 3, 4];
+    // Posts `posts` messages (client ids from `first`) through node 1: how many of them
+    // each of `replicas` answered.
     const SERVED: &str = "chatlog_forwarded_requests_served_total";
-    let mut before = Vec::new();
-    for n in replicas {
-        before.push(cluster.counter(n, SERVED).await);
+    async fn served<F: std::future::Future>(
+        cluster: &Cluster,
+        replicas: &[u64],
+        posts: impl Fn(u64) -> F,
+        first: u64,
+        count: u64,
+    ) -> Vec<u64> {
+        let mut before = Vec::new();
+        for n in replicas {
+            before.push(cluster.counter(*n, SERVED).await);
+        }
+        for n in first..first + count {
+            posts(n).await;
+        }
+        let mut served = Vec::new();
+        for (n, before) in replicas.iter().zip(before) {
+            served.push(cluster.counter(*n, SERVED).await - before);
+        }
+        served
     }
     const POSTS: u64 = 20;
-    for n in 0..POSTS {
-        post(100 + n).await;
-    }
+    // The first answer names the leader.
+    post(1).await;
+    let got = served(&cluster, &[2, 3, 4], &post, 100, POSTS).await;
+    let (_, term) = tokio::task::block_in_place(|| cluster.leader(FAR_GROUP, 0));
     assert_eq!(
         cluster.last_leader(FAR_GROUP),
         Some(leader),
         "leadership moved during the test"
     );
-    for (n, before) in replicas.into_iter().zip(before) {
-        let served = cluster.counter(n, SERVED).await - before;
-        let expected = if n == leader { POSTS } else { 0 };
-        assert_eq!(
-            served, expected,
-            "node {n} answered {served} of {POSTS} posts forwarded by node 1 (group 1's leader: node {leader})"
-        );
+    assert_eq!(
+        got,
+        vec![0, POSTS, 0],
+        "posts forwarded by node 1 answered by nodes 2, 3, 4 (group 1's leader: node 3)"
+    );
+
+    // The leader dies: node 1's hint names a dead node. Posts go on through the next
+    // replica, whose answers name the new leader, which then takes them all.
+    tokio::task::block_in_place(|| cluster.kill(leader));
+    post(200).await;
+    let (leader, _) = tokio::task::block_in_place(|| cluster.leader(FAR_GROUP, term));
+    assert_ne!(leader, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 201..204 {
+        post(n).await;
     }
+    let got = served(&cluster, &[2, 4], &post, 300, POSTS).await;
+    let expected: Vec<u64> = [2, 4]
+        .iter()
+        .map(|n| if *n == leader { POSTS } else { 0 })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "posts forwarded by node 1 answered by nodes 2, 4 (group 1's new leader: node {leader})"
+    );
 }
