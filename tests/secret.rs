@@ -897,10 +897,11 @@ async fn every_replica_erases_the_ciphertext() {
     // Each node zeroes its own copy once it applied the ack; compaction removes it.
     for (http, dir) in &nodes {
         let deadline = Instant::now() + WAIT;
-        while sent.iter().any(|(_, ct)| disk_contains(dir, ct).is_some()) {
+        while let Some(file) = sent.iter().find_map(|(_, ct)| disk_contains(dir, ct)) {
             assert!(
                 Instant::now() < deadline,
-                "a ciphertext stayed on the disk of {http}"
+                "a ciphertext stayed on the disk of {http}, in {}",
+                file.display()
             );
             compact(http).await;
         }
