@@ -153,35 +153,6 @@ impl BotApi {
         self.send_call(bot_group, &call, targets).await
     }
 
-    /// A call answered at the leader of the bot's group ([`answered_at_leader`]), made on
-    /// a replica of that group that does not lead it: the leader's answer, or `None` to
-    /// answer here (this node leads, knows no leader, or the leader did not take the
-    /// call: an answer here beats none).
-    async fn call_at_leader(
-        &self,
-        bot: u64,
-        token: &str,
-        method: &str,
-        params_json: String,
-    ) -> Option<Result<Value, BotError>> {
-        let g = group_of(bot);
-        let leader = self.node.serving_group(g)?.leader()?;
-        if leader == self.node.node_id() {
-            return None;
-        }
-        let call = ForwardedBotCall {
-            token: token.to_string(),
-            method: method.to_string(),
-            params_json,
-            idempotency_key: None,
-            at_leader: true,
-        };
-        match self.send_call(g, &call, vec![leader]).await {
-            Err(e) if e.status == 503 => None,
-            answered => Some(answered),
-        }
-    }
-
     /// Sends `call` for the bot's group `bot_group` to `targets` in order, until one
     /// takes it: what that node answered.
     async fn send_call(
@@ -249,9 +220,10 @@ impl BotApi {
         }))
     }
 
-    /// For a call answered at the leader ([`answered_at_leader`]) made on a replica of the
-    /// bot's group that does not lead it: the leader's answer
-    /// ([`BotApi::call_at_leader`]); `None` otherwise.
+    /// A call answered at the leader of the bot's group ([`answered_at_leader`]), made on
+    /// a replica of that group that does not lead it: the leader's answer, or `None` to
+    /// answer here (another method, this node leads or knows no leader, or the leader
+    /// did not take the call: an answer here beats none).
     pub(crate) async fn at_leader_elsewhere(
         &self,
         token: &str,
@@ -261,9 +233,22 @@ impl BotApi {
         if !answered_at_leader(method) {
             return None;
         }
-        let bot = self.bot_of_token(token)?;
-        let params_json = Value::Object(params.clone()).to_string();
-        self.call_at_leader(bot, token, method, params_json).await
+        let g = group_of(self.bot_of_token(token)?);
+        let leader = self.node.serving_group(g)?.leader()?;
+        if leader == self.node.node_id() {
+            return None;
+        }
+        let call = ForwardedBotCall {
+            token: token.to_string(),
+            method: method.to_string(),
+            params_json: Value::Object(params.clone()).to_string(),
+            idempotency_key: None,
+            at_leader: true,
+        };
+        match self.send_call(g, &call, vec![leader]).await {
+            Err(e) if e.status == 503 => None,
+            answered => Some(answered),
+        }
     }
 
     /// Serves a call another node forwarded for group `g`, the bot's (the receiving

@@ -364,10 +364,9 @@ async fn waiting(
     let mut far: Vec<(GroupId, Vec<ChatId>)> = Vec::new();
     for chat in chats {
         if let Some(g) = elsewhere(api, chat) {
-            if elsewhere_chats == Elsewhere::Skip {
-                continue;
+            if elsewhere_chats != Elsewhere::Skip {
+                add_by_group(&mut far, g, chat);
             }
-            add_by_group(&mut far, g, chat);
             continue;
         }
         let Ok(group) = api.group(chat, "chat") else {
@@ -379,9 +378,9 @@ async fn waiting(
             heads.push((chat, head, joined));
         }
     }
+    let barrier = elsewhere_chats == Elsewhere::Linearizable;
     for (g, mut list) in far {
         list.sort_unstable();
-        let barrier = elsewhere_chats == Elsewhere::Linearizable;
         match heads_elsewhere(api, bot, g, &list, barrier).await {
             Ok(got) => heads.extend(got),
             // A group no replica answers for now: its chats wait, the others go on.

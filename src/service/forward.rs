@@ -96,19 +96,13 @@ impl ChatService {
             last,
             read_seq: 0,
         };
-        // The first look: membership and head only.
-        let (first, _) = ask_sync_part(&self.node, g, user, &[at(0)], 1, true, 0).await?;
-        let d = first
-            .into_iter()
-            .find(|d| d.chat_id == chat)
-            .ok_or_else(|| error(ErrorCode::Internal, "a sync part without the chat"))?;
-        if d.not_member {
+        // The first look: membership and head only, linearizable.
+        let Some(head) = ask_head(&self.node, g, user, chat, true).await? else {
             return Err(error(
                 ErrorCode::PermissionDenied,
                 format!("user {user} is not a member of chat {chat}"),
             ));
-        }
-        let head = d.head_seq;
+        };
         let mut next = if r.from_seq == 0 {
             head + 1
         } else {
@@ -138,7 +132,7 @@ impl ChatService {
                 REMOTE_SUBSCRIPTION_LOOKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 'look: {
                     if quiet
-                        && let Ok(Some(head)) = ask_head(&node, g, user, chat).await
+                        && let Ok(Some(head)) = ask_head(&node, g, user, chat, false).await
                         && head < next
                     {
                         break 'look;
@@ -734,14 +728,16 @@ pub(super) async fn ask_sync_part(
     Ok((answer.differences, (answer.bytes_used as usize).min(budget)))
 }
 
-/// The head of `chat` (of group `g`, not served here) from a replica's applied state,
-/// without a read barrier (`SyncPart.no_read_barrier`): at most a few milliseconds
-/// behind; `None` when `user` is not a member.
+/// The head of `chat` (of group `g`, not served here) from a replica: after a read
+/// barrier there with `barrier`, otherwise from its applied state
+/// (`SyncPart.no_read_barrier`: at most a few milliseconds behind); `None` when `user`
+/// is not a member.
 async fn ask_head(
     node: &Node,
     g: GroupId,
     user: UserId,
     chat: u64,
+    barrier: bool,
 ) -> Result<Option<u64>, v1::Error> {
     let asks = [SyncAsk {
         chat,
@@ -752,15 +748,16 @@ async fn ask_head(
         events_per_chat_max: 1,
         all: true,
         bytes_max: 0,
-        no_read_barrier: true,
+        no_read_barrier: !barrier,
         ..sync_part_of(&asks)
     };
     let answer = send_sync_part(node, g, user, part).await?;
-    Ok(answer
+    let d = answer
         .differences
-        .iter()
-        .find(|d| d.chat_id == chat && !d.not_member)
-        .map(|d| d.head_seq))
+        .into_iter()
+        .find(|d| d.chat_id == chat)
+        .ok_or_else(|| error(ErrorCode::Internal, "a sync part without the chat"))?;
+    Ok((!d.not_member).then_some(d.head_seq))
 }
 
 /// A [`SyncPart`] of `asks`: the chats with the device's positions and the read markers.
